@@ -1,0 +1,57 @@
+"""Frozen config dataclasses that read and write diffusers / transformers `config.json` files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+def _jsonable(v: Any) -> Any:
+  if isinstance(v, tuple):
+    return [_jsonable(x) for x in v]
+  if dataclasses.is_dataclass(v):
+    return v.to_dict()
+  return v
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBase:
+  """Base for network configs: field names and defaults are those of the reference `config.json`.
+
+  Keys of the file that the network does not use (`_class_name`, `_diffusers_version`, ...) are
+  ignored; lists become tuples so the config stays hashable (a flax module attribute).
+  """
+
+  @classmethod
+  def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+      if k in names:
+        kwargs[k] = tuple(v) if isinstance(v, list) else v
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+  @classmethod
+  def from_json(cls: type[T], path: str | os.PathLike) -> T:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no config.json here; a model folder needs config.json next to its weights.")
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def validate(self) -> None:
+    """Raises ValueError for settings the network does not implement. Overridden per network."""
+
+  def replace(self: T, **kw) -> T:
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
