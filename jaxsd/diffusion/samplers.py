@@ -1,0 +1,405 @@
+"""The standard Stable Diffusion samplers as pure JAX functions over a model function.
+
+Each sampler follows the diffusers PyTorch scheduler of the same name step for step (timesteps,
+sigmas, multistep bookkeeping, quirks included), so a run reproduces the diffusers pipeline.
+`make_schedule` builds everything the loop indexes into a `Schedule` pytree of float32 arrays;
+`sample` runs the whole loop in one `lax.scan`, one model call per iteration (Heun calls the
+model twice per step and PNDM once more than its step count, as in diffusers).
+
+    s = make_schedule(cfg, "euler", 30)
+    x = sample(model_fn, prepare_latents(s, noise), s, key)
+
+`model_fn(x, t)` returns the raw network output (eps, v or x0, as `cfg.prediction_type` says)
+for the already scaled input x at the float32 timestep t; classifier-free guidance belongs in it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxsd.diffusion import schedules
+from jaxsd.diffusion.schedules import SchedulerConfig
+
+SAMPLERS = ("ddim", "pndm", "ddpm", "euler", "euler_a", "heun", "lms", "dpmpp_2m")
+ALIASES = {"plms": "pndm", "dpmpp_2m_karras": "dpmpp_2m"}
+_KARRAS = ("euler", "heun", "lms", "dpmpp_2m")  # the samplers diffusers gives Karras sigmas
+_SCALED_INPUT = ("euler", "euler_a", "heun", "lms")  # model input x / sqrt(sigma^2 + 1)
+_STOCHASTIC = ("ddpm", "euler_a")
+_ORDER = {"heun": 2}  # diffusers' `scheduler.order`: model calls per step, for img2img truncation
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@struct.dataclass
+class Schedule:
+  """Everything one sampling run indexes, as float32 arrays; the loop runs len(timesteps) calls."""
+
+  timesteps: jax.Array  # [L] the t given to model_fn at each call
+  init_noise_sigma: jax.Array  # [] scale of pure-noise initial latents (text-to-image)
+  noise_coeffs: jax.Array  # [2] img2img: x = a * x0 + b * noise at timesteps[0]
+  sampler: str = struct.field(pytree_node=False)
+  prediction_type: str = struct.field(pytree_node=False)
+  clip_sample_range: float | None = struct.field(pytree_node=False)  # None: no clipping of x0
+  sigmas: jax.Array | None = None  # [L + 1] noise levels (Euler family, DPM++); the last is 0
+  alphas: jax.Array | None = None  # [L] alpha_bar at each call's timestep (DDIM, PNDM, DDPM)
+  alphas_prev: jax.Array | None = None  # [L] alpha_bar the step moves to
+  coeffs: jax.Array | None = None  # [L, k] multistep weights (LMS, DPM++ 2M)
+
+
+def _resolve(sampler: str, use_karras_sigmas: bool | None) -> tuple[str, bool | None]:
+  if sampler == "dpmpp_2m_karras":
+    if use_karras_sigmas is False:
+      raise ValueError("sampler 'dpmpp_2m_karras' with use_karras_sigmas=False: pick one.")
+    return "dpmpp_2m", True
+  sampler = ALIASES.get(sampler, sampler)
+  if sampler not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS + tuple(ALIASES))}.")
+  return sampler, use_karras_sigmas
+
+
+def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: float = 1.0, *,
+                  use_karras_sigmas: bool | None = None) -> Schedule:
+  """Builds the schedule of `sampler` with `num_steps` steps, as diffusers' `set_timesteps`.
+
+  Args:
+    cfg: the model's noise schedule.
+    sampler: one of SAMPLERS or ALIASES.
+    num_steps: number of inference steps (diffusers' num_inference_steps).
+    strength: img2img strength in (0, 1]; below 1 the schedule keeps the last
+      int(num_steps * strength) steps, as StableDiffusionImg2ImgPipeline.get_timesteps.
+    use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++ only).
+  """
+  sampler, karras = _resolve(sampler, use_karras_sigmas)
+  if karras and sampler not in _KARRAS and use_karras_sigmas is not None:
+    raise ValueError(f"use_karras_sigmas is not available for {sampler!r}; only for {_KARRAS}.")
+  karras = cfg.use_karras_sigmas if karras is None else karras
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps={num_steps!r}: need an integer >= 1.")
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength={strength}: must be in (0, 1] (1 = text-to-image, pure noise).")
+  init_steps = min(int(num_steps * strength), num_steps)
+  if init_steps < 1:
+    raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising step; "
+                     "raise strength or num_steps.")
+  start = (num_steps - init_steps) * _ORDER.get(sampler, 1)
+  if cfg.prediction_type == "sample" and sampler in ("pndm", "euler_a"):
+    raise ValueError(f"{sampler!r} does not support prediction_type='sample' (nor does diffusers).")
+  if sampler == "ddpm" and cfg.variance_type != "fixed_small":
+    raise ValueError(f"ddpm supports variance_type='fixed_small' only, not {cfg.variance_type!r}.")
+  if sampler == "pndm" and not cfg.skip_prk_steps:
+    raise ValueError("pndm with skip_prk_steps=False (Runge-Kutta warm-up) is not implemented; "
+                     "set skip_prk_steps=true (as Stable Diffusion's configs do).")
+  ac = schedules.alphas_cumprod_np(cfg)
+  if sampler in ("ddim", "pndm", "ddpm"):
+    fields = _alpha_schedule(cfg, sampler, num_steps, start, ac)
+  elif sampler == "dpmpp_2m":
+    fields = _dpm_schedule(cfg, num_steps, start, ac, karras)
+  else:
+    fields = _sigma_schedule(cfg, sampler, num_steps, start, ac, karras and sampler != "euler_a")
+  clip = cfg.clip_sample_range if cfg.clip_sample and sampler in ("ddim", "ddpm", "heun") else None
+  arrays = {k: None if v is None else jnp.asarray(v, jnp.float32) for k, v in fields.items()}
+  return Schedule(**arrays, sampler=sampler, prediction_type=cfg.prediction_type, clip_sample_range=clip)
+
+
+def _alpha_schedule(cfg, sampler, n, start, ac) -> dict:
+  """DDIM / PNDM / DDPM: per call, alpha_bar at the timestep and at the one it steps to."""
+  T, ratio = cfg.num_train_timesteps, cfg.num_train_timesteps // n
+  final = np.float32(1.0) if cfg.set_alpha_to_one or sampler == "ddpm" else ac[0]
+  ts = schedules.discrete_timesteps(cfg, n)
+  if sampler == "pndm":  # PLMS repeats the second timestep: the first step is redone with the
+    asc = ts[::-1]  # mean of two outputs, a second-order start in place of Runge-Kutta warm-up.
+    ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
+  ts = ts[start:]
+  if sampler == "ddpm":  # steps to the next timestep of the list
+    t_from, t_to = ts, np.append(ts[1:], -1)
+  else:  # DDIM, PLMS: step to t - T // n, whatever the spacing
+    t_from, t_to = ts.copy(), ts - ratio
+    if sampler == "pndm" and len(ts) > 1:  # the repeated call steps from t + T // n to t again
+      t_from[1], t_to[1] = ts[1] + ratio, ts[1]
+  if t_from.max() >= T:
+    raise ValueError(f"{sampler} with {n} steps reaches timestep {t_from.max()} >= {T}; choose other num_steps.")
+  alphas_prev = np.where(t_to >= 0, ac[np.clip(t_to, 0, T - 1)], final).astype(np.float32)
+  a0 = ac[ts[0]]
+  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0),
+              noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)], np.float32),
+              alphas=ac[t_from], alphas_prev=alphas_prev)
+
+
+def _sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+  """Euler / Euler-a / Heun / LMS: sigma_i = sqrt((1 - alpha_bar) / alpha_bar) at fractional t."""
+  ts = schedules.sigma_timesteps(cfg, n)
+  train = schedules.train_sigmas(ac)
+  log_sigmas = np.log(train)
+  sig = np.interp(ts, np.arange(0, len(train)), train)
+  if karras:
+    sig = schedules.karras_sigmas(sig[-1].item(), sig[0].item(), n)
+    ts = schedules.sigma_to_t(sig, log_sigmas)
+  sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+  ts = ts.astype(np.float32)
+  if sampler == "heun":  # every sigma but the first and last is visited twice
+    sig = np.concatenate([sig[:1], sig[1:-1].repeat(2), sig[-1:]])
+    ts = np.concatenate([ts[:1], ts[1:].repeat(2)])
+  smax = sig.max()
+  leading = schedules.timestep_spacing(cfg, "linspace") == "leading"  # x_T ~ N(0, sigma^2 + 1) there
+  init = np.sqrt(smax * smax + np.float32(1)) if leading else smax
+  fields = dict(timesteps=ts[start:], init_noise_sigma=init, sigmas=sig[start:],
+                noise_coeffs=np.array([1.0, sig[start]], np.float32))
+  if sampler == "lms":
+    fields["coeffs"] = _lms_coeffs(sig, start)
+  return fields
+
+
+def _lms_coeffs(sig: np.ndarray, start: int, order: int = 4) -> np.ndarray:
+  """[L, order]: integrals over [sigma_j, sigma_j+1] of the Lagrange basis on the last sigmas.
+
+  As diffusers, the order grows with the absolute step index j, while only the derivatives of
+  this run exist (img2img starts with one).
+  """
+  sig = sig.astype(np.float64)
+  nodes, weights = np.polynomial.legendre.leggauss(order)  # exact for these cubic integrands
+  rows = []
+  for k in range(len(sig) - 1 - start):
+    j = start + k
+    m = min(j + 1, order)
+    a, b = sig[j], sig[j + 1]
+    tau = (b - a) / 2 * nodes + (a + b) / 2
+    row = np.zeros(order)
+    for cur in range(min(m, k + 1)):
+      basis = np.ones_like(tau)
+      for other in range(m):
+        if other != cur:
+          basis *= (tau - sig[j - other]) / (sig[j - cur] - sig[j - other])
+      row[cur] = (b - a) / 2 * np.sum(weights * basis)
+    rows.append(row)
+  return np.array(rows)
+
+
+def _dpm_schedule(cfg, n, start, ac, karras) -> dict:
+  """DPM-Solver++(2M): per call x' = c0 x + c1 x0_i + c2 x0_{i-1}, Lu et al. (2022b) eq. 16 (midpoint)."""
+  ts = schedules.dpm_timesteps(cfg, n)
+  train = schedules.train_sigmas(ac)
+  if karras:
+    sig = schedules.karras_sigmas(train[0].item(), train[-1].item(), n)
+    ts = schedules.sigma_to_t(sig, np.log(train))
+    if cfg.beta_schedule != "squaredcos_cap_v2":
+      ts = ts.round()
+    ts = ts.astype(np.int64)
+  else:
+    sig = np.interp(ts, np.arange(0, len(train)), train)
+  sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+  s64 = sig.astype(np.float64)
+  alpha = 1 / np.sqrt(s64**2 + 1)
+  lam = -np.log(np.where(s64 > 0, s64, 1.0))  # log(alpha_t / sigma_t) = -log(sigma)
+  coeffs = []
+  for j in range(start, len(ts)):
+    if sig[j + 1] == 0:  # denoise fully: x' = x0
+      coeffs.append([0.0, 1.0, 0.0])
+      continue
+    h = lam[j + 1] - lam[j]
+    c_x = s64[j + 1] * alpha[j + 1] / (s64[j] * alpha[j])
+    c_0 = -alpha[j + 1] * np.expm1(-h)
+    if j == start:  # no previous x0 yet: DPM-Solver++(1), i.e. DDIM
+      coeffs.append([c_x, c_0, 0.0])
+    else:
+      r = (lam[j] - lam[j - 1]) / h
+      coeffs.append([c_x, c_0 * (1 + 0.5 / r), -c_0 * 0.5 / r])
+  s0 = sig[start]
+  a0 = np.float32(1) / np.sqrt(s0 * s0 + np.float32(1))
+  return dict(timesteps=ts[start:].astype(np.float32), init_noise_sigma=np.float32(1.0),
+              sigmas=sig[start:], coeffs=np.array(coeffs),
+              noise_coeffs=np.array([a0, s0 * a0], np.float32))
+
+
+def prepare_latents(schedule: Schedule, noise: jax.Array) -> jax.Array:
+  """Text-to-image initial latents: standard normal `noise` times the schedule's initial sigma."""
+  return noise.astype(jnp.float32) * schedule.init_noise_sigma
+
+
+def noise_latents(schedule: Schedule, x0: jax.Array, noise: jax.Array) -> jax.Array:
+  """img2img initial latents: `x0` noised to the first timestep of a strength-truncated schedule."""
+  a, b = schedule.noise_coeffs[0], schedule.noise_coeffs[1]
+  return a * x0.astype(jnp.float32) + b * noise.astype(jnp.float32)
+
+
+# --- One model call's update for each sampler: (schedule, i, x, out, state, noise) -> (x, state). ---
+
+def _x0_eps(s: Schedule, out, x, a):
+  """Predicted x0 and eps from the model output at alpha_bar = a."""
+  sa, sb = jnp.sqrt(a), jnp.sqrt(1 - a)
+  if s.prediction_type == "epsilon":
+    return (x - sb * out) / sa, out
+  if s.prediction_type == "v_prediction":
+    return sa * x - sb * out, sa * out + sb * x
+  return out, (x - sa * out) / sb
+
+
+def _denoised(s: Schedule, out, x, sigma):
+  """Predicted x0 from the model output at noise level sigma (x = x0 + sigma * eps)."""
+  if s.prediction_type == "epsilon":
+    return x - sigma * out
+  if s.prediction_type == "v_prediction":
+    return out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+  return out
+
+
+def _clip(s: Schedule, x0):
+  r = s.clip_sample_range
+  return x0 if r is None else jnp.clip(x0, -r, r)
+
+
+def ddim_step(s, i, x, out, state, noise):
+  """Implements deterministic DDIM (eta = 0), Song et al. (2021) eq. 12."""
+  a_prev = s.alphas_prev[i]
+  x0, eps = _x0_eps(s, out, x, s.alphas[i])
+  return jnp.sqrt(a_prev) * _clip(s, x0) + jnp.sqrt(1 - a_prev) * eps, state
+
+
+# Adams-Bashforth weights of PLMS by call index: 0, 1 (the repeated first step), 2, 3, >= 4.
+_PLMS_WEIGHTS = np.array([[1, 0, 0, 0], [1 / 2, 1 / 2, 0, 0], [3 / 2, -1 / 2, 0, 0],
+                          [23 / 12, -16 / 12, 5 / 12, 0], [55 / 24, -59 / 24, 37 / 24, -9 / 24]], np.float32)
+
+
+def pndm_step(s, i, x, out, state, noise):
+  """Implements PLMS, Liu et al. (2022) eq. 12, as diffusers' PNDM with skip_prk_steps."""
+  ets, x_first = state  # previous outputs, newest first; the latents the first call started from
+  w = jnp.asarray(_PLMS_WEIGHTS)[jnp.minimum(i, 4)]
+  e = w[0] * out + w[1] * ets[0] + w[2] * ets[1] + w[3] * ets[2]
+  x = jnp.where(i == 1, x_first, x)  # the repeated call redoes the first step with averaged outputs
+  a_t, a_prev = s.alphas[i], s.alphas_prev[i]
+  if s.prediction_type == "v_prediction":
+    e = jnp.sqrt(a_t) * e + jnp.sqrt(1 - a_t) * x
+  denom = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
+  x_next = jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * e / denom
+  ets = jnp.where(i == 1, ets, jnp.concatenate([out[None], ets[:2]]))
+  return x_next, (ets, jnp.where(i == 0, x, x_first))
+
+
+def ddpm_step(s, i, x, out, state, noise):
+  """Implements ancestral sampling, Ho et al. (2020) Algorithm 2, via the posterior mean of eq. 7."""
+  a_t, a_prev = s.alphas[i], s.alphas_prev[i]
+  b_t, b_prev = 1 - a_t, 1 - a_prev
+  cur_alpha = a_t / a_prev
+  cur_beta = 1 - cur_alpha
+  x0, _ = _x0_eps(s, out, x, a_t)
+  mean = (jnp.sqrt(a_prev) * cur_beta / b_t) * _clip(s, x0) + (jnp.sqrt(cur_alpha) * b_prev / b_t) * x
+  std = jnp.sqrt(jnp.maximum(b_prev / b_t * cur_beta, 1e-20))
+  return jnp.where(s.timesteps[i] > 0, mean + std * noise, mean), state
+
+
+def euler_step(s, i, x, out, state, noise):
+  """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), without churn."""
+  sigma = s.sigmas[i]
+  d = (x - _denoised(s, out, x, sigma)) / sigma
+  return x + d * (s.sigmas[i + 1] - sigma), state
+
+
+def euler_ancestral_step(s, i, x, out, state, noise):
+  """Implements ancestral sampling with Euler steps, k-diffusion's sample_euler_ancestral (eta = 1)."""
+  sigma, sigma_to = s.sigmas[i], s.sigmas[i + 1]
+  sigma_up = jnp.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+  sigma_down = jnp.sqrt(jnp.maximum(sigma_to**2 - sigma_up**2, 0.0))
+  d = (x - _denoised(s, out, x, sigma)) / sigma
+  return x + d * (sigma_down - sigma) + noise * sigma_up, state
+
+
+def heun_step(s, i, x, out, state, noise):
+  """Implements Algorithm 1 (Heun steps) from Karras et al. (2022): even calls predict, odd correct."""
+  d_prev, dt_prev, x_prev = state
+  sigma = s.sigmas[i]  # the predictor's sigma, or the corrector's sigma_next
+  d = (x - _clip(s, _denoised(s, out, x, sigma))) / sigma
+  dt = s.sigmas[i + 1] - sigma
+  first = i % 2 == 0
+  x_next = jnp.where(first, x + d * dt, x_prev + (d_prev + d) / 2 * dt_prev)
+  return x_next, jax.tree.map(lambda a, b: jnp.where(first, a, b), (d, dt, x), state)
+
+
+def lms_step(s, i, x, out, state, noise):
+  """Implements linear multistep sampling (order 4) in sigma, k-diffusion's sample_lms."""
+  sigma = s.sigmas[i]
+  ds = jnp.concatenate([((x - _denoised(s, out, x, sigma)) / sigma)[None], state[:3]])
+  c = s.coeffs[i]
+  return x + (c[0] * ds[0] + c[1] * ds[1] + c[2] * ds[2] + c[3] * ds[3]), ds
+
+
+def dpmpp_2m_step(s, i, x, out, state, noise):
+  """Implements DPM-Solver++(2M), Lu et al. (2022b) Algorithm 2; first order at the first and last step."""
+  sigma = s.sigmas[i]
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)
+  if s.prediction_type == "epsilon":
+    x0 = (x - sigma * alpha * out) / alpha
+  elif s.prediction_type == "v_prediction":
+    x0 = alpha * x - sigma * alpha * out
+  else:
+    x0 = out
+  c = s.coeffs[i]
+  return c[0] * x + c[1] * x0 + c[2] * state, x0
+
+
+_STEPS = {"ddim": ddim_step, "pndm": pndm_step, "ddpm": ddpm_step, "euler": euler_step,
+          "euler_a": euler_ancestral_step, "heun": heun_step, "lms": lms_step, "dpmpp_2m": dpmpp_2m_step}
+
+
+def _init_state(sampler: str, x: jax.Array):
+  z = jnp.zeros_like(x)
+  if sampler == "pndm":
+    return jnp.zeros((3,) + x.shape, x.dtype), z
+  if sampler == "heun":
+    return z, jnp.zeros((), x.dtype), z
+  if sampler == "lms":
+    return jnp.zeros((4,) + x.shape, x.dtype)
+  if sampler == "dpmpp_2m":
+    return z
+  return ()
+
+
+def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
+           noise: jax.Array | None = None, return_trajectory: bool = False) -> jax.Array:
+  """Runs the sampler of `schedule` from latents `x` (from prepare_latents or noise_latents).
+
+  Args:
+    model_fn: (scaled x, float32 t) -> network output; may return bf16, latents stay float32.
+    x: initial latents.
+    schedule: from make_schedule.
+    key: PRNG key of the stochastic samplers (ddpm, euler_a); step i uses fold_in(key, i). A batch of
+      keys (shape [B], one per image) draws each image's noise from its own key, so an image does
+      not depend on which batch or device it was sampled in.
+    noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
+    return_trajectory: return the [L, *x.shape] latents after every model call instead.
+
+  Returns:
+    The final latents (float32), or the trajectory.
+  """
+  s = schedule
+  n = s.timesteps.shape[0]
+  x = jnp.asarray(x, jnp.float32)
+  stochastic = s.sampler in _STOCHASTIC
+  if noise is not None and noise.shape != (n,) + x.shape:
+    raise ValueError(f"noise has shape {noise.shape}; expected {(n,) + x.shape} (one per model call).")
+  if stochastic and noise is None and key is None:
+    raise ValueError(f"sampler {s.sampler!r} is stochastic: pass a PRNG key (or noise).")
+  step = _STEPS[s.sampler]
+
+  def body(carry, i):
+    x, state = carry
+    x_in = x / jnp.sqrt(s.sigmas[i] ** 2 + 1) if s.sampler in _SCALED_INPUT else x
+    out = model_fn(x_in, s.timesteps[i])
+    if out.shape != x.shape:
+      raise ValueError(f"model_fn returned shape {out.shape} for latents of shape {x.shape}.")
+    z = None
+    if stochastic:
+      if noise is not None:
+        z = noise[i].astype(jnp.float32)
+      elif key.ndim == 1:
+        z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
+      else:
+        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+    x, state = step(s, i, x, out.astype(jnp.float32), state, z)
+    return (x, state), (x if return_trajectory else None)
+
+  (x, _), traj = jax.lax.scan(body, (x, _init_state(s.sampler, x)), jnp.arange(n))
+  return traj if return_trajectory else x

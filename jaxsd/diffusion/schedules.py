@@ -1,0 +1,246 @@
+"""Noise schedules of DDPM (Ho et al., 2020) as diffusers' schedulers define them.
+
+`SchedulerConfig` reads a diffusers `scheduler/scheduler_config.json`. The schedule itself
+(betas, alphas_cumprod, sigmas, inference timesteps) is built once in numpy with the same
+float32 arithmetic as diffusers' PyTorch schedulers, so the arrays agree bit for bit; the
+training helpers at the bottom are jittable jnp functions of `alphas_cumprod`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd.models.config import ConfigBase
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig(ConfigBase):
+  """The noise schedule of a model, from its diffusers `scheduler_config.json`.
+
+  Defaults are Stable Diffusion 1.5's PNDM config. Keys of the file that no sampler here reads
+  (`_class_name`, `solver_order`, ...) are ignored.
+  """
+
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  beta_schedule: str = "scaled_linear"  # SD: linear in sqrt(beta), Rombach et al. (2022).
+  trained_betas: tuple[float, ...] | None = None
+  prediction_type: str = "epsilon"  # SD 2.x 768px models: "v_prediction".
+  # None: each sampler's diffusers default ("leading" for DDIM / PNDM / DDPM, "linspace" for the
+  # others). SD configs name no spacing, and diffusers' `from_config` keeps a default it did not
+  # read from the file out of the next scheduler it builds, so a swapped-in scheduler uses its own.
+  timestep_spacing: str | None = None
+  steps_offset: int = 1  # "leading" timesteps are 1, 21, ..., 981 rather than 0, ..., 980.
+  set_alpha_to_one: bool = False  # DDIM / PNDM: alpha_prod before t=0 is alphas_cumprod[0].
+  clip_sample: bool = False  # DDIM / DDPM / Heun clip predicted x0 to +-clip_sample_range.
+  clip_sample_range: float = 1.0
+  use_karras_sigmas: bool = False  # Euler, Heun, LMS, DPM++: Karras et al. (2022) eq. 5.
+  skip_prk_steps: bool = True  # PNDM: PLMS from the first step (SD), no Runge-Kutta warm-up.
+  variance_type: str = "fixed_small"  # DDPM: the posterior variance, Ho et al. eq. 7.
+  thresholding: bool = False  # Dynamic thresholding (Imagen): not for latent diffusion.
+  rescale_betas_zero_snr: bool = False  # Lin et al. (2023): not implemented.
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike) -> SchedulerConfig:
+    """Reads `scheduler_config.json` from a file, its folder, or a model folder above it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      for name in ("scheduler_config.json", os.path.join("scheduler", "scheduler_config.json")):
+        if os.path.exists(os.path.join(path, name)):
+          path = os.path.join(path, name)
+          break
+      else:
+        raise FileNotFoundError(
+            f"{path}: no scheduler_config.json here nor in scheduler/; pass a diffusers model "
+            "folder, its scheduler/ folder, or the json file.")
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def validate(self) -> None:
+    if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
+      raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES} "
+                       "or give trained_betas.")
+    if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+      raise ValueError(f"trained_betas has {len(self.trained_betas)} values but num_train_timesteps="
+                       f"{self.num_train_timesteps}; they must agree.")
+    if self.prediction_type not in PREDICTION_TYPES:
+      raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+    if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+      raise ValueError(f"timestep_spacing={self.timestep_spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}.")
+    if self.num_train_timesteps < 2:
+      raise ValueError(f"num_train_timesteps={self.num_train_timesteps}: need at least 2.")
+    if self.thresholding:
+      raise ValueError("thresholding=True (dynamic thresholding) is not supported; set it to false "
+                       "(it is meant for pixel-space models, not latent diffusion).")
+    if self.rescale_betas_zero_snr:
+      raise ValueError("rescale_betas_zero_snr=True is not supported; set it to false.")
+
+
+# --- The training schedule, bit-exact with diffusers (built once, in numpy). ---
+
+def _torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+  """`torch.linspace(start, end, n, dtype=float32)`, bit for bit.
+
+  PyTorch computes the step in float32, then `start + step * i` for the first half and
+  `end - step * (n - 1 - i)` for the second, each with one rounding (a fused multiply-add).
+  """
+  s, e = np.float32(start), np.float32(end)
+  if n == 1:
+    return np.array([s], np.float32)
+  step = np.float64((e - s) / np.float32(n - 1))
+  i = np.arange(n, dtype=np.float64)
+  half = n // 2
+  return np.concatenate([s + step * i[:half], e - step * (n - 1 - i[half:])]).astype(np.float32)
+
+
+def _alpha_bar_cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+  """Betas of the cosine schedule, Nichol & Dhariwal (2021) eq. 17 (diffusers' squaredcos_cap_v2)."""
+  f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+  return np.array([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], np.float32)
+
+
+def betas(cfg: SchedulerConfig) -> np.ndarray:
+  """float32 [num_train_timesteps]: the forward-process variances beta_t."""
+  n = cfg.num_train_timesteps
+  if cfg.trained_betas is not None:
+    return np.asarray(cfg.trained_betas, np.float32)
+  if cfg.beta_schedule == "linear":
+    return _torch_linspace(cfg.beta_start, cfg.beta_end, n)
+  if cfg.beta_schedule == "scaled_linear":
+    return _torch_linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
+  if cfg.beta_schedule == "squaredcos_cap_v2":
+    return _alpha_bar_cosine_betas(n)
+  raise ValueError(f"beta_schedule={cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
+
+
+def alphas_cumprod_np(cfg: SchedulerConfig) -> np.ndarray:
+  """float32 [num_train_timesteps]: alpha_bar_t = prod_{s<=t} (1 - beta_s), as a numpy array."""
+  alphas = np.float32(1.0) - betas(cfg)
+  # torch.cumprod on CPU accumulates float32 in float64.
+  return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def alphas_cumprod(cfg: SchedulerConfig) -> jax.Array:
+  """float32 [num_train_timesteps]: alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
+  return jnp.asarray(alphas_cumprod_np(cfg))
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """float32 [T]: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the VE noise level (Karras et al., 2022)."""
+  ac = np.asarray(alphas_cumprod, np.float32)
+  return np.sqrt((np.float32(1.0) - ac) / ac)
+
+
+# --- Inference timesteps: each diffusers scheduler family spaces them its own way. ---
+
+def _check_steps(cfg: SchedulerConfig, n: int) -> None:
+  if not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"num_steps={n!r}: need an integer >= 1.")
+  if n > cfg.num_train_timesteps:
+    raise ValueError(f"num_steps={n} is larger than num_train_timesteps={cfg.num_train_timesteps}.")
+
+
+def timestep_spacing(cfg: SchedulerConfig, default: str) -> str:
+  """cfg.timestep_spacing, or the scheduler family's `default` when the config names none."""
+  return cfg.timestep_spacing or default
+
+
+def discrete_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
+  """int64 [n], descending: DDIM's / DDPM's timesteps (PNDM's, in ascending order).
+
+  Table 2 of Lin et al. (2023) defines the three spacings.
+  """
+  _check_steps(cfg, n)
+  T, spacing = cfg.num_train_timesteps, timestep_spacing(cfg, "leading")
+  if spacing == "linspace":
+    return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+  if spacing == "leading":
+    return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + cfg.steps_offset
+  return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1  # trailing
+
+
+def sigma_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
+  """float32 [n], descending: the Euler / Heun / LMS family's timesteps (not rounded in linspace)."""
+  _check_steps(cfg, n)
+  T, spacing = cfg.num_train_timesteps, timestep_spacing(cfg, "linspace")
+  if spacing == "linspace":
+    return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+  if spacing == "leading":
+    t = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32)
+    return t + np.float32(cfg.steps_offset)
+  return np.arange(T, 0, -T / n).round().astype(np.float32) - np.float32(1)  # trailing
+
+
+def dpm_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
+  """int64 [n], descending: DPM-Solver's timesteps (it spaces n + 1 points and drops t=0)."""
+  _check_steps(cfg, n)
+  T, spacing = cfg.num_train_timesteps, timestep_spacing(cfg, "linspace")
+  if spacing == "linspace":
+    return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+  if spacing == "leading":
+    t = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
+    return t + cfg.steps_offset
+  return np.arange(T, 0, -T / n).round().astype(np.int64) - 1  # trailing
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+  """float64 [n]: the noise levels of Karras et al. (2022), eq. 5."""
+  ramp = np.linspace(0, 1, n)
+  min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """float64: the fractional timesteps whose sigma is `sigmas`, interpolating log sigma linearly."""
+  sigmas = np.asarray(sigmas)
+  log_sigma = np.log(np.maximum(sigmas, 1e-10)).reshape(-1)
+  dists = log_sigma - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+  return ((1 - w) * low + w * (low + 1)).reshape(sigmas.shape)
+
+
+# --- Training helpers: jittable, fp32 schedule arithmetic whatever the dtype of x0. ---
+
+def _at(alphas_cumprod: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """alpha_bar[t] in float32, with trailing unit axes so it broadcasts against an ndim array."""
+  t = jnp.asarray(t)
+  if t.ndim > ndim:
+    raise ValueError(f"t has shape {t.shape}; it must be a scalar or a [batch] vector for x0 of rank {ndim}.")
+  a = jnp.asarray(alphas_cumprod, jnp.float32)[t]
+  return a.reshape(a.shape + (1,) * (ndim - a.ndim))
+
+
+def add_noise(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """Samples q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Ho et al. (2020) eq. 4.
+
+  `t` holds integer timesteps, one per example (or a scalar); the result has x0's dtype.
+  """
+  a = _at(alphas_cumprod, t, x0.ndim)
+  out = jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - a) * noise.astype(jnp.float32)
+  return out.astype(x0.dtype)
+
+
+def velocity(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """The v-prediction target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho (2022) sec. 4."""
+  a = _at(alphas_cumprod, t, x0.ndim)
+  out = jnp.sqrt(a) * noise.astype(jnp.float32) - jnp.sqrt(1.0 - a) * x0.astype(jnp.float32)
+  return out.astype(x0.dtype)
+
+
+def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
+  """float32 signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), for min-SNR weighting (Hang et al., 2023)."""
+  a = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.asarray(t)]
+  return a / (1.0 - a)
+

@@ -1,0 +1,261 @@
+"""Every sampler against the diffusers PyTorch scheduler of the same name, step by step.
+
+Both sides drive the same deterministic fake model from the same initial noise (and, for the
+stochastic samplers, the same per-step noise, fed to diffusers through its `randn_tensor`) and
+record the latents after every model call and the timesteps the model was called at.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (  # noqa: E402
+    StableDiffusionImg2ImgPipeline)
+
+from jaxsd.diffusion import samplers  # noqa: E402
+from jaxsd.diffusion.schedules import SchedulerConfig  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json.
+SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+        "clip_sample": False}
+SD21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+CONFIGS = {"sd15": SD15, "sd21": SD21}
+SPACINGS = [None, "leading", "trailing", "linspace"]  # None: the file names none (SD's own configs)
+
+DIFFUSERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler, "ddpm": diffusers.DDPMScheduler,
+             "euler": diffusers.EulerDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+             "heun": diffusers.HeunDiscreteScheduler, "lms": diffusers.LMSDiscreteScheduler,
+             "dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler}
+DETERMINISTIC = ["ddim", "pndm", "euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_karras"]
+TOL = 1e-5  # max |ours - diffusers| per step, relative to max(1, max |latents| of that step)
+MEASURED: dict[str, float] = {}  # largest scaled difference per sampler, printed at the end
+
+
+def fake_model_torch(x, t):
+  return 0.9 * x + 0.1 * torch.tanh(3 * x) * (1 + t / 1000) + 0.01 * torch.cos(t / 100)
+
+
+def fake_model(x, t):
+  return 0.9 * x + 0.1 * jnp.tanh(3 * x) * (1 + t / 1000) + 0.01 * jnp.cos(t / 100)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "return_trajectory"))
+def run(model_fn, x, schedule, key=None, noise=None, return_trajectory=True):
+  return samplers.sample(model_fn, x, schedule, key, noise=noise, return_trajectory=return_trajectory)
+
+
+def run_diffusers(sampler, cfg_dict, n, noise, strength=1.0, x0=None, step_noise=None, monkeypatch=None):
+  """diffusers' pipeline loop (img2img's get_timesteps + add_noise when strength < 1)."""
+  d = dict(cfg_dict, use_karras_sigmas=True) if sampler == "dpmpp_2m_karras" else cfg_dict
+  sch = DIFFUSERS[sampler].from_config(d)
+  if step_noise is not None:  # the stochastic schedulers draw their noise through randn_tensor
+    draws = iter(torch.from_numpy(z) for z in step_noise)
+    monkeypatch.setattr(f"{type(sch).__module__}.randn_tensor", lambda *a, **k: next(draws))
+  sch.set_timesteps(n)
+  if strength < 1.0:
+    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sch), n, strength, "cpu")
+    lat = sch.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
+  else:
+    timesteps = sch.timesteps
+    lat = torch.from_numpy(noise) * sch.init_noise_sigma
+  init, ts, traj = lat.numpy(), [], []
+  for t in timesteps:
+    out = fake_model_torch(sch.scale_model_input(lat, t), t.float())
+    ts.append(float(t))
+    lat = sch.step(out, t, lat).prev_sample
+    traj.append(lat.numpy())
+  return init, np.array(ts, np.float32), np.stack(traj)
+
+
+def compare(name, ours, ref):
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  assert np.all(np.isfinite(ref))
+  scale = np.maximum(1.0, np.abs(ref).reshape(len(ref), -1).max(1))
+  err = (np.abs(np.asarray(ours) - ref).reshape(len(ref), -1).max(1) / scale).max()
+  MEASURED[name] = max(MEASURED.get(name, 0.0), float(err))
+  assert err <= TOL, f"{name}: max scaled difference {err:.3g} > {TOL}"
+
+
+def check_timesteps(sampler, cfg, ours, ref):
+  karras = sampler in ("dpmpp_2m_karras",) or (cfg.use_karras_sigmas and sampler in ("euler", "heun", "lms"))
+  if karras and not sampler.startswith("dpmpp"):  # fractional: numpy's vs torch's sqrt (1 ulp) shows
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
+  else:
+    np.testing.assert_array_equal(ours, ref)
+
+
+def latents(seed, shape=(1, 4, 8, 8)):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def run_both(sampler, cfg_dict, n, monkeypatch=None, strength=1.0):
+  cfg = SchedulerConfig.from_dict(cfg_dict)
+  s = samplers.make_schedule(cfg, sampler, n, strength)
+  noise = latents(0)
+  step_noise = None
+  if sampler in ("ddpm", "euler_a"):
+    step_noise = np.stack([latents(100 + i) for i in range(len(s.timesteps))])
+  x0 = latents(1) if strength < 1.0 else None
+  init, ts, traj = run_diffusers(sampler, cfg_dict, n, noise, strength, x0, step_noise, monkeypatch)
+  if strength < 1.0:
+    x = samplers.noise_latents(s, jnp.asarray(x0), jnp.asarray(noise))
+  else:
+    x = samplers.prepare_latents(s, jnp.asarray(noise))
+  np.testing.assert_allclose(x, init, rtol=1e-6, atol=1e-6)
+  check_timesteps(sampler, cfg, np.asarray(s.timesteps), ts)
+  ours = run(fake_model, x, s, None if step_noise is None else jax.random.key(0),
+             None if step_noise is None else jnp.asarray(step_noise))
+  compare(sampler, ours, traj)
+  return ours
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+def test_deterministic_matches_diffusers(sampler, config, spacing):
+  d = dict(CONFIGS[config]) if spacing is None else dict(CONFIGS[config], timestep_spacing=spacing)
+  run_both(sampler, d, 10)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_a"])
+def test_stochastic_matches_diffusers_with_the_same_noise(sampler, config, spacing, monkeypatch):
+  d = dict(CONFIGS[config]) if spacing is None else dict(CONFIGS[config], timestep_spacing=spacing)
+  run_both(sampler, d, 10, monkeypatch)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms"])
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_karras_sigmas_from_config(sampler, config):
+  run_both(sampler, dict(CONFIGS[config], use_karras_sigmas=True), 10)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "heun", "lms", "dpmpp_2m"])
+def test_sample_prediction_and_clipping(sampler, monkeypatch):
+  # x0-prediction, with DDIM's / DDPM's / Heun's clip_sample on (diffusers' own defaults).
+  run_both(sampler, dict(SD15, prediction_type="sample", clip_sample=True, clip_sample_range=1.5), 10, monkeypatch)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+@pytest.mark.parametrize("sampler", DETERMINISTIC + ["ddpm", "euler_a"])
+def test_other_step_counts(sampler, n, monkeypatch):
+  # 7 steps: fractional linspace timesteps (Euler family), PNDM's integer step ratio.
+  run_both(sampler, dict(SD21, timestep_spacing="linspace"), n, monkeypatch)
+
+
+def test_pndm_50_steps_sd15():
+  run_both("pndm", SD15, 50)
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.35, 0.95])
+@pytest.mark.parametrize("sampler", DETERMINISTIC + ["ddpm", "euler_a"])
+def test_img2img_matches_diffusers(sampler, strength, monkeypatch):
+  run_both(sampler, SD15, 10, monkeypatch, strength=strength)
+
+
+def test_img2img_sd21_trailing(monkeypatch):
+  for sampler in ("ddim", "euler", "dpmpp_2m_karras"):
+    run_both(sampler, dict(SD21, timestep_spacing="trailing"), 10, monkeypatch, strength=0.5)
+
+
+def test_bf16_model_output_keeps_fp32_latents():
+  s = samplers.make_schedule(SchedulerConfig(), "dpmpp_2m", 10)
+  x = samplers.prepare_latents(s, jnp.asarray(latents(0)))
+  bf16 = lambda x, t: fake_model(x, t).astype(jnp.bfloat16)
+  rounded = lambda x, t: fake_model(x, t).astype(jnp.bfloat16).astype(jnp.float32)
+  got = run(bf16, x, s)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, run(rounded, x, s))
+  # The latents are not rounded to bf16 between steps: they differ from a bf16 copy of themselves.
+  assert np.any(np.asarray(got[-1]) != np.asarray(got[-1].astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+def test_jit_does_not_recompile():
+  traces = []
+
+  def model(x, t):
+    traces.append(1)
+    return fake_model(x, t)
+
+  f = jax.jit(lambda x, s, key: samplers.sample(model, x, s, key))
+  cfg = SchedulerConfig()
+  x = jnp.asarray(latents(0))
+  f(x, samplers.make_schedule(cfg, "euler_a", 10), jax.random.key(0))
+  # Another schedule (other spacing, img2img) of the same length reuses the compiled program.
+  f(x + 1, samplers.make_schedule(cfg.replace(timestep_spacing="trailing"), "euler_a", 10), jax.random.key(1))
+  f(x, samplers.make_schedule(cfg, "euler_a", 20, strength=0.5), jax.random.key(2))
+  assert len(traces) == 1 and f._cache_size() == 1
+
+
+def test_stochastic_key():
+  s = samplers.make_schedule(SchedulerConfig(), "ddpm", 10)
+  x = jnp.asarray(latents(0))
+  a, b, c = (run(fake_model, x, s, jax.random.key(k), return_trajectory=False) for k in (0, 0, 1))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
+  assert np.all(np.isfinite(np.asarray(c)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sampler="dpm++"), "Unknown sampler 'dpm\\+\\+'; valid: ddim, pndm"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(num_steps=2.0), "num_steps"),
+    (dict(num_steps=1001), "num_steps"),
+    (dict(strength=0.0), "strength"),
+    (dict(strength=1.5), "strength"),
+    (dict(strength=0.05), "no denoising step"),
+    (dict(sampler="ddim", use_karras_sigmas=True), "use_karras_sigmas"),
+    (dict(sampler="dpmpp_2m_karras", use_karras_sigmas=False), "pick one"),
+])
+def test_make_schedule_errors(kwargs, match):
+  kw = dict(sampler="euler", num_steps=10) | kwargs
+  with pytest.raises(ValueError, match=match):
+    samplers.make_schedule(SchedulerConfig(), **kw)
+
+
+@pytest.mark.parametrize("cfg, sampler, match", [
+    (SchedulerConfig(skip_prk_steps=False), "pndm", "skip_prk_steps"),
+    (SchedulerConfig(prediction_type="sample"), "plms", "prediction_type"),
+    (SchedulerConfig(prediction_type="sample"), "euler_a", "prediction_type"),
+    (SchedulerConfig(variance_type="learned_range"), "ddpm", "variance_type"),
+])
+def test_unsupported_settings(cfg, sampler, match):
+  with pytest.raises(ValueError, match=match):
+    samplers.make_schedule(cfg, sampler, 10)
+
+
+def test_aliases_and_sample_errors():
+  cfg = SchedulerConfig()
+  a, b = samplers.make_schedule(cfg, "plms", 10), samplers.make_schedule(cfg, "pndm", 10)
+  assert a.sampler == "pndm" and np.array_equal(a.timesteps, b.timesteps)
+  k = samplers.make_schedule(cfg, "dpmpp_2m_karras", 10)
+  assert not np.array_equal(k.sigmas, samplers.make_schedule(cfg, "dpmpp_2m", 10).sigmas)
+  np.testing.assert_array_equal(k.sigmas, samplers.make_schedule(cfg, "dpmpp_2m", 10, use_karras_sigmas=True).sigmas)
+  x = jnp.zeros((1, 4, 8, 8))
+  with pytest.raises(ValueError, match="PRNG key"):
+    samplers.sample(fake_model, x, samplers.make_schedule(cfg, "euler_a", 10))
+  with pytest.raises(ValueError, match="noise has shape"):
+    samplers.sample(fake_model, x, samplers.make_schedule(cfg, "ddpm", 10), noise=jnp.zeros((9, 1, 4, 8, 8)))
+
+
+def test_report_measured_differences():
+  """Runs last: prints the largest scaled difference measured per sampler (pytest -s shows it)."""
+  for name, err in sorted(MEASURED.items()):
+    print(f"{name:16s} max |ours - diffusers| / max(1, |x|) = {err:.2e}")

@@ -1,0 +1,164 @@
+"""SchedulerConfig and the schedule arrays against diffusers' PyTorch schedulers (bit for bit)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers.training_utils import compute_snr  # noqa: E402
+
+from jaxsd.diffusion import schedules  # noqa: E402
+from jaxsd.diffusion.schedules import SchedulerConfig  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json.
+SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+        "clip_sample": False}
+SD21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+
+
+def test_defaults_are_sd15():
+  cfg = SchedulerConfig.from_dict(SD15)
+  assert cfg == SchedulerConfig()
+  ref = diffusers.PNDMScheduler.from_config(SD15).config
+  for k, v in cfg.to_dict().items():
+    if k in ref and k != "timestep_spacing":
+      assert ref[k] == v, k
+  # The file names no spacing: a scheduler swapped in by a pipeline keeps its own default.
+  assert cfg.timestep_spacing is None
+  assert ref.timestep_spacing == "leading"
+  assert diffusers.EulerDiscreteScheduler.from_config(ref).config.timestep_spacing == "linspace"
+  assert diffusers.DDIMScheduler.from_config(ref).config.timestep_spacing == "leading"
+  saved = dict(ref)  # a config written by save_config names it, and then every scheduler uses it
+  saved.pop("_use_default_values")
+  assert diffusers.EulerDiscreteScheduler.from_config(saved).config.timestep_spacing == "leading"
+
+
+def test_from_json_file_scheduler_dir_and_model_dir(tmp_path):
+  (tmp_path / "scheduler").mkdir()
+  path = tmp_path / "scheduler" / "scheduler_config.json"
+  path.write_text(json.dumps(dict(SD21, some_future_key=3)))
+  want = SchedulerConfig(prediction_type="v_prediction")
+  for p in (path, tmp_path / "scheduler", tmp_path):
+    assert SchedulerConfig.from_json(p) == want
+  assert SchedulerConfig.from_dict(want.to_dict()) == want
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+    SchedulerConfig.from_json(tmp_path / "empty")
+
+
+def test_trained_betas_become_a_tuple():
+  cfg = SchedulerConfig.from_dict({"trained_betas": [0.1] * 1000})
+  assert isinstance(cfg.trained_betas, tuple)
+  hash(cfg)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"beta_schedule": "sigmoid"}, "beta_schedule"),
+    ({"prediction_type": "flow_prediction"}, "prediction_type"),
+    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+    ({"thresholding": True}, "thresholding"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
+])
+def test_config_errors(bad, match):
+  with pytest.raises(ValueError, match=match):
+    SchedulerConfig.from_dict(dict(SD15, **bad))
+
+
+@pytest.mark.parametrize("kw", [
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 999},
+    {"trained_betas": list(np.linspace(1e-4, 0.02, 1000))},
+])
+def test_alphas_cumprod_bit_exact(kw):
+  cfg = SchedulerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+  ref = diffusers.DDPMScheduler(**kw)
+  np.testing.assert_array_equal(schedules.betas(cfg), ref.betas.numpy())
+  np.testing.assert_array_equal(np.asarray(schedules.alphas_cumprod(cfg)), ref.alphas_cumprod.numpy())
+  # sigma = sqrt((1 - a) / a): numpy's sqrt is correctly rounded, PyTorch's vectorised CPU sqrt
+  # is 1 ulp off for ~20% of the values on this AVX-512 machine, so equal to 2 ulp.
+  euler = diffusers.EulerDiscreteScheduler(**kw)
+  np.testing.assert_allclose(schedules.train_sigmas(schedules.alphas_cumprod_np(cfg))[::-1],
+                             euler.sigmas.numpy()[:-1], rtol=2.4e-7, atol=0)
+
+
+@pytest.mark.parametrize("spacing", [None, "leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 7, 10, 50])
+def test_inference_timesteps(spacing, n):
+  d = dict(SD15) if spacing is None else dict(SD15, timestep_spacing=spacing)
+  cfg = SchedulerConfig.from_dict(d)
+  for cls, fn in [(diffusers.DDIMScheduler, schedules.discrete_timesteps),
+                  (diffusers.DDPMScheduler, schedules.discrete_timesteps),
+                  (diffusers.EulerDiscreteScheduler, schedules.sigma_timesteps),
+                  (diffusers.DPMSolverMultistepScheduler, schedules.dpm_timesteps)]:
+    ref = cls.from_config(d)
+    ref.set_timesteps(n)
+    got = fn(cfg, n)
+    assert got.dtype == ref.timesteps.numpy().dtype, cls.__name__
+    np.testing.assert_array_equal(got, ref.timesteps.numpy(), err_msg=cls.__name__)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1001, 2.5])
+def test_inference_timesteps_bad_count(n):
+  with pytest.raises(ValueError, match="num_steps"):
+    schedules.discrete_timesteps(SchedulerConfig(), n)
+
+
+def test_karras_sigmas_and_sigma_to_t():
+  ref = diffusers.EulerDiscreteScheduler.from_config(dict(SD15, use_karras_sigmas=True, timestep_spacing="linspace"))
+  ref.set_timesteps(12)
+  train = schedules.train_sigmas(schedules.alphas_cumprod_np(SchedulerConfig()))
+  sig = schedules.karras_sigmas(float(train[0]), float(train[-1]), 12)
+  np.testing.assert_allclose(sig.astype(np.float32), ref.sigmas.numpy()[:-1], rtol=2.4e-7, atol=0)
+  np.testing.assert_allclose(schedules.sigma_to_t(sig, np.log(train)).astype(np.float32), ref.timesteps.numpy(),
+                             rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_dict", [SD15, SD21, dict(SD15, beta_schedule="squaredcos_cap_v2")])
+def test_add_noise_velocity_snr(cfg_dict):
+  cfg = SchedulerConfig.from_dict(cfg_dict)
+  ref = diffusers.DDPMScheduler.from_config(cfg_dict)
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((5, 4, 6, 6)).astype(np.float32)
+  eps = rng.standard_normal((5, 4, 6, 6)).astype(np.float32)
+  t = np.array([0, 1, 250, 998, 999])
+  tt = torch.from_numpy(t)
+  ac = schedules.alphas_cumprod(cfg)
+  f = jax.jit(lambda x0, eps, t: (schedules.add_noise(ac, x0, eps, t), schedules.velocity(ac, x0, eps, t),
+                                  schedules.snr(ac, t)))
+  noisy, v, s = f(x0, eps, t)
+  np.testing.assert_allclose(noisy, ref.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(),
+                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(v, ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(),
+                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(s, compute_snr(ref, tt).numpy(), rtol=2e-6)
+  # Scalar t broadcasts; a bf16 x0 keeps fp32 schedule arithmetic and comes back as bf16.
+  np.testing.assert_array_equal(schedules.add_noise(ac, x0, eps, 250),
+                                schedules.add_noise(ac, x0, eps, np.full(5, 250)))
+  y = schedules.add_noise(ac, jnp.asarray(x0, jnp.bfloat16), jnp.asarray(eps, jnp.bfloat16), t)
+  assert y.dtype == jnp.bfloat16
+  want = schedules.add_noise(ac, np.asarray(jnp.asarray(x0, jnp.bfloat16), np.float32),
+                             np.asarray(jnp.asarray(eps, jnp.bfloat16), np.float32), t)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32))
+
+
+def test_add_noise_rejects_t_of_higher_rank():
+  ac = schedules.alphas_cumprod(SchedulerConfig())
+  with pytest.raises(ValueError, match="t has shape"):
+    schedules.add_noise(ac, jnp.zeros((2,)), jnp.zeros((2,)), jnp.zeros((2, 2), jnp.int32))
