@@ -108,7 +108,7 @@ def state_dict_to_params(
   """
   target: dict[Path, Any] = traverse_util.flatten_dict(_unfreeze(abstract_params))
   out: dict[Path, np.ndarray] = {}
-  unexpected, mismatched = [], []
+  unexpected, mismatched, mismatched_paths = [], [], set()
   for key in state_dict.keys():
     name = rename(key) if rename else key
     if _IGNORED_KEY.search(name):
@@ -127,9 +127,10 @@ def state_dict_to_params(
     want = target[path]
     if tuple(value.shape) != tuple(want.shape):
       mismatched.append(f"  {key}: checkpoint {_fmt(value.shape)} (flax layout), model {_fmt(want.shape)}")
+      mismatched_paths.add(path)
       continue
     out[path] = value.astype(dtype or want.dtype, copy=False)
-  missing = [path_to_torch_key(p) for p in target if p not in out and not _shape_error_for(p, mismatched)]
+  missing = [path_to_torch_key(p) for p in target if p not in out and p not in mismatched_paths]
   if unexpected or missing or mismatched:
     lines = ["checkpoint does not match the model:"]
     if missing:
@@ -146,11 +147,6 @@ def state_dict_to_params(
   return traverse_util.unflatten_dict(out)
 
 
-def _shape_error_for(path: Path, mismatched: list[str]) -> bool:
-  key = path_to_torch_key(path)
-  return any(line.startswith(f"  {key}:") for line in mismatched)
-
-
 def _unfreeze(tree: Any) -> Any:
   if isinstance(tree, Mapping):
     return {k: _unfreeze(v) for k, v in tree.items()}
@@ -165,7 +161,8 @@ def params_to_state_dict(params: Any, dtype: Any = None) -> dict[str, np.ndarray
     value = np.asarray(jax.device_get(value))
     if dtype is not None:
       value = value.astype(dtype)
-    out[path_to_torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path[-1], value))
+    # np.asarray, not np.ascontiguousarray: the latter turns a 0-d parameter (logit_scale) into shape (1,).
+    out[path_to_torch_key(path)] = np.asarray(_to_torch_layout(path[-1], value), order="C")
   return out
 
 

@@ -1,0 +1,384 @@
+"""Blocks shared by the U-Net and the VAE, written to match diffusers' PyTorch modules.
+
+Inputs are NHWC. Submodule and parameter names mirror the diffusers state dict
+(`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`), so weights
+convert by renaming and transposing. Every module takes a computation `dtype` and a separate
+`param_dtype`; group and layer normalisation always compute their statistics in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsd.models.attention import Implementation, dot_product_attention
+
+Dtype = Any
+
+
+def _mish(x: jax.Array) -> jax.Array:
+  return x * jnp.tanh(jax.nn.softplus(x))
+
+
+# diffusers' ACT2CLS; its "gelu" is the exact (erf) GELU.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "mish": _mish,
+    "relu": jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  try:
+    return ACTIVATIONS[name.lower()]
+  except KeyError:
+    raise ValueError(f"activation {name!r} is not implemented; known: {sorted(ACTIVATIONS)}") from None
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm over the channel (last) axis; statistics in fp32, output in `dtype`.
+
+  Channels are grouped contiguously, as in PyTorch. The variance is the two-pass one (not
+  E[x^2] - E[x]^2), which keeps fp32 parity with torch on activations with a large mean.
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    xg = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last axis; statistics in fp32, output in `dtype`."""
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, name: str | None = None,
+         dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
+  """An nn.Conv with PyTorch's symmetric explicit padding (default: 'same' for odd kernels)."""
+  p = (kernel - 1) // 2 if padding is None else padding
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), name=name,
+                 dtype=dtype, param_dtype=param_dtype)
+
+
+class Timesteps(nn.Module):
+  """Sinusoidal timestep features (diffusers `get_timestep_embedding`), always fp32. No parameters."""
+
+  num_channels: int
+  flip_sin_to_cos: bool = True
+  downscale_freq_shift: float = 0.0
+  max_period: int = 10000
+
+  def __call__(self, timesteps: jax.Array) -> jax.Array:
+    half = self.num_channels // 2
+    exponent = -math.log(self.max_period) * jnp.arange(half, dtype=jnp.float32)
+    freqs = jnp.exp(exponent / (half - self.downscale_freq_shift))
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if self.flip_sin_to_cos else [sin, cos], axis=-1)
+    if self.num_channels % 2:
+      emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """linear_1 -> act -> linear_2 (-> optional post activation)."""
+
+  time_embed_dim: int
+  act_fn: str = "silu"
+  post_act_fn: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+    x = get_activation(self.act_fn)(x)
+    x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(x)
+    if self.post_act_fn is not None:
+      x = get_activation(self.post_act_fn)(x)
+    return x
+
+
+class ResnetBlock2D(nn.Module):
+  """diffusers ResnetBlock2D with time_embedding_norm="default"; `temb=None` (the VAE) has no time_emb_proj."""
+
+  out_channels: int
+  groups: int = 32
+  groups_out: int | None = None
+  eps: float = 1e-6
+  act_fn: str = "silu"
+  output_scale_factor: float = 1.0
+  use_in_shortcut: bool | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    act = get_activation(self.act_fn)
+    h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
+    h = conv(self.out_channels, 3, name="conv1", **kw)(act(h))
+    if temb is not None:
+      temb = nn.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))
+      h = h + temb[:, None, None, :]
+    h = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h)
+    h = conv(self.out_channels, 3, name="conv2", **kw)(act(h))
+    shortcut = x.shape[-1] != self.out_channels if self.use_in_shortcut is None else self.use_in_shortcut
+    if shortcut:
+      x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+    return (x + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+  """Stride-2 3x3 conv. padding=0 (the VAE) first pads right and bottom by one, as diffusers does."""
+
+  out_channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.padding == 0:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return conv(self.out_channels, 3, stride=2, padding=self.padding, name="conv", dtype=self.dtype,
+                param_dtype=self.param_dtype)(x)
+
+
+def _nearest_indices(in_size: int, out_size: int) -> jax.Array:
+  # torch's "nearest" (not "nearest-exact"): src = floor(dst * in / out).
+  scale = in_size / out_size
+  return jnp.asarray([min(int(math.floor(i * scale)), in_size - 1) for i in range(out_size)], dtype=jnp.int32)
+
+
+def upsample_nearest(x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+  """F.interpolate(mode="nearest") on NHWC: x2, or to `output_size` (H, W)."""
+  if output_size is None:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  h, w = output_size
+  x = jnp.take(x, _nearest_indices(x.shape[1], h), axis=1)
+  return jnp.take(x, _nearest_indices(x.shape[2], w), axis=2)
+
+
+class Upsample2D(nn.Module):
+  """Nearest-neighbour x2 (or to `output_size`) followed by a 3x3 conv."""
+
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+    x = upsample_nearest(x, output_size)
+    return conv(self.out_channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Attention(nn.Module):
+  """diffusers `Attention` (AttnProcessor2_0): to_q/to_k/to_v, scaled dot-product, to_out_0.
+
+  Used as transformer self/cross attention on (B, L, C) and as the VAE's spatial attention on
+  NHWC input (with `norm_num_groups` set: its group_norm, plus `residual_connection`).
+
+  `upcast_attention` (SD 2.x): q.k^T is already accumulated and softmaxed in fp32 by both paths of
+  `dot_product_attention` (XLA: fp32 `preferred_element_type`; cuDNN: fp32 accumulators), so
+  no cast is made here; casting q and k to fp32 would only rule out the cuDNN kernel.
+  """
+
+  heads: int
+  dim_head: int
+  bias: bool = False
+  out_bias: bool = True
+  upcast_attention: bool = False
+  norm_num_groups: int | None = None
+  eps: float = 1e-5
+  residual_connection: bool = False
+  rescale_output_factor: float = 1.0
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    residual = x
+    spatial_shape = x.shape if x.ndim == 4 else None
+    if spatial_shape is not None:
+      x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if self.norm_num_groups is not None:
+      x = GroupNorm(self.norm_num_groups, self.eps, name="group_norm", **kw)(x)
+    context = x if context is None else context
+    inner = self.heads * self.dim_head
+    q = nn.Dense(inner, use_bias=self.bias, name="to_q", **kw)(x)
+    k = nn.Dense(inner, use_bias=self.bias, name="to_k", **kw)(context)
+    v = nn.Dense(inner, use_bias=self.bias, name="to_v", **kw)(context)
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
+    out = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
+    out = out.reshape(out.shape[0], out.shape[1], inner)
+    out = nn.Dense(residual.shape[-1], use_bias=self.out_bias, name="to_out_0", **kw)(out)
+    if spatial_shape is not None:
+      out = out.reshape(spatial_shape)
+    if self.residual_connection:
+      out = out + residual
+    return out / self.rescale_output_factor
+
+
+class GEGLU(nn.Module):
+  """proj to 2*dim_out, split into (hidden, gate), hidden * gelu(gate) (exact erf GELU)."""
+
+  dim_out: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+    hidden, gate = jnp.split(x, 2, axis=-1)
+    return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """net_0 (GEGLU to mult*dim) -> net_2 (back to dim); net_1 is diffusers' dropout slot."""
+
+  dim: int
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = GEGLU(self.dim * self.mult, name="net_0", **kw)(x)
+    return nn.Dense(self.dim, name="net_2", **kw)(x)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+  dim: int
+  heads: int
+  dim_head: int
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  norm_eps: float = 1e-5
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = dict(heads=self.heads, dim_head=self.dim_head, upcast_attention=self.upcast_attention,
+                attention_implementation=self.attention_implementation, **kw)
+    h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
+    x = x + Attention(name="attn1", **attn)(h, context if self.only_cross_attention else None)
+    h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
+    x = x + Attention(name="attn2", **attn)(h, context)
+    h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)
+    return x + FeedForward(self.dim, name="ff", **kw)(h)
+
+
+class Transformer2DModel(nn.Module):
+  """GroupNorm, proj_in (1x1 conv, or Dense with `use_linear_projection`), blocks, proj_out, residual."""
+
+  heads: int
+  dim_head: int
+  num_layers: int = 1
+  norm_num_groups: int = 32
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, height, width, c = x.shape
+    inner = self.heads * self.dim_head
+    residual = x
+    h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)  # eps fixed at 1e-6 in diffusers
+    if self.use_linear_projection:
+      h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, height * width, c))
+    else:
+      h = conv(inner, 1, name="proj_in", **kw)(h).reshape(b, height * width, inner)
+    for i in range(self.num_layers):
+      h = BasicTransformerBlock(inner, self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
+                                upcast_attention=self.upcast_attention,
+                                attention_implementation=self.attention_implementation,
+                                name=f"transformer_blocks_{i}", **kw)(h, context)
+    if self.use_linear_projection:
+      h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, height, width, c)
+    else:
+      h = conv(c, 1, name="proj_out", **kw)(h.reshape(b, height, width, inner))
+    return h + residual
+
+
+class UNetMidBlock2D(nn.Module):
+  """resnets_0, then (attentions_i, resnets_{i+1}) pairs; the VAE's mid block (one-head attention).
+
+  With `add_attention=False` and `num_layers=0` it is the U-Net's "UNetMidBlock2D" (one ResNet).
+  """
+
+  num_layers: int = 1
+  resnet_groups: int = 32
+  resnet_eps: float = 1e-6
+  act_fn: str = "silu"
+  output_scale_factor: float = 1.0
+  add_attention: bool = True
+  attention_head_dim: int | None = None
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = x.shape[-1]
+    resnet = dict(groups=self.resnet_groups, eps=self.resnet_eps, act_fn=self.act_fn,
+                  output_scale_factor=self.output_scale_factor, **kw)
+    x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
+    head_dim = self.attention_head_dim or c
+    for i in range(self.num_layers):
+      if self.add_attention:
+        x = Attention(heads=c // head_dim, dim_head=head_dim, bias=True, norm_num_groups=self.resnet_groups,
+                      eps=self.resnet_eps, residual_connection=True, rescale_output_factor=self.output_scale_factor,
+                      attention_implementation=self.attention_implementation, name=f"attentions_{i}", **kw)(x)
+      x = ResnetBlock2D(c, name=f"resnets_{i + 1}", **resnet)(x, temb)
+    return x

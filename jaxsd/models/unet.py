@@ -1,0 +1,398 @@
+"""The Stable Diffusion U-Net (diffusers `UNet2DConditionModel`) in flax.linen, NHWC.
+
+Covers SD 1.x / 2.x and their inpainting variants: CrossAttnDownBlock2D, DownBlock2D,
+UNetMidBlock2DCrossAttn (or UNetMidBlock2D, or none), UpBlock2D, CrossAttnUpBlock2D. Features
+that need extra inputs or weights (class / addition embeddings as in SDXL, timestep_cond, GLIGEN,
+...) are refused by `UNet2DConditionConfig.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsd.models.attention import Implementation
+from jaxsd.models.config import ConfigBase
+from jaxsd.models.layers import (
+    ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel,
+    UNetMidBlock2D, Upsample2D, conv, get_activation)
+
+Dtype = Any
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+
+def _per_block(value, n: int) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet2DConditionConfig(ConfigBase):
+  """diffusers' UNet2DConditionModel config.json: same field names, same defaults."""
+
+  sample_size: int | tuple[int, int] | None = None
+  in_channels: int = 4  # 9 for inpainting: latents + mask + masked-image latents
+  out_channels: int = 4
+  center_input_sample: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: int = 0
+  down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+  mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+  up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+  only_cross_attention: bool | tuple[bool, ...] = False
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  layers_per_block: int | tuple[int, ...] = 2
+  downsample_padding: int = 1
+  mid_block_scale_factor: float = 1.0
+  dropout: float = 0.0
+  act_fn: str = "silu"
+  norm_num_groups: int | None = 32
+  norm_eps: float = 1e-5
+  cross_attention_dim: int | tuple[int, ...] = 1280
+  transformer_layers_per_block: int | tuple[int, ...] = 1
+  reverse_transformer_layers_per_block: Any = None
+  encoder_hid_dim: int | None = None
+  encoder_hid_dim_type: str | None = None
+  # Historically misnamed: SD configs put the number of heads here (see `heads`).
+  attention_head_dim: int | tuple[int, ...] = 8
+  num_attention_heads: int | tuple[int, ...] | None = None
+  dual_cross_attention: bool = False
+  use_linear_projection: bool = False  # SD 2.x: Dense proj_in/proj_out instead of 1x1 convs
+  class_embed_type: str | None = None
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  num_class_embeds: int | None = None
+  upcast_attention: bool = False
+  resnet_time_scale_shift: str = "default"
+  resnet_skip_time_act: bool = False  # only read by block types we do not implement
+  resnet_out_scale_factor: float = 1.0  # ditto
+  time_embedding_type: str = "positional"
+  time_embedding_dim: int | None = None
+  time_embedding_act_fn: str | None = None
+  timestep_post_act: str | None = None
+  time_cond_proj_dim: int | None = None
+  conv_in_kernel: int = 3
+  conv_out_kernel: int = 3
+  projection_class_embeddings_input_dim: int | None = None
+  attention_type: str = "default"
+  class_embeddings_concat: bool = False
+  mid_block_only_cross_attention: bool | None = None  # only read by UNetMidBlock2DSimpleCrossAttn
+  cross_attention_norm: str | None = None  # only read by the Simple* cross-attention blocks
+  addition_embed_type_num_heads: int = 64
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.block_out_channels)
+
+  @property
+  def heads(self) -> tuple[int, ...]:
+    """Attention heads per down block: diffusers' `num_attention_heads or attention_head_dim`."""
+    return _per_block(self.num_attention_heads or self.attention_head_dim, self.num_blocks)
+
+  @property
+  def time_embed_dim(self) -> int:
+    return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+  def validate(self) -> None:
+    n = self.num_blocks
+    unsupported = {
+        "class_embed_type": self.class_embed_type, "num_class_embeds": self.num_class_embeds,
+        "addition_embed_type": self.addition_embed_type, "encoder_hid_dim": self.encoder_hid_dim,
+        "encoder_hid_dim_type": self.encoder_hid_dim_type, "time_cond_proj_dim": self.time_cond_proj_dim,
+        "reverse_transformer_layers_per_block": self.reverse_transformer_layers_per_block,
+    }
+    for name, value in unsupported.items():
+      if value is not None:
+        raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented; only SD 1.x / 2.x U-Nets "
+                         "are (no class or addition embeddings as in SDXL / unCLIP, no timestep_cond, ...).")
+    fixed = {"resnet_time_scale_shift": (self.resnet_time_scale_shift, "default"),
+             "time_embedding_type": (self.time_embedding_type, "positional"),
+             "attention_type": (self.attention_type, "default"),
+             "dual_cross_attention": (self.dual_cross_attention, False),
+             "dropout": (self.dropout, 0.0)}
+    for name, (value, want) in fixed.items():
+      if value != want:
+        raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented (only {want!r}).")
+    if self.norm_num_groups is None:
+      raise ValueError("UNet2DConditionConfig: norm_num_groups=None is not implemented.")
+    for name in ("act_fn", "time_embedding_act_fn", "timestep_post_act"):
+      value = getattr(self, name)
+      if value is not None and value.lower() not in ACTIVATIONS:
+        raise ValueError(f"UNet2DConditionConfig: {name}={value!r} unknown; known: {sorted(ACTIVATIONS)}.")
+    for i, t in enumerate(self.down_block_types):
+      if t not in DOWN_BLOCKS:
+        raise ValueError(f"UNet2DConditionConfig: down_block_types[{i}]={t!r} not implemented; use {DOWN_BLOCKS}.")
+    for i, t in enumerate(self.up_block_types):
+      if t not in UP_BLOCKS:
+        raise ValueError(f"UNet2DConditionConfig: up_block_types[{i}]={t!r} not implemented; use {UP_BLOCKS}.")
+    if self.mid_block_type not in MID_BLOCKS:
+      raise ValueError(f"UNet2DConditionConfig: mid_block_type={self.mid_block_type!r} not implemented; "
+                       f"use one of {MID_BLOCKS}.")
+    if len(self.down_block_types) != n or len(self.up_block_types) != n:
+      raise ValueError(f"UNet2DConditionConfig: {len(self.down_block_types)} down and {len(self.up_block_types)} "
+                       f"up block types for {n} block_out_channels; all three must have the same length.")
+    per_block = ("only_cross_attention", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                 "attention_head_dim", "num_attention_heads")
+    for name in per_block:
+      value = getattr(self, name)
+      if isinstance(value, (tuple, list)) and len(value) != n:
+        raise ValueError(f"UNet2DConditionConfig: {name} has {len(value)} entries for {n} blocks.")
+    if any(isinstance(v, (tuple, list)) for v in _per_block(self.transformer_layers_per_block, n)):
+      raise ValueError("UNet2DConditionConfig: per-layer transformer_layers_per_block (nested lists) "
+                       "is not implemented.")
+    for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
+      if c % self.norm_num_groups:
+        raise ValueError(f"UNet2DConditionConfig: block_out_channels[{i}]={c} is not divisible by "
+                         f"norm_num_groups={self.norm_num_groups}.")
+      has_attention = ("CrossAttn" in self.down_block_types[i] or "CrossAttn" in self.up_block_types[n - 1 - i]
+                       or (i == n - 1 and self.mid_block_type == "UNetMidBlock2DCrossAttn"))
+      if has_attention and c % h:
+        raise ValueError(f"UNet2DConditionConfig: block_out_channels[{i}]={c} is not divisible by {h} heads.")
+
+
+class CrossAttnDownBlock2D(nn.Module):
+  out_channels: int
+  num_layers: int
+  heads: int
+  transformer_layers: int = 1
+  add_downsample: bool = True
+  downsample_padding: int = 1
+  groups: int = 32
+  eps: float = 1e-5
+  act_fn: str = "silu"
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    states = ()
+    for i in range(self.num_layers):
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
+                        name=f"resnets_{i}", **kw)(x, temb)
+      x = Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
+                             norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
+                             only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
+                             attention_implementation=self.attention_implementation, name=f"attentions_{i}",
+                             **kw)(x, context)
+      states += (x,)
+    if self.add_downsample:
+      x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
+      states += (x,)
+    return x, states
+
+
+class DownBlock2D(nn.Module):
+  out_channels: int
+  num_layers: int
+  add_downsample: bool = True
+  downsample_padding: int = 1
+  groups: int = 32
+  eps: float = 1e-5
+  act_fn: str = "silu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    states = ()
+    for i in range(self.num_layers):
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
+                        name=f"resnets_{i}", **kw)(x, temb)
+      states += (x,)
+    if self.add_downsample:
+      x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
+      states += (x,)
+    return x, states
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+  heads: int
+  transformer_layers: int = 1
+  groups: int = 32
+  eps: float = 1e-5
+  act_fn: str = "silu"
+  output_scale_factor: float = 1.0
+  use_linear_projection: bool = False
+  upcast_attention: bool = False
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = x.shape[-1]
+    resnet = dict(groups=self.groups, eps=self.eps, act_fn=self.act_fn, output_scale_factor=self.output_scale_factor,
+                  **kw)
+    x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
+    x = Transformer2DModel(self.heads, c // self.heads, num_layers=self.transformer_layers,
+                           norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
+                           upcast_attention=self.upcast_attention,
+                           attention_implementation=self.attention_implementation, name="attentions_0",
+                           **kw)(x, context)
+    return ResnetBlock2D(c, name="resnets_1", **resnet)(x, temb)
+
+
+class CrossAttnUpBlock2D(nn.Module):
+  out_channels: int
+  num_layers: int
+  heads: int
+  transformer_layers: int = 1
+  add_upsample: bool = True
+  upsample_size: tuple[int, int] | None = None  # static: set when the input is not a multiple of 2**n
+  groups: int = 32
+  eps: float = 1e-5
+  act_fn: str = "silu"
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  attention_implementation: Implementation = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skips, temb, context):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    for i in range(self.num_layers):
+      x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
+                        name=f"resnets_{i}", **kw)(x, temb)
+      x = Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
+                             norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
+                             only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
+                             attention_implementation=self.attention_implementation, name=f"attentions_{i}",
+                             **kw)(x, context)
+    if self.add_upsample:
+      x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
+    return x
+
+
+class UpBlock2D(nn.Module):
+  out_channels: int
+  num_layers: int
+  add_upsample: bool = True
+  upsample_size: tuple[int, int] | None = None
+  groups: int = 32
+  eps: float = 1e-5
+  act_fn: str = "silu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skips, temb, context=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    for i in range(self.num_layers):
+      x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
+                        name=f"resnets_{i}", **kw)(x, temb)
+    if self.add_upsample:
+      x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
+    return x
+
+
+class UNet2DConditionModel(nn.Module):
+  """`__call__(sample, timesteps, encoder_hidden_states) -> noise prediction`, all NHWC / (B, L, D).
+
+  Attributes:
+    config: the diffusers config.
+    dtype: computation dtype (the output is in it too); parameters are kept in `param_dtype`.
+    attention_implementation: "auto" (cuDNN where it applies), "xla" or "cudnn".
+    gradient_checkpointing: rematerialise each down / mid / up block in the backward pass.
+  """
+
+  config: UNet2DConditionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_implementation: Implementation = "auto"
+  gradient_checkpointing: bool = False
+
+  def _block(self, cls):
+    return nn.remat(cls) if self.gradient_checkpointing else cls
+
+  @nn.compact
+  def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
+               encoder_hidden_states: jax.Array) -> jax.Array:
+    cfg = self.config
+    n = cfg.num_blocks
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, **kw)
+    attn = dict(use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
+                attention_implementation=self.attention_implementation)
+    heads = cfg.heads
+    layers = _per_block(cfg.layers_per_block, n)
+    tlayers = _per_block(cfg.transformer_layers_per_block, n)
+    only_cross = _per_block(cfg.only_cross_attention, n)
+
+    batch = sample.shape[0]
+    x = sample.astype(self.dtype)
+    context = encoder_hidden_states.astype(self.dtype)
+    if cfg.center_input_sample:
+      x = 2 * x - 1.0
+
+    # Time: fp32 sinusoids (from timesteps of any dtype), then the MLP in `dtype`.
+    t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
+    t_emb = Timesteps(cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)(t).astype(self.dtype)
+    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding",
+                            **kw)(t_emb)
+    if cfg.time_embedding_act_fn is not None:
+      emb = get_activation(cfg.time_embedding_act_fn)(emb)
+
+    x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
+
+    skips = (x,)
+    for i, block_type in enumerate(cfg.down_block_types):
+      final = i == n - 1
+      out = cfg.block_out_channels[i]
+      if block_type == "CrossAttnDownBlock2D":
+        block = self._block(CrossAttnDownBlock2D)(
+            out, layers[i], heads[i], tlayers[i], add_downsample=not final, downsample_padding=cfg.downsample_padding,
+            only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **attn, **common)
+      else:
+        block = self._block(DownBlock2D)(out, layers[i], add_downsample=not final,
+                                         downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
+                                         **common)
+      x, states = block(x, emb, context)
+      skips += states
+
+    if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+      x = self._block(UNetMidBlock2DCrossAttn)(heads[-1], tlayers[-1], output_scale_factor=cfg.mid_block_scale_factor,
+                                               name="mid_block", **attn, **common)(x, emb, context)
+    elif cfg.mid_block_type == "UNetMidBlock2D":
+      x = self._block(UNetMidBlock2D)(num_layers=0, resnet_groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps,
+                                      act_fn=cfg.act_fn, output_scale_factor=cfg.mid_block_scale_factor,
+                                      add_attention=False, name="mid_block", **kw)(x, emb)
+
+    # Inputs whose size is not a multiple of 2**(n-1) need each upsampler to hit its skip's size.
+    up_factor = 2 ** (n - 1)
+    forward_size = any(d % up_factor for d in sample.shape[1:3])
+    for i, block_type in enumerate(cfg.up_block_types):
+      r = n - 1 - i  # the matching down block
+      final = i == n - 1
+      num = layers[r] + 1
+      states, skips = skips[-num:], skips[:-num]
+      size = tuple(skips[-1].shape[1:3]) if (forward_size and not final) else None
+      out = cfg.block_out_channels[r]
+      if block_type == "CrossAttnUpBlock2D":
+        block = self._block(CrossAttnUpBlock2D)(out, num, heads[r], tlayers[r], add_upsample=not final,
+                                                upsample_size=size, only_cross_attention=only_cross[r],
+                                                name=f"up_blocks_{i}", **attn, **common)
+      else:
+        block = self._block(UpBlock2D)(out, num, add_upsample=not final, upsample_size=size,
+                                       name=f"up_blocks_{i}", **common)
+      x = block(x, states, emb, context)
+
+    x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
+    x = get_activation(cfg.act_fn)(x)
+    return conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)

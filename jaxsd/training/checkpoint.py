@@ -1,0 +1,213 @@
+"""Orbax checkpoints of the train state together with the data iterator position.
+
+Resume order (the first that applies wins; see `loop.train_loop`):
+  1. an existing checkpoint in `<workdir>/checkpoints` (the newest one that restores; a corrupt
+     or incomplete step is reported and the previous one is tried);
+  2. an explicit resume path (a step folder such as `.../checkpoints/5000`, or a checkpoints
+     folder, whose newest step is used): train state, step and data position;
+  3. initial weights (e.g. converted pretrained weights): a fresh state at step 0 around them;
+  4. scratch: the stage's init function.
+
+A step folder holds three items: `state` (the TrainState, orbax StandardSave), `data` (JSON:
+each process's data iterator state) and `meta` (JSON). A state whose params or EMA params are
+not all finite is never written: the save is skipped with an error in the log.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+_BYTES_TAG = "__bytes_b64__"
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  data_state: Any  # This process's iterator state, or None when the checkpoint has none.
+  meta: dict
+
+
+def to_jsonable(obj: Any) -> Any:
+  """Makes an iterator state JSON-safe: bytes become tagged base64, tuples lists, numpy python."""
+  if isinstance(obj, (bytes, bytearray)):
+    return {_BYTES_TAG: base64.b64encode(bytes(obj)).decode("ascii")}
+  if isinstance(obj, dict):
+    return {str(k): to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_jsonable(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  return obj
+
+
+def from_jsonable(obj: Any) -> Any:
+  """Inverse of `to_jsonable` for bytes (tuples come back as lists)."""
+  if isinstance(obj, dict):
+    if set(obj) == {_BYTES_TAG}:
+      return base64.b64decode(obj[_BYTES_TAG])
+    return {k: from_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [from_jsonable(v) for v in obj]
+  return obj
+
+
+def _gather_process_states(data_state: Any) -> dict:
+  """Every process's JSON-safe iterator state (JsonSave writes from the primary process only)."""
+  state = to_jsonable(data_state)
+  if jax.process_count() == 1:
+    return {"process_count": 1, "states": [state]}
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size]))).reshape(-1)
+  n = int(sizes.max())
+  padded = np.zeros((n,), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, n)
+  states = [json.loads(bytes(r[:s]).decode()) for r, s in zip(rows, sizes)]
+  return {"process_count": jax.process_count(), "states": states}
+
+
+def _this_process_state(saved: Any) -> Any:
+  if saved is None:
+    return None
+  if saved.get("process_count") != jax.process_count():
+    raise ValueError(f"The checkpoint's data state was written by {saved.get('process_count')} "
+                     f"processes, this run has {jax.process_count()}; the data position cannot "
+                     "be resumed exactly. Restart the data iterator or use the same topology.")
+  return from_jsonable(saved["states"][jax.process_index()])
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def state_is_finite(state: Any) -> bool:
+  """Whether params and EMA params are all finite (one scalar device->host transfer)."""
+  return bool(_all_finite((state.params, state.ema_params)))
+
+
+def _restore_args(abstract_state: Any, with_data: bool = True) -> ocp.args.Composite:
+  items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+  if with_data:
+    items["data"] = ocp.args.JsonRestore()
+  return ocp.args.Composite(**items)
+
+
+def _to_restored(step: int, out: Any) -> Restored:
+  data = out["data"] if "data" in out else None
+  meta = out["meta"] if "meta" in out and out["meta"] is not None else {}
+  return Restored(step=step, state=out["state"], data_state=_this_process_state(data), meta=meta)
+
+
+class Checkpointer:
+  """Saves and restores `<workdir>/checkpoints/<step>` asynchronously with orbax."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000,
+               async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.save_interval_steps = save_interval_steps
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True))  # Partial saves of a killed run.
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None, *,
+           force: bool = False) -> bool:
+    """Starts a save of `state` (and the data iterator state) at `step`; returns whether it did.
+
+    Skipped when `step` is off the save interval (unless `force`), already saved, or when the
+    params are not all finite. Waits for the previous save first. The arrays are copied off the
+    devices before this returns, so the state may be donated to the next step right away; the
+    files are written in the background (call `wait_until_finished` to block).
+    """
+    if step in self._mngr.all_steps():
+      return False
+    # The interval is decided here, not by orbax's should_save, which also skips a step while the
+    # previous async save is still writing (saves would then depend on disk speed).
+    if not force and step % self.save_interval_steps:
+      return False
+    if not state_is_finite(state):
+      log.error("Not saving step %d: the params contain NaN or Inf (the checkpoint at step %s "
+                "is kept as the last good state).", step, self.latest_step())
+      return False
+    meta = dict(meta or {}, step=int(step), time=time.time(), process_count=jax.process_count())
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_gather_process_states(data_state)),
+        meta=ocp.args.JsonSave(to_jsonable(meta)))
+    return self._mngr.save(step, args=args, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> Restored:
+    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
+    return _to_restored(step, self._mngr.restore(step, args=_restore_args(abstract_state)))
+
+  def restore_latest(self, abstract_state: Any) -> Restored | None:
+    """The newest step that restores; corrupt steps are reported and skipped. None when empty."""
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        msg = (f"Checkpoint step {step} in {self.directory} could not be restored "
+               f"({type(e).__name__}: {e}); falling back to the previous checkpoint.")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+    if steps:
+      raise RuntimeError(f"No checkpoint in {self.directory} could be restored:\n" +
+                         "\n".join(errors) + "\nMove the folder away to start over.")
+    return None
+
+  def wait_until_finished(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def restore_path(path: str, abstract_state: Any) -> Restored:
+  """Restores an explicit resume path: a step folder, or a checkpoints folder (its newest step)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Resume path {path} does not exist.")
+  if os.path.isdir(os.path.join(path, "state")):
+    has_data = os.path.isdir(os.path.join(path, "data"))
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    out = ckptr.restore(path, args=_restore_args(abstract_state, with_data=has_data))
+    meta = out["meta"] if "meta" in out and out["meta"] is not None else {}
+    step = int(meta.get("step", int(jax.device_get(out["state"].step))))
+    return _to_restored(step, out)
+  mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"Resume path {path} holds no checkpoint (neither a step folder with "
+                            "a 'state' item nor a folder of numbered steps).")
+  return _to_restored(steps[0], mngr.restore(steps[0], args=_restore_args(abstract_state)))

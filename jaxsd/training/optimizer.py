@@ -1,0 +1,106 @@
+"""AdamW with warmup + cosine/constant learning rate, global-norm clipping, gradient accumulation.
+
+Every step count in the config (`warmup_steps`, `total_steps`) counts *train steps*, i.e. calls
+of `train_step`, which is what the logs and the checkpoints are numbered by. With
+`grad_accum_steps = k > 1` each train step sees one micro-batch, the optimizer updates the
+parameters every k-th step with the mean gradient, and the learning rate follows the schedule
+evaluated at the train step of that update.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Schedule = Callable[[int], float]
+
+_SCHEDULES = ("cosine", "constant")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The optimizer section of a training config, with the defaults used when a key is absent."""
+  return ml_collections.ConfigDict(dict(
+      lr=1e-4,
+      warmup_steps=500,
+      schedule="constant",  # "cosine" decays to end_lr_ratio * lr at total_steps.
+      total_steps=10_000,
+      end_lr_ratio=0.0,
+      weight_decay=1e-2,  # diffusers train_text_to_image default (AdamW on every parameter).
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip_norm=1.0,  # <= 0 disables clipping.
+      grad_accum_steps=1,
+  ))
+
+
+def _resolve(cfg) -> ml_collections.ConfigDict:
+  """Defaults overlaid with `cfg`; unknown keys and bad values are errors."""
+  out = default_config()
+  given = dict(cfg) if cfg is not None else {}
+  unknown = sorted(set(given) - set(out))
+  if unknown:
+    raise ValueError(f"Unknown optimizer config keys {unknown}; known keys: {sorted(out)}.")
+  out.update(given)
+  if out.schedule not in _SCHEDULES:
+    raise ValueError(f"optimizer.schedule={out.schedule!r}; use one of {_SCHEDULES}.")
+  if out.lr <= 0:
+    raise ValueError(f"optimizer.lr={out.lr} must be > 0.")
+  if out.warmup_steps < 0:
+    raise ValueError(f"optimizer.warmup_steps={out.warmup_steps} must be >= 0.")
+  if out.grad_accum_steps < 1:
+    raise ValueError(f"optimizer.grad_accum_steps={out.grad_accum_steps} must be >= 1.")
+  if out.schedule == "cosine" and out.total_steps <= out.warmup_steps:
+    raise ValueError(
+        f"optimizer.total_steps={out.total_steps} must exceed warmup_steps={out.warmup_steps} "
+        "for the cosine schedule.")
+  return out
+
+
+def make_schedule(cfg) -> Schedule:
+  """Learning rate per train step: linear warmup from 0, then cosine decay or constant."""
+  c = _resolve(cfg)
+  lr, warmup = float(c.lr), int(c.warmup_steps)
+  if c.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=int(c.total_steps), end_value=lr * float(c.end_lr_ratio))
+  if warmup == 0:
+    return optax.constant_schedule(lr)
+  return optax.warmup_constant_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup)
+
+
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Schedule]:
+  """Builds the optimizer from a config section (see `default_config` for the keys).
+
+  Returns:
+    (tx, lr_schedule): `tx` is clip -> AdamW, wrapped in `optax.MultiSteps` when
+    `grad_accum_steps > 1`; `lr_schedule(step)` is the learning rate applied by the update at
+    train step `step` (for logging).
+  """
+  c = _resolve(cfg)
+  k = int(c.grad_accum_steps)
+  base = make_schedule(c)
+  if k == 1:
+    inner_schedule, lr_schedule = base, base
+  else:
+    # The inner count advances once per k train steps; update number n happens at train step n*k.
+    def inner_schedule(count):
+      return base(count * k)
+
+    def lr_schedule(step):
+      return base((jnp.asarray(step) // k) * k)
+
+  chain = []
+  if c.grad_clip_norm and c.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(float(c.grad_clip_norm)))
+  chain.append(optax.adamw(
+      learning_rate=inner_schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
+      weight_decay=float(c.weight_decay)))
+  tx = optax.chain(*chain)
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+  return tx, lr_schedule
