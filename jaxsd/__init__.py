@@ -1,0 +1,20 @@
+"""jaxsd: Stable Diffusion in JAX/Flax, with weight parity to diffusers / transformers.
+
+    unet, unet_params = jaxsd.load_unet("sd/unet", dtype=jnp.float32)
+    pipe = jaxsd.StableDiffusion.from_pretrained("sd", dtype=jnp.bfloat16)
+    images = pipe(["a photo of a cat"], steps=25, sampler="dpmpp_2m")
+"""
+
+from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
+from jaxsd.models.unet import UNet2DConditionModel
+from jaxsd.models.vae import AutoencoderKL
+from jaxsd.pipeline import StableDiffusion
+from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_text_encoder, load_unet, load_vae,
+                              save_pretrained)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoencoderKL", "CLIPModel", "CLIPTextModel", "CLIPVisionModel", "StableDiffusion", "UNet2DConditionModel",
+    "abstract_params", "init_params", "load_clip", "load_text_encoder", "load_unet", "load_vae", "save_pretrained",
+]

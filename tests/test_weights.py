@@ -109,6 +109,7 @@ def test_converted_model_matches_torch(nets):
   ref_sd = _torch_state(tnet)
   assert set(back) == set(ref_sd)
   for k in ref_sd:
+    assert back[k].shape == ref_sd[k].shape, k  # 0-d parameters (logit_scale) stay 0-d
     np.testing.assert_array_equal(back[k], ref_sd[k])
 
 

@@ -1,0 +1,283 @@
+"""Text-to-image and image-to-image sampling: prompt -> CLIP -> compiled denoising loop -> VAE decode.
+
+The whole generation (text encoding, every denoising step under classifier-free guidance, decoding)
+is one jitted program per shape; the loop runs inside `lax.fori_loop` / `lax.scan` on the device.
+Schedule arithmetic and latents stay fp32 whatever the networks compute in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import pretrained, tokenizer as tok
+from jaxsd.diffusion import samplers, schedules
+
+OUTPUTS = ("np", "pil", "latent")
+_REQUIRED = ("unet", "vae", "text_encoder", "scheduler")
+
+
+def check_model_folder(path: str) -> None:
+  """Raises a FileNotFoundError that says what is missing from a diffusers pipeline folder."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
+                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
+  missing = [d for d in _REQUIRED if not os.path.isdir(os.path.join(path, d))]
+  if missing:
+    raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. "
+                            "A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
+
+
+def _scheduler_config(path: str) -> schedules.SchedulerConfig:
+  d = os.path.join(path, "scheduler")
+  return schedules.SchedulerConfig.from_json(os.path.join(d, "scheduler_config.json"))
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """A Stable Diffusion model: the three networks, their parameters, tokenizer and noise schedule."""
+
+  unet: Any
+  unet_params: Any
+  vae: Any
+  vae_params: Any
+  text_encoder: Any
+  text_encoder_params: Any
+  tokenizer: Any
+  scheduler_config: schedules.SchedulerConfig
+  clip_skip: int | None = None  # use hidden_states[-(clip_skip + 1)] (+ final layer norm), as diffusers
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, **unet_kwargs) -> "StableDiffusion":
+    """Loads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...)."""
+    path = os.fspath(path)
+    check_model_folder(path)
+    unet, unet_params = pretrained.load_unet(os.path.join(path, "unet"), dtype, param_dtype, **unet_kwargs)
+    # As diffusers: an fp16 VAE overflows, so configs with force_upcast decode in fp32.
+    vae_dtype = dtype
+    with open(os.path.join(path, "vae", "config.json")) as f:
+      if dtype == jnp.float16 and json.load(f).get("force_upcast", True):
+        vae_dtype = jnp.float32
+    vae, vae_params = pretrained.load_vae(os.path.join(path, "vae"), vae_dtype)
+    te, te_params = pretrained.load_text_encoder(os.path.join(path, "text_encoder"), dtype, param_dtype)
+    return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), _scheduler_config(path))
+
+  # --- pieces, each usable alone -------------------------------------------------------------
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_encoder.config.max_position_embeddings)
+
+  def encode_text(self, te_params, input_ids: jax.Array) -> jax.Array:
+    if self.clip_skip is None:  # diffusers' default: the last layer's output, final layer norm included
+      return self.text_encoder.apply({"params": te_params}, input_ids).last_hidden_state
+    return self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip,
+                                   method="encode_prompt")
+
+  def denoiser(self, unet_params, context: jax.Array, guidance_scale: jax.Array, guided: bool):
+    """The model function the samplers call: U-Net output under classifier-free guidance, fp32.
+
+    With guidance, `context` holds the unconditional embeddings first, then the prompts' (as diffusers).
+    """
+
+    def model_fn(x, t):
+      if not guided:
+        return self.unet.apply({"params": unet_params}, x, t, context).astype(jnp.float32)
+      out = self.unet.apply({"params": unet_params}, jnp.concatenate([x, x]), t, context).astype(jnp.float32)
+      uncond, cond = jnp.split(out, 2)
+      return uncond + guidance_scale * (cond - uncond)
+
+    return model_fn
+
+  def decode(self, vae_params, latents: jax.Array) -> jax.Array:
+    """Latents (fp32, NHWC) -> images in [0, 1], fp32 NHWC."""
+    cfg = self.vae.config
+    z = latents / cfg.scaling_factor
+    if cfg.shift_factor:
+      z = z + cfg.shift_factor
+    images = self.vae.apply({"params": vae_params}, z.astype(self.vae.dtype), method=self.vae.decode)
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+  def encode_images(self, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
+    """Images in [0, 1] NHWC -> scaled latents (a sample of the posterior, as diffusers' img2img)."""
+    cfg = self.vae.config
+    post = self.vae.apply({"params": vae_params}, (images * 2 - 1).astype(self.vae.dtype), method=self.vae.encode)
+    z = post.sample(key).astype(jnp.float32)
+    if cfg.shift_factor:
+      z = z - cfg.shift_factor
+    return z * cfg.scaling_factor
+
+  def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    return (batch, height // f, width // f, self.unet.config.in_channels)
+
+  @property
+  def params(self) -> dict:
+    return {"unet": self.unet_params, "vae": self.vae_params, "text_encoder": self.text_encoder_params}
+
+  # --- the compiled program ------------------------------------------------------------------
+
+  def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0):
+    """Returns a pure function (params, ids, uncond_ids, noise, guidance_scale, keys[, init_latents]) -> out.
+
+    `noise` is the initial Gaussian noise (B, h, w, c); `keys` (B,) the per-image keys of the
+    stochastic samplers (see `image_keys`). For img2img (`strength` < 1) `init_latents`
+    are the encoded input images. The function is what `__call__` jits and `python -m sample` pmaps.
+    """
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+
+    def fn(params, ids, uncond_ids, noise, guidance_scale, keys, init_latents=None):
+      context = self.encode_text(params["text_encoder"], ids)
+      if guided:
+        context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids), context])
+      if init_latents is None:
+        x = samplers.prepare_latents(schedule, noise)
+      else:
+        x = samplers.noise_latents(schedule, init_latents, noise)
+      model_fn = self.denoiser(params["unet"], context, guidance_scale, guided)
+      latents = samplers.sample(model_fn, x, schedule, keys)
+      if output == "latent":
+        return latents
+      images = self.decode(params["vae"], latents)
+      return jnp.round(images * 255).astype(jnp.uint8)
+
+    return fn
+
+  @functools.cached_property
+  def _compiled(self) -> dict:
+    return {}
+
+  def _jitted(self, sampler, steps, guided, output, strength):
+    key = (sampler, steps, guided, output, float(strength))
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(self.generate_fn(sampler, steps, guided, output, strength))
+    return self._compiled[key]
+
+  # --- user entry points -----------------------------------------------------------------------
+
+  def _check(self, prompts, negative_prompts, height, width, steps, sampler, output) -> tuple[list, list]:
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+      raise ValueError("no prompts given: pass at least one prompt.")
+    vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    multiple = max(8, vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1))
+    for name, v in (("height", height), ("width", width)):
+      if v <= 0 or v % multiple != 0:
+        raise ValueError(f"{name}={v} must be a positive multiple of {multiple} (this model's VAE and U-Net "
+                         f"downsample by {multiple} in all).")
+    if steps < 1:
+      raise ValueError(f"steps={steps}: need at least 1 denoising step.")
+    samplers.make_schedule(self.scheduler_config, sampler, steps)  # raises for unknown samplers, listing valid ones
+    if output not in OUTPUTS:
+      raise ValueError(f"output={output!r}: choose one of {', '.join(OUTPUTS)}.")
+    if negative_prompts is None:
+      negative_prompts = [""] * len(prompts)
+    elif isinstance(negative_prompts, str):
+      negative_prompts = [negative_prompts] * len(prompts)
+    negative_prompts = list(negative_prompts)
+    if len(negative_prompts) != len(prompts):
+      raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: give one per prompt.")
+    return prompts, negative_prompts
+
+  def noise(self, seed: int, batch: int, height: int, width: int, offset: int = 0) -> jax.Array:
+    """Initial noise; image i uses key fold_in(key(seed), offset + i), so a batch split across
+    devices or calls gives the same images as one big batch."""
+    shape = self.latent_shape(1, height, width)[1:]
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(self.image_keys(seed, batch, offset))
+
+  @classmethod
+  def sampler_keys(cls, seed: int, batch: int, offset: int = 0) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(cls.image_keys(seed, batch, offset))
+
+  @staticmethod
+  def image_keys(seed: int, batch: int, offset: int = 0) -> jax.Array:
+    """Image i's key: its initial noise is drawn from it, the stochastic samplers' from fold_in(it, 1)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(offset, offset + batch))
+
+  def __call__(self, prompts, negative_prompts=None, height: int = 512, width: int = 512, steps: int = 50,
+               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
+               output: str = "np"):
+    """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
+
+    `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`.
+    """
+    prompts, negative_prompts = self._check(prompts, negative_prompts, height, width, steps, sampler, output)
+    b = len(prompts)
+    if latents is None:
+      latents = self.noise(seed, b, height, width)
+    else:
+      latents = jnp.asarray(latents, jnp.float32)
+      if latents.shape != self.latent_shape(b, height, width):
+        raise ValueError(f"latents have shape {latents.shape}; expected {self.latent_shape(b, height, width)} "
+                         f"for {b} prompts at {height}x{width}.")
+    guided = guidance_scale > 1.0
+    fn = self._jitted(sampler, steps, guided, "latent" if output == "latent" else "np", 1.0)
+    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), latents,
+             jnp.float32(guidance_scale), self.sampler_keys(seed, b))
+    return _finish(out, output)
+
+  def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np"):
+    """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
+
+    `init_images`: uint8 NHWC array, a list of PIL images, or floats in [0, 1].
+    """
+    images = _as_float_images(init_images)
+    if isinstance(prompts, str):
+      prompts = [prompts] * images.shape[0]
+    height, width = images.shape[1:3]
+    prompts, negative_prompts = self._check(prompts, negative_prompts, height, width, steps, sampler, output)
+    if len(prompts) != images.shape[0]:
+      raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} init images: give one per image.")
+    if not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength={strength} must be in (0, 1].")
+    key = jax.random.key(seed)
+    init_latents = jax.jit(self.encode_images)(self.vae_params, jnp.asarray(images), jax.random.fold_in(key, 1))
+    noise = self.noise(seed, len(prompts), height, width)
+    guided = guidance_scale > 1.0
+    fn = self._jitted(sampler, steps, guided, "latent" if output == "latent" else "np", strength)
+    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), noise,
+             jnp.float32(guidance_scale), self.sampler_keys(seed, len(prompts)), init_latents)
+    return _finish(out, output)
+
+
+def _as_float_images(images) -> np.ndarray:
+  if isinstance(images, (list, tuple)):
+    images = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"init_images must be NHWC RGB (B, H, W, 3); got shape {images.shape}.")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+def _finish(out: jax.Array, output: str):
+  out = np.asarray(jax.device_get(out))
+  if output == "pil":
+    from PIL import Image
+
+    return [Image.fromarray(im) for im in out]
+  return out
+
+
+def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
+  """A diffusers folder, or a training workdir (its exported model with the latest EMA U-Net)."""
+  path = os.fspath(path)
+  if os.path.isdir(os.path.join(path, "unet")):
+    return StableDiffusion.from_pretrained(path, dtype, **kwargs)
+  if os.path.isdir(os.path.join(path, "model")):  # a training workdir
+    from jaxsd.training import export
+
+    return export.load_workdir_pipeline(path, dtype, **kwargs)
+  check_model_folder(path)  # raises, saying what is missing
+  raise AssertionError("unreachable")

@@ -1,0 +1,146 @@
+"""Load and save the networks as diffusers / transformers model folders (config.json + safetensors).
+
+A folder written by `save_pretrained` loads unchanged with diffusers' and transformers' own
+`from_pretrained`, so a model trained here can be served by the PyTorch ecosystem, and the other
+way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsd import weights
+from jaxsd.models import clip, unet, vae
+
+DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it for warnings
+
+
+def _spec(module: nn.Module) -> dict[str, Any]:
+  """How each network is saved: file name and the config.json entries besides the fields."""
+  name = type(module).__name__
+  if isinstance(module, (unet.UNet2DConditionModel, vae.AutoencoderKL)):
+    return {"file": "diffusion_pytorch_model.safetensors",
+            "extra": {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION}}
+  model_type = {"CLIPTextModel": "clip_text_model", "CLIPVisionModel": "clip_vision_model", "CLIPModel": "clip"}
+  if name in model_type:
+    return {"file": "model.safetensors", "extra": {"architectures": [name], "model_type": model_type[name]}}
+  raise TypeError(f"save_pretrained does not know {name}; expected a jaxsd U-Net, VAE or CLIP module.")
+
+
+def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
+  """Smallest inputs that trace the network; parameter shapes do not depend on them."""
+  cfg = module.config
+  if isinstance(module, unet.UNet2DConditionModel):
+    size = 8 * 2 ** (len(cfg.block_out_channels) - 1)
+    return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
+            jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32))
+  if isinstance(module, vae.AutoencoderKL):
+    size = 2 ** (len(cfg.block_out_channels) - 1)
+    return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),)
+  if isinstance(module, clip.CLIPTextModel):
+    return (jnp.zeros((batch, cfg.max_position_embeddings), jnp.int32),)
+  if isinstance(module, clip.CLIPVisionModel):
+    return (jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
+  if isinstance(module, clip.CLIPModel):
+    t, v = cfg.text_config, cfg.vision_config
+    return (jnp.zeros((batch, t.max_position_embeddings), jnp.int32),
+            jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32))
+  raise TypeError(f"no example inputs for {type(module).__name__}")
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> dict:
+  """Random initial parameters (training from scratch)."""
+  return module.init(rng, *example_inputs(module))["params"]
+
+
+def abstract_params(module: nn.Module) -> dict:
+  """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+  return jax.eval_shape(lambda: init_params(module, jax.random.key(0)))
+
+
+def _legacy_vae_names(key: str) -> str:
+  # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn.
+  return re.sub(r"(attentions\.\d+\.)(query|key|value|proj_attn)\.",
+                lambda m: m.group(1) + {"query": "to_q", "key": "to_k", "value": "to_v",
+                                        "proj_attn": "to_out.0"}[m.group(2)] + ".", key)
+
+
+def _prefixed(prefix: str):
+  # transformers 5 saves a standalone CLIPTextModel without the `text_model.` prefix; SD folders
+  # written by transformers 4 have it. Accept both (transformers does too).
+  return lambda key: key if key.startswith(prefix) else prefix + key
+
+
+def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_pickle, rename=None, **kw):
+  path = os.fspath(path)
+  config = config_cls.from_json(path)
+  param_dtype = param_dtype or dtype
+  module = module_cls(config, dtype=dtype, param_dtype=param_dtype, **kw)
+  state_dict = weights.read_state_dict(path, variant=variant, allow_pickle=allow_pickle)
+  try:
+    params = weights.state_dict_to_params(state_dict, abstract_params(module), dtype=param_dtype, rename=rename)
+  except weights.WeightLoadError as e:
+    raise weights.WeightLoadError(f"{path}: {e}") from None
+  del state_dict
+  return module, jax.device_put(params)
+
+
+def load_unet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+              allow_pickle: bool = False, **module_kwargs):
+  """Loads a diffusers `UNet2DConditionModel` folder. Returns (module, params).
+
+  `dtype` is the computation dtype; parameters are cast to `param_dtype` (default: `dtype`).
+  Extra keyword arguments go to the module (`attention_implementation`, `gradient_checkpointing`).
+  """
+  return _load(unet.UNet2DConditionModel, unet.UNet2DConditionConfig, path, dtype, param_dtype, variant,
+               allow_pickle, **module_kwargs)
+
+
+def load_vae(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+             allow_pickle: bool = False, **module_kwargs):
+  """Loads a diffusers `AutoencoderKL` folder (legacy attention names accepted). Returns (module, params)."""
+  return _load(vae.AutoencoderKL, vae.AutoencoderKLConfig, path, dtype, param_dtype, variant, allow_pickle,
+               rename=_legacy_vae_names, **module_kwargs)
+
+
+def load_text_encoder(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+                      allow_pickle: bool = False, **module_kwargs):
+  """Loads a transformers `CLIPTextModel` folder. Returns (module, params)."""
+  return _load(clip.CLIPTextModel, clip.CLIPTextConfig, path, dtype, param_dtype, variant, allow_pickle,
+               rename=_prefixed("text_model."), **module_kwargs)
+
+
+def load_clip(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+              allow_pickle: bool = False, **module_kwargs):
+  """Loads a transformers `CLIPModel` folder (both towers). Returns (module, params)."""
+  return _load(clip.CLIPModel, clip.CLIPConfig, path, dtype, param_dtype, variant, allow_pickle,
+               **module_kwargs)
+
+
+def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> None:
+  """Writes config.json and the safetensors weights that diffusers / transformers load unchanged.
+
+  `dtype` (e.g. np.float16) casts the saved weights; by default they keep the parameters' dtype.
+  """
+  spec = _spec(module)
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  state_dict = weights.params_to_state_dict(params, dtype=dtype)
+  config = {**spec["extra"], **module.config.to_dict()}
+  tmp = os.path.join(path, spec["file"] + ".tmp")
+  weights.write_safetensors(state_dict, tmp)
+  os.replace(tmp, os.path.join(path, spec["file"]))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+__all__ = ["load_unet", "load_vae", "load_text_encoder", "load_clip", "save_pretrained", "init_params",
+           "abstract_params", "example_inputs"]

@@ -1,0 +1,95 @@
+"""`python -m sample` and the pmapped generation: 8 simulated devices give the single-device images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxsd
+from jaxsd import generate
+from tests import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return reference.make_tiny_sd_folder(str(tmp_path_factory.mktemp("sd")))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+  return jaxsd.StableDiffusion.from_pretrained(folder)
+
+
+def test_eight_devices_equal_one_device(pipe, tmp_path):
+  assert jax.local_device_count() == 8
+  kw = dict(num_images=5, steps=3, sampler="dpmpp_2m", guidance_scale=4.0, seed=7, progress=False)
+  prompts = ["a red circle", "a blue square"]
+  many = generate.generate(pipe, prompts, out_dir=str(tmp_path / "eight"), **kw)
+  # Same per-device batch: the same compiled program per image, so the images are bit-identical.
+  one = generate.generate(pipe, prompts, devices=jax.local_devices()[:1], **kw)
+  assert many.devices == 8 and one.devices == 1
+  assert many.images.shape == (10, 16, 16, 3)
+  np.testing.assert_array_equal(many.images, one.images)
+  # A different batch size changes XLA's blocking of the float sums: equal to within one uint8 level.
+  three = generate.generate(pipe, prompts, devices=jax.local_devices()[:1], batch_per_device=3, **kw)
+  assert np.abs(three.images.astype(int) - many.images.astype(int)).max() <= 1
+  # And both equal the plain pipeline call on the same prompts/noise.
+  direct = pipe([p for p in prompts for _ in range(5)], height=16, width=16, steps=3, sampler="dpmpp_2m",
+                guidance_scale=4.0, latents=np.asarray(pipe.noise(7, 10, 16, 16)))
+  assert np.abs(direct.astype(int) - many.images.astype(int)).max() <= 1
+  names = sorted(os.listdir(tmp_path / "eight"))
+  assert "grid.png" in names and "a_red_circle-seed7-0004.png" in names and len(names) == 11
+
+
+def _run(args, cwd):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAXSD_CACHE_DIR=os.path.join(cwd, "xla_cache"))
+  return subprocess.run([sys.executable, "-m", "sample", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_cli_writes_images_and_benchmark_line(folder, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\n\na green triangle on the left\n")
+  out = tmp_path / "out"
+  r = _run(["--model", folder, "--prompts-file", str(prompts), "--num-images", "2", "--steps", "2",
+            "--sampler", "euler", "--out", str(out), "--benchmark", "--no-progress"], str(tmp_path))
+  assert r.returncode == 0, r.stderr
+  line = json.loads(r.stdout.strip().splitlines()[-1])
+  assert line["devices"] == 2 and line["images"] == 4 and line["seconds_per_step"] > 0
+  assert line["compile_seconds"] > 0
+  assert sorted(os.listdir(out)) == sorted([
+      "a_red_circle-seed0-0000.png", "a_red_circle-seed0-0001.png", "a_green_triangle_on_the_left-seed0-0000.png",
+      "a_green_triangle_on_the_left-seed0-0001.png", "grid.png"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--height", "20"], "multiple of 8"),
+    (["--steps", "0"], "at least 1"),
+    (["--sampler", "warp"], "sampler"),
+    (["--prompts-file", "/nonexistent.txt"], "no such file"),
+])
+def test_cli_bad_input_exits_with_a_message(folder, tmp_path, args, message):
+  base = ["--model", folder, "--out", str(tmp_path / "o"), "--no-progress"]
+  if "--prompts-file" not in args:
+    base += ["--prompt", "a red circle"]
+  r = _run(base + args, str(tmp_path))
+  assert r.returncode == 2
+  assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_missing_model_and_empty_prompts(tmp_path):
+  r = _run(["--model", str(tmp_path / "none"), "--prompt", "x", "--no-progress"], str(tmp_path))
+  assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  r = _run(["--model", str(tmp_path), "--prompts-file", str(empty), "--no-progress"], str(tmp_path))
+  assert r.returncode == 2 and "no prompts" in r.stderr
