@@ -273,11 +273,11 @@ def _finish(out: jax.Array, output: str):
 def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
   """A diffusers folder, or a training workdir (its exported model with the latest EMA U-Net)."""
   path = os.fspath(path)
-  if os.path.isdir(os.path.join(path, "unet")):
-    return StableDiffusion.from_pretrained(path, dtype, **kwargs)
-  if os.path.isdir(os.path.join(path, "model")):  # a training workdir
+  if os.path.isdir(os.path.join(path, "model", "unet")):  # a training workdir (its unet/ holds checkpoints)
     from jaxsd.training import export
 
     return export.load_workdir_pipeline(path, dtype, **kwargs)
+  if os.path.isdir(os.path.join(path, "unet")):
+    return StableDiffusion.from_pretrained(path, dtype, **kwargs)
   check_model_folder(path)  # raises, saying what is missing
   raise AssertionError("unreachable")

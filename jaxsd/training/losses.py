@@ -1,0 +1,61 @@
+"""The three stages' objectives: contrastive CLIP, the KL autoencoder, and latent diffusion."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsd.diffusion import schedules
+
+
+def clip_contrastive_loss(logits_per_text: jax.Array) -> jax.Array:
+  """Symmetric InfoNCE over a batch of matching (text, image) pairs (Radford et al. 2021, CLIP)."""
+  labels = jnp.arange(logits_per_text.shape[0])
+  logits = logits_per_text.astype(jnp.float32)
+  t2i = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  i2t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  return (t2i + i2t) / 2
+
+
+def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_weight: float,
+             l1_weight: float = 1.0, l2_weight: float = 0.0) -> tuple[jax.Array, dict]:
+  """Reconstruction (L1 and/or L2, per pixel) + kl_weight * KL per latent (Kingma & Welling 2014;
+  Rombach et al. 2022 use a small KL weight so the latent stays close to the data)."""
+  err = reconstruction.astype(jnp.float32) - images.astype(jnp.float32)
+  l1 = jnp.abs(err).mean()
+  l2 = jnp.square(err).mean()
+  kl = kl.mean()
+  loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
+  return loss, {"l1": l1, "mse": l2, "kl": kl}
+
+
+def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+  """Min-SNR-gamma loss weights (Hang et al. 2023), for the epsilon or v objective."""
+  snr = schedules.snr(alphas_cumprod, t)
+  clipped = jnp.minimum(snr, gamma)
+  if prediction_type == "v_prediction":
+    return clipped / (snr + 1)
+  return clipped / snr
+
+
+def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, context: jax.Array, rng: jax.Array, *,
+                   prediction_type: str = "epsilon", min_snr_gamma: float | None = None) -> tuple[jax.Array, dict]:
+  """Noise the latents at a uniform random timestep; the U-Net predicts the noise or v (Ho et al. 2020;
+  Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`."""
+  b = latents.shape[0]
+  t_rng, n_rng = jax.random.split(rng)
+  t = jax.random.randint(t_rng, (b,), 0, alphas_cumprod.shape[0])
+  noise = jax.random.normal(n_rng, latents.shape, jnp.float32)
+  x_t = schedules.add_noise(alphas_cumprod, latents, noise, t)
+  if prediction_type == "epsilon":
+    target = noise
+  elif prediction_type == "v_prediction":
+    target = schedules.velocity(alphas_cumprod, latents, noise, t)
+  else:
+    raise ValueError(f"prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
+  pred = unet_fn(x_t, t, context).astype(jnp.float32)
+  per_example = jnp.square(pred - target).mean(axis=(1, 2, 3))
+  if min_snr_gamma:
+    per_example = per_example * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)
+  return per_example.mean(), {"mse": jnp.square(pred - target).mean()}

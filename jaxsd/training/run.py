@@ -1,0 +1,395 @@
+"""`train_and_evaluate(config, workdir)`: the stages in order, each resumable, then the prompt-match report.
+
+Layout of a workdir:
+  <stage>/checkpoints/<step>/   orbax checkpoints of the stage (train state + data position)
+  <stage>/metrics.jsonl         metrics, and TensorBoard event files beside it
+  <stage>/result.json           written when the stage is finished: a rerun skips the stage
+  model/                        the trained model as a diffusers Stable Diffusion folder (+ clip/)
+  samples/                      sample grids; report.md and summary.json at the end
+Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoint for the order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from jaxsd import pretrained
+from jaxsd import tokenizer as tok
+from jaxsd.data import input_pipeline, shapes as shapes_data
+from jaxsd.diffusion import SchedulerConfig
+from jaxsd.generate import contact_sheet
+from jaxsd.pipeline import StableDiffusion, check_model_folder
+from jaxsd.training import evaluate, export, stages
+from jaxsd.training.loop import PeriodicCallback, benchmark, peak_flops_per_device, train_loop
+from jaxsd.training.optimizer import make_optimizer
+from jaxsd.training import sharding
+
+log = logging.getLogger(__name__)
+STAGES = ("clip", "vae", "unet")
+_SHAPES_NAME = re.compile(r"^shapes/(32x32|64x64)(?:_n(\d+)_(\d+)_s(\d+))?$")
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot work; raised before anything is compiled."""
+
+
+# --- checks before any work --------------------------------------------------------------------
+
+
+def _stages(cfg) -> list[str]:
+  names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  bad = [s for s in names if s not in STAGES]
+  if bad or not names:
+    raise ConfigError(f"config.stages={cfg.stages!r}: stages are a comma-separated subset of "
+                      f"{','.join(STAGES)} (in that order).")
+  if cfg.init:
+    return ["unet"]  # fine-tuning: VAE, text encoder and tokenizer come from the init folder
+  return [s for s in STAGES if s in names]
+
+
+def data_dir(cfg) -> str:
+  return os.path.expanduser(cfg.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def ensure_dataset(cfg) -> None:
+  """Prepares the built-in `shapes` when asked for; any other dataset must be prepared already."""
+  m = _SHAPES_NAME.match(cfg.data.name)
+  if m:
+    size, n_train, n_test, seed = m.groups()
+    kw = {} if n_train is None else dict(num_train=int(n_train), num_test=int(n_test), seed=int(seed))
+    t0 = time.time()
+    shapes_data.prepare_shapes(data_dir(cfg), size, **kw)
+    log.info("shapes dataset ready in %.1f s", time.time() - t0)
+    return
+  prepared = input_pipeline.list_prepared(data_dir(cfg))
+  base = cfg.data.name.split(":")[0]
+  if not any(p.split(":")[0] == base or p.split("/")[0] == base for p in prepared):
+    raise ConfigError(
+        f"dataset {cfg.data.name!r} is not prepared in {data_dir(cfg)} (prepared there: "
+        f"{', '.join(prepared) or 'none'}). Prepare it first — for a folder of your own images with captions: "
+        "python -c \"import jaxsd.data as d; print(d.prepare_image_folder('FOLDER', 'DATA_DIR'))\" — "
+        "and set --config.data.name and --config.data.data_dir; or use the built-in shapes/32x32.")
+
+
+def check_config(cfg, n_devices: int) -> None:
+  """Every check that needs no compilation: a one-paragraph error that says what to change."""
+  names = _stages(cfg)
+  stages.dtype_of(cfg)
+  fsdp = cfg.mesh.fsdp
+  if fsdp < 1 or n_devices % fsdp:
+    raise ConfigError(f"config.mesh.fsdp={fsdp} must divide the {n_devices} devices.")
+  data = cfg.mesh.data if cfg.mesh.data > 0 else n_devices // fsdp
+  if data * fsdp != n_devices:
+    raise ConfigError(f"config.mesh: data={cfg.mesh.data} x fsdp={fsdp} must use all {n_devices} devices "
+                      "(data=-1 fills in the rest).")
+  for name in names:
+    b = cfg[name].batch_size
+    if b % n_devices or b % jax.process_count():
+      raise ConfigError(f"config.{name}.batch_size={b} is not divisible by the {n_devices} devices "
+                        f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
+  if cfg.init:
+    if not os.path.isdir(cfg.init):
+      raise ConfigError(f"config.init={cfg.init!r} does not exist: give a diffusers Stable Diffusion folder.")
+    try:
+      check_model_folder(cfg.init)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
+    with open(os.path.join(cfg.init, "vae", "config.json")) as f:
+      vae_blocks = len(json.load(f).get("block_out_channels", [0]))
+    with open(os.path.join(cfg.init, "unet", "config.json")) as f:
+      unet_blocks = len(json.load(f).get("block_out_channels", [0]))
+  else:
+    vae_blocks, unet_blocks = len(cfg.vae.block_out_channels), len(cfg.unet.block_out_channels)
+  multiple = 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+  if cfg.data.image_size % multiple:
+    raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
+                      f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
+  if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
+    raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
+                      f"config.data.image_size={cfg.data.image_size}: set them equal.")
+
+
+def _text_length(cfg) -> int:
+  """Tokens per caption: the text encoder's positions (77 for SD; fewer for the small default)."""
+  if cfg.init:
+    with open(os.path.join(cfg.init, "text_encoder", "config.json")) as f:
+      return json.load(f).get("max_position_embeddings", 77)
+  return cfg.clip.text.max_position_embeddings
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), batch_size=None, captions=False):
+  max_length = _text_length(cfg)
+  d = cfg.data
+  try:
+    return input_pipeline.make_dataset(
+        cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size, image_size=d.image_size,
+        data_dir=data_dir(cfg), split=d.train_split if train else d.test_split, train=train,
+        seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
+        label_keys=tuple(labels), return_captions=captions, random_flip=d.random_flip and train,
+        num_threads=d.num_threads, drop_remainder=True, max_length=max_length)
+  except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
+    raise ConfigError(f"config.data: {e.args[0]}") from None
+
+
+def _numeric(batches):
+  for b in batches:
+    yield {k: v for k, v in b.items() if k != "caption"}
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=()):
+  tx, schedule = make_optimizer(cfg[stage.name].optimizer)
+  return train_loop(
+      workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params, loss_fn=stage.loss_fn,
+      tx=tx, data=data, total_steps=cfg[stage.name].steps, frozen=stage.frozen, lr_schedule=schedule,
+      seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params, log_every=cfg.log_every,
+      checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep, callbacks=callbacks,
+      progress=cfg.progress)
+
+
+def _done(workdir, name) -> dict | None:
+  path = os.path.join(workdir, name, "result.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _finish(workdir, name, result: dict) -> dict:
+  os.makedirs(os.path.join(workdir, name), exist_ok=True)
+  with open(os.path.join(workdir, name, "result.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  log.info("%s stage: %s", name, json.dumps(result))
+  return result
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving; rerun the same command to resume."""
+
+
+def run_clip(cfg, workdir, mesh, tokenizer) -> dict:
+  stage = stages.clip_stage(cfg)
+  pipeline = make_input(cfg, "clip", tokenizer)
+  it = iter(pipeline)
+  t0 = time.time()
+  res = _loop(cfg, workdir, stage, mesh, it)
+  it.close()
+  if res.preempted:
+    raise Preempted
+  model, params = stage.modules["clip"], jax.device_get(res.state.params)
+  export.export_component(workdir, "clip", model, params, res.step)
+  te, te_params = stages.text_encoder_from_clip(model, params)
+  export.export_component(workdir, "text_encoder", te, te_params, res.step)
+  tokenizer.model_max_length = cfg.clip.text.max_position_embeddings  # so diffusers pads to our length
+  export.export_tokenizer(workdir, tokenizer)
+  ev = make_input(cfg, "clip", tokenizer, train=False, batch_size=100, captions=True)
+  ev_it = iter(ev)
+  metrics = evaluate.clip_retrieval(model, params, ev_it, cfg.clip.eval_examples)
+  ev_it.close()
+  return _finish(workdir, "clip", dict(metrics, steps=res.step, train_seconds=round(time.time() - t0, 1),
+                                       compile_seconds=round(res.compile_seconds, 2)))
+
+
+def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
+  stage = stages.vae_stage(cfg)
+  pipeline = make_input(cfg, "vae", tokenizer)
+  it = iter(pipeline)
+  t0 = time.time()
+  res = _loop(cfg, workdir, stage, mesh, it)
+  if res.preempted:
+    it.close()
+    raise Preempted
+  model, params = stage.modules["vae"], jax.device_get(res.state.params)
+  sample = next(it)["image"]
+  it.close()
+  factor = stages.measure_scaling_factor(model, params, sample, jax.random.key(cfg.seed))
+  model = model.clone(config=model.config.replace(scaling_factor=factor))
+  export.export_component(workdir, "vae", model, params, res.step)
+  ev = make_input(cfg, "vae", tokenizer, train=False, batch_size=100)
+  ev_it = iter(ev)
+  metrics = evaluate.vae_reconstruction(model, params, ev_it, cfg.vae.eval_examples)
+  ev_it.close()
+  return _finish(workdir, "vae", dict(metrics, scaling_factor=factor, steps=res.step,
+                                      train_seconds=round(time.time() - t0, 1),
+                                      compile_seconds=round(res.compile_seconds, 2)))
+
+
+def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
+  dtype = stages.dtype_of(cfg)
+  mdir = export.model_dir(workdir)
+  if cfg.init:
+    export.copy_from_init(cfg.init, workdir)
+    unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
+                                             gradient_checkpointing=cfg.unet.gradient_checkpointing)
+    scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
+  else:
+    unet, unet_params = None, None
+    scheduler = SchedulerConfig(prediction_type=cfg.unet.prediction_type)
+    export.write_scheduler(scheduler, os.path.join(mdir, "scheduler"))
+    export.write_model_index(mdir)
+  vae, vae_params = pretrained.load_vae(os.path.join(mdir, "vae"), dtype, jnp.float32)
+  te, te_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder"), dtype, jnp.float32)
+  if unet is None:
+    from jaxsd.models.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(stages.unet_config(cfg, vae.config, te.config), dtype=dtype,
+                                gradient_checkpointing=cfg.unet.gradient_checkpointing)
+  stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
+                            scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params)
+  pipeline = make_input(cfg, "unet", tokenizer)
+  it = iter(pipeline)
+
+  if cfg.benchmark_steps:
+    return _benchmark(cfg, stage, mesh, it)
+  if not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
+    # Export the starting U-Net, so `python -m sample --model <workdir>` works from the first checkpoint on
+    # (it swaps in the newest checkpoint's EMA weights).
+    start = unet_params if unet_params is not None else jax.jit(stage.init_params)(jax.random.key(cfg.seed))
+    export.export_component(workdir, "unet", unet, start, step=0)
+
+  prompts = _fixed_prompts(cfg)
+  samples_dir = os.path.join(workdir, "samples")
+
+  sampling_pipe = StableDiffusion(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler)
+
+  def write_samples(step, state, writer):
+    # One pipeline object for every grid: its compiled program is reused, only the params change.
+    sampling_pipe.unet_params = state.ema_params if state.ema_params is not None else state.params
+    pipe = sampling_pipe
+    size = cfg.data.image_size
+    images = pipe(prompts, height=size, width=size, steps=cfg.unet.sample_steps, sampler=cfg.unet.sampler,
+                  guidance_scale=cfg.unet.guidance_scale, seed=cfg.seed)
+    grid = contact_sheet(images, columns=len(shapes_data.SHAPES) if _is_shapes(cfg) else None)
+    os.makedirs(samples_dir, exist_ok=True)
+    Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
+    writer.write_images(step, {"samples": grid})
+
+  callbacks = [PeriodicCallback(cfg.unet.sample_every, write_samples)] if cfg.unet.sample_every else []
+  t0 = time.time()
+  res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None, callbacks=callbacks)
+  it.close()
+  if res.preempted:
+    raise Preempted
+  state = res.state
+  final = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+  export.export_component(workdir, "unet", unet, final, res.step)
+  write_samples(res.step, state, _NullWriter())
+  return _finish(workdir, "unet", dict(steps=res.step, train_seconds=round(time.time() - t0, 1),
+                                       compile_seconds=round(res.compile_seconds, 2),
+                                       ema=state.ema_params is not None))
+
+
+class _NullWriter:
+  def write_images(self, *a, **k):
+    pass
+
+
+def _is_shapes(cfg) -> bool:
+  return bool(_SHAPES_NAME.match(cfg.data.name))
+
+
+def _fixed_prompts(cfg) -> list[str]:
+  if _is_shapes(cfg):
+    return [shapes_data.caption_for(s, c) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
+  return ["a photo of a cat", "a painting of a lighthouse", "a red car", "a bowl of fruit"]
+
+
+def _benchmark(cfg, stage, mesh, it) -> dict:
+  """Compiles the U-Net train step, times `benchmark_steps` steps, returns the JSON-able figures."""
+  from jaxsd.training.train_state import TrainState, make_train_step
+
+  tx, schedule = make_optimizer(cfg.unet.optimizer)
+  create = lambda r: TrainState.create(stage.init_params(r), tx, cfg.unet.ema_decay or None)  # noqa: E731
+  abstract = jax.eval_shape(create, jax.random.key(0))
+  shard = sharding.tree_shardings(abstract, mesh)
+  state = jax.jit(create, out_shardings=shard)(jax.random.key(0))
+  frozen = sharding.shard_tree(stage.frozen, mesh)
+  rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
+  batch_np = {k: v for k, v in next(it).items()}
+  it.close()
+  step_fn = make_train_step(stage.loss_fn, tx, ema_decay=cfg.unet.ema_decay or None, lr_schedule=schedule)
+  compiled, compile_s = sharding.compile_train_step(step_fn, mesh, shard, abstract, batch_np, rng, frozen)
+  batch = sharding.make_global_batch(batch_np, mesh)
+  _, figures = benchmark(compiled, state, batch, rng, frozen, steps=cfg.benchmark_steps, compile_seconds=compile_s)
+  return dict(figures, stage="unet", device_kind=jax.devices()[0].device_kind,
+              peak_flops=peak_flops_per_device(jax.devices()[0].device_kind))
+
+
+# --- the whole run -----------------------------------------------------------------------------
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the configured stages in order (skipping finished ones), then the prompt-match report."""
+  workdir = os.path.abspath(workdir)
+  n_devices = jax.device_count()
+  check_config(cfg, n_devices)
+  names = _stages(cfg)
+  if "unet" in names and not cfg.init:
+    for need, stage in (("text_encoder", "clip"), ("vae", "vae")):
+      if stage not in names and not os.path.isdir(os.path.join(export.model_dir(workdir), need)):
+        raise ConfigError(f"the unet stage needs a trained {need}: run the {stage} stage first (config.stages) "
+                          f"in this workdir, or fine-tune a pretrained model with --config.init=<diffusers folder>.")
+  ensure_dataset(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
+  tokenizer = tok.load_tokenizer(cfg.init or None)
+  results = {}
+  t0 = time.time()
+  for name in names:
+    done = _done(workdir, name)
+    if done is not None and not cfg.benchmark_steps:
+      log.info("%s stage already finished; skipping (delete %s to redo it).", name,
+               os.path.join(workdir, name, "result.json"))
+      results[name] = done
+      continue
+    runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet}[name]
+    results[name] = runner(cfg, workdir, mesh, tokenizer)
+    if cfg.benchmark_steps:
+      return results[name]
+  if "unet" in results and not cfg.init and _is_shapes(cfg) and os.path.isdir(os.path.join(workdir, "model", "clip")):
+    results["prompt_match"] = report(cfg, workdir, tokenizer)
+  results["wall_seconds_this_run"] = round(time.time() - t0, 1)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def report(cfg, workdir, tokenizer) -> dict:
+  """Samples for every colour x shape prompt, judged by the trained CLIP; writes report.md and a grid."""
+  c = cfg.unet
+  pipe = export.load_workdir_pipeline(workdir)
+  clip_model, clip_params = pretrained.load_clip(os.path.join(export.model_dir(workdir), "clip"))
+  real = make_input(cfg, "clip", tokenizer, train=False, batch_size=100, labels=("color", "shape"))
+  real_it = iter(real)
+  result = evaluate.prompt_match(
+      pipe, clip_model, clip_params, tokenizer, list(shapes_data.COLORS), list(shapes_data.SHAPES),
+      images_per_prompt=c.eval_images_per_prompt, sampler=c.sampler, steps=c.sample_steps,
+      guidance_scale=c.guidance_scale, seed=cfg.seed + 1, real_batches=_numeric(real_it), real_examples=1000,
+      prompt_fn=lambda color, shape: shapes_data.caption_for(shape, color))
+  real_it.close()
+  images = result.pop("images")
+  grid = contact_sheet(images, columns=c.eval_images_per_prompt * len(shapes_data.SHAPES))
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  Image.fromarray(grid).save(os.path.join(workdir, "samples", "prompt_match_grid.png"))
+  table = evaluate.prompt_match_table(result)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("# Prompt match (trained CLIP as zero-shot judge)\n\n" + table + "\n")
+  print(table)
+  return {k: v for k, v in result.items() if k != "rows"} | {"rows": result["rows"]}

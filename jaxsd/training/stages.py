@@ -1,0 +1,149 @@
+"""The three training stages as (model, init, loss) bundles the generic loop trains.
+
+1. clip: contrastive image/text CLIP (its text tower becomes the text encoder, the whole model the judge);
+2. vae: the KL autoencoder;
+3. unet: latent diffusion with the VAE and the text encoder frozen (passed as `frozen`, not trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import pretrained
+from jaxsd import tokenizer as tok
+from jaxsd.diffusion import SchedulerConfig, alphas_cumprod
+from jaxsd.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jaxsd.training import losses
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Stage:
+  """What `train_loop` needs from a stage, plus the modules for export and evaluation."""
+
+  name: str
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: Callable  # (params, batch, rng, frozen) -> (loss, aux)
+  frozen: Any = None
+  initial_params: Any = None  # pretrained weights to start from (fine-tuning)
+  modules: dict = dataclasses.field(default_factory=dict)
+
+
+def dtype_of(cfg) -> Any:
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={cfg.dtype!r}: choose one of {', '.join(DTYPES)}.")
+  return DTYPES[cfg.dtype]
+
+
+# --- CLIP --------------------------------------------------------------------------------------
+
+
+def clip_config(cfg) -> CLIPConfig:
+  c = cfg.clip
+  text = CLIPTextConfig(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                        projection_dim=c.projection_dim, **c.text.to_dict())
+  vision = CLIPVisionConfig(num_channels=3, projection_dim=c.projection_dim, **c.vision.to_dict())
+  config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=c.projection_dim)
+  config.validate()
+  return config
+
+
+def clip_stage(cfg) -> Stage:
+  model = CLIPModel(clip_config(cfg), dtype=dtype_of(cfg))
+
+  def loss_fn(params, batch, rng, frozen):
+    out = model.apply({"params": params}, batch["input_ids"], batch["image"])
+    loss = losses.clip_contrastive_loss(out.logits_per_text)
+    labels = jnp.arange(out.logits_per_image.shape[0])
+    acc = (jnp.argmax(out.logits_per_image, -1) == labels).mean()
+    return loss, {"batch_i2t_accuracy": acc, "temperature_inv": jnp.exp(params["logit_scale"])}
+
+  return Stage("clip", lambda rng: pretrained.init_params(model, rng), loss_fn, modules={"clip": model})
+
+
+def text_encoder_from_clip(clip_model: CLIPModel, clip_params) -> tuple[CLIPTextModel, dict]:
+  """The CLIP text tower as a standalone CLIPTextModel (same parameter names under `text_model`)."""
+  te = CLIPTextModel(clip_model.config.text_config, dtype=clip_model.dtype)
+  return te, {"text_model": clip_params["text_model"]}
+
+
+# --- VAE ---------------------------------------------------------------------------------------
+
+
+def vae_config(cfg) -> AutoencoderKLConfig:
+  c = cfg.vae
+  n = len(c.block_out_channels)
+  config = AutoencoderKLConfig(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+      up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(c.block_out_channels),
+      layers_per_block=c.layers_per_block, latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups,
+      sample_size=cfg.data.image_size, scaling_factor=1.0)  # the real factor is measured after training
+  config.validate()
+  return config
+
+
+def vae_stage(cfg) -> Stage:
+  c = cfg.vae
+  model = AutoencoderKL(vae_config(cfg), dtype=dtype_of(cfg))
+
+  def loss_fn(params, batch, rng, frozen):
+    recon, post = model.apply({"params": params}, batch["image"], sample_posterior=True, key=rng)
+    return losses.vae_loss(recon, batch["image"], post.kl(), c.kl_weight, c.l1_weight, c.l2_weight)
+
+  return Stage("vae", lambda rng: pretrained.init_params(model, rng), loss_fn, modules={"vae": model})
+
+
+# --- U-Net -------------------------------------------------------------------------------------
+
+
+def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> UNet2DConditionConfig:
+  c = cfg.unet
+  factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+  config = UNet2DConditionConfig(
+      sample_size=cfg.data.image_size // factor, in_channels=vae_cfg.latent_channels,
+      out_channels=vae_cfg.latent_channels, down_block_types=tuple(c.down_block_types),
+      up_block_types=tuple(c.up_block_types), block_out_channels=tuple(c.block_out_channels),
+      layers_per_block=c.layers_per_block, attention_head_dim=c.attention_head_dim,
+      norm_num_groups=c.norm_num_groups, cross_attention_dim=text_cfg.hidden_size)
+  config.validate()
+  return config
+
+
+def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
+               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None) -> Stage:
+  """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net."""
+  c = cfg.unet
+  ac = jnp.asarray(alphas_cumprod(scheduler))
+  empty_ids = jnp.asarray(tok.tokenize(tokenizer, [""], max_length=text_encoder.config.max_position_embeddings))
+  scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+
+  def loss_fn(params, batch, rng, frozen):
+    k_post, k_drop, k_noise = jax.random.split(rng, 3)
+    post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
+    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
+    ids = batch["input_ids"]
+    drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < c.caption_dropout
+    ids = jnp.where(drop, empty_ids, ids)
+    context = jax.lax.stop_gradient(text_encoder.apply({"params": frozen["text"]}, ids).last_hidden_state)
+    unet_fn = lambda x, t, ctx: unet.apply({"params": params}, x.astype(unet.dtype), t, ctx)
+    return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,
+                                 min_snr_gamma=c.min_snr_gamma or None)
+
+  return Stage("unet", lambda rng: pretrained.init_params(unet, rng), loss_fn,
+               frozen={"vae": vae_params, "text": text_params}, initial_params=initial_params,
+               modules={"unet": unet, "vae": vae, "text_encoder": text_encoder})
+
+
+def measure_scaling_factor(vae: AutoencoderKL, vae_params, images: np.ndarray, key: jax.Array) -> float:
+  """1 / std of posterior samples over a sample of training images (how SD's 0.18215 was chosen)."""
+  post = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(vae_params, jnp.asarray(images))
+  z = post.sample(key)
+  return float(1.0 / jnp.std(z.astype(jnp.float32)))

@@ -1,0 +1,79 @@
+"""The built-in default: a small Stable Diffusion trained from nothing on `shapes` (clip -> vae -> unet).
+
+Sized to finish in about 20 minutes on a 2-core CPU; on an accelerator raise the steps and widths.
+Run: python -m train --workdir DIR [--config train/configs/default.py] [--config.unet.steps=4000]
+"""
+
+import ml_collections
+
+
+def _optimizer(lr, steps, warmup, schedule="cosine", weight_decay=1e-2):
+  return ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=steps, end_lr_ratio=0.1, weight_decay=weight_decay,
+      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1))
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = "clip,vae,unet"  # run in this order; a finished stage is skipped on rerun
+  c.init = ""  # a diffusers Stable Diffusion folder: fine-tune its U-Net (VAE and text encoder frozen)
+  c.dtype = "float32"  # computation dtype ("bfloat16" on TPU/GPU); parameters stay fp32
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.max_to_keep = 2
+  c.progress = True
+  c.benchmark_steps = 0  # > 0: compile, time this many U-Net steps, print one JSON line, stop
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all devices not used by fsdp
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="shapes/32x32",  # any prepared TFDS dataset, e.g. one made by jaxsd.data.prepare_image_folder
+      data_dir="",  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+      image_key="image",
+      caption_key="caption",
+      image_size=32,
+      random_flip=False,  # flipping swaps "left"/"right" in captions (done when True)
+      num_threads=2,
+      train_split="train",
+      test_split="test",
+  ))
+
+  # Stage 1: contrastive CLIP, the text encoder of the later stages and the judge of the samples.
+  c.clip = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=64,
+      optimizer=_optimizer(1e-3, 300, 30),
+      text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
+      vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=32, patch_size=4, hidden_act="quick_gelu"),
+      projection_dim=128,
+      eval_examples=1000,  # zero-shot caption retrieval on the test split, in groups of 100
+  ))
+
+  # Stage 2: the KL autoencoder; 32x32x3 images -> 8x8x4 latents.
+  c.vae = ml_collections.ConfigDict(dict(
+      steps=400, batch_size=32,
+      optimizer=_optimizer(1e-3, 400, 40),
+      block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+      kl_weight=1e-6, l1_weight=1.0, l2_weight=1.0,
+      eval_examples=1000,
+  ))
+
+  # Stage 3: latent diffusion with the frozen VAE and CLIP text encoder.
+  c.unet = ml_collections.ConfigDict(dict(
+      steps=1200, batch_size=32,
+      optimizer=_optimizer(1e-3, 1200, 100),
+      block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
+      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+      prediction_type="epsilon",  # or "v_prediction"
+      min_snr_gamma=5.0,  # 0 disables min-SNR weighting
+      caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
+      ema_decay=0.999,
+      gradient_checkpointing=False,
+      sample_every=400,  # sample grid for the fixed prompts every N steps (0: only at the end)
+      sampler="dpmpp_2m", sample_steps=20, guidance_scale=4.0,
+      eval_images_per_prompt=4,
+  ))
+  return c
