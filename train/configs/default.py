@@ -41,8 +41,8 @@ def get_config():
 
   # Stage 1: contrastive CLIP, the text encoder of the later stages and the judge of the samples.
   c.clip = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=64,
-      optimizer=_optimizer(1e-3, 300, 30),
+      steps=400, batch_size=64,
+      optimizer=_optimizer(1e-3, 400, 40),
       text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
       vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
