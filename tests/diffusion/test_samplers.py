@@ -26,15 +26,8 @@ from jaxsd.diffusion.schedules import SchedulerConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json.
-SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-        "clip_sample": False}
-SD21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+from tests.diffusion.test_schedules import SD15, SD21  # noqa: E402  (the real SD scheduler configs)
+
 CONFIGS = {"sd15": SD15, "sd21": SD21}
 SPACINGS = [None, "leading", "trailing", "linspace"]  # None: the file names none (SD's own configs)
 
