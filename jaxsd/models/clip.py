@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import dot_product_attention
 from jaxsd.models.config import ConfigBase
+from jaxsd.models.layers import LayerNorm
 
 Dtype = Any
 
@@ -229,11 +230,10 @@ class CLIPMLP(nn.Module):
     return nn.Dense(cfg.hidden_size, kernel_init=_normal(fc2_std), name="fc2", **kw)(x)
 
 
-def _layer_norm(cfg, dtype, param_dtype, name: str | None = None) -> nn.LayerNorm:
-  # Two-pass variance (as torch computes it): CLIP's residual stream has large outlier channels.
-  return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
-  )
+def _layer_norm(cfg, dtype, param_dtype, name: str | None = None) -> LayerNorm:
+  # The U-Net's LayerNorm: fp32 statistics with a two-pass variance (as torch computes it), which
+  # matters here because CLIP's residual stream has large outlier channels.
+  return LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class CLIPEncoderLayer(nn.Module):
