@@ -392,4 +392,4 @@ def report(cfg, workdir, tokenizer) -> dict:
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("# Prompt match (trained CLIP as zero-shot judge)\n\n" + table + "\n")
   print(table)
-  return {k: v for k, v in result.items() if k != "rows"} | {"rows": result["rows"]}
+  return result
