@@ -1,9 +1,11 @@
-"""Scaled dot-product attention: cuDNN's fused kernel where it applies, else written out in XLA ops.
+"""Scaled dot-product attention: a fused kernel where one applies, else written out in XLA ops.
 
 On a GPU with half-precision inputs and head sizes cuDNN accepts, `jax.nn.dot_product_attention`
-runs the cuDNN fused (flash) kernel. Everywhere else the attention is written out here, with fp32
-logits and softmax: the same computation as `jax.nn.dot_product_attention(implementation="xla")`,
-but laid out for XLA's CPU backend, where that function made the SD 1.5 U-Net forward 1.4x slower.
+runs the cuDNN fused (flash) kernel; on a TPU, attention without a general mask runs JAX's Pallas
+flash-attention kernel (`_pallas_attention`). Everywhere else the attention is written out here,
+with fp32 logits and softmax: the same computation as
+`jax.nn.dot_product_attention(implementation="xla")`, but laid out for XLA's CPU backend, where
+that function made the SD 1.5 U-Net forward 1.4x slower.
 Its logits are scaled after q.k, a (B, N, T, S)-sized multiply the CPU backend materialises as an
 array of that size; here q is scaled instead, and the heads are moved ahead of the sequence
 (B, N, L, H) so that one attention is one fused batched matmul-softmax-matmul. On the CPU, large
@@ -18,7 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["auto", "xla", "cudnn"]
+Implementation = Literal["auto", "xla", "cudnn", "pallas"]
 
 
 def _cudnn_ok(q: jax.Array, k: jax.Array) -> bool:
@@ -86,6 +88,65 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, ma
   return jnp.swapaxes(out, 1, 2)
 
 
+# The Pallas TPU kernel (jax.experimental.pallas.ops.tpu.flash_attention) works in tiles of 128
+# lanes: key blocks must be multiples of 128 that divide the key length (the forward also takes one
+# block of any length, the backward does not), head_dim must be a multiple of 128 above 128, and
+# the backward's query blocks must divide the query length.
+_PALLAS_LANES = 128
+_PALLAS_BLOCKS = (512, 256, 128)  # tried largest first; 512 x 512 fp32 logits are 1 MiB of VMEM
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -> jax.Array:
+  """The Pallas TPU flash-attention kernel on (B, L, N, H) arrays, padded to its 128-lane tiles.
+
+  Lengths are zero-padded up to multiples of 128 and head_dim up to a multiple of 128 (SD 1.5's
+  40 / 80 / 160; the kernel accepts head_dim < 128 unpadded, but then runs lane-sparse tiles, and
+  rejects 160 once the keys span several blocks). Padding is exact: zero head_dim columns add
+  nothing to q.k and their output columns are sliced off; padded queries' rows are sliced off (and
+  get zero gradient); padded keys are masked out with segment ids (queries in segment 1, real keys
+  1, padding 0), where the kernel adds -0.7 * float32 max to their logits, so exp() gives exactly 0:
+  every query row has a real key (the padding is under 128 keys, and lies within the last key
+  block). Masking them is needed, not just zeroing: a zero key still has logit 0 and would take
+  softmax weight. For cross-attention on 77 text tokens, falling back to XLA would also be exact,
+  but would take that attention out of the kernel for the sake of 51 padded keys.
+
+  The logits are scaled inside the kernel (`sm_scale`, in fp32) rather than by pre-scaling q as
+  `_xla_attention` does; for bf16 this skips the rounding of q * scale. Checked on the CPU only, in
+  Pallas' TPU interpret mode (run under `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`);
+  the block sizes are not tuned on a TPU.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # only imported where used
+
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  tp, sp, hp = _round_up(t, _PALLAS_LANES), _round_up(s, _PALLAS_LANES), _round_up(h, _PALLAS_LANES)
+
+  def prepare(x: jax.Array, length: int) -> jax.Array:  # (B, L, N, H) -> padded (B, N, L', H')
+    x = jnp.swapaxes(x, 1, 2)
+    if (length, hp) != x.shape[2:]:
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, hp - h)))
+    return x
+
+  q, k, v = prepare(q, tp), prepare(k, sp), prepare(v, sp)
+  segment_ids = None
+  if sp != s:
+    kv_ids = jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp))
+    segment_ids = fa.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=kv_ids)
+  bq = next(blk for blk in _PALLAS_BLOCKS if tp % blk == 0)
+  bk = next(blk for blk in _PALLAS_BLOCKS if sp % blk == 0)
+  blocks = fa.BlockSizes(
+      block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+      block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+      block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+  out = fa.flash_attention(q, k, v, segment_ids=segment_ids, causal=is_causal,
+                           sm_scale=1.0 / math.sqrt(h), block_sizes=blocks)
+  return jnp.swapaxes(out[:, :, :t, :h], 1, 2)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -101,12 +162,24 @@ def dot_product_attention(
     q, k, v: queries (B, T, N, H), keys and values (B, S, N, H).
     is_causal: mask out keys after each query (the CLIP text transformer).
     mask: optional boolean mask broadcastable to (B, N, T, S), True where attention is allowed.
-    implementation: "auto" picks cuDNN where it applies, else XLA; "xla" and "cudnn" force one.
+    implementation: "auto" picks Pallas on a TPU and cuDNN on a GPU where they apply, else XLA;
+      "xla", "cudnn" and "pallas" force one, except that "pallas" with a `mask` runs XLA (the
+      kernel's segment ids cannot express a general mask).
   """
   if implementation == "auto":
-    implementation = "cudnn" if (mask is None and _cudnn_ok(q, k)) else "xla"
+    if mask is not None:
+      implementation = "xla"
+    elif jax.default_backend() == "tpu":
+      implementation = "pallas"
+    else:
+      implementation = "cudnn" if _cudnn_ok(q, k) else "xla"
+  if implementation == "pallas" and mask is not None:
+    implementation = "xla"
   if implementation == "xla":
     return _xla_attention(q, k, v, is_causal, mask)
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
-  raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
+  if implementation == "pallas":
+    return _pallas_attention(q, k, v, is_causal)
+  raise ValueError(
+      f"attention implementation must be 'auto', 'xla', 'cudnn' or 'pallas', got {implementation!r}")

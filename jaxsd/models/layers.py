@@ -215,8 +215,8 @@ class Attention(nn.Module):
   Used as transformer self/cross attention on (B, L, C) and as the VAE's spatial attention on
   NHWC input (with `norm_num_groups` set: its group_norm, plus `residual_connection`).
 
-  `upcast_attention` (SD 2.x): q.k^T is already accumulated and softmaxed in fp32 by both paths of
-  `dot_product_attention` (XLA: fp32 `preferred_element_type`; cuDNN: fp32 accumulators), so
+  `upcast_attention` (SD 2.x): q.k^T is already accumulated and softmaxed in fp32 by every path of
+  `dot_product_attention` (XLA: fp32 `preferred_element_type`; cuDNN, Pallas: fp32 accumulators), so
   no cast is made here; casting q and k to fp32 would only rule out the cuDNN kernel.
   """
 

@@ -308,7 +308,7 @@ class UNet2DConditionModel(nn.Module):
   Attributes:
     config: the diffusers config.
     dtype: computation dtype (the output is in it too); parameters are kept in `param_dtype`.
-    attention_implementation: "auto" (cuDNN where it applies), "xla" or "cudnn".
+    attention_implementation: "auto" (Pallas on a TPU, cuDNN where it applies), "xla", "cudnn" or "pallas".
     gradient_checkpointing: rematerialise each down / mid / up block in the backward pass.
   """
 
