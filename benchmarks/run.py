@@ -83,7 +83,7 @@ def plan(args) -> list[dict]:
         _case("sample", "sd15", two, r or 3, 1, **sample_spec),
         # Two SD 1.5 training processes (AdamW state, activations) need not fit one card together.
         _case("train", "sd15", two, r or 10, 3, sequential=True, **train256),
-        _case("train", "sd15", two, r or 10, 3, sequential=True, batch=8, latent=64, dtype="bfloat16"),
+        _case("train", "sd15", two, r or 10, 3, sequential=True, batch=16, latent=64, dtype="bfloat16"),
         _case("compile", "sd15", ("jaxsd",), 0, 0, optional=True, program="sample", **sample_spec),
         _case("compile", "sd15", ("jaxsd",), 0, 0, optional=True, program="train", **train256),
     ]
@@ -366,12 +366,18 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=0, help="timed runs per implementation (default: per case)")
   p.add_argument("--timeout", type=float, default=3600, help="seconds a worker may take for one request")
   p.add_argument("--no-flax039", action="store_true", help="skip the diffusers 0.39 Flax peer")
+  p.add_argument("--model", choices=sorted(sd15_configs.MODELS), default=None,
+                 help="run every case on this model instead (e.g. a dry run of --gpu with tiny)")
   p.add_argument("--list", action="store_true", help="print the cases and exit")
   args = p.parse_args(argv)
   if args.quick and args.gpu:
     p.error("--quick and --gpu exclude each other")
 
   cases = plan(args)
+  if args.model:
+    for c in cases:
+      c["name"] = c["name"].replace(f" {c['model_name']} ", f" {args.model} ", 1)
+      c["model_name"] = args.model
   if args.only:
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
     cases = [c for c in cases if any(k == c["workload"] or k in c["name"] for k in keys)]

@@ -186,7 +186,8 @@ def train(spec: dict) -> protocol.Case:
     t0 = time.perf_counter()
     holder["state"], metrics = compiled(holder["state"], batch, rng)
     jax.block_until_ready((holder["state"], metrics))
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return seconds, {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
 
   info["images"] = spec["batch"]
   return protocol.Case(run, info)

@@ -32,6 +32,14 @@ def _dtype(name: str):
   return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _inference_dtype(spec: dict):
+  """The spec's dtype, except that a bf16 case runs in fp16 on a GPU: how diffusers is used there."""
+  import torch
+
+  dtype = _dtype(spec["dtype"])
+  return torch.float16 if spec.get("gpu") and dtype == torch.bfloat16 else dtype
+
+
 def _sync(device) -> None:
   import torch
 
@@ -43,7 +51,7 @@ def unet_forward(spec: dict) -> protocol.Case:
   import diffusers
   import torch
 
-  device, dtype = _device(spec), _dtype(spec["dtype"])
+  device, dtype = _device(spec), _inference_dtype(spec)
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(spec["model"], "unet"), torch_dtype=dtype)
   unet = unet.to(device).eval()
   b, s = spec["batch"], spec["latent"]
@@ -59,14 +67,14 @@ def unet_forward(spec: dict) -> protocol.Case:
       _sync(device)
       return time.perf_counter() - t0
 
-  return protocol.Case(run, {})
+  return protocol.Case(run, {"torch_dtype": str(dtype)})
 
 
 def sample(spec: dict) -> protocol.Case:
   import diffusers
   import torch
 
-  device, dtype = _device(spec), _dtype(spec["dtype"])
+  device, dtype = _device(spec), _inference_dtype(spec)
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False)
   schedulers = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler,
@@ -84,7 +92,7 @@ def sample(spec: dict) -> protocol.Case:
     _sync(device)
     return time.perf_counter() - t0
 
-  return protocol.Case(run, {"images": spec["batch"]})
+  return protocol.Case(run, {"images": spec["batch"], "torch_dtype": str(dtype)})
 
 
 def train(spec: dict) -> protocol.Case:
@@ -112,12 +120,12 @@ def train(spec: dict) -> protocol.Case:
       pred = unet(noisy, t, context).sample
     loss = torch.nn.functional.mse_loss(pred.float(), noise)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loss.item()  # waits for the step, as jaxsd's worker does
+    value = loss.item()  # waits for the step, as jaxsd's worker does
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, {"loss": value, "grad_norm": float(grad_norm)}
 
   return protocol.Case(run, {"images": b})
 
