@@ -29,6 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # jaxsd without install (model_folder imports it)
 
 import protocol  # noqa: E402
 import sd15_configs  # noqa: E402
@@ -149,7 +150,8 @@ def availability(impl: str, args, log) -> str | None:
 def start_worker(impl: str, case_dir: str, tag: str) -> protocol.Worker:
   script = os.path.join(HERE, f"workloads_{impl}.py")
   python = os.path.join(FLAX039_VENV, "bin", "python") if impl == "flax039" else sys.executable
-  env = {"PYTHONPATH": HERE if impl == "flax039" else os.pathsep.join([ROOT, HERE]),
+  extra = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") and impl != "flax039" else []
+  env = {"PYTHONPATH": HERE if impl == "flax039" else os.pathsep.join([ROOT, HERE, *extra]),
          "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false"}
   if impl != "torch":  # two processes share the accelerator: no JAX up-front 75% grab
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"

@@ -29,7 +29,9 @@ def _cudnn_ok(q: jax.Array, k: jax.Array) -> bool:
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return False
   head_dim = q.shape[-1]
-  return head_dim % 8 == 0 and head_dim <= 128
+  # cuDNN's backward pass refuses sequence lengths that are not multiples of 64 (seen on an H200:
+  # "Unsupported sequence length Q 1024, KV 77" for SD's 77-token cross-attention).
+  return head_dim % 8 == 0 and head_dim <= 128 and q.shape[1] % 64 == 0 and k.shape[1] % 64 == 0
 
 
 # Logits per step of the CPU loop: 2**20 fp32 values (4 MiB) stay in a server CPU's L2/L3 cache.

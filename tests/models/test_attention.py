@@ -151,3 +151,15 @@ def test_unet_with_pallas_attention(interpret):
   assert float(jnp.std(out["xla"])) > 0.1
   # Measured 3.9e-7.
   assert _max_diff(out["pallas"], out["xla"]) <= 1e-5
+
+
+def test_cudnn_only_where_its_backward_works(monkeypatch):
+  # cuDNN's fused attention backward refused SD's 77-token cross-attention on an H200
+  # ("Unsupported sequence length Q 1024, KV 77"): such shapes must take the XLA path.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  bf16 = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
+  assert attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 1024, 8, 40))
+  assert not attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 77, 8, 40))  # cross-attention
+  assert not attention._cudnn_ok(bf16(2, 77, 12, 64), bf16(2, 77, 12, 64))  # CLIP text
+  assert not attention._cudnn_ok(bf16(2, 256, 8, 160), bf16(2, 256, 8, 160))  # head_dim > 128
+  assert not attention._cudnn_ok(jnp.zeros((2, 1024, 8, 40)), jnp.zeros((2, 1024, 8, 40)))  # fp32
