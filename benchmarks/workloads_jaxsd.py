@@ -1,7 +1,7 @@
 """jaxsd's side of each benchmark, run as a worker process (see protocol.py).
 
 Every workload compiles ahead of time (`jit(...).lower(...).compile()`), so compile time is
-reported apart from run time and the model FLOPs come from the compiled program's cost analysis.
+reported apart from run time; model FLOPs come from `jaxsd.flops.model_flops`.
 """
 
 from __future__ import annotations
@@ -32,24 +32,19 @@ def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def flops_of(compiled) -> float:
-  """Model FLOPs of a compiled program (XLA's cost analysis; a loop body counts once)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
-
-
 def compile_timed(fn, *args, **jit_kw):
-  """Returns (compiled, {"trace_lower_s", "compile_s", "flops"})."""
+  """Returns (compiled, {"trace_lower_s", "compile_s", "flops"}); FLOPs by `jaxsd.flops.model_flops`
+  (the compiled program's own cost analysis misses cuDNN calls and loop trips)."""
   import jax
+
+  from jaxsd import flops
 
   t0 = time.perf_counter()
   lowered = jax.jit(fn, **jit_kw).lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return compiled, {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "flops": flops_of(compiled)}
+  return compiled, {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "flops": flops.model_flops(fn, *args)}
 
 
 def _device_facts() -> dict:

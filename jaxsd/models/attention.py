@@ -14,6 +14,7 @@ attentions also run in cache-sized blocks (`_cpu_blocked`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -74,6 +75,22 @@ def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jax.lax.map(per_slice, (qb, kb, vb)).reshape(b, n, t, h)
 
 
+_WRITTEN_OUT = [False]  # set by `written_out()`
+
+
+@contextlib.contextmanager
+def written_out():
+  """While tracing inside it, every attention is one XLA softmax(q k^T) v: no cuDNN or Pallas call,
+  no CPU blocking loop. For FLOP counting (`jaxsd.flops`): XLA's cost analysis counts a library
+  call as nothing and a loop body once. Not thread-safe; a trace cache keyed on the function
+  ignores it, so trace a fresh function inside."""
+  _WRITTEN_OUT[0] = True
+  try:
+    yield
+  finally:
+    _WRITTEN_OUT[0] = False
+
+
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, mask: jax.Array | None) -> jax.Array:
   # Scaling q (T x H values) rather than the logits (T x S) is a rounding step in q's dtype: exact
   # for fp32 parity; for bf16 within the rounding q already carries.
@@ -83,7 +100,8 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, ma
   if is_causal:
     causal = jnp.tril(jnp.ones((t, k.shape[2]), dtype=bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
-  if mask is None and jax.default_backend() == "cpu" and b * n * t * k.shape[2] > _CPU_BLOCKED_FROM:
+  blocked = mask is None and jax.default_backend() == "cpu" and b * n * t * k.shape[2] > _CPU_BLOCKED_FROM
+  if blocked and not _WRITTEN_OUT[0]:
     out = _cpu_blocked(q, k, v)
   else:
     out = _softmax_attention(q, k, v, mask)
@@ -168,8 +186,8 @@ def dot_product_attention(
       "xla", "cudnn" and "pallas" force one, except that "pallas" with a `mask` runs XLA (the
       kernel's segment ids cannot express a general mask).
   """
-  if implementation == "auto":
-    if mask is not None:
+  if implementation == "auto" or _WRITTEN_OUT[0]:
+    if mask is not None or _WRITTEN_OUT[0]:
       implementation = "xla"
     elif jax.default_backend() == "tpu":
       implementation = "pallas"

@@ -21,6 +21,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxsd import flops as flops_lib
 from jaxsd.training import checkpoint as ckpt_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import sharding as sharding_lib
@@ -300,13 +301,14 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 
 
 def benchmark(compiled: Any, state: TrainState, batch: Any, rng: jax.Array, frozen: Any = None,
-              *, steps: int = 10, warmup: int = 2,
-              compile_seconds: float | None = None) -> tuple[TrainState, dict[str, float]]:
+              *, steps: int = 10, warmup: int = 2, compile_seconds: float | None = None,
+              flops: float | None = None) -> tuple[TrainState, dict[str, float]]:
   """Times `steps` calls of a compiled train step (after `warmup` calls) on one global batch.
 
   `compiled` comes from `sharding.compile_train_step`; the state is donated, so use the returned
-  one. FLOPs come from `compiled.cost_analysis()`, which counts one device's share of the
-  partitioned program; MFU is given when the device's peak is in `PEAK_BF16_FLOPS`.
+  one. `flops`: model FLOPs of one step over the global batch (`jaxsd.flops.model_flops`); without
+  it, `compiled.cost_analysis()` (one device's share, but blind to cuDNN calls and loop trips).
+  MFU is given when the device's peak is in `PEAK_BF16_FLOPS`.
   """
   for _ in range(warmup):
     state, _ = compiled(state, batch, rng, frozen)
@@ -323,10 +325,7 @@ def benchmark(compiled: Any, state: TrainState, batch: Any, rng: jax.Array, froz
          "images_per_sec_per_device": global_batch / step_time / n_dev, "devices": n_dev}
   if compile_seconds is not None:
     out["compile_seconds"] = compile_seconds
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax returns one dict per program.
-    cost = cost[0] if cost else {}
-  flops = float((cost or {}).get("flops", 0.0))
+  flops = flops / n_dev if flops else flops_lib.cost_flops(compiled.cost_analysis())
   if flops > 0:
     out["tflops_per_device"] = flops / step_time / 1e12
     peak = peak_flops_per_device(jax.devices()[0].device_kind)

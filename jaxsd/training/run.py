@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from jaxsd import pretrained
+from jaxsd.flops import model_flops
 from jaxsd import tokenizer as tok
 from jaxsd.data import input_pipeline, shapes as shapes_data
 from jaxsd.diffusion import SchedulerConfig
@@ -324,8 +325,10 @@ def _benchmark(cfg, stage, mesh, it) -> dict:
   it.close()
   step_fn = make_train_step(stage.loss_fn, tx, ema_decay=cfg.unet.ema_decay or None, lr_schedule=schedule)
   compiled, compile_s = sharding.compile_train_step(step_fn, mesh, shard, abstract, batch_np, rng, frozen)
+  step_flops = model_flops(step_fn, abstract, batch_np, rng, frozen)
   batch = sharding.make_global_batch(batch_np, mesh)
-  _, figures = benchmark(compiled, state, batch, rng, frozen, steps=cfg.benchmark_steps, compile_seconds=compile_s)
+  _, figures = benchmark(compiled, state, batch, rng, frozen, steps=cfg.benchmark_steps, compile_seconds=compile_s,
+                         flops=step_flops)
   return dict(figures, stage="unet", device_kind=jax.devices()[0].device_kind,
               peak_flops=peak_flops_per_device(jax.devices()[0].device_kind))
 
