@@ -31,7 +31,7 @@ print(jax.devices())"
   done ) &
 copier=$!
 
-timeout 170 python3 benchmarks/gpu_check.py --models-dir /tmp/models --out "$OUT/gpu_check.json" 2>&1 \
+timeout 240 python3 benchmarks/gpu_check.py --models-dir /tmp/models --out "$OUT/gpu_check.json" 2>&1 \
   | grep -v -i "warning" | tee "$OUT/gpu_check.log"
 left=$((BUDGET - SECONDS))
 echo "== suite, $left s left"
