@@ -43,12 +43,47 @@ _CPU_BLOCKED_FROM = 4 * _CPU_BLOCK_LOGITS
 
 def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T) v over the last two axes, any leading axes; q already scaled; fp32 logits and softmax."""
+  if mask is None:
+    return _unmasked_attention(q, k, v)
+  return _attention_forward(q, k, v, mask)[0]
+
+
+def _attention_forward(q, k, v, mask=None):
+  """(output, fp32 probabilities)."""
   logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32)
   if mask is not None:
     # jax.nn's value: finite, so a fully masked row gives a uniform average rather than NaN.
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("...ts,...sh->...th", probs, v)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v), probs
+
+
+@jax.custom_vjp
+def _unmasked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return _attention_forward(q, k, v)[0]
+
+
+def _unmasked_attention_fwd(q, k, v):
+  out, probs = _attention_forward(q, k, v)
+  return out, (q, k, v, probs, out)
+
+
+def _unmasked_attention_bwd(res, g):
+  """The softmax backward as FlashAttention writes it (Dao et al., 2022, arXiv:2205.14135, eq. in
+  sec. B.2): dS = P * (dP - D) with D = rowsum(dO * O), a (T, H) reduction, instead of autodiff's
+  rowsum(P * dP) over the (T, S) logits; on XLA's CPU backend those big reductions were the
+  slowest part of the attention backward."""
+  q, k, v, probs, out = res
+  dv = jnp.einsum("...ts,...th->...sh", probs.astype(g.dtype), g, preferred_element_type=jnp.float32)
+  dp = jnp.einsum("...th,...sh->...ts", g, v, preferred_element_type=jnp.float32)
+  d = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = probs * (dp - d)
+  dq = jnp.einsum("...ts,...sh->...th", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("...ts,...th->...sh", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_unmasked_attention.defvjp(_unmasked_attention_fwd, _unmasked_attention_bwd)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
