@@ -153,14 +153,36 @@ def _numeric(batches):
 # --- stages ------------------------------------------------------------------------------------
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving; rerun the same command to resume."""
+
+
 def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=()):
+  """Trains a stage on the iterator `data`; on SIGTERM closes `data` and raises Preempted."""
   tx, schedule = make_optimizer(cfg[stage.name].optimizer)
-  return train_loop(
+  res = train_loop(
       workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params, loss_fn=stage.loss_fn,
       tx=tx, data=data, total_steps=cfg[stage.name].steps, frozen=stage.frozen, lr_schedule=schedule,
       seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params, log_every=cfg.log_every,
       checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep, callbacks=callbacks,
       progress=cfg.progress)
+  if res.preempted:
+    data.close()
+    raise Preempted
+  return res
+
+
+def _run_facts(res, t0: float) -> dict:
+  """The result.json fields every stage reports about its training run."""
+  return dict(steps=res.step, train_seconds=round(time.time() - t0, 1), compile_seconds=round(res.compile_seconds, 2))
+
+
+def _evaluate(cfg, name, tokenizer, metric_fn, model, params, examples, **input_kw) -> dict:
+  """`metric_fn(model, params, batches, examples)` over the test split, batches of 100."""
+  it = iter(make_input(cfg, name, tokenizer, train=False, batch_size=100, **input_kw))
+  metrics = metric_fn(model, params, it, examples)
+  it.close()
+  return metrics
 
 
 def _done(workdir, name) -> dict | None:
@@ -179,55 +201,36 @@ def _finish(workdir, name, result: dict) -> dict:
   return result
 
 
-class Preempted(Exception):
-  """Training stopped on SIGTERM after saving; rerun the same command to resume."""
-
-
 def run_clip(cfg, workdir, mesh, tokenizer) -> dict:
   stage = stages.clip_stage(cfg)
-  pipeline = make_input(cfg, "clip", tokenizer)
-  it = iter(pipeline)
+  it = iter(make_input(cfg, "clip", tokenizer))
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
   it.close()
-  if res.preempted:
-    raise Preempted
   model, params = stage.modules["clip"], jax.device_get(res.state.params)
   export.export_component(workdir, "clip", model, params, res.step)
   te, te_params = stages.text_encoder_from_clip(model, params)
   export.export_component(workdir, "text_encoder", te, te_params, res.step)
   tokenizer.model_max_length = cfg.clip.text.max_position_embeddings  # so diffusers pads to our length
   export.export_tokenizer(workdir, tokenizer)
-  ev = make_input(cfg, "clip", tokenizer, train=False, batch_size=100, captions=True)
-  ev_it = iter(ev)
-  metrics = evaluate.clip_retrieval(model, params, ev_it, cfg.clip.eval_examples)
-  ev_it.close()
-  return _finish(workdir, "clip", dict(metrics, steps=res.step, train_seconds=round(time.time() - t0, 1),
-                                       compile_seconds=round(res.compile_seconds, 2)))
+  metrics = _evaluate(cfg, "clip", tokenizer, evaluate.clip_retrieval, model, params, cfg.clip.eval_examples,
+                      captions=True)
+  return _finish(workdir, "clip", dict(metrics, **_run_facts(res, t0)))
 
 
 def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
   stage = stages.vae_stage(cfg)
-  pipeline = make_input(cfg, "vae", tokenizer)
-  it = iter(pipeline)
+  it = iter(make_input(cfg, "vae", tokenizer))
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
-  if res.preempted:
-    it.close()
-    raise Preempted
   model, params = stage.modules["vae"], jax.device_get(res.state.params)
   sample = next(it)["image"]
   it.close()
   factor = stages.measure_scaling_factor(model, params, sample, jax.random.key(cfg.seed))
   model = model.clone(config=model.config.replace(scaling_factor=factor))
   export.export_component(workdir, "vae", model, params, res.step)
-  ev = make_input(cfg, "vae", tokenizer, train=False, batch_size=100)
-  ev_it = iter(ev)
-  metrics = evaluate.vae_reconstruction(model, params, ev_it, cfg.vae.eval_examples)
-  ev_it.close()
-  return _finish(workdir, "vae", dict(metrics, scaling_factor=factor, steps=res.step,
-                                      train_seconds=round(time.time() - t0, 1),
-                                      compile_seconds=round(res.compile_seconds, 2)))
+  metrics = _evaluate(cfg, "vae", tokenizer, evaluate.vae_reconstruction, model, params, cfg.vae.eval_examples)
+  return _finish(workdir, "vae", dict(metrics, scaling_factor=factor, **_run_facts(res, t0)))
 
 
 def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
@@ -284,15 +287,11 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None, callbacks=callbacks)
   it.close()
-  if res.preempted:
-    raise Preempted
   state = res.state
   final = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
   export.export_component(workdir, "unet", unet, final, res.step)
   write_samples(res.step, state, _NullWriter())
-  return _finish(workdir, "unet", dict(steps=res.step, train_seconds=round(time.time() - t0, 1),
-                                       compile_seconds=round(res.compile_seconds, 2),
-                                       ema=state.ema_params is not None))
+  return _finish(workdir, "unet", dict(_run_facts(res, t0), ema=state.ema_params is not None))
 
 
 class _NullWriter:
