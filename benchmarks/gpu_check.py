@@ -138,6 +138,7 @@ def main() -> int:
   p.add_argument("--models-dir", required=True)
   p.add_argument("--model", default="sd15")
   p.add_argument("--out", default=None)
+  p.add_argument("--skip-attention", action="store_true", help="only the U-Net checks")
   args = p.parse_args()
   import jax
 
@@ -145,7 +146,8 @@ def main() -> int:
 
   report(check="devices", devices=[d.device_kind for d in jax.devices()], backend=jax.default_backend(),
          jax=jax.__version__)
-  attention_checks()
+  if not args.skip_attention:
+    attention_checks()
   unet_checks(model_folder.write(args.model, args.models_dir))
   if args.out:
     with open(args.out, "w") as f:
