@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import gzip
 import json
 import os
 import re
@@ -31,17 +32,33 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
 
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
 def hlo_index(hlo_text: str) -> dict[str, dict]:
-  """Instruction name -> {"opcode", "op_name", "target"} from a compiled module's HLO text."""
-  out = {}
+  """Instruction name -> {"opcode", "op_name", "target"} from a compiled module's HLO text. A
+  fusion without metadata of its own takes its fused computation's (the root's, else the first)."""
+  out, comp_ops, current = {}, {}, None
   for line in hlo_text.splitlines():
+    c = _COMPUTATION.match(line)
+    if c and " = " not in line:
+      current = c.group(1)
+      continue
     m = _INSTR.match(line)
     if not m:
       continue
     op = _OP_NAME.search(line)
     tg = _TARGET.search(line)
+    calls = _CALLS.search(line)
     out[m.group(1)] = {"opcode": m.group(2), "op_name": op.group(1) if op else "",
-                       "target": tg.group(1) if tg else ""}
+                       "target": tg.group(1) if tg else "", "calls": calls.group(1) if calls else ""}
+    if op and current:
+      ops = comp_ops.setdefault(current, [])
+      ops.insert(0, op.group(1)) if line.lstrip().startswith("ROOT") else ops.append(op.group(1))
+  for info in out.values():
+    if not info["op_name"] and info["calls"] in comp_ops:
+      info["op_name"] = comp_ops[info["calls"]][0]
   return out
 
 
@@ -55,8 +72,10 @@ _LAYER_KINDS = (  # (substring of a module path component, kind); the innermost 
 
 def classify(op_name: str, target: str = "", kernel: str = "") -> str:
   """A short category for one instruction: "<layer kind>[ core] fwd|bwd", or "optimizer", ..."""
+  low = (target + " " + kernel).lower()
   if not op_name:
-    low = (target + " " + kernel).lower()
+    if "fmha" in low or "sdpa" in low or "flash" in low:
+      return "attention core (cuDNN)" + (" bwd" if "bprop" in low or "backward" in low else "")
     return "conv (no metadata)" if "conv" in low else "other (no metadata)"
   direction = "bwd" if "transpose(" in op_name else "fwd"
   parts = op_name.split("/")
@@ -96,19 +115,43 @@ def device_events(xplane_path: str):
       for ev in line.events:
         stats = dict(ev.stats)
         if "XLA Ops" in line.name:
-          ops.append((ev.name, ev.name, float(ev.duration_ns)))
+          ops.append((ev.name, ev.name, float(ev.duration_ns), stats))
         elif stats.get("hlo_op") is not None and (not gpu or line.name.startswith("Stream")):
-          kernels.append((ev.name, str(stats["hlo_op"]), float(ev.duration_ns)))
+          kernels.append((ev.name, str(stats["hlo_op"]), float(ev.duration_ns), stats))
   return kernels or ops
+
+
+def kernel_class(kernel: str) -> str:
+  """The category of a kernel no HLO instruction could be found for (a library's kernel inside
+  a CUDA graph), from its name."""
+  low = kernel.lower()
+  if "sdpa" in low or "fmha" in low or "flash" in low:
+    return "attention core (cuDNN) " + ("bwd" if "bprop" in low or "bwd" in low else "fwd")
+  if "conv" in low or "fprop" in low or "dgrad" in low or "wgrad" in low:
+    return "conv (cuDNN, unattributed)"
+  if "gemm" in low or "nvjet" in low or "cutlass" in low or "xmma" in low:
+    return "matmul (cuBLAS, unattributed)"
+  if "memcpy" in low or "memset" in low:
+    return "memcpy / memset"
+  return "unattributed"
+
+
+def _by_kernel_name(kernel: str, index: dict) -> dict:
+  """A kernel launched from a CUDA graph (hlo_op "command_buffer_N") is named after its fusion,
+  with "_N" for ".N" ("input_transpose_fusion_6" is input_transpose_fusion.6)."""
+  return index.get(kernel) or index.get(re.sub(r"_(\d+)$", r".\1", kernel)) or {}
 
 
 def summarise(events, index: dict, runs: int) -> dict:
   by_cat = collections.Counter()
   by_kernel = collections.Counter()
   count = collections.Counter()
-  for kernel, hlo, ns in events:
-    info = index.get(hlo, {})
-    cat = classify(info.get("op_name", ""), info.get("target", ""), kernel)
+  unmatched = collections.Counter()
+  for kernel, hlo, ns, stats in events:
+    info = index.get(hlo) or _by_kernel_name(kernel, index)
+    if not info:
+      unmatched[kernel] += ns
+    cat = classify(info["op_name"], info["target"], kernel) if info else kernel_class(kernel)
     by_cat[cat] += ns
     key = f"{cat} | {info.get('target') or info.get('opcode', '?')} | {kernel[:60]}"
     by_kernel[key] += ns
@@ -118,7 +161,8 @@ def summarise(events, index: dict, runs: int) -> dict:
   return {"runs": runs, "device_ms_per_run": ms(total),
           "categories": [{"category": c, "ms": ms(v), "share": v / total} for c, v in by_cat.most_common()],
           "top_kernels": [{"kernel": k, "ms": ms(v), "calls_per_run": count[k] / runs}
-                          for k, v in by_kernel.most_common(40)]}
+                          for k, v in by_kernel.most_common(40)],
+          "unmatched_ms": ms(sum(unmatched.values())), "unmatched_examples": [h for h, _ in unmatched.most_common(10)]}
 
 
 def build(args):
@@ -163,8 +207,13 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="float32")
   p.add_argument("--runs", type=int, default=3, help="profiled runs, after two warm-ups")
   p.add_argument("--out", default="bench_out/profile", help="summary JSON and the trace go here")
+  p.add_argument("--from-trace", nargs=2, metavar=("XPLANE", "HLO"), default=None,
+                 help="re-read a kept trace (.xplane.pb[.gz]) with its program's HLO text (hlo.txt[.gz])")
   args = p.parse_args(argv)
   import jax
+
+  if args.from_trace:
+    return reread(*args.from_trace, runs=args.runs)
 
   import sd15_configs
   if args.latent is None:
@@ -186,7 +235,12 @@ def main(argv=None) -> int:
   jax.profiler.stop_trace()
   xplane = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)[-1]
   index = hlo_index(compiled.as_text())
-  summary = summarise(device_events(xplane), index, args.runs)
+  events = device_events(xplane)
+  summary = summarise(events, index, args.runs)
+  summary["sample_events"] = [{"kernel": k[:80], "hlo_op": h, "stats": {a: str(b)[:120] for a, b in st.items()}}
+                              for k, h, _, st in events[:5]]
+  with gzip.open(os.path.join(args.out, "hlo.txt.gz"), "wt") as f:
+    f.write(compiled.as_text())
   summary.update({"workload": args.workload, "model": args.model, "batch": args.batch, "latent": args.latent,
                   "dtype": args.dtype, "wall_s_unprofiled": wall, "wall_s_all": walls, "flops": info.get("flops"),
                   "compile_s": info.get("compile_s"), "device": jax.devices()[0].device_kind, "xplane": xplane})
@@ -194,12 +248,36 @@ def main(argv=None) -> int:
     json.dump(summary, f, indent=2)
   print(f"{args.workload} {args.model} b{args.batch} {args.latent}x{args.latent} {args.dtype} on "
         f"{summary['device']}: wall {wall * 1e3:.1f} ms, device time {summary['device_ms_per_run']:.1f} ms per run")
+  show(summary)
+  return 0
+
+
+def _read(path: str, mode: str):
+  return gzip.open(path, mode) if path.endswith(".gz") else open(path, mode)
+
+
+def reread(xplane: str, hlo: str, runs: int) -> int:
+  """The table of a kept trace, e.g. one fetched from a GPU machine."""
+  import tempfile
+
+  with _read(hlo, "rt") as f:
+    index = hlo_index(f.read())
+  with _read(xplane, "rb") as f, tempfile.NamedTemporaryFile(suffix=".xplane.pb") as tmp:
+    tmp.write(f.read())
+    tmp.flush()
+    summary = summarise(device_events(tmp.name), index, runs)
+  print(f"{xplane}: device time {summary['device_ms_per_run']:.1f} ms per run "
+        f"(unattributed {summary['unmatched_ms']:.1f} ms)")
+  show(summary)
+  return 0
+
+
+def show(summary: dict) -> None:
   for c in summary["categories"]:
     print(f"  {c['category']:<28} {c['ms']:9.2f} ms  {100 * c['share']:5.1f}%")
   print("top kernels:")
   for k in summary["top_kernels"][:25]:
     print(f"  {k['ms']:9.2f} ms  x{k['calls_per_run']:<5g} {k['kernel']}")
-  return 0
 
 
 if __name__ == "__main__":

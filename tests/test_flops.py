@@ -43,3 +43,12 @@ def test_blocked_cpu_attention_is_counted_in_full(monkeypatch):
   assert _attention_matmul_flops(*shape) <= full
   # The switch is off again outside model_flops: the same function still traces the loop.
   assert "while" in jax.jit(fn).lower(q, q, q).as_text()
+
+
+def test_backend_without_lowered_cost_analysis_is_costed_on_cpu(monkeypatch):
+  # The CUDA plugin (PJRT C API) has no Lowered.cost_analysis: it returns None there, and the
+  # H100 benchmark then printed 0 FLOPs. The CPU client costs the same module instead.
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  a = jax.ShapeDtypeStruct((32, 48), jnp.float32)
+  b = jax.ShapeDtypeStruct((48, 16), jnp.float32)
+  assert flops.model_flops(jnp.matmul, a, b) == 2 * 32 * 48 * 16
