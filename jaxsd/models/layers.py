@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.models import cpu_conv
 from jaxsd.models.attention import Implementation, dot_product_attention
 
 Dtype = Any
@@ -90,10 +91,11 @@ class LayerNorm(nn.Module):
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, name: str | None = None,
          dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
-  """An nn.Conv with PyTorch's symmetric explicit padding (default: 'same' for odd kernels)."""
+  """An nn.Conv with PyTorch's symmetric explicit padding (default: 'same' for odd kernels); on the
+  CPU, small convolutions and their gradients run as matmuls (`cpu_conv`)."""
   p = (kernel - 1) // 2 if padding is None else padding
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), name=name,
-                 dtype=dtype, param_dtype=param_dtype)
+                 dtype=dtype, param_dtype=param_dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
 
 
 class Timesteps(nn.Module):
