@@ -213,7 +213,7 @@ def main(argv=None) -> int:
   import jax
 
   if args.from_trace:
-    return reread(*args.from_trace, runs=args.runs)
+    return reread(*args.from_trace, runs=args.runs, out=args.out)
 
   import sd15_configs
   if args.latent is None:
@@ -256,7 +256,7 @@ def _read(path: str, mode: str):
   return gzip.open(path, mode) if path.endswith(".gz") else open(path, mode)
 
 
-def reread(xplane: str, hlo: str, runs: int) -> int:
+def reread(xplane: str, hlo: str, runs: int, out: str) -> int:
   """The table of a kept trace, e.g. one fetched from a GPU machine."""
   import tempfile
 
@@ -266,6 +266,9 @@ def reread(xplane: str, hlo: str, runs: int) -> int:
     tmp.write(f.read())
     tmp.flush()
     summary = summarise(device_events(tmp.name), index, runs)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"xplane": xplane, **summary}, f, indent=2)
   print(f"{xplane}: device time {summary['device_ms_per_run']:.1f} ms per run "
         f"(unattributed {summary['unmatched_ms']:.1f} ms)")
   show(summary)
