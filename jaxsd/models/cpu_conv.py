@@ -67,7 +67,7 @@ def _xla_conv(x, w, strides, padding, precision):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _cpu_conv(x, w, strides, padding, precision):
-  return _cpu_conv_fwd(x, w, strides, padding, precision)[0]
+  return _matmul_conv(x, w, strides, padding, precision)
 
 
 def _cpu_conv_fwd(x, w, strides, padding, precision):
