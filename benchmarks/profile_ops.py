@@ -30,8 +30,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b(fusion|custom-call|convolution|dot|[a-z\-]+)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
-
-
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
@@ -72,11 +70,8 @@ _LAYER_KINDS = (  # (substring of a module path component, kind); the innermost 
 
 def classify(op_name: str, target: str = "", kernel: str = "") -> str:
   """A short category for one instruction: "<layer kind>[ core] fwd|bwd", or "optimizer", ..."""
-  low = (target + " " + kernel).lower()
   if not op_name:
-    if "fmha" in low or "sdpa" in low or "flash" in low:
-      return "attention core (cuDNN)" + (" bwd" if "bprop" in low or "backward" in low else "")
-    return "conv (no metadata)" if "conv" in low else "other (no metadata)"
+    return kernel_class(target + " " + kernel)
   direction = "bwd" if "transpose(" in op_name else "fwd"
   parts = op_name.split("/")
   kind = None
@@ -101,7 +96,7 @@ def classify(op_name: str, target: str = "", kernel: str = "") -> str:
 
 
 def device_events(xplane_path: str):
-  """[(kernel or thunk name, HLO instruction, duration in ns)] of the device's events: the GPU's
+  """[(kernel or thunk name, HLO instruction, duration in ns, stats)] of the device's events: the GPU's
   kernels on its stream lines (or, lacking their HLO names, the "XLA Ops" line), or the CPU's
   XLA thunks."""
   import jax
@@ -121,19 +116,19 @@ def device_events(xplane_path: str):
   return kernels or ops
 
 
-def kernel_class(kernel: str) -> str:
-  """The category of a kernel no HLO instruction could be found for (a library's kernel inside
-  a CUDA graph), from its name."""
-  low = kernel.lower()
+def kernel_class(name: str) -> str:
+  """The category of a kernel or instruction without a module path (no HLO metadata, or a
+  library's kernel inside a CUDA graph that no instruction is named after), from its name."""
+  low = name.lower()
   if "sdpa" in low or "fmha" in low or "flash" in low:
-    return "attention core (cuDNN) " + ("bwd" if "bprop" in low or "bwd" in low else "fwd")
+    return "attention core (cuDNN) " + ("bwd" if "bprop" in low or "backward" in low else "fwd")
   if "conv" in low or "fprop" in low or "dgrad" in low or "wgrad" in low:
-    return "conv (cuDNN, unattributed)"
-  if "gemm" in low or "nvjet" in low or "cutlass" in low or "xmma" in low:
-    return "matmul (cuBLAS, unattributed)"
+    return "conv (no module path)"
+  if "gemm" in low or "nvjet" in low or "cutlass" in low or "xmma" in low or "dot" in low:
+    return "matmul (no module path)"
   if "memcpy" in low or "memset" in low:
     return "memcpy / memset"
-  return "unattributed"
+  return "other (no module path)"
 
 
 def _by_kernel_name(kernel: str, index: dict) -> dict:
