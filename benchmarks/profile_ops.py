@@ -161,7 +161,7 @@ def summarise(events, index: dict, runs: int) -> dict:
 
 
 def build(args):
-  """(compiled, call) of the chosen workload, from the benchmark suite's own code."""
+  """(compiled, call, info) of the chosen workload, from the benchmark suite's own code."""
   import jax
 
   import model_folder
@@ -178,17 +178,9 @@ def build(args):
       holder["state"], m = compiled(holder["state"], batch, rng)
       jax.block_until_ready((holder["state"], m))
     return compiled, call, info
-  import jax.numpy as jnp
-
-  from jaxsd import pretrained
-  dtype = w._dtype(args.dtype)
-  module, params = pretrained.load_unet(os.path.join(spec["model"], "unet"), dtype)
-  k = jax.random.split(jax.random.key(0), 2)
-  x = jax.random.normal(k[0], (args.batch, args.latent, args.latent, module.config.in_channels)).astype(dtype)
-  ctx = jax.random.normal(k[1], (args.batch, 77, module.config.cross_attention_dim)).astype(dtype)
-  t = jnp.full((args.batch,), 500, jnp.int32)
-  compiled, info = w.compile_timed(lambda p, x, t, c: module.apply({"params": p}, x, t, c), params, x, t, ctx)
-  return compiled, lambda: compiled(params, x, t, ctx).block_until_ready(), info
+  fn, fargs = w._unet_forward_parts(spec)
+  compiled, info = w.compile_timed(fn, *fargs)
+  return compiled, lambda: compiled(*fargs).block_until_ready(), info
 
 
 def main(argv=None) -> int:

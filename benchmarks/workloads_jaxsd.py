@@ -60,7 +60,8 @@ def _device_facts() -> dict:
 # --- workloads -------------------------------------------------------------------------------
 
 
-def unet_forward(spec: dict) -> protocol.Case:
+def _unet_forward_parts(spec: dict):
+  """(function, its arguments) of one U-Net forward: params, latents, timesteps, context."""
   import jax
   import jax.numpy as jnp
 
@@ -73,8 +74,13 @@ def unet_forward(spec: dict) -> protocol.Case:
   x = jax.random.normal(k[0], (b, h, w, module.config.in_channels), jnp.float32).astype(dtype)
   ctx = jax.random.normal(k[1], (b, 77, module.config.cross_attention_dim), jnp.float32).astype(dtype)
   t = jnp.full((b,), 500, jnp.int32)
-  compiled, info = compile_timed(lambda p, x, t, c: module.apply({"params": p}, x, t, c), params, x, t, ctx)
-  return protocol.Case(lambda: protocol.timed(lambda: compiled(params, x, t, ctx).block_until_ready()), info)
+  return (lambda p, x, t, c: module.apply({"params": p}, x, t, c)), (params, x, t, ctx)
+
+
+def unet_forward(spec: dict) -> protocol.Case:
+  fn, args = _unet_forward_parts(spec)
+  compiled, info = compile_timed(fn, *args)
+  return protocol.Case(lambda: protocol.timed(lambda: compiled(*args).block_until_ready()), info)
 
 
 def _pipeline_and_args(spec: dict):
