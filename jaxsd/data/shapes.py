@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import math
 import random
+import re
 
 from etils import epath
 import numpy as np
@@ -27,6 +29,10 @@ COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 BACKGROUNDS = ("plain", "gradient")
+
+# The attributes a generated image is judged on (ClassLabel features of the dataset), with their classes.
+JUDGED = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS}
+_NAME = re.compile(r"^shapes/(32x32|64x64)(?:_n(\d+)_(\d+)_s(\d+))?$")
 
 # Saturated colours, far apart from each other and from the grey-ish backgrounds.
 RGB = {
@@ -76,6 +82,32 @@ def caption_for(shape: str, color: str, size: str | None = None,
   if position:
     caption += " " + POSITION_PHRASES[position]
   return caption
+
+
+def canonical_prompts() -> tuple[list[str], dict[str, np.ndarray]]:
+  """Every colour x shape x size x position as its canonical caption ("a large red circle in the
+  center"), and the class index of each attribute per prompt (for the judge)."""
+  prompts, labels = [], {a: [] for a in JUDGED}
+  for color, shape, size, position in itertools.product(COLORS, SHAPES, SIZES, POSITIONS):
+    prompts.append(caption_for(shape, color, size, position))
+    for a, v in (("shape", shape), ("color", color), ("size", size), ("position", position)):
+      labels[a].append(JUDGED[a].index(v))
+  return prompts, {a: np.asarray(v, np.int32) for a, v in labels.items()}
+
+
+def is_shapes(name: str) -> bool:
+  """Whether a TFDS name refers to this dataset ("shapes/32x32", "shapes/32x32_n512_128_s0", ...)."""
+  return bool(_NAME.match(name))
+
+
+def prepare_named(data_dir: str, name: str) -> tuple[str, "Shapes"]:
+  """`prepare_shapes` for a dataset name as `is_shapes` accepts it (the split sizes and seed in the name)."""
+  m = _NAME.match(name)
+  if not m:
+    raise ValueError(f"{name!r} is not a shapes dataset name (shapes/32x32, shapes/64x64, shapes/32x32_n<train>_<test>_s<seed>).")
+  size, n_train, n_test, seed = m.groups()
+  kw = {} if n_train is None else dict(num_train=int(n_train), num_test=int(n_test), seed=int(seed))
+  return prepare_shapes(data_dir, size, **kw)
 
 
 @dataclasses.dataclass

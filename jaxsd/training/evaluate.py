@@ -1,20 +1,22 @@
 """Evaluations of the stages: CLIP caption retrieval, VAE reconstruction, and whether samples follow prompts.
 
-The prompt-match check is a CLIP-score style test: the trained CLIP classifies each generated image
-zero-shot among every "a <colour> <shape>" caption; its accuracy on real test images of the same
-captions is the ceiling, 1/len(choices) the chance level.
+Samples are judged by an independent classifier (`judge.py`) per labelled attribute, with the trained
+CLIP's zero-shot verdict as a second column; the same judge scores real test images and VAE
+reconstructions, so each stage's ceiling stands beside the samples' score. A Fréchet distance of the
+judge's features measures the distribution of samples against real images.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import tokenizer as tok
+from jaxsd.training import judge as judge_lib
 
 
 def clip_retrieval(clip_model, clip_params, batches: Iterable[dict], max_examples: int) -> dict:
@@ -64,65 +66,107 @@ def _classifier(clip_model, clip_params, tokenizer, choices: list[str]):
   return classify
 
 
-def prompt_match(pipe, clip_model, clip_params, tokenizer, colors: list[str], shapes: list[str], *,
-                 images_per_prompt: int, sampler: str, steps: int, guidance_scale: float, seed: int,
-                 real_batches: Iterable[dict] | None = None, real_examples: int = 1000,
-                 prompt_fn=lambda color, shape: f"a {color} {shape}") -> dict:
-  """Generates `images_per_prompt` images for every "a <colour> <shape>" prompt and judges them with CLIP.
+def load_arrays(batches: Iterable[dict], keys: Sequence[str], max_examples: int | None = None) -> dict:
+  """Concatenates `keys` of a batch iterator (e.g. a test split's images, labels and captions)."""
+  out = {k: [] for k in keys}
+  n = 0
+  for batch in batches:
+    for k in keys:
+      out[k].append(np.asarray(batch[k]))
+    n += len(batch[keys[0]])
+    if max_examples is not None and n >= max_examples:
+      break
+  return {k: np.concatenate(v)[:max_examples] for k, v in out.items()}
 
-  Returns rows per prompt, overall colour/shape/both accuracies, the judge's accuracy on real test
-  images (its ceiling), chance levels, and the generated images (uint8, prompt-major) for a grid.
-  """
-  pairs = list(itertools.product(colors, shapes))
-  choices = [prompt_fn(c, s) for c, s in pairs]
-  classify = _classifier(clip_model, clip_params, tokenizer, choices)
+
+def clip_attribute_judge(clip_model, clip_params, tokenizer, attributes: dict, prompt_fn):
+  """CLIP as a zero-shot judge: each image is given the caption (among every combination of
+  `attributes`' classes, phrased by `prompt_fn(**names)`) it scores highest; returns
+  `judge(images, labels) -> {attribute: bool per image}`."""
+  names = list(attributes)
+  combos = list(itertools.product(*(range(len(attributes[a])) for a in names)))
+  captions = [prompt_fn(**{a: attributes[a][i] for a, i in zip(names, c)}) for c in combos]
+  classify = _classifier(clip_model, clip_params, tokenizer, captions)
+  combos = np.asarray(combos)
+
+  def judge(images_m11: np.ndarray, labels: dict) -> dict:
+    pred = np.concatenate([classify(images_m11[i:i + 500]) for i in range(0, len(images_m11), 500)])
+    return {a: combos[pred, k] == np.asarray(labels[a]) for k, a in enumerate(names)}
+
+  return judge
+
+
+def _generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
+              batch_size: int = 250) -> np.ndarray:
+  """uint8 images for `prompts`, in batches of one size (one compiled program); batch i uses seed + i."""
   size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-  prompts = [p for p in choices for _ in range(images_per_prompt)]
-  images = pipe(prompts, height=size, width=size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                seed=seed, output="np")
-  pred = classify(images.astype(np.float32) / 127.5 - 1.0)
-  truth = np.repeat(np.arange(len(pairs)), images_per_prompt)
-  color_ok = np.array([pairs[p][0] == pairs[t][0] for p, t in zip(pred, truth)])
-  shape_ok = np.array([pairs[p][1] == pairs[t][1] for p, t in zip(pred, truth)])
+  out = []
+  for i in range(0, len(prompts), batch_size):
+    chunk = list(prompts[i:i + batch_size])
+    pad = batch_size - len(chunk) if len(prompts) > batch_size else 0
+    images = pipe(chunk + chunk[:1] * pad, height=size, width=size, steps=steps, guidance_scale=guidance_scale,
+                  sampler=sampler, seed=seed + i // batch_size, output="np")
+    out.append(images[:len(chunk)])
+  return np.concatenate(out)
+
+
+def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: str, steps: int,
+                 guidance_scale: float, seed: int, images_per_prompt: int = 1, clip_judge=None) -> dict:
+  """Generates `images_per_prompt` images per prompt and asks the independent `judge` whether each shows
+  the labelled class of every attribute (and `clip_judge`, the trained CLIP, as a second opinion).
+
+  Returns per-prompt rows, per-attribute and all-correct accuracies, and the images (prompt-major).
+  """
+  prompts = [p for p in prompts for _ in range(images_per_prompt)]
+  labels = {a: np.repeat(np.asarray(v), images_per_prompt) for a, v in labels.items()}
+  images = _generate(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
+  x = images.astype(np.float32) / 127.5 - 1.0
+  ok = judge.correct(x, labels)
+  clip_ok = {f"clip_{a}": v for a, v in clip_judge(x, labels).items()} if clip_judge is not None else {}
+  cols = {**ok, **clip_ok}
   rows = []
-  for i, prompt in enumerate(choices):
-    sl = slice(i * images_per_prompt, (i + 1) * images_per_prompt)
-    rows.append({"prompt": prompt, "color": float(color_ok[sl].mean()), "shape": float(shape_ok[sl].mean()),
-                 "both": float((color_ok[sl] & shape_ok[sl]).mean())})
-  result = {"rows": rows, "color_accuracy": float(color_ok.mean()), "shape_accuracy": float(shape_ok.mean()),
-            "both_accuracy": float((color_ok & shape_ok).mean()), "chance_color": 1 / len(colors),
-            "chance_shape": 1 / len(shapes), "chance_both": 1 / len(pairs), "images": images}
-  if real_batches is not None:
-    result.update(_judge_on_real(classify, pairs, colors, shapes, real_batches, real_examples))
+  for i in range(0, len(prompts), images_per_prompt):
+    sl = slice(i, i + images_per_prompt)
+    rows.append({"prompt": prompts[i], **{k: float(v[sl].mean()) for k, v in cols.items()}})
+  result = {"rows": rows, "images": images, "num_images": len(prompts)}
+  result.update({f"{k}_accuracy": float(v.mean()) for k, v in cols.items()})
   return result
 
 
-def _judge_on_real(classify, pairs, colors, shapes, batches, max_examples) -> dict:
-  c_ok = s_ok = b_ok = n = 0
-  for batch in batches:
-    pred = classify(batch["image"])
-    for p, ci, si in zip(pred, batch["color"], batch["shape"]):
-      pc, ps = pairs[p]
-      c_ok += pc == colors[ci]
-      s_ok += ps == shapes[si]
-      b_ok += pc == colors[ci] and ps == shapes[si]
-      n += 1
-    if n >= max_examples:
-      break
-  return {"real_color_accuracy": c_ok / max(n, 1), "real_shape_accuracy": s_ok / max(n, 1),
-          "real_both_accuracy": b_ok / max(n, 1)}
+def sample_fid(pipe, judge, captions: Sequence[str], real_features: np.ndarray, *, sampler: str, steps: int,
+               guidance_scale: float, seed: int) -> float:
+  """Fréchet distance between the judge's features of images generated for `captions` and of real images."""
+  images = _generate(pipe, captions, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
+  return judge_lib.frechet_distance(judge.features(images.astype(np.float32) / 127.5 - 1.0), real_features)
 
 
-def prompt_match_table(result: dict) -> str:
-  """A markdown table of the prompt-match result."""
-  lines = ["| prompt | colour match | shape match | both |", "|---|---|---|---|"]
-  for r in result["rows"]:
-    lines.append(f"| {r['prompt']} | {r['color']:.2f} | {r['shape']:.2f} | {r['both']:.2f} |")
-  lines.append(f"| **all generated** | **{result['color_accuracy']:.3f}** | **{result['shape_accuracy']:.3f}** | "
-               f"**{result['both_accuracy']:.3f}** |")
-  if "real_color_accuracy" in result:
-    lines.append(f"| real test images (judge's ceiling) | {result['real_color_accuracy']:.3f} | "
-                 f"{result['real_shape_accuracy']:.3f} | {result['real_both_accuracy']:.3f} |")
-  lines.append(f"| chance | {result['chance_color']:.3f} | {result['chance_shape']:.3f} | "
-               f"{result['chance_both']:.3f} |")
+def reconstruct(vae, vae_params, images: np.ndarray, batch: int = 500) -> np.ndarray:
+  """VAE reconstructions (posterior mode) of images in [-1, 1], quantised to uint8 levels as samples are."""
+  fn = jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method=vae.encode).mode(),
+                                      method=vae.decode))
+  rec = np.concatenate([np.asarray(fn(vae_params, jnp.asarray(images[i:i + batch]))) for i in
+                        range(0, len(images), batch)])
+  return np.round((np.clip(rec, -1, 1) + 1) * 127.5) / 127.5 - 1.0
+
+
+def summary_table(result: dict, attributes: Sequence[str], group_by: Sequence[str], ceilings: dict) -> str:
+  """Markdown: judged accuracies per group of prompts (e.g. per colour x shape), overall, and the
+  ceilings (real test images, VAE reconstructions) and chance levels below."""
+  cols = list(attributes) + ["all"] + [k[:-len("_accuracy")] for k in result if k.startswith("clip_")
+                                        and k.endswith("_accuracy")]
+  head = ["| prompts | n | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+          "|---|---|" + "---|" * len(cols)]
+  groups: dict = {}
+  for r, lab in zip(result["rows"], result.get("row_labels", [{}] * len(result["rows"]))):
+    key = " ".join(str(lab.get(g, "")) for g in group_by) or r["prompt"]
+    groups.setdefault(key, []).append(r)
+  lines = list(head)
+  for key, rows in groups.items():
+    vals = [np.mean([r[c] for r in rows]) for c in cols]
+    lines.append(f"| {key} | {len(rows)} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+  lines.append(f"| **all generated** | {result['num_images']} | " +
+               " | ".join(f"**{result[c + '_accuracy']:.3f}**" for c in cols) + " |")
+  for name, acc in ceilings.items():
+    lines.append(f"| {name} | {acc.get('n', '')} | " +
+                 " | ".join(f"{acc[c]:.3f}" if c in acc else "" for c in cols) + " |")
   return "\n".join(lines)

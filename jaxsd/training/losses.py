@@ -30,6 +30,13 @@ def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_wei
   return loss, {"l1": l1, "mse": l2, "kl": kl}
 
 
+def drop_captions(rng: jax.Array, input_ids: jax.Array, empty_ids: jax.Array, rate: float) -> jax.Array:
+  """Replaces each caption by the empty one with probability `rate`, so that the U-Net also learns the
+  unconditional prediction classifier-free guidance needs (Ho & Salimans 2022)."""
+  drop = jax.random.uniform(rng, (input_ids.shape[0], 1)) < rate
+  return jnp.where(drop, empty_ids, input_ids)
+
+
 def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
   """Min-SNR-gamma loss weights (Hang et al. 2023), for the epsilon or v objective."""
   snr = schedules.snr(alphas_cumprod, t)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import itertools
 import time
 
 import jax
@@ -31,13 +31,15 @@ from jaxsd.diffusion import SchedulerConfig
 from jaxsd.generate import contact_sheet
 from jaxsd.pipeline import StableDiffusion, check_model_folder
 from jaxsd.training import evaluate, export, stages
+from jaxsd.training import judge as judge_lib
+from jaxsd.training import metrics as metrics_lib
+from jaxsd.training import quality as quality_lib
 from jaxsd.training.loop import PeriodicCallback, benchmark, peak_flops_per_device, train_loop
 from jaxsd.training.optimizer import make_optimizer
 from jaxsd.training import sharding
 
 log = logging.getLogger(__name__)
 STAGES = ("clip", "vae", "unet")
-_SHAPES_NAME = re.compile(r"^shapes/(32x32|64x64)(?:_n(\d+)_(\d+)_s(\d+))?$")
 
 
 class ConfigError(ValueError):
@@ -64,12 +66,9 @@ def data_dir(cfg) -> str:
 
 def ensure_dataset(cfg) -> None:
   """Prepares the built-in `shapes` when asked for; any other dataset must be prepared already."""
-  m = _SHAPES_NAME.match(cfg.data.name)
-  if m:
-    size, n_train, n_test, seed = m.groups()
-    kw = {} if n_train is None else dict(num_train=int(n_train), num_test=int(n_test), seed=int(seed))
+  if shapes_data.is_shapes(cfg.data.name):
     t0 = time.time()
-    shapes_data.prepare_shapes(data_dir(cfg), size, **kw)
+    shapes_data.prepare_named(data_dir(cfg), cfg.data.name)
     log.info("shapes dataset ready in %.1f s", time.time() - t0)
     return
   prepared = input_pipeline.list_prepared(data_dir(cfg))
@@ -268,6 +267,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
 
   prompts = _fixed_prompts(cfg)
   samples_dir = os.path.join(workdir, "samples")
+  quality = _quality_eval(cfg, workdir, tokenizer)[0] if _judged(cfg) else None
 
   sampling_pipe = StableDiffusion(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler)
 
@@ -282,6 +282,11 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     os.makedirs(samples_dir, exist_ok=True)
     Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
     writer.write_images(step, {"samples": grid})
+    if quality is not None and step < cfg.unet.steps:  # the final point is the report's
+      scores = quality(pipe, final=False)
+      scores.pop("prompt_match")
+      log.info("step %d: %s", step, json.dumps(scores))
+      writer.write_scalars(step, scores)
 
   callbacks = [PeriodicCallback(cfg.unet.sample_every, write_samples)] if cfg.unet.sample_every else []
   t0 = time.time()
@@ -300,7 +305,7 @@ class _NullWriter:
 
 
 def _is_shapes(cfg) -> bool:
-  return bool(_SHAPES_NAME.match(cfg.data.name))
+  return shapes_data.is_shapes(cfg.data.name)
 
 
 def _fixed_prompts(cfg) -> list[str]:
@@ -365,7 +370,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     results[name] = runner(cfg, workdir, mesh, tokenizer)
     if cfg.benchmark_steps:
       return results[name]
-  if "unet" in results and not cfg.init and _is_shapes(cfg) and os.path.isdir(os.path.join(workdir, "model", "clip")):
+  if "unet" in results and not cfg.init and _judged(cfg) and os.path.isdir(os.path.join(workdir, "model", "clip")):
     results["prompt_match"] = report(cfg, workdir, tokenizer)
   results["wall_seconds_this_run"] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -373,25 +378,109 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def report(cfg, workdir, tokenizer) -> dict:
-  """Samples for every colour x shape prompt, judged by the trained CLIP; writes report.md and a grid."""
+def _judged(cfg) -> bool:
+  return bool(cfg.eval.judge) and _is_shapes(cfg)
+
+
+def _quality_eval(cfg, workdir, tokenizer):
+  """The independent judge of `shapes` (trained once, cached in DIR/judge) and what it scores samples on:
+  every canonical prompt, and `eval.fid_images` test captions for the shapes-FID."""
+  attrs = tuple(shapes_data.JUDGED)
+
+  def load_split(split):
+    arrays = _labelled_arrays(cfg, tokenizer, split, attrs, cfg.eval.judge_train_examples if split == "train" else None)
+    return arrays["image"], arrays
+
+  judge = judge_lib.load_or_train(os.path.join(workdir, "judge"), cfg.data.name, load_split, attrs,
+                                  shapes_data.JUDGED, steps=cfg.eval.judge_steps, seed=cfg.seed)
+  test = _labelled_arrays(cfg, tokenizer, "test", attrs, None, captions=True)
+  prompts, labels = shapes_data.canonical_prompts()
   c = cfg.unet
+  ev, floors = quality_lib.build(judge, prompts, labels, test["image"], [str(x) for x in test["caption"]],
+                                 fid_images=cfg.eval.fid_images, sampler=c.sampler, steps=c.sample_steps,
+                                 guidance_scale=c.guidance_scale, seed=cfg.seed + 1,
+                                 images_per_prompt=cfg.eval.images_per_prompt,
+                                 periodic_fid_images=cfg.eval.periodic_fid_images)
+  return ev, floors, test
+
+
+def _labelled_arrays(cfg, tokenizer, split, attrs, max_examples, captions=False) -> dict:
+  d = cfg.data
+  pipeline = input_pipeline.make_dataset(
+      cfg.data.name, global_batch_size=500, image_size=d.image_size, data_dir=data_dir(cfg),
+      split=d.train_split if split == "train" else d.test_split, train=False, tokenizer=tokenizer,
+      image_key=d.image_key, caption_key=d.caption_key, label_keys=attrs, return_captions=captions,
+      num_threads=d.num_threads, drop_remainder=False, max_length=_text_length(cfg))
+  it = iter(pipeline)
+  keys = ("image", *attrs) + (("caption",) if captions else ())
+  arrays = evaluate.load_arrays(it, keys, max_examples)
+  it.close()
+  return arrays
+
+
+def report(cfg, workdir, tokenizer) -> dict:
+  """The U-Net's samples judged: every canonical prompt scored per attribute by the independent judge
+  (the trained CLIP beside it), the shapes-FID, each stage's ceiling on real data; report.md, a plot."""
   pipe = export.load_workdir_pipeline(workdir)
+  quality, floors, test = _quality_eval(cfg, workdir, tokenizer)
+  judge = quality.judge
   clip_model, clip_params = pretrained.load_clip(os.path.join(export.model_dir(workdir), "clip"))
-  real = make_input(cfg, "clip", tokenizer, train=False, batch_size=100, labels=("color", "shape"))
-  real_it = iter(real)
-  result = evaluate.prompt_match(
-      pipe, clip_model, clip_params, tokenizer, list(shapes_data.COLORS), list(shapes_data.SHAPES),
-      images_per_prompt=c.eval_images_per_prompt, sampler=c.sampler, steps=c.sample_steps,
-      guidance_scale=c.guidance_scale, seed=cfg.seed + 1, real_batches=_numeric(real_it), real_examples=1000,
-      prompt_fn=lambda color, shape: shapes_data.caption_for(shape, color))
-  real_it.close()
-  images = result.pop("images")
-  grid = contact_sheet(images, columns=c.eval_images_per_prompt * len(shapes_data.SHAPES))
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  Image.fromarray(grid).save(os.path.join(workdir, "samples", "prompt_match_grid.png"))
-  table = evaluate.prompt_match_table(result)
+  clip_attrs = {"color": shapes_data.COLORS, "shape": shapes_data.SHAPES}
+  clip_judge = evaluate.clip_attribute_judge(clip_model, clip_params, tokenizer, clip_attrs,
+                                             lambda color, shape: shapes_data.caption_for(shape, color))
+  labels = {a: test[a] for a in judge.attributes}
+  recon = evaluate.reconstruct(pipe.vae, pipe.vae_params, test["image"])
+  ceilings = {}
+  for name, images in (("real test images (ceiling)", test["image"]), ("VAE reconstructions of them", recon)):
+    acc = judge.accuracy(images, labels)
+    acc.update({f"clip_{a}": float(v.mean()) for a, v in clip_judge(images, labels).items()})
+    ceilings[name] = dict(acc, n=len(images))
+  chance = {a: 1 / len(shapes_data.JUDGED[a]) for a in judge.attributes}
+  chance["all"] = float(np.prod(list(chance.values())))
+  ceilings["chance"] = dict(chance, clip_color=chance["color"], clip_shape=chance["shape"])
+
+  scores = quality(pipe, clip_judge)
+  match = scores.pop("prompt_match")
+  step = int(_done(workdir, "unet")["steps"])
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, "unet"))
+  writer.write_scalars(step, scores)
+  writer.close()
+  history = {}
+  for row in metrics_lib.read_jsonl(os.path.join(workdir, "unet", "metrics.jsonl")):
+    if "judge_all_accuracy" in row:
+      history[row["step"]] = row  # a later line for the same step (a resumed run) wins
+  samples_dir = os.path.join(workdir, "samples")
+  os.makedirs(samples_dir, exist_ok=True)
+  quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"),
+                   fid_floor=floors["fid_real_vs_real"])
+  images = match.pop("images")
+  per_row = len(shapes_data.SIZES) * len(shapes_data.POSITIONS) * cfg.eval.images_per_prompt
+  Image.fromarray(contact_sheet(images, columns=per_row)).save(os.path.join(samples_dir, "prompt_match_grid.png"))
+
+  prompts, _ = shapes_data.canonical_prompts()
+  match["row_labels"] = [dict(zip(("color", "shape", "size", "position"), combo)) for combo in
+                         itertools.product(shapes_data.COLORS, shapes_data.SHAPES, shapes_data.SIZES,
+                                           shapes_data.POSITIONS)]
+  table = evaluate.summary_table(match, judge.attributes, ("color", "shape"), ceilings)
+  by_attr = {}
+  for attr in ("size", "position"):
+    by_attr[attr] = evaluate.summary_table(match, judge.attributes, (attr,), {})
+  match.pop("row_labels")
+  fid_line = (f"shapes-FID (judge features, {floors['fid_images']} samples of test captions vs "
+              f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
+              f"(the two halves of the test split, the floor): {floors['fid_real_vs_real']:.2f}; "
+              f"ratio {scores['fid'] / floors['fid_real_vs_real']:.2f}.") if "fid" in scores else ""
   with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("# Prompt match (trained CLIP as zero-shot judge)\n\n" + table + "\n")
+    f.write(f"# How well the model draws what it is asked for (U-Net step {step})\n\n"
+            f"Every canonical prompt (colour x shape x size x position, {cfg.eval.images_per_prompt} image(s) each), "
+            f"sampled with the EMA U-Net ({cfg.unet.sampler}, {cfg.unet.sample_steps} steps, guidance "
+            f"{cfg.unet.guidance_scale}), judged by an independent classifier trained on the dataset's labels "
+            f"(`judge/`; it shares nothing with the model). The `clip` columns are the trained CLIP's zero-shot "
+            f"verdict among every colour x shape caption (a second opinion; it is part of the model).\n\n"
+            f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
+            f"## By size\n\n{by_attr['size']}\n\n## By position\n\n{by_attr['position']}\n\n"
+            f"## Samples\n\nOne row per colour x shape; columns: small then large, each at left, right, top, "
+            f"bottom, center.\n\n![prompt match](samples/prompt_match_grid.png)\n")
   print(table)
-  return result
+  print(fid_line)
+  return dict(scores, rows=match["rows"], ceilings=ceilings, **floors, judge=judge.meta)

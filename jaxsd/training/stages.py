@@ -129,9 +129,7 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
     k_post, k_drop, k_noise = jax.random.split(rng, 3)
     post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
     latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
-    ids = batch["input_ids"]
-    drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < c.caption_dropout
-    ids = jnp.where(drop, empty_ids, ids)
+    ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
     context = jax.lax.stop_gradient(text_encoder.apply({"params": frozen["text"]}, ids).last_hidden_state)
     unet_fn = lambda x, t, ctx: unet.apply({"params": params}, x.astype(unet.dtype), t, ctx)
     return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,

@@ -41,39 +41,49 @@ def get_config():
 
   # Stage 1: contrastive CLIP, the text encoder of the later stages and the judge of the samples.
   c.clip = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64,
-      optimizer=_optimizer(1e-3, 400, 40),
+      steps=200, batch_size=64,
+      optimizer=_optimizer(1e-3, 200, 20),
       text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
       vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=32, patch_size=4, hidden_act="quick_gelu"),
+                  image_size=32, patch_size=8, hidden_act="quick_gelu"),
       projection_dim=128,
       eval_examples=1000,  # zero-shot caption retrieval on the test split, in groups of 100
   ))
 
-  # Stage 2: the KL autoencoder; 32x32x3 images -> 8x8x4 latents.
+  # Stage 2: the KL autoencoder; 32x32x3 images -> 16x16x4 latents.
   c.vae = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=32,
-      optimizer=_optimizer(1e-3, 400, 40),
-      block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+      steps=500, batch_size=32,
+      optimizer=_optimizer(1e-3, 500, 50),
+      block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
       kl_weight=1e-6, l1_weight=1.0, l2_weight=1.0,
       eval_examples=1000,
   ))
 
   # Stage 3: latent diffusion with the frozen VAE and CLIP text encoder.
   c.unet = ml_collections.ConfigDict(dict(
-      steps=1200, batch_size=32,
-      optimizer=_optimizer(1e-3, 1200, 100),
-      block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
-      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+      steps=800, batch_size=32,
+      optimizer=_optimizer(1e-3, 800, 80),
+      block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
+      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
       prediction_type="epsilon",  # or "v_prediction"
       min_snr_gamma=5.0,  # 0 disables min-SNR weighting
       caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
       ema_decay=0.999,
       gradient_checkpointing=False,
       sample_every=400,  # sample grid for the fixed prompts every N steps (0: only at the end)
-      sampler="dpmpp_2m", sample_steps=20, guidance_scale=4.0,
-      eval_images_per_prompt=4,
+      sampler="dpmpp_2m", sample_steps=12, guidance_scale=4.0,
+  ))
+
+  # Judging the samples (shapes only): an independent classifier trained on the dataset's labels scores
+  # every canonical prompt per attribute, and its features give a shapes-FID; at every sample point
+  # of the U-Net stage and in the final report.
+  c.eval = ml_collections.ConfigDict(dict(
+      judge=True,
+      judge_steps=1000, judge_train_examples=20000,
+      images_per_prompt=1,  # x 180 canonical prompts (colour x shape x size x position)
+      fid_images=1000,  # samples of test captions, against as many other real test images
+      periodic_fid_images=250,  # the same, during training (sampling 1,000 images costs minutes on a CPU)
   ))
   return c

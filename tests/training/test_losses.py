@@ -1,0 +1,111 @@
+"""The training objectives against independent formulas: diffusers' recipes, numpy, torch.distributions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from jaxsd.diffusion import SchedulerConfig, alphas_cumprod, schedules
+from jaxsd.models.vae import DiagonalGaussianDistribution
+from jaxsd.training import losses
+
+
+def _scheduler():
+  return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_match_diffusers_recipe(prediction_type, gamma):
+  """diffusers' examples/text_to_image/train_text_to_image.py: min(snr, gamma) / snr (eps), / (snr + 1) (v)."""
+  sched = _scheduler()
+  t = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
+  snr = compute_snr(sched, t)
+  w = torch.stack([snr, gamma * torch.ones_like(t)], dim=1).min(dim=1)[0]
+  w = w / snr if prediction_type == "epsilon" else w / (snr + 1)
+  ac = jnp.asarray(alphas_cumprod(SchedulerConfig()))
+  ours = losses.min_snr_weights(ac, jnp.asarray(t.numpy()), gamma, prediction_type)
+  np.testing.assert_allclose(np.asarray(ours), w.numpy(), rtol=2e-5)
+
+
+def test_v_target_matches_diffusers_get_velocity():
+  sched = _scheduler()
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+  noise = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+  t = np.array([0, 300, 600, 999])
+  ref = sched.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+  ac = jnp.asarray(alphas_cumprod(SchedulerConfig()))
+  ours = schedules.velocity(ac, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-6)
+
+
+def test_infonce_matches_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((7, 7)).astype(np.float32) * 3
+
+  def xent(l):  # rows are predictions, the diagonal is the label
+    l = l - l.max(1, keepdims=True)
+    return -(np.diag(l) - np.log(np.exp(l).sum(1))).mean()
+
+  ref = (xent(logits) + xent(logits.T)) / 2
+  np.testing.assert_allclose(float(losses.clip_contrastive_loss(jnp.asarray(logits))), ref, rtol=1e-5)
+  # A batch whose pairs are matched with a clear margin has a loss near 0; an uninformed one log(n).
+  assert float(losses.clip_contrastive_loss(jnp.eye(7) * 50)) < 1e-6
+  np.testing.assert_allclose(float(losses.clip_contrastive_loss(jnp.zeros((7, 7)))), np.log(7), rtol=1e-6)
+
+
+def test_vae_kl_matches_closed_form_and_torch():
+  rng = np.random.default_rng(2)
+  mean = rng.standard_normal((3, 4, 4, 2)).astype(np.float32)
+  logvar = rng.uniform(-3, 2, (3, 4, 4, 2)).astype(np.float32)
+  post = DiagonalGaussianDistribution.from_moments(jnp.concatenate([mean, logvar], -1))
+  closed = 0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar).sum(axis=(1, 2, 3))
+  q = torch.distributions.Normal(torch.from_numpy(mean), torch.from_numpy(np.exp(0.5 * logvar)))
+  p = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
+  ref = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3)).numpy()
+  np.testing.assert_allclose(closed, ref, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(post.kl()), ref, rtol=1e-5)
+  loss, aux = losses.vae_loss(jnp.zeros((3, 2, 2, 3)), jnp.ones((3, 2, 2, 3)), post.kl(), 0.5, 1.0, 2.0)
+  np.testing.assert_allclose(float(loss), 1.0 + 2.0 + 0.5 * ref.mean(), rtol=1e-5)
+  assert float(aux["l1"]) == 1.0 and float(aux["mse"]) == 1.0
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_caption_dropout_rate(rate):
+  """Over 20,000 draws the fraction of empty captions is the rate within 4 standard errors; kept rows
+  are unchanged and dropped rows are exactly the empty caption."""
+  n = 20_000
+  ids = jnp.tile(jnp.arange(1, 9)[None], (n, 1))
+  empty = jnp.zeros((1, 8), jnp.int32)
+  out = np.asarray(jax.jit(losses.drop_captions, static_argnums=3)(jax.random.key(0), ids, empty, rate))
+  dropped = (out == 0).all(1)
+  kept = (out == np.arange(1, 9)).all(1)
+  assert (dropped | kept).all()
+  assert abs(dropped.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+  assert not np.asarray(losses.drop_captions(jax.random.key(1), ids, empty, 0.0) == 0).any()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_is_zero_for_the_perfect_predictor(prediction_type):
+  """The loss uses the right target: a U-Net that returns exactly the target has loss 0, one that
+  returns the other target does not."""
+  ac = jnp.asarray(alphas_cumprod(SchedulerConfig()))
+  latents = jax.random.normal(jax.random.key(3), (4, 4, 4, 2))
+  rng = jax.random.key(4)
+  # Recreate the draws diffusion_loss makes from `rng`, to hand the "U-Net" the true noise.
+  t_rng, n_rng = jax.random.split(rng)
+  t = jax.random.randint(t_rng, (4,), 0, ac.shape[0])
+  noise = jax.random.normal(n_rng, latents.shape, jnp.float32)
+  eps_fn = lambda x, tt, c: noise  # noqa: E731
+  v_fn = lambda x, tt, c: schedules.velocity(ac, latents, noise, t)  # noqa: E731
+  right, wrong = (eps_fn, v_fn) if prediction_type == "epsilon" else (v_fn, eps_fn)
+  loss, _ = losses.diffusion_loss(right, ac, latents, None, rng, prediction_type=prediction_type, min_snr_gamma=5.0)
+  assert float(loss) < 1e-10
+  loss, _ = losses.diffusion_loss(wrong, ac, latents, None, rng, prediction_type=prediction_type, min_snr_gamma=5.0)
+  assert float(loss) > 1e-3
