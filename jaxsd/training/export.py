@@ -112,10 +112,16 @@ def load_workdir_pipeline(workdir: str, dtype=jnp.float32, **kwargs):
     try:
       state = ocp.StandardCheckpointer().restore(state_dir)  # no target: plain dicts, enough for params
       params = state.get("ema_params") or state["params"]
+      text = None
+      if set(params) == {"unet", "text_encoder"}:  # the text encoder was trained with the U-Net
+        params, text = params["unet"], params["text_encoder"]
       want = jax.tree.structure(pipe.unet_params)
-      if jax.tree.structure(params) != want:
+      if jax.tree.structure(params) != want or (
+          text is not None and jax.tree.structure(text) != jax.tree.structure(pipe.text_encoder_params)):
         raise ValueError("the checkpoint's U-Net does not match the exported config")
       pipe.unet_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), params, pipe.unet_params)
+      if text is not None:
+        pipe.text_encoder_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), text, pipe.text_encoder_params)
       log.info("U-Net from %s (step %d, %s).", state_dir, step, "EMA" if state.get("ema_params") else "raw")
     except Exception as e:  # pylint: disable=broad-except
       log.warning("Could not use the U-Net checkpoint at %s (%s); using the exported U-Net.", state_dir, e)

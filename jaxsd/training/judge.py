@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -189,7 +190,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   mu_a, mu_b = a.mean(0), b.mean(0)
   s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  covmean = scipy.linalg.sqrtm(s_a @ s_b)
+  with warnings.catch_warnings():  # dead ReLU features make both covariances singular: expected, harmless
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b)
   if not np.isfinite(covmean).all():  # near-singular product: regularise as the reference FID code does
     eps = np.eye(len(s_a)) * 1e-6
     covmean = scipy.linalg.sqrtm((s_a + eps) @ (s_b + eps))

@@ -262,7 +262,8 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   if not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
     # Export the starting U-Net, so `python -m sample --model <workdir>` works from the first checkpoint on
     # (it swaps in the newest checkpoint's EMA weights).
-    start = unet_params if unet_params is not None else jax.jit(stage.init_params)(jax.random.key(cfg.seed))
+    start = unet_params if unet_params is not None else stages.split_unet_params(
+        jax.jit(stage.init_params)(jax.random.key(cfg.seed)))[0]
     export.export_component(workdir, "unet", unet, start, step=0)
 
   prompts = _fixed_prompts(cfg)
@@ -273,7 +274,10 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
 
   def write_samples(step, state, writer):
     # One pipeline object for every grid: its compiled program is reused, only the params change.
-    sampling_pipe.unet_params = state.ema_params if state.ema_params is not None else state.params
+    params = state.ema_params if state.ema_params is not None else state.params
+    sampling_pipe.unet_params, trained_te = stages.split_unet_params(params)
+    if trained_te is not None:
+      sampling_pipe.text_encoder_params = trained_te
     pipe = sampling_pipe
     size = cfg.data.image_size
     images = pipe(prompts, height=size, width=size, steps=cfg.unet.sample_steps, sampler=cfg.unet.sampler,
@@ -293,8 +297,11 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None, callbacks=callbacks)
   it.close()
   state = res.state
-  final = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
-  export.export_component(workdir, "unet", unet, final, res.step)
+  final_unet, final_te = stages.split_unet_params(
+      jax.device_get(state.ema_params if state.ema_params is not None else state.params))
+  if final_te is not None:
+    export.export_component(workdir, "text_encoder", te, final_te, res.step)
+  export.export_component(workdir, "unet", unet, final_unet, res.step)
   write_samples(res.step, state, _NullWriter())
   return _finish(workdir, "unet", dict(_run_facts(res, t0), ema=state.ema_params is not None))
 

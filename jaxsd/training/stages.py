@@ -119,25 +119,49 @@ def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> 
 
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
                text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None) -> Stage:
-  """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net."""
+  """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net.
+
+  With `cfg.unet.train_text_encoder` the text encoder is trained with the U-Net on the diffusion loss
+  (Rombach et al. 2022 trained their text transformer jointly): the params are then
+  {"unet": ..., "text_encoder": ...}, starting from `text_params`; otherwise the text encoder is frozen
+  and the params are the U-Net's alone.
+  """
   c = cfg.unet
   ac = jnp.asarray(alphas_cumprod(scheduler))
   empty_ids = jnp.asarray(tok.tokenize(tokenizer, [""], max_length=text_encoder.config.max_position_embeddings))
   scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+  joint = bool(c.get("train_text_encoder", False))
 
   def loss_fn(params, batch, rng, frozen):
     k_post, k_drop, k_noise = jax.random.split(rng, 3)
     post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
     latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
     ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
-    context = jax.lax.stop_gradient(text_encoder.apply({"params": frozen["text"]}, ids).last_hidden_state)
-    unet_fn = lambda x, t, ctx: unet.apply({"params": params}, x.astype(unet.dtype), t, ctx)
+    unet_params, text = (params["unet"], params["text_encoder"]) if joint else (params, frozen["text"])
+    context = text_encoder.apply({"params": text}, ids).last_hidden_state
+    if not joint:
+      context = jax.lax.stop_gradient(context)
+    unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x.astype(unet.dtype), t, ctx)
     return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,
                                  min_snr_gamma=c.min_snr_gamma or None)
 
-  return Stage("unet", lambda rng: pretrained.init_params(unet, rng), loss_fn,
-               frozen={"vae": vae_params, "text": text_params}, initial_params=initial_params,
+  if joint:
+    init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731
+    frozen = {"vae": vae_params}
+    if initial_params is not None:
+      initial_params = {"unet": initial_params, "text_encoder": text_params}
+  else:
+    init = lambda rng: pretrained.init_params(unet, rng)  # noqa: E731
+    frozen = {"vae": vae_params, "text": text_params}
+  return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params,
                modules={"unet": unet, "vae": vae, "text_encoder": text_encoder})
+
+
+def split_unet_params(params) -> tuple[Any, Any]:
+  """(U-Net params, trained text-encoder params or None) from the U-Net stage's params."""
+  if isinstance(params, dict) and set(params) == {"unet", "text_encoder"}:
+    return params["unet"], params["text_encoder"]
+  return params, None
 
 
 def measure_scaling_factor(vae: AutoencoderKL, vae_params, images: np.ndarray, key: jax.Array) -> float:

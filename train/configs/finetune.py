@@ -26,6 +26,7 @@ def get_config(variant: str = "sd15"):
   u.optimizer = default._optimizer(1e-5, 15000, 500, schedule="constant", weight_decay=1e-2)
   u.ema_decay = 0.9999
   u.gradient_checkpointing = True
+  u.train_text_encoder = False  # the pretrained text encoder stays frozen, as in diffusers' train_text_to_image
   u.min_snr_gamma = 5.0
   u.sample_every = 1000
   u.sampler, u.sample_steps, u.guidance_scale = "dpmpp_2m", 25, 7.5

@@ -31,6 +31,7 @@ def get_config():
   c.unet.attention_head_dim = 2
   c.unet.sample_every = 0
   c.unet.sample_steps = 3
+  c.unet.train_text_encoder = True  # the tests run the joint path (and the frozen one when fine-tuning)
   c.eval.judge_steps = 20
   c.eval.judge_train_examples = 512
   c.eval.fid_images = 50
