@@ -36,10 +36,15 @@ def clip_retrieval(clip_model, clip_params, batches: Iterable[dict], max_example
           "clip_eval_group": int(len(caps)) if n else 0}
 
 
+def _autoencode_fn(vae):
+  """jit(params, images in [-1, 1]) -> decoded posterior mode."""
+  return jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method=vae.encode).mode(),
+                                        method=vae.decode))
+
+
 def vae_reconstruction(vae, vae_params, batches: Iterable[dict], max_examples: int) -> dict:
   """Test reconstruction error of the posterior mode, in [-1, 1] pixel units, and PSNR on [0, 1]."""
-  fn = jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method=vae.encode).mode(),
-                                      method=vae.decode))
+  fn = _autoencode_fn(vae)
   se = n = 0.0
   for batch in batches:
     rec = np.asarray(fn(vae_params, batch["image"]), np.float32)
@@ -142,8 +147,7 @@ def sample_fid(pipe, judge, captions: Sequence[str], real_features: np.ndarray, 
 
 def reconstruct(vae, vae_params, images: np.ndarray, batch: int = 500) -> np.ndarray:
   """VAE reconstructions (posterior mode) of images in [-1, 1], quantised to uint8 levels as samples are."""
-  fn = jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method=vae.encode).mode(),
-                                      method=vae.decode))
+  fn = _autoencode_fn(vae)
   rec = np.concatenate([np.asarray(fn(vae_params, jnp.asarray(images[i:i + batch]))) for i in
                         range(0, len(images), batch)])
   return np.round((np.clip(rec, -1, 1) + 1) * 127.5) / 127.5 - 1.0

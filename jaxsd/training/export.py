@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from jaxsd import pretrained
 from jaxsd import tokenizer as tok
 from jaxsd.diffusion import SchedulerConfig
+from jaxsd.training import stages
 
 log = logging.getLogger(__name__)
 DIFFUSERS_VERSION = pretrained.DIFFUSERS_VERSION
@@ -111,10 +112,8 @@ def load_workdir_pipeline(workdir: str, dtype=jnp.float32, **kwargs):
     step, state_dir = latest
     try:
       state = ocp.StandardCheckpointer().restore(state_dir)  # no target: plain dicts, enough for params
-      params = state.get("ema_params") or state["params"]
-      text = None
-      if set(params) == {"unet", "text_encoder"}:  # the text encoder was trained with the U-Net
-        params, text = params["unet"], params["text_encoder"]
+      # (U-Net, text encoder or None: trained with the U-Net when config.unet.train_text_encoder)
+      params, text = stages.split_unet_params(state.get("ema_params") or state["params"])
       want = jax.tree.structure(pipe.unet_params)
       if jax.tree.structure(params) != want or (
           text is not None and jax.tree.structure(text) != jax.tree.structure(pipe.text_encoder_params)):

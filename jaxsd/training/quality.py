@@ -27,16 +27,16 @@ class QualityEval:
   judge: judge_lib.Judge
   prompts: list[str]  # the prompt-match prompts
   prompt_labels: dict  # attribute -> class index per prompt
-  fid_captions: list[str]  # test captions; their samples are compared with `real_features`
-  real_features: np.ndarray  # judge features of real test images other than those of fid_captions
-  fid_floor: float | None  # real vs real at the same sample size
+  fid_captions: list[str]  # test captions; their samples are compared with real_features[1]
+  # Judge features of the test images of fid_captions and of as many other real test images: the floor is
+  # the distance between the two, the samples are compared with the second.
+  real_features: tuple[np.ndarray, np.ndarray]
   sampler: str
   steps: int
   guidance_scale: float
   seed: int
   images_per_prompt: int = 1
   periodic_fid_images: int = 0  # during training: the FID of this many samples (0: all of fid_captions)
-  floor_features: tuple = ()  # judge features of the two halves of the test split (for smaller floors)
 
   def __call__(self, pipe, clip_judge=None, final: bool = True) -> dict:
     """{"judge_<attr>_accuracy", "judge_all_accuracy", "fid", "fid_floor", "fid_images", ...} and
@@ -50,16 +50,19 @@ class QualityEval:
     n = len(self.fid_captions) if final or not self.periodic_fid_images else min(
         self.periodic_fid_images, len(self.fid_captions))
     if n >= 2:
-      real = self.real_features[:n]
-      out["fid"] = evaluate.sample_fid(pipe, self.judge, self.fid_captions[:n], real, sampler=self.sampler,
-                                       steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed + 7919)
-      out["fid_floor"] = self.fid_floor if n == len(self.fid_captions) else judge_lib.frechet_distance(self.floor_features[0][:n], self.floor_features[1][:n])
+      out["fid"] = evaluate.sample_fid(pipe, self.judge, self.fid_captions[:n], self.real_features[1][:n],
+                                       sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance_scale,
+                                       seed=self.seed + 7919)
+      out["fid_floor"] = fid_floor(self.real_features, n)
       out["fid_images"] = n
     out["eval_seconds"] = round(time.time() - t0, 1)
     out["prompt_match"] = match
     return out
 
 
+def fid_floor(real_features: tuple[np.ndarray, np.ndarray], n: int) -> float | None:
+  """Real vs real Fréchet distance at sample size n (FID's floor there)."""
+  return judge_lib.frechet_distance(real_features[0][:n], real_features[1][:n]) if n >= 2 else None
 
 
 def build(judge: judge_lib.Judge, prompts: Sequence[str], prompt_labels: dict, test_images: np.ndarray,
@@ -74,15 +77,13 @@ def build(judge: judge_lib.Judge, prompts: Sequence[str], prompt_labels: dict, t
   if fid_images and n < fid_images:
     log.warning("the test split has %d images: the FID uses %d samples, not %d.", len(test_images), n, fid_images)
   feats = judge.features(test_images)
-  real = feats[n:2 * n]
-  floor = judge_lib.frechet_distance(feats[:n], real) if n >= 2 else None
+  real = (feats[:n], feats[n:2 * n])
   ev = QualityEval(judge=judge, prompts=list(prompts), prompt_labels=prompt_labels,
-                   fid_captions=list(test_captions[:n]), real_features=real, fid_floor=floor,
-                   floor_features=(feats[:n], real), **sampling)
-  return ev, {"fid_real_vs_real": floor, "fid_images": n}
+                   fid_captions=list(test_captions[:n]), real_features=real, **sampling)
+  return ev, {"fid_real_vs_real": fid_floor(real, n), "fid_images": n}
 
 
-def plot(history: Sequence[dict], path: str, *, fid_floor: float | None = None) -> None:
+def plot(history: Sequence[dict], path: str, *, floor: float | None = None) -> None:
   """Judge accuracies and FID against training steps, as a PNG (for report.md)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -99,7 +100,7 @@ def plot(history: Sequence[dict], path: str, *, fid_floor: float | None = None) 
   ax1.legend(fontsize=8)
   if any(h.get("fid") is not None for h in history):
     ax2.plot(steps, [h.get("fid") for h in history], marker="o", color="black", label="samples vs real")
-    ax2.plot(steps, [h.get("fid_floor", fid_floor) for h in history], marker="_", ls="--", color="grey",
+    ax2.plot(steps, [h.get("fid_floor", floor) for h in history], marker="_", ls="--", color="grey",
              label="real vs real (floor, same sample size)")
     for st, h in zip(steps, history):
       if h.get("fid_images"):

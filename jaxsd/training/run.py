@@ -459,7 +459,7 @@ def report(cfg, workdir, tokenizer) -> dict:
   samples_dir = os.path.join(workdir, "samples")
   os.makedirs(samples_dir, exist_ok=True)
   quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"),
-                   fid_floor=floors["fid_real_vs_real"])
+                   floor=floors["fid_real_vs_real"])
   images = match.pop("images")
   per_row = len(shapes_data.SIZES) * len(shapes_data.POSITIONS) * cfg.eval.images_per_prompt
   Image.fromarray(contact_sheet(images, columns=per_row)).save(os.path.join(samples_dir, "prompt_match_grid.png"))
