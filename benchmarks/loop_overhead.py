@@ -42,7 +42,7 @@ def main() -> None:
 
     model = reference.make_tiny_sd_folder(os.path.join(tempfile.mkdtemp(), "sd"))
   pipe = jaxsd.StableDiffusion.from_pretrained(model)
-  size = args.size or pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+  size = args.size or pipe.default_size
   prompts = ["a red circle"] * args.batch
   ids, uncond = pipe.tokenize(prompts), pipe.tokenize([""] * args.batch)
   noise = pipe.noise(0, args.batch, size, size)
@@ -58,19 +58,16 @@ def main() -> None:
   def encode(params, ids, uncond):
     return jnp.concatenate([pipe.encode_text(params, uncond), pipe.encode_text(params, ids)])
 
-  step_fn = samplers._STEPS[schedule.sampler]
-
   @jax.jit
   def one_step(params, context, x, state, i):
     model_fn = pipe.denoiser(params, context, g, True)
-    x_in = x / jnp.sqrt(schedule.sigmas[i] ** 2 + 1) if schedule.sampler in samplers._SCALED_INPUT else x
-    out = model_fn(x_in, schedule.timesteps[i])
-    return step_fn(schedule, i, x, out, state, None)
+    out = model_fn(samplers.model_input(schedule, i, x), schedule.timesteps[i])
+    return samplers.step(schedule, i, x, out, state)
 
   def stepped():
     context = jax.jit(encode)(pipe.text_encoder_params, ids, uncond)
     x = samplers.prepare_latents(schedule, noise)
-    state = samplers._init_state(schedule.sampler, x)
+    state = samplers.init_state(schedule, x)
     for i in range(schedule.timesteps.shape[0]):
       x, state = one_step(pipe.unet_params, context, x, state, jnp.int32(i))
     return x

@@ -45,12 +45,12 @@ def _random_params(abstract, rng: np.random.Generator):
 
 
 def _write_network(module, config: dict, path: str, file: str, rng: np.random.Generator) -> int:
-  from jaxsd import pretrained, weights
+  from jaxsd import model_folder as folder_lib, pretrained, weights
 
   os.makedirs(path, exist_ok=True)
   params = _random_params(pretrained.abstract_params(module), rng)
   state_dict = weights.params_to_state_dict(params)
-  weights.write_safetensors(state_dict, os.path.join(path, file))
+  folder_lib.write_safetensors(state_dict, os.path.join(path, file))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   return sum(v.size for v in state_dict.values())

@@ -50,11 +50,11 @@ def compile_timed(fn, *args, **jit_kw):
 def _device_facts() -> dict:
   import jax
 
-  from jaxsd.training import loop
+  from jaxsd import flops
 
   d = jax.devices()[0]
   return {"backend": jax.default_backend(), "device_kind": d.device_kind, "jax": jax.__version__,
-          "peak_bf16_flops": loop.peak_flops_per_device(d.device_kind)}
+          "peak_bf16_flops": flops.peak_flops_per_device(d.device_kind)}
 
 
 # --- workloads -------------------------------------------------------------------------------

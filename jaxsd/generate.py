@@ -1,4 +1,4 @@
-"""Batch generation across every local accelerator with `jax.pmap` (what `python -m sample` runs).
+"""Batch generation across every local accelerator with `jax.pmap` (what `python -m sample` calls).
 
 Parameters are replicated to the local devices and each global batch is split across them. Image j
 of the job list starts from noise drawn with key fold_in(key(seed), j), so the images do not depend
@@ -9,8 +9,6 @@ on the number of devices or the batch size. On a multi-host slice (after
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import re
 import time
@@ -21,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
 
 
@@ -35,45 +34,25 @@ class GenerateResult:
   devices: int
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
-  """Switches on JAX's persistent compilation cache so a second process skips compilation."""
-  path = path or os.environ.get("JAXSD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxsd", "xla")
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return path
-
-
 def image_filename(prompt: str, seed: int, index: int) -> str:
   slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "empty"
   return f"{slug}-seed{seed}-{index:04d}.png"
-
-
-def contact_sheet(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-  """Tiles uint8 NHWC images into one image, row by row."""
-  n, h, w, c = images.shape
-  columns = columns or math.ceil(math.sqrt(n))
-  rows = math.ceil(n / columns)
-  sheet = np.full((rows * h, columns * w, c), 255, np.uint8)
-  for i, im in enumerate(images):
-    r, col = divmod(i, columns)
-    sheet[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
-  return sheet
 
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None) -> GenerateResult:
-  """Generates `num_images` images per prompt, pmapped over the local devices; writes PNGs and a grid."""
-  prompts = [p for p in prompts]
-  if not prompts:
-    raise ValueError("no prompts: give --prompt or a --prompts-file with at least one non-empty line.")
+  """Generates `num_images` images per prompt, pmapped over the local devices.
+
+  Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
+  one PNG per image (see `image_filename`) and the grid of them. Height and width default to the
+  model's native size. Bad arguments raise a ValueError that says what to change.
+  """
   if num_images < 1 or batch_per_device < 1:
-    raise ValueError("--num-images and --batch-per-device must be at least 1.")
-  size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-  height, width = height or size, width or size
-  pipe._check(prompts, None, height, width, steps, sampler, "np")
+    raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
+  height, width = height or pipe.default_size, width or pipe.default_size
+  prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np")
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)
@@ -138,66 +117,3 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
       seconds_per_step=sample_seconds / max(n_steps, 1), images_per_second=len(images) / max(sample_seconds, 1e-9),
       devices=n_dev)
-
-
-def benchmark_line(result: GenerateResult) -> str:
-  return json.dumps({
-      "seconds_per_step": round(result.seconds_per_step, 6), "images_per_second": round(result.images_per_second, 4),
-      "compile_seconds": round(result.compile_seconds, 3), "sample_seconds": round(result.sample_seconds, 3),
-      "images": int(len(result.images)), "devices": result.devices, "backend": jax.default_backend()})
-
-
-def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
-  out = list(prompts)
-  if prompts_file:
-    if not os.path.exists(prompts_file):
-      raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file.")
-    with open(prompts_file) as f:
-      out += [line.strip() for line in f if line.strip()]
-  if not out:
-    raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line.")
-  return out
-
-
-def _check_flags(args) -> None:
-  """The checks that need no model, done before anything is loaded."""
-  from jaxsd.diffusion import SchedulerConfig, make_schedule
-
-  if args.steps < 1:
-    raise ValueError(f"--steps {args.steps}: need at least 1 denoising step.")
-  make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
-  for name in ("height", "width"):
-    v = getattr(args, name)
-    if v is not None and (v <= 0 or v % 8):
-      raise ValueError(f"--{name} {v} must be a positive multiple of 8.")
-  if args.num_images < 1 or args.batch_per_device < 1:
-    raise ValueError("--num-images and --batch-per-device must be at least 1.")
-
-
-def main(args) -> int:
-  """Runs `python -m sample` from parsed flags; bad input exits 2 with a one-paragraph message."""
-  import sys
-
-  from jaxsd import pipeline
-
-  try:
-    if args.distributed:
-      jax.distributed.initialize()
-    prompts = read_prompts(args.prompt, args.prompts_file)
-    _check_flags(args)
-    enable_compilation_cache()
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipe = pipeline.load(args.model, dtype=dtype)
-    result = generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
-                      guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
-                      negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
-                      out_dir=args.out, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {len(result.files)} images and a grid to {args.out}/ on {result.devices} device(s): "
-        f"compile {result.compile_seconds:.1f} s, sampling {result.sample_seconds:.1f} s "
-        f"({result.seconds_per_step * 1000:.1f} ms/step)", file=sys.stderr)
-  if args.benchmark:
-    print(benchmark_line(result))
-  return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -17,27 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import pretrained, tokenizer as tok
+from jaxsd import model_folder, pretrained, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
+from jaxsd.models.vae import AutoencoderKLConfig
 
 OUTPUTS = ("np", "pil", "latent")
-_REQUIRED = ("unet", "vae", "text_encoder", "scheduler")
-
-
-def check_model_folder(path: str) -> None:
-  """Raises a FileNotFoundError that says what is missing from a diffusers pipeline folder."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
-                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
-  missing = [d for d in _REQUIRED if not os.path.isdir(os.path.join(path, d))]
-  if missing:
-    raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. "
-                            "A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
-
-
-def _scheduler_config(path: str) -> schedules.SchedulerConfig:
-  d = os.path.join(path, "scheduler")
-  return schedules.SchedulerConfig.from_json(os.path.join(d, "scheduler_config.json"))
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -58,16 +43,16 @@ class StableDiffusion:
   def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, **unet_kwargs) -> "StableDiffusion":
     """Loads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...)."""
     path = os.fspath(path)
-    check_model_folder(path)
+    model_folder.check_model_folder(path)
     unet, unet_params = pretrained.load_unet(os.path.join(path, "unet"), dtype, param_dtype, **unet_kwargs)
     # As diffusers: an fp16 VAE overflows, so configs with force_upcast decode in fp32.
     vae_dtype = dtype
-    with open(os.path.join(path, "vae", "config.json")) as f:
-      if dtype == jnp.float16 and json.load(f).get("force_upcast", True):
-        vae_dtype = jnp.float32
+    if dtype == jnp.float16 and AutoencoderKLConfig.from_json(os.path.join(path, "vae")).force_upcast:
+      vae_dtype = jnp.float32
     vae, vae_params = pretrained.load_vae(os.path.join(path, "vae"), vae_dtype)
     te, te_params = pretrained.load_text_encoder(os.path.join(path, "text_encoder"), dtype, param_dtype)
-    return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), _scheduler_config(path))
+    scheduler = schedules.SchedulerConfig.from_json(model_folder.scheduler_config_file(path))
+    return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), scheduler)
 
   # --- pieces, each usable alone -------------------------------------------------------------
 
@@ -114,8 +99,13 @@ class StableDiffusion:
     return z * cfg.scaling_factor
 
   def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-    f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    f = self.vae.config.downsampling_factor
     return (batch, height // f, width // f, self.unet.config.in_channels)
+
+  @property
+  def default_size(self) -> int:
+    """The image side the U-Net was trained at (its sample_size in latent pixels)."""
+    return self.unet.config.sample_size * self.vae.config.downsampling_factor
 
   @property
   def params(self) -> dict:
@@ -161,14 +151,14 @@ class StableDiffusion:
 
   # --- user entry points -----------------------------------------------------------------------
 
-  def _check(self, prompts, negative_prompts, height, width, steps, sampler, output) -> tuple[list, list]:
+  def check_inputs(self, prompts, negative_prompts, height, width, steps, sampler, output) -> tuple[list, list]:
+    """Raises a ValueError that says what to change; returns (prompts, negative prompts) as lists."""
     if isinstance(prompts, str):
       prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
       raise ValueError("no prompts given: pass at least one prompt.")
-    vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-    multiple = max(8, vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1))
+    multiple = max(8, self.vae.config.downsampling_factor * self.unet.config.downsampling_factor)
     for name, v in (("height", height), ("width", width)):
       if v <= 0 or v % multiple != 0:
         raise ValueError(f"{name}={v} must be a positive multiple of {multiple} (this model's VAE and U-Net "
@@ -210,7 +200,7 @@ class StableDiffusion:
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`.
     """
-    prompts, negative_prompts = self._check(prompts, negative_prompts, height, width, steps, sampler, output)
+    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output)
     b = len(prompts)
     if latents is None:
       latents = self.noise(seed, b, height, width)
@@ -235,7 +225,7 @@ class StableDiffusion:
     if isinstance(prompts, str):
       prompts = [prompts] * images.shape[0]
     height, width = images.shape[1:3]
-    prompts, negative_prompts = self._check(prompts, negative_prompts, height, width, steps, sampler, output)
+    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output)
     if len(prompts) != images.shape[0]:
       raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} init images: give one per image.")
     if not 0.0 < strength <= 1.0:
@@ -273,11 +263,32 @@ def _finish(out: jax.Array, output: str):
 def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
   """A diffusers folder, or a training workdir (its exported model with the latest EMA U-Net)."""
   path = os.fspath(path)
-  if os.path.isdir(os.path.join(path, "model", "unet")):  # a training workdir (its unet/ holds checkpoints)
-    from jaxsd.training import export
-
-    return export.load_workdir_pipeline(path, dtype, **kwargs)
+  if model_folder.is_workdir(path):
+    return load_workdir(path, dtype, **kwargs)
   if os.path.isdir(os.path.join(path, "unet")):
     return StableDiffusion.from_pretrained(path, dtype, **kwargs)
-  check_model_folder(path)  # raises, saying what is missing
+  model_folder.check_model_folder(path)  # raises, saying what is missing
   raise AssertionError("unreachable")
+
+
+def load_workdir(workdir: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
+  """The exported model of a training workdir, with the newest U-Net checkpoint's EMA weights."""
+  path = model_folder.model_dir(workdir)
+  model_folder.check_model_folder(path)
+  pipe = StableDiffusion.from_pretrained(path, dtype, **kwargs)
+  latest = model_folder.latest_unet_checkpoint(workdir)
+  if latest and latest[0] > model_folder.exported_step(os.path.join(path, "unet")):
+    step, state_dir = latest
+    try:
+      params, text, ema = model_folder.read_unet_checkpoint(state_dir)
+      want = jax.tree.structure(pipe.unet_params)
+      if jax.tree.structure(params) != want or (
+          text is not None and jax.tree.structure(text) != jax.tree.structure(pipe.text_encoder_params)):
+        raise ValueError("the checkpoint's U-Net does not match the exported config")
+      pipe.unet_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), params, pipe.unet_params)
+      if text is not None:
+        pipe.text_encoder_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), text, pipe.text_encoder_params)
+      log.info("U-Net from %s (step %d, %s).", state_dir, step, "EMA" if ema else "raw")
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("Could not use the U-Net checkpoint at %s (%s); using the exported U-Net.", state_dir, e)
+  return pipe

@@ -16,10 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsd import weights
+from jaxsd import model_folder, weights
+from jaxsd.model_folder import DIFFUSERS_VERSION
 from jaxsd.models import clip, unet, vae
-
-DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it for warnings
 
 
 def _spec(module: nn.Module) -> dict[str, Any]:
@@ -38,11 +37,11 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
   """Smallest inputs that trace the network; parameter shapes do not depend on them."""
   cfg = module.config
   if isinstance(module, unet.UNet2DConditionModel):
-    size = 8 * 2 ** (len(cfg.block_out_channels) - 1)
+    size = 8 * cfg.downsampling_factor
     return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
             jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32))
   if isinstance(module, vae.AutoencoderKL):
-    size = 2 ** (len(cfg.block_out_channels) - 1)
+    size = cfg.downsampling_factor
     return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),)
   if isinstance(module, clip.CLIPTextModel):
     return (jnp.zeros((batch, cfg.max_position_embeddings), jnp.int32),)
@@ -83,7 +82,7 @@ def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_
   config = config_cls.from_json(path)
   param_dtype = param_dtype or dtype
   module = module_cls(config, dtype=dtype, param_dtype=param_dtype, **kw)
-  state_dict = weights.read_state_dict(path, variant=variant, allow_pickle=allow_pickle)
+  state_dict = model_folder.read_state_dict(path, variant=variant, allow_pickle=allow_pickle)
   try:
     params = weights.state_dict_to_params(state_dict, abstract_params(module), dtype=param_dtype, rename=rename)
   except weights.WeightLoadError as e:
@@ -135,7 +134,7 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
   state_dict = weights.params_to_state_dict(params, dtype=dtype)
   config = {**spec["extra"], **module.config.to_dict()}
   tmp = os.path.join(path, spec["file"] + ".tmp")
-  weights.write_safetensors(state_dict, tmp)
+  model_folder.write_safetensors(state_dict, tmp)
   os.replace(tmp, os.path.join(path, spec["file"]))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

@@ -1,4 +1,4 @@
-"""PyTorch state dicts <-> flax parameter trees, and safetensors files in and out.
+"""PyTorch state dicts <-> flax parameter trees (the files they live in: `jaxsd.model_folder`).
 
 Flax parameter paths mirror the diffusers / transformers state-dict keys, so conversion is a
 rename plus a transpose (the nanoGPT rule: equal key sets, equal shapes, named transposes):
@@ -11,16 +11,13 @@ rename plus a transpose (the nanoGPT rule: equal key sets, equal shapes, named t
 - everything else (bias, raw parameters such as CLIP's `logit_scale`) keeps its name.
 
 Loading is strict: every missing key, unexpected key and shape mismatch is collected and reported
-in one error. Pickled `.bin` checkpoints can run code when loaded, so they are refused unless the
-caller opts in (`allow_pickle=True`), and then read with `torch.load(weights_only=True)`.
+in one error.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -164,82 +161,3 @@ def params_to_state_dict(params: Any, dtype: Any = None) -> dict[str, np.ndarray
     # np.asarray, not np.ascontiguousarray: the latter turns a 0-d parameter (logit_scale) into shape (1,).
     out[path_to_torch_key(path)] = np.asarray(_to_torch_layout(path[-1], value), order="C")
   return out
-
-
-# --- files -------------------------------------------------------------------------------------
-
-
-class SafetensorsDict(Mapping):
-  """A read-only mapping over one or more safetensors files that loads each tensor on access."""
-
-  def __init__(self, files: list[str]):
-    from safetensors import safe_open
-
-    self._handles = [safe_open(f, framework="numpy") for f in files]
-    self._where = {}
-    for h in self._handles:
-      for k in h.keys():
-        self._where[k] = h
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    return self._where[key].get_tensor(key)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._where)
-
-  def __len__(self) -> int:
-    return len(self._where)
-
-
-_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
-
-
-def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str], str]:
-  """Returns (files, format) for the weights in a diffusers/transformers model folder."""
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder}: not a directory; pass a model folder holding config.json and weights.")
-  suffix = f".{variant}" if variant else ""
-  for fmt, ext in (("safetensors", "safetensors"), ("pickle", "bin")):
-    for name in _WEIGHT_NAMES:
-      single = os.path.join(folder, f"{name}{suffix}.{ext}")
-      if os.path.exists(single):
-        return [single], fmt
-      index = os.path.join(folder, f"{name}{suffix}.{ext}.index.json")
-      if os.path.exists(index):
-        with open(index) as f:
-          shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards], fmt
-  listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
-  raise FileNotFoundError(
-      f"{folder}: no weights found (looked for diffusion_pytorch_model{suffix}.safetensors, "
-      f"model{suffix}.safetensors, their sharded .index.json and .bin forms); the folder holds: {listing}."
-  )
-
-
-def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool = False) -> Mapping[str, Any]:
-  """The state dict in a model folder: safetensors lazily; pickled `.bin` only with allow_pickle."""
-  files, fmt = find_weight_files(folder, variant)
-  if fmt == "safetensors":
-    return SafetensorsDict(files)
-  if not allow_pickle:
-    raise ValueError(
-        f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
-        "arbitrary code, so it is off by default. Convert the checkpoint to safetensors, or pass "
-        "allow_pickle=True if you trust its source (it is then read with torch.load(weights_only=True))."
-    )
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("reading .bin checkpoints needs PyTorch: pip install torch") from e
-  sd = {}
-  for f in files:
-    for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-      sd[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-  return sd
-
-
-def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
-  from safetensors.numpy import save_file
-
-  # transformers refuses safetensors files without a "format" entry in the metadata.
-  save_file(state_dict, path, metadata={"format": "pt"})

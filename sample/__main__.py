@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+
+from jaxsd.config import DTYPES
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -20,7 +24,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
   p.add_argument("--batch-per-device", type=int, default=1)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--out", default="samples")
   p.add_argument("--benchmark", action="store_true", help="print one JSON line of timings")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
@@ -28,11 +32,64 @@ def parse(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-  args = parse(argv)
-  from jaxsd import generate
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+  out = list(prompts)
+  if prompts_file:
+    if not os.path.exists(prompts_file):
+      raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file.")
+    with open(prompts_file) as f:
+      out += [line.strip() for line in f if line.strip()]
+  if not out:
+    raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line.")
+  return out
 
-  return generate.main(args)
+
+def check_flags(args) -> None:
+  """The checks that need no model, done before anything is loaded."""
+  from jaxsd.diffusion import SchedulerConfig, make_schedule
+
+  if args.steps < 1:
+    raise ValueError(f"--steps {args.steps}: need at least 1 denoising step.")
+  make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
+  for name in ("height", "width"):
+    v = getattr(args, name)
+    if v is not None and (v <= 0 or v % 8):
+      raise ValueError(f"--{name} {v} must be a positive multiple of 8.")
+  if args.num_images < 1 or args.batch_per_device < 1:
+    raise ValueError("--num-images and --batch-per-device must be at least 1.")
+
+
+def main(argv=None) -> int:
+  """Bad input exits 2 with a one-paragraph message."""
+  args = parse(argv)
+  import jax
+
+  from jaxsd import generate, pipeline
+  from jaxsd.compilation_cache import enable_compilation_cache
+
+  try:
+    if args.distributed:
+      jax.distributed.initialize()
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    check_flags(args)
+    enable_compilation_cache()
+    pipe = pipeline.load(args.model, dtype=DTYPES[args.dtype])
+    result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
+                               guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                               negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
+                               out_dir=args.out, progress=not args.no_progress)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {len(result.files)} images and a grid to {args.out}/ on {result.devices} device(s): "
+        f"compile {result.compile_seconds:.1f} s, sampling {result.sample_seconds:.1f} s "
+        f"({result.seconds_per_step * 1000:.1f} ms/step)", file=sys.stderr)
+  if args.benchmark:
+    print(json.dumps({
+        "seconds_per_step": round(result.seconds_per_step, 6), "images_per_second": round(result.images_per_second, 4),
+        "compile_seconds": round(result.compile_seconds, 3), "sample_seconds": round(result.sample_seconds, 3),
+        "images": int(len(result.images)), "devices": result.devices, "backend": jax.default_backend()}))
+  return 0
 
 
 if __name__ == "__main__":

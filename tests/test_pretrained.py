@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from jaxsd import pretrained, weights  # noqa: E402
+from jaxsd import model_folder, pretrained, weights  # noqa: E402
 from tests import reference  # noqa: E402
 
 TOL = 1e-4  # max abs difference, fp32
@@ -181,7 +181,7 @@ def _folder_with(tmp_path, src_folder: str, state_dict: dict, file_name: str) ->
   """A copy of `src_folder`'s config.json beside the given weights."""
   tmp_path.mkdir(parents=True, exist_ok=True)
   shutil.copy(os.path.join(src_folder, "config.json"), tmp_path / "config.json")
-  weights.write_safetensors(state_dict, str(tmp_path / file_name))
+  model_folder.write_safetensors(state_dict, str(tmp_path / file_name))
   return str(tmp_path)
 
 
@@ -409,7 +409,7 @@ def test_loading_keeps_at_most_two_copies_in_host_memory(torch_folders, tmp_path
   flat = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)
   sd = {k: rng.random(v.shape, np.float32) for k, v in weights.params_to_state_dict(flat).items()}
   del flat
-  weights.write_safetensors(sd, str(tmp_path / DIFFUSERS_FILE))
+  model_folder.write_safetensors(sd, str(tmp_path / DIFFUSERS_FILE))
   del sd
   with open(tmp_path / "config.json", "w") as f:
     json.dump({"_class_name": "UNet2DConditionModel", **cfg.to_dict()}, f)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsd import weights
+from jaxsd import model_folder, weights
 
 
 class TorchBlock(torch.nn.Module):
@@ -145,8 +145,8 @@ def test_buffers_are_ignored(nets):
 def test_safetensors_files_and_pickle_refusal(nets, tmp_path):
   tnet, fnet, ids, abstract = nets
   sd = _torch_state(tnet)
-  weights.write_safetensors(sd, str(tmp_path / "model.safetensors"))
-  lazy = weights.read_state_dict(str(tmp_path))
+  model_folder.write_safetensors(sd, str(tmp_path / "model.safetensors"))
+  lazy = model_folder.read_state_dict(str(tmp_path))
   params = weights.state_dict_to_params(lazy, abstract)
   np.testing.assert_array_equal(np.asarray(params["linear_1"]["kernel"]), sd["linear_1.weight"].T)
 
@@ -155,15 +155,15 @@ def test_safetensors_files_and_pickle_refusal(nets, tmp_path):
   torch.save(tnet.state_dict(), pickled / "pytorch_model.bin")
   (pickled / "pytorch_model.bin").rename(pickled / "model.bin")
   with pytest.raises(ValueError, match="allow_pickle=True"):
-    weights.read_state_dict(str(pickled))
-  sd_bin = weights.read_state_dict(str(pickled), allow_pickle=True)
+    model_folder.read_state_dict(str(pickled))
+  sd_bin = model_folder.read_state_dict(str(pickled), allow_pickle=True)
   params_bin = weights.state_dict_to_params(sd_bin, abstract)
   np.testing.assert_array_equal(np.asarray(params_bin["logit_scale"]), sd["logit_scale"])
 
 
 def test_missing_folder_and_weights(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a directory"):
-    weights.find_weight_files(str(tmp_path / "nope"))
+    model_folder.find_weight_files(str(tmp_path / "nope"))
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="no weights found.*config.json"):
-    weights.find_weight_files(str(tmp_path))
+    model_folder.find_weight_files(str(tmp_path))

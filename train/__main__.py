@@ -34,7 +34,7 @@ def main(argv) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   import jax
 
-  from jaxsd.generate import enable_compilation_cache
+  from jaxsd.compilation_cache import enable_compilation_cache
   from jaxsd.training import run
 
   cfg = flags.FLAGS.config

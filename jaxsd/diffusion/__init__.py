@@ -2,11 +2,16 @@
 
 from jaxsd.diffusion.samplers import ALIASES
 from jaxsd.diffusion.samplers import SAMPLERS
+from jaxsd.diffusion.samplers import Sampler
 from jaxsd.diffusion.samplers import Schedule
+from jaxsd.diffusion.samplers import init_state
 from jaxsd.diffusion.samplers import make_schedule
+from jaxsd.diffusion.samplers import model_input
 from jaxsd.diffusion.samplers import noise_latents
 from jaxsd.diffusion.samplers import prepare_latents
 from jaxsd.diffusion.samplers import sample
+from jaxsd.diffusion.samplers import step
+from jaxsd.diffusion.samplers import step_noise
 from jaxsd.diffusion.schedules import SchedulerConfig
 from jaxsd.diffusion.schedules import add_noise
 from jaxsd.diffusion.schedules import alphas_cumprod

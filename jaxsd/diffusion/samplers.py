@@ -4,10 +4,17 @@ Each sampler follows the diffusers PyTorch scheduler of the same name step for s
 sigmas, multistep bookkeeping, quirks included), so a run reproduces the diffusers pipeline.
 `make_schedule` builds everything the loop indexes into a `Schedule` pytree of float32 arrays;
 `sample` runs the whole loop in one `lax.scan`, one model call per iteration (Heun calls the
-model twice per step and PNDM once more than its step count, as in diffusers).
+model twice per step and PNDM once more than its step count, as in diffusers). What each sampler
+needs is one `Sampler` row (state init, step, schedule builder, facts); `init_state`, `model_input`,
+`step_noise` and `step` are the loop's body one call at a time, for loops of one's own.
 
     s = make_schedule(cfg, "euler", 30)
     x = sample(model_fn, prepare_latents(s, noise), s, key)
+
+    state = init_state(s, x)                      # the same, a call at a time
+    for i in range(len(s.timesteps)):
+      out = model_fn(model_input(s, i, x), s.timesteps[i])
+      x, state = step(s, i, x, out, state, step_noise(s, i, x, key))
 
 `model_fn(x, t)` returns the raw network output (eps, v or x0, as `cfg.prediction_type` says)
 for the already scaled input x at the float32 timestep t; classifier-free guidance belongs in it.
@@ -15,7 +22,7 @@ for the already scaled input x at the float32 timestep t; classifier-free guidan
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +32,7 @@ from flax import struct
 from jaxsd.diffusion import schedules
 from jaxsd.diffusion.schedules import SchedulerConfig
 
-SAMPLERS = ("ddim", "pndm", "ddpm", "euler", "euler_a", "heun", "lms", "dpmpp_2m")
 ALIASES = {"plms": "pndm", "dpmpp_2m_karras": "dpmpp_2m"}
-_KARRAS = ("euler", "heun", "lms", "dpmpp_2m")  # the samplers diffusers gives Karras sigmas
-_SCALED_INPUT = ("euler", "euler_a", "heun", "lms")  # model input x / sqrt(sigma^2 + 1)
-_STOCHASTIC = ("ddpm", "euler_a")
-_ORDER = {"heun": 2}  # diffusers' `scheduler.order`: model calls per step, for img2img truncation
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -56,10 +58,8 @@ def _resolve(sampler: str, use_karras_sigmas: bool | None) -> tuple[str, bool | 
     if use_karras_sigmas is False:
       raise ValueError("sampler 'dpmpp_2m_karras' with use_karras_sigmas=False: pick one.")
     return "dpmpp_2m", True
-  sampler = ALIASES.get(sampler, sampler)
-  if sampler not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS + tuple(ALIASES))}.")
-  return sampler, use_karras_sigmas
+  get(sampler)  # raises for an unknown name
+  return ALIASES.get(sampler, sampler), use_karras_sigmas
 
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: float = 1.0, *,
@@ -75,9 +75,11 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
     use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++ only).
   """
   sampler, karras = _resolve(sampler, use_karras_sigmas)
-  if karras and sampler not in _KARRAS and use_karras_sigmas is not None:
-    raise ValueError(f"use_karras_sigmas is not available for {sampler!r}; only for {_KARRAS}.")
-  karras = cfg.use_karras_sigmas if karras is None else karras
+  row = _TABLE[sampler]
+  if karras and not row.karras and use_karras_sigmas is not None:
+    raise ValueError(f"use_karras_sigmas is not available for {sampler!r}; "
+                     f"only for {tuple(k for k, r in _TABLE.items() if r.karras)}.")
+  karras = (cfg.use_karras_sigmas if karras is None else karras) and row.karras
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r}: need an integer >= 1.")
   if not 0.0 < strength <= 1.0:
@@ -86,28 +88,20 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
   if init_steps < 1:
     raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising step; "
                      "raise strength or num_steps.")
-  start = (num_steps - init_steps) * _ORDER.get(sampler, 1)
-  if cfg.prediction_type == "sample" and sampler in ("pndm", "euler_a"):
+  start = (num_steps - init_steps) * row.order
+  if cfg.prediction_type == "sample" and not row.predicts_sample:
     raise ValueError(f"{sampler!r} does not support prediction_type='sample' (nor does diffusers).")
-  if sampler == "ddpm" and cfg.variance_type != "fixed_small":
-    raise ValueError(f"ddpm supports variance_type='fixed_small' only, not {cfg.variance_type!r}.")
-  if sampler == "pndm" and not cfg.skip_prk_steps:
-    raise ValueError("pndm with skip_prk_steps=False (Runge-Kutta warm-up) is not implemented; "
-                     "set skip_prk_steps=true (as Stable Diffusion's configs do).")
-  ac = schedules.alphas_cumprod_np(cfg)
-  if sampler in ("ddim", "pndm", "ddpm"):
-    fields = _alpha_schedule(cfg, sampler, num_steps, start, ac)
-  elif sampler == "dpmpp_2m":
-    fields = _dpm_schedule(cfg, num_steps, start, ac, karras)
-  else:
-    fields = _sigma_schedule(cfg, sampler, num_steps, start, ac, karras and sampler != "euler_a")
-  clip = cfg.clip_sample_range if cfg.clip_sample and sampler in ("ddim", "ddpm", "heun") else None
+  if row.check is not None:
+    row.check(cfg)
+  fields = row.schedule(cfg, sampler, num_steps, start, schedules.alphas_cumprod_np(cfg), karras)
+  clip = cfg.clip_sample_range if cfg.clip_sample and row.clips else None
   arrays = {k: None if v is None else jnp.asarray(v, jnp.float32) for k, v in fields.items()}
   return Schedule(**arrays, sampler=sampler, prediction_type=cfg.prediction_type, clip_sample_range=clip)
 
 
-def _alpha_schedule(cfg, sampler, n, start, ac) -> dict:
-  """DDIM / PNDM / DDPM: per call, alpha_bar at the timestep and at the one it steps to."""
+def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+  """DDIM / PNDM / DDPM: per call, alpha_bar at the timestep and at the one it steps to (no Karras sigmas)."""
+  del karras
   T, ratio = cfg.num_train_timesteps, cfg.num_train_timesteps // n
   final = np.float32(1.0) if cfg.set_alpha_to_one or sampler == "ddpm" else ac[0]
   ts = schedules.discrete_timesteps(cfg, n)
@@ -179,8 +173,9 @@ def _lms_coeffs(sig: np.ndarray, start: int, order: int = 4) -> np.ndarray:
   return np.array(rows)
 
 
-def _dpm_schedule(cfg, n, start, ac, karras) -> dict:
+def _dpm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   """DPM-Solver++(2M): per call x' = c0 x + c1 x0_i + c2 x0_{i-1}, Lu et al. (2022b) eq. 16 (midpoint)."""
+  del sampler
   ts = schedules.dpm_timesteps(cfg, n)
   train = schedules.train_sigmas(ac)
   if karras:
@@ -228,23 +223,24 @@ def noise_latents(schedule: Schedule, x0: jax.Array, noise: jax.Array) -> jax.Ar
 
 # --- One model call's update for each sampler: (schedule, i, x, out, state, noise) -> (x, state). ---
 
-def _x0_eps(s: Schedule, out, x, a):
-  """Predicted x0 and eps from the model output at alpha_bar = a."""
-  sa, sb = jnp.sqrt(a), jnp.sqrt(1 - a)
+def _x0_eps(s: Schedule, out, x, alpha, sigma):
+  """Predicted x0 and eps from the model output, for x = alpha * x0 + sigma * eps, alpha^2 + sigma^2 = 1.
+
+  The one place that reads `prediction_type`: eps, x0 ("sample") or v = alpha * eps - sigma * x0
+  (Salimans & Ho 2022).
+  """
   if s.prediction_type == "epsilon":
-    return (x - sb * out) / sa, out
+    return (x - sigma * out) / alpha, out
   if s.prediction_type == "v_prediction":
-    return sa * x - sb * out, sa * out + sb * x
-  return out, (x - sa * out) / sb
+    return alpha * x - sigma * out, alpha * out + sigma * x
+  return out, (x - alpha * out) / sigma
 
 
 def _denoised(s: Schedule, out, x, sigma):
-  """Predicted x0 from the model output at noise level sigma (x = x0 + sigma * eps)."""
-  if s.prediction_type == "epsilon":
-    return x - sigma * out
-  if s.prediction_type == "v_prediction":
-    return out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
-  return out
+  """Predicted x0 at noise level sigma of the Euler family's x = x0 + sigma * eps (x / sqrt(sigma^2 + 1)
+  is the variance-preserving x that the model saw)."""
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)
+  return _x0_eps(s, out, x * alpha, alpha, sigma * alpha)[0]
 
 
 def _clip(s: Schedule, x0):
@@ -254,8 +250,8 @@ def _clip(s: Schedule, x0):
 
 def ddim_step(s, i, x, out, state, noise):
   """Implements deterministic DDIM (eta = 0), Song et al. (2021) eq. 12."""
-  a_prev = s.alphas_prev[i]
-  x0, eps = _x0_eps(s, out, x, s.alphas[i])
+  a, a_prev = s.alphas[i], s.alphas_prev[i]
+  x0, eps = _x0_eps(s, out, x, jnp.sqrt(a), jnp.sqrt(1 - a))
   return jnp.sqrt(a_prev) * _clip(s, x0) + jnp.sqrt(1 - a_prev) * eps, state
 
 
@@ -271,8 +267,7 @@ def pndm_step(s, i, x, out, state, noise):
   e = w[0] * out + w[1] * ets[0] + w[2] * ets[1] + w[3] * ets[2]
   x = jnp.where(i == 1, x_first, x)  # the repeated call redoes the first step with averaged outputs
   a_t, a_prev = s.alphas[i], s.alphas_prev[i]
-  if s.prediction_type == "v_prediction":
-    e = jnp.sqrt(a_t) * e + jnp.sqrt(1 - a_t) * x
+  e = _x0_eps(s, e, x, jnp.sqrt(a_t), jnp.sqrt(1 - a_t))[1]  # (PNDM refuses prediction_type="sample")
   denom = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
   x_next = jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * e / denom
   ets = jnp.where(i == 1, ets, jnp.concatenate([out[None], ets[:2]]))
@@ -285,7 +280,7 @@ def ddpm_step(s, i, x, out, state, noise):
   b_t, b_prev = 1 - a_t, 1 - a_prev
   cur_alpha = a_t / a_prev
   cur_beta = 1 - cur_alpha
-  x0, _ = _x0_eps(s, out, x, a_t)
+  x0, _ = _x0_eps(s, out, x, jnp.sqrt(a_t), jnp.sqrt(1 - a_t))
   mean = (jnp.sqrt(a_prev) * cur_beta / b_t) * _clip(s, x0) + (jnp.sqrt(cur_alpha) * b_prev / b_t) * x
   std = jnp.sqrt(jnp.maximum(b_prev / b_t * cur_beta, 1e-20))
   return jnp.where(s.timesteps[i] > 0, mean + std * noise, mean), state
@@ -329,32 +324,109 @@ def lms_step(s, i, x, out, state, noise):
 def dpmpp_2m_step(s, i, x, out, state, noise):
   """Implements DPM-Solver++(2M), Lu et al. (2022b) Algorithm 2; first order at the first and last step."""
   sigma = s.sigmas[i]
-  alpha = 1 / jnp.sqrt(sigma**2 + 1)
-  if s.prediction_type == "epsilon":
-    x0 = (x - sigma * alpha * out) / alpha
-  elif s.prediction_type == "v_prediction":
-    x0 = alpha * x - sigma * alpha * out
-  else:
-    x0 = out
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)  # x here is variance-preserving: alpha * x0 + sigma * alpha * eps
+  x0, _ = _x0_eps(s, out, x, alpha, sigma * alpha)
   c = s.coeffs[i]
   return c[0] * x + c[1] * x0 + c[2] * state, x0
 
 
-_STEPS = {"ddim": ddim_step, "pndm": pndm_step, "ddpm": ddpm_step, "euler": euler_step,
-          "euler_a": euler_ancestral_step, "heun": heun_step, "lms": lms_step, "dpmpp_2m": dpmpp_2m_step}
+# --- The samplers, one row each -------------------------------------------------------------------
+
+StepFn = Callable[..., tuple[jax.Array, Any]]
 
 
-def _init_state(sampler: str, x: jax.Array):
-  z = jnp.zeros_like(x)
-  if sampler == "pndm":
-    return jnp.zeros((3,) + x.shape, x.dtype), z
-  if sampler == "heun":
-    return z, jnp.zeros((), x.dtype), z
-  if sampler == "lms":
-    return jnp.zeros((4,) + x.shape, x.dtype)
-  if sampler == "dpmpp_2m":
-    return z
+class Sampler(NamedTuple):
+  """What the loop needs of one sampler, as optax keeps a GradientTransformation: pure functions and facts."""
+
+  init: Callable[[jax.Array], Any]  # latents -> the step's state (the earlier outputs of multistep methods)
+  step: StepFn  # (schedule, i, x, fp32 model output, state, noise or None) -> (x, state): one call's update
+  schedule: Callable[..., dict]  # (cfg, name, num_steps, start, alphas_cumprod, karras) -> Schedule fields
+  scaled_input: bool = False  # the model sees x / sqrt(sigma^2 + 1) (the Euler family's x = x0 + sigma * eps)
+  stochastic: bool = False  # each step draws fresh noise
+  order: int = 1  # diffusers' `scheduler.order`: model calls per step, for img2img truncation
+  karras: bool = False  # honours use_karras_sigmas (as in diffusers)
+  clips: bool = False  # honours clip_sample
+  predicts_sample: bool = True  # supports prediction_type="sample"
+  check: Callable[[SchedulerConfig], None] | None = None  # raises for scheduler settings it lacks
+
+
+def _stateless(x):
+  del x
   return ()
+
+
+def _check_ddpm(cfg: SchedulerConfig) -> None:
+  if cfg.variance_type != "fixed_small":
+    raise ValueError(f"ddpm supports variance_type='fixed_small' only, not {cfg.variance_type!r}.")
+
+
+def _check_pndm(cfg: SchedulerConfig) -> None:
+  if not cfg.skip_prk_steps:
+    raise ValueError("pndm with skip_prk_steps=False (Runge-Kutta warm-up) is not implemented; "
+                     "set skip_prk_steps=true (as Stable Diffusion's configs do).")
+
+
+_TABLE = {
+    "ddim": Sampler(_stateless, ddim_step, _alpha_schedule, clips=True),
+    # State: the last three outputs, newest first; the latents the first call started from.
+    "pndm": Sampler(lambda x: (jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(x)), pndm_step,
+                    _alpha_schedule, predicts_sample=False, check=_check_pndm),
+    "ddpm": Sampler(_stateless, ddpm_step, _alpha_schedule, stochastic=True, clips=True, check=_check_ddpm),
+    "euler": Sampler(_stateless, euler_step, _sigma_schedule, scaled_input=True, karras=True),
+    "euler_a": Sampler(_stateless, euler_ancestral_step, _sigma_schedule, scaled_input=True, stochastic=True,
+                       predicts_sample=False),
+    # State: the predictor's derivative, its step size and the latents it started from.
+    "heun": Sampler(lambda x: (jnp.zeros_like(x), jnp.zeros((), x.dtype), jnp.zeros_like(x)), heun_step,
+                    _sigma_schedule, scaled_input=True, order=2, karras=True, clips=True),
+    # State: the last four derivatives, newest first.
+    "lms": Sampler(lambda x: jnp.zeros((4,) + x.shape, x.dtype), lms_step, _sigma_schedule, scaled_input=True,
+                   karras=True),
+    # State: the previous x0 prediction.
+    "dpmpp_2m": Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True),
+}
+SAMPLERS = tuple(_TABLE)
+
+
+def get(name: str) -> Sampler:
+  """The sampler called `name` (one of SAMPLERS or ALIASES)."""
+  row = _TABLE.get(ALIASES.get(name, name))
+  if row is None:
+    raise ValueError(f"Unknown sampler {name!r}; valid: {', '.join(SAMPLERS + tuple(ALIASES))}.")
+  return row
+
+
+# --- One model call at a time: what `sample` runs, for loops of one's own ------------------------
+
+
+def init_state(schedule: Schedule, x: jax.Array) -> Any:
+  """The sampler's state before the first call, for latents `x`."""
+  return _TABLE[schedule.sampler].init(x)
+
+
+def model_input(schedule: Schedule, i: jax.Array, x: jax.Array) -> jax.Array:
+  """What the model is given at call i: x, or x / sqrt(sigma^2 + 1) for the Euler family."""
+  if _TABLE[schedule.sampler].scaled_input:
+    return x / jnp.sqrt(schedule.sigmas[i] ** 2 + 1)
+  return x
+
+
+def step_noise(schedule: Schedule, i: jax.Array, x: jax.Array, key: jax.Array) -> jax.Array | None:
+  """The fresh noise of call i of a stochastic sampler (None for the others), from fold_in(key, i).
+
+  A batch of keys (shape [B], one per image) draws each image's noise from its own key, so an image
+  does not depend on which batch or device it was sampled in.
+  """
+  if not _TABLE[schedule.sampler].stochastic:
+    return None
+  if key.ndim == 1:
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
+  return jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+
+
+def step(schedule: Schedule, i: jax.Array, x: jax.Array, out: jax.Array, state: Any,
+         noise: jax.Array | None = None) -> tuple[jax.Array, Any]:
+  """One model call's update: latents after call i, given the model's output `out` at model_input(...)."""
+  return _TABLE[schedule.sampler].step(schedule, i, x, out.astype(jnp.float32), state, noise)
 
 
 def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
@@ -365,9 +437,7 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     model_fn: (scaled x, float32 t) -> network output; may return bf16, latents stay float32.
     x: initial latents.
     schedule: from make_schedule.
-    key: PRNG key of the stochastic samplers (ddpm, euler_a); step i uses fold_in(key, i). A batch of
-      keys (shape [B], one per image) draws each image's noise from its own key, so an image does
-      not depend on which batch or device it was sampled in.
+    key: PRNG key of the stochastic samplers (ddpm, euler_a), or a [B] batch of them (see `step_noise`).
     noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
     return_trajectory: return the [L, *x.shape] latents after every model call instead.
 
@@ -377,29 +447,20 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
   s = schedule
   n = s.timesteps.shape[0]
   x = jnp.asarray(x, jnp.float32)
-  stochastic = s.sampler in _STOCHASTIC
+  stochastic = _TABLE[s.sampler].stochastic
   if noise is not None and noise.shape != (n,) + x.shape:
     raise ValueError(f"noise has shape {noise.shape}; expected {(n,) + x.shape} (one per model call).")
   if stochastic and noise is None and key is None:
     raise ValueError(f"sampler {s.sampler!r} is stochastic: pass a PRNG key (or noise).")
-  step = _STEPS[s.sampler]
 
   def body(carry, i):
     x, state = carry
-    x_in = x / jnp.sqrt(s.sigmas[i] ** 2 + 1) if s.sampler in _SCALED_INPUT else x
-    out = model_fn(x_in, s.timesteps[i])
+    out = model_fn(model_input(s, i, x), s.timesteps[i])
     if out.shape != x.shape:
       raise ValueError(f"model_fn returned shape {out.shape} for latents of shape {x.shape}.")
-    z = None
-    if stochastic:
-      if noise is not None:
-        z = noise[i].astype(jnp.float32)
-      elif key.ndim == 1:
-        z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
-      else:
-        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-    x, state = step(s, i, x, out.astype(jnp.float32), state, z)
+    z = noise[i].astype(jnp.float32) if stochastic and noise is not None else step_noise(s, i, x, key)
+    x, state = step(s, i, x, out, state, z)
     return (x, state), (x if return_trajectory else None)
 
-  (x, _), traj = jax.lax.scan(body, (x, _init_state(s.sampler, x)), jnp.arange(n))
+  (x, _), traj = jax.lax.scan(body, (x, init_state(s, x)), jnp.arange(n))
   return traj if return_trajectory else x

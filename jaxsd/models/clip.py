@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.models.attention import dot_product_attention
-from jaxsd.models.config import ConfigBase
+from jaxsd.config import ConfigBase
 from jaxsd.models.layers import LayerNorm
 
 Dtype = Any

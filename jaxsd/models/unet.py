@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
-from jaxsd.models.config import ConfigBase
+from jaxsd.config import ConfigBase
 from jaxsd.models.layers import (
     ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel,
     UNetMidBlock2D, Upsample2D, conv, get_activation)
@@ -89,6 +89,11 @@ class UNet2DConditionConfig(ConfigBase):
   @property
   def num_blocks(self) -> int:
     return len(self.block_out_channels)
+
+  @property
+  def downsampling_factor(self) -> int:
+    """Input pixels per pixel of the lowest resolution: sides must be multiples of it."""
+    return 2 ** (self.num_blocks - 1)
 
   @property
   def heads(self) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
-from jaxsd.models.config import ConfigBase
+from jaxsd.config import ConfigBase
 from jaxsd.models.layers import (
     ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, UNetMidBlock2D, Upsample2D, conv)
 
@@ -45,6 +45,11 @@ class AutoencoderKLConfig(ConfigBase):
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
+
+  @property
+  def downsampling_factor(self) -> int:
+    """Image pixels per latent pixel along each side (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(self.block_out_channels) - 1)
 
   def validate(self) -> None:
     n = len(self.block_out_channels)

@@ -21,7 +21,6 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from jaxsd import flops as flops_lib
 from jaxsd.training import checkpoint as ckpt_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import sharding as sharding_lib
@@ -274,61 +273,3 @@ def train_loop(
       bar.close()
     ckpt.close()
     writer.close()
-
-
-# Peak dense bf16 FLOP/s per chip (vendor data sheets), matched against `device.device_kind`.
-PEAK_BF16_FLOPS = (
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("A100", 312e12),
-)
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-  """Peak dense bf16 FLOP/s of a device kind, or None when unknown (e.g. CPU)."""
-  for key, flops in PEAK_BF16_FLOPS:
-    if key.lower() in device_kind.lower():
-      return flops
-  return None
-
-
-def benchmark(compiled: Any, state: TrainState, batch: Any, rng: jax.Array, frozen: Any = None,
-              *, steps: int = 10, warmup: int = 2, compile_seconds: float | None = None,
-              flops: float | None = None) -> tuple[TrainState, dict[str, float]]:
-  """Times `steps` calls of a compiled train step (after `warmup` calls) on one global batch.
-
-  `compiled` comes from `sharding.compile_train_step`; the state is donated, so use the returned
-  one. `flops`: model FLOPs of one step over the global batch (`jaxsd.flops.model_flops`); without
-  it, `compiled.cost_analysis()` (one device's share, but blind to cuDNN calls and loop trips).
-  MFU is given when the device's peak is in `PEAK_BF16_FLOPS`.
-  """
-  for _ in range(warmup):
-    state, _ = compiled(state, batch, rng, frozen)
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, batch, rng, frozen)
-  jax.block_until_ready((state, metrics))
-  step_time = (time.perf_counter() - t0) / steps
-
-  n_dev = len(jax.devices())
-  global_batch = jax.tree.leaves(batch)[0].shape[0]
-  out = {"step_seconds": step_time, "images_per_sec": global_batch / step_time,
-         "images_per_sec_per_device": global_batch / step_time / n_dev, "devices": n_dev}
-  if compile_seconds is not None:
-    out["compile_seconds"] = compile_seconds
-  flops = flops / n_dev if flops else flops_lib.cost_flops(compiled.cost_analysis())
-  if flops > 0:
-    out["tflops_per_device"] = flops / step_time / 1e12
-    peak = peak_flops_per_device(jax.devices()[0].device_kind)
-    if peak:
-      out["mfu"] = flops / step_time / peak
-  return state, out

@@ -24,17 +24,18 @@ import numpy as np
 from PIL import Image
 
 from jaxsd import pretrained
-from jaxsd.flops import model_flops
+from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
 from jaxsd.data import input_pipeline, shapes as shapes_data
 from jaxsd.diffusion import SchedulerConfig
-from jaxsd.generate import contact_sheet
-from jaxsd.pipeline import StableDiffusion, check_model_folder
+from jaxsd.image_grid import contact_sheet
+from jaxsd.model_folder import check_model_folder
+from jaxsd.pipeline import StableDiffusion
 from jaxsd.training import evaluate, export, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
-from jaxsd.training.loop import PeriodicCallback, benchmark, peak_flops_per_device, train_loop
+from jaxsd.training.loop import PeriodicCallback, train_loop
 from jaxsd.training.optimizer import make_optimizer
 from jaxsd.training import sharding
 

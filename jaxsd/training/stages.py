@@ -16,13 +16,13 @@ import numpy as np
 
 from jaxsd import pretrained
 from jaxsd import tokenizer as tok
+from jaxsd.config import DTYPES
 from jaxsd.diffusion import SchedulerConfig, alphas_cumprod
+from jaxsd.model_folder import split_unet_params  # noqa: F401  (the U-Net stage's params layout)
 from jaxsd.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jaxsd.training import losses
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -155,13 +155,6 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
     frozen = {"vae": vae_params, "text": text_params}
   return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params,
                modules={"unet": unet, "vae": vae, "text_encoder": text_encoder})
-
-
-def split_unet_params(params) -> tuple[Any, Any]:
-  """(U-Net params, trained text-encoder params or None) from the U-Net stage's params."""
-  if isinstance(params, dict) and set(params) == {"unet", "text_encoder"}:
-    return params["unet"], params["text_encoder"]
-  return params, None
 
 
 def measure_scaling_factor(vae: AutoencoderKL, vae_params, images: np.ndarray, key: jax.Array) -> float:

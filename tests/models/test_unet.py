@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxsd import weights  # noqa: E402
+from jaxsd import model_folder, weights  # noqa: E402
 from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel  # noqa: E402
 
 BATCH, SEQ = 2, 7
@@ -135,7 +135,7 @@ def test_config_and_weights_from_a_saved_folder(tmp_path):
   assert cfg.attention_head_dim == (2, 4) and cfg.use_linear_projection and cfg.upcast_attention
   sample, t, context = _inputs(cfg)
   abstract = jax.eval_shape(model.init, jax.random.key(0), sample, t, context)["params"]
-  params = weights.state_dict_to_params(weights.read_state_dict(str(tmp_path)), abstract)
+  params = weights.state_dict_to_params(model_folder.read_state_dict(str(tmp_path)), abstract)
   out = apply({"params": params}, sample, t, context)
   np.testing.assert_allclose(np.asarray(out), _torch_apply(torch_model, sample, t, context), rtol=0, atol=TOL)
 

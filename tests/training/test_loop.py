@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsd import flops as flops_lib
 from jaxsd import training
 from jaxsd.training import loop as loop_lib
 from jaxsd.training import metrics as metrics_lib
@@ -156,17 +157,17 @@ def test_benchmark():
   rng = jax.device_put(jax.random.key(0), sh.replicated(mesh))
   compiled, secs = sh.compile_train_step(make_train_step(toy.loss_fn, tx), mesh, shardings,
                                          jax.eval_shape(lambda: state), batch, rng)
-  state, out = training.benchmark(compiled, state, sh.make_global_batch(batch, mesh), rng,
-                                  steps=3, warmup=1, compile_seconds=secs)
+  state, out = flops_lib.benchmark(compiled, state, sh.make_global_batch(batch, mesh), rng,
+                                   steps=3, warmup=1, compile_seconds=secs)
   print("benchmark:", out)
   assert out["devices"] == 8 and out["images_per_sec"] > 0 and out["tflops_per_device"] > 0
   assert "mfu" not in out  # CPU: no known peak.
   assert int(state.step) == 4
-  assert loop_lib.peak_flops_per_device("TPU v5 lite") == 197e12
-  assert loop_lib.peak_flops_per_device("TPU v5p") == 459e12
-  assert loop_lib.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-  assert loop_lib.peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
-  assert loop_lib.peak_flops_per_device("cpu") is None
+  assert flops_lib.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert flops_lib.peak_flops_per_device("TPU v5p") == 459e12
+  assert flops_lib.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops_lib.peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
+  assert flops_lib.peak_flops_per_device("cpu") is None
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Frozen config dataclasses that read and write diffusers / transformers `config.json` files."""
+"""What config files spell: the base of the frozen config dataclasses that read and write diffusers /
+transformers `config.json` files (networks and noise schedules alike), and the dtype names."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 import os
 from typing import Any, TypeVar
 
+import jax.numpy as jnp
+
 T = TypeVar("T", bound="ConfigBase")
+
+# The dtype names of configs and flags (`config.dtype`, `python -m sample --dtype`).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _jsonable(v: Any) -> Any:
@@ -20,7 +26,7 @@ def _jsonable(v: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class ConfigBase:
-  """Base for network configs: field names and defaults are those of the reference `config.json`.
+  """Base for network and scheduler configs: field names and defaults are those of the reference `config.json`.
 
   Keys of the file that the network does not use (`_class_name`, `_diffusers_version`, ...) are
   ignored; lists become tuples so the config stays hashable (a flax module attribute).

@@ -1,0 +1,16 @@
+"""JAX's persistent compilation cache, so that a second process skips compilation."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Switches the cache on in `path` (default `$JAXSD_CACHE_DIR`, else ~/.cache/jaxsd/xla); returns it."""
+  path = path or os.environ.get("JAXSD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxsd", "xla")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path

@@ -1,0 +1,220 @@
+"""The model-folder format, read and written: diffusers Stable Diffusion folders and training workdirs.
+
+A Stable Diffusion folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/;
+each network's folder holds config.json and its weights: safetensors, one file or shards listed in an
+`.index.json`, optionally a variant (`diffusion_pytorch_model.fp16.safetensors`). Pickled `.bin`
+checkpoints can run code when loaded, so they are refused unless the caller opts in
+(`allow_pickle=True`), and then read with `torch.load(weights_only=True)`.
+
+A training workdir holds such a folder in model/ (each network with the `jaxsd_step.json` of the step
+it was exported at) and the orbax checkpoints of each stage in <stage>/checkpoints/<step>/state.
+
+Nothing here knows the networks: `jaxsd.pretrained` (one network), the pipeline, `python -m sample`
+and the training exporter stand on this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxsd.config import ConfigBase
+
+DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it for warnings
+COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")  # what a folder must have to sample
+STEP_FILE = "jaxsd_step.json"  # in an exported network's folder: the training step it holds
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+# --- one network's weight files ------------------------------------------------------------------
+
+class SafetensorsDict(Mapping):
+  """A read-only mapping over one or more safetensors files that loads each tensor on access."""
+
+  def __init__(self, files: list[str]):
+    from safetensors import safe_open
+
+    self._handles = [safe_open(f, framework="numpy") for f in files]
+    self._where = {}
+    for h in self._handles:
+      for k in h.keys():
+        self._where[k] = h
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._where[key].get_tensor(key)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str], str]:
+  """Returns (files, format) for the weights in a diffusers/transformers model folder."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder}: not a directory; pass a model folder holding config.json and weights.")
+  suffix = f".{variant}" if variant else ""
+  for fmt, ext in (("safetensors", "safetensors"), ("pickle", "bin")):
+    for name in _WEIGHT_NAMES:
+      single = os.path.join(folder, f"{name}{suffix}.{ext}")
+      if os.path.exists(single):
+        return [single], fmt
+      index = os.path.join(folder, f"{name}{suffix}.{ext}.index.json")
+      if os.path.exists(index):
+        with open(index) as f:
+          shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, s) for s in shards], fmt
+  listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
+  raise FileNotFoundError(
+      f"{folder}: no weights found (looked for diffusion_pytorch_model{suffix}.safetensors, "
+      f"model{suffix}.safetensors, their sharded .index.json and .bin forms); the folder holds: {listing}."
+  )
+
+
+def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool = False) -> Mapping[str, Any]:
+  """The state dict in a model folder: safetensors lazily; pickled `.bin` only with allow_pickle."""
+  files, fmt = find_weight_files(folder, variant)
+  if fmt == "safetensors":
+    return SafetensorsDict(files)
+  if not allow_pickle:
+    raise ValueError(
+        f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
+        "arbitrary code, so it is off by default. Convert the checkpoint to safetensors, or pass "
+        "allow_pickle=True if you trust its source (it is then read with torch.load(weights_only=True))."
+    )
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("reading .bin checkpoints needs PyTorch: pip install torch") from e
+  sd = {}
+  for f in files:
+    for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+      sd[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+  return sd
+
+
+def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
+  from safetensors.numpy import save_file
+
+  # transformers refuses safetensors files without a "format" entry in the metadata.
+  save_file(state_dict, path, metadata={"format": "pt"})
+
+
+# --- Stable Diffusion folders --------------------------------------------------------------------
+
+
+def check_model_folder(path: str) -> None:
+  """Raises a FileNotFoundError that says what is missing from a diffusers pipeline folder."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
+                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
+  missing = [d for d in COMPONENTS if not os.path.isdir(os.path.join(path, d))]
+  if missing:
+    raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. "
+                            "A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
+
+
+def scheduler_config_file(path: str) -> str:
+  return os.path.join(path, "scheduler", "scheduler_config.json")
+
+
+def write_scheduler(cfg: ConfigBase, path: str) -> None:
+  """scheduler/scheduler_config.json for SD's PNDM scheduler (None-valued keys left out: diffusers
+  then applies the scheduler's own defaults, as for the SD 1.5 file)."""
+  os.makedirs(path, exist_ok=True)
+  d = {k: v for k, v in cfg.to_dict().items() if v is not None}
+  d.update({"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "skip_prk_steps": True})
+  with open(os.path.join(path, "scheduler_config.json"), "w") as f:
+    json.dump(d, f, indent=2, sort_keys=True)
+
+
+def write_model_index(path: str) -> None:
+  with open(os.path.join(path, "model_index.json"), "w") as f:
+    json.dump(MODEL_INDEX, f, indent=2, sort_keys=True)
+
+
+def copy_components(src: str, dst: str, names: tuple[str, ...]) -> None:
+  """Copies the named component folders of `src` that `dst` lacks, and writes dst's model_index.json."""
+  os.makedirs(dst, exist_ok=True)
+  for name in names:
+    if os.path.isdir(os.path.join(src, name)) and not os.path.isdir(os.path.join(dst, name)):
+      shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
+  write_model_index(dst)
+
+
+# --- training workdirs ---------------------------------------------------------------------------
+
+
+def model_dir(workdir: str) -> str:
+  return os.path.join(workdir, "model")
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(model_dir(path), "unet"))  # a workdir's own unet/ holds checkpoints
+
+
+def write_step(component_dir: str, step: int) -> None:
+  with open(os.path.join(component_dir, STEP_FILE), "w") as f:
+    json.dump({"step": int(step)}, f)
+
+
+def exported_step(component_dir: str) -> int:
+  """The training step an exported network holds; -1 when the folder does not say."""
+  path = os.path.join(component_dir, STEP_FILE)
+  if not os.path.exists(path):
+    return -1
+  with open(path) as f:
+    return json.load(f)["step"]
+
+
+def latest_unet_checkpoint(workdir: str) -> tuple[int, str] | None:
+  """(step, state folder) of the newest U-Net checkpoint of a workdir, or None."""
+  ckpt_dir = os.path.join(workdir, "unet", "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return None
+  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
+  for step in steps:
+    state_dir = os.path.join(ckpt_dir, str(step), "state")
+    if os.path.isdir(state_dir):
+      return step, state_dir
+  return None
+
+
+def split_unet_params(params) -> tuple[Any, Any]:
+  """(U-Net params, trained text-encoder params or None) from the U-Net stage's params."""
+  if isinstance(params, dict) and set(params) == {"unet", "text_encoder"}:
+    return params["unet"], params["text_encoder"]
+  return params, None
+
+
+def read_unet_checkpoint(state_dir: str) -> tuple[Any, Any, bool]:
+  """(U-Net params, text-encoder params or None, whether they are the EMA) of a U-Net checkpoint.
+
+  The text encoder is there when it was trained with the U-Net (config.unet.train_text_encoder).
+  """
+  import orbax.checkpoint as ocp  # only workdirs need it
+
+  state = ocp.StandardCheckpointer().restore(state_dir)  # no target: plain dicts, enough for params
+  unet, text = split_unet_params(state.get("ema_params") or state["params"])
+  return unet, text, bool(state.get("ema_params"))
