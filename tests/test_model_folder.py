@@ -1,0 +1,67 @@
+"""The model-folder format: weight files (single, variant, sharded), folder checks, workdir facts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxsd import model_folder
+
+
+def _sd(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"a.weight": rng.standard_normal((3, 2)).astype(np.float32), "b.bias": np.arange(4, dtype=np.float32)}
+
+
+def test_single_variant_and_sharded_weights(tmp_path):
+  sd = _sd()
+  model_folder.write_safetensors(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+  model_folder.write_safetensors(_sd(1), str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))
+  files, fmt = model_folder.find_weight_files(str(tmp_path))
+  assert fmt == "safetensors" and [f.rsplit("/", 1)[1] for f in files] == ["diffusion_pytorch_model.safetensors"]
+  got = model_folder.read_state_dict(str(tmp_path))
+  assert sorted(got) == sorted(sd) and all(np.array_equal(got[k], sd[k]) for k in sd)
+  assert np.array_equal(model_folder.read_state_dict(str(tmp_path), variant="fp16")["a.weight"], _sd(1)["a.weight"])
+
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  model_folder.write_safetensors({"a.weight": sd["a.weight"]}, str(sharded / "model-00001-of-00002.safetensors"))
+  model_folder.write_safetensors({"b.bias": sd["b.bias"]}, str(sharded / "model-00002-of-00002.safetensors"))
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+      "a.weight": "model-00001-of-00002.safetensors", "b.bias": "model-00002-of-00002.safetensors"}}))
+  got = model_folder.read_state_dict(str(sharded))
+  assert len(got) == 2 and all(np.array_equal(got[k], sd[k]) for k in sd)
+
+
+def test_check_model_folder_names_what_is_missing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    model_folder.check_model_folder(str(tmp_path / "none"))
+  for d in ("unet", "vae", "tokenizer"):
+    (tmp_path / d).mkdir()
+  with pytest.raises(FileNotFoundError, match=r"no text_encoder/, scheduler/"):
+    model_folder.check_model_folder(str(tmp_path))
+  (tmp_path / "text_encoder").mkdir()
+  (tmp_path / "scheduler").mkdir()
+  model_folder.check_model_folder(str(tmp_path))
+  assert not model_folder.is_workdir(str(tmp_path))
+
+
+def test_workdir_steps_and_checkpoints(tmp_path):
+  unet = tmp_path / "model" / "unet"
+  unet.mkdir(parents=True)
+  assert model_folder.is_workdir(str(tmp_path))
+  assert model_folder.exported_step(str(unet)) == -1
+  model_folder.write_step(str(unet), 7)
+  assert model_folder.exported_step(str(unet)) == 7
+  assert model_folder.latest_unet_checkpoint(str(tmp_path)) is None
+  for step in ("2", "10", "tmp"):
+    (tmp_path / "unet" / "checkpoints" / step / "state").mkdir(parents=True)
+  (tmp_path / "unet" / "checkpoints" / "11").mkdir()  # an unfinished save: no state/
+  assert model_folder.latest_unet_checkpoint(str(tmp_path)) == (10, str(tmp_path / "unet/checkpoints/10/state"))
+
+
+def test_split_unet_params():
+  assert model_folder.split_unet_params({"unet": 1, "text_encoder": 2}) == (1, 2)
+  assert model_folder.split_unet_params({"conv_in": 1}) == ({"conv_in": 1}, None)

@@ -1,0 +1,110 @@
+"""The three stages on a tiny config: shapes of what they build, finite losses (CLIP's with gradients), and the
+pieces that hand one stage's result to the next (text tower, scaling factor, joint U-Net params)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsd import tokenizer as tok
+from jaxsd.diffusion import SchedulerConfig
+from jaxsd.models.unet import UNet2DConditionModel
+from jaxsd.training import stages
+from train.configs import smoke
+
+B = 2
+
+
+@pytest.fixture(scope="module")
+def cfg():
+  c = smoke.get_config()  # smaller still: the stages' own logic, not learning, is under test here
+  c.vae.update(block_out_channels=(8, 16), norm_num_groups=4)
+  c.unet.update(block_out_channels=(8, 8, 16), norm_num_groups=4)
+  return c
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  s = cfg.data.image_size
+  ids = tok.tokenize(tok.load_tokenizer(), ["a red circle", "a blue square"],
+                     max_length=cfg.clip.text.max_position_embeddings)
+  return {"image": jnp.asarray(rng.uniform(-1, 1, (B, s, s, 3)), jnp.float32), "input_ids": jnp.asarray(ids)}
+
+
+def _params(stage, seed=0):
+  """Random parameters of the tree `stage.init_params` builds (compiling the real init takes far longer)."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(stage.init_params, jax.random.key(0))
+  return jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), abstract)
+
+
+def _loss(stage, batch, frozen=None):
+  params = _params(stage)
+  loss, aux = jax.jit(stage.loss_fn)(params, batch, jax.random.key(1), frozen)
+  return params, float(loss), aux
+
+
+def test_dtype_of(cfg):
+  assert stages.dtype_of(cfg) == jnp.float32
+  with pytest.raises(ValueError, match="choose one of float32, bfloat16, float16"):
+    stages.dtype_of(_with(cfg, dtype="int8"))
+
+
+def _with(cfg, **kw):
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    c.update(kw)
+  return c
+
+
+def test_clip_stage_and_its_text_tower(cfg):
+  stage = stages.clip_stage(cfg)
+  batch = _batch(cfg)
+  params, loss, aux = _loss(stage, batch)
+  assert np.isfinite(loss) and loss > 0
+  grads = jax.jit(jax.grad(lambda p: stage.loss_fn(p, batch, jax.random.key(1), None)[0]))(params)
+  assert float(jnp.abs(grads["logit_scale"])) > 0 and float(jnp.abs(grads["text_projection"]["kernel"]).max()) > 0
+  assert set(aux) == {"batch_i2t_accuracy", "temperature_inv"}
+  clip = stage.modules["clip"]
+  te, te_params = stages.text_encoder_from_clip(clip, params)
+  pooled = te.apply({"params": te_params}, batch["input_ids"]).pooler_output
+  features = clip.apply({"params": params}, batch["input_ids"], method=clip.get_text_features)
+  np.testing.assert_allclose(pooled @ params["text_projection"]["kernel"], features, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_stage_and_scaling_factor(cfg):
+  stage = stages.vae_stage(cfg)
+  params, loss, _ = _loss(stage, _batch(cfg))
+  assert np.isfinite(loss) and loss > 0
+  vae = stage.modules["vae"]
+  assert vae.config.scaling_factor == 1.0  # measured after training
+  images = np.asarray(_batch(cfg)["image"])
+  key = jax.random.key(2)
+  factor = stages.measure_scaling_factor(vae, params, images, key)
+  z = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(params, jnp.asarray(images)).sample(key)
+  np.testing.assert_allclose(factor, 1.0 / float(jnp.std(z)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_unet_stage(cfg, joint):
+  cfg = _with(cfg, unet=dict(cfg.unet.to_dict(), train_text_encoder=joint))
+  clip = stages.clip_stage(cfg)
+  te, te_params = stages.text_encoder_from_clip(clip.modules["clip"], _params(clip))
+  vae_stage = stages.vae_stage(cfg)
+  vae, vae_params = vae_stage.modules["vae"], _params(vae_stage, seed=1)
+  ucfg = stages.unet_config(cfg, vae.config, te.config)
+  assert ucfg.sample_size * vae.config.downsampling_factor == cfg.data.image_size
+  assert ucfg.in_channels == ucfg.out_channels == vae.config.latent_channels
+  assert ucfg.cross_attention_dim == te.config.hidden_size
+  stage = stages.unet_stage(cfg, unet=UNet2DConditionModel(ucfg), vae=vae, vae_params=vae_params, text_encoder=te,
+                            text_params=te_params, scheduler=SchedulerConfig(), tokenizer=tok.load_tokenizer())
+  params, loss, _ = _loss(stage, _batch(cfg), stage.frozen)
+  assert np.isfinite(loss) and loss > 0
+  unet_params, text = stages.split_unet_params(params)
+  assert (text is not None) == joint
+  assert ("text" in stage.frozen) != joint and "vae" in stage.frozen
+  if joint:
+    assert jax.tree.structure(text) == jax.tree.structure(te_params)
+  assert "conv_in" in unet_params
