@@ -79,8 +79,11 @@ def attention_checks() -> None:
       f = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(q, k, v, implementation=impl))
       hlo = f.lower(qb, kb, vb).compile().as_text()
       out = f(qb, kb, vb)
-      row[impl] = {"rel_err_vs_fp32": rel(out, ref), "cudnn_fmha_in_hlo": "cudnn$fmha" in hlo or "fmha" in hlo,
-                   "ms": 1e3 * bench(lambda: f(qb, kb, vb))}
+      row[impl] = {
+          "rel_err_vs_fp32": rel(out, ref),
+          "cudnn_fmha_in_hlo": "cudnn$fmha" in hlo or "fmha" in hlo,
+          "ms": 1e3 * bench(lambda: f(qb, kb, vb))
+      }
     report(**row)
 
 
@@ -107,8 +110,10 @@ def unet_checks(folder: str) -> None:
   t0 = time.perf_counter()
   tu = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).to(dev).eval()
   with torch.no_grad():
-    ref = tu(torch.from_numpy(x).permute(0, 3, 1, 2).to(dev), torch.from_numpy(t).to(dev),
-             torch.from_numpy(ctx).to(dev)).sample.permute(0, 2, 3, 1).float().cpu().numpy()
+    ref = tu(
+        torch.from_numpy(x).permute(0, 3, 1, 2).to(dev),
+        torch.from_numpy(t).to(dev),
+        torch.from_numpy(ctx).to(dev)).sample.permute(0, 2, 3, 1).float().cpu().numpy()
     torch_s = time.perf_counter() - t0
     for half in (torch.bfloat16, torch.float16):  # the peer's own half-precision error, for scale
       out = tu.to(half)(torch.from_numpy(x).permute(0, 3, 1, 2).to(dev, half), torch.from_numpy(t).to(dev),

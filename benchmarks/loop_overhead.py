@@ -84,9 +84,16 @@ def main() -> None:
     times["python_stepped"].append(time.perf_counter() - t0)
   n = schedule.timesteps.shape[0]
   out = {k: round(statistics.median(v) / n * 1000, 3) for k, v in times.items()}
-  print(json.dumps({"ms_per_step": out, "model_calls": n, "batch": args.batch, "size": size,
-                    "sampler": args.sampler, "max_abs_diff_latents": float(np.abs(a - b).max()),
-                    "backend": jax.default_backend()}))
+  print(
+      json.dumps({
+          "ms_per_step": out,
+          "model_calls": n,
+          "batch": args.batch,
+          "size": size,
+          "sampler": args.sampler,
+          "max_abs_diff_latents": float(np.abs(a - b).max()),
+          "backend": jax.default_backend()
+      }))
 
 
 if __name__ == "__main__":

@@ -70,22 +70,28 @@ def write(name: str, root: str, seed: int = 0, log=print) -> str:
   rng = np.random.default_rng(seed)
   counts = {}
   counts["unet"] = _write_network(unet.UNet2DConditionModel(unet.UNet2DConditionConfig.from_dict(cfgs["unet"])),
-                                  cfgs["unet"], os.path.join(path, "unet"), "diffusion_pytorch_model.safetensors",
-                                  rng)
+                                  cfgs["unet"], os.path.join(path, "unet"), "diffusion_pytorch_model.safetensors", rng)
   counts["vae"] = _write_network(vae.AutoencoderKL(vae.AutoencoderKLConfig.from_dict(cfgs["vae"])), cfgs["vae"],
                                  os.path.join(path, "vae"), "diffusion_pytorch_model.safetensors", rng)
-  counts["text_encoder"] = _write_network(
-      clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(cfgs["text_encoder"])), cfgs["text_encoder"],
-      os.path.join(path, "text_encoder"), "model.safetensors", rng)
+  counts["text_encoder"] = _write_network(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(cfgs["text_encoder"])),
+                                          cfgs["text_encoder"], os.path.join(path,
+                                                                             "text_encoder"), "model.safetensors", rng)
   tok.save_tokenizer(tok.load_tokenizer(), os.path.join(path, "tokenizer"))
   os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
   with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(cfgs["scheduler"], f, indent=2, sort_keys=True)
-  index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-           "feature_extractor": [None, None], "safety_checker": [None, None],
-           "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-           "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-           "vae": ["diffusers", "AutoencoderKL"], "requires_safety_checker": False}
+  index = {
+      "_class_name": "StableDiffusionPipeline",
+      "_diffusers_version": "0.6.0",
+      "feature_extractor": [None, None],
+      "safety_checker": [None, None],
+      "scheduler": ["diffusers", "PNDMScheduler"],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+      "requires_safety_checker": False
+  }
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)
   with open(os.path.join(path, "parameters.json"), "w") as f:

@@ -49,8 +49,12 @@ def hlo_index(hlo_text: str) -> dict[str, dict]:
     op = _OP_NAME.search(line)
     tg = _TARGET.search(line)
     calls = _CALLS.search(line)
-    out[m.group(1)] = {"opcode": m.group(2), "op_name": op.group(1) if op else "",
-                       "target": tg.group(1) if tg else "", "calls": calls.group(1) if calls else ""}
+    out[m.group(1)] = {
+        "opcode": m.group(2),
+        "op_name": op.group(1) if op else "",
+        "target": tg.group(1) if tg else "",
+        "calls": calls.group(1) if calls else ""
+    }
     if op and current:
       ops = comp_ops.setdefault(current, [])
       ops.insert(0, op.group(1)) if line.lstrip().startswith("ROOT") else ops.append(op.group(1))
@@ -61,9 +65,16 @@ def hlo_index(hlo_text: str) -> dict[str, dict]:
 
 
 _LAYER_KINDS = (  # (substring of a module path component, kind); the innermost match wins
-    ("conv_shortcut", "conv"), ("conv", "conv"), ("time_emb_proj", "time embedding"),
-    ("time_embedding", "time embedding"), ("norm", "norm"), ("attn", "attention"), ("ff", "feed-forward"),
-    ("proj_in", "transformer proj"), ("proj_out", "transformer proj"), ("downsamplers", "conv"),
+    ("conv_shortcut", "conv"),
+    ("conv", "conv"),
+    ("time_emb_proj", "time embedding"),
+    ("time_embedding", "time embedding"),
+    ("norm", "norm"),
+    ("attn", "attention"),
+    ("ff", "feed-forward"),
+    ("proj_in", "transformer proj"),
+    ("proj_out", "transformer proj"),
+    ("downsamplers", "conv"),
     ("upsamplers", "conv"),
 )
 
@@ -153,11 +164,22 @@ def summarise(events, index: dict, runs: int) -> dict:
     count[key] += 1
   total = sum(by_cat.values()) or 1.0
   ms = lambda ns: ns / runs / 1e6
-  return {"runs": runs, "device_ms_per_run": ms(total),
-          "categories": [{"category": c, "ms": ms(v), "share": v / total} for c, v in by_cat.most_common()],
-          "top_kernels": [{"kernel": k, "ms": ms(v), "calls_per_run": count[k] / runs}
-                          for k, v in by_kernel.most_common(40)],
-          "unmatched_ms": ms(sum(unmatched.values())), "unmatched_examples": [h for h, _ in unmatched.most_common(10)]}
+  return {
+      "runs": runs,
+      "device_ms_per_run": ms(total),
+      "categories": [{
+          "category": c,
+          "ms": ms(v),
+          "share": v / total
+      } for c, v in by_cat.most_common()],
+      "top_kernels": [{
+          "kernel": k,
+          "ms": ms(v),
+          "calls_per_run": count[k] / runs
+      } for k, v in by_kernel.most_common(40)],
+      "unmatched_ms": ms(sum(unmatched.values())),
+      "unmatched_examples": [h for h, _ in unmatched.most_common(10)]
+  }
 
 
 def build(args):
@@ -177,6 +199,7 @@ def build(args):
     def call():
       holder["state"], m = compiled(holder["state"], batch, rng)
       jax.block_until_ready((holder["state"], m))
+
     return compiled, call, info
   fn, fargs = w._unet_forward_parts(spec)
   compiled, info = w.compile_timed(fn, *fargs)
@@ -224,13 +247,28 @@ def main(argv=None) -> int:
   index = hlo_index(compiled.as_text())
   events = device_events(xplane)
   summary = summarise(events, index, args.runs)
-  summary["sample_events"] = [{"kernel": k[:80], "hlo_op": h, "stats": {a: str(b)[:120] for a, b in st.items()}}
-                              for k, h, _, st in events[:5]]
+  summary["sample_events"] = [{
+      "kernel": k[:80],
+      "hlo_op": h,
+      "stats": {
+          a: str(b)[:120] for a, b in st.items()
+      }
+  } for k, h, _, st in events[:5]]
   with gzip.open(os.path.join(args.out, "hlo.txt.gz"), "wt") as f:
     f.write(compiled.as_text())
-  summary.update({"workload": args.workload, "model": args.model, "batch": args.batch, "latent": args.latent,
-                  "dtype": args.dtype, "wall_s_unprofiled": wall, "wall_s_all": walls, "flops": info.get("flops"),
-                  "compile_s": info.get("compile_s"), "device": jax.devices()[0].device_kind, "xplane": xplane})
+  summary.update({
+      "workload": args.workload,
+      "model": args.model,
+      "batch": args.batch,
+      "latent": args.latent,
+      "dtype": args.dtype,
+      "wall_s_unprofiled": wall,
+      "wall_s_all": walls,
+      "flops": info.get("flops"),
+      "compile_s": info.get("compile_s"),
+      "device": jax.devices()[0].device_kind,
+      "xplane": xplane
+  })
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print(f"{args.workload} {args.model} b{args.batch} {args.latent}x{args.latent} {args.dtype} on "

@@ -88,7 +88,10 @@ class Worker:
     self.log = log
     self._log_file = open(log, "a")
     self.proc = subprocess.Popen([python, "-u", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self._log_file, env={**os.environ, **(env or {})}, text=True, bufsize=1)
+                                 stderr=self._log_file, env={
+                                     **os.environ,
+                                     **(env or {})
+                                 }, text=True, bufsize=1)
 
   def call(self, msg: dict, timeout: float) -> dict:
     if self.proc.poll() is not None:

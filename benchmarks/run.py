@@ -40,21 +40,33 @@ FLAX039_VENV = os.path.join(HERE, ".venv-flax039")
 FLAX039_PACKAGES = ["diffusers==0.39.0", "transformers==4.57.6", "jax==0.10.2", "flax", "safetensors",
                     "torch==2.13.0"]  # torch: transformers' FlaxCLIPTextModel.from_pretrained(from_pt=True)
 
-
 # --- what runs -------------------------------------------------------------------------------
 
 
 def _case(workload, model, impls, repeats, warmup, sequential=False, optional=False, **spec):
   px = spec.get("latent", 0) * sd15_configs.vae_factor(model)
-  labels = {"unet_forward": "b{batch} {latent}x{latent} latents {dtype}",
-            "sample": "b{batch} {height}x{width} {steps} steps {sampler} cfg {guidance_scale} {dtype}",
-            "train": "b{batch} {px}px ({latent}x{latent} latents) {dtype}"}
+  labels = {
+      "unet_forward": "b{batch} {latent}x{latent} latents {dtype}",
+      "sample": "b{batch} {height}x{width} {steps} steps {sampler} cfg {guidance_scale} {dtype}",
+      "train": "b{batch} {px}px ({latent}x{latent} latents) {dtype}"
+  }
   label = labels[spec.get("program", workload)].format(px=px, **spec)
   if workload == "compile":
     label = f"{spec['program']} {label}"
-  return {"name": f"{workload} {model} {label}", "workload": workload, "model_name": model, "impls": list(impls),
-          "repeats": repeats, "warmup": warmup, "sequential": sequential, "optional": optional,
-          "spec": {"workload": workload, **spec}}
+  return {
+      "name": f"{workload} {model} {label}",
+      "workload": workload,
+      "model_name": model,
+      "impls": list(impls),
+      "repeats": repeats,
+      "warmup": warmup,
+      "sequential": sequential,
+      "optional": optional,
+      "spec": {
+          "workload": workload,
+          **spec
+      }
+  }
 
 
 def plan(args) -> list[dict]:
@@ -151,8 +163,11 @@ def start_worker(impl: str, case_dir: str, tag: str) -> protocol.Worker:
   script = os.path.join(HERE, f"workloads_{impl}.py")
   python = os.path.join(FLAX039_VENV, "bin", "python") if impl == "flax039" else sys.executable
   extra = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") and impl != "flax039" else []
-  env = {"PYTHONPATH": HERE if impl == "flax039" else os.pathsep.join([ROOT, HERE, *extra]),
-         "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false"}
+  env = {
+      "PYTHONPATH": HERE if impl == "flax039" else os.pathsep.join([ROOT, HERE, *extra]),
+      "TF_CPP_MIN_LOG_LEVEL": "2",
+      "TOKENIZERS_PARALLELISM": "false"
+  }
   if impl != "torch":  # two processes share the accelerator: no JAX up-front 75% grab
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   if impl == "torch":
@@ -282,9 +297,13 @@ def summarise(case: dict, impls: dict) -> None:
     for t, e in zip(ref["times"], ref["extra"]):
       call.append(t / (steps * e["unet_call_s"]) - 1)
       loop.append((t - e["text_encode_s"] - e["vae_decode_s"]) / (steps * e["unet_call_s"]) - 1)
-    ref["overhead"] = {"call_over_steps_x_unet": statistics.median(call),
-                       "loop_over_steps_x_unet": statistics.median(loop),
-                       **{k: statistics.median(e[k] for e in ref["extra"]) for k in ref["extra"][0]}}
+    ref["overhead"] = {
+        "call_over_steps_x_unet": statistics.median(call),
+        "loop_over_steps_x_unet": statistics.median(loop),
+        **{
+            k: statistics.median(e[k] for e in ref["extra"]) for k in ref["extra"][0]
+        }
+    }
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -332,8 +351,9 @@ def table(results: list[dict]) -> str:
                      f"{o['loop_over_steps_x_unet']:+.1%} (target <= 5%; medians of per-round ratios)")
         step_flops, peak = r["info"].get("unet_call_flops"), r["info"].get("peak_bf16_flops")
         if step_flops:
-          bound = (f"; compute bound at bf16 peak {res['spec']['batch'] * peak / (res['spec']['steps'] * step_flops):.2f}"
-                   f" img/s vs {r['images_per_s']:.2f} measured" if peak else "")
+          bound = (
+              f"; compute bound at bf16 peak {res['spec']['batch'] * peak / (res['spec']['steps'] * step_flops):.2f}"
+              f" img/s vs {r['images_per_s']:.2f} measured" if peak else "")
           notes.append(f"  one guided step (U-Net on {2 * res['spec']['batch']} latents): "
                        f"{step_flops / 1e9:.1f} GFLOP{bound}")
   if notes:
@@ -350,8 +370,14 @@ def machine() -> dict:
   if os.path.exists("/proc/meminfo"):
     with open("/proc/meminfo") as f:
       mem = next((l.split(":", 1)[1].strip() for l in f if l.startswith("MemTotal")), "")
-  return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
-          "python": platform.python_version(), "platform": platform.platform()}
+  return {
+      "host": platform.node(),
+      "cpu": cpu,
+      "cores": os.cpu_count(),
+      "memory": mem,
+      "python": platform.python_version(),
+      "platform": platform.platform()
+  }
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -409,9 +435,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     runner = run_compile_case if case["workload"] == "compile" else run_timed_case
     impls = runner(case, spec, args, case_dir, log)
-    res = {**{k2: case[k2] for k2 in ("name", "workload", "model_name", "repeats", "warmup", "sequential")},
-           "spec": case["spec"], "parameters": model_folder.parameter_counts(folder), "impls": impls,
-           "wall_s": time.time() - t0, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    res = {
+        **{
+            k2: case[k2] for k2 in ("name", "workload", "model_name", "repeats", "warmup", "sequential")
+        }, "spec": case["spec"],
+        "parameters": model_folder.parameter_counts(folder),
+        "impls": impls,
+        "wall_s": time.time() - t0,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()
+    }
     summarise(res, impls)
     results.append(res)
     with open(os.path.join(args.out, "results.json"), "w") as f:  # after every case: partial runs count
@@ -423,10 +456,13 @@ def main(argv=None) -> int:
 
 
 def meta(args, argv, t_start) -> dict:
-  return {"date": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
-          "command": " ".join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
-          "mode": "gpu" if args.gpu else ("quick" if args.quick else "cpu"), "machine": machine(),
-          "wall_s": time.time() - t_start}
+  return {
+      "date": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
+      "command": " ".join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
+      "mode": "gpu" if args.gpu else ("quick" if args.quick else "cpu"),
+      "machine": machine(),
+      "wall_s": time.time() - t_start
+  }
 
 
 if __name__ == "__main__":

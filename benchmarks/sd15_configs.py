@@ -85,31 +85,49 @@ SD15_SCHEDULER = {
     "trained_betas": None,
 }
 
-SMALL_NOTE = ("stand-in for jaxsd's built-in default model (train/configs had no default preset when the "
-              "suite was written): 3-level U-Net (128, 256, 512), 8x VAE (64, 128, 256, 256), 6-layer 512-wide CLIP, 256x256 images")
+SMALL_NOTE = (
+    "stand-in for jaxsd's built-in default model (train/configs had no default preset when the "
+    "suite was written): 3-level U-Net (128, 256, 512), 8x VAE (64, 128, 256, 256), 6-layer 512-wide CLIP, 256x256 images"
+)
 
 
 def _variant(unet: dict, vae: dict, text: dict) -> dict:
-  return {"unet": {**SD15_UNET, **unet}, "vae": {**SD15_VAE, **vae}, "text_encoder": {**SD15_TEXT_ENCODER, **text},
-          "scheduler": dict(SD15_SCHEDULER)}
+  return {
+      "unet": {
+          **SD15_UNET,
+          **unet
+      },
+      "vae": {
+          **SD15_VAE,
+          **vae
+      },
+      "text_encoder": {
+          **SD15_TEXT_ENCODER,
+          **text
+      },
+      "scheduler": dict(SD15_SCHEDULER)
+  }
 
 
 MODELS = {
-    "sd15": _variant({}, {}, {}),
-    "small": _variant(
-        dict(block_out_channels=[128, 256, 512], down_block_types=["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
-             up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2, cross_attention_dim=512,
-             attention_head_dim=8, sample_size=32),
-        dict(block_out_channels=[64, 128, 256, 256], layers_per_block=1, sample_size=256),
-        dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=6,
-             projection_dim=512)),
-    "tiny": _variant(
-        dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1, cross_attention_dim=32,
-             attention_head_dim=4, norm_num_groups=8, sample_size=16),
-        dict(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-             up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32),
-        dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)),
+    "sd15":
+        _variant({}, {}, {}),
+    "small":
+        _variant(
+            dict(block_out_channels=[128, 256, 512], down_block_types=["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2, cross_attention_dim=512,
+                 attention_head_dim=8, sample_size=32),
+            dict(block_out_channels=[64, 128, 256, 256], layers_per_block=1, sample_size=256),
+            dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=6,
+                 projection_dim=512)),
+    "tiny":
+        _variant(
+            dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1, cross_attention_dim=32,
+                 attention_head_dim=4, norm_num_groups=8, sample_size=16),
+            dict(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32),
+            dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)),
 }
 
 
@@ -122,7 +140,7 @@ def model(name: str) -> dict:
 
 def vae_factor(name: str) -> int:
   """Image pixels per latent pixel."""
-  return 2 ** (len(MODELS[name]["vae"]["block_out_channels"]) - 1)
+  return 2**(len(MODELS[name]["vae"]["block_out_channels"]) - 1)
 
 
 def image_size(name: str) -> int:

@@ -103,8 +103,10 @@ def sample(spec: dict) -> protocol.Case:
 
   t0 = time.perf_counter()
   call()
-  return protocol.Case(lambda: protocol.timed(call), {"first_call_s": time.perf_counter() - t0,
-                                                      "images": spec["batch"]})
+  return protocol.Case(lambda: protocol.timed(call), {
+      "first_call_s": time.perf_counter() - t0,
+      "images": spec["batch"]
+  })
 
 
 WORKLOADS = {"unet_forward": unet_forward, "sample": sample}

@@ -53,8 +53,12 @@ def _device_facts() -> dict:
   from jaxsd import flops
 
   d = jax.devices()[0]
-  return {"backend": jax.default_backend(), "device_kind": d.device_kind, "jax": jax.__version__,
-          "peak_bf16_flops": flops.peak_flops_per_device(d.device_kind)}
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": d.device_kind,
+      "jax": jax.__version__,
+      "peak_bf16_flops": flops.peak_flops_per_device(d.device_kind)
+  }
 
 
 # --- workloads -------------------------------------------------------------------------------
@@ -94,8 +98,8 @@ def _pipeline_and_args(spec: dict):
   guided = spec["guidance_scale"] > 1.0
   fn = pipe.generate_fn(spec["sampler"], spec["steps"], guided, "np")
   args = (pipe.params, pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)),
-          pipe.noise(0, len(prompts), spec["height"], spec["width"]), jnp.float32(spec["guidance_scale"]),
-          pipe.sampler_keys(0, len(prompts)))
+          pipe.noise(0, len(prompts), spec["height"],
+                     spec["width"]), jnp.float32(spec["guidance_scale"]), pipe.sampler_keys(0, len(prompts)))
   return pipe, prompts, fn, args
 
 
@@ -126,8 +130,8 @@ def sample(spec: dict) -> protocol.Case:
   }
   for fn in pieces.values():
     fn()  # warm
-  call = lambda: pipe(prompts, height=spec["height"], width=spec["width"], steps=steps,
-                      guidance_scale=spec["guidance_scale"], sampler=spec["sampler"], seed=0, output="np")
+  call = lambda: pipe(prompts, height=spec["height"], width=spec["width"], steps=steps, guidance_scale=spec[
+      "guidance_scale"], sampler=spec["sampler"], seed=0, output="np")
   t0 = time.perf_counter()
   call()  # compiles the pipeline's own jitted program (the one timed)
   first_call_s = time.perf_counter() - t0
@@ -135,8 +139,12 @@ def sample(spec: dict) -> protocol.Case:
   def run():  # the pieces are timed in the same round, for the loop-overhead figure
     return protocol.timed(call), {k: protocol.timed(fn) for k, fn in pieces.items()}
 
-  info = {"flops": text_i["flops"] + steps * unet_i["flops"] + dec_i["flops"], "first_call_s": first_call_s,
-          "unet_call_flops": unet_i["flops"], "images": b}
+  info = {
+      "flops": text_i["flops"] + steps * unet_i["flops"] + dec_i["flops"],
+      "first_call_s": first_call_s,
+      "unet_call_flops": unet_i["flops"],
+      "images": b
+  }
   return protocol.Case(run, info)
 
 
@@ -164,7 +172,7 @@ def _train_parts(spec: dict):
     t = jax.random.randint(k_t, (latents.shape[0],), 0, sched.num_train_timesteps)
     noisy = schedules.add_noise(ac, latents, noise, t)
     pred = module.apply({"params": p}, noisy, t, context)
-    return jnp.mean((pred.astype(jnp.float32) - noise) ** 2), {}
+    return jnp.mean((pred.astype(jnp.float32) - noise)**2), {}
 
   # Created inside jit, as jaxsd's training loop does: `create` outside jit puts one zero buffer in
   # three fields, and a donated state must not hold the same buffer twice.

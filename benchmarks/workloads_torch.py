@@ -77,8 +77,11 @@ def sample(spec: dict) -> protocol.Case:
   device, dtype = _device(spec), _inference_dtype(spec)
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False)
-  schedulers = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler,
-                "euler": diffusers.EulerDiscreteScheduler}
+  schedulers = {
+      "ddim": diffusers.DDIMScheduler,
+      "pndm": diffusers.PNDMScheduler,
+      "euler": diffusers.EulerDiscreteScheduler
+  }
   pipe.scheduler = schedulers[spec["sampler"]].from_config(pipe.scheduler.config)
   pipe = pipe.to(device)
   pipe.set_progress_bar_config(disable=True)
@@ -87,8 +90,7 @@ def sample(spec: dict) -> protocol.Case:
   def run():
     t0 = time.perf_counter()
     pipe(prompts, height=spec["height"], width=spec["width"], num_inference_steps=spec["steps"],
-         guidance_scale=spec["guidance_scale"], output_type="np",
-         generator=torch.Generator(device).manual_seed(0))
+         guidance_scale=spec["guidance_scale"], output_type="np", generator=torch.Generator(device).manual_seed(0))
     _sync(device)
     return time.perf_counter() - t0
 
@@ -140,8 +142,12 @@ def setup(spec: dict) -> protocol.Case:
   if spec["workload"] not in WORKLOADS:
     raise ValueError(f"no PyTorch version of workload {spec['workload']!r}")
   case = WORKLOADS[spec["workload"]](spec)
-  case.info.update({"torch": torch.__version__, "diffusers": diffusers.__version__,
-                    "threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")})
+  case.info.update({
+      "torch": torch.__version__,
+      "diffusers": diffusers.__version__,
+      "threads": torch.get_num_threads(),
+      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")
+  })
   return case
 
 

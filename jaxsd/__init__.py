@@ -15,6 +15,17 @@ from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_text
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoencoderKL", "CLIPModel", "CLIPTextModel", "CLIPVisionModel", "StableDiffusion", "UNet2DConditionModel",
-    "abstract_params", "init_params", "load_clip", "load_text_encoder", "load_unet", "load_vae", "save_pretrained",
+    "AutoencoderKL",
+    "CLIPModel",
+    "CLIPTextModel",
+    "CLIPVisionModel",
+    "StableDiffusion",
+    "UNet2DConditionModel",
+    "abstract_params",
+    "init_params",
+    "load_clip",
+    "load_text_encoder",
+    "load_unet",
+    "load_vae",
+    "save_pretrained",
 ]

@@ -75,8 +75,8 @@ def peak_flops_per_device(device_kind: str) -> float | None:
   return None
 
 
-def benchmark(compiled: Any, state: Any, batch: Any, rng: jax.Array, frozen: Any = None,
-              *, steps: int = 10, warmup: int = 2, compile_seconds: float | None = None,
+def benchmark(compiled: Any, state: Any, batch: Any, rng: jax.Array, frozen: Any = None, *, steps: int = 10,
+              warmup: int = 2, compile_seconds: float | None = None,
               flops: float | None = None) -> tuple[Any, dict[str, float]]:
   """Times `steps` calls of a compiled train step (after `warmup` calls) on one global batch.
 
@@ -96,8 +96,12 @@ def benchmark(compiled: Any, state: Any, batch: Any, rng: jax.Array, frozen: Any
 
   n_dev = len(jax.devices())
   global_batch = jax.tree.leaves(batch)[0].shape[0]
-  out = {"step_seconds": step_time, "images_per_sec": global_batch / step_time,
-         "images_per_sec_per_device": global_batch / step_time / n_dev, "devices": n_dev}
+  out = {
+      "step_seconds": step_time,
+      "images_per_sec": global_batch / step_time,
+      "images_per_sec_per_device": global_batch / step_time / n_dev,
+      "devices": n_dev
+  }
   if compile_seconds is not None:
     out["compile_seconds"] = compile_seconds
   flops = flops / n_dev if flops else cost_flops(compiled.cost_analysis())

@@ -41,8 +41,8 @@ def image_filename(prompt: str, seed: int, index: int) -> str:
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
-             width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1,
-             out_dir: str | None = None, progress: bool = True, devices=None) -> GenerateResult:
+             width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1, out_dir: str | None = None,
+             progress: bool = True, devices=None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -113,7 +113,6 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       Image.fromarray(contact_sheet(images, columns=num_images if num_images > 1 else None)).save(
           os.path.join(out_dir, grid_name))
   n_steps = len(mine) * steps
-  return GenerateResult(
-      files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
-      seconds_per_step=sample_seconds / max(n_steps, 1), images_per_second=len(images) / max(sample_seconds, 1e-9),
-      devices=n_dev)
+  return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
+                        seconds_per_step=sample_seconds / max(n_steps, 1),
+                        images_per_second=len(images) / max(sample_seconds, 1e-9), devices=n_dev)

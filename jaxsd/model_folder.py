@@ -45,6 +45,7 @@ MODEL_INDEX = {
 
 # --- one network's weight files ------------------------------------------------------------------
 
+
 class SafetensorsDict(Mapping):
   """A read-only mapping over one or more safetensors files that loads each tensor on access."""
 
@@ -88,8 +89,7 @@ def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str
   listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
   raise FileNotFoundError(
       f"{folder}: no weights found (looked for diffusion_pytorch_model{suffix}.safetensors, "
-      f"model{suffix}.safetensors, their sharded .index.json and .bin forms); the folder holds: {listing}."
-  )
+      f"model{suffix}.safetensors, their sharded .index.json and .bin forms); the folder holds: {listing}.")
 
 
 def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool = False) -> Mapping[str, Any]:
@@ -98,11 +98,9 @@ def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool 
   if fmt == "safetensors":
     return SafetensorsDict(files)
   if not allow_pickle:
-    raise ValueError(
-        f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
-        "arbitrary code, so it is off by default. Convert the checkpoint to safetensors, or pass "
-        "allow_pickle=True if you trust its source (it is then read with torch.load(weights_only=True))."
-    )
+    raise ValueError(f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
+                     "arbitrary code, so it is off by default. Convert the checkpoint to safetensors, or pass "
+                     "allow_pickle=True if you trust its source (it is then read with torch.load(weights_only=True)).")
   try:
     import torch
   except ImportError as e:
@@ -127,8 +125,9 @@ def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
 def check_model_folder(path: str) -> None:
   """Raises a FileNotFoundError that says what is missing from a diffusers pipeline folder."""
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
-                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
+    raise FileNotFoundError(
+        f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
   missing = [d for d in COMPONENTS if not os.path.isdir(os.path.join(path, d))]
   if missing:
     raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. "

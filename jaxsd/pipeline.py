@@ -62,8 +62,7 @@ class StableDiffusion:
   def encode_text(self, te_params, input_ids: jax.Array) -> jax.Array:
     if self.clip_skip is None:  # diffusers' default: the last layer's output, final layer norm included
       return self.text_encoder.apply({"params": te_params}, input_ids).last_hidden_state
-    return self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip,
-                                   method="encode_prompt")
+    return self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip, method="encode_prompt")
 
   def denoiser(self, unet_params, context: jax.Array, guidance_scale: jax.Array, guided: bool):
     """The model function the samplers call: U-Net output under classifier-free guidance, fp32.
@@ -194,8 +193,7 @@ class StableDiffusion:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(offset, offset + batch))
 
   def __call__(self, prompts, negative_prompts=None, height: int = 512, width: int = 512, steps: int = 50,
-               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
-               output: str = "np"):
+               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None, output: str = "np"):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`.
@@ -211,8 +209,8 @@ class StableDiffusion:
                          f"for {b} prompts at {height}x{width}.")
     guided = guidance_scale > 1.0
     fn = self._jitted(sampler, steps, guided, "latent" if output == "latent" else "np", 1.0)
-    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), latents,
-             jnp.float32(guidance_scale), self.sampler_keys(seed, b))
+    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), latents, jnp.float32(guidance_scale),
+             self.sampler_keys(seed, b))
     return _finish(out, output)
 
   def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
@@ -235,8 +233,8 @@ class StableDiffusion:
     noise = self.noise(seed, len(prompts), height, width)
     guided = guidance_scale > 1.0
     fn = self._jitted(sampler, steps, guided, "latent" if output == "latent" else "np", strength)
-    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), noise,
-             jnp.float32(guidance_scale), self.sampler_keys(seed, len(prompts)), init_latents)
+    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), noise, jnp.float32(guidance_scale),
+             self.sampler_keys(seed, len(prompts)), init_latents)
     return _finish(out, output)
 
 
@@ -282,12 +280,13 @@ def load_workdir(workdir: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
     try:
       params, text, ema = model_folder.read_unet_checkpoint(state_dir)
       want = jax.tree.structure(pipe.unet_params)
-      if jax.tree.structure(params) != want or (
-          text is not None and jax.tree.structure(text) != jax.tree.structure(pipe.text_encoder_params)):
+      if jax.tree.structure(params) != want or (text is not None and jax.tree.structure(text) != jax.tree.structure(
+          pipe.text_encoder_params)):
         raise ValueError("the checkpoint's U-Net does not match the exported config")
       pipe.unet_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), params, pipe.unet_params)
       if text is not None:
-        pipe.text_encoder_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), text, pipe.text_encoder_params)
+        pipe.text_encoder_params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), text,
+                                                pipe.text_encoder_params)
       log.info("U-Net from %s (step %d, %s).", state_dir, step, "EMA" if ema else "raw")
     except Exception as e:  # pylint: disable=broad-except
       log.warning("Could not use the U-Net checkpoint at %s (%s); using the exported U-Net.", state_dir, e)

@@ -25,8 +25,13 @@ def _spec(module: nn.Module) -> dict[str, Any]:
   """How each network is saved: file name and the config.json entries besides the fields."""
   name = type(module).__name__
   if isinstance(module, (unet.UNet2DConditionModel, vae.AutoencoderKL)):
-    return {"file": "diffusion_pytorch_model.safetensors",
-            "extra": {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION}}
+    return {
+        "file": "diffusion_pytorch_model.safetensors",
+        "extra": {
+            "_class_name": name,
+            "_diffusers_version": DIFFUSERS_VERSION
+        }
+    }
   model_type = {"CLIPTextModel": "clip_text_model", "CLIPVisionModel": "clip_vision_model", "CLIPModel": "clip"}
   if name in model_type:
     return {"file": "model.safetensors", "extra": {"architectures": [name], "model_type": model_type[name]}}
@@ -38,8 +43,8 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
   cfg = module.config
   if isinstance(module, unet.UNet2DConditionModel):
     size = 8 * cfg.downsampling_factor
-    return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
-            jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32))
+    return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros(
+        (batch,), jnp.int32), jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32))
   if isinstance(module, vae.AutoencoderKL):
     size = cfg.downsampling_factor
     return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),)
@@ -49,8 +54,8 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
     return (jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
   if isinstance(module, clip.CLIPModel):
     t, v = cfg.text_config, cfg.vision_config
-    return (jnp.zeros((batch, t.max_position_embeddings), jnp.int32),
-            jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32))
+    return (jnp.zeros((batch, t.max_position_embeddings),
+                      jnp.int32), jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32))
   raise TypeError(f"no example inputs for {type(module).__name__}")
 
 
@@ -66,9 +71,13 @@ def abstract_params(module: nn.Module) -> dict:
 
 def _legacy_vae_names(key: str) -> str:
   # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn.
-  return re.sub(r"(attentions\.\d+\.)(query|key|value|proj_attn)\.",
-                lambda m: m.group(1) + {"query": "to_q", "key": "to_k", "value": "to_v",
-                                        "proj_attn": "to_out.0"}[m.group(2)] + ".", key)
+  return re.sub(
+      r"(attentions\.\d+\.)(query|key|value|proj_attn)\.", lambda m: m.group(1) + {
+          "query": "to_q",
+          "key": "to_k",
+          "value": "to_v",
+          "proj_attn": "to_out.0"
+      }[m.group(2)] + ".", key)
 
 
 def _prefixed(prefix: str):
@@ -91,19 +100,19 @@ def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_
   return module, jax.device_put(params)
 
 
-def load_unet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
-              allow_pickle: bool = False, **module_kwargs):
+def load_unet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,
+              **module_kwargs):
   """Loads a diffusers `UNet2DConditionModel` folder. Returns (module, params).
 
   `dtype` is the computation dtype; parameters are cast to `param_dtype` (default: `dtype`).
   Extra keyword arguments go to the module (`attention_implementation`, `gradient_checkpointing`).
   """
-  return _load(unet.UNet2DConditionModel, unet.UNet2DConditionConfig, path, dtype, param_dtype, variant,
-               allow_pickle, **module_kwargs)
+  return _load(unet.UNet2DConditionModel, unet.UNet2DConditionConfig, path, dtype, param_dtype, variant, allow_pickle,
+               **module_kwargs)
 
 
-def load_vae(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
-             allow_pickle: bool = False, **module_kwargs):
+def load_vae(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,
+             **module_kwargs):
   """Loads a diffusers `AutoencoderKL` folder (legacy attention names accepted). Returns (module, params)."""
   return _load(vae.AutoencoderKL, vae.AutoencoderKLConfig, path, dtype, param_dtype, variant, allow_pickle,
                rename=_legacy_vae_names, **module_kwargs)
@@ -116,11 +125,10 @@ def load_text_encoder(path: str, dtype=jnp.float32, param_dtype=None, *, variant
                rename=_prefixed("text_model."), **module_kwargs)
 
 
-def load_clip(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
-              allow_pickle: bool = False, **module_kwargs):
+def load_clip(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,
+              **module_kwargs):
   """Loads a transformers `CLIPModel` folder (both towers). Returns (module, params)."""
-  return _load(clip.CLIPModel, clip.CLIPConfig, path, dtype, param_dtype, variant, allow_pickle,
-               **module_kwargs)
+  return _load(clip.CLIPModel, clip.CLIPConfig, path, dtype, param_dtype, variant, allow_pickle, **module_kwargs)
 
 
 def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> None:
@@ -141,5 +149,7 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
     f.write("\n")
 
 
-__all__ = ["load_unet", "load_vae", "load_text_encoder", "load_clip", "save_pretrained", "init_params",
-           "abstract_params", "example_inputs"]
+__all__ = [
+    "load_unet", "load_vae", "load_text_encoder", "load_clip", "save_pretrained", "init_params", "abstract_params",
+    "example_inputs"
+]

@@ -26,8 +26,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible map from the 256 byte values to printable characters."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1)))
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1)))
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -68,16 +67,14 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(model_dir):
-    raise FileNotFoundError(
-        f"Tokenizer folder {model_dir!r} does not exist (only local folders are "
-        "supported; pass model_dir=None for the shipped CLIP vocabulary).")
+    raise FileNotFoundError(f"Tokenizer folder {model_dir!r} does not exist (only local folders are "
+                            "supported; pass model_dir=None for the shipped CLIP vocabulary).")
   folder = os.path.join(model_dir, "tokenizer")
   if not os.path.isdir(folder):
     folder = model_dir
   if not any(os.path.exists(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
-    raise FileNotFoundError(
-        f"No tokenizer in {model_dir!r}: expected a 'tokenizer/' subfolder or one of "
-        f"{_TOKENIZER_FILES}; found {sorted(os.listdir(model_dir))}.")
+    raise FileNotFoundError(f"No tokenizer in {model_dir!r}: expected a 'tokenizer/' subfolder or one of "
+                            f"{_TOKENIZER_FILES}; found {sorted(os.listdir(model_dir))}.")
   tokenizer = CLIPTokenizer.from_pretrained(folder)
   if tokenizer.model_max_length > 10_000:  # unset in the folder's config: HF's 1e30
     tokenizer.model_max_length = MAX_LENGTH
@@ -96,8 +93,8 @@ def save_tokenizer(tokenizer: CLIPTokenizer, directory: str | os.PathLike) -> No
   tokenizer.backend_tokenizer.model.save(directory)  # vocab.json, merges.txt
 
 
-def tokenize(tokenizer: CLIPTokenizer, texts: str | Sequence[str],
-             max_length: int = MAX_LENGTH, *, warn: bool = True) -> np.ndarray:
+def tokenize(tokenizer: CLIPTokenizer, texts: str | Sequence[str], max_length: int = MAX_LENGTH, *,
+             warn: bool = True) -> np.ndarray:
   """Token ids, int32 (batch, max_length): start, text, end, then padding.
 
   Texts longer than `max_length` tokens keep their first `max_length - 1` tokens
@@ -123,9 +120,8 @@ def tokenize(tokenizer: CLIPTokenizer, texts: str | Sequence[str],
     if len(seq) > max_length:
       if warn:
         dropped = tokenizer.decode(seq[max_length - 1:-1])
-        warnings.warn(
-            f"Prompt of {len(seq)} tokens truncated to {max_length}: {text!r} "
-            f"(dropped: {dropped!r}).", UserWarning, stacklevel=2)
+        warnings.warn(f"Prompt of {len(seq)} tokens truncated to {max_length}: {text!r} "
+                      f"(dropped: {dropped!r}).", UserWarning, stacklevel=2)
       seq = seq[:max_length - 1] + [eos]
     ids[row, :len(seq)] = seq
   return ids

@@ -81,14 +81,21 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {len(result.files)} images and a grid to {args.out}/ on {result.devices} device(s): "
-        f"compile {result.compile_seconds:.1f} s, sampling {result.sample_seconds:.1f} s "
-        f"({result.seconds_per_step * 1000:.1f} ms/step)", file=sys.stderr)
+  print(
+      f"wrote {len(result.files)} images and a grid to {args.out}/ on {result.devices} device(s): "
+      f"compile {result.compile_seconds:.1f} s, sampling {result.sample_seconds:.1f} s "
+      f"({result.seconds_per_step * 1000:.1f} ms/step)", file=sys.stderr)
   if args.benchmark:
-    print(json.dumps({
-        "seconds_per_step": round(result.seconds_per_step, 6), "images_per_second": round(result.images_per_second, 4),
-        "compile_seconds": round(result.compile_seconds, 3), "sample_seconds": round(result.sample_seconds, 3),
-        "images": int(len(result.images)), "devices": result.devices, "backend": jax.default_backend()}))
+    print(
+        json.dumps({
+            "seconds_per_step": round(result.seconds_per_step, 6),
+            "images_per_second": round(result.images_per_second, 4),
+            "compile_seconds": round(result.compile_seconds, 3),
+            "sample_seconds": round(result.sample_seconds, 3),
+            "images": int(len(result.images)),
+            "devices": result.devices,
+            "backend": jax.default_backend()
+        }))
   return 0
 
 

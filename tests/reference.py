@@ -27,19 +27,20 @@ def tiny_components(sd2: bool = False, seed: int = 0):
   from jaxsd import tokenizer as tok
 
   torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-      cross_attention_dim=32, norm_num_groups=8,
-      attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2, upcast_attention=sd2)
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-      norm_num_groups=8, sample_size=16)
-  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-      max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
-      bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+  unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",
+                                                                                       "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                        norm_num_groups=8, attention_head_dim=(2, 4) if sd2 else 4,
+                                        use_linear_projection=sd2, upcast_attention=sd2)
+  vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
+  text_encoder = transformers.CLIPTextModel(
+      transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=77,
+                                  hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32, bos_token_id=49406,
+                                  eos_token_id=49407, pad_token_id=1))
   for i, m in enumerate((unet, vae, text_encoder)):
     _jitter(m, seed=seed + i)
   sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -56,9 +57,9 @@ def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0) -> str:
   import diffusers
 
   unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed)
-  pipe = diffusers.StableDiffusionPipeline(
-      unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
   pipe.save_pretrained(path)
   return os.fspath(path)
 

@@ -60,15 +60,19 @@ def test_cli_writes_images_and_benchmark_line(folder, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red circle\n\na green triangle on the left\n")
   out = tmp_path / "out"
-  r = _run(["--model", folder, "--prompts-file", str(prompts), "--num-images", "2", "--steps", "2",
-            "--sampler", "euler", "--out", str(out), "--benchmark", "--no-progress"], str(tmp_path))
+  r = _run([
+      "--model", folder, "--prompts-file",
+      str(prompts), "--num-images", "2", "--steps", "2", "--sampler", "euler", "--out",
+      str(out), "--benchmark", "--no-progress"
+  ], str(tmp_path))
   assert r.returncode == 0, r.stderr
   line = json.loads(r.stdout.strip().splitlines()[-1])
   assert line["devices"] == 2 and line["images"] == 4 and line["seconds_per_step"] > 0
   assert line["compile_seconds"] > 0
   assert sorted(os.listdir(out)) == sorted([
       "a_red_circle-seed0-0000.png", "a_red_circle-seed0-0001.png", "a_green_triangle_on_the_left-seed0-0000.png",
-      "a_green_triangle_on_the_left-seed0-0001.png", "grid.png"])
+      "a_green_triangle_on_the_left-seed0-0001.png", "grid.png"
+  ])
 
 
 @pytest.mark.parametrize("args,message", [

@@ -29,8 +29,13 @@ def test_single_variant_and_sharded_weights(tmp_path):
   sharded.mkdir()
   model_folder.write_safetensors({"a.weight": sd["a.weight"]}, str(sharded / "model-00001-of-00002.safetensors"))
   model_folder.write_safetensors({"b.bias": sd["b.bias"]}, str(sharded / "model-00002-of-00002.safetensors"))
-  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-      "a.weight": "model-00001-of-00002.safetensors", "b.bias": "model-00002-of-00002.safetensors"}}))
+  (sharded / "model.safetensors.index.json").write_text(
+      json.dumps({
+          "weight_map": {
+              "a.weight": "model-00001-of-00002.safetensors",
+              "b.bias": "model-00002-of-00002.safetensors"
+          }
+      }))
   got = model_folder.read_state_dict(str(sharded))
   assert len(got) == 2 and all(np.array_equal(got[k], sd[k]) for k in sd)
 

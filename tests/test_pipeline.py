@@ -17,15 +17,21 @@ HW = 16
 
 # Our sampler name -> the diffusers scheduler (and options) that defines it.
 DETERMINISTIC = {
-    "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+    "pndm": (diffusers.PNDMScheduler, {
+        "skip_prk_steps": True
+    }),
     # DDIM's class default clip_sample=True applies when the (PNDM) config lacks the key;
     # StableDiffusionPipeline.__init__ forces it to False, and so do we.
-    "ddim": (diffusers.DDIMScheduler, {"clip_sample": False}),
+    "ddim": (diffusers.DDIMScheduler, {
+        "clip_sample": False
+    }),
     "euler": (diffusers.EulerDiscreteScheduler, {}),
     "heun": (diffusers.HeunDiscreteScheduler, {}),
     "lms": (diffusers.LMSDiscreteScheduler, {}),
     "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {
+        "use_karras_sigmas": True
+    }),
 }
 
 
@@ -52,8 +58,8 @@ def _torch_run(tpipe, sampler, latents, steps, guidance, output_type):
 def test_latents_match_diffusers(folders, sampler):
   path, tpipe, pipe = folders
   latents = _latents(pipe)
-  ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=6, guidance_scale=7.5, sampler=sampler,
-              latents=latents, output="latent")
+  ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=6, guidance_scale=7.5, sampler=sampler, latents=latents,
+              output="latent")
   ref = reference.nchw_to_nhwc(_torch_run(tpipe, sampler, latents, 6, 7.5, "latent"))
   diff = np.abs(ours - ref).max()
   assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"{sampler}: max |diff| {diff}"
@@ -62,8 +68,8 @@ def test_latents_match_diffusers(folders, sampler):
 def test_images_match_diffusers_within_uint8_levels(folders):
   path, tpipe, pipe = folders
   latents = _latents(pipe, seed=3)
-  ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=5, guidance_scale=5.0, sampler="pndm",
-              latents=latents, output="np")
+  ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=5, guidance_scale=5.0, sampler="pndm", latents=latents,
+              output="np")
   ref = _torch_run(tpipe, "pndm", latents, 5, 5.0, "np")  # float in [0, 1]
   ref_u8 = (ref * 255).round().astype(np.uint8)
   assert ours.dtype == np.uint8 and ours.shape == (2, HW, HW, 3)
@@ -92,11 +98,12 @@ def test_second_call_compiles_nothing(folders):
 def test_img2img_runs_and_strength_controls_change(folders):
   path, tpipe, pipe = folders
   init = np.zeros((2, HW, HW, 3), np.uint8)
-  init[:, :, : HW // 2] = 255
+  init[:, :, :HW // 2] = 255
   weak = pipe.img2img(PROMPTS, init, strength=0.2, steps=10, sampler="ddim", output="latent")
   strong = pipe.img2img(PROMPTS, init, strength=1.0, steps=10, sampler="ddim", output="latent")
-  z0 = np.asarray(jax.jit(pipe.encode_images)(pipe.vae_params, init.astype(np.float32) / 255,
-                                              jax.random.fold_in(jax.random.key(0), 1)))
+  z0 = np.asarray(
+      jax.jit(pipe.encode_images)(pipe.vae_params, init.astype(np.float32) / 255,
+                                  jax.random.fold_in(jax.random.key(0), 1)))
   # A low strength stays near the encoded image; full strength moves much further from it.
   assert np.abs(weak - z0).mean() < np.abs(strong - z0).mean()
   pil = pipe.img2img(PROMPTS[0], init[:1], strength=0.5, steps=4, sampler="euler", output="pil")

@@ -30,11 +30,19 @@ from tests import reference  # noqa: E402
 
 TOL = 1e-4  # max abs difference, fp32
 KINDS = ("unet", "vae", "text_encoder", "clip")
-LOAD = {"unet": pretrained.load_unet, "vae": pretrained.load_vae, "text_encoder": pretrained.load_text_encoder,
-        "clip": pretrained.load_clip}
+LOAD = {
+    "unet": pretrained.load_unet,
+    "vae": pretrained.load_vae,
+    "text_encoder": pretrained.load_text_encoder,
+    "clip": pretrained.load_clip
+}
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
-WEIGHTS_FILE = {"unet": DIFFUSERS_FILE, "vae": DIFFUSERS_FILE, "text_encoder": "model.safetensors",
-                "clip": "model.safetensors"}
+WEIGHTS_FILE = {
+    "unet": DIFFUSERS_FILE,
+    "vae": DIFFUSERS_FILE,
+    "text_encoder": "model.safetensors",
+    "clip": "model.safetensors"
+}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), compiler_options={"xla_backend_optimization_level": 0})
@@ -44,19 +52,21 @@ def _apply(module, method, params, *args):
 
 
 def _torch_classes():
-  return {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-          "text_encoder": transformers.CLIPTextModel, "clip": transformers.CLIPModel}
+  return {
+      "unet": diffusers.UNet2DConditionModel,
+      "vae": diffusers.AutoencoderKL,
+      "text_encoder": transformers.CLIPTextModel,
+      "clip": transformers.CLIPModel
+  }
 
 
 def _tiny_clip_model() -> torch.nn.Module:
   torch.manual_seed(3)
   cfg = transformers.CLIPConfig(
-      text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=16, pad_token_id=1, bos_token_id=97,
-                       eos_token_id=98),
+      text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=16, pad_token_id=1, bos_token_id=97, eos_token_id=98),
       vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=12, patch_size=4),
-      projection_dim=16, logit_scale_init_value=2.0)
+                         image_size=12, patch_size=4), projection_dim=16, logit_scale_init_value=2.0)
   model = transformers.CLIPModel(cfg)
   reference._jitter(model, seed=3)
   return model.eval()
@@ -87,15 +97,22 @@ def _token_ids(eos: int, bos: int, length: int, high: int, ends=(None, 6)) -> np
 def _inputs(kind: str) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(1)
   if kind == "unet":
-    return {"sample": rng.standard_normal((2, 16, 16, 4), np.float32), "t": np.array([3, 901], np.int32),
-            "context": rng.standard_normal((2, 7, 32), np.float32)}
+    return {
+        "sample": rng.standard_normal((2, 16, 16, 4), np.float32),
+        "t": np.array([3, 901], np.int32),
+        "context": rng.standard_normal((2, 7, 32), np.float32)
+    }
   if kind == "vae":
-    return {"images": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
-            "latents": rng.standard_normal((2, 8, 8, 4), np.float32)}
+    return {
+        "images": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+        "latents": rng.standard_normal((2, 8, 8, 4), np.float32)
+    }
   if kind == "text_encoder":
     return {"ids": _token_ids(eos=49407, bos=49406, length=77, high=49400)}
-  return {"ids": _token_ids(eos=98, bos=97, length=16, high=96),
-          "pixels": rng.uniform(-1, 1, (2, 12, 12, 3)).astype(np.float32)}
+  return {
+      "ids": _token_ids(eos=98, bos=97, length=16, high=96),
+      "pixels": rng.uniform(-1, 1, (2, 12, 12, 3)).astype(np.float32)
+  }
 
 
 def _ours(kind: str, module, params) -> dict[str, np.ndarray]:
@@ -108,12 +125,21 @@ def _ours(kind: str, module, params) -> dict[str, np.ndarray]:
     return {"mean": post.mean, "logvar": post.logvar, "decoded": _apply(module, "decode", params, x["latents"])}
   if kind == "text_encoder":
     out = _apply(module, None, params, x["ids"])
-    return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output,
-            **{f"hidden_states_{i}": h for i, h in enumerate(out.hidden_states)}}
+    return {
+        "last_hidden_state": out.last_hidden_state,
+        "pooler_output": out.pooler_output,
+        **{
+            f"hidden_states_{i}": h for i, h in enumerate(out.hidden_states)
+        }
+    }
   out = _apply(module, None, params, x["ids"], x["pixels"])
-  return {"logits_per_image": out.logits_per_image, "text_embeds": out.text_embeds,
-          "image_embeds": out.image_embeds, "text_last": out.text_model_output.last_hidden_state,
-          "vision_last": out.vision_model_output.last_hidden_state}
+  return {
+      "logits_per_image": out.logits_per_image,
+      "text_embeds": out.text_embeds,
+      "image_embeds": out.image_embeds,
+      "text_last": out.text_model_output.last_hidden_state,
+      "vision_last": out.vision_model_output.last_hidden_state
+  }
 
 
 @torch.no_grad()
@@ -121,22 +147,34 @@ def _theirs(kind: str, model) -> dict[str, np.ndarray]:
   """The same outputs from the PyTorch model, converted to NHWC."""
   x = _inputs(kind)
   if kind == "unet":
-    eps = model(reference.nhwc_to_nchw(x["sample"]), torch.from_numpy(x["t"]).long(),
-                torch.from_numpy(x["context"])).sample
+    eps = model(reference.nhwc_to_nchw(x["sample"]),
+                torch.from_numpy(x["t"]).long(), torch.from_numpy(x["context"])).sample
     return {"eps": reference.nchw_to_nhwc(eps)}
   if kind == "vae":
     post = model.encode(reference.nhwc_to_nchw(x["images"])).latent_dist
-    return {"mean": reference.nchw_to_nhwc(post.mean), "logvar": reference.nchw_to_nhwc(post.logvar),
-            "decoded": reference.nchw_to_nhwc(model.decode(reference.nhwc_to_nchw(x["latents"])).sample)}
+    return {
+        "mean": reference.nchw_to_nhwc(post.mean),
+        "logvar": reference.nchw_to_nhwc(post.logvar),
+        "decoded": reference.nchw_to_nhwc(model.decode(reference.nhwc_to_nchw(x["latents"])).sample)
+    }
   ids = torch.from_numpy(x["ids"]).long()
   if kind == "text_encoder":
     out = model(ids, output_hidden_states=True)
-    return {"last_hidden_state": out.last_hidden_state.numpy(), "pooler_output": out.pooler_output.numpy(),
-            **{f"hidden_states_{i}": h.numpy() for i, h in enumerate(out.hidden_states)}}
+    return {
+        "last_hidden_state": out.last_hidden_state.numpy(),
+        "pooler_output": out.pooler_output.numpy(),
+        **{
+            f"hidden_states_{i}": h.numpy() for i, h in enumerate(out.hidden_states)
+        }
+    }
   out = model(input_ids=ids, pixel_values=reference.nhwc_to_nchw(x["pixels"]))
-  return {"logits_per_image": out.logits_per_image.numpy(), "text_embeds": out.text_embeds.numpy(),
-          "image_embeds": out.image_embeds.numpy(), "text_last": out.text_model_output.last_hidden_state.numpy(),
-          "vision_last": out.vision_model_output.last_hidden_state.numpy()}
+  return {
+      "logits_per_image": out.logits_per_image.numpy(),
+      "text_embeds": out.text_embeds.numpy(),
+      "image_embeds": out.image_embeds.numpy(),
+      "text_last": out.text_model_output.last_hidden_state.numpy(),
+      "vision_last": out.vision_model_output.last_hidden_state.numpy()
+  }
 
 
 def _max_diffs(ours: dict, theirs: dict) -> dict[str, float]:
@@ -220,8 +258,10 @@ def test_save_pretrained_loads_in_torch(torch_folders, kind, tmp_path):
   for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
     assert not info.get(what), (what, info[what])
   # Every tensor arrived exactly (nothing left at PyTorch's random init, nothing transposed wrongly).
-  ours = {_without_text_prefix(k) if kind == "text_encoder" else k: v
-          for k, v in weights.params_to_state_dict(params).items()}
+  ours = {
+      _without_text_prefix(k) if kind == "text_encoder" else k: v
+      for k, v in weights.params_to_state_dict(params).items()
+  }
   theirs = {k: v.numpy() for k, v in reloaded.state_dict().items() if not k.endswith("position_ids")}
   assert set(ours) == set(theirs)
   for k, v in theirs.items():
@@ -400,10 +440,10 @@ def test_loading_keeps_at_most_two_copies_in_host_memory(torch_folders, tmp_path
 
   # ~114 MB of fp32 weights: large enough that jax's own allocations are noise.
   boc = (96, 192, 384)
-  cfg = unet.UNet2DConditionConfig(
-      block_out_channels=boc, layers_per_block=1, cross_attention_dim=256, attention_head_dim=8,
-      down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
-      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
+  cfg = unet.UNet2DConditionConfig(block_out_channels=boc, layers_per_block=1, cross_attention_dim=256,
+                                   attention_head_dim=8,
+                                   down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
   abstract = pretrained.abstract_params(unet.UNet2DConditionModel(cfg))
   rng = np.random.default_rng(0)
   flat = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)
@@ -415,10 +455,13 @@ def test_loading_keeps_at_most_two_copies_in_host_memory(torch_folders, tmp_path
     json.dump({"_class_name": "UNet2DConditionModel", **cfg.to_dict()}, f)
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), torch_folders["unet"][1]],
-                        capture_output=True, text=True, env=env, timeout=120)
+  env = {
+      **os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": ""
+  }
+  proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE,
+                         str(tmp_path), torch_folders["unet"][1]], capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   size, growth = result["weights"], result["peak_growth"]

@@ -92,8 +92,9 @@ def _reference_ids(text):
   # the test feeds it the unescaped text (see test_matches_reference_bpe).
   text = unicodedata.normalize("NFC", html.unescape(html.unescape(text))).strip()
   text = regex.sub(r"\s+", " ", text).strip().lower()
-  pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-                      r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+  pat = regex.compile(
+      r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+      r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
   ids = [encoder["<|startoftext|>"]]
   for token in regex.findall(pat, text):
     token = "".join(byte_encoder[b] for b in token.encode("utf-8"))
@@ -167,11 +168,9 @@ def test_save_pretrained_round_trip(tokenizer, tmp_path):
   tokenizer.save_pretrained(tmp_path / "tokenizer")
   reloaded = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
   # A diffusers-style model folder and the tokenizer folder itself both load.
-  for loaded in (reloaded, tok_lib.load_tokenizer(tmp_path),
-                 tok_lib.load_tokenizer(tmp_path / "tokenizer")):
+  for loaded in (reloaded, tok_lib.load_tokenizer(tmp_path), tok_lib.load_tokenizer(tmp_path / "tokenizer")):
     assert loaded.model_max_length == 77
-    np.testing.assert_array_equal(tok_lib.tokenize(loaded, CAPTIONS),
-                                  tok_lib.tokenize(tokenizer, CAPTIONS))
+    np.testing.assert_array_equal(tok_lib.tokenize(loaded, CAPTIONS), tok_lib.tokenize(tokenizer, CAPTIONS))
 
 
 def test_save_tokenizer_writes_vocab_files(tokenizer, tmp_path):
@@ -186,8 +185,7 @@ def test_save_tokenizer_writes_vocab_files(tokenizer, tmp_path):
   (tmp_path / "tokenizer.json").unlink()
   loaded = tok_lib.load_tokenizer(tmp_path)
   assert loaded.model_max_length == 77
-  np.testing.assert_array_equal(tok_lib.tokenize(loaded, CAPTIONS),
-                                tok_lib.tokenize(tokenizer, CAPTIONS))
+  np.testing.assert_array_equal(tok_lib.tokenize(loaded, CAPTIONS), tok_lib.tokenize(tokenizer, CAPTIONS))
 
 
 def test_missing_folder_errors(tmp_path):

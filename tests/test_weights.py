@@ -88,14 +88,16 @@ def nets():
 
 
 def test_key_renames_round_trip():
-  for key in ["down_blocks.0.resnets.1.conv1.weight", "time_embedding.linear_1.bias",
-              "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
-              "text_model.encoder.layers.11.mlp.fc2.bias", "logit_scale"]:
+  for key in [
+      "down_blocks.0.resnets.1.conv1.weight", "time_embedding.linear_1.bias",
+      "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0.weight", "text_model.encoder.layers.11.mlp.fc2.bias",
+      "logit_scale"
+  ]:
     path = weights.torch_key_to_path(key)
     leaf = "kernel" if path[-1] == "weight" else path[-1]
     assert weights.path_to_torch_key(path[:-1] + (leaf,)) == key
-  assert weights.torch_key_to_path("down_blocks.0.resnets.1.conv1.weight") == (
-      "down_blocks_0", "resnets_1", "conv1", "weight")
+  assert weights.torch_key_to_path("down_blocks.0.resnets.1.conv1.weight") == ("down_blocks_0", "resnets_1", "conv1",
+                                                                               "weight")
 
 
 def test_converted_model_matches_torch(nets):

@@ -23,8 +23,9 @@ def _define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics, the model and samples go.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
-  flags.DEFINE_bool("benchmark", False, "Time the U-Net train step (config.benchmark_steps, default 10) and "
-                    "print one JSON line instead of training.")
+  flags.DEFINE_bool(
+      "benchmark", False, "Time the U-Net train step (config.benchmark_steps, default 10) and "
+      "print one JSON line instead of training.")
 
 
 def main(argv) -> int:
@@ -66,9 +67,11 @@ def _parse_flags(argv) -> None:
     flags.FLAGS(argv)
     flags.FLAGS.config.to_dict()  # a config file that failed to load raises only when used
   except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise several kinds)
-    msg = " ".join(str(a) for a in e.args).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'") or repr(e)
-    print(f"error: bad flag ({type(e).__name__}): {msg}. Config keys are those of the config file "
-          "(see train/configs/default.py); override them as --config.section.key=value.", file=sys.stderr)
+    msg = " ".join(str(a) for a in e.args).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'",
+                                                                                                       "'") or repr(e)
+    print(
+        f"error: bad flag ({type(e).__name__}): {msg}. Config keys are those of the config file "
+        "(see train/configs/default.py); override them as --config.section.key=value.", file=sys.stderr)
     sys.exit(2)
 
 

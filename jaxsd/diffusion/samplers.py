@@ -120,8 +120,8 @@ def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   alphas_prev = np.where(t_to >= 0, ac[np.clip(t_to, 0, T - 1)], final).astype(np.float32)
   a0 = ac[ts[0]]
   return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0),
-              noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)], np.float32),
-              alphas=ac[t_from], alphas_prev=alphas_prev)
+              noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)],
+                                    np.float32), alphas=ac[t_from], alphas_prev=alphas_prev)
 
 
 def _sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
@@ -205,9 +205,8 @@ def _dpm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
       coeffs.append([c_x, c_0 * (1 + 0.5 / r), -c_0 * 0.5 / r])
   s0 = sig[start]
   a0 = np.float32(1) / np.sqrt(s0 * s0 + np.float32(1))
-  return dict(timesteps=ts[start:].astype(np.float32), init_noise_sigma=np.float32(1.0),
-              sigmas=sig[start:], coeffs=np.array(coeffs),
-              noise_coeffs=np.array([a0, s0 * a0], np.float32))
+  return dict(timesteps=ts[start:].astype(np.float32), init_noise_sigma=np.float32(1.0), sigmas=sig[start:],
+              coeffs=np.array(coeffs), noise_coeffs=np.array([a0, s0 * a0], np.float32))
 
 
 def prepare_latents(schedule: Schedule, noise: jax.Array) -> jax.Array:
@@ -222,6 +221,7 @@ def noise_latents(schedule: Schedule, x0: jax.Array, noise: jax.Array) -> jax.Ar
 
 
 # --- One model call's update for each sampler: (schedule, i, x, out, state, noise) -> (x, state). ---
+
 
 def _x0_eps(s: Schedule, out, x, alpha, sigma):
   """Predicted x0 and eps from the model output, for x = alpha * x0 + sigma * eps, alpha^2 + sigma^2 = 1.
@@ -256,8 +256,8 @@ def ddim_step(s, i, x, out, state, noise):
 
 
 # Adams-Bashforth weights of PLMS by call index: 0, 1 (the repeated first step), 2, 3, >= 4.
-_PLMS_WEIGHTS = np.array([[1, 0, 0, 0], [1 / 2, 1 / 2, 0, 0], [3 / 2, -1 / 2, 0, 0],
-                          [23 / 12, -16 / 12, 5 / 12, 0], [55 / 24, -59 / 24, 37 / 24, -9 / 24]], np.float32)
+_PLMS_WEIGHTS = np.array([[1, 0, 0, 0], [1 / 2, 1 / 2, 0, 0], [3 / 2, -1 / 2, 0, 0], [23 / 12, -16 / 12, 5 / 12, 0],
+                          [55 / 24, -59 / 24, 37 / 24, -9 / 24]], np.float32)
 
 
 def pndm_step(s, i, x, out, state, noise):
@@ -367,22 +367,30 @@ def _check_pndm(cfg: SchedulerConfig) -> None:
 
 
 _TABLE = {
-    "ddim": Sampler(_stateless, ddim_step, _alpha_schedule, clips=True),
+    "ddim":
+        Sampler(_stateless, ddim_step, _alpha_schedule, clips=True),
     # State: the last three outputs, newest first; the latents the first call started from.
-    "pndm": Sampler(lambda x: (jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(x)), pndm_step,
-                    _alpha_schedule, predicts_sample=False, check=_check_pndm),
-    "ddpm": Sampler(_stateless, ddpm_step, _alpha_schedule, stochastic=True, clips=True, check=_check_ddpm),
-    "euler": Sampler(_stateless, euler_step, _sigma_schedule, scaled_input=True, karras=True),
-    "euler_a": Sampler(_stateless, euler_ancestral_step, _sigma_schedule, scaled_input=True, stochastic=True,
-                       predicts_sample=False),
+    "pndm":
+        Sampler(lambda x: (jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(x)), pndm_step, _alpha_schedule,
+                predicts_sample=False, check=_check_pndm),
+    "ddpm":
+        Sampler(_stateless, ddpm_step, _alpha_schedule, stochastic=True, clips=True, check=_check_ddpm),
+    "euler":
+        Sampler(_stateless, euler_step, _sigma_schedule, scaled_input=True, karras=True),
+    "euler_a":
+        Sampler(_stateless, euler_ancestral_step, _sigma_schedule, scaled_input=True, stochastic=True,
+                predicts_sample=False),
     # State: the predictor's derivative, its step size and the latents it started from.
-    "heun": Sampler(lambda x: (jnp.zeros_like(x), jnp.zeros((), x.dtype), jnp.zeros_like(x)), heun_step,
-                    _sigma_schedule, scaled_input=True, order=2, karras=True, clips=True),
+    "heun":
+        Sampler(lambda x: (jnp.zeros_like(x), jnp.zeros((), x.dtype), jnp.zeros_like(x)), heun_step, _sigma_schedule,
+                scaled_input=True, order=2, karras=True, clips=True),
     # State: the last four derivatives, newest first.
-    "lms": Sampler(lambda x: jnp.zeros((4,) + x.shape, x.dtype), lms_step, _sigma_schedule, scaled_input=True,
-                   karras=True),
+    "lms":
+        Sampler(lambda x: jnp.zeros((4,) + x.shape, x.dtype), lms_step, _sigma_schedule, scaled_input=True,
+                karras=True),
     # State: the previous x0 prediction.
-    "dpmpp_2m": Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True),
+    "dpmpp_2m":
+        Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True),
 }
 SAMPLERS = tuple(_TABLE)
 
@@ -406,7 +414,7 @@ def init_state(schedule: Schedule, x: jax.Array) -> Any:
 def model_input(schedule: Schedule, i: jax.Array, x: jax.Array) -> jax.Array:
   """What the model is given at call i: x, or x / sqrt(sigma^2 + 1) for the Euler family."""
   if _TABLE[schedule.sampler].scaled_input:
-    return x / jnp.sqrt(schedule.sigmas[i] ** 2 + 1)
+    return x / jnp.sqrt(schedule.sigmas[i]**2 + 1)
   return x
 
 

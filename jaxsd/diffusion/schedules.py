@@ -61,9 +61,8 @@ class SchedulerConfig(ConfigBase):
           path = os.path.join(path, name)
           break
       else:
-        raise FileNotFoundError(
-            f"{path}: no scheduler_config.json here nor in scheduler/; pass a diffusers model "
-            "folder, its scheduler/ folder, or the json file.")
+        raise FileNotFoundError(f"{path}: no scheduler_config.json here nor in scheduler/; pass a diffusers model "
+                                "folder, its scheduler/ folder, or the json file.")
     with open(path) as f:
       return cls.from_dict(json.load(f))
 
@@ -89,6 +88,7 @@ class SchedulerConfig(ConfigBase):
 
 # --- The training schedule, bit-exact with diffusers (built once, in numpy). ---
 
+
 def _torch_linspace(start: float, end: float, n: int) -> np.ndarray:
   """`torch.linspace(start, end, n, dtype=float32)`, bit for bit.
 
@@ -106,7 +106,7 @@ def _torch_linspace(start: float, end: float, n: int) -> np.ndarray:
 
 def _alpha_bar_cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
   """Betas of the cosine schedule, Nichol & Dhariwal (2021) eq. 17 (diffusers' squaredcos_cap_v2)."""
-  f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+  f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2)**2
   return np.array([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], np.float32)
 
 
@@ -118,7 +118,7 @@ def betas(cfg: SchedulerConfig) -> np.ndarray:
   if cfg.beta_schedule == "linear":
     return _torch_linspace(cfg.beta_start, cfg.beta_end, n)
   if cfg.beta_schedule == "scaled_linear":
-    return _torch_linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
+    return _torch_linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n)**2
   if cfg.beta_schedule == "squaredcos_cap_v2":
     return _alpha_bar_cosine_betas(n)
   raise ValueError(f"beta_schedule={cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
@@ -143,6 +143,7 @@ def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 
 # --- Inference timesteps: each diffusers scheduler family spaces them its own way. ---
+
 
 def _check_steps(cfg: SchedulerConfig, n: int) -> None:
   if not isinstance(n, (int, np.integer)) or n < 1:
@@ -197,8 +198,8 @@ def dpm_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
   """float64 [n]: the noise levels of Karras et al. (2022), eq. 5."""
   ramp = np.linspace(0, 1, n)
-  min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-  return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+  min_inv_rho, max_inv_rho = sigma_min**(1 / rho), sigma_max**(1 / rho)
+  return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho))**rho
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -212,6 +213,7 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 # --- Training helpers: jittable, fp32 schedule arithmetic whatever the dtype of x0. ---
+
 
 def _at(alphas_cumprod: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
   """alpha_bar[t] in float32, with trailing unit axes so it broadcasts against an ndim array."""
@@ -243,4 +245,3 @@ def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
   """float32 signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), for min-SNR weighting (Hang et al., 2023)."""
   a = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.asarray(t)]
   return a / (1.0 - a)
-

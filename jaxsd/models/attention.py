@@ -193,12 +193,11 @@ def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool)
     segment_ids = fa.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=kv_ids)
   bq = next(blk for blk in _PALLAS_BLOCKS if tp % blk == 0)
   bk = next(blk for blk in _PALLAS_BLOCKS if sp % blk == 0)
-  blocks = fa.BlockSizes(
-      block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
-      block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
-      block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
-  out = fa.flash_attention(q, k, v, segment_ids=segment_ids, causal=is_causal,
-                           sm_scale=1.0 / math.sqrt(h), block_sizes=blocks)
+  blocks = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
+                         block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk,
+                         block_q_dq=bq)
+  out = fa.flash_attention(q, k, v, segment_ids=segment_ids, causal=is_causal, sm_scale=1.0 / math.sqrt(h),
+                           block_sizes=blocks)
   return jnp.swapaxes(out[:, :, :t, :h], 1, 2)
 
 
@@ -236,5 +235,4 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
   if implementation == "pallas":
     return _pallas_attention(q, k, v, is_causal)
-  raise ValueError(
-      f"attention implementation must be 'auto', 'xla', 'cudnn' or 'pallas', got {implementation!r}")
+  raise ValueError(f"attention implementation must be 'auto', 'xla', 'cudnn' or 'pallas', got {implementation!r}")

@@ -35,10 +35,8 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def _validate_transformer(cfg: CLIPTextConfig | CLIPVisionConfig) -> None:
   name = type(cfg).__name__
   if cfg.hidden_size % cfg.num_attention_heads:
-    raise ValueError(
-        f"{name}: hidden_size ({cfg.hidden_size}) must be a multiple of "
-        f"num_attention_heads ({cfg.num_attention_heads})."
-    )
+    raise ValueError(f"{name}: hidden_size ({cfg.hidden_size}) must be a multiple of "
+                     f"num_attention_heads ({cfg.num_attention_heads}).")
   if cfg.hidden_act not in _ACTIVATIONS:
     raise ValueError(f"{name}: hidden_act {cfg.hidden_act!r} is not implemented; use one of {sorted(_ACTIVATIONS)}.")
 
@@ -78,8 +76,7 @@ class CLIPTextConfig(ConfigBase):
     _validate_transformer(self)
     if not isinstance(self.eos_token_id, int):
       raise ValueError(
-          f"CLIPTextConfig: eos_token_id must be one integer (pooling reads it), got {self.eos_token_id!r}."
-      )
+          f"CLIPTextConfig: eos_token_id must be one integer (pooling reads it), got {self.eos_token_id!r}.")
 
   def to_dict(self) -> dict[str, Any]:
     return {**super().to_dict(), "model_type": self.model_type}
@@ -116,12 +113,10 @@ class CLIPVisionConfig(ConfigBase):
     if not (isinstance(self.image_size, int) and isinstance(self.patch_size, int)):
       raise ValueError(
           f"CLIPVisionConfig: image_size and patch_size must be single integers (square images and patches), "
-          f"got {self.image_size!r} and {self.patch_size!r}."
-      )
+          f"got {self.image_size!r} and {self.patch_size!r}.")
     if self.image_size % self.patch_size:
       raise ValueError(
-          f"CLIPVisionConfig: image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
-      )
+          f"CLIPVisionConfig: image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}).")
 
   def to_dict(self) -> dict[str, Any]:
     return {**super().to_dict(), "model_type": self.model_type}
@@ -153,10 +148,8 @@ class CLIPConfig(ConfigBase):
 
   def validate(self) -> None:
     if not isinstance(self.text_config, CLIPTextConfig) or not isinstance(self.vision_config, CLIPVisionConfig):
-      raise ValueError(
-          "CLIPConfig: text_config and vision_config must be CLIPTextConfig and CLIPVisionConfig; "
-          "build from a dict with CLIPConfig.from_dict."
-      )
+      raise ValueError("CLIPConfig: text_config and vision_config must be CLIPTextConfig and CLIPVisionConfig; "
+                       "build from a dict with CLIPConfig.from_dict.")
     self.text_config.validate()
     self.vision_config.validate()
 
@@ -202,7 +195,7 @@ class CLIPAttention(nn.Module):
   def __call__(self, x: jax.Array, *, is_causal: bool, mask: jax.Array | None) -> jax.Array:
     cfg = self.config
     d, heads = cfg.hidden_size, cfg.num_attention_heads
-    in_std = d**-0.5 * (2 * cfg.num_hidden_layers) ** -0.5 * cfg.initializer_factor
+    in_std = d**-0.5 * (2 * cfg.num_hidden_layers)**-0.5 * cfg.initializer_factor
     out_std = d**-0.5 * cfg.initializer_factor
 
     def dense(name, std):
@@ -222,8 +215,8 @@ class CLIPMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    fc1_std = (2 * cfg.hidden_size) ** -0.5 * cfg.initializer_factor
-    fc2_std = cfg.hidden_size**-0.5 * (2 * cfg.num_hidden_layers) ** -0.5 * cfg.initializer_factor
+    fc1_std = (2 * cfg.hidden_size)**-0.5 * cfg.initializer_factor
+    fc2_std = cfg.hidden_size**-0.5 * (2 * cfg.num_hidden_layers)**-0.5 * cfg.initializer_factor
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Dense(cfg.intermediate_size, kernel_init=_normal(fc1_std), name="fc1", **kw)(x)
     x = _ACTIVATIONS[cfg.hidden_act](x)
@@ -249,8 +242,7 @@ class CLIPEncoderLayer(nn.Module):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = _layer_norm(cfg, name="layer_norm1", **kw)(x)
     x = x + CLIPAttention(cfg, attention_implementation=self.attention_implementation, name="self_attn", **kw)(
-        h, is_causal=is_causal, mask=mask
-    )
+        h, is_causal=is_causal, mask=mask)
     h = _layer_norm(cfg, name="layer_norm2", **kw)(x)
     return x + CLIPMLP(cfg, name="mlp", **kw)(h)
 
@@ -288,9 +280,8 @@ class _TextEmbeddings(nn.Module):
     kw = dict(features=cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
     init = _normal(0.02 * cfg.initializer_factor)  # transformers hard-codes 0.02 here
     tok = nn.Embed(cfg.vocab_size, embedding_init=init, name="token_embedding", **kw)(input_ids)
-    pos = nn.Embed(cfg.max_position_embeddings, embedding_init=init, name="position_embedding", **kw)(
-        jnp.arange(input_ids.shape[1])
-    )
+    pos = nn.Embed(cfg.max_position_embeddings, embedding_init=init, name="position_embedding",
+                   **kw)(jnp.arange(input_ids.shape[1]))
     return tok + pos[None]
 
 
@@ -315,8 +306,7 @@ class CLIPTextTransformer(nn.Module):
     if input_ids.shape[1] > cfg.max_position_embeddings:
       raise ValueError(
           f"input_ids has {input_ids.shape[1]} tokens but the model has {cfg.max_position_embeddings} positions; "
-          "tokenize with truncation to max_position_embeddings."
-      )
+          "tokenize with truncation to max_position_embeddings.")
     mask = None
     if attention_mask is not None:
       if attention_mask.shape != input_ids.shape:
@@ -357,9 +347,7 @@ class _VisionEmbeddings(nn.Module):
     cfg = self.config
     d, p = cfg.hidden_size, cfg.patch_size
     std = cfg.initializer_range * cfg.initializer_factor
-    class_embedding = self.param(
-        "class_embedding", _normal(d**-0.5 * cfg.initializer_factor), (d,), self.param_dtype
-    )
+    class_embedding = self.param("class_embedding", _normal(d**-0.5 * cfg.initializer_factor), (d,), self.param_dtype)
     patches = nn.Conv(
         d,
         (p, p),
@@ -375,7 +363,7 @@ class _VisionEmbeddings(nn.Module):
     patches = patches.reshape(b, -1, d)  # row-major over the patch grid, as torch's flatten(2)
     cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (b, 1, d))
     x = jnp.concatenate([cls, patches], axis=1)
-    num_positions = (cfg.image_size // p) ** 2 + 1
+    num_positions = (cfg.image_size // p)**2 + 1
     pos = nn.Embed(
         num_positions,
         d,
@@ -400,10 +388,8 @@ class CLIPVisionTransformer(nn.Module):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     want = (cfg.image_size, cfg.image_size, cfg.num_channels)
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-      raise ValueError(
-          f"pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}) for this model, "
-          f"got shape {pixel_values.shape}; resize to image_size and put channels last."
-      )
+      raise ValueError(f"pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}) for this model, "
+                       f"got shape {pixel_values.shape}; resize to image_size and put channels last.")
     x = _VisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values)
     x = _layer_norm(cfg, name="pre_layrnorm", **kw)(x)  # sic: the checkpoint key is misspelt
     x, hidden_states = CLIPEncoder(cfg, attention_implementation=self.attention_implementation, name="encoder", **kw)(x)
@@ -485,9 +471,8 @@ class CLIPModel(nn.Module):
 
     self.visual_projection = projection(cfg.vision_config.hidden_size)
     self.text_projection = projection(cfg.text_config.hidden_size)
-    self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (), self.param_dtype
-    )
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),
+                                  self.param_dtype)
 
   def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """Projected pooled text features (B, projection_dim), not normalised."""
@@ -497,9 +482,8 @@ class CLIPModel(nn.Module):
     """Projected pooled image features (B, projection_dim), not normalised."""
     return self.visual_projection(self.vision_model(pixel_values).pooler_output)
 
-  def __call__(
-      self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None
-  ) -> CLIPOutput:
+  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
+               attention_mask: jax.Array | None = None) -> CLIPOutput:
     text_out = self.text_model(input_ids, attention_mask)
     vision_out = self.vision_model(pixel_values)
     # Normalisation and similarities in fp32: the logits feed a softmax over the whole batch.

@@ -47,8 +47,11 @@ def _im2col(x: jax.Array, kh: int, kw: int, strides: tuple[int, int], padding) -
   sh, sw = strides
   ho, wo = _out_size(h, kh, sh, padding[0]), _out_size(w, kw, sw, padding[1])
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  taps = [lax.slice(xp, (0, dy, dx, 0), (b, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
-          for dy in range(kh) for dx in range(kw)]
+  taps = [
+      lax.slice(xp, (0, dy, dx, 0), (b, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+      for dy in range(kh)
+      for dx in range(kw)
+  ]
   return jnp.concatenate(taps, axis=-1)
 
 
@@ -95,24 +98,22 @@ _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers: Any = None, feature_group_count: int = 1,
-                         batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jax.Array:
+                         dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
   """`lax.conv_general_dilated`, with the CPU's faster formulation where it applies (see above)."""
   plain = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-               feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-               precision=precision, preferred_element_type=preferred_element_type)
-  covered = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.shape[:2] != (1, 1)
-             and not isinstance(padding, str) and all(d in (None, 1) for d in (lhs_dilation or [1]))
-             and all(d == 1 for d in (rhs_dilation or [1])) and feature_group_count == 1
-             and batch_group_count == 1 and preferred_element_type is None
-             and _nhwc_hwio(lhs.shape, rhs.shape, dimension_numbers))
+               feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
+               preferred_element_type=preferred_element_type)
+  covered = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.shape[:2] != (1, 1) and
+             not isinstance(padding, str) and all(d in (None, 1) for d in (lhs_dilation or [1])) and
+             all(d == 1 for d in (rhs_dilation or [1])) and feature_group_count == 1 and batch_group_count == 1 and
+             preferred_element_type is None and _nhwc_hwio(lhs.shape, rhs.shape, dimension_numbers))
   if covered:
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     kh, kw = rhs.shape[:2]
-    pixels = (lhs.shape[0] * _out_size(lhs.shape[1], kh, strides[0], pads[0])
-              * _out_size(lhs.shape[2], kw, strides[1], pads[1]))
+    pixels = (lhs.shape[0] * _out_size(lhs.shape[1], kh, strides[0], pads[0]) *
+              _out_size(lhs.shape[2], kw, strides[1], pads[1]))
     if pixels <= IM2COL_MAX_PIXELS:
       return _cpu_conv(lhs, rhs, strides, pads, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **plain)

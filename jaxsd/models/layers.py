@@ -94,8 +94,8 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = N
   """An nn.Conv with PyTorch's symmetric explicit padding (default: 'same' for odd kernels); on the
   CPU, small convolutions and their gradients run as matmuls (`cpu_conv`)."""
   p = (kernel - 1) // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), name=name,
-                 dtype=dtype, param_dtype=param_dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), name=name, dtype=dtype,
+                 param_dtype=param_dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
 
 
 class Timesteps(nn.Module):
@@ -343,8 +343,8 @@ class Transformer2DModel(nn.Module):
     for i in range(self.num_layers):
       h = BasicTransformerBlock(inner, self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
                                 upcast_attention=self.upcast_attention,
-                                attention_implementation=self.attention_implementation,
-                                name=f"transformer_blocks_{i}", **kw)(h, context)
+                                attention_implementation=self.attention_implementation, name=f"transformer_blocks_{i}",
+                                **kw)(h, context)
     if self.use_linear_projection:
       h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, height, width, c)
     else:

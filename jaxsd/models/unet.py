@@ -17,9 +17,8 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import (
-    ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel,
-    UNetMidBlock2D, Upsample2D, conv, get_activation)
+from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, Timesteps, TimestepEmbedding,
+                                 Transformer2DModel, UNetMidBlock2D, Upsample2D, conv, get_activation)
 
 Dtype = Any
 
@@ -93,7 +92,7 @@ class UNet2DConditionConfig(ConfigBase):
   @property
   def downsampling_factor(self) -> int:
     """Input pixels per pixel of the lowest resolution: sides must be multiples of it."""
-    return 2 ** (self.num_blocks - 1)
+    return 2**(self.num_blocks - 1)
 
   @property
   def heads(self) -> tuple[int, ...]:
@@ -107,20 +106,25 @@ class UNet2DConditionConfig(ConfigBase):
   def validate(self) -> None:
     n = self.num_blocks
     unsupported = {
-        "class_embed_type": self.class_embed_type, "num_class_embeds": self.num_class_embeds,
-        "addition_embed_type": self.addition_embed_type, "encoder_hid_dim": self.encoder_hid_dim,
-        "encoder_hid_dim_type": self.encoder_hid_dim_type, "time_cond_proj_dim": self.time_cond_proj_dim,
+        "class_embed_type": self.class_embed_type,
+        "num_class_embeds": self.num_class_embeds,
+        "addition_embed_type": self.addition_embed_type,
+        "encoder_hid_dim": self.encoder_hid_dim,
+        "encoder_hid_dim_type": self.encoder_hid_dim_type,
+        "time_cond_proj_dim": self.time_cond_proj_dim,
         "reverse_transformer_layers_per_block": self.reverse_transformer_layers_per_block,
     }
     for name, value in unsupported.items():
       if value is not None:
         raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented; only SD 1.x / 2.x U-Nets "
                          "are (no class or addition embeddings as in SDXL / unCLIP, no timestep_cond, ...).")
-    fixed = {"resnet_time_scale_shift": (self.resnet_time_scale_shift, "default"),
-             "time_embedding_type": (self.time_embedding_type, "positional"),
-             "attention_type": (self.attention_type, "default"),
-             "dual_cross_attention": (self.dual_cross_attention, False),
-             "dropout": (self.dropout, 0.0)}
+    fixed = {
+        "resnet_time_scale_shift": (self.resnet_time_scale_shift, "default"),
+        "time_embedding_type": (self.time_embedding_type, "positional"),
+        "attention_type": (self.attention_type, "default"),
+        "dual_cross_attention": (self.dual_cross_attention, False),
+        "dropout": (self.dropout, 0.0)
+    }
     for name, (value, want) in fixed.items():
       if value != want:
         raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented (only {want!r}).")
@@ -155,8 +159,8 @@ class UNet2DConditionConfig(ConfigBase):
       if c % self.norm_num_groups:
         raise ValueError(f"UNet2DConditionConfig: block_out_channels[{i}]={c} is not divisible by "
                          f"norm_num_groups={self.norm_num_groups}.")
-      has_attention = ("CrossAttn" in self.down_block_types[i] or "CrossAttn" in self.up_block_types[n - 1 - i]
-                       or (i == n - 1 and self.mid_block_type == "UNetMidBlock2DCrossAttn"))
+      has_attention = ("CrossAttn" in self.down_block_types[i] or "CrossAttn" in self.up_block_types[n - 1 - i] or
+                       (i == n - 1 and self.mid_block_type == "UNetMidBlock2DCrossAttn"))
       if has_attention and c % h:
         raise ValueError(f"UNet2DConditionConfig: block_out_channels[{i}]={c} is not divisible by {h} heads.")
 
@@ -183,8 +187,8 @@ class CrossAttnDownBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     states = ()
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
-                        name=f"resnets_{i}", **kw)(x, temb)
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
+                        **kw)(x, temb)
       x = Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
                              norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
                              only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
@@ -213,8 +217,8 @@ class DownBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     states = ()
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
-                        name=f"resnets_{i}", **kw)(x, temb)
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
+                        **kw)(x, temb)
       states += (x,)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -242,11 +246,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     resnet = dict(groups=self.groups, eps=self.eps, act_fn=self.act_fn, output_scale_factor=self.output_scale_factor,
                   **kw)
     x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
-    x = Transformer2DModel(self.heads, c // self.heads, num_layers=self.transformer_layers,
-                           norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
-                           upcast_attention=self.upcast_attention,
-                           attention_implementation=self.attention_implementation, name="attentions_0",
-                           **kw)(x, context)
+    x = Transformer2DModel(self.heads, c // self.heads, num_layers=self.transformer_layers, norm_num_groups=self.groups,
+                           use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                           attention_implementation=self.attention_implementation, name="attentions_0", **kw)(x,
+                                                                                                              context)
     return ResnetBlock2D(c, name="resnets_1", **resnet)(x, temb)
 
 
@@ -272,8 +275,8 @@ class CrossAttnUpBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
-                        name=f"resnets_{i}", **kw)(x, temb)
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
+                        **kw)(x, temb)
       x = Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
                              norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
                              only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
@@ -300,8 +303,8 @@ class UpBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
-                        name=f"resnets_{i}", **kw)(x, temb)
+      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
+                        **kw)(x, temb)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
     return x
@@ -349,8 +352,7 @@ class UNet2DConditionModel(nn.Module):
     # Time: fp32 sinusoids (from timesteps of any dtype), then the MLP in `dtype`.
     t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
     t_emb = Timesteps(cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)(t).astype(self.dtype)
-    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding",
-                            **kw)(t_emb)
+    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding", **kw)(t_emb)
     if cfg.time_embedding_act_fn is not None:
       emb = get_activation(cfg.time_embedding_act_fn)(emb)
 
@@ -361,13 +363,13 @@ class UNet2DConditionModel(nn.Module):
       final = i == n - 1
       out = cfg.block_out_channels[i]
       if block_type == "CrossAttnDownBlock2D":
-        block = self._block(CrossAttnDownBlock2D)(
-            out, layers[i], heads[i], tlayers[i], add_downsample=not final, downsample_padding=cfg.downsample_padding,
-            only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **attn, **common)
+        block = self._block(CrossAttnDownBlock2D)(out, layers[i], heads[i], tlayers[i], add_downsample=not final,
+                                                  downsample_padding=cfg.downsample_padding,
+                                                  only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **attn,
+                                                  **common)
       else:
         block = self._block(DownBlock2D)(out, layers[i], add_downsample=not final,
-                                         downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
-                                         **common)
+                                         downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)
       x, states = block(x, emb, context)
       skips += states
 
@@ -380,7 +382,7 @@ class UNet2DConditionModel(nn.Module):
                                       add_attention=False, name="mid_block", **kw)(x, emb)
 
     # Inputs whose size is not a multiple of 2**(n-1) need each upsampler to hit its skip's size.
-    up_factor = 2 ** (n - 1)
+    up_factor = 2**(n - 1)
     forward_size = any(d % up_factor for d in sample.shape[1:3])
     for i, block_type in enumerate(cfg.up_block_types):
       r = n - 1 - i  # the matching down block
@@ -394,8 +396,8 @@ class UNet2DConditionModel(nn.Module):
                                                 upsample_size=size, only_cross_attention=only_cross[r],
                                                 name=f"up_blocks_{i}", **attn, **common)
       else:
-        block = self._block(UpBlock2D)(out, num, add_upsample=not final, upsample_size=size,
-                                       name=f"up_blocks_{i}", **common)
+        block = self._block(UpBlock2D)(out, num, add_upsample=not final, upsample_size=size, name=f"up_blocks_{i}",
+                                       **common)
       x = block(x, states, emb, context)
 
     x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import (
-    ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, UNetMidBlock2D, Upsample2D, conv)
+from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, UNetMidBlock2D, Upsample2D, conv)
 
 Dtype = Any
 
@@ -49,7 +48,7 @@ class AutoencoderKLConfig(ConfigBase):
   @property
   def downsampling_factor(self) -> int:
     """Image pixels per latent pixel along each side (8 for Stable Diffusion's VAE)."""
-    return 2 ** (len(self.block_out_channels) - 1)
+    return 2**(len(self.block_out_channels) - 1)
 
   def validate(self) -> None:
     n = len(self.block_out_channels)
@@ -203,8 +202,7 @@ class AutoencoderKL(nn.Module):
     self.encoder = Encoder(cfg, self.attention_implementation, **kw)
     self.decoder = Decoder(cfg, self.attention_implementation, **kw)
     self.quant_conv = conv(2 * cfg.latent_channels, 1, **kw) if cfg.use_quant_conv else None
-    self.post_quant_conv = (conv(cfg.latent_channels, 1, **kw)
-                            if cfg.use_post_quant_conv else None)
+    self.post_quant_conv = (conv(cfg.latent_channels, 1, **kw) if cfg.use_post_quant_conv else None)
 
   def encode(self, x: jax.Array) -> DiagonalGaussianDistribution:
     h = self.encoder(x.astype(self.dtype))

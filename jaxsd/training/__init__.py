@@ -18,8 +18,23 @@ from jaxsd.training.sharding import (
 from jaxsd.training.train_state import TrainState, ema_decay_rate, make_train_step
 
 __all__ = [
-    "Checkpointer", "Restored", "restore_path", "LoopResult", "PeriodicCallback", "train_loop", "MetricWriter",
-    "ProgressBar", "make_optimizer", "make_schedule",
-    "compile_train_step", "init_sharded", "make_global_batch", "make_mesh", "shard_tree",
-    "tree_shardings", "TrainState", "ema_decay_rate", "make_train_step",
+    "Checkpointer",
+    "Restored",
+    "restore_path",
+    "LoopResult",
+    "PeriodicCallback",
+    "train_loop",
+    "MetricWriter",
+    "ProgressBar",
+    "make_optimizer",
+    "make_schedule",
+    "compile_train_step",
+    "init_sharded",
+    "make_global_batch",
+    "make_mesh",
+    "shard_tree",
+    "tree_shardings",
+    "TrainState",
+    "ema_decay_rate",
+    "make_train_step",
 ]

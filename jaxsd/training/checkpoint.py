@@ -94,8 +94,7 @@ def _this_process_state(saved: Any) -> Any:
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -120,16 +119,12 @@ def _to_restored(step: int, out: Any) -> Restored:
 class Checkpointer:
   """Saves and restores `<workdir>/checkpoints/<step>` asynchronously with orbax."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000,
-               async_save: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.save_interval_steps = save_interval_steps
-    self._mngr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True))  # Partial saves of a killed run.
+    self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
+        create=True, cleanup_tmp_directories=True))  # Partial saves of a killed run.
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -153,14 +148,14 @@ class Checkpointer:
     if not force and step % self.save_interval_steps:
       return False
     if not state_is_finite(state):
-      log.error("Not saving step %d: the params contain NaN or Inf (the checkpoint at step %s "
-                "is kept as the last good state).", step, self.latest_step())
+      log.error(
+          "Not saving step %d: the params contain NaN or Inf (the checkpoint at step %s "
+          "is kept as the last good state).", step, self.latest_step())
       return False
     meta = dict(meta or {}, step=int(step), time=time.time(), process_count=jax.process_count())
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(_gather_process_states(data_state)),
-        meta=ocp.args.JsonSave(to_jsonable(meta)))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(_gather_process_states(data_state)),
+                              meta=ocp.args.JsonSave(to_jsonable(meta)))
     return self._mngr.save(step, args=args, force=True)
 
   def restore(self, step: int, abstract_state: Any) -> Restored:
@@ -181,8 +176,8 @@ class Checkpointer:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         errors.append(f"step {step}: {type(e).__name__}: {e}")
     if steps:
-      raise RuntimeError(f"No checkpoint in {self.directory} could be restored:\n" +
-                         "\n".join(errors) + "\nMove the folder away to start over.")
+      raise RuntimeError(f"No checkpoint in {self.directory} could be restored:\n" + "\n".join(errors) +
+                         "\nMove the folder away to start over.")
     return None
 
   def wait_until_finished(self) -> None:

@@ -99,8 +99,8 @@ def _check_like(tree: Any, abstract: Any, what: str) -> None:
     raise ValueError("\n".join(lines))
 
 
-def _initial_state(*, ckpt, target, shardings, create_fn, init_rng, tx, ema_decay,
-                   initial_params, resume_from) -> tuple[TrainState, Any, str]:
+def _initial_state(*, ckpt, target, shardings, create_fn, init_rng, tx, ema_decay, initial_params,
+                   resume_from) -> tuple[TrainState, Any, str]:
   """The resume order: workdir checkpoint, explicit path, initial weights, scratch."""
   restored = ckpt.restore_latest(target)
   if restored is not None:
@@ -116,8 +116,7 @@ def _initial_state(*, ckpt, target, shardings, create_fn, init_rng, tx, ema_deca
     # device_put may reuse the caller's buffers (even with may_alias=False); the jit below, not
     # donated, gives the state fresh ones, so the train step's donation leaves them intact.
     params = jax.device_put(params, shardings.params)
-    state = jax.jit(lambda p: TrainState.create(p, tx, ema_decay),
-                    out_shardings=shardings)(params)
+    state = jax.jit(lambda p: TrainState.create(p, tx, ema_decay), out_shardings=shardings)(params)
     return state, None, "initial_params"
   return jax.jit(create_fn, out_shardings=shardings)(init_rng), None, "scratch"
 
@@ -178,8 +177,7 @@ def train_loop(
     raise ValueError(f"total_steps={total_steps}, log_every={log_every} and checkpoint_every="
                      f"{checkpoint_every} must all be >= 1.")
   writer = metrics_lib.MetricWriter(workdir, tensorboard=tensorboard)
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=max_to_keep,
-                               save_interval_steps=checkpoint_every,
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=max_to_keep, save_interval_steps=checkpoint_every,
                                async_save=async_checkpointing)
   preemption = _Preemption(handle_sigterm)
   bar = None
@@ -190,9 +188,9 @@ def train_loop(
     shardings = sharding_lib.tree_shardings(abstract, mesh, min_shard_size)
     target = sharding_lib.with_shardings(abstract, shardings)
 
-    state, data_state, source = _initial_state(
-        ckpt=ckpt, target=target, shardings=shardings, create_fn=create_fn, init_rng=init_rng,
-        tx=tx, ema_decay=ema_decay, initial_params=initial_params, resume_from=resume_from)
+    state, data_state, source = _initial_state(ckpt=ckpt, target=target, shardings=shardings, create_fn=create_fn,
+                                               init_rng=init_rng, tx=tx, ema_decay=ema_decay,
+                                               initial_params=initial_params, resume_from=resume_from)
     can_save_data = hasattr(data, "get_state") and hasattr(data, "set_state")
     if not can_save_data:
       log.warning("The data iterator has no get_state()/set_state(): a resume restarts the data.")
@@ -202,18 +200,18 @@ def train_loop(
     step = int(jax.device_get(state.step))
     log.info("Starting at step %d (%s).", step, source)
 
-    if not all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
-               and x.sharding.mesh == mesh for x in jax.tree.leaves(frozen)):
+    if not all(
+        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        for x in jax.tree.leaves(frozen)):
       frozen = sharding_lib.shard_tree(frozen, mesh, min_shard_size)
     train_rng = jax.device_put(train_rng, sharding_lib.replicated(mesh))
-    step_fn = make_train_step(loss_fn, tx, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                              lr_schedule=lr_schedule)
+    step_fn = make_train_step(loss_fn, tx, ema_decay=ema_decay, ema_warmup=ema_warmup, lr_schedule=lr_schedule)
     if step >= total_steps:
       return LoopResult(state, step, False, source, 0.0)
 
     batch_np = next(data)
-    compiled, compile_seconds = sharding_lib.compile_train_step(
-        step_fn, mesh, shardings, abstract, batch_np, train_rng, frozen)
+    compiled, compile_seconds = sharding_lib.compile_train_step(step_fn, mesh, shardings, abstract, batch_np, train_rng,
+                                                                frozen)
     global_batch = jax.tree.leaves(batch_np)[0].shape[0] * jax.process_count()
     log.info("Compiled the train step in %.1f s (global batch %d).", compile_seconds, global_batch)
     writer.write_scalars(step, {"compile_seconds": compile_seconds})
@@ -227,8 +225,7 @@ def train_loop(
       step += 1
 
       if step % log_every == 0 or step == total_steps:
-        m, consecutive, total_bad = jax.device_get(
-            (metrics, state.consecutive_nonfinite, state.nonfinite_count))
+        m, consecutive, total_bad = jax.device_get((metrics, state.consecutive_nonfinite, state.nonfinite_count))
         now = time.perf_counter()
         ips = global_batch * (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
@@ -236,11 +233,10 @@ def train_loop(
         writer.write_scalars(step, scalars)
         bar.update(step, float(m["loss"]), ips)
         if consecutive >= max_consecutive_nonfinite:
-          raise RuntimeError(
-              f"{int(consecutive)} non-finite steps in a row at step {step} (loss={m['loss']}, "
-              f"grad_norm={m['grad_norm']}); params were left unchanged by these steps. Lower "
-              "the learning rate, check the data and the loss_fn's compute dtype. The last saved "
-              f"checkpoint is step {ckpt.latest_step()}.")
+          raise RuntimeError(f"{int(consecutive)} non-finite steps in a row at step {step} (loss={m['loss']}, "
+                             f"grad_norm={m['grad_norm']}); params were left unchanged by these steps. Lower "
+                             "the learning rate, check the data and the loss_fn's compute dtype. The last saved "
+                             f"checkpoint is step {ckpt.latest_step()}.")
 
       if step % checkpoint_every == 0:
         ckpt.save(step, state, data_position())

@@ -18,8 +18,8 @@ def clip_contrastive_loss(logits_per_text: jax.Array) -> jax.Array:
   return (t2i + i2t) / 2
 
 
-def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_weight: float,
-             l1_weight: float = 1.0, l2_weight: float = 0.0) -> tuple[jax.Array, dict]:
+def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_weight: float, l1_weight: float = 1.0,
+             l2_weight: float = 0.0) -> tuple[jax.Array, dict]:
   """Reconstruction (L1 and/or L2, per pixel) + kl_weight * KL per latent (Kingma & Welling 2014;
   Rombach et al. 2022 use a small KL weight so the latent stays close to the data)."""
   err = reconstruction.astype(jnp.float32) - images.astype(jnp.float32)

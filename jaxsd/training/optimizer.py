@@ -22,19 +22,20 @@ _SCHEDULES = ("cosine", "constant")
 
 def default_config() -> ml_collections.ConfigDict:
   """The optimizer section of a training config, with the defaults used when a key is absent."""
-  return ml_collections.ConfigDict(dict(
-      lr=1e-4,
-      warmup_steps=500,
-      schedule="constant",  # "cosine" decays to end_lr_ratio * lr at total_steps.
-      total_steps=10_000,
-      end_lr_ratio=0.0,
-      weight_decay=1e-2,  # diffusers train_text_to_image default (AdamW on every parameter).
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      grad_clip_norm=1.0,  # <= 0 disables clipping.
-      grad_accum_steps=1,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          lr=1e-4,
+          warmup_steps=500,
+          schedule="constant",  # "cosine" decays to end_lr_ratio * lr at total_steps.
+          total_steps=10_000,
+          end_lr_ratio=0.0,
+          weight_decay=1e-2,  # diffusers train_text_to_image default (AdamW on every parameter).
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          grad_clip_norm=1.0,  # <= 0 disables clipping.
+          grad_accum_steps=1,
+      ))
 
 
 def _resolve(cfg) -> ml_collections.ConfigDict:
@@ -54,9 +55,8 @@ def _resolve(cfg) -> ml_collections.ConfigDict:
   if out.grad_accum_steps < 1:
     raise ValueError(f"optimizer.grad_accum_steps={out.grad_accum_steps} must be >= 1.")
   if out.schedule == "cosine" and out.total_steps <= out.warmup_steps:
-    raise ValueError(
-        f"optimizer.total_steps={out.total_steps} must exceed warmup_steps={out.warmup_steps} "
-        "for the cosine schedule.")
+    raise ValueError(f"optimizer.total_steps={out.total_steps} must exceed warmup_steps={out.warmup_steps} "
+                     "for the cosine schedule.")
   return out
 
 
@@ -65,9 +65,8 @@ def make_schedule(cfg) -> Schedule:
   c = _resolve(cfg)
   lr, warmup = float(c.lr), int(c.warmup_steps)
   if c.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup,
-        decay_steps=int(c.total_steps), end_value=lr * float(c.end_lr_ratio))
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup,
+                                              decay_steps=int(c.total_steps), end_value=lr * float(c.end_lr_ratio))
   if warmup == 0:
     return optax.constant_schedule(lr)
   return optax.warmup_constant_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup)
@@ -97,9 +96,9 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Schedule]:
   chain = []
   if c.grad_clip_norm and c.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(float(c.grad_clip_norm)))
-  chain.append(optax.adamw(
-      learning_rate=inner_schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
-      weight_decay=float(c.weight_decay)))
+  chain.append(
+      optax.adamw(learning_rate=inner_schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
+                  weight_decay=float(c.weight_decay)))
   tx = optax.chain(*chain)
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()

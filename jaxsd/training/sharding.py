@@ -33,8 +33,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   if data * fsdp != n:
     raise ValueError(f"Mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are "
                      "available; set data=-1 to use the rest, or change fsdp.")
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices)
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -46,8 +45,7 @@ def batch_axis_size(mesh: Mesh) -> int:
   return mesh.shape[DATA] * mesh.shape[FSDP]
 
 
-def fsdp_spec(shape: Sequence[int], fsdp_size: int,
-              min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> P:
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> P:
   """Shards the largest dimension divisible by `fsdp_size` over `fsdp`; small arrays replicate."""
   if fsdp_size <= 1 or not shape or math.prod(shape) < min_shard_size:
     return P()
@@ -60,8 +58,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int,
   return P(*spec)
 
 
-def tree_shardings(abstract_tree: Any, mesh: Mesh,
-                   min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> Any:
+def tree_shardings(abstract_tree: Any, mesh: Mesh, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> Any:
   """NamedShardings for every leaf of an abstract (or concrete) tree, by `fsdp_spec`."""
   fsdp_size = mesh.shape[FSDP]
 
@@ -75,8 +72,7 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh,
 
 def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings (AOT lowering and orbax restore targets)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_tree, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
@@ -103,9 +99,8 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
   n = batch_axis_size(mesh)
   if global_batch_size % n:
-    raise ValueError(
-        f"Global batch size {global_batch_size} is not divisible by the {n} devices on the batch "
-        f"axes (data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); use a multiple of {n}.")
+    raise ValueError(f"Global batch size {global_batch_size} is not divisible by the {n} devices on the batch "
+                     f"axes (data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); use a multiple of {n}.")
 
 
 def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
@@ -130,10 +125,12 @@ def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
 
 def abstract_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Global ShapeDtypeStructs (with the batch sharding) for a host batch, for AOT compilation."""
+
   def one(x):
     x = np.asarray(x)
     shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.ShapeDtypeStruct(shape, x.dtype, sharding=batch_sharding(mesh, x.ndim))
+
   check_global_batch(jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count(), mesh)
   return jax.tree.map(one, local_batch)
 
@@ -170,8 +167,7 @@ def compile_train_step(
       donate_argnums=(0,) if donate else (),
   )
   abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep)
-  abstract_frozen = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
+  abstract_frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
   t0 = time.perf_counter()
   compiled = jitted.lower(with_shardings(abstract_state, state_shardings), batch, abstract_rng,
                           abstract_frozen).compile()

@@ -46,13 +46,12 @@ class TrainState:
   consecutive_nonfinite: jax.Array
 
   @classmethod
-  def create(cls, params: Params, tx: optax.GradientTransformation,
-             ema_decay: float | None = None) -> "TrainState":
+  def create(cls, params: Params, tx: optax.GradientTransformation, ema_decay: float | None = None) -> "TrainState":
     """A fresh state at step 0; EMA starts as a copy of `params` when `ema_decay` is set."""
     ema = jax.tree.map(jnp.copy, params) if ema_decay else None
     zero = jnp.zeros((), jnp.int32)
-    return cls(step=zero, params=params, opt_state=tx.init(params), ema_params=ema,
-               nonfinite_count=zero, consecutive_nonfinite=zero)
+    return cls(step=zero, params=params, opt_state=tx.init(params), ema_params=ema, nonfinite_count=zero,
+               consecutive_nonfinite=zero)
 
 
 def ema_decay_rate(num_updates: jax.Array, ema_decay: float, warmup: bool = True) -> jax.Array:
@@ -106,8 +105,7 @@ def make_train_step(
         raise ValueError("The state has ema_params but make_train_step got ema_decay=None; "
                          "pass the same ema_decay as TrainState.create.")
       d = ema_decay_rate(_num_updates(state), ema_decay, ema_warmup)
-      new_ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype),
-                             state.ema_params, new_params)
+      new_ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, new_params)
       if isinstance(new_opt_state, optax.MultiStepsState):
         # Only the micro-step that completes the accumulation window moves the params.
         updated = jnp.logical_and(new_opt_state.mini_step == 0, new_opt_state.gradient_step > 0)
@@ -123,8 +121,11 @@ def make_train_step(
         nonfinite_count=state.nonfinite_count + skipped,
         consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped,
     )
-    metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32),
-               "nonfinite": skipped.astype(jnp.float32)}
+    metrics = {
+        "loss": loss.astype(jnp.float32),
+        "grad_norm": grad_norm.astype(jnp.float32),
+        "nonfinite": skipped.astype(jnp.float32)
+    }
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     for k, v in dict(aux).items():

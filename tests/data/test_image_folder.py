@@ -39,8 +39,7 @@ def _read_all(name, data_dir, split):
 
 def test_metadata_jsonl(tmp_path):
   captions = _jsonl_folder(tmp_path / "My Pets")
-  name, builder = image_folder.prepare_image_folder(tmp_path / "My Pets", tmp_path / "tfds",
-                                                    test_fraction=0.34)
+  name, builder = image_folder.prepare_image_folder(tmp_path / "My Pets", tmp_path / "tfds", test_fraction=0.34)
   assert name == "my_pets"
   assert builder.info.file_format.value == "array_record"
   train = _read_all(name, tmp_path / "tfds", "train")
@@ -64,8 +63,13 @@ def test_txt_captions_and_conversions(tmp_path):
     (root / f"{stem}.txt").write_text(f"  a {stem} picture\n")
   name, _ = image_folder.prepare_image_folder(root, tmp_path / "tfds", name="mine", max_size=20)
   examples = _read_all(name, tmp_path / "tfds", "train")
-  assert {k: v["caption"].decode() for k, v in examples.items()} == {
-      "gray.png": "a gray picture", "rgba.png": "a rgba picture", "big.bmp": "a big picture"}
+  assert {
+      k: v["caption"].decode() for k, v in examples.items()
+  } == {
+      "gray.png": "a gray picture",
+      "rgba.png": "a rgba picture",
+      "big.bmp": "a big picture"
+  }
   assert examples["gray.png"]["image"].shape == (16, 24, 3)  # grey -> RGB
   np.testing.assert_array_equal(examples["gray.png"]["image"][..., 1], gray[..., 0])
   assert examples["rgba.png"]["image"].shape == (16, 24, 3)
@@ -102,8 +106,13 @@ def test_errors(tmp_path):
     image_folder.prepare_image_folder(root, data_dir)
 
   (root / "metadata.jsonl").write_text(
-      json.dumps({"file_name": "p0.png", "text": "x"}) + "\n"
-      + json.dumps({"file_name": "gone.png", "text": "y"}) + "\n")
+      json.dumps({
+          "file_name": "p0.png",
+          "text": "x"
+      }) + "\n" + json.dumps({
+          "file_name": "gone.png",
+          "text": "y"
+      }) + "\n")
   with pytest.raises(ValueError, match="not images in the folder: gone.png"):
     image_folder.prepare_image_folder(root, data_dir)
   (root / "metadata.jsonl").write_text(json.dumps({"file_name": "p0.png", "caption": "x"}))

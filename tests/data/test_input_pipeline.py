@@ -30,8 +30,7 @@ def tiny(tmp_path_factory, tokenizer):
   name, builder = shapes.prepare_shapes(str(data_dir), num_train=NUM_TRAIN, num_test=NUM_TEST)
 
   def make(**kwargs):
-    kwargs = {"global_batch_size": 16, "data_dir": str(data_dir), "tokenizer": tokenizer,
-              "num_threads": 2, **kwargs}
+    kwargs = {"global_batch_size": 16, "data_dir": str(data_dir), "tokenizer": tokenizer, "num_threads": 2, **kwargs}
     return input_pipeline.make_dataset(kwargs.pop("dataset", name), **kwargs)
 
   return make, name, builder, data_dir
@@ -53,8 +52,7 @@ def test_batch_contents(tiny, tokenizer):
   assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
   assert -1.0 <= batch["image"].min() < -0.5 and 0.5 < batch["image"].max() <= 1.0
   assert batch["input_ids"].shape == (16, 77) and batch["input_ids"].dtype == np.int32
-  np.testing.assert_array_equal(batch["input_ids"],
-                                tokenizer_lib.tokenize(tokenizer, list(batch["caption"])))
+  np.testing.assert_array_equal(batch["input_ids"], tokenizer_lib.tokenize(tokenizer, list(batch["caption"])))
   for key in ("shape", "color", "position"):
     assert batch[key].shape == (16,) and batch[key].dtype == np.int32
   for caption, color, shape in zip(batch["caption"], batch["color"], batch["shape"]):
@@ -88,8 +86,7 @@ def test_hosts_read_disjoint_shards(tiny):
   make, *_ = tiny
   keys = []
   for index in range(2):
-    pipeline = make(split="test", train=False, global_batch_size=8, process_index=index,
-                    process_count=2)
+    pipeline = make(split="test", train=False, global_batch_size=8, process_index=index, process_count=2)
     assert pipeline.batch_size == 4 and pipeline.num_examples == NUM_TEST // 2
     keys.append({k for b in pipeline for k in _key(b)})
   assert len(keys[0]) == len(keys[1]) == NUM_TEST // 2 and not keys[0] & keys[1]
@@ -151,8 +148,7 @@ def test_image_folder_resize_and_crop(tmp_path, tokenizer):
   centre = next(iter(input_pipeline.make_dataset(name, image_size=10, train=False, **common)))
   assert centre["image"].shape == (4, 10, 10, 3)
   np.testing.assert_allclose(centre["image"], -1.0, atol=0.05)
-  crops = _take(iter(input_pipeline.make_dataset(name, image_size=10, random_crop=True,
-                                                 **common)), 5)
+  crops = _take(iter(input_pipeline.make_dataset(name, image_size=10, random_crop=True, **common)), 5)
   assert crops[0]["image"].shape == (4, 10, 10, 3)
   has_white = [img.max() > 0.5 for b in crops for img in b["image"]]
   assert any(has_white) and not all(has_white)  # crops at several offsets
@@ -167,9 +163,10 @@ def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path, tokenizer):
   Image.fromarray(pixels).save(root / "photo.jpg", quality=95)
   (root / "photo.txt").write_text("red and blue")
   name, _ = prepare_image_folder(root, tmp_path / "tfds")
-  batch = next(iter(input_pipeline.make_dataset(
-      name, data_dir=str(tmp_path / "tfds"), global_batch_size=1, image_size=16, train=False,
-      tokenizer=tokenizer)))
+  batch = next(
+      iter(
+          input_pipeline.make_dataset(name, data_dir=str(tmp_path / "tfds"), global_batch_size=1, image_size=16,
+                                      train=False, tokenizer=tokenizer)))
   rgb = (batch["image"][0] + 1) * 127.5
   assert rgb.shape == (16, 16, 3)
   np.testing.assert_allclose(rgb[:, :6], np.broadcast_to([200, 30, 30], (16, 6, 3)), atol=12)
@@ -182,8 +179,11 @@ class CorruptImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = epath.Path(__file__)
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(8, 8, 3)), "caption": tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "caption": tfds.features.Text()
+        }))
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
@@ -198,12 +198,10 @@ class CorruptImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path, tokenizer):
   builder = CorruptImages(data_dir=str(tmp_path), file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   for dataset in (builder, "corrupt_images"):  # a builder, or by name from the files
-    pipeline = input_pipeline.make_dataset(
-        dataset, data_dir=str(tmp_path), global_batch_size=2, train=False,
-        return_captions=True, tokenizer=tokenizer, num_threads=1)
+    pipeline = input_pipeline.make_dataset(dataset, data_dir=str(tmp_path), global_batch_size=2, train=False,
+                                           return_captions=True, tokenizer=tokenizer, num_threads=1)
     captions = [c for b in pipeline for c in b["caption"]]
     assert sorted(captions) == ["grey 0", "grey 2", "grey 3", "grey 5"]
     assert pipeline.stats.skipped_images == 2

@@ -23,7 +23,7 @@ def prepared(tmp_path_factory):
 
 
 def _nearest_color(rgb) -> str:
-  return min(shapes.COLORS, key=lambda c: np.sum((np.asarray(shapes.RGB[c], float) - rgb) ** 2))
+  return min(shapes.COLORS, key=lambda c: np.sum((np.asarray(shapes.RGB[c], float) - rgb)**2))
 
 
 def _decode(example, builder):
@@ -106,8 +106,7 @@ def test_caption_for():
   assert shapes.caption_for("circle", "red", "small", "left") == "a small red circle on the left"
   assert shapes.caption_for("square", "blue") == "a blue square"
   assert shapes.caption_for("triangle", "orange") == "an orange triangle"
-  assert shapes.caption_for("triangle", "orange", position="center") == (
-      "an orange triangle in the center")
+  assert shapes.caption_for("triangle", "orange", position="center") == ("an orange triangle in the center")
   with pytest.raises(ValueError, match="Unknown color 'pink'"):
     shapes.caption_for("circle", "pink")
 

@@ -31,10 +31,17 @@ from tests.diffusion.test_schedules import SD15, SD21  # noqa: E402  (the real S
 CONFIGS = {"sd15": SD15, "sd21": SD21}
 SPACINGS = [None, "leading", "trailing", "linspace"]  # None: the file names none (SD's own configs)
 
-DIFFUSERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler, "ddpm": diffusers.DDPMScheduler,
-             "euler": diffusers.EulerDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler,
-             "heun": diffusers.HeunDiscreteScheduler, "lms": diffusers.LMSDiscreteScheduler,
-             "dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler}
+DIFFUSERS = {
+    "ddim": diffusers.DDIMScheduler,
+    "pndm": diffusers.PNDMScheduler,
+    "ddpm": diffusers.DDPMScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+    "heun": diffusers.HeunDiscreteScheduler,
+    "lms": diffusers.LMSDiscreteScheduler,
+    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler
+}
 DETERMINISTIC = ["ddim", "pndm", "euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_karras"]
 TOL = 1e-5  # max |ours - diffusers| per step, relative to max(1, max |latents| of that step)
 MEASURED: dict[str, float] = {}  # largest scaled difference per sampler, printed at the end
@@ -62,7 +69,8 @@ def run_diffusers(sampler, cfg_dict, n, noise, strength=1.0, x0=None, step_noise
     monkeypatch.setattr(f"{type(sch).__module__}.randn_tensor", lambda *a, **k: next(draws))
   sch.set_timesteps(n)
   if strength < 1.0:
-    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sch), n, strength, "cpu")
+    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sch), n, strength,
+                                                                "cpu")
     lat = sch.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
   else:
     timesteps = sch.timesteps

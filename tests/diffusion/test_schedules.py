@@ -20,14 +20,33 @@ from jaxsd.diffusion.schedules import SchedulerConfig  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json.
-SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-        "clip_sample": False}
-SD21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False
+}
+SD21 = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None
+}
 
 
 def test_defaults_are_sd15():
@@ -67,12 +86,24 @@ def test_trained_betas_become_a_tuple():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"beta_schedule": "sigmoid"}, "beta_schedule"),
-    ({"prediction_type": "flow_prediction"}, "prediction_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"thresholding": True}, "thresholding"),
-    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
-    ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
+    ({
+        "beta_schedule": "sigmoid"
+    }, "beta_schedule"),
+    ({
+        "prediction_type": "flow_prediction"
+    }, "prediction_type"),
+    ({
+        "timestep_spacing": "uniform"
+    }, "timestep_spacing"),
+    ({
+        "thresholding": True
+    }, "thresholding"),
+    ({
+        "rescale_betas_zero_snr": True
+    }, "rescale_betas_zero_snr"),
+    ({
+        "trained_betas": [0.1, 0.2]
+    }, "trained_betas"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -80,11 +111,28 @@ def test_config_errors(bad, match):
 
 
 @pytest.mark.parametrize("kw", [
-    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
-    {"beta_schedule": "squaredcos_cap_v2"},
-    {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 999},
-    {"trained_betas": list(np.linspace(1e-4, 0.02, 1000))},
+    {
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012
+    },
+    {
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02
+    },
+    {
+        "beta_schedule": "squaredcos_cap_v2"
+    },
+    {
+        "beta_schedule": "linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "num_train_timesteps": 999
+    },
+    {
+        "trained_betas": list(np.linspace(1e-4, 0.02, 1000))
+    },
 ])
 def test_alphas_cumprod_bit_exact(kw):
   cfg = SchedulerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
@@ -94,8 +142,9 @@ def test_alphas_cumprod_bit_exact(kw):
   # sigma = sqrt((1 - a) / a): numpy's sqrt is correctly rounded, PyTorch's vectorised CPU sqrt
   # is 1 ulp off for ~20% of the values on this AVX-512 machine, so equal to 2 ulp.
   euler = diffusers.EulerDiscreteScheduler(**kw)
-  np.testing.assert_allclose(schedules.train_sigmas(schedules.alphas_cumprod_np(cfg))[::-1],
-                             euler.sigmas.numpy()[:-1], rtol=2.4e-7, atol=0)
+  np.testing.assert_allclose(
+      schedules.train_sigmas(schedules.alphas_cumprod_np(cfg))[::-1],
+      euler.sigmas.numpy()[:-1], rtol=2.4e-7, atol=0)
 
 
 @pytest.mark.parametrize("spacing", [None, "leading", "trailing", "linspace"])
@@ -126,8 +175,8 @@ def test_karras_sigmas_and_sigma_to_t():
   train = schedules.train_sigmas(schedules.alphas_cumprod_np(SchedulerConfig()))
   sig = schedules.karras_sigmas(float(train[0]), float(train[-1]), 12)
   np.testing.assert_allclose(sig.astype(np.float32), ref.sigmas.numpy()[:-1], rtol=2.4e-7, atol=0)
-  np.testing.assert_allclose(schedules.sigma_to_t(sig, np.log(train)).astype(np.float32), ref.timesteps.numpy(),
-                             rtol=0, atol=1e-4)
+  np.testing.assert_allclose(
+      schedules.sigma_to_t(sig, np.log(train)).astype(np.float32), ref.timesteps.numpy(), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("cfg_dict", [SD15, SD21, dict(SD15, beta_schedule="squaredcos_cap_v2")])
@@ -140,13 +189,14 @@ def test_add_noise_velocity_snr(cfg_dict):
   t = np.array([0, 1, 250, 998, 999])
   tt = torch.from_numpy(t)
   ac = schedules.alphas_cumprod(cfg)
-  f = jax.jit(lambda x0, eps, t: (schedules.add_noise(ac, x0, eps, t), schedules.velocity(ac, x0, eps, t),
-                                  schedules.snr(ac, t)))
+  f = jax.jit(lambda x0, eps, t:
+              (schedules.add_noise(ac, x0, eps, t), schedules.velocity(ac, x0, eps, t), schedules.snr(ac, t)))
   noisy, v, s = f(x0, eps, t)
-  np.testing.assert_allclose(noisy, ref.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(),
-                             rtol=0, atol=1e-6)
-  np.testing.assert_allclose(v, ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(noisy,
+                             ref.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(v,
+                             ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), tt).numpy(), rtol=0,
+                             atol=1e-6)
   np.testing.assert_allclose(s, compute_snr(ref, tt).numpy(), rtol=2e-6)
   # Scalar t broadcasts; a bf16 x0 keeps fp32 schedule arithmetic and comes back as bf16.
   np.testing.assert_array_equal(schedules.add_noise(ac, x0, eps, 250),

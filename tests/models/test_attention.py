@@ -14,8 +14,9 @@ from jaxsd.models import attention
 
 def _qkv(b, t, s, n, h, seed=0):
   ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (b, t, n, h)), jax.random.normal(ks[1], (b, s, n, h)),
-          jax.random.normal(ks[2], (b, s, n, h)))
+  return (jax.random.normal(ks[0],
+                            (b, t, n, h)), jax.random.normal(ks[1],
+                                                             (b, s, n, h)), jax.random.normal(ks[2], (b, s, n, h)))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -34,8 +35,12 @@ def test_mask_matches_jax_nn():
   np.testing.assert_allclose(ours, ref, atol=2e-6)
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 64, 4, 8),    # several (batch, head) slices per block
-                                   (1, 256, 128, 2, 8)])  # blocks of queries within one slice
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 64, 64, 4, 8),  # several (batch, head) slices per block
+        (1, 256, 128, 2, 8)
+    ])  # blocks of queries within one slice
 def test_cpu_blocked_path_matches_and_has_gradients(monkeypatch, shape):
   # Shrink the thresholds so small arrays take the blocked path the SD 1.5 sizes take.
   monkeypatch.setattr(attention, "_CPU_BLOCK_LOGITS", 2**12)
@@ -71,6 +76,7 @@ def test_hand_written_backward_matches_autodiff(shape):
 # The Pallas TPU flash-attention path, run on the CPU in Pallas' TPU interpret mode (which also
 # checks the kernel's buffer accesses: out-of-bounds reads raise, scratch memory starts as NaN).
 
+
 @pytest.fixture
 def interpret():
   from jax.experimental.pallas import tpu as pltpu
@@ -87,13 +93,15 @@ def _max_diff(a, b):
 
 # fp32 differences from the XLA path: measured at most 8.3e-7 on these (outputs of order 1; 2.0e-6
 # for head_dim 512, the VAE's); the bound leaves room for other CPUs' summation orders.
-@pytest.mark.parametrize("shape,causal", [
-    ((2, 256, 256, 2, 40), False),  # SD 1.5 self-attention head size, padded to 128
-    ((2, 256, 77, 2, 40), False),   # cross-attention on 77 context tokens: keys padded and masked
-    ((1, 128, 128, 2, 64), True),   # SD 2 head size, causal
-    ((1, 77, 77, 2, 64), True),     # CLIP's causal self-attention, queries and keys padded
-    ((1, 128, 128, 1, 160), False),  # head_dim above 128 and not a multiple of it (kernel rejects it unpadded)
-])
+@pytest.mark.parametrize(
+    "shape,causal",
+    [
+        ((2, 256, 256, 2, 40), False),  # SD 1.5 self-attention head size, padded to 128
+        ((2, 256, 77, 2, 40), False),  # cross-attention on 77 context tokens: keys padded and masked
+        ((1, 128, 128, 2, 64), True),  # SD 2 head size, causal
+        ((1, 77, 77, 2, 64), True),  # CLIP's causal self-attention, queries and keys padded
+        ((1, 128, 128, 1, 160), False),  # head_dim above 128 and not a multiple of it (kernel rejects it unpadded)
+    ])
 def test_pallas_matches_xla(interpret, shape, causal):
   q, k, v = _qkv(*shape, seed=2)
   ours = attention.dot_product_attention(q, k, v, is_causal=causal, implementation="pallas")
@@ -151,20 +159,23 @@ def test_auto_picks_pallas_only_on_tpu_without_a_mask(monkeypatch):
 def test_unet_with_pallas_attention(interpret):
   # A tiny SD 1.x U-Net: self-attention on 256 and 64 tokens, cross-attention on 7, head_dim 8 / 16.
   from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-  cfg = UNet2DConditionConfig.from_dict(dict(
-      block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+  cfg = UNet2DConditionConfig.from_dict(
+      dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
   rng = np.random.RandomState(0)
   sample = rng.randn(1, 16, 16, cfg.in_channels).astype(np.float32)
   context = rng.randn(1, 7, cfg.cross_attention_dim).astype(np.float32)
   t = np.array([500])
   # Random parameters of the init's shapes (compiling the init would take longer than the test).
   leaves, tree = jax.tree.flatten(jax.eval_shape(UNet2DConditionModel(cfg).init, jax.random.key(0), sample, t, context))
-  params = tree.unflatten([rng.randn(*x.shape).astype(np.float32) / np.sqrt(np.prod(x.shape[:-1]) if x.ndim > 1 else 10)
-                           for x in leaves])
+  params = tree.unflatten(
+      [rng.randn(*x.shape).astype(np.float32) / np.sqrt(np.prod(x.shape[:-1]) if x.ndim > 1 else 10) for x in leaves])
   jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})  # as test_unet.py
-  out = {impl: jit(UNet2DConditionModel(cfg, attention_implementation=impl).apply)(params, sample, t, context)
-         for impl in ("xla", "pallas")}
+  out = {
+      impl: jit(UNet2DConditionModel(cfg, attention_implementation=impl).apply)(params, sample, t, context)
+      for impl in ("xla", "pallas")
+  }
   assert float(jnp.std(out["xla"])) > 0.1
   # Measured 3.9e-7.
   assert _max_diff(out["pallas"], out["xla"]) <= 1e-5

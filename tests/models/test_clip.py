@@ -28,9 +28,8 @@ TEXT = dict(
     pad_token_id=1,
     bos_token_id=97,
 )
-VISION = dict(
-    hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=12, patch_size=4
-)
+VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=12,
+              patch_size=4)
 
 
 def _np(t) -> np.ndarray:
@@ -63,7 +62,7 @@ def _token_ids(eos: int, lengths=(16, 9, 5), seed=0) -> tuple[np.ndarray, np.nda
   mask = np.zeros_like(ids)
   for i, n in enumerate(lengths):
     ids[i, 0] = TEXT["bos_token_id"]
-    ids[i, n - 1 :] = eos
+    ids[i, n - 1:] = eos
     mask[i, :n] = 1
   return ids, mask
 
@@ -102,16 +101,19 @@ def test_text_model_matches_transformers(hidden_act, eos_token_id, eot):
     out = model.apply(variables, ids, attention_mask)
     assert len(out.hidden_states) == len(ref.hidden_states) == cfg.num_hidden_layers + 1
     diffs = {
-        "last_hidden_state": _maxdiff(out.last_hidden_state, _np(ref.last_hidden_state)),
-        "pooler_output": _maxdiff(out.pooler_output, _np(ref.pooler_output)),
-        "hidden_states": max(_maxdiff(a, _np(b)) for a, b in zip(out.hidden_states, ref.hidden_states)),
-        "clip_skip=1": _maxdiff(
-            model.apply(variables, ids, attention_mask, clip_skip=1, method="encode_prompt"), _np(ref_skip1)
-        ),
-        "clip_skip=0": _maxdiff(
-            model.apply(variables, ids, attention_mask, clip_skip=0, method="encode_prompt"),
-            _np(ref.last_hidden_state),
-        ),
+        "last_hidden_state":
+            _maxdiff(out.last_hidden_state, _np(ref.last_hidden_state)),
+        "pooler_output":
+            _maxdiff(out.pooler_output, _np(ref.pooler_output)),
+        "hidden_states":
+            max(_maxdiff(a, _np(b)) for a, b in zip(out.hidden_states, ref.hidden_states)),
+        "clip_skip=1":
+            _maxdiff(model.apply(variables, ids, attention_mask, clip_skip=1, method="encode_prompt"), _np(ref_skip1)),
+        "clip_skip=0":
+            _maxdiff(
+                model.apply(variables, ids, attention_mask, clip_skip=0, method="encode_prompt"),
+                _np(ref.last_hidden_state),
+            ),
     }
     print(hidden_act, eos_token_id, "mask" if attention_mask is not None else "no mask", diffs)
     assert max(diffs.values()) <= TOL, diffs
@@ -156,9 +158,9 @@ def test_vision_model_matches_transformers():
 
 def _torch_clip():
   torch.manual_seed(0)
-  cfg = transformers.CLIPConfig(
-      text_config={**TEXT, "eos_token_id": 98}, vision_config=VISION, projection_dim=16, logit_scale_init_value=2.0
-  )
+  cfg = transformers.CLIPConfig(text_config={
+      **TEXT, "eos_token_id": 98
+  }, vision_config=VISION, projection_dim=16, logit_scale_init_value=2.0)
   return transformers.CLIPModel(cfg).eval()
 
 
@@ -205,8 +207,9 @@ def test_clip_model_from_scratch_init_loads_into_transformers():
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
 
   missing, unexpected = tm.load_state_dict(
-      {k: torch.from_numpy(v.copy()) for k, v in weights.params_to_state_dict(p).items()}, strict=True
-  )
+      {
+          k: torch.from_numpy(v.copy()) for k, v in weights.params_to_state_dict(p).items()
+      }, strict=True)
   assert not missing and not unexpected
   with torch.no_grad():
     ref = tm(
@@ -228,12 +231,14 @@ def test_bf16_compute_stays_close_to_fp32():
   assert b16.text_model_output.last_hidden_state.dtype == jnp.bfloat16
   assert b16.text_embeds.dtype == jnp.float32  # normalisation and logits stay fp32
   diffs = {
-      "text last_hidden_state": _maxdiff(
-          b16.text_model_output.last_hidden_state, f32.text_model_output.last_hidden_state
-      ),
-      "vision pooler_output": _maxdiff(b16.vision_model_output.pooler_output, f32.vision_model_output.pooler_output),
-      "text_embeds": _maxdiff(b16.text_embeds, f32.text_embeds),
-      "logits_per_image": _maxdiff(b16.logits_per_image, f32.logits_per_image),
+      "text last_hidden_state":
+          _maxdiff(b16.text_model_output.last_hidden_state, f32.text_model_output.last_hidden_state),
+      "vision pooler_output":
+          _maxdiff(b16.vision_model_output.pooler_output, f32.vision_model_output.pooler_output),
+      "text_embeds":
+          _maxdiff(b16.text_embeds, f32.text_embeds),
+      "logits_per_image":
+          _maxdiff(b16.logits_per_image, f32.logits_per_image),
   }
   print("bf16 vs fp32", diffs)
   # The hidden states are LayerNorm outputs of unit scale; bf16 keeps ~3 significant digits.

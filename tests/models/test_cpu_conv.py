@@ -26,12 +26,14 @@ def _both(x, w, strides, padding):
   return out
 
 
-@pytest.mark.parametrize("shape, kernel, strides, padding", [
-    ((2, 8, 8, 16), (3, 3, 16, 24), (1, 1), ((1, 1), (1, 1))),    # im2col forward and backward
-    ((1, 9, 7, 8), (3, 3, 8, 4), (2, 2), ((0, 1), (0, 1))),       # Downsample2D: stride 2, pad right
-    ((1, 6, 6, 4), (3, 3, 4, 4), (1, 1), ((0, 0), (0, 0))),       # valid
-    ((2, 40, 40, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),     # 3200 pixels: XLA's both ways
-])
+@pytest.mark.parametrize(
+    "shape, kernel, strides, padding",
+    [
+        ((2, 8, 8, 16), (3, 3, 16, 24), (1, 1), ((1, 1), (1, 1))),  # im2col forward and backward
+        ((1, 9, 7, 8), (3, 3, 8, 4), (2, 2), ((0, 1), (0, 1))),  # Downsample2D: stride 2, pad right
+        ((1, 6, 6, 4), (3, 3, 4, 4), (1, 1), ((0, 0), (0, 0))),  # valid
+        ((2, 40, 40, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),  # 3200 pixels: XLA's both ways
+    ])
 def test_matches_lax_values_and_gradients(shape, kernel, strides, padding):
   k = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(k[0], shape)
@@ -57,14 +59,17 @@ def _hlo(fn, *args):
 def test_small_convolution_is_a_matmul_large_stays_a_convolution():
   conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
   w = jnp.ones((3, 3, 8, 8))
-  small = _hlo(conv, jnp.ones((1, 16, 16, 8)), w)   # 256 pixels
-  large = _hlo(conv, jnp.ones((1, 32, 32, 8)), w)   # 1024 pixels
+  small = _hlo(conv, jnp.ones((1, 16, 16, 8)), w)  # 256 pixels
+  large = _hlo(conv, jnp.ones((1, 32, 32, 8)), w)  # 1024 pixels
   assert "convolution(" not in small and "dot(" in small
   assert "convolution(" in large
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(padding="SAME"), dict(rhs_dilation=(2, 2)), dict(feature_group_count=2), dict(kernel=(1, 1, 8, 8)),
+    dict(padding="SAME"),
+    dict(rhs_dilation=(2, 2)),
+    dict(feature_group_count=2),
+    dict(kernel=(1, 1, 8, 8)),
 ])
 def test_uncovered_convolutions_go_to_lax(kwargs):
   kwargs = dict(kwargs)

@@ -78,8 +78,9 @@ def test_timestep_embedding():
 @pytest.mark.parametrize("out_channels,with_temb", [(8, True), (16, True), (16, False)])
 def test_resnet_block(out_channels, with_temb):
   x, temb = _x((2, 6, 6, 8)), _x((2, 12), seed=1)
-  tm = _perturbed(resnet.ResnetBlock2D(in_channels=8, out_channels=out_channels,
-                                       temb_channels=12 if with_temb else None, groups=4, eps=1e-6))
+  tm = _perturbed(
+      resnet.ResnetBlock2D(in_channels=8, out_channels=out_channels, temb_channels=12 if with_temb else None, groups=4,
+                           eps=1e-6))
   ours = _run(layers.ResnetBlock2D(out_channels, groups=4), tm, x, temb if with_temb else None)
   with torch.no_grad():
     ref = tm(_nchw(x), torch.from_numpy(temb) if with_temb else None)
@@ -122,11 +123,12 @@ def test_cross_attention():
 @pytest.mark.parametrize("linear", [False, True])
 def test_transformer_2d(linear):
   x, ctx = _x((2, 4, 4, 16)), _x((2, 7, 12), seed=1)
-  tm = _perturbed(transformer_2d.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
-                                                    cross_attention_dim=12, norm_num_groups=4,
-                                                    use_linear_projection=linear))
-  ours = _run(layers.Transformer2DModel(heads=2, dim_head=8, norm_num_groups=4, use_linear_projection=linear,
-                                           attention_implementation="xla"), tm, x, ctx)
+  tm = _perturbed(
+      transformer_2d.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                        cross_attention_dim=12, norm_num_groups=4, use_linear_projection=linear))
+  ours = _run(
+      layers.Transformer2DModel(heads=2, dim_head=8, norm_num_groups=4, use_linear_projection=linear,
+                                attention_implementation="xla"), tm, x, ctx)
   with torch.no_grad():
     ref = tm(_nchw(x), encoder_hidden_states=torch.from_numpy(ctx)).sample
   np.testing.assert_allclose(ours, reference.nchw_to_nhwc(ref), rtol=1e-4, atol=1e-4)

@@ -19,37 +19,41 @@ BATCH, SEQ = 2, 7
 # Tiny configs covering the SD families and the config options the flax model reads.
 CONFIGS = {
     # SD 1.x: heads as an int, 1x1-conv proj_in/proj_out, default 32 groups.
-    "sd1": dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "sd1":
+        dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,
+             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     # SD 2.x: heads per block, linear projections, upcast_attention, wider text embeddings.
-    "sd2": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48, attention_head_dim=(2, 4),
-                use_linear_projection=True, upcast_attention=True, norm_num_groups=16,
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "sd2":
+        dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48, attention_head_dim=(2, 4),
+             use_linear_projection=True, upcast_attention=True, norm_num_groups=16,
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
     # Inpainting input, the other sinusoid layout, three levels, a non-default downsample pad.
-    "inpaint": dict(in_channels=9, block_out_channels=(16, 32, 32), layers_per_block=1, cross_attention_dim=24,
-                    attention_head_dim=2, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1,
-                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "inpaint":
+        dict(in_channels=9, block_out_channels=(16, 32, 32), layers_per_block=1, cross_attention_dim=24,
+             attention_head_dim=2, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1,
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
     # Rarer options: per-block layers and only_cross_attention, 2 transformer layers, mid-block
     # scale, time-embedding activations, centring, 1x1 conv_in / conv_out.
-    "options": dict(block_out_channels=(32, 64), layers_per_block=(1, 2), cross_attention_dim=16,
-                    attention_head_dim=(4, 8), norm_num_groups=8, only_cross_attention=(True, False),
-                    transformer_layers_per_block=2, mid_block_scale_factor=1.414, time_embedding_act_fn="silu",
-                    timestep_post_act="gelu", center_input_sample=True, conv_in_kernel=1, conv_out_kernel=1,
-                    norm_eps=1e-6, act_fn="mish",
-                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "options":
+        dict(block_out_channels=(32, 64), layers_per_block=(1, 2), cross_attention_dim=16, attention_head_dim=(4, 8),
+             norm_num_groups=8, only_cross_attention=(True, False), transformer_layers_per_block=2,
+             mid_block_scale_factor=1.414, time_embedding_act_fn="silu", timestep_post_act="gelu",
+             center_input_sample=True, conv_in_kernel=1, conv_out_kernel=1, norm_eps=1e-6, act_fn="mish",
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D",
+                                                                                                "CrossAttnUpBlock2D")),
     # The attention-free mid block, and no mid block.
-    "resnet_mid": dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
-                       norm_num_groups=8, mid_block_type="UNetMidBlock2D",
-                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
-    "no_mid": dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
-                   norm_num_groups=8, mid_block_type=None,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "resnet_mid":
+        dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
+             norm_num_groups=8, mid_block_type="UNetMidBlock2D",
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+    "no_mid":
+        dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
+             norm_num_groups=8, mid_block_type=None, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
 }
 TOL = 1e-4  # max abs difference, fp32
 

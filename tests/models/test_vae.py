@@ -15,17 +15,19 @@ from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussia
 
 CONFIGS = {
     # SD-like: mid-block attention, quant convs; two levels (16x16 images -> 8x8 latents).
-    "sd": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    "sd":
+        dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
     # Three levels, two layers per block, no attention or quant convs, another act_fn (the
     # encoder's and decoder's final activations stay SiLU in diffusers).
-    "options": dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=3,
-                    out_channels=4, act_fn="gelu", mid_block_add_attention=False, use_quant_conv=False,
-                    use_post_quant_conv=False, down_block_types=("DownEncoderBlock2D",) * 3,
-                    up_block_types=("UpDecoderBlock2D",) * 3),
+    "options":
+        dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=3, out_channels=4,
+             act_fn="gelu", mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
+             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
 }
 TOL = 1e-4  # max abs difference, fp32
 SIZE = 16
+
 
 # XLA's CPU backend at -O0 compiles these graphs in about half the time; they run in milliseconds anyway.
 def _jit(f, static_argnames=("method",)):
@@ -101,8 +103,9 @@ def test_posterior_sampling():
   _, model, params = _case("sd")
   images = _images(model.config)
   key = jax.random.key(3)
-  out, posterior = _jit(model.apply, static_argnames=("sample_posterior",))(
-      {"params": params}, images, sample_posterior=True, key=key)
+  out, posterior = _jit(model.apply, static_argnames=("sample_posterior",))({
+      "params": params
+  }, images, sample_posterior=True, key=key)
   z = posterior.sample(key)
   noise = jax.random.normal(key, posterior.mean.shape)
   np.testing.assert_allclose(np.asarray(z), np.asarray(posterior.mean + posterior.std * noise), rtol=1e-6)

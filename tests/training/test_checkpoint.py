@@ -99,8 +99,7 @@ def _corrupt_state_files(step_dir, truncate=False):
   assert damaged
 
 
-@pytest.mark.parametrize("damage", ["missing_array_files", "truncated_array_files",
-                                    "corrupt_data_json"])
+@pytest.mark.parametrize("damage", ["missing_array_files", "truncated_array_files", "corrupt_data_json"])
 def test_corrupt_latest_falls_back(tmp_path, trained, damage):
   states, target = trained
   c = ckpt_lib.Checkpointer(str(tmp_path), save_interval_steps=1)
@@ -136,12 +135,10 @@ def test_nonfinite_state_is_never_saved(tmp_path, trained, caplog):
   states, target = trained
   c = ckpt_lib.Checkpointer(str(tmp_path), save_interval_steps=1)
   assert c.save(1, states[0])
-  bad = states[1].replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan),
-                                              states[1].params))
+  bad = states[1].replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan), states[1].params))
   assert not ckpt_lib.state_is_finite(bad)
   assert not c.save(2, bad, force=True)
-  bad_ema = states[1].replace(ema_params=jax.tree.map(lambda x: x * jnp.inf,
-                                                      states[1].ema_params))
+  bad_ema = states[1].replace(ema_params=jax.tree.map(lambda x: x * jnp.inf, states[1].ema_params))
   assert not c.save(2, bad_ema, force=True)
   c.wait_until_finished()
   assert c.all_steps() == [1]
@@ -159,8 +156,7 @@ def test_resume_order(tmp_path):
                      resume_from=str(tmp_path / "a" / "checkpoints" / "3"))
   assert (res.step, res.source, data.index) == (4, "resume_path", 4)  # Data position too.
   data = toy.FakeIterator(batch_size=16)
-  res = toy.run_loop(tmp_path / "b", data, 5, initial_params=init,
-                     resume_from=str(tmp_path / "a" / "checkpoints"))
+  res = toy.run_loop(tmp_path / "b", data, 5, initial_params=init, resume_from=str(tmp_path / "a" / "checkpoints"))
   assert (res.step, res.source, data.index) == (5, "checkpoint", 5)
   # Step 0 has lr 0 (warmup), so after one step the params are still the initial ones.
   res = toy.run_loop(tmp_path / "c", toy.FakeIterator(batch_size=16), 1, initial_params=init)
@@ -183,7 +179,12 @@ def test_jsonable_round_trip():
   state = {"a": b"\x01\x02", "b": [np.int64(3), np.float32(0.5)], "c": {"d": (b"", "s")}}
   enc = ckpt_lib.to_jsonable(state)
   assert ckpt_lib.from_jsonable(json.loads(json.dumps(enc))) == {
-      "a": b"\x01\x02", "b": [3, 0.5], "c": {"d": [b"", "s"]}}
+      "a": b"\x01\x02",
+      "b": [3, 0.5],
+      "c": {
+          "d": [b"", "s"]
+      }
+  }
 
 
 @pytest.mark.slow

@@ -20,10 +20,24 @@ class _CaptionMatcher:
 
 def test_clip_retrieval_counts_duplicate_captions_as_right():
   eye = np.eye(4, dtype=np.float32)
-  batches = [{"input_ids": eye, "image": eye, "caption": np.array(["a", "b", "c", "d"])},
-             # image 0 picks caption 1, which reads the same as its own; image 2 picks caption 3 (wrong)
-             {"input_ids": eye, "image": eye[[1, 1, 3, 3]], "caption": np.array(["x", "x", "y", "z"])},
-             {"input_ids": eye, "image": eye, "caption": np.array(["never", "read", "past", "max"])}]
+  batches = [
+      {
+          "input_ids": eye,
+          "image": eye,
+          "caption": np.array(["a", "b", "c", "d"])
+      },
+      # image 0 picks caption 1, which reads the same as its own; image 2 picks caption 3 (wrong)
+      {
+          "input_ids": eye,
+          "image": eye[[1, 1, 3, 3]],
+          "caption": np.array(["x", "x", "y", "z"])
+      },
+      {
+          "input_ids": eye,
+          "image": eye,
+          "caption": np.array(["never", "read", "past", "max"])
+      }
+  ]
   out = evaluate.clip_retrieval(_CaptionMatcher(), {}, iter(batches), max_examples=8)
   assert out["clip_eval_examples"] == 8 and out["clip_eval_group"] == 4
   assert out["clip_i2t_accuracy"] == 7 / 8
@@ -98,9 +112,25 @@ def test_reconstruct_quantises_like_samples():
 
 
 def test_summary_table():
-  result = {"rows": [{"prompt": "p1", "color": 1.0, "all": 1.0}, {"prompt": "p2", "color": 0.0, "all": 0.0}],
-            "row_labels": [{"shape": "circle"}, {"shape": "circle"}], "num_images": 2, "color_accuracy": 0.5,
-            "all_accuracy": 0.5}
+  result = {
+      "rows": [{
+          "prompt": "p1",
+          "color": 1.0,
+          "all": 1.0
+      }, {
+          "prompt": "p2",
+          "color": 0.0,
+          "all": 0.0
+      }],
+      "row_labels": [{
+          "shape": "circle"
+      }, {
+          "shape": "circle"
+      }],
+      "num_images": 2,
+      "color_accuracy": 0.5,
+      "all_accuracy": 0.5
+  }
   table = evaluate.summary_table(result, ["color"], ["shape"], {"real test images": {"color": 0.9, "n": 10}})
   lines = table.splitlines()
   assert lines[0] == "| prompts | n | color | all |"

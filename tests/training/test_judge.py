@@ -50,8 +50,12 @@ def test_judge_learns_the_labels_and_is_cached(split_loader, tmp_path):
 def test_judge_training_is_deterministic(split_loader):
   _, load = split_loader
   images, labels = load("test")
-  runs = [judge_lib.train_classifier(images, [labels[a] for a in ATTRS], [len(shapes.JUDGED[a]) for a in ATTRS],
-                                     steps=5, batch_size=32, seed=1)[1] for _ in range(2)]
+  runs = [
+      judge_lib.train_classifier(images, [labels[a]
+                                          for a in ATTRS], [len(shapes.JUDGED[a])
+                                                            for a in ATTRS], steps=5, batch_size=32, seed=1)[1]
+      for _ in range(2)
+  ]
   for a, b in zip(*(jax_leaves(r) for r in runs)):
     np.testing.assert_array_equal(a, b)
 

@@ -18,13 +18,13 @@ from jaxsd.training import sharding as sh
 from jaxsd.training.train_state import TrainState, ema_decay_rate, make_train_step
 from tests.training import toy_train as toy
 
+
 def _tx():
   return training.make_optimizer(dict(lr=1e-2, warmup_steps=0))
 
 
 def _equal(a, b) -> bool:
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _nan_batch(i):
@@ -53,8 +53,7 @@ def test_nonfinite_step_is_a_counted_noop():
     state, m = step(state, batch, rng)
     assert float(m["nonfinite"]) == 1.0
     assert int(state.consecutive_nonfinite) == i + 1
-  assert _equal((state.params, state.opt_state, state.ema_params),
-                (before.params, before.opt_state, before.ema_params))
+  assert _equal((state.params, state.opt_state, state.ema_params), (before.params, before.opt_state, before.ema_params))
   assert int(state.step) == 4 and int(state.nonfinite_count) == 3
   state, m = good(state, toy.make_batch(2, 8), rng)
   assert float(m["nonfinite"]) == 0.0 and int(state.consecutive_nonfinite) == 0
@@ -74,8 +73,7 @@ def test_ema_rule():
   state, _ = step(state, toy.make_batch(0, 8), jax.random.key(0))
   p1 = state.params
   state, _ = step(state, toy.make_batch(1, 8), jax.random.key(0))
-  want = jax.tree.map(lambda a, b, c: 2 / 11 * (0.1 * a + 0.9 * b) + 9 / 11 * c,
-                      p0, p1, state.params)
+  want = jax.tree.map(lambda a, b, c: 2 / 11 * (0.1 * a + 0.9 * b) + 9 / 11 * c, p0, p1, state.params)
   for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   no_ema = TrainState.create(p0, tx, None)
@@ -83,17 +81,17 @@ def test_ema_rule():
 
 
 def test_bf16_compute_fp32_master():
+
   def bf16_loss(params, batch, rng, frozen=None):
     del rng, frozen
     p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     pred = toy.apply(p, batch["x"].astype(jnp.bfloat16)).astype(jnp.float32)
-    return jnp.mean((pred - batch["y"]) ** 2), {}
+    return jnp.mean((pred - batch["y"])**2), {}
 
   tx, _ = _tx()
   state = TrainState.create(toy.init_params(jax.random.key(0)), tx, 0.99)
   p0 = state.params
-  state, m = jax.jit(make_train_step(bf16_loss, tx, ema_decay=0.99))(
-      state, toy.make_batch(0, 8), jax.random.key(0))
+  state, m = jax.jit(make_train_step(bf16_loss, tx, ema_decay=0.99))(state, toy.make_batch(0, 8), jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((state.params, state.ema_params)))
   assert np.isfinite(float(m["loss"])) and not _equal(state.params, p0)
 
@@ -115,8 +113,9 @@ class PoisonedIterator(toy.FakeIterator):
 
 def test_loop_logs_checkpoints_and_resumes(tmp_path):
   calls = []
-  cb = training.PeriodicCallback(every=2, fn=lambda s, st, w: calls.append(
-      (s, int(st.step), w.write_images(s, {"grid": np.zeros((4, 4, 3), np.uint8)}))))
+  cb = training.PeriodicCallback(
+      every=2, fn=lambda s, st, w: calls.append(
+          (s, int(st.step), w.write_images(s, {"grid": np.zeros((4, 4, 3), np.uint8)}))))
   res = toy.run_loop(tmp_path, PoisonedIterator(bad=[3, 4], batch_size=16), 6, callbacks=[cb])
   assert (res.step, res.source, res.preempted) == (6, "scratch", False)
   assert int(res.state.nonfinite_count) == 2  # Two NaN batches skipped, training went on.
@@ -135,7 +134,6 @@ def test_loop_logs_checkpoints_and_resumes(tmp_path):
   assert (res.step, res.source) == (8, "checkpoint")
   assert data.index == 8  # Iterator position restored to 6, then two more batches.
   assert not _equal(res.state.params, params6)
-
 
 
 def test_too_many_nonfinite_steps_raise(tmp_path):
@@ -157,8 +155,8 @@ def test_benchmark():
   rng = jax.device_put(jax.random.key(0), sh.replicated(mesh))
   compiled, secs = sh.compile_train_step(make_train_step(toy.loss_fn, tx), mesh, shardings,
                                          jax.eval_shape(lambda: state), batch, rng)
-  state, out = flops_lib.benchmark(compiled, state, sh.make_global_batch(batch, mesh), rng,
-                                   steps=3, warmup=1, compile_seconds=secs)
+  state, out = flops_lib.benchmark(compiled, state, sh.make_global_batch(batch, mesh), rng, steps=3, warmup=1,
+                                   compile_seconds=secs)
   print("benchmark:", out)
   assert out["devices"] == 8 and out["images_per_sec"] > 0 and out["tflops_per_device"] > 0
   assert "mfu" not in out  # CPU: no known peak.
@@ -182,8 +180,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
   assert run.returncode == -signal.SIGKILL and at < steps
   assert not os.path.exists(tmp_path / "run.npz")
   toy.finish(ref)
-  out = toy.finish(toy.start_subprocess(tmp_path / "run", tmp_path / "run.npz", steps, sleep,
-                                        cache))
+  out = toy.finish(toy.start_subprocess(tmp_path / "run", tmp_path / "run.npz", steps, sleep, cache))
   assert "source=checkpoint" in out, out
   a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
   assert int(b["step"]) == steps and int(b["data_index"]) == int(a["data_index"]) == steps

@@ -65,7 +65,7 @@ def test_vae_kl_matches_closed_form_and_torch():
   mean = rng.standard_normal((3, 4, 4, 2)).astype(np.float32)
   logvar = rng.uniform(-3, 2, (3, 4, 4, 2)).astype(np.float32)
   post = DiagonalGaussianDistribution.from_moments(jnp.concatenate([mean, logvar], -1))
-  closed = 0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar).sum(axis=(1, 2, 3))
+  closed = 0.5 * (mean**2 + np.exp(logvar) - 1 - logvar).sum(axis=(1, 2, 3))
   q = torch.distributions.Normal(torch.from_numpy(mean), torch.from_numpy(np.exp(0.5 * logvar)))
   p = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
   ref = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3)).numpy()

@@ -23,8 +23,7 @@ def test_warmup_cosine_values():
   np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
   # Halfway through the decay: 0.5 * (1 + cos(pi / 2)) = 0.5.
   np.testing.assert_allclose(float(sched(60)), 0.5e-3, rtol=1e-5)
-  np.testing.assert_allclose(float(sched(35)), 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.25)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(sched(35)), 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.25)), rtol=1e-5)
   np.testing.assert_allclose(float(sched(110)), 0.0, atol=1e-12)
   np.testing.assert_allclose(float(sched(500)), 0.0, atol=1e-12)
 
@@ -62,7 +61,7 @@ def _run(cfg, batches, ema_decay=None):
 
 def _noise_free_loss(params, batch, rng, frozen=None):
   del rng, frozen
-  return jnp.mean((toy.apply(params, batch["x"]) - batch["y"]) ** 2), {}
+  return jnp.mean((toy.apply(params, batch["x"]) - batch["y"])**2), {}
 
 
 def test_grad_accumulation_equals_big_batch(monkeypatch):
@@ -70,18 +69,16 @@ def test_grad_accumulation_equals_big_batch(monkeypatch):
   k, micro = 4, 4
   cfg = dict(lr=1e-2, warmup_steps=2, schedule="cosine", total_steps=40, grad_clip_norm=0.5)
   big = [toy.make_batch(i, k * micro) for i in range(3)]
-  small = [jax.tree.map(lambda x, j=j: x[j * micro:(j + 1) * micro], b)
-           for b in big for j in range(k)]
+  small = [jax.tree.map(lambda x, j=j: x[j * micro:(j + 1) * micro], b) for b in big for j in range(k)]
   # Config step counts are train steps: the accumulated run has k times as many.
   ref, _ = _run(cfg, big, ema_decay=0.9)
   acc_cfg = dict(cfg, grad_accum_steps=k, warmup_steps=2 * k, total_steps=40 * k)
   acc, lrs = _run(acc_cfg, small, ema_decay=0.9)
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(ref.params), jax.tree.leaves(acc.params)))
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(acc.params)))
   print(f"grad accumulation vs big batch: max |dparams| = {diff:.3g}")
   assert diff < 1e-5
-  ema_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                 zip(jax.tree.leaves(ref.ema_params), jax.tree.leaves(acc.ema_params)))
+  ema_diff = max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ref.ema_params), jax.tree.leaves(acc.ema_params)))
   assert ema_diff < 1e-5, ema_diff
   # The params moved, and the micro-steps inside a window did not move them.
   init = toy.init_params(jax.random.key(0))
@@ -96,8 +93,7 @@ def test_global_norm_clipping():
   clip = 0.5
   tx, _ = make_optimizer(dict(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip_norm=clip))
   ref_tx = optax.adamw(1e-2, weight_decay=0.0)
-  no_clip_tx, _ = make_optimizer(dict(lr=1e-2, warmup_steps=0, weight_decay=0.0,
-                                      grad_clip_norm=0.0))
+  no_clip_tx, _ = make_optimizer(dict(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0))
   params = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}
   s, s_ref, s_nc = tx.init(params), ref_tx.init(params), no_clip_tx.init(params)
   p, p_ref, p_nc = params, params, params

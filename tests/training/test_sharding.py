@@ -18,8 +18,7 @@ GLOBAL_BATCH = 16
 def _setup(mesh, ema_decay=0.99):
   tx, sched = make_optimizer(dict(lr=1e-2, warmup_steps=0, grad_clip_norm=1.0))
   create = lambda r: TrainState.create(toy.init_params(r), tx, ema_decay)  # noqa: E731
-  state, shardings = sh.init_sharded(create, mesh, jax.random.key(0),
-                                     min_shard_size=toy.MIN_SHARD_SIZE)
+  state, shardings = sh.init_sharded(create, mesh, jax.random.key(0), min_shard_size=toy.MIN_SHARD_SIZE)
   step = make_train_step(toy.loss_fn, tx, ema_decay=ema_decay, lr_schedule=sched)
   return state, shardings, step
 
@@ -52,9 +51,10 @@ def test_sharded_step_equals_single_device(single_device, data, fsdp):
   else:
     assert kernel_spec == P(), kernel_spec
   assert state.params["dense_0"]["bias"].sharding.spec == P()  # 64 elements: replicated.
-  diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-           zip(jax.tree.leaves((ref.params, ref.ema_params)),
-               jax.tree.leaves((state.params, state.ema_params)))]
+  diffs = [
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      for a, b in zip(jax.tree.leaves((ref.params, ref.ema_params)), jax.tree.leaves((state.params, state.ema_params)))
+  ]
   print(f"mesh data={data} fsdp={fsdp}: max |params - single device| = {max(diffs):.3g}, "
         f"compile {seconds:.2f} s")
   assert max(diffs) < 1e-6
@@ -73,8 +73,8 @@ def test_no_recompilation():
   tx, _ = make_optimizer(dict(lr=1e-2, warmup_steps=0))
   create = lambda r: TrainState.create(toy.init_params(r), tx, 0.99)  # noqa: E731
   state, shardings = sh.init_sharded(create, mesh, jax.random.key(0), min_shard_size=256)
-  step = jax.jit(make_train_step(counting_loss, tx, ema_decay=0.99),
-                 out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=(0,))
+  step = jax.jit(make_train_step(counting_loss, tx, ema_decay=0.99), out_shardings=(shardings, sh.replicated(mesh)),
+                 donate_argnums=(0,))
   rng = jax.random.key(1)
   for i in range(4):
     state, _ = step(state, sh.make_global_batch(toy.make_batch(i, GLOBAL_BATCH), mesh), rng)
@@ -88,8 +88,7 @@ def test_batch_not_divisible_is_a_clear_error():
     sh.make_global_batch(toy.make_batch(0, 12), mesh)
   with pytest.raises(ValueError, match="not divisible"):
     state, shardings, step = _setup(mesh)
-    sh.compile_train_step(step, mesh, shardings, jax.eval_shape(lambda: state),
-                          toy.make_batch(0, 4), jax.random.key(0))
+    sh.compile_train_step(step, mesh, shardings, jax.eval_shape(lambda: state), toy.make_batch(0, 4), jax.random.key(0))
   with pytest.raises(ValueError, match="leading batch axis"):
     sh.make_global_batch({"x": np.zeros((8, 2)), "y": np.zeros((4, 2))}, mesh)
 
@@ -116,6 +115,7 @@ def test_fsdp_spec():
 
 def test_frozen_network_is_sharded_and_used():
   """A frozen input projection (not trained, not donated) on a data=4 x fsdp=2 mesh."""
+
   def loss_with_frozen(params, batch, rng, frozen):
     batch = dict(batch, x=batch["x"] @ frozen["proj"])
     return toy.loss_fn(params, batch, rng)
@@ -130,8 +130,7 @@ def test_frozen_network_is_sharded_and_used():
     frozen = sh.shard_tree({"proj": proj}, mesh, min_shard_size=64)
     rng = jax.device_put(jax.random.key(1), sh.replicated(mesh))
     compiled, _ = sh.compile_train_step(make_train_step(loss_with_frozen, tx), mesh, shardings,
-                                        jax.eval_shape(lambda: state), toy.make_batch(0, 16), rng,
-                                        frozen)
+                                        jax.eval_shape(lambda: state), toy.make_batch(0, 16), rng, frozen)
     state, _ = compiled(state, sh.make_global_batch(toy.make_batch(0, 16), mesh), rng, frozen)
     assert not frozen["proj"].is_deleted()  # Not donated.
     results.append(np.asarray(state.params["dense_0"]["kernel"]))
@@ -145,7 +144,7 @@ def test_frozen_must_be_on_devices():
   mesh = sh.make_mesh(data=8)
   state, shardings, step = _setup(mesh)
   with pytest.raises(ValueError, match="shard_tree"):
-    sh.compile_train_step(step, mesh, shardings, jax.eval_shape(lambda: state),
-                          toy.make_batch(0, 8), jax.random.key(0), frozen={"w": np.ones(3)})
+    sh.compile_train_step(step, mesh, shardings, jax.eval_shape(lambda: state), toy.make_batch(0, 8), jax.random.key(0),
+                          frozen={"w": np.ones(3)})
   frozen = sh.shard_tree({"w": np.ones((512, 4), np.float32)}, sh.make_mesh(fsdp=2), 256)
   assert frozen["w"].sharding.spec == P("fsdp", None)

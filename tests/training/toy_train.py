@@ -28,10 +28,14 @@ MIN_SHARD_SIZE = 256  # So the toy's kernels (1024 and 512 elements) are sharded
 def init_params(rng: jax.Array) -> dict:
   k1, k2 = jax.random.split(rng)
   return {
-      "dense_0": {"kernel": jax.random.normal(k1, (D_IN, D_HIDDEN)) / np.sqrt(D_IN),
-                  "bias": jnp.zeros((D_HIDDEN,))},
-      "dense_1": {"kernel": jax.random.normal(k2, (D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN),
-                  "bias": jnp.zeros((D_OUT,))},
+      "dense_0": {
+          "kernel": jax.random.normal(k1, (D_IN, D_HIDDEN)) / np.sqrt(D_IN),
+          "bias": jnp.zeros((D_HIDDEN,))
+      },
+      "dense_1": {
+          "kernel": jax.random.normal(k2, (D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN),
+          "bias": jnp.zeros((D_OUT,))
+      },
   }
 
 
@@ -85,17 +89,15 @@ class FakeIterator:
 
 
 def flat(params) -> dict[str, np.ndarray]:
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def run_loop(workdir, data, total_steps, **kw):
   """`train_loop` on the toy task (data=4 x fsdp=2), with keyword overrides."""
   from jaxsd import training  # pylint: disable=g-import-not-at-top
   tx, sched = training.make_optimizer(dict(lr=1e-2, warmup_steps=2))
-  args = dict(workdir=str(workdir), mesh=training.make_mesh(data=4, fsdp=2),
-              init_params=init_params, loss_fn=loss_fn, tx=tx, data=data,
-              total_steps=total_steps, lr_schedule=sched, ema_decay=0.99, log_every=2,
+  args = dict(workdir=str(workdir), mesh=training.make_mesh(data=4, fsdp=2), init_params=init_params, loss_fn=loss_fn,
+              tx=tx, data=data, total_steps=total_steps, lr_schedule=sched, ema_decay=0.99, log_every=2,
               checkpoint_every=3, min_shard_size=MIN_SHARD_SIZE, progress=False)
   args.update(kw)
   return training.train_loop(**args)
@@ -107,15 +109,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def start_subprocess(workdir, out, steps: int, sleep: float, compile_cache=None):
   """Starts this file as a script (8 simulated devices, data=4 x fsdp=2)."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   if compile_cache:  # The later runs of a test skip compilation.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  cmd = [sys.executable, os.path.abspath(__file__), "--workdir", str(workdir), "--out", str(out),
-         "--steps", str(steps), "--checkpoint_every", "4", "--sleep", str(sleep)]
-  return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cmd = [
+      sys.executable,
+      os.path.abspath(__file__), "--workdir",
+      str(workdir), "--out",
+      str(out), "--steps",
+      str(steps), "--checkpoint_every", "4", "--sleep",
+      str(sleep)
+  ]
+  return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def committed_steps(workdir) -> list[int]:
@@ -123,8 +128,8 @@ def committed_steps(workdir) -> list[int]:
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):
     return []
-  return sorted(int(n) for n in os.listdir(d)
-                if n.isdigit() and os.path.exists(os.path.join(d, n, "_CHECKPOINT_METADATA")))
+  return sorted(
+      int(n) for n in os.listdir(d) if n.isdigit() and os.path.exists(os.path.join(d, n, "_CHECKPOINT_METADATA")))
 
 
 def wait_for_checkpoint(proc, workdir, min_step: int, timeout: float = 120) -> int:
@@ -169,18 +174,15 @@ def main(argv=None) -> int:
   jax.config.update("jax_default_matmul_precision", "highest")
 
   mesh = training.make_mesh(data=-1, fsdp=a.fsdp)
-  tx, sched = training.make_optimizer(dict(lr=1e-2, warmup_steps=5, schedule="cosine",
-                                           total_steps=a.steps))
+  tx, sched = training.make_optimizer(dict(lr=1e-2, warmup_steps=5, schedule="cosine", total_steps=a.steps))
   data = FakeIterator(batch_size=16, sleep=a.sleep)
-  res = training.train_loop(
-      workdir=a.workdir, mesh=mesh, init_params=init_params, loss_fn=loss_fn, tx=tx, data=data,
-      total_steps=a.steps, lr_schedule=sched, ema_decay=0.99, log_every=2,
-      checkpoint_every=a.checkpoint_every, min_shard_size=MIN_SHARD_SIZE, progress=False,
-      tensorboard=a.tensorboard)
+  res = training.train_loop(workdir=a.workdir, mesh=mesh, init_params=init_params, loss_fn=loss_fn, tx=tx, data=data,
+                            total_steps=a.steps, lr_schedule=sched, ema_decay=0.99, log_every=2,
+                            checkpoint_every=a.checkpoint_every, min_shard_size=MIN_SHARD_SIZE, progress=False,
+                            tensorboard=a.tensorboard)
   out = {"params/" + k: v for k, v in flat(res.state.params).items()}
   out.update({"ema/" + k: v for k, v in flat(res.state.ema_params).items()})
-  np.savez(a.out, step=res.step, data_index=data.index, preempted=res.preempted,
-           source=res.source, **out)
+  np.savez(a.out, step=res.step, data_index=data.index, preempted=res.preempted, source=res.source, **out)
   print(f"DONE step={res.step} preempted={res.preempted} source={res.source}", flush=True)
   return 0
 
