@@ -73,9 +73,9 @@ def write(name: str, root: str, seed: int = 0, log=print) -> str:
                                   cfgs["unet"], os.path.join(path, "unet"), "diffusion_pytorch_model.safetensors", rng)
   counts["vae"] = _write_network(vae.AutoencoderKL(vae.AutoencoderKLConfig.from_dict(cfgs["vae"])), cfgs["vae"],
                                  os.path.join(path, "vae"), "diffusion_pytorch_model.safetensors", rng)
-  counts["text_encoder"] = _write_network(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(cfgs["text_encoder"])),
-                                          cfgs["text_encoder"], os.path.join(path,
-                                                                             "text_encoder"), "model.safetensors", rng)
+  text_encoder = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(cfgs["text_encoder"]))
+  counts["text_encoder"] = _write_network(text_encoder, cfgs["text_encoder"], os.path.join(path, "text_encoder"),
+                                          "model.safetensors", rng)
   tok.save_tokenizer(tok.load_tokenizer(), os.path.join(path, "tokenizer"))
   os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
   with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:

@@ -246,10 +246,11 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     resnet = dict(groups=self.groups, eps=self.eps, act_fn=self.act_fn, output_scale_factor=self.output_scale_factor,
                   **kw)
     x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
-    x = Transformer2DModel(self.heads, c // self.heads, num_layers=self.transformer_layers, norm_num_groups=self.groups,
-                           use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
-                           attention_implementation=self.attention_implementation, name="attentions_0", **kw)(x,
-                                                                                                              context)
+    attention = Transformer2DModel(self.heads, c // self.heads, num_layers=self.transformer_layers,
+                                   norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
+                                   upcast_attention=self.upcast_attention,
+                                   attention_implementation=self.attention_implementation, name="attentions_0", **kw)
+    x = attention(x, context)
     return ResnetBlock2D(c, name="resnets_1", **resnet)(x, temb)
 
 
