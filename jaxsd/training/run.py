@@ -30,7 +30,7 @@ from jaxsd.data import input_pipeline, shapes as shapes_data
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.generate import contact_sheet
 from jaxsd.pipeline import StableDiffusion, check_model_folder
-from jaxsd.training import evaluate, export, stages
+from jaxsd.training import evaluate, export, latent_cache, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
@@ -114,6 +114,13 @@ def check_config(cfg, n_devices: int) -> None:
   if cfg.data.image_size % multiple:
     raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
                       f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
+  if "unet" in names and cfg.unet.get("cache_latents"):
+    if cfg.data.random_flip:
+      raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped: "
+                        "set config.data.random_flip=False, or turn the cache off.")
+    if cfg.unet.train_text_encoder:
+      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be "
+                        "combined with config.unet.train_text_encoder=True.")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
@@ -254,8 +261,10 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
                                 gradient_checkpointing=cfg.unet.gradient_checkpointing)
   stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                             scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params)
-  pipeline = make_input(cfg, "unet", tokenizer)
-  it = iter(pipeline)
+  if cfg.unet.get("cache_latents"):
+    it = iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
+  else:
+    it = iter(make_input(cfg, "unet", tokenizer))
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
@@ -304,6 +313,25 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   export.export_component(workdir, "unet", unet, final_unet, res.step)
   write_samples(res.step, state, _NullWriter())
   return _finish(workdir, "unet", dict(_run_facts(res, t0), ema=state.ema_params is not None))
+
+
+def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
+  """The U-Net stage's batches from the latent cache (latent_cache.py), built first when missing."""
+  d, batch = cfg.data, cfg.unet.batch_size // jax.process_count()
+  spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
+              image_size=d.image_size, tokens=_text_length(cfg), process=jax.process_index(),
+              processes=jax.process_count(), weights=latent_cache.fingerprint(vae_params, te_params))
+  directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
+  in_order = input_pipeline.make_dataset(
+      d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size, data_dir=data_dir(cfg),
+      split=d.train_split, train=False, tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
+      num_threads=d.num_threads, drop_remainder=False, max_length=_text_length(cfg))
+  encode = jax.jit(stages.cache_encoder(vae, te))
+  it = iter(in_order)
+  cache = latent_cache.build(directory, spec, it, lambda x, ids: encode(vae_params, te_params, x, ids),
+                             batch_size=batch, shard_size=batch * max(1, 4096 // batch))
+  it.close()
+  return latent_cache.make_dataset(cache, batch_size=batch, seed=cfg.seed + STAGES.index("unet"))
 
 
 class _NullWriter:

@@ -19,7 +19,7 @@ from jaxsd import tokenizer as tok
 from jaxsd.diffusion import SchedulerConfig, alphas_cumprod
 from jaxsd.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from jaxsd.training import losses
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -134,11 +134,16 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
 
   def loss_fn(params, batch, rng, frozen):
     k_post, k_drop, k_noise = jax.random.split(rng, 3)
-    post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
-    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
-    ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
     unet_params, text = (params["unet"], params["text_encoder"]) if joint else (params, frozen["text"])
-    context = text_encoder.apply({"params": text}, ids).last_hidden_state
+    if "moments" in batch:  # a batch of the latent cache (latent_cache.py): the same draws as below
+      post = DiagonalGaussianDistribution.from_moments(batch["moments"])
+      empty = text_encoder.apply({"params": text}, empty_ids).last_hidden_state
+      context = losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout)
+    else:
+      post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
+      ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
+      context = text_encoder.apply({"params": text}, ids).last_hidden_state
+    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
     if not joint:
       context = jax.lax.stop_gradient(context)
     unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x.astype(unet.dtype), t, ctx)
@@ -155,6 +160,18 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
     frozen = {"vae": vae_params, "text": text_params}
   return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params,
                modules={"unet": unet, "vae": vae, "text_encoder": text_encoder})
+
+
+def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Callable:
+  """`(vae_params, text_params, images, input_ids) -> (moments, context)`: what the latent cache stores
+  (the posterior's moments as `encode` gives them, and the text encoder's last hidden states)."""
+
+  def encode(vae_params, text_params, images, input_ids):
+    post = vae.apply({"params": vae_params}, images, method=vae.encode)
+    context = text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
+    return jnp.concatenate([post.mean, post.logvar], axis=-1), context.astype(jnp.float32)
+
+  return encode
 
 
 def split_unet_params(params) -> tuple[Any, Any]:

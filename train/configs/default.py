@@ -74,6 +74,10 @@ def get_config():
       # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
       # hidden states); but joint training at the U-Net's learning rate lost colour too (docs/training.md).
       train_text_encoder=False,
+      # Encode the training split once with the frozen VAE and text encoder (posterior moments and hidden
+      # states, in DIR/unet/latent_cache) and train on that: a step then runs the U-Net alone. Pays off
+      # from about two epochs (docs/training.md); images are not flipped with it.
+      cache_latents=False,
       ema_decay=0.999,
       gradient_checkpointing=False,
       sample_every=300,  # sample grid for the fixed prompts every N steps (0: only at the end)
