@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import itertools
 import time
 
 import jax
@@ -26,7 +25,7 @@ from PIL import Image
 from jaxsd import pretrained
 from jaxsd.flops import model_flops
 from jaxsd import tokenizer as tok
-from jaxsd.data import input_pipeline, shapes as shapes_data
+from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.generate import contact_sheet
 from jaxsd.pipeline import StableDiffusion, check_model_folder
@@ -65,11 +64,12 @@ def data_dir(cfg) -> str:
 
 
 def ensure_dataset(cfg) -> None:
-  """Prepares the built-in `shapes` when asked for; any other dataset must be prepared already."""
-  if shapes_data.is_shapes(cfg.data.name):
+  """Prepares a built-in dataset (`shapes`) when asked for; any other dataset must be prepared already."""
+  found = builtin.lookup(cfg.data.name)
+  if found is not None:
     t0 = time.time()
-    shapes_data.prepare_named(data_dir(cfg), cfg.data.name)
-    log.info("shapes dataset ready in %.1f s", time.time() - t0)
+    found.prepare(data_dir(cfg), cfg.data.name)
+    log.info("%s ready in %.1f s", cfg.data.name, time.time() - t0)
     return
   prepared = input_pipeline.list_prepared(data_dir(cfg))
   base = cfg.data.name.split(":")[0]
@@ -275,7 +275,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
         jax.jit(stage.init_params)(jax.random.key(cfg.seed)))[0]
     export.export_component(workdir, "unet", unet, start, step=0)
 
-  prompts = _fixed_prompts(cfg)
+  prompts, columns = builtin.sample_prompts(cfg.data.name, cfg.unet.get("sample_prompts", ()))
   samples_dir = os.path.join(workdir, "samples")
   quality = _quality_eval(cfg, workdir, tokenizer)[0] if _judged(cfg) else None
 
@@ -291,7 +291,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     size = cfg.data.image_size
     images = pipe(prompts, height=size, width=size, steps=cfg.unet.sample_steps, sampler=cfg.unet.sampler,
                   guidance_scale=cfg.unet.guidance_scale, seed=cfg.seed)
-    grid = contact_sheet(images, columns=len(shapes_data.SHAPES) if _is_shapes(cfg) else None)
+    grid = contact_sheet(images, columns=columns)
     os.makedirs(samples_dir, exist_ok=True)
     Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
     writer.write_images(step, {"samples": grid})
@@ -337,16 +337,6 @@ def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
 class _NullWriter:
   def write_images(self, *a, **k):
     pass
-
-
-def _is_shapes(cfg) -> bool:
-  return shapes_data.is_shapes(cfg.data.name)
-
-
-def _fixed_prompts(cfg) -> list[str]:
-  if _is_shapes(cfg):
-    return [shapes_data.caption_for(s, c) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
-  return ["a photo of a cat", "a painting of a lighthouse", "a red car", "a bowl of fruit"]
 
 
 def _benchmark(cfg, stage, mesh, it) -> dict:
@@ -413,25 +403,27 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _judged(cfg) -> bool:
-  return bool(cfg.eval.judge) and _is_shapes(cfg)
+def _judged(cfg):
+  """What the dataset's samples are judged on (`builtin.JudgedPrompts`), or None: no judged report."""
+  found = builtin.lookup(cfg.data.name)
+  return found.judged if cfg.eval.judge and found is not None else None
 
 
 def _quality_eval(cfg, workdir, tokenizer):
-  """The independent judge of `shapes` (trained once, cached in DIR/judge) and what it scores samples on:
-  every canonical prompt, and `eval.fid_images` test captions for the shapes-FID."""
-  attrs = tuple(shapes_data.JUDGED)
+  """The dataset's independent judge (trained once, cached in DIR/judge) and what it scores samples on:
+  every judged prompt, and `eval.fid_images` test captions for the FID on the judge's features."""
+  spec = _judged(cfg)
+  attrs = tuple(spec.attributes)
 
   def load_split(split):
     arrays = _labelled_arrays(cfg, tokenizer, split, attrs, cfg.eval.judge_train_examples if split == "train" else None)
     return arrays["image"], arrays
 
   judge = judge_lib.load_or_train(os.path.join(workdir, "judge"), cfg.data.name, load_split, attrs,
-                                  shapes_data.JUDGED, steps=cfg.eval.judge_steps, seed=cfg.seed)
+                                  spec.attributes, steps=cfg.eval.judge_steps, seed=cfg.seed)
   test = _labelled_arrays(cfg, tokenizer, "test", attrs, None, captions=True)
-  prompts, labels = shapes_data.canonical_prompts()
   c = cfg.unet
-  ev, floors = quality_lib.build(judge, prompts, labels, test["image"], [str(x) for x in test["caption"]],
+  ev, floors = quality_lib.build(judge, spec.prompts, spec.labels, test["image"], [str(x) for x in test["caption"]],
                                  fid_images=cfg.eval.fid_images, sampler=c.sampler, steps=c.sample_steps,
                                  guidance_scale=c.guidance_scale, seed=cfg.seed + 1,
                                  images_per_prompt=cfg.eval.images_per_prompt,
@@ -460,9 +452,9 @@ def report(cfg, workdir, tokenizer) -> dict:
   quality, floors, test = _quality_eval(cfg, workdir, tokenizer)
   judge = quality.judge
   clip_model, clip_params = pretrained.load_clip(os.path.join(export.model_dir(workdir), "clip"))
-  clip_attrs = {"color": shapes_data.COLORS, "shape": shapes_data.SHAPES}
-  clip_judge = evaluate.clip_attribute_judge(clip_model, clip_params, tokenizer, clip_attrs,
-                                             lambda color, shape: shapes_data.caption_for(shape, color))
+  spec = _judged(cfg)
+  clip_judge = evaluate.clip_attribute_judge(clip_model, clip_params, tokenizer, spec.clip_attributes,
+                                             spec.clip_caption)
   labels = {a: test[a] for a in judge.attributes}
   recon = evaluate.reconstruct(pipe.vae, pipe.vae_params, test["image"])
   ceilings = {}
@@ -470,7 +462,7 @@ def report(cfg, workdir, tokenizer) -> dict:
     acc = judge.accuracy(images, labels)
     acc.update({f"clip_{a}": float(v.mean()) for a, v in clip_judge(images, labels).items()})
     ceilings[name] = dict(acc, n=len(images))
-  chance = {a: 1 / len(shapes_data.JUDGED[a]) for a in judge.attributes}
+  chance = {a: 1 / len(spec.attributes[a]) for a in judge.attributes}
   chance["all"] = float(np.prod(list(chance.values())))
   ceilings["chance"] = dict(chance, clip_color=chance["color"], clip_shape=chance["shape"])
 
@@ -489,33 +481,31 @@ def report(cfg, workdir, tokenizer) -> dict:
   quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"),
                    floor=floors["fid_real_vs_real"])
   images = match.pop("images")
-  per_row = len(shapes_data.SIZES) * len(shapes_data.POSITIONS) * cfg.eval.images_per_prompt
+  per_row = spec.grid_columns * cfg.eval.images_per_prompt
   Image.fromarray(contact_sheet(images, columns=per_row)).save(os.path.join(samples_dir, "prompt_match_grid.png"))
 
-  prompts, _ = shapes_data.canonical_prompts()
-  match["row_labels"] = [dict(zip(("color", "shape", "size", "position"), combo)) for combo in
-                         itertools.product(shapes_data.COLORS, shapes_data.SHAPES, shapes_data.SIZES,
-                                           shapes_data.POSITIONS)]
-  table = evaluate.summary_table(match, judge.attributes, ("color", "shape"), ceilings)
-  by_attr = {}
-  for attr in ("size", "position"):
-    by_attr[attr] = evaluate.summary_table(match, judge.attributes, (attr,), {})
+  match["row_labels"] = [{a: spec.attributes[a][spec.labels[a][i]] for a in spec.attributes}
+                         for i in range(len(spec.prompts))]
+  grouped = tuple(spec.clip_attributes)  # the main table: one row per combination of these
+  table = evaluate.summary_table(match, judge.attributes, grouped, ceilings)
+  by_attr = {a: evaluate.summary_table(match, judge.attributes, (a,), {}) for a in spec.attributes
+             if a not in grouped}
   match.pop("row_labels")
-  fid_line = (f"shapes-FID (judge features, {floors['fid_images']} samples of test captions vs "
+  by_sections = "".join(f"## By {a}\n\n{t}\n\n" for a, t in by_attr.items())
+  fid_name = cfg.data.name.split("/")[0] + "-FID"
+  fid_line = (f"{fid_name} (judge features, {floors['fid_images']} samples of test captions vs "
               f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
               f"(the two halves of the test split, the floor): {floors['fid_real_vs_real']:.2f}; "
               f"ratio {scores['fid'] / floors['fid_real_vs_real']:.2f}.") if "fid" in scores else ""
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(f"# How well the model draws what it is asked for (U-Net step {step})\n\n"
-            f"Every canonical prompt (colour x shape x size x position, {cfg.eval.images_per_prompt} image(s) each), "
+            f"Every judged prompt ({' x '.join(spec.attributes)}, {cfg.eval.images_per_prompt} image(s) each), "
             f"sampled with the EMA U-Net ({cfg.unet.sampler}, {cfg.unet.sample_steps} steps, guidance "
             f"{cfg.unet.guidance_scale}), judged by an independent classifier trained on the dataset's labels "
             f"(`judge/`; it shares nothing with the model). The `clip` columns are the trained CLIP's zero-shot "
-            f"verdict among every colour x shape caption (a second opinion; it is part of the model).\n\n"
+            f"verdict among every {' x '.join(grouped)} caption (a second opinion; it is part of the model).\n\n"
             f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
-            f"## By size\n\n{by_attr['size']}\n\n## By position\n\n{by_attr['position']}\n\n"
-            f"## Samples\n\nOne row per colour x shape; columns: small then large, each at left, right, top, "
-            f"bottom, center.\n\n![prompt match](samples/prompt_match_grid.png)\n")
+            f"{by_sections}## Samples\n\n{spec.grid_caption}\n\n![prompt match](samples/prompt_match_grid.png)\n")
   print(table)
   print(fid_line)
   return dict(scores, rows=match["rows"], ceilings=ceilings, **floors, judge=judge.meta)

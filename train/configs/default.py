@@ -41,8 +41,8 @@ def get_config():
 
   # Stage 1: contrastive CLIP, the text encoder of the later stages and the judge of the samples.
   c.clip = ml_collections.ConfigDict(dict(
-      steps=150, batch_size=64,
-      optimizer=_optimizer(1e-3, 150, 15),
+      steps=600, batch_size=64,  # 150 steps left shape and position out of the text encoder (docs/training.md)
+      optimizer=_optimizer(1e-3, 600, 60),
       text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
       vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -80,7 +80,8 @@ def get_config():
       cache_latents=False,
       ema_decay=0.999,
       gradient_checkpointing=False,
-      sample_every=300,  # sample grid for the fixed prompts every N steps (0: only at the end)
+      sample_every=300,  # sample grid every N steps (0: only at the end)
+      sample_prompts=(),  # its prompts; () = the dataset's own (jaxsd/data/builtin.py), or four generic ones
       sampler="dpmpp_2m", sample_steps=10, guidance_scale=4.0,
   ))
 
