@@ -112,7 +112,9 @@ def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> 
       out_channels=vae_cfg.latent_channels, down_block_types=tuple(c.down_block_types),
       up_block_types=tuple(c.up_block_types), block_out_channels=tuple(c.block_out_channels),
       layers_per_block=c.layers_per_block, attention_head_dim=c.attention_head_dim,
-      norm_num_groups=c.norm_num_groups, cross_attention_dim=text_cfg.hidden_size)
+      norm_num_groups=c.norm_num_groups, cross_attention_dim=text_cfg.hidden_size,
+      addition_embed_type=c.get("addition_embed_type") or None,
+      addition_embed_type_num_heads=c.get("addition_embed_type_num_heads", 64))
   config.validate()
   return config
 

@@ -67,6 +67,9 @@ def get_config():
       block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+      # "text": diffusers' addition embedding, the attention-pooled prompt added to the time embedding, so
+      # every ResNet block sees it (not only the cross-attention levels); "" for none (SD 1.x / 2.x).
+      addition_embed_type="", addition_embed_type_num_heads=8,
       prediction_type="epsilon",  # or "v_prediction"
       min_snr_gamma=5.0,  # 0 disables min-SNR weighting
       caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
