@@ -127,8 +127,7 @@ def _encode(path: str, max_size: int | None) -> bytes:
     raise _Unreadable(f"{path}: {e}") from None
   if not fits:
     scale = max_size / min(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.BICUBIC)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
   buffer = io.BytesIO()
   if fmt == "JPEG":
     image.save(buffer, format="JPEG", quality=95)
@@ -143,9 +142,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   code_path = epath.Path(__file__)  # TFDS would look it up via importlib_resources
 
-  def __init__(self, *, folder: str, examples: list[tuple[str, str]],
-               test_fraction: float, seed: int, max_size: int | None, fingerprint: str,
-               **kwargs):
+  def __init__(self, *, folder: str, examples: list[tuple[str, str]], test_fraction: float, seed: int,
+               max_size: int | None, fingerprint: str, **kwargs):
     self._folder = folder
     self._examples = examples
     self._test_fraction = test_fraction
@@ -194,15 +192,12 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise ValueError(f"None of the {len(examples)} images of a split in {self._folder!r} "
                        f"can be read: {_listing(unreadable)}")
     if unreadable:
-      log.warning("Skipped %d unreadable image(s) of %d in %s.", len(unreadable),
-                  len(examples), self._folder)
+      log.warning("Skipped %d unreadable image(s) of %d in %s.", len(unreadable), len(examples), self._folder)
 
 
-def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike, *,
-                         name: str | None = None, test_fraction: float = 0.0,
-                         caption_column: str = "text", max_size: int | None = None,
-                         seed: int = 0, overwrite: bool = False
-                         ) -> tuple[str, tfds.core.DatasetBuilder]:
+def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike, *, name: str | None = None,
+                         test_fraction: float = 0.0, caption_column: str = "text", max_size: int | None = None,
+                         seed: int = 0, overwrite: bool = False) -> tuple[str, tfds.core.DatasetBuilder]:
   """Prepares an image + caption folder as a TFDS dataset in `data_dir`.
 
   Args:
@@ -241,24 +236,21 @@ def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike,
     raise ValueError(f"A test split needs at least 2 images; {folder!r} has {len(examples)}.")
   fingerprint = _fingerprint(folder, examples, max_size)
   cls = types.new_class(  # one builder class per dataset name, not registered
-      f"ImageFolder_{name}", (ImageFolder,), {"skip_registration": True},
-      lambda ns: ns.update(name=name))
+      f"ImageFolder_{name}", (ImageFolder,), {"skip_registration": True}, lambda ns: ns.update(name=name))
+
   def make_builder():
-    return cls(folder=folder, examples=examples, test_fraction=test_fraction, seed=seed,
-               max_size=max_size, fingerprint=fingerprint, data_dir=data_dir,
-               file_format="array_record")
+    return cls(folder=folder, examples=examples, test_fraction=test_fraction, seed=seed, max_size=max_size,
+               fingerprint=fingerprint, data_dir=data_dir, file_format="array_record")
 
   builder = make_builder()
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):  # prepared
     previous = (builder.info.metadata or {}).get("fingerprint")
     if previous != fingerprint:
       if not overwrite:
-        raise ValueError(
-            f"Dataset {name!r} in {data_dir!r} was prepared from a different version of "
-            f"{folder!r} (or with another max_size); pass overwrite=True to re-prepare "
-            "it, or choose another name=.")
+        raise ValueError(f"Dataset {name!r} in {data_dir!r} was prepared from a different version of "
+                         f"{folder!r} (or with another max_size); pass overwrite=True to re-prepare "
+                         "it, or choose another name=.")
       shutil.rmtree(builder.data_dir)  # a fresh builder must not read the old info
       builder = make_builder()
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return name, builder

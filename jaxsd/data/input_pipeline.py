@@ -132,16 +132,14 @@ def make_dataset(
   info = builder.info
   features = info.features
   if info.file_format is not None and info.file_format.value != "array_record":
-    raise ValueError(
-        f"Dataset {info.full_name} is stored as {info.file_format.value}, which only TensorFlow "
-        "reads: install the optional extra (pip install 'jaxsd[tensorflow]') and convert it, "
-        "or prepare it again with file_format='array_record'.")
+    raise ValueError(f"Dataset {info.full_name} is stored as {info.file_format.value}, which only TensorFlow "
+                     "reads: install the optional extra (pip install 'jaxsd[tensorflow]') and convert it, "
+                     "or prepare it again with file_format='array_record'.")
   split_name = re.match(r"[\w-]*", split).group(0)
   if split_name not in info.splits:
     raise ValueError(f"Dataset {info.full_name} has no split {split_name!r}; it has "
                      f"{sorted(info.splits)}.")
-  for what, key in [("image_key", image_key), ("caption_key", caption_key)] + [
-      ("label_keys", k) for k in label_keys]:
+  for what, key in [("image_key", image_key), ("caption_key", caption_key)] + [("label_keys", k) for k in label_keys]:
     if key not in features:
       raise KeyError(f"{what}={key!r} is not a feature of {info.full_name}; its features are "
                      f"{sorted(features.keys())}.")
@@ -164,14 +162,13 @@ def make_dataset(
 
   stats = PipelineStats()
   swaps = {k: _left_right_swap(features[k]) for k in label_keys} if flip_swaps_left_right else {}
-  reader = _ChunkReader(
-      source=source, offset=process_index * per_host, chunk_size=batch_size, seed=seed,
-      image_key=image_key, caption_key=caption_key, label_keys=tuple(label_keys),
-      image_size=image_size, train=train, random_crop=random_crop, random_flip=random_flip,
-      caption_choice=not isinstance(features[caption_key], tfds.features.Text),
-      flip_swaps_left_right=flip_swaps_left_right, label_swaps=swaps,
-      label_shapes={k: tuple(features[k].shape) for k in label_keys}, stats=stats,
-      name=f"{info.full_name}[{split}]")
+  reader = _ChunkReader(source=source, offset=process_index * per_host, chunk_size=batch_size, seed=seed,
+                        image_key=image_key, caption_key=caption_key, label_keys=tuple(label_keys),
+                        image_size=image_size, train=train, random_crop=random_crop, random_flip=random_flip,
+                        caption_choice=not isinstance(features[caption_key], tfds.features.Text),
+                        flip_swaps_left_right=flip_swaps_left_right, label_swaps=swaps,
+                        label_shapes={k: tuple(features[k].shape) for k in label_keys
+                                     }, stats=stats, name=f"{info.full_name}[{split}]")
 
   # Positions in this host's shard -> (shuffled, repeated) -> chunks of a batch:
   # one array_record read per chunk costs a fraction of per-record reads.
@@ -179,16 +176,14 @@ def make_dataset(
   if train:
     positions = positions.shuffle(seed=seed).repeat()  # reshuffled each epoch
   chunks = positions.batch(batch_size, drop_remainder=False).map_with_index(reader)
-  it = chunks.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                prefetch_buffer_size=max(2, num_threads)))
+  it = chunks.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads)))
   # Chunks lose their unreadable images; rebatching refills every batch.
   it = it.filter(lambda chunk: len(chunk["caption"]) > 0)
   it = grain.experimental.RebatchIterDataset(it, batch_size, drop_remainder=drop_remainder)
 
   def finish(batch):
     captions = batch.pop("caption")
-    batch["input_ids"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in captions],
-                                                max_length, warn=False)
+    batch["input_ids"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in captions], max_length, warn=False)
     if return_captions:
       batch["caption"] = captions
     return batch
@@ -196,8 +191,7 @@ def make_dataset(
   it = it.map(finish)
   if prefetch_batches:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
-  return InputPipeline(dataset=it, info=info, num_examples=per_host, batch_size=batch_size,
-                       stats=stats)
+  return InputPipeline(dataset=it, info=info, num_examples=per_host, batch_size=batch_size, stats=stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +237,9 @@ class _ChunkReader:
     return {
         "image": np.stack([o["image"] for o in out]) if out else np.zeros((0, s, s, 3), np.float32),
         "caption": np.array([o["caption"] for o in out], dtype=str),
-        **{k: np.array([o[k] for o in out], np.int32).reshape(
-            (len(out),) + self.label_shapes[k]) for k in self.label_keys},
+        **{
+            k: np.array([o[k] for o in out], np.int32).reshape((len(out),) + self.label_shapes[k]) for k in self.label_keys
+        },
     }
 
   def _example(self, key: int, example: dict, rng: np.random.Generator | None):
@@ -331,9 +326,8 @@ def _builder(dataset, data_dir) -> tfds.core.DatasetBuilder:
     else:
       how = ("jaxsd.data.prepare_image_folder(folder, data_dir, name=...) for your own images, "
              "or the dataset's TFDS builder with file_format='array_record'")
-    raise FileNotFoundError(
-        f"Dataset {dataset!r} is not prepared in data_dir {root!r}. Prepare it with {how}. "
-        f"Prepared there: {', '.join(found) if found else 'nothing'}.")
+    raise FileNotFoundError(f"Dataset {dataset!r} is not prepared in data_dir {root!r}. Prepare it with {how}. "
+                            f"Prepared there: {', '.join(found) if found else 'nothing'}.")
   builder = tfds.builder(dataset, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(f"Dataset {dataset!r} ({builder.info.full_name}) is not prepared in "

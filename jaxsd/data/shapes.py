@@ -68,11 +68,9 @@ _SUPERSAMPLE = 4  # masks are drawn 4x larger and box-filtered: anti-aliased edg
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
-def caption_for(shape: str, color: str, size: str | None = None,
-                position: str | None = None) -> str:
+def caption_for(shape: str, color: str, size: str | None = None, position: str | None = None) -> str:
   """The canonical caption, e.g. "a small red circle on the left"."""
-  for value, vocab, what in ((shape, SHAPES, "shape"), (color, COLORS, "color"),
-                             (size, SIZES + (None,), "size"),
+  for value, vocab, what in ((shape, SHAPES, "shape"), (color, COLORS, "color"), (size, SIZES + (None,), "size"),
                              (position, POSITIONS + (None,), "position")):
     if value not in vocab:
       raise ValueError(f"Unknown {what} {value!r}; expected one of {vocab}.")
@@ -104,7 +102,8 @@ def prepare_named(data_dir: str, name: str) -> tuple[str, "Shapes"]:
   """`prepare_shapes` for a dataset name as `is_shapes` accepts it (the split sizes and seed in the name)."""
   m = _NAME.match(name)
   if not m:
-    raise ValueError(f"{name!r} is not a shapes dataset name (shapes/32x32, shapes/64x64, shapes/32x32_n<train>_<test>_s<seed>).")
+    raise ValueError(
+        f"{name!r} is not a shapes dataset name (shapes/32x32, shapes/64x64, shapes/32x32_n<train>_<test>_s<seed>).")
   size, n_train, n_test, seed = m.groups()
   kw = {} if n_train is None else dict(num_train=int(n_train), num_test=int(n_test), seed=int(seed))
   return prepare_shapes(data_dir, size, **kw)
@@ -145,8 +144,7 @@ def render(rng: random.Random, image_size: int) -> tuple[np.ndarray, dict]:
     draw.rectangle((cx - a, cy - a, cx + a, cy + a), fill=255)
   else:  # upward equilateral triangle (circumradius R), bounding box centred
     R = 1.2 * r
-    draw.polygon([(cx, cy - 0.75 * R),
-                  (cx - R * math.sqrt(3) / 2, cy + 0.75 * R),
+    draw.polygon([(cx, cy - 0.75 * R), (cx - R * math.sqrt(3) / 2, cy + 0.75 * R),
                   (cx + R * math.sqrt(3) / 2, cy + 0.75 * R)], fill=255)
   alpha = np.asarray(mask.reduce(_SUPERSAMPLE), np.float32)[..., None] / 255.0
 
@@ -158,6 +156,7 @@ def render(rng: random.Random, image_size: int) -> tuple[np.ndarray, dict]:
 
 def _background(rng: random.Random, s: int, kind: str) -> np.ndarray:
   """A grey-ish (weakly tinted) plain or linear-gradient background, float (S, S, 3)."""
+
   def tone():
     grey = rng.uniform(40, 225)
     return np.array([grey + rng.uniform(-18, 18) for _ in range(3)], np.float32)
@@ -188,8 +187,7 @@ def example(seed: int, split: str, index: int, image_size: int) -> dict:
   image, attrs = render(rng, image_size)
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-  return {"image": buffer.getvalue(), "caption": random_caption(rng, attrs),
-          **{k: v for k, v in attrs.items()}}
+  return {"image": buffer.getvalue(), "caption": random_caption(rng, attrs), **{k: v for k, v in attrs.items()}}
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
@@ -238,8 +236,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       yield i, example(c.seed, split, i, c.image_size)
 
 
-def prepare_shapes(data_dir: str, config: str = "32x32", *,
-                   num_train: int | None = None, num_test: int | None = None,
+def prepare_shapes(data_dir: str, config: str = "32x32", *, num_train: int | None = None, num_test: int | None = None,
                    seed: int = 0) -> tuple[str, Shapes]:
   """Generates `shapes` into `data_dir` (a no-op when already there).
 
@@ -266,11 +263,8 @@ def prepare_shapes(data_dir: str, config: str = "32x32", *,
     num_test = base.num_test if num_test is None else num_test
     if num_train < 1 or num_test < 0:
       raise ValueError(f"Need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}.")
-    builder_config = ShapesConfig(
-        name=f"{config}_n{num_train}_{num_test}_s{seed}",
-        description=base.description, image_size=base.image_size,
-        num_train=num_train, num_test=num_test, seed=seed)
+    builder_config = ShapesConfig(name=f"{config}_n{num_train}_{num_test}_s{seed}", description=base.description,
+                                  image_size=base.image_size, num_train=num_train, num_test=num_test, seed=seed)
   builder = Shapes(config=builder_config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return f"shapes/{builder_config.name}", builder

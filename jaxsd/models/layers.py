@@ -137,6 +137,50 @@ class TimestepEmbedding(nn.Module):
     return x
 
 
+class AttentionPooling(nn.Module):
+  """diffusers `AttentionPooling` (from DeepFloyd IF): the mean token plus a learned position embedding
+  attends over itself and the tokens; returns that one pooled vector, (B, L, D) -> (B, D)."""
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, length, d = x.shape
+    hd = d // self.num_heads
+    pos = self.param("positional_embedding", nn.initializers.normal(d**-0.5), (1, d), self.param_dtype)
+    cls = jnp.mean(x, axis=1, keepdims=True) + pos.astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, hd)  # noqa: E731
+    q = heads(nn.Dense(d, name="q_proj", **kw)(cls))
+    k = heads(nn.Dense(d, name="k_proj", **kw)(x))
+    v = heads(nn.Dense(d, name="v_proj", **kw)(x))
+    scale = 1 / math.sqrt(math.sqrt(hd))  # on q and k both, as diffusers does
+    w = jnp.einsum("bthd,bshd->bhts", q * scale, k * scale, preferred_element_type=jnp.float32)
+    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", w, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+  """diffusers `TextTimeEmbedding` (`addition_embed_type="text"`): LayerNorm, attention pooling of the
+  text encoder's hidden states, a projection to the time-embedding width, LayerNorm."""
+
+  time_embed_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden_states: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = LayerNorm(name="norm1", **kw)(hidden_states)
+    x = AttentionPooling(self.num_heads, name="pool", **kw)(x)
+    x = nn.Dense(self.time_embed_dim, name="proj", **kw)(x)
+    return LayerNorm(name="norm2", **kw)(x)
+
+
 class ResnetBlock2D(nn.Module):
   """diffusers ResnetBlock2D with time_embedding_norm="default"; `temb=None` (the VAE) has no time_emb_proj."""
 

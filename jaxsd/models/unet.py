@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, Timesteps, TimestepEmbedding,
-                                 Transformer2DModel, UNetMidBlock2D, Upsample2D, conv, get_activation)
+from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, TextTimeEmbedding, Timesteps,
+                                 TimestepEmbedding, Transformer2DModel, UNetMidBlock2D, Upsample2D, conv,
+                                 get_activation)
 
 Dtype = Any
 
@@ -108,7 +109,7 @@ class UNet2DConditionConfig(ConfigBase):
     unsupported = {
         "class_embed_type": self.class_embed_type,
         "num_class_embeds": self.num_class_embeds,
-        "addition_embed_type": self.addition_embed_type,
+        "addition_embed_type": None if self.addition_embed_type == "text" else self.addition_embed_type,
         "encoder_hid_dim": self.encoder_hid_dim,
         "encoder_hid_dim_type": self.encoder_hid_dim_type,
         "time_cond_proj_dim": self.time_cond_proj_dim,
@@ -117,7 +118,13 @@ class UNet2DConditionConfig(ConfigBase):
     for name, value in unsupported.items():
       if value is not None:
         raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented; only SD 1.x / 2.x U-Nets "
-                         "are (no class or addition embeddings as in SDXL / unCLIP, no timestep_cond, ...).")
+                         "are (no class or addition embeddings as in SDXL / unCLIP, no timestep_cond, ...; "
+                         "of the addition embeddings only \"text\").")
+    if self.addition_embed_type == "text" and not isinstance(self.cross_attention_dim, int):
+      raise ValueError("UNet2DConditionConfig: addition_embed_type='text' needs one cross_attention_dim.")
+    if self.addition_embed_type == "text" and self.cross_attention_dim % self.addition_embed_type_num_heads:
+      raise ValueError(f"UNet2DConditionConfig: cross_attention_dim={self.cross_attention_dim} is not divisible "
+                       f"by addition_embed_type_num_heads={self.addition_embed_type_num_heads}.")
     fixed = {
         "resnet_time_scale_shift": (self.resnet_time_scale_shift, "default"),
         "time_embedding_type": (self.time_embedding_type, "positional"),
@@ -354,6 +361,9 @@ class UNet2DConditionModel(nn.Module):
     t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
     t_emb = Timesteps(cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)(t).astype(self.dtype)
     emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding", **kw)(t_emb)
+    if cfg.addition_embed_type == "text":  # the pooled prompt, added to the time embedding of every block
+      emb = emb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads, name="add_embedding", **
+                                    kw)(context)
     if cfg.time_embedding_act_fn is not None:
       emb = get_activation(cfg.time_embedding_act_fn)(emb)
 

@@ -32,14 +32,20 @@ def clip_retrieval(clip_model, clip_params, batches: Iterable[dict], max_example
     n += len(caps)
     if n >= max_examples:
       break
-  return {"clip_i2t_accuracy": i2t / max(n, 1), "clip_t2i_accuracy": t2i / max(n, 1), "clip_eval_examples": n,
-          "clip_eval_group": int(len(caps)) if n else 0}
+  return {
+      "clip_i2t_accuracy": i2t / max(n, 1),
+      "clip_t2i_accuracy": t2i / max(n, 1),
+      "clip_eval_examples": n,
+      "clip_eval_group": int(len(caps)) if n else 0
+  }
 
 
 def _autoencode_fn(vae):
   """jit(params, images in [-1, 1]) -> decoded posterior mode."""
-  return jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method=vae.encode).mode(),
-                                        method=vae.decode))
+  return jax.jit(lambda p, x: vae.apply({"params": p},
+                                        vae.apply({
+                                            "params": p
+                                        }, x, method=vae.encode).mode(), method=vae.decode))
 
 
 def vae_reconstruction(vae, vae_params, batches: Iterable[dict], max_examples: int) -> dict:
@@ -58,8 +64,7 @@ def vae_reconstruction(vae, vae_params, batches: Iterable[dict], max_examples: i
 
 def _classifier(clip_model, clip_params, tokenizer, choices: list[str]):
   ids = tok.tokenize(tokenizer, choices, max_length=clip_model.config.text_config.max_position_embeddings)
-  text = jax.jit(lambda p, i: clip_model.apply({"params": p}, i, method=clip_model.get_text_features))(
-      clip_params, ids)
+  text = jax.jit(lambda p, i: clip_model.apply({"params": p}, i, method=clip_model.get_text_features))(clip_params, ids)
   text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
   image_fn = jax.jit(lambda p, x: clip_model.apply({"params": p}, x, method=clip_model.get_image_features))
 
@@ -104,7 +109,7 @@ def clip_attribute_judge(clip_model, clip_params, tokenizer, attributes: dict, p
 def _generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
               batch_size: int = 250) -> np.ndarray:
   """uint8 images for `prompts`, in batches of one size (one compiled program); batch i uses seed + i."""
-  size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+  size = pipe.default_size
   out = []
   for i in range(0, len(prompts), batch_size):
     chunk = list(prompts[i:i + batch_size])
@@ -115,8 +120,8 @@ def _generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidanc
   return np.concatenate(out)
 
 
-def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: str, steps: int,
-                 guidance_scale: float, seed: int, images_per_prompt: int = 1, clip_judge=None) -> dict:
+def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: str, steps: int, guidance_scale: float,
+                 seed: int, images_per_prompt: int = 1, clip_judge=None) -> dict:
   """Generates `images_per_prompt` images per prompt and asks the independent `judge` whether each shows
   the labelled class of every attribute (and `clip_judge`, the trained CLIP, as a second opinion).
 
@@ -148,18 +153,18 @@ def sample_fid(pipe, judge, captions: Sequence[str], real_features: np.ndarray, 
 def reconstruct(vae, vae_params, images: np.ndarray, batch: int = 500) -> np.ndarray:
   """VAE reconstructions (posterior mode) of images in [-1, 1], quantised to uint8 levels as samples are."""
   fn = _autoencode_fn(vae)
-  rec = np.concatenate([np.asarray(fn(vae_params, jnp.asarray(images[i:i + batch]))) for i in
-                        range(0, len(images), batch)])
+  rec = np.concatenate(
+      [np.asarray(fn(vae_params, jnp.asarray(images[i:i + batch]))) for i in range(0, len(images), batch)])
   return np.round((np.clip(rec, -1, 1) + 1) * 127.5) / 127.5 - 1.0
 
 
 def summary_table(result: dict, attributes: Sequence[str], group_by: Sequence[str], ceilings: dict) -> str:
   """Markdown: judged accuracies per group of prompts (e.g. per colour x shape), overall, and the
   ceilings (real test images, VAE reconstructions) and chance levels below."""
-  cols = list(attributes) + ["all"] + [k[:-len("_accuracy")] for k in result if k.startswith("clip_")
-                                        and k.endswith("_accuracy")]
-  head = ["| prompts | n | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
-          "|---|---|" + "---|" * len(cols)]
+  cols = list(attributes) + ["all"] + [
+      k[:-len("_accuracy")] for k in result if k.startswith("clip_") and k.endswith("_accuracy")
+  ]
+  head = ["| prompts | n | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
   groups: dict = {}
   for r, lab in zip(result["rows"], result.get("row_labels", [{}] * len(result["rows"]))):
     key = " ".join(str(lab.get(g, "")) for g in group_by) or r["prompt"]
@@ -171,6 +176,6 @@ def summary_table(result: dict, attributes: Sequence[str], group_by: Sequence[st
   lines.append(f"| **all generated** | {result['num_images']} | " +
                " | ".join(f"**{result[c + '_accuracy']:.3f}**" for c in cols) + " |")
   for name, acc in ceilings.items():
-    lines.append(f"| {name} | {acc.get('n', '')} | " +
-                 " | ".join(f"{acc[c]:.3f}" if c in acc else "" for c in cols) + " |")
+    lines.append(f"| {name} | {acc.get('n', '')} | " + " | ".join(f"{acc[c]:.3f}" if c in acc else "" for c in cols) +
+                 " |")
   return "\n".join(lines)

@@ -17,8 +17,6 @@ from jaxsd import pretrained
 from jaxsd import tokenizer as tok
 from jaxsd.model_folder import model_dir, write_model_index, write_scheduler  # noqa: F401  (the exporter's API)
 from jaxsd import model_folder
-# TODO(issue 15): run.py should call jaxsd.pipeline.load_workdir itself; then drop this name.
-from jaxsd.pipeline import load_workdir as load_workdir_pipeline  # noqa: F401
 
 
 def export_component(workdir: str, name: str, module, params, step: int | None = None) -> str:

@@ -97,9 +97,9 @@ class Judge:
     return {k: float(v.mean()) for k, v in self.correct(images, labels).items()}
 
 
-def train_classifier(images: np.ndarray, labels: Sequence[np.ndarray], num_classes: Sequence[int], *,
-                     steps: int = 1500, batch_size: int = 128, lr: float = 3e-3, noise_std: float = 0.05,
-                     max_blur: float = 1.0, seed: int = 0) -> tuple[AttributeClassifier, dict]:
+def train_classifier(images: np.ndarray, labels: Sequence[np.ndarray], num_classes: Sequence[int], *, steps: int = 1500,
+                     batch_size: int = 128, lr: float = 3e-3, noise_std: float = 0.05, max_blur: float = 1.0,
+                     seed: int = 0) -> tuple[AttributeClassifier, dict]:
   """Adam with a cosine schedule on the summed cross-entropies. Augmented with light pixel noise and a
   random amount (up to `max_blur`) of a 1-pixel Gaussian blur, so that a slightly soft image of the right
   thing is still recognised as it: softness is not the attribute being judged. Deterministic given `seed`."""
@@ -138,7 +138,7 @@ def train_classifier(images: np.ndarray, labels: Sequence[np.ndarray], num_class
 
 def _blur(x: jax.Array, sigma: float = 1.0) -> jax.Array:
   """Separable 5-tap Gaussian blur of NHWC images, edges replicated."""
-  k = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
+  k = np.exp(-0.5 * (np.arange(-2, 3) / sigma)**2)
   k = jnp.asarray(k / k.sum(), x.dtype)
   x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
   h, w = x.shape[1] - 4, x.shape[2] - 4
@@ -167,8 +167,8 @@ def load_or_train(cache_dir: str, dataset: str, load_split: Callable[[str], tupl
     log.info("judge in %s is for %s; training a new one for %s.", cache_dir, meta.get("dataset"), dataset)
   t0 = time.time()
   images, labels = load_split("train")
-  model, params = train_classifier(images, [labels[a] for a in attributes],
-                                   [len(class_names[a]) for a in attributes], steps=steps, seed=seed)
+  model, params = train_classifier(images, [labels[a] for a in attributes], [len(class_names[a]) for a in attributes],
+                                   steps=steps, seed=seed)
   train_seconds = time.time() - t0
   judge = Judge(model, params, attributes, {a: tuple(class_names[a]) for a in attributes}, {})
   test_images, test_labels = load_split("test")

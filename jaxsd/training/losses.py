@@ -30,11 +30,15 @@ def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_wei
   return loss, {"l1": l1, "mse": l2, "kl": kl}
 
 
-def drop_captions(rng: jax.Array, input_ids: jax.Array, empty_ids: jax.Array, rate: float) -> jax.Array:
+def drop_captions(rng: jax.Array, captions: jax.Array, empty: jax.Array, rate: float) -> jax.Array:
   """Replaces each caption by the empty one with probability `rate`, so that the U-Net also learns the
-  unconditional prediction classifier-free guidance needs (Ho & Salimans 2022)."""
-  drop = jax.random.uniform(rng, (input_ids.shape[0], 1)) < rate
-  return jnp.where(drop, empty_ids, input_ids)
+  unconditional prediction classifier-free guidance needs (Ho & Salimans 2022).
+
+  `captions`: token ids (B, L), or encoded captions (B, L, D) as the latent cache holds them; `empty`:
+  the empty caption in the same form, without or with a leading axis of 1. Same draws for both forms.
+  """
+  drop = jax.random.uniform(rng, (captions.shape[0], 1)) < rate
+  return jnp.where(drop.reshape(drop.shape + (1,) * (captions.ndim - 2)), empty, captions)
 
 
 def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:

@@ -47,8 +47,8 @@ class QualityEval:
                                   steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
                                   images_per_prompt=self.images_per_prompt, clip_judge=clip_judge)
     out = {f"judge_{a}_accuracy": match[f"{a}_accuracy"] for a in (*self.judge.attributes, "all")}
-    n = len(self.fid_captions) if final or not self.periodic_fid_images else min(
-        self.periodic_fid_images, len(self.fid_captions))
+    n = len(self.fid_captions) if final or not self.periodic_fid_images else min(self.periodic_fid_images,
+                                                                                 len(self.fid_captions))
     if n >= 2:
       out["fid"] = evaluate.sample_fid(pipe, self.judge, self.fid_captions[:n], self.real_features[1][:n],
                                        sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance_scale,
@@ -104,8 +104,8 @@ def plot(history: Sequence[dict], path: str, *, floor: float | None = None) -> N
              label="real vs real (floor, same sample size)")
     for st, h in zip(steps, history):
       if h.get("fid_images"):
-        ax2.annotate(f"n={int(h['fid_images'])}", (st, h["fid"]), fontsize=7, textcoords="offset points",
-                     xytext=(0, 5), ha="center")
+        ax2.annotate(f"n={int(h['fid_images'])}", (st, h["fid"]), fontsize=7, textcoords="offset points", xytext=(0, 5),
+                     ha="center")
     ax2.set_yscale("log")
     ax2.legend(fontsize=8)
   ax2.set(xlabel="U-Net step", ylabel="Fréchet distance (judge features)", title="shapes-FID")

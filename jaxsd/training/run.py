@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import itertools
 import time
 
 import jax
@@ -26,12 +25,12 @@ from PIL import Image
 from jaxsd import pretrained
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
-from jaxsd.data import input_pipeline, shapes as shapes_data
+from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet
 from jaxsd.model_folder import check_model_folder
-from jaxsd.pipeline import StableDiffusion
-from jaxsd.training import evaluate, export, stages
+from jaxsd.pipeline import StableDiffusion, load_workdir
+from jaxsd.training import evaluate, export, latent_cache, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
@@ -66,11 +65,12 @@ def data_dir(cfg) -> str:
 
 
 def ensure_dataset(cfg) -> None:
-  """Prepares the built-in `shapes` when asked for; any other dataset must be prepared already."""
-  if shapes_data.is_shapes(cfg.data.name):
+  """Prepares a built-in dataset (`shapes`) when asked for; any other dataset must be prepared already."""
+  found = builtin.lookup(cfg.data.name)
+  if found is not None:
     t0 = time.time()
-    shapes_data.prepare_named(data_dir(cfg), cfg.data.name)
-    log.info("shapes dataset ready in %.1f s", time.time() - t0)
+    found.prepare(data_dir(cfg), cfg.data.name)
+    log.info("%s ready in %.1f s", cfg.data.name, time.time() - t0)
     return
   prepared = input_pipeline.list_prepared(data_dir(cfg))
   base = cfg.data.name.split(":")[0]
@@ -86,13 +86,10 @@ def check_config(cfg, n_devices: int) -> None:
   """Every check that needs no compilation: a one-paragraph error that says what to change."""
   names = _stages(cfg)
   stages.dtype_of(cfg)
-  fsdp = cfg.mesh.fsdp
-  if fsdp < 1 or n_devices % fsdp:
-    raise ConfigError(f"config.mesh.fsdp={fsdp} must divide the {n_devices} devices.")
-  data = cfg.mesh.data if cfg.mesh.data > 0 else n_devices // fsdp
-  if data * fsdp != n_devices:
-    raise ConfigError(f"config.mesh: data={cfg.mesh.data} x fsdp={fsdp} must use all {n_devices} devices "
-                      "(data=-1 fills in the rest).")
+  try:
+    sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, n_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
   for name in names:
     b = cfg[name].batch_size
     if b % n_devices or b % jax.process_count():
@@ -111,10 +108,17 @@ def check_config(cfg, n_devices: int) -> None:
       unet_blocks = len(json.load(f).get("block_out_channels", [0]))
   else:
     vae_blocks, unet_blocks = len(cfg.vae.block_out_channels), len(cfg.unet.block_out_channels)
-  multiple = 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+  multiple = 2**(vae_blocks - 1) * 2**(unet_blocks - 1)
   if cfg.data.image_size % multiple:
     raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
                       f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
+  if "unet" in names and cfg.unet.get("cache_latents"):
+    if cfg.data.random_flip:
+      raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped: "
+                        "set config.data.random_flip=False, or turn the cache off.")
+    if cfg.unet.train_text_encoder:
+      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be "
+                        "combined with config.unet.train_text_encoder=True.")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
@@ -135,12 +139,13 @@ def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), bat
   max_length = _text_length(cfg)
   d = cfg.data
   try:
-    return input_pipeline.make_dataset(
-        cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size, image_size=d.image_size,
-        data_dir=data_dir(cfg), split=d.train_split if train else d.test_split, train=train,
-        seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
-        label_keys=tuple(labels), return_captions=captions, random_flip=d.random_flip and train,
-        num_threads=d.num_threads, drop_remainder=True, max_length=max_length)
+    return input_pipeline.make_dataset(cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size,
+                                       image_size=d.image_size, data_dir=data_dir(cfg),
+                                       split=d.train_split if train else d.test_split, train=train,
+                                       seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key,
+                                       caption_key=d.caption_key, label_keys=tuple(labels), return_captions=captions,
+                                       random_flip=d.random_flip and train, num_threads=d.num_threads,
+                                       drop_remainder=True, max_length=max_length)
   except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
     raise ConfigError(f"config.data: {e.args[0]}") from None
 
@@ -160,12 +165,11 @@ class Preempted(Exception):
 def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=()):
   """Trains a stage on the iterator `data`; on SIGTERM closes `data` and raises Preempted."""
   tx, schedule = make_optimizer(cfg[stage.name].optimizer)
-  res = train_loop(
-      workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params, loss_fn=stage.loss_fn,
-      tx=tx, data=data, total_steps=cfg[stage.name].steps, frozen=stage.frozen, lr_schedule=schedule,
-      seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params, log_every=cfg.log_every,
-      checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep, callbacks=callbacks,
-      progress=cfg.progress)
+  res = train_loop(workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params,
+                   loss_fn=stage.loss_fn, tx=tx, data=data, total_steps=cfg[stage.name].steps, frozen=stage.frozen,
+                   lr_schedule=schedule, seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params,
+                   log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep,
+                   callbacks=callbacks, progress=cfg.progress)
   if res.preempted:
     data.close()
     raise Preempted
@@ -255,8 +259,10 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
                                 gradient_checkpointing=cfg.unet.gradient_checkpointing)
   stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                             scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params)
-  pipeline = make_input(cfg, "unet", tokenizer)
-  it = iter(pipeline)
+  if cfg.unet.get("cache_latents"):
+    it = iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
+  else:
+    it = iter(make_input(cfg, "unet", tokenizer))
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
@@ -267,7 +273,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
         jax.jit(stage.init_params)(jax.random.key(cfg.seed)))[0]
     export.export_component(workdir, "unet", unet, start, step=0)
 
-  prompts = _fixed_prompts(cfg)
+  prompts, columns = builtin.sample_prompts(cfg.data.name, cfg.unet.get("sample_prompts", ()))
   samples_dir = os.path.join(workdir, "samples")
   quality = _quality_eval(cfg, workdir, tokenizer)[0] if _judged(cfg) else None
 
@@ -283,7 +289,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     size = cfg.data.image_size
     images = pipe(prompts, height=size, width=size, steps=cfg.unet.sample_steps, sampler=cfg.unet.sampler,
                   guidance_scale=cfg.unet.guidance_scale, seed=cfg.seed)
-    grid = contact_sheet(images, columns=len(shapes_data.SHAPES) if _is_shapes(cfg) else None)
+    grid = contact_sheet(images, columns=columns)
     os.makedirs(samples_dir, exist_ok=True)
     Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
     writer.write_images(step, {"samples": grid})
@@ -307,19 +313,29 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   return _finish(workdir, "unet", dict(_run_facts(res, t0), ema=state.ema_params is not None))
 
 
+def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
+  """The U-Net stage's batches from the latent cache (latent_cache.py), built first when missing."""
+  d, batch = cfg.data, cfg.unet.batch_size // jax.process_count()
+  spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
+              image_size=d.image_size, tokens=_text_length(cfg), process=jax.process_index(),
+              processes=jax.process_count(), weights=latent_cache.fingerprint(vae_params, te_params))
+  directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
+  in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
+                                         data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
+                                         image_key=d.image_key, caption_key=d.caption_key, num_threads=d.num_threads,
+                                         drop_remainder=False, max_length=_text_length(cfg))
+  encode = jax.jit(stages.cache_encoder(vae, te))
+  it = iter(in_order)
+  cache = latent_cache.build(directory, spec, it, lambda x, ids: encode(vae_params, te_params, x, ids),
+                             batch_size=batch, shard_size=batch * max(1, 4096 // batch))
+  it.close()
+  return latent_cache.make_dataset(cache, batch_size=batch, seed=cfg.seed + STAGES.index("unet"))
+
+
 class _NullWriter:
+
   def write_images(self, *a, **k):
     pass
-
-
-def _is_shapes(cfg) -> bool:
-  return shapes_data.is_shapes(cfg.data.name)
-
-
-def _fixed_prompts(cfg) -> list[str]:
-  if _is_shapes(cfg):
-    return [shapes_data.caption_for(s, c) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
-  return ["a photo of a cat", "a painting of a lighthouse", "a red car", "a bowl of fruit"]
 
 
 def _benchmark(cfg, stage, mesh, it) -> dict:
@@ -386,25 +402,27 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _judged(cfg) -> bool:
-  return bool(cfg.eval.judge) and _is_shapes(cfg)
+def _judged(cfg):
+  """What the dataset's samples are judged on (`builtin.JudgedPrompts`), or None: no judged report."""
+  found = builtin.lookup(cfg.data.name)
+  return found.judged if cfg.eval.judge and found is not None else None
 
 
 def _quality_eval(cfg, workdir, tokenizer):
-  """The independent judge of `shapes` (trained once, cached in DIR/judge) and what it scores samples on:
-  every canonical prompt, and `eval.fid_images` test captions for the shapes-FID."""
-  attrs = tuple(shapes_data.JUDGED)
+  """The dataset's independent judge (trained once, cached in DIR/judge) and what it scores samples on:
+  every judged prompt, and `eval.fid_images` test captions for the FID on the judge's features."""
+  spec = _judged(cfg)
+  attrs = tuple(spec.attributes)
 
   def load_split(split):
     arrays = _labelled_arrays(cfg, tokenizer, split, attrs, cfg.eval.judge_train_examples if split == "train" else None)
     return arrays["image"], arrays
 
-  judge = judge_lib.load_or_train(os.path.join(workdir, "judge"), cfg.data.name, load_split, attrs,
-                                  shapes_data.JUDGED, steps=cfg.eval.judge_steps, seed=cfg.seed)
+  judge = judge_lib.load_or_train(os.path.join(workdir, "judge"), cfg.data.name, load_split, attrs, spec.attributes,
+                                  steps=cfg.eval.judge_steps, seed=cfg.seed)
   test = _labelled_arrays(cfg, tokenizer, "test", attrs, None, captions=True)
-  prompts, labels = shapes_data.canonical_prompts()
   c = cfg.unet
-  ev, floors = quality_lib.build(judge, prompts, labels, test["image"], [str(x) for x in test["caption"]],
+  ev, floors = quality_lib.build(judge, spec.prompts, spec.labels, test["image"], [str(x) for x in test["caption"]],
                                  fid_images=cfg.eval.fid_images, sampler=c.sampler, steps=c.sample_steps,
                                  guidance_scale=c.guidance_scale, seed=cfg.seed + 1,
                                  images_per_prompt=cfg.eval.images_per_prompt,
@@ -414,11 +432,12 @@ def _quality_eval(cfg, workdir, tokenizer):
 
 def _labelled_arrays(cfg, tokenizer, split, attrs, max_examples, captions=False) -> dict:
   d = cfg.data
-  pipeline = input_pipeline.make_dataset(
-      cfg.data.name, global_batch_size=500, image_size=d.image_size, data_dir=data_dir(cfg),
-      split=d.train_split if split == "train" else d.test_split, train=False, tokenizer=tokenizer,
-      image_key=d.image_key, caption_key=d.caption_key, label_keys=attrs, return_captions=captions,
-      num_threads=d.num_threads, drop_remainder=False, max_length=_text_length(cfg))
+  pipeline = input_pipeline.make_dataset(cfg.data.name, global_batch_size=500, image_size=d.image_size,
+                                         data_dir=data_dir(cfg),
+                                         split=d.train_split if split == "train" else d.test_split, train=False,
+                                         tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
+                                         label_keys=attrs, return_captions=captions, num_threads=d.num_threads,
+                                         drop_remainder=False, max_length=_text_length(cfg))
   it = iter(pipeline)
   keys = ("image", *attrs) + (("caption",) if captions else ())
   arrays = evaluate.load_arrays(it, keys, max_examples)
@@ -429,13 +448,13 @@ def _labelled_arrays(cfg, tokenizer, split, attrs, max_examples, captions=False)
 def report(cfg, workdir, tokenizer) -> dict:
   """The U-Net's samples judged: every canonical prompt scored per attribute by the independent judge
   (the trained CLIP beside it), the shapes-FID, each stage's ceiling on real data; report.md, a plot."""
-  pipe = export.load_workdir_pipeline(workdir)
+  pipe = load_workdir(workdir)
   quality, floors, test = _quality_eval(cfg, workdir, tokenizer)
   judge = quality.judge
   clip_model, clip_params = pretrained.load_clip(os.path.join(export.model_dir(workdir), "clip"))
-  clip_attrs = {"color": shapes_data.COLORS, "shape": shapes_data.SHAPES}
-  clip_judge = evaluate.clip_attribute_judge(clip_model, clip_params, tokenizer, clip_attrs,
-                                             lambda color, shape: shapes_data.caption_for(shape, color))
+  spec = _judged(cfg)
+  clip_judge = evaluate.clip_attribute_judge(clip_model, clip_params, tokenizer, spec.clip_attributes,
+                                             spec.clip_caption)
   labels = {a: test[a] for a in judge.attributes}
   recon = evaluate.reconstruct(pipe.vae, pipe.vae_params, test["image"])
   ceilings = {}
@@ -443,7 +462,7 @@ def report(cfg, workdir, tokenizer) -> dict:
     acc = judge.accuracy(images, labels)
     acc.update({f"clip_{a}": float(v.mean()) for a, v in clip_judge(images, labels).items()})
     ceilings[name] = dict(acc, n=len(images))
-  chance = {a: 1 / len(shapes_data.JUDGED[a]) for a in judge.attributes}
+  chance = {a: 1 / len(spec.attributes[a]) for a in judge.attributes}
   chance["all"] = float(np.prod(list(chance.values())))
   ceilings["chance"] = dict(chance, clip_color=chance["color"], clip_shape=chance["shape"])
 
@@ -459,36 +478,33 @@ def report(cfg, workdir, tokenizer) -> dict:
       history[row["step"]] = row  # a later line for the same step (a resumed run) wins
   samples_dir = os.path.join(workdir, "samples")
   os.makedirs(samples_dir, exist_ok=True)
-  quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"),
-                   floor=floors["fid_real_vs_real"])
+  quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"), floor=floors["fid_real_vs_real"])
   images = match.pop("images")
-  per_row = len(shapes_data.SIZES) * len(shapes_data.POSITIONS) * cfg.eval.images_per_prompt
+  per_row = spec.grid_columns * cfg.eval.images_per_prompt
   Image.fromarray(contact_sheet(images, columns=per_row)).save(os.path.join(samples_dir, "prompt_match_grid.png"))
 
-  prompts, _ = shapes_data.canonical_prompts()
-  match["row_labels"] = [dict(zip(("color", "shape", "size", "position"), combo)) for combo in
-                         itertools.product(shapes_data.COLORS, shapes_data.SHAPES, shapes_data.SIZES,
-                                           shapes_data.POSITIONS)]
-  table = evaluate.summary_table(match, judge.attributes, ("color", "shape"), ceilings)
-  by_attr = {}
-  for attr in ("size", "position"):
-    by_attr[attr] = evaluate.summary_table(match, judge.attributes, (attr,), {})
+  match["row_labels"] = [{
+      a: spec.attributes[a][spec.labels[a][i]] for a in spec.attributes
+  } for i in range(len(spec.prompts))]
+  grouped = tuple(spec.clip_attributes)  # the main table: one row per combination of these
+  table = evaluate.summary_table(match, judge.attributes, grouped, ceilings)
+  by_attr = {a: evaluate.summary_table(match, judge.attributes, (a,), {}) for a in spec.attributes if a not in grouped}
   match.pop("row_labels")
-  fid_line = (f"shapes-FID (judge features, {floors['fid_images']} samples of test captions vs "
+  by_sections = "".join(f"## By {a}\n\n{t}\n\n" for a, t in by_attr.items())
+  fid_name = cfg.data.name.split("/")[0] + "-FID"
+  fid_line = (f"{fid_name} (judge features, {floors['fid_images']} samples of test captions vs "
               f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
               f"(the two halves of the test split, the floor): {floors['fid_real_vs_real']:.2f}; "
               f"ratio {scores['fid'] / floors['fid_real_vs_real']:.2f}.") if "fid" in scores else ""
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(f"# How well the model draws what it is asked for (U-Net step {step})\n\n"
-            f"Every canonical prompt (colour x shape x size x position, {cfg.eval.images_per_prompt} image(s) each), "
+            f"Every judged prompt ({' x '.join(spec.attributes)}, {cfg.eval.images_per_prompt} image(s) each), "
             f"sampled with the EMA U-Net ({cfg.unet.sampler}, {cfg.unet.sample_steps} steps, guidance "
             f"{cfg.unet.guidance_scale}), judged by an independent classifier trained on the dataset's labels "
             f"(`judge/`; it shares nothing with the model). The `clip` columns are the trained CLIP's zero-shot "
-            f"verdict among every colour x shape caption (a second opinion; it is part of the model).\n\n"
+            f"verdict among every {' x '.join(grouped)} caption (a second opinion; it is part of the model).\n\n"
             f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
-            f"## By size\n\n{by_attr['size']}\n\n## By position\n\n{by_attr['position']}\n\n"
-            f"## Samples\n\nOne row per colour x shape; columns: small then large, each at left, right, top, "
-            f"bottom, center.\n\n![prompt match](samples/prompt_match_grid.png)\n")
+            f"{by_sections}## Samples\n\n{spec.grid_caption}\n\n![prompt match](samples/prompt_match_grid.png)\n")
   print(table)
   print(fid_line)
   return dict(scores, rows=match["rows"], ceilings=ceilings, **floors, judge=judge.meta)

@@ -22,18 +22,23 @@ BATCH_AXES = (DATA, FSDP)
 DEFAULT_MIN_SHARD_SIZE = 2**14  # Smaller arrays (biases, norms, scalars) stay replicated.
 
 
+def mesh_shape(data: int, fsdp: int, n_devices: int) -> tuple[int, int]:
+  """(data, fsdp) for `n_devices`, `-1` for data meaning "the rest"; ValueError when they do not fit."""
+  if fsdp < 1 or n_devices % fsdp:
+    raise ValueError(f"fsdp={fsdp} must divide the {n_devices} devices (and be >= 1).")
+  if data == -1:
+    data = n_devices // fsdp
+  if data * fsdp != n_devices:
+    raise ValueError(f"data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n_devices} are "
+                     "available; set data=-1 to use the rest, or change fsdp.")
+  return data, fsdp
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp) mesh over all devices (or `devices`); `-1` for data means "the rest"."""
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if fsdp < 1 or n % fsdp:
-    raise ValueError(f"fsdp={fsdp} must be >= 1 and divide the {n} devices.")
-  if data == -1:
-    data = n // fsdp
-  if data * fsdp != n:
-    raise ValueError(f"Mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are "
-                     "available; set data=-1 to use the rest, or change fsdp.")
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+  shape = mesh_shape(data, fsdp, len(devices))
+  return jax.make_mesh(shape, BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

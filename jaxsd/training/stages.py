@@ -21,7 +21,7 @@ from jaxsd.diffusion import SchedulerConfig, alphas_cumprod
 from jaxsd.model_folder import split_unet_params  # noqa: F401  (the U-Net stage's params layout)
 from jaxsd.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jaxsd.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from jaxsd.training import losses
 
 
@@ -81,11 +81,11 @@ def text_encoder_from_clip(clip_model: CLIPModel, clip_params) -> tuple[CLIPText
 def vae_config(cfg) -> AutoencoderKLConfig:
   c = cfg.vae
   n = len(c.block_out_channels)
-  config = AutoencoderKLConfig(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-      up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(c.block_out_channels),
-      layers_per_block=c.layers_per_block, latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups,
-      sample_size=cfg.data.image_size, scaling_factor=1.0)  # the real factor is measured after training
+  config = AutoencoderKLConfig(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                               up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(c.block_out_channels),
+                               layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
+                               norm_num_groups=c.norm_num_groups, sample_size=cfg.data.image_size,
+                               scaling_factor=1.0)  # the real factor is measured after training
   config.validate()
   return config
 
@@ -106,13 +106,14 @@ def vae_stage(cfg) -> Stage:
 
 def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> UNet2DConditionConfig:
   c = cfg.unet
-  factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-  config = UNet2DConditionConfig(
-      sample_size=cfg.data.image_size // factor, in_channels=vae_cfg.latent_channels,
-      out_channels=vae_cfg.latent_channels, down_block_types=tuple(c.down_block_types),
-      up_block_types=tuple(c.up_block_types), block_out_channels=tuple(c.block_out_channels),
-      layers_per_block=c.layers_per_block, attention_head_dim=c.attention_head_dim,
-      norm_num_groups=c.norm_num_groups, cross_attention_dim=text_cfg.hidden_size)
+  factor = vae_cfg.downsampling_factor
+  config = UNet2DConditionConfig(sample_size=cfg.data.image_size // factor, in_channels=vae_cfg.latent_channels,
+                                 out_channels=vae_cfg.latent_channels, down_block_types=tuple(c.down_block_types),
+                                 up_block_types=tuple(c.up_block_types), block_out_channels=tuple(c.block_out_channels),
+                                 layers_per_block=c.layers_per_block, attention_head_dim=c.attention_head_dim,
+                                 norm_num_groups=c.norm_num_groups, cross_attention_dim=text_cfg.hidden_size,
+                                 addition_embed_type=c.get("addition_embed_type") or None,
+                                 addition_embed_type_num_heads=c.get("addition_embed_type_num_heads", 64))
   config.validate()
   return config
 
@@ -134,11 +135,16 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
 
   def loss_fn(params, batch, rng, frozen):
     k_post, k_drop, k_noise = jax.random.split(rng, 3)
-    post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
-    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
-    ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
     unet_params, text = (params["unet"], params["text_encoder"]) if joint else (params, frozen["text"])
-    context = text_encoder.apply({"params": text}, ids).last_hidden_state
+    if "moments" in batch:  # a batch of the latent cache (latent_cache.py): the same draws as below
+      post = DiagonalGaussianDistribution.from_moments(batch["moments"])
+      empty = text_encoder.apply({"params": text}, empty_ids).last_hidden_state
+      context = losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout)
+    else:
+      post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
+      ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
+      context = text_encoder.apply({"params": text}, ids).last_hidden_state
+    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
     if not joint:
       context = jax.lax.stop_gradient(context)
     unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x.astype(unet.dtype), t, ctx)
@@ -153,8 +159,23 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   else:
     init = lambda rng: pretrained.init_params(unet, rng)  # noqa: E731
     frozen = {"vae": vae_params, "text": text_params}
-  return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params,
-               modules={"unet": unet, "vae": vae, "text_encoder": text_encoder})
+  return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params, modules={
+      "unet": unet,
+      "vae": vae,
+      "text_encoder": text_encoder
+  })
+
+
+def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Callable:
+  """`(vae_params, text_params, images, input_ids) -> (moments, context)`: what the latent cache stores
+  (the posterior's moments as `encode` gives them, and the text encoder's last hidden states)."""
+
+  def encode(vae_params, text_params, images, input_ids):
+    post = vae.apply({"params": vae_params}, images, method=vae.encode)
+    context = text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
+    return jnp.concatenate([post.mean, post.logvar], axis=-1), context.astype(jnp.float32)
+
+  return encode
 
 
 def measure_scaling_factor(vae: AutoencoderKL, vae_params, images: np.ndarray, key: jax.Array) -> float:

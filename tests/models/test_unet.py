@@ -50,6 +50,12 @@ CONFIGS = {
              norm_num_groups=8, mid_block_type="UNetMidBlock2D",
              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+    # addition_embed_type="text": the attention-pooled prompt added to the time embedding.
+    "text_embed":
+        dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
+             norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4,
+             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     "no_mid":
         dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
              norm_num_groups=8, mid_block_type=None, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -191,6 +197,7 @@ def test_gradient_checkpointing_same_output_and_gradients():
     dict(class_embed_type="timestep"),
     dict(num_class_embeds=10),
     dict(addition_embed_type="text_time", addition_time_embed_dim=256),
+    dict(addition_embed_type="text", addition_embed_type_num_heads=7),
     dict(resnet_time_scale_shift="scale_shift"),
     dict(time_embedding_type="fourier"),
     dict(down_block_types=("SimpleCrossAttnDownBlock2D",) + ("DownBlock2D",) * 3),

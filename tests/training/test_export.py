@@ -66,7 +66,7 @@ def test_newer_checkpoint_replaces_the_exported_unet(pipe, tmp_path):
   ckptr.save(state_dir, {"params": jax.device_get(pipe.unet_params), "ema_params": ema})
   ckptr.wait_until_finished()
   assert model_folder.latest_unet_checkpoint(workdir) == (5, state_dir)
-  loaded = export.load_workdir_pipeline(workdir)
+  loaded = pipeline.load_workdir(workdir)
   assert _equal(loaded.unet_params, ema)
   assert _equal(loaded.text_encoder_params, pipe.text_encoder_params)
   # An export at (or after) the checkpoint's step wins over it.

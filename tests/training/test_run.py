@@ -60,8 +60,11 @@ def test_default_stages_run_end_to_end(trained):
   assert set(pm["rows"][0]) >= {"shape", "color", "size", "position", "all", "clip_color", "clip_shape"}
   ceilings = pm["ceilings"]
   assert ceilings["real test images (ceiling)"]["n"] == 128 and ceilings["chance"]["shape"] == 1 / 3
-  assert pm["judge"]["test_accuracy"] == {k: v for k, v in ceilings["real test images (ceiling)"].items()
-                                          if k in ("shape", "color", "size", "position", "all")}
+  assert pm["judge"]["test_accuracy"] == {
+      k: v
+      for k, v in ceilings["real test images (ceiling)"].items()
+      if k in ("shape", "color", "size", "position", "all")
+  }
   assert np.isfinite(pm["fid"]) and pm["fid_real_vs_real"] < pm["fid"] and pm["fid_images"] == 50
   for stage in ("clip", "vae", "unet"):
     assert all(np.isfinite(_losses(workdir, stage)))
@@ -140,6 +143,20 @@ def test_finetune_from_a_diffusers_folder(data_dir, tmp_path):
   diffusers.StableDiffusionPipeline.from_pretrained(os.path.join(workdir, "model"), safety_checker=None)
 
 
+def test_unet_stage_trains_from_the_latent_cache(data_dir, tmp_path):
+  """--config.unet.cache_latents: the training split is encoded once into DIR/unet/latent_cache and the
+  U-Net trains on it (the loss equality with the uncached stage is tests/training/test_latent_cache.py)."""
+  init = reference.make_tiny_sd_folder(str(tmp_path / "init"))
+  workdir = str(tmp_path / "cached")
+  cfg = _cfg(data_dir, init=init, **{"unet.train_text_encoder": False, "unet.cache_latents": True})
+  cfg.unet.steps = cfg.unet.optimizer.total_steps = 3
+  results = run.train_and_evaluate(cfg, workdir)
+  assert results["unet"]["steps"] == 3
+  cache_dir = os.path.join(workdir, "unet", "latent_cache", "process_0")
+  assert json.load(open(os.path.join(cache_dir, "done.json")))["examples"] == 512  # the smoke train split
+  assert all(np.isfinite(_losses(workdir, "unet")))
+
+
 def test_benchmark_mode_reports_throughput(data_dir, tmp_path):
   cfg = _cfg(data_dir, benchmark_steps=2, stages="unet")
   cfg.init = reference.make_tiny_sd_folder(str(tmp_path / "init"))
@@ -149,13 +166,35 @@ def test_benchmark_mode_reports_throughput(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("updates,message", [
-    ({"stages": "clip,gan"}, "subset of clip,vae,unet"),
-    ({"clip.batch_size": 12}, "not divisible by the 8 devices"),
-    ({"data.image_size": 20}, "multiple of 8"),
-    ({"init": "/nonexistent/sd"}, "does not exist"),
-    ({"data.name": "not_prepared_dataset"}, "is not prepared"),
-    ({"mesh.fsdp": 3}, "must divide the 8 devices"),
-    ({"dtype": "float8"}, "choose one of"),
+    ({
+        "stages": "clip,gan"
+    }, "subset of clip,vae,unet"),
+    ({
+        "clip.batch_size": 12
+    }, "not divisible by the 8 devices"),
+    ({
+        "data.image_size": 20
+    }, "multiple of 8"),
+    ({
+        "init": "/nonexistent/sd"
+    }, "does not exist"),
+    ({
+        "data.name": "not_prepared_dataset"
+    }, "is not prepared"),
+    ({
+        "mesh.fsdp": 3
+    }, "must divide the 8 devices"),
+    ({
+        "dtype": "float8"
+    }, "choose one of"),
+    ({
+        "unet.cache_latents": True,
+        "data.random_flip": True,
+        "unet.train_text_encoder": False
+    }, "cannot be flipped"),
+    ({
+        "unet.cache_latents": True
+    }, "cannot be combined with config.unet.train_text_encoder"),
 ])
 def test_bad_config_is_refused_before_any_work(data_dir, tmp_path, updates, message):
   with pytest.raises(run.ConfigError if "dtype" not in updates else ValueError, match=message):
@@ -178,16 +217,19 @@ def test_missing_caption_key(data_dir, tmp_path):
 
 
 def test_cli_unknown_config_key(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "train", "--workdir", str(tmp_path), "--config.unet.stepz=3"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  r = subprocess.run([sys.executable, "-m", "train", "--workdir",
+                      str(tmp_path), "--config.unet.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "stepz" in r.stderr and "Traceback" not in r.stderr
 
 
 def _train_cli(workdir, data_dir, *overrides):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              JAX_DEFAULT_MATMUL_PRECISION="highest", JAXSD_CACHE_DIR=os.path.join(workdir, "..", "xla_cache"))
-  cmd = [sys.executable, "-m", "train", "--config", os.path.join(ROOT, "train", "configs", "smoke.py"),
-         "--workdir", workdir, f"--config.data.data_dir={data_dir}", *overrides]
+  cmd = [
+      sys.executable, "-m", "train", "--config",
+      os.path.join(ROOT, "train", "configs", "smoke.py"), "--workdir", workdir, f"--config.data.data_dir={data_dir}",
+      *overrides
+  ]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -199,11 +241,19 @@ def _unet_checkpoints(workdir):
 def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir, tmp_path):
   """The real stages through the resume path: `python -m train` killed with SIGKILL after the U-Net
   stage's first checkpoint, then run again, exports the same weights, to the bit, as the uninterrupted
-  run (same config, same data, same 8 simulated devices)."""
+  run (same config, same data, same 8 simulated devices; the clip and vae stages are the uninterrupted
+  run's, copied in)."""
+  import shutil
   import time
 
   workdir = str(tmp_path / "killed")
-  proc = _train_cli(workdir, data_dir)
+  # The finished clip and vae stages of the uninterrupted run, so that only the U-Net stage runs here (a
+  # rerun skips finished stages); no judged report (--config.eval.judge=False): it does not touch the weights.
+  for stage in ("clip", "vae"):
+    shutil.copytree(os.path.join(trained[0], stage), os.path.join(workdir, stage))
+  for component in ("clip", "text_encoder", "tokenizer", "vae"):
+    shutil.copytree(os.path.join(trained[0], "model", component), os.path.join(workdir, "model", component))
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
   try:
     deadline = time.time() + 600
     while not _unet_checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
@@ -215,7 +265,7 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
     proc.kill()
     proc.wait()
   assert 0 < killed_at < 24 and not os.path.exists(os.path.join(workdir, "unet", "result.json"))
-  proc = _train_cli(workdir, data_dir)
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
   _, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err[-2000:]
   assert json.load(open(os.path.join(workdir, "unet", "result.json")))["steps"] == 24
@@ -234,7 +284,7 @@ def test_bfloat16_training_tracks_float32(trained, data_dir, tmp_path):
   import transformers
 
   workdir = str(tmp_path / "bf16")
-  cfg = _cfg(data_dir, dtype="bfloat16")
+  cfg = _cfg(data_dir, dtype="bfloat16", **{"eval.judge": False})  # the losses and the export are what count
   run.train_and_evaluate(cfg, workdir)
   for stage in ("clip", "vae", "unet"):
     ref, ours = np.asarray(_losses(trained[0], stage)), np.asarray(_losses(workdir, stage))

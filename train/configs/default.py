@@ -8,9 +8,9 @@ import ml_collections
 
 
 def _optimizer(lr, steps, warmup, schedule="cosine", weight_decay=1e-2):
-  return ml_collections.ConfigDict(dict(
-      lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=steps, end_lr_ratio=0.1, weight_decay=weight_decay,
-      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1))
+  return ml_collections.ConfigDict(
+      dict(lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=steps, end_lr_ratio=0.1,
+           weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1))
 
 
 def get_config():
@@ -27,67 +27,95 @@ def get_config():
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all devices not used by fsdp
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes/32x32",  # any prepared TFDS dataset, e.g. one made by jaxsd.data.prepare_image_folder
-      data_dir="",  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-      image_key="image",
-      caption_key="caption",
-      image_size=32,
-      random_flip=False,  # flipping swaps "left"/"right" in captions (done when True)
-      num_threads=2,
-      train_split="train",
-      test_split="test",
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          name="shapes/32x32",  # any prepared TFDS dataset, e.g. one made by jaxsd.data.prepare_image_folder
+          data_dir="",  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+          image_key="image",
+          caption_key="caption",
+          image_size=32,
+          random_flip=False,  # flipping swaps "left"/"right" in captions (done when True)
+          num_threads=2,
+          train_split="train",
+          test_split="test",
+      ))
 
   # Stage 1: contrastive CLIP, the text encoder of the later stages and the judge of the samples.
-  c.clip = ml_collections.ConfigDict(dict(
-      steps=150, batch_size=64,
-      optimizer=_optimizer(1e-3, 150, 15),
-      text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
-      vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=32, patch_size=8, hidden_act="quick_gelu"),
-      projection_dim=128,
-      eval_examples=1000,  # zero-shot caption retrieval on the test split, in groups of 100
-  ))
+  c.clip = ml_collections.ConfigDict(
+      dict(
+          steps=600,
+          batch_size=64,  # 150 steps left shape and position out of the text encoder (docs/training.md)
+          optimizer=_optimizer(1e-3, 600, 60),
+          text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                    max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
+          vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                      patch_size=8, hidden_act="quick_gelu"),
+          projection_dim=128,
+          eval_examples=1000,  # zero-shot caption retrieval on the test split, in groups of 100
+      ))
 
   # Stage 2: the KL autoencoder; 32x32x3 images -> 16x16x4 latents.
-  c.vae = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=32,
-      optimizer=_optimizer(1e-3, 400, 40),
-      block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-      kl_weight=1e-6, l1_weight=1.0, l2_weight=1.0,
-      eval_examples=1000,
-  ))
+  c.vae = ml_collections.ConfigDict(
+      dict(
+          steps=400,
+          batch_size=32,
+          optimizer=_optimizer(1e-3, 400, 40),
+          block_out_channels=(16, 32),
+          layers_per_block=1,
+          latent_channels=4,
+          norm_num_groups=8,
+          kl_weight=1e-6,
+          l1_weight=1.0,
+          l2_weight=1.0,
+          eval_examples=1000,
+      ))
 
   # Stage 3: latent diffusion with the frozen VAE and CLIP text encoder.
-  c.unet = ml_collections.ConfigDict(dict(
-      steps=600, batch_size=32,
-      optimizer=_optimizer(1e-3, 600, 60),
-      block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
-      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-      prediction_type="epsilon",  # or "v_prediction"
-      min_snr_gamma=5.0,  # 0 disables min-SNR weighting
-      caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
-      # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
-      # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
-      # hidden states); but joint training at the U-Net's learning rate lost colour too (docs/training.md).
-      train_text_encoder=False,
-      ema_decay=0.999,
-      gradient_checkpointing=False,
-      sample_every=300,  # sample grid for the fixed prompts every N steps (0: only at the end)
-      sampler="dpmpp_2m", sample_steps=10, guidance_scale=4.0,
-  ))
+  c.unet = ml_collections.ConfigDict(
+      dict(
+          steps=600,
+          batch_size=32,
+          optimizer=_optimizer(1e-3, 600, 60),
+          block_out_channels=(32, 64, 128),
+          layers_per_block=1,
+          attention_head_dim=4,
+          norm_num_groups=32,
+          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+          # "text": diffusers' addition embedding, the attention-pooled prompt added to the time embedding, so
+          # every ResNet block sees it (not only the cross-attention levels); "" for none (SD 1.x / 2.x).
+          addition_embed_type="",
+          addition_embed_type_num_heads=8,
+          prediction_type="epsilon",  # or "v_prediction"
+          min_snr_gamma=5.0,  # 0 disables min-SNR weighting
+          caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
+          # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
+          # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
+          # hidden states); but joint training at the U-Net's learning rate lost colour too (docs/training.md).
+          train_text_encoder=False,
+          # Encode the training split once with the frozen VAE and text encoder (posterior moments and hidden
+          # states, in DIR/unet/latent_cache) and train on that: a step then runs the U-Net alone. Pays off
+          # from about two epochs (docs/training.md); images are not flipped with it.
+          cache_latents=False,
+          ema_decay=0.999,
+          gradient_checkpointing=False,
+          sample_every=300,  # sample grid every N steps (0: only at the end)
+          sample_prompts=(),  # its prompts; () = the dataset's own (jaxsd/data/builtin.py), or four generic ones
+          sampler="dpmpp_2m",
+          sample_steps=10,
+          guidance_scale=4.0,
+      ))
 
   # Judging the samples (shapes only): an independent classifier trained on the dataset's labels scores
   # every canonical prompt per attribute, and its features give a shapes-FID; at every sample point
   # of the U-Net stage and in the final report.
-  c.eval = ml_collections.ConfigDict(dict(
-      judge=True,
-      judge_steps=1000, judge_train_examples=20000,
-      images_per_prompt=1,  # x 180 canonical prompts (colour x shape x size x position)
-      fid_images=1000,  # samples of test captions, against as many other real test images
-      periodic_fid_images=250,  # the same, during training (sampling 1,000 images costs minutes on a CPU)
-  ))
+  c.eval = ml_collections.ConfigDict(
+      dict(
+          judge=True,
+          judge_steps=1000,
+          judge_train_examples=20000,
+          images_per_prompt=1,  # x 180 canonical prompts (colour x shape x size x position)
+          fid_images=1000,  # samples of test captions, against as many other real test images
+          periodic_fid_images=250,  # the same, during training (sampling 1,000 images costs minutes on a CPU)
+      ))
   return c

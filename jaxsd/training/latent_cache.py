@@ -1,0 +1,182 @@
+"""Cached U-Net inputs: the frozen VAE's posterior moments and the frozen text encoder's hidden states.
+
+With `config.unet.cache_latents` the U-Net stage encodes its training split once, before its first step,
+and then trains on the cache, so that a step runs the U-Net alone (MLPerf's and MaxDiffusion's recipe:
+precomputed latents and text embeddings). What is cached and what stays random:
+
+- the posterior *moments* (mean and log-variance, as `AutoencoderKL.encode` returns them), not a sample:
+  every step still draws a fresh latent from N(mean, std^2), as the uncached stage does;
+- the text encoder's `last_hidden_state` of each image's caption (its first caption when it has several);
+  caption dropout swaps in the empty caption's hidden states, as the uncached stage swaps in its tokens;
+- images are centre-cropped and never flipped: one encoding per image, so `data.random_flip` cannot
+  be combined with the cache (run.py refuses the combination), nor can a text encoder that trains.
+
+Layout of `<workdir>/unet/latent_cache/process_<i>/` (each host caches its own shard of the split):
+  spec.json                 what the cache was made from (dataset, split, sizes, a fingerprint of the
+                            VAE and text-encoder weights); a different spec empties the folder first
+  moments-<k>.npy           float32 (n, h, w, 2 * latent_channels), `shard_size` examples per file
+  context-<k>.npy           float32 (n, tokens, hidden_size)
+  done.json                 written last: the number of examples; present = complete
+Shards are written to a temporary name and renamed, so a run killed while caching keeps the finished
+shards and the rerun encodes only the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterable
+
+import grain
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+_SPEC, _DONE = "spec.json", "done.json"
+
+
+def fingerprint(*trees) -> str:
+  """A short hash of parameter pytrees (their paths, shapes, dtypes and bytes)."""
+  h = hashlib.sha256()
+  for tree in trees:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      a = np.asarray(leaf)
+      h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class LatentCache:
+  """A finished cache: memory-mapped shards of `moments` and `context`, one row per example."""
+
+  directory: str
+  moments: list[np.ndarray]  # one memory-mapped array per shard
+  context: list[np.ndarray]
+  shard_size: int
+
+  def __len__(self) -> int:
+    return sum(len(m) for m in self.moments)
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """{"moments", "context"} of the examples at `indices`, in that order."""
+    indices = np.asarray(indices)
+    shard, row = np.divmod(indices, self.shard_size)
+    out = {
+        "moments": np.empty((len(indices), *self.moments[0].shape[1:]), np.float32),
+        "context": np.empty((len(indices), *self.context[0].shape[1:]), np.float32)
+    }
+    for k in np.unique(shard):
+      sel = shard == k
+      rows = row[sel]
+      out["moments"][sel] = self.moments[k][rows]
+      out["context"][sel] = self.context[k][rows]
+    return out
+
+
+def _shard_paths(directory: str, k: int) -> tuple[str, str]:
+  return (os.path.join(directory, f"moments-{k:05d}.npy"), os.path.join(directory, f"context-{k:05d}.npy"))
+
+
+def _save(path: str, array: np.ndarray) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.save(f, array)
+  os.replace(tmp, path)
+
+
+def _prepare(directory: str, spec: dict) -> None:
+  """Keeps the folder's finished shards when it was made from the same spec, else empties it."""
+  path = os.path.join(directory, _SPEC)
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f) == spec:
+        return
+    log.info("latent cache in %s was made from other weights or data: rebuilding it.", directory)
+    shutil.rmtree(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(spec, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def build(directory: str, spec: dict, batches: Iterable[dict], encode: Callable[[np.ndarray, np.ndarray], Any], *,
+          batch_size: int, shard_size: int) -> LatentCache:
+  """Encodes `batches` (in order: {"image", "input_ids"}, the last one possibly short) into `directory`,
+  or reads the cache there when it is complete for `spec`.
+
+  `encode(images, input_ids) -> (moments, context)` is called on batches of exactly `batch_size` (a short
+  last batch is padded, so one compiled program serves all); `shard_size` must be a multiple of it.
+  """
+  if shard_size % batch_size:
+    raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={batch_size}.")
+  _prepare(directory, spec)
+  if not os.path.exists(os.path.join(directory, _DONE)):
+    t0, encoded = time.time(), 0
+    per_shard = shard_size // batch_size
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    k = 0
+    for i, batch in enumerate(batches):
+      k = i // per_shard
+      if all(os.path.exists(p) for p in _shard_paths(directory, k)):
+        continue  # finished by an earlier run
+      n = len(batch["image"])
+      pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)]) if n < batch_size else x
+      moments, context = jax.device_get(encode(pad(batch["image"]), pad(batch["input_ids"])))
+      pending.append((np.asarray(moments[:n], np.float32), np.asarray(context[:n], np.float32)))
+      encoded += n
+      if len(pending) == per_shard or n < batch_size:
+        _write_shard(directory, k, pending)
+        pending = []
+    if pending:
+      _write_shard(directory, k, pending)
+    count = sum(len(np.load(_shard_paths(directory, j)[0], mmap_mode="r")) for j in range(_num_shards(directory)))
+    with open(os.path.join(directory, _DONE), "w") as f:
+      json.dump({"examples": count, "shards": _num_shards(directory), "shard_size": shard_size}, f)
+    log.info("latent cache: encoded %d examples in %.1f s into %s (%d in all).", encoded,
+             time.time() - t0, directory, count)
+  return load(directory)
+
+
+def _write_shard(directory: str, k: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+  moments_path, context_path = _shard_paths(directory, k)
+  _save(context_path, np.concatenate([p[1] for p in parts]))
+  _save(moments_path, np.concatenate([p[0] for p in parts]))
+
+
+def _num_shards(directory: str) -> int:
+  return sum(1 for name in os.listdir(directory) if name.startswith("moments-") and name.endswith(".npy"))
+
+
+def load(directory: str) -> LatentCache:
+  """The complete cache in `directory`, memory-mapped (nothing is read until a batch asks for it)."""
+  with open(os.path.join(directory, _DONE)) as f:
+    done = json.load(f)
+  shards = [_shard_paths(directory, k) for k in range(done["shards"])]
+  moments = [np.load(m, mmap_mode="r") for m, _ in shards]
+  context = [np.load(c, mmap_mode="r") for _, c in shards]
+  sizes = [len(m) for m in moments]
+  if (sum(sizes) != done["examples"] or [len(c) for c in context] != sizes or
+      any(n != done["shard_size"] for n in sizes[:-1])):
+    raise ValueError(f"latent cache {directory} is inconsistent (shards of {sizes} moments, "
+                     f"{[len(c) for c in context]} contexts; {done['examples']} examples recorded): delete it "
+                     "and rerun.")
+  return LatentCache(directory, moments, context, done["shard_size"])
+
+
+def make_dataset(cache: LatentCache, *, batch_size: int, seed: int, prefetch_batches: int = 2) -> grain.IterDataset:
+  """Training batches {"moments", "context"} from the cache: shuffled with `seed`, reshuffled every
+  epoch, repeated forever; `iter()` gives a grain iterator whose get_state/set_state resume exactly."""
+  if len(cache) < batch_size:
+    raise ValueError(f"the latent cache holds {len(cache)} examples: fewer than a batch of {batch_size}.")
+  positions = grain.MapDataset.range(len(cache)).shuffle(seed=seed).repeat()
+  batches = positions.batch(batch_size, drop_remainder=True).map(cache.take)
+  it = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+  if prefetch_batches:
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
+  return it
