@@ -84,7 +84,8 @@ def get_config():
           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
           # "text": diffusers' addition embedding, the attention-pooled prompt added to the time embedding, so
           # every ResNet block sees it (not only the cross-attention levels); "" for none (SD 1.x / 2.x).
-          addition_embed_type="",
+          # Still a diffusers UNet2DConditionModel: StableDiffusionPipeline loads the exported model as is.
+          addition_embed_type="text",
           addition_embed_type_num_heads=8,
           prediction_type="epsilon",  # or "v_prediction"
           min_snr_gamma=5.0,  # 0 disables min-SNR weighting
