@@ -241,19 +241,14 @@ def _unet_checkpoints(workdir):
 def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir, tmp_path):
   """The real stages through the resume path: `python -m train` killed with SIGKILL after the U-Net
   stage's first checkpoint, then run again, exports the same weights, to the bit, as the uninterrupted
-  run (same config, same data, same 8 simulated devices; the clip and vae stages are the uninterrupted
-  run's, copied in)."""
-  import shutil
+  run (same config, same data, same 8 simulated devices). All three stages run in the killed process:
+  copying the uninterrupted run's finished clip/vae stages in and running only the U-Net stage (with
+  --config.eval.judge=False) gave U-Net weights that differ from the in-process run's, twice; not yet
+  explained, so the test keeps the whole run."""
   import time
 
   workdir = str(tmp_path / "killed")
-  # The finished clip and vae stages of the uninterrupted run, so that only the U-Net stage runs here (a
-  # rerun skips finished stages); no judged report (--config.eval.judge=False): it does not touch the weights.
-  for stage in ("clip", "vae"):
-    shutil.copytree(os.path.join(trained[0], stage), os.path.join(workdir, stage))
-  for component in ("clip", "text_encoder", "tokenizer", "vae"):
-    shutil.copytree(os.path.join(trained[0], "model", component), os.path.join(workdir, "model", component))
-  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
+  proc = _train_cli(workdir, data_dir)
   try:
     deadline = time.time() + 600
     while not _unet_checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
@@ -265,7 +260,7 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
     proc.kill()
     proc.wait()
   assert 0 < killed_at < 24 and not os.path.exists(os.path.join(workdir, "unet", "result.json"))
-  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
+  proc = _train_cli(workdir, data_dir)
   _, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err[-2000:]
   assert json.load(open(os.path.join(workdir, "unet", "result.json")))["steps"] == 24
