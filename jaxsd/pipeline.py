@@ -192,12 +192,19 @@ class StableDiffusion:
     base = jax.random.key(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(offset, offset + batch))
 
-  def __call__(self, prompts, negative_prompts=None, height: int = 512, width: int = 512, steps: int = 50,
-               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None, output: str = "np"):
+  def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
+               steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
+               output: str = "np"):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
-    `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`.
+    `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
+    default (as in diffusers) to the size of the given `latents`, else to the model's own size
+    (`default_size`: the U-Net's sample_size times the VAE's factor, e.g. 512 for SD 1.5, 768 for SD 2.1).
     """
+    if latents is not None and (height is None or width is None) and np.ndim(latents) == 4:
+      f = self.vae.config.downsampling_factor
+      height, width = height or np.shape(latents)[1] * f, width or np.shape(latents)[2] * f
+    height, width = height or self.default_size, width or self.default_size
     prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output)
     b = len(prompts)
     if latents is None:

@@ -45,11 +45,11 @@ def _latents(pipe, seed=0):
   return np.asarray(pipe.noise(seed, len(PROMPTS), HW, HW))
 
 
-def _torch_run(tpipe, sampler, latents, steps, guidance, output_type):
+def _torch_run(tpipe, sampler, latents, steps, guidance, output_type, size=HW):
   cls, kw = DETERMINISTIC[sampler]
   tpipe.scheduler = cls.from_config(tpipe.scheduler.config, **kw)
   with torch.no_grad():
-    out = tpipe(PROMPTS, negative_prompt=NEGATIVE, height=HW, width=HW, num_inference_steps=steps,
+    out = tpipe(PROMPTS, negative_prompt=NEGATIVE, height=size, width=size, num_inference_steps=steps,
                 guidance_scale=guidance, latents=reference.nhwc_to_nchw(latents), output_type=output_type)
   return out.images
 
@@ -93,6 +93,22 @@ def test_second_call_compiles_nothing(folders):
   out1 = pipe(PROMPTS, height=HW, width=HW, steps=3, sampler="euler", seed=5, guidance_scale=3.0)
   assert fn._cache_size() == size
   assert out1.shape == (2, HW, HW, 3)
+
+
+def test_default_size_is_the_models_and_follows_given_latents(folders):
+  """As diffusers: without height/width the size is unet.sample_size x the VAE factor (512 for SD 1.5, 768
+  for SD 2.1); with `latents` given and no size, the size is theirs (no 512x512 mismatch error)."""
+  path, tpipe, pipe = folders
+  native = tpipe.unet.config.sample_size * tpipe.vae_scale_factor
+  assert pipe.default_size == native
+  out = pipe(PROMPTS, steps=2, sampler="ddim", output="latent")
+  assert out.shape == pipe.latent_shape(len(PROMPTS), native, native)
+  other = native // 2 if native >= 16 else native * 2
+  latents = np.asarray(pipe.noise(0, len(PROMPTS), other, other))
+  ours = pipe(PROMPTS, NEGATIVE, steps=3, guidance_scale=7.5, sampler="ddim", latents=latents, output="latent")
+  ref = reference.nchw_to_nhwc(_torch_run(tpipe, "ddim", latents, 3, 7.5, "latent", size=other))
+  assert ours.shape == latents.shape
+  np.testing.assert_allclose(ours, ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
 def test_img2img_runs_and_strength_controls_change(folders):
