@@ -58,7 +58,7 @@ def _write_network(module, config: dict, path: str, file: str, rng: np.random.Ge
 
 def write(name: str, root: str, seed: int = 0, log=print) -> str:
   """Returns the folder of model `name` under `root`, writing it first if needed."""
-  from jaxsd import tokenizer as tok
+  from jaxsd import model_folder as folder_lib, tokenizer as tok
   from jaxsd.models import clip, unet, vae
 
   cfgs = sd15_configs.model(name)
@@ -80,18 +80,9 @@ def write(name: str, root: str, seed: int = 0, log=print) -> str:
   os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
   with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(cfgs["scheduler"], f, indent=2, sort_keys=True)
-  index = {
-      "_class_name": "StableDiffusionPipeline",
-      "_diffusers_version": "0.6.0",
-      "feature_extractor": [None, None],
-      "safety_checker": [None, None],
-      "scheduler": ["diffusers", "PNDMScheduler"],
-      "text_encoder": ["transformers", "CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"],
-      "unet": ["diffusers", "UNet2DConditionModel"],
-      "vae": ["diffusers", "AutoencoderKL"],
-      "requires_safety_checker": False
-  }
+  # jaxsd's index as diffusers 0.39's Flax loader reads it: an old version and no image_encoder entry.
+  index = {k: v for k, v in folder_lib.MODEL_INDEX.items() if k != "image_encoder"}
+  index["_diffusers_version"] = "0.6.0"
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)
   with open(os.path.join(path, "parameters.json"), "w") as f:

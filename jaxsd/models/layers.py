@@ -157,10 +157,7 @@ class AttentionPooling(nn.Module):
     q = heads(nn.Dense(d, name="q_proj", **kw)(cls))
     k = heads(nn.Dense(d, name="k_proj", **kw)(x))
     v = heads(nn.Dense(d, name="v_proj", **kw)(x))
-    scale = 1 / math.sqrt(math.sqrt(hd))  # on q and k both, as diffusers does
-    w = jnp.einsum("bthd,bshd->bhts", q * scale, k * scale, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", w, v).reshape(b, d)
+    return dot_product_attention(q, k, v).reshape(b, d)
 
 
 class TextTimeEmbedding(nn.Module):

@@ -109,7 +109,7 @@ def clip_attribute_judge(clip_model, clip_params, tokenizer, attributes: dict, p
 def _generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
               batch_size: int = 250) -> np.ndarray:
   """uint8 images for `prompts`, in batches of one size (one compiled program); batch i uses seed + i."""
-  size = pipe.unet.config.sample_size * pipe.vae.config.downsampling_factor
+  size = pipe.default_size
   out = []
   for i in range(0, len(prompts), batch_size):
     chunk = list(prompts[i:i + batch_size])

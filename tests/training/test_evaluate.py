@@ -58,6 +58,7 @@ class _Pipe:
 
   unet = types.SimpleNamespace(config=types.SimpleNamespace(sample_size=2))
   vae = types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=(4, 4), downsampling_factor=2))
+  default_size = 4  # as StableDiffusion.default_size: sample_size x downsampling_factor
 
   def __init__(self):
     self.calls = []
