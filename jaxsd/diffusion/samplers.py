@@ -51,6 +51,7 @@ class Schedule:
   alphas: jax.Array | None = None  # [L] alpha_bar at each call's timestep (DDIM, PNDM, DDPM)
   alphas_prev: jax.Array | None = None  # [L] alpha_bar the step moves to
   coeffs: jax.Array | None = None  # [L, k] multistep weights (LMS, DPM++ 2M)
+  prk_calls: int = struct.field(pytree_node=False, default=0)  # PNDM: Runge-Kutta warm-up calls before PLMS
 
 
 def _resolve(sampler: str, use_karras_sigmas: bool | None) -> tuple[str, bool | None]:
@@ -76,6 +77,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
   """
   sampler, karras = _resolve(sampler, use_karras_sigmas)
   row = _TABLE[sampler]
+  cfg = cfg.for_class(row.scheduler_class)  # keys the file left out: this sampler's diffusers defaults
   if karras and not row.karras and use_karras_sigmas is not None:
     raise ValueError(f"use_karras_sigmas is not available for {sampler!r}; "
                      f"only for {tuple(k for k, r in _TABLE.items() if r.karras)}.")
@@ -94,9 +96,11 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
   if row.check is not None:
     row.check(cfg)
   fields = row.schedule(cfg, sampler, num_steps, start, schedules.alphas_cumprod_np(cfg), karras)
+  prk_calls = fields.pop("prk_calls", 0)
   clip = cfg.clip_sample_range if cfg.clip_sample and row.clips else None
   arrays = {k: None if v is None else jnp.asarray(v, jnp.float32) for k, v in fields.items()}
-  return Schedule(**arrays, sampler=sampler, prediction_type=cfg.prediction_type, clip_sample_range=clip)
+  return Schedule(**arrays, sampler=sampler, prediction_type=cfg.prediction_type, clip_sample_range=clip,
+                  prk_calls=prk_calls)
 
 
 def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
@@ -105,6 +109,8 @@ def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   T, ratio = cfg.num_train_timesteps, cfg.num_train_timesteps // n
   final = np.float32(1.0) if cfg.set_alpha_to_one or sampler == "ddpm" else ac[0]
   ts = schedules.discrete_timesteps(cfg, n)
+  if sampler == "pndm" and not cfg.skip_prk_steps:
+    return _prk_schedule(cfg, n, start, ac, ts[::-1], final)
   if sampler == "pndm":  # PLMS repeats the second timestep: the first step is redone with the
     asc = ts[::-1]  # mean of two outputs, a second-order start in place of Runge-Kutta warm-up.
     ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
@@ -122,6 +128,32 @@ def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0),
               noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)],
                                     np.float32), alphas=ac[t_from], alphas_prev=alphas_prev)
+
+
+def _prk_schedule(cfg, n, start, ac, asc, final) -> dict:
+  """PNDM with skip_prk_steps=False: three Runge-Kutta steps of four calls each on the last four timesteps
+  (Liu et al. (2022) eq. 13), then PLMS; timesteps and alpha_bars as diffusers' PNDMScheduler builds them."""
+  if start:
+    raise ValueError("pndm with skip_prk_steps=False (Runge-Kutta warm-up) and strength < 1 is not implemented; "
+                     "set skip_prk_steps=true in the scheduler config, or use another sampler for img2img.")
+  if n < 4:  # (diffusers' set_timesteps fails there too)
+    raise ValueError(f"pndm with skip_prk_steps=False (Runge-Kutta warm-up on the last four timesteps) needs at "
+                     f"least 4 steps, not {n}; raise the step count or set skip_prk_steps=true.")
+  T, ratio, half = cfg.num_train_timesteps, cfg.num_train_timesteps // n, cfg.num_train_timesteps // n // 2
+  prk = (asc[-4:].repeat(2) + np.tile(np.array([0, half]), 4))[:-1].repeat(2)[1:-1][::-1]
+  ts = np.concatenate([prk, asc[:-3][::-1]]).astype(np.int64)
+  c, p = np.arange(len(ts)), len(prk)
+  # A Runge-Kutta call steps from its step's first timestep, to the midpoint (even calls) or to where
+  # the call was made (odd ones); a PLMS call steps from t to t - T // n.
+  t_from = np.where(c < p, prk[np.minimum(c // 4 * 4, p - 1)], ts)
+  t_to = np.where(c < p, ts - np.where(c % 2 == 1, 0, half), ts - ratio)
+  if t_from.max() >= T:
+    raise ValueError(f"pndm with {n} steps reaches timestep {t_from.max()} >= {T}; choose other num_steps.")
+  alphas_prev = np.where(t_to >= 0, ac[np.clip(t_to, 0, T - 1)], final).astype(np.float32)
+  a0 = ac[ts[0]]
+  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0),
+              noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)],
+                                    np.float32), alphas=ac[t_from], alphas_prev=alphas_prev, prk_calls=p)
 
 
 def _sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
@@ -260,18 +292,44 @@ _PLMS_WEIGHTS = np.array([[1, 0, 0, 0], [1 / 2, 1 / 2, 0, 0], [3 / 2, -1 / 2, 0,
                           [55 / 24, -59 / 24, 37 / 24, -9 / 24]], np.float32)
 
 
-def pndm_step(s, i, x, out, state, noise):
-  """Implements PLMS, Liu et al. (2022) eq. 12, as diffusers' PNDM with skip_prk_steps."""
-  ets, x_first = state  # previous outputs, newest first; the latents the first call started from
-  w = jnp.asarray(_PLMS_WEIGHTS)[jnp.minimum(i, 4)]
-  e = w[0] * out + w[1] * ets[0] + w[2] * ets[1] + w[3] * ets[2]
-  x = jnp.where(i == 1, x_first, x)  # the repeated call redoes the first step with averaged outputs
+def _pndm_update(s, i, x, e):
+  """The transfer x_t -> x_t' of Liu et al. (2022) eq. 11 with the combined output e (diffusers' _get_prev_sample)."""
   a_t, a_prev = s.alphas[i], s.alphas_prev[i]
   e = _x0_eps(s, e, x, jnp.sqrt(a_t), jnp.sqrt(1 - a_t))[1]  # (PNDM refuses prediction_type="sample")
   denom = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
-  x_next = jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * e / denom
+  return jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * e / denom
+
+
+def pndm_step(s, i, x, out, state, noise):
+  """Implements PLMS, Liu et al. (2022) eq. 12, as diffusers' PNDM (with its Runge-Kutta warm-up if
+  the schedule has one)."""
+  if s.prk_calls:
+    return _prk_plms_step(s, i, x, out, state)
+  ets, x_first, acc = state  # previous outputs, newest first; the latents the first call started from
+  w = jnp.asarray(_PLMS_WEIGHTS)[jnp.minimum(i, 4)]
+  e = w[0] * out + w[1] * ets[0] + w[2] * ets[1] + w[3] * ets[2]
+  x = jnp.where(i == 1, x_first, x)  # the repeated call redoes the first step with averaged outputs
+  x_next = _pndm_update(s, i, x, e)
   ets = jnp.where(i == 1, ets, jnp.concatenate([out[None], ets[:2]]))
-  return x_next, (ets, jnp.where(i == 0, x, x_first))
+  return x_next, (ets, jnp.where(i == 0, x, x_first), acc)
+
+
+def _prk_plms_step(s, i, x, out, state):
+  """PNDM with skip_prk_steps=False, as diffusers' step_prk then step_plms.
+
+  The four calls of a Runge-Kutta step all move its first call's latents, with e1, e2, e3, then
+  (e1 + 2 e2 + 2 e3 + e4) / 6; each step's e1 is kept for PLMS, which then runs at fourth order.
+  """
+  ets, x_start, acc = state  # each RK step's first output, newest first; that step's latents; the RK sum
+  prk, r = i < s.prk_calls, i % 4
+  x_start = jnp.where(prk & (r == 0), x, x_start)
+  e_prk = jnp.where(r == 3, acc + out / 6, out)
+  acc = jnp.where(r == 0, out / 6, jnp.where(r == 3, jnp.zeros_like(acc), acc + out / 3))
+  w = _PLMS_WEIGHTS[4]
+  e_plms = w[0] * out + w[1] * ets[0] + w[2] * ets[1] + w[3] * ets[2]
+  x_next = _pndm_update(s, i, jnp.where(prk, x_start, x), jnp.where(prk, e_prk, e_plms))
+  ets = jnp.where(~prk | (r == 0), jnp.concatenate([out[None], ets[:2]]), ets)
+  return x_next, (ets, x_start, acc)
 
 
 def ddpm_step(s, i, x, out, state, noise):
@@ -348,6 +406,7 @@ class Sampler(NamedTuple):
   clips: bool = False  # honours clip_sample
   predicts_sample: bool = True  # supports prediction_type="sample"
   check: Callable[[SchedulerConfig], None] | None = None  # raises for scheduler settings it lacks
+  scheduler_class: str = ""  # the diffusers scheduler it follows: whose defaults fill keys a config leaves out
 
 
 def _stateless(x):
@@ -360,37 +419,35 @@ def _check_ddpm(cfg: SchedulerConfig) -> None:
     raise ValueError(f"ddpm supports variance_type='fixed_small' only, not {cfg.variance_type!r}.")
 
 
-def _check_pndm(cfg: SchedulerConfig) -> None:
-  if not cfg.skip_prk_steps:
-    raise ValueError("pndm with skip_prk_steps=False (Runge-Kutta warm-up) is not implemented; "
-                     "set skip_prk_steps=true (as Stable Diffusion's configs do).")
-
-
 _TABLE = {
     "ddim":
-        Sampler(_stateless, ddim_step, _alpha_schedule, clips=True),
-    # State: the last three outputs, newest first; the latents the first call started from.
+        Sampler(_stateless, ddim_step, _alpha_schedule, clips=True, scheduler_class="DDIMScheduler"),
+    # State: the last three outputs, newest first; the latents the first call (the RK step) started from;
+    # the Runge-Kutta sum of outputs (warm-up only).
     "pndm":
-        Sampler(lambda x: (jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(x)), pndm_step, _alpha_schedule,
-                predicts_sample=False, check=_check_pndm),
+        Sampler(lambda x: (jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(x), jnp.zeros_like(x)), pndm_step,
+                _alpha_schedule, predicts_sample=False, scheduler_class="PNDMScheduler"),
     "ddpm":
-        Sampler(_stateless, ddpm_step, _alpha_schedule, stochastic=True, clips=True, check=_check_ddpm),
+        Sampler(_stateless, ddpm_step, _alpha_schedule, stochastic=True, clips=True, check=_check_ddpm,
+                scheduler_class="DDPMScheduler"),
     "euler":
-        Sampler(_stateless, euler_step, _sigma_schedule, scaled_input=True, karras=True),
+        Sampler(_stateless, euler_step, _sigma_schedule, scaled_input=True, karras=True,
+                scheduler_class="EulerDiscreteScheduler"),
     "euler_a":
         Sampler(_stateless, euler_ancestral_step, _sigma_schedule, scaled_input=True, stochastic=True,
-                predicts_sample=False),
+                predicts_sample=False, scheduler_class="EulerAncestralDiscreteScheduler"),
     # State: the predictor's derivative, its step size and the latents it started from.
     "heun":
         Sampler(lambda x: (jnp.zeros_like(x), jnp.zeros((), x.dtype), jnp.zeros_like(x)), heun_step, _sigma_schedule,
-                scaled_input=True, order=2, karras=True, clips=True),
+                scaled_input=True, order=2, karras=True, clips=True, scheduler_class="HeunDiscreteScheduler"),
     # State: the last four derivatives, newest first.
     "lms":
-        Sampler(lambda x: jnp.zeros((4,) + x.shape, x.dtype), lms_step, _sigma_schedule, scaled_input=True,
-                karras=True),
+        Sampler(lambda x: jnp.zeros((4,) + x.shape, x.dtype), lms_step, _sigma_schedule, scaled_input=True, karras=True,
+                scheduler_class="LMSDiscreteScheduler"),
     # State: the previous x0 prediction.
     "dpmpp_2m":
-        Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True),
+        Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True,
+                scheduler_class="DPMSolverMultistepScheduler"),
 }
 SAMPLERS = tuple(_TABLE)
 

@@ -22,13 +22,48 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
+# What a scheduler_config.json that leaves a key out means: each diffusers scheduler class's own default
+# (`inspect.signature(diffusers.<Class>.__init__)`, diffusers 0.42; tests/diffusion/test_schedules.py checks
+# them), for the keys SchedulerConfig reads. They are not SD's values: beta_start=0.00085 with
+# "scaled_linear", steps_offset=1 and skip_prk_steps=true are in SD's files, not in diffusers' defaults.
+_COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+               prediction_type="epsilon", steps_offset=0)
+DIFFUSERS_DEFAULTS = {
+    "DDIMScheduler":
+        dict(_COMMON, clip_sample=True, set_alpha_to_one=True, thresholding=False, clip_sample_range=1.0,
+             timestep_spacing="leading", rescale_betas_zero_snr=False),
+    "PNDMScheduler":
+        dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
+    "DDPMScheduler":
+        dict(_COMMON, variance_type="fixed_small", clip_sample=True, thresholding=False, clip_sample_range=1.0,
+             timestep_spacing="leading", rescale_betas_zero_snr=False),
+    "EulerDiscreteScheduler":
+        dict(_COMMON, use_karras_sigmas=False, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+    "EulerAncestralDiscreteScheduler":
+        dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+    "HeunDiscreteScheduler":  # not _COMMON's betas: Heun's own defaults are SD's values, but linear
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, timestep_spacing="linspace"
+            ),
+    "LMSDiscreteScheduler":
+        dict(_COMMON, use_karras_sigmas=False, timestep_spacing="linspace"),
+    "DPMSolverMultistepScheduler":
+        dict(_COMMON, thresholding=False, use_karras_sigmas=False, variance_type=None, timestep_spacing="linspace",
+             rescale_betas_zero_snr=False),
+}
+# A file without a known `_class_name`: diffusers' training scripts read it as a DDPMScheduler.
+_FALLBACK_CLASS = "DDPMScheduler"
+
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig(ConfigBase):
   """The noise schedule of a model, from its diffusers `scheduler_config.json`.
 
-  Defaults are Stable Diffusion 1.5's PNDM config. Keys of the file that no sampler here reads
-  (`_class_name`, `solver_order`, ...) are ignored.
+  The dataclass defaults are Stable Diffusion 1.5's PNDM config (what `SchedulerConfig()` means in code).
+  A file read with `from_dict` / `from_json` means what it means to diffusers instead: a key it leaves
+  out takes the default of the file's `_class_name` (`DIFFUSERS_DEFAULTS`), is listed in `defaulted`,
+  and takes the default of another scheduler class when a sampler of that class uses the config
+  (`for_class`; diffusers' `from_config` does the same through its `_use_default_values`). Keys of
+  the file that no sampler here reads (`solver_order`, ...) are ignored.
   """
 
   num_train_timesteps: int = 1000
@@ -50,6 +85,30 @@ class SchedulerConfig(ConfigBase):
   variance_type: str = "fixed_small"  # DDPM: the posterior variance, Ho et al. eq. 7.
   thresholding: bool = False  # Dynamic thresholding (Imagen): not for latent diffusion.
   rescale_betas_zero_snr: bool = False  # Lin et al. (2023): not implemented.
+  defaulted: tuple[str, ...] = ()  # keys the file left out: each scheduler class fills in its own default
+
+  @classmethod
+  def from_dict(cls, d: dict) -> SchedulerConfig:
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "defaulted"]
+    class_name = str(d.get("_class_name", "")).removeprefix("Flax")
+    defaults = DIFFUSERS_DEFAULTS.get(class_name, DIFFUSERS_DEFAULTS[_FALLBACK_CLASS])
+    # A diffusers `scheduler.config` lists the keys it filled with its own class's defaults.
+    used_defaults = set(d.get("_use_default_values", ()))
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names and k not in used_defaults}
+    missing = tuple(sorted(k for k in names if k not in given))
+    cfg = cls(**{k: v for k, v in defaults.items() if k in missing}, **given, defaulted=missing)
+    cfg.validate()
+    return cfg
+
+  def for_class(self, class_name: str) -> SchedulerConfig:
+    """This config as diffusers' `class_name` reads it: keys the file left out take that class's defaults."""
+    defaults = DIFFUSERS_DEFAULTS[class_name]
+    return self.replace(**{k: defaults[k] for k in self.defaulted if k in defaults})
+
+  def to_dict(self) -> dict:
+    d = super().to_dict()
+    del d["defaulted"]
+    return d
 
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> SchedulerConfig:

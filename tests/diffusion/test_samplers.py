@@ -231,15 +231,54 @@ def test_make_schedule_errors(kwargs, match):
     samplers.make_schedule(SchedulerConfig(), **kw)
 
 
-@pytest.mark.parametrize("cfg, sampler, match", [
-    (SchedulerConfig(skip_prk_steps=False), "pndm", "skip_prk_steps"),
-    (SchedulerConfig(prediction_type="sample"), "plms", "prediction_type"),
-    (SchedulerConfig(prediction_type="sample"), "euler_a", "prediction_type"),
-    (SchedulerConfig(variance_type="learned_range"), "ddpm", "variance_type"),
-])
+@pytest.mark.parametrize(
+    "cfg, sampler, match",
+    [
+        (SchedulerConfig(skip_prk_steps=False), "pndm", "at least 4 steps"),  # diffusers fails there too
+        (SchedulerConfig(prediction_type="sample"), "plms", "prediction_type"),
+        (SchedulerConfig(prediction_type="sample"), "euler_a", "prediction_type"),
+        (SchedulerConfig(variance_type="learned_range"), "ddpm", "variance_type"),
+    ])
 def test_unsupported_settings(cfg, sampler, match):
   with pytest.raises(ValueError, match=match):
-    samplers.make_schedule(cfg, sampler, 10)
+    samplers.make_schedule(cfg, sampler, 3 if match == "at least 4 steps" else 10)
+  if match == "at least 4 steps":
+    with pytest.raises(ValueError, match="strength < 1 is not implemented"):
+      samplers.make_schedule(cfg, sampler, 10, strength=0.5)
+
+
+def _without(d, *keys):
+  return {k: v for k, v in d.items() if k not in keys}
+
+
+@pytest.mark.parametrize("n", [4, 5, 10, 50])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_pndm_runge_kutta_warmup_matches_diffusers(config, spacing, n):
+  # A config without skip_prk_steps means False to diffusers' PNDMScheduler: 12 Runge-Kutta calls first.
+  d = _without(CONFIGS[config], "skip_prk_steps")
+  if spacing is not None:
+    d["timestep_spacing"] = spacing
+  run_both("pndm", d, n)
+  s = samplers.make_schedule(SchedulerConfig.from_dict(d), "pndm", n)
+  assert s.prk_calls == 12 and len(s.timesteps) == 12 + n - 3
+
+
+@pytest.mark.parametrize("sampler", DETERMINISTIC + ["ddpm", "euler_a"])
+def test_config_with_keys_left_out_matches_diffusers(sampler, monkeypatch):
+  # An SD 2.x-like DDIM file that names only its betas and prediction type: every other key is the
+  # default of the scheduler class that runs (clip_sample=True and set_alpha_to_one=True for DDIM,
+  # steps_offset=0 everywhere, skip_prk_steps=False for PNDM), read directly or through a live
+  # DDIMScheduler's config, as a pipeline swaps schedulers.
+  d = {
+      "_class_name": "DDIMScheduler",
+      "beta_schedule": "scaled_linear",
+      "beta_start": 0.00085,
+      "beta_end": 0.012,
+      "prediction_type": "v_prediction"
+  }
+  run_both(sampler, d, 10, monkeypatch)
+  run_both(sampler, dict(diffusers.DDIMScheduler.from_config(d).config), 10, monkeypatch)
 
 
 def test_aliases_and_sample_errors():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 
 import jax
@@ -51,13 +53,15 @@ SD21 = {
 
 def test_defaults_are_sd15():
   cfg = SchedulerConfig.from_dict(SD15)
-  assert cfg == SchedulerConfig()
+  # The file names no spacing (PNDM's "leading" fills it) nor prediction type (epsilon everywhere).
+  assert cfg.replace(defaulted=()) == SchedulerConfig(timestep_spacing="leading")
+  assert {"timestep_spacing", "prediction_type"} <= set(cfg.defaulted)
   ref = diffusers.PNDMScheduler.from_config(SD15).config
   for k, v in cfg.to_dict().items():
-    if k in ref and k != "timestep_spacing":
+    if k in ref:
       assert ref[k] == v, k
-  # The file names no spacing: a scheduler swapped in by a pipeline keeps its own default.
-  assert cfg.timestep_spacing is None
+  # A scheduler swapped in by a pipeline keeps its own default spacing.
+  assert cfg.for_class("EulerDiscreteScheduler").timestep_spacing == "linspace"
   assert ref.timestep_spacing == "leading"
   assert diffusers.EulerDiscreteScheduler.from_config(ref).config.timestep_spacing == "linspace"
   assert diffusers.DDIMScheduler.from_config(ref).config.timestep_spacing == "leading"
@@ -70,10 +74,11 @@ def test_from_json_file_scheduler_dir_and_model_dir(tmp_path):
   (tmp_path / "scheduler").mkdir()
   path = tmp_path / "scheduler" / "scheduler_config.json"
   path.write_text(json.dumps(dict(SD21, some_future_key=3)))
-  want = SchedulerConfig(prediction_type="v_prediction")
+  want = SchedulerConfig.from_dict(SD21)
+  assert want.replace(defaulted=()) == SchedulerConfig(prediction_type="v_prediction", timestep_spacing="leading")
   for p in (path, tmp_path / "scheduler", tmp_path):
     assert SchedulerConfig.from_json(p) == want
-  assert SchedulerConfig.from_dict(want.to_dict()) == want
+  assert SchedulerConfig.from_dict(want.to_dict()).replace(defaulted=()) == want.replace(defaulted=())
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
     SchedulerConfig.from_json(tmp_path / "empty")
@@ -158,7 +163,7 @@ def test_inference_timesteps(spacing, n):
                   (diffusers.DPMSolverMultistepScheduler, schedules.dpm_timesteps)]:
     ref = cls.from_config(d)
     ref.set_timesteps(n)
-    got = fn(cfg, n)
+    got = fn(cfg.for_class(cls.__name__), n)  # the config as that class reads it (make_schedule's)
     assert got.dtype == ref.timesteps.numpy().dtype, cls.__name__
     np.testing.assert_array_equal(got, ref.timesteps.numpy(), err_msg=cls.__name__)
 
@@ -212,3 +217,36 @@ def test_add_noise_rejects_t_of_higher_rank():
   ac = schedules.alphas_cumprod(SchedulerConfig())
   with pytest.raises(ValueError, match="t has shape"):
     schedules.add_noise(ac, jnp.zeros((2,)), jnp.zeros((2,)), jnp.zeros((2, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("class_name", sorted(schedules.DIFFUSERS_DEFAULTS))
+def test_keys_left_out_take_the_diffusers_class_defaults(class_name):
+  # What a config that leaves a key out means is the default of the scheduler class reading it, whatever the file's.
+  cls = getattr(diffusers, class_name)
+  sig = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+  ours = [f.name for f in dataclasses.fields(SchedulerConfig) if f.name in sig]
+  assert {"num_train_timesteps", "beta_start", "beta_schedule", "prediction_type", "steps_offset"} <= set(ours)
+  assert sorted(schedules.DIFFUSERS_DEFAULTS[class_name]) == sorted(ours)
+  for source in ({}, {"_class_name": class_name}, {"_class_name": "PNDMScheduler"}, {"_class_name": "DDIMScheduler"}):
+    cfg = SchedulerConfig.from_dict(source).for_class(class_name)
+    got = {k: getattr(cfg, k) for k in ours}
+    assert got == {k: sig[k] for k in ours}, source
+  # diffusers itself: a class built from an empty config, and from another class's config that left keys out.
+  ref = cls.from_config(diffusers.PNDMScheduler.from_config({}).config).config
+  assert {k: ref[k] for k in ours} == {k: sig[k] for k in ours}
+
+
+def test_sampler_rows_name_their_diffusers_class():
+  from jaxsd.diffusion import samplers
+
+  for name in samplers.SAMPLERS:
+    assert samplers.get(name).scheduler_class in schedules.DIFFUSERS_DEFAULTS, name
+
+
+def test_file_values_win_and_diffusers_config_dicts_are_read():
+  cfg = SchedulerConfig.from_dict({"_class_name": "DDIMScheduler", "steps_offset": 1})
+  assert cfg.for_class("PNDMScheduler").steps_offset == 1 and not cfg.for_class("PNDMScheduler").skip_prk_steps
+  assert cfg.clip_sample and cfg.set_alpha_to_one  # DDIM's own defaults
+  # A live diffusers config lists the keys its class filled in `_use_default_values`.
+  live = dict(diffusers.DDIMScheduler.from_config({"steps_offset": 1}).config)
+  assert SchedulerConfig.from_dict(live).for_class("PNDMScheduler") == cfg.for_class("PNDMScheduler")
