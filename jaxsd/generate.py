@@ -52,7 +52,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
   height, width = height or pipe.default_size, width or pipe.default_size
-  prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np")
+  prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)

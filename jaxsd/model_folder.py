@@ -27,6 +27,7 @@ from jaxsd.config import ConfigBase
 
 DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it for warnings
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")  # what a folder must have to sample
+CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
 STEP_FILE = "jaxsd_step.json"  # in an exported network's folder: the training step it holds
 
 MODEL_INDEX = {
@@ -132,6 +133,10 @@ def check_model_folder(path: str) -> None:
   if missing:
     raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. "
                             "A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
+  missing = [f for f in CONFIG_FILES if not os.path.isfile(os.path.join(path, f))]
+  if missing:
+    raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(missing)}. Each network's folder "
+                            "needs the config.json it was saved with (scheduler/ its scheduler_config.json).")
 
 
 def scheduler_config_file(path: str) -> str:

@@ -150,7 +150,8 @@ class StableDiffusion:
 
   # --- user entry points -----------------------------------------------------------------------
 
-  def check_inputs(self, prompts, negative_prompts, height, width, steps, sampler, output) -> tuple[list, list]:
+  def check_inputs(self, prompts, negative_prompts, height, width, steps, sampler, output,
+                   guidance_scale: float = 1.0) -> tuple[list, list]:
     """Raises a ValueError that says what to change; returns (prompts, negative prompts) as lists."""
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -164,6 +165,8 @@ class StableDiffusion:
                          f"downsample by {multiple} in all).")
     if steps < 1:
       raise ValueError(f"steps={steps}: need at least 1 denoising step.")
+    if not np.isfinite(guidance_scale):
+      raise ValueError(f"guidance_scale={guidance_scale}: must be a finite number (<= 1 turns guidance off).")
     samplers.make_schedule(self.scheduler_config, sampler, steps)  # raises for unknown samplers, listing valid ones
     if output not in OUTPUTS:
       raise ValueError(f"output={output!r}: choose one of {', '.join(OUTPUTS)}.")
@@ -205,7 +208,8 @@ class StableDiffusion:
       f = self.vae.config.downsampling_factor
       height, width = height or np.shape(latents)[1] * f, width or np.shape(latents)[2] * f
     height, width = height or self.default_size, width or self.default_size
-    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output)
+    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
+                                                  guidance_scale)
     b = len(prompts)
     if latents is None:
       latents = self.noise(seed, b, height, width)
@@ -230,7 +234,8 @@ class StableDiffusion:
     if isinstance(prompts, str):
       prompts = [prompts] * images.shape[0]
     height, width = images.shape[1:3]
-    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output)
+    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
+                                                  guidance_scale)
     if len(prompts) != images.shape[0]:
       raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} init images: give one per image.")
     if not 0.0 < strength <= 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -37,10 +38,16 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
   if prompts_file:
     if not os.path.exists(prompts_file):
       raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file.")
-    with open(prompts_file) as f:
-      out += [line.strip() for line in f if line.strip()]
+    try:
+      with open(prompts_file, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"--prompts-file {prompts_file} is not UTF-8 text (byte {e.start}: "
+                       f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8, one prompt per line.") from None
+    out += [line.strip() for line in lines if line.strip()]
   if not out:
-    raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line.")
+    raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line"
+                     f"{' (' + prompts_file + ' has only blank lines)' if prompts_file else ''}.")
   return out
 
 
@@ -50,6 +57,9 @@ def check_flags(args) -> None:
 
   if args.steps < 1:
     raise ValueError(f"--steps {args.steps}: need at least 1 denoising step.")
+  if not math.isfinite(args.guidance):
+    raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number (7.5 is usual; "
+                     "<= 1 turns guidance off).")
   make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
   for name in ("height", "width"):
     v = getattr(args, name)
@@ -60,7 +70,7 @@ def check_flags(args) -> None:
 
 
 def main(argv=None) -> int:
-  """Bad input exits 2 with a one-paragraph message."""
+  """Bad input exits 2 with a one-line message."""
   args = parse(argv)
   import jax
 
@@ -79,7 +89,7 @@ def main(argv=None) -> int:
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
                                out_dir=args.out, progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(
       f"wrote {len(result.files)} images and a grid to {args.out}/ on {result.devices} device(s): "
@@ -99,5 +109,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `jaxsd-sample` console script."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

@@ -49,6 +49,11 @@ def test_check_model_folder_names_what_is_missing(tmp_path):
     model_folder.check_model_folder(str(tmp_path))
   (tmp_path / "text_encoder").mkdir()
   (tmp_path / "scheduler").mkdir()
+  for f in model_folder.CONFIG_FILES[1:]:
+    (tmp_path / f).write_text("{}")
+  with pytest.raises(FileNotFoundError, match=r"no unet/config.json\. Each network's folder needs"):
+    model_folder.check_model_folder(str(tmp_path))
+  (tmp_path / "unet" / "config.json").write_text("{}")
   model_folder.check_model_folder(str(tmp_path))
   assert not model_folder.is_workdir(str(tmp_path))
 

@@ -85,7 +85,10 @@ def ensure_dataset(cfg) -> None:
 def check_config(cfg, n_devices: int) -> None:
   """Every check that needs no compilation: a one-paragraph error that says what to change."""
   names = _stages(cfg)
-  stages.dtype_of(cfg)
+  try:
+    stages.dtype_of(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, n_devices)
   except ValueError as e:
@@ -102,10 +105,8 @@ def check_config(cfg, n_devices: int) -> None:
       check_model_folder(cfg.init)
     except FileNotFoundError as e:
       raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
-    with open(os.path.join(cfg.init, "vae", "config.json")) as f:
-      vae_blocks = len(json.load(f).get("block_out_channels", [0]))
-    with open(os.path.join(cfg.init, "unet", "config.json")) as f:
-      unet_blocks = len(json.load(f).get("block_out_channels", [0]))
+    vae_blocks, unet_blocks = (
+        len(_read_json(cfg.init, name, "config.json").get("block_out_channels", [0])) for name in ("vae", "unet"))
   else:
     vae_blocks, unet_blocks = len(cfg.vae.block_out_channels), len(cfg.unet.block_out_channels)
   multiple = 2**(vae_blocks - 1) * 2**(unet_blocks - 1)
@@ -122,6 +123,16 @@ def check_config(cfg, n_devices: int) -> None:
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
+
+
+def _read_json(*path) -> dict:
+  path = os.path.join(*path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.init: cannot read {path} ({e}); is the folder a complete diffusers "
+                      "Stable Diffusion folder?") from None
 
 
 def _text_length(cfg) -> int:

@@ -1,0 +1,103 @@
+"""The command lines `python -m train` and `python -m sample`, in-process: bad input exits 2 with one line.
+
+Each case is refused before anything is loaded or compiled, so these run in milliseconds; the
+subprocess runs that write images are in test_generate.py and training/test_run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sample import __main__ as sample_main
+from train import __main__ as train_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "train", "configs", "smoke.py")
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1, err
+  assert lines[0].startswith("error: ") and "Traceback" not in err
+  return lines[0]
+
+
+def _sd_folder_without(path, missing: str) -> str:
+  for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    os.makedirs(os.path.join(path, sub), exist_ok=True)
+  for f in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
+    if f != missing:
+      with open(os.path.join(path, f), "w") as fh:
+        json.dump({"block_out_channels": [32, 64]}, fh)
+  return str(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.dtype=float8"], "config.dtype='float8': choose one of float32, bfloat16, float16"),
+    (["--config.stages=clip,gan"], "subset of clip,vae,unet"),
+    (["--config.clip.batch_size=12"], "not divisible by the 8 devices"),
+    (["--config.data.image_size=20", "--config.clip.vision.image_size=20"], "multiple of 8"),
+    (["--config.init=/nonexistent/sd"], "does not exist"),
+    (["--config.mesh.fsdp=3"], "must divide the 8 devices"),
+    (["--config.unet.cache_latents=True", "--config.data.random_flip=True"], "cannot be flipped"),
+    (["--config.unet.stepz=3"], "stepz"),
+    (["--config.unet.steps=many"], "steps"),
+    (["--config.data.name=not_prepared_dataset"], "is not prepared"),
+])
+def test_train_bad_config_exits_2_with_one_line(tmp_path, capsys, overrides, message):
+  workdir = str(tmp_path / "w")
+  argv = ["train", "--config", SMOKE, "--workdir", workdir, f"--config.data.data_dir={tmp_path / 'tfds'}", *overrides]
+  assert train_main.main(argv) == 2
+  assert message in _one_error_line(capsys)
+  assert not os.path.exists(workdir)  # refused before any work
+
+
+@pytest.mark.parametrize("missing", ["vae/config.json", "unet/config.json", "scheduler/scheduler_config.json"])
+def test_train_init_folder_without_a_config_exits_2(tmp_path, capsys, missing):
+  init = _sd_folder_without(tmp_path / "sd", missing)
+  argv = ["train", "--config", SMOKE, "--workdir", str(tmp_path / "w"), f"--config.init={init}"]
+  assert train_main.main(argv) == 2
+  line = _one_error_line(capsys)
+  assert "config.init" in line and missing in line
+
+
+def _sample(tmp_path, *args) -> list[str]:
+  return ["--model", str(tmp_path / "no_model"), "--out", str(tmp_path / "out"), "--no-progress", *args]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a cat", "--guidance", "nan"], "--guidance nan: the guidance scale must be a finite number"),
+    (["--prompt", "a cat", "--guidance", "inf"], "--guidance inf"),
+    (["--prompt", "a cat", "--guidance=-inf"], "--guidance -inf"),
+    (["--prompt", "a cat", "--steps", "-3"], "--steps -3: need at least 1"),
+    (["--prompt", "a cat", "--steps", "0"], "need at least 1"),
+])
+def test_sample_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
+  assert sample_main.main(_sample(tmp_path, *args)) == 2
+  assert message in _one_error_line(capsys)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_prompts_file_with_only_blank_lines(tmp_path, capsys):
+  path = tmp_path / "prompts.txt"
+  path.write_text("\n   \n\t\n")
+  assert sample_main.main(_sample(tmp_path, "--prompts-file", str(path))) == 2
+  assert "has only blank lines" in _one_error_line(capsys)
+
+
+def test_sample_prompts_file_not_utf8(tmp_path, capsys):
+  path = tmp_path / "prompts.txt"
+  path.write_bytes("a café\n".encode("latin-1"))
+  assert sample_main.main(_sample(tmp_path, "--prompts-file", str(path))) == 2
+  line = _one_error_line(capsys)
+  assert "is not UTF-8 text" in line and str(path) in line
+
+
+def test_sample_incomplete_model_folder(tmp_path, capsys):
+  model = _sd_folder_without(tmp_path / "sd", "vae/config.json")
+  assert sample_main.main(["--model", model, "--prompt", "a cat", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+  assert "vae/config.json" in _one_error_line(capsys)
