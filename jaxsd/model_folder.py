@@ -2,7 +2,9 @@
 
 A Stable Diffusion folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/;
 each network's folder holds config.json and its weights: safetensors, one file or shards listed in an
-`.index.json`, optionally a variant (`diffusion_pytorch_model.fp16.safetensors`). Pickled `.bin`
+`.index.json`, optionally a variant, named as diffusers and transformers name them (the variant goes
+before the last extension: `diffusion_pytorch_model.fp16.safetensors`, shards
+`model.fp16-00001-of-00002.safetensors` listed in `model.safetensors.index.fp16.json`). Pickled `.bin`
 checkpoints can run code when loaded, so they are refused unless the caller opts in
 (`allow_pickle=True`), and then read with `torch.load(weights_only=True)`.
 
@@ -72,25 +74,49 @@ class SafetensorsDict(Mapping):
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
+def add_variant(file_name: str, variant: str | None) -> str:
+  """diffusers' / transformers' `_add_variant`: the variant goes before the last extension."""
+  if not variant:
+    return file_name
+  stem, ext = file_name.rsplit(".", 1)
+  return f"{stem}.{variant}.{ext}"
+
+
 def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str], str]:
   """Returns (files, format) for the weights in a diffusers/transformers model folder."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: not a directory; pass a model folder holding config.json and weights.")
-  suffix = f".{variant}" if variant else ""
   for fmt, ext in (("safetensors", "safetensors"), ("pickle", "bin")):
     for name in _WEIGHT_NAMES:
-      single = os.path.join(folder, f"{name}{suffix}.{ext}")
+      single = os.path.join(folder, add_variant(f"{name}.{ext}", variant))
       if os.path.exists(single):
         return [single], fmt
-      index = os.path.join(folder, f"{name}{suffix}.{ext}.index.json")
-      if os.path.exists(index):
-        with open(index) as f:
-          shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards], fmt
+      # The index as diffusers and transformers name it (model.safetensors.index.fp16.json), then the
+      # variant before the extension as for single files (model.fp16.safetensors.index.json).
+      for index_name in (add_variant(f"{name}.{ext}.index.json",
+                                     variant), add_variant(f"{name}.{ext}", variant) + ".index.json"):
+        index = os.path.join(folder, index_name)
+        if os.path.exists(index):
+          with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+          missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+          if missing:
+            raise FileNotFoundError(f"{index}: lists shards that are not in the folder: {', '.join(missing)}.")
+          return [os.path.join(folder, s) for s in shards], fmt
   listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
-  raise FileNotFoundError(
-      f"{folder}: no weights found (looked for diffusion_pytorch_model{suffix}.safetensors, "
-      f"model{suffix}.safetensors, their sharded .index.json and .bin forms); the folder holds: {listing}.")
+  single = add_variant("diffusion_pytorch_model.safetensors", variant)
+  index = add_variant("diffusion_pytorch_model.safetensors.index.json", variant)
+  raise FileNotFoundError(f"{folder}: no weights found (looked for {single}, {index}, the same with model for "
+                          f"diffusion_pytorch_model, and their .bin forms); the folder holds: {listing}.")
+
+
+def has_weights(folder: str, variant: str | None = None) -> bool:
+  """Whether `folder` holds weights of `variant` (None: the default files)."""
+  try:
+    find_weight_files(folder, variant)
+  except FileNotFoundError:
+    return False
+  return True
 
 
 def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool = False) -> Mapping[str, Any]:

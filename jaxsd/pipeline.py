@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -40,18 +41,37 @@ class StableDiffusion:
   clip_skip: int | None = None  # use hidden_states[-(clip_skip + 1)] (+ final layer norm), as diffusers
 
   @classmethod
-  def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, **unet_kwargs) -> "StableDiffusion":
-    """Loads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...)."""
+  def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+                      **unet_kwargs) -> "StableDiffusion":
+    """Loads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...).
+
+    `variant` (e.g. "fp16") reads each network's `*.fp16.safetensors` (or its shards) where the folder
+    has them and the default files elsewhere, as diffusers; weights are cast to `param_dtype` (default
+    `dtype`) either way.
+    """
     path = os.fspath(path)
     model_folder.check_model_folder(path)
-    unet, unet_params = pretrained.load_unet(os.path.join(path, "unet"), dtype, param_dtype, **unet_kwargs)
+    dirs = {name: os.path.join(path, name) for name in ("unet", "vae", "text_encoder")}
+    variants = {name: variant for name in dirs}
+    if variant:
+      have = {name: model_folder.has_weights(d, variant) for name, d in dirs.items()}
+      if not any(have.values()):
+        raise FileNotFoundError(f"{path}: no network has weights of variant={variant!r} (files named like "
+                                f"{model_folder.add_variant('diffusion_pytorch_model.safetensors', variant)}); "
+                                "leave the variant out to load the default files.")
+      for name in dirs:
+        if not have[name]:
+          log.warning("%s has no %s weights; loading its default files.", dirs[name], variant)
+          variants[name] = None
+    unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"], **unet_kwargs)
     # As diffusers: an fp16 VAE overflows, so configs with force_upcast decode in fp32.
     vae_dtype = dtype
-    if dtype == jnp.float16 and AutoencoderKLConfig.from_json(os.path.join(path, "vae")).force_upcast:
+    if dtype == jnp.float16 and AutoencoderKLConfig.from_json(dirs["vae"]).force_upcast:
       vae_dtype = jnp.float32
-    vae, vae_params = pretrained.load_vae(os.path.join(path, "vae"), vae_dtype)
-    te, te_params = pretrained.load_text_encoder(os.path.join(path, "text_encoder"), dtype, param_dtype)
-    scheduler = schedules.SchedulerConfig.from_json(model_folder.scheduler_config_file(path))
+    vae, vae_params = pretrained.load_vae(dirs["vae"], vae_dtype, variant=variants["vae"])
+    te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
+                                                 variant=variants["text_encoder"])
+    scheduler = _scheduler_config(model_folder.scheduler_config_file(path))
     return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), scheduler)
 
   # --- pieces, each usable alone -------------------------------------------------------------
@@ -248,6 +268,18 @@ class StableDiffusion:
     out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), noise, jnp.float32(guidance_scale),
              self.sampler_keys(seed, len(prompts)), init_latents)
     return _finish(out, output)
+
+
+def _scheduler_config(file: str) -> schedules.SchedulerConfig:
+  """A folder's noise schedule with what StableDiffusionPipeline.__init__ forces on the folder's own scheduler
+  class: steps_offset=1 and clip_sample=False (where the class has them: DDIM both, PNDM steps_offset)."""
+  with open(file) as f:
+    d = json.load(f)
+  own = schedules.DIFFUSERS_DEFAULTS.get(str(d.get("_class_name", "")).removeprefix("Flax"), {})
+  for key, value in (("steps_offset", 1), ("clip_sample", False)):
+    if key in own:
+      d[key] = value
+  return schedules.SchedulerConfig.from_dict(d)
 
 
 def _as_float_images(images) -> np.ndarray:

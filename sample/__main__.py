@@ -26,6 +26,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--width", type=int, default=None)
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+  p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
   p.add_argument("--out", default="samples")
   p.add_argument("--benchmark", action="store_true", help="print one JSON line of timings")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
     enable_compilation_cache()
-    pipe = pipeline.load(args.model, dtype=DTYPES[args.dtype])
+    pipe = pipeline.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
     result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,

@@ -101,3 +101,18 @@ def test_sample_incomplete_model_folder(tmp_path, capsys):
   model = _sd_folder_without(tmp_path / "sd", "vae/config.json")
   assert sample_main.main(["--model", model, "--prompt", "a cat", "--no-progress", "--out", str(tmp_path / "o")]) == 2
   assert "vae/config.json" in _one_error_line(capsys)
+
+
+def test_sample_variant_reaches_the_loader(tmp_path, capsys, monkeypatch):
+  from jaxsd import pipeline
+
+  seen = {}
+
+  def fake_load(path, **kw):
+    seen.update(kw, path=path)
+    raise FileNotFoundError("stop here")
+
+  monkeypatch.setattr(pipeline, "load", fake_load)
+  assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--variant", "fp16")) == 2
+  assert seen["variant"] == "fp16" and seen["path"] == str(tmp_path / "no_model")
+  assert "stop here" in _one_error_line(capsys)

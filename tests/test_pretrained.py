@@ -6,6 +6,7 @@ the same outputs, and a folder written here loads in PyTorch with every weight a
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -469,3 +470,45 @@ def test_loading_keeps_at_most_two_copies_in_host_memory(torch_folders, tmp_path
   # Measured: peak growth 2.04x the weights (the numpy tree plus its device copy). The lower bound
   # checks that the probe sees the load at all.
   assert 0.9 * size < growth < 2.5 * size, (growth / size, result)
+
+
+# --- variants and shards, named as diffusers / transformers name them -----------------------------
+
+LAYOUTS = {
+    "fp16": dict(variant="fp16"),  # diffusion_pytorch_model.fp16.safetensors / model.fp16.safetensors
+    "sharded": dict(max_shard_size="100KB"),  # *-00001-of-0000N.safetensors + *.safetensors.index.json
+    "fp16_sharded": dict(variant="fp16", max_shard_size="100KB"),  # *.fp16-00001-of-... + *.safetensors.index.fp16.json
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ("unet", "vae", "text_encoder"))
+def test_variant_and_sharded_folders_load_the_same_weights(torch_folders, kind, layout, tmp_path):
+  model, folder = torch_folders[kind]
+  kw = LAYOUTS[layout]
+  variant = kw.get("variant")
+  (copy.deepcopy(model).half() if variant else model).save_pretrained(tmp_path, **kw)
+  names = os.listdir(tmp_path)
+  base = WEIGHTS_FILE[kind].removesuffix(".safetensors")
+  if "max_shard_size" in kw:
+    assert model_folder.add_variant(f"{base}.safetensors.index.json", variant) in names
+    assert sum(n.startswith(f"{base}{'.' + variant if variant else ''}-0000") for n in names) >= 2, names
+  else:
+    assert model_folder.add_variant(WEIGHTS_FILE[kind], variant) in names
+  _, want = LOAD[kind](folder)
+  _, got = LOAD[kind](str(tmp_path), variant=variant)
+  assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype(jnp.float32)}  # fp16 files, upcast
+  if variant:  # exactly the fp32 folder's weights rounded to fp16
+    want = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  if variant:
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+      LOAD[kind](str(tmp_path))  # the default files are not there
+
+
+def test_index_naming_a_missing_shard(torch_folders, tmp_path):
+  model, _ = torch_folders["vae"]
+  model.save_pretrained(tmp_path, max_shard_size="100KB")
+  os.remove(tmp_path / "diffusion_pytorch_model-00002-of-00008.safetensors")
+  with pytest.raises(FileNotFoundError, match="lists shards that are not in the folder.*00002-of-00008"):
+    pretrained.load_vae(str(tmp_path))
