@@ -194,3 +194,38 @@ def test_missing_folder_errors(tmp_path):
   (tmp_path / "unet").mkdir()
   with pytest.raises(FileNotFoundError, match="No tokenizer.*unet"):
     tok_lib.load_tokenizer(tmp_path)
+
+
+def _special(content: str) -> dict:
+  return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+          "single_word": False}
+
+
+def _sd2_tokenizer_folder(tokenizer, path) -> str:
+  """stabilityai/stable-diffusion-2-1's tokenizer/ as shipped: vocab.json, merges.txt and configs that pad with "!"."""
+  path.mkdir()
+  tokenizer.backend_tokenizer.model.save(str(path))  # vocab.json, merges.txt (the same vocabulary as SD 1.x)
+  special = {"bos_token": _special("<|startoftext|>"), "eos_token": _special("<|endoftext|>"), "pad_token": "!",
+             "unk_token": _special("<|endoftext|>")}
+  (path / "special_tokens_map.json").write_text(json.dumps(special))
+  (path / "tokenizer_config.json").write_text(
+      json.dumps(
+          dict(special, add_prefix_space=False, do_lower_case=True, errors="replace", model_max_length=77,
+               name_or_path="openai/clip-vit-large-patch14", special_tokens_map_file="./special_tokens_map.json",
+               tokenizer_class="CLIPTokenizer")))
+  return str(path)
+
+
+def test_sd2_folder_pads_with_exclamation_marks_as_transformers(tokenizer, tmp_path):
+  folder = _sd2_tokenizer_folder(tokenizer, tmp_path / "tokenizer")
+  ours = tok_lib.load_tokenizer(str(tmp_path))  # a model folder: its tokenizer/
+  assert ours.pad_token == "!" and ours.pad_token_id == 0
+  theirs = CLIPTokenizer.from_pretrained(folder)
+  long = " ".join(["a red circle and a blue square"] * 12)  # > 77 tokens: truncated, end token kept
+  texts = CAPTIONS + ["!!! wow !!!", long]
+  # What diffusers' StableDiffusionPipeline gives the text encoder.
+  want = theirs(texts, padding="max_length", max_length=theirs.model_max_length, truncation=True)["input_ids"]
+  with pytest.warns(UserWarning, match="truncated"):
+    got = tok_lib.tokenize(ours, texts)
+  np.testing.assert_array_equal(got, np.asarray(want, np.int32))
+  assert got[0, 7] == 0 and got[-1, -1] == 49407  # padded with "!" (id 0); the truncated row ends with the end token
