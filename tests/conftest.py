@@ -12,3 +12,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+# The parity tests compare against PyTorch references: torch, diffusers and transformers are hard test
+# dependencies (`pip install -e '.[test]'`). Without one the run fails at once instead of skipping
+# them, and any test still skipped because a module could not be imported fails the run.
+REFERENCE_MODULES = ("torch", "diffusers", "transformers")
+_import_skips: list[str] = []
+
+
+def pytest_configure(config):
+  missing = [m for m in REFERENCE_MODULES if importlib.util.find_spec(m) is None]
+  if missing:
+    raise pytest.UsageError(f"the parity tests need {', '.join(missing)}: install the test extra "
+                            "(pip install -e '.[test]'); they are not optional.")
+
+
+def _skipped_for_an_import(report) -> bool:
+  return report.skipped and "could not import" in str(report.longrepr)
+
+
+def pytest_collectreport(report):
+  if _skipped_for_an_import(report):
+    _import_skips.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+  if _skipped_for_an_import(report):
+    _import_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _import_skips and exitstatus == pytest.ExitCode.OK:
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _import_skips:
+    terminalreporter.write_line(
+        f"FAILED: {len(_import_skips)} test(s) or module(s) skipped because a module could not be imported "
+        f"({', '.join(_import_skips[:5])}); every test dependency is required.", red=True)
