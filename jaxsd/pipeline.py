@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import model_folder, pretrained, tokenizer as tok
+from jaxsd import model_folder, pretrained, single_file, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
@@ -71,8 +71,39 @@ class StableDiffusion:
     vae, vae_params = pretrained.load_vae(dirs["vae"], vae_dtype, variant=variants["vae"])
     te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
                                                  variant=variants["text_encoder"])
-    scheduler = _scheduler_config(model_folder.scheduler_config_file(path))
+    scheduler = _scheduler_config(_read_json(model_folder.scheduler_config_file(path)))
     return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), scheduler)
+
+  @classmethod
+  def from_single_file(cls, path: str, config: str = "v1", dtype=jnp.float32, param_dtype=None,
+                       **unet_kwargs) -> "StableDiffusion":
+    """Loads a single `.safetensors` checkpoint in the original CompVis / A1111 layout.
+
+    The file holds weights only. `config` says what they are: "v1" (Stable Diffusion 1.x: SD 1.5's
+    network configs, PNDM scheduler and the CLIP vocabulary shipped with jaxsd), or a diffusers Stable
+    Diffusion folder whose configs, tokenizer and scheduler describe the checkpoint (its own weights
+    are not read). SD 2.x files (OpenCLIP text encoder) are refused as not implemented.
+    """
+    config = os.fspath(config)
+    if os.path.isdir(config):
+      model_folder.check_model_folder(config)
+      configs = {name: _read_json(os.path.join(config, name, "config.json")) for name in ("unet", "vae", "text_encoder")}
+      configs["scheduler"] = _read_json(model_folder.scheduler_config_file(config))
+      tokenizer = tok.load_tokenizer(config)
+    else:
+      configs = single_file.preset(config)
+      tokenizer = tok.load_tokenizer()
+    parts = single_file.split(single_file.read(path), configs)
+    where = os.fspath(path)
+    unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
+                                                   param_dtype, **unet_kwargs)
+    vae_dtype = dtype  # as from_pretrained: an fp16 VAE with force_upcast decodes in fp32
+    if dtype == jnp.float16 and AutoencoderKLConfig.from_dict(configs["vae"]).force_upcast:
+      vae_dtype = jnp.float32
+    vae, vae_params = pretrained.from_state_dict("vae", configs["vae"], parts["vae"], f"{where} (VAE)", vae_dtype)
+    te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
+                                               f"{where} (text encoder)", dtype, param_dtype)
+    return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]))
 
   # --- pieces, each usable alone -------------------------------------------------------------
 
@@ -270,11 +301,15 @@ class StableDiffusion:
     return _finish(out, output)
 
 
-def _scheduler_config(file: str) -> schedules.SchedulerConfig:
+def _read_json(file: str) -> dict:
+  with open(file) as f:
+    return json.load(f)
+
+
+def _scheduler_config(d: dict) -> schedules.SchedulerConfig:
   """A folder's noise schedule with what StableDiffusionPipeline.__init__ forces on the folder's own scheduler
   class: steps_offset=1 and clip_sample=False (where the class has them: DDIM both, PNDM steps_offset)."""
-  with open(file) as f:
-    d = json.load(f)
+  d = dict(d)
   own = schedules.DIFFUSERS_DEFAULTS.get(str(d.get("_class_name", "")).removeprefix("Flax"), {})
   for key, value in (("steps_offset", 1), ("clip_sample", False)):
     if key in own:

@@ -1,0 +1,238 @@
+"""The original CompVis / A1111 single-file checkpoint, read as the diffusers state dicts of its three networks.
+
+One `.safetensors` file holds the U-Net under `model.diffusion_model.`, the VAE under
+`first_stage_model.` and the text encoder under `cond_stage_model.` (SD 1.x: `transformer.`, the
+transformers CLIP layout already). Conversion is a table of renames built from the networks'
+configs (which LDM block index is which diffusers block), plus one reshape: the VAE's mid-block
+attention is 1x1 convolutions there and linear layers in diffusers. The configs do not travel with
+the file: `config="v1"` is Stable Diffusion 1.x's (as runwayml/stable-diffusion-v1-5 publishes
+them), or a diffusers folder gives its own. Nothing here knows the networks: the pipeline builds
+them from the configs and loads these state dicts strictly, so a key the tables do not know is named
+in the error.
+
+SD 2.x files (an OpenCLIP text tower under `cond_stage_model.model.`) are not converted yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxsd.model_folder import SafetensorsDict
+
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+
+# runwayml/stable-diffusion-v1-5's config.json files (the keys jaxsd reads; the rest are diffusers' defaults).
+V1 = {
+    "unet": {
+        "_class_name": "UNet2DConditionModel",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    },
+    "vae": {
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 512,
+        "up_block_types": ["UpDecoderBlock2D"] * 4
+    },
+    "text_encoder": {
+        "architectures": ["CLIPTextModel"],
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+        "vocab_size": 49408
+    },
+    "scheduler": {
+        "_class_name": "PNDMScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None
+    },
+}
+PRESETS = {"v1": V1}
+
+
+class RenamedDict(Mapping):
+  """A read-only view of `source` under new keys: new key -> (source key, transform of the array or None)."""
+
+  def __init__(self, source: Mapping[str, Any], table: dict[str, tuple[str, Callable | None]]):
+    self._source, self._table = source, table
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    old, fn = self._table[key]
+    value = np.asarray(self._source[old])
+    return fn(value) if fn else value
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._table)
+
+  def __len__(self) -> int:
+    return len(self._table)
+
+
+def _rename(key: str, prefixes: list[tuple[str, str]]) -> str:
+  """`key` with the longest matching LDM prefix replaced by its diffusers one (unchanged if none matches)."""
+  for old, new in prefixes:
+    if key.startswith(old):
+      return new + key[len(old):]
+  return key
+
+
+def _sorted(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+  return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+_LDM_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+               ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
+
+
+def _resnet(ldm: str, diffusers: str, inner=_LDM_RESNET) -> list[tuple[str, str]]:
+  return [(ldm + a, diffusers + b) for a, b in inner]
+
+
+def unet_prefixes(config: dict) -> list[tuple[str, str]]:
+  """(LDM prefix, diffusers prefix) pairs of a UNet2DConditionModel config (longest first)."""
+  n, layers = len(config["block_out_channels"]), config["layers_per_block"]
+  if not isinstance(layers, int):
+    raise ValueError(f"layers_per_block={layers!r}: single files of per-block layer counts are not supported.")
+  down_attn = ["CrossAttn" in t for t in config["down_block_types"]]
+  up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+  pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+           ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+  k = 1
+  for b in range(n):
+    for i in range(layers):
+      pairs += _resnet(f"input_blocks.{k}.0.", f"down_blocks.{b}.resnets.{i}.")
+      if down_attn[b]:
+        pairs.append((f"input_blocks.{k}.1.", f"down_blocks.{b}.attentions.{i}."))
+      k += 1
+    if b < n - 1:
+      pairs.append((f"input_blocks.{k}.0.op.", f"down_blocks.{b}.downsamplers.0.conv."))
+      k += 1
+  pairs += _resnet("middle_block.0.", "mid_block.resnets.0.") + _resnet("middle_block.2.", "mid_block.resnets.1.")
+  pairs.append(("middle_block.1.", "mid_block.attentions.0."))
+  k = 0
+  for b in range(n):
+    for i in range(layers + 1):
+      pairs += _resnet(f"output_blocks.{k}.0.", f"up_blocks.{b}.resnets.{i}.")
+      if up_attn[b]:
+        pairs.append((f"output_blocks.{k}.1.", f"up_blocks.{b}.attentions.{i}."))
+      if i == layers and b < n - 1:
+        pairs.append((f"output_blocks.{k}.{2 if up_attn[b] else 1}.conv.", f"up_blocks.{b}.upsamplers.0.conv."))
+      k += 1
+  return _sorted(pairs)
+
+
+_VAE_RESNET = [(x, x) for x in ("norm1.", "conv1.", "norm2.", "conv2.")] + [("nin_shortcut.", "conv_shortcut.")]
+_VAE_ATTENTION = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
+                  ("proj_out.", "to_out.0.")]
+
+
+def vae_prefixes(config: dict) -> list[tuple[str, str]]:
+  """(LDM prefix, diffusers prefix) pairs of an AutoencoderKL config (longest first)."""
+  n, layers = len(config["block_out_channels"]), config["layers_per_block"]
+  pairs = []
+  for part in ("encoder", "decoder"):
+    pairs += [(f"{part}.norm_out.", f"{part}.conv_norm_out.")]
+    pairs += _resnet(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0.", _VAE_RESNET)
+    pairs += _resnet(f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1.", _VAE_RESNET)
+    pairs += _resnet(f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.", _VAE_ATTENTION)
+  for b in range(n):
+    for i in range(layers):
+      pairs += _resnet(f"encoder.down.{b}.block.{i}.", f"encoder.down_blocks.{b}.resnets.{i}.", _VAE_RESNET)
+    if b < n - 1:
+      pairs.append((f"encoder.down.{b}.downsample.conv.", f"encoder.down_blocks.{b}.downsamplers.0.conv."))
+    up = n - 1 - b  # the decoder's LDM levels count from the lowest resolution
+    for i in range(layers + 1):
+      pairs += _resnet(f"decoder.up.{b}.block.{i}.", f"decoder.up_blocks.{up}.resnets.{i}.", _VAE_RESNET)
+    if b > 0:
+      pairs.append((f"decoder.up.{b}.upsample.conv.", f"decoder.up_blocks.{up}.upsamplers.0.conv."))
+  return _sorted(pairs)
+
+
+def _squeeze_1x1(value: np.ndarray) -> np.ndarray:
+  return value[:, :, 0, 0] if value.ndim == 4 else value
+
+
+def _network(sd: Mapping[str, Any], prefix: str, prefixes: list[tuple[str, str]],
+             transform: Callable[[str], Callable | None] = lambda key: None) -> RenamedDict:
+  table = {}
+  for key in sd.keys():
+    if key.startswith(prefix):
+      new = _rename(key[len(prefix):], prefixes)
+      table[new] = (key, transform(new))
+  return RenamedDict(sd, table)
+
+
+def _vae_transform(key: str) -> Callable | None:
+  return _squeeze_1x1 if ".mid_block.attentions." in key and key.endswith(
+      ".weight") and "group_norm" not in key else None
+
+
+def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
+  """{"unet", "vae", "text_encoder"} -> that network's state dict in diffusers / transformers names."""
+  if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in sd.keys()):
+    raise ValueError("this single file has an OpenCLIP text encoder (cond_stage_model.model.*, Stable Diffusion 2.x); "
+                     "converting it is not implemented: convert the file to a diffusers folder and load that.")
+  missing = [name for name, p in PREFIXES.items() if not any(k.startswith(p) for k in sd.keys())]
+  if missing:
+    raise ValueError(f"the single file has no {', '.join(missing)} weights (no keys under "
+                     f"{', '.join(PREFIXES[m] for m in missing)}): is it a full Stable Diffusion checkpoint?")
+  return {
+      "unet": _network(sd, PREFIXES["unet"], unet_prefixes(configs["unet"])),
+      "vae": _network(sd, PREFIXES["vae"], vae_prefixes(configs["vae"]), _vae_transform),
+      # SD 1.x keeps the transformers layout under `transformer.`; the loader adds `text_model.` where missing.
+      "text_encoder": _network(sd, PREFIXES["text_encoder"], [("transformer.", "")]),
+  }
+
+
+def read(path: str | os.PathLike) -> Mapping[str, Any]:
+  """The tensors of a `.safetensors` single file (lazily); pickled `.ckpt` files are refused."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file; pass a Stable Diffusion .safetensors checkpoint.")
+  if not path.endswith(".safetensors"):
+    raise ValueError(f"{path}: only .safetensors single files are read (a pickled .ckpt can run code when "
+                     "loaded); convert it to safetensors first.")
+  return SafetensorsDict([path])
+
+
+def preset(name: str) -> dict:
+  """The config dicts ("unet", "vae", "text_encoder", "scheduler") of a preset (a copy)."""
+  if name not in PRESETS:
+    raise ValueError(f"config={name!r}: choose one of {', '.join(PRESETS)} or pass a diffusers Stable Diffusion "
+                     "folder whose configs describe the checkpoint.")
+  return copy.deepcopy(PRESETS[name])
