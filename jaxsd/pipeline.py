@@ -79,10 +79,10 @@ class StableDiffusion:
                        **unet_kwargs) -> "StableDiffusion":
     """Loads a single `.safetensors` checkpoint in the original CompVis / A1111 layout.
 
-    The file holds weights only. `config` says what they are: "v1" (Stable Diffusion 1.x: SD 1.5's
-    network configs, PNDM scheduler and the CLIP vocabulary shipped with jaxsd), or a diffusers Stable
-    Diffusion folder whose configs, tokenizer and scheduler describe the checkpoint (its own weights
-    are not read). SD 2.x files (OpenCLIP text encoder) are refused as not implemented.
+    The file holds weights only. `config` says what they are: "v1" (SD 1.5's network configs and PNDM
+    scheduler), "v2" (SD 2.1 at 768 px: v-prediction DDIM, OpenCLIP text encoder, padding with "!"),
+    both with the CLIP vocabulary shipped with jaxsd; or a diffusers Stable Diffusion folder whose
+    configs, tokenizer and scheduler describe the checkpoint (its own weights are not read).
     """
     config = os.fspath(config)
     if os.path.isdir(config):
@@ -93,6 +93,8 @@ class StableDiffusion:
     else:
       configs = single_file.preset(config)
       tokenizer = tok.load_tokenizer()
+      if single_file.PAD_TOKEN[config]:
+        tokenizer.pad_token = single_file.PAD_TOKEN[config]
     parts = single_file.split(single_file.read(path), configs)
     where = os.fspath(path)
     unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,

@@ -1,22 +1,22 @@
 """The original CompVis / A1111 single-file checkpoint, read as the diffusers state dicts of its three networks.
 
 One `.safetensors` file holds the U-Net under `model.diffusion_model.`, the VAE under
-`first_stage_model.` and the text encoder under `cond_stage_model.` (SD 1.x: `transformer.`, the
-transformers CLIP layout already). Conversion is a table of renames built from the networks'
-configs (which LDM block index is which diffusers block), plus one reshape: the VAE's mid-block
-attention is 1x1 convolutions there and linear layers in diffusers. The configs do not travel with
-the file: `config="v1"` is Stable Diffusion 1.x's (as runwayml/stable-diffusion-v1-5 publishes
-them), or a diffusers folder gives its own. Nothing here knows the networks: the pipeline builds
-them from the configs and loads these state dicts strictly, so a key the tables do not know is named
-in the error.
-
-SD 2.x files (an OpenCLIP text tower under `cond_stage_model.model.`) are not converted yet.
+`first_stage_model.` and the text encoder under `cond_stage_model.`: SD 1.x's CLIP in the
+transformers layout under `transformer.`, SD 2.x's OpenCLIP tower under `model.` (one fused q/k/v
+projection per layer, split here; its last layer is not part of the text encoder, which SD 2 reads
+at the penultimate layer). Conversion is a table of renames built from the networks' configs (which
+LDM block index is which diffusers block), plus two reshapes: the VAE's mid-block attention is 1x1
+convolutions there and linear layers in diffusers, and OpenCLIP's fused projection. The configs do
+not travel with the file: `config="v1"` / `"v2"` are SD 1.5's and SD 2.1's (768 px, v-prediction),
+or a diffusers folder gives its own. Nothing here knows the networks: the pipeline builds them from
+the configs and loads these state dicts strictly, so a key the tables do not know is named in the error.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -82,7 +82,17 @@ V1 = {
         "trained_betas": None
     },
 }
-PRESETS = {"v1": V1}
+# stabilityai/stable-diffusion-2-1 (768 px, v-prediction): what differs from SD 1.5. Written from the
+# published config.json files (nothing can be downloaded here to check them against).
+V2 = copy.deepcopy(V1)
+V2["unet"].update(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, sample_size=96,
+                  use_linear_projection=True, upcast_attention=True)
+V2["vae"].update(sample_size=768)
+V2["text_encoder"].update(hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                          num_hidden_layers=23, projection_dim=512)
+V2["scheduler"].update(_class_name="DDIMScheduler", prediction_type="v_prediction")
+PRESETS = {"v1": V1, "v2": V2}
+PAD_TOKEN = {"v1": None, "v2": "!"}  # SD 2.x's tokenizer pads with "!" (id 0), SD 1.x's with the end token
 
 
 class RenamedDict(Mapping):
@@ -197,6 +207,42 @@ def _network(sd: Mapping[str, Any], prefix: str, prefixes: list[tuple[str, str]]
   return RenamedDict(sd, table)
 
 
+_OPEN_CLIP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_LAYER = _sorted([("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+                            ("attn.out_proj.", "self_attn.out_proj."), ("mlp.c_fc.", "mlp.fc1."),
+                            ("mlp.c_proj.", "mlp.fc2.")])
+_NOT_THE_TEXT_ENCODER = ("text_projection", "logit_scale", "attn_mask")  # OpenCLIP's, not CLIPTextModel's
+
+
+def _open_clip(sd: Mapping[str, Any], prefix: str, config: dict) -> RenamedDict:
+  """SD 2.x's OpenCLIP text tower as a transformers CLIPTextModel state dict (as diffusers' convert_open_clip_checkpoint)."""
+  width, layers = config["hidden_size"], config["num_hidden_layers"]
+  table = {}
+  for key in sd.keys():
+    if not key.startswith(prefix):
+      continue
+    k = key[len(prefix):]
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", k)
+    if k in _OPEN_CLIP:
+      table[_OPEN_CLIP[k]] = (key, None)
+    elif m and int(m[1]) >= layers:
+      continue  # the layers after the one SD 2 reads (the penultimate) are not part of the text encoder
+    elif m and m[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
+      base, kind = f"text_model.encoder.layers.{m[1]}.self_attn.", m[2].rsplit("_", 1)[1]
+      for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        table[f"{base}{name}.{kind}"] = (key, lambda v, j=j: v[j * width:(j + 1) * width])
+    elif m:
+      table[f"text_model.encoder.layers.{m[1]}." + _rename(m[2], _OPEN_CLIP_LAYER)] = (key, None)
+    elif k not in _NOT_THE_TEXT_ENCODER:
+      table[k] = (key, None)  # unknown: the strict loader names it
+  return RenamedDict(sd, table)
+
+
 def _vae_transform(key: str) -> Callable | None:
   return _squeeze_1x1 if ".mid_block.attentions." in key and key.endswith(
       ".weight") and "group_norm" not in key else None
@@ -204,18 +250,18 @@ def _vae_transform(key: str) -> Callable | None:
 
 def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
   """{"unet", "vae", "text_encoder"} -> that network's state dict in diffusers / transformers names."""
-  if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in sd.keys()):
-    raise ValueError("this single file has an OpenCLIP text encoder (cond_stage_model.model.*, Stable Diffusion 2.x); "
-                     "converting it is not implemented: convert the file to a diffusers folder and load that.")
   missing = [name for name, p in PREFIXES.items() if not any(k.startswith(p) for k in sd.keys())]
   if missing:
     raise ValueError(f"the single file has no {', '.join(missing)} weights (no keys under "
                      f"{', '.join(PREFIXES[m] for m in missing)}): is it a full Stable Diffusion checkpoint?")
+  if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in sd.keys()):  # SD 2.x
+    text = _open_clip(sd, PREFIXES["text_encoder"] + "model.", configs["text_encoder"])
+  else:  # SD 1.x keeps the transformers layout under `transformer.`; the loader adds `text_model.` where missing
+    text = _network(sd, PREFIXES["text_encoder"], [("transformer.", "")])
   return {
       "unet": _network(sd, PREFIXES["unet"], unet_prefixes(configs["unet"])),
       "vae": _network(sd, PREFIXES["vae"], vae_prefixes(configs["vae"]), _vae_transform),
-      # SD 1.x keeps the transformers layout under `transformer.`; the loader adds `text_model.` where missing.
-      "text_encoder": _network(sd, PREFIXES["text_encoder"], [("transformer.", "")]),
+      "text_encoder": text,
   }
 
 

@@ -1,8 +1,9 @@
-"""StableDiffusion.from_single_file on the original CompVis / A1111 layout, made from a tiny diffusers model.
+"""StableDiffusion.from_single_file on the original CompVis / A1111 layout, made from tiny diffusers models.
 
-The test writes the single file by renaming the tiny folder's state dicts back to the LDM names, and
-checks that file with diffusers' own single-file converters (they must give the folder's state dicts
-back), so the layout is diffusers' understanding of it, not only the inverse of jaxsd's tables.
+The test writes the single file by renaming the tiny folder's state dicts back to the LDM names (SD 2:
+the OpenCLIP text tower, with its fused q/k/v and one layer more), and checks that file with
+diffusers' own single-file converters (they must give the folder's state dicts back), so the layout
+is diffusers' understanding of it, not only the inverse of jaxsd's tables.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from diffusers.loaders import single_file_utils as su
 
 import jaxsd
@@ -32,20 +34,55 @@ def _to_ldm(sd: dict, pairs: list[tuple[str, str]], prefix: str, unsqueeze_atten
   return out
 
 
-@pytest.fixture(scope="module")
-def folder_and_file(tmp_path_factory):
-  root = tmp_path_factory.mktemp("single")
-  folder = reference.make_tiny_sd_folder(str(root / "sd"))
+_OPEN_CLIP_NAMES = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "self_attn.out_proj.": "attn.out_proj.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj."
+}
+
+
+def _to_open_clip(text: dict, prefix: str = "cond_stage_model.model.") -> dict:
+  """A transformers CLIPTextModel state dict in SD 2.x's OpenCLIP layout (fused q/k/v, one extra last layer)."""
+  out = {
+      "token_embedding.weight": text["embeddings.token_embedding.weight"],
+      "positional_embedding": text["embeddings.position_embedding.weight"],
+      "ln_final.weight": text["final_layer_norm.weight"],
+      "ln_final.bias": text["final_layer_norm.bias"],
+  }
+  layers = sorted({int(k.split(".")[2]) for k in text if k.startswith("encoder.layers.")})
+  for i in layers + [layers[-1] + 1]:  # SD 2 reads the penultimate layer: the file has one more
+    extra = i > layers[-1]
+    pre = f"encoder.layers.{layers[-1] if extra else i}."
+    for kind in ("weight", "bias"):
+      out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = np.concatenate(
+          [text[f"{pre}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+    for k, v in text.items():
+      for a, b in _OPEN_CLIP_NAMES.items():
+        if k.startswith(pre + a):
+          out[f"transformer.resblocks.{i}.{b}{k[len(pre + a):]}"] = v + np.float32(1.0 if extra else 0.0)
+  out["text_projection"] = np.eye(text["final_layer_norm.weight"].shape[0], 8, dtype=np.float32)
+  out["logit_scale"] = np.float32(4.6)
+  return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
+def folder_and_file(request, tmp_path_factory):
+  sd2 = request.param
+  root = tmp_path_factory.mktemp("single_sd2" if sd2 else "single_sd1")
+  folder = reference.make_tiny_sd_folder(str(root / "sd"), sd2=sd2)
   read = lambda name: dict(model_folder.read_state_dict(os.path.join(folder, name)))
   configs = {name: jaxsd.pipeline._read_json(os.path.join(folder, name, "config.json")) for name in ("unet", "vae")}
   unet, vae, text = read("unet"), read("vae"), read("text_encoder")
+  # transformers 5 saves a standalone CLIPTextModel without `text_model.`; SD 1 files have it.
+  text_ldm = _to_open_clip(text) if sd2 else {
+      f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()
+  }
   ldm = {
       **_to_ldm(unet, single_file.unet_prefixes(configs["unet"]), "model.diffusion_model."),
       **_to_ldm(vae, single_file.vae_prefixes(configs["vae"]), "first_stage_model.", unsqueeze_attention=True),
-      # transformers 5 saves a standalone CLIPTextModel without `text_model.`; LDM files have it.
-      **{
-          f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()
-      },
+      **text_ldm,
       "model_ema.decay": np.float32(0.9999),  # keys of no network are ignored
   }
   # diffusers' converters read this file back into the folder's state dicts: it is the LDM layout.
@@ -55,13 +92,18 @@ def folder_and_file(tmp_path_factory):
     assert sorted(got) == sorted(want)
     for k in want:
       np.testing.assert_array_equal(got[k].reshape(want[k].shape).numpy(), want[k], err_msg=k)
+  if sd2:
+    tm = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder")))
+    got = su.convert_open_clip_checkpoint(tm, torch_ldm)
+    for k, v in text.items():  # (diffusers drops only SD 2.1's own 24th layer: the tiny file's extra one stays)
+      np.testing.assert_array_equal(got["text_model." + k].numpy(), v, err_msg=k)
   path = str(root / "model.safetensors")
   model_folder.write_safetensors({k: np.asarray(v) for k, v in ldm.items()}, path)
-  return folder, path
+  return folder, path, sd2
 
 
 def test_single_file_loads_the_folders_weights(folder_and_file):
-  folder, path = folder_and_file
+  folder, path, _ = folder_and_file
   want = jaxsd.StableDiffusion.from_pretrained(folder)
   got = jaxsd.StableDiffusion.from_single_file(path, config=folder)
   for name in ("unet_params", "vae_params", "text_encoder_params"):
@@ -70,18 +112,27 @@ def test_single_file_loads_the_folders_weights(folder_and_file):
   assert got.unet.config == want.unet.config and got.vae.config == want.vae.config
 
 
-def test_v1_preset_and_refusals(folder_and_file, tmp_path):
-  folder, path = folder_and_file
-  # The tiny file is not SD 1.5's size: the preset's U-Net names every mismatched weight.
+def test_presets_and_refusals(folder_and_file, tmp_path):
+  folder, path, sd2 = folder_and_file
+  # The tiny file is not SD 1.5's / 2.1's size: the preset's U-Net names every mismatched weight.
   with pytest.raises(jaxsd.weights.WeightLoadError,
                      match=r"(?s)model.safetensors \(U-Net\): checkpoint does not match.*shape mismatches"):
-    jaxsd.StableDiffusion.from_single_file(path, config="v1")
-  with pytest.raises(ValueError, match="config='v3': choose one of v1"):
+    jaxsd.StableDiffusion.from_single_file(path, config="v2" if sd2 else "v1")
+  with pytest.raises(ValueError, match="config='v3': choose one of v1, v2"):
     jaxsd.StableDiffusion.from_single_file(path, config="v3")
-  sd2 = str(tmp_path / "sd2.safetensors")
-  model_folder.write_safetensors({"cond_stage_model.model.ln_final.weight": np.ones(4, np.float32)}, sd2)
-  with pytest.raises(ValueError, match="OpenCLIP text encoder.*not implemented"):
-    jaxsd.StableDiffusion.from_single_file(sd2, config=folder)
+  partial = str(tmp_path / "partial.safetensors")
+  model_folder.write_safetensors({"cond_stage_model.model.ln_final.weight": np.ones(4, np.float32)}, partial)
+  with pytest.raises(ValueError, match="has no unet, vae weights"):
+    jaxsd.StableDiffusion.from_single_file(partial, config=folder)
+  (tmp_path / "model.ckpt").write_bytes(b"")
   with pytest.raises(ValueError, match="only .safetensors"):
-    (tmp_path / "model.ckpt").write_bytes(b"")
     jaxsd.StableDiffusion.from_single_file(str(tmp_path / "model.ckpt"), config=folder)
+
+
+def test_v2_preset_is_sd21():
+  # What the v2 preset means besides the U-Net: SD 2.1's text tower (read at the penultimate of
+  # OpenCLIP's 24 layers), its v-prediction DDIM schedule, and "!" padding.
+  p = single_file.preset("v2")
+  assert p["text_encoder"]["num_hidden_layers"] == 23 and p["text_encoder"]["hidden_size"] == 1024
+  assert p["scheduler"]["prediction_type"] == "v_prediction" and p["unet"]["cross_attention_dim"] == 1024
+  assert single_file.PAD_TOKEN["v2"] == "!"
