@@ -170,11 +170,13 @@ def scheduler_config_file(path: str) -> str:
 
 
 def write_scheduler(cfg: ConfigBase, path: str) -> None:
-  """scheduler/scheduler_config.json for SD's PNDM scheduler (None-valued keys left out: diffusers
-  then applies the scheduler's own defaults, as for the SD 1.5 file)."""
+  """scheduler/scheduler_config.json for SD's PNDM scheduler. None-valued keys and the keys the config was
+  read without (`defaulted`) are left out: each scheduler class then applies its own default, so the
+  file means what the one it came from meant."""
   os.makedirs(path, exist_ok=True)
-  d = {k: v for k, v in cfg.to_dict().items() if v is not None}
-  d.update({"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "skip_prk_steps": True})
+  defaulted = set(getattr(cfg, "defaulted", ()))
+  d = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in defaulted}
+  d.update({"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION})
   with open(os.path.join(path, "scheduler_config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
 

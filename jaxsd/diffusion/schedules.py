@@ -92,9 +92,14 @@ class SchedulerConfig(ConfigBase):
     names = [f.name for f in dataclasses.fields(cls) if f.name != "defaulted"]
     class_name = str(d.get("_class_name", "")).removeprefix("Flax")
     defaults = DIFFUSERS_DEFAULTS.get(class_name, DIFFUSERS_DEFAULTS[_FALLBACK_CLASS])
-    # A diffusers `scheduler.config` lists the keys it filled with its own class's defaults.
+    # A diffusers `scheduler.config` lists the keys it filled with its own class's defaults; a null
+    # (trained_betas) means the same as a key left out.
     used_defaults = set(d.get("_use_default_values", ()))
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names and k not in used_defaults}
+    given = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in d.items()
+        if k in names and k not in used_defaults and v is not None
+    }
     missing = tuple(sorted(k for k in names if k not in given))
     cfg = cls(**{k: v for k, v in defaults.items() if k in missing}, **given, defaulted=missing)
     cfg.validate()
