@@ -78,6 +78,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
   sampler, karras = _resolve(sampler, use_karras_sigmas)
   row = _TABLE[sampler]
   cfg = cfg.for_class(row.scheduler_class)  # keys the file left out: this sampler's diffusers defaults
+  cfg.check_implemented(row.scheduler_class, sampler)
   if karras and not row.karras and use_karras_sigmas is not None:
     raise ValueError(f"use_karras_sigmas is not available for {sampler!r}; "
                      f"only for {tuple(k for k, r in _TABLE.items() if r.karras)}.")

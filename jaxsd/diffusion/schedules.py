@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import os
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,23 @@ DIFFUSERS_DEFAULTS = {
         dict(_COMMON, thresholding=False, use_karras_sigmas=False, variance_type=None, timestep_spacing="linspace",
              rescale_betas_zero_snr=False),
 }
+# Keys of those classes that no sampler here implements beyond their default (the value each sampler
+# runs with, diffusers' default): a config that names another value is refused, not run as if it did not.
+_PLAIN_SIGMAS = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+UNIMPLEMENTED = {
+    "EulerDiscreteScheduler":
+        dict(_PLAIN_SIGMAS, interpolation_type="linear", sigma_min=None, sigma_max=None, timestep_type="discrete",
+             final_sigmas_type="zero"),
+    "HeunDiscreteScheduler":
+        _PLAIN_SIGMAS,
+    "LMSDiscreteScheduler":
+        _PLAIN_SIGMAS,
+    "DPMSolverMultistepScheduler":
+        dict(_PLAIN_SIGMAS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+             lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False,
+             final_sigmas_type="zero", lambda_min_clipped=-math.inf, use_dynamic_shifting=False),
+}
+_UNIMPLEMENTED_KEYS = frozenset(k for keys in UNIMPLEMENTED.values() for k in keys)
 # A file without a known `_class_name`: diffusers' training scripts read it as a DDPMScheduler.
 _FALLBACK_CLASS = "DDPMScheduler"
 
@@ -86,10 +105,12 @@ class SchedulerConfig(ConfigBase):
   thresholding: bool = False  # Dynamic thresholding (Imagen): not for latent diffusion.
   rescale_betas_zero_snr: bool = False  # Lin et al. (2023): not implemented.
   defaulted: tuple[str, ...] = ()  # keys the file left out: each scheduler class fills in its own default
+  # (key, value) of the file's keys in UNIMPLEMENTED: refused by the samplers of those classes unless default.
+  unimplemented: tuple[tuple[str, Any], ...] = ()
 
   @classmethod
   def from_dict(cls, d: dict) -> SchedulerConfig:
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "defaulted"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("defaulted", "unimplemented")]
     class_name = str(d.get("_class_name", "")).removeprefix("Flax")
     defaults = DIFFUSERS_DEFAULTS.get(class_name, DIFFUSERS_DEFAULTS[_FALLBACK_CLASS])
     # A diffusers `scheduler.config` lists the keys it filled with its own class's defaults; a null
@@ -101,7 +122,11 @@ class SchedulerConfig(ConfigBase):
         if k in names and k not in used_defaults and v is not None
     }
     missing = tuple(sorted(k for k in names if k not in given))
-    cfg = cls(**{k: v for k, v in defaults.items() if k in missing}, **given, defaulted=missing)
+    other = tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v)
+               for k, v in d.items()
+               if k in _UNIMPLEMENTED_KEYS and k not in used_defaults))
+    cfg = cls(**{k: v for k, v in defaults.items() if k in missing}, **given, defaulted=missing, unimplemented=other)
     cfg.validate()
     return cfg
 
@@ -110,9 +135,18 @@ class SchedulerConfig(ConfigBase):
     defaults = DIFFUSERS_DEFAULTS[class_name]
     return self.replace(**{k: defaults[k] for k in self.defaulted if k in defaults})
 
+  def check_implemented(self, class_name: str, sampler: str) -> None:
+    """Raises for a setting of the file that diffusers' `class_name` reads and `sampler` does not implement."""
+    fixed = UNIMPLEMENTED.get(class_name, {})
+    for key, value in self.unimplemented:
+      if key in fixed and value != fixed[key]:
+        raise ValueError(f"{sampler} with {key}={value!r} is not implemented (only {key}={fixed[key]!r}, diffusers' "
+                         f"default for {class_name}); remove the key from scheduler_config.json or choose another "
+                         "sampler.")
+
   def to_dict(self) -> dict:
     d = super().to_dict()
-    del d["defaulted"]
+    del d["defaulted"], d["unimplemented"]
     return d
 
   @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -250,3 +251,30 @@ def test_file_values_win_and_diffusers_config_dicts_are_read():
   # A live diffusers config lists the keys its class filled in `_use_default_values`.
   live = dict(diffusers.DDIMScheduler.from_config({"steps_offset": 1}).config)
   assert SchedulerConfig.from_dict(live).for_class("PNDMScheduler") == cfg.for_class("PNDMScheduler")
+
+
+def _other_value(v):
+  if isinstance(v, bool):
+    return not v
+  if v is None or (isinstance(v, float) and math.isinf(v)):
+    return 0.5
+  return v + 1 if isinstance(v, (int, float)) else "something_else"
+
+
+@pytest.mark.parametrize("class_name", sorted(schedules.UNIMPLEMENTED))
+def test_settings_no_sampler_implements_are_refused(class_name):
+  from jaxsd.diffusion import samplers
+
+  cls = getattr(diffusers, class_name)
+  sig = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+  fixed = schedules.UNIMPLEMENTED[class_name]
+  assert {k: sig[k] for k in fixed} == fixed  # what every sampler of the class runs: diffusers' defaults
+  sampler = next(s for s in samplers.SAMPLERS if samplers.get(s).scheduler_class == class_name)
+  # A config diffusers saved (every key at its default) runs; so does SD 1.5's with the defaults named.
+  samplers.make_schedule(SchedulerConfig.from_dict(dict(cls.from_config(SD15).config)), sampler, 10)
+  samplers.make_schedule(SchedulerConfig.from_dict(dict(SD15, **fixed)), sampler, 10)
+  for key, value in fixed.items():
+    cfg = SchedulerConfig.from_dict(dict(SD15, _class_name=class_name, **{key: _other_value(value)}))
+    with pytest.raises(ValueError, match=f"{sampler} with {key}=.* is not implemented"):
+      samplers.make_schedule(cfg, sampler, 10)
+    samplers.make_schedule(cfg, "ddim", 10)  # DDIM does not read it
