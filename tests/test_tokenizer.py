@@ -197,16 +197,26 @@ def test_missing_folder_errors(tmp_path):
 
 
 def _special(content: str) -> dict:
-  return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
-          "single_word": False}
+  return {
+      "__type": "AddedToken",
+      "content": content,
+      "lstrip": False,
+      "normalized": True,
+      "rstrip": False,
+      "single_word": False
+  }
 
 
 def _sd2_tokenizer_folder(tokenizer, path) -> str:
   """stabilityai/stable-diffusion-2-1's tokenizer/ as shipped: vocab.json, merges.txt and configs that pad with "!"."""
   path.mkdir()
   tokenizer.backend_tokenizer.model.save(str(path))  # vocab.json, merges.txt (the same vocabulary as SD 1.x)
-  special = {"bos_token": _special("<|startoftext|>"), "eos_token": _special("<|endoftext|>"), "pad_token": "!",
-             "unk_token": _special("<|endoftext|>")}
+  special = {
+      "bos_token": _special("<|startoftext|>"),
+      "eos_token": _special("<|endoftext|>"),
+      "pad_token": "!",
+      "unk_token": _special("<|endoftext|>")
+  }
   (path / "special_tokens_map.json").write_text(json.dumps(special))
   (path / "tokenizer_config.json").write_text(
       json.dumps(
