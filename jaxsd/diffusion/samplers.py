@@ -4,9 +4,11 @@ Each sampler follows the diffusers PyTorch scheduler of the same name step for s
 sigmas, multistep bookkeeping, quirks included), so a run reproduces the diffusers pipeline.
 `make_schedule` builds everything the loop indexes into a `Schedule` pytree of float32 arrays;
 `sample` runs the whole loop in one `lax.scan`, one model call per iteration (Heun calls the
-model twice per step and PNDM once more than its step count, as in diffusers). What each sampler
-needs is one `Sampler` row (state init, step, schedule builder, facts); `init_state`, `model_input`,
-`step_noise` and `step` are the loop's body one call at a time, for loops of one's own.
+model twice per step and PNDM once more than its step count, or 9 more with its Runge-Kutta
+warm-up, as in diffusers). What each sampler needs is one `Sampler` row (state init, step, schedule
+builder, facts); `init_state`, `model_input`, `step_noise` and `step` are the loop's body one call
+at a time, for loops of one's own. A scheduler config is read as the diffusers class of the sampler
+reads it: keys it leaves out take that class's defaults (`SchedulerConfig.for_class`).
 
     s = make_schedule(cfg, "euler", 30)
     x = sample(model_fn, prepare_latents(s, noise), s, key)
