@@ -86,21 +86,24 @@ def _prefixed(prefix: str):
   return lambda key: key if key.startswith(prefix) else prefix + key
 
 
-def _build(module_cls, config, state_dict, where: str, dtype, param_dtype, rename=None, **kw):
+def _convert(module_cls, config, state_dict, where: str, dtype, param_dtype, rename=None, **kw):
+  """(module, host parameters): the device copy is made by the caller, after it lets go of the state dict."""
   param_dtype = param_dtype or dtype
   module = module_cls(config, dtype=dtype, param_dtype=param_dtype, **kw)
   try:
     params = weights.state_dict_to_params(state_dict, abstract_params(module), dtype=param_dtype, rename=rename)
   except weights.WeightLoadError as e:
     raise weights.WeightLoadError(f"{where}: {e}") from None
-  return module, jax.device_put(params)
+  return module, params
 
 
 def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_pickle, rename=None, **kw):
   path = os.fspath(path)
   config = config_cls.from_json(path)
   state_dict = model_folder.read_state_dict(path, variant=variant, allow_pickle=allow_pickle)
-  return _build(module_cls, config, state_dict, path, dtype, param_dtype, rename, **kw)
+  module, params = _convert(module_cls, config, state_dict, path, dtype, param_dtype, rename, **kw)
+  del state_dict  # closes the memory-mapped files before the device copy (at most two copies in host memory)
+  return module, jax.device_put(params)
 
 
 _KINDS = {
@@ -115,8 +118,9 @@ def from_state_dict(kind: str, config: dict, state_dict, where: str, dtype=jnp.f
   """(module, params) of a "unet", "vae" or "text_encoder" from its config.json dict and a state dict
   in diffusers / transformers names (loaded as strictly as a folder; `where` names it in errors)."""
   module_cls, config_cls, rename = _KINDS[kind]
-  return _build(module_cls, config_cls.from_dict(config), state_dict, where, dtype, param_dtype, rename,
-                **module_kwargs)
+  module, params = _convert(module_cls, config_cls.from_dict(config), state_dict, where, dtype, param_dtype, rename,
+                            **module_kwargs)
+  return module, jax.device_put(params)
 
 
 def load_unet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,
