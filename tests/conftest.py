@@ -1,6 +1,12 @@
-"""Test setup: 8 simulated CPU devices (sharding tests), fp32 matmuls at full precision."""
+"""Test setup: 8 simulated CPU devices (sharding tests), fp32 matmuls at full precision, and one
+persistent XLA compilation cache for the session, shared with the subprocesses the tests start: the
+same tiny models are compiled by many tests and by `python -m train` / `python -m sample` subprocesses,
+and a cache hit is the same executable (results are unchanged, bit for bit)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,10 +14,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "JAXSD_CACHE_DIR" not in os.environ:
+  os.environ["JAXSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsd-tests-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAXSD_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from jaxsd.compilation_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(os.environ["JAXSD_CACHE_DIR"])
 
 import importlib.util  # noqa: E402
 

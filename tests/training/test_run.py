@@ -224,7 +224,7 @@ def test_cli_unknown_config_key(tmp_path):
 
 def _train_cli(workdir, data_dir, *overrides):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             JAX_DEFAULT_MATMUL_PRECISION="highest", JAXSD_CACHE_DIR=os.path.join(workdir, "..", "xla_cache"))
+             JAX_DEFAULT_MATMUL_PRECISION="highest")  # and the session's compilation cache (conftest.py)
   cmd = [
       sys.executable, "-m", "train", "--config",
       os.path.join(ROOT, "train", "configs", "smoke.py"), "--workdir", workdir, f"--config.data.data_dir={data_dir}",
