@@ -100,7 +100,7 @@ class StableDiffusion:
     """
     cfg = self.vae.config
     post = self.vae.apply({"params": vae_params}, (images * 2 - 1).astype(self.vae.dtype), method=self.vae.encode)
-    if key.ndim == 1:
+    if key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):  # a key per image
       z = post.mean + post.std * jax.vmap(lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))(key)
     else:
       z = post.sample(key)

@@ -95,9 +95,12 @@ def test_images_and_masks_are_read_as_diffusers_reads_them():
   np.testing.assert_array_equal(conditioning.latent_mask(big, 8)[0, :, :, 0], [[0, 0], [1, 0]])
 
 
-def test_cli_inpaints_and_reports_bad_inputs(inpainting, tmp_path, capsys):
+def test_cli_inpaints_and_reports_bad_inputs(inpainting, tmp_path, capsys, monkeypatch):
   """In-process `python -m sample`: inpainting writes images; bad inputs exit 2 with one line, before compiling."""
+  from jaxsd import compilation_cache
   from sample.__main__ import main
+
+  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
 
   path, tpipe, pipe = inpainting
   image = tmp_path / "image.png"
@@ -113,11 +116,11 @@ def test_cli_inpaints_and_reports_bad_inputs(inpainting, tmp_path, capsys):
   assert out[0].shape == (HW, HW, 3) and np.abs(out[0].astype(int) - out[1].astype(int)).max() > 0
 
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small.png")
-  Image.new("I", (HW, HW)).save(tmp_path / "int32.png")
+  Image.new("I;16", (HW, HW)).save(tmp_path / "int16.png")
   Image.new("CMYK", (HW, HW)).save(tmp_path / "cmyk.jpg")
   cases = [
       (["--init-image", str(image), "--mask", str(tmp_path / "small.png")], "mask is 8x8"),
-      (["--init-image", str(image), "--mask", str(tmp_path / "int32.png")], "mode 'I'"),
+      (["--init-image", str(image), "--mask", str(tmp_path / "int16.png")], "mode 'I"),
       (["--init-image", str(tmp_path / "cmyk.jpg"), "--mask",
         str(mask)], "'CMYK'"),
       (["--init-image", str(image)], "only inpaints"),  # a 9-channel model without a mask
