@@ -15,7 +15,7 @@ from PIL import Image
 import jaxsd
 from jaxsd import conditioning
 from tests import reference
-from tests.test_pipeline import DETERMINISTIC
+from tests.test_pipeline import scheduler
 
 PROMPTS = ["a red circle on the left", "a small blue square"]
 NEGATIVE = ["", "a green triangle"]
@@ -52,10 +52,9 @@ def test_inpainting_unet_matches_diffusers(inpainting, monkeypatch, sampler, str
   ours = pipe.inpaint(PROMPTS, images, _masks(), strength=strength, negative_prompts=NEGATIVE, steps=steps,
                       guidance_scale=7.5, sampler=sampler, output="latent", latents=noise,
                       masked_image_latents=masked_latents, image_latents=image_latents)
-  cls, kw = DETERMINISTIC[sampler]
-  ref = reference.inpaint_reference(monkeypatch, tpipe.components, cls.from_config(tpipe.scheduler.config, **kw),
-                                    PROMPTS, NEGATIVE, [Image.fromarray(m) for m in _masks()], image_latents, noise,
-                                    masked_latents, strength, steps)
+  ref = reference.inpaint_reference(monkeypatch, tpipe.components, scheduler(path, sampler), PROMPTS, NEGATIVE,
+                                    [Image.fromarray(m) for m in _masks()], image_latents, noise, masked_latents,
+                                    strength, steps)
   diff = np.abs(ours - ref).max()
   print(f"inpaint (9-channel) {sampler} strength {strength}: max |diff| {diff:.2e}")
   assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"max |diff| {diff}"

@@ -117,15 +117,21 @@ def test_default_size_is_the_models_and_follows_given_latents(folders):
 IMG2IMG = ((0.3, 10), (0.6, 5), (0.95, 4))
 
 
-def _img2img_reference(monkeypatch, tpipe, sampler, strength, steps, image_latents, noise):
+def scheduler(path, sampler):
+  """The diffusers scheduler of `sampler`, from the folder's own config (the tests above change
+  tpipe.scheduler, and a config taken from it would carry, e.g., use_karras_sigmas along)."""
+  cls, kw = DETERMINISTIC[sampler]
+  return cls.from_pretrained(path, subfolder="scheduler", **kw)
+
+
+def _img2img_reference(monkeypatch, path, tpipe, sampler, strength, steps, image_latents, noise):
   """StableDiffusionImg2ImgPipeline given the image latents (4-channel `image`) and our noise (its
   `randn_tensor`, which draws img2img's noise, returns it)."""
   from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
 
-  cls, kw = DETERMINISTIC[sampler]
   ref = diffusers.StableDiffusionImg2ImgPipeline(**tpipe.components)
   ref.set_progress_bar_config(disable=True)
-  ref.scheduler = cls.from_config(tpipe.scheduler.config, **kw)
+  ref.scheduler = scheduler(path, sampler)
   monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
   with torch.no_grad():
     out = ref(PROMPTS, image=reference.nhwc_to_nchw(image_latents), strength=strength, num_inference_steps=steps,
@@ -147,7 +153,7 @@ def test_img2img_matches_diffusers(folders, monkeypatch):
                           sampler=sampler, output="latent", noise=noise, image_latents=image_latents)
       if strength == IMG2IMG[0][0]:
         compiled = program._cache_size()
-      ref = _img2img_reference(monkeypatch, tpipe, sampler, strength, steps, image_latents, noise)
+      ref = _img2img_reference(monkeypatch, path, tpipe, sampler, strength, steps, image_latents, noise)
       diff = np.abs(ours - ref).max()
       worst[sampler, strength] = diff
       assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"{sampler} at strength {strength}: max |diff| {diff}"
@@ -195,10 +201,9 @@ def test_inpaint_latent_blend_matches_diffusers(folders, monkeypatch):
   image_latents = np.asarray(pipe.noise(7, 2, HW, HW)) * 0.8
   ours = pipe.inpaint(PROMPTS, images, _masks(), strength=strength, negative_prompts=NEGATIVE, steps=steps,
                       guidance_scale=7.5, sampler=sampler, output="latent", latents=noise, image_latents=image_latents)
-  cls, kw = DETERMINISTIC[sampler]
-  ref = reference.inpaint_reference(monkeypatch, tpipe.components, cls.from_config(tpipe.scheduler.config, **kw),
-                                    PROMPTS, NEGATIVE, [Image.fromarray(m) for m in _masks()], image_latents, noise,
-                                    image_latents, strength, steps)
+  ref = reference.inpaint_reference(monkeypatch, tpipe.components, scheduler(path, sampler), PROMPTS, NEGATIVE,
+                                    [Image.fromarray(m) for m in _masks()], image_latents, noise, image_latents,
+                                    strength, steps)
   diff = np.abs(ours - ref).max()
   print(f"inpaint (4-channel blend) {sampler} strength {strength}: max |diff| {diff:.2e}")
   assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"max |diff| {diff}"
