@@ -79,6 +79,12 @@ def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
   return (m >= 0.5).astype(np.float32)[..., None]
 
 
+def masked_images(images, masks):
+  """Images in [0, 1] with the repainted region grey: 0.5 here is 0 in the VAE's [-1, 1], diffusers'
+  `image * (mask < 0.5)`. Works on numpy and jax arrays alike (masks of 0 and 1)."""
+  return images * (1 - masks) + 0.5 * masks
+
+
 def latent_mask(masks: np.ndarray, factor: int) -> np.ndarray:
   """(B, H, W, 1) mask -> (B, H / factor, W / factor, 1): torch's `interpolate(mode="nearest")` to the
   latent size keeps the pixel at (factor * i, factor * j)."""

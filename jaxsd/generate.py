@@ -167,7 +167,7 @@ def _conditioning_fn(pipe: StableDiffusion, task: str, strength: float, image: n
       masks = jnp.broadcast_to(jnp.asarray(mask), (b,) + mask.shape[1:])
       cond["mask"] = conditioning.latent_mask(masks, f)
       if pipe.inpainting_unet:
-        masked = jnp.where(masks >= 0.5, jnp.float32(0.5), images)
+        masked = conditioning.masked_images(images, masks)
         masked_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         cond["masked_image_latents"] = pipe.encode_images(vae_params, masked, masked_keys)
     return cond

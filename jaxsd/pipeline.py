@@ -414,7 +414,7 @@ class StableDiffusion:
     cond = {"mask": jnp.asarray(conditioning.latent_mask(masks, self.vae.config.downsampling_factor))}
     if self.inpainting_unet:
       if masked_image_latents is None:
-        masked = np.where(masks >= 0.5, np.float32(0.5), images)  # 0.5 is 0 in the VAE's [-1, 1]
+        masked = conditioning.masked_images(images, masks)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(self.posterior_keys(seed, b))
         masked_image_latents = self._encoder()(self.vae_params, jnp.asarray(masked), keys)
       cond["masked_image_latents"] = self._image_latents(images, masked_image_latents, seed, "masked_image_latents")

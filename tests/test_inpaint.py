@@ -88,6 +88,17 @@ def test_images_and_masks_are_read_as_diffusers_reads_them():
     conditioning.as_masks(Image.new("I", (4, 4)))
   with pytest.raises(ValueError, match="single-channel"):
     conditioning.as_masks(np.zeros((1, 4, 4, 3), np.uint8))
+  # The masked image (what 9-channel U-Nets see encoded) as diffusers' image and mask processors make it.
+  from diffusers.image_processor import VaeImageProcessor
+
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (HW, HW, 3), dtype=np.uint8))
+  mask = Image.fromarray(_masks()[0])
+  init = VaeImageProcessor(vae_scale_factor=8).preprocess(image).numpy()
+  cond = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
+                           do_convert_grayscale=True).preprocess(mask).numpy()
+  theirs = np.transpose(init * (cond < 0.5), (0, 2, 3, 1))
+  ours = conditioning.masked_images(conditioning.as_images(image), conditioning.as_masks(mask)) * 2 - 1
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)
   # Nearest downsampling to the latents keeps pixel (8i, 8j), as torch's interpolate.
   big = np.zeros((1, 16, 16, 1), np.float32)
   big[0, 8, 0] = 1
