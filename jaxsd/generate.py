@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd import conditioning
+from jaxsd.diffusion import make_schedule
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
 
@@ -42,17 +44,43 @@ def image_filename(prompt: str, seed: int, index: int) -> str:
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1, out_dir: str | None = None,
-             progress: bool = True, devices=None) -> GenerateResult:
+             progress: bool = True, devices=None, init_image=None, mask_image=None,
+             strength: float | None = None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filename`) and the grid of them. Height and width default to the
-  model's native size. Bad arguments raise a ValueError that says what to change.
+  model's native size. With `init_image` (one image for every job) this is img2img (`strength`,
+  default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
+  each job as the pipeline's own call with the job's seed-derived keys. Bad arguments, checked before
+  anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
+  task = "text" if init_image is None else "img2img" if mask_image is None else "inpaint"
+  if mask_image is not None and init_image is None:
+    raise ValueError("a mask without an init image: give the image to inpaint too.")
+  if strength is not None and task == "text":
+    raise ValueError("strength applies to img2img and inpainting: give an init image.")
+  pipe.check_task(task)
+  strength = 1.0 if task == "text" else strength if strength is not None else 0.6 if task == "img2img" else 1.0
+  image = mask = None
+  if task != "text":
+    image = conditioning.as_images(init_image, "init image")
+    if image.shape[0] != 1:
+      raise ValueError(f"give one init image (used for every image generated); got {image.shape[0]}.")
+    for name, v, have in (("height", height, image.shape[1]), ("width", width, image.shape[2])):
+      if v is not None and v != have:
+        raise ValueError(f"{name}={v} but the init image's {name} is {have}: resize the image or drop {name}.")
+    height, width = image.shape[1:3]
+  if task == "inpaint":
+    mask = conditioning.as_masks(mask_image, "mask")
+    if mask.shape[:3] != image.shape[:3]:
+      raise ValueError(f"the mask is {mask.shape[2]}x{mask.shape[1]} (WxH), the init image {image.shape[2]}x"
+                       f"{image.shape[1]}: give a mask of the image's size (white = repaint).")
   height, width = height or pipe.default_size, width or pipe.default_size
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
+  make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)
@@ -62,9 +90,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   mine = batches[jax.process_index()::jax.process_count()]
 
   guided = guidance_scale > 1.0
-  fn = pipe.generate_fn(sampler, steps, guided, "np")
-  pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)
+  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task)
+  pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)  # the conditioning (kwargs) on axis 0 too
   params = flax.jax_utils.replicate(pipe.params, devices)  # once, not per call
+  cond_fn = None if task == "text" else jax.pmap(_conditioning_fn(pipe, task, strength, image, mask), devices=devices)
 
   def inputs(batch):
     idx = batch + [batch[-1]] * (global_batch - len(batch))  # pad the last batch; padded outputs are dropped
@@ -73,7 +102,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     noise = jnp.concatenate([pipe.noise(seed, 1, height, width, offset=j) for j in idx])
     keys = jnp.concatenate([pipe.sampler_keys(seed, 1, offset=j) for j in idx])
     shard = lambda x: x.reshape((n_dev, batch_per_device) + x.shape[1:])
-    return shard(ids), shard(uncond), shard(noise), shard(keys)
+    cond = {}
+    if cond_fn is not None:
+      cond = cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx])))
+    return (shard(ids), shard(uncond), shard(noise), shard(keys)), cond
 
   compile_seconds = 0.0
   compiled = None
@@ -85,14 +117,14 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
     it = tqdm(mine, desc="sampling", unit="batch")
   for batch in it:
-    ids, uncond, noise, keys = inputs(batch)
+    (ids, uncond, noise, keys), cond = inputs(batch)
     args = (params, ids, uncond, noise, jnp.float32(guidance_scale), keys)
     if compiled is None:
       t0 = time.perf_counter()
-      compiled = pfn.lower(*args).compile()
+      compiled = pfn.lower(*args, **cond).compile()
       compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = np.asarray(jax.device_get(compiled(*args)))
+    out = np.asarray(jax.device_get(compiled(*args, **cond)))
     sample_seconds += time.perf_counter() - t0
     outputs.append(out.reshape((-1,) + out.shape[2:])[:len(batch)])
   images = np.concatenate(outputs) if outputs else np.zeros((0, height, width, 3), np.uint8)
@@ -116,3 +148,28 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),
                         images_per_second=len(images) / max(sample_seconds, 1e-9), devices=n_dev)
+
+
+def _conditioning_fn(pipe: StableDiffusion, task: str, strength: float, image: np.ndarray, mask: np.ndarray | None):
+  """(vae params, per-image posterior keys [b]) -> the program's conditioning for b copies of the one
+  init image, as `StableDiffusion.img2img` / `inpaint` compute it from the same keys."""
+  f = pipe.vae.config.downsampling_factor
+  image = jnp.asarray(image)
+  need_image = task == "img2img" or strength < 1.0 or not pipe.inpainting_unet
+
+  def fn(vae_params, keys):
+    b = keys.shape[0]
+    images = jnp.broadcast_to(image, (b,) + image.shape[1:])
+    cond = {}
+    if need_image:
+      cond["image_latents"] = pipe.encode_images(vae_params, images, keys)
+    if task == "inpaint":
+      masks = jnp.broadcast_to(jnp.asarray(mask), (b,) + mask.shape[1:])
+      cond["mask"] = conditioning.latent_mask(masks, f)
+      if pipe.inpainting_unet:
+        masked = conditioning.masked_images(images, masks)
+        masked_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        cond["masked_image_latents"] = pipe.encode_images(vae_params, masked, masked_keys)
+    return cond
+
+  return fn

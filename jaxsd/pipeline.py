@@ -1,4 +1,4 @@
-"""Text-to-image and image-to-image sampling: prompt -> CLIP -> compiled denoising loop -> VAE decode.
+"""Text-to-image, image-to-image and inpainting: prompt -> CLIP -> compiled denoising loop -> VAE decode.
 
 The whole generation (text encoding, every denoising step under classifier-free guidance, decoding)
 is one jitted program per shape; the loop runs inside `lax.fori_loop` / `lax.scan` on the device.
@@ -18,11 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import model_folder, pretrained, single_file, tokenizer as tok
+from jaxsd import conditioning, model_folder, pretrained, single_file, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
 OUTPUTS = ("np", "pil", "latent")
+# How the initial latents are made and what the U-Net sees: text-to-image starts from noise; img2img
+# from the image's latents noised to the first timestep; inpainting from either (noise at strength 1,
+# as diffusers) with the mask and masked image concatenated (9-channel U-Nets) or the known region
+# re-noised after every step (4-channel U-Nets, diffusers' latent blend).
+TASKS = ("text", "img2img", "inpaint")
 log = logging.getLogger(__name__)
 
 
@@ -142,17 +147,46 @@ class StableDiffusion:
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
   def encode_images(self, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
-    """Images in [0, 1] NHWC -> scaled latents (a sample of the posterior, as diffusers' img2img)."""
+    """Images in [0, 1] NHWC -> scaled latents (a sample of the posterior, as diffusers' img2img).
+
+    `key` is one key for the batch, or a [B] batch of keys, one per image (see `posterior_keys`).
+    """
     cfg = self.vae.config
     post = self.vae.apply({"params": vae_params}, (images * 2 - 1).astype(self.vae.dtype), method=self.vae.encode)
-    z = post.sample(key).astype(jnp.float32)
+    if key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):  # a key per image
+      z = post.mean + post.std * jax.vmap(lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))(key)
+    else:
+      z = post.sample(key)
+    z = z.astype(jnp.float32)
     if cfg.shift_factor:
       z = z - cfg.shift_factor
     return z * cfg.scaling_factor
 
   def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of the latents (and of the initial noise): the VAE's latent channels."""
     f = self.vae.config.downsampling_factor
-    return (batch, height // f, width // f, self.unet.config.in_channels)
+    return (batch, height // f, width // f, self.vae.config.latent_channels)
+
+  @property
+  def inpainting_unet(self) -> bool:
+    """A 9-channel U-Net (latents + mask + masked-image latents), such as runwayml's SD 1.5 inpainting."""
+    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+  def check_task(self, task: str) -> None:
+    """Raises a ValueError if this model's U-Net cannot do `task` (one of TASKS), saying what to call instead."""
+    c, lc = self.unet.config.in_channels, self.vae.config.latent_channels
+    if task not in TASKS:
+      raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}.")
+    if task == "inpaint":
+      if c not in (lc, 2 * lc + 1):
+        raise ValueError(f"this U-Net takes {c} input channels; inpainting needs {lc} (latent blend) or "
+                         f"{2 * lc + 1} (an inpainting U-Net: latents + mask + masked-image latents).")
+    elif self.inpainting_unet:
+      raise ValueError(f"this is an inpainting U-Net ({c} input channels: latents + mask + masked-image latents); "
+                       "it only inpaints: give an image and a mask (StableDiffusion.inpaint).")
+    elif c != lc:
+      raise ValueError(f"this U-Net takes {c} input channels but the VAE's latents have {lc}: it is not a "
+                       f"{'text' if task == 'text' else 'image'}-to-image model.")
 
   @property
   def default_size(self) -> int:
@@ -165,25 +199,46 @@ class StableDiffusion:
 
   # --- the compiled program ------------------------------------------------------------------
 
-  def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0):
-    """Returns a pure function (params, ids, uncond_ids, noise, guidance_scale, keys[, init_latents]) -> out.
+  def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None):
+    """Returns the pure function that one generation runs, with the schedule as an argument:
 
-    `noise` is the initial Gaussian noise (B, h, w, c); `keys` (B,) the per-image keys of the
-    stochastic samplers (see `image_keys`). For img2img (`strength` < 1) `init_latents`
-    are the encoded input images. The function is what `__call__` jits and `python -m sample` pmaps.
+        fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys,
+           image_latents=None, mask=None, masked_image_latents=None) -> uint8 images or latents
+
+    `noise` is the initial Gaussian noise (B, h, w, c), unscaled; `keys` (B,) the per-image keys of
+    the stochastic samplers (see `image_keys`). img2img (`task="img2img"`) starts from
+    `image_latents` noised to the schedule's first timestep. Inpainting (`task="inpaint"`) takes the
+    latent-size `mask` (B, h, w, 1; 1 = repaint) and starts from noise (`from_noise`, strength 1 in
+    diffusers) or like img2img; a 9-channel U-Net also sees the mask and `masked_image_latents`, a
+    4-channel one gets the known region of `image_latents` re-noised after every step.
     """
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+    if output not in ("np", "latent"):
+      raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
+    from_noise = task == "text" if from_noise is None else from_noise
+    concat = task == "inpaint" and self.inpainting_unet
 
-    def fn(params, ids, uncond_ids, noise, guidance_scale, keys, init_latents=None):
+    def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
+           masked_image_latents=None):
       context = self.encode_text(params["text_encoder"], ids)
       if guided:
         context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids), context])
-      if init_latents is None:
+      if from_noise:
         x = samplers.prepare_latents(schedule, noise)
       else:
-        x = samplers.noise_latents(schedule, init_latents, noise)
+        x = samplers.noise_latents(schedule, image_latents, noise)
       model_fn = self.denoiser(params["unet"], context, guidance_scale, guided)
-      latents = samplers.sample(model_fn, x, schedule, keys)
+      after_step = None
+      if concat:
+        cond = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
+        unet_fn = model_fn
+        model_fn = lambda x, t: unet_fn(jnp.concatenate([x, cond], axis=-1), t)
+      elif task == "inpaint":
+
+        def after_step(i, x):  # diffusers' latent blend: the known region, noised to the next call's level
+          known = samplers.noise_latents(schedule, image_latents, noise, i + 1)
+          return (1 - mask) * known + mask * x
+
+      latents = samplers.sample(model_fn, x, schedule, keys, after_step=after_step)
       if output == "latent":
         return latents
       images = self.decode(params["vae"], latents)
@@ -191,15 +246,38 @@ class StableDiffusion:
 
     return fn
 
+  def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text"):
+    """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
+
+    fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
+    masked_image_latents=None); for img2img and inpainting pass the conditioning as `program` says.
+    """
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+    prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0))
+
+    def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
+           masked_image_latents=None):
+      return prog(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents, mask,
+                  masked_image_latents)
+
+    return fn
+
   @functools.cached_property
   def _compiled(self) -> dict:
     return {}
 
-  def _jitted(self, sampler, steps, guided, output, strength):
-    key = (sampler, steps, guided, output, float(strength))
+  def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None):
+    """One jitted program per (guidance on/off, output, task): jax.jit itself keys on the schedule's
+    sampler and length and on the shapes, so a strength or step count of the same length reuses it."""
+    key = (guided, output, task, from_noise)
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(self.generate_fn(sampler, steps, guided, output, strength))
+      self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise))
     return self._compiled[key]
+
+  def _encoder(self):
+    if "encode" not in self._compiled:
+      self._compiled["encode"] = jax.jit(self.encode_images)
+    return self._compiled["encode"]
 
   # --- user entry points -----------------------------------------------------------------------
 
@@ -242,11 +320,35 @@ class StableDiffusion:
   def sampler_keys(cls, seed: int, batch: int, offset: int = 0) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, 1))(cls.image_keys(seed, batch, offset))
 
+  @classmethod
+  def posterior_keys(cls, seed: int, batch: int, offset: int = 0) -> jax.Array:
+    """Keys of the VAE posterior samples of img2img's and inpainting's images (fold_in(image key, 2))."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 2))(cls.image_keys(seed, batch, offset))
+
   @staticmethod
   def image_keys(seed: int, batch: int, offset: int = 0) -> jax.Array:
-    """Image i's key: its initial noise is drawn from it, the stochastic samplers' from fold_in(it, 1)."""
+    """Image i's key: its initial noise is drawn from it, the stochastic samplers' from fold_in(it, 1),
+    the posterior sample of its init image from fold_in(it, 2)."""
     base = jax.random.key(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(offset, offset + batch))
+
+  def _given_noise(self, noise, name: str, b: int, height: int, width: int, seed: int) -> jax.Array:
+    if noise is None:
+      return self.noise(seed, b, height, width)
+    noise = jnp.asarray(noise, jnp.float32)
+    if noise.shape != self.latent_shape(b, height, width):
+      raise ValueError(f"{name} have shape {noise.shape}; expected {self.latent_shape(b, height, width)} "
+                       f"for {b} prompts at {height}x{width}.")
+    return noise
+
+  def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
+           output, **cond):
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+    guided = guidance_scale > 1.0
+    fn = self._jitted(guided, "latent" if output == "latent" else "np", task, from_noise)
+    out = fn(self.params, schedule, self.tokenize(prompts), self.tokenize(negative_prompts), noise,
+             jnp.float32(guidance_scale), self.sampler_keys(seed, len(prompts)), **cond)
+    return _finish(out, output)
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
@@ -257,50 +359,131 @@ class StableDiffusion:
     default (as in diffusers) to the size of the given `latents`, else to the model's own size
     (`default_size`: the U-Net's sample_size times the VAE's factor, e.g. 512 for SD 1.5, 768 for SD 2.1).
     """
+    self.check_task("text")
     if latents is not None and (height is None or width is None) and np.ndim(latents) == 4:
       f = self.vae.config.downsampling_factor
       height, width = height or np.shape(latents)[1] * f, width or np.shape(latents)[2] * f
     height, width = height or self.default_size, width or self.default_size
     prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
                                                   guidance_scale)
-    b = len(prompts)
-    if latents is None:
-      latents = self.noise(seed, b, height, width)
+    latents = self._given_noise(latents, "latents", len(prompts), height, width, seed)
+    return self._run("text", True, prompts, negative_prompts, steps, sampler, 1.0, guidance_scale, seed, latents,
+                     output)
+
+  def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
+                    guidance_scale):
+    """Checks what img2img and inpaint share; returns (prompts, negatives, float images or None, height, width)."""
+    f = self.vae.config.downsampling_factor
+    if images is None and image_latents is None:
+      raise ValueError("no init images: pass images (or their latents).")
+    images = None if images is None else conditioning.as_images(images, "init images")
+    if images is not None:
+      height, width = images.shape[1:3]
+      n = images.shape[0]
     else:
-      latents = jnp.asarray(latents, jnp.float32)
-      if latents.shape != self.latent_shape(b, height, width):
-        raise ValueError(f"latents have shape {latents.shape}; expected {self.latent_shape(b, height, width)} "
-                         f"for {b} prompts at {height}x{width}.")
-    guided = guidance_scale > 1.0
-    fn = self._jitted(sampler, steps, guided, "latent" if output == "latent" else "np", 1.0)
-    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), latents, jnp.float32(guidance_scale),
-             self.sampler_keys(seed, b))
-    return _finish(out, output)
-
-  def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np"):
-    """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
-
-    `init_images`: uint8 NHWC array, a list of PIL images, or floats in [0, 1].
-    """
-    images = _as_float_images(init_images)
+      height, width = np.shape(image_latents)[1] * f, np.shape(image_latents)[2] * f
+      n = np.shape(image_latents)[0]
     if isinstance(prompts, str):
-      prompts = [prompts] * images.shape[0]
-    height, width = images.shape[1:3]
+      prompts = [prompts] * n
     prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
                                                   guidance_scale)
-    if len(prompts) != images.shape[0]:
-      raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} init images: give one per image.")
-    if not 0.0 < strength <= 1.0:
-      raise ValueError(f"strength={strength} must be in (0, 1].")
-    key = jax.random.key(seed)
-    init_latents = jax.jit(self.encode_images)(self.vae_params, jnp.asarray(images), jax.random.fold_in(key, 1))
-    noise = self.noise(seed, len(prompts), height, width)
-    guided = guidance_scale > 1.0
-    fn = self._jitted(sampler, steps, guided, "latent" if output == "latent" else "np", strength)
-    out = fn(self.params, self.tokenize(prompts), self.tokenize(negative_prompts), noise, jnp.float32(guidance_scale),
-             self.sampler_keys(seed, len(prompts)), init_latents)
-    return _finish(out, output)
+    if len(prompts) != n:
+      raise ValueError(f"{len(prompts)} prompts for {n} init images: give one per image.")
+    samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+    return prompts, negative_prompts, images, height, width
+
+  def _image_latents(self, images, image_latents, seed, name="image_latents"):
+    b, h, w = images.shape[:3] if images is not None else np.shape(image_latents)[:3]
+    if image_latents is None:
+      return self._encoder()(self.vae_params, jnp.asarray(images), self.posterior_keys(seed, b))
+    image_latents = jnp.asarray(image_latents, jnp.float32)
+    if images is not None and image_latents.shape != self.latent_shape(b, h, w):
+      raise ValueError(f"{name} have shape {image_latents.shape}; expected {self.latent_shape(b, h, w)} for "
+                       f"{b} images of {h}x{w}.")
+    return image_latents
+
+  def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", noise=None,
+              image_latents=None):
+    """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
+
+    As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
+    the schedule run, from the images' latents noised to the first of them.
+
+    Args:
+      prompts: a prompt, or one per image.
+      init_images: uint8 NHWC array, PIL image(s), or floats in [0, 1]; may be None if `image_latents` are given.
+      strength: in (0, 1]; how much of the schedule runs (1: all of it, the image barely matters).
+      noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
+      image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
+        encoder, from `posterior_keys(seed, B)`.
+    """
+    self.check_task("img2img")
+    prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
+                                                                          image_latents, steps, sampler, strength,
+                                                                          output, guidance_scale)
+    b = len(prompts)
+    image_latents = self._image_latents(images, image_latents, seed)
+    noise = self._given_noise(noise, "noise", b, height, width, seed)
+    if image_latents.shape != noise.shape:
+      raise ValueError(f"image_latents have shape {image_latents.shape}; expected {noise.shape}.")
+    return self._run("img2img", False, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
+                     output, image_latents=image_latents)
+
+  def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", latents=None,
+              masked_image_latents=None, image_latents=None):
+    """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
+
+    The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
+    mask (downsampled to the latents) and the masked image's latents; a 4-channel U-Net denoises as
+    text-to-image while the known region is replaced, after every step, by the image's latents
+    noised to the level of the next step (diffusers' latent blend).
+
+    Args:
+      prompts: a prompt, or one per image.
+      images: uint8 NHWC array, PIL image(s), or floats in [0, 1].
+      mask_images: the masks, white (>= 0.5) = repaint: PIL image(s) or (B, H, W[, 1]) arrays, the images' size.
+      strength: in (0, 1]; 1 starts from pure noise, below 1 from the image noised as img2img's.
+      latents: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed`. Unlike
+        diffusers, where given latents replace the noised image even at strength < 1, they are the noise
+        in both cases.
+      masked_image_latents: the masked images' scaled latents, for 9-channel U-Nets only; default:
+        the images with the repainted region grey (0 in [-1, 1]), encoded.
+      image_latents: the images' scaled latents (needed at strength < 1 and by 4-channel U-Nets);
+        default: encoded, a posterior sample from `posterior_keys(seed, B)`.
+
+    padding_mask_crop (diffusers' crop around the mask) is not implemented.
+    """
+    self.check_task("inpaint")
+    prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
+                                                                          image_latents, steps, sampler, strength,
+                                                                          output, guidance_scale)
+    if images is None:
+      raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
+    b = len(prompts)
+    masks = conditioning.as_masks(mask_images)
+    if masks.shape[0] == 1 and b > 1:
+      masks = np.repeat(masks, b, axis=0)
+    if masks.shape[:3] != images.shape[:3]:
+      raise ValueError(f"mask_images have size {masks.shape[1:3]} (batch {masks.shape[0]}); the images "
+                       f"{images.shape[1:3]} (batch {b}): give one mask per image, of the image's size.")
+    noise = self._given_noise(latents, "latents", b, height, width, seed)
+    from_noise = strength == 1.0
+    cond = {"mask": jnp.asarray(conditioning.latent_mask(masks, self.vae.config.downsampling_factor))}
+    if self.inpainting_unet:
+      if masked_image_latents is None:
+        masked = conditioning.masked_images(images, masks)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(self.posterior_keys(seed, b))
+        masked_image_latents = self._encoder()(self.vae_params, jnp.asarray(masked), keys)
+      cond["masked_image_latents"] = self._image_latents(images, masked_image_latents, seed, "masked_image_latents")
+    elif masked_image_latents is not None:
+      raise ValueError(f"masked_image_latents are inputs of 9-channel inpainting U-Nets; this U-Net has "
+                       f"{self.unet.config.in_channels} channels and inpaints by latent blending: drop them.")
+    if not from_noise or not self.inpainting_unet:
+      cond["image_latents"] = self._image_latents(images, image_latents, seed)
+    return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
+                     noise, output, **cond)
 
 
 def _read_json(file: str) -> dict:
@@ -317,17 +500,6 @@ def _scheduler_config(d: dict) -> schedules.SchedulerConfig:
     if key in own:
       d[key] = value
   return schedules.SchedulerConfig.from_dict(d)
-
-
-def _as_float_images(images) -> np.ndarray:
-  if isinstance(images, (list, tuple)):
-    images = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
-  images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"init_images must be NHWC RGB (B, H, W, 3); got shape {images.shape}.")
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
-  return images.astype(np.float32)
 
 
 def _finish(out: jax.Array, output: str):

@@ -1,4 +1,8 @@
-"""python -m sample: text-to-image across every local accelerator. Flags only; the work is in jaxsd.generate."""
+"""python -m sample: text-to-image, img2img (--init-image) and inpainting (--init-image --mask) across every
+local accelerator. Flags only; the work is in jaxsd.generate.
+
+Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
+diffusers does; 16-bit, float and CMYK files are refused."""
 
 from __future__ import annotations
 
@@ -24,6 +28,12 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
+  p.add_argument("--init-image", help="img2img: start from this image (its size is the output size)")
+  p.add_argument("--mask", help="inpainting (with --init-image): white = repaint, black = keep; the image's size")
+  p.add_argument(
+      "--strength", type=float, default=None,
+      help="how much of the schedule runs from the noised image, in (0, 1]; default 0.6 (img2img), "
+      "1 (inpainting)")
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
@@ -68,6 +78,13 @@ def check_flags(args) -> None:
       raise ValueError(f"--{name} {v} must be a positive multiple of 8.")
   if args.num_images < 1 or args.batch_per_device < 1:
     raise ValueError("--num-images and --batch-per-device must be at least 1.")
+  if args.mask and not args.init_image:
+    raise ValueError("--mask needs --init-image (the image to inpaint).")
+  if args.strength is not None:
+    if not args.init_image:
+      raise ValueError("--strength applies to img2img and inpainting: give --init-image.")
+    if not 0.0 < args.strength <= 1.0:
+      raise ValueError(f"--strength {args.strength} must be in (0, 1].")
 
 
 def main(argv=None) -> int:
@@ -83,12 +100,17 @@ def main(argv=None) -> int:
       jax.distributed.initialize()
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
+    from jaxsd import conditioning
+
+    init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None
+    mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     enable_compilation_cache()
     pipe = pipeline.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
     result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
-                               out_dir=args.out, progress=not args.no_progress)
+                               out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
+                               strength=args.strength)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

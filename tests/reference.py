@@ -19,15 +19,15 @@ def _jitter(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
       p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def tiny_components(sd2: bool = False, seed: int = 0):
-  """(unet, vae, text_encoder, tokenizer, scheduler) as PyTorch objects."""
+def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4):
+  """(unet, vae, text_encoder, tokenizer, scheduler) as PyTorch objects; in_channels=9 for an inpainting U-Net."""
   import diffusers
   import transformers
 
   from jaxsd import tokenizer as tok
 
   torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+  unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
                                         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",
                                                                                        "DownBlock2D"),
                                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
@@ -52,14 +52,15 @@ def tiny_components(sd2: bool = False, seed: int = 0):
   return unet.eval(), vae.eval(), text_encoder.eval(), tok.load_tokenizer(), scheduler
 
 
-def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0) -> str:
-  """Writes a tiny random diffusers StableDiffusionPipeline folder to `path`; returns it."""
+def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0, in_channels: int = 4) -> str:
+  """Writes a tiny random diffusers StableDiffusionPipeline folder to `path` (an inpainting one for
+  in_channels=9); returns it."""
   import diffusers
 
-  unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed)
-  pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+  unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed, in_channels)
+  cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+  pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(path)
   return os.fspath(path)
 
@@ -78,3 +79,22 @@ def nhwc_to_nchw(x) -> torch.Tensor:
 
 def nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:
   return np.transpose(x.detach().float().numpy(), (0, 2, 3, 1))
+
+
+def inpaint_reference(monkeypatch, components, scheduler, prompts, negative, mask_images, image_latents, noise,
+                      masked_image_latents, strength, steps, guidance_scale=7.5):
+  """diffusers' StableDiffusionInpaintPipeline final latents (NHWC), given the image latents (a
+  4-channel `image`), the masked-image latents and our noise (its `randn_tensor` returns it)."""
+  import diffusers
+  from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
+
+  pipe = diffusers.StableDiffusionInpaintPipeline(**components)
+  pipe.set_progress_bar_config(disable=True)
+  pipe.scheduler = scheduler
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: nhwc_to_nchw(noise))
+  w, h = mask_images[0].size  # PIL masks
+  with torch.no_grad():
+    out = pipe(prompts, image=nhwc_to_nchw(image_latents), mask_image=mask_images,
+               masked_image_latents=nhwc_to_nchw(masked_image_latents), strength=strength, height=h, width=w,
+               num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative, output_type="latent")
+  return nchw_to_nhwc(out.images)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import jaxsd
 from tests import reference
@@ -90,7 +91,7 @@ def test_no_guidance_skips_unconditional_pass(folders):
 def test_second_call_compiles_nothing(folders):
   path, tpipe, pipe = folders
   pipe(PROMPTS, height=HW, width=HW, steps=3, sampler="euler", seed=0)
-  (fn,) = [f for k, f in pipe._compiled.items() if k[:2] == ("euler", 3)]
+  fn = pipe._jitted(True, "np", "text", True)
   size = fn._cache_size()
   out1 = pipe(PROMPTS, height=HW, width=HW, steps=3, sampler="euler", seed=5, guidance_scale=3.0)
   assert fn._cache_size() == size
@@ -113,19 +114,111 @@ def test_default_size_is_the_models_and_follows_given_latents(folders):
   np.testing.assert_allclose(ours, ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
-def test_img2img_runs_and_strength_controls_change(folders):
+# img2img parity: each strength with a step count that keeps int(steps * strength) = 3 steps, so the
+# strengths share one compiled program per sampler (the schedule is an argument of the program).
+IMG2IMG = ((0.3, 10), (0.6, 5), (0.95, 4))
+IMG2IMG_SD2 = ("ddim", "euler", "heun", "dpmpp_2m")
+
+
+def scheduler(path, sampler):
+  """The diffusers scheduler of `sampler`, from the folder's own config (the tests above change
+  tpipe.scheduler, and a config taken from it would carry, e.g., use_karras_sigmas along)."""
+  cls, kw = DETERMINISTIC[sampler]
+  return cls.from_pretrained(path, subfolder="scheduler", **kw)
+
+
+def _img2img_reference(monkeypatch, path, tpipe, sampler, strength, steps, image_latents, noise):
+  """StableDiffusionImg2ImgPipeline given the image latents (4-channel `image`) and our noise (its
+  `randn_tensor`, which draws img2img's noise, returns it)."""
+  from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+
+  ref = diffusers.StableDiffusionImg2ImgPipeline(**tpipe.components)
+  ref.set_progress_bar_config(disable=True)
+  ref.scheduler = scheduler(path, sampler)
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  with torch.no_grad():
+    out = ref(PROMPTS, image=reference.nhwc_to_nchw(image_latents), strength=strength, num_inference_steps=steps,
+              guidance_scale=7.5, negative_prompt=NEGATIVE, output_type="latent")
+  return reference.nchw_to_nhwc(out.images)
+
+
+def test_img2img_matches_diffusers(folders, monkeypatch):
+  """Deterministic samplers at strengths 0.3, 0.6, 0.95: final latents as diffusers' img2img, given the
+  same image latents and noise; one compiled program per sampler for the three strengths. Every sampler
+  on the SD 1 (epsilon) folder; on the SD 2 (v) folder DDIM, Euler, Heun and DPM++ 2M, whose
+  v-prediction steps the text-to-image parity tests cover for all of them (test time: each sampler is a
+  compiled program). PNDM there reads the folder's DDIM config as diffusers does, without
+  skip_prk_steps, so with its Runge-Kutta warm-up, which jaxsd refuses for img2img (not implemented)."""
   path, tpipe, pipe = folders
-  init = np.zeros((2, HW, HW, 3), np.uint8)
-  init[:, :, :HW // 2] = 255
-  weak = pipe.img2img(PROMPTS, init, strength=0.2, steps=10, sampler="ddim", output="latent")
-  strong = pipe.img2img(PROMPTS, init, strength=1.0, steps=10, sampler="ddim", output="latent")
-  z0 = np.asarray(
-      jax.jit(pipe.encode_images)(pipe.vae_params, init.astype(np.float32) / 255,
-                                  jax.random.fold_in(jax.random.key(0), 1)))
-  # A low strength stays near the encoded image; full strength moves much further from it.
-  assert np.abs(weak - z0).mean() < np.abs(strong - z0).mean()
-  pil = pipe.img2img(PROMPTS[0], init[:1], strength=0.5, steps=4, sampler="euler", output="pil")
-  assert pil[0].size == (HW, HW)
+  sd2 = tpipe.scheduler.config.prediction_type == "v_prediction"
+  noise = np.asarray(pipe.noise(4, len(PROMPTS), HW, HW))
+  image_latents = np.asarray(pipe.noise(5, len(PROMPTS), HW, HW)) * 0.8
+  worst = {}
+  program = pipe._jitted(True, "latent", "img2img", False)
+  if sd2:
+    with pytest.raises(ValueError, match="Runge-Kutta"):
+      pipe.img2img(PROMPTS, None, strength=0.6, steps=5, sampler="pndm", noise=noise, image_latents=image_latents)
+  for sampler in (IMG2IMG_SD2 if sd2 else DETERMINISTIC):
+    for strength, steps in IMG2IMG:
+      ours = pipe.img2img(PROMPTS, None, strength=strength, negative_prompts=NEGATIVE, steps=steps, guidance_scale=7.5,
+                          sampler=sampler, output="latent", noise=noise, image_latents=image_latents)
+      if strength == IMG2IMG[0][0]:
+        compiled = program._cache_size()
+      ref = _img2img_reference(monkeypatch, path, tpipe, sampler, strength, steps, image_latents, noise)
+      diff = np.abs(ours - ref).max()
+      worst[sampler, strength] = diff
+      assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"{sampler} at strength {strength}: max |diff| {diff}"
+    # Same schedule length and shapes: the other strengths reused the first one's program.
+    assert program._cache_size() == compiled, sampler
+  print("img2img max |diff|:", {k: f"{v:.1e}" for k, v in worst.items()})
+
+
+def test_img2img_encodes_images_with_per_image_keys(folders):
+  """Without image_latents, img2img encodes the images, sampling image i's posterior with
+  posterior_keys(seed)[i]: the same as passing those latents (no new sampling program)."""
+  path, tpipe, pipe = folders
+  image = np.random.default_rng(1).integers(0, 256, (1, HW, HW, 3), dtype=np.uint8)
+  images = np.concatenate([image, image])
+  kw = dict(strength=0.6, negative_prompts=NEGATIVE, steps=5, guidance_scale=7.5, sampler="ddim", seed=3)
+  latents = np.asarray(pipe._encoder()(pipe.vae_params, images.astype(np.float32) / 255, pipe.posterior_keys(3, 2)))
+  assert np.abs(latents[0] - latents[1]).max() > 0.01  # one image twice: two posterior samples, not the mean
+  ours = pipe.img2img(PROMPTS, images, output="latent", **kw)
+  given = pipe.img2img(PROMPTS, None, output="latent", image_latents=latents, **kw)
+  np.testing.assert_allclose(ours, given, atol=1e-6)
+
+
+def _masks():
+  """Two masks: a white (repaint) block, and a white left half; 16x16 uint8."""
+  masks = np.zeros((2, HW, HW), np.uint8)
+  masks[0, 4:12, 8:16] = 255
+  masks[1, :, :HW // 2] = 255
+  return masks
+
+
+def test_inpaint_latent_blend_matches_diffusers(folders, monkeypatch):
+  """A 4-channel U-Net inpaints by re-noising the known region after every step: final latents as
+  diffusers' StableDiffusionInpaintPipeline, given the same image latents and noise (SD1: Heun from pure
+  noise; SD2-v: DPM++ 2M from the image noised at strength 0.7)."""
+  path, tpipe, pipe = folders
+  sd2 = pipe.scheduler_config.prediction_type == "v_prediction"
+  sampler, strength, steps = ("dpmpp_2m", 0.7, 5) if sd2 else ("heun", 1.0, 4)
+  images = np.random.default_rng(0).integers(0, 256, (2, HW, HW, 3), dtype=np.uint8)
+  noise = np.asarray(pipe.noise(6, 2, HW, HW))
+  image_latents = np.asarray(pipe.noise(7, 2, HW, HW)) * 0.8
+  ours = pipe.inpaint(PROMPTS, images, _masks(), strength=strength, negative_prompts=NEGATIVE, steps=steps,
+                      guidance_scale=7.5, sampler=sampler, output="latent", latents=noise, image_latents=image_latents)
+  ref = reference.inpaint_reference(monkeypatch, tpipe.components, scheduler(path, sampler), PROMPTS, NEGATIVE,
+                                    [Image.fromarray(m) for m in _masks()], image_latents, noise, image_latents,
+                                    strength, steps)
+  diff = np.abs(ours - ref).max()
+  print(f"inpaint (4-channel blend) {sampler} strength {strength}: max |diff| {diff:.2e}")
+  assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"max |diff| {diff}"
+  # The known region ends as the image's own latents (the last blend is with the clean latents).
+  f = pipe.vae.config.downsampling_factor
+  keep = 1 - _masks()[:, ::f, ::f, None] / 255
+  np.testing.assert_allclose(ours * keep, image_latents * keep, atol=1e-5)
+  with pytest.raises(ValueError, match="9-channel inpainting U-Nets"):
+    pipe.inpaint(PROMPTS, images, _masks(), steps=2, sampler="ddim", masked_image_latents=image_latents)
 
 
 def test_bad_input_is_reported(folders):

@@ -45,7 +45,7 @@ class Schedule:
 
   timesteps: jax.Array  # [L] the t given to model_fn at each call
   init_noise_sigma: jax.Array  # [] scale of pure-noise initial latents (text-to-image)
-  noise_coeffs: jax.Array  # [2] img2img: x = a * x0 + b * noise at timesteps[0]
+  levels: jax.Array  # [L + 1, 2] (a, b): before call i the latents are a * x0 + b * noise; row L is (1, 0)
   sampler: str = struct.field(pytree_node=False)
   prediction_type: str = struct.field(pytree_node=False)
   clip_sample_range: float | None = struct.field(pytree_node=False)  # None: no clipping of x0
@@ -127,10 +127,10 @@ def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   if t_from.max() >= T:
     raise ValueError(f"{sampler} with {n} steps reaches timestep {t_from.max()} >= {T}; choose other num_steps.")
   alphas_prev = np.where(t_to >= 0, ac[np.clip(t_to, 0, T - 1)], final).astype(np.float32)
-  a0 = ac[ts[0]]
-  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0),
-              noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)],
-                                    np.float32), alphas=ac[t_from], alphas_prev=alphas_prev)
+  a = np.append(ac[ts], np.float32(1.0))  # as add_noise at timesteps[i] (PNDM's repeat included); then clean
+  levels = np.stack([np.sqrt(a), np.sqrt(np.float32(1.0) - a)], 1)
+  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), levels=levels, alphas=ac[t_from],
+              alphas_prev=alphas_prev)
 
 
 def _prk_schedule(cfg, n, start, ac, asc, final) -> dict:
@@ -153,10 +153,10 @@ def _prk_schedule(cfg, n, start, ac, asc, final) -> dict:
   if t_from.max() >= T:
     raise ValueError(f"pndm with {n} steps reaches timestep {t_from.max()} >= {T}; choose other num_steps.")
   alphas_prev = np.where(t_to >= 0, ac[np.clip(t_to, 0, T - 1)], final).astype(np.float32)
-  a0 = ac[ts[0]]
-  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0),
-              noise_coeffs=np.array([np.sqrt(a0), np.sqrt(np.float32(1.0) - a0)],
-                                    np.float32), alphas=ac[t_from], alphas_prev=alphas_prev, prk_calls=p)
+  a = np.append(ac[ts], np.float32(1.0))  # as add_noise at timesteps[i] (diffusers lists the PRK calls' too)
+  levels = np.stack([np.sqrt(a), np.sqrt(np.float32(1.0) - a)], 1)
+  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), levels=levels, alphas=ac[t_from],
+              alphas_prev=alphas_prev, prk_calls=p)
 
 
 def _sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
@@ -177,7 +177,7 @@ def _sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   leading = schedules.timestep_spacing(cfg, "linspace") == "leading"  # x_T ~ N(0, sigma^2 + 1) there
   init = np.sqrt(smax * smax + np.float32(1)) if leading else smax
   fields = dict(timesteps=ts[start:], init_noise_sigma=init, sigmas=sig[start:],
-                noise_coeffs=np.array([1.0, sig[start]], np.float32))
+                levels=np.stack([np.ones_like(sig[start:]), sig[start:]], 1))
   if sampler == "lms":
     fields["coeffs"] = _lms_coeffs(sig, start)
   return fields
@@ -238,10 +238,10 @@ def _dpm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
     else:
       r = (lam[j] - lam[j - 1]) / h
       coeffs.append([c_x, c_0 * (1 + 0.5 / r), -c_0 * 0.5 / r])
-  s0 = sig[start]
+  s0 = sig[start:]
   a0 = np.float32(1) / np.sqrt(s0 * s0 + np.float32(1))
   return dict(timesteps=ts[start:].astype(np.float32), init_noise_sigma=np.float32(1.0), sigmas=sig[start:],
-              coeffs=np.array(coeffs), noise_coeffs=np.array([a0, s0 * a0], np.float32))
+              coeffs=np.array(coeffs), levels=np.stack([a0, s0 * a0], 1))
 
 
 def prepare_latents(schedule: Schedule, noise: jax.Array) -> jax.Array:
@@ -249,9 +249,14 @@ def prepare_latents(schedule: Schedule, noise: jax.Array) -> jax.Array:
   return noise.astype(jnp.float32) * schedule.init_noise_sigma
 
 
-def noise_latents(schedule: Schedule, x0: jax.Array, noise: jax.Array) -> jax.Array:
-  """img2img initial latents: `x0` noised to the first timestep of a strength-truncated schedule."""
-  a, b = schedule.noise_coeffs[0], schedule.noise_coeffs[1]
+def noise_latents(schedule: Schedule, x0: jax.Array, noise: jax.Array, i: jax.Array | int = 0) -> jax.Array:
+  """`x0` noised to the level of the latents before call i, as diffusers' `scheduler.add_noise`.
+
+  i = 0 gives img2img's initial latents (the first timestep of a strength-truncated schedule);
+  i = L gives x0 itself. Inpainting with a 4-channel U-Net re-noises the known region with it after
+  every call (diffusers' latent blend).
+  """
+  a, b = schedule.levels[i, 0], schedule.levels[i, 1]
   return a * x0.astype(jnp.float32) + b * noise.astype(jnp.float32)
 
 
@@ -498,7 +503,8 @@ def step(schedule: Schedule, i: jax.Array, x: jax.Array, out: jax.Array, state: 
 
 
 def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
-           noise: jax.Array | None = None, return_trajectory: bool = False) -> jax.Array:
+           noise: jax.Array | None = None, after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+           return_trajectory: bool = False) -> jax.Array:
   """Runs the sampler of `schedule` from latents `x` (from prepare_latents or noise_latents).
 
   Args:
@@ -507,6 +513,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     schedule: from make_schedule.
     key: PRNG key of the stochastic samplers (ddpm, euler_a), or a [B] batch of them (see `step_noise`).
     noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
+    after_step: optional (i, latents after call i) -> latents, applied after every call (inpainting's
+      latent blend); the sampler's state is left as the step made it, as in diffusers.
     return_trajectory: return the [L, *x.shape] latents after every model call instead.
 
   Returns:
@@ -528,6 +536,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
       raise ValueError(f"model_fn returned shape {out.shape} for latents of shape {x.shape}.")
     z = noise[i].astype(jnp.float32) if stochastic and noise is not None else step_noise(s, i, x, key)
     x, state = step(s, i, x, out, state, z)
+    if after_step is not None:
+      x = after_step(i, x)
     return (x, state), (x if return_trajectory else None)
 
   (x, _), traj = jax.lax.scan(body, (x, init_state(s, x)), jnp.arange(n))

@@ -1,0 +1,118 @@
+"""Images and masks that condition generation (img2img, inpainting): reading, checking, converting.
+
+As diffusers: images are RGB (PIL images of another colour mode are converted with `convert("RGB")`,
+as `diffusers.utils.load_image` does; an alpha channel is dropped), masks are greyscale
+(`convert("L")`, white = repaint) binarised at one half, and the mask reaches the latents by
+nearest-neighbour downsampling.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+# PIL modes that mean colours in 0..255; 16-bit, float and CMYK images are refused rather than guessed at.
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
+MASK_MODES = ("L", "1", "LA", "RGB", "RGBA", "P")
+
+
+def _pil(x) -> bool:
+  return hasattr(x, "convert") and hasattr(x, "mode")
+
+
+def as_images(images: Any, name: str = "images") -> np.ndarray:
+  """PIL image(s), uint8 or float-in-[0, 1] arrays (H, W, 3) or (B, H, W, 3) -> float32 (B, H, W, 3) in [0, 1]."""
+  if _pil(images):
+    images = [images]
+  if isinstance(images, (list, tuple)):
+    arrays = []
+    for im in images:
+      if _pil(im):
+        if im.mode not in IMAGE_MODES:
+          raise ValueError(f"{name}: PIL mode {im.mode!r} is not an 8-bit colour image; give one of {IMAGE_MODES} "
+                           "(converted to RGB as diffusers' load_image does).")
+        im = im.convert("RGB")
+      arrays.append(np.asarray(im))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+      raise ValueError(f"{name} have different sizes {sorted(shapes)}: give images of one size.")
+    images = np.stack(arrays)
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"{name} must be RGB, NHWC (B, H, W, 3) or PIL images; got an array of shape {images.shape}.")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
+  """PIL image(s) or arrays (H, W), (B, H, W) or (B, H, W, 1), uint8 or float in [0, 1] -> float32
+  (B, H, W, 1) of 0 (keep) and 1 (repaint), as diffusers' mask processor binarises (>= 0.5 is 1)."""
+  if _pil(masks):
+    masks = [masks]
+  if isinstance(masks, (list, tuple)):
+    arrays = []
+    for m in masks:
+      if _pil(m):
+        if m.mode not in MASK_MODES:
+          raise ValueError(f"{name}: PIL mode {m.mode!r} cannot be read as a black-and-white mask; give one of "
+                           f"{MASK_MODES} (converted to greyscale L; white = repaint).")
+        m = m.convert("L")
+      arrays.append(np.asarray(m))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+      raise ValueError(f"{name} have different sizes {sorted(shapes)}: give masks of one size.")
+    masks = np.stack(arrays)
+  masks = np.asarray(masks)
+  if masks.ndim == 2:
+    masks = masks[None]
+  if masks.ndim == 4 and masks.shape[-1] == 1:
+    masks = masks[..., 0]
+  if masks.ndim != 3:
+    raise ValueError(f"{name} must be single-channel, (B, H, W) or (B, H, W, 1) or PIL images; got an array of "
+                     f"shape {masks.shape}.")
+  m = masks.astype(np.float32) / 255.0 if masks.dtype == np.uint8 else masks.astype(np.float32)
+  return (m >= 0.5).astype(np.float32)[..., None]
+
+
+def masked_images(images, masks):
+  """Images in [0, 1] with the repainted region grey: 0.5 here is 0 in the VAE's [-1, 1], diffusers'
+  `image * (mask < 0.5)`. Works on numpy and jax arrays alike (masks of 0 and 1)."""
+  return images * (1 - masks) + 0.5 * masks
+
+
+def latent_mask(masks: np.ndarray, factor: int) -> np.ndarray:
+  """(B, H, W, 1) mask -> (B, H / factor, W / factor, 1): torch's `interpolate(mode="nearest")` to the
+  latent size keeps the pixel at (factor * i, factor * j)."""
+  return masks[:, ::factor, ::factor]
+
+
+def load_image(path: str, name: str = "image") -> Any:
+  """An RGB PIL image from `path`, checked as `as_images` checks (one-line ValueError otherwise)."""
+  im = _open(path, name)
+  as_images(im, f"{name} {path}")
+  return im.convert("RGB")
+
+
+def load_mask(path: str, name: str = "mask") -> Any:
+  """A greyscale PIL mask from `path` (white = repaint), checked as `as_masks` checks."""
+  m = _open(path, name)
+  as_masks(m, f"{name} {path}")
+  return m.convert("L")
+
+
+def _open(path: str, flag: str):
+  from PIL import Image, UnidentifiedImageError
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{flag} {path}: no such file.")
+  try:
+    im = Image.open(path)
+    im.load()
+  except (UnidentifiedImageError, OSError) as e:
+    raise ValueError(f"{flag} {path}: not an image PIL can read ({e}).") from e
+  return im
