@@ -22,24 +22,30 @@ def _pil(x) -> bool:
   return hasattr(x, "convert") and hasattr(x, "mode")
 
 
+def _stack(items: Any, name: str, mode: str, modes: tuple, problem: str, how: str, what: str) -> np.ndarray:
+  """A PIL image or a list of PIL images / arrays -> one stacked array, each PIL image checked against
+  `modes` and converted to `mode`; anything else -> np.asarray as given."""
+  if _pil(items):
+    items = [items]
+  if not isinstance(items, (list, tuple)):
+    return np.asarray(items)
+  arrays = []
+  for item in items:
+    if _pil(item):
+      if item.mode not in modes:
+        raise ValueError(f"{name}: PIL mode {item.mode!r} {problem}; give one of {modes} ({how}).")
+      item = item.convert(mode)
+    arrays.append(np.asarray(item))
+  shapes = {a.shape for a in arrays}
+  if len(shapes) > 1:
+    raise ValueError(f"{name} have different sizes {sorted(shapes)}: give {what} of one size.")
+  return np.stack(arrays)
+
+
 def as_images(images: Any, name: str = "images") -> np.ndarray:
   """PIL image(s), uint8 or float-in-[0, 1] arrays (H, W, 3) or (B, H, W, 3) -> float32 (B, H, W, 3) in [0, 1]."""
-  if _pil(images):
-    images = [images]
-  if isinstance(images, (list, tuple)):
-    arrays = []
-    for im in images:
-      if _pil(im):
-        if im.mode not in IMAGE_MODES:
-          raise ValueError(f"{name}: PIL mode {im.mode!r} is not an 8-bit colour image; give one of {IMAGE_MODES} "
-                           "(converted to RGB as diffusers' load_image does).")
-        im = im.convert("RGB")
-      arrays.append(np.asarray(im))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-      raise ValueError(f"{name} have different sizes {sorted(shapes)}: give images of one size.")
-    images = np.stack(arrays)
-  images = np.asarray(images)
+  images = _stack(images, name, "RGB", IMAGE_MODES, "is not an 8-bit colour image",
+                  "converted to RGB as diffusers' load_image does", "images")
   if images.ndim == 3:
     images = images[None]
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -52,22 +58,8 @@ def as_images(images: Any, name: str = "images") -> np.ndarray:
 def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
   """PIL image(s) or arrays (H, W), (B, H, W) or (B, H, W, 1), uint8 or float in [0, 1] -> float32
   (B, H, W, 1) of 0 (keep) and 1 (repaint), as diffusers' mask processor binarises (>= 0.5 is 1)."""
-  if _pil(masks):
-    masks = [masks]
-  if isinstance(masks, (list, tuple)):
-    arrays = []
-    for m in masks:
-      if _pil(m):
-        if m.mode not in MASK_MODES:
-          raise ValueError(f"{name}: PIL mode {m.mode!r} cannot be read as a black-and-white mask; give one of "
-                           f"{MASK_MODES} (converted to greyscale L; white = repaint).")
-        m = m.convert("L")
-      arrays.append(np.asarray(m))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-      raise ValueError(f"{name} have different sizes {sorted(shapes)}: give masks of one size.")
-    masks = np.stack(arrays)
-  masks = np.asarray(masks)
+  masks = _stack(masks, name, "L", MASK_MODES, "cannot be read as a black-and-white mask",
+                 "converted to greyscale L; white = repaint", "masks")
   if masks.ndim == 2:
     masks = masks[None]
   if masks.ndim == 4 and masks.shape[-1] == 1:
