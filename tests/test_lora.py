@@ -115,6 +115,7 @@ def setup(tmp_path_factory):
   tpipe.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
   pipe = jaxsd.StableDiffusion.from_pretrained(path)
   latents = np.asarray(pipe.noise(0, len(PROMPTS), HW, HW))
+  files["base_reference"] = _theirs(tpipe, latents)  # diffusers' latents without adapters
   return path, files, tpipe, pipe, latents
 
 
@@ -133,6 +134,7 @@ def _theirs(tpipe, latents):
 def _close(ours, ref):
   """The pipeline parity tests' tolerance: 1e-4 of the latents' scale."""
   diff = np.abs(ours - ref).max()
+  print(f"max |ours - diffusers| = {diff:.2e} (latents up to {np.abs(ref).max():.2f})")
   assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"max |diff| {diff}"
   return diff
 
@@ -150,11 +152,10 @@ def clean(setup):
 @pytest.mark.parametrize("fmt", ["peft_a", "kohya", "old"])
 def test_formats_match_diffusers(clean, fmt):
   path, files, tpipe, pipe, latents = clean
-  base = _theirs(tpipe, latents)
   tpipe.load_lora_weights(files[fmt], adapter_name=fmt)
   ref = _theirs(tpipe, latents)
   # The adapter matters (so a loader that drops layers fails): it moves the latents far beyond the tolerance.
-  assert np.abs(ref - base).max() > 1e-2
+  assert np.abs(ref - files["base_reference"]).max() > 1e-2
   name = pipe.load_lora(files[fmt])
   adapter = pipe._loras.adapters[name]
   assert adapter.ignored == ()
@@ -236,6 +237,7 @@ def test_weight_zero_is_the_base_model(clean):
   for net in ("unet", "text_encoder"):
     jax.tree.map(np.testing.assert_array_equal, pipe.params[net], base_params[net])
   np.testing.assert_array_equal(_ours(pipe, latents), base)
+  _close(base, files["base_reference"])
 
 
 def test_fuse_then_unfuse_restores_the_base_bit_exactly(clean):
