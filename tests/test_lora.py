@@ -164,28 +164,50 @@ def test_formats_match_diffusers(clean, fmt):
   _close(_ours(pipe, latents), ref)
 
 
-def test_merged_kernels_match_peft_fuse(setup):
-  """Layer by layer, U-Net and text encoder: our merged kernels are the weights diffusers' fuse_lora (PEFT's
-  merge) writes, for the PEFT file (alpha 8, rank 4; text encoder alpha 3, rank 2)."""
-  path, files, _, pipe, _ = setup
+def _fused_reference(path: str, file: str) -> dict:
+  """diffusers' U-Net and text-encoder weights after load_lora_weights + fuse_lora (PEFT's merge), as state dicts."""
   tpipe = reference.torch_pipeline(path)
-  tpipe.load_lora_weights(files["peft_a"])
+  tpipe.load_lora_weights(file)
   tpipe.fuse_lora()
   tpipe.unload_lora_weights()  # keeps the fused weights
+  return {net: {k: v.numpy() for k, v in getattr(tpipe, net).state_dict().items()} for net in lora.NETWORKS}
+
+
+def _assert_merged_like_diffusers(pipe, file, reference_weights):
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
-  adapter = lora.load(files["peft_a"], params)
+  adapter = lora.load(file, params)
   got = lora.merge(params, [(adapter, 1.0)])
-  for net, module in (("unet", tpipe.unet), ("text_encoder", tpipe.text_encoder)):
-    want = traverse_util.flatten_dict(
-        weights.state_dict_to_params(
-            {
-                k: v.numpy() for k, v in module.state_dict().items()
-            }, params[net],
-            rename=None if net == "unet" else lambda k: k if k.startswith("text_model.") else "text_model." + k))
+  worst = 0.0
+  for net in lora.NETWORKS:
+    rename = None if net == "unet" else lambda k: k if k.startswith("text_model.") else "text_model." + k
+    want = traverse_util.flatten_dict(weights.state_dict_to_params(reference_weights[net], params[net], rename=rename))
     flat = traverse_util.flatten_dict(got[net])
     assert set(adapter.layers[net]) < set(flat)
     for p in flat:
       np.testing.assert_allclose(np.asarray(flat[p]), want[p], rtol=1e-6, atol=1e-6, err_msg=f"{net} {p}")
+      worst = max(worst, float(np.abs(np.asarray(flat[p]) - want[p]).max()))
+  print(f"merged kernels: max |ours - diffusers' fuse_lora| = {worst:.1e}")
+
+
+def test_merged_kernels_match_diffusers_fuse(setup):
+  """Layer by layer, U-Net and text encoder: our merged kernels are the weights diffusers' fuse_lora (PEFT's
+  merge) writes, for the PEFT file (alpha 8, rank 4; text encoder alpha 3, rank 2)."""
+  path, files, _, pipe, _ = setup
+  _assert_merged_like_diffusers(pipe, files["peft_a"], _fused_reference(path, files["peft_a"]))
+
+
+def test_sd2_merged_kernels_match_diffusers_fuse(tmp_path):
+  """SD 2.x: linear proj_in / proj_out (use_linear_projection) and the gelu text encoder, merged as diffusers does."""
+  path = reference.make_tiny_sd_folder(str(tmp_path / "sd2"), sd2=True)
+  unet_sd, te_sd, ucfg, tcfg = _random_lora(path, 3)
+  diffusers.StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"), unet_lora_layers=unet_sd,
+                                                      text_encoder_lora_layers=te_sd,
+                                                      unet_lora_adapter_metadata=ucfg.to_dict(),
+                                                      text_encoder_lora_adapter_metadata=tcfg.to_dict())
+  file = str(tmp_path / "lora" / lora.WEIGHT_NAME)
+  pipe = jaxsd.StableDiffusion.from_pretrained(path)
+  assert len(pipe.unet_params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape) == 2  # a Dense
+  _assert_merged_like_diffusers(pipe, file, _fused_reference(path, file))
 
 
 def test_two_adapters_at_weights_match_diffusers(clean):
