@@ -124,7 +124,7 @@ def _numpy(value) -> np.ndarray:
 def kernel_modules(params: Any, prefix: str = "") -> dict[str, tuple[Path, tuple[int, ...]]]:
   """PyTorch module name -> (kernel path, kernel shape) for every Dense and Conv layer of a parameter tree."""
   out = {}
-  for path, leaf in traverse_util.flatten_dict(weights._unfreeze(params)).items():
+  for path, leaf in traverse_util.flatten_dict(params).items():
     if path[-1] == "kernel":
       out[prefix + weights.path_to_torch_key(path).removesuffix(".weight")] = (path, tuple(leaf.shape))
   return out
@@ -164,15 +164,18 @@ def _network_config(metadata: Mapping[str, Any], network: str) -> dict:
   return own
 
 
+def _shape(shape) -> str:
+  return str(tuple(int(d) for d in shape))
+
+
 def _factors(where: str, down: np.ndarray, up: np.ndarray, kernel_shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
   """PyTorch-layout lora_down / lora_up -> flax-layout (down (fan_in, r), up (r, features)), checked."""
-  fmt = weights._fmt
   r = down.shape[0] if down.ndim else 0
   if up.ndim == 4 and up.shape[2:] == (1, 1):
     up = up.reshape(up.shape[:2])
   if up.ndim != 2 or up.shape[1] != r:
-    raise ValueError(f"{where}: lora_down has shape {fmt(down.shape)} (rank {r}) but lora_up has shape "
-                     f"{fmt(up.shape)}; lora_up should be (features, {r}): both factors must have the same rank.")
+    raise ValueError(f"{where}: lora_down has shape {_shape(down.shape)} (rank {r}) but lora_up has shape "
+                     f"{_shape(up.shape)}; lora_up should be (features, {r}): both factors must have the same rank.")
   if len(kernel_shape) == 2:
     fan_in, features = kernel_shape
     torch_shape, want = (features, fan_in), [(r, fan_in)]
@@ -182,10 +185,11 @@ def _factors(where: str, down: np.ndarray, up: np.ndarray, kernel_shape: tuple[i
     if kh == kw == 1:
       want.append((r, fan_in))  # a linear LoRA on a 1x1 convolution
   if tuple(down.shape) not in want:
-    raise ValueError(f"{where}: lora_down has shape {fmt(down.shape)} but the layer's weight is {fmt(torch_shape)} "
-                     f"(PyTorch layout), so lora_down should be {fmt(want[0])}: is the adapter for another model?")
+    raise ValueError(
+        f"{where}: lora_down has shape {_shape(down.shape)} but the layer's weight is {_shape(torch_shape)} "
+        f"(PyTorch layout), so lora_down should be {_shape(want[0])}: is the adapter for another model?")
   if up.shape[0] != features:
-    raise ValueError(f"{where}: lora_up has shape {fmt(up.shape)} but the layer's weight is {fmt(torch_shape)} "
+    raise ValueError(f"{where}: lora_up has shape {_shape(up.shape)} but the layer's weight is {_shape(torch_shape)} "
                      f"(PyTorch layout), so lora_up should be ({features}, {r}): is the adapter for another model?")
   if down.ndim == 4:
     down = np.transpose(down, (2, 3, 1, 0)).reshape(-1, r)  # (r, in, kh, kw) -> (kh * kw * in, r), flax order
@@ -399,7 +403,7 @@ def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) 
 
   Leaves no adapter touches are the same arrays as in `params` (not copies).
   """
-  flat = {n: traverse_util.flatten_dict(weights._unfreeze(t)) for n, t in params.items()}
+  flat = {n: traverse_util.flatten_dict(t) for n, t in params.items()}
   updates: dict[tuple, list] = {}
   for adapter, weight in adapters:
     for network, layers in adapter.layers.items():
