@@ -13,6 +13,7 @@ import re
 
 import diffusers
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -227,7 +228,10 @@ def test_two_adapters_at_weights_match_diffusers(clean):
 
 
 def test_switching_adapters_and_weights_never_recompiles(clean):
-  """Adapters, weights and none at all: the sampling program compiles once; new weights reuse the merge."""
+  """Adapters, weights and none at all: the sampling program compiles once; new weights reuse the merge.
+
+  (It fails if the adapters reach the program as anything but the same-shaped, same-dtype parameters, e.g.
+  as extra arguments or as constants closed over.)"""
   path, files, tpipe, pipe, latents = clean
   base = _ours(pipe, latents)
   fn = pipe._jitted(True, "latent", "text", True)
@@ -260,6 +264,20 @@ def test_weight_zero_is_the_base_model(clean):
     jax.tree.map(np.testing.assert_array_equal, pipe.params[net], base_params[net])
   np.testing.assert_array_equal(_ours(pipe, latents), base)
   _close(base, files["base_reference"])
+
+
+def test_merge_keeps_the_parameters_dtype(setup):
+  """bf16 parameters stay bf16 (the program sees the same dtypes), merged in fp32 and rounded once."""
+  path, files, _, pipe, _ = setup
+  params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
+  adapter = lora.load(files["peft_a"], params)
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  got = lora.merge(half, [(adapter, 0.6)])
+  want = lora.merge(jax.tree.map(lambda x: x.astype(jnp.float32), half), [(adapter, 0.6)])
+  assert jax.tree.structure(got) == jax.tree.structure(half)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w.astype(jnp.bfloat16)))
 
 
 def test_fuse_then_unfuse_restores_the_base_bit_exactly(clean):
