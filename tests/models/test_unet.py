@@ -11,7 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxsd import model_folder, weights  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from jaxsd import model_folder, pretrained, weights  # noqa: E402
 from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel  # noqa: E402
 
 BATCH, SEQ = 2, 7
@@ -312,3 +314,30 @@ def test_heads_follow_diffusers_naming_quirk():
   cfg = UNet2DConditionConfig(attention_head_dim=(5, 10, 20, 20))  # SD 2.x's config.json
   assert cfg.heads == (5, 10, 20, 20)
   assert UNet2DConditionConfig(attention_head_dim=8, num_attention_heads=4).heads == (4,) * 4
+
+
+# SDXL 1.0 base's unet/config.json (stabilityai/stable-diffusion-xl-base-1.0), the keys that shape the network.
+SDXL_BASE = dict(addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+                 block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], layers_per_block=2,
+                 projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                 "UpBlock2D"], upcast_attention=None, use_linear_projection=True)
+
+
+def test_real_sdxl_base_config_builds_diffusers_parameter_tree():
+  """The full SDXL base U-Net, shapes only (no weights: diffusers' on the meta device, ours abstract): the same
+  1680 tensors of the same shapes, 2,567,463,684 parameters."""
+  with torch.device("meta"):
+    sd = diffusers.UNet2DConditionModel(**SDXL_BASE).state_dict()
+  model = UNet2DConditionModel(UNet2DConditionConfig.from_dict(SDXL_BASE))
+  flat = traverse_util.flatten_dict(pretrained.abstract_params(model))
+  ours = {weights.path_to_torch_key(p): tuple(x.shape) for p, x in flat.items()}
+  torch_layout = {k: tuple(v.shape) for k, v in sd.items()}
+  for k, shape in torch_layout.items():
+    if k.endswith(".weight") and len(shape) == 4:  # (O, I, kh, kw) -> (kh, kw, I, O)
+      torch_layout[k] = (shape[2], shape[3], shape[1], shape[0])
+    elif k.endswith(".weight") and len(shape) == 2:
+      torch_layout[k] = shape[::-1]
+  assert ours == torch_layout
+  assert sum(int(np.prod(s)) for s in ours.values()) == 2_567_463_684
