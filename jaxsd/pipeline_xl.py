@@ -340,4 +340,4 @@ def load(path: str, dtype=jnp.float32, **kwargs) -> pipeline.StableDiffusion:
   path = os.fspath(path)
   if not model_folder.is_workdir(path) and model_folder.is_sdxl_folder(path):
     return StableDiffusionXL.from_pretrained(path, dtype, **kwargs)
-  return pipeline.load(path, dtype, **kwargs)
+  return pipeline.load(path, dtype=dtype, **kwargs)
