@@ -43,14 +43,15 @@ def image_filename(prompt: str, seed: int, index: int) -> str:
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
-             width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1, out_dir: str | None = None,
-             progress: bool = True, devices=None, init_image=None, mask_image=None,
+             width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
+             out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
              strength: float | None = None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filename`) and the grid of them. Height and width default to the
-  model's native size. With `init_image` (one image for every job) this is img2img (`strength`,
+  model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
+  where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
   each job as the pipeline's own call with the job's seed-derived keys. Bad arguments, checked before
   anything compiles, raise a ValueError that says what to change.
@@ -97,15 +98,15 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   def inputs(batch):
     idx = batch + [batch[-1]] * (global_batch - len(batch))  # pad the last batch; padded outputs are dropped
-    ids = pipe.tokenize([jobs[j][0] for j in idx])
-    uncond = pipe.tokenize([negative_prompt] * len(idx))
+    negatives = None if negative_prompt is None else [negative_prompt] * len(idx)
+    ids, uncond, text = pipe.text_inputs([jobs[j][0] for j in idx], negatives, height, width)
     noise = jnp.concatenate([pipe.noise(seed, 1, height, width, offset=j) for j in idx])
     keys = jnp.concatenate([pipe.sampler_keys(seed, 1, offset=j) for j in idx])
     shard = lambda x: x.reshape((n_dev, batch_per_device) + x.shape[1:])
-    cond = {}
+    cond = {name: shard(jnp.asarray(v)) for name, v in text.items()}
     if cond_fn is not None:
-      cond = cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx])))
-    return (shard(ids), shard(uncond), shard(noise), shard(keys)), cond
+      cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
+    return (shard(jnp.asarray(ids)), shard(jnp.asarray(uncond)), shard(noise), shard(keys)), cond
 
   compile_seconds = 0.0
   compiled = None
