@@ -39,9 +39,9 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _cfg(init, data_dir, **updates):
+def _cfg(init_dir, data_dir, **updates):
   cfg = lora_config.get_config("sd15")
-  cfg.init = init
+  cfg.init = init_dir
   cfg.dtype = "float32"
   cfg.data.update(name="shapes/32x32_n512_128_s0", data_dir=data_dir, image_size=32, random_flip=False)
   cfg.log_every, cfg.checkpoint_every, cfg.progress = 1, 3, False
@@ -145,27 +145,27 @@ def _stage(init, cfg):
 def test_only_the_adapter_trains_and_it_learns_a_repeated_batch(init, data_dir):
   """15 steps on one batch: the optimizer state holds the adapter's moments only, the frozen U-Net is
   bit-identical afterwards, and the merged U-Net differs from the base in the 32 target kernels alone. The
-  loss of the last 5 steps is below 0.8 of the zero-learning-rate control's (the loss of the untouched
-  adapter, lora_B = 0, with the same noise draws). Measured: ratio about 0.5; with the gradient zeroed
-  (jax.lax.stop_gradient on the adapter inside loss_fn) it is 1.0 and the test fails."""
+  loss of the last 5 steps is below 0.9 of the zero-learning-rate control's: the loss of the untouched adapter
+  (lora_B = 0, the base model) with the same noise draws, read from the same compiled step. Measured: ratio
+  0.82; with the gradient zeroed (jax.lax.stop_gradient on the adapter inside loss_fn) it is 1.0 and the test
+  fails."""
   cfg = _cfg(init, data_dir, **{"unet.caption_dropout": 0.0})
   stage, spec, batch = _stage(init, cfg)
   tx, _ = make_optimizer(cfg.unet.optimizer)
-  state = TrainState.create(stage.init_params(jax.random.key(0)), tx)
+  state = start = TrainState.create(stage.init_params(jax.random.key(0)), tx)
   n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
   assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * n_adapter  # Adam's mu and nu
   before = jax.tree.map(np.array, stage.frozen)
   step = jax.jit(make_train_step(stage.loss_fn, tx))
-  control = jax.jit(stage.loss_fn)
-  rng, start = jax.random.key(1), state.params
+  rng = jax.random.key(1)
   losses, controls = [], []
   for i in range(15):
-    controls.append(float(control(start, batch, jax.random.fold_in(rng, i), stage.frozen)[0]))
+    controls.append(float(step(start.replace(step=jnp.int32(i)), batch, rng, stage.frozen)[1]["loss"]))
     state, m = step(state, batch, rng, stage.frozen)
     losses.append(float(m["loss"]))
   ratio = np.mean(losses[-5:]) / np.mean(controls[-5:])
   print(f"last 5 steps: loss {np.mean(losses[-5:]):.4f}, control {np.mean(controls[-5:]):.4f}, ratio {ratio:.3f}")
-  assert ratio < 0.8
+  assert ratio < 0.9
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(stage.frozen)):
     np.testing.assert_array_equal(a, np.asarray(b))
   base = traverse_util.flatten_dict(stage.frozen["unet"])
