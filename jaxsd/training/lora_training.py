@@ -63,8 +63,8 @@ def target_layers(unet_params: Any, target_modules: str | tuple[str, ...]) -> di
   return found
 
 
-def make_spec(unet_params: Any, c) -> LoraSpec:
-  """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init); ValueError for bad values."""
+def check_settings(c) -> None:
+  """ValueError for values of the config section `lora` that cannot work (checked before any model is loaded)."""
   if int(c.rank) < 1:
     raise ValueError(f"rank={c.rank}: the adapter rank must be >= 1.")
   if float(c.dropout) != 0:
@@ -72,6 +72,11 @@ def make_spec(unet_params: Any, c) -> LoraSpec:
                      "PEFT's dropout acts on each token's input to lora_A, which a merged kernel cannot express).")
   if c.init not in INITS:
     raise ValueError(f"init={c.init!r}: choose one of {', '.join(INITS)}.")
+
+
+def make_spec(unet_params: Any, c) -> LoraSpec:
+  """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init); ValueError for bad values."""
+  check_settings(c)
   alpha = float(c.alpha) if c.alpha else float(c.rank)  # 0: alpha = rank, scale 1 (diffusers' script)
   return LoraSpec(int(c.rank), alpha, target_layers(unet_params, c.target_modules), c.init)
 

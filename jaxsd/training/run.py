@@ -64,7 +64,7 @@ def _stages(cfg) -> list[str]:
 
 
 def _is_lora(cfg) -> bool:
-  return "lora" in cfg and cfg.lora.rank > 0
+  return "lora" in cfg
 
 
 def _section(name: str) -> str:
@@ -108,7 +108,7 @@ def check_config(cfg, n_devices: int) -> None:
   for name in names:
     b = cfg[_section(name)].batch_size
     if b % n_devices or b % jax.process_count():
-      raise ConfigError(f"config.{name}.batch_size={b} is not divisible by the {n_devices} devices "
+      raise ConfigError(f"config.{_section(name)}.batch_size={b} is not divisible by the {n_devices} devices "
                         f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
   if cfg.init:
     if not os.path.isdir(cfg.init):
@@ -131,6 +131,10 @@ def check_config(cfg, n_devices: int) -> None:
     if cfg.unet.train_text_encoder:
       raise ConfigError("config.lora trains U-Net adapters with the text encoder frozen: set "
                         "config.unet.train_text_encoder=False (text-encoder LoRA is not supported yet).")
+    try:
+      lora_training.check_settings(cfg.lora)
+    except ValueError as e:
+      raise ConfigError(f"config.lora: {e}") from None
     if cfg.lora.export_format not in lora_lib.FORMATS:
       raise ConfigError(f"config.lora.export_format={cfg.lora.export_format!r}: choose one of "
                         f"{', '.join(lora_lib.FORMATS)}.")
