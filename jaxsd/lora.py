@@ -381,7 +381,9 @@ def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32) -> st
 # --- applying adapters -------------------------------------------------------------------------
 
 
-def _merge_one(kernel: jax.Array, updates) -> jax.Array:
+def merge_kernel(kernel: jax.Array, updates) -> jax.Array:
+  """kernel + sum scale * (down @ up).reshape(kernel.shape) over `updates` [(down, up, scale), ...], in fp32,
+  cast back to the kernel's dtype (differentiable: LoRA training merges its adapters with it)."""
   acc = kernel.astype(jnp.float32)
   for down, up, s in updates:
     acc = acc + s * jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
@@ -395,7 +397,7 @@ def merged_kernels(kernels: dict, updates: dict) -> dict:
   Jitted on its own: the scales are arguments, so new scales reuse the program; new adapters compile
   only this small function, never the sampling program that takes the merged parameters.
   """
-  return {k: _merge_one(w, updates[k]) for k, w in kernels.items()}
+  return {k: merge_kernel(w, updates[k]) for k, w in kernels.items()}
 
 
 def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Layout of a workdir:
   <stage>/metrics.jsonl         metrics, and TensorBoard event files beside it
   <stage>/result.json           written when the stage is finished: a rerun skips the stage
   model/                        the trained model as a diffusers Stable Diffusion folder (+ clip/)
+  lora/                         LoRA training instead (config.lora): checkpoints, metrics and the adapter,
+                                pytorch_lora_weights.safetensors; the base model (config.init) is not copied
   samples/                      sample grids; report.md and summary.json at the end
 Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoint for the order).
 """
@@ -22,6 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxsd import lora as lora_lib
 from jaxsd import pretrained
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
@@ -30,7 +33,7 @@ from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet
 from jaxsd.model_folder import check_model_folder
 from jaxsd.pipeline import StableDiffusion, load_workdir
-from jaxsd.training import evaluate, export, latent_cache, stages
+from jaxsd.training import evaluate, export, latent_cache, lora_training, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
@@ -55,9 +58,18 @@ def _stages(cfg) -> list[str]:
   if bad or not names:
     raise ConfigError(f"config.stages={cfg.stages!r}: stages are a comma-separated subset of "
                       f"{','.join(STAGES)} (in that order).")
-  if cfg.init:
-    return ["unet"]  # fine-tuning: VAE, text encoder and tokenizer come from the init folder
+  if cfg.init:  # fine-tuning: VAE, text encoder and tokenizer come from the init folder
+    return ["lora"] if _is_lora(cfg) else ["unet"]
   return [s for s in STAGES if s in names]
+
+
+def _is_lora(cfg) -> bool:
+  return "lora" in cfg
+
+
+def _section(name: str) -> str:
+  """The config section of a stage's training settings: LoRA training is the U-Net stage's, on adapters."""
+  return "unet" if name == "lora" else name
 
 
 def data_dir(cfg) -> str:
@@ -94,9 +106,9 @@ def check_config(cfg, n_devices: int) -> None:
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
   for name in names:
-    b = cfg[name].batch_size
+    b = cfg[_section(name)].batch_size
     if b % n_devices or b % jax.process_count():
-      raise ConfigError(f"config.{name}.batch_size={b} is not divisible by the {n_devices} devices "
+      raise ConfigError(f"config.{_section(name)}.batch_size={b} is not divisible by the {n_devices} devices "
                         f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
   if cfg.init:
     if not os.path.isdir(cfg.init):
@@ -113,7 +125,20 @@ def check_config(cfg, n_devices: int) -> None:
   if cfg.data.image_size % multiple:
     raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
                       f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
-  if "unet" in names and cfg.unet.get("cache_latents"):
+  if _is_lora(cfg):
+    if not cfg.init:
+      raise ConfigError("config.lora trains adapters on a pretrained U-Net: set --config.init=<diffusers folder>.")
+    if cfg.unet.train_text_encoder:
+      raise ConfigError("config.lora trains U-Net adapters with the text encoder frozen: set "
+                        "config.unet.train_text_encoder=False (text-encoder LoRA is not supported yet).")
+    try:
+      lora_training.check_settings(cfg.lora)
+    except ValueError as e:
+      raise ConfigError(f"config.lora: {e}") from None
+    if cfg.lora.export_format not in lora_lib.FORMATS:
+      raise ConfigError(f"config.lora.export_format={cfg.lora.export_format!r}: choose one of "
+                        f"{', '.join(lora_lib.FORMATS)}.")
+  if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
     if cfg.data.random_flip:
       raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped: "
                         "set config.data.random_flip=False, or turn the cache off.")
@@ -180,9 +205,10 @@ class Preempted(Exception):
 
 def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=()):
   """Trains a stage on the iterator `data`; on SIGTERM closes `data` and raises Preempted."""
-  tx, schedule = make_optimizer(cfg[stage.name].optimizer)
+  c = cfg[_section(stage.name)]
+  tx, schedule = make_optimizer(c.optimizer)
   res = train_loop(workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params,
-                   loss_fn=stage.loss_fn, tx=tx, data=data, total_steps=cfg[stage.name].steps, frozen=stage.frozen,
+                   loss_fn=stage.loss_fn, tx=tx, data=data, total_steps=c.steps, frozen=stage.frozen,
                    lr_schedule=schedule, seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params,
                    log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep,
                    callbacks=callbacks, progress=cfg.progress)
@@ -334,6 +360,41 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   return _finish(workdir, "unet", dict(_run_facts(res, t0), ema=state.ema_params is not None))
 
 
+def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
+  """LoRA adapters trained on the U-Net of `cfg.init` (jaxsd.training.lora_training), the U-Net stage's loss and
+  settings (cfg.unet); the adapter goes to DIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT naming,
+  or kohya's). The base model is not exported: the adapter applies to cfg.init's, which is unchanged."""
+  dtype = stages.dtype_of(cfg)
+  unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
+                                           gradient_checkpointing=cfg.unet.gradient_checkpointing)
+  vae, vae_params = pretrained.load_vae(os.path.join(cfg.init, "vae"), dtype, jnp.float32)
+  te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
+  scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
+  try:
+    spec = lora_training.make_spec(unet_params, cfg.lora)
+  except ValueError as e:
+    raise ConfigError(f"config.lora: {e}") from None
+  base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
+                           scheduler=scheduler, tokenizer=tokenizer)
+  stage = lora_training.lora_stage(base, unet_params, spec)
+  if cfg.unet.get("cache_latents"):
+    it = iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
+  else:
+    it = iter(make_input(cfg, "unet", tokenizer))
+  if cfg.benchmark_steps:
+    return dict(_benchmark(cfg, stage, mesh, it), stage="lora", **lora_training.describe(spec))
+  t0 = time.time()
+  res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None)
+  it.close()
+  state = res.state
+  adapter = lora_training.to_adapter(spec, state.ema_params if state.ema_params is not None else state.params)
+  path = lora_lib.save(adapter, os.path.join(workdir, "lora"), cfg.lora.export_format)
+  return _finish(
+      workdir, "lora",
+      dict(_run_facts(res, t0), ema=state.ema_params is not None, file=path, format=cfg.lora.export_format,
+           **lora_training.describe(spec)))
+
+
 def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
   """The U-Net stage's batches from the latent cache (latent_cache.py), built first when missing."""
   d, batch = cfg.data, cfg.unet.batch_size // jax.process_count()
@@ -392,7 +453,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(cfg, n_devices)
   names = _stages(cfg)
   if cfg.benchmark_steps:  # times the U-Net step alone: the other stages are neither run nor needed
-    names = ["unet"]
+    names = ["lora"] if _is_lora(cfg) and cfg.init else ["unet"]
   elif "unet" in names and not cfg.init:
     for need, stage in (("text_encoder", "clip"), ("vae", "vae")):
       if stage not in names and not os.path.isdir(os.path.join(export.model_dir(workdir), need)):
@@ -413,7 +474,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                os.path.join(workdir, name, "result.json"))
       results[name] = done
       continue
-    runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet}[name]
+    runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet, "lora": run_lora}[name]
     results[name] = runner(cfg, workdir, mesh, tokenizer)
     if cfg.benchmark_steps:
       return results[name]

@@ -1,0 +1,41 @@
+"""Train LoRA adapters on a real Stable Diffusion U-Net (base U-Net, VAE and text encoder frozen).
+
+  python -m train --config train/configs/lora.py:sd15 --workdir DIR \
+      --config.init=path/to/stable-diffusion-v1-5 --config.data.name=my_images --config.data.data_dir=DATA_DIR
+The recipe of diffusers' train_text_to_image_lora.py: rank 4, alpha = rank, gaussian init of lora_A (lora_B
+zero), the attention projections, AdamW at 1e-4. The training settings are the U-Net stage's (config.unet:
+steps, batch_size, optimizer, ema_decay, gradient_checkpointing, min_snr_gamma, ...); the adapter's are
+config.lora. The result is DIR/lora/pytorch_lora_weights.safetensors, which diffusers'
+`pipe.load_lora_weights(DIR/lora)` and jaxsd's `pipe.load_lora(DIR/lora)` load on the init model.
+"""
+
+import ml_collections
+
+from train.configs import default, finetune
+
+ATTENTION = "to_q,to_k,to_v,to_out.0"  # diffusers' train_text_to_image_lora.py
+FEED_FORWARD = "ff.net.0.proj,ff.net.2"
+CONV = "conv1,conv2"  # LoCon on the ResNet blocks' 3x3 convolutions
+
+
+def get_config(variant: str = "sd15"):
+  c = finetune.get_config(variant)
+  u = c.unet
+  u.steps = 15000
+  u.batch_size = 16
+  u.optimizer = default._optimizer(1e-4, 15000, 0, schedule="constant", weight_decay=1e-2)
+  u.ema_decay = 0.0  # diffusers' LoRA script keeps no EMA; > 0 averages the adapter (exported instead)
+  u.min_snr_gamma = 0.0
+  u.sample_every = 0  # sample with `python -m sample` and the adapter file; no grids during training
+  c.lora = ml_collections.ConfigDict(
+      dict(
+          rank=4,
+          alpha=0.0,  # 0: alpha = rank (scale alpha / rank = 1), as diffusers' script
+          # PyTorch module names or suffixes at a dot, comma-separated (PEFT's matching): add FEED_FORWARD
+          # or CONV above for a larger adapter.
+          target_modules=ATTENTION,
+          dropout=0.0,  # only 0: the adapter is merged into the kernels (jaxsd/training/lora_training.py)
+          init="gaussian",  # lora_A ~ N(0, 1/rank^2) as diffusers' script; "kaiming": PEFT's default
+          export_format="peft",  # or "kohya" (lora_unet_... keys, A1111 / ComfyUI)
+      ))
+  return c
