@@ -44,15 +44,16 @@ def image_filename(prompt: str, seed: int, index: int) -> str:
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1, out_dir: str | None = None,
-             progress: bool = True, devices=None, init_image=None, mask_image=None,
-             strength: float | None = None) -> GenerateResult:
+             progress: bool = True, devices=None, init_image=None, mask_image=None, strength: float | None = None,
+             long_prompts: bool = False, prompt_weighting: bool = False) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filename`) and the grid of them. Height and width default to the
   model's native size. With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
-  each job as the pipeline's own call with the job's seed-derived keys. Bad arguments, checked before
+  each job as the pipeline's own call with the job's seed-derived keys. `long_prompts` and `prompt_weighting`
+  are the pipeline's (`jaxsd.prompt_syntax`): every batch has the windows of the longest prompt. Bad arguments, checked before
   anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -81,6 +82,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   height, width = height or pipe.default_size, width or pipe.default_size
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
   make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+  # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
+  text = pipe.text_inputs(prompts, [negative_prompt] * len(prompts), long_prompts, prompt_weighting)
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)
@@ -97,15 +100,14 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   def inputs(batch):
     idx = batch + [batch[-1]] * (global_batch - len(batch))  # pad the last batch; padded outputs are dropped
-    ids = pipe.tokenize([jobs[j][0] for j in idx])
-    uncond = pipe.tokenize([negative_prompt] * len(idx))
+    rows = np.asarray(idx) // num_images  # job j is prompt j // num_images
     noise = jnp.concatenate([pipe.noise(seed, 1, height, width, offset=j) for j in idx])
     keys = jnp.concatenate([pipe.sampler_keys(seed, 1, offset=j) for j in idx])
     shard = lambda x: x.reshape((n_dev, batch_per_device) + x.shape[1:])
-    cond = {}
+    cond = {name: shard(value[rows]) for name, value in text.items() if name.endswith("weights")}
     if cond_fn is not None:
-      cond = cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx])))
-    return (shard(ids), shard(uncond), shard(noise), shard(keys)), cond
+      cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
+    return (shard(text["ids"][rows]), shard(text["uncond_ids"][rows]), shard(noise), shard(keys)), cond
 
   compile_seconds = 0.0
   compiled = None

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, model_folder, pretrained, single_file, tokenizer as tok
+from jaxsd import conditioning, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
@@ -117,10 +117,40 @@ class StableDiffusion:
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_encoder.config.max_position_embeddings)
 
-  def encode_text(self, te_params, input_ids: jax.Array) -> jax.Array:
+  def text_inputs(self, prompts: Sequence[str], negative_prompts: Sequence[str], long_prompts: bool = False,
+                  prompt_weighting: bool = False) -> dict[str, np.ndarray]:
+    """The program's text arguments: `ids` and `uncond_ids` (B, 77 k), and with weighted prompts `weights`
+    and `uncond_weights` (B, 77 k); see `jaxsd.prompt_syntax` for the two options. Without either, the
+    tokens are diffusers' (77 per prompt, longer prompts truncated with a warning)."""
+    if not (long_prompts or prompt_weighting):
+      return {"ids": self.tokenize(prompts), "uncond_ids": self.tokenize(negative_prompts)}
+    (ids, weights), (uncond_ids, uncond_weights) = prompt_syntax.tokenize(
+        self.tokenizer, [list(prompts), list(negative_prompts)],
+        length=self.text_encoder.config.max_position_embeddings, long_prompts=long_prompts, weighting=prompt_weighting)
+    out = {"ids": ids, "uncond_ids": uncond_ids}
+    if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
+      out.update(weights=weights, uncond_weights=uncond_weights)
+    return out
+
+  def encode_text(self, te_params, input_ids: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Hidden states (B, L, D) of token ids (B, L). Ids longer than the encoder's positions (77) are windows
+    of that length (`jaxsd.prompt_syntax`), encoded one by one and concatenated; `weights` (B, L) scale the
+    states by A1111's emphasis, per window."""
+    n = self.text_encoder.config.max_position_embeddings
+    b, length = input_ids.shape
+    if length > n and length % n:
+      raise ValueError(f"input_ids of {length} tokens: more than {n} must be whole windows of {n} "
+                       "(see jaxsd.prompt_syntax.tokenize).")
+    if length > n:
+      input_ids = input_ids.reshape(-1, n)
     if self.clip_skip is None:  # diffusers' default: the last layer's output, final layer norm included
-      return self.text_encoder.apply({"params": te_params}, input_ids).last_hidden_state
-    return self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip, method="encode_prompt")
+      hidden = self.text_encoder.apply({"params": te_params}, input_ids).last_hidden_state
+    else:
+      hidden = self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip,
+                                       method="encode_prompt")
+    if weights is not None:
+      hidden = prompt_syntax.emphasize(hidden, weights.reshape(input_ids.shape))
+    return hidden.reshape(b, length, hidden.shape[-1])
 
   def denoiser(self, unet_params, context: jax.Array, guidance_scale: jax.Array, guided: bool):
     """The model function the samplers call: U-Net output under classifier-free guidance, fp32.
@@ -202,9 +232,11 @@ class StableDiffusion:
   def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None):
     """Returns the pure function that one generation runs, with the schedule as an argument:
 
-        fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys,
-           image_latents=None, mask=None, masked_image_latents=None) -> uint8 images or latents
+        fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
+           masked_image_latents=None, weights=None, uncond_weights=None) -> uint8 images or latents
 
+    `ids` and `uncond_ids` are (B, 77 k) tokens (k windows of long prompts) and `weights` and
+    `uncond_weights` their token weights or None (see `text_inputs`; each k compiles once).
     `noise` is the initial Gaussian noise (B, h, w, c), unscaled; `keys` (B,) the per-image keys of
     the stochastic samplers (see `image_keys`). img2img (`task="img2img"`) starts from
     `image_latents` noised to the schedule's first timestep. Inpainting (`task="inpaint"`) takes the
@@ -218,10 +250,10 @@ class StableDiffusion:
     concat = task == "inpaint" and self.inpainting_unet
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None):
-      context = self.encode_text(params["text_encoder"], ids)
+           masked_image_latents=None, weights=None, uncond_weights=None):
+      context = self.encode_text(params["text_encoder"], ids, weights)
       if guided:
-        context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids), context])
+        context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids, uncond_weights), context])
       if from_noise:
         x = samplers.prepare_latents(schedule, noise)
       else:
@@ -250,15 +282,16 @@ class StableDiffusion:
     """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
 
     fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-    masked_image_latents=None); for img2img and inpainting pass the conditioning as `program` says.
+    masked_image_latents=None, weights=None, uncond_weights=None); for img2img and inpainting pass the
+    conditioning, for weighted prompts the weights, as `program` says.
     """
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
     prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0))
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None):
+           masked_image_latents=None, weights=None, uncond_weights=None):
       return prog(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents, mask,
-                  masked_image_latents)
+                  masked_image_latents, weights, uncond_weights)
 
     return fn
 
@@ -342,22 +375,27 @@ class StableDiffusion:
     return noise
 
   def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
-           output, **cond):
+           output, long_prompts, prompt_weighting, **cond):
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
     guided = guidance_scale > 1.0
     fn = self._jitted(guided, "latent" if output == "latent" else "np", task, from_noise)
-    out = fn(self.params, schedule, self.tokenize(prompts), self.tokenize(negative_prompts), noise,
-             jnp.float32(guidance_scale), self.sampler_keys(seed, len(prompts)), **cond)
+    text = self.text_inputs(prompts, negative_prompts, long_prompts, prompt_weighting)
+    ids, uncond_ids = text.pop("ids"), text.pop("uncond_ids")
+    out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale),
+             self.sampler_keys(seed, len(prompts)), **cond, **text)
     return _finish(out, output)
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
-               output: str = "np"):
+               output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
     default (as in diffusers) to the size of the given `latents`, else to the model's own size
     (`default_size`: the U-Net's sample_size times the VAE's factor, e.g. 512 for SD 1.5, 768 for SD 2.1).
+    `long_prompts` encodes prompts past 77 tokens in 75-token windows instead of truncating them, and
+    `prompt_weighting` reads A1111's `(word:1.3)` / `(word)` / `[word]` weights (`jaxsd.prompt_syntax`);
+    both off by default, as diffusers (img2img and inpaint take them too).
     """
     self.check_task("text")
     if latents is not None and (height is None or width is None) and np.ndim(latents) == 4:
@@ -368,7 +406,7 @@ class StableDiffusion:
                                                   guidance_scale)
     latents = self._given_noise(latents, "latents", len(prompts), height, width, seed)
     return self._run("text", True, prompts, negative_prompts, steps, sampler, 1.0, guidance_scale, seed, latents,
-                     output)
+                     output, long_prompts, prompt_weighting)
 
   def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
                     guidance_scale):
@@ -404,7 +442,7 @@ class StableDiffusion:
 
   def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", noise=None,
-              image_latents=None):
+              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
@@ -417,6 +455,7 @@ class StableDiffusion:
       noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
       image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
         encoder, from `posterior_keys(seed, B)`.
+      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
     """
     self.check_task("img2img")
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
@@ -428,11 +467,12 @@ class StableDiffusion:
     if image_latents.shape != noise.shape:
       raise ValueError(f"image_latents have shape {image_latents.shape}; expected {noise.shape}.")
     return self._run("img2img", False, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
-                     output, image_latents=image_latents)
+                     output, long_prompts, prompt_weighting, image_latents=image_latents)
 
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", latents=None,
-              masked_image_latents=None, image_latents=None):
+              masked_image_latents=None, image_latents=None, long_prompts: bool = False,
+              prompt_weighting: bool = False):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -452,6 +492,7 @@ class StableDiffusion:
         the images with the repainted region grey (0 in [-1, 1]), encoded.
       image_latents: the images' scaled latents (needed at strength < 1 and by 4-channel U-Nets);
         default: encoded, a posterior sample from `posterior_keys(seed, B)`.
+      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
 
     padding_mask_crop (diffusers' crop around the mask) is not implemented.
     """
@@ -483,7 +524,7 @@ class StableDiffusion:
     if not from_noise or not self.inpainting_unet:
       cond["image_latents"] = self._image_latents(images, image_latents, seed)
     return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
-                     noise, output, **cond)
+                     noise, output, long_prompts, prompt_weighting, **cond)
 
 
 def _read_json(file: str) -> dict:

@@ -21,6 +21,10 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
   p.add_argument("--negative-prompt", default="")
+  p.add_argument("--long-prompts", action="store_true",
+                 help="encode prompts past 77 tokens in 75-token windows (A1111) instead of truncating them")
+  p.add_argument("--prompt-weighting", action="store_true",
+                 help="read A1111's (word:1.3), (word) = x1.1, [word] = /1.1 weights and BREAK; \\( for a literal (")
   p.add_argument("--num-images", type=int, default=1, help="images per prompt")
   p.add_argument("--steps", type=int, default=25)
   p.add_argument("--sampler", default="dpmpp_2m")
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
-                               strength=args.strength)
+                               strength=args.strength, long_prompts=args.long_prompts,
+                               prompt_weighting=args.prompt_weighting)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
