@@ -43,7 +43,14 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
   p.add_argument("--out", default="samples")
   p.add_argument("--benchmark", action="store_true", help="print one JSON line of timings")
-  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  p.add_argument(
+      "--distributed", action="store_true",
+      help="multi-host: call jax.distributed.initialize() (cluster auto-detection, or the three flags below)")
+  p.add_argument("--coordinator-address", default=None,
+                 help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or auto-detected)")
+  p.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
+  p.add_argument("--process-id", type=int, default=None,
+                 help="with --distributed: this process, 0 .. num-processes - 1")
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
@@ -101,7 +108,9 @@ def main(argv=None) -> int:
 
   try:
     if args.distributed:
-      jax.distributed.initialize()
+      jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif (args.coordinator_address, args.num_processes, args.process_id) != (None, None, None):
+      raise ValueError("--coordinator-address, --num-processes and --process-id need --distributed.")
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
     from jaxsd import conditioning
