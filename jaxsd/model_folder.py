@@ -170,13 +170,14 @@ def scheduler_config_file(path: str) -> str:
 
 
 def write_scheduler(cfg: ConfigBase, path: str) -> None:
-  """scheduler/scheduler_config.json for SD's PNDM scheduler. None-valued keys and the keys the config was
-  read without (`defaulted`) are left out: each scheduler class then applies its own default, so the
-  file means what the one it came from meant."""
+  """scheduler/scheduler_config.json for SD's PNDM scheduler (DDIM's for zero terminal SNR, which diffusers'
+  PNDMScheduler ignores). None-valued keys and the keys the config was read without (`defaulted`) are left
+  out: each scheduler class then applies its own default, so the file means what the one it came from meant."""
   os.makedirs(path, exist_ok=True)
   defaulted = set(getattr(cfg, "defaulted", ()))
   d = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in defaulted}
-  d.update({"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION})
+  class_name = "DDIMScheduler" if d.get("rescale_betas_zero_snr") else "PNDMScheduler"
+  d.update({"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION})
   with open(os.path.join(path, "scheduler_config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
+from jaxsd import conditioning, lora, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
@@ -225,7 +225,72 @@ class StableDiffusion:
 
   @property
   def params(self) -> dict:
-    return {"unet": self.unet_params, "vae": self.vae_params, "text_encoder": self.text_encoder_params}
+    """What the compiled program takes: the U-Net and text encoder with the active LoRA adapters merged in."""
+    nets = self._loras.apply({"unet": self.unet_params, "text_encoder": self.text_encoder_params})
+    return {"unet": nets["unet"], "vae": self.vae_params, "text_encoder": nets["text_encoder"]}
+
+  # --- LoRA adapters (jaxsd.lora) ----------------------------------------------------------------
+  # The base parameters stay as loaded; before a call the active adapters are merged into a copy of
+  # the kernels they touch (a small program of its own, cached per adapters and weights), and that is
+  # what the sampling program gets: adapters, weights or none never recompile it.
+
+  @functools.cached_property
+  def _loras(self) -> lora.AdapterSet:
+    return lora.AdapterSet()
+
+  def load_lora(self, source, scale: float = 1.0, name: str | None = None, strict: bool = True) -> str:
+    """Loads a LoRA adapter for the U-Net and/or text encoder and makes it active at weight `scale`.
+
+    Args:
+      source: a `.safetensors` file, a folder holding `pytorch_lora_weights.safetensors`, or a state dict,
+        in diffusers / PEFT or kohya (A1111, ComfyUI) naming (see `jaxsd.lora`).
+      scale: the adapter's weight (diffusers' adapter weight: 1 as trained, 0 off).
+      name: the adapter's name (default `default_<i>`, as diffusers).
+      strict: keys that map to no layer are an error; with False they are ignored and logged.
+
+    Returns the adapter's name. Adapters loaded before stay active at their own weights (see `set_adapters`).
+    """
+    self._loras.check_unfused("load_lora")
+    adapter = lora.load(source, {"unet": self.unet_params, "text_encoder": self.text_encoder_params}, strict)
+    name = self._loras.add(adapter, scale, name)
+    if adapter.ignored:
+      log.warning("LoRA %r: %d keys map to no layer and were ignored: %s", name, len(adapter.ignored),
+                  ", ".join(adapter.ignored))
+    return name
+
+  @property
+  def lora_adapters(self) -> dict[str, float | None]:
+    """Every loaded adapter's name -> its weight if active, else None."""
+    return {n: self._loras.weights.get(n) for n in self._loras.adapters}
+
+  def set_adapters(self, names, weights=None) -> None:
+    """Makes exactly `names` (one or a list) active, at `weights` (one number or one per name; default 1),
+    as diffusers' set_adapters. The others stay loaded, inactive; `set_adapters([])` turns LoRA off."""
+    self._loras.set(names, weights)
+
+  def delete_adapters(self, names) -> None:
+    self._loras.delete(names)
+
+  def unload_lora(self) -> None:
+    """Forgets every adapter. Fused adapters stay in the weights (as diffusers' unload_lora_weights after
+    fuse_lora): unfuse_lora() first to get the original weights back."""
+    self._loras.clear()
+
+  def fuse_lora(self) -> None:
+    """Folds the active adapters, at their weights, into the U-Net and text-encoder parameters: no merge
+    before each call. `unfuse_lora` gives back the original parameters (kept, so bit-exact)."""
+    self._loras.check_unfused("fuse_lora")
+    if not self._loras.weights:
+      raise ValueError("fuse_lora: no active LoRA adapter; load_lora (or set_adapters) first.")
+    params = self.params
+    self._loras.fused = (self.unet_params, self.text_encoder_params)
+    self.unet_params, self.text_encoder_params = params["unet"], params["text_encoder"]
+
+  def unfuse_lora(self) -> None:
+    """Restores the parameters from before `fuse_lora` (nothing to do if nothing is fused)."""
+    if self._loras.fused is not None:
+      self.unet_params, self.text_encoder_params = self._loras.fused
+      self._loras.fused = None
 
   # --- the compiled program ------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ def parse(argv=None) -> argparse.Namespace:
       "--strength", type=float, default=None,
       help="how much of the schedule runs from the noised image, in (0, 1]; default 0.6 (img2img), "
       "1 (inpainting)")
+  p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                 help="a LoRA adapter (diffusers/PEFT or kohya .safetensors) at weight SCALE (default 1; repeatable)")
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
@@ -70,6 +72,26 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
   if not out:
     raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line"
                      f"{' (' + prompts_file + ' has only blank lines)' if prompts_file else ''}.")
+  return out
+
+
+def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
+  """--lora FILE[:SCALE] -> [(file, scale)]; a missing file or a bad scale raises, naming the flag."""
+  out = []
+  for spec in specs:
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and not os.path.exists(spec):
+      try:
+        path, scale = head, float(tail)
+      except ValueError:
+        raise ValueError(f"--lora {spec}: the weight after ':' must be a number (FILE[:SCALE], e.g. "
+                         f"{head}:0.8).") from None
+      if not math.isfinite(scale):
+        raise ValueError(f"--lora {spec}: the weight must be a finite number (1: as trained, 0: off).")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"--lora {path}: no such file; give a LoRA .safetensors file (FILE[:SCALE]).")
+    out.append((path, scale))
   return out
 
 
@@ -113,12 +135,15 @@ def main(argv=None) -> int:
       raise ValueError("--coordinator-address, --num-processes and --process-id need --distributed.")
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
+    loras = parse_loras(args.lora)
     from jaxsd import conditioning
 
     init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     enable_compilation_cache()
     pipe = pipeline.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
+    for path, scale in loras:
+      pipe.load_lora(path, scale=scale)
     result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,

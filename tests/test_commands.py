@@ -75,6 +75,9 @@ def _sample(tmp_path, *args) -> list[str]:
     (["--prompt", "a cat", "--guidance=-inf"], "--guidance -inf"),
     (["--prompt", "a cat", "--steps", "-3"], "--steps -3: need at least 1"),
     (["--prompt", "a cat", "--steps", "0"], "need at least 1"),
+    (["--prompt", "a cat", "--lora", "/nonexistent/x.safetensors"], "--lora /nonexistent/x.safetensors: no such file"),
+    (["--prompt", "a cat", "--lora", "x.safetensors:strong"], "--lora x.safetensors:strong: the weight after ':'"),
+    (["--prompt", "a cat", "--lora", "x.safetensors:nan"], "must be a finite number"),
 ])
 def test_sample_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
   assert sample_main.main(_sample(tmp_path, *args)) == 2
@@ -115,4 +118,26 @@ def test_sample_variant_reaches_the_loader(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(pipeline, "load", fake_load)
   assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--variant", "fp16")) == 2
   assert seen["variant"] == "fp16" and seen["path"] == str(tmp_path / "no_model")
+  assert "stop here" in _one_error_line(capsys)
+
+
+def test_sample_loras_reach_the_pipeline(tmp_path, capsys, monkeypatch):
+  """--lora FILE[:SCALE] (repeatable) loads each adapter at its weight; the loader's error exits 2."""
+  from jaxsd import pipeline
+
+  a, b = tmp_path / "a.safetensors", tmp_path / "b:c.safetensors"  # a ':' in a file name that exists stays
+  a.write_bytes(b"")
+  b.write_bytes(b"")
+  seen = []
+
+  class FakePipe:
+
+    def load_lora(self, path, scale):
+      seen.append((path, scale))
+      if len(seen) == 2:
+        raise ValueError("stop here")
+
+  monkeypatch.setattr(pipeline, "load", lambda path, **kw: FakePipe())
+  assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--lora", f"{a}:0.5", "--lora", str(b))) == 2
+  assert seen == [(str(a), 0.5), (str(b), 1.0)]
   assert "stop here" in _one_error_line(capsys)

@@ -98,7 +98,16 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
     raise ValueError(f"{sampler!r} does not support prediction_type='sample' (nor does diffusers).")
   if row.check is not None:
     row.check(cfg)
-  fields = row.schedule(cfg, sampler, num_steps, start, schedules.alphas_cumprod_np(cfg), karras)
+  ac = schedules.alphas_cumprod_np(cfg)
+  if cfg.rescale_betas_zero_snr:
+    if "rescale_betas_zero_snr" not in schedules.DIFFUSERS_DEFAULTS[row.scheduler_class]:
+      honour = ", ".join(
+          k for k, r in _TABLE.items() if "rescale_betas_zero_snr" in schedules.DIFFUSERS_DEFAULTS[r.scheduler_class])
+      raise ValueError(f"{sampler} with rescale_betas_zero_snr=True: diffusers' {row.scheduler_class} ignores the "
+                       f"setting and would sample another noise schedule; use one of {honour}.")
+    if row.sigma_space:  # diffusers: "close to 0 without being 0 so first sigma is not inf"
+      ac[-1] = np.float32(2**-24)
+  fields = row.schedule(cfg, sampler, num_steps, start, ac, karras)
   prk_calls = fields.pop("prk_calls", 0)
   clip = cfg.clip_sample_range if cfg.clip_sample and row.clips else None
   arrays = {k: None if v is None else jnp.asarray(v, jnp.float32) for k, v in fields.items()}
@@ -415,6 +424,8 @@ class Sampler(NamedTuple):
   predicts_sample: bool = True  # supports prediction_type="sample"
   check: Callable[[SchedulerConfig], None] | None = None  # raises for scheduler settings it lacks
   scheduler_class: str = ""  # the diffusers scheduler it follows: whose defaults fill keys a config leaves out
+  # Steps in sigma = sqrt((1 - alpha_bar) / alpha_bar): with zero terminal SNR diffusers sets alpha_bar_T = 2^-24.
+  sigma_space: bool = False
 
 
 def _stateless(x):
@@ -440,10 +451,10 @@ _TABLE = {
                 scheduler_class="DDPMScheduler"),
     "euler":
         Sampler(_stateless, euler_step, _sigma_schedule, scaled_input=True, karras=True,
-                scheduler_class="EulerDiscreteScheduler"),
+                scheduler_class="EulerDiscreteScheduler", sigma_space=True),
     "euler_a":
         Sampler(_stateless, euler_ancestral_step, _sigma_schedule, scaled_input=True, stochastic=True,
-                predicts_sample=False, scheduler_class="EulerAncestralDiscreteScheduler"),
+                predicts_sample=False, scheduler_class="EulerAncestralDiscreteScheduler", sigma_space=True),
     # State: the predictor's derivative, its step size and the latents it started from.
     "heun":
         Sampler(lambda x: (jnp.zeros_like(x), jnp.zeros((), x.dtype), jnp.zeros_like(x)), heun_step, _sigma_schedule,
@@ -455,7 +466,7 @@ _TABLE = {
     # State: the previous x0 prediction.
     "dpmpp_2m":
         Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True,
-                scheduler_class="DPMSolverMultistepScheduler"),
+                scheduler_class="DPMSolverMultistepScheduler", sigma_space=True),
 }
 SAMPLERS = tuple(_TABLE)
 

@@ -103,7 +103,9 @@ class SchedulerConfig(ConfigBase):
   skip_prk_steps: bool = True  # PNDM: PLMS from the first step (SD), no Runge-Kutta warm-up.
   variance_type: str = "fixed_small"  # DDPM: the posterior variance, Ho et al. eq. 7.
   thresholding: bool = False  # Dynamic thresholding (Imagen): not for latent diffusion.
-  rescale_betas_zero_snr: bool = False  # Lin et al. (2023): not implemented.
+  # Lin et al. (2024): betas rescaled so that alpha_bar at the last timestep is 0 (pure noise), for
+  # v-prediction models sampled with "trailing" spacing. Read by DDIM, DDPM, Euler (a) and DPM-Solver.
+  rescale_betas_zero_snr: bool = False
   defaulted: tuple[str, ...] = ()  # keys the file left out: each scheduler class fills in its own default
   # (key, value) of the file's keys in UNIMPLEMENTED: refused by the samplers of those classes unless default.
   unimplemented: tuple[tuple[str, Any], ...] = ()
@@ -180,8 +182,6 @@ class SchedulerConfig(ConfigBase):
     if self.thresholding:
       raise ValueError("thresholding=True (dynamic thresholding) is not supported; set it to false "
                        "(it is meant for pixel-space models, not latent diffusion).")
-    if self.rescale_betas_zero_snr:
-      raise ValueError("rescale_betas_zero_snr=True is not supported; set it to false.")
 
 
 # --- The training schedule, bit-exact with diffusers (built once, in numpy). ---
@@ -208,25 +208,43 @@ def _alpha_bar_cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
   return np.array([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], np.float32)
 
 
+def _cumprod(alphas: np.ndarray) -> np.ndarray:
+  # torch.cumprod on CPU accumulates float32 in float64.
+  return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """float32 betas whose alpha_bar ends at exactly 0 (the last timestep is pure noise) and keeps its first
+  value: Lin et al. (2024), "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1,
+  in diffusers' float32 arithmetic. SD's schedule leaves sqrt(alpha_bar_T) = 0.068 of the image in x_T, so
+  a model learns to read the layout from the noise it is given and cannot choose one from pure noise."""
+  root = np.sqrt(_cumprod(np.float32(1.0) - betas))
+  first, last = root[0], root[-1]
+  root = (root - last) * (first / (first - last))
+  alpha_bar = root * root
+  alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+  return (np.float32(1.0) - alphas).astype(np.float32)
+
+
 def betas(cfg: SchedulerConfig) -> np.ndarray:
   """float32 [num_train_timesteps]: the forward-process variances beta_t."""
   n = cfg.num_train_timesteps
   if cfg.trained_betas is not None:
-    return np.asarray(cfg.trained_betas, np.float32)
-  if cfg.beta_schedule == "linear":
-    return _torch_linspace(cfg.beta_start, cfg.beta_end, n)
-  if cfg.beta_schedule == "scaled_linear":
-    return _torch_linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n)**2
-  if cfg.beta_schedule == "squaredcos_cap_v2":
-    return _alpha_bar_cosine_betas(n)
-  raise ValueError(f"beta_schedule={cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
+    b = np.asarray(cfg.trained_betas, np.float32)
+  elif cfg.beta_schedule == "linear":
+    b = _torch_linspace(cfg.beta_start, cfg.beta_end, n)
+  elif cfg.beta_schedule == "scaled_linear":
+    b = _torch_linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n)**2
+  elif cfg.beta_schedule == "squaredcos_cap_v2":
+    b = _alpha_bar_cosine_betas(n)
+  else:
+    raise ValueError(f"beta_schedule={cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
+  return rescale_zero_terminal_snr(b) if cfg.rescale_betas_zero_snr else b
 
 
 def alphas_cumprod_np(cfg: SchedulerConfig) -> np.ndarray:
   """float32 [num_train_timesteps]: alpha_bar_t = prod_{s<=t} (1 - beta_s), as a numpy array."""
-  alphas = np.float32(1.0) - betas(cfg)
-  # torch.cumprod on CPU accumulates float32 in float64.
-  return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+  return _cumprod(np.float32(1.0) - betas(cfg))
 
 
 def alphas_cumprod(cfg: SchedulerConfig) -> jax.Array:

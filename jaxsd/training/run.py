@@ -150,6 +150,11 @@ def check_config(cfg, n_devices: int) -> None:
     if cfg.unet.train_text_encoder:
       raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be "
                         "combined with config.unet.train_text_encoder=True.")
+  if ("unet" in names and not cfg.init and cfg.unet.get("rescale_betas_zero_snr") and
+      cfg.unet.prediction_type != "v_prediction"):
+    raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
+                      "predicting the noise says nothing about the image: set config.unet.prediction_type="
+                      "v_prediction.")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
@@ -305,12 +310,16 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   else:
     unet, unet_params = None, None
-    scheduler = SchedulerConfig(prediction_type=cfg.unet.prediction_type)
-    if primary():
+    scheduler = stages.scheduler_config(cfg)
+    if primary() and not cfg.benchmark_steps:
       export.write_scheduler(scheduler, os.path.join(mdir, "scheduler"))
       export.write_model_index(mdir)
-  vae, vae_params = pretrained.load_vae(os.path.join(mdir, "vae"), dtype, jnp.float32)
-  te, te_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder"), dtype, jnp.float32)
+  if cfg.benchmark_steps and not cfg.init and not os.path.isdir(os.path.join(mdir, "vae")):
+    # Timing the U-Net step needs VAE and text encoder of the configured sizes, not trained ones.
+    vae, vae_params, te, te_params = stages.untrained_frozen_networks(cfg, jax.random.key(cfg.seed))
+  else:
+    vae, vae_params = pretrained.load_vae(os.path.join(mdir, "vae"), dtype, jnp.float32)
+    te, te_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder"), dtype, jnp.float32)
   if unet is None:
     from jaxsd.models.unet import UNet2DConditionModel
 
@@ -436,7 +445,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
   names = _stages(cfg)
-  if "unet" in names and not cfg.init:
+  if cfg.benchmark_steps:  # times the U-Net step alone: the other stages are neither run nor needed
+    names = ["unet"]
+  elif "unet" in names and not cfg.init:
     for need, stage in (("text_encoder", "clip"), ("vae", "vae")):
       if stage not in names and not os.path.isdir(os.path.join(export.model_dir(workdir), need)):
         raise ConfigError(f"the unet stage needs a trained {need}: run the {stage} stage first (config.stages) "

@@ -101,6 +101,17 @@ def vae_stage(cfg) -> Stage:
   return Stage("vae", lambda rng: pretrained.init_params(model, rng), loss_fn, modules={"vae": model})
 
 
+def untrained_frozen_networks(cfg, rng: jax.Array) -> tuple[AutoencoderKL, Any, CLIPTextModel, Any]:
+  """A randomly initialised VAE and text encoder of the configured sizes: what timing the U-Net step
+  (`benchmark_steps`) needs before the clip and vae stages have run (the step's cost does not depend on
+  their weights)."""
+  dtype = dtype_of(cfg)
+  vae = AutoencoderKL(vae_config(cfg), dtype=dtype)
+  te = CLIPTextModel(clip_config(cfg).text_config, dtype=dtype)
+  vae_rng, te_rng = jax.random.split(rng)
+  return vae, pretrained.init_params(vae, vae_rng), te, pretrained.init_params(te, te_rng)
+
+
 # --- U-Net -------------------------------------------------------------------------------------
 
 
@@ -116,6 +127,14 @@ def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> 
                                  addition_embed_type_num_heads=c.get("addition_embed_type_num_heads", 64))
   config.validate()
   return config
+
+
+def scheduler_config(cfg) -> SchedulerConfig:
+  """The noise schedule of a U-Net trained from nothing: SD's, with the configured prediction type, and
+  zero terminal SNR with "trailing" sampling spacing (Lin et al. 2024) when asked for."""
+  zero_snr = bool(cfg.unet.get("rescale_betas_zero_snr", False))
+  return SchedulerConfig(prediction_type=cfg.unet.prediction_type, rescale_betas_zero_snr=zero_snr,
+                         timestep_spacing="trailing" if zero_snr else None)
 
 
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,

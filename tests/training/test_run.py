@@ -165,6 +165,18 @@ def test_benchmark_mode_reports_throughput(data_dir, tmp_path):
   assert figures["tflops_per_device"] > 0
 
 
+def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
+  """`python -m train --workdir NEW --benchmark` on the from-scratch config: the U-Net step is timed with
+  untrained VAE and text encoder of the configured sizes; the clip and vae stages are not run (they were,
+  and the CLIP stage's result was printed as the benchmark), and nothing is written to the workdir."""
+  cfg = _cfg(data_dir, benchmark_steps=2)
+  assert cfg.stages == "clip,vae,unet"
+  workdir = tmp_path / "bench"
+  figures = run.train_and_evaluate(cfg, str(workdir))
+  assert figures["stage"] == "unet" and figures["images_per_sec"] > 0
+  assert not (workdir / "clip").exists() and not (workdir / "vae").exists() and not (workdir / "model").exists()
+
+
 @pytest.mark.parametrize("updates,message", [
     ({
         "stages": "clip,gan"
@@ -187,6 +199,10 @@ def test_benchmark_mode_reports_throughput(data_dir, tmp_path):
     ({
         "dtype": "float8"
     }, "choose one of"),
+    ({
+        "unet.rescale_betas_zero_snr": True,
+        "unet.prediction_type": "epsilon"
+    }, "prediction_type=v_prediction"),
     ({
         "unet.cache_latents": True,
         "data.random_flip": True,

@@ -3,6 +3,8 @@ pieces that hand one stage's result to the next (text tower, scaling factor, joi
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +110,27 @@ def test_unet_stage(cfg, joint):
   if joint:
     assert jax.tree.structure(text) == jax.tree.structure(te_params)
   assert "conv_in" in unet_params
+
+
+def test_zero_terminal_snr_schedule_is_exported_as_diffusers_reads_it(cfg, tmp_path):
+  """unet.rescale_betas_zero_snr: the training schedule ends on pure noise, and the exported scheduler
+  config makes diffusers sample it the same way (DDIMScheduler, which honours the key, trailing spacing)."""
+  import diffusers
+
+  from jaxsd import model_folder
+  from jaxsd.diffusion import alphas_cumprod
+
+  c = cfg.copy_and_resolve_references()
+  c.unet.prediction_type = "v_prediction"
+  assert float(alphas_cumprod(stages.scheduler_config(c))[-1]) > 0  # off: SD's schedule
+  c.unet.rescale_betas_zero_snr = True
+  sched = stages.scheduler_config(c)
+  assert float(alphas_cumprod(sched)[-1]) == 0.0
+  model_folder.write_scheduler(sched, str(tmp_path / "scheduler"))
+  with open(tmp_path / "scheduler" / "scheduler_config.json") as f:
+    assert json.load(f)["_class_name"] == "DDIMScheduler"  # diffusers' PNDMScheduler ignores the key
+  ref = diffusers.DDIMScheduler.from_pretrained(str(tmp_path / "scheduler"))
+  assert ref.config.rescale_betas_zero_snr and ref.config.timestep_spacing == "trailing"
+  assert ref.config.prediction_type == "v_prediction" and float(ref.alphas_cumprod[-1]) == 0.0
+  ref.set_timesteps(10)
+  assert int(ref.timesteps[0]) == 999

@@ -93,7 +93,13 @@ def get_config():
           # sigma (~15 at t=999), and shape, colour and place are decided there; with v the estimate is well
           # conditioned at every noise level (Salimans & Ho 2022). Colour 0.64 vs 0.39 at step 300.
           prediction_type="v_prediction",  # or "epsilon"
-          min_snr_gamma=5.0,  # 0 disables min-SNR weighting
+          # Min-SNR-gamma weighting (Hang et al. 2023) off: for v its weight min(SNR, 5) / (SNR + 1) is ~SNR at
+          # high noise (0.005 at t=999), where the layout is decided, and the U-Net did not learn to place
+          # shapes (position 0.32 with it, 0.96 without; docs/training.md, fourth round).
+          min_snr_gamma=0.0,  # > 0 enables it
+          # Zero terminal SNR (Lin et al. 2024): the last timestep is pure noise, as sampling starts; needs
+          # v-prediction. The exported scheduler then says rescale_betas_zero_snr and "trailing" spacing.
+          rescale_betas_zero_snr=False,
           caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
           # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
           # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its

@@ -34,6 +34,7 @@ def get_config():
   # The default predicts v; in 24 steps that moves the tiny U-Net's loss only to 0.90 of its start, too near
   # the zero-gradient control (0.95) for test_every_stage_learns, which was measured with epsilon (0.70).
   c.unet.prediction_type = "epsilon"
+  c.unet.min_snr_gamma = 5.0  # as measured there (the default has min-SNR weighting off)
   c.unet.train_text_encoder = True  # the tests run the joint path (and the frozen one when fine-tuning)
   c.eval.judge_steps = 20
   c.eval.judge_train_examples = 512

@@ -1,0 +1,497 @@
+"""LoRA adapters made elsewhere, as low-rank updates of jaxsd's U-Net and text-encoder parameters.
+
+Reads the formats in circulation and maps every key onto a Dense or Conv kernel of the parameter
+trees (whose paths mirror the PyTorch state-dict keys, see `jaxsd.weights`):
+
+- diffusers / PEFT: `unet.<module>.lora_A.weight` / `lora_B.weight`, `text_encoder.<module>...`;
+  the older `<module>.lora.down/up.weight`, `<module>.lora_linear_layer.down/up.weight` and
+  `<attention>.processor.to_q_lora.down.weight` spellings diffusers still loads; the adapter config
+  (`lora_alpha`, `alpha_pattern`, `use_rslora`) from the safetensors metadata diffusers writes;
+- kohya sd-scripts / A1111 / ComfyUI: `lora_unet_<module with _ for .>.lora_down.weight`,
+  `.lora_up.weight`, `.alpha`, `lora_te_...` for the text encoder, conv LoRA (LoCon) on any
+  convolution (a kxk `lora_down` with a 1x1 `lora_up`).
+
+A layer's update is `scale * up @ down` in PyTorch layout with scale = alpha / rank (no alpha:
+1, as diffusers and kohya; alpha / sqrt(rank) for rsLoRA). Here it is kept in the kernel's flax
+layout: `down` (fan_in, r) over the kernel's input axes flattened in flax order and `up` (r, features),
+so that `kernel + s * (down @ up).reshape(kernel.shape)` is the merged kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxsd import weights
+
+NETWORKS = ("unet", "text_encoder")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (PEFT's LoraConfig, per network)
+Path = tuple[str, ...]
+
+_KOHYA = re.compile(r"(lora_unet|lora_te1?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA_NETWORK = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder"}
+_DIFFUSERS = re.compile(r"(?:(unet|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
+                        r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
+# diffusers' attention-processor format (< 0.22): the projection is named in the processor's weight.
+_PROCESSOR = re.compile(
+    r"(?:(unet|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_PROCESSOR_TARGET = {
+    "unet": {
+        "to_q": "to_q",
+        "to_k": "to_k",
+        "to_v": "to_v",
+        "to_out": "to_out.0"
+    },
+    "text_encoder": {
+        "to_q": "q_proj",
+        "to_k": "k_proj",
+        "to_v": "v_proj",
+        "to_out": "out_proj"
+    },
+}
+_ROLE = {"down": "down", "up": "up", "lora_A": "down", "lora_B": "up", "lora_down": "down", "lora_up": "up"}
+# Adapter types that are not LoRA (or LoRA plus something): named in the error so the user knows why.
+_OTHER_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LyCORIS LoHa"),
+                ("lokr_", "LyCORIS LoKr"), ("lora_mid", "LyCORIS LoCon with Tucker decomposition"),
+                ("lora_B.bias", "LoRA with a bias (lora_bias)"))
+
+
+class Factors(NamedTuple):
+  """One layer's update, kernel + scale * (down @ up).reshape(kernel.shape)."""
+  down: Any  # (fan_in, r): the kernel's input axes (kh, kw, in) flattened in flax order
+  up: Any  # (r, features)
+  scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA)
+  kernel_shape: tuple[int, ...]  # the flax kernel's: (in, out) for Dense, (kh, kw, in, out) for Conv
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """A LoRA adapter mapped onto a model: network ("unet" / "text_encoder") -> kernel path -> Factors."""
+  layers: dict[str, dict[Path, Factors]]
+  ignored: tuple[str, ...] = ()  # keys of the file that map to no layer (loaded with strict=False)
+
+  @property
+  def num_layers(self) -> int:
+    return sum(len(v) for v in self.layers.values())
+
+
+def read(source) -> tuple[dict[str, np.ndarray], dict]:
+  """(state dict as numpy, adapter metadata) of a LoRA file, a folder holding `pytorch_lora_weights.safetensors`,
+  or a state dict (numpy / torch tensors; metadata then empty)."""
+  if isinstance(source, Mapping):
+    return {k: _numpy(v) for k, v in source.items()}, {}
+  path = os.fspath(source)
+  if os.path.isdir(path):
+    path = os.path.join(path, WEIGHT_NAME)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such LoRA file; pass a .safetensors file (or a folder holding {WEIGHT_NAME}).")
+  if not path.endswith(".safetensors"):
+    raise ValueError(f"{path}: LoRA files are read as .safetensors only (a pickled .bin/.pt/.ckpt can run code when "
+                     "loaded); convert it first.")
+  from safetensors import safe_open
+
+  try:
+    with safe_open(path, framework="numpy") as f:
+      meta = f.metadata() or {}
+      state_dict = {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
+    raise ValueError(f"{path}: not a readable safetensors file ({e}).") from None
+  try:
+    config = json.loads(meta.get(METADATA_KEY, "{}"))
+  except json.JSONDecodeError:
+    raise ValueError(f"{path}: its {METADATA_KEY!r} metadata is not JSON.") from None
+  return state_dict, config
+
+
+def _numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor (bf16 has no numpy dtype)
+    value = value.detach().cpu().float()
+  return np.asarray(value)
+
+
+def kernel_modules(params: Any, prefix: str = "") -> dict[str, tuple[Path, tuple[int, ...]]]:
+  """PyTorch module name -> (kernel path, kernel shape) for every Dense and Conv layer of a parameter tree."""
+  out = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    if path[-1] == "kernel":
+      out[prefix + weights.path_to_torch_key(path).removesuffix(".weight")] = (path, tuple(leaf.shape))
+  return out
+
+
+def _parse_key(key: str) -> tuple[str | None, str, str] | None:
+  """(network or None, module name, role "down" / "up" / "alpha"), or None for a key of no LoRA format."""
+  m = _KOHYA.fullmatch(key)
+  if m:
+    return _KOHYA_NETWORK[m[1]], "kohya:" + m[2], _ROLE.get(m[3].split(".")[0], "alpha")
+  m = _PROCESSOR.fullmatch(key)
+  if m:
+    network = m[1] or "unet"
+    return m[1], f"{m[2]}.{_PROCESSOR_TARGET[network][m[3]]}", m[4]
+  m = _DIFFUSERS.fullmatch(key)
+  if m:
+    role = m[3].removesuffix(".weight")
+    role = "alpha" if role == "alpha" else _ROLE[role.split(".")[-1] if "." in role else role]
+    return m[1], m[2], role
+  return None
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default):
+  """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module name or a suffix of it at a dot."""
+  for pattern, value in patterns.items():
+    body = pattern[1:] if pattern.startswith("^") else rf"(?:.*\.)?(?:{pattern})"
+    if re.fullmatch(body, module):
+      return value
+  return default
+
+
+def _network_config(metadata: Mapping[str, Any], network: str) -> dict:
+  """The LoraConfig entries of one network in diffusers' metadata ("unet.lora_alpha": 8, ...)."""
+  own = {k.split(".", 1)[1]: v for k, v in metadata.items() if k.startswith(network + ".")}
+  if network == "unet":  # metadata saved by a bare model (save_lora_adapter) has no prefix
+    own = {**{k: v for k, v in metadata.items() if "." not in k}, **own}
+  return own
+
+
+def _shape(shape) -> str:
+  return str(tuple(int(d) for d in shape))
+
+
+def _factors(where: str, down: np.ndarray, up: np.ndarray, kernel_shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+  """PyTorch-layout lora_down / lora_up -> flax-layout (down (fan_in, r), up (r, features)), checked."""
+  r = down.shape[0] if down.ndim else 0
+  if up.ndim == 4 and up.shape[2:] == (1, 1):
+    up = up.reshape(up.shape[:2])
+  if up.ndim != 2 or up.shape[1] != r:
+    raise ValueError(f"{where}: lora_down has shape {_shape(down.shape)} (rank {r}) but lora_up has shape "
+                     f"{_shape(up.shape)}; lora_up should be (features, {r}): both factors must have the same rank.")
+  if len(kernel_shape) == 2:
+    fan_in, features = kernel_shape
+    torch_shape, want = (features, fan_in), [(r, fan_in)]
+  else:
+    kh, kw, fan_in, features = kernel_shape
+    torch_shape, want = (features, fan_in, kh, kw), [(r, fan_in, kh, kw)]
+    if kh == kw == 1:
+      want.append((r, fan_in))  # a linear LoRA on a 1x1 convolution
+  if tuple(down.shape) not in want:
+    raise ValueError(
+        f"{where}: lora_down has shape {_shape(down.shape)} but the layer's weight is {_shape(torch_shape)} "
+        f"(PyTorch layout), so lora_down should be {_shape(want[0])}: is the adapter for another model?")
+  if up.shape[0] != features:
+    raise ValueError(f"{where}: lora_up has shape {_shape(up.shape)} but the layer's weight is {_shape(torch_shape)} "
+                     f"(PyTorch layout), so lora_up should be ({features}, {r}): is the adapter for another model?")
+  if down.ndim == 4:
+    down = np.transpose(down, (2, 3, 1, 0)).reshape(-1, r)  # (r, in, kh, kw) -> (kh * kw * in, r), flax order
+  else:
+    down = down.reshape(r, -1).T
+  return np.ascontiguousarray(down, np.float32), np.ascontiguousarray(up.T, np.float32)
+
+
+def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
+                    strict: bool = True) -> Adapter:
+  """Maps a LoRA state dict (any format above) onto `params` ({"unet": tree, "text_encoder": tree}).
+
+  Args:
+    state_dict: key -> array, as in the file.
+    params: the model's parameter trees (arrays or ShapeDtypeStructs); only their kernels' shapes are read.
+    metadata: diffusers' adapter metadata ("unet.lora_alpha", "unet.alpha_pattern", ...), if any.
+    strict: a key that maps to no layer is an error naming it; with strict=False such keys are left
+      out and listed in `Adapter.ignored`. Shape and rank mismatches are errors either way.
+
+  Raises:
+    ValueError: naming the keys that map to nothing, a layer whose factors disagree in rank or do not
+      fit the layer (both shapes), or a layer given twice.
+  """
+  metadata = dict(metadata or {})
+  tables = {n: kernel_modules(params[n]) for n in NETWORKS if n in params}
+  kohya = {n: {"kohya:" + name.replace(".", "_"): v for name, v in t.items()} for n, t in tables.items()}
+  if "text_encoder" in tables:  # transformers 5 names a bare CLIPTextModel's keys without `text_model.`
+    tables["text_encoder"].update({
+        k.removeprefix("text_model."): v for k, v in tables["text_encoder"].items() if k.startswith("text_model.")
+    })
+  groups: dict[tuple[str, Path], dict[str, Any]] = collections.defaultdict(dict)
+  keys: dict[tuple[str, Path], list[str]] = collections.defaultdict(list)
+  shapes: dict[tuple[str, Path], tuple[int, ...]] = {}
+  unmapped = []
+  for key in state_dict:
+    parsed = _parse_key(key)
+    where = None
+    if parsed is not None:
+      network, module, role = parsed
+      candidates = [network] if network else ["unet", "text_encoder"]  # no prefix: diffusers' old U-Net files
+      for n in candidates:
+        found = (kohya if module.startswith("kohya:") else tables).get(n, {}).get(module)
+        if found:
+          where, shapes[(n, found[0])] = (n, found[0]), found[1]
+          break
+    if where is None:
+      unmapped.append(key)
+      continue
+    if role in groups[where]:
+      raise ValueError(f"{key} and {keys[where][0]}: one layer given twice in this file; keep one spelling.")
+    groups[where][role] = state_dict[key]
+    keys[where].append(key)
+  incomplete = [w for w, g in groups.items() if "down" not in g or "up" not in g]
+  if strict and (unmapped or incomplete):
+    raise ValueError(_unmapped_message(unmapped, [keys[w][0] for w in incomplete]))
+  layers: dict[str, dict[Path, Factors]] = {}
+  for (network, path), g in groups.items():
+    if (network, path) in incomplete:
+      continue
+    module = weights.path_to_torch_key(path).removesuffix(".weight")
+    name = _name(next(k for k in keys[(network, path)] if not k.endswith(".alpha")))
+    down, up = _factors(name, np.asarray(g["down"]), np.asarray(g["up"]), shapes[(network, path)])
+    rank = down.shape[1]
+    config = _network_config(metadata, network)
+    if config.get("use_dora"):
+      raise ValueError(f"the {network} adapter is DoRA (use_dora in its metadata); only plain LoRA is supported.")
+    if "alpha" in g:
+      alpha = float(np.asarray(g["alpha"], np.float64).reshape(-1)[0])
+    else:
+      alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    layers.setdefault(network, {})[path] = Factors(down, up, scale, shapes[(network, path)])
+  if not layers:
+    raise ValueError(_unmapped_message(unmapped, [keys[w][0] for w in incomplete], nothing=True))
+  return Adapter(layers, tuple(sorted(unmapped + [k for w in incomplete for k in keys[w]])))
+
+
+def _name(key: str) -> str:
+  """The layer's name in the file: the key without its LoRA suffix."""
+  for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".lora.down.weight",
+                 ".lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"):
+    if key.endswith(suffix):
+      return key.removesuffix(suffix)
+  return key
+
+
+def _unmapped_message(unmapped: Sequence[str], incomplete: Sequence[str], nothing: bool = False) -> str:
+  parts = []
+  if nothing:
+    parts.append("no key of this LoRA maps to a layer of this model")
+  if unmapped:
+    shown = ", ".join(sorted(unmapped)[:6]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 6 else "")
+    parts.append(f"LoRA keys that map to no layer of this model: {shown}")
+  if incomplete:
+    parts.append(f"layers with only one of lora_down/lora_up: {', '.join(sorted(incomplete)[:6])}")
+  kinds = sorted({kind for k in unmapped for pat, kind in _OTHER_KINDS if pat in k})
+  hint = (f" ({', '.join(kinds)} adapters are not supported)"
+          if kinds else " (is it an adapter for another model, e.g. SDXL?)")
+  return "; ".join(parts) + hint + ("." if nothing else "; pass strict=False to load the rest and ignore them.")
+
+
+def load(source, params: Mapping[str, Any], strict: bool = True) -> Adapter:
+  """`read` then `from_state_dict`: a LoRA file, folder or state dict mapped onto `params`."""
+  state_dict, metadata = read(source)
+  try:
+    return from_state_dict(state_dict, params, metadata, strict)
+  except ValueError as e:
+    if isinstance(source, Mapping):
+      raise
+    raise ValueError(f"{os.fspath(source)}: {e}") from None
+
+
+# --- writing adapters -------------------------------------------------------------------------
+
+FORMATS = ("peft", "kohya")
+
+
+def _torch_factors(f: Factors) -> tuple[np.ndarray, np.ndarray]:
+  """Flax-layout factors -> PyTorch-layout lora_down (r, in[, kh, kw]) and lora_up (out, r[, 1, 1])."""
+  down, up = np.asarray(jax.device_get(f.down), np.float32), np.asarray(jax.device_get(f.up), np.float32)
+  r = down.shape[1]
+  if len(f.kernel_shape) == 4:
+    kh, kw, fan_in, features = f.kernel_shape
+    return (np.ascontiguousarray(down.reshape(kh, kw, fan_in,
+                                              r).transpose(3, 2, 0,
+                                                           1)), np.ascontiguousarray(up.T.reshape(features, r, 1, 1)))
+  return np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
+
+
+def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32) -> tuple[dict[str, np.ndarray], dict]:
+  """(state dict, adapter metadata) in diffusers / PEFT naming (`unet.<module>.lora_A.weight`, alphas in
+  the metadata as diffusers' save_lora_weights writes them) or kohya's (`lora_unet_<module>.lora_down.weight`
+  with an `.alpha` per layer). Both load with diffusers' load_lora_weights and back with `load`."""
+  if fmt not in FORMATS:
+    raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+  out, metadata = {}, {}
+  for network, layers in adapter.layers.items():
+    ranks, alphas = {}, {}
+    for path, f in layers.items():
+      module = weights.path_to_torch_key(path).removesuffix(".weight")
+      down, up = _torch_factors(f)
+      ranks[module], alphas[module] = down.shape[0], f.scale * down.shape[0]
+      if fmt == "kohya":
+        name = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[network] + module.replace(".", "_")
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down.astype(dtype), up.astype(dtype)
+        out[f"{name}.alpha"] = np.asarray(alphas[module], np.float32)
+      else:
+        out[f"{network}.{module}.lora_A.weight"], out[f"{network}.{module}.lora_B.weight"] = (down.astype(dtype),
+                                                                                              up.astype(dtype))
+    if fmt == "peft":
+      # Module names in the config without transformers 4's `text_model.` level: PEFT matches them as suffixes,
+      # so they fit transformers 4's CLIPTextModel (which has it, as the state-dict keys do) and 5's (which has not).
+      ranks = {m.removeprefix("text_model."): v for m, v in ranks.items()}
+      alphas = {m.removeprefix("text_model."): v for m, v in alphas.items()}
+      r = collections.Counter(ranks.values()).most_common(1)[0][0]
+      alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+      metadata.update({
+          f"{network}.r": r,
+          f"{network}.lora_alpha": alpha,
+          f"{network}.target_modules": sorted(ranks),
+          f"{network}.rank_pattern": {
+              m: v for m, v in ranks.items() if v != r
+          },
+          f"{network}.alpha_pattern": {
+              m: v for m, v in alphas.items() if v != alpha
+          },
+      })
+  return out, metadata
+
+
+def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32) -> str:
+  """Writes `to_state_dict` as safetensors: to `path` if it ends in .safetensors, else to
+  `path/pytorch_lora_weights.safetensors` (diffusers' name). Returns the file written."""
+  path = os.fspath(path)
+  if not path.endswith(".safetensors"):
+    os.makedirs(path, exist_ok=True)
+    path = os.path.join(path, WEIGHT_NAME)
+  state_dict, metadata = to_state_dict(adapter, fmt, dtype)
+  from safetensors.numpy import save_file
+
+  header = {"format": "pt"}
+  if metadata:
+    header[METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True)
+  save_file(state_dict, path + ".tmp", metadata=header)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+# --- applying adapters -------------------------------------------------------------------------
+
+
+def _merge_one(kernel: jax.Array, updates) -> jax.Array:
+  acc = kernel.astype(jnp.float32)
+  for down, up, s in updates:
+    acc = acc + s * jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+  return acc.astype(kernel.dtype)
+
+
+@jax.jit
+def merged_kernels(kernels: dict, updates: dict) -> dict:
+  """{key: kernel} and {key: [(down, up, scale), ...]} -> {key: kernel + sum scale * down @ up}, in fp32, cast back.
+
+  Jitted on its own: the scales are arguments, so new scales reuse the program; new adapters compile
+  only this small function, never the sampling program that takes the merged parameters.
+  """
+  return {k: _merge_one(w, updates[k]) for k, w in kernels.items()}
+
+
+def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) -> dict[str, Any]:
+  """`params` ({"unet": tree, "text_encoder": tree}, or one of them) with every adapter added at its weight.
+
+  Leaves no adapter touches are the same arrays as in `params` (not copies).
+  """
+  flat = {n: traverse_util.flatten_dict(t) for n, t in params.items()}
+  updates: dict[tuple, list] = {}
+  for adapter, weight in adapters:
+    for network, layers in adapter.layers.items():
+      if network not in flat:  # e.g. merging only the U-Net
+        continue
+      for path, f in layers.items():
+        updates.setdefault((network,) + path, []).append((f.down, f.up, np.float32(weight * f.scale)))
+  kernels = {k: flat[k[0]][k[1:]] for k in updates}
+  for k, w in merged_kernels(kernels, updates).items():
+    flat[k[0]][k[1:]] = w
+  return {n: traverse_util.unflatten_dict(f) for n, f in flat.items()}
+
+
+class AdapterSet:
+  """The adapters a pipeline holds, the weights of the active ones, and the merged parameters (cached).
+
+  Switching adapters or weights changes only which kernels `merged_kernels` is given and the scales
+  it multiplies by; whatever program takes the merged parameters sees the same shapes and dtypes.
+  """
+
+  def __init__(self):
+    self.adapters: dict[str, Adapter] = {}
+    self.weights: dict[str, float] = {}  # the active adapters, in the order they were set
+    self.fused: tuple | None = None  # the pipeline's parameters before fuse_lora (restored by unfuse_lora)
+    self._cache: tuple | None = None  # (base trees, state, merged trees): the last merge
+
+  def check_unfused(self, what: str) -> None:
+    if self.fused is not None:
+      raise ValueError(f"{what}: the LoRA adapters are fused into the weights; call unfuse_lora() first.")
+
+  def add(self, adapter: Adapter, weight: float, name: str | None) -> str:
+    self.check_unfused("load_lora")
+    if name is None:
+      name = next(f"default_{i}" for i in range(len(self.adapters) + 1) if f"default_{i}" not in self.adapters)
+    if name in self.adapters:
+      raise ValueError(f"an adapter named {name!r} is loaded already: pick another name or delete_adapters({name!r}).")
+    weight = _check_weight(name, weight)
+    self.adapters[name] = Adapter(
+        {
+            n: {
+                p: f._replace(down=jax.device_put(f.down), up=jax.device_put(f.up)) for p, f in layers.items()
+            } for n, layers in adapter.layers.items()
+        }, adapter.ignored)
+    self.weights[name] = weight
+    return name
+
+  def _names(self, names) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in self.adapters]
+    if unknown:
+      raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: "
+                       f"{', '.join(map(repr, self.adapters)) or 'none'}.")
+    return names
+
+  def set(self, names, weights=None) -> None:
+    self.check_unfused("set_adapters")
+    names = self._names(names)
+    if weights is None or isinstance(weights, (int, float)):
+      weights = [1.0 if weights is None else weights] * len(names)
+    weights = list(weights)
+    if len(weights) != len(names):
+      raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter name.")
+    self.weights = {n: _check_weight(n, w) for n, w in zip(names, weights)}
+
+  def delete(self, names) -> None:
+    self.check_unfused("delete_adapters")
+    for n in self._names(names):
+      del self.adapters[n]
+      self.weights.pop(n, None)
+
+  def clear(self) -> None:
+    self.adapters, self.weights, self.fused, self._cache = {}, {}, None, None
+
+  def apply(self, params: dict) -> dict:
+    """`params` ({"unet": tree, "text_encoder": tree}) with the active adapters merged in (unchanged when
+    none is active or they are fused)."""
+    if not self.weights or self.fused is not None:
+      return params
+    state = tuple((n, id(self.adapters[n]), w) for n, w in self.weights.items())
+    if self._cache and self._cache[1] == state and all(self._cache[0][n] is params[n] for n in params):
+      return self._cache[2]
+    merged = merge(params, [(self.adapters[n], w) for n, w in self.weights.items()])
+    self._cache = (dict(params), state, merged)
+    return merged
+
+
+def _check_weight(name: str, weight) -> float:
+  if isinstance(weight, bool) or not isinstance(weight,
+                                                (int, float, np.floating, np.integer)) or not math.isfinite(weight):
+    raise ValueError(f"adapter {name!r}: weight {weight!r} must be a finite number (1: as trained, 0: off).")
+  return float(weight)
