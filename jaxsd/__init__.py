@@ -5,10 +5,11 @@
     images = pipe(["a photo of a cat"], steps=25, sampler="dpmpp_2m")
 """
 
-from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
+from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
+from jaxsd.pipeline_xl import StableDiffusionXL
 from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_text_encoder, load_unet, load_vae,
                               save_pretrained)
 
@@ -18,8 +19,10 @@ __all__ = [
     "AutoencoderKL",
     "CLIPModel",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "CLIPVisionModel",
     "StableDiffusion",
+    "StableDiffusionXL",
     "UNet2DConditionModel",
     "abstract_params",
     "init_params",

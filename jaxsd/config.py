@@ -16,6 +16,11 @@ T = TypeVar("T", bound="ConfigBase")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _hashable(v: Any) -> Any:
+  """Lists (nested ones too: SDXL's per-layer transformer depths) as tuples, so a config can be hashed."""
+  return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
 def _jsonable(v: Any) -> Any:
   if isinstance(v, tuple):
     return [_jsonable(x) for x in v]
@@ -29,7 +34,7 @@ class ConfigBase:
   """Base for network and scheduler configs: field names and defaults are those of the reference `config.json`.
 
   Keys of the file that the network does not use (`_class_name`, `_diffusers_version`, ...) are
-  ignored; lists become tuples so the config stays hashable (a flax module attribute).
+  ignored; lists become tuples (nested ones too) so the config stays hashable (a flax module attribute).
   """
 
   @classmethod
@@ -38,7 +43,7 @@ class ConfigBase:
     kwargs = {}
     for k, v in d.items():
       if k in names:
-        kwargs[k] = tuple(v) if isinstance(v, list) else v
+        kwargs[k] = _hashable(v) if isinstance(v, list) else v
     cfg = cls(**kwargs)
     cfg.validate()
     return cfg

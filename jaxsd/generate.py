@@ -43,14 +43,16 @@ def image_filename(prompt: str, seed: int, index: int) -> str:
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
-             width: int | None = None, negative_prompt: str = "", batch_per_device: int = 1, out_dir: str | None = None,
-             progress: bool = True, devices=None, init_image=None, mask_image=None, strength: float | None = None,
-             long_prompts: bool = False, prompt_weighting: bool = False) -> GenerateResult:
+             width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
+             out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
+             strength: float | None = None, long_prompts: bool = False,
+             prompt_weighting: bool = False) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filename`) and the grid of them. Height and width default to the
-  model's native size. With `init_image` (one image for every job) this is img2img (`strength`,
+  model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
+  where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
   each job as the pipeline's own call with the job's seed-derived keys. `long_prompts` and `prompt_weighting`
   are the pipeline's (`jaxsd.prompt_syntax`): every batch has the windows of the longest prompt. Bad arguments, checked before
@@ -83,7 +85,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
   make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
   # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
-  text = pipe.text_inputs(prompts, [negative_prompt] * len(prompts), long_prompts, prompt_weighting)
+  options = {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
+  all_ids, all_uncond, all_text = pipe.text_inputs(
+      prompts, None if negative_prompt is None else [negative_prompt] * len(prompts), height, width, **options)
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)
@@ -101,13 +105,14 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   def inputs(batch):
     idx = batch + [batch[-1]] * (global_batch - len(batch))  # pad the last batch; padded outputs are dropped
     rows = np.asarray(idx) // num_images  # job j is prompt j // num_images
+    ids, uncond, text = all_ids[rows], all_uncond[rows], {k: np.asarray(v)[rows] for k, v in all_text.items()}
     noise = jnp.concatenate([pipe.noise(seed, 1, height, width, offset=j) for j in idx])
     keys = jnp.concatenate([pipe.sampler_keys(seed, 1, offset=j) for j in idx])
     shard = lambda x: x.reshape((n_dev, batch_per_device) + x.shape[1:])
-    cond = {name: shard(value[rows]) for name, value in text.items() if name.endswith("weights")}
+    cond = {name: shard(jnp.asarray(v)) for name, v in text.items()}
     if cond_fn is not None:
       cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
-    return (shard(text["ids"][rows]), shard(text["uncond_ids"][rows]), shard(noise), shard(keys)), cond
+    return (shard(jnp.asarray(ids)), shard(jnp.asarray(uncond)), shard(noise), shard(keys)), cond
 
   compile_seconds = 0.0
   compiled = None

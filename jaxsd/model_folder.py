@@ -18,6 +18,7 @@ and the training exporter stand on this module.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,8 @@ DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")  # what a folder must have to sample
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
 STEP_FILE = "jaxsd_step.json"  # in an exported network's folder: the training step it holds
+
+log = logging.getLogger(__name__)
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -139,6 +142,28 @@ def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool 
   return sd
 
 
+def resolve_variants(path: str, dirs: dict[str, str], variant: str | None) -> dict[str, str | None]:
+  """The variant to read in each network folder of a pipeline folder, as diffusers: `variant` where the
+  folder has it, the default files elsewhere (with a warning); an error when no network has it."""
+  variants = {name: variant for name in dirs}
+  if variant:
+    have = {name: has_weights(d, variant) for name, d in dirs.items()}
+    if not any(have.values()):
+      raise FileNotFoundError(f"{path}: no network has weights of variant={variant!r} (files named like "
+                              f"{add_variant('diffusion_pytorch_model.safetensors', variant)}); "
+                              "leave the variant out to load the default files.")
+    for name in dirs:
+      if not have[name]:
+        log.warning("%s has no %s weights; loading its default files.", dirs[name], variant)
+        variants[name] = None
+  return variants
+
+
+def read_json(file: str) -> dict:
+  with open(file) as f:
+    return json.load(f)
+
+
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
   from safetensors.numpy import save_file
 
@@ -149,34 +174,53 @@ def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
 # --- Stable Diffusion folders --------------------------------------------------------------------
 
 
-def check_model_folder(path: str) -> None:
-  """Raises a FileNotFoundError that says what is missing from a diffusers pipeline folder."""
+def check_model_folder(path: str, components: tuple[str, ...] = COMPONENTS,
+                       config_files: tuple[str, ...] = CONFIG_FILES) -> None:
+  """Raises a FileNotFoundError that says what is missing from a diffusers pipeline folder (by default a
+  Stable Diffusion one; SDXL's lists its own components)."""
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
         "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
-  missing = [d for d in COMPONENTS if not os.path.isdir(os.path.join(path, d))]
+  missing = [d for d in components if not os.path.isdir(os.path.join(path, d))]
   if missing:
-    raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. "
-                            "A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
-  missing = [f for f in CONFIG_FILES if not os.path.isfile(os.path.join(path, f))]
+    need = ("A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
+            if components == COMPONENTS else f"This folder needs {', '.join(d + '/' for d in components)}.")
+    raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(d + '/' for d in missing)}. {need}")
+  missing = [f for f in config_files if not os.path.isfile(os.path.join(path, f))]
   if missing:
     raise FileNotFoundError(f"model folder {path!r} is incomplete: no {', '.join(missing)}. Each network's folder "
                             "needs the config.json it was saved with (scheduler/ its scheduler_config.json).")
+
+
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+
+
+def is_sdxl_folder(path: str) -> bool:
+  """Whether a pipeline folder holds SDXL (base or refiner): model_index.json's `_class_name`, or else a U-Net
+  with SDXL's addition embedding ("text_time")."""
+  index = os.path.join(path, "model_index.json")
+  if os.path.isfile(index):
+    return str(read_json(index).get("_class_name", "")).removeprefix("Flax") in SDXL_PIPELINES
+  unet = os.path.join(path, "unet", "config.json")
+  return os.path.isfile(unet) and read_json(unet).get("addition_embed_type") == "text_time"
 
 
 def scheduler_config_file(path: str) -> str:
   return os.path.join(path, "scheduler", "scheduler_config.json")
 
 
-def write_scheduler(cfg: ConfigBase, path: str) -> None:
-  """scheduler/scheduler_config.json for SD's PNDM scheduler (DDIM's for zero terminal SNR, which diffusers'
-  PNDMScheduler ignores). None-valued keys and the keys the config was read without (`defaulted`) are left
-  out: each scheduler class then applies its own default, so the file means what the one it came from meant."""
+def write_scheduler(cfg: ConfigBase, path: str, class_name: str | None = None) -> None:
+  """scheduler/scheduler_config.json, by default for SD's PNDM scheduler (DDIM's for zero terminal SNR, which
+  diffusers' PNDMScheduler ignores). None-valued keys and the keys the config was read without (`defaulted`)
+  are left out: each scheduler class then applies its own default, so the file means what the one it came
+  from meant."""
   os.makedirs(path, exist_ok=True)
   defaulted = set(getattr(cfg, "defaulted", ()))
   d = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in defaulted}
-  class_name = "DDIMScheduler" if d.get("rescale_betas_zero_snr") else "PNDMScheduler"
+  d.update(getattr(cfg, "unimplemented", ()))  # the file's keys no sampler here reads beyond their default
+  if class_name is None:
+    class_name = "DDIMScheduler" if d.get("rescale_betas_zero_snr") else "PNDMScheduler"
   d.update({"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION})
   with open(os.path.join(path, "scheduler_config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from typing import Any, Sequence
@@ -57,26 +56,12 @@ class StableDiffusion:
     path = os.fspath(path)
     model_folder.check_model_folder(path)
     dirs = {name: os.path.join(path, name) for name in ("unet", "vae", "text_encoder")}
-    variants = {name: variant for name in dirs}
-    if variant:
-      have = {name: model_folder.has_weights(d, variant) for name, d in dirs.items()}
-      if not any(have.values()):
-        raise FileNotFoundError(f"{path}: no network has weights of variant={variant!r} (files named like "
-                                f"{model_folder.add_variant('diffusion_pytorch_model.safetensors', variant)}); "
-                                "leave the variant out to load the default files.")
-      for name in dirs:
-        if not have[name]:
-          log.warning("%s has no %s weights; loading its default files.", dirs[name], variant)
-          variants[name] = None
+    variants = model_folder.resolve_variants(path, dirs, variant)
     unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"], **unet_kwargs)
-    # As diffusers: an fp16 VAE overflows, so configs with force_upcast decode in fp32.
-    vae_dtype = dtype
-    if dtype == jnp.float16 and AutoencoderKLConfig.from_json(dirs["vae"]).force_upcast:
-      vae_dtype = jnp.float32
-    vae, vae_params = pretrained.load_vae(dirs["vae"], vae_dtype, variant=variants["vae"])
+    vae, vae_params = load_vae(dirs["vae"], dtype, variants["vae"])
     te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
                                                  variant=variants["text_encoder"])
-    scheduler = _scheduler_config(_read_json(model_folder.scheduler_config_file(path)))
+    scheduler = _scheduler_config(model_folder.read_json(model_folder.scheduler_config_file(path)))
     return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), scheduler)
 
   @classmethod
@@ -92,8 +77,11 @@ class StableDiffusion:
     config = os.fspath(config)
     if os.path.isdir(config):
       model_folder.check_model_folder(config)
-      configs = {name: _read_json(os.path.join(config, name, "config.json")) for name in ("unet", "vae", "text_encoder")}
-      configs["scheduler"] = _read_json(model_folder.scheduler_config_file(config))
+      configs = {
+          name: model_folder.read_json(os.path.join(config, name, "config.json"))
+          for name in ("unet", "vae", "text_encoder")
+      }
+      configs["scheduler"] = model_folder.read_json(model_folder.scheduler_config_file(config))
       tokenizer = tok.load_tokenizer(config)
     else:
       configs = single_file.preset(config)
@@ -104,9 +92,7 @@ class StableDiffusion:
     where = os.fspath(path)
     unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
                                                    param_dtype, **unet_kwargs)
-    vae_dtype = dtype  # as from_pretrained: an fp16 VAE with force_upcast decodes in fp32
-    if dtype == jnp.float16 and AutoencoderKLConfig.from_dict(configs["vae"]).force_upcast:
-      vae_dtype = jnp.float32
+    vae_dtype = _vae_dtype(AutoencoderKLConfig.from_dict(configs["vae"]), dtype)
     vae, vae_params = pretrained.from_state_dict("vae", configs["vae"], parts["vae"], f"{where} (VAE)", vae_dtype)
     te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
                                                f"{where} (text encoder)", dtype, param_dtype)
@@ -116,21 +102,6 @@ class StableDiffusion:
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_encoder.config.max_position_embeddings)
-
-  def text_inputs(self, prompts: Sequence[str], negative_prompts: Sequence[str], long_prompts: bool = False,
-                  prompt_weighting: bool = False) -> dict[str, np.ndarray]:
-    """The program's text arguments: `ids` and `uncond_ids` (B, 77 k), and with weighted prompts `weights`
-    and `uncond_weights` (B, 77 k); see `jaxsd.prompt_syntax` for the two options. Without either, the
-    tokens are diffusers' (77 per prompt, longer prompts truncated with a warning)."""
-    if not (long_prompts or prompt_weighting):
-      return {"ids": self.tokenize(prompts), "uncond_ids": self.tokenize(negative_prompts)}
-    (ids, weights), (uncond_ids, uncond_weights) = prompt_syntax.tokenize(
-        self.tokenizer, [list(prompts), list(negative_prompts)],
-        length=self.text_encoder.config.max_position_embeddings, long_prompts=long_prompts, weighting=prompt_weighting)
-    out = {"ids": ids, "uncond_ids": uncond_ids}
-    if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
-      out.update(weights=weights, uncond_weights=uncond_weights)
-    return out
 
   def encode_text(self, te_params, input_ids: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Hidden states (B, L, D) of token ids (B, L). Ids longer than the encoder's positions (77) are windows
@@ -152,18 +123,59 @@ class StableDiffusion:
       hidden = prompt_syntax.emphasize(hidden, weights.reshape(input_ids.shape))
     return hidden.reshape(b, length, hidden.shape[-1])
 
-  def denoiser(self, unet_params, context: jax.Array, guidance_scale: jax.Array, guided: bool):
+  def text_inputs(self, prompts: list[str], negative_prompts: list[str] | None, height: int, width: int, *,
+                  long_prompts: bool = False, prompt_weighting: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(ids, unconditional ids, other text inputs of the program) for a batch; no negative prompts: "".
+
+    The dict is empty here unless prompts are weighted (`weights`, `uncond_weights`); SDXL adds its size
+    conditioning. Every entry has the batch as axis 0. Without `long_prompts` and `prompt_weighting` the
+    tokens are diffusers' (77 per prompt, longer prompts truncated with a warning); with them, (B, 77 k)
+    windows and A1111's weights (`jaxsd.prompt_syntax`).
+    """
+    del height, width
+    negative_prompts = negative_prompts or [""] * len(prompts)
+    if not (long_prompts or prompt_weighting):
+      return self.tokenize(prompts), self.tokenize(negative_prompts), {}
+    (ids, weights), (uncond_ids, uncond_weights) = prompt_syntax.tokenize(
+        self.tokenizer, [list(prompts), list(negative_prompts)],
+        length=self.text_encoder.config.max_position_embeddings, long_prompts=long_prompts, weighting=prompt_weighting)
+    if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
+      return ids, uncond_ids, {"weights": weights, "uncond_weights": uncond_weights}
+    return ids, uncond_ids, {}
+
+  def encode_prompts(self, params, ids: jax.Array, uncond_ids: jax.Array, guided: bool, weights=None,
+                     uncond_weights=None):
+    """The U-Net's text conditioning; with guidance the unconditional half first, then the prompts' (as
+    diffusers). Here the context array; subclasses may return any pytree that `apply_unet` reads."""
+    context = self.encode_text(params["text_encoder"], ids, weights)
+    if guided:
+      context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids, uncond_weights), context])
+    return context
+
+  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond) -> jax.Array:
+    return self.unet.apply({"params": unet_params}, x, t, cond)
+
+  def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
+               guidance_rescale: jax.Array | None = None):
     """The model function the samplers call: U-Net output under classifier-free guidance, fp32.
 
-    With guidance, `context` holds the unconditional embeddings first, then the prompts' (as diffusers).
+    `cond` is what `encode_prompts` returns (for SD the context, unconditional half first with guidance).
+    `guidance_rescale` (Lin et al. (2023) sec. 3.4, diffusers' `rescale_noise_cfg`) mixes in the guided
+    output rescaled to the conditional output's standard deviation, per image.
     """
 
     def model_fn(x, t):
       if not guided:
-        return self.unet.apply({"params": unet_params}, x, t, context).astype(jnp.float32)
-      out = self.unet.apply({"params": unet_params}, jnp.concatenate([x, x]), t, context).astype(jnp.float32)
-      uncond, cond = jnp.split(out, 2)
-      return uncond + guidance_scale * (cond - uncond)
+        return self.apply_unet(unet_params, x, t, cond).astype(jnp.float32)
+      out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond).astype(jnp.float32)
+      uncond, text = jnp.split(out, 2)
+      guided_out = uncond + guidance_scale * (text - uncond)
+      if guidance_rescale is None:
+        return guided_out
+      axes = tuple(range(1, out.ndim))
+      ratio = jnp.std(text, axis=axes, ddof=1, keepdims=True) / jnp.std(guided_out, axis=axes, ddof=1, keepdims=True)
+      rescaled = guidance_rescale * guided_out * ratio + (1 - guidance_rescale) * guided_out
+      return jnp.where(guidance_rescale > 0, rescaled, guided_out)  # 0: off, exactly (as diffusers skips it)
 
     return model_fn
 
@@ -298,16 +310,18 @@ class StableDiffusion:
     """Returns the pure function that one generation runs, with the schedule as an argument:
 
         fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, weights=None, uncond_weights=None) -> uint8 images or latents
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, **text) -> uint8 images or latents
 
-    `ids` and `uncond_ids` are (B, 77 k) tokens (k windows of long prompts) and `weights` and
-    `uncond_weights` their token weights or None (see `text_inputs`; each k compiles once).
     `noise` is the initial Gaussian noise (B, h, w, c), unscaled; `keys` (B,) the per-image keys of
     the stochastic samplers (see `image_keys`). img2img (`task="img2img"`) starts from
     `image_latents` noised to the schedule's first timestep. Inpainting (`task="inpaint"`) takes the
     latent-size `mask` (B, h, w, 1; 1 = repaint) and starts from noise (`from_noise`, strength 1 in
     diffusers) or like img2img; a 9-channel U-Net also sees the mask and `masked_image_latents`, a
-    4-channel one gets the known region of `image_latents` re-noised after every step.
+    4-channel one gets the known region of `image_latents` re-noised after every step. Where the (boolean)
+    argument `add_noise` is false, img2img starts from `image_latents` as they are (latents already noised to
+    the schedule's first level: SDXL's base -> refiner hand-off, diffusers' `denoising_start`), in the same
+    program. `text` holds the other text inputs of `text_inputs` (e.g. the weights of weighted prompts; `ids` are
+    (B, 77 k) for k windows of long prompts, each k compiles once), passed on to `encode_prompts`.
     """
     if output not in ("np", "latent"):
       raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
@@ -315,15 +329,15 @@ class StableDiffusion:
     concat = task == "inpaint" and self.inpainting_unet
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, weights=None, uncond_weights=None):
-      context = self.encode_text(params["text_encoder"], ids, weights)
-      if guided:
-        context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids, uncond_weights), context])
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, **text):
+      text_cond = self.encode_prompts(params, ids, uncond_ids, guided, **text)
       if from_noise:
         x = samplers.prepare_latents(schedule, noise)
       else:
         x = samplers.noise_latents(schedule, image_latents, noise)
-      model_fn = self.denoiser(params["unet"], context, guidance_scale, guided)
+        if add_noise is not None:
+          x = jnp.where(add_noise, x, image_latents.astype(jnp.float32))
+      model_fn = self.denoiser(params["unet"], text_cond, guidance_scale, guided, guidance_rescale)
       after_step = None
       if concat:
         cond = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
@@ -347,16 +361,16 @@ class StableDiffusion:
     """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
 
     fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-    masked_image_latents=None, weights=None, uncond_weights=None); for img2img and inpainting pass the
-    conditioning, for weighted prompts the weights, as `program` says.
+    masked_image_latents=None, **text); for img2img and inpainting pass the conditioning as `program` says,
+    and the third result of `text_inputs` as `text`.
     """
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
     prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0))
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, weights=None, uncond_weights=None):
+           masked_image_latents=None, **text):
       return prog(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents, mask,
-                  masked_image_latents, weights, uncond_weights)
+                  masked_image_latents, **text)
 
     return fn
 
@@ -440,12 +454,22 @@ class StableDiffusion:
     return noise
 
   def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
-           output, long_prompts, prompt_weighting, **cond):
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+           output, *, text_options: dict | None = None, guidance_rescale: float = 0.0, denoising_start=None,
+           denoising_end=None, **cond):
+    """One generation. `negative_prompts` None means none were given (see `text_inputs`); `text_options` go
+    to `text_inputs`; `denoising_start` / `denoising_end` cut the schedule as `samplers.make_schedule` says,
+    and with `denoising_start` img2img starts from the given latents without adding noise."""
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
+                                      denoising_start=denoising_start, denoising_end=denoising_end)
     guided = guidance_scale > 1.0
+    f = self.vae.config.downsampling_factor
+    ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
+                                             **(text_options or {}))
+    if guided:  # an argument, so one program serves every value (0: off)
+      text["guidance_rescale"] = jnp.float32(guidance_rescale)
+    if task == "img2img":  # an argument: SDXL's refiner runs img2img and the hand-off in one program
+      text["add_noise"] = jnp.asarray(denoising_start is None)
     fn = self._jitted(guided, "latent" if output == "latent" else "np", task, from_noise)
-    text = self.text_inputs(prompts, negative_prompts, long_prompts, prompt_weighting)
-    ids, uncond_ids = text.pop("ids"), text.pop("uncond_ids")
     out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale),
              self.sampler_keys(seed, len(prompts)), **cond, **text)
     return _finish(out, output)
@@ -462,16 +486,22 @@ class StableDiffusion:
     `prompt_weighting` reads A1111's `(word:1.3)` / `(word)` / `[word]` weights (`jaxsd.prompt_syntax`);
     both off by default, as diffusers (img2img and inpaint take them too).
     """
+    return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
+                               output, text_options=_syntax(long_prompts, prompt_weighting))
+
+  def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
+                     output, **run_options):
     self.check_task("text")
     if latents is not None and (height is None or width is None) and np.ndim(latents) == 4:
       f = self.vae.config.downsampling_factor
       height, width = height or np.shape(latents)[1] * f, width or np.shape(latents)[2] * f
     height, width = height or self.default_size, width or self.default_size
+    given = negative_prompts
     prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
                                                   guidance_scale)
     latents = self._given_noise(latents, "latents", len(prompts), height, width, seed)
-    return self._run("text", True, prompts, negative_prompts, steps, sampler, 1.0, guidance_scale, seed, latents,
-                     output, long_prompts, prompt_weighting)
+    return self._run("text", True, prompts, None if given is None else negative_prompts, steps, sampler, 1.0,
+                     guidance_scale, seed, latents, output, **run_options)
 
   def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
                     guidance_scale):
@@ -522,7 +552,13 @@ class StableDiffusion:
         encoder, from `posterior_keys(seed, B)`.
       long_prompts, prompt_weighting: as text-to-image's (`__call__`).
     """
+    return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
+                                output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting))
+
+  def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
+                      output, noise, image_latents, **run_options):
     self.check_task("img2img")
+    given = negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
                                                                           image_latents, steps, sampler, strength,
                                                                           output, guidance_scale)
@@ -531,8 +567,8 @@ class StableDiffusion:
     noise = self._given_noise(noise, "noise", b, height, width, seed)
     if image_latents.shape != noise.shape:
       raise ValueError(f"image_latents have shape {image_latents.shape}; expected {noise.shape}.")
-    return self._run("img2img", False, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
-                     output, long_prompts, prompt_weighting, image_latents=image_latents)
+    return self._run("img2img", False, prompts, None if given is None else negative_prompts, steps, sampler, strength,
+                     guidance_scale, seed, noise, output, image_latents=image_latents, **run_options)
 
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", latents=None,
@@ -557,7 +593,6 @@ class StableDiffusion:
         the images with the repainted region grey (0 in [-1, 1]), encoded.
       image_latents: the images' scaled latents (needed at strength < 1 and by 4-channel U-Nets);
         default: encoded, a posterior sample from `posterior_keys(seed, B)`.
-      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
 
     padding_mask_crop (diffusers' crop around the mask) is not implemented.
     """
@@ -589,12 +624,23 @@ class StableDiffusion:
     if not from_noise or not self.inpainting_unet:
       cond["image_latents"] = self._image_latents(images, image_latents, seed)
     return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
-                     noise, output, long_prompts, prompt_weighting, **cond)
+                     noise, output, text_options=_syntax(long_prompts, prompt_weighting), **cond)
 
 
-def _read_json(file: str) -> dict:
-  with open(file) as f:
-    return json.load(f)
+def _syntax(long_prompts: bool, prompt_weighting: bool) -> dict:
+  """`text_inputs` options: only those asked for (a pipeline without them, SDXL's, then says so)."""
+  return {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
+
+
+def _vae_dtype(config: AutoencoderKLConfig, dtype):
+  """As diffusers: an fp16 VAE overflows, so configs with force_upcast (SD's, SDXL's) decode in fp32; an
+  fp16-safe VAE (force_upcast false, e.g. SDXL's "fp16-fix") keeps fp16."""
+  return jnp.float32 if dtype == jnp.float16 and config.force_upcast else dtype
+
+
+def load_vae(path: str, dtype, variant: str | None = None):
+  """(module, params) of a pipeline's VAE folder, in fp32 where it would overflow in fp16 (`_vae_dtype`)."""
+  return pretrained.load_vae(path, _vae_dtype(AutoencoderKLConfig.from_json(path), dtype), variant=variant)
 
 
 def _scheduler_config(d: dict) -> schedules.SchedulerConfig:

@@ -32,7 +32,12 @@ def _spec(module: nn.Module) -> dict[str, Any]:
             "_diffusers_version": DIFFUSERS_VERSION
         }
     }
-  model_type = {"CLIPTextModel": "clip_text_model", "CLIPVisionModel": "clip_vision_model", "CLIPModel": "clip"}
+  model_type = {
+      "CLIPTextModel": "clip_text_model",
+      "CLIPTextModelWithProjection": "clip_text_model",
+      "CLIPVisionModel": "clip_vision_model",
+      "CLIPModel": "clip"
+  }
   if name in model_type:
     return {"file": "model.safetensors", "extra": {"architectures": [name], "model_type": model_type[name]}}
   raise TypeError(f"save_pretrained does not know {name}; expected a jaxsd U-Net, VAE or CLIP module.")
@@ -43,12 +48,16 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
   cfg = module.config
   if isinstance(module, unet.UNet2DConditionModel):
     size = 8 * cfg.downsampling_factor
-    return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros(
+    inputs = (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros(
         (batch,), jnp.int32), jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32))
+    if cfg.addition_embed_type == "text_time":  # any split of add_embedding's input will do: all text, no ids
+      inputs += (jnp.zeros((batch, cfg.projection_class_embeddings_input_dim),
+                           jnp.float32), jnp.zeros((batch, 0), jnp.float32))
+    return inputs
   if isinstance(module, vae.AutoencoderKL):
     size = cfg.downsampling_factor
     return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),)
-  if isinstance(module, clip.CLIPTextModel):
+  if isinstance(module, clip.CLIPTextModel):  # with projection too
     return (jnp.zeros((batch, cfg.max_position_embeddings), jnp.int32),)
   if isinstance(module, clip.CLIPVisionModel):
     return (jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
@@ -80,10 +89,11 @@ def _legacy_vae_names(key: str) -> str:
       }[m.group(2)] + ".", key)
 
 
-def _prefixed(prefix: str):
+def _prefixed(prefix: str, *own: str):
   # transformers 5 saves a standalone CLIPTextModel without the `text_model.` prefix; SD folders
-  # written by transformers 4 have it. Accept both (transformers does too).
-  return lambda key: key if key.startswith(prefix) else prefix + key
+  # written by transformers 4 have it. Accept both (transformers does too). Keys starting with one of
+  # `own` (CLIPTextModelWithProjection's `text_projection.`) belong to the outer model.
+  return lambda key: key if key.startswith((prefix,) + own) else prefix + key
 
 
 def _convert(module_cls, config, state_dict, where: str, dtype, param_dtype, rename=None, **kw):
@@ -110,12 +120,15 @@ _KINDS = {
     "unet": (unet.UNet2DConditionModel, unet.UNet2DConditionConfig, None),
     "vae": (vae.AutoencoderKL, vae.AutoencoderKLConfig, _legacy_vae_names),
     "text_encoder": (clip.CLIPTextModel, clip.CLIPTextConfig, _prefixed("text_model.")),
+    "text_encoder_2": (clip.CLIPTextModelWithProjection, clip.CLIPTextConfig,
+                       _prefixed("text_model.", "text_projection.")),
 }
 
 
 def from_state_dict(kind: str, config: dict, state_dict, where: str, dtype=jnp.float32, param_dtype=None,
                     **module_kwargs):
-  """(module, params) of a "unet", "vae" or "text_encoder" from its config.json dict and a state dict
+  """(module, params) of a "unet", "vae", "text_encoder" or "text_encoder_2" (CLIPTextModelWithProjection)
+  from its config.json dict and a state dict
   in diffusers / transformers names (loaded as strictly as a folder; `where` names it in errors)."""
   module_cls, config_cls, rename = _KINDS[kind]
   module, params = _convert(module_cls, config_cls.from_dict(config), state_dict, where, dtype, param_dtype, rename,
@@ -142,10 +155,24 @@ def load_vae(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | N
 
 
 def load_text_encoder(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
-                      allow_pickle: bool = False, **module_kwargs):
-  """Loads a transformers `CLIPTextModel` folder. Returns (module, params)."""
-  return _load(clip.CLIPTextModel, clip.CLIPTextConfig, path, dtype, param_dtype, variant, allow_pickle,
-               rename=_prefixed("text_model."), **module_kwargs)
+                      allow_pickle: bool = False, projection: bool | None = None, **module_kwargs):
+  """Loads a transformers `CLIPTextModel` folder, or a `CLIPTextModelWithProjection` one (SDXL's
+  `text_encoder_2/`). Returns (module, params).
+
+  `projection` picks the class; by default the config.json's "architectures" says which.
+  """
+  if projection is None:
+    projection = "CLIPTextModelWithProjection" in _read_config(path).get("architectures", ())
+  module_cls, config_cls, rename = _KINDS["text_encoder_2" if projection else "text_encoder"]
+  return _load(module_cls, config_cls, path, dtype, param_dtype, variant, allow_pickle, rename=rename, **module_kwargs)
+
+
+def _read_config(path: str) -> dict:
+  file = os.path.join(os.fspath(path), "config.json")
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"{file}: no config.json here; a model folder needs config.json next to its weights.")
+  with open(file) as f:
+    return json.load(f)
 
 
 def load_clip(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,

@@ -17,10 +17,12 @@ from jaxsd.config import DTYPES
 
 def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m sample", description=__doc__)
-  p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder, or a training workdir")
+  p.add_argument("--model", required=True,
+                 help="diffusers Stable Diffusion or SDXL (base or refiner) folder, or a training workdir")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
-  p.add_argument("--negative-prompt", default="")
+  p.add_argument("--negative-prompt", default=None,
+                 help="default: none (SD: the empty prompt; SDXL: as its folder's force_zeros_for_empty_prompt says)")
   p.add_argument("--long-prompts", action="store_true",
                  help="encode prompts past 77 tokens in 75-token windows (A1111) instead of truncating them")
   p.add_argument("--prompt-weighting", action="store_true",
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
   args = parse(argv)
   import jax
 
-  from jaxsd import generate, pipeline
+  from jaxsd import generate, pipeline_xl
   from jaxsd.compilation_cache import enable_compilation_cache
 
   try:
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     enable_compilation_cache()
-    pipe = pipeline.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
+    pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale)
     result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,

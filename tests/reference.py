@@ -5,6 +5,7 @@ Nothing can be downloaded here, so tests make their own "checkpoints": random we
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -98,3 +99,91 @@ def inpaint_reference(monkeypatch, components, scheduler, prompts, negative, mas
                masked_image_latents=nhwc_to_nchw(masked_image_latents), strength=strength, height=h, width=w,
                num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative, output_type="latent")
   return nchw_to_nhwc(out.images)
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+  """A tiny random SDXL base model as diffusers' StableDiffusionXLPipeline components, and the refiner's
+  U-Net (aesthetic-score time ids, second text encoder only) under "refiner_unet"."""
+  import diffusers
+  import transformers
+
+  from jaxsd import tokenizer as tok
+
+  torch.manual_seed(seed)
+  common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                norm_num_groups=8)
+  # 32 + 32 text features; 32 pooled + 6 (base) or 5 (refiner) time ids of 8 Fourier features each.
+  unet = diffusers.UNet2DConditionModel(**common, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+                                        projection_class_embeddings_input_dim=32 + 6 * 8)
+  refiner_unet = diffusers.UNet2DConditionModel(**common, transformer_layers_per_block=(1, 1), cross_attention_dim=32,
+                                                projection_class_embeddings_input_dim=32 + 5 * 8)
+  vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16,
+                                scaling_factor=0.13025, force_upcast=True)
+  text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=77, projection_dim=32, bos_token_id=49406, pad_token_id=1)
+  # The first encoder pools as SD 1.x's legacy config (eos_token_id 2: the highest id), the second at the
+  # first end-of-text token, as the released SDXL configs do for their own vocabularies.
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text, hidden_act="quick_gelu",
+                                                                        eos_token_id=2))
+  text_encoder_2 = transformers.CLIPTextModelWithProjection(
+      transformers.CLIPTextConfig(**text, hidden_act="gelu", eos_token_id=49407))
+  for i, m in enumerate((unet, refiner_unet, vae, text_encoder, text_encoder_2)):
+    _jitter(m, seed=seed + i)
+  scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               steps_offset=1, timestep_spacing="leading")
+  tokenizer_2 = tok.load_tokenizer()
+  tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (id 0), not <|endoftext|>
+  return dict(unet=unet.eval(), refiner_unet=refiner_unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+              text_encoder_2=text_encoder_2.eval(), tokenizer=tok.load_tokenizer(), tokenizer_2=tokenizer_2,
+              scheduler=scheduler)
+
+
+def make_tiny_sdxl_folders(path: str, seed: int = 0) -> tuple[str, str, dict]:
+  """Writes a tiny random SDXL base (StableDiffusionXLPipeline) and refiner (StableDiffusionXLImg2ImgPipeline,
+  requires_aesthetics_score, force_zeros_for_empty_prompt false) under `path`; returns (base folder, refiner
+  folder, the diffusers components)."""
+  import diffusers
+
+  c = tiny_sdxl_components(seed)
+  base = diffusers.StableDiffusionXLPipeline(vae=c["vae"], text_encoder=c["text_encoder"],
+                                             text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+                                             tokenizer_2=c["tokenizer_2"], unet=c["unet"], scheduler=c["scheduler"],
+                                             force_zeros_for_empty_prompt=True, add_watermarker=False)
+  refiner = diffusers.StableDiffusionXLImg2ImgPipeline(vae=c["vae"], text_encoder=None,
+                                                       text_encoder_2=c["text_encoder_2"], tokenizer=None,
+                                                       tokenizer_2=c["tokenizer_2"], unet=c["refiner_unet"],
+                                                       scheduler=c["scheduler"], requires_aesthetics_score=True,
+                                                       force_zeros_for_empty_prompt=False, add_watermarker=False)
+  paths = os.path.join(os.fspath(path), "base"), os.path.join(os.fspath(path), "refiner")
+  for pipe, folder in zip((base, refiner), paths):
+    pipe.save_pretrained(folder)
+    # The released SDXL folders' scheduler_config.json, written by an older diffusers: keys Euler ignores
+    # (clip_sample, set_alpha_to_one, ...) are there, and read by the other schedulers swapped in.
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+      json.dump(SDXL_SCHEDULER, f, indent=2)
+  return paths[0], paths[1], c
+
+
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False
+}

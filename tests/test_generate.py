@@ -97,3 +97,34 @@ def test_cli_missing_model_and_empty_prompts(tmp_path):
   empty.write_text("\n\n")
   r = _run(["--model", str(tmp_path), "--prompts-file", str(empty), "--no-progress"], str(tmp_path))
   assert r.returncode == 2 and "no prompts" in r.stderr
+
+
+def test_sample_command_runs_an_sdxl_folder(tmp_path):
+  """`python -m sample` (in-process, 8 devices) detects SDXL from model_index.json and writes diffusers'
+  StableDiffusionXLPipeline images from the same noise (within 2 uint8 levels); without --negative-prompt the
+  folder's force_zeros_for_empty_prompt applies, as diffusers' default."""
+  import torch
+  from PIL import Image
+
+  from sample import __main__ as sample_main
+
+  base, _, c = reference.make_tiny_sdxl_folders(str(tmp_path / "sdxl"))
+  out = tmp_path / "out"
+  argv = [
+      "--model", base, "--prompt", "a red circle", "--num-images", "2", "--steps", "3", "--sampler", "euler",
+      "--guidance", "5", "--seed", "1", "--out",
+      str(out), "--no-progress"
+  ]
+  assert sample_main.main(argv) == 0
+  names = sorted(os.listdir(out))
+  assert names == ["a_red_circle-seed1-0000.png", "a_red_circle-seed1-0001.png", "grid.png"]
+  written = np.stack([np.asarray(Image.open(out / n)) for n in names[:2]])
+  noise = jax.vmap(lambda k: jax.random.normal(k, (8, 8, 4)))(jaxsd.StableDiffusion.image_keys(1, 2))
+  import diffusers
+
+  ref = diffusers.StableDiffusionXLPipeline.from_pretrained(base, add_watermarker=False)
+  ref.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    images = ref(prompt=["a red circle"] * 2, num_inference_steps=3, guidance_scale=5.0,
+                 latents=reference.nhwc_to_nchw(noise), output_type="np").images
+  assert np.abs(written.astype(int) - (images * 255).round().astype(int)).max() <= 2

@@ -159,6 +159,12 @@ def _diffusers(tpipe, latents, **prompts):
   return reference.nchw_to_nhwc(out)
 
 
+def _text_inputs(pipe, prompts, negatives, **options) -> dict:
+  """pipe.text_inputs as one dict: ids, uncond_ids and the other inputs (weights, uncond_weights)."""
+  ids, uncond_ids, other = pipe.text_inputs(prompts, negatives, HW, HW, **options)
+  return dict(other, ids=ids, uncond_ids=uncond_ids)
+
+
 def _reference_states(text_encoder, ids, weights):
   """transformers' CLIPTextModel on each window, then A1111's "Original" emphasis window by window."""
   with torch.no_grad():
@@ -175,7 +181,7 @@ def _reference_states(text_encoder, ids, weights):
 def test_long_prompt_states_equal_transformers_per_window(sd):
   path, tpipe, pipe = sd
   text = _exactly(tpipe.tokenizer, 200)
-  inputs = pipe.text_inputs([text], [""], long_prompts=True)
+  inputs = _text_inputs(pipe, [text], [""], long_prompts=True)
   assert set(inputs) == {"ids", "uncond_ids"}  # no weights: the unweighted program
   want_ids, want_w = _windows(tpipe.tokenizer, [(text, 1.0)])
   np.testing.assert_array_equal(inputs["ids"], want_ids.reshape(1, -1))
@@ -190,7 +196,7 @@ def test_weighted_states_equal_a1111_emphasis_on_transformers(sd):
   path, tpipe, pipe = sd
   text, pieces = _weighted(tpipe.tokenizer)
   negative = "(blurry:1.2), [ugly]"
-  inputs = pipe.text_inputs([text], [negative], long_prompts=True, prompt_weighting=True)
+  inputs = _text_inputs(pipe, [text], [negative], long_prompts=True, prompt_weighting=True)
   want_ids, want_w = _windows(tpipe.tokenizer, pieces)
   assert want_ids.shape == (3, 77)
   np.testing.assert_array_equal(inputs["ids"][0], want_ids.reshape(-1))
@@ -233,7 +239,7 @@ def test_default_truncates_with_a_warning_as_diffusers(sd):
   assert np.abs(ours - ref).max() < 1e-4 * max(1.0, np.abs(ref).max()), np.abs(ours - ref).max()
   # Weighting without long prompts keeps the first window, with a warning that says how to keep it all.
   with pytest.warns(UserWarning, match="truncated to 77.*long_prompts=True"):
-    inputs = pipe.text_inputs([_weighted(tpipe.tokenizer)[0]], [""], prompt_weighting=True)
+    inputs = _text_inputs(pipe, [_weighted(tpipe.tokenizer)[0]], [""], prompt_weighting=True)
   assert inputs["ids"].shape == inputs["weights"].shape == (1, 77)
 
 
@@ -241,9 +247,9 @@ def test_short_prompts_are_unchanged_by_the_options(sd):
   """Prompts within 75 tokens and without weights give diffusers' tokens, so the default program."""
   path, tpipe, pipe = sd
   prompts, negative = ["a red circle on the left", "a small blue square"], ["", "a green triangle"]
-  default = pipe.text_inputs(prompts, negative)
+  default = _text_inputs(pipe, prompts, negative)
   for options in ((True, False), (False, True), (True, True)):
-    got = pipe.text_inputs(prompts, negative, *options)
+    got = _text_inputs(pipe, prompts, negative, long_prompts=options[0], prompt_weighting=options[1])
     assert set(got) == {"ids", "uncond_ids"}
     for name in got:
       np.testing.assert_array_equal(got[name], default[name])

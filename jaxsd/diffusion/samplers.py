@@ -66,7 +66,8 @@ def _resolve(sampler: str, use_karras_sigmas: bool | None) -> tuple[str, bool | 
 
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: float = 1.0, *,
-                  use_karras_sigmas: bool | None = None) -> Schedule:
+                  use_karras_sigmas: bool | None = None, denoising_start: float | None = None,
+                  denoising_end: float | None = None) -> Schedule:
   """Builds the schedule of `sampler` with `num_steps` steps, as diffusers' `set_timesteps`.
 
   Args:
@@ -76,6 +77,10 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
     strength: img2img strength in (0, 1]; below 1 the schedule keeps the last
       int(num_steps * strength) steps, as StableDiffusionImg2ImgPipeline.get_timesteps.
     use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++ only).
+    denoising_start: in (0, 1): run only the calls at timesteps below (1 - denoising_start) * T (replaces
+      `strength`), as SDXL's img2img `get_timesteps` (a second-order sampler starts on a whole step).
+    denoising_end: in (0, 1): stop before the first call at a timestep below (1 - denoising_end) * T, as
+      SDXL's pipelines; the result is then still noisy (the base -> refiner hand-off).
   """
   sampler, karras = _resolve(sampler, use_karras_sigmas)
   row = _TABLE[sampler]
@@ -107,12 +112,48 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
                        f"setting and would sample another noise schedule; use one of {honour}.")
     if row.sigma_space:  # diffusers: "close to 0 without being 0 so first sigma is not inf"
       ac[-1] = np.float32(2**-24)
+  if denoising_start is not None:
+    full = row.schedule(cfg, sampler, num_steps, 0, ac, karras)["timesteps"]
+    calls = int(np.sum(full < _cutoff(cfg, "denoising_start", denoising_start)))
+    if row.order == 2 and calls % 2 == 0:  # a second-order step's two calls stay together
+      calls += 1
+    start = len(full) - min(calls, len(full))
+    if calls == 0:
+      raise ValueError(f"denoising_start={denoising_start} with {num_steps} steps leaves no timestep below it; "
+                       "lower denoising_start or raise the step count.")
   fields = row.schedule(cfg, sampler, num_steps, start, ac, karras)
+  if denoising_end is not None:
+    if denoising_start is not None and denoising_start >= denoising_end:
+      raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}.")
+    calls = int(np.sum(fields["timesteps"] >= _cutoff(cfg, "denoising_end", denoising_end)))
+    if calls == 0:
+      raise ValueError(f"denoising_end={denoising_end} with {num_steps} steps leaves no step; raise it.")
+    fields = _first_calls(fields, calls)
   prk_calls = fields.pop("prk_calls", 0)
   clip = cfg.clip_sample_range if cfg.clip_sample and row.clips else None
   arrays = {k: None if v is None else jnp.asarray(v, jnp.float32) for k, v in fields.items()}
   return Schedule(**arrays, sampler=sampler, prediction_type=cfg.prediction_type, clip_sample_range=clip,
                   prk_calls=prk_calls)
+
+
+def _cutoff(cfg: SchedulerConfig, name: str, fraction: float) -> int:
+  """The timestep where a fraction of the denoising is done (SDXL's `discrete_timestep_cutoff`)."""
+  if not (isinstance(fraction, float) and 0.0 < fraction < 1.0):
+    raise ValueError(f"{name}={fraction!r}: must be a float in (0, 1), the fraction of denoising done.")
+  T = cfg.num_train_timesteps
+  return int(round(T - fraction * T))
+
+
+def _first_calls(fields: dict, calls: int) -> dict:
+  """The schedule fields of the first `calls` model calls only (each indexes calls, or calls + 1 levels)."""
+  out = dict(fields)
+  for k in ("timesteps", "alphas", "alphas_prev", "coeffs"):
+    if out.get(k) is not None:
+      out[k] = out[k][:calls]
+  for k in ("sigmas", "levels"):
+    if out.get(k) is not None:
+      out[k] = out[k][:calls + 1]
+  return out
 
 
 def _alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:

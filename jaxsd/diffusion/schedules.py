@@ -132,6 +132,12 @@ class SchedulerConfig(ConfigBase):
     cfg.validate()
     return cfg
 
+  def replace(self, **kw) -> SchedulerConfig:
+    """A copy with `kw` set; keys set here are no longer `defaulted`, so they hold for every sampler (e.g.
+    timestep_spacing="trailing" for few-step SDXL-Turbo / Lightning settings)."""
+    kw.setdefault("defaulted", tuple(k for k in self.defaulted if k not in kw))
+    return dataclasses.replace(self, **kw)
+
   def for_class(self, class_name: str) -> SchedulerConfig:
     """This config as diffusers' `class_name` reads it: keys the file left out take that class's defaults."""
     defaults = DIFFUSERS_DEFAULTS[class_name]

@@ -165,6 +165,16 @@ class CLIPTextOutput:
 
 
 @flax.struct.dataclass
+class CLIPTextModelOutput:
+  """transformers' CLIPTextModelOutput (CLIPTextModelWithProjection), with the tower's pooled output too."""
+
+  text_embeds: jax.Array  # (B, projection_dim): text_projection(pooler_output), not normalised
+  last_hidden_state: jax.Array
+  pooler_output: jax.Array
+  hidden_states: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
 class CLIPVisionOutput:
   last_hidden_state: jax.Array  # (B, 1 + patches, D), the last layer's output (no post_layernorm)
   pooler_output: jax.Array  # (B, D), post_layernorm of the class token
@@ -419,6 +429,23 @@ class CLIPTextModel(nn.Module):
   def encode_prompt(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, clip_skip: int = 0):
     """Prompt embeddings for the U-Net; see `CLIPTextTransformer.encode_prompt`."""
     return self.text_model.encode_prompt(input_ids, attention_mask, clip_skip)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+  """transformers `CLIPTextModelWithProjection` (SDXL's second text encoder): the text tower under
+  `text_model` and a bias-free `text_projection` of its pooled output."""
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    kernel_init=_normal(cfg.hidden_size**-0.5 * cfg.initializer_factor))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextModelOutput:
+    out = self.text_model(input_ids, attention_mask)
+    return CLIPTextModelOutput(text_embeds=self.text_projection(out.pooler_output),
+                               last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
+                               hidden_states=out.hidden_states)
 
 
 class CLIPVisionModel(nn.Module):

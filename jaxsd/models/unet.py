@@ -1,9 +1,11 @@
 """The Stable Diffusion U-Net (diffusers `UNet2DConditionModel`) in flax.linen, NHWC.
 
-Covers SD 1.x / 2.x and their inpainting variants: CrossAttnDownBlock2D, DownBlock2D,
-UNetMidBlock2DCrossAttn (or UNetMidBlock2D, or none), UpBlock2D, CrossAttnUpBlock2D. Features
-that need extra inputs or weights (class / addition embeddings as in SDXL, timestep_cond, GLIGEN,
-...) are refused by `UNet2DConditionConfig.validate`.
+Covers SD 1.x / 2.x and their inpainting variants and SDXL (base and refiner): CrossAttnDownBlock2D,
+DownBlock2D, UNetMidBlock2DCrossAttn (or UNetMidBlock2D, or none), UpBlock2D, CrossAttnUpBlock2D, with
+transformer depths per block or per layer; the addition embeddings "text" and SDXL's "text_time" (pooled
+text embedding + Fourier-embedded size/crop/aesthetic "time ids", passed as `text_embeds=` and `time_ids=`,
+diffusers' `added_cond_kwargs`). Features that need other inputs or weights (class embeddings,
+timestep_cond, GLIGEN, ...) are refused by `UNet2DConditionConfig.validate`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,16 @@ Dtype = Any
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+ADDITION_EMBEDS = ("text", "text_time")
 
 
 def _per_block(value, n: int) -> tuple:
   return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _per_layer(value, i: int) -> int:
+  """Transformer depth of attention i of a block: one int for the block, or one per layer (SDXL variants)."""
+  return value[i] if isinstance(value, (tuple, list)) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,22 +112,53 @@ class UNet2DConditionConfig(ConfigBase):
   def time_embed_dim(self) -> int:
     return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
+  def transformer_layers(self) -> tuple[tuple, tuple]:
+    """(down, up) transformer depths per block, each an int or one int per layer, as diffusers reads
+    transformer_layers_per_block and reverse_transformer_layers_per_block (the mid block takes down[-1])."""
+    down = _per_block(self.transformer_layers_per_block, self.num_blocks)
+    up = self.reverse_transformer_layers_per_block
+    return down, (tuple(reversed(down)) if up is None else _per_block(up, self.num_blocks))
+
+  def _validate_transformer_layers(self) -> None:
+    n = self.num_blocks
+    down, up = self.transformer_layers()
+    nested = any(isinstance(v, (tuple, list)) for v in down)
+    if nested and self.reverse_transformer_layers_per_block is None:
+      raise ValueError("UNet2DConditionConfig: per-layer transformer_layers_per_block (nested lists) needs "
+                       "reverse_transformer_layers_per_block for the up blocks (as diffusers).")
+    if self.reverse_transformer_layers_per_block is not None and not nested:
+      raise ValueError("UNet2DConditionConfig: reverse_transformer_layers_per_block is only read with per-layer "
+                       "(nested) transformer_layers_per_block; remove it or nest the other.")
+    layers = _per_block(self.layers_per_block, n)
+    for name, values, extra in (("transformer_layers_per_block", down, 0), ("reverse_transformer_layers_per_block", up,
+                                                                            1)):
+      if len(values) != n:
+        raise ValueError(f"UNet2DConditionConfig: {name} has {len(values)} entries for {n} blocks.")
+      for i, v in enumerate(values):
+        want = layers[i if extra == 0 else n - 1 - i] + extra
+        if isinstance(v, (tuple, list)) and len(v) < want:
+          raise ValueError(f"UNet2DConditionConfig: {name}[{i}] has {len(v)} depths for {want} layers.")
+
   def validate(self) -> None:
     n = self.num_blocks
     unsupported = {
         "class_embed_type": self.class_embed_type,
         "num_class_embeds": self.num_class_embeds,
-        "addition_embed_type": None if self.addition_embed_type == "text" else self.addition_embed_type,
+        "addition_embed_type": None if self.addition_embed_type in ADDITION_EMBEDS else self.addition_embed_type,
         "encoder_hid_dim": self.encoder_hid_dim,
         "encoder_hid_dim_type": self.encoder_hid_dim_type,
         "time_cond_proj_dim": self.time_cond_proj_dim,
-        "reverse_transformer_layers_per_block": self.reverse_transformer_layers_per_block,
     }
     for name, value in unsupported.items():
       if value is not None:
-        raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented; only SD 1.x / 2.x U-Nets "
-                         "are (no class or addition embeddings as in SDXL / unCLIP, no timestep_cond, ...; "
-                         "of the addition embeddings only \"text\").")
+        raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented; only SD 1.x / 2.x and SDXL "
+                         "U-Nets are (no class embeddings as in unCLIP, no timestep_cond, ...; of the addition "
+                         f"embeddings only {ADDITION_EMBEDS}).")
+    if self.addition_embed_type == "text_time":
+      for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        if not isinstance(getattr(self, name), int):
+          raise ValueError(f"UNet2DConditionConfig: addition_embed_type='text_time' needs {name} (an integer), "
+                           f"got {getattr(self, name)!r}.")
     if self.addition_embed_type == "text" and not isinstance(self.cross_attention_dim, int):
       raise ValueError("UNet2DConditionConfig: addition_embed_type='text' needs one cross_attention_dim.")
     if self.addition_embed_type == "text" and self.cross_attention_dim % self.addition_embed_type_num_heads:
@@ -153,15 +192,13 @@ class UNet2DConditionConfig(ConfigBase):
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise ValueError(f"UNet2DConditionConfig: {len(self.down_block_types)} down and {len(self.up_block_types)} "
                        f"up block types for {n} block_out_channels; all three must have the same length.")
-    per_block = ("only_cross_attention", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-                 "attention_head_dim", "num_attention_heads")
+    per_block = ("only_cross_attention", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+                 "num_attention_heads")
     for name in per_block:
       value = getattr(self, name)
       if isinstance(value, (tuple, list)) and len(value) != n:
         raise ValueError(f"UNet2DConditionConfig: {name} has {len(value)} entries for {n} blocks.")
-    if any(isinstance(v, (tuple, list)) for v in _per_block(self.transformer_layers_per_block, n)):
-      raise ValueError("UNet2DConditionConfig: per-layer transformer_layers_per_block (nested lists) "
-                       "is not implemented.")
+    self._validate_transformer_layers()
     for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
       if c % self.norm_num_groups:
         raise ValueError(f"UNet2DConditionConfig: block_out_channels[{i}]={c} is not divisible by "
@@ -176,7 +213,7 @@ class CrossAttnDownBlock2D(nn.Module):
   out_channels: int
   num_layers: int
   heads: int
-  transformer_layers: int = 1
+  transformer_layers: int | tuple[int, ...] = 1  # one depth for the block, or one per layer
   add_downsample: bool = True
   downsample_padding: int = 1
   groups: int = 32
@@ -196,8 +233,9 @@ class CrossAttnDownBlock2D(nn.Module):
     for i in range(self.num_layers):
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
                         **kw)(x, temb)
-      x = Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
-                             norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
+      x = Transformer2DModel(self.heads, self.out_channels // self.heads,
+                             num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
+                             use_linear_projection=self.use_linear_projection,
                              only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
                              attention_implementation=self.attention_implementation, name=f"attentions_{i}",
                              **kw)(x, context)
@@ -235,7 +273,7 @@ class DownBlock2D(nn.Module):
 
 class UNetMidBlock2DCrossAttn(nn.Module):
   heads: int
-  transformer_layers: int = 1
+  transformer_layers: int | tuple[int, ...] = 1
   groups: int = 32
   eps: float = 1e-5
   act_fn: str = "silu"
@@ -253,7 +291,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     resnet = dict(groups=self.groups, eps=self.eps, act_fn=self.act_fn, output_scale_factor=self.output_scale_factor,
                   **kw)
     x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
-    attention = Transformer2DModel(self.heads, c // self.heads, num_layers=self.transformer_layers,
+    attention = Transformer2DModel(self.heads, c // self.heads, num_layers=_per_layer(self.transformer_layers, 0),
                                    norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
                                    upcast_attention=self.upcast_attention,
                                    attention_implementation=self.attention_implementation, name="attentions_0", **kw)
@@ -265,7 +303,7 @@ class CrossAttnUpBlock2D(nn.Module):
   out_channels: int
   num_layers: int
   heads: int
-  transformer_layers: int = 1
+  transformer_layers: int | tuple[int, ...] = 1
   add_upsample: bool = True
   upsample_size: tuple[int, int] | None = None  # static: set when the input is not a multiple of 2**n
   groups: int = 32
@@ -285,8 +323,9 @@ class CrossAttnUpBlock2D(nn.Module):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
                         **kw)(x, temb)
-      x = Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
-                             norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
+      x = Transformer2DModel(self.heads, self.out_channels // self.heads,
+                             num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
+                             use_linear_projection=self.use_linear_projection,
                              only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
                              attention_implementation=self.attention_implementation, name=f"attentions_{i}",
                              **kw)(x, context)
@@ -321,6 +360,10 @@ class UpBlock2D(nn.Module):
 class UNet2DConditionModel(nn.Module):
   """`__call__(sample, timesteps, encoder_hidden_states) -> noise prediction`, all NHWC / (B, L, D).
 
+  SDXL U-Nets (addition_embed_type="text_time") also take `text_embeds` (B, D), the pooled projected
+  prompt, and `time_ids` (B, k): original size, crop top-left and target size (base) or aesthetic score
+  (refiner), each Fourier-embedded with addition_time_embed_dim channels.
+
   Attributes:
     config: the diffusers config.
     dtype: computation dtype (the output is in it too); parameters are kept in `param_dtype`.
@@ -338,8 +381,8 @@ class UNet2DConditionModel(nn.Module):
     return nn.remat(cls) if self.gradient_checkpointing else cls
 
   @nn.compact
-  def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
-               encoder_hidden_states: jax.Array) -> jax.Array:
+  def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float, encoder_hidden_states: jax.Array,
+               text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     n = cfg.num_blocks
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -348,7 +391,7 @@ class UNet2DConditionModel(nn.Module):
                 attention_implementation=self.attention_implementation)
     heads = cfg.heads
     layers = _per_block(cfg.layers_per_block, n)
-    tlayers = _per_block(cfg.transformer_layers_per_block, n)
+    tlayers, up_tlayers = cfg.transformer_layers()
     only_cross = _per_block(cfg.only_cross_attention, n)
 
     batch = sample.shape[0]
@@ -364,6 +407,11 @@ class UNet2DConditionModel(nn.Module):
     if cfg.addition_embed_type == "text":  # the pooled prompt, added to the time embedding of every block
       emb = emb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads, name="add_embedding", **
                                     kw)(context)
+    elif cfg.addition_embed_type == "text_time":
+      emb = emb + self._text_time_embedding(text_embeds, time_ids, batch)
+    if cfg.addition_embed_type != "text_time" and (text_embeds is not None or time_ids is not None):
+      raise ValueError(f"text_embeds / time_ids are inputs of SDXL U-Nets (addition_embed_type='text_time'); this "
+                       f"one has addition_embed_type={cfg.addition_embed_type!r}: drop them.")
     if cfg.time_embedding_act_fn is not None:
       emb = get_activation(cfg.time_embedding_act_fn)(emb)
 
@@ -403,7 +451,7 @@ class UNet2DConditionModel(nn.Module):
       size = tuple(skips[-1].shape[1:3]) if (forward_size and not final) else None
       out = cfg.block_out_channels[r]
       if block_type == "CrossAttnUpBlock2D":
-        block = self._block(CrossAttnUpBlock2D)(out, num, heads[r], tlayers[r], add_upsample=not final,
+        block = self._block(CrossAttnUpBlock2D)(out, num, heads[r], up_tlayers[i], add_upsample=not final,
                                                 upsample_size=size, only_cross_attention=only_cross[r],
                                                 name=f"up_blocks_{i}", **attn, **common)
       else:
@@ -414,3 +462,23 @@ class UNet2DConditionModel(nn.Module):
     x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
     x = get_activation(cfg.act_fn)(x)
     return conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
+
+  def _text_time_embedding(self, text_embeds, time_ids, batch: int) -> jax.Array:
+    """SDXL's added embedding: [text_embeds, Fourier features of each time id] -> add_embedding (MLP)."""
+    cfg = self.config
+    if text_embeds is None or time_ids is None:
+      raise ValueError("this U-Net has addition_embed_type='text_time' (SDXL): pass text_embeds= (the pooled, "
+                       "projected prompt) and time_ids= (sizes and crop, or the aesthetic score).")
+    text_embeds = jnp.broadcast_to(text_embeds, (batch,) + text_embeds.shape[1:])
+    time_ids = jnp.broadcast_to(time_ids, (batch,) + time_ids.shape[1:])
+    want = cfg.projection_class_embeddings_input_dim
+    got = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+    if got != want:
+      raise ValueError(f"text_embeds ({text_embeds.shape[-1]}) and {time_ids.shape[-1]} time ids x "
+                       f"addition_time_embed_dim ({cfg.addition_time_embed_dim}) give {got} features; the U-Net's "
+                       f"projection_class_embeddings_input_dim is {want}: check the text encoder's projection_dim "
+                       "and the time ids (6 for a base model, 5 with an aesthetic score for a refiner).")
+    time_embeds = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)(time_ids.reshape(-1))
+    add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
+    return TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", dtype=self.dtype,
+                             param_dtype=self.param_dtype)(add.astype(self.dtype))

@@ -193,6 +193,59 @@ def test_img2img_sd21_trailing(monkeypatch):
     run_both(sampler, dict(SD21, timestep_spacing="trailing"), 10, monkeypatch, strength=0.5)
 
 
+# SDXL's released scheduler_config.json (EulerDiscreteScheduler, "leading").
+SDXL = dict(SD15, _class_name="EulerDiscreteScheduler", timestep_spacing="leading", interpolation_type="linear",
+            use_karras_sigmas=False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_few_step_trailing_on_sdxl(sampler, n, monkeypatch):
+  """SDXL-Turbo / Lightning settings: "trailing" spacing, 1-8 steps, on SDXL's Euler config; timesteps, sigmas
+  and latents as diffusers' schedulers built with timestep_spacing="trailing". Set in code with
+  `SchedulerConfig.replace`, the spacing holds for every sampler, also on a config that names none (whose
+  left-out keys take each sampler class's default)."""
+  ours = run_both(sampler, dict(SDXL, timestep_spacing="trailing"), n, monkeypatch)
+  assert ours.shape[0] == n
+  want = samplers.make_schedule(SchedulerConfig.from_dict(dict(SDXL, timestep_spacing="trailing")), sampler, n)
+  for base in (SDXL, {k: v for k, v in SD15.items() if k != "timestep_spacing"}):
+    got = samplers.make_schedule(SchedulerConfig.from_dict(base).replace(timestep_spacing="trailing"), sampler, n)
+    np.testing.assert_array_equal(got.timesteps, want.timesteps)
+    np.testing.assert_array_equal(got.sigmas, want.sigmas)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "ddim", "lms"])
+def test_denoising_end_and_start_cut_as_sdxl(sampler):
+  """SDXL's base -> refiner hand-off: the base runs the calls at timesteps >= (1 - denoising_end) * T (as
+  StableDiffusionXLPipeline filters them), the refiner those below (1 - denoising_start) * T (as
+  StableDiffusionXLImg2ImgPipeline.get_timesteps, a second-order step kept whole); the cut keeps the rest of the
+  schedule as it was (sigmas, multistep weights)."""
+  from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+      StableDiffusionXLImg2ImgPipeline)
+
+  cfg = SchedulerConfig.from_dict(SDXL)
+  for n, fraction in ((10, 0.8), (7, 0.55), (25, 0.7)):
+    sch = DIFFUSERS[sampler].from_config(SDXL)
+    sch.set_timesteps(n)
+    cutoff = int(round(1000 - fraction * 1000))
+    full = samplers.make_schedule(cfg, sampler, n)
+    end = samplers.make_schedule(cfg, sampler, n, denoising_end=fraction)
+    k = len([t for t in sch.timesteps if t >= cutoff])
+    np.testing.assert_array_equal(end.timesteps, sch.timesteps.numpy()[:k])
+    for name in ("sigmas", "levels", "alphas", "coeffs"):
+      if getattr(full, name) is not None:
+        np.testing.assert_array_equal(getattr(end, name), getattr(full, name)[:len(getattr(end, name))])
+    start = samplers.make_schedule(cfg, sampler, n, denoising_start=fraction)
+    ts, calls = StableDiffusionXLImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sch), n, 0.3, "cpu",
+                                                               denoising_start=fraction)
+    np.testing.assert_array_equal(start.timesteps, ts.numpy())
+    assert len(start.timesteps) == calls and len(end.timesteps) + calls >= len(full.timesteps)
+  with pytest.raises(ValueError, match="denoising_start=0.9 must be below denoising_end=0.5"):
+    samplers.make_schedule(cfg, sampler, 10, denoising_start=0.9, denoising_end=0.5)
+  with pytest.raises(ValueError, match="a float in"):
+    samplers.make_schedule(cfg, sampler, 10, denoising_end=1)
+
+
 def test_bf16_model_output_keeps_fp32_latents():
   s = samplers.make_schedule(SchedulerConfig(), "dpmpp_2m", 10)
   x = samplers.prepare_latents(s, jnp.asarray(latents(0)))

@@ -119,6 +119,37 @@ def test_text_model_matches_transformers(hidden_act, eos_token_id, eot):
     assert max(diffs.values()) <= TOL, diffs
 
 
+def test_text_model_with_projection_matches_transformers(tmp_path):
+  """CLIPTextModelWithProjection (SDXL's text_encoder_2): text_embeds = text_projection(pooled), no bias,
+  and the hidden states SDXL reads (the penultimate layer, no final layer norm); then its folder loads as
+  that class by its config's "architectures" and saves back to what transformers loads unchanged."""
+  from jaxsd import pretrained
+
+  torch.manual_seed(0)
+  tm = transformers.CLIPTextModelWithProjection(
+      transformers.CLIPTextConfig(**TEXT, hidden_act="gelu", eos_token_id=60, projection_dim=24)).eval()
+  ids, mask = _token_ids(eos=60)
+  with torch.no_grad():
+    ref = tm(torch.from_numpy(ids), output_hidden_states=True)
+  tm.save_pretrained(tmp_path / "te2")
+  model, params = pretrained.load_text_encoder(tmp_path / "te2")
+  assert isinstance(model, clip.CLIPTextModelWithProjection) and "bias" not in params["text_projection"]
+  out = model.apply({"params": params}, ids)
+  diffs = {
+      "text_embeds": _maxdiff(out.text_embeds, _np(ref.text_embeds)),
+      "last_hidden_state": _maxdiff(out.last_hidden_state, _np(ref.last_hidden_state)),
+      "penultimate": _maxdiff(out.hidden_states[-2], _np(ref.hidden_states[-2])),
+  }
+  print("with projection", diffs)
+  assert out.text_embeds.shape == (3, 24) and max(diffs.values()) <= TOL, diffs
+  pretrained.save_pretrained(model, params, tmp_path / "back")
+  back = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "back").eval()
+  with torch.no_grad():
+    np.testing.assert_array_equal(_np(back(torch.from_numpy(ids)).text_embeds), _np(ref.text_embeds))
+  with pytest.raises(weights.WeightLoadError, match="text_projection.weight"):  # the class is not guessed
+    pretrained.load_text_encoder(tmp_path / "te2", projection=False)
+
+
 def test_attention_mask_changes_the_output():
   """Guards the masked parity check above against a mask that is silently ignored."""
   tm = _torch_text(eos_token_id=98)

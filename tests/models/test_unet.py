@@ -11,7 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxsd import model_folder, weights  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from jaxsd import model_folder, pretrained, weights  # noqa: E402
 from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel  # noqa: E402
 
 BATCH, SEQ = 2, 7
@@ -60,6 +62,31 @@ CONFIGS = {
         dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
              norm_num_groups=8, mid_block_type=None, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    # SDXL base: addition_embed_type="text_time" (pooled text 16 + 6 time ids x 8 Fourier features), no
+    # attention at the top level, transformer depth per block (1, 2, 3; the mid block takes 3).
+    "sdxl":
+        dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=40, attention_head_dim=(2, 4, 8),
+             use_linear_projection=True, norm_num_groups=8, transformer_layers_per_block=(1, 2, 3),
+             addition_embed_type="text_time", addition_time_embed_dim=8,
+             projection_class_embeddings_input_dim=16 + 6 * 8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                                 "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # SDXL refiner: 5 time ids (sizes, crop and aesthetic score), a narrower text context (its second
+    # text encoder only), attention-free top and bottom levels.
+    "sdxl_refiner":
+        dict(block_out_channels=(32, 64, 64, 32), layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
+             use_linear_projection=True, norm_num_groups=8, transformer_layers_per_block=2,
+             addition_embed_type="text_time", addition_time_embed_dim=8, flip_sin_to_cos=False, freq_shift=1,
+             projection_class_embeddings_input_dim=24 + 5 * 8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                                 "CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # Transformer depth per layer (nested lists) with the up blocks' own depths, as diffusers allows.
+    "nested_depths":
+        dict(block_out_channels=(32, 32), layers_per_block=2, cross_attention_dim=16, attention_head_dim=2,
+             norm_num_groups=8, transformer_layers_per_block=((1, 2), (2, 1)),
+             reverse_transformer_layers_per_block=((1, 3, 1), (2, 1, 1)),
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
 }
 TOL = 1e-4  # max abs difference, fp32
 
@@ -84,11 +111,28 @@ def _inputs(cfg, size=(16, 16), seed=0):
   return sample, np.array([3, 781]), context
 
 
+def _added(cfg, seed=1) -> dict:
+  """SDXL's added inputs (diffusers' added_cond_kwargs) for "text_time" U-Nets: a pooled text embedding and
+  time ids on SDXL's scales (sizes in pixels, crops, a refiner's aesthetic score); none otherwise."""
+  if cfg.addition_embed_type != "text_time":
+    return {}
+  rng = np.random.RandomState(seed)
+  # A refiner's pooled embedding is as wide as its context (its one text encoder), with 5 time ids.
+  refiner = cfg.projection_class_embeddings_input_dim == cfg.cross_attention_dim + 5 * cfg.addition_time_embed_dim
+  n_ids = 5 if refiner else 6
+  dim = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+  time_ids = np.array([[1024, 768, 0, 32, 1024, 1024][:n_ids], [512, 512, 64, 0, 512, 512][:n_ids]], np.float32)
+  if n_ids == 5:
+    time_ids[:, 4] = (6.0, 2.5)
+  return dict(text_embeds=rng.randn(BATCH, dim).astype(np.float32), time_ids=time_ids)
+
+
 def _flax(torch_model, **kw):
   cfg = UNet2DConditionConfig.from_dict(dict(torch_model.config))
   model = UNet2DConditionModel(cfg, **kw)
   sample, t, context = _inputs(cfg)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), sample, t, context)["params"]
+  abstract = jax.eval_shape(functools.partial(model.init, **_added(cfg)), jax.random.key(0), sample, t,
+                            context)["params"]
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   return model, weights.state_dict_to_params(sd, abstract)
 
@@ -101,10 +145,12 @@ def _case(name):
   return torch_model, model, params, _jit(model.apply)
 
 
-def _torch_apply(torch_model, sample, t, context):
+def _torch_apply(torch_model, sample, t, context, **added):
   with torch.no_grad():
-    out = torch_model(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.as_tensor(t),
-                      torch.from_numpy(context)).sample
+    out = torch_model(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.as_tensor(t), torch.from_numpy(context),
+                      added_cond_kwargs={
+                          k: torch.from_numpy(v) for k, v in added.items()
+                      } or None).sample
   return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -113,8 +159,9 @@ def _torch_apply(torch_model, sample, t, context):
 def test_parity_with_diffusers(name):
   torch_model, model, params, apply = _case(name)
   sample, t, context = _inputs(model.config)
-  ref = _torch_apply(torch_model, sample, t, context)
-  out = apply({"params": params}, sample, t, context)
+  added = _added(model.config)
+  ref = _torch_apply(torch_model, sample, t, context, **added)
+  out = apply({"params": params}, sample, t, context, **added)
   assert out.shape == ref.shape and out.dtype == jnp.float32
   assert np.std(ref) > 0.1  # not trivially zero
   np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=TOL)
@@ -193,28 +240,104 @@ def test_gradient_checkpointing_same_output_and_gradients():
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale + 1e-12, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("change", [
-    dict(class_embed_type="timestep"),
-    dict(num_class_embeds=10),
-    dict(addition_embed_type="text_time", addition_time_embed_dim=256),
-    dict(addition_embed_type="text", addition_embed_type_num_heads=7),
-    dict(resnet_time_scale_shift="scale_shift"),
-    dict(time_embedding_type="fourier"),
-    dict(down_block_types=("SimpleCrossAttnDownBlock2D",) + ("DownBlock2D",) * 3),
-    dict(up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
-    dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"),
-    dict(block_out_channels=(320, 640, 1280)),
-    dict(attention_head_dim=(8, 8)),
-    dict(transformer_layers_per_block=((1, 2), 1, 1, 1)),
-    dict(act_fn="tanh"),
-    dict(dropout=0.1),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(class_embed_type="timestep"),
+        dict(num_class_embeds=10),
+        dict(addition_embed_type="text_time", addition_time_embed_dim=256),
+        dict(addition_embed_type="text", addition_embed_type_num_heads=7),
+        dict(resnet_time_scale_shift="scale_shift"),
+        dict(time_embedding_type="fourier"),
+        dict(down_block_types=("SimpleCrossAttnDownBlock2D",) + ("DownBlock2D",) * 3),
+        dict(up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+        dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"),
+        dict(block_out_channels=(320, 640, 1280)),
+        dict(attention_head_dim=(8, 8)),
+        dict(transformer_layers_per_block=((1, 2), 1, 1, 1)),  # per-layer depths without the up blocks'
+        dict(transformer_layers_per_block=((1,), 1, 1, 1), reverse_transformer_layers_per_block=((1,), 1, 1, 1)),
+        dict(transformer_layers_per_block=(1, 1, 1)),
+        dict(addition_embed_type="text_time", projection_class_embeddings_input_dim=2816),  # no addition_time_embed_dim
+        dict(act_fn="tanh"),
+        dict(dropout=0.1),
+    ])
 def test_unsupported_configs_raise(change):
   with pytest.raises(ValueError, match="UNet2DConditionConfig"):
     UNet2DConditionConfig.from_dict({**UNet2DConditionConfig().to_dict(), **change})
+
+
+def test_sdxl_added_inputs_matter_and_are_checked():
+  """The pooled text and every time id change the output (the parity above would miss inputs that are
+  silently dropped); missing or misshapen added inputs, or added inputs to an SD U-Net, are refused."""
+  _, model, params, apply = _case("sdxl")
+  sample, t, context = _inputs(model.config)
+  added = _added(model.config)
+  out = apply({"params": params}, sample, t, context, **added)
+  for i in range(6):
+    ids = added["time_ids"].copy()
+    ids[:, i] += 16
+    assert float(jnp.max(jnp.abs(apply({"params": params}, sample, t, context, **{
+        **added, "time_ids": ids
+    }) - out))) > 1e-4
+  other = dict(added, text_embeds=added["text_embeds"][::-1].copy())
+  assert float(jnp.max(jnp.abs(apply({"params": params}, sample, t, context, **other) - out))) > 1e-4
+  with pytest.raises(ValueError, match="pass text_embeds= .* and time_ids="):
+    model.apply({"params": params}, sample, t, context)
+  with pytest.raises(ValueError, match="projection_class_embeddings_input_dim is 64"):
+    model.apply({"params": params}, sample, t, context, text_embeds=added["text_embeds"],
+                time_ids=added["time_ids"][:, :5])
+  _, sd, sd_params, _ = _case("sd1")
+  with pytest.raises(ValueError, match="drop them"):
+    sd.apply({"params": sd_params}, *_inputs(sd.config), **added)
+
+
+def test_sdxl_config_from_a_saved_folder(tmp_path):
+  """SDXL's config.json as diffusers writes it (lists, nested per-layer depths) reads back to a hashable config
+  equal to the model's, and loads strictly (add_embedding included)."""
+  for name in ("sdxl", "nested_depths"):
+    torch_model, model, _, apply = _case(name)
+    torch_model.save_pretrained(tmp_path / name)
+    cfg = UNet2DConditionConfig.from_json(tmp_path / name)
+    assert cfg == model.config and hash(cfg) == hash(model.config)
+    sample, t, context = _inputs(cfg)
+    added = _added(cfg)
+    abstract = jax.eval_shape(functools.partial(model.init, **added), jax.random.key(0), sample, t, context)["params"]
+    params = weights.state_dict_to_params(model_folder.read_state_dict(str(tmp_path / name)), abstract)
+    out = apply({"params": params}, sample, t, context, **added)
+    np.testing.assert_allclose(np.asarray(out), _torch_apply(torch_model, sample, t, context, **added), rtol=0,
+                               atol=TOL)
+  assert UNet2DConditionConfig.from_json(tmp_path / "nested_depths").transformer_layers() == (((1, 2), (2, 1)),
+                                                                                              ((1, 3, 1), (2, 1, 1)))
 
 
 def test_heads_follow_diffusers_naming_quirk():
   cfg = UNet2DConditionConfig(attention_head_dim=(5, 10, 20, 20))  # SD 2.x's config.json
   assert cfg.heads == (5, 10, 20, 20)
   assert UNet2DConditionConfig(attention_head_dim=8, num_attention_heads=4).heads == (4,) * 4
+
+
+# SDXL 1.0 base's unet/config.json (stabilityai/stable-diffusion-xl-base-1.0), the keys that shape the network.
+SDXL_BASE = dict(addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+                 block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], layers_per_block=2,
+                 projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                 "UpBlock2D"], upcast_attention=None, use_linear_projection=True)
+
+
+def test_real_sdxl_base_config_builds_diffusers_parameter_tree():
+  """The full SDXL base U-Net, shapes only (no weights: diffusers' on the meta device, ours abstract): the same
+  1680 tensors of the same shapes, 2,567,463,684 parameters."""
+  with torch.device("meta"):
+    sd = diffusers.UNet2DConditionModel(**SDXL_BASE).state_dict()
+  model = UNet2DConditionModel(UNet2DConditionConfig.from_dict(SDXL_BASE))
+  flat = traverse_util.flatten_dict(pretrained.abstract_params(model))
+  ours = {weights.path_to_torch_key(p): tuple(x.shape) for p, x in flat.items()}
+  torch_layout = {k: tuple(v.shape) for k, v in sd.items()}
+  for k, shape in torch_layout.items():
+    if k.endswith(".weight") and len(shape) == 4:  # (O, I, kh, kw) -> (kh, kw, I, O)
+      torch_layout[k] = (shape[2], shape[3], shape[1], shape[0])
+    elif k.endswith(".weight") and len(shape) == 2:
+      torch_layout[k] = shape[::-1]
+  assert ours == torch_layout
+  assert sum(int(np.prod(s)) for s in ours.values()) == 2_567_463_684

@@ -1,0 +1,343 @@
+"""SDXL (Podell et al., 2023): Stable Diffusion's pipeline with two text encoders and size conditioning.
+
+`StableDiffusionXL` is a `StableDiffusion` (same compiled programs, samplers, VAE, img2img) whose prompt
+goes through both CLIP text encoders, the penultimate hidden states of each concatenated (768 + 1280 =
+2048 wide for the base model; the refiner has the second encoder only), and whose U-Net also sees the
+second encoder's pooled projection and the "time ids": original size, crop top-left and target size, or
+for the refiner the aesthetic score instead of the target size. It follows diffusers'
+`StableDiffusionXLPipeline` (text to image) and `StableDiffusionXLImg2ImgPipeline` (img2img and the base ->
+refiner hand-off with `denoising_end` / `denoising_start`), quirks included where they change numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import model_folder, pipeline, pretrained, tokenizer as tok
+from jaxsd.diffusion import schedules
+from jaxsd.model_folder import DIFFUSERS_VERSION
+
+PIPELINES = model_folder.SDXL_PIPELINES
+# The sampler that follows each diffusers scheduler class: the default sampler of a folder.
+SAMPLER_OF = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "LMSDiscreteScheduler": "lms",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "DDPMScheduler": "ddpm",
+}
+
+
+def _as_list(value, n: int, name: str) -> list[str] | None:
+  if value is None or isinstance(value, str):
+    return None if value is None else [value] * n
+  value = list(value)
+  if len(value) != n:
+    raise ValueError(f"{len(value)} {name} for {n} prompts: give one per prompt (or one string for all).")
+  return value
+
+
+@dataclasses.dataclass
+class StableDiffusionXL(pipeline.StableDiffusion):
+  """An SDXL model (base or refiner). `text_encoder` / `tokenizer` are None for a refiner.
+
+  `model_index` is the folder's model_index.json: its `force_zeros_for_empty_prompt` (no negative prompt
+  -> zero unconditional embeddings, the base model's setting) and `requires_aesthetics_score` (the
+  refiner's) are read from it, as diffusers' pipelines read them from their config.
+  """
+
+  text_encoder_2: Any = None
+  text_encoder_2_params: Any = None
+  tokenizer_2: Any = None
+  model_index: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+                      **unet_kwargs) -> "StableDiffusionXL":
+    """Loads a diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
+    tokenizer/, tokenizer_2/, scheduler/; a refiner has no text_encoder/ and tokenizer/).
+
+    Weights may be single files or shards with an index, `variant` ("fp16") as for `StableDiffusion`; each
+    tensor is read and converted one at a time (the SDXL U-Net, 2.6B parameters, loads within about two
+    copies of itself in host memory). The scheduler config is read as the file says (SDXL's pipelines do
+    not force SD's steps_offset / clip_sample).
+    """
+    path = os.fspath(path)
+    index_file = os.path.join(path, "model_index.json")
+    index = model_folder.read_json(index_file) if os.path.exists(index_file) else {}
+    first = (index.get("text_encoder") or [None])[0] is not None if index else os.path.isdir(
+        os.path.join(path, "text_encoder"))
+    networks = ("unet", "vae") + (("text_encoder",) if first else ()) + ("text_encoder_2",)
+    tokenizers = (("tokenizer",) if first else ()) + ("tokenizer_2",)
+    model_folder.check_model_folder(path, networks + tokenizers + ("scheduler",),
+                                    tuple(f"{n}/config.json" for n in networks) + ("scheduler/scheduler_config.json",))
+    dirs = {name: os.path.join(path, name) for name in networks}
+    variants = model_folder.resolve_variants(path, dirs, variant)
+    unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"], **unet_kwargs)
+    if unet.config.addition_embed_type != "text_time":
+      raise ValueError(f"{path}: the U-Net has addition_embed_type={unet.config.addition_embed_type!r}, not SDXL's "
+                       "'text_time'; load the folder with jaxsd.StableDiffusion.from_pretrained.")
+    vae, vae_params = pipeline.load_vae(dirs["vae"], dtype, variants["vae"])
+    te = te_params = tokenizer = None
+    if first:
+      te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
+                                                   variant=variants["text_encoder"], projection=False)
+      tokenizer = tok.load_tokenizer(os.path.join(path, "tokenizer"))
+    te2, te2_params = pretrained.load_text_encoder(dirs["text_encoder_2"], dtype, param_dtype,
+                                                   variant=variants["text_encoder_2"], projection=True)
+    scheduler = schedules.SchedulerConfig.from_dict(model_folder.read_json(model_folder.scheduler_config_file(path)))
+    return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler, text_encoder_2=te2,
+               text_encoder_2_params=te2_params, tokenizer_2=tok.load_tokenizer(os.path.join(path, "tokenizer_2")),
+               model_index=index)
+
+  @classmethod
+  def from_single_file(cls, *args, **kwargs):
+    raise ValueError("StableDiffusionXL.from_single_file is not implemented; convert the checkpoint to a "
+                     "diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file + save_pretrained).")
+
+  def save_pretrained(self, path: str, dtype=None) -> None:
+    """Writes the diffusers folder `StableDiffusionXLPipeline.from_pretrained` (or the Img2Img pipeline,
+    for a refiner) loads unchanged; `dtype` (e.g. np.float16) casts the weights."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    for name, module, params in (("unet", self.unet, self.unet_params), ("vae", self.vae, self.vae_params),
+                                 ("text_encoder", self.text_encoder, self.text_encoder_params),
+                                 ("text_encoder_2", self.text_encoder_2, self.text_encoder_2_params)):
+      if module is not None:
+        pretrained.save_pretrained(module, jax.device_get(params), os.path.join(path, name), dtype)
+    for name, tokenizer in (("tokenizer", self.tokenizer), ("tokenizer_2", self.tokenizer_2)):
+      if tokenizer is not None:
+        tok.save_tokenizer(tokenizer, os.path.join(path, name))
+    model_folder.write_scheduler(self.scheduler_config, os.path.join(path, "scheduler"), self.scheduler_class)
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+      json.dump(self._model_index(), f, indent=2, sort_keys=True)
+
+  def _model_index(self) -> dict:
+    first = self.text_encoder is not None
+    index = {
+        "_class_name": PIPELINES[0] if first else PIPELINES[1],
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+        "scheduler": ["diffusers", self.scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"] if first else [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if first else [None, None],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if not first or "requires_aesthetics_score" in self.model_index:
+      index["requires_aesthetics_score"] = self.requires_aesthetics_score
+    return index
+
+  # --- what the folder's config says ---------------------------------------------------------------
+
+  @property
+  def force_zeros_for_empty_prompt(self) -> bool:
+    return bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+
+  @property
+  def requires_aesthetics_score(self) -> bool:
+    return bool(self.model_index.get("requires_aesthetics_score", False))
+
+  @property
+  def scheduler_class(self) -> str:
+    return (self.model_index.get("scheduler") or [None, "EulerDiscreteScheduler"])[1] or "EulerDiscreteScheduler"
+
+  @property
+  def default_sampler(self) -> str:
+    """The sampler of the folder's scheduler class (Euler for SDXL's folders)."""
+    return SAMPLER_OF.get(self.scheduler_class.removeprefix("Flax"), "euler")
+
+  @property
+  def params(self) -> dict:
+    return {
+        "unet": self.unet_params,
+        "vae": self.vae_params,
+        "text_encoder": self.text_encoder_params,
+        "text_encoder_2": self.text_encoder_2_params
+    }
+
+  # --- text ------------------------------------------------------------------------------------------
+
+  @property
+  def _encoders(self) -> tuple:
+    first = ((self.text_encoder, self.tokenizer, "text_encoder"),) if self.text_encoder is not None else ()
+    return first + ((self.text_encoder_2, self.tokenizer_2, "text_encoder_2"),)
+
+  def tokenize(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None) -> np.ndarray:
+    """Token ids (B, encoders, 77): `prompts` for the first encoder, `prompts_2` (default: the same) for
+    the second, each with its own tokenizer (SDXL's second pads with "!")."""
+    texts = [list(prompts)] * (len(self._encoders) - 1) + [list(prompts_2 or prompts)]
+    return np.stack([
+        tok.tokenize(tokenizer, t, max_length=encoder.config.max_position_embeddings)
+        for t, (encoder, tokenizer, _) in zip(texts, self._encoders)
+    ], axis=1)
+
+  def encode_prompt(self, params, ids: jax.Array, clip_skip: int | None = None,
+                    uncond_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(context, pooled): each encoder's hidden_states[-(clip_skip + 2)] (the penultimate layer without the
+    final layer norm when clip_skip is None, as diffusers' SDXL counts it) concatenated, and the last
+    encoder's projected pooled output (`text_embeds`). The first `uncond_rows` rows (negative prompts) take
+    the penultimate layer whatever clip_skip says, as diffusers' encode_prompt does."""
+    states = []
+    for k, (encoder, _, name) in enumerate(self._encoders):
+      layers = encoder.config.num_hidden_layers
+      if not 0 <= (clip_skip or 0) <= layers - 1:
+        raise ValueError(f"clip_skip={clip_skip}: SDXL counts from the penultimate layer; this {name} has "
+                         f"{layers} layers, so clip_skip must be in [0, {layers - 1}].")
+      out = encoder.apply({"params": params[name]}, ids[:, k])
+      hidden = out.hidden_states[-((clip_skip or 0) + 2)]
+      if uncond_rows and clip_skip:
+        hidden = jnp.concatenate([out.hidden_states[-2][:uncond_rows], hidden[uncond_rows:]])
+      states.append(hidden)
+    return jnp.concatenate(states, axis=-1), out.text_embeds
+
+  def add_time_ids(self, original_size, crops_coords_top_left, target_size, aesthetic_score) -> tuple[float, ...]:
+    """diffusers' `_get_add_time_ids`: original size + crop top-left + target size, or + the aesthetic
+    score in place of the target size where the folder says requires_aesthetics_score (the refiner)."""
+    last = (aesthetic_score,) if self.requires_aesthetics_score else tuple(target_size)
+    ids = tuple(original_size) + tuple(crops_coords_top_left) + last
+    cfg = self.unet.config
+    got = cfg.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
+    if got != cfg.projection_class_embeddings_input_dim:
+      raise ValueError(f"the U-Net expects an added embedding of {cfg.projection_class_embeddings_input_dim} features "
+                       f"but {len(ids)} time ids and text_encoder_2's projection_dim give {got}: check "
+                       "requires_aesthetics_score in model_index.json (true for a refiner).")
+    return tuple(float(v) for v in ids)
+
+  def text_inputs(self, prompts, negative_prompts, height, width, *, prompts_2=None, negative_prompts_2=None,
+                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
+                  negative_aesthetic_score=2.5, image_to_image=False):
+    """(ids, unconditional ids, {time_ids, uncond_time_ids, zero_uncond}) for the program.
+
+    Sizes default to (height, width). No negative prompts with force_zeros_for_empty_prompt: zero
+    unconditional embeddings (`zero_uncond`). Negative time ids as diffusers: text-to-image uses the
+    prompt's unless both negative_original_size and negative_target_size are given; img2img defaults the
+    negative sizes to the prompt's and, without an aesthetic score, takes the prompt's crop and target size.
+    """
+    n = len(prompts)
+    size = (height, width)
+    original_size, target_size = tuple(original_size or size), tuple(target_size or size)
+    pos = self.add_time_ids(original_size, crops_coords_top_left, target_size, aesthetic_score)
+    if image_to_image:
+      neg_original = tuple(negative_original_size or original_size)
+      if self.requires_aesthetics_score:
+        neg = self.add_time_ids(neg_original, negative_crops_coords_top_left, None, negative_aesthetic_score)
+      else:
+        neg = self.add_time_ids(neg_original, crops_coords_top_left, target_size, None)
+    elif negative_original_size is not None and negative_target_size is not None:
+      neg = self.add_time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                              negative_aesthetic_score)
+    else:
+      neg = pos
+    zero = negative_prompts is None and self.force_zeros_for_empty_prompt
+    negatives = negative_prompts or [""] * n
+    prompts_2 = _as_list(prompts_2, n, "prompts_2")
+    negatives_2 = _as_list(negative_prompts_2, n, "negative_prompts_2") or negatives
+    text = {
+        "time_ids": np.tile(np.asarray(pos, np.float32), (n, 1)),
+        "uncond_time_ids": np.tile(np.asarray(neg, np.float32), (n, 1)),
+        "zero_uncond": np.full((n,), zero),
+    }
+    return self.tokenize(prompts, prompts_2), self.tokenize(negatives, negatives_2), text
+
+  def encode_prompts(self, params, ids, uncond_ids, guided, time_ids, uncond_time_ids, zero_uncond):
+    if not guided:
+      context, pooled = self.encode_prompt(params, ids, self.clip_skip)
+      return {"context": context, "text_embeds": pooled, "time_ids": time_ids}
+    b = ids.shape[0]  # both halves through each encoder at once, the unconditional first
+    context, pooled = self.encode_prompt(params, jnp.concatenate([uncond_ids, ids]), self.clip_skip, uncond_rows=b)
+    zero = jnp.concatenate([zero_uncond, jnp.zeros_like(zero_uncond)])
+    context = jnp.where(zero[:, None, None], jnp.zeros_like(context), context)
+    pooled = jnp.where(zero[:, None], jnp.zeros_like(pooled), pooled)
+    return {"context": context, "text_embeds": pooled, "time_ids": jnp.concatenate([uncond_time_ids, time_ids])}
+
+  def apply_unet(self, unet_params, x, t, cond):
+    return self.unet.apply({"params": unet_params}, x, t, cond["context"], text_embeds=cond["text_embeds"],
+                           time_ids=cond["time_ids"])
+
+  # --- user entry points -----------------------------------------------------------------------------
+
+  def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
+               steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, latents=None,
+               output: str = "np", *, prompts_2=None, negative_prompts_2=None, original_size=None,
+               crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+               negative_crops_coords_top_left=(0, 0), negative_target_size=None, guidance_rescale: float = 0.0,
+               denoising_end: float | None = None):
+    """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments plus:
+
+    Args:
+      prompts_2, negative_prompts_2: the second text encoder's prompts (default: `prompts` / the negatives).
+      original_size, crops_coords_top_left, target_size: SDXL's size conditioning, (height, width) and
+        (top, left); sizes default to the output size.
+      negative_original_size, negative_crops_coords_top_left, negative_target_size: the unconditional
+        half's (used when both sizes are given).
+      guidance_rescale: in [0, 1], Lin et al. (2023)'s rescale of the guided output.
+      denoising_end: in (0, 1): stop there and return the noisy latents (`output="latent"`) for a refiner's
+        `img2img(..., denoising_start=denoising_end)`.
+
+    Without negative prompts the unconditional embeddings are zeros where the folder says
+    force_zeros_for_empty_prompt (SDXL base), as diffusers. The default sampler is the folder's
+    scheduler's (Euler for SDXL); few-step settings (SDXL-Turbo / Lightning: timestep_spacing="trailing",
+    1-8 steps, guidance_scale <= 1) go through `scheduler_config.replace(...)` and the arguments.
+    """
+    options = dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
+                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                   negative_original_size=negative_original_size,
+                   negative_crops_coords_top_left=negative_crops_coords_top_left,
+                   negative_target_size=negative_target_size)
+    return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
+                               self.default_sampler, seed, latents, output, text_options=options,
+                               guidance_rescale=guidance_rescale, denoising_end=denoising_end)
+
+  def img2img(self, prompts, init_images, strength: float = 0.3, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
+              image_latents=None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
+              crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+              negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5, guidance_rescale: float = 0.0,
+              denoising_start: float | None = None, denoising_end: float | None = None):
+    """Image to image, as diffusers' StableDiffusionXLImg2ImgPipeline: `StableDiffusion.img2img` plus the
+    arguments of `__call__`, the refiner's aesthetic scores and `denoising_start`.
+
+    With `denoising_start` (the base -> refiner hand-off) `strength` is ignored: the calls below that
+    fraction of denoising run, starting from `image_latents` as given (the base's `output="latent"`,
+    already noised: no noise is added).
+    """
+    options = dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
+                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                   negative_original_size=negative_original_size,
+                   negative_crops_coords_top_left=negative_crops_coords_top_left,
+                   negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                   negative_aesthetic_score=negative_aesthetic_score, image_to_image=True)
+    return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
+                                self.default_sampler, seed, output, noise, image_latents, text_options=options,
+                                guidance_rescale=guidance_rescale, denoising_start=denoising_start,
+                                denoising_end=denoising_end)
+
+  def inpaint(self, *args, **kwargs):
+    raise ValueError("SDXL inpainting (diffusers' StableDiffusionXLInpaintPipeline) is not implemented; "
+                     "use text-to-image or img2img.")
+
+
+def load(path: str, dtype=jnp.float32, **kwargs) -> pipeline.StableDiffusion:
+  """`pipeline.load`, and SDXL folders (model_index.json's pipeline class, or an SDXL U-Net) as
+  `StableDiffusionXL`: what `python -m sample --model` loads."""
+  path = os.fspath(path)
+  if not model_folder.is_workdir(path) and model_folder.is_sdxl_folder(path):
+    return StableDiffusionXL.from_pretrained(path, dtype, **kwargs)
+  return pipeline.load(path, dtype=dtype, **kwargs)

@@ -1,0 +1,234 @@
+"""SDXL parity with diffusers' StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline on tiny random
+base and refiner folders saved by diffusers (both text encoders, time ids, force_zeros_for_empty_prompt true
+for the base and false for the refiner, as the released folders): final latents within 1e-4 x max(1, |latents|).
+
+Every compiled program is a few seconds on a CPU, so the cases share programs where they can (same batch and
+number of calls). The decoded uint8 images are compared with diffusers' (within 2 levels) by
+tests/test_generate.py's `python -m sample` run on the same tiny base folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+import types
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxsd
+from tests import reference
+
+PROMPTS = ["a red circle on the left", "a small blue square"]
+PROMPTS_2 = ["a photo", "a drawing of a big square"]
+NEGATIVE = ["", "a green triangle"]
+HW = 16
+SCHEDULERS = {
+    "euler": diffusers.EulerDiscreteScheduler,
+    "ddim": diffusers.DDIMScheduler,
+    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+}
+MEASURED: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+  base_path, refiner_path, c = reference.make_tiny_sdxl_folders(tmp_path_factory.mktemp("sdxl"))
+  return types.SimpleNamespace(base_path=base_path, refiner_path=refiner_path, c=c,
+                               base=jaxsd.StableDiffusionXL.from_pretrained(base_path),
+                               refiner=jaxsd.StableDiffusionXL.from_pretrained(refiner_path))
+
+
+def _scheduler(path, sampler):
+  return SCHEDULERS[sampler].from_pretrained(path, subfolder="scheduler")
+
+
+def _torch_base(sdxl, sampler, cls=diffusers.StableDiffusionXLPipeline):
+  c = sdxl.c
+  pipe = cls(vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+             tokenizer_2=c["tokenizer_2"], unet=c["unet"], scheduler=_scheduler(sdxl.base_path, sampler),
+             force_zeros_for_empty_prompt=True, add_watermarker=False)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe
+
+
+def _torch_refiner(sdxl, sampler):
+  c = sdxl.c
+  pipe = diffusers.StableDiffusionXLImg2ImgPipeline(vae=c["vae"], text_encoder=None, text_encoder_2=c["text_encoder_2"],
+                                                    tokenizer=None, tokenizer_2=c["tokenizer_2"],
+                                                    unet=c["refiner_unet"],
+                                                    scheduler=_scheduler(sdxl.refiner_path,
+                                                                         sampler), requires_aesthetics_score=True,
+                                                    force_zeros_for_empty_prompt=False, add_watermarker=False)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe
+
+
+def _close(name, ours, ref):
+  diff = float(np.abs(np.asarray(ours) - ref).max())
+  MEASURED[name] = diff
+  assert ours.shape == ref.shape and diff < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max |diff| {diff}"
+
+
+def _noise(pipe, seed, n=len(PROMPTS)):
+  return np.asarray(pipe.noise(seed, n, HW, HW))
+
+
+# Each sampler with guidance by negative prompts (one empty: encoded, not zeroed), then without negative prompts,
+# where the base folder's force_zeros_for_empty_prompt zeroes the unconditional embeddings. Euler, one prompt:
+# size conditioning of both halves and guidance_rescale (diffusers pairs negative time ids with the wrong half
+# of a batch of several: it repeats [negative, positive] per prompt); DDIM: clip_skip=1 (which diffusers applies
+# to the prompt only, not to the negative prompt); all with second prompts. Euler's 3 steps and DPM++'s 4 are
+# the base's calls before denoising_end in the hand-off test, which so reuses their programs.
+CASES = {
+    "euler":
+        dict(
+            n=1, steps=3, clip_skip=None,
+            kw=dict(original_size=(32, 24), crops_coords_top_left=(4, 2), target_size=(16, 16),
+                    negative_original_size=(8, 8), negative_crops_coords_top_left=(0, 4), negative_target_size=(24, 24),
+                    guidance_rescale=0.7)),
+    "ddim":
+        dict(n=2, steps=5, clip_skip=1, kw={}),
+    "dpmpp_2m":
+        dict(n=2, steps=4, clip_skip=None, kw={}),
+}
+
+
+@pytest.mark.parametrize("sampler", list(CASES))
+def test_latents_match_diffusers(sdxl, sampler):
+  case = CASES[sampler]
+  n = case["n"]
+  pipe = sdxl.base if case["clip_skip"] is None else dataclasses.replace(sdxl.base, clip_skip=case["clip_skip"])
+  latents = _noise(pipe, 0, n)
+  tpipe = _torch_base(sdxl, sampler)
+  for negative in (NEGATIVE[-n:], None):
+    ours = pipe(PROMPTS[:n], negative, steps=case["steps"], guidance_scale=5.0, sampler=sampler, latents=latents,
+                output="latent", prompts_2=PROMPTS_2[:n], **case["kw"])
+    with torch.no_grad():
+      ref = tpipe(prompt=PROMPTS[:n], prompt_2=PROMPTS_2[:n], negative_prompt=negative, height=HW, width=HW,
+                  num_inference_steps=case["steps"], guidance_scale=5.0, latents=reference.nhwc_to_nchw(latents),
+                  output_type="latent", clip_skip=case["clip_skip"], **case["kw"]).images
+    _close(f"{sampler} negative={negative is not None}", ours, reference.nchw_to_nhwc(ref))
+  # Zero unconditional embeddings are not the encoded empty prompt: the check above can tell them apart.
+  empty = pipe(PROMPTS[:n], [""] * n, steps=case["steps"], guidance_scale=5.0, sampler=sampler, latents=latents,
+               output="latent", prompts_2=PROMPTS_2[:n], **case["kw"])
+  assert np.abs(empty - ours).max() > 1e-3
+
+
+def test_base_to_refiner_hand_off(sdxl):
+  """The base stops at denoising_end=0.6 and returns noisy latents; the refiner (aesthetic-score time ids,
+  no first text encoder, no zeroing: its force_zeros_for_empty_prompt is false) continues from exactly those
+  latents at denoising_start=0.6, without adding noise. Both halves against diffusers (Euler, SDXL's own;
+  tests/diffusion/test_samplers.py checks the cut of the other samplers' schedules)."""
+  latents = _noise(sdxl.base, 3, 1)
+  base = sdxl.base(PROMPTS[:1], steps=6, guidance_scale=5.0, sampler="euler", latents=latents, output="latent",
+                   denoising_end=0.6)
+  with torch.no_grad():
+    ref = _torch_base(sdxl, "euler")(prompt=PROMPTS[:1], num_inference_steps=6, guidance_scale=5.0, denoising_end=0.6,
+                                     latents=reference.nhwc_to_nchw(latents), output_type="latent").images
+  _close("base denoising_end", base, reference.nchw_to_nhwc(ref))
+  ours = sdxl.refiner.img2img(PROMPTS[:1], None, steps=6, guidance_scale=5.0, sampler="euler", output="latent",
+                              image_latents=reference.nchw_to_nhwc(ref), denoising_start=0.6)
+  with torch.no_grad():
+    ref2 = _torch_refiner(sdxl, "euler")(prompt=PROMPTS[:1], image=ref, num_inference_steps=6, guidance_scale=5.0,
+                                         denoising_start=0.6, output_type="latent").images
+  _close("refiner denoising_start", ours, reference.nchw_to_nhwc(ref2))
+  assert np.abs(ours - base).max() > 1e-2  # the refiner did denoise
+
+
+def test_img2img_matches_diffusers(sdxl, monkeypatch):
+  """img2img with strength from given image latents and noise (diffusers' randn_tensor returns ours): the base
+  (DDIM) and the refiner (Euler) with aesthetic scores and negative sizes."""
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
+
+  noise = _noise(sdxl.base, 4)
+  image_latents = _noise(sdxl.base, 5) * 0.8
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  ours = sdxl.base.img2img(PROMPTS, None, strength=0.6, negative_prompts=NEGATIVE, steps=5, guidance_scale=5.0,
+                           sampler="ddim", output="latent", noise=noise, image_latents=image_latents)
+  ref_pipe = _torch_base(sdxl, "ddim", cls=diffusers.StableDiffusionXLImg2ImgPipeline)
+  with torch.no_grad():
+    ref = ref_pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=reference.nhwc_to_nchw(image_latents), strength=0.6,
+                   num_inference_steps=5, guidance_scale=5.0, output_type="latent").images
+  _close("base img2img ddim", ours, reference.nchw_to_nhwc(ref))
+  # The refiner, one prompt, 3 of 6 Euler steps: the hand-off test's program, here adding noise.
+  noise, image_latents = noise[:1], image_latents[:1]
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  kw = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0, negative_original_size=(8, 8))
+  ours = sdxl.refiner.img2img(PROMPTS[:1], None, strength=0.5, negative_prompts=NEGATIVE[1:], steps=6,
+                              guidance_scale=5.0, output="latent", noise=noise, image_latents=image_latents, **kw)
+  with torch.no_grad():
+    ref = _torch_refiner(sdxl, "euler")(prompt=PROMPTS[:1], negative_prompt=NEGATIVE[1:],
+                                        image=reference.nhwc_to_nchw(image_latents), strength=0.5,
+                                        num_inference_steps=6, guidance_scale=5.0, output_type="latent", **kw).images
+  _close("refiner img2img euler", ours, reference.nchw_to_nhwc(ref))
+  print("SDXL max |diff|:", {k: f"{v:.1e}" for k, v in MEASURED.items()})
+
+
+def test_save_pretrained_loads_in_diffusers(sdxl, tmp_path):
+  """Both folders saved by jaxsd load in diffusers' own pipelines to the same weights, tokenizers, scheduler and
+  pipeline config (force_zeros_for_empty_prompt, requires_aesthetics_score)."""
+  for pipe, cls, source in ((sdxl.base, diffusers.StableDiffusionXLPipeline, sdxl.base_path),
+                            (sdxl.refiner, diffusers.StableDiffusionXLImg2ImgPipeline, sdxl.refiner_path)):
+    out = tmp_path / os.path.basename(source)
+    pipe.save_pretrained(out)
+    back, ref = cls.from_pretrained(out), cls.from_pretrained(source)
+    public = lambda config: {k: v for k, v in dict(config).items() if not k.startswith("_")}  # noqa: E731
+    assert public(back.config) == public(ref.config)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+      a, b = getattr(back, name), getattr(ref, name)
+      assert (a is None) == (b is None), name
+      if a is not None:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys(), name
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    read = set(inspect.signature(type(ref.scheduler).__init__).parameters)  # what the scheduler reads
+    assert {
+        k: v for k, v in back.scheduler.config.items() if k in read
+    } == {
+        k: v for k, v in ref.scheduler.config.items() if k in read
+    }
+    for name in ("tokenizer", "tokenizer_2"):
+      if getattr(ref, name) is not None:
+        assert getattr(back, name)(PROMPTS,
+                                   padding="max_length").input_ids == getattr(ref, name)(PROMPTS,
+                                                                                         padding="max_length").input_ids
+
+
+def test_fp16_variant_sharded_folder(sdxl, tmp_path):
+  """diffusers' fp16 variant with sharded weights for every network: the fp32 weights rounded to fp16, exactly.
+  In float16 the VAE runs in fp32 (its config says force_upcast: it would overflow), the rest in fp16."""
+  c = sdxl.c
+  pipe = diffusers.StableDiffusionXLPipeline(vae=c["vae"], text_encoder=c["text_encoder"],
+                                             text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+                                             tokenizer_2=c["tokenizer_2"], unet=c["unet"], scheduler=c["scheduler"],
+                                             add_watermarker=False)
+  copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp_path, variant="fp16", max_shard_size="60KB")
+  assert os.path.exists(tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json")
+  assert os.path.exists(tmp_path / "text_encoder_2" / "model.safetensors.index.fp16.json")
+  got = jaxsd.StableDiffusionXL.from_pretrained(str(tmp_path), variant="fp16")
+  rounded = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), tree)
+  for name in ("unet_params", "vae_params", "text_encoder_params", "text_encoder_2_params"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(got, name), rounded(getattr(sdxl.base, name)))
+  half = jaxsd.StableDiffusionXL.from_pretrained(str(tmp_path), jnp.float16, variant="fp16")
+  assert half.vae.dtype == jnp.float32 and half.unet.dtype == jnp.float16
+  assert half.text_encoder_2.dtype == jnp.float16
+
+
+def test_bad_input_is_reported(sdxl, tmp_path):
+  with pytest.raises(ValueError, match="prompts_2"):
+    sdxl.base(PROMPTS, steps=2, prompts_2=["one"])
+  with pytest.raises(ValueError, match="denoising_end"):
+    sdxl.base(PROMPTS, steps=2, denoising_end=1.5)
+  with pytest.raises(ValueError, match="requires_aesthetics_score"):
+    dataclasses.replace(sdxl.refiner, model_index={})(PROMPTS, steps=2)
+  with pytest.raises(ValueError, match="not implemented"):
+    sdxl.base.inpaint(PROMPTS, None, None)
+  with pytest.raises(FileNotFoundError, match="incomplete: no text_encoder_2/, tokenizer_2/"):
+    jaxsd.StableDiffusionXL.from_pretrained(reference.make_tiny_sd_folder(str(tmp_path / "sd")))
