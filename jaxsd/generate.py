@@ -45,7 +45,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
-             strength: float | None = None) -> GenerateResult:
+             strength: float | None = None, long_prompts: bool = False,
+             prompt_weighting: bool = False) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -53,7 +54,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
-  each job as the pipeline's own call with the job's seed-derived keys. Bad arguments, checked before
+  each job as the pipeline's own call with the job's seed-derived keys. `long_prompts` and `prompt_weighting`
+  are the pipeline's (`jaxsd.prompt_syntax`): every batch has the windows of the longest prompt. Bad arguments, checked before
   anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -82,6 +84,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   height, width = height or pipe.default_size, width or pipe.default_size
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
   make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+  # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
+  options = {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
+  all_ids, all_uncond, all_text = pipe.text_inputs(
+      prompts, None if negative_prompt is None else [negative_prompt] * len(prompts), height, width, **options)
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)
@@ -98,8 +104,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   def inputs(batch):
     idx = batch + [batch[-1]] * (global_batch - len(batch))  # pad the last batch; padded outputs are dropped
-    negatives = None if negative_prompt is None else [negative_prompt] * len(idx)
-    ids, uncond, text = pipe.text_inputs([jobs[j][0] for j in idx], negatives, height, width)
+    rows = np.asarray(idx) // num_images  # job j is prompt j // num_images
+    ids, uncond, text = all_ids[rows], all_uncond[rows], {k: np.asarray(v)[rows] for k, v in all_text.items()}
     noise = jnp.concatenate([pipe.noise(seed, 1, height, width, offset=j) for j in idx])
     keys = jnp.concatenate([pipe.sampler_keys(seed, 1, offset=j) for j in idx])
     shard = lambda x: x.reshape((n_dev, batch_per_device) + x.shape[1:])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, lora, model_folder, pretrained, single_file, tokenizer as tok
+from jaxsd import conditioning, lora, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
@@ -103,26 +103,53 @@ class StableDiffusion:
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_encoder.config.max_position_embeddings)
 
-  def encode_text(self, te_params, input_ids: jax.Array) -> jax.Array:
+  def encode_text(self, te_params, input_ids: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Hidden states (B, L, D) of token ids (B, L). Ids longer than the encoder's positions (77) are windows
+    of that length (`jaxsd.prompt_syntax`), encoded one by one and concatenated; `weights` (B, L) scale the
+    states by A1111's emphasis, per window."""
+    n = self.text_encoder.config.max_position_embeddings
+    b, length = input_ids.shape
+    if length > n and length % n:
+      raise ValueError(f"input_ids of {length} tokens: more than {n} must be whole windows of {n} "
+                       "(see jaxsd.prompt_syntax.tokenize).")
+    if length > n:
+      input_ids = input_ids.reshape(-1, n)
     if self.clip_skip is None:  # diffusers' default: the last layer's output, final layer norm included
-      return self.text_encoder.apply({"params": te_params}, input_ids).last_hidden_state
-    return self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip, method="encode_prompt")
+      hidden = self.text_encoder.apply({"params": te_params}, input_ids).last_hidden_state
+    else:
+      hidden = self.text_encoder.apply({"params": te_params}, input_ids, clip_skip=self.clip_skip,
+                                       method="encode_prompt")
+    if weights is not None:
+      hidden = prompt_syntax.emphasize(hidden, weights.reshape(input_ids.shape))
+    return hidden.reshape(b, length, hidden.shape[-1])
 
-  def text_inputs(self, prompts: list[str], negative_prompts: list[str] | None, height: int,
-                  width: int) -> tuple[np.ndarray, np.ndarray, dict]:
+  def text_inputs(self, prompts: list[str], negative_prompts: list[str] | None, height: int, width: int, *,
+                  long_prompts: bool = False, prompt_weighting: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """(ids, unconditional ids, other text inputs of the program) for a batch; no negative prompts: "".
 
-    The dict is empty here; SDXL adds its size conditioning. Every entry has the batch as axis 0.
+    The dict is empty here unless prompts are weighted (`weights`, `uncond_weights`); SDXL adds its size
+    conditioning. Every entry has the batch as axis 0. Without `long_prompts` and `prompt_weighting` the
+    tokens are diffusers' (77 per prompt, longer prompts truncated with a warning); with them, (B, 77 k)
+    windows and A1111's weights (`jaxsd.prompt_syntax`).
     """
     del height, width
-    return self.tokenize(prompts), self.tokenize(negative_prompts or [""] * len(prompts)), {}
+    negative_prompts = negative_prompts or [""] * len(prompts)
+    if not (long_prompts or prompt_weighting):
+      return self.tokenize(prompts), self.tokenize(negative_prompts), {}
+    (ids, weights), (uncond_ids, uncond_weights) = prompt_syntax.tokenize(
+        self.tokenizer, [list(prompts), list(negative_prompts)],
+        length=self.text_encoder.config.max_position_embeddings, long_prompts=long_prompts, weighting=prompt_weighting)
+    if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
+      return ids, uncond_ids, {"weights": weights, "uncond_weights": uncond_weights}
+    return ids, uncond_ids, {}
 
-  def encode_prompts(self, params, ids: jax.Array, uncond_ids: jax.Array, guided: bool):
+  def encode_prompts(self, params, ids: jax.Array, uncond_ids: jax.Array, guided: bool, weights=None,
+                     uncond_weights=None):
     """The U-Net's text conditioning; with guidance the unconditional half first, then the prompts' (as
     diffusers). Here the context array; subclasses may return any pytree that `apply_unet` reads."""
-    context = self.encode_text(params["text_encoder"], ids)
+    context = self.encode_text(params["text_encoder"], ids, weights)
     if guided:
-      context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids), context])
+      context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids, uncond_weights), context])
     return context
 
   def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond) -> jax.Array:
@@ -293,7 +320,8 @@ class StableDiffusion:
     4-channel one gets the known region of `image_latents` re-noised after every step. Where the (boolean)
     argument `add_noise` is false, img2img starts from `image_latents` as they are (latents already noised to
     the schedule's first level: SDXL's base -> refiner hand-off, diffusers' `denoising_start`), in the same
-    program. `text` holds the other text inputs of `text_inputs`, passed on to `encode_prompts`.
+    program. `text` holds the other text inputs of `text_inputs` (e.g. the weights of weighted prompts; `ids` are
+    (B, 77 k) for k windows of long prompts, each k compiles once), passed on to `encode_prompts`.
     """
     if output not in ("np", "latent"):
       raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
@@ -448,15 +476,18 @@ class StableDiffusion:
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
-               output: str = "np"):
+               output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
     default (as in diffusers) to the size of the given `latents`, else to the model's own size
     (`default_size`: the U-Net's sample_size times the VAE's factor, e.g. 512 for SD 1.5, 768 for SD 2.1).
+    `long_prompts` encodes prompts past 77 tokens in 75-token windows instead of truncating them, and
+    `prompt_weighting` reads A1111's `(word:1.3)` / `(word)` / `[word]` weights (`jaxsd.prompt_syntax`);
+    both off by default, as diffusers (img2img and inpaint take them too).
     """
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-                               output)
+                               output, text_options=_syntax(long_prompts, prompt_weighting))
 
   def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                      output, **run_options):
@@ -506,7 +537,7 @@ class StableDiffusion:
 
   def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", noise=None,
-              image_latents=None):
+              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
@@ -519,9 +550,10 @@ class StableDiffusion:
       noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
       image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
         encoder, from `posterior_keys(seed, B)`.
+      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
     """
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-                                output, noise, image_latents)
+                                output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting))
 
   def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                       output, noise, image_latents, **run_options):
@@ -540,7 +572,8 @@ class StableDiffusion:
 
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", latents=None,
-              masked_image_latents=None, image_latents=None):
+              masked_image_latents=None, image_latents=None, long_prompts: bool = False,
+              prompt_weighting: bool = False):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -591,7 +624,12 @@ class StableDiffusion:
     if not from_noise or not self.inpainting_unet:
       cond["image_latents"] = self._image_latents(images, image_latents, seed)
     return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
-                     noise, output, **cond)
+                     noise, output, text_options=_syntax(long_prompts, prompt_weighting), **cond)
+
+
+def _syntax(long_prompts: bool, prompt_weighting: bool) -> dict:
+  """`text_inputs` options: only those asked for (a pipeline without them, SDXL's, then says so)."""
+  return {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
 
 
 def _vae_dtype(config: AutoencoderKLConfig, dtype):

@@ -23,6 +23,10 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
   p.add_argument("--negative-prompt", default=None,
                  help="default: none (SD: the empty prompt; SDXL: as its folder's force_zeros_for_empty_prompt says)")
+  p.add_argument("--long-prompts", action="store_true",
+                 help="encode prompts past 77 tokens in 75-token windows (A1111) instead of truncating them")
+  p.add_argument("--prompt-weighting", action="store_true",
+                 help="read A1111's (word:1.3), (word) = x1.1, [word] = /1.1 weights and BREAK; \\( for a literal (")
   p.add_argument("--num-images", type=int, default=1, help="images per prompt")
   p.add_argument("--steps", type=int, default=25)
   p.add_argument("--sampler", default="dpmpp_2m")
@@ -43,7 +47,14 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
   p.add_argument("--out", default="samples")
   p.add_argument("--benchmark", action="store_true", help="print one JSON line of timings")
-  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  p.add_argument(
+      "--distributed", action="store_true",
+      help="multi-host: call jax.distributed.initialize() (cluster auto-detection, or the three flags below)")
+  p.add_argument("--coordinator-address", default=None,
+                 help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or auto-detected)")
+  p.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
+  p.add_argument("--process-id", type=int, default=None,
+                 help="with --distributed: this process, 0 .. num-processes - 1")
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
@@ -121,7 +132,9 @@ def main(argv=None) -> int:
 
   try:
     if args.distributed:
-      jax.distributed.initialize()
+      jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif (args.coordinator_address, args.num_processes, args.process_id) != (None, None, None):
+      raise ValueError("--coordinator-address, --num-processes and --process-id need --distributed.")
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
     loras = parse_loras(args.lora)
@@ -137,7 +150,8 @@ def main(argv=None) -> int:
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
-                               strength=args.strength)
+                               strength=args.strength, long_prompts=args.long_prompts,
+                               prompt_weighting=args.prompt_weighting)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -26,8 +26,14 @@ def parse(argv: list[str]) -> flags.FlagValues:
   config_flags.DEFINE_config_file("config", _DEFAULT, "Training config file (a get_config() Python file).",
                                   flag_values=fv, lock_config=True, sys_argv=list(argv))
   flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics, the model and samples go.", flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU).",
-                    flag_values=fv)
+  flags.DEFINE_bool(
+      "distributed", False, "Multi-host: call jax.distributed.initialize() first (cluster auto-detection, or "
+      "the three flags below).", flag_values=fv)
+  flags.DEFINE_string(
+      "coordinator_address", None, "With --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
+      "or auto-detected).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "With --distributed: this process, 0 .. num_processes - 1.", flag_values=fv)
   flags.DEFINE_bool(
       "benchmark", False, "Time the U-Net train step (config.benchmark_steps, default 10) and "
       "print one JSON line instead of training.", flag_values=fv)
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
       cfg.benchmark_steps = cfg.benchmark_steps or 10
   try:
     if fv.distributed:
-      jax.distributed.initialize()
+      jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    elif (fv.coordinator_address, fv.num_processes, fv.process_id) != (None, None, None):
+      raise run.ConfigError("--coordinator_address, --num_processes and --process_id need --distributed.")
     run.check_config(cfg, jax.device_count())  # before the compilation cache or anything else is touched
     enable_compilation_cache()
     result = run.train_and_evaluate(cfg, fv.workdir)

@@ -2,8 +2,9 @@
 
 Any TFDS dataset prepared as array_record works (`shapes`, an image folder, a
 catalogue dataset), read through `tfds.data_source` without TensorFlow. Each host
-reads its own contiguous shard of the split and builds `global_batch_size /
-process_count` examples per batch:
+builds `global_batch_size / process_count` examples per batch: in training, its own rows of
+each global batch of one shuffled order that every host draws alike (so the global batches
+are those of a single host); in eval, from its own contiguous shard of the split:
 
   {"image": float32 (B, H, W, 3) in [-1, 1], "input_ids": int32 (B, 77),
    "caption": str (B,)  [with return_captions], <label key>: int32 (B,) ...}
@@ -162,20 +163,27 @@ def make_dataset(
 
   stats = PipelineStats()
   swaps = {k: _left_right_swap(features[k]) for k in label_keys} if flip_swaps_left_right else {}
-  reader = _ChunkReader(source=source, offset=process_index * per_host, chunk_size=batch_size, seed=seed,
-                        image_key=image_key, caption_key=caption_key, label_keys=tuple(label_keys),
-                        image_size=image_size, train=train, random_crop=random_crop, random_flip=random_flip,
+  if train:
+    # Every host draws the same global order of the whole split (its equal-share part, per_host x hosts) and
+    # reads its own rows of each global batch: the global batches, and so training, do not depend on how
+    # many hosts share them.
+    positions = grain.MapDataset.range(per_host * process_count).shuffle(seed=seed).repeat()  # reshuffled each epoch
+    chunks, first, offset = positions.batch(global_batch_size), process_index * batch_size, 0
+  else:  # one ordered pass over this host's contiguous shard
+    positions = grain.MapDataset.range(per_host)
+    chunks, first, offset = positions.batch(batch_size, drop_remainder=False), 0, process_index * per_host
+  reader = _ChunkReader(source=source, offset=offset, chunk_size=global_batch_size if train else batch_size,
+                        first=first, rows=batch_size, seed=seed, image_key=image_key, caption_key=caption_key,
+                        label_keys=tuple(label_keys), image_size=image_size, train=train, random_crop=random_crop,
+                        random_flip=random_flip,
                         caption_choice=not isinstance(features[caption_key], tfds.features.Text),
                         flip_swaps_left_right=flip_swaps_left_right, label_swaps=swaps,
                         label_shapes={k: tuple(features[k].shape) for k in label_keys
                                      }, stats=stats, name=f"{info.full_name}[{split}]")
 
-  # Positions in this host's shard -> (shuffled, repeated) -> chunks of a batch:
-  # one array_record read per chunk costs a fraction of per-record reads.
-  positions = grain.MapDataset.range(per_host)
-  if train:
-    positions = positions.shuffle(seed=seed).repeat()  # reshuffled each epoch
-  chunks = positions.batch(batch_size, drop_remainder=False).map_with_index(reader)
+  # Chunks of positions -> this host's examples of each: one array_record read per chunk costs a fraction
+  # of per-record reads.
+  chunks = chunks.map_with_index(reader)
   it = chunks.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads)))
   # Chunks lose their unreadable images; rebatching refills every batch.
   it = it.filter(lambda chunk: len(chunk["caption"]) > 0)
@@ -198,12 +206,15 @@ def make_dataset(
 class _ChunkReader:
   """Reads a chunk of positions and decodes, crops, flips and normalises each example.
 
-  Returns the chunk stacked (images, captions, labels), without unreadable images.
-  An example's randomness depends only on the seed and its place in the stream.
+  A chunk is `chunk_size` positions (a global batch when training); this host reads `rows` of them from
+  `first` on. Returns them stacked (images, captions, labels), without unreadable images. An example's
+  randomness depends only on the seed and its place in the (global) stream.
   """
   source: Any
   offset: int
   chunk_size: int
+  first: int
+  rows: int
   seed: int
   image_key: str
   caption_key: str
@@ -220,7 +231,7 @@ class _ChunkReader:
   name: str
 
   def __call__(self, chunk_index: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-    keys = [self.offset + int(p) for p in positions]
+    keys = [self.offset + int(p) for p in positions[self.first:self.first + self.rows]]
     if hasattr(self.source, "__getitems__"):
       examples = self.source.__getitems__(keys)
     else:
@@ -229,7 +240,7 @@ class _ChunkReader:
     for j, (key, example) in enumerate(zip(keys, examples)):
       rng = None
       if self.train and (self.random_crop or self.random_flip or self.caption_choice):
-        rng = np.random.default_rng((self.seed, chunk_index * self.chunk_size + j))
+        rng = np.random.default_rng((self.seed, chunk_index * self.chunk_size + self.first + j))
       processed = self._example(key, example, rng)
       if processed is not None:
         out.append(processed)

@@ -115,7 +115,7 @@ def _initial_state(*, ckpt, target, shardings, create_fn, init_rng, tx, ema_deca
     _check_like(params, target.params, "The initial params")
     # device_put may reuse the caller's buffers (even with may_alias=False); the jit below, not
     # donated, gives the state fresh ones, so the train step's donation leaves them intact.
-    params = jax.device_put(params, shardings.params)
+    params = sharding_lib.put(params, shardings.params)
     state = jax.jit(lambda p: TrainState.create(p, tx, ema_decay), out_shardings=shardings)(params)
     return state, None, "initial_params"
   return jax.jit(create_fn, out_shardings=shardings)(init_rng), None, "scratch"
@@ -204,7 +204,7 @@ def train_loop(
         isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         for x in jax.tree.leaves(frozen)):
       frozen = sharding_lib.shard_tree(frozen, mesh, min_shard_size)
-    train_rng = jax.device_put(train_rng, sharding_lib.replicated(mesh))
+    train_rng = sharding_lib.put(train_rng, sharding_lib.replicated(mesh))
     step_fn = make_train_step(loss_fn, tx, ema_decay=ema_decay, ema_warmup=ema_warmup, lr_schedule=lr_schedule)
     if step >= total_steps:
       return LoopResult(state, step, False, source, 0.0)

@@ -13,6 +13,7 @@ Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,34 @@ class ConfigError(ValueError):
   """A configuration that cannot work; raised before anything is compiled."""
 
 
+# --- several processes -------------------------------------------------------------------------
+
+
+def primary() -> bool:
+  """Whether this process writes the workdir's shared files (exported model, results, samples, report): only
+  process 0 does; every process trains (checkpoints are written by orbax, once) and evaluates alike."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Every process waits here for the others (e.g. until process 0 has written what they read next)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def primary_first(name: str):
+  """Process 0 runs the block first (it writes a shared cache: a dataset, the judge), then the others, which
+  find it written."""
+  if not primary():
+    sync(name)
+  yield
+  if primary():
+    sync(name)
+
+
 # --- checks before any work --------------------------------------------------------------------
 
 
@@ -81,7 +110,8 @@ def ensure_dataset(cfg) -> None:
   found = builtin.lookup(cfg.data.name)
   if found is not None:
     t0 = time.time()
-    found.prepare(data_dir(cfg), cfg.data.name)
+    with primary_first("jaxsd: dataset prepared"):
+      found.prepare(data_dir(cfg), cfg.data.name)
     log.info("%s ready in %.1f s", cfg.data.name, time.time() - t0)
     return
   prepared = input_pipeline.list_prepared(data_dir(cfg))
@@ -177,6 +207,8 @@ def _text_length(cfg) -> int:
 
 
 def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), batch_size=None, captions=False):
+  """A stage's batches: in training this host's rows of each global batch; in eval the whole split on every
+  host (each computes the same metrics, as one process would)."""
   max_length = _text_length(cfg)
   d = cfg.data
   try:
@@ -186,9 +218,19 @@ def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), bat
                                        seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key,
                                        caption_key=d.caption_key, label_keys=tuple(labels), return_captions=captions,
                                        random_flip=d.random_flip and train, num_threads=d.num_threads,
-                                       drop_remainder=True, max_length=max_length)
+                                       drop_remainder=True, max_length=max_length,
+                                       **({} if train else dict(process_index=0, process_count=1)))
   except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
     raise ConfigError(f"config.data: {e.args[0]}") from None
+
+
+def _global(local: np.ndarray) -> np.ndarray:
+  """This host's rows of a global batch -> the whole global batch (in process order), on every process."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def _numeric(batches):
@@ -240,9 +282,10 @@ def _done(workdir, name) -> dict | None:
 
 
 def _finish(workdir, name, result: dict) -> dict:
-  os.makedirs(os.path.join(workdir, name), exist_ok=True)
-  with open(os.path.join(workdir, name, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  if primary():
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
+    with open(os.path.join(workdir, name, "result.json"), "w") as f:
+      json.dump(result, f, indent=2)
   log.info("%s stage: %s", name, json.dumps(result))
   return result
 
@@ -254,11 +297,12 @@ def run_clip(cfg, workdir, mesh, tokenizer) -> dict:
   res = _loop(cfg, workdir, stage, mesh, it)
   it.close()
   model, params = stage.modules["clip"], jax.device_get(res.state.params)
-  export.export_component(workdir, "clip", model, params, res.step)
   te, te_params = stages.text_encoder_from_clip(model, params)
-  export.export_component(workdir, "text_encoder", te, te_params, res.step)
   tokenizer.model_max_length = cfg.clip.text.max_position_embeddings  # so diffusers pads to our length
-  export.export_tokenizer(workdir, tokenizer)
+  if primary():
+    export.export_component(workdir, "clip", model, params, res.step)
+    export.export_component(workdir, "text_encoder", te, te_params, res.step)
+    export.export_tokenizer(workdir, tokenizer)
   metrics = _evaluate(cfg, "clip", tokenizer, evaluate.clip_retrieval, model, params, cfg.clip.eval_examples,
                       captions=True)
   return _finish(workdir, "clip", dict(metrics, **_run_facts(res, t0)))
@@ -270,11 +314,12 @@ def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
   model, params = stage.modules["vae"], jax.device_get(res.state.params)
-  sample = next(it)["image"]
+  sample = _global(next(it)["image"])
   it.close()
   factor = stages.measure_scaling_factor(model, params, sample, jax.random.key(cfg.seed))
   model = model.clone(config=model.config.replace(scaling_factor=factor))
-  export.export_component(workdir, "vae", model, params, res.step)
+  if primary():
+    export.export_component(workdir, "vae", model, params, res.step)
   metrics = _evaluate(cfg, "vae", tokenizer, evaluate.vae_reconstruction, model, params, cfg.vae.eval_examples)
   return _finish(workdir, "vae", dict(metrics, scaling_factor=factor, **_run_facts(res, t0)))
 
@@ -282,15 +327,17 @@ def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
 def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   dtype = stages.dtype_of(cfg)
   mdir = export.model_dir(workdir)
-  if cfg.init:
+  if cfg.init and primary():
     export.copy_from_init(cfg.init, workdir)
+  sync("jaxsd: model folder")
+  if cfg.init:
     unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
                                              gradient_checkpointing=cfg.unet.gradient_checkpointing)
     scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   else:
     unet, unet_params = None, None
     scheduler = stages.scheduler_config(cfg)
-    if not cfg.benchmark_steps:
+    if primary() and not cfg.benchmark_steps:
       export.write_scheduler(scheduler, os.path.join(mdir, "scheduler"))
       export.write_model_index(mdir)
   if cfg.benchmark_steps and not cfg.init and not os.path.isdir(os.path.join(mdir, "vae")):
@@ -313,7 +360,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
-  if not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
+  if primary() and not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
     # Export the starting U-Net, so `python -m sample --model <workdir>` works from the first checkpoint on
     # (it swaps in the newest checkpoint's EMA weights).
     start = unet_params if unet_params is not None else stages.split_unet_params(
@@ -322,13 +369,18 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
 
   prompts, columns = builtin.sample_prompts(cfg.data.name, cfg.unet.get("sample_prompts", ()))
   samples_dir = os.path.join(workdir, "samples")
-  quality = _quality_eval(cfg, workdir, tokenizer)[0] if _judged(cfg) else None
+  quality = None
+  if _judged(cfg):
+    with primary_first("jaxsd: judge trained"):
+      quality = _quality_eval(cfg, workdir, tokenizer)[0]
 
   sampling_pipe = StableDiffusion(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler)
 
   def write_samples(step, state, writer):
     # One pipeline object for every grid: its compiled program is reused, only the params change.
     params = state.ema_params if state.ema_params is not None else state.params
+    if jax.process_count() > 1:  # replicated over every process: each samples on its own devices
+      params = jax.device_get(params)
     sampling_pipe.unet_params, trained_te = stages.split_unet_params(params)
     if trained_te is not None:
       sampling_pipe.text_encoder_params = trained_te
@@ -337,8 +389,9 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     images = pipe(prompts, height=size, width=size, steps=cfg.unet.sample_steps, sampler=cfg.unet.sampler,
                   guidance_scale=cfg.unet.guidance_scale, seed=cfg.seed)
     grid = contact_sheet(images, columns=columns)
-    os.makedirs(samples_dir, exist_ok=True)
-    Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
+    if primary():
+      os.makedirs(samples_dir, exist_ok=True)
+      Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
     writer.write_images(step, {"samples": grid})
     if quality is not None and step < cfg.unet.steps:  # the final point is the report's
       scores = quality(pipe, final=False)
@@ -353,9 +406,10 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   state = res.state
   final_unet, final_te = stages.split_unet_params(
       jax.device_get(state.ema_params if state.ema_params is not None else state.params))
-  if final_te is not None:
-    export.export_component(workdir, "text_encoder", te, final_te, res.step)
-  export.export_component(workdir, "unet", unet, final_unet, res.step)
+  if primary():
+    if final_te is not None:
+      export.export_component(workdir, "text_encoder", te, final_te, res.step)
+    export.export_component(workdir, "unet", unet, final_unet, res.step)
   write_samples(res.step, state, _NullWriter())
   return _finish(workdir, "unet", dict(_run_facts(res, t0), ema=state.ema_params is not None))
 
@@ -430,7 +484,7 @@ def _benchmark(cfg, stage, mesh, it) -> dict:
   shard = sharding.tree_shardings(abstract, mesh)
   state = jax.jit(create, out_shardings=shard)(jax.random.key(0))
   frozen = sharding.shard_tree(stage.frozen, mesh)
-  rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
+  rng = sharding.put(jax.random.key(1), sharding.replicated(mesh))
   batch_np = {k: v for k, v in next(it).items()}
   it.close()
   step_fn = make_train_step(stage.loss_fn, tx, ema_decay=cfg.unet.ema_decay or None, lr_schedule=schedule)
@@ -460,9 +514,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"the unet stage needs a trained {need}: run the {stage} stage first (config.stages) "
                           f"in this workdir, or fine-tune a pretrained model with --config.init=<diffusers folder>.")
   ensure_dataset(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  if primary():
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
   tokenizer = tok.load_tokenizer(cfg.init or None)
   results = {}
@@ -476,13 +531,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       continue
     runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet, "lora": run_lora}[name]
     results[name] = runner(cfg, workdir, mesh, tokenizer)
+    sync(f"jaxsd: {name} stage exported")  # the next stage reads what process 0 wrote
     if cfg.benchmark_steps:
       return results[name]
-  if "unet" in results and not cfg.init and _judged(cfg) and os.path.isdir(os.path.join(workdir, "model", "clip")):
+  if (primary() and "unet" in results and not cfg.init and _judged(cfg) and
+      os.path.isdir(os.path.join(workdir, "model", "clip"))):  # written by process 0, from its own samples
     results["prompt_match"] = report(cfg, workdir, tokenizer)
   results["wall_seconds_this_run"] = round(time.time() - t0, 1)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if primary():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(results, f, indent=2)
   return results
 
 
@@ -521,7 +579,8 @@ def _labelled_arrays(cfg, tokenizer, split, attrs, max_examples, captions=False)
                                          split=d.train_split if split == "train" else d.test_split, train=False,
                                          tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
                                          label_keys=attrs, return_captions=captions, num_threads=d.num_threads,
-                                         drop_remainder=False, max_length=_text_length(cfg))
+                                         drop_remainder=False, max_length=_text_length(cfg), process_index=0,
+                                         process_count=1)  # every process reads it all
   it = iter(pipeline)
   keys = ("image", *attrs) + (("caption",) if captions else ())
   arrays = evaluate.load_arrays(it, keys, max_examples)

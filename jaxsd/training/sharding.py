@@ -91,9 +91,18 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
   return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)`, also where the shardings span other processes' devices (which
+  device_put refuses): every process passes the same whole values and keeps its own part of each."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  host = lambda x: x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)  # noqa: E731
+  return jax.jit(lambda t: t, out_shardings=shardings)(jax.tree.map(host, tree))
+
+
 def shard_tree(tree: Any, mesh: Mesh, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> Any:
   """Places a host or device tree (e.g. frozen networks) on the mesh by the fsdp rule."""
-  return jax.device_put(tree, tree_shardings(tree, mesh, min_shard_size))
+  return put(tree, tree_shardings(tree, mesh, min_shard_size))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

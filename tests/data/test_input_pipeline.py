@@ -92,6 +92,19 @@ def test_hosts_read_disjoint_shards(tiny):
   assert len(keys[0]) == len(keys[1]) == NUM_TEST // 2 and not keys[0] & keys[1]
 
 
+def test_training_batches_do_not_depend_on_the_host_count(tiny):
+  """Two hosts' training batches, side by side, are one host's batches of the same global size (crops,
+  flips and caption choices included): multi-host training sees the data single-host training sees."""
+  make, *_ = tiny
+  kw = dict(global_batch_size=16, seed=5, random_flip=True, random_crop=True, image_size=24, label_keys=("color",))
+  one = _take(iter(make(**kw)), NUM_TRAIN // 16 + 2)  # into the second epoch
+  hosts = [_take(iter(make(process_index=i, process_count=2, **kw)), NUM_TRAIN // 16 + 2) for i in range(2)]
+  for b, (h0, h1) in enumerate(zip(*hosts)):
+    assert len(h0["color"]) == len(h1["color"]) == 8
+    for key in ("image", "input_ids", "color"):
+      np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), one[b][key], err_msg=f"batch {b} {key}")
+
+
 def test_resume_from_iterator_state(tiny):
   make, *_ = tiny
   pipeline = make(random_flip=True, random_crop=True, image_size=24, seed=7)
