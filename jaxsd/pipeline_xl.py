@@ -221,7 +221,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
   def text_inputs(self, prompts, negative_prompts, height, width, *, prompts_2=None, negative_prompts_2=None,
                   original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                   negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
-                  negative_aesthetic_score=2.5, image_to_image=False):
+                  negative_aesthetic_score=2.5, image_to_image=False, long_prompts=False, prompt_weighting=False):
     """(ids, unconditional ids, {time_ids, uncond_time_ids, zero_uncond}) for the program.
 
     Sizes default to (height, width). No negative prompts with force_zeros_for_empty_prompt: zero
@@ -229,6 +229,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     prompt's unless both negative_original_size and negative_target_size are given; img2img defaults the
     negative sizes to the prompt's and, without an aesthetic score, takes the prompt's crop and target size.
     """
+    if long_prompts or prompt_weighting:
+      raise ValueError("long_prompts and prompt_weighting are not implemented for SDXL yet (SD 1.x / 2.x only): "
+                       "leave them off (prompts are truncated to 77 tokens, as diffusers does).")
     n = len(prompts)
     size = (height, width)
     original_size, target_size = tuple(original_size or size), tuple(target_size or size)
