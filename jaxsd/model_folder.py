@@ -6,7 +6,9 @@ each network's folder holds config.json and its weights: safetensors, one file o
 before the last extension: `diffusion_pytorch_model.fp16.safetensors`, shards
 `model.fp16-00001-of-00002.safetensors` listed in `model.safetensors.index.fp16.json`). Pickled `.bin`
 checkpoints can run code when loaded, so they are refused unless the caller opts in
-(`allow_pickle=True`), and then read with `torch.load(weights_only=True)`.
+(`allow_pickle=True`), and then read with `torch.load(weights_only=True)`. Folders written by
+diffusers <= 0.39's Flax pipelines (`diffusion_flax_model.msgpack`, transformers' `flax_model.msgpack`)
+read through `jaxsd.flax_msgpack`, which renames their parameters to PyTorch's.
 
 A training workdir holds such a folder in model/ (each network with the `jaxsd_step.json` of the step
 it was exported at) and the orbax checkpoints of each stage in <stage>/checkpoints/<step>/state.
@@ -89,8 +91,10 @@ def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str
   """Returns (files, format) for the weights in a diffusers/transformers model folder."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: not a directory; pass a model folder holding config.json and weights.")
-  for fmt, ext in (("safetensors", "safetensors"), ("pickle", "bin")):
+  for fmt, ext in (("safetensors", "safetensors"), ("msgpack", "msgpack"), ("pickle", "bin")):
     for name in _WEIGHT_NAMES:
+      if fmt == "msgpack":  # diffusers <= 0.39's and transformers' Flax weights (transformers' may be sharded)
+        name = {"diffusion_pytorch_model": "diffusion_flax_model", "model": "flax_model"}[name]
       single = os.path.join(folder, add_variant(f"{name}.{ext}", variant))
       if os.path.exists(single):
         return [single], fmt
@@ -110,7 +114,8 @@ def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str
   single = add_variant("diffusion_pytorch_model.safetensors", variant)
   index = add_variant("diffusion_pytorch_model.safetensors.index.json", variant)
   raise FileNotFoundError(f"{folder}: no weights found (looked for {single}, {index}, the same with model for "
-                          f"diffusion_pytorch_model, and their .bin forms); the folder holds: {listing}.")
+                          f"diffusion_pytorch_model, their .bin forms, and Flax's diffusion_flax_model.msgpack / "
+                          f"flax_model.msgpack); the folder holds: {listing}.")
 
 
 def has_weights(folder: str, variant: str | None = None) -> bool:
@@ -123,10 +128,15 @@ def has_weights(folder: str, variant: str | None = None) -> bool:
 
 
 def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool = False) -> Mapping[str, Any]:
-  """The state dict in a model folder: safetensors lazily; pickled `.bin` only with allow_pickle."""
+  """The state dict in a model folder: safetensors lazily; Flax `.msgpack` in PyTorch names; pickled `.bin`
+  only with allow_pickle."""
   files, fmt = find_weight_files(folder, variant)
   if fmt == "safetensors":
     return SafetensorsDict(files)
+  if fmt == "msgpack":
+    from jaxsd import flax_msgpack
+
+    return flax_msgpack.MsgpackStateDict(files)
   if not allow_pickle:
     raise ValueError(f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
                      "arbitrary code, so it is off by default. Convert the checkpoint to safetensors, or pass "
