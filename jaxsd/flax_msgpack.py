@@ -11,9 +11,9 @@ transformers' (4.57, modeling_flax_pytorch_utils.py):
 
 - `kernel` -> `weight`, transposed (4-d: HWIO -> OIHW; 2-d: (in, out) -> (out, in)); `scale` and
   `embedding` -> `weight`; `bias` unchanged;
-- the VAE's attention layers are named `query`, `key`, `value`, `proj_attn` in diffusers' Flax VAE;
-  today's PyTorch names are `to_q`, `to_k`, `to_v`, `to_out.0` (the U-Net's Flax attention already
-  uses the PyTorch names).
+- the VAE's attention layers, `query`, `key`, `value`, `proj_attn` in diffusers' Flax VAE, keep those
+  names: they are diffusers < 0.14's PyTorch names, which the VAE loader already renames
+  (`jaxsd.pretrained._legacy_vae_names`); the U-Net's Flax attention uses today's PyTorch names.
 
 The result is a lazy mapping in PyTorch names, so `jaxsd.weights.state_dict_to_params` loads it as
 strictly as a safetensors file (missing, unexpected and mis-shaped keys are all reported).
@@ -28,14 +28,6 @@ import numpy as np
 from jaxsd import weights
 
 FILE_NAMES = ("diffusion_flax_model.msgpack", "flax_model.msgpack")  # diffusers', transformers'
-_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-  """A flattened Flax parameter path -> its PyTorch state-dict key."""
-  if len(path) >= 2 and path[-2] in _VAE_ATTENTION:
-    path = path[:-2] + (_VAE_ATTENTION[path[-2]], path[-1])
-  return weights.path_to_torch_key(path)
 
 
 def _torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
@@ -63,7 +55,7 @@ class MsgpackStateDict(Mapping):
         tree = tree["params"]
       for path, value in traverse_util.flatten_dict(tree).items():
         path = tuple(str(p) for p in path)
-        key = torch_key(path)
+        key = weights.path_to_torch_key(path)
         if key in self._flat:
           raise ValueError(f"{file}: the Flax parameters {'/'.join(self._flat[key][0])} and {'/'.join(path)} "
                            f"both map to the PyTorch key {key}; this is not a diffusers or transformers Flax file.")
