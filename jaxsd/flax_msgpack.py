@@ -27,8 +27,6 @@ import numpy as np
 
 from jaxsd import weights
 
-FILE_NAMES = ("diffusion_flax_model.msgpack", "flax_model.msgpack")  # diffusers', transformers'
-
 
 def _torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
   if leaf == "kernel" and value.ndim == 4:
@@ -60,10 +58,6 @@ class MsgpackStateDict(Mapping):
           raise ValueError(f"{file}: the Flax parameters {'/'.join(self._flat[key][0])} and {'/'.join(path)} "
                            f"both map to the PyTorch key {key}; this is not a diffusers or transformers Flax file.")
         self._flat[key] = (path, value)
-
-  def flax_path(self, key: str) -> str:
-    """The Flax path (`a/b/kernel`) a PyTorch key was read from, for error messages."""
-    return "/".join(self._flat[key][0])
 
   def __getitem__(self, key: str) -> np.ndarray:
     path, value = self._flat[key]

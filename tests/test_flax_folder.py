@@ -14,8 +14,14 @@ Dense layers `query`/`key`/`value`/`proj_attn`; the U-Net attention's `to_q`/...
 msgpack of the nested dict (`flax.serialization.msgpack_serialize`, what `to_bytes` writes for a dict),
 beside `Flax*` class names in model_index.json and a FlaxPNDMScheduler config.
 
-Not checked against a folder written by diffusers 0.39 itself: the side environment was not built in
-this session (no time, CPU shared).
+Checked once against the real thing (2026-12-02, not part of the suite): in a side venv with diffusers
+0.39.0 and transformers 4.57.6, the tiny folder of `reference.make_tiny_sd_folder` was converted with their
+own `convert_pytorch_state_dict_to_flax` (the text encoder's keys given transformers 4's `text_model.`
+prefix) and written with `FlaxUNet2DConditionModel` / `FlaxAutoencoderKL` / `FlaxCLIPTextModel`
+`.save_pretrained(..., params=)` and `FlaxPNDMScheduler.save_pretrained`. Its msgpack trees had the same
+keys, dtypes and bit-equal arrays as `make_flax_folder`'s below, and `StableDiffusion.from_pretrained` of it
+(with its Flax-written config.json files) gave parameters bit-equal to the PyTorch folder's (max |diff| 0)
+and an equal scheduler config.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def _to_transformers_flax(state_dict: dict) -> dict:
   """transformers 4.57 `convert_pytorch_state_dict_to_flax` for FlaxCLIPTextModel (no digit joining)."""
   out = {}
   for pt_key, tensor in state_dict.items():
-    key = tuple(pt_key.split("."))
+    # transformers 5 saves CLIPTextModel without the `text_model.` prefix; FlaxCLIPTextModel's params have it.
+    key = tuple(pt_key.split(".")) if pt_key.startswith("text_model.") else ("text_model",) + tuple(pt_key.split("."))
     if key[-1] == "weight" and _flax_has(key[:-1] + ("scale",), False):
       out[key[:-1] + ("scale",)] = tensor
     elif key[-1] == "weight" and _flax_has(key[:-1] + ("embedding",), False):
