@@ -230,8 +230,8 @@ def test_bad_input_is_reported(sdxl, tmp_path):
     dataclasses.replace(sdxl.refiner, model_index={})(PROMPTS, steps=2)
   with pytest.raises(ValueError, match="not implemented"):
     sdxl.base.inpaint(PROMPTS, None, None)
-  for option in ("long_prompts", "prompt_weighting"):  # SD 1.x / 2.x only: refused, not a TypeError
+  for option in ("long_prompts", "prompt_weighting"):  # SD 1.x / 2.x only: what generate() (the command) passes
     with pytest.raises(ValueError, match="not implemented for SDXL"):
-      sdxl.base(PROMPTS, steps=2, **{option: True})
+      sdxl.base.text_inputs(PROMPTS, None, 64, 64, **{option: True})
   with pytest.raises(FileNotFoundError, match="incomplete: no text_encoder_2/, tokenizer_2/"):
     jaxsd.StableDiffusionXL.from_pretrained(reference.make_tiny_sd_folder(str(tmp_path / "sd")))

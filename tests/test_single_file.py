@@ -73,7 +73,7 @@ def folder_and_file(request, tmp_path_factory):
   root = tmp_path_factory.mktemp("single_sd2" if sd2 else "single_sd1")
   folder = reference.make_tiny_sd_folder(str(root / "sd"), sd2=sd2)
   read = lambda name: dict(model_folder.read_state_dict(os.path.join(folder, name)))
-  configs = {name: jaxsd.pipeline._read_json(os.path.join(folder, name, "config.json")) for name in ("unet", "vae")}
+  configs = {name: model_folder.read_json(os.path.join(folder, name, "config.json")) for name in ("unet", "vae")}
   unet, vae, text = read("unet"), read("vae"), read("text_encoder")
   # transformers 5 saves a standalone CLIPTextModel without `text_model.`; SD 1 files have it.
   text_ldm = _to_open_clip(text) if sd2 else {
