@@ -72,6 +72,8 @@ def check_settings(c) -> None:
                      "PEFT's dropout acts on each token's input to lora_A, which a merged kernel cannot express).")
   if c.init not in INITS:
     raise ValueError(f"init={c.init!r}: choose one of {', '.join(INITS)}.")
+  if c.export_format not in lora.FORMATS:
+    raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora.FORMATS)}.")
 
 
 def make_spec(unet_params: Any, c) -> LoraSpec:

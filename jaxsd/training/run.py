@@ -165,9 +165,6 @@ def check_config(cfg, n_devices: int) -> None:
       lora_training.check_settings(cfg.lora)
     except ValueError as e:
       raise ConfigError(f"config.lora: {e}") from None
-    if cfg.lora.export_format not in lora_lib.FORMATS:
-      raise ConfigError(f"config.lora.export_format={cfg.lora.export_format!r}: choose one of "
-                        f"{', '.join(lora_lib.FORMATS)}.")
   if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
     if cfg.data.random_flip:
       raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped: "
@@ -353,10 +350,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
                                 gradient_checkpointing=cfg.unet.gradient_checkpointing)
   stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                             scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params)
-  if cfg.unet.get("cache_latents"):
-    it = iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
-  else:
-    it = iter(make_input(cfg, "unet", tokenizer))
+  it = _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params)
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
@@ -431,10 +425,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                            scheduler=scheduler, tokenizer=tokenizer)
   stage = lora_training.lora_stage(base, unet_params, spec)
-  if cfg.unet.get("cache_latents"):
-    it = iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
-  else:
-    it = iter(make_input(cfg, "unet", tokenizer))
+  it = _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params)
   if cfg.benchmark_steps:
     return dict(_benchmark(cfg, stage, mesh, it), stage="lora", **lora_training.describe(spec))
   t0 = time.time()
@@ -447,6 +438,13 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
       workdir, "lora",
       dict(_run_facts(res, t0), ema=state.ema_params is not None, file=path, format=cfg.lora.export_format,
            **lora_training.describe(spec)))
+
+
+def _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
+  """The U-Net (or LoRA) stage's batches: from the latent cache with `unet.cache_latents`, else images."""
+  if cfg.unet.get("cache_latents"):
+    return iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
+  return iter(make_input(cfg, "unet", tokenizer))
 
 
 def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
