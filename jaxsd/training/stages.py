@@ -96,7 +96,7 @@ def vae_stage(cfg) -> Stage:
 
   def loss_fn(params, batch, rng, frozen):
     recon, post = model.apply({"params": params}, batch["image"], sample_posterior=True, key=rng)
-    return losses.vae_loss(recon, batch["image"], post.kl(), c.kl_weight, c.l1_weight, c.l2_weight)
+    return losses.vae_loss(recon, batch["image"], post.kl(), c.kl_weight, c.l1_weight, c.l2_weight, c.edge_weight)
 
   return Stage("vae", lambda rng: pretrained.init_params(model, rng), loss_fn, modules={"vae": model})
 

@@ -67,6 +67,7 @@ def get_config():
           kl_weight=1e-6,
           l1_weight=1.0,
           l2_weight=1.0,
+          edge_weight=0.0,  # L1 on neighbouring-pixel differences (losses.vae_loss)
           eval_examples=1000,
       ))
 
