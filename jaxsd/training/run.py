@@ -61,10 +61,7 @@ def primary() -> bool:
 
 def sync(name: str) -> None:
   """Every process waits here for the others (e.g. until process 0 has written what they read next)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
+  sharding.sync_processes(name)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   return jax.make_mesh(shape, BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+_barriers: dict[str, int] = {}
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+  """Every process waits here for the others: a barrier of jax.distributed's coordination service.
+
+  Not a collective: the CPU backend's collectives (gloo) give up when one process reaches its first
+  collective over a set of devices 30 s after another (its compile missed the persistent compilation
+  cache, it was writing the exported model), which a barrier with a long timeout tolerates. No-op in
+  one process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the client; no public handle)
+
+  _barriers[name] = _barriers.get(name, 0) + 1  # a barrier id is used once
+  distributed.global_state.client.wait_at_barrier(f"{name}#{_barriers[name]}", timeout_s * 1000)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
