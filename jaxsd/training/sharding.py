@@ -23,9 +23,16 @@ DEFAULT_MIN_SHARD_SIZE = 2**14  # Smaller arrays (biases, norms, scalars) stay r
 
 
 def mesh_shape(data: int, fsdp: int, n_devices: int) -> tuple[int, int]:
-  """(data, fsdp) for `n_devices`, `-1` for data meaning "the rest"; ValueError when they do not fit."""
+  """(data, fsdp) for `n_devices`, `-1` for either meaning "the rest" (fsdp=-1 with data=-1: all devices for
+  fsdp); ValueError when they do not fit."""
+  if fsdp == -1:
+    if data == -1:
+      data = 1
+    if data < 1 or n_devices % data:
+      raise ValueError(f"data={data} must divide the {n_devices} devices (and be >= 1) when fsdp=-1.")
+    fsdp = n_devices // data
   if fsdp < 1 or n_devices % fsdp:
-    raise ValueError(f"fsdp={fsdp} must divide the {n_devices} devices (and be >= 1).")
+    raise ValueError(f"fsdp={fsdp} must divide the {n_devices} devices (and be >= 1, or -1 for the rest).")
   if data == -1:
     data = n_devices // fsdp
   if data * fsdp != n_devices:
