@@ -363,7 +363,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   if cfg.benchmark_steps and not cfg.init and not os.path.isdir(os.path.join(mdir, "vae")):
     # Timing the U-Net step needs VAE and text encoder of the configured sizes, not trained ones.
     vae, vae_params, te, te_params = stages.untrained_frozen_networks(cfg, jax.random.key(cfg.seed))
-  elif sdxl:  # the VAE in fp32 where its config says force_upcast (SDXL's overflows in half precision)
+  elif sdxl:  # the VAE as SDXL's pipelines run it: fp32 for float16 compute where force_upcast (fp16 overflows)
     vae, vae_params = load_vae(os.path.join(mdir, "vae"), dtype)
     te, te_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder"), dtype, jnp.float32,
                                                  projection=False)
