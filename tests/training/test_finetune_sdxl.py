@@ -174,3 +174,12 @@ def test_unsupported_sdxl_settings_are_refused(folders, updates, message):
 def test_a_refiner_folder_is_refused(folders):
   with pytest.raises(run.ConfigError, match="refiner"):
     run.check_config(_config(folders, init=folders["refiner"]), 8)
+
+
+def test_cli_loads_the_sdxl_config_and_refuses_a_refiner_with_exit_2(folders, tmp_path, capsys):
+  from train.__main__ import main
+
+  config = os.path.join(os.path.dirname(finetune.__file__), "finetune.py")
+  rc = main(["train", "--config", f"{config}:sdxl", "--workdir", str(tmp_path), f"--config.init={folders['refiner']}"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "refiner is not supported" in err and len(err.splitlines()) == 1, err
