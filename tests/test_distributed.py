@@ -184,11 +184,11 @@ def test_train_killed_on_both_hosts_mid_unet_stage_resumes_to_the_same_weights(t
   ended = [p.poll() for p, _ in running]
   for p, _ in running:
     p.kill()  # SIGKILL, no chance to save
-  killed_at = _unet_checkpoints(killed)
-  assert ended == [None, None] and killed_at, f"not killed mid-stage: exit codes {ended}, checkpoints {killed_at}"
   for p, log in running:
     p.wait()
     log.close()
+  killed_at = _unet_checkpoints(killed)  # once both are gone: what the rerun finds
+  assert ended == [None, None] and killed_at, f"not killed mid-stage: exit codes {ended}, checkpoints {killed_at}"
   assert killed_at[-1] < 8 and not (killed / "unet" / "result.json").exists(), killed_at
   runs = wait(two(killed))
   for rc, log in runs:
