@@ -274,7 +274,7 @@ class _ChunkReader:
     try:
       image = Image.open(io.BytesIO(example[self.image_key]))
       width, height = image.size  # as stored (draft below decodes smaller)
-      if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # exif_transpose turns it by 90 degrees
+      if self.size_conditioning and image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 below
         width, height = height, width
       if image.format == "JPEG":  # decode at a reduced scale when >= 2x too large
         image.draft("RGB", (self.image_size, self.image_size))
