@@ -7,6 +7,8 @@ each global batch of one shuffled order that every host draws alike (so the glob
 are those of a single host); in eval, from its own contiguous shard of the split:
 
   {"image": float32 (B, H, W, 3) in [-1, 1], "input_ids": int32 (B, 77),
+   "input_ids_2": int32 (B, 77)  [with tokenizer_2: SDXL's second tokenizer],
+   "original_size": int32 (B, 2), "crop_top_left": int32 (B, 2)  [with size_conditioning: SDXL's],
    "caption": str (B,)  [with return_captions], <label key>: int32 (B,) ...}
 
 Training pipelines shuffle (reshuffled every epoch) and repeat forever; eval
@@ -35,8 +37,9 @@ from jaxsd.data import shapes as _shapes  # noqa: F401  (registers the `shapes` 
 
 log = logging.getLogger(__name__)
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-_RESERVED = ("image", "input_ids", "caption")
+_RESERVED = ("image", "input_ids", "input_ids_2", "original_size", "crop_top_left", "caption")
 _MAX_LOGGED = 10
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 @dataclasses.dataclass
@@ -74,6 +77,7 @@ def make_dataset(
     train: bool = True,
     seed: int = 0,
     tokenizer: Any = None,
+    tokenizer_2: Any = None,
     max_length: int = tokenizer_lib.MAX_LENGTH,
     image_key: str = "image",
     caption_key: str = "caption",
@@ -81,6 +85,7 @@ def make_dataset(
     return_captions: bool = False,
     random_crop: bool = False,
     random_flip: bool = False,
+    size_conditioning: bool = False,
     flip_swaps_left_right: bool = True,
     drop_remainder: bool = True,
     num_threads: int = 4,
@@ -102,6 +107,7 @@ def make_dataset(
       pass in order.
     seed: the shuffle and augmentation seed.
     tokenizer: a CLIP tokenizer (None: the shipped one).
+    tokenizer_2: a second tokenizer (SDXL's): its token ids as "input_ids_2".
     max_length: tokens per caption.
     image_key, caption_key: feature names of the image and its caption (a text,
       or a sequence of texts of which training picks one at random and eval the first).
@@ -109,6 +115,10 @@ def make_dataset(
     return_captions: also return the caption strings under "caption".
     random_crop: (training only) crop at a random place instead of the centre.
     random_flip: (training only) flip half of the images horizontally.
+    size_conditioning: also return SDXL's size conditioning (Podell et al. 2023, section 2.2): each
+      image's "original_size" (height, width) as stored, before any resizing, and "crop_top_left"
+      (top, left) of the crop in the resized image (flipped first, when flipped, as diffusers'
+      train_text_to_image_sdxl.py flips before cropping).
     flip_swaps_left_right: in a flipped example, swap the words "left" and "right"
       in the caption, and the "left"/"right" classes of label features.
     drop_remainder: drop the last partial batch (eval can set False).
@@ -175,7 +185,7 @@ def make_dataset(
   reader = _ChunkReader(source=source, offset=offset, chunk_size=global_batch_size if train else batch_size,
                         first=first, rows=batch_size, seed=seed, image_key=image_key, caption_key=caption_key,
                         label_keys=tuple(label_keys), image_size=image_size, train=train, random_crop=random_crop,
-                        random_flip=random_flip,
+                        random_flip=random_flip, size_conditioning=size_conditioning,
                         caption_choice=not isinstance(features[caption_key], tfds.features.Text),
                         flip_swaps_left_right=flip_swaps_left_right, label_swaps=swaps,
                         label_shapes={k: tuple(features[k].shape) for k in label_keys
@@ -192,6 +202,8 @@ def make_dataset(
   def finish(batch):
     captions = batch.pop("caption")
     batch["input_ids"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in captions], max_length, warn=False)
+    if tokenizer_2 is not None:
+      batch["input_ids_2"] = tokenizer_lib.tokenize(tokenizer_2, [str(c) for c in captions], max_length, warn=False)
     if return_captions:
       batch["caption"] = captions
     return batch
@@ -223,6 +235,7 @@ class _ChunkReader:
   train: bool
   random_crop: bool
   random_flip: bool
+  size_conditioning: bool
   caption_choice: bool  # the caption feature holds several captions
   flip_swaps_left_right: bool
   label_swaps: dict
@@ -245,9 +258,13 @@ class _ChunkReader:
       if processed is not None:
         out.append(processed)
     s = self.image_size
+    sizes = {
+        k: np.array([o[k] for o in out], np.int32).reshape(len(out), 2) for k in ("original_size", "crop_top_left")
+    } if self.size_conditioning else {}
     return {
         "image": np.stack([o["image"] for o in out]) if out else np.zeros((0, s, s, 3), np.float32),
         "caption": np.array([o["caption"] for o in out], dtype=str),
+        **sizes,
         **{
             k: np.array([o[k] for o in out], np.int32).reshape((len(out),) + self.label_shapes[k]) for k in self.label_keys
         },
@@ -256,6 +273,9 @@ class _ChunkReader:
   def _example(self, key: int, example: dict, rng: np.random.Generator | None):
     try:
       image = Image.open(io.BytesIO(example[self.image_key]))
+      width, height = image.size  # as stored (draft below decodes smaller)
+      if self.size_conditioning and image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 below
+        width, height = height, width
       if image.format == "JPEG":  # decode at a reduced scale when >= 2x too large
         image.draft("RGB", (self.image_size, self.image_size))
       if "exif" in image.info:  # camera JPEGs: apply the orientation tag
@@ -268,10 +288,11 @@ class _ChunkReader:
                     " (further ones are counted, not logged)" if n == _MAX_LOGGED else "")
       return None
 
-    image = self._resize_and_crop(image, rng)
+    image, resized_width, top, left = self._resize_and_crop(image, rng)
     flip = self.random_flip and rng is not None and rng.random() < 0.5
     if flip:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
+      left = resized_width - self.image_size - left  # where this crop lies in the flipped resized image
     pixels = np.asarray(image, np.float32) / 127.5 - 1.0
 
     caption = example[self.caption_key]
@@ -281,6 +302,8 @@ class _ChunkReader:
     if flip and self.flip_swaps_left_right:
       caption = _LEFT_RIGHT.sub(_swap_word, caption)
     out = {"image": pixels, "caption": caption}
+    if self.size_conditioning:
+      out.update(original_size=(height, width), crop_top_left=(top, left))
     for key in self.label_keys:
       label = np.asarray(example[key], np.int32)
       swap = self.label_swaps.get(key)
@@ -290,7 +313,8 @@ class _ChunkReader:
       out[key] = label
     return out
 
-  def _resize_and_crop(self, image: Image.Image, rng) -> Image.Image:
+  def _resize_and_crop(self, image: Image.Image, rng) -> tuple[Image.Image, int, int, int]:
+    """(the square crop, the resized image's width, the crop's top and left in the resized image)."""
     s = self.image_size
     w, h = image.size
     if (w, h) != (s, s):
@@ -298,12 +322,12 @@ class _ChunkReader:
       w, h = max(s, round(w * scale)), max(s, round(h * scale))
       image = image.resize((w, h), Image.BICUBIC)
     if (w, h) == (s, s):
-      return image
+      return image, w, 0, 0
     if self.random_crop and rng is not None:
       left, top = int(rng.integers(w - s + 1)), int(rng.integers(h - s + 1))
     else:
       left, top = (w - s) // 2, (h - s) // 2
-    return image.crop((left, top, left + s, top + s))
+    return image.crop((left, top, left + s, top + s)), w, top, left
 
 
 def _swap_word(match: re.Match) -> str:

@@ -10,6 +10,7 @@ went further. The format itself is `jaxsd.model_folder`'s.
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 
@@ -33,5 +34,10 @@ def export_tokenizer(workdir: str, tokenizer) -> None:
 
 
 def copy_from_init(init: str, workdir: str) -> None:
-  """Fine-tuning: the frozen parts (VAE, text encoder, tokenizer, scheduler) are those of `init`."""
-  model_folder.copy_components(init, model_dir(workdir), ("vae", "text_encoder", "tokenizer", "scheduler"))
+  """Fine-tuning: the frozen parts (VAE, text encoder(s), tokenizer(s), scheduler) are those of `init`; an SDXL
+  folder keeps its own model_index.json (its pipeline class and settings such as force_zeros_for_empty_prompt)."""
+  sdxl = model_folder.is_sdxl_folder(init)
+  names = ("vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if sdxl else ())
+  model_folder.copy_components(init, model_dir(workdir), names)
+  if sdxl and os.path.isfile(os.path.join(init, "model_index.json")):
+    shutil.copyfile(os.path.join(init, "model_index.json"), os.path.join(model_dir(workdir), "model_index.json"))

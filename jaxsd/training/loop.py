@@ -212,6 +212,8 @@ def train_loop(
     batch_np = next(data)
     compiled, compile_seconds = sharding_lib.compile_train_step(step_fn, mesh, shardings, abstract, batch_np, train_rng,
                                                                 frozen)
+    # The first step's collectives start together, however long each process took to compile.
+    sharding_lib.sync_processes("jaxsd: train step compiled")
     global_batch = jax.tree.leaves(batch_np)[0].shape[0] * jax.process_count()
     log.info("Compiled the train step in %.1f s (global batch %d).", compile_seconds, global_batch)
     writer.write_scalars(step, {"compile_seconds": compile_seconds})

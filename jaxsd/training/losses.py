@@ -65,7 +65,8 @@ def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float, predi
 def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, context: jax.Array, rng: jax.Array, *,
                    prediction_type: str = "epsilon", min_snr_gamma: float | None = None) -> tuple[jax.Array, dict]:
   """Noise the latents at a uniform random timestep; the U-Net predicts the noise or v (Ho et al. 2020;
-  Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`."""
+  Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`; `context` is passed through as given (an
+  array, or a dict of the U-Net's conditioning)."""
   b = latents.shape[0]
   t_rng, n_rng = jax.random.split(rng)
   t = jax.random.randint(t_rng, (b,), 0, alphas_cumprod.shape[0])

@@ -32,8 +32,9 @@ from jaxsd import tokenizer as tok
 from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet
-from jaxsd.model_folder import check_model_folder
-from jaxsd.pipeline import StableDiffusion, load_workdir
+from jaxsd.model_folder import check_model_folder, is_sdxl_folder
+from jaxsd.pipeline import StableDiffusion, load_vae, load_workdir
+from jaxsd.pipeline_xl import StableDiffusionXL
 from jaxsd.training import evaluate, export, latent_cache, lora_training, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
@@ -61,10 +62,7 @@ def primary() -> bool:
 
 def sync(name: str) -> None:
   """Every process waits here for the others (e.g. until process 0 has written what they read next)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
+  sharding.sync_processes(name)
 
 
 @contextlib.contextmanager
@@ -94,6 +92,11 @@ def _stages(cfg) -> list[str]:
 
 def _is_lora(cfg) -> bool:
   return "lora" in cfg
+
+
+def _is_sdxl(cfg) -> bool:
+  """Fine-tuning an SDXL folder (its U-Net, with both text encoders and the size conditioning)."""
+  return bool(cfg.init) and os.path.isdir(cfg.init) and is_sdxl_folder(cfg.init)
 
 
 def _section(name: str) -> str:
@@ -143,6 +146,8 @@ def check_config(cfg, n_devices: int) -> None:
   if cfg.init:
     if not os.path.isdir(cfg.init):
       raise ConfigError(f"config.init={cfg.init!r} does not exist: give a diffusers Stable Diffusion folder.")
+    if _is_sdxl(cfg):
+      _check_sdxl(cfg)
     try:
       check_model_folder(cfg.init)
     except FileNotFoundError as e:
@@ -166,9 +171,10 @@ def check_config(cfg, n_devices: int) -> None:
     except ValueError as e:
       raise ConfigError(f"config.lora: {e}") from None
   if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
-    if cfg.data.random_flip:
-      raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped: "
-                        "set config.data.random_flip=False, or turn the cache off.")
+    if cfg.data.random_flip or cfg.data.random_crop:
+      raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
+                        "randomly cropped: set config.data.random_flip=False and config.data.random_crop=False, or "
+                        "turn the cache off.")
     if cfg.unet.train_text_encoder:
       raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be "
                         "combined with config.unet.train_text_encoder=True.")
@@ -180,6 +186,19 @@ def check_config(cfg, n_devices: int) -> None:
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
+
+
+def _check_sdxl(cfg) -> None:
+  for need in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+    if not os.path.isdir(os.path.join(cfg.init, need)):
+      raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
+                        "model's folder (both text encoders and tokenizers; a refiner is not supported).")
+  unsupported = [("config.lora", _is_lora(cfg)), ("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
+                 ("config.unet.cache_latents", cfg.unet.get("cache_latents"))]
+  on = [name for name, value in unsupported if value]
+  if on:
+    raise ConfigError(f"fine-tuning SDXL trains its U-Net with both text encoders frozen, from images: turn off "
+                      f"{', '.join(on)} (not supported for SDXL yet).")
 
 
 def _read_json(*path) -> dict:
@@ -203,9 +222,11 @@ def _text_length(cfg) -> int:
 # --- data --------------------------------------------------------------------------------------
 
 
-def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), batch_size=None, captions=False):
+def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), batch_size=None, captions=False,
+               tokenizer_2=None):
   """A stage's batches: in training this host's rows of each global batch; in eval the whole split on every
-  host (each computes the same metrics, as one process would)."""
+  host (each computes the same metrics, as one process would). With `tokenizer_2` (SDXL) also the second
+  tokenizer's ids and each image's original size and crop (SDXL's size conditioning)."""
   max_length = _text_length(cfg)
   d = cfg.data
   try:
@@ -214,8 +235,9 @@ def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), bat
                                        split=d.train_split if train else d.test_split, train=train,
                                        seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key,
                                        caption_key=d.caption_key, label_keys=tuple(labels), return_captions=captions,
-                                       random_flip=d.random_flip and train, num_threads=d.num_threads,
-                                       drop_remainder=True, max_length=max_length,
+                                       random_flip=d.random_flip and train, random_crop=d.random_crop and train,
+                                       tokenizer_2=tokenizer_2, size_conditioning=tokenizer_2 is not None,
+                                       num_threads=d.num_threads, drop_remainder=True, max_length=max_length,
                                        **({} if train else dict(process_index=0, process_count=1)))
   except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
     raise ConfigError(f"config.data: {e.args[0]}") from None
@@ -323,6 +345,7 @@ def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
 
 def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   dtype = stages.dtype_of(cfg)
+  sdxl = _is_sdxl(cfg)
   mdir = export.model_dir(workdir)
   if cfg.init and primary():
     export.copy_from_init(cfg.init, workdir)
@@ -340,17 +363,27 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   if cfg.benchmark_steps and not cfg.init and not os.path.isdir(os.path.join(mdir, "vae")):
     # Timing the U-Net step needs VAE and text encoder of the configured sizes, not trained ones.
     vae, vae_params, te, te_params = stages.untrained_frozen_networks(cfg, jax.random.key(cfg.seed))
+  elif sdxl:  # the VAE as SDXL's pipelines run it: fp32 for float16 compute where force_upcast (fp16 overflows)
+    vae, vae_params = load_vae(os.path.join(mdir, "vae"), dtype)
+    te, te_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder"), dtype, jnp.float32,
+                                                 projection=False)
   else:
     vae, vae_params = pretrained.load_vae(os.path.join(mdir, "vae"), dtype, jnp.float32)
     te, te_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder"), dtype, jnp.float32)
+  xl = {}
+  if sdxl:
+    te2, te2_params = pretrained.load_text_encoder(os.path.join(mdir, "text_encoder_2"), dtype, jnp.float32,
+                                                   projection=True)
+    xl = dict(text_encoder_2=te2, text_params_2=te2_params,
+              tokenizer_2=tok.load_tokenizer(os.path.join(mdir, "tokenizer_2")))
   if unet is None:
     from jaxsd.models.unet import UNet2DConditionModel
 
     unet = UNet2DConditionModel(stages.unet_config(cfg, vae.config, te.config), dtype=dtype,
                                 gradient_checkpointing=cfg.unet.gradient_checkpointing)
   stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
-                            scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params)
-  it = _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params)
+                            scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params, **xl)
+  it = _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params, tokenizer_2=xl.get("tokenizer_2"))
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
@@ -368,7 +401,12 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     with primary_first("jaxsd: judge trained"):
       quality = _quality_eval(cfg, workdir, tokenizer)[0]
 
-  sampling_pipe = StableDiffusion(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler)
+  if sdxl:
+    sampling_pipe = StableDiffusionXL(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler,
+                                      text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
+                                      tokenizer_2=xl["tokenizer_2"], model_index=_read_json(mdir, "model_index.json"))
+  else:
+    sampling_pipe = StableDiffusion(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler)
 
   def write_samples(step, state, writer):
     # One pipeline object for every grid: its compiled program is reused, only the params change.
@@ -440,11 +478,12 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
            **lora_training.describe(spec)))
 
 
-def _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
-  """The U-Net (or LoRA) stage's batches: from the latent cache with `unet.cache_latents`, else images."""
+def _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params, tokenizer_2=None):
+  """The U-Net (or LoRA) stage's batches: from the latent cache with `unet.cache_latents`, else images (with
+  SDXL's second tokenizer and size conditioning when `tokenizer_2` is given)."""
   if cfg.unet.get("cache_latents"):
     return iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
-  return iter(make_input(cfg, "unet", tokenizer))
+  return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2))
 
 
 def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):

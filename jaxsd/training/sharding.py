@@ -23,9 +23,16 @@ DEFAULT_MIN_SHARD_SIZE = 2**14  # Smaller arrays (biases, norms, scalars) stay r
 
 
 def mesh_shape(data: int, fsdp: int, n_devices: int) -> tuple[int, int]:
-  """(data, fsdp) for `n_devices`, `-1` for data meaning "the rest"; ValueError when they do not fit."""
+  """(data, fsdp) for `n_devices`, `-1` for either meaning "the rest" (fsdp=-1 with data=-1: all devices for
+  fsdp); ValueError when they do not fit."""
+  if fsdp == -1:
+    if data == -1:
+      data = 1
+    if data < 1 or n_devices % data:
+      raise ValueError(f"data={data} must divide the {n_devices} devices (and be >= 1) when fsdp=-1.")
+    fsdp = n_devices // data
   if fsdp < 1 or n_devices % fsdp:
-    raise ValueError(f"fsdp={fsdp} must divide the {n_devices} devices (and be >= 1).")
+    raise ValueError(f"fsdp={fsdp} must divide the {n_devices} devices (and be >= 1, or -1 for the rest).")
   if data == -1:
     data = n_devices // fsdp
   if data * fsdp != n_devices:
@@ -39,6 +46,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(data, fsdp, len(devices))
   return jax.make_mesh(shape, BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+_barriers: dict[str, int] = {}
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+  """Every process waits here for the others: a barrier of jax.distributed's coordination service.
+
+  Not a collective: the CPU backend's collectives (gloo) give up when one process reaches its first
+  collective over a set of devices 30 s after another (its compile missed the persistent compilation
+  cache, it was writing the exported model), which a barrier with a long timeout tolerates. No-op in
+  one process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the client; no public handle)
+
+  _barriers[name] = _barriers.get(name, 0) + 1  # a barrier id is used once
+  distributed.global_state.client.wait_at_barrier(f"{name}#{_barriers[name]}", timeout_s * 1000)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -2,7 +2,8 @@
 
 1. clip: contrastive image/text CLIP (its text tower becomes the text encoder, the whole model the judge);
 2. vae: the KL autoencoder;
-3. unet: latent diffusion with the VAE and the text encoder frozen (passed as `frozen`, not trained).
+3. unet: latent diffusion with the VAE and the text encoder frozen (passed as `frozen`, not trained);
+   for an SDXL U-Net with both text encoders and the size conditioning.
 """
 
 from __future__ import annotations
@@ -137,37 +138,82 @@ def scheduler_config(cfg) -> SchedulerConfig:
                          timestep_spacing="trailing" if zero_snr else None)
 
 
+def sdxl_time_ids(original_size: jax.Array, crop_top_left: jax.Array, target_size: tuple[int, int]) -> jax.Array:
+  """SDXL's micro-conditioning of a batch, (B, 6): original size (height, width), crop top-left (top, left) and
+  target size (height, width), as diffusers' train_text_to_image_sdxl.py `compute_time_ids` lays them out."""
+  target = jnp.broadcast_to(jnp.asarray(target_size, jnp.float32), (original_size.shape[0], 2))
+  return jnp.concatenate([original_size.astype(jnp.float32), crop_top_left.astype(jnp.float32), target], axis=-1)
+
+
+def sdxl_encode(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel, text_params: dict, ids: jax.Array,
+                ids_2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(prompt embeddings, pooled) as diffusers' SDXL training encodes captions: both encoders' penultimate
+  hidden states concatenated, and the second encoder's projected pooled output (its `text_embeds`)."""
+  out = text_encoder.apply({"params": text_params["text_encoder"]}, ids)
+  out_2 = text_encoder_2.apply({"params": text_params["text_encoder_2"]}, ids_2)
+  return jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1), out_2.text_embeds
+
+
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
-               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None) -> Stage:
+               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None, text_encoder_2=None,
+               text_params_2=None, tokenizer_2=None) -> Stage:
   """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net.
 
   With `cfg.unet.train_text_encoder` the text encoder is trained with the U-Net on the diffusion loss
   (Rombach et al. 2022 trained their text transformer jointly): the params are then
   {"unet": ..., "text_encoder": ...}, starting from `text_params`; otherwise the text encoder is frozen
   and the params are the U-Net's alone.
+
+  With `text_encoder_2` (SDXL; both encoders frozen) the U-Net also sees the pooled caption and the time ids
+  of each image (`sdxl_encode`, `sdxl_time_ids` from the batch's "original_size" and "crop_top_left", the
+  target size being `cfg.data.image_size`); caption dropout empties both encoders' captions of a row.
   """
   c = cfg.unet
   ac = jnp.asarray(alphas_cumprod(scheduler))
   empty_ids = jnp.asarray(tok.tokenize(tokenizer, [""], max_length=text_encoder.config.max_position_embeddings))
   scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
   joint = bool(c.get("train_text_encoder", False))
+  sdxl = text_encoder_2 is not None
+  if sdxl:
+    if joint:
+      raise ValueError("SDXL fine-tuning keeps both text encoders frozen: set config.unet.train_text_encoder=False.")
+    empty_ids_2 = jnp.asarray(tok.tokenize(tokenizer_2, [""], max_length=text_encoder_2.config.max_position_embeddings))
+    text_params = {"text_encoder": text_params, "text_encoder_2": text_params_2}
+    target_size = (cfg.data.image_size, cfg.data.image_size)
+
+  def condition(text, batch, k_drop) -> dict:
+    """The U-Net's conditioning of a batch: {"context"} (SD), with "text_embeds" and "time_ids" (SDXL)."""
+    if "moments" in batch:  # a batch of the latent cache (latent_cache.py): the same draws as below
+      empty = text_encoder.apply({"params": text}, empty_ids).last_hidden_state
+      return {"context": losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout)}
+    ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
+    if not sdxl:
+      return {"context": text_encoder.apply({"params": text}, ids).last_hidden_state}
+    ids_2 = losses.drop_captions(k_drop, batch["input_ids_2"], empty_ids_2, c.caption_dropout)
+    context, pooled = sdxl_encode(text_encoder, text_encoder_2, text, ids, ids_2)
+    return {
+        "context": context,
+        "text_embeds": pooled,
+        "time_ids": sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
+    }
 
   def loss_fn(params, batch, rng, frozen):
     k_post, k_drop, k_noise = jax.random.split(rng, 3)
     unet_params, text = (params["unet"], params["text_encoder"]) if joint else (params, frozen["text"])
-    if "moments" in batch:  # a batch of the latent cache (latent_cache.py): the same draws as below
+    if "moments" in batch:
       post = DiagonalGaussianDistribution.from_moments(batch["moments"])
-      empty = text_encoder.apply({"params": text}, empty_ids).last_hidden_state
-      context = losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout)
     else:
       post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
-      ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
-      context = text_encoder.apply({"params": text}, ids).last_hidden_state
+    cond = condition(text, batch, k_drop)
     latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
     if not joint:
-      context = jax.lax.stop_gradient(context)
-    unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x.astype(unet.dtype), t, ctx)
-    return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,
+      cond = jax.lax.stop_gradient(cond)
+
+    def unet_fn(x, t, cond):
+      extra = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+      return unet.apply({"params": unet_params}, x.astype(unet.dtype), t, cond["context"], **extra)
+
+    return losses.diffusion_loss(unet_fn, ac, latents, cond, k_noise, prediction_type=scheduler.prediction_type,
                                  min_snr_gamma=c.min_snr_gamma or None)
 
   if joint:
@@ -178,11 +224,10 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   else:
     init = lambda rng: pretrained.init_params(unet, rng)  # noqa: E731
     frozen = {"vae": vae_params, "text": text_params}
-  return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params, modules={
-      "unet": unet,
-      "vae": vae,
-      "text_encoder": text_encoder
-  })
+  modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+  if sdxl:
+    modules["text_encoder_2"] = text_encoder_2
+  return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params, modules=modules)
 
 
 def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Callable:

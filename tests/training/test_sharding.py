@@ -103,6 +103,14 @@ def test_mesh_errors():
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
+def test_fsdp_minus_one_takes_the_devices_data_leaves():
+  """fsdp=-1 (finetune.py:sdxl's ZeRO-3 over everything): all devices, or those data leaves."""
+  assert sh.mesh_shape(-1, -1, 8) == (1, 8) and sh.mesh_shape(1, -1, 8) == (1, 8)
+  assert sh.mesh_shape(2, -1, 8) == (2, 4)
+  with pytest.raises(ValueError, match="data=3 must divide the 8 devices"):
+    sh.mesh_shape(3, -1, 8)
+
+
 def test_fsdp_spec():
   assert sh.fsdp_spec((3, 3, 320, 640), 4, 16) == P(None, None, None, "fsdp")
   assert sh.fsdp_spec((640, 320), 4, 16) == P("fsdp", None)

@@ -35,6 +35,7 @@ def get_config():
           caption_key="caption",
           image_size=32,
           random_flip=False,  # flipping swaps "left"/"right" in captions (done when True)
+          random_crop=False,  # training crops at a random place (SDXL records where), else at the centre
           num_threads=2,
           train_split="train",
           test_split="test",
