@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -99,11 +100,12 @@ def test_sample_writes_every_image_once_as_one_process(tmp_path, launch):
 
 
 @pytest.mark.slow
-def test_train_gives_one_process_weights_and_checkpoints_once(tmp_path, launch):
+def test_train_gives_one_process_weights_and_checkpoints_once_and_resumes_after_both_die(tmp_path, launch):
   """The clip stage of the smoke config (8 steps, global batch 16) on 2 processes x 2 devices, each reading
   its half of every global batch, against 1 process x 4 devices: equal exported weights, results and
   checkpoint steps; each checkpoint written once (one folder per step, holding both processes' data
-  positions); metrics logged once per step."""
+  positions); metrics logged once per step. Then the same 2-process run killed on both hosts after its
+  first checkpoint and started again resumes from it and exports the uninterrupted run's weights."""
   common = [
       "--config", SMOKE, f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.stages=clip", "--config.clip.steps=8",
       "--config.clip.optimizer.total_steps=8", "--config.checkpoint_every=4"
@@ -138,6 +140,7 @@ def test_train_gives_one_process_weights_and_checkpoints_once(tmp_path, launch):
             for w in (one, two)]
   assert [s for s, _ in losses[1]] == [2, 4, 6, 8]  # logged once per step (log_every 2), not per process
   np.testing.assert_allclose([v for _, v in losses[1]], [v for _, v in losses[0]], rtol=1e-6)
+  _killed_on_both_hosts_resumes(tmp_path, start, wait, common, two)
   steps = sorted(os.listdir(two / "clip" / "checkpoints"))
   assert steps == sorted(os.listdir(one / "clip" / "checkpoints")) == ["4", "8"]
   for step in steps:  # one checkpoint per step, holding both processes' data positions
@@ -148,54 +151,37 @@ def test_train_gives_one_process_weights_and_checkpoints_once(tmp_path, launch):
     assert json.loads((folder / "meta" / "metadata").read_text())["process_count"] == 2
 
 
-def _unet_checkpoints(workdir) -> list[int]:
-  d = workdir / "unet" / "checkpoints"
-  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if d.is_dir() else []
+def _killed_on_both_hosts_resumes(tmp_path, start, wait, common, whole):
+  """Both processes of a 2-process run killed with SIGKILL after the step-4 checkpoint (no chance to save),
+  both started again: each resumes from the last checkpoint and the exported weights equal `whole`'s to the bit."""
+  killed = tmp_path / "killed"
+  ckpts = killed / "clip" / "checkpoints"
+  done = lambda: sorted(int(x) for x in os.listdir(ckpts) if x.isdigit()) if ckpts.is_dir() else []  # noqa: E731
 
-
-@pytest.mark.slow
-def test_train_killed_on_both_hosts_mid_unet_stage_resumes_to_the_same_weights(tmp_path, launch):
-  """Fine-tuning (the smoke config's U-Net stage on a tiny diffusers folder) on 2 processes x 2 devices, both
-  processes killed with SIGKILL after the first U-Net checkpoint and started again: the exported U-Net equals
-  the uninterrupted 2-process run's, to the bit."""
-  import time
-
-  init = reference.make_tiny_sd_folder(str(tmp_path / "init"))
-  common = [
-      "--config", SMOKE, f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.init={init}",
-      "--config.unet.train_text_encoder=False", "--config.eval.judge=False", "--config.unet.steps=8",
-      "--config.unet.optimizer.total_steps=8", "--config.checkpoint_every=2"
-  ]
-  start, wait = launch
-
-  def two(workdir):
+  def two():
     port = _free_port()
     flags = ("--coordinator_address", "--num_processes", "--process_id")
-    return start("train", [common + ["--workdir", str(workdir)] + _distributed(i, port, flags) for i in range(2)],
+    return start("train", [common + ["--workdir", str(killed)] + _distributed(i, port, flags) for i in range(2)],
                  devices=2)
 
-  whole, killed = tmp_path / "whole", tmp_path / "killed"
-  for rc, log in wait(two(whole)):  # prepares the data too
-    assert rc == 0, log
-  running = two(killed)
+  running = two()
   deadline = time.time() + TIMEOUT
-  while not _unet_checkpoints(killed) and time.time() < deadline and all(p.poll() is None for p, _ in running):
-    time.sleep(0.02)
+  while not done() and time.time() < deadline and all(p.poll() is None for p, _ in running):
+    time.sleep(0.01)
   ended = [p.poll() for p, _ in running]
   for p, _ in running:
-    p.kill()  # SIGKILL, no chance to save
+    p.kill()
   for p, log in running:
     p.wait()
     log.close()
-  killed_at = _unet_checkpoints(killed)  # once both are gone: what the rerun finds
-  assert ended == [None, None] and killed_at, f"not killed mid-stage: exit codes {ended}, checkpoints {killed_at}"
-  assert killed_at[-1] < 8 and not (killed / "unet" / "result.json").exists(), killed_at
-  runs = wait(two(killed))
+  killed_at = done()  # once both are gone: what the rerun finds
+  # Killed within ~10 ms of the step-4 checkpoint appearing; on a loaded machine step 8's may have landed too.
+  assert ended == [None, None] and killed_at in ([4], [4, 8]), f"exit codes {ended}, checkpoints {killed_at}"
+  assert not (killed / "clip" / "result.json").exists()
+  runs = wait(two())
   for rc, log in runs:
     assert rc == 0, log
-  for _, log in runs:
     assert f"Starting at step {killed_at[-1]} (checkpoint)" in log, log
-  assert json.loads((killed / "unet" / "result.json").read_text())["steps"] == 8
-  name = "unet/diffusion_pytorch_model.safetensors"
-  assert (killed / "model" / name).read_bytes() == (whole / "model" / name).read_bytes(), \
-      f"the U-Net differs after both hosts were killed at step {killed_at[-1]} and rerun"
+  for component in ("clip", "text_encoder"):
+    ours, theirs = ((w / "model" / component / "model.safetensors").read_bytes() for w in (killed, whole))
+    assert ours == theirs, f"{component} differs after the kill at step {killed_at[-1]}"
