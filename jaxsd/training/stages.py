@@ -138,13 +138,15 @@ def scheduler_config(cfg) -> SchedulerConfig:
 
 
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
-               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None) -> Stage:
+               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None,
+               prior_loss_weight: float = 1.0) -> Stage:
   """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net.
 
   With `cfg.unet.train_text_encoder` the text encoder is trained with the U-Net on the diffusion loss
   (Rombach et al. 2022 trained their text transformer jointly): the params are then
   {"unet": ..., "text_encoder": ...}, starting from `text_params`; otherwise the text encoder is frozen
-  and the params are the U-Net's alone.
+  and the params are the U-Net's alone. A batch with "prior" (DreamBooth's class examples, jaxsd.training.dreambooth)
+  is trained on the prior-preservation loss with `prior_loss_weight`.
   """
   c = cfg.unet
   ac = jnp.asarray(alphas_cumprod(scheduler))
@@ -168,7 +170,8 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
       context = jax.lax.stop_gradient(context)
     unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x.astype(unet.dtype), t, ctx)
     return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,
-                                 min_snr_gamma=c.min_snr_gamma or None)
+                                 min_snr_gamma=c.min_snr_gamma or None, prior_mask=batch.get("prior"),
+                                 prior_loss_weight=prior_loss_weight)
 
   if joint:
     init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731

@@ -4,20 +4,34 @@
       --config.init=path/to/stable-diffusion-v1-5 --config.data.name=my_images --config.data.data_dir=DATA_DIR
 The variant (sd15 | sd21) sets the resolution; the prediction type (epsilon / v) comes from the
 folder's scheduler config. The result is a diffusers folder in DIR/model.
+
+DreamBooth, the full fine-tune of diffusers' examples/dreambooth/train_dreambooth.py (variant dreambooth, or
+dreambooth_sd21 at 768): a folder of your subject's images (no captions) under one instance prompt, with prior
+preservation on images of the class the model draws itself before training (cached in DIR/class_images):
+
+  python -m train --config train/configs/finetune.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
+      --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
+      --config.dreambooth.with_prior_preservation=True --config.dreambooth.class_prompt="a photo of dog"
+config.data.name is not used; config.data.image_size is the resolution.
 """
+
+import ml_collections
 
 from train.configs import default
 
+VARIANTS = ("sd15", "sd21", "dreambooth", "dreambooth_sd21")
+
 
 def get_config(variant: str = "sd15"):
-  if variant not in ("sd15", "sd21"):
-    raise ValueError(f"finetune variant {variant!r}: use sd15 or sd21.")
+  if variant not in VARIANTS:
+    raise ValueError(f"finetune variant {variant!r}: use one of {', '.join(VARIANTS)}.")
+  sd21 = variant.endswith("sd21")
   c = default.get_config()
   c.stages = "unet"
   c.init = ""  # required: --config.init=<diffusers folder>
   c.dtype = "bfloat16"  # fp32 master weights, bf16 compute
   c.checkpoint_every = 1000
-  c.data.image_size = 512 if variant == "sd15" else 768
+  c.data.image_size = 768 if sd21 else 512
   c.data.random_flip = True
   c.data.name = ""  # required: a prepared TFDS dataset (e.g. from jaxsd.data.prepare_image_folder)
   u = c.unet
@@ -30,4 +44,38 @@ def get_config(variant: str = "sd15"):
   u.min_snr_gamma = 5.0
   u.sample_every = 1000
   u.sampler, u.sample_steps, u.guidance_scale = "dpmpp_2m", 25, 7.5
+  if variant.startswith("dreambooth"):
+    _dreambooth(c)
   return c
+
+
+def _dreambooth(c) -> None:
+  """train_dreambooth.py's recipe (its README: lr 5e-6 constant, no warmup, 800 steps with prior preservation;
+  the script's batch of 4, no EMA, no min-SNR, no caption dropout, random crops, no flips)."""
+  c.checkpoint_every = 200
+  c.data.random_flip = False
+  u = c.unet
+  u.steps = 800
+  u.batch_size = 4  # instance examples per step; prior preservation adds as many class examples
+  u.optimizer = default._optimizer(5e-6, 800, 0, schedule="constant", weight_decay=1e-2)
+  u.ema_decay = 0.0
+  u.min_snr_gamma = 0.0
+  u.caption_dropout = 0.0
+  u.sample_every = 0  # the final samples (instance and class prompt) are written after training
+  c.dreambooth = dreambooth_section()
+
+
+def dreambooth_section() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          instance_data_dir="",  # required: the subject's images, directly in this folder
+          instance_prompt="",  # required: with a rare identifier, e.g. "a photo of sks dog"
+          with_prior_preservation=False,  # diffusers' default; True trains on class images beside
+          class_prompt="",  # with prior preservation: the class without the identifier, "a photo of dog"
+          class_data_dir="",  # optional: class images of your own; the model draws the rest
+          num_class_images=100,  # diffusers' default; drawn (cached in DIR/class_images) when fewer exist
+          prior_loss_weight=1.0,
+          # Class images are drawn with config.unet.sampler, sample_steps and guidance_scale, this many at once.
+          sample_batch_size=4,
+          center_crop=False,  # diffusers' default: random crops of the resized images
+      ))

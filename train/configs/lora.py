@@ -7,6 +7,14 @@ zero), the attention projections, AdamW at 1e-4. The training settings are the U
 steps, batch_size, optimizer, ema_decay, gradient_checkpointing, min_snr_gamma, ...); the adapter's are
 config.lora. The result is DIR/lora/pytorch_lora_weights.safetensors, which diffusers'
 `pipe.load_lora_weights(DIR/lora)` and jaxsd's `pipe.load_lora(DIR/lora)` load on the init model.
+
+DreamBooth LoRA, the recipe of diffusers' examples/dreambooth/train_dreambooth_lora.py (variant dreambooth, or
+dreambooth_sd21): the config section `dreambooth` of train/configs/finetune.py (instance folder and prompt,
+prior preservation with self-drawn class images cached in DIR/class_images), the adapter as above:
+
+  python -m train --config train/configs/lora.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
+      --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
+      --config.dreambooth.with_prior_preservation=True --config.dreambooth.class_prompt="a photo of dog"
 """
 
 import ml_collections
@@ -27,6 +35,10 @@ def get_config(variant: str = "sd15"):
   u.ema_decay = 0.0  # diffusers' LoRA script keeps no EMA; > 0 averages the adapter (exported instead)
   u.min_snr_gamma = 0.0
   u.sample_every = 0  # sample with `python -m sample` and the adapter file; no grids during training
+  if variant.startswith("dreambooth"):  # train_dreambooth_lora.py's README: lr 1e-4 constant, 500 steps
+    u.steps = 500
+    u.batch_size = 4  # the script's default; prior preservation adds as many class examples
+    u.optimizer = default._optimizer(1e-4, 500, 0, schedule="constant", weight_decay=1e-2)
   c.lora = ml_collections.ConfigDict(
       dict(
           rank=4,
