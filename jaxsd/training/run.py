@@ -164,8 +164,11 @@ def check_config(cfg, n_devices: int) -> None:
     if not cfg.init:
       raise ConfigError("config.lora trains adapters on a pretrained U-Net: set --config.init=<diffusers folder>.")
     if cfg.unet.train_text_encoder:
-      raise ConfigError("config.lora trains U-Net adapters with the text encoder frozen: set "
-                        "config.unet.train_text_encoder=False (text-encoder LoRA is not supported yet).")
+      raise ConfigError("config.lora trains adapters, not whole networks: set config.unet.train_text_encoder=False "
+                        "(and config.lora.train_text_encoder=True for text-encoder adapters).")
+    if cfg.lora.get("train_text_encoder") and cfg.unet.get("cache_latents"):
+      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
+                        "with config.lora.train_text_encoder=True.")
     try:
       lora_training.check_settings(cfg.lora)
     except ValueError as e:
@@ -437,11 +440,12 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
   scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   try:
-    spec = lora_training.make_spec(unet_params, cfg.lora)
+    spec = lora_training.make_spec(unet_params, cfg.lora, te_params)
   except ValueError as e:
     raise ConfigError(f"config.lora: {e}") from None
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
-                           scheduler=scheduler, tokenizer=tokenizer, prior_loss_weight=_prior_loss_weight(cfg))
+                           scheduler=scheduler, tokenizer=tokenizer, prior_loss_weight=_prior_loss_weight(cfg),
+                           text_gradient=bool(cfg.lora.get("train_text_encoder")))
   stage = lora_training.lora_stage(base, unet_params, spec)
   it = _unet_input(cfg, workdir, tokenizer,
                    StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler))

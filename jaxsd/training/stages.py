@@ -138,15 +138,16 @@ def scheduler_config(cfg) -> SchedulerConfig:
 
 
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
-               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None,
-               prior_loss_weight: float = 1.0) -> Stage:
+               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None, prior_loss_weight: float = 1.0,
+               text_gradient: bool = False) -> Stage:
   """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net.
 
   With `cfg.unet.train_text_encoder` the text encoder is trained with the U-Net on the diffusion loss
   (Rombach et al. 2022 trained their text transformer jointly): the params are then
   {"unet": ..., "text_encoder": ...}, starting from `text_params`; otherwise the text encoder is frozen
   and the params are the U-Net's alone. A batch with "prior" (DreamBooth's class examples, jaxsd.training.dreambooth)
-  is trained on the prior-preservation loss with `prior_loss_weight`.
+  is trained on the prior-preservation loss with `prior_loss_weight`. `text_gradient` lets gradients through the
+  captions' encodings with the text encoder's params in `frozen` (text-encoder LoRA merges its adapter there).
   """
   c = cfg.unet
   ac = jnp.asarray(alphas_cumprod(scheduler))
@@ -166,7 +167,7 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
       ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
       context = text_encoder.apply({"params": text}, ids).last_hidden_state
     latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
-    if not joint:
+    if not (joint or text_gradient):
       context = jax.lax.stop_gradient(context)
     unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x.astype(unet.dtype), t, ctx)
     return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,

@@ -1,6 +1,9 @@
 """DreamBooth (train/configs/lora.py:dreambooth and finetune.py:dreambooth) on a tiny diffusers folder: the
 prior-preservation loss is diffusers' formula, class images are drawn once and cached, a LoRA DreamBooth run
-trains only the adapter and its file loads in diffusers, a resumed run is exact, bad input is refused."""
+trains only the adapters and its file loads in diffusers, a resumed run is exact, bad input is refused.
+
+The LoRA runs train text-encoder adapters too (lora.train_text_encoder, diffusers' --train_text_encoder): one
+compiled step covers both, and the file's text_encoder.* keys are checked to load into diffusers' text encoder."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from train.configs import lora as lora_config
 
 HW, STEPS, CLASS_IMAGES = 16, 4, 2
 INSTANCE, CLASS = "a photo of sks dog", "a photo of dog"
+WITH_TEXT = {"lora.train_text_encoder": True}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def _cfg(init_dir, instance, config=lora_config, **updates):
 @pytest.fixture(scope="module")
 def trained(init, instance_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("dreambooth"))
-  return workdir, run.train_and_evaluate(_cfg(init, instance_dir), workdir)
+  return workdir, run.train_and_evaluate(_cfg(init, instance_dir, **WITH_TEXT), workdir)
 
 
 def test_prior_preservation_loss_is_diffusers_formula():
@@ -134,24 +138,33 @@ def test_class_images_are_drawn_once_and_cached(tmp_path):
     dreambooth.class_images(str(tmp_path / "cache"), **dict(kw, settings=dict(prompt="a cat", steps=2)))
 
 
-def test_the_run_draws_class_images_and_trains_only_the_adapter(trained, init):
+def test_the_run_draws_class_images_and_trains_only_the_adapters(trained, init):
   workdir, results = trained
   r = results["lora"]
-  assert r["steps"] == STEPS and r["layers"] == 32
+  # U-Net: 4 transformer blocks x 2 attentions x to_q/to_k/to_v/to_out.0; text encoder: 2 layers x q/k/v/out_proj
+  assert r["steps"] == STEPS and r["layers"] == 32 and r["text_encoder_layers"] == 8
   class_dir = os.path.join(workdir, dreambooth.CLASS_DIR)
   assert sorted(os.listdir(class_dir)) == ["00000.png", "00001.png", dreambooth.MANIFEST]
   assert np.asarray(Image.open(os.path.join(class_dir, "00000.png"))).shape == (HW, HW, 3)
   sd = safetensors.numpy.load_file(r["file"])
-  assert len(sd) == 64 and all(k.startswith("unet.") and ".attn" in k for k in sd)
-  assert all(np.abs(v).max() > 0 for k, v in sd.items() if "lora_B" in k)
+  unet_keys = [k for k in sd if k.startswith("unet.")]
+  assert len(unet_keys) == 64 and all(".attn" in k for k in unet_keys)
+  assert sorted(set(sd) - set(unet_keys)) == sorted(
+      f"text_encoder.text_model.encoder.layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in range(2)
+      for m in ("q_proj", "k_proj", "v_proj", "out_proj") for ab in "AB")
+  assert sum(v.size for v in sd.values()) == r["adapter_parameters"]
+  assert all(np.abs(v).max() > 0 for k, v in sd.items() if "lora_B" in k)  # started at zero: gradients reached all
   assert not os.path.exists(os.path.join(workdir, "model"))  # the base model is neither changed nor copied
   metrics = [json.loads(line) for line in open(os.path.join(workdir, "lora", "metrics.jsonl"))]
   assert all(m["prior_loss"] > 0 and m["instance_loss"] > 0 for m in metrics if "loss" in m)
 
 
 def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
-  """diffusers' load_lora_weights of the DreamBooth adapter against jaxsd's load_lora: the same latents within
-  the pipeline tolerance, and the adapter moves them far beyond it."""
+  """diffusers' load_lora_weights of the DreamBooth adapters against jaxsd's load_lora: the same latents within
+  the pipeline tolerance, and the adapters move them far beyond it; diffusers put LoRA layers on its text
+  encoder's 8 projections, and they change its encoding."""
+  from peft.tuners.lora import LoraLayer
+
   workdir, _ = trained
   tpipe = reference.torch_pipeline(init)
   tpipe.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(init, subfolder="scheduler")
@@ -164,9 +177,17 @@ def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
                   latents=reference.nhwc_to_nchw(latents), output_type="latent")
     return reference.nchw_to_nhwc(out.images)
 
-  base = theirs()
+  ids = torch.from_numpy(np.asarray(tok.tokenize(tok.load_tokenizer(), [INSTANCE], max_length=77), np.int64))
+
+  def encoding():
+    with torch.no_grad():
+      return tpipe.text_encoder(ids)[0].numpy()
+
+  base, base_text = theirs(), encoding()
   tpipe.load_lora_weights(os.path.join(workdir, "lora"))
   ref = theirs()
+  assert sum(isinstance(m, LoraLayer) for m in tpipe.text_encoder.modules()) == 8
+  assert np.abs(encoding() - base_text).max() > 1e-3
   pipe.load_lora(os.path.join(workdir, "lora"))
   ours = pipe([INSTANCE, CLASS], height=HW, width=HW, steps=3, guidance_scale=7.5, sampler="euler", latents=latents,
               output="latent")
@@ -181,11 +202,11 @@ def test_a_resumed_run_is_exact_and_draws_no_class_images_again(trained, init, i
   """Stopped after step 2's checkpoint (its result.json removed, as a kill leaves none), run again to 4 steps:
   the adapter is bit-identical to the uninterrupted run's, and the cached class images are not drawn again."""
   workdir = str(tmp_path / "resumed")
-  run.train_and_evaluate(_cfg(init, instance_dir, **{"unet.steps": 2}), workdir)
+  run.train_and_evaluate(_cfg(init, instance_dir, **WITH_TEXT, **{"unet.steps": 2}), workdir)
   os.remove(os.path.join(workdir, "lora", "result.json"))
   class_dir = os.path.join(workdir, dreambooth.CLASS_DIR)
   stamps = {f: os.stat(os.path.join(class_dir, f)).st_mtime_ns for f in os.listdir(class_dir)}
-  results = run.train_and_evaluate(_cfg(init, instance_dir), workdir)
+  results = run.train_and_evaluate(_cfg(init, instance_dir, **WITH_TEXT), workdir)
   assert results["lora"]["steps"] == STEPS
   assert {f: os.stat(os.path.join(class_dir, f)).st_mtime_ns for f in os.listdir(class_dir)} == stamps
   for f in stamps:  # the same class images as the uninterrupted run's (deterministic drawing)
@@ -243,6 +264,10 @@ def test_full_fine_tune_dreambooth_exports_a_diffusers_folder(init, instance_dir
     ({
         "init": ""
     }, "set --config.init"),
+    ({
+        "lora.train_text_encoder": True,
+        "lora.text_target_modules": "q_proj,qq_proj"
+    }, "target_modules qq_proj match no Dense or Conv layer of the text encoder"),
 ])
 def test_bad_dreambooth_config_is_refused(init, instance_dir, tmp_path, updates, message):
   with pytest.raises(run.ConfigError, match=message):

@@ -24,6 +24,7 @@ from train.configs import default, finetune
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # diffusers' train_text_to_image_lora.py
 FEED_FORWARD = "ff.net.0.proj,ff.net.2"
 CONV = "conv1,conv2"  # LoCon on the ResNet blocks' 3x3 convolutions
+TEXT_ATTENTION = "q_proj,k_proj,v_proj,out_proj"  # CLIP's attention (diffusers' train_dreambooth_lora.py)
 
 
 def get_config(variant: str = "sd15"):
@@ -49,5 +50,9 @@ def get_config(variant: str = "sd15"):
           dropout=0.0,  # only 0: the adapter is merged into the kernels (jaxsd/training/lora_training.py)
           init="gaussian",  # lora_A ~ N(0, 1/rank^2) as diffusers' script; "kaiming": PEFT's default
           export_format="peft",  # or "kohya" (lora_unet_... keys, A1111 / ComfyUI)
+          # Adapters on the text encoder too (same rank, alpha, init), exported as text_encoder.* / lora_te_* keys:
+          # diffusers' --train_text_encoder.
+          train_text_encoder=False,
+          text_target_modules=TEXT_ATTENTION,
       ))
   return c
