@@ -32,6 +32,7 @@ from train.configs import lora as lora_config
 HW, STEPS, CLASS_IMAGES = 16, 4, 2
 INSTANCE, CLASS = "a photo of sks dog", "a photo of dog"
 WITH_TEXT = {"lora.train_text_encoder": True}
+PRIOR_WEIGHT = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def _cfg(init_dir, instance, config=lora_config, **updates):
   cfg.unet.update(steps=STEPS, batch_size=8, sample_steps=2, gradient_checkpointing=False)
   cfg.unet.optimizer.update(lr=1e-2, total_steps=STEPS)  # large, so that a few steps move the tiny model
   cfg.dreambooth.update(instance_data_dir=instance, instance_prompt=INSTANCE, with_prior_preservation=True,
-                        class_prompt=CLASS, num_class_images=CLASS_IMAGES,
+                        class_prompt=CLASS, num_class_images=CLASS_IMAGES, prior_loss_weight=PRIOR_WEIGHT,
                         sample_batch_size=2)  # one batch: one compile
   cfg.update_from_flattened_dict(updates)
   return cfg
@@ -156,7 +157,10 @@ def test_the_run_draws_class_images_and_trains_only_the_adapters(trained, init):
   assert all(np.abs(v).max() > 0 for k, v in sd.items() if "lora_B" in k)  # started at zero: gradients reached all
   assert not os.path.exists(os.path.join(workdir, "model"))  # the base model is neither changed nor copied
   metrics = [json.loads(line) for line in open(os.path.join(workdir, "lora", "metrics.jsonl"))]
-  assert all(m["prior_loss"] > 0 and m["instance_loss"] > 0 for m in metrics if "loss" in m)
+  logged = [m for m in metrics if "loss" in m]
+  assert len(logged) == STEPS and all(m["prior_loss"] > 0 and m["instance_loss"] > 0 for m in logged)
+  for m in logged:  # the configured weight reached the compiled loss
+    assert m["loss"] == pytest.approx(m["instance_loss"] + PRIOR_WEIGHT * m["prior_loss"], rel=1e-5)
 
 
 def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
