@@ -12,6 +12,10 @@ layer plus one kernel-sized add, does not grow with batch or resolution. Autodif
 kernel's gradient and projects it onto the factors; the frozen layers' weight gradients are never
 computed. What merging cannot express is LoRA dropout (PEFT drops each token's input to `down`, a
 per-token change of the kernel), so `lora.dropout` must be 0.
+
+With `lora.train_text_encoder` the text encoder's attention projections get adapters too (as diffusers'
+train_dreambooth_lora.py --train_text_encoder: q_proj, k_proj, v_proj, out_proj, the same rank, alpha and init):
+the trained pytree is then {"unet": ..., "text_encoder": ...} and the captions' encodings carry gradients.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from jaxsd import lora
 from jaxsd.training.stages import Stage
 
 INITS = ("gaussian", "kaiming")  # diffusers' train_text_to_image_lora.py; PEFT's default
+TEXT_ATTENTION = "q_proj,k_proj,v_proj,out_proj"  # diffusers' train_dreambooth_lora.py text_lora_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +43,15 @@ class LoraSpec:
   alpha: float
   targets: dict[tuple[str, ...], tuple[int, ...]]  # kernel path (without "kernel") -> kernel shape
   init: str = "gaussian"
+  text_targets: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # text encoder's
 
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
 
 
-def target_layers(unet_params: Any, target_modules: str | tuple[str, ...]) -> dict[tuple[str, ...], tuple[int, ...]]:
+def target_layers(unet_params: Any, target_modules: str | tuple[str, ...],
+                  network: str = "U-Net") -> dict[tuple[str, ...], tuple[int, ...]]:
   """The Dense / Conv layers whose PyTorch module name is a target or ends in `.target` (PEFT's matching)."""
   names = [t.strip() for t in target_modules.split(",")] if isinstance(target_modules, str) else list(target_modules)
   names = [t for t in names if t]
@@ -58,8 +65,10 @@ def target_layers(unet_params: Any, target_modules: str | tuple[str, ...]) -> di
         used.add(t)
   unused = [t for t in names if t not in used]
   if unused:
-    raise ValueError(f"target_modules {', '.join(unused)} match no Dense or Conv layer of the U-Net (module names "
-                     "as in diffusers' state dict, e.g. to_q, to_out.0, ff.net.0.proj, ff.net.2, proj_in, conv1).")
+    examples = ("q_proj, k_proj, v_proj, out_proj, mlp.fc1"
+                if network == "text encoder" else "to_q, to_out.0, ff.net.0.proj, ff.net.2, proj_in, conv1")
+    raise ValueError(f"target_modules {', '.join(unused)} match no Dense or Conv layer of the {network} (module "
+                     f"names as in its PyTorch state dict, e.g. {examples}).")
   return found
 
 
@@ -76,18 +85,30 @@ def check_settings(c) -> None:
     raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora.FORMATS)}.")
 
 
-def make_spec(unet_params: Any, c) -> LoraSpec:
-  """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init); ValueError for bad values."""
+def make_spec(unet_params: Any, c, text_params: Any = None) -> LoraSpec:
+  """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init, train_text_encoder,
+  text_target_modules); ValueError for bad values."""
   check_settings(c)
   alpha = float(c.alpha) if c.alpha else float(c.rank)  # 0: alpha = rank, scale 1 (diffusers' script)
-  return LoraSpec(int(c.rank), alpha, target_layers(unet_params, c.target_modules), c.init)
+  text_targets = {}
+  if c.get("train_text_encoder"):
+    text_targets = target_layers(text_params, c.get("text_target_modules", TEXT_ATTENTION), "text encoder")
+  return LoraSpec(int(c.rank), alpha, target_layers(unet_params, c.target_modules), c.init, text_targets)
 
 
 def init_adapter(spec: LoraSpec, rng: jax.Array) -> dict:
   """Fresh factors as PEFT initialises them: `up` (lora_B) zero, so training starts at the base model, and
-  `down` (lora_A) N(0, 1/r^2) for "gaussian" or kaiming-uniform(a=sqrt(5)), U(+-1/sqrt(fan_in)), for "kaiming"."""
+  `down` (lora_A) N(0, 1/r^2) for "gaussian" or kaiming-uniform(a=sqrt(5)), U(+-1/sqrt(fan_in)), for "kaiming".
+  The U-Net's factors, or {"unet": ..., "text_encoder": ...} with text-encoder targets."""
+  unet = _init_factors(spec, spec.targets, rng)
+  if not spec.text_targets:
+    return unet
+  return {"unet": unet, "text_encoder": _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20))}
+
+
+def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array) -> dict:
   flat = {}
-  for i, (path, shape) in enumerate(sorted(spec.targets.items())):
+  for i, (path, shape) in enumerate(sorted(targets.items())):
     fan_in, features = math.prod(shape[:-1]), shape[-1]
     key = jax.random.fold_in(rng, i)
     if spec.init == "gaussian":
@@ -111,11 +132,15 @@ def apply_adapter(unet_params: Any, adapter: Any, scale: float) -> Any:
 
 
 def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec) -> Stage:
-  """The U-Net stage `base` (frozen text encoder) turned into adapter training on `unet_params`."""
+  """The U-Net stage `base` (frozen text encoder) turned into adapter training on `unet_params`; with
+  text-encoder targets, `base` must let gradients through the captions' encodings (unet_stage's text_gradient)."""
   if "vae" not in (base.frozen or {}) or "text" not in base.frozen:
     raise ValueError("LoRA training takes the U-Net stage with a frozen text encoder (train_text_encoder=False).")
 
   def loss_fn(adapter, batch, rng, frozen):
+    if spec.text_targets:
+      frozen = dict(frozen, text=apply_adapter(frozen["text"], adapter["text_encoder"], spec.scale))
+      adapter = adapter["unet"]
     return base.loss_fn(apply_adapter(frozen["unet"], adapter, spec.scale), batch, rng, frozen)
 
   return Stage("lora", lambda rng: init_adapter(spec, rng), loss_fn, frozen=dict(base.frozen, unet=unet_params),
@@ -123,17 +148,31 @@ def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec) -> Stage:
 
 
 def to_adapter(spec: LoraSpec, adapter: Any) -> lora.Adapter:
-  """The trained factors as a `jaxsd.lora.Adapter` of the U-Net (for `lora.save` and `pipe.load_lora`)."""
-  flat = traverse_util.flatten_dict(jax.device_get(adapter))
-  layers = {
+  """The trained factors as a `jaxsd.lora.Adapter` of the U-Net, and of the text encoder when it has targets
+  (for `lora.save` and `pipe.load_lora`)."""
+  adapter = jax.device_get(adapter)
+  if not spec.text_targets:
+    return lora.Adapter({"unet": _layers(spec, spec.targets, adapter)})
+  return lora.Adapter({
+      "unet": _layers(spec, spec.targets, adapter["unet"]),
+      "text_encoder": _layers(spec, spec.text_targets, adapter["text_encoder"])
+  })
+
+
+def _layers(spec: LoraSpec, targets: dict, factors: Any) -> dict:
+  flat = traverse_util.flatten_dict(factors)
+  return {
       path + ("kernel",):
           lora.Factors(np.asarray(flat[path + ("down",)]), np.asarray(flat[path + ("up",)]), spec.scale, shape)
-      for path, shape in spec.targets.items()
+      for path, shape in targets.items()
   }
-  return lora.Adapter({"unet": layers})
 
 
 def describe(spec: LoraSpec) -> dict:
   """JSON-able facts about the adapter (for result.json)."""
-  n = sum(spec.rank * (math.prod(s[:-1]) + s[-1]) for s in spec.targets.values())
-  return dict(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, layers=len(spec.targets), adapter_parameters=n)
+  count = lambda targets: sum(spec.rank * (math.prod(s[:-1]) + s[-1]) for s in targets.values())  # noqa: E731
+  facts = dict(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, layers=len(spec.targets),
+               adapter_parameters=count(spec.targets) + count(spec.text_targets))
+  if spec.text_targets:
+    facts.update(text_encoder_layers=len(spec.text_targets), text_encoder_parameters=count(spec.text_targets))
+  return facts

@@ -62,11 +62,26 @@ def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float, predi
   return clipped / snr
 
 
+def prior_preservation_loss(per_example: jax.Array, is_prior: jax.Array,
+                            prior_loss_weight: float) -> tuple[jax.Array, dict]:
+  """DreamBooth's loss (Ruiz et al. 2023, Eq. 2): the mean over the instance examples + prior_loss_weight * the
+  mean over the class examples (`is_prior` 1). diffusers' train_dreambooth_lora.py computes it on the two halves
+  of its batch, each an F.mse_loss mean; a mask gives the same wherever the class rows sit in the global batch."""
+  is_prior = is_prior.astype(jnp.float32)
+  instance_weight = 1.0 - is_prior
+  instance = (per_example * instance_weight).sum() / jnp.maximum(instance_weight.sum(), 1.0)
+  prior = (per_example * is_prior).sum() / jnp.maximum(is_prior.sum(), 1.0)
+  return instance + prior_loss_weight * prior, {"instance_loss": instance, "prior_loss": prior}
+
+
 def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, context: jax.Array, rng: jax.Array, *,
-                   prediction_type: str = "epsilon", min_snr_gamma: float | None = None) -> tuple[jax.Array, dict]:
+                   prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
+                   prior_mask: jax.Array | None = None, prior_loss_weight: float = 1.0) -> tuple[jax.Array, dict]:
   """Noise the latents at a uniform random timestep; the U-Net predicts the noise or v (Ho et al. 2020;
   Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`; `context` is passed through as given (an
-  array, or a dict of the U-Net's conditioning)."""
+  array, or a dict of the U-Net's conditioning). With `prior_mask` (B,), 1 for DreamBooth's class examples, the
+  loss is `prior_preservation_loss` of the per-example losses (min-SNR weights, when asked for, weigh every
+  example)."""
   b = latents.shape[0]
   t_rng, n_rng = jax.random.split(rng)
   t = jax.random.randint(t_rng, (b,), 0, alphas_cumprod.shape[0])
@@ -82,4 +97,8 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
   per_example = jnp.square(pred - target).mean(axis=(1, 2, 3))
   if min_snr_gamma:
     per_example = per_example * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)
-  return per_example.mean(), {"mse": jnp.square(pred - target).mean()}
+  aux = {"mse": jnp.square(pred - target).mean()}
+  if prior_mask is not None:
+    loss, parts = prior_preservation_loss(per_example, prior_mask, prior_loss_weight)
+    return loss, dict(aux, **parts)
+  return per_example.mean(), aux

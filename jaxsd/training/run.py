@@ -7,6 +7,7 @@ Layout of a workdir:
   model/                        the trained model as a diffusers Stable Diffusion folder (+ clip/)
   lora/                         LoRA training instead (config.lora): checkpoints, metrics and the adapter,
                                 pytorch_lora_weights.safetensors; the base model (config.init) is not copied
+  class_images/                 DreamBooth's class images drawn by the init model (config.dreambooth), kept
   samples/                      sample grids; report.md and summary.json at the end
 Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoint for the order).
 """
@@ -35,7 +36,7 @@ from jaxsd.image_grid import contact_sheet
 from jaxsd.model_folder import check_model_folder, is_sdxl_folder
 from jaxsd.pipeline import StableDiffusion, load_vae, load_workdir
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.training import evaluate, export, latent_cache, lora_training, stages
+from jaxsd.training import dreambooth, evaluate, export, latent_cache, lora_training, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
@@ -97,6 +98,10 @@ def _is_lora(cfg) -> bool:
 def _is_sdxl(cfg) -> bool:
   """Fine-tuning an SDXL folder (its U-Net, with both text encoders and the size conditioning)."""
   return bool(cfg.init) and os.path.isdir(cfg.init) and is_sdxl_folder(cfg.init)
+
+
+def _is_dreambooth(cfg) -> bool:
+  return "dreambooth" in cfg
 
 
 def _section(name: str) -> str:
@@ -164,12 +169,26 @@ def check_config(cfg, n_devices: int) -> None:
     if not cfg.init:
       raise ConfigError("config.lora trains adapters on a pretrained U-Net: set --config.init=<diffusers folder>.")
     if cfg.unet.train_text_encoder:
-      raise ConfigError("config.lora trains U-Net adapters with the text encoder frozen: set "
-                        "config.unet.train_text_encoder=False (text-encoder LoRA is not supported yet).")
+      raise ConfigError("config.lora trains adapters, not whole networks: set config.unet.train_text_encoder=False "
+                        "(and config.lora.train_text_encoder=True for text-encoder adapters).")
+    if cfg.lora.get("train_text_encoder") and cfg.unet.get("cache_latents"):
+      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
+                        "with config.lora.train_text_encoder=True.")
     try:
       lora_training.check_settings(cfg.lora)
     except ValueError as e:
       raise ConfigError(f"config.lora: {e}") from None
+  if _is_dreambooth(cfg):
+    if not cfg.init:
+      raise ConfigError("config.dreambooth teaches a pretrained model a subject: set --config.init=<diffusers "
+                        "folder>.")
+    if cfg.unet.get("cache_latents"):
+      raise ConfigError("config.unet.cache_latents reads a prepared dataset; DreamBooth reads its image folders: "
+                        "set config.unet.cache_latents=False.")
+    try:
+      dreambooth.check_settings(cfg.dreambooth)
+    except ValueError as e:
+      raise ConfigError(f"config.dreambooth: {e}") from None
   if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
     if cfg.data.random_flip or cfg.data.random_crop:
       raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
@@ -382,8 +401,15 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     unet = UNet2DConditionModel(stages.unet_config(cfg, vae.config, te.config), dtype=dtype,
                                 gradient_checkpointing=cfg.unet.gradient_checkpointing)
   stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
-                            scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params, **xl)
-  it = _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params, tokenizer_2=xl.get("tokenizer_2"))
+                            scheduler=scheduler, tokenizer=tokenizer, initial_params=unet_params,
+                            prior_loss_weight=_prior_loss_weight(cfg), **xl)
+  if sdxl:
+    sampling_pipe = StableDiffusionXL(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler,
+                                      text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
+                                      tokenizer_2=xl["tokenizer_2"], model_index=_read_json(mdir, "model_index.json"))
+  else:
+    sampling_pipe = StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler)
+  it = _unet_input(cfg, workdir, tokenizer, sampling_pipe, tokenizer_2=xl.get("tokenizer_2"))
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
@@ -395,18 +421,13 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     export.export_component(workdir, "unet", unet, start, step=0)
 
   prompts, columns = builtin.sample_prompts(cfg.data.name, cfg.unet.get("sample_prompts", ()))
+  if _is_dreambooth(cfg) and not cfg.unet.get("sample_prompts"):
+    prompts = [p for p in (cfg.dreambooth.instance_prompt, cfg.dreambooth.class_prompt) if p]
   samples_dir = os.path.join(workdir, "samples")
   quality = None
   if _judged(cfg):
     with primary_first("jaxsd: judge trained"):
       quality = _quality_eval(cfg, workdir, tokenizer)[0]
-
-  if sdxl:
-    sampling_pipe = StableDiffusionXL(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler,
-                                      text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
-                                      tokenizer_2=xl["tokenizer_2"], model_index=_read_json(mdir, "model_index.json"))
-  else:
-    sampling_pipe = StableDiffusion(unet, None, vae, vae_params, te, te_params, tokenizer, scheduler)
 
   def write_samples(step, state, writer):
     # One pipeline object for every grid: its compiled program is reused, only the params change.
@@ -457,13 +478,15 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
   scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   try:
-    spec = lora_training.make_spec(unet_params, cfg.lora)
+    spec = lora_training.make_spec(unet_params, cfg.lora, te_params)
   except ValueError as e:
     raise ConfigError(f"config.lora: {e}") from None
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
-                           scheduler=scheduler, tokenizer=tokenizer)
+                           scheduler=scheduler, tokenizer=tokenizer, prior_loss_weight=_prior_loss_weight(cfg),
+                           text_gradient=bool(cfg.lora.get("train_text_encoder")))
   stage = lora_training.lora_stage(base, unet_params, spec)
-  it = _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params)
+  it = _unet_input(cfg, workdir, tokenizer,
+                   StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler))
   if cfg.benchmark_steps:
     return dict(_benchmark(cfg, stage, mesh, it), stage="lora", **lora_training.describe(spec))
   t0 = time.time()
@@ -478,12 +501,49 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
            **lora_training.describe(spec)))
 
 
-def _unet_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params, tokenizer_2=None):
-  """The U-Net (or LoRA) stage's batches: from the latent cache with `unet.cache_latents`, else images (with
-  SDXL's second tokenizer and size conditioning when `tokenizer_2` is given)."""
+def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
+  """The U-Net (or LoRA) stage's batches: DreamBooth's, from the latent cache with `unet.cache_latents`, else
+  images (with SDXL's second tokenizer and size conditioning when `tokenizer_2` is given). `pipe` holds the
+  networks (the init model: DreamBooth's class images are drawn with it)."""
+  if _is_dreambooth(cfg):
+    return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe))
   if cfg.unet.get("cache_latents"):
-    return iter(_cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params))
+    return iter(
+        _cached_input(cfg, workdir, tokenizer, pipe.vae, pipe.vae_params, pipe.text_encoder, pipe.text_encoder_params))
   return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2))
+
+
+def _prior_loss_weight(cfg) -> float:
+  return float(cfg.dreambooth.prior_loss_weight) if _is_dreambooth(cfg) else 1.0
+
+
+def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion):
+  """DreamBooth's batches (jaxsd.training.dreambooth): instance examples, and with prior preservation as many
+  class examples, the missing class images drawn first by `pipe` into DIR/class_images (once: a rerun finds
+  them)."""
+  c, size = cfg.dreambooth, cfg.data.image_size
+  classes = []
+  if c.with_prior_preservation:
+    existing = dreambooth.list_images(os.path.expanduser(c.class_data_dir)) if c.class_data_dir else []
+    settings = dict(prompt=c.class_prompt, init=os.path.abspath(cfg.init), image_size=size, sampler=cfg.unet.sampler,
+                    steps=cfg.unet.sample_steps, guidance_scale=cfg.unet.guidance_scale, seed=cfg.seed, dtype=cfg.dtype)
+    generate = dreambooth.pipeline_generator(pipe, c.class_prompt, size, sampler=cfg.unet.sampler,
+                                             steps=cfg.unet.sample_steps, guidance_scale=cfg.unet.guidance_scale,
+                                             seed=cfg.seed)
+    with primary_first("jaxsd: class images drawn"):
+      try:
+        classes = dreambooth.class_images(os.path.join(workdir, dreambooth.CLASS_DIR), existing=existing,
+                                          num_images=int(c.num_class_images), settings=settings, generate=generate,
+                                          batch_size=int(c.sample_batch_size))
+      except ValueError as e:
+        raise ConfigError(f"config.dreambooth: {e}") from None
+  return dreambooth.make_dataset(dreambooth.list_images(os.path.expanduser(c.instance_data_dir)), c.instance_prompt,
+                                 class_images=classes, class_prompt=c.class_prompt, tokenizer=tokenizer,
+                                 image_size=size, global_batch_size=cfg.unet.batch_size,
+                                 seed=cfg.seed + STAGES.index("unet"), center_crop=c.center_crop,
+                                 random_flip=cfg.data.random_flip, max_length=_text_length(cfg),
+                                 process_index=jax.process_index(), process_count=jax.process_count(),
+                                 num_threads=cfg.data.num_threads)
 
 
 def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
@@ -550,7 +610,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       if stage not in names and not os.path.isdir(os.path.join(export.model_dir(workdir), need)):
         raise ConfigError(f"the unet stage needs a trained {need}: run the {stage} stage first (config.stages) "
                           f"in this workdir, or fine-tune a pretrained model with --config.init=<diffusers folder>.")
-  ensure_dataset(cfg)
+  if not _is_dreambooth(cfg):  # DreamBooth reads its image folders, not a prepared dataset
+    ensure_dataset(cfg)
   if primary():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -155,14 +155,16 @@ def sdxl_encode(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel, text
 
 
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
-               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None, text_encoder_2=None,
-               text_params_2=None, tokenizer_2=None) -> Stage:
+               text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None, prior_loss_weight: float = 1.0,
+               text_gradient: bool = False, text_encoder_2=None, text_params_2=None, tokenizer_2=None) -> Stage:
   """Latent diffusion: VAE posterior sample * scaling_factor -> noised at a random t -> U-Net.
 
   With `cfg.unet.train_text_encoder` the text encoder is trained with the U-Net on the diffusion loss
   (Rombach et al. 2022 trained their text transformer jointly): the params are then
   {"unet": ..., "text_encoder": ...}, starting from `text_params`; otherwise the text encoder is frozen
-  and the params are the U-Net's alone.
+  and the params are the U-Net's alone. A batch with "prior" (DreamBooth's class examples, jaxsd.training.dreambooth)
+  is trained on the prior-preservation loss with `prior_loss_weight`. `text_gradient` lets gradients through the
+  captions' encodings with the text encoder's params in `frozen` (text-encoder LoRA merges its adapter there).
 
   With `text_encoder_2` (SDXL; both encoders frozen) the U-Net also sees the pooled caption and the time ids
   of each image (`sdxl_encode`, `sdxl_time_ids` from the batch's "original_size" and "crop_top_left", the
@@ -206,7 +208,7 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
       post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
     cond = condition(text, batch, k_drop)
     latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
-    if not joint:
+    if not (joint or text_gradient):
       cond = jax.lax.stop_gradient(cond)
 
     def unet_fn(x, t, cond):
@@ -214,7 +216,8 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
       return unet.apply({"params": unet_params}, x.astype(unet.dtype), t, cond["context"], **extra)
 
     return losses.diffusion_loss(unet_fn, ac, latents, cond, k_noise, prediction_type=scheduler.prediction_type,
-                                 min_snr_gamma=c.min_snr_gamma or None)
+                                 min_snr_gamma=c.min_snr_gamma or None, prior_mask=batch.get("prior"),
+                                 prior_loss_weight=prior_loss_weight)
 
   if joint:
     init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731

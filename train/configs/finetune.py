@@ -10,20 +10,34 @@ prompt embeddings their penultimate hidden states concatenated, the second's poo
 `text_embeds`, and the time ids (original size, crop top-left, target size) of each image, the crop taken
 at a random place and recorded. Its U-Net and AdamW state (2.6B parameters: ~42 GB in fp32 with the two
 moments) do not fit a 16 GB chip replicated, so the state is sharded over every device (mesh.fsdp=-1).
+
+DreamBooth, the full fine-tune of diffusers' examples/dreambooth/train_dreambooth.py (variant dreambooth, or
+dreambooth_sd21 at 768): a folder of your subject's images (no captions) under one instance prompt, with prior
+preservation on images of the class the model draws itself before training (cached in DIR/class_images):
+
+  python -m train --config train/configs/finetune.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
+      --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
+      --config.dreambooth.with_prior_preservation=True --config.dreambooth.class_prompt="a photo of dog"
+config.data.name is not used; config.data.image_size is the resolution.
 """
+
+import ml_collections
 
 from train.configs import default
 
+VARIANTS = ("sd15", "sd21", "sdxl", "dreambooth", "dreambooth_sd21")
+
 
 def get_config(variant: str = "sd15"):
-  if variant not in ("sd15", "sd21", "sdxl"):
-    raise ValueError(f"finetune variant {variant!r}: use sd15, sd21 or sdxl.")
+  if variant not in VARIANTS:
+    raise ValueError(f"finetune variant {variant!r}: use one of {', '.join(VARIANTS)}.")
+  sd21 = variant.endswith("sd21")
   c = default.get_config()
   c.stages = "unet"
   c.init = ""  # required: --config.init=<diffusers folder>
   c.dtype = "bfloat16"  # fp32 master weights, bf16 compute
   c.checkpoint_every = 1000
-  c.data.image_size = {"sd15": 512, "sd21": 768, "sdxl": 1024}[variant]
+  c.data.image_size = 1024 if variant == "sdxl" else 768 if sd21 else 512
   c.data.random_flip = True
   c.data.name = ""  # required: a prepared TFDS dataset (e.g. from jaxsd.data.prepare_image_folder)
   u = c.unet
@@ -46,4 +60,38 @@ def get_config(variant: str = "sd15"):
     u.caption_dropout = 0.2
     u.ema_decay = 0.0  # an EMA copy is another 10 GB of fp32 (diffusers' --use_ema is off by default)
     u.guidance_scale = 5.0  # SDXL's pipeline default
+  if variant.startswith("dreambooth"):
+    _dreambooth(c)
   return c
+
+
+def _dreambooth(c) -> None:
+  """train_dreambooth.py's recipe (its README: lr 5e-6 constant, no warmup, 800 steps with prior preservation;
+  the script's batch of 4, no EMA, no min-SNR, no caption dropout, random crops, no flips)."""
+  c.checkpoint_every = 200
+  c.data.random_flip = False
+  u = c.unet
+  u.steps = 800
+  u.batch_size = 4  # instance examples per step; prior preservation adds as many class examples
+  u.optimizer = default._optimizer(5e-6, 800, 0, schedule="constant", weight_decay=1e-2)
+  u.ema_decay = 0.0
+  u.min_snr_gamma = 0.0
+  u.caption_dropout = 0.0
+  u.sample_every = 0  # the final samples (instance and class prompt) are written after training
+  c.dreambooth = dreambooth_section()
+
+
+def dreambooth_section() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          instance_data_dir="",  # required: the subject's images, directly in this folder
+          instance_prompt="",  # required: with a rare identifier, e.g. "a photo of sks dog"
+          with_prior_preservation=False,  # diffusers' default; True trains on class images beside
+          class_prompt="",  # with prior preservation: the class without the identifier, "a photo of dog"
+          class_data_dir="",  # optional: class images of your own; the model draws the rest
+          num_class_images=100,  # diffusers' default; drawn (cached in DIR/class_images) when fewer exist
+          prior_loss_weight=1.0,
+          # Class images are drawn with config.unet.sampler, sample_steps and guidance_scale, this many at once.
+          sample_batch_size=4,
+          center_crop=False,  # diffusers' default: random crops of the resized images
+      ))

@@ -7,6 +7,14 @@ zero), the attention projections, AdamW at 1e-4. The training settings are the U
 steps, batch_size, optimizer, ema_decay, gradient_checkpointing, min_snr_gamma, ...); the adapter's are
 config.lora. The result is DIR/lora/pytorch_lora_weights.safetensors, which diffusers'
 `pipe.load_lora_weights(DIR/lora)` and jaxsd's `pipe.load_lora(DIR/lora)` load on the init model.
+
+DreamBooth LoRA, the recipe of diffusers' examples/dreambooth/train_dreambooth_lora.py (variant dreambooth, or
+dreambooth_sd21): the config section `dreambooth` of train/configs/finetune.py (instance folder and prompt,
+prior preservation with self-drawn class images cached in DIR/class_images), the adapter as above:
+
+  python -m train --config train/configs/lora.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
+      --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
+      --config.dreambooth.with_prior_preservation=True --config.dreambooth.class_prompt="a photo of dog"
 """
 
 import ml_collections
@@ -16,6 +24,7 @@ from train.configs import default, finetune
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # diffusers' train_text_to_image_lora.py
 FEED_FORWARD = "ff.net.0.proj,ff.net.2"
 CONV = "conv1,conv2"  # LoCon on the ResNet blocks' 3x3 convolutions
+TEXT_ATTENTION = "q_proj,k_proj,v_proj,out_proj"  # CLIP's attention (diffusers' train_dreambooth_lora.py)
 
 
 def get_config(variant: str = "sd15"):
@@ -27,6 +36,10 @@ def get_config(variant: str = "sd15"):
   u.ema_decay = 0.0  # diffusers' LoRA script keeps no EMA; > 0 averages the adapter (exported instead)
   u.min_snr_gamma = 0.0
   u.sample_every = 0  # sample with `python -m sample` and the adapter file; no grids during training
+  if variant.startswith("dreambooth"):  # train_dreambooth_lora.py's README: lr 1e-4 constant, 500 steps
+    u.steps = 500
+    u.batch_size = 4  # the script's default; prior preservation adds as many class examples
+    u.optimizer = default._optimizer(1e-4, 500, 0, schedule="constant", weight_decay=1e-2)
   c.lora = ml_collections.ConfigDict(
       dict(
           rank=4,
@@ -37,5 +50,9 @@ def get_config(variant: str = "sd15"):
           dropout=0.0,  # only 0: the adapter is merged into the kernels (jaxsd/training/lora_training.py)
           init="gaussian",  # lora_A ~ N(0, 1/rank^2) as diffusers' script; "kaiming": PEFT's default
           export_format="peft",  # or "kohya" (lora_unet_... keys, A1111 / ComfyUI)
+          # Adapters on the text encoder too (same rank, alpha, init), exported as text_encoder.* / lora_te_* keys:
+          # diffusers' --train_text_encoder.
+          train_text_encoder=False,
+          text_target_modules=TEXT_ATTENTION,
       ))
   return c

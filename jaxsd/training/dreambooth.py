@@ -1,0 +1,223 @@
+"""DreamBooth (Ruiz et al. 2023): a subject learned from a handful of images under an instance prompt with a rare
+token ("a photo of sks dog"), optionally with prior preservation: class images ("a photo of a dog") that the
+model itself draws before training are trained on beside the instance images, so that the class keeps its
+look (the paper's language drift). The recipe of diffusers' examples/dreambooth/train_dreambooth_lora.py and
+train_dreambooth.py: each step takes `batch_size` instance examples and, with prior preservation, as many
+class examples; the loss is the instance mean + prior_loss_weight * the class mean
+(`jaxsd.training.losses.prior_preservation_loss`).
+
+The class images are made once and cached in <workdir>/class_images (with the settings that made them in
+class_images.json), so a rerun or a resume reuses them; image i starts from the noise of `noise(seed, ...,
+offset=i)`, so the set does not depend on how generation was batched or interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import grain
+import numpy as np
+from PIL import Image, ImageOps
+
+from jaxsd import tokenizer as tok
+from jaxsd.data.image_folder import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+CLASS_DIR = "class_images"
+MANIFEST = "class_images.json"
+
+
+def list_images(folder: str) -> list[str]:
+  """The image files directly in `folder` (as diffusers' DreamBoothDataset reads it), sorted."""
+  names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+  return [os.path.join(folder, f) for f in names]
+
+
+def _readable(paths: list[str], what: str) -> None:
+  for p in paths:
+    try:
+      with Image.open(p) as image:
+        image.verify()
+    except Exception as e:  # noqa: BLE001  (any decoder failure is the same error for the user)
+      raise ValueError(f"{what} image {p} cannot be read ({type(e).__name__}: {e}); remove or replace it.") from None
+
+
+def check_settings(c) -> None:
+  """ValueError for values of the config section `dreambooth` that cannot work (checked before any model is
+  loaded): the instance folder and prompt, and what prior preservation needs."""
+  folder = os.path.expanduser(c.instance_data_dir or "")
+  if not folder:
+    raise ValueError("instance_data_dir is not set: give the folder of your subject's images.")
+  if not os.path.isdir(folder):
+    raise ValueError(f"instance_data_dir={c.instance_data_dir!r} does not exist: give the folder of your subject's "
+                     "images.")
+  images = list_images(folder)
+  if not images:
+    raise ValueError(f"instance_data_dir={c.instance_data_dir!r} holds no images (looked for "
+                     f"{', '.join(IMAGE_EXTENSIONS)} directly in it).")
+  _readable(images, "instance")
+  if not str(c.instance_prompt).strip():
+    raise ValueError("instance_prompt is empty: give the prompt with the subject's identifier, e.g. "
+                     "'a photo of sks dog'.")
+  if int(c.sample_batch_size) < 1:
+    raise ValueError(f"sample_batch_size={c.sample_batch_size}: class images are drawn in batches of >= 1.")
+  if not c.with_prior_preservation:
+    return
+  if not str(c.class_prompt).strip():
+    raise ValueError("with_prior_preservation needs class_prompt, the prompt of the subject's class without the "
+                     "identifier (e.g. 'a photo of dog').")
+  if int(c.num_class_images) < 1:
+    raise ValueError(f"num_class_images={c.num_class_images}: prior preservation needs at least 1 class image.")
+  if float(c.prior_loss_weight) < 0:
+    raise ValueError(f"prior_loss_weight={c.prior_loss_weight} must be >= 0.")
+  if c.class_data_dir:
+    class_dir = os.path.expanduser(c.class_data_dir)
+    if not os.path.isdir(class_dir):
+      raise ValueError(f"class_data_dir={c.class_data_dir!r} does not exist: give a folder of class images, or "
+                       "leave it empty to have the model draw them all.")
+    _readable(list_images(class_dir)[:int(c.num_class_images)], "class")
+
+
+# --- class images ------------------------------------------------------------------------------
+
+
+def class_images(directory: str, *, existing: list[str], num_images: int, settings: dict,
+                 generate: Callable[[int, int], np.ndarray], batch_size: int) -> list[str]:
+  """`num_images` class images: the first of `existing`, then those drawn by `generate(first, n) -> uint8
+  (n, H, W, 3)` (image `first + i` of the generated set) and cached in `directory` as 00000.png, ...
+
+  Only the missing files are drawn: a rerun finds them all and draws nothing. `settings` (prompt, model,
+  sampler, ...) are stored beside them; a cache made with other settings is refused rather than mixed in.
+  """
+  existing = list(existing)[:num_images]
+  need = num_images - len(existing)
+  if need <= 0:
+    return existing
+  os.makedirs(directory, exist_ok=True)
+  manifest = os.path.join(directory, MANIFEST)
+  settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+  if os.path.exists(manifest):
+    with open(manifest) as f:
+      before = json.load(f)
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+      what = "; ".join(f"{k}={old!r}, now {new!r}" for k, (old, new) in changed.items())
+      raise ValueError(f"the class images cached in {directory} were made with other settings ({what}): delete "
+                       "that folder to draw them again, or set the old values.")
+  else:
+    with open(manifest, "w") as f:
+      json.dump(settings, f, indent=2)
+  paths = [os.path.join(directory, f"{i:05d}.png") for i in range(need)]
+  missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
+  if missing:
+    log.info("Drawing %d class image(s) of %d into %s.", len(missing), need, directory)
+  for first, n in _batches(missing, batch_size):
+    for i, image in zip(range(first, first + n), np.asarray(generate(first, n))):
+      tmp = paths[i] + ".tmp"
+      Image.fromarray(image).save(tmp, format="PNG")
+      os.replace(tmp, paths[i])  # a killed run leaves no half-written image
+  return existing + paths
+
+
+def _batches(indices: list[int], batch_size: int) -> list[tuple[int, int]]:
+  """(first, count) batches of at most `batch_size` consecutive indices covering the sorted `indices`."""
+  out = []
+  for i in indices:
+    if out and out[-1][0] + out[-1][1] == i and out[-1][1] < batch_size:
+      out[-1] = (out[-1][0], out[-1][1] + 1)
+    else:
+      out.append((i, 1))
+  return out
+
+
+def pipeline_generator(pipe, prompt: str, size: int, *, sampler: str, steps: int, guidance_scale: float,
+                       seed: int) -> Callable[[int, int], np.ndarray]:
+  """`generate(first, n)` for `class_images`: n images of `prompt` by the pipeline `pipe`, image `first + i`
+  from the initial noise `pipe.noise(seed, ..., offset=first + i)` (so independent of the batching for the
+  deterministic samplers)."""
+
+  def generate(first: int, n: int) -> np.ndarray:
+    latents = pipe.noise(seed, n, size, size, offset=first)
+    return pipe([prompt] * n, height=size, width=size, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                seed=seed + first, latents=latents)
+
+  return generate
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def make_dataset(instance_images: list[str], instance_prompt: str, *, class_images: list[str] = (),
+                 class_prompt: str = "", tokenizer: Any, image_size: int, global_batch_size: int, seed: int = 0,
+                 center_crop: bool = False, random_flip: bool = False, max_length: int = tok.MAX_LENGTH,
+                 process_index: int = 0, process_count: int = 1, num_threads: int = 2) -> grain.IterDataset:
+  """DreamBooth batches, forever, with get_state()/set_state() on their iterator (exact resume).
+
+  As diffusers' DreamBoothDataset: example k of an epoch pairs instance image k % n_instance with class image
+  k % n_class, an epoch is max(n_instance, n_class) examples in a shuffled order (reshuffled each epoch), and
+  images are resized (shorter side, bilinear) and cropped, at random unless `center_crop`. This host's rows
+  of each global batch of `global_batch_size` examples come as {"image": (2b, H, W, 3) in [-1, 1],
+  "input_ids": (2b, L), "prior": (2b,) 1.0 for a class example}: its b instance examples then their b class
+  examples (b = global_batch_size / process_count); without class images (b, ...) and no "prior".
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the {process_count} processes.")
+  rows = global_batch_size // process_count
+  n = max(len(instance_images), len(class_images))
+  ids = tok.tokenize(tokenizer, [instance_prompt, class_prompt or ""], max_length=max_length, warn=False)
+  reader = _Reader(tuple(instance_images), tuple(class_images), np.asarray(ids, np.int32), image_size, center_crop,
+                   random_flip, seed, global_batch_size, process_index * rows, rows)
+  chunks = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch_size).map_with_index(reader)
+  return chunks.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+  """Reads this host's rows of a global batch of positions; an example's randomness (crop, flip) depends only
+  on the seed and its place in the global stream."""
+  instance: tuple[str, ...]
+  classes: tuple[str, ...]
+  ids: np.ndarray  # (2, L): the instance prompt's tokens, the class prompt's
+  size: int
+  center_crop: bool
+  random_flip: bool
+  seed: int
+  chunk_size: int
+  first: int
+  rows: int
+
+  def __call__(self, chunk_index: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+    mine = [int(p) for p in positions[self.first:self.first + self.rows]]
+    place = [chunk_index * self.chunk_size + self.first + j for j in range(len(mine))]
+    images = [self._load(self.instance[p % len(self.instance)], (self.seed, q, 0)) for p, q in zip(mine, place)]
+    batch_ids = [self.ids[0]] * len(mine)
+    if self.classes:
+      images += [self._load(self.classes[p % len(self.classes)], (self.seed, q, 1)) for p, q in zip(mine, place)]
+      batch_ids += [self.ids[1]] * len(mine)
+    out = {"image": np.stack(images), "input_ids": np.stack(batch_ids)}
+    if self.classes:
+      out["prior"] = np.repeat(np.array([0.0, 1.0], np.float32), len(mine))
+    return out
+
+  def _load(self, path: str, key: tuple[int, int, int]) -> np.ndarray:
+    rng = np.random.default_rng(key)
+    with Image.open(path) as f:
+      image = ImageOps.exif_transpose(f).convert("RGB")
+    s = self.size
+    w, h = image.size
+    scale = s / min(w, h)
+    w, h = max(s, round(w * scale)), max(s, round(h * scale))
+    if image.size != (w, h):
+      image = image.resize((w, h), Image.BILINEAR)
+    if self.center_crop:
+      left, top = (w - s) // 2, (h - s) // 2
+    else:
+      left, top = int(rng.integers(w - s + 1)), int(rng.integers(h - s + 1))
+    image = image.crop((left, top, left + s, top + s))
+    if self.random_flip and rng.random() < 0.5:
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(image, np.float32) / 127.5 - 1.0
