@@ -5,13 +5,14 @@
     images = pipe(["a photo of a cat"], steps=25, sampler="dpmpp_2m")
 """
 
+from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_text_encoder, load_unet, load_vae,
-                              save_pretrained)
+from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_controlnet, load_text_encoder, load_unet,
+                              load_vae, save_pretrained)
 
 __version__ = "0.1.0"
 
@@ -21,12 +22,14 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
     "CLIPVisionModel",
+    "ControlNetModel",
     "StableDiffusion",
     "StableDiffusionXL",
     "UNet2DConditionModel",
     "abstract_params",
     "init_params",
     "load_clip",
+    "load_controlnet",
     "load_text_encoder",
     "load_unet",
     "load_vae",
