@@ -10,6 +10,7 @@ from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPTextModelWithProject
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
+from jaxsd.pipeline_controlnet import StableDiffusionControlNet
 from jaxsd.pipeline_xl import StableDiffusionXL
 from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_controlnet, load_text_encoder, load_unet,
                               load_vae, save_pretrained)
@@ -24,6 +25,7 @@ __all__ = [
     "CLIPVisionModel",
     "ControlNetModel",
     "StableDiffusion",
+    "StableDiffusionControlNet",
     "StableDiffusionXL",
     "UNet2DConditionModel",
     "abstract_params",
