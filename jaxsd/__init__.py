@@ -5,8 +5,8 @@
     images = pipe(["a photo of a cat"], steps=25, sampler="dpmpp_2m")
 """
 
-from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
+from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
