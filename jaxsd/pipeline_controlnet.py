@@ -152,6 +152,9 @@ class StableDiffusionControlNet(StableDiffusion):
 
     return fn
 
+  def generate_fn(self, *args, **kwargs):
+    raise ValueError("ControlNet pipelines are not in the pmapped path (python -m sample) yet; call the pipeline.")
+
   def _jitted_control(self, guided: bool, output: str, guess_mode: bool):
     key = ("controlnet", guided, output, guess_mode)
     if key not in self._compiled:
