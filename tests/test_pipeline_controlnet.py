@@ -154,3 +154,14 @@ def test_a_controlnet_for_another_model_is_refused(models, tmp_path):
   other.save_pretrained(tmp_path / "other")
   with pytest.raises(ValueError, match="does not match the U-Net"):
     jaxsd.StableDiffusion.from_pretrained(path).with_controlnet(str(tmp_path / "other"))
+
+
+def test_module_and_params_pairs_are_taken_as_they_are(models, tmp_path):
+  path, tpipe, nets, pipe, _ = models
+  nets[0].save_pretrained(tmp_path / "cn")
+  pair = jaxsd.load_controlnet(str(tmp_path / "cn"))
+  steered = jaxsd.StableDiffusion.from_pretrained(path).with_controlnet([pair, str(tmp_path / "cn")])
+  assert steered.controlnets[0] is pair[0] and steered.controlnet_params[0] is pair[1]
+  assert steered.controlnets[1].config == pair[0].config
+  with pytest.raises(ValueError, match="text-to-image only"):
+    steered.img2img(PROMPTS, _images(0), strength=0.5)
