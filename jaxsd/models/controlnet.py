@@ -88,7 +88,9 @@ class ControlNetConfig(ConfigBase):
   @classmethod
   def from_unet(cls, unet: UNet2DConditionConfig, conditioning_embedding_out_channels=(16, 32, 96, 256),
                 conditioning_channels: int = 3, controlnet_conditioning_channel_order: str = "rgb") -> ControlNetConfig:
-    """As diffusers' `ControlNetModel.from_unet`: the U-Net's encoder settings, a new conditioning embedding."""
+    """As diffusers' `ControlNetModel.from_unet`: the U-Net's encoder settings, a new conditioning embedding.
+    Unlike diffusers (0.42), addition_embed_type_num_heads is copied too: diffusers leaves it at 64, whatever
+    the heads of the U-Net's "text" addition embedding whose weights it copies."""
     shared = {f.name for f in dataclasses.fields(cls)}
     fields = {k: v for k, v in dataclasses.asdict(unet).items() if k in shared}
     cfg = cls(**fields, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
