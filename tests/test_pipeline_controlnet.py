@@ -165,3 +165,17 @@ def test_module_and_params_pairs_are_taken_as_they_are(models, tmp_path):
   assert steered.controlnets[1].config == pair[0].config
   with pytest.raises(ValueError, match="text-to-image only"):
     steered.img2img(PROMPTS, _images(0), strength=0.5)
+
+
+def test_sd2_folder_matches_diffusers(tmp_path):
+  """SD 2 layout (v-prediction, linear projections, upcast attention, heads per block): DPM++ 2M."""
+  path = reference.make_tiny_sd_folder(str(tmp_path / "sd2"), sd2=True)
+  tpipe = reference.torch_pipeline(path)
+  net = _controlnet(tpipe.unet, 12)
+  net.save_pretrained(tmp_path / "cn")
+  pipe = jaxsd.StableDiffusion.from_pretrained(path).with_controlnet(str(tmp_path / "cn"))
+  latents = np.asarray(pipe.noise(4, len(PROMPTS), HW, HW))
+  images = _images(4)
+  kw = dict(controlnet_conditioning_scale=0.9, control_guidance_end=0.8)
+  ours = pipe(PROMPTS, images, NEGATIVE, steps=4, sampler="dpmpp_2m", latents=latents, output="latent", **kw)
+  _check(ours, _reference(path, tpipe, [net], "dpmpp_2m", latents, images, **kw), "sd2 dpmpp_2m")
