@@ -6,12 +6,14 @@
 """
 
 from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
+from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
+from jaxsd.pipeline_controlnet import StableDiffusionControlNet
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_text_encoder, load_unet, load_vae,
-                              save_pretrained)
+from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_controlnet, load_text_encoder, load_unet,
+                              load_vae, save_pretrained)
 
 __version__ = "0.1.0"
 
@@ -21,12 +23,15 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
     "CLIPVisionModel",
+    "ControlNetModel",
     "StableDiffusion",
+    "StableDiffusionControlNet",
     "StableDiffusionXL",
     "UNet2DConditionModel",
     "abstract_params",
     "init_params",
     "load_clip",
+    "load_controlnet",
     "load_text_encoder",
     "load_unet",
     "load_vae",

@@ -98,6 +98,17 @@ class StableDiffusion:
                                                f"{where} (text encoder)", dtype, param_dtype)
     return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]))
 
+  def with_controlnet(self, controlnets, dtype=None, param_dtype=None):
+    """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
+
+    `controlnets`: a diffusers ControlNet folder, a (module, params) pair from `jaxsd.load_controlnet`, or a
+    list of them (MultiControlNet: their residuals are summed). The networks and parameters of this pipeline
+    are shared, not copied; the ControlNets compute in `dtype` (default: the U-Net's).
+    """
+    from jaxsd import pipeline_controlnet  # it extends this class
+
+    return pipeline_controlnet.StableDiffusionControlNet.from_pipeline(self, controlnets, dtype, param_dtype)
+
   # --- pieces, each usable alone -------------------------------------------------------------
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:

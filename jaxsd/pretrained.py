@@ -18,13 +18,13 @@ import jax.numpy as jnp
 
 from jaxsd import model_folder, weights
 from jaxsd.model_folder import DIFFUSERS_VERSION
-from jaxsd.models import clip, unet, vae
+from jaxsd.models import clip, controlnet, unet, vae
 
 
 def _spec(module: nn.Module) -> dict[str, Any]:
   """How each network is saved: file name and the config.json entries besides the fields."""
   name = type(module).__name__
-  if isinstance(module, (unet.UNet2DConditionModel, vae.AutoencoderKL)):
+  if isinstance(module, (unet.UNet2DConditionModel, vae.AutoencoderKL, controlnet.ControlNetModel)):
     return {
         "file": "diffusion_pytorch_model.safetensors",
         "extra": {
@@ -40,7 +40,7 @@ def _spec(module: nn.Module) -> dict[str, Any]:
   }
   if name in model_type:
     return {"file": "model.safetensors", "extra": {"architectures": [name], "model_type": model_type[name]}}
-  raise TypeError(f"save_pretrained does not know {name}; expected a jaxsd U-Net, VAE or CLIP module.")
+  raise TypeError(f"save_pretrained does not know {name}; expected a jaxsd U-Net, ControlNet, VAE or CLIP module.")
 
 
 def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
@@ -53,6 +53,16 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
     if cfg.addition_embed_type == "text_time":  # any split of add_embedding's input will do: all text, no ids
       inputs += (jnp.zeros((batch, cfg.projection_class_embeddings_input_dim),
                            jnp.float32), jnp.zeros((batch, 0), jnp.float32))
+    return inputs
+  if isinstance(module, controlnet.ControlNetModel):
+    size = cfg.unet_config().downsampling_factor
+    cond = size * cfg.conditioning_factor
+    inputs = (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros(
+        (batch,), jnp.int32), jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32),
+              jnp.zeros((batch, cond, cond, cfg.conditioning_channels), jnp.float32))
+    if cfg.addition_embed_type == "text_time":
+      inputs += (1.0, False, jnp.zeros((batch, cfg.projection_class_embeddings_input_dim),
+                                       jnp.float32), jnp.zeros((batch, 0), jnp.float32))
     return inputs
   if isinstance(module, vae.AutoencoderKL):
     size = cfg.downsampling_factor
@@ -118,6 +128,7 @@ def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_
 
 _KINDS = {
     "unet": (unet.UNet2DConditionModel, unet.UNet2DConditionConfig, None),
+    "controlnet": (controlnet.ControlNetModel, controlnet.ControlNetConfig, None),
     "vae": (vae.AutoencoderKL, vae.AutoencoderKLConfig, _legacy_vae_names),
     "text_encoder": (clip.CLIPTextModel, clip.CLIPTextConfig, _prefixed("text_model.")),
     "text_encoder_2": (clip.CLIPTextModelWithProjection, clip.CLIPTextConfig,
@@ -144,6 +155,13 @@ def load_unet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | 
   Extra keyword arguments go to the module (`attention_implementation`, `gradient_checkpointing`).
   """
   return _load(unet.UNet2DConditionModel, unet.UNet2DConditionConfig, path, dtype, param_dtype, variant, allow_pickle,
+               **module_kwargs)
+
+
+def load_controlnet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+                    allow_pickle: bool = False, **module_kwargs):
+  """Loads a diffusers `ControlNetModel` folder (config.json + weights), strictly. Returns (module, params)."""
+  return _load(controlnet.ControlNetModel, controlnet.ControlNetConfig, path, dtype, param_dtype, variant, allow_pickle,
                **module_kwargs)
 
 
@@ -200,6 +218,6 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
 
 
 __all__ = [
-    "load_unet", "load_vae", "load_text_encoder", "load_clip", "save_pretrained", "init_params", "abstract_params",
-    "example_inputs"
+    "load_unet", "load_controlnet", "load_vae", "load_text_encoder", "load_clip", "save_pretrained", "init_params",
+    "abstract_params", "example_inputs"
 ]

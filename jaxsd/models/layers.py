@@ -90,12 +90,14 @@ class LayerNorm(nn.Module):
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, name: str | None = None,
-         dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
+         dtype: Dtype, param_dtype: Dtype, zero_init: bool = False) -> nn.Conv:
   """An nn.Conv with PyTorch's symmetric explicit padding (default: 'same' for odd kernels); on the
-  CPU, small convolutions and their gradients run as matmuls (`cpu_conv`)."""
+  CPU, small convolutions and their gradients run as matmuls (`cpu_conv`). `zero_init`: kernel and bias
+  start at 0 (a ControlNet's zero convolutions)."""
   p = (kernel - 1) // 2 if padding is None else padding
+  init = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero_init else {}
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), name=name, dtype=dtype,
-                 param_dtype=param_dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
+                 param_dtype=param_dtype, conv_general_dilated=cpu_conv.conv_general_dilated, **init)
 
 
 class Timesteps(nn.Module):

@@ -382,7 +382,12 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float, encoder_hidden_states: jax.Array,
-               text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+               text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
+               down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
+               mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
+    """`down_block_additional_residuals` (one per skip connection, conv_in's first) and
+    `mid_block_additional_residual` are a ControlNet's outputs, added to the skips and to the mid block's
+    output as diffusers does; give both or neither."""
     cfg = self.config
     n = cfg.num_blocks
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -391,54 +396,26 @@ class UNet2DConditionModel(nn.Module):
                 attention_implementation=self.attention_implementation)
     heads = cfg.heads
     layers = _per_block(cfg.layers_per_block, n)
-    tlayers, up_tlayers = cfg.transformer_layers()
+    _, up_tlayers = cfg.transformer_layers()
     only_cross = _per_block(cfg.only_cross_attention, n)
+    if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+      raise ValueError("ControlNet residuals: pass both down_block_additional_residuals and "
+                       "mid_block_additional_residual, or neither.")
 
-    batch = sample.shape[0]
     x = sample.astype(self.dtype)
     context = encoder_hidden_states.astype(self.dtype)
     if cfg.center_input_sample:
       x = 2 * x - 1.0
-
-    # Time: fp32 sinusoids (from timesteps of any dtype), then the MLP in `dtype`.
-    t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
-    t_emb = Timesteps(cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)(t).astype(self.dtype)
-    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding", **kw)(t_emb)
-    if cfg.addition_embed_type == "text":  # the pooled prompt, added to the time embedding of every block
-      emb = emb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads, name="add_embedding", **
-                                    kw)(context)
-    elif cfg.addition_embed_type == "text_time":
-      emb = emb + self._text_time_embedding(text_embeds, time_ids, batch)
-    if cfg.addition_embed_type != "text_time" and (text_embeds is not None or time_ids is not None):
-      raise ValueError(f"text_embeds / time_ids are inputs of SDXL U-Nets (addition_embed_type='text_time'); this "
-                       f"one has addition_embed_type={cfg.addition_embed_type!r}: drop them.")
-    if cfg.time_embedding_act_fn is not None:
-      emb = get_activation(cfg.time_embedding_act_fn)(emb)
-
+    emb = embed_time(self, cfg, timesteps, x.shape[0], context, text_embeds, time_ids)
     x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
+    x, skips = encode(self, cfg, x, emb, context)
 
-    skips = (x,)
-    for i, block_type in enumerate(cfg.down_block_types):
-      final = i == n - 1
-      out = cfg.block_out_channels[i]
-      if block_type == "CrossAttnDownBlock2D":
-        block = self._block(CrossAttnDownBlock2D)(out, layers[i], heads[i], tlayers[i], add_downsample=not final,
-                                                  downsample_padding=cfg.downsample_padding,
-                                                  only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **attn,
-                                                  **common)
-      else:
-        block = self._block(DownBlock2D)(out, layers[i], add_downsample=not final,
-                                         downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)
-      x, states = block(x, emb, context)
-      skips += states
-
-    if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-      x = self._block(UNetMidBlock2DCrossAttn)(heads[-1], tlayers[-1], output_scale_factor=cfg.mid_block_scale_factor,
-                                               name="mid_block", **attn, **common)(x, emb, context)
-    elif cfg.mid_block_type == "UNetMidBlock2D":
-      x = self._block(UNetMidBlock2D)(num_layers=0, resnet_groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps,
-                                      act_fn=cfg.act_fn, output_scale_factor=cfg.mid_block_scale_factor,
-                                      add_attention=False, name="mid_block", **kw)(x, emb)
+    if down_block_additional_residuals is not None:
+      if len(down_block_additional_residuals) != len(skips):
+        raise ValueError(f"{len(down_block_additional_residuals)} down_block_additional_residuals for the U-Net's "
+                         f"{len(skips)} skip connections: the ControlNet does not match this U-Net.")
+      skips = tuple(s + r.astype(self.dtype) for s, r in zip(skips, down_block_additional_residuals))
+      x = x + mid_block_additional_residual.astype(self.dtype)
 
     # Inputs whose size is not a multiple of 2**(n-1) need each upsampler to hit its skip's size.
     up_factor = 2**(n - 1)
@@ -463,22 +440,86 @@ class UNet2DConditionModel(nn.Module):
     x = get_activation(cfg.act_fn)(x)
     return conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
 
-  def _text_time_embedding(self, text_embeds, time_ids, batch: int) -> jax.Array:
-    """SDXL's added embedding: [text_embeds, Fourier features of each time id] -> add_embedding (MLP)."""
-    cfg = self.config
-    if text_embeds is None or time_ids is None:
-      raise ValueError("this U-Net has addition_embed_type='text_time' (SDXL): pass text_embeds= (the pooled, "
-                       "projected prompt) and time_ids= (sizes and crop, or the aesthetic score).")
-    text_embeds = jnp.broadcast_to(text_embeds, (batch,) + text_embeds.shape[1:])
-    time_ids = jnp.broadcast_to(time_ids, (batch,) + time_ids.shape[1:])
-    want = cfg.projection_class_embeddings_input_dim
-    got = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
-    if got != want:
-      raise ValueError(f"text_embeds ({text_embeds.shape[-1]}) and {time_ids.shape[-1]} time ids x "
-                       f"addition_time_embed_dim ({cfg.addition_time_embed_dim}) give {got} features; the U-Net's "
-                       f"projection_class_embeddings_input_dim is {want}: check the text encoder's projection_dim "
-                       "and the time ids (6 for a base model, 5 with an aesthetic score for a refiner).")
-    time_embeds = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)(time_ids.reshape(-1))
-    add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
-    return TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", dtype=self.dtype,
-                             param_dtype=self.param_dtype)(add.astype(self.dtype))
+
+# --- the encoder half, shared with the ControlNet (jaxsd.models.controlnet) ----------------------
+# Called from a module's compact __call__: the submodules they create are that module's
+# (time_embedding, add_embedding, down_blocks_i, mid_block), named as diffusers' state dicts.
+
+
+def embed_time(module: nn.Module, cfg: UNet2DConditionConfig, timesteps, batch: int, context: jax.Array,
+               text_embeds: jax.Array | None, time_ids: jax.Array | None) -> jax.Array:
+  """The embedding every ResNet block adds: fp32 sinusoids of the timesteps (of any dtype), the MLP in the
+  module's dtype, plus the addition embedding ("text": the pooled prompt; "text_time": SDXL's)."""
+  kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+  t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
+  t_emb = Timesteps(cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)(t).astype(module.dtype)
+  emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding", **kw)(t_emb)
+  if cfg.addition_embed_type == "text":  # the pooled prompt, added to the time embedding of every block
+    emb = emb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads, name="add_embedding", **
+                                  kw)(context)
+  elif cfg.addition_embed_type == "text_time":
+    emb = emb + _text_time_embedding(module, cfg, text_embeds, time_ids, batch)
+  if cfg.addition_embed_type != "text_time" and (text_embeds is not None or time_ids is not None):
+    raise ValueError(f"text_embeds / time_ids are inputs of SDXL U-Nets (addition_embed_type='text_time'); this "
+                     f"one has addition_embed_type={cfg.addition_embed_type!r}: drop them.")
+  if cfg.time_embedding_act_fn is not None:
+    emb = get_activation(cfg.time_embedding_act_fn)(emb)
+  return emb
+
+
+def encode(module: nn.Module, cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array,
+           context: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """Down blocks and mid block from conv_in's output: (mid block output, skips: conv_in's output first)."""
+  n = cfg.num_blocks
+  kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+  common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, **kw)
+  attn = dict(use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
+              attention_implementation=module.attention_implementation)
+  heads = cfg.heads
+  layers = _per_block(cfg.layers_per_block, n)
+  tlayers, _ = cfg.transformer_layers()
+  only_cross = _per_block(cfg.only_cross_attention, n)
+  wrap = nn.remat if module.gradient_checkpointing else (lambda cls: cls)
+
+  skips = (x,)
+  for i, block_type in enumerate(cfg.down_block_types):
+    final = i == n - 1
+    out = cfg.block_out_channels[i]
+    if block_type == "CrossAttnDownBlock2D":
+      block = wrap(CrossAttnDownBlock2D)(out, layers[i], heads[i], tlayers[i], add_downsample=not final,
+                                         downsample_padding=cfg.downsample_padding, only_cross_attention=only_cross[i],
+                                         name=f"down_blocks_{i}", **attn, **common)
+    else:
+      block = wrap(DownBlock2D)(out, layers[i], add_downsample=not final, downsample_padding=cfg.downsample_padding,
+                                name=f"down_blocks_{i}", **common)
+    x, states = block(x, emb, context)
+    skips += states
+
+  if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+    x = wrap(UNetMidBlock2DCrossAttn)(heads[-1], tlayers[-1], output_scale_factor=cfg.mid_block_scale_factor,
+                                      name="mid_block", **attn, **common)(x, emb, context)
+  elif cfg.mid_block_type == "UNetMidBlock2D":
+    x = wrap(UNetMidBlock2D)(num_layers=0, resnet_groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps,
+                             act_fn=cfg.act_fn, output_scale_factor=cfg.mid_block_scale_factor, add_attention=False,
+                             name="mid_block", **kw)(x, emb)
+  return x, skips
+
+
+def _text_time_embedding(module: nn.Module, cfg: UNet2DConditionConfig, text_embeds, time_ids, batch: int) -> jax.Array:
+  """SDXL's added embedding: [text_embeds, Fourier features of each time id] -> add_embedding (MLP)."""
+  if text_embeds is None or time_ids is None:
+    raise ValueError("this U-Net has addition_embed_type='text_time' (SDXL): pass text_embeds= (the pooled, "
+                     "projected prompt) and time_ids= (sizes and crop, or the aesthetic score).")
+  text_embeds = jnp.broadcast_to(text_embeds, (batch,) + text_embeds.shape[1:])
+  time_ids = jnp.broadcast_to(time_ids, (batch,) + time_ids.shape[1:])
+  want = cfg.projection_class_embeddings_input_dim
+  got = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+  if got != want:
+    raise ValueError(f"text_embeds ({text_embeds.shape[-1]}) and {time_ids.shape[-1]} time ids x "
+                     f"addition_time_embed_dim ({cfg.addition_time_embed_dim}) give {got} features; the U-Net's "
+                     f"projection_class_embeddings_input_dim is {want}: check the text encoder's projection_dim "
+                     "and the time ids (6 for a base model, 5 with an aesthetic score for a refiner).")
+  time_embeds = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)(time_ids.reshape(-1))
+  add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
+  return TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", dtype=module.dtype,
+                           param_dtype=module.param_dtype)(add.astype(module.dtype))

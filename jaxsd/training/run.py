@@ -8,6 +8,8 @@ Layout of a workdir:
   lora/                         LoRA training instead (config.lora): checkpoints, metrics and the adapter,
                                 pytorch_lora_weights.safetensors; the base model (config.init) is not copied
   class_images/                 DreamBooth's class images drawn by the init model (config.dreambooth), kept
+  controlnet/                   ControlNet training instead (config.controlnet): checkpoints, metrics and the
+                                ControlNet as a diffusers folder (config.json + safetensors); init not copied
   samples/                      sample grids; report.md and summary.json at the end
 Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoint for the order).
 """
@@ -36,7 +38,7 @@ from jaxsd.image_grid import contact_sheet
 from jaxsd.model_folder import check_model_folder, is_sdxl_folder
 from jaxsd.pipeline import StableDiffusion, load_vae, load_workdir
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.training import dreambooth, evaluate, export, latent_cache, lora_training, stages
+from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
@@ -87,7 +89,7 @@ def _stages(cfg) -> list[str]:
     raise ConfigError(f"config.stages={cfg.stages!r}: stages are a comma-separated subset of "
                       f"{','.join(STAGES)} (in that order).")
   if cfg.init:  # fine-tuning: VAE, text encoder and tokenizer come from the init folder
-    return ["lora"] if _is_lora(cfg) else ["unet"]
+    return ["lora"] if _is_lora(cfg) else ["controlnet"] if _is_controlnet(cfg) else ["unet"]
   return [s for s in STAGES if s in names]
 
 
@@ -104,9 +106,14 @@ def _is_dreambooth(cfg) -> bool:
   return "dreambooth" in cfg
 
 
+def _is_controlnet(cfg) -> bool:
+  return "controlnet" in cfg
+
+
 def _section(name: str) -> str:
-  """The config section of a stage's training settings: LoRA training is the U-Net stage's, on adapters."""
-  return "unet" if name == "lora" else name
+  """The config section of a stage's training settings: LoRA and ControlNet training are the U-Net stage's,
+  on adapters or on a ControlNet."""
+  return "unet" if name in ("lora", "controlnet") else name
 
 
 def data_dir(cfg) -> str:
@@ -189,6 +196,23 @@ def check_config(cfg, n_devices: int) -> None:
       dreambooth.check_settings(cfg.dreambooth)
     except ValueError as e:
       raise ConfigError(f"config.dreambooth: {e}") from None
+  if _is_controlnet(cfg):
+    if _is_sdxl(cfg):
+      raise ConfigError("config.controlnet trains SD 1.x/2.x ControlNets; SDXL ControlNet training is not "
+                        "implemented: give an SD 1.x/2.x folder as --config.init.")
+    if not cfg.init or _is_lora(cfg):
+      raise ConfigError("config.controlnet trains a ControlNet for a pretrained model: set --config.init=<diffusers "
+                        "folder> (and no config.lora).")
+    if cfg.unet.train_text_encoder or cfg.unet.get("cache_latents"):
+      raise ConfigError("config.controlnet trains the ControlNet alone on images (its condition is derived from "
+                        "each image): set config.unet.train_text_encoder=False and config.unet.cache_latents=False.")
+    if cfg.benchmark_steps:
+      raise ConfigError("config.benchmark_steps times the U-Net or LoRA step; it is not implemented for "
+                        "config.controlnet: set it to 0.")
+    try:
+      controlnet_training.check_settings(cfg.controlnet)
+    except ValueError as e:
+      raise ConfigError(f"config.controlnet: {e}") from None
   if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
     if cfg.data.random_flip or cfg.data.random_crop:
       raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
@@ -501,6 +525,42 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
            **lora_training.describe(spec)))
 
 
+def run_controlnet(cfg, workdir, mesh, tokenizer) -> dict:
+  """A ControlNet trained for the model of `cfg.init` (jaxsd.training.controlnet_training), initialised from its
+  U-Net's encoder, with the U-Net stage's loss and settings (cfg.unet); exported to DIR/controlnet as a diffusers
+  ControlNetModel folder (`jaxsd.load_controlnet`, `pipe.with_controlnet`, diffusers' from_pretrained)."""
+  dtype = stages.dtype_of(cfg)
+  unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
+                                           gradient_checkpointing=cfg.unet.gradient_checkpointing)
+  vae, vae_params = pretrained.load_vae(os.path.join(cfg.init, "vae"), dtype, jnp.float32)
+  te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
+  scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
+  try:
+    widths = controlnet_training.embedding_widths(vae.config.downsampling_factor,
+                                                  cfg.controlnet.conditioning_embedding_out_channels)
+  except ValueError as e:
+    raise ConfigError(f"config.controlnet: {e}") from None
+  controlnet, controlnet_params = controlnet_training.controlnet_from_unet(unet, unet_params, widths,
+                                                                           jax.random.key(cfg.seed))
+  stage = controlnet_training.controlnet_stage(cfg, controlnet=controlnet, controlnet_params=controlnet_params,
+                                               unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
+                                               text_encoder=te, text_params=te_params, scheduler=scheduler,
+                                               tokenizer=tokenizer)
+  it = iter(make_input(cfg, "unet", tokenizer))
+  t0 = time.time()
+  res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None)
+  it.close()
+  state = res.state
+  params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+  path = os.path.join(workdir, "controlnet")
+  if primary():
+    pretrained.save_pretrained(controlnet, params, path)
+  return _finish(
+      workdir, "controlnet",
+      dict(_run_facts(res, t0), ema=state.ema_params is not None, folder=path,
+           conditioning=cfg.controlnet.conditioning))
+
+
 def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
   """The U-Net (or LoRA) stage's batches: DreamBooth's, from the latent cache with `unet.cache_latents`, else
   images (with SDXL's second tokenizer and size conditioning when `tokenizer_2` is given). `pipe` holds the
@@ -627,7 +687,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                os.path.join(workdir, name, "result.json"))
       results[name] = done
       continue
-    runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet, "lora": run_lora}[name]
+    runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet, "lora": run_lora, "controlnet": run_controlnet}[name]
     results[name] = runner(cfg, workdir, mesh, tokenizer)
     sync(f"jaxsd: {name} stage exported")  # the next stage reads what process 0 wrote
     if cfg.benchmark_steps:
