@@ -58,9 +58,11 @@ def get_config():
   # Stage 2: the KL autoencoder; 32x32x3 images -> 16x16x4 latents.
   c.vae = ml_collections.ConfigDict(
       dict(
-          steps=400,
-          batch_size=32,
-          optimizer=_optimizer(1e-3, 400, 40),
+          # The same 12,800 images as 32 x 400 in 0.88x the CPU time, and far sharper (PSNR 29.2 vs 26.8 dB; the
+          # judge's shape on its reconstructions 0.84 vs 0.80): the number of updates counts (docs/training.md).
+          steps=800,
+          batch_size=16,
+          optimizer=_optimizer(1e-3, 800, 80),
           block_out_channels=(16, 32),
           layers_per_block=1,
           latent_channels=4,
