@@ -390,14 +390,8 @@ class UNet2DConditionModel(nn.Module):
     output as diffusers does; give both or neither."""
     cfg = self.config
     n = cfg.num_blocks
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, **kw)
-    attn = dict(use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
-                attention_implementation=self.attention_implementation)
-    heads = cfg.heads
-    layers = _per_block(cfg.layers_per_block, n)
+    kw, common, attn, heads, layers, only_cross = _block_settings(self, cfg)
     _, up_tlayers = cfg.transformer_layers()
-    only_cross = _per_block(cfg.only_cross_attention, n)
     if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
       raise ValueError("ControlNet residuals: pass both down_block_additional_residuals and "
                        "mid_block_additional_residual, or neither.")
@@ -446,6 +440,17 @@ class UNet2DConditionModel(nn.Module):
 # (time_embedding, add_embedding, down_blocks_i, mid_block), named as diffusers' state dicts.
 
 
+def _block_settings(module: nn.Module, cfg: UNet2DConditionConfig):
+  """What the down, mid and up blocks are built with: (dtype kwargs, ResNet kwargs, attention kwargs, heads,
+  layers and only-cross-attention per block)."""
+  kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+  common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, **kw)
+  attn = dict(use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
+              attention_implementation=module.attention_implementation)
+  n = cfg.num_blocks
+  return kw, common, attn, cfg.heads, _per_block(cfg.layers_per_block, n), _per_block(cfg.only_cross_attention, n)
+
+
 def embed_time(module: nn.Module, cfg: UNet2DConditionConfig, timesteps, batch: int, context: jax.Array,
                text_embeds: jax.Array | None, time_ids: jax.Array | None) -> jax.Array:
   """The embedding every ResNet block adds: fp32 sinusoids of the timesteps (of any dtype), the MLP in the
@@ -471,14 +476,8 @@ def encode(module: nn.Module, cfg: UNet2DConditionConfig, x: jax.Array, emb: jax
            context: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """Down blocks and mid block from conv_in's output: (mid block output, skips: conv_in's output first)."""
   n = cfg.num_blocks
-  kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
-  common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, **kw)
-  attn = dict(use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
-              attention_implementation=module.attention_implementation)
-  heads = cfg.heads
-  layers = _per_block(cfg.layers_per_block, n)
+  kw, common, attn, heads, layers, only_cross = _block_settings(module, cfg)
   tlayers, _ = cfg.transformer_layers()
-  only_cross = _per_block(cfg.only_cross_attention, n)
   wrap = nn.remat if module.gradient_checkpointing else (lambda cls: cls)
 
   skips = (x,)

@@ -93,6 +93,14 @@ def _stages(cfg) -> list[str]:
   return [s for s in STAGES if s in names]
 
 
+def _check_section(cfg, name: str, check) -> None:
+  """`check(cfg.<name>)`'s ValueError as a ConfigError naming the section."""
+  try:
+    check(cfg[name])
+  except ValueError as e:
+    raise ConfigError(f"config.{name}: {e}") from None
+
+
 def _is_lora(cfg) -> bool:
   return "lora" in cfg
 
@@ -181,10 +189,7 @@ def check_config(cfg, n_devices: int) -> None:
     if cfg.lora.get("train_text_encoder") and cfg.unet.get("cache_latents"):
       raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
                         "with config.lora.train_text_encoder=True.")
-    try:
-      lora_training.check_settings(cfg.lora)
-    except ValueError as e:
-      raise ConfigError(f"config.lora: {e}") from None
+    _check_section(cfg, "lora", lora_training.check_settings)
   if _is_dreambooth(cfg):
     if not cfg.init:
       raise ConfigError("config.dreambooth teaches a pretrained model a subject: set --config.init=<diffusers "
@@ -192,10 +197,7 @@ def check_config(cfg, n_devices: int) -> None:
     if cfg.unet.get("cache_latents"):
       raise ConfigError("config.unet.cache_latents reads a prepared dataset; DreamBooth reads its image folders: "
                         "set config.unet.cache_latents=False.")
-    try:
-      dreambooth.check_settings(cfg.dreambooth)
-    except ValueError as e:
-      raise ConfigError(f"config.dreambooth: {e}") from None
+    _check_section(cfg, "dreambooth", dreambooth.check_settings)
   if _is_controlnet(cfg):
     if _is_sdxl(cfg):
       raise ConfigError("config.controlnet trains SD 1.x/2.x ControlNets; SDXL ControlNet training is not "
@@ -209,10 +211,7 @@ def check_config(cfg, n_devices: int) -> None:
     if cfg.benchmark_steps:
       raise ConfigError("config.benchmark_steps times the U-Net or LoRA step; it is not implemented for "
                         "config.controlnet: set it to 0.")
-    try:
-      controlnet_training.check_settings(cfg.controlnet)
-    except ValueError as e:
-      raise ConfigError(f"config.controlnet: {e}") from None
+    _check_section(cfg, "controlnet", controlnet_training.check_settings)
   if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
     if cfg.data.random_flip or cfg.data.random_crop:
       raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
