@@ -192,10 +192,7 @@ class StableDiffusion:
 
   def decode(self, vae_params, latents: jax.Array) -> jax.Array:
     """Latents (fp32, NHWC) -> images in [0, 1], fp32 NHWC."""
-    cfg = self.vae.config
-    z = latents / cfg.scaling_factor
-    if cfg.shift_factor:
-      z = z + cfg.shift_factor
+    z = self.unscale_latents(latents)
     images = self.vae.apply({"params": vae_params}, z.astype(self.vae.dtype), method=self.vae.decode)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -204,16 +201,23 @@ class StableDiffusion:
 
     `key` is one key for the batch, or a [B] batch of keys, one per image (see `posterior_keys`).
     """
-    cfg = self.vae.config
     post = self.vae.apply({"params": vae_params}, (images * 2 - 1).astype(self.vae.dtype), method=self.vae.encode)
     if key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):  # a key per image
       z = post.mean + post.std * jax.vmap(lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))(key)
     else:
       z = post.sample(key)
-    z = z.astype(jnp.float32)
-    if cfg.shift_factor:
-      z = z - cfg.shift_factor
-    return z * cfg.scaling_factor
+    return self.scale_latents(z.astype(jnp.float32))
+
+  def scale_latents(self, z: jax.Array) -> jax.Array:
+    """The VAE's latents -> the U-Net's: (z - shift_factor) * scaling_factor."""
+    cfg = self.vae.config
+    return (z - cfg.shift_factor if cfg.shift_factor else z) * cfg.scaling_factor
+
+  def unscale_latents(self, latents: jax.Array) -> jax.Array:
+    """The inverse of `scale_latents`."""
+    cfg = self.vae.config
+    z = latents / cfg.scaling_factor
+    return z + cfg.shift_factor if cfg.shift_factor else z
 
   def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
     """The shape of the latents (and of the initial noise): the VAE's latent channels."""

@@ -170,6 +170,31 @@ class StableDiffusionXL(pipeline.StableDiffusion):
         "text_encoder_2": self.text_encoder_2_params
     }
 
+  # --- latents ---------------------------------------------------------------------------------------
+  # A VAE config with `latents_mean` and `latents_std` (Playground v2.5's, an SDXL-architecture model)
+  # normalises each latent channel, as diffusers' SDXL pipelines do: the U-Net's latents are
+  # (z - mean) * scaling_factor / std. Without both, plain scaling (shift_factor is not SDXL's).
+
+  def _latent_stats(self):
+    cfg = self.vae.config
+    if cfg.latents_mean is None or cfg.latents_std is None:
+      return None
+    shape = (1, 1, 1, -1)  # per channel, NHWC
+    return (jnp.asarray(cfg.latents_mean, jnp.float32).reshape(shape), jnp.asarray(cfg.latents_std,
+                                                                                   jnp.float32).reshape(shape))
+
+  def scale_latents(self, z: jax.Array) -> jax.Array:
+    stats = self._latent_stats()
+    if stats is None:
+      return z * self.vae.config.scaling_factor
+    return (z - stats[0]) * self.vae.config.scaling_factor / stats[1]
+
+  def unscale_latents(self, latents: jax.Array) -> jax.Array:
+    stats = self._latent_stats()
+    if stats is None:
+      return latents / self.vae.config.scaling_factor
+    return latents * stats[1] / self.vae.config.scaling_factor + stats[0]
+
   # --- text ------------------------------------------------------------------------------------------
 
   @property

@@ -235,3 +235,35 @@ def test_bad_input_is_reported(sdxl, tmp_path):
       sdxl.base.text_inputs(PROMPTS, None, 64, 64, **{option: True})
   with pytest.raises(FileNotFoundError, match="incomplete: no text_encoder_2/, tokenizer_2/"):
     jaxsd.StableDiffusionXL.from_pretrained(reference.make_tiny_sd_folder(str(tmp_path / "sd")))
+
+
+def test_per_channel_latent_statistics_as_diffusers(sdxl, tmp_path):
+  """A VAE config with latents_mean / latents_std (Playground v2.5's): diffusers' SDXL pipeline decodes
+  latents * std / scaling_factor + mean; the decoded images agree within 1e-4, and jaxsd's encoding is the
+  inverse map. Without the statistics the same latents decode differently (the check can fail)."""
+  c = sdxl.c
+  vae = copy.deepcopy(c["vae"])
+  k = vae.config.latent_channels
+  mean, std = [0.3 * (i - 1) for i in range(k)], [0.5 + 0.4 * i for i in range(k)]
+  vae.register_to_config(latents_mean=mean, latents_std=std)
+  tpipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=c["text_encoder"],
+                                              text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+                                              tokenizer_2=c["tokenizer_2"], unet=c["unet"],
+                                              scheduler=_scheduler(sdxl.base_path, "euler"),
+                                              force_zeros_for_empty_prompt=True, add_watermarker=False)
+  tpipe.set_progress_bar_config(disable=True)
+  tpipe.save_pretrained(tmp_path)
+  pipe = jaxsd.StableDiffusionXL.from_pretrained(str(tmp_path))
+  assert pipe.vae.config.latents_mean == tuple(mean)
+  latents = _noise(pipe, 6, 1)
+  final = pipe(PROMPTS[:1], steps=3, guidance_scale=5.0, sampler="euler", latents=latents, output="latent")
+  ours = np.asarray(pipe.decode(pipe.vae_params, final))
+  with torch.no_grad():
+    ref = tpipe(prompt=PROMPTS[:1], height=HW, width=HW, num_inference_steps=3, guidance_scale=5.0,
+                latents=reference.nhwc_to_nchw(latents), output_type="np").images
+  _close("latents_mean/std decode", ours, ref)
+  assert np.abs(np.asarray(sdxl.base.decode(pipe.vae_params, final)) - ours).max() > 1e-2
+  z = jnp.asarray(latents)
+  np.testing.assert_allclose(pipe.unscale_latents(pipe.scale_latents(z)), z, atol=1e-5)
+  want = (z - jnp.asarray(mean)) * vae.config.scaling_factor / jnp.asarray(std)
+  np.testing.assert_allclose(pipe.scale_latents(z), want, atol=1e-5)
