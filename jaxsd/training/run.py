@@ -236,8 +236,7 @@ def _check_sdxl(cfg) -> None:
     if not os.path.isdir(os.path.join(cfg.init, need)):
       raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
                         "model's folder (both text encoders and tokenizers; a refiner is not supported).")
-  unsupported = [("config.lora.train_text_encoder", _is_lora(cfg) and cfg.lora.get("train_text_encoder")),
-                 ("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
+  unsupported = [("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
                  ("config.unet.cache_latents", cfg.unet.get("cache_latents")),
                  ("config.dreambooth", _is_dreambooth(cfg))]
   on = [name for name, value in unsupported if value]
@@ -497,7 +496,8 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   """LoRA adapters trained on the U-Net of `cfg.init` (jaxsd.training.lora_training), the U-Net stage's loss and
   settings (cfg.unet); the adapter goes to DIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT naming,
   or kohya's: for SDXL with sd-scripts' sgm U-Net names). The base model is not exported: the adapter applies to
-  cfg.init's, which is unchanged. SDXL: both text encoders frozen, the inputs of run_unet's SDXL fine-tune."""
+  cfg.init's, which is unchanged. SDXL: the inputs of run_unet's SDXL fine-tune; with lora.train_text_encoder
+  adapters on both text encoders."""
   dtype = stages.dtype_of(cfg)
   sdxl = _is_sdxl(cfg)
   unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
@@ -516,7 +516,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
     te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
   scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   try:
-    spec = lora_training.make_spec(unet_params, cfg.lora, te_params)
+    spec = lora_training.make_spec(unet_params, cfg.lora, te_params, xl.get("text_params_2"))
   except ValueError as e:
     raise ConfigError(f"config.lora: {e}") from None
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,

@@ -1,7 +1,8 @@
-"""`train/configs/lora.py:sdxl` on a tiny random SDXL folder saved by diffusers: a few steps train U-Net adapters,
-the written pytorch_lora_weights.safetensors loads unchanged with diffusers' StableDiffusionXLPipeline.
-load_lora_weights and gives diffusers the latents jaxsd gives with it, and the kohya export names the U-Net's
-layers as sd-scripts does for SDXL (and loads in diffusers too)."""
+"""`train/configs/lora.py:sdxl` on a tiny random SDXL folder saved by diffusers: a few steps train adapters on the
+U-Net and (lora.train_text_encoder) both text encoders; the written pytorch_lora_weights.safetensors loads unchanged
+with diffusers' StableDiffusionXLPipeline.load_lora_weights and gives diffusers the latents jaxsd gives with it,
+and the kohya export names the layers as sd-scripts does for SDXL (sgm U-Net names, lora_te1_ / lora_te2_) and
+loads in diffusers too."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def _cfg(folders, **updates):
   cfg.eval.judge = False
   cfg.unet.update(steps=STEPS, batch_size=8, gradient_checkpointing=False)
   cfg.unet.optimizer.update(lr=1e-2, total_steps=STEPS)  # large, so that a few steps move the tiny model
+  cfg.lora.train_text_encoder = True
   cfg.update_from_flattened_dict(updates)
   return cfg
 
@@ -85,11 +87,20 @@ def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, pipes):
   of the same file: within the SDXL pipeline tolerance (1e-4 of the latents' scale), and the adapter moves the
   latents far beyond it."""
   workdir, r = trained
-  # 3 transformer blocks (down, mid, up x2 = 4 attentions of 2 blocks each) x 2 attentions x 4 projections
+  # U-Net: 8 transformer blocks (down 2, mid 2, up 2 x 2) x 2 attentions x 4 projections; each text encoder:
+  # 3 layers x 4 attention projections.
   assert r["steps"] == STEPS and r["layers"] == 64 and r["file"] == os.path.join(workdir, "lora", lora.WEIGHT_NAME)
+  assert r["text_encoder_layers"] == r["text_encoder_2_layers"] == 12
   sd = safetensors.numpy.load_file(r["file"])
-  assert len(sd) == 128 and all(k.startswith("unet.") and ".attn" in k for k in sd)
-  assert all(np.abs(v).max() > 0 for k, v in sd.items() if "lora_B" in k)
+  networks = {k.split(".")[0] for k in sd}
+  assert len(sd) == 2 * (64 + 12 + 12) and networks == {"unet", "text_encoder", "text_encoder_2"}
+  assert sum(v.size for v in sd.values()) == r["adapter_parameters"]
+  # Each lora_B started at zero and moved, but in the first encoder's last layer: SDXL reads its penultimate layer.
+  still = {k for k, v in sd.items() if "lora_B" in k and not np.abs(v).max()}
+  assert still == {
+      f"text_encoder.text_model.encoder.layers.2.self_attn.{p}.lora_B.weight" for p in ("q_proj", "k_proj", "v_proj",
+                                                                                        "out_proj")
+  }
   base, ref = _theirs(pipes, None), _theirs(pipes, r["file"])
   _, pipe, latents = pipes
   pipe.unload_lora()
@@ -107,18 +118,15 @@ def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, pipes):
 @pytest.mark.slow  # a training run: ~90 s of CPU, most of it compiling the tiny SDXL step
 def test_kohya_export_has_sd_scripts_sdxl_names(trained, folders, pipes, tmp_path):
   """--config.lora.export_format=kohya (resuming the finished run's checkpoint: no training) writes the U-Net's
-  layers under the sgm names (input_blocks / middle_block / output_blocks) with an alpha each; diffusers loads it
-  and draws what it draws with the PEFT file."""
+  layers under the sgm names (input_blocks / middle_block / output_blocks), the encoders' as lora_te1_ / lora_te2_,
+  with an alpha each; diffusers loads it and draws what it draws with the PEFT file."""
   workdir = str(tmp_path / "kohya")
   os.makedirs(os.path.join(workdir, "lora"))
   os.symlink(os.path.join(trained[0], "lora", "checkpoints"), os.path.join(workdir, "lora", "checkpoints"))
   r = run.train_and_evaluate(_cfg(folders, **{"lora.export_format": "kohya"}), workdir)["lora"]
   sd = safetensors.numpy.load_file(r["file"])
-  assert len(sd) == 192 and "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.alpha" in sd
-  assert {k.split("_")[2] for k in sd} == {"input", "middle", "output"}
+  assert len(sd) == 3 * (64 + 12 + 12) and "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.alpha" in sd
+  assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj.lora_up.weight" in sd
+  assert {k.split("_")[2] for k in sd if k.startswith("lora_unet_")} == {"input", "middle", "output"}
+  assert {k.split("_")[1] for k in sd} == {"unet", "te1", "te2"}
   np.testing.assert_allclose(_theirs(pipes, r["file"]), _theirs(pipes, trained[1]["file"]), rtol=0, atol=1e-6)
-
-
-def test_text_encoder_adapters_are_refused_for_sdxl(folders):
-  with pytest.raises(run.ConfigError, match="SDXL.*lora.train_text_encoder"):
-    run.check_config(_cfg(folders, **{"lora.train_text_encoder": True}), 1)

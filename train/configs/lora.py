@@ -11,9 +11,9 @@ config.lora. The result is DIR/lora/pytorch_lora_weights.safetensors, which diff
 SDXL (variant sdxl, an SDXL base folder as config.init): the recipe of diffusers'
 examples/text_to_image/train_text_to_image_lora_sdxl.py (rank 4 on the attention projections, AdamW at 1e-4
 constant, no caption dropout) on the inputs of finetune.py:sdxl (1024 px, random crops recorded in the time
-ids, both text encoders frozen). Only U-Net adapters for now (config.lora.train_text_encoder is refused). The
-file loads with diffusers' StableDiffusionXLPipeline.load_lora_weights; its kohya export names the U-Net's layers
-as sd-scripts does for SDXL (`lora_unet_input_blocks_4_1_...`).
+ids). config.lora.train_text_encoder=True adapts both text encoders (the script's --train_text_encoder). The
+file loads with diffusers' StableDiffusionXLPipeline.load_lora_weights; its kohya export names the layers as
+sd-scripts does for SDXL (`lora_unet_input_blocks_4_1_...`, `lora_te1_...`, `lora_te2_...`).
 
 DreamBooth LoRA, the recipe of diffusers' examples/dreambooth/train_dreambooth_lora.py (variant dreambooth, or
 dreambooth_sd21): the config section `dreambooth` of train/configs/finetune.py (instance folder and prompt,
