@@ -9,7 +9,10 @@ trees (whose paths mirror the PyTorch state-dict keys, see `jaxsd.weights`):
   (`lora_alpha`, `alpha_pattern`, `use_rslora`) from the safetensors metadata diffusers writes;
 - kohya sd-scripts / A1111 / ComfyUI: `lora_unet_<module with _ for .>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`, `lora_te_...` for the text encoder, conv LoRA (LoCon) on any
-  convolution (a kxk `lora_down` with a 1x1 `lora_up`).
+  convolution (a kxk `lora_down` with a 1x1 `lora_up`);
+- SDXL: `text_encoder_2.…` keys, kohya's `lora_te1_` (CLIP ViT-L, `text_encoder`) and `lora_te2_`
+  (OpenCLIP bigG, `text_encoder_2`), and sd-scripts' sgm names of the SDXL U-Net's layers
+  (`lora_unet_input_blocks_4_1_…`, see `jaxsd.lora_names`).
 
 A layer's update is `scale * up @ down` in PyTorch layout with scale = alpha / rank (no alpha:
 1, as diffusers and kohya; alpha / sqrt(rank) for rsLoRA). Here it is kept in the kernel's flax
@@ -33,20 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsd import weights
+from jaxsd import lora_names, weights
 
-NETWORKS = ("unet", "text_encoder")
+NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (PEFT's LoraConfig, per network)
 Path = tuple[str, ...]
 
-_KOHYA = re.compile(r"(lora_unet|lora_te1?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
-_KOHYA_NETWORK = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder"}
-_DIFFUSERS = re.compile(r"(?:(unet|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
-                        r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
+_DIFFUSERS = re.compile(
+    r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
+    r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
 # diffusers' attention-processor format (< 0.22): the projection is named in the processor's weight.
 _PROCESSOR = re.compile(
-    r"(?:(unet|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+    r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
 _PROCESSOR_TARGET = {
     "unet": {
         "to_q": "to_q",
@@ -61,6 +63,7 @@ _PROCESSOR_TARGET = {
         "to_out": "out_proj"
     },
 }
+_PROCESSOR_TARGET["text_encoder_2"] = _PROCESSOR_TARGET["text_encoder"]
 _ROLE = {"down": "down", "up": "up", "lora_A": "down", "lora_B": "up", "lora_down": "down", "lora_up": "up"}
 # Adapter types that are not LoRA (or LoRA plus something): named in the error so the user knows why.
 _OTHER_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LyCORIS LoHa"),
@@ -132,9 +135,9 @@ def kernel_modules(params: Any, prefix: str = "") -> dict[str, tuple[Path, tuple
 
 def _parse_key(key: str) -> tuple[str | None, str, str] | None:
   """(network or None, module name, role "down" / "up" / "alpha"), or None for a key of no LoRA format."""
-  m = _KOHYA.fullmatch(key)
+  m = lora_names.KEY.fullmatch(key)
   if m:
-    return _KOHYA_NETWORK[m[1]], "kohya:" + m[2], _ROLE.get(m[3].split(".")[0], "alpha")
+    return lora_names.network_of(m[1]), "kohya:" + m[2], _ROLE.get(m[3].split(".")[0], "alpha")
   m = _PROCESSOR.fullmatch(key)
   if m:
     network = m[1] or "unet"
@@ -200,35 +203,39 @@ def _factors(where: str, down: np.ndarray, up: np.ndarray, kernel_shape: tuple[i
 
 def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
                     strict: bool = True) -> Adapter:
-  """Maps a LoRA state dict (any format above) onto `params` ({"unet": tree, "text_encoder": tree}).
+  """Maps a LoRA state dict (any format above) onto `params` (network name -> parameter tree).
 
   Args:
     state_dict: key -> array, as in the file.
-    params: the model's parameter trees (arrays or ShapeDtypeStructs); only their kernels' shapes are read.
+    params: the model's parameter trees (arrays or ShapeDtypeStructs) by network name ("unet", "text_encoder",
+      "text_encoder_2": the ones the model has); only their kernels' shapes are read.
     metadata: diffusers' adapter metadata ("unet.lora_alpha", "unet.alpha_pattern", ...), if any.
-    strict: a key that maps to no layer is an error naming it; with strict=False such keys are left
-      out and listed in `Adapter.ignored`. Shape and rank mismatches are errors either way.
+    strict: a key that maps to no layer (or to a network the model lacks, e.g. `lora_te1_` for an SDXL
+      refiner) is an error naming it; with strict=False such keys are left out and listed in
+      `Adapter.ignored`. Shape and rank mismatches are errors either way.
 
   Raises:
     ValueError: naming the keys that map to nothing, a layer whose factors disagree in rank or do not
       fit the layer (both shapes), or a layer given twice.
   """
   metadata = dict(metadata or {})
-  tables = {n: kernel_modules(params[n]) for n in NETWORKS if n in params}
-  kohya = {n: {"kohya:" + name.replace(".", "_"): v for name, v in t.items()} for n, t in tables.items()}
-  if "text_encoder" in tables:  # transformers 5 names a bare CLIPTextModel's keys without `text_model.`
-    tables["text_encoder"].update({
-        k.removeprefix("text_model."): v for k, v in tables["text_encoder"].items() if k.startswith("text_model.")
-    })
+  tables = {n: kernel_modules(params[n]) for n in NETWORKS if params.get(n) is not None}
+  kohya = {n: {"kohya:" + k: t[name] for k, name in lora_names.kohya_names(n, t).items()} for n, t in tables.items()}
+  for n in ("text_encoder", "text_encoder_2"):  # transformers 5 names a bare CLIPTextModel's keys without `text_model.`
+    if n in tables:
+      tables[n].update({k.removeprefix("text_model."): v for k, v in tables[n].items() if k.startswith("text_model.")})
   groups: dict[tuple[str, Path], dict[str, Any]] = collections.defaultdict(dict)
   keys: dict[tuple[str, Path], list[str]] = collections.defaultdict(list)
   shapes: dict[tuple[str, Path], tuple[int, ...]] = {}
-  unmapped = []
+  unmapped, absent = [], collections.defaultdict(list)  # absent: network -> keys for a network the model lacks
   for key in state_dict:
     parsed = _parse_key(key)
     where = None
     if parsed is not None:
       network, module, role = parsed
+      if network and network not in tables:
+        absent[network].append(key)
+        continue
       candidates = [network] if network else ["unet", "text_encoder"]  # no prefix: diffusers' old U-Net files
       for n in candidates:
         found = (kohya if module.startswith("kohya:") else tables).get(n, {}).get(module)
@@ -243,8 +250,14 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
     groups[where][role] = state_dict[key]
     keys[where].append(key)
   incomplete = [w for w, g in groups.items() if "down" not in g or "up" not in g]
+  if strict and absent:
+    network, missing = next(iter(absent.items()))
+    refiner = " (an SDXL refiner has text_encoder_2 only)" if network == "text_encoder" else ""
+    raise ValueError(f"this LoRA adapts {network}, which this model does not have{refiner}: "
+                     f"{_listed(missing)}; pass strict=False to load the rest and ignore them.")
   if strict and (unmapped or incomplete):
     raise ValueError(_unmapped_message(unmapped, [keys[w][0] for w in incomplete]))
+  unmapped += [k for v in absent.values() for k in v]
   layers: dict[str, dict[Path, Factors]] = {}
   for (network, path), g in groups.items():
     if (network, path) in incomplete:
@@ -276,18 +289,21 @@ def _name(key: str) -> str:
   return key
 
 
+def _listed(keys: Sequence[str]) -> str:
+  return ", ".join(sorted(keys)[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+
 def _unmapped_message(unmapped: Sequence[str], incomplete: Sequence[str], nothing: bool = False) -> str:
   parts = []
   if nothing:
     parts.append("no key of this LoRA maps to a layer of this model")
   if unmapped:
-    shown = ", ".join(sorted(unmapped)[:6]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 6 else "")
-    parts.append(f"LoRA keys that map to no layer of this model: {shown}")
+    parts.append(f"LoRA keys that map to no layer of this model: {_listed(unmapped)}")
   if incomplete:
     parts.append(f"layers with only one of lora_down/lora_up: {', '.join(sorted(incomplete)[:6])}")
   kinds = sorted({kind for k in unmapped for pat, kind in _OTHER_KINDS if pat in k})
   hint = (f" ({', '.join(kinds)} adapters are not supported)"
-          if kinds else " (is it an adapter for another model, e.g. SDXL?)")
+          if kinds else " (is it an adapter for another model: SD 1.x, SD 2.x or SDXL?)")
   return "; ".join(parts) + hint + ("." if nothing else "; pass strict=False to load the rest and ignore them.")
 
 
@@ -319,13 +335,19 @@ def _torch_factors(f: Factors) -> tuple[np.ndarray, np.ndarray]:
   return np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
 
 
-def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32) -> tuple[dict[str, np.ndarray], dict]:
+def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
+                  unet_names: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
   """(state dict, adapter metadata) in diffusers / PEFT naming (`unet.<module>.lora_A.weight`, alphas in
   the metadata as diffusers' save_lora_weights writes them) or kohya's (`lora_unet_<module>.lora_down.weight`
-  with an `.alpha` per layer). Both load with diffusers' load_lora_weights and back with `load`."""
+  with an `.alpha` per layer; `lora_te1_` / `lora_te2_` when the adapter has a second text encoder, as
+  sd-scripts' SDXL files). Both load with diffusers' load_lora_weights and back with `load`.
+
+  `unet_names` (kohya only): U-Net module name -> the name to write instead, e.g. `lora_names.sgm_names(...)`
+  of the whole U-Net for sd-scripts' SDXL names (which A1111 expects of an SDXL adapter)."""
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}.")
   out, metadata = {}, {}
+  prefixes = lora_names.SDXL_PREFIXES if "text_encoder_2" in adapter.layers else lora_names.PREFIXES
   for network, layers in adapter.layers.items():
     ranks, alphas = {}, {}
     for path, f in layers.items():
@@ -333,7 +355,8 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32) -> tupl
       down, up = _torch_factors(f)
       ranks[module], alphas[module] = down.shape[0], f.scale * down.shape[0]
       if fmt == "kohya":
-        name = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[network] + module.replace(".", "_")
+        kohya = (unet_names or {}).get(module, module) if network == "unet" else module
+        name = prefixes[network] + kohya.replace(".", "_")
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down.astype(dtype), up.astype(dtype)
         out[f"{name}.alpha"] = np.asarray(alphas[module], np.float32)
       else:
@@ -360,14 +383,15 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32) -> tupl
   return out, metadata
 
 
-def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32) -> str:
+def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32,
+         unet_names: Mapping[str, str] | None = None) -> str:
   """Writes `to_state_dict` as safetensors: to `path` if it ends in .safetensors, else to
   `path/pytorch_lora_weights.safetensors` (diffusers' name). Returns the file written."""
   path = os.fspath(path)
   if not path.endswith(".safetensors"):
     os.makedirs(path, exist_ok=True)
     path = os.path.join(path, WEIGHT_NAME)
-  state_dict, metadata = to_state_dict(adapter, fmt, dtype)
+  state_dict, metadata = to_state_dict(adapter, fmt, dtype, unet_names)
   from safetensors.numpy import save_file
 
   header = {"format": "pt"}
@@ -401,11 +425,13 @@ def merged_kernels(kernels: dict, updates: dict) -> dict:
 
 
 def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) -> dict[str, Any]:
-  """`params` ({"unet": tree, "text_encoder": tree}, or one of them) with every adapter added at its weight.
+  """`params` (network name -> tree: "unet", "text_encoder", "text_encoder_2", or some of them) with every
+  adapter added at its weight.
 
-  Leaves no adapter touches are the same arrays as in `params` (not copies).
+  Leaves no adapter touches are the same arrays as in `params` (not copies); so is a network no adapter touches
+  (the same tree).
   """
-  flat = {n: traverse_util.flatten_dict(t) for n, t in params.items()}
+  flat = {n: traverse_util.flatten_dict(t) for n, t in params.items() if t is not None}
   updates: dict[tuple, list] = {}
   for adapter, weight in adapters:
     for network, layers in adapter.layers.items():
@@ -416,7 +442,8 @@ def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) 
   kernels = {k: flat[k[0]][k[1:]] for k in updates}
   for k, w in merged_kernels(kernels, updates).items():
     flat[k[0]][k[1:]] = w
-  return {n: traverse_util.unflatten_dict(f) for n, f in flat.items()}
+  touched = {k[0] for k in updates}
+  return {n: traverse_util.unflatten_dict(flat[n]) if n in touched else t for n, t in params.items()}
 
 
 class AdapterSet:
@@ -429,7 +456,7 @@ class AdapterSet:
   def __init__(self):
     self.adapters: dict[str, Adapter] = {}
     self.weights: dict[str, float] = {}  # the active adapters, in the order they were set
-    self.fused: tuple | None = None  # the pipeline's parameters before fuse_lora (restored by unfuse_lora)
+    self.fused: dict | None = None  # the pipeline's parameters before fuse_lora, by network (for unfuse_lora)
     self._cache: tuple | None = None  # (base trees, state, merged trees): the last merge
 
   def check_unfused(self, what: str) -> None:

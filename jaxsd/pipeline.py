@@ -253,8 +253,12 @@ class StableDiffusion:
   @property
   def params(self) -> dict:
     """What the compiled program takes: the U-Net and text encoder with the active LoRA adapters merged in."""
-    nets = self._loras.apply({"unet": self.unet_params, "text_encoder": self.text_encoder_params})
-    return {"unet": nets["unet"], "vae": self.vae_params, "text_encoder": nets["text_encoder"]}
+    return {
+        "unet": self.unet_params,
+        "vae": self.vae_params,
+        "text_encoder": self.text_encoder_params,
+        **self._loras.apply(self.lora_targets)
+    }
 
   # --- LoRA adapters (jaxsd.lora) ----------------------------------------------------------------
   # The base parameters stay as loaded; before a call the active adapters are merged into a copy of
@@ -265,20 +269,28 @@ class StableDiffusion:
   def _loras(self) -> lora.AdapterSet:
     return lora.AdapterSet()
 
+  @property
+  def lora_targets(self) -> dict:
+    """The networks adapters can change, by name ("unet", "text_encoder"; SDXL adds "text_encoder_2"), with their
+    parameters as loaded (no adapter merged in); a network the model lacks (a refiner's text_encoder) is left out."""
+    return {n: getattr(self, n + "_params") for n in lora.NETWORKS if getattr(self, n, None) is not None}
+
   def load_lora(self, source, scale: float = 1.0, name: str | None = None, strict: bool = True) -> str:
-    """Loads a LoRA adapter for the U-Net and/or text encoder and makes it active at weight `scale`.
+    """Loads a LoRA adapter for the U-Net and/or text encoder(s) and makes it active at weight `scale`.
 
     Args:
       source: a `.safetensors` file, a folder holding `pytorch_lora_weights.safetensors`, or a state dict,
-        in diffusers / PEFT or kohya (A1111, ComfyUI) naming (see `jaxsd.lora`).
+        in diffusers / PEFT or kohya (A1111, ComfyUI) naming (see `jaxsd.lora`); for SDXL with
+        `text_encoder_2.` / `lora_te2_` keys for the second text encoder.
       scale: the adapter's weight (diffusers' adapter weight: 1 as trained, 0 off).
       name: the adapter's name (default `default_<i>`, as diffusers).
-      strict: keys that map to no layer are an error; with False they are ignored and logged.
+      strict: keys that map to no layer (or to a network this model lacks, such as a refiner's text_encoder)
+        are an error; with False they are ignored and logged.
 
     Returns the adapter's name. Adapters loaded before stay active at their own weights (see `set_adapters`).
     """
     self._loras.check_unfused("load_lora")
-    adapter = lora.load(source, {"unet": self.unet_params, "text_encoder": self.text_encoder_params}, strict)
+    adapter = lora.load(source, self.lora_targets, strict)
     name = self._loras.add(adapter, scale, name)
     if adapter.ignored:
       log.warning("LoRA %r: %d keys map to no layer and were ignored: %s", name, len(adapter.ignored),
@@ -304,19 +316,22 @@ class StableDiffusion:
     self._loras.clear()
 
   def fuse_lora(self) -> None:
-    """Folds the active adapters, at their weights, into the U-Net and text-encoder parameters: no merge
+    """Folds the active adapters, at their weights, into the U-Net and text-encoder(s) parameters: no merge
     before each call. `unfuse_lora` gives back the original parameters (kept, so bit-exact)."""
     self._loras.check_unfused("fuse_lora")
     if not self._loras.weights:
       raise ValueError("fuse_lora: no active LoRA adapter; load_lora (or set_adapters) first.")
-    params = self.params
-    self._loras.fused = (self.unet_params, self.text_encoder_params)
-    self.unet_params, self.text_encoder_params = params["unet"], params["text_encoder"]
+    targets = self.lora_targets
+    merged = self._loras.apply(targets)
+    self._loras.fused = targets
+    for n, p in merged.items():
+      setattr(self, n + "_params", p)
 
   def unfuse_lora(self) -> None:
     """Restores the parameters from before `fuse_lora` (nothing to do if nothing is fused)."""
     if self._loras.fused is not None:
-      self.unet_params, self.text_encoder_params = self._loras.fused
+      for n, p in self._loras.fused.items():
+        setattr(self, n + "_params", p)
       self._loras.fused = None
 
   # --- the compiled program ------------------------------------------------------------------

@@ -163,12 +163,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   @property
   def params(self) -> dict:
-    return {
-        "unet": self.unet_params,
-        "vae": self.vae_params,
-        "text_encoder": self.text_encoder_params,
-        "text_encoder_2": self.text_encoder_2_params
-    }
+    """What the compiled program takes: the U-Net and text encoders with the active LoRA adapters merged in."""
+    return {"text_encoder_2": self.text_encoder_2_params, **super().params}
 
   # --- latents ---------------------------------------------------------------------------------------
   # A VAE config with `latents_mean` and `latents_std` (Playground v2.5's, an SDXL-architecture model)

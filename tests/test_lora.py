@@ -40,6 +40,7 @@ UNET_TARGETS = [
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 UNET_RANK, UNET_ALPHA, TE_RANK, TE_ALPHA = 4, 8, 2, 3  # alpha != rank: scales 2 and 1.5
 KOHYA_CONV_ALPHA = 2  # per-layer alphas in the kohya file: its convolutions at scale 0.5
+SD_NETWORKS = ("unet", "text_encoder")  # lora.NETWORKS less SDXL's text_encoder_2
 
 
 def _random_lora(path: str, seed: int) -> tuple[dict, dict, LoraConfig, LoraConfig]:
@@ -171,7 +172,7 @@ def _fused_reference(path: str, file: str) -> dict:
   tpipe.load_lora_weights(file)
   tpipe.fuse_lora()
   tpipe.unload_lora_weights()  # keeps the fused weights
-  return {net: {k: v.numpy() for k, v in getattr(tpipe, net).state_dict().items()} for net in lora.NETWORKS}
+  return {net: {k: v.numpy() for k, v in getattr(tpipe, net).state_dict().items()} for net in SD_NETWORKS}
 
 
 def _assert_merged_like_diffusers(pipe, file, reference_weights):
@@ -179,7 +180,7 @@ def _assert_merged_like_diffusers(pipe, file, reference_weights):
   adapter = lora.load(file, params)
   got = lora.merge(params, [(adapter, 1.0)])
   worst = 0.0
-  for net in lora.NETWORKS:
+  for net in SD_NETWORKS:
     rename = None if net == "unet" else lambda k: k if k.startswith("text_model.") else "text_model." + k
     want = traverse_util.flatten_dict(weights.state_dict_to_params(reference_weights[net], params[net], rename=rename))
     flat = traverse_util.flatten_dict(got[net])

@@ -16,6 +16,8 @@ per-token change of the kernel), so `lora.dropout` must be 0.
 With `lora.train_text_encoder` the text encoder's attention projections get adapters too (as diffusers'
 train_dreambooth_lora.py --train_text_encoder: q_proj, k_proj, v_proj, out_proj, the same rank, alpha and init):
 the trained pytree is then {"unet": ..., "text_encoder": ...} and the captions' encodings carry gradients.
+For SDXL both text encoders get them (as diffusers' train_text_to_image_lora_sdxl.py --train_text_encoder), the
+second's under "text_encoder_2".
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class LoraSpec:
   targets: dict[tuple[str, ...], tuple[int, ...]]  # kernel path (without "kernel") -> kernel shape
   init: str = "gaussian"
   text_targets: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # text encoder's
+  text_targets_2: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # SDXL's second
 
   @property
   def scale(self) -> float:
@@ -85,15 +88,19 @@ def check_settings(c) -> None:
     raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora.FORMATS)}.")
 
 
-def make_spec(unet_params: Any, c, text_params: Any = None) -> LoraSpec:
+def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any = None) -> LoraSpec:
   """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init, train_text_encoder,
-  text_target_modules); ValueError for bad values."""
+  text_target_modules); `text_params_2`: SDXL's second text encoder, adapted too; ValueError for bad values."""
   check_settings(c)
   alpha = float(c.alpha) if c.alpha else float(c.rank)  # 0: alpha = rank, scale 1 (diffusers' script)
-  text_targets = {}
+  text_targets, text_targets_2 = {}, {}
   if c.get("train_text_encoder"):
-    text_targets = target_layers(text_params, c.get("text_target_modules", TEXT_ATTENTION), "text encoder")
-  return LoraSpec(int(c.rank), alpha, target_layers(unet_params, c.target_modules), c.init, text_targets)
+    modules = c.get("text_target_modules", TEXT_ATTENTION)
+    text_targets = target_layers(text_params, modules, "text encoder")
+    if text_params_2 is not None:
+      text_targets_2 = target_layers(text_params_2, modules, "text encoder")
+  return LoraSpec(int(c.rank), alpha, target_layers(unet_params, c.target_modules), c.init, text_targets,
+                  text_targets_2)
 
 
 def init_adapter(spec: LoraSpec, rng: jax.Array) -> dict:
@@ -103,7 +110,10 @@ def init_adapter(spec: LoraSpec, rng: jax.Array) -> dict:
   unet = _init_factors(spec, spec.targets, rng)
   if not spec.text_targets:
     return unet
-  return {"unet": unet, "text_encoder": _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20))}
+  out = {"unet": unet, "text_encoder": _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20))}
+  if spec.text_targets_2:
+    out["text_encoder_2"] = _init_factors(spec, spec.text_targets_2, jax.random.fold_in(rng, 2 << 20))
+  return out
 
 
 def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array) -> dict:
@@ -138,7 +148,10 @@ def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec) -> Stage:
     raise ValueError("LoRA training takes the U-Net stage with a frozen text encoder (train_text_encoder=False).")
 
   def loss_fn(adapter, batch, rng, frozen):
-    if spec.text_targets:
+    if spec.text_targets_2:  # SDXL: frozen["text"] holds both encoders' parameters
+      text = {n: apply_adapter(frozen["text"][n], adapter[n], spec.scale) for n in ("text_encoder", "text_encoder_2")}
+      frozen, adapter = dict(frozen, text=text), adapter["unet"]
+    elif spec.text_targets:
       frozen = dict(frozen, text=apply_adapter(frozen["text"], adapter["text_encoder"], spec.scale))
       adapter = adapter["unet"]
     return base.loss_fn(apply_adapter(frozen["unet"], adapter, spec.scale), batch, rng, frozen)
@@ -153,10 +166,13 @@ def to_adapter(spec: LoraSpec, adapter: Any) -> lora.Adapter:
   adapter = jax.device_get(adapter)
   if not spec.text_targets:
     return lora.Adapter({"unet": _layers(spec, spec.targets, adapter)})
-  return lora.Adapter({
+  layers = {
       "unet": _layers(spec, spec.targets, adapter["unet"]),
       "text_encoder": _layers(spec, spec.text_targets, adapter["text_encoder"])
-  })
+  }
+  if spec.text_targets_2:
+    layers["text_encoder_2"] = _layers(spec, spec.text_targets_2, adapter["text_encoder_2"])
+  return lora.Adapter(layers)
 
 
 def _layers(spec: LoraSpec, targets: dict, factors: Any) -> dict:
@@ -172,7 +188,9 @@ def describe(spec: LoraSpec) -> dict:
   """JSON-able facts about the adapter (for result.json)."""
   count = lambda targets: sum(spec.rank * (math.prod(s[:-1]) + s[-1]) for s in targets.values())  # noqa: E731
   facts = dict(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, layers=len(spec.targets),
-               adapter_parameters=count(spec.targets) + count(spec.text_targets))
+               adapter_parameters=count(spec.targets) + count(spec.text_targets) + count(spec.text_targets_2))
   if spec.text_targets:
     facts.update(text_encoder_layers=len(spec.text_targets), text_encoder_parameters=count(spec.text_targets))
+  if spec.text_targets_2:
+    facts.update(text_encoder_2_layers=len(spec.text_targets_2), text_encoder_2_parameters=count(spec.text_targets_2))
   return facts

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from jaxsd import lora as lora_lib
+from jaxsd import lora_names
 from jaxsd import pretrained
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
@@ -235,8 +236,9 @@ def _check_sdxl(cfg) -> None:
     if not os.path.isdir(os.path.join(cfg.init, need)):
       raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
                         "model's folder (both text encoders and tokenizers; a refiner is not supported).")
-  unsupported = [("config.lora", _is_lora(cfg)), ("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
-                 ("config.unet.cache_latents", cfg.unet.get("cache_latents"))]
+  unsupported = [("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
+                 ("config.unet.cache_latents", cfg.unet.get("cache_latents")),
+                 ("config.dreambooth", _is_dreambooth(cfg))]
   on = [name for name, value in unsupported if value]
   if on:
     raise ConfigError(f"fine-tuning SDXL trains its U-Net with both text encoders frozen, from images: turn off "
@@ -493,23 +495,41 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
 def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   """LoRA adapters trained on the U-Net of `cfg.init` (jaxsd.training.lora_training), the U-Net stage's loss and
   settings (cfg.unet); the adapter goes to DIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT naming,
-  or kohya's). The base model is not exported: the adapter applies to cfg.init's, which is unchanged."""
+  or kohya's: for SDXL with sd-scripts' sgm U-Net names). The base model is not exported: the adapter applies to
+  cfg.init's, which is unchanged. SDXL: the inputs of run_unet's SDXL fine-tune; with lora.train_text_encoder
+  adapters on both text encoders."""
   dtype = stages.dtype_of(cfg)
+  sdxl = _is_sdxl(cfg)
   unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
                                            gradient_checkpointing=cfg.unet.gradient_checkpointing)
-  vae, vae_params = pretrained.load_vae(os.path.join(cfg.init, "vae"), dtype, jnp.float32)
-  te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
+  xl = {}
+  if sdxl:  # as run_unet: the VAE as SDXL's pipelines run it, the second encoder with its projection
+    vae, vae_params = load_vae(os.path.join(cfg.init, "vae"), dtype)
+    te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32,
+                                                 projection=False)
+    te2, te2_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder_2"), dtype, jnp.float32,
+                                                   projection=True)
+    xl = dict(text_encoder_2=te2, text_params_2=te2_params,
+              tokenizer_2=tok.load_tokenizer(os.path.join(cfg.init, "tokenizer_2")))
+  else:
+    vae, vae_params = pretrained.load_vae(os.path.join(cfg.init, "vae"), dtype, jnp.float32)
+    te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
   scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   try:
-    spec = lora_training.make_spec(unet_params, cfg.lora, te_params)
+    spec = lora_training.make_spec(unet_params, cfg.lora, te_params, xl.get("text_params_2"))
   except ValueError as e:
     raise ConfigError(f"config.lora: {e}") from None
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                            scheduler=scheduler, tokenizer=tokenizer, prior_loss_weight=_prior_loss_weight(cfg),
-                           text_gradient=bool(cfg.lora.get("train_text_encoder")))
+                           text_gradient=bool(cfg.lora.get("train_text_encoder")), **xl)
   stage = lora_training.lora_stage(base, unet_params, spec)
-  it = _unet_input(cfg, workdir, tokenizer,
-                   StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler))
+  if sdxl:
+    pipe = StableDiffusionXL(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler,
+                             text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
+                             tokenizer_2=xl["tokenizer_2"], model_index=_read_json(cfg.init, "model_index.json"))
+  else:
+    pipe = StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler)
+  it = _unet_input(cfg, workdir, tokenizer, pipe, tokenizer_2=xl.get("tokenizer_2"))
   if cfg.benchmark_steps:
     return dict(_benchmark(cfg, stage, mesh, it), stage="lora", **lora_training.describe(spec))
   t0 = time.time()
@@ -517,7 +537,9 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   it.close()
   state = res.state
   adapter = lora_training.to_adapter(spec, state.ema_params if state.ema_params is not None else state.params)
-  path = lora_lib.save(adapter, os.path.join(workdir, "lora"), cfg.lora.export_format)
+  # sd-scripts names an SDXL U-Net's layers as Stability's (sgm) U-Net does; A1111 expects those.
+  unet_names = lora_names.sgm_names(lora_lib.kernel_modules(unet_params)) if sdxl else None
+  path = lora_lib.save(adapter, os.path.join(workdir, "lora"), cfg.lora.export_format, unet_names=unet_names)
   return _finish(
       workdir, "lora",
       dict(_run_facts(res, t0), ema=state.ema_params is not None, file=path, format=cfg.lora.export_format,

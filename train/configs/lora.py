@@ -8,6 +8,13 @@ steps, batch_size, optimizer, ema_decay, gradient_checkpointing, min_snr_gamma, 
 config.lora. The result is DIR/lora/pytorch_lora_weights.safetensors, which diffusers'
 `pipe.load_lora_weights(DIR/lora)` and jaxsd's `pipe.load_lora(DIR/lora)` load on the init model.
 
+SDXL (variant sdxl, an SDXL base folder as config.init): the recipe of diffusers'
+examples/text_to_image/train_text_to_image_lora_sdxl.py (rank 4 on the attention projections, AdamW at 1e-4
+constant, no caption dropout) on the inputs of finetune.py:sdxl (1024 px, random crops recorded in the time
+ids). config.lora.train_text_encoder=True adapts both text encoders (the script's --train_text_encoder). The
+file loads with diffusers' StableDiffusionXLPipeline.load_lora_weights; its kohya export names the layers as
+sd-scripts does for SDXL (`lora_unet_input_blocks_4_1_...`, `lora_te1_...`, `lora_te2_...`).
+
 DreamBooth LoRA, the recipe of diffusers' examples/dreambooth/train_dreambooth_lora.py (variant dreambooth, or
 dreambooth_sd21): the config section `dreambooth` of train/configs/finetune.py (instance folder and prompt,
 prior preservation with self-drawn class images cached in DIR/class_images), the adapter as above:
@@ -36,6 +43,11 @@ def get_config(variant: str = "sd15"):
   u.ema_decay = 0.0  # diffusers' LoRA script keeps no EMA; > 0 averages the adapter (exported instead)
   u.min_snr_gamma = 0.0
   u.sample_every = 0  # sample with `python -m sample` and the adapter file; no grids during training
+  if variant == "sdxl":  # train_text_to_image_lora_sdxl.py's README: lr 1e-4 constant, no EMA, no caption dropout
+    u.steps = 10000
+    u.optimizer = default._optimizer(1e-4, 10000, 0, schedule="constant", weight_decay=1e-2)
+    u.caption_dropout = 0.0
+    u.guidance_scale = 5.0
   if variant.startswith("dreambooth"):  # train_dreambooth_lora.py's README: lr 1e-4 constant, 500 steps
     u.steps = 500
     u.batch_size = 4  # the script's default; prior preservation adds as many class examples
