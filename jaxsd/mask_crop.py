@@ -124,13 +124,15 @@ def crop(images: np.ndarray, levels: np.ndarray, width: int, height: int, pad: i
 
 
 def paste(outputs: np.ndarray, crops: Crops) -> np.ndarray:
-  """The inpainted crops (B, height, width, 3) uint8 put back into the originals -> (B, H, W, 3) uint8, as
-  diffusers' `VaeImageProcessor.apply_overlay`: the output resized into its box, the original over it
-  with opacity 1 - mask (so it is untouched wherever the mask is black, and everywhere outside the box)."""
+  """The inpainted crops (B, height, width, 3) uint8 put back into the originals (B of them, or one for all)
+  -> (B, H, W, 3) uint8, as diffusers' `VaeImageProcessor.apply_overlay`: the output resized into its box,
+  the original over it with opacity 1 - mask (untouched wherever the mask is black, and outside the box)."""
   from PIL import Image, ImageOps
 
   out = []
-  for generated, original, mask, (x1, y1, x2, y2) in zip(outputs, crops.originals, crops.levels, crops.boxes):
+  one = len(crops.boxes) == 1  # one image and mask for every output (python -m sample)
+  for i, generated in enumerate(outputs):
+    original, mask, (x1, y1, x2, y2) = (x[0 if one else i] for x in (crops.originals, crops.levels, crops.boxes))
     h, w = original.shape[:2]
     known = Image.new("RGBa", (w, h))
     known.paste(

@@ -116,3 +116,46 @@ def test_bad_padding_is_refused_before_compiling(inpainting):
   with pytest.raises(ValueError, match="without padding_mask_crop the output is the images' size"):
     pipe.inpaint("x", image, mask, steps=2, height=16, width=16)
   assert pipe._compiled == before
+
+
+def test_cli_padding_mask_crop_writes_the_library_images(inpainting, tmp_path, capsys, monkeypatch):
+  """In-process `python -m sample --padding-mask-crop`: the image written is `pipe.inpaint(...,
+  padding_mask_crop=)`'s (same seed), at the init image's size; bad values exit 2, one line, nothing written."""
+  from jaxsd import compilation_cache
+  from sample.__main__ import main
+
+  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
+  path, pipe = inpainting
+  rng = np.random.default_rng(2)
+  image = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+  levels = np.zeros((24, 40), np.uint8)
+  levels[8:14, 20:30] = 255
+  image.save(tmp_path / "image.png")
+  Image.fromarray(levels).save(tmp_path / "mask.png")
+  Image.fromarray(np.zeros_like(levels)).save(tmp_path / "black.png")
+  base = [
+      "--model", path, "--prompt", "a red circle", "--steps", "4", "--sampler", "euler", "--seed", "3", "--no-progress",
+      "--init-image",
+      str(tmp_path / "image.png")
+  ]
+  assert main(base +
+              ["--mask", str(tmp_path / "mask.png"), "--padding-mask-crop", "3", "--out",
+               str(tmp_path / "o")]) == 0
+  written = np.asarray(Image.open(tmp_path / "o" / "a_red_circle-seed3-0000.png"))
+  ours = pipe.inpaint("a red circle", image, Image.fromarray(levels), steps=4, sampler="euler", seed=3,
+                      padding_mask_crop=3)[0]
+  assert written.shape == (24, 40, 3)
+  assert np.abs(written.astype(int) - ours.astype(int)).max() <= 1
+
+  capsys.readouterr()
+  cases = [(["--padding-mask-crop", "3"], "--padding-mask-crop applies to inpainting"),
+           (["--mask", str(tmp_path / "mask.png"), "--padding-mask-crop", "-1"], "must be >= 0"),
+           (["--mask", str(tmp_path / "black.png"), "--padding-mask-crop", "2"], "all black")]
+  for extra, message in cases:
+    assert main(base + extra + ["--out", str(tmp_path / "bad")]) == 2, extra
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, (extra, err)
+  with pytest.raises(SystemExit) as e:  # argparse: not an integer
+    main(base + ["--mask", str(tmp_path / "mask.png"), "--padding-mask-crop", "2.5"])
+  assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
