@@ -55,9 +55,9 @@ def as_images(images: Any, name: str = "images") -> np.ndarray:
   return images.astype(np.float32)
 
 
-def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
-  """PIL image(s) or arrays (H, W), (B, H, W) or (B, H, W, 1), uint8 or float in [0, 1] -> float32
-  (B, H, W, 1) of 0 (keep) and 1 (repaint), as diffusers' mask processor binarises (>= 0.5 is 1)."""
+def mask_levels(masks: Any, name: str = "mask_images") -> np.ndarray:
+  """PIL image(s) or arrays (H, W), (B, H, W) or (B, H, W, 1), uint8 or float in [0, 1] -> float32 (B, H, W)
+  grey levels in [0, 1] (white = repaint), not yet binarised: what diffusers' crop and overlay read."""
   masks = _stack(masks, name, "L", MASK_MODES, "cannot be read as a black-and-white mask",
                  "converted to greyscale L; white = repaint", "masks")
   if masks.ndim == 2:
@@ -67,8 +67,18 @@ def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
   if masks.ndim != 3:
     raise ValueError(f"{name} must be single-channel, (B, H, W) or (B, H, W, 1) or PIL images; got an array of "
                      f"shape {masks.shape}.")
-  m = masks.astype(np.float32) / 255.0 if masks.dtype == np.uint8 else masks.astype(np.float32)
-  return (m >= 0.5).astype(np.float32)[..., None]
+  return masks.astype(np.float32) / 255.0 if masks.dtype == np.uint8 else masks.astype(np.float32)
+
+
+def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
+  """`mask_levels` -> float32 (B, H, W, 1) of 0 (keep) and 1 (repaint), as diffusers' mask processor
+  binarises (>= 0.5 is 1)."""
+  return (mask_levels(masks, name) >= 0.5).astype(np.float32)[..., None]
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """Floats in [0, 1] -> uint8 (exact for what came in as uint8)."""
+  return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def masked_images(images, masks):

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning
+from jaxsd import conditioning, mask_crop, pipeline_controlnet
 from jaxsd.diffusion import make_schedule
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
+from jaxsd.pipeline_controlnet import StableDiffusionControlNet
 
 
 @dataclasses.dataclass
@@ -45,8 +46,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
-             strength: float | None = None, long_prompts: bool = False,
-             prompt_weighting: bool = False) -> GenerateResult:
+             strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
+             padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=1.0,
+             control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -54,8 +56,12 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
-  each job as the pipeline's own call with the job's seed-derived keys. `long_prompts` and `prompt_weighting`
-  are the pipeline's (`jaxsd.prompt_syntax`): every batch has the windows of the longest prompt. Bad arguments, checked before
+  each job as the pipeline's own call with the job's seed-derived keys; `padding_mask_crop` inpaints only a
+  box around the mask at height x width (default: the model's size) and pastes it back, as
+  `StableDiffusion.inpaint`. `long_prompts` and `prompt_weighting` are the pipeline's (`jaxsd.prompt_syntax`):
+  every batch has the windows of the longest prompt. A ControlNet pipeline (`pipe.with_controlnet`) takes
+  `control_images`, one image per ControlNet used for every job (resized to height x width, which default
+  to the first one's size), and the other ControlNet arguments of its call. Bad arguments, checked before
   anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -65,25 +71,47 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     raise ValueError("a mask without an init image: give the image to inpaint too.")
   if strength is not None and task == "text":
     raise ValueError("strength applies to img2img and inpainting: give an init image.")
+  if padding_mask_crop is not None and task != "inpaint":
+    raise ValueError("padding_mask_crop applies to inpainting: give an init image and a mask.")
+  controlled = isinstance(pipe, StableDiffusionControlNet)
+  if control_images is not None and not controlled:
+    raise ValueError("control images without ControlNets: steer the pipeline with pipe.with_controlnet(...).")
   pipe.check_task(task)
   strength = 1.0 if task == "text" else strength if strength is not None else 0.6 if task == "img2img" else 1.0
-  image = mask = None
+  image = mask = crops = None
+  crop = padding_mask_crop is not None
   if task != "text":
     image = conditioning.as_images(init_image, "init image")
     if image.shape[0] != 1:
       raise ValueError(f"give one init image (used for every image generated); got {image.shape[0]}.")
     for name, v, have in (("height", height, image.shape[1]), ("width", width, image.shape[2])):
-      if v is not None and v != have:
+      if v is not None and v != have and not crop:
         raise ValueError(f"{name}={v} but the init image's {name} is {have}: resize the image or drop {name}.")
-    height, width = image.shape[1:3]
+    if not crop:
+      height, width = image.shape[1:3]
   if task == "inpaint":
-    mask = conditioning.as_masks(mask_image, "mask")
+    pad = None if not crop else mask_crop.check_padding(padding_mask_crop)
+    mask = conditioning.mask_levels(mask_image, "mask")
     if mask.shape[:3] != image.shape[:3]:
       raise ValueError(f"the mask is {mask.shape[2]}x{mask.shape[1]} (WxH), the init image {image.shape[2]}x"
                        f"{image.shape[1]}: give a mask of the image's size (white = repaint).")
+  control, control_options = None, {"guess_mode": bool(guess_mode)} if controlled else {}
+  if guess_mode and not controlled:
+    raise ValueError("guess_mode applies to ControlNet pipelines (pipe.with_controlnet(...)).")
+  if controlled:
+    control, height, width = _control_inputs(pipe, control_images, height, width, controlnet_conditioning_scale,
+                                             control_guidance_start, control_guidance_end)
   height, width = height or pipe.default_size, width or pipe.default_size
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
-  make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+  schedule = make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+  if control is not None:  # which ControlNets act at each model call of this schedule
+    control_ims, scales, start, end = control
+    control = control_ims, scales, pipeline_controlnet.control_keep(schedule.timesteps.shape[0], start, end)
+  if task == "inpaint" and crop:  # the crop, inpainted at height x width, is pasted back at the end
+    crops = mask_crop.crop(image, mask, width, height, pad)
+    image, mask = crops.images, crops.masks
+  elif task == "inpaint":
+    mask = (mask >= 0.5).astype(np.float32)[..., None]  # as conditioning.as_masks
   # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
   options = {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
   all_ids, all_uncond, all_text = pipe.text_inputs(
@@ -97,7 +125,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   mine = batches[jax.process_index()::jax.process_count()]
 
   guided = guidance_scale > 1.0
-  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task)
+  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, **control_options)
   pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)  # the conditioning (kwargs) on axis 0 too
   params = flax.jax_utils.replicate(pipe.params, devices)  # once, not per call
   cond_fn = None if task == "text" else jax.pmap(_conditioning_fn(pipe, task, strength, image, mask), devices=devices)
@@ -110,6 +138,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     keys = jnp.concatenate([pipe.sampler_keys(seed, 1, offset=j) for j in idx])
     shard = lambda x: x.reshape((n_dev, batch_per_device) + x.shape[1:])
     cond = {name: shard(jnp.asarray(v)) for name, v in text.items()}
+    if control is not None:  # every job the same images, scales and keep (pmap maps keyword arguments on axis 0)
+      control_ims, scales, keep = control
+      cond["control_images"] = tuple(shard(jnp.broadcast_to(im, (global_batch,) + im.shape[1:])) for im in control_ims)
+      cond["scales"], cond["keep"] = (jnp.broadcast_to(x, (n_dev,) + x.shape) for x in (scales, keep))
     if cond_fn is not None:
       cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
     return (shard(jnp.asarray(ids)), shard(jnp.asarray(uncond)), shard(noise), shard(keys)), cond
@@ -135,6 +167,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     sample_seconds += time.perf_counter() - t0
     outputs.append(out.reshape((-1,) + out.shape[2:])[:len(batch)])
   images = np.concatenate(outputs) if outputs else np.zeros((0, height, width, 3), np.uint8)
+  if crops is not None:
+    images = mask_crop.paste(images, crops) if len(images) else np.zeros((0,) + crops.originals.shape[1:], np.uint8)
 
   files = []
   if out_dir:
@@ -155,6 +189,29 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),
                         images_per_second=len(images) / max(sample_seconds, 1e-9), devices=n_dev)
+
+
+def _control_inputs(pipe, control_images, height, width, scale, start, end):
+  """((images, scales, keep), height, width) of a ControlNet pipeline's pmapped program: one (1, H, W, 3)
+  image per ControlNet, resized to height x width (default: the first image's size), as its call does."""
+  n = len(pipe.controlnets)
+  if control_images is None:
+    raise ValueError(f"a ControlNet pipeline needs control images: give one per ControlNet ({n}).")
+  items = list(control_images) if isinstance(control_images, (list, tuple)) else [control_images]
+  if len(items) != n:
+    raise ValueError(f"{len(items)} control images for {n} ControlNets: give one per ControlNet, in the same order.")
+  scales, start, end = pipeline_controlnet.control_settings(n, scale, start, end)
+  if height is None or width is None:
+    size = pipeline_controlnet.image_size(items[0])
+    height, width = height or size[0], width or size[1]
+  images = []
+  for k, item in enumerate(items):
+    im = pipeline_controlnet.prepare_control_images(item, height, width, f"control image {k}")
+    if im.shape[0] != 1:
+      raise ValueError(f"control image {k} is a batch of {im.shape[0]}: give one image per ControlNet (used for "
+                       "every image generated).")
+    images.append(jnp.asarray(im))
+  return (tuple(images), np.asarray(scales, np.float32), start, end), height, width
 
 
 def _conditioning_fn(pipe: StableDiffusion, task: str, strength: float, image: np.ndarray, mask: np.ndarray | None):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, lora, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
+from jaxsd import conditioning, lora, mask_crop, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
@@ -602,8 +602,8 @@ class StableDiffusion:
 
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", latents=None,
-              masked_image_latents=None, image_latents=None, long_prompts: bool = False,
-              prompt_weighting: bool = False):
+              masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
+              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -623,15 +623,32 @@ class StableDiffusion:
         the images with the repainted region grey (0 in [-1, 1]), encoded.
       image_latents: the images' scaled latents (needed at strength < 1 and by 4-channel U-Nets);
         default: encoded, a posterior sample from `posterior_keys(seed, B)`.
-
-    padding_mask_crop (diffusers' crop around the mask) is not implemented.
+      padding_mask_crop: inpaint only a box around each mask, this many pixels wider, grown to the aspect
+        of height x width, then paste the result back over the image (`jaxsd.mask_crop`, as diffusers):
+        the model works on the box resized to height x width, whatever the box (one compiled program);
+        images and masks are handled as 8-bit, as diffusers' PIL path; `latents` and the other latents
+        given are then the crops'. Not with output="latent".
+      height, width: with padding_mask_crop, the size the crop is inpainted at (default: the model's
+        own size, as diffusers); without it the output is the images' size and these may only repeat it.
+      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
     """
     self.check_task("inpaint")
+    if padding_mask_crop is not None:
+      return self._inpaint_crop(prompts, images, mask_images, padding_mask_crop, height, width, output,
+                                strength=strength, negative_prompts=negative_prompts, steps=steps,
+                                guidance_scale=guidance_scale, sampler=sampler, seed=seed, latents=latents,
+                                masked_image_latents=masked_image_latents, image_latents=image_latents,
+                                long_prompts=long_prompts, prompt_weighting=prompt_weighting)
+    asked = {"height": height, "width": width}
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
                                                                           image_latents, steps, sampler, strength,
                                                                           output, guidance_scale)
     if images is None:
       raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
+    for name, v, have in (("height", asked["height"], height), ("width", asked["width"], width)):
+      if v is not None and v != have:
+        raise ValueError(f"{name}={v} but the images' {name} is {have}: without padding_mask_crop the output is "
+                         f"the images' size; resize them, or drop {name}.")
     b = len(prompts)
     masks = conditioning.as_masks(mask_images)
     if masks.shape[0] == 1 and b > 1:
@@ -655,6 +672,27 @@ class StableDiffusion:
       cond["image_latents"] = self._image_latents(images, image_latents, seed)
     return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
                      noise, output, text_options=_syntax(long_prompts, prompt_weighting), **cond)
+
+  def _inpaint_crop(self, prompts, images, mask_images, padding_mask_crop, height, width, output, **kwargs):
+    """`inpaint` with padding_mask_crop: the crops inpainted at height x width, pasted back (`jaxsd.mask_crop`)."""
+    pad = mask_crop.check_padding(padding_mask_crop)
+    if output not in ("np", "pil"):
+      raise ValueError(f"output={output!r} with padding_mask_crop: the result is the image with the crop pasted "
+                       "back; choose 'np' or 'pil' (or drop padding_mask_crop for the crop's latents).")
+    if images is None:
+      raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
+    images = conditioning.as_images(images, "images")
+    levels = conditioning.mask_levels(mask_images)
+    if levels.shape[0] == 1:
+      levels = np.repeat(levels, images.shape[0], axis=0)
+    if levels.shape != images.shape[:3]:
+      raise ValueError(f"mask_images have size {levels.shape[1:3]} (batch {levels.shape[0]}); the images "
+                       f"{images.shape[1:3]} (batch {images.shape[0]}): give one mask per image, of the image's size.")
+    height, width = height or self.default_size, width or self.default_size
+    self.check_inputs(["x"], None, height, width, kwargs["steps"], kwargs["sampler"], "np")  # before cropping
+    crops = mask_crop.crop(images, levels, width, height, pad)
+    out = self.inpaint(prompts, crops.images, crops.masks, output="np", **kwargs)
+    return _finish(mask_crop.paste(out, crops), output)
 
 
 def _syntax(long_prompts: bool, prompt_weighting: bool) -> dict:

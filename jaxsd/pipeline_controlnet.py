@@ -152,8 +152,22 @@ class StableDiffusionControlNet(StableDiffusion):
 
     return fn
 
-  def generate_fn(self, *args, **kwargs):
-    raise ValueError("ControlNet pipelines are not in the pmapped path (python -m sample) yet; call the pipeline.")
+  def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text",
+                  guess_mode: bool = False):
+    """`program` with the schedule of (sampler, steps) fixed: what `python -m sample` pmaps.
+
+    fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text), the
+    last three as `program` takes them (`keep` for this schedule's model calls: `control_keep`).
+    """
+    if strength != 1.0:
+      raise ValueError(f"strength={strength}: this ControlNet pipeline runs text-to-image only (strength 1).")
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps)
+    prog = self.program(guided, output, task, guess_mode=guess_mode)
+
+    def fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text):
+      return prog(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text)
+
+    return fn
 
   def _jitted_control(self, guided: bool, output: str, guess_mode: bool):
     key = ("controlnet", guided, output, guess_mode)
@@ -186,21 +200,16 @@ class StableDiffusionControlNet(StableDiffusion):
     self.check_task("text")
     n = len(self.controlnets)
     per_net = self._per_net(control_images, n)
-    scales = _per_controlnet(controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
-    start = _per_controlnet(control_guidance_start, n, "control_guidance_start")
-    end = _per_controlnet(control_guidance_end, n, "control_guidance_end")
-    for k, (s, e) in enumerate(zip(start, end)):
-      if not 0.0 <= s < e <= 1.0:
-        raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} (ControlNet {k}): need "
-                         "0 <= start < end <= 1.")
+    scales, start, end = control_settings(n, controlnet_conditioning_scale, control_guidance_start,
+                                          control_guidance_end)
     if height is None or width is None:
-      size = _size(per_net[0])
+      size = image_size(per_net[0])
       if latents is not None and np.ndim(latents) == 4:
         f = self.vae.config.downsampling_factor
         size = (np.shape(latents)[1] * f, np.shape(latents)[2] * f)
       height, width = height or size[0], width or size[1]
     images = [
-        _control_images(x, height, width, f"control_images[{k}]" if n > 1 else "control_images")
+        prepare_control_images(x, height, width, f"control_images[{k}]" if n > 1 else "control_images")
         for k, x in enumerate(per_net)
     ]
     if isinstance(prompts, str):
@@ -244,6 +253,21 @@ class StableDiffusionControlNet(StableDiffusion):
     return list(control_images)
 
 
+def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:
+  """(scales, starts, ends), one per ControlNet, from a number or one per ControlNet each; a ValueError
+  that says what to give otherwise."""
+  scales = _per_controlnet(scale, n, "controlnet_conditioning_scale")
+  start = _per_controlnet(start, n, "control_guidance_start")
+  end = _per_controlnet(end, n, "control_guidance_end")
+  for k, (s, e) in enumerate(zip(start, end)):
+    if not 0.0 <= s < e <= 1.0:
+      raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} (ControlNet {k}): need "
+                       "0 <= start < end <= 1.")
+  if not all(np.isfinite(scales)):
+    raise ValueError(f"controlnet_conditioning_scale={scales}: give finite numbers (1: as trained, 0: off).")
+  return scales, start, end
+
+
 def control_keep(calls: int, start: Sequence[float], end: Sequence[float]) -> np.ndarray:
   """(calls, n) float32: 1 where ControlNet k acts at model call i, as diffusers' `controlnet_keep`."""
   return np.array(
@@ -260,7 +284,7 @@ def _per_controlnet(value, n: int, name: str) -> list[float]:
   return [float(value)] * n
 
 
-def _size(images: Any) -> tuple[int, int]:
+def image_size(images: Any) -> tuple[int, int]:
   """(height, width) of an image, a batch or the first of a list."""
   first = images[0] if isinstance(images, (list, tuple)) and images else images
   if hasattr(first, "size") and hasattr(first, "mode"):  # PIL
@@ -269,7 +293,7 @@ def _size(images: Any) -> tuple[int, int]:
   return (shape[0], shape[1]) if len(shape) == 3 else (shape[1], shape[2])
 
 
-def _control_images(images: Any, height: int, width: int, name: str) -> np.ndarray:
+def prepare_control_images(images: Any, height: int, width: int, name: str) -> np.ndarray:
   """As diffusers' ControlNet image processor: RGB in [0, 1] (no normalisation), PIL images resized."""
   from PIL import Image
 

@@ -1,5 +1,6 @@
-"""python -m sample: text-to-image, img2img (--init-image) and inpainting (--init-image --mask) across every
-local accelerator. Flags only; the work is in jaxsd.generate.
+"""python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
+and ControlNet text-to-image (--controlnet --control-image) across every local accelerator. Flags only; the work
+is in jaxsd.generate.
 
 Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
 diffusers does; 16-bit, float and CMYK files are refused."""
@@ -40,6 +41,26 @@ def parse(argv=None) -> argparse.Namespace:
       "--strength", type=float, default=None,
       help="how much of the schedule runs from the noised image, in (0, 1]; default 0.6 (img2img), "
       "1 (inpainting)")
+  p.add_argument(
+      "--padding-mask-crop", type=int, default=None, metavar="N",
+      help="inpainting: repaint only a box N pixels around the mask, at --height x --width (default: the "
+      "model's size), and paste it back into the image (as diffusers' padding_mask_crop)")
+  p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                 help="a diffusers ControlNet folder (repeatable: MultiControlNet, residuals summed)")
+  p.add_argument(
+      "--control-image", action="append", default=[], metavar="IMG",
+      help="the conditioning image of each --controlnet, in the same order (resized to the output; "
+      "--height/--width default to the first one's size)")
+  p.add_argument("--controlnet-scale", type=float, nargs="+", default=None, metavar="S",
+                 help="conditioning scale: one for all ControlNets, or one per ControlNet (default 1)")
+  p.add_argument(
+      "--control-guidance-start", type=float, nargs="+", default=None, metavar="F",
+      help="fraction of the steps where each ControlNet starts acting (one, or one per ControlNet; default 0)")
+  p.add_argument(
+      "--control-guidance-end", type=float, nargs="+", default=None, metavar="F",
+      help="fraction of the steps where each ControlNet stops acting (one, or one per ControlNet; default 1)")
+  p.add_argument("--guess-mode", action="store_true",
+                 help="ControlNet guess mode: residuals 0.1x..1x, only the conditional half of guidance steered")
   p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                  help="a LoRA adapter (diffusers/PEFT or kohya .safetensors) at weight SCALE (default 1; repeatable)")
   p.add_argument("--batch-per-device", type=int, default=1)
@@ -120,6 +141,38 @@ def check_flags(args) -> None:
       raise ValueError("--strength applies to img2img and inpainting: give --init-image.")
     if not 0.0 < args.strength <= 1.0:
       raise ValueError(f"--strength {args.strength} must be in (0, 1].")
+  if args.padding_mask_crop is not None:
+    if not args.mask:
+      raise ValueError("--padding-mask-crop applies to inpainting: give --init-image and --mask.")
+    if args.padding_mask_crop < 0:
+      raise ValueError(f"--padding-mask-crop {args.padding_mask_crop}: the margin around the mask must be >= 0 "
+                       "pixels.")
+  check_controlnet_flags(args)
+
+
+def check_controlnet_flags(args) -> None:
+  n = len(args.controlnet)
+  control_flags = [("--control-image", args.control_image), ("--controlnet-scale", args.controlnet_scale),
+                   ("--control-guidance-start", args.control_guidance_start),
+                   ("--control-guidance-end", args.control_guidance_end), ("--guess-mode", args.guess_mode)]
+  if not n:
+    for flag, value in control_flags:
+      if value:
+        raise ValueError(f"{flag} needs --controlnet PATH (a diffusers ControlNet folder).")
+    return
+  if args.init_image:
+    raise ValueError("--controlnet runs text-to-image only: drop --init-image / --mask (ControlNet img2img and "
+                     "inpainting are not implemented).")
+  if len(args.control_image) != n:
+    raise ValueError(f"{len(args.control_image)} --control-image for {n} --controlnet: give one control image per "
+                     "ControlNet, in the same order.")
+  for flag, values in control_flags[1:4]:
+    if values is not None and len(values) not in (1, n):
+      raise ValueError(f"{flag} has {len(values)} values for {n} ControlNets: give one, or one per ControlNet.")
+  for path in args.controlnet:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"--controlnet {path}: no such folder; give a diffusers ControlNet folder "
+                              "(config.json and weights).")
 
 
 def main(argv=None) -> int:
@@ -142,16 +195,27 @@ def main(argv=None) -> int:
 
     init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
+    control_images = [conditioning.load_image(path, "--control-image") for path in args.control_image]
     enable_compilation_cache()
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale)
+    control = {}
+    if args.controlnet:
+      pipe = pipe.with_controlnet(args.controlnet)
+      control = dict(control_images=control_images, guess_mode=args.guess_mode)
+      for name, values in (("controlnet_conditioning_scale", args.controlnet_scale),
+                           ("control_guidance_start", args.control_guidance_start), ("control_guidance_end",
+                                                                                     args.control_guidance_end)):
+        if values is not None:
+          control[name] = values[0] if len(values) == 1 else values
     result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
                                strength=args.strength, long_prompts=args.long_prompts,
-                               prompt_weighting=args.prompt_weighting)
+                               prompt_weighting=args.prompt_weighting, padding_mask_crop=args.padding_mask_crop,
+                               **control)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

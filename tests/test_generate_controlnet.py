@@ -1,0 +1,109 @@
+"""`python -m sample --controlnet ... --control-image ...` (in process, 8 simulated devices): the images written
+are the ControlNet pipeline call's; bad input exits 2 with one line, before loading or compiling, writing nothing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxsd
+from tests import reference
+from tests.test_pipeline_controlnet import _controlnet
+
+HW = 16
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sample-controlnet")
+  path = reference.make_tiny_sd_folder(str(root / "sd"))
+  tpipe = reference.torch_pipeline(path)
+  nets = []
+  for seed in (10, 11):
+    nets.append(str(root / f"cn{seed}"))
+    _controlnet(tpipe.unet, seed).save_pretrained(nets[-1])
+  rng = np.random.default_rng(0)
+  images = [str(root / "edges.png"), str(root / "depth.png")]
+  Image.fromarray(rng.integers(0, 256, (HW, HW, 3), dtype=np.uint8)).save(images[0])
+  Image.fromarray(rng.integers(0, 256, (24, 20, 4), dtype=np.uint8), "RGBA").save(images[1])  # resized, RGB'd
+  return path, nets, images, root
+
+
+@pytest.fixture
+def main(monkeypatch):
+  from jaxsd import compilation_cache
+  from sample.__main__ import main
+
+  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
+  return main
+
+
+def test_cli_writes_the_pipeline_call_images(folders, main, tmp_path):
+  """Two ControlNets with their own scales and guidance windows: the images written equal
+  `pipe.with_controlnet([...])(...)` with the same seed and the control images as files (one RGBA of
+  another size: converted and resized as the library does), within one uint8 level."""
+  path, nets, images, _ = folders
+  out = tmp_path / "out"
+  argv = [
+      "--model", path, "--prompt", "a red circle", "--prompt", "a blue square", "--num-images", "2", "--steps", "3",
+      "--sampler", "ddim", "--guidance", "6", "--seed", "5", "--negative-prompt", "a green triangle", "--controlnet",
+      nets[0], "--control-image", images[0], "--controlnet", nets[1], "--control-image", images[1],
+      "--controlnet-scale", "0.7", "1.3", "--control-guidance-start", "0", "0.3", "--control-guidance-end", "0.7", "1",
+      "--out",
+      str(out), "--no-progress"
+  ]
+  assert main(argv) == 0
+  names = [
+      "a_red_circle-seed5-0000.png", "a_red_circle-seed5-0001.png", "a_blue_square-seed5-0000.png",
+      "a_blue_square-seed5-0001.png"
+  ]
+  assert sorted(os.listdir(out)) == sorted(names + ["grid.png"])
+  written = np.stack([np.asarray(Image.open(out / n)) for n in names])
+
+  pipe = jaxsd.StableDiffusion.from_pretrained(path).with_controlnet(nets)
+  # Job j's noise is drawn from fold_in(key(seed), j): the call's batch in job order is the same draw.
+  control = [Image.open(im).convert("RGB") for im in images]
+  prompts = ["a red circle"] * 2 + ["a blue square"] * 2
+  kw = dict(steps=3, sampler="ddim", guidance_scale=6.0, seed=5, control_guidance_start=[0.0, 0.3],
+            control_guidance_end=[0.7, 1.0])
+  ours = pipe(prompts, control, "a green triangle", controlnet_conditioning_scale=[0.7, 1.3], **kw)
+  diff = np.abs(written.astype(int) - ours.astype(int)).max()
+  print(f"sample --controlnet x2 vs the pipeline call: max uint8 diff {diff}")
+  assert written.shape == (4, HW, HW, 3) and diff <= 1
+  off = pipe(prompts, control, "a green triangle", controlnet_conditioning_scale=0.0, **kw)  # the same program
+  assert np.abs(off.astype(int) - written.astype(int)).max() > 2  # the ControlNets matter
+
+
+def test_cli_bad_controlnet_input_exits_2_before_compiling(folders, main, tmp_path, capsys):
+  path, nets, images, root = folders
+  Image.new("CMYK", (HW, HW)).save(tmp_path / "cmyk.jpg")
+  Image.new("I;16", (HW, HW)).save(tmp_path / "int16.png")
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "odd.png")
+  (tmp_path / "empty").mkdir()
+  one = ["--controlnet", nets[0]]
+  cases = [
+      (one, "0 --control-image for 1 --controlnet"),
+      (one + ["--control-image", images[0], "--control-image", images[1]], "2 --control-image for 1 --controlnet"),
+      (["--control-image", images[0]], "--control-image needs --controlnet"),
+      (["--guess-mode"], "--guess-mode needs --controlnet"),
+      (one + ["--control-image", str(tmp_path / "none.png")], "no such file"),
+      (one + ["--control-image", str(tmp_path / "cmyk.jpg")], "'CMYK'"),
+      (one + ["--control-image", str(tmp_path / "int16.png")], "mode 'I"),
+      (["--controlnet", str(tmp_path / "nowhere"), "--control-image", images[0]], "no such folder"),
+      (one + ["--control-image", images[0], "--controlnet-scale", "1", "2"], "2 values for 1 ControlNets"),
+      (one + ["--control-image", images[0], "--control-guidance-start", "0.5", "--control-guidance-end", "0.4"],
+       "start < end"),
+      (one + ["--control-image", images[0], "--init-image", images[0]], "text-to-image only"),
+      (one + ["--control-image", str(tmp_path / "odd.png")], "height=20 must be a positive multiple of 8"),
+      (["--controlnet", str(tmp_path / "empty"), "--control-image", images[0]], "config.json"),
+  ]
+  capsys.readouterr()
+  for extra, message in cases:
+    argv = ["--model", path, "--prompt", "x", "--steps", "2", "--no-progress", "--out", str(tmp_path / "o")] + extra
+    assert main(argv) == 2, extra
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, (extra, err)
+  assert not (tmp_path / "o").exists()
