@@ -1,0 +1,14 @@
+"""The test suite's shared settings."""
+
+# Tests compile XLA's CPU code at LLVM -O0 (conftest.py sets it for the session; subprocesses the tests
+# start take it from `xla_flags`): the suite's time is mostly the compilation of small programs, which -O0
+# halves (a tiny U-Net's train step 33 s -> 16 s; the smoke config's clip + vae stages 86 -> 72 s of CPU,
+# training included), as the parity tests' per-jit `xla_backend_optimization_level: 0` already did. The
+# programs compute the same operations; only LLVM's code generation is less optimised.
+XLA_OPTIMIZATION_FLAG = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess: `devices` simulated CPU devices, compiled as in the test session (so that
+  its programs equal, and hit the persistent compilation cache of, the session's own)."""
+  return f"--xla_force_host_platform_device_count={devices} {XLA_OPTIMIZATION_FLAG}"

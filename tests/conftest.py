@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (sharding tests), fp32 matmuls at full precision, and one
+"""Test setup: 8 simulated CPU devices (sharding tests), XLA's CPU code generated at -O0 (tests/__init__.py:
+the suite's time is mostly compilation), fp32 matmuls at full precision, and one
 persistent XLA compilation cache for the session, shared with the subprocesses the tests start: the
 same tiny models are compiled by many tests and by `python -m train` / `python -m sample` subprocesses,
 and a cache hit is the same executable (results are unchanged, bit for bit)."""
@@ -9,7 +10,11 @@ import shutil
 import tempfile
 
 # Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import XLA_OPTIMIZATION_FLAG, xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + XLA_OPTIMIZATION_FLAG
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

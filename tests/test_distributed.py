@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
+import tests
 from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def launch(tmp_path):
   procs = []
 
   def start(module: str, argvs: list[list[str]], devices: int) -> list:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=tests.xla_flags(devices))
     started = []
     for argv in argvs:
       log = open(tmp_path / f"{module}-{len(procs)}.log", "w+")

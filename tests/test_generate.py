@@ -13,6 +13,7 @@ import pytest
 
 import jaxsd
 from jaxsd import generate
+import tests
 from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def test_eight_devices_equal_one_device(pipe, tmp_path):
 
 
 def _run(args, cwd):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=tests.xla_flags(2), JAX_PLATFORMS="cpu",
              JAXSD_CACHE_DIR=os.path.join(cwd, "xla_cache"))
   return subprocess.run([sys.executable, "-m", "sample", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)

@@ -14,6 +14,7 @@ import torch
 
 import jaxsd
 from jaxsd.training import run
+import tests
 from tests import reference
 from train.configs import smoke
 
@@ -253,7 +254,7 @@ def test_cli_unknown_config_key(tmp_path):
 
 
 def _train_cli(workdir, data_dir, *overrides):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=tests.xla_flags(8), JAX_PLATFORMS="cpu",
              JAX_DEFAULT_MATMUL_PRECISION="highest")  # and the session's compilation cache (conftest.py)
   cmd = [
       sys.executable, "-m", "train", "--config",
@@ -274,11 +275,14 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
   run (same config, same data, same 8 simulated devices). All three stages run in the killed process:
   copying the uninterrupted run's finished clip/vae stages in and running only the U-Net stage (with
   --config.eval.judge=False) gave U-Net weights that differ from the in-process run's, twice; not yet
-  explained, so the test keeps the whole run."""
+  explained, so the test keeps the whole run. (An untested guess at the cause: the copied model/text_encoder is the one the
+  U-Net stage trained, not the clip stage's.) The judged report is off in both processes
+  (--config.eval.judge=False): it comes after the export and is test_default_stages_run_end_to_end's; it
+  cost the judge's training before the U-Net stage and the 180-prompt report after it."""
   import time
 
   workdir = str(tmp_path / "killed")
-  proc = _train_cli(workdir, data_dir)
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
   try:
     deadline = time.time() + 600
     while not _unet_checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
@@ -290,7 +294,7 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
     proc.kill()
     proc.wait()
   assert 0 < killed_at < 24 and not os.path.exists(os.path.join(workdir, "unet", "result.json"))
-  proc = _train_cli(workdir, data_dir)
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
   _, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err[-2000:]
   assert json.load(open(os.path.join(workdir, "unet", "result.json")))["steps"] == 24

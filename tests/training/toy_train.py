@@ -109,7 +109,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def start_subprocess(workdir, out, steps: int, sleep: float, compile_cache=None):
   """Starts this file as a script (8 simulated devices, data=4 x fsdp=2)."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+
+  import tests  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=tests.xla_flags(8), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   if compile_cache:  # The later runs of a test skip compilation.
     env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [
