@@ -187,3 +187,42 @@ SDXL_SCHEDULER = {
     "trained_betas": None,
     "use_karras_sigmas": False
 }
+
+
+def assert_same_adapter(got, want) -> None:
+  """Two loaded `jaxsd.lora` adapters hold the same layers: equal down / up weights, the same scale."""
+  assert {n: set(layers) for n, layers in got.layers.items()} == {n: set(layers) for n, layers in want.layers.items()}
+  for net, layers in want.layers.items():
+    for path, w in layers.items():
+      g = got.layers[net][path]
+      np.testing.assert_array_equal(g.down, w.down, err_msg=f"{net} {path}")
+      np.testing.assert_array_equal(g.up, w.up, err_msg=f"{net} {path}")
+      np.testing.assert_allclose(g.scale, w.scale, rtol=1e-7, err_msg=f"{net} {path}")
+
+
+def captioned_image_folder(root, sizes, seed: int = 0) -> tuple[str, str, dict]:
+  """Random RGB PNGs of the given (height, width) sizes captioned "picture number i", prepared as a TFDS dataset
+  under root/tfds: (data_dir, dataset name, caption -> uint8 pixels)."""
+  from PIL import Image  # noqa: PLC0415
+  from jaxsd.data import prepare_image_folder  # noqa: PLC0415
+
+  images = os.path.join(root, "images")
+  os.makedirs(images)
+  rng = np.random.default_rng(seed)
+  sources = {}
+  for i, (h, w) in enumerate(sizes):
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(images, f"{i:02d}.png"))
+    with open(os.path.join(images, f"{i:02d}.txt"), "w") as f:
+      f.write(f"picture number {i}")
+    sources[f"picture number {i}"] = pixels
+  name, _ = prepare_image_folder(images, os.path.join(root, "tfds"))
+  return os.path.join(root, "tfds"), name, sources
+
+
+def reuse_checkpoints(finished_workdir: str, workdir: str, stage: str) -> str:
+  """A new workdir whose `stage` checkpoints are the finished run's (linked): a rerun there resumes at the last
+  step, so it only exports (e.g. in another format)."""
+  os.makedirs(os.path.join(workdir, stage))
+  os.symlink(os.path.join(finished_workdir, stage, "checkpoints"), os.path.join(workdir, stage, "checkpoints"))
+  return workdir

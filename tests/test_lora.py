@@ -311,13 +311,7 @@ def test_saved_adapters_load_in_diffusers(clean, tmp_path, fmt):
   tpipe.load_lora_weights(saved)
   pipe.load_lora(files["kohya"])
   _close(_ours(pipe, latents), _theirs(tpipe, latents))
-  again = lora.load(saved, params)
-  for net, layers in adapter.layers.items():
-    for p, f in layers.items():
-      g = again.layers[net][p]
-      np.testing.assert_array_equal(g.down, f.down)
-      np.testing.assert_array_equal(g.up, f.up)
-      assert g.scale == pytest.approx(f.scale, rel=1e-7)
+  reference.assert_same_adapter(lora.load(saved, params), adapter)
 
 
 def test_unknown_keys_and_mismatches_are_named(clean):

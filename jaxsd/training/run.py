@@ -226,6 +226,9 @@ def check_config(cfg, n_devices: int) -> None:
     raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
                       "predicting the noise says nothing about the image: set config.unet.prediction_type="
                       "v_prediction.")
+  if ("unet" in names or "lora" in names) and cfg.unet.get("timestep_sampling",
+                                                           "uniform") not in ("uniform", "stratified"):
+    raise ConfigError(f"config.unet.timestep_sampling={cfg.unet.timestep_sampling!r}: use 'uniform' or 'stratified'.")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")

@@ -12,11 +12,10 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from jaxsd import pretrained
 from jaxsd import tokenizer as tok
-from jaxsd.data import input_pipeline, prepare_image_folder
+from jaxsd.data import input_pipeline
 from jaxsd.training import run, stages
 from tests import reference
 from train.configs import finetune, smoke
@@ -31,17 +30,8 @@ STEPS = 4
 def folders(tmp_path_factory):
   root = tmp_path_factory.mktemp("sdxl")
   base, refiner, components = reference.make_tiny_sdxl_folders(str(root / "models"))
-  images = root / "images"
-  images.mkdir()
-  rng = np.random.default_rng(0)
-  sources = {}
-  for i, (h, w) in enumerate(SHAPES):
-    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(images / f"{i:02d}.png")
-    (images / f"{i:02d}.txt").write_text(f"picture number {i}")
-    sources[f"picture number {i}"] = pixels
-  name, _ = prepare_image_folder(images, root / "tfds")
-  return dict(base=base, refiner=refiner, components=components, data=str(root / "tfds"), name=name, sources=sources)
+  data, name, sources = reference.captioned_image_folder(str(root), SHAPES)
+  return dict(base=base, refiner=refiner, components=components, data=data, name=name, sources=sources)
 
 
 def _config(folders, **updates):

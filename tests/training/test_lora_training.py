@@ -121,17 +121,13 @@ def test_a_resumed_run_gives_the_same_adapter_to_the_bit(trained, init, data_dir
 def test_kohya_export(trained, init, data_dir, tmp_path):
   """--config.lora.export_format=kohya (resuming the finished run's checkpoint: no training) writes
   lora_unet_ keys with an alpha per layer, the same adapter as the PEFT file."""
-  workdir = str(tmp_path / "kohya")
-  os.makedirs(os.path.join(workdir, "lora"))
-  os.symlink(os.path.join(trained[0], "lora", "checkpoints"), os.path.join(workdir, "lora", "checkpoints"))
+  workdir = reference.reuse_checkpoints(trained[0], str(tmp_path / "kohya"), "lora")
   results = run.train_and_evaluate(_cfg(init, data_dir, **{"lora.export_format": "kohya"}), workdir)
   sd = safetensors.numpy.load_file(results["lora"]["file"])
   assert all(k.startswith("lora_unet_") for k in sd) and len(sd) == 96
   params = {"unet": jaxsd.load_unet(os.path.join(init, "unet"))[1]}
   a, b = lora.load(trained[1]["lora"]["file"], params), lora.load(results["lora"]["file"], params)
-  for p, f in a.layers["unet"].items():
-    np.testing.assert_array_equal(b.layers["unet"][p].down, f.down)
-    np.testing.assert_array_equal(b.layers["unet"][p].up, f.up)
+  reference.assert_same_adapter(b, a)
 
 
 def _stage(init, cfg):

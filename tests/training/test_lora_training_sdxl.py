@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from PIL import Image
 
 import jaxsd
 from jaxsd import lora
-from jaxsd.data import prepare_image_folder
 from jaxsd.training import run
 from tests import reference
 from train.configs import lora as lora_config
@@ -31,14 +29,8 @@ PROMPTS = ["picture number 3", "a small blue square"]
 def folders(tmp_path_factory):
   root = tmp_path_factory.mktemp("sdxl_lora")
   base, _, _ = reference.make_tiny_sdxl_folders(str(root / "models"))
-  images = root / "images"
-  images.mkdir()
-  rng = np.random.default_rng(0)
-  for i, (h, w) in enumerate([(16, 24), (40, 16), (16, 16), (24, 32)] * 2):
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
-    (images / f"{i:02d}.txt").write_text(f"picture number {i}")
-  name, _ = prepare_image_folder(images, root / "tfds")
-  return types.SimpleNamespace(base=base, data=str(root / "tfds"), name=name)
+  data, name, _ = reference.captioned_image_folder(str(root), [(16, 24), (40, 16), (16, 16), (24, 32)] * 2)
+  return types.SimpleNamespace(base=base, data=data, name=name)
 
 
 def _cfg(folders, **updates):
@@ -120,9 +112,7 @@ def test_kohya_export_has_sd_scripts_sdxl_names(trained, folders, pipes, tmp_pat
   """--config.lora.export_format=kohya (resuming the finished run's checkpoint: no training) writes the U-Net's
   layers under the sgm names (input_blocks / middle_block / output_blocks), the encoders' as lora_te1_ / lora_te2_,
   with an alpha each; diffusers loads it and draws what it draws with the PEFT file."""
-  workdir = str(tmp_path / "kohya")
-  os.makedirs(os.path.join(workdir, "lora"))
-  os.symlink(os.path.join(trained[0], "lora", "checkpoints"), os.path.join(workdir, "lora", "checkpoints"))
+  workdir = reference.reuse_checkpoints(trained[0], str(tmp_path / "kohya"), "lora")
   r = run.train_and_evaluate(_cfg(folders, **{"lora.export_format": "kohya"}), workdir)["lora"]
   sd = safetensors.numpy.load_file(r["file"])
   assert len(sd) == 3 * (64 + 12 + 12) and "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.alpha" in sd

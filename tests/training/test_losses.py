@@ -139,3 +139,22 @@ def test_diffusion_loss_is_zero_for_the_perfect_predictor(prediction_type):
   assert float(loss) < 1e-10
   loss, _ = losses.diffusion_loss(wrong, ac, latents, None, rng, prediction_type=prediction_type, min_snr_gamma=5.0)
   assert float(loss) > 1e-3
+
+
+def test_stratified_timesteps_cover_every_stratum_and_are_uniform():
+  """Stratified draws: each batch has exactly one timestep in every stratum [i T/B, (i+1) T/B), in a random
+  order; over many batches every timestep is as frequent as under independent uniform draws (a chi-square
+  bound), and a batch's mean is far less spread (the point of it)."""
+  T, B, n = 1000, 8, 4000
+  keys = jax.random.split(jax.random.key(0), n)
+  strat = np.asarray(jax.vmap(lambda k: losses.sample_timesteps(k, B, T, "stratified"))(keys))
+  unif = np.asarray(jax.vmap(lambda k: losses.sample_timesteps(k, B, T, "uniform"))(keys))
+  assert strat.min() >= 0 and strat.max() < T
+  np.testing.assert_array_equal(np.sort(strat // (T // B), axis=1), np.tile(np.arange(B), (n, 1)))
+  assert (strat[:, 0] // (T // B)).std() > 1.5  # the strata are not always in the same order
+  counts = np.bincount(strat.ravel() // 50, minlength=T // 50)  # 20 bins of 1,600 expected draws
+  expected = n * B / len(counts)
+  assert ((counts - expected)**2 / expected).sum() < 50  # chi-square, 19 degrees of freedom: p < 1e-4
+  assert strat.mean(axis=1).std() < 0.25 * unif.mean(axis=1).std()
+  with pytest.raises(ValueError, match="timestep_sampling 'sobol'"):
+    losses.sample_timesteps(keys[0], B, T, "sobol")

@@ -106,6 +106,9 @@ def get_config():
           # Zero terminal SNR (Lin et al. 2024): the last timestep is pure noise, as sampling starts; needs
           # v-prediction. The exported scheduler then says rescale_betas_zero_snr and "trailing" spacing.
           rescale_betas_zero_snr=False,
+          # "stratified": the batch's timesteps one per equal stratum of [0, 1000) (Kingma et al. 2021), less
+          # gradient noise from the timesteps in a small batch; "uniform": independent draws (diffusers).
+          timestep_sampling="uniform",
           caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
           # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
           # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
