@@ -108,13 +108,15 @@ def load_mask(path: str, name: str = "mask") -> Any:
 
 
 def _open(path: str, flag: str):
-  from PIL import Image, UnidentifiedImageError
+  """The image at `path`, turned upright by its EXIF orientation tag (camera JPEGs), as diffusers' `load_image`."""
+  from PIL import Image, ImageOps, UnidentifiedImageError
 
   if not os.path.exists(path):
     raise FileNotFoundError(f"{flag} {path}: no such file.")
   try:
     im = Image.open(path)
     im.load()
+    im = ImageOps.exif_transpose(im)
   except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f"{flag} {path}: not an image PIL can read ({e}).") from e
   return im

@@ -105,6 +105,27 @@ def test_images_and_masks_are_read_as_diffusers_reads_them():
   np.testing.assert_array_equal(conditioning.latent_mask(big, 8)[0, :, :, 0], [[0, 0], [1, 0]])
 
 
+def test_files_are_turned_upright_by_their_exif_orientation_as_diffusers_does(tmp_path):
+  """A camera JPEG stored sideways with EXIF orientation 6 (turn 90 degrees clockwise) and a mask saved the same
+  way load upright, pixel for pixel as diffusers.utils.load_image gives them."""
+  from diffusers.utils import load_image as diffusers_load_image
+
+  pixels = np.zeros((8, 12, 3), np.uint8)
+  pixels[:2, :3] = 255  # a white corner, top left as stored
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  for name, make in (("image.jpg", lambda: Image.fromarray(pixels)), ("mask.png",
+                                                                      lambda: Image.fromarray(pixels[..., 0]))):
+    make().save(tmp_path / name, exif=exif, **({"quality": 100} if name.endswith("jpg") else {}))
+  image = conditioning.load_image(str(tmp_path / "image.jpg"))
+  theirs = diffusers_load_image(str(tmp_path / "image.jpg"))
+  assert image.size == theirs.size == (8, 12)  # width, height: turned
+  np.testing.assert_array_equal(np.asarray(image), np.asarray(theirs))
+  assert np.asarray(image)[0, -1].min() > 200 and np.asarray(image)[-1, 0].max() < 50  # the corner is top right now
+  mask = conditioning.load_mask(str(tmp_path / "mask.png"))
+  assert mask.size == (8, 12) and np.asarray(mask)[0, -1] == 255 and np.asarray(mask)[-1, 0] == 0
+
+
 def test_cli_inpaints_and_reports_bad_inputs(inpainting, tmp_path, capsys, monkeypatch):
   """In-process `python -m sample`: inpainting writes images; bad inputs exit 2 with one line, before compiling."""
   from jaxsd import compilation_cache
