@@ -17,6 +17,7 @@ from jaxsd.models.unet import UNet2DConditionConfig, UNet2DConditionModel  # noq
 BATCH, SEQ, SIZE = 2, 7, 8  # latents 8x8
 TOL = 1e-4  # max abs difference, fp32
 
+POOLED = 12  # the tiny SDXL case's pooled text embedding width
 CONFIGS = {
     # SD 1.x layout: heads as an int, 1x1-conv projections, a conditioning embedding downsampling by 4.
     "sd1":
@@ -36,6 +37,14 @@ CONFIGS = {
         dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24, attention_head_dim=2,
              norm_num_groups=8, conditioning_embedding_out_channels=(8, 16), global_pool_conditions=True,
              transformer_layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D")),
+    # SDXL layout: the pooled text embedding and six Fourier-embedded time ids added to the time embedding,
+    # transformer depth per block, linear projections, no attention at the top level.
+    "sdxl":
+        dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24, attention_head_dim=(2, 4),
+             transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+             addition_embed_type="text_time", addition_time_embed_dim=8,
+             projection_class_embeddings_input_dim=POOLED + 6 * 8, conditioning_embedding_out_channels=(8, 16),
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D")),
 }
 
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}, static_argnames="guess_mode")
@@ -81,14 +90,21 @@ def _nhwc(x):
   return np.transpose(x.detach().numpy(), (0, 2, 3, 1))
 
 
-@pytest.mark.parametrize("name, guess_mode", [("sd1", False), ("sd1", True), ("sd2", False), ("global_pool", True)])
+@pytest.mark.parametrize("name, guess_mode", [("sd1", False), ("sd1", True), ("sd2", False), ("global_pool", True),
+                                              ("sdxl", False), ("sdxl", True)])
 def test_parity_with_diffusers(name, guess_mode):
   tmodel, model, params, apply = _case(name)
   sample, t, context, cond = _inputs(model.config)
-  down, mid = apply({"params": params}, sample, t, context, cond, 0.7, guess_mode=guess_mode)
+  extra, added = {}, None
+  if model.config.addition_embed_type == "text_time":  # SDXL: diffusers' added_cond_kwargs
+    rng = np.random.RandomState(1)
+    extra = dict(text_embeds=rng.randn(BATCH, POOLED).astype(np.float32),
+                 time_ids=np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 8, 0, 512, 512]], np.float32))
+    added = {k: torch.from_numpy(v) for k, v in extra.items()}
+  down, mid = apply({"params": params}, sample, t, context, cond, 0.7, guess_mode=guess_mode, **extra)
   with torch.no_grad():
     tdown, tmid = tmodel(_nchw(sample), torch.as_tensor(t), torch.from_numpy(context), _nchw(cond),
-                         conditioning_scale=0.7, guess_mode=guess_mode, return_dict=False)
+                         conditioning_scale=0.7, guess_mode=guess_mode, added_cond_kwargs=added, return_dict=False)
   assert len(down) == len(tdown) == model.config.num_residuals
   worst = 0.0
   for ours, ref in zip(down + (mid,), list(tdown) + [tmid]):
