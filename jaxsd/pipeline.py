@@ -742,11 +742,12 @@ def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
   raise AssertionError("unreachable")
 
 
-def load_workdir(workdir: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
-  """The exported model of a training workdir, with the newest U-Net checkpoint's EMA weights."""
+def load_workdir(workdir: str, dtype=jnp.float32, pipeline_class=None, **kwargs) -> StableDiffusion:
+  """The exported model of a training workdir, with the newest U-Net checkpoint's EMA weights, as a
+  `pipeline_class` (default StableDiffusion; pipeline_xl passes StableDiffusionXL for SDXL fine-tunes)."""
   path = model_folder.model_dir(workdir)
   model_folder.check_model_folder(path)
-  pipe = StableDiffusion.from_pretrained(path, dtype, **kwargs)
+  pipe = (pipeline_class or StableDiffusion).from_pretrained(path, dtype, **kwargs)
   latest = model_folder.latest_unet_checkpoint(workdir)
   if latest and latest[0] > model_folder.exported_step(os.path.join(path, "unet")):
     step, state_dir = latest

@@ -362,6 +362,9 @@ def load(path: str, dtype=jnp.float32, **kwargs) -> pipeline.StableDiffusion:
   """`pipeline.load`, and SDXL folders (model_index.json's pipeline class, or an SDXL U-Net) as
   `StableDiffusionXL`: what `python -m sample --model` loads."""
   path = os.fspath(path)
-  if not model_folder.is_workdir(path) and model_folder.is_sdxl_folder(path):
+  if model_folder.is_workdir(path):  # an SDXL fine-tune's workdir: its exported folder, the newest U-Net
+    if model_folder.is_sdxl_folder(model_folder.model_dir(path)):
+      return pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)
+  elif model_folder.is_sdxl_folder(path):
     return StableDiffusionXL.from_pretrained(path, dtype, **kwargs)
   return pipeline.load(path, dtype=dtype, **kwargs)

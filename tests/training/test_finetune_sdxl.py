@@ -9,9 +9,11 @@ import json
 import os
 
 import diffusers
+import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from jaxsd import pretrained
 from jaxsd import tokenizer as tok
@@ -173,3 +175,29 @@ def test_cli_loads_the_sdxl_config_and_refuses_a_refiner_with_exit_2(folders, tm
   rc = main(["train", "--config", f"{config}:sdxl", "--workdir", str(tmp_path), f"--config.init={folders['refiner']}"])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and "refiner is not supported" in err and len(err.splitlines()) == 1, err
+
+
+def test_the_workdir_samples_on_the_command_line(trained, tmp_path, monkeypatch):
+  """`python -m sample --model WORKDIR` on an SDXL fine-tune's workdir (in-process): loaded as SDXL, its exported
+  folder with the newest U-Net, it writes the images."""
+  import jaxsd
+  from jaxsd import compilation_cache, pipeline_xl
+  from sample.__main__ import main
+
+  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
+  workdir, _ = trained
+  pipe = pipeline_xl.load(workdir)
+  assert isinstance(pipe, jaxsd.StableDiffusionXL)
+  exported = jaxsd.StableDiffusionXL.from_pretrained(os.path.join(workdir, "model"))
+  for a, b in zip(jax.tree.leaves(pipe.unet_params), jax.tree.leaves(exported.unet_params)):
+    np.testing.assert_array_equal(a, b)
+  out = tmp_path / "out"
+  argv = [
+      "--model", workdir, "--prompt", "picture number 1", "--steps", "2", "--height",
+      str(SIZE), "--width",
+      str(SIZE), "--out",
+      str(out), "--no-progress"
+  ]
+  assert main(argv) == 0
+  written = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+  assert written and np.asarray(Image.open(out / written[0])).shape == (SIZE, SIZE, 3)
