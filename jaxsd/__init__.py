@@ -10,7 +10,7 @@ from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
-from jaxsd.pipeline_controlnet import StableDiffusionControlNet
+from jaxsd.pipeline_controlnet import StableDiffusionControlNet, StableDiffusionXLControlNet
 from jaxsd.pipeline_xl import StableDiffusionXL
 from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_controlnet, load_text_encoder, load_unet,
                               load_vae, save_pretrained)
@@ -27,6 +27,7 @@ __all__ = [
     "StableDiffusion",
     "StableDiffusionControlNet",
     "StableDiffusionXL",
+    "StableDiffusionXLControlNet",
     "UNet2DConditionModel",
     "abstract_params",
     "init_params",

@@ -1,4 +1,5 @@
-"""Text-to-image steered by ControlNets (diffusers' StableDiffusionControlNetPipeline and MultiControlNet).
+"""Text-to-image steered by ControlNets (diffusers' StableDiffusionControlNetPipeline and MultiControlNet, and
+StableDiffusionXLControlNetPipeline for SDXL).
 
     pipe = jaxsd.StableDiffusion.from_pretrained("sd").with_controlnet(["canny", "depth"])
     images = pipe(prompts, control_images=[edges, depths], controlnet_conditioning_scale=[1.0, 0.5])
@@ -26,6 +27,7 @@ from jaxsd import conditioning, pretrained
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.pipeline import StableDiffusion, _finish, _syntax
+from jaxsd.pipeline_xl import StableDiffusionXL
 
 
 def load_controlnets(controlnets, dtype, param_dtype=None) -> tuple[tuple, tuple]:
@@ -51,8 +53,10 @@ def _is_pair(x) -> bool:
 def check_fits(pipe: StableDiffusion, controlnet: ControlNetModel, i: int) -> None:
   """Raises a ValueError if ControlNet i cannot steer this pipeline's U-Net and VAE."""
   c, u = controlnet.config, pipe.unet.config
-  if u.addition_embed_type == "text_time":
-    raise ValueError("with_controlnet: ControlNets are implemented for SD 1.x / 2.x pipelines, not SDXL.")
+  if (c.addition_embed_type == "text_time") != (u.addition_embed_type == "text_time"):
+    model, net = ("an SDXL", "an SD 1.x / 2.x") if u.addition_embed_type == "text_time" else ("an SD 1.x / 2.x",
+                                                                                              "an SDXL")
+    raise ValueError(f"ControlNet {i} is {net} ControlNet; this is {model} model: give a ControlNet trained for it.")
   mine = (c.block_out_channels, c.layers_per_block, c.cross_attention_dim, c.in_channels)
   theirs = (u.block_out_channels, u.layers_per_block, u.cross_attention_dim, u.in_channels)
   if mine != theirs:
@@ -78,7 +82,11 @@ class StableDiffusionControlNet(StableDiffusion):
     """`pipe` (its networks and parameters shared, LoRA adapters too) with the given ControlNets."""
     dtype = dtype or pipe.unet.dtype
     modules, params = load_controlnets(controlnets, dtype, param_dtype or pipe.unet.param_dtype)
-    base = {f.name: getattr(pipe, f.name) for f in dataclasses.fields(StableDiffusion)}
+    base = {
+        f.name: getattr(pipe, f.name)
+        for f in dataclasses.fields(type(pipe))
+        if f.name not in ("controlnets", "controlnet_params")
+    }
     out = cls(**base, controlnets=modules, controlnet_params=params)
     for i, module in enumerate(modules):
       check_fits(out, module, i)
@@ -97,26 +105,29 @@ class StableDiffusionControlNet(StableDiffusion):
     super().check_task(task)
 
   def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond) -> jax.Array:
-    """The U-Net with the ControlNets' residuals; `cond` as `program` builds it."""
+    """The U-Net with the ControlNets' residuals; `cond` as `program` builds it (SDXL's with its pooled
+    text embeddings and time ids, which the ControlNets take too)."""
     context = cond["context"]
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
     guided = x.shape[0] == 2 * cond["images"][0].shape[0]
     guess = cond["guess"]
     down = mid = None
     for k, (net, images) in enumerate(zip(self.controlnets, cond["images"])):
       if guess and guided:  # as diffusers: only the conditional half, the other gets nothing
         net_x, net_context = jnp.split(x, 2)[1], jnp.split(context, 2)[1]
+        net_added = {name: jnp.split(v, 2)[1] for name, v in added.items()}
       else:
-        net_x, net_context = x, context
+        net_x, net_context, net_added = x, context, added
         images = jnp.concatenate([images, images]) if guided else images
       d, m = net.apply({"params": cond["controlnet"][k]}, net_x, t, net_context, images, cond["scales"][k],
-                       guess_mode=guess)
+                       guess_mode=guess, **net_added)
       down = d if down is None else tuple(a + b for a, b in zip(down, d))
       mid = m if mid is None else mid + m
     if guess and guided:
       down = tuple(jnp.concatenate([jnp.zeros_like(d), d]) for d in down)
       mid = jnp.concatenate([jnp.zeros_like(mid), mid])
     return self.unet.apply({"params": unet_params}, x, t, context, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid)
+                           mid_block_additional_residual=mid, **added)
 
   def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
               guess_mode: bool = False):
@@ -133,12 +144,13 @@ class StableDiffusionControlNet(StableDiffusion):
     guess = guess_mode or self.controlnets[0].config.global_pool_conditions  # as diffusers
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text):
-      context = self.encode_prompts(params, ids, uncond_ids, guided, **text)
+      encoded = self.encode_prompts(params, ids, uncond_ids, guided, **text)
+      text_cond = encoded if isinstance(encoded, dict) else {"context": encoded}  # SDXL's is a dict
       x = samplers.prepare_latents(schedule, noise)
 
       def body(carry, i):  # samplers.sample's loop, with the call index for the ControlNets' keep
         x, state = carry
-        cond = dict(context=context, controlnet=params["controlnet"], images=control_images, scales=scales * keep[i],
+        cond = dict(text_cond, controlnet=params["controlnet"], images=control_images, scales=scales * keep[i],
                     guess=guess)
         model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided)
         out = model_fn(samplers.model_input(schedule, i, x), schedule.timesteps[i])
@@ -197,6 +209,13 @@ class StableDiffusionControlNet(StableDiffusion):
       latents, output, steps, sampler, seed, guidance_scale, long_prompts, prompt_weighting: as
         `StableDiffusion.__call__`.
     """
+    return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
+                              seed, latents, output, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting))
+
+  def _control_call(self, prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
+                    seed, latents, output, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                    guess_mode, text_options: dict):
     self.check_task("text")
     n = len(self.controlnets)
     per_net = self._per_net(control_images, n)
@@ -229,7 +248,7 @@ class StableDiffusionControlNet(StableDiffusion):
     keep = control_keep(schedule.timesteps.shape[0], start, end)
     guided = guidance_scale > 1.0
     ids, uncond_ids, text = self.text_inputs(prompts, None if given is None else negative_prompts, height, width,
-                                             **_syntax(long_prompts, prompt_weighting))
+                                             **text_options)
     fn = self._jitted_control(guided, "latent" if output == "latent" else "np", bool(guess_mode))
     out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale), self.sampler_keys(seed, b),
              images, jnp.asarray(scales, jnp.float32), jnp.asarray(keep), **text)
@@ -251,6 +270,29 @@ class StableDiffusionControlNet(StableDiffusion):
       raise ValueError(f"control_images: {got} entries for {n} ControlNets; give a list with one image (or batch) "
                        "per ControlNet.")
     return list(control_images)
+
+
+@dataclasses.dataclass
+class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
+  """An SDXL base model with ControlNets (made by `StableDiffusionXL.with_controlnet`); runs text-to-image."""
+
+  def __call__(self, prompts, control_images, negative_prompts=None, height: int | None = None,
+               width: int | None = None, steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None,
+               seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
+               control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None,
+               negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+               negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None):
+    """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
+    `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
+    conditioning, which defaults to the output size); the default sampler is the folder's scheduler's."""
+    options = dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
+                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                   negative_original_size=negative_original_size,
+                   negative_crops_coords_top_left=negative_crops_coords_top_left,
+                   negative_target_size=negative_target_size)
+    return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
+                              sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
+                              control_guidance_start, control_guidance_end, guess_mode, options)
 
 
 def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:

@@ -353,6 +353,16 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
                                 denoising_end=denoising_end)
 
+  def with_controlnet(self, controlnets, dtype=None, param_dtype=None):
+    """This SDXL base model steered by SDXL ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionXLControlNet`,
+    diffusers' StableDiffusionXLControlNetPipeline); arguments as `StableDiffusion.with_controlnet`."""
+    if self.text_encoder is None:
+      raise ValueError("with_controlnet: this is an SDXL refiner (no first text encoder); ControlNets steer the "
+                       "base model, as diffusers' StableDiffusionXLControlNetPipeline.")
+    from jaxsd import pipeline_controlnet  # it extends this class
+
+    return pipeline_controlnet.StableDiffusionXLControlNet.from_pipeline(self, controlnets, dtype, param_dtype)
+
   def inpaint(self, *args, **kwargs):
     raise ValueError("SDXL inpainting (diffusers' StableDiffusionXLInpaintPipeline) is not implemented; "
                      "use text-to-image or img2img.")

@@ -56,9 +56,14 @@ def _reference(path, tpipe, nets, sampler, latents, images, guidance=7.5, **kw):
                                                     scheduler=cls.from_pretrained(path, subfolder="scheduler",
                                                                                   **skw), safety_checker=None,
                                                     feature_extractor=None, requires_safety_checker=False)
+  return run_reference(ref, latents, images, NEGATIVE, guidance, **kw)
+
+
+def run_reference(ref, latents, images, negative, guidance, **kw) -> np.ndarray:
+  """A diffusers ControlNet pipeline's final latents (NHWC) for PROMPTS at HW, 4 steps, from `latents`."""
   ref.set_progress_bar_config(disable=True)
   with torch.no_grad():
-    out = ref(PROMPTS, image=images, negative_prompt=NEGATIVE, height=HW, width=HW, num_inference_steps=4,
+    out = ref(PROMPTS, image=images, negative_prompt=negative, height=HW, width=HW, num_inference_steps=4,
               guidance_scale=guidance, latents=reference.nhwc_to_nchw(latents), output_type="latent", **kw)
   return reference.nchw_to_nhwc(out.images)
 

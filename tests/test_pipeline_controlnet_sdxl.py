@@ -1,0 +1,84 @@
+"""SDXL ControlNet pipeline parity with diffusers' StableDiffusionXLControlNetPipeline (one ControlNet and two) on
+a tiny random SDXL base and tiny random SDXL ControlNets saved by diffusers, the same initial latents passed in."""
+
+from __future__ import annotations
+
+import types
+
+import diffusers
+import numpy as np
+import pytest
+
+import jaxsd
+from tests import reference
+from tests.test_pipeline_controlnet import HW, NEGATIVE, PROMPTS, _check, _controlnet, _images, run_reference
+
+# HW 16: the tiny SDXL's VAE halves once, 8x8 latents, as the SD test's.
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+  root = tmp_path_factory.mktemp("xl_controlnet")
+  base, refiner, c = reference.make_tiny_sdxl_folders(str(root / "models"))
+  nets = [_controlnet(c["unet"], seed) for seed in (20, 21)]  # from_unet: text_time addition embedding
+  folders = []
+  for i, net in enumerate(nets):
+    folders.append(str(root / f"cn{i}"))
+    net.save_pretrained(folders[-1])
+  pipe = jaxsd.StableDiffusionXL.from_pretrained(base)
+  return types.SimpleNamespace(base=base, refiner=refiner, c=c, nets=nets, folders=folders, pipe=pipe,
+                               one=pipe.with_controlnet(folders[0]), two=pipe.with_controlnet(folders))
+
+
+def _reference(xl, nets, latents, images, negative=NEGATIVE, guidance=5.0, **kw):
+  c = xl.c
+  ref = diffusers.StableDiffusionXLControlNetPipeline(
+      vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+      tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=nets if len(nets) > 1 else nets[0],
+      scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
+      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  return run_reference(ref, latents, images, negative, guidance, **kw)
+
+
+def test_one_sdxl_controlnet_matches_diffusers(xl):
+  """The folder's sampler (Euler), negative prompts, a scale and a guidance window; then no negative prompts
+  (zero unconditional embeddings, force_zeros_for_empty_prompt), where the ControlNet sees the zeros too. The
+  scales compile nothing new and the ControlNet changes the result."""
+  latents = np.asarray(xl.pipe.noise(0, len(PROMPTS), HW, HW))
+  images = _images(0)
+  kw = dict(controlnet_conditioning_scale=1.3, control_guidance_start=0.25, control_guidance_end=0.75)
+  ours = xl.one(PROMPTS, images, NEGATIVE, steps=4, latents=latents, output="latent", **kw)
+  _check(ours, _reference(xl, xl.nets[:1], latents, images, **kw), f"sdxl euler {kw}")
+  zeros = xl.one(PROMPTS, images, steps=4, latents=latents, output="latent", controlnet_conditioning_scale=0.8)
+  _check(zeros, _reference(xl, xl.nets[:1], latents, images, negative=None, controlnet_conditioning_scale=0.8),
+         "sdxl euler, zero unconditional embeddings")
+  off = xl.one(PROMPTS, images, NEGATIVE, steps=4, latents=latents, output="latent", controlnet_conditioning_scale=0.0)
+  assert xl.one._jitted_control(True, "latent", False)._cache_size() == 1
+  assert np.abs(ours - off).max() > 1e-2
+
+
+def test_two_sdxl_controlnets_and_guess_mode_match_diffusers(xl):
+  """Two ControlNets with their own scales and windows (residuals summed); guess mode under guidance, where only
+  the conditional half (its pooled embeddings and time ids too) goes through the ControlNet."""
+  latents = np.asarray(xl.pipe.noise(1, len(PROMPTS), HW, HW))
+  images = [_images(1)[0], _images(2)[1]]  # one image per ControlNet for the batch (diffusers' SDXL takes no nesting)
+  kw = dict(controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.3],
+            control_guidance_end=[0.6, 1.0])
+  ours = xl.two(PROMPTS, images, NEGATIVE, steps=4, latents=latents, output="latent", **kw)
+  _check(ours, _reference(xl, xl.nets, latents, images, **kw), "sdxl, two ControlNets")
+  guess = xl.one(PROMPTS, _images(3), NEGATIVE, steps=4, latents=latents, output="latent", guess_mode=True,
+                 controlnet_conditioning_scale=0.9)
+  _check(guess, _reference(xl, xl.nets[:1], latents, _images(3), guess_mode=True, controlnet_conditioning_scale=0.9),
+         "sdxl, guess mode")
+
+
+def test_controlnets_for_the_other_family_and_the_refiner_are_refused(xl, tmp_path):
+  sd = reference.make_tiny_sd_folder(str(tmp_path / "sd"))
+  sd_net = _controlnet(reference.torch_pipeline(sd).unet, 5)
+  sd_net.save_pretrained(tmp_path / "sd_cn")
+  with pytest.raises(ValueError, match="ControlNet 0 is an SD 1.x / 2.x ControlNet; this is an SDXL model"):
+    xl.pipe.with_controlnet(str(tmp_path / "sd_cn"))
+  with pytest.raises(ValueError, match="ControlNet 0 is an SDXL ControlNet; this is an SD 1.x / 2.x model"):
+    jaxsd.StableDiffusion.from_pretrained(sd).with_controlnet(xl.folders[0])
+  with pytest.raises(ValueError, match="refiner"):
+    jaxsd.StableDiffusionXL.from_pretrained(xl.refiner).with_controlnet(xl.folders[0])
