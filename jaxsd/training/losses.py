@@ -74,6 +74,9 @@ def prior_preservation_loss(per_example: jax.Array, is_prior: jax.Array,
   return instance + prior_loss_weight * prior, {"instance_loss": instance, "prior_loss": prior}
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "stratified")  # what `sample_timesteps` draws
+
+
 def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = "uniform") -> jax.Array:
   """`batch` training timesteps in [0, num_timesteps), each uniform. "uniform": independent (diffusers'
   train_text_to_image.py). "stratified": one per stratum [i T / B, (i + 1) T / B) in a random order, a
@@ -81,8 +84,8 @@ def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = 
   `stratified_uniform`): the same expected loss, less variance from the timesteps in a small batch."""
   if how == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_timesteps)
-  if how != "stratified":
-    raise ValueError(f"timestep_sampling {how!r}: use 'uniform' or 'stratified'.")
+  if how not in TIMESTEP_SAMPLINGS:
+    raise ValueError(f"timestep_sampling {how!r}: use one of {TIMESTEP_SAMPLINGS}.")
   k_u, k_perm = jax.random.split(rng)
   u = (jnp.arange(batch) + jax.random.uniform(k_u, (batch,))) / batch
   t = jnp.minimum(jnp.floor(u * num_timesteps).astype(jnp.int32), num_timesteps - 1)

@@ -39,7 +39,7 @@ from jaxsd.image_grid import contact_sheet
 from jaxsd.model_folder import check_model_folder, is_sdxl_folder
 from jaxsd.pipeline import StableDiffusion, load_vae, load_workdir
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, stages
+from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, losses, stages
 from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
@@ -226,9 +226,9 @@ def check_config(cfg, n_devices: int) -> None:
     raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
                       "predicting the noise says nothing about the image: set config.unet.prediction_type="
                       "v_prediction.")
-  if ("unet" in names or "lora" in names) and cfg.unet.get("timestep_sampling",
-                                                           "uniform") not in ("uniform", "stratified"):
-    raise ConfigError(f"config.unet.timestep_sampling={cfg.unet.timestep_sampling!r}: use 'uniform' or 'stratified'.")
+  sampling = cfg.unet.get("timestep_sampling", "uniform")
+  if ("unet" in names or "lora" in names) and sampling not in losses.TIMESTEP_SAMPLINGS:
+    raise ConfigError(f"config.unet.timestep_sampling={sampling!r}: use one of {losses.TIMESTEP_SAMPLINGS}.")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
