@@ -34,7 +34,7 @@ from jaxsd import pretrained
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
 from jaxsd.data import builtin, input_pipeline
-from jaxsd.diffusion import SchedulerConfig
+from jaxsd.diffusion import SchedulerConfig, schedules
 from jaxsd.image_grid import contact_sheet
 from jaxsd.model_folder import check_model_folder, is_sdxl_folder
 from jaxsd.pipeline import StableDiffusion, load_vae, load_workdir
@@ -226,6 +226,9 @@ def check_config(cfg, n_devices: int) -> None:
     raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
                       "predicting the noise says nothing about the image: set config.unet.prediction_type="
                       "v_prediction.")
+  beta_schedule = cfg.unet.get("beta_schedule", "scaled_linear")
+  if "unet" in names and not cfg.init and beta_schedule not in schedules.BETA_SCHEDULES:
+    raise ConfigError(f"config.unet.beta_schedule={beta_schedule!r}: use one of {schedules.BETA_SCHEDULES}.")
   sampling = cfg.unet.get("timestep_sampling", "uniform")
   if ("unet" in names or "lora" in names) and sampling not in losses.TIMESTEP_SAMPLINGS:
     raise ConfigError(f"config.unet.timestep_sampling={sampling!r}: use one of {losses.TIMESTEP_SAMPLINGS}.")

@@ -131,11 +131,13 @@ def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> 
 
 
 def scheduler_config(cfg) -> SchedulerConfig:
-  """The noise schedule of a U-Net trained from nothing: SD's, with the configured prediction type, and
-  zero terminal SNR with "trailing" sampling spacing (Lin et al. 2024) when asked for."""
+  """The noise schedule of a U-Net trained from nothing: SD's betas (or the configured `beta_schedule`, one
+  diffusers names), the configured prediction type, and zero terminal SNR with "trailing" sampling spacing
+  (Lin et al. 2024) when asked for."""
   zero_snr = bool(cfg.unet.get("rescale_betas_zero_snr", False))
   return SchedulerConfig(prediction_type=cfg.unet.prediction_type, rescale_betas_zero_snr=zero_snr,
-                         timestep_spacing="trailing" if zero_snr else None)
+                         beta_schedule=cfg.unet.get("beta_schedule",
+                                                    "scaled_linear"), timestep_spacing="trailing" if zero_snr else None)
 
 
 def sdxl_time_ids(original_size: jax.Array, crop_top_left: jax.Array, target_size: tuple[int, int]) -> jax.Array:

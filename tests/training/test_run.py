@@ -219,6 +219,9 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
         "unet.prediction_type": "epsilon"
     }, "prediction_type=v_prediction"),
     ({
+        "unet.beta_schedule": "cosine"
+    }, "beta_schedule='cosine': use one of"),
+    ({
         "unet.cache_latents": True,
         "data.random_flip": True,
         "unet.train_text_encoder": False

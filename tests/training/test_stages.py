@@ -112,6 +112,28 @@ def test_unet_stage(cfg, joint):
   assert "conv_in" in unet_params
 
 
+def test_beta_schedule_is_trained_and_exported_as_diffusers_reads_it(cfg, tmp_path):
+  """unet.beta_schedule: the training schedule's alpha_bar is diffusers' for that schedule name, and the
+  exported scheduler folder gives diffusers the same alpha_bar (the cosine schedule ends near pure noise)."""
+  import diffusers
+
+  from jaxsd import model_folder
+  from jaxsd.diffusion import alphas_cumprod
+
+  c = cfg.copy_and_resolve_references()
+  c.unet.prediction_type = "v_prediction"
+  c.unet.beta_schedule = "squaredcos_cap_v2"
+  sched = stages.scheduler_config(c)
+  ours = np.asarray(alphas_cumprod(sched))
+  model_folder.write_scheduler(sched, str(tmp_path / "scheduler"))
+  ref = diffusers.DDIMScheduler.from_pretrained(str(tmp_path / "scheduler"))
+  assert ref.config.beta_schedule == "squaredcos_cap_v2"
+  np.testing.assert_allclose(ours, ref.alphas_cumprod.numpy(), rtol=1e-6, atol=1e-9)
+  assert ours[-1] < 1e-6  # near pure noise, unlike SD's 0.0047
+  c.unet.beta_schedule = "scaled_linear"
+  assert abs(float(alphas_cumprod(stages.scheduler_config(c))[-1]) - 0.0047) < 1e-4
+
+
 def test_zero_terminal_snr_schedule_is_exported_as_diffusers_reads_it(cfg, tmp_path):
   """unet.rescale_betas_zero_snr: the training schedule ends on pure noise, and the exported scheduler
   config makes diffusers sample it the same way (DDIMScheduler, which honours the key, trailing spacing)."""

@@ -106,6 +106,9 @@ def get_config():
           # Zero terminal SNR (Lin et al. 2024): the last timestep is pure noise, as sampling starts; needs
           # v-prediction. The exported scheduler then says rescale_betas_zero_snr and "trailing" spacing.
           rescale_betas_zero_snr=False,
+          # The betas, as diffusers names them: "scaled_linear" (SD's), "squaredcos_cap_v2" (the cosine schedule
+          # of Nichol & Dhariwal 2021, less noise at every middle timestep and pure noise at the last), "linear".
+          beta_schedule="scaled_linear",
           # "stratified": the batch's timesteps one per equal stratum of [0, 1000) (Kingma et al. 2021), less
           # gradient noise from the timesteps in a small batch; "uniform": independent draws (diffusers).
           timestep_sampling="uniform",
