@@ -47,7 +47,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
-             padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=1.0,
+             padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=None,
              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
@@ -61,7 +61,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   `StableDiffusion.inpaint`. `long_prompts` and `prompt_weighting` are the pipeline's (`jaxsd.prompt_syntax`):
   every batch has the windows of the longest prompt. A ControlNet pipeline (`pipe.with_controlnet`) takes
   `control_images`, one image per ControlNet used for every job (resized to height x width, which default
-  to the first one's size), and the other ControlNet arguments of its call. Bad arguments, checked before
+  to the first one's size; for img2img and inpainting the init image's size, and cropped with it under
+  `padding_mask_crop`), and the other ControlNet arguments of its call (the conditioning scale defaults, as
+  diffusers', to 1 for text-to-image, 0.8 for img2img and 0.5 for inpainting). Bad arguments, checked before
   anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -99,8 +101,13 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if guess_mode and not controlled:
     raise ValueError("guess_mode applies to ControlNet pipelines (pipe.with_controlnet(...)).")
   if controlled:
-    control, height, width = _control_inputs(pipe, control_images, height, width, controlnet_conditioning_scale,
-                                             control_guidance_start, control_guidance_end)
+    if controlnet_conditioning_scale is None:
+      controlnet_conditioning_scale = {"text": 1.0, "img2img": 0.8, "inpaint": 0.5}[task]
+    settings = (controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
+    if crop:  # at the init image's size, to be cut with it and resized as the crop is (below)
+      control, _, _ = _control_inputs(pipe, control_images, *image.shape[1:3], *settings)
+    else:
+      control, height, width = _control_inputs(pipe, control_images, height, width, *settings)
   height, width = height or pipe.default_size, width or pipe.default_size
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
   schedule = make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
@@ -110,6 +117,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if task == "inpaint" and crop:  # the crop, inpainted at height x width, is pasted back at the end
     crops = mask_crop.crop(image, mask, width, height, pad)
     image, mask = crops.images, crops.masks
+    if control is not None:
+      control = (_crop_controls(control[0], crops), *control[1:])
   elif task == "inpaint":
     mask = (mask >= 0.5).astype(np.float32)[..., None]  # as conditioning.as_masks
   # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
@@ -189,6 +198,18 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),
                         images_per_second=len(images) / max(sample_seconds, 1e-9), devices=n_dev)
+
+
+def _crop_controls(images: tuple, crops: mask_crop.Crops) -> tuple:
+  """Each (1, H, W, 3) control image cut to the crop's box and resized as the init image was."""
+  from PIL import Image
+
+  height, width = crops.images.shape[1:3]
+  out = []
+  for im in images:
+    frame = Image.fromarray(conditioning.to_uint8(np.asarray(im))[0])
+    out.append(jnp.asarray(mask_crop.resize_and_fill(frame.crop(crops.boxes[0]), width, height))[None] / 255.0)
+  return tuple(out)
 
 
 def _control_inputs(pipe, control_images, height, width, scale, start, end):

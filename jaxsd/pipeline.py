@@ -163,22 +163,31 @@ class StableDiffusion:
       context = jnp.concatenate([self.encode_text(params["text_encoder"], uncond_ids, uncond_weights), context])
     return context
 
-  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond) -> jax.Array:
+  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond, i: jax.Array | None = None,
+                 x_extra: jax.Array | None = None) -> jax.Array:
+    """The U-Net at model call `i` of the sampler (subclasses condition on it, e.g. ControlNets acting on a
+    window of the calls); `x_extra`: channels concatenated to the latents (a 9-channel inpainting U-Net's mask
+    and masked-image latents), which only the U-Net sees."""
+    if x_extra is not None:
+      x = jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
     return self.unet.apply({"params": unet_params}, x, t, cond)
 
   def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
-               guidance_rescale: jax.Array | None = None):
-    """The model function the samplers call: U-Net output under classifier-free guidance, fp32.
+               guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None):
+    """The model function the samplers call, (x, t[, call index i]) -> U-Net output under classifier-free
+    guidance, fp32.
 
     `cond` is what `encode_prompts` returns (for SD the context, unconditional half first with guidance).
     `guidance_rescale` (Lin et al. (2023) sec. 3.4, diffusers' `rescale_noise_cfg`) mixes in the guided
-    output rescaled to the conditional output's standard deviation, per image.
+    output rescaled to the conditional output's standard deviation, per image. `x_extra`: channels the
+    U-Net takes after the latents (see `apply_unet`), one per image.
     """
 
-    def model_fn(x, t):
+    def model_fn(x, t, i=None):
       if not guided:
-        return self.apply_unet(unet_params, x, t, cond).astype(jnp.float32)
-      out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond).astype(jnp.float32)
+        return self.apply_unet(unet_params, x, t, cond, i, x_extra).astype(jnp.float32)
+      extra = None if x_extra is None else jnp.concatenate([x_extra, x_extra])
+      out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond, i, extra).astype(jnp.float32)
       uncond, text = jnp.split(out, 2)
       guided_out = uncond + guidance_scale * (text - uncond)
       if guidance_rescale is None:
@@ -359,33 +368,38 @@ class StableDiffusion:
     concat = task == "inpaint" and self.inpainting_unet
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, guidance_rescale=None, add_noise=None, **text):
-      text_cond = self.encode_prompts(params, ids, uncond_ids, guided, **text)
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, control=None, **text):
+      cond = self.unet_conditioning(params, self.encode_prompts(params, ids, uncond_ids, guided, **text), control)
       if from_noise:
         x = samplers.prepare_latents(schedule, noise)
       else:
         x = samplers.noise_latents(schedule, image_latents, noise)
         if add_noise is not None:
           x = jnp.where(add_noise, x, image_latents.astype(jnp.float32))
-      model_fn = self.denoiser(params["unet"], text_cond, guidance_scale, guided, guidance_rescale)
-      after_step = None
+      x_extra = after_step = None
       if concat:
-        cond = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
-        unet_fn = model_fn
-        model_fn = lambda x, t: unet_fn(jnp.concatenate([x, cond], axis=-1), t)
+        x_extra = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
       elif task == "inpaint":
 
         def after_step(i, x):  # diffusers' latent blend: the known region, noised to the next call's level
           known = samplers.noise_latents(schedule, image_latents, noise, i + 1)
           return (1 - mask) * known + mask * x
 
-      latents = samplers.sample(model_fn, x, schedule, keys, after_step=after_step)
+      model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra)
+      latents = samplers.sample(model_fn, x, schedule, keys, after_step=after_step, indexed=True)
       if output == "latent":
         return latents
       images = self.decode(params["vae"], latents)
       return jnp.round(images * 255).astype(jnp.uint8)
 
     return fn
+
+  def unet_conditioning(self, params, text_cond, control=None):
+    """What `apply_unet` reads besides the latents, from the encoded prompts (and, in subclasses, the program's
+    `control` argument: a ControlNet pipeline's images and scales)."""
+    if control is not None:
+      raise ValueError("control inputs need a pipeline with ControlNets (`with_controlnet`).")
+    return text_cond
 
   def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text"):
     """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
@@ -485,10 +499,11 @@ class StableDiffusion:
 
   def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
            output, *, text_options: dict | None = None, guidance_rescale: float = 0.0, denoising_start=None,
-           denoising_end=None, **cond):
+           denoising_end=None, program_options: dict | None = None, **cond):
     """One generation. `negative_prompts` None means none were given (see `text_inputs`); `text_options` go
     to `text_inputs`; `denoising_start` / `denoising_end` cut the schedule as `samplers.make_schedule` says,
-    and with `denoising_start` img2img starts from the given latents without adding noise."""
+    and with `denoising_start` img2img starts from the given latents without adding noise; `program_options`
+    go to `_jitted` (a subclass's static program settings); `cond` to the program."""
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
                                       denoising_start=denoising_start, denoising_end=denoising_end)
     guided = guidance_scale > 1.0
@@ -499,7 +514,7 @@ class StableDiffusion:
       text["guidance_rescale"] = jnp.float32(guidance_rescale)
     if task == "img2img":  # an argument: SDXL's refiner runs img2img and the hand-off in one program
       text["add_noise"] = jnp.asarray(denoising_start is None)
-    fn = self._jitted(guided, "latent" if output == "latent" else "np", task, from_noise)
+    fn = self._jitted(guided, "latent" if output == "latent" else "np", task, from_noise, **(program_options or {}))
     out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale),
              self.sampler_keys(seed, len(prompts)), **cond, **text)
     return _finish(out, output)
@@ -632,13 +647,20 @@ class StableDiffusion:
         own size, as diffusers); without it the output is the images' size and these may only repeat it.
       long_prompts, prompt_weighting: as text-to-image's (`__call__`).
     """
+    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
+                         seed, output, latents, masked_image_latents, image_latents,
+                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width)
+
+  def _inpaint(self, prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
+               output, latents, masked_image_latents, image_latents, text_options, padding_mask_crop, height, width,
+               **run_options):
     self.check_task("inpaint")
     if padding_mask_crop is not None:
       return self._inpaint_crop(prompts, images, mask_images, padding_mask_crop, height, width, output,
                                 strength=strength, negative_prompts=negative_prompts, steps=steps,
                                 guidance_scale=guidance_scale, sampler=sampler, seed=seed, latents=latents,
                                 masked_image_latents=masked_image_latents, image_latents=image_latents,
-                                long_prompts=long_prompts, prompt_weighting=prompt_weighting)
+                                text_options=text_options, **run_options)
     asked = {"height": height, "width": width}
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
                                                                           image_latents, steps, sampler, strength,
@@ -671,7 +693,12 @@ class StableDiffusion:
     if not from_noise or not self.inpainting_unet:
       cond["image_latents"] = self._image_latents(images, image_latents, seed)
     return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
-                     noise, output, text_options=_syntax(long_prompts, prompt_weighting), **cond)
+                     noise, output, text_options=text_options, **cond, **run_options)
+
+  def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
+    """`_inpaint`'s other arguments under padding_mask_crop, with what a subclass crops like the images (a
+    ControlNet pipeline's control images)."""
+    return kwargs
 
   def _inpaint_crop(self, prompts, images, mask_images, padding_mask_crop, height, width, output, **kwargs):
     """`inpaint` with padding_mask_crop: the crops inpainted at height x width, pasted back (`jaxsd.mask_crop`)."""
@@ -691,7 +718,9 @@ class StableDiffusion:
     height, width = height or self.default_size, width or self.default_size
     self.check_inputs(["x"], None, height, width, kwargs["steps"], kwargs["sampler"], "np")  # before cropping
     crops = mask_crop.crop(images, levels, width, height, pad)
-    out = self.inpaint(prompts, crops.images, crops.masks, output="np", **kwargs)
+    kwargs = self._crop_run_options(kwargs, crops)
+    out = self._inpaint(prompts, crops.images, crops.masks, output="np", padding_mask_crop=None, height=None,
+                        width=None, **kwargs)
     return _finish(mask_crop.paste(out, crops), output)
 
 

@@ -1,8 +1,10 @@
-"""Text-to-image steered by ControlNets (diffusers' StableDiffusionControlNetPipeline and MultiControlNet, and
-StableDiffusionXLControlNetPipeline for SDXL).
+"""Generation steered by ControlNets: text-to-image, img2img and inpainting (diffusers'
+StableDiffusionControlNet(Img2Img|Inpaint)Pipeline and MultiControlNet, StableDiffusionXLControlNet(Img2Img)Pipeline
+for SDXL), through the programs of `StableDiffusion` with the ControlNets' residuals added in `apply_unet`.
 
     pipe = jaxsd.StableDiffusion.from_pretrained("sd").with_controlnet(["canny", "depth"])
     images = pipe(prompts, control_images=[edges, depths], controlnet_conditioning_scale=[1.0, 0.5])
+    edited = pipe.img2img(prompts, photos, control_images=[edges, depths], strength=0.8)
 
 At every model call each ControlNet sees the latents, the timestep, the prompt and its conditioning image
 (RGB in [0, 1], not normalised, duplicated for classifier-free guidance); the U-Net adds the sum of their
@@ -23,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, pretrained
+from jaxsd import conditioning, mask_crop, pipeline_xl, pretrained
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
-from jaxsd.pipeline import StableDiffusion, _finish, _syntax
+from jaxsd.pipeline import StableDiffusion, _syntax
 from jaxsd.pipeline_xl import StableDiffusionXL
 
 
@@ -57,11 +59,14 @@ def check_fits(pipe: StableDiffusion, controlnet: ControlNetModel, i: int) -> No
     model, net = ("an SDXL", "an SD 1.x / 2.x") if u.addition_embed_type == "text_time" else ("an SD 1.x / 2.x",
                                                                                               "an SDXL")
     raise ValueError(f"ControlNet {i} is {net} ControlNet; this is {model} model: give a ControlNet trained for it.")
-  mine = (c.block_out_channels, c.layers_per_block, c.cross_attention_dim, c.in_channels)
-  theirs = (u.block_out_channels, u.layers_per_block, u.cross_attention_dim, u.in_channels)
+  mine = (c.block_out_channels, c.layers_per_block, c.cross_attention_dim)
+  theirs = (u.block_out_channels, u.layers_per_block, u.cross_attention_dim)
   if mine != theirs:
-    raise ValueError(f"ControlNet {i} (block_out_channels, layers_per_block, cross_attention_dim, in_channels) = "
+    raise ValueError(f"ControlNet {i} (block_out_channels, layers_per_block, cross_attention_dim) = "
                      f"{mine} does not match the U-Net's {theirs}: it was trained for another model.")
+  if c.in_channels != pipe.vae.config.latent_channels:  # it sees the latents, not an inpainting U-Net's 9 channels
+    raise ValueError(f"ControlNet {i} takes {c.in_channels} input channels, the VAE's latents have "
+                     f"{pipe.vae.config.latent_channels}: it was trained for another model.")
   if c.conditioning_channels != 3:
     raise ValueError(f"ControlNet {i} takes {c.conditioning_channels}-channel conditions; the pipeline gives RGB "
                      "control images (3 channels): call the ControlNet module directly.")
@@ -72,7 +77,8 @@ def check_fits(pipe: StableDiffusion, controlnet: ControlNetModel, i: int) -> No
 
 @dataclasses.dataclass
 class StableDiffusionControlNet(StableDiffusion):
-  """A StableDiffusion with ControlNets (made by `StableDiffusion.with_controlnet`); runs text-to-image."""
+  """A StableDiffusion with ControlNets (made by `StableDiffusion.with_controlnet`): text-to-image (`__call__`),
+  `img2img` and `inpaint` under them, as diffusers' StableDiffusionControlNet(Img2Img|Inpaint)Pipeline."""
 
   controlnets: tuple = ()
   controlnet_params: tuple = ()
@@ -98,19 +104,22 @@ class StableDiffusionControlNet(StableDiffusion):
   def params(self) -> dict:
     return {**super().params, "controlnet": tuple(self.controlnet_params)}
 
-  def check_task(self, task: str) -> None:
-    if task != "text":
-      raise ValueError(f"task {task!r}: this ControlNet pipeline runs text-to-image only; call {task} on the "
-                       "pipeline without ControlNets.")
-    super().check_task(task)
+  def unet_conditioning(self, params, text_cond, control=None):
+    """The encoded prompts with what the ControlNets take: `control` as `program` builds it."""
+    if control is None:
+      raise ValueError("a ControlNet pipeline needs control images.")
+    text_cond = text_cond if isinstance(text_cond, dict) else {"context": text_cond}  # SDXL's is a dict
+    return dict(text_cond, controlnet=params["controlnet"], **control)
 
-  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond) -> jax.Array:
-    """The U-Net with the ControlNets' residuals; `cond` as `program` builds it (SDXL's with its pooled
-    text embeddings and time ids, which the ControlNets take too)."""
+  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond, i=None, x_extra=None) -> jax.Array:
+    """The U-Net with the ControlNets' residuals at model call `i`; `cond` as `unet_conditioning` builds it
+    (SDXL's with its pooled text embeddings and time ids, which the ControlNets take too). The ControlNets see
+    the latents only, not a 9-channel inpainting U-Net's `x_extra` (as diffusers)."""
     context = cond["context"]
     added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
     guided = x.shape[0] == 2 * cond["images"][0].shape[0]
     guess = cond["guess"]
+    scales = cond["scales"] * cond["keep"][i]
     down = mid = None
     for k, (net, images) in enumerate(zip(self.controlnets, cond["images"])):
       if guess and guided:  # as diffusers: only the conditional half, the other gets nothing
@@ -119,73 +128,91 @@ class StableDiffusionControlNet(StableDiffusion):
       else:
         net_x, net_context, net_added = x, context, added
         images = jnp.concatenate([images, images]) if guided else images
-      d, m = net.apply({"params": cond["controlnet"][k]}, net_x, t, net_context, images, cond["scales"][k],
-                       guess_mode=guess, **net_added)
+      d, m = net.apply({"params": cond["controlnet"][k]}, net_x, t, net_context, images, scales[k], guess_mode=guess,
+                       **net_added)
       down = d if down is None else tuple(a + b for a, b in zip(down, d))
       mid = m if mid is None else mid + m
     if guess and guided:
       down = tuple(jnp.concatenate([jnp.zeros_like(d), d]) for d in down)
       mid = jnp.concatenate([jnp.zeros_like(mid), mid])
+    if x_extra is not None:
+      x = jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
     return self.unet.apply({"params": unet_params}, x, t, context, down_block_additional_residuals=down,
                            mid_block_additional_residual=mid, **added)
 
   def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
               guess_mode: bool = False):
-    """The pure function of one generation:
+    """`StableDiffusion.program` with the ControlNets' inputs after `keys`:
 
-        fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text)
+        fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep,
+           image_latents=None, mask=None, masked_image_latents=None, ..., **text)
 
     `control_images`: one (B, H, W, 3) array in [0, 1] per ControlNet; `scales` (n,) their conditioning
     scales; `keep` (L, n): 1 where ControlNet k acts at model call i, else 0 (`control_keep`).
     """
-    self.check_task(task)
-    if output not in ("np", "latent"):
-      raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
+    base = super().program(guided, output, task, from_noise)
     guess = guess_mode or self.controlnets[0].config.global_pool_conditions  # as diffusers
 
-    def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text):
-      encoded = self.encode_prompts(params, ids, uncond_ids, guided, **text)
-      text_cond = encoded if isinstance(encoded, dict) else {"context": encoded}  # SDXL's is a dict
-      x = samplers.prepare_latents(schedule, noise)
-
-      def body(carry, i):  # samplers.sample's loop, with the call index for the ControlNets' keep
-        x, state = carry
-        cond = dict(text_cond, controlnet=params["controlnet"], images=control_images, scales=scales * keep[i],
-                    guess=guess)
-        model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided)
-        out = model_fn(samplers.model_input(schedule, i, x), schedule.timesteps[i])
-        return samplers.step(schedule, i, x, out, state, samplers.step_noise(schedule, i, x, keys)), None
-
-      (latents, _), _ = jax.lax.scan(body, (x, samplers.init_state(schedule, x)),
-                                     jnp.arange(schedule.timesteps.shape[0]))
-      if output == "latent":
-        return latents
-      return jnp.round(self.decode(params["vae"], latents) * 255).astype(jnp.uint8)
+    def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, *args, **kw):
+      control = dict(images=tuple(control_images), scales=scales, keep=keep, guess=guess)
+      return base(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, *args, control=control, **kw)
 
     return fn
 
   def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text",
                   guess_mode: bool = False):
-    """`program` with the schedule of (sampler, steps) fixed: what `python -m sample` pmaps.
+    """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
 
-    fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text), the
-    last three as `program` takes them (`keep` for this schedule's model calls: `control_keep`).
+    fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, image_latents=None,
+    mask=None, masked_image_latents=None, **text), the ControlNets' inputs as `program` takes them (`keep`
+    for this schedule's model calls: `control_keep`), the rest as `StableDiffusion.generate_fn`'s.
     """
-    if strength != 1.0:
-      raise ValueError(f"strength={strength}: this ControlNet pipeline runs text-to-image only (strength 1).")
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps)
-    prog = self.program(guided, output, task, guess_mode=guess_mode)
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+    prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0),
+                        guess_mode=guess_mode)
 
-    def fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text):
-      return prog(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, **text)
+    def fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, image_latents=None,
+           mask=None, masked_image_latents=None, **text):
+      return prog(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep,
+                  image_latents, mask, masked_image_latents, **text)
 
     return fn
 
-  def _jitted_control(self, guided: bool, output: str, guess_mode: bool):
-    key = ("controlnet", guided, output, guess_mode)
+  def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
+              guess_mode: bool = False):
+    key = ("controlnet", guided, output, task, from_noise, guess_mode)
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(self.program(guided, output, guess_mode=guess_mode))
+      self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise, guess_mode))
     return self._compiled[key]
+
+  def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
+           output, *, control: ControlRequest, denoising_start=None, denoising_end=None, **kwargs):
+    """`StableDiffusion._run` with the control images prepared at the output's size for this batch, and the
+    ControlNets' window over this schedule's model calls."""
+    f = self.vae.config.downsampling_factor
+    height, width, b = noise.shape[1] * f, noise.shape[2] * f, len(prompts)
+    n = len(self.controlnets)
+    images = []
+    for k, x in enumerate(control.per_net):
+      im = prepare_control_images(x, height, width, f"control_images[{k}]" if n > 1 else "control_images")
+      if im.shape[0] not in (1, b):
+        raise ValueError(f"{im.shape[0]} control images for ControlNet {k} and {b} prompts: give one image, or "
+                         "one per prompt.")
+      images.append(jnp.asarray(np.repeat(im, b, axis=0) if im.shape[0] == 1 else im))
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
+                                      denoising_start=denoising_start, denoising_end=denoising_end)
+    keep = control_keep(schedule.timesteps.shape[0], control.start, control.end)
+    return super()._run(task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
+                        noise, output, denoising_start=denoising_start, denoising_end=denoising_end,
+                        program_options={"guess_mode": control.guess_mode}, control_images=tuple(images),
+                        scales=jnp.asarray(control.scales, jnp.float32), keep=jnp.asarray(keep), **kwargs)
+
+  def _control(self, control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+               guess_mode) -> ControlRequest:
+    n = len(self.controlnets)
+    scales, start, end = control_settings(n, controlnet_conditioning_scale, control_guidance_start,
+                                          control_guidance_end)
+    return ControlRequest(self._per_net(control_images, n), scales, start, end, bool(guess_mode))
 
   def __call__(self, prompts, control_images, negative_prompts=None, height: int | None = None,
                width: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm",
@@ -198,8 +225,8 @@ class StableDiffusionControlNet(StableDiffusion):
       prompts: a prompt, or one per image.
       control_images: the conditioning images (PIL image(s), uint8 or [0, 1] float NHWC arrays): with one
         ControlNet an image or a batch, with several a list of one image or (B, H, W, 3) array per ControlNet,
-        or (as diffusers) a list of lists: per prompt, one image per ControlNet. One image serves the batch. PIL images of another size are resized (Lanczos, as diffusers);
-        arrays must have the output's size.
+        or (as diffusers) a list of lists: per prompt, one image per ControlNet. One image serves the batch.
+        PIL images of another size are resized (Lanczos, as diffusers); arrays must have the output's size.
       height, width: default to the (first) control image's size.
       controlnet_conditioning_scale: a float, or one per ControlNet.
       control_guidance_start, control_guidance_end: the fraction of model calls where each ControlNet acts
@@ -216,43 +243,72 @@ class StableDiffusionControlNet(StableDiffusion):
   def _control_call(self, prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                     seed, latents, output, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                     guess_mode, text_options: dict):
-    self.check_task("text")
-    n = len(self.controlnets)
-    per_net = self._per_net(control_images, n)
-    scales, start, end = control_settings(n, controlnet_conditioning_scale, control_guidance_start,
-                                          control_guidance_end)
-    if height is None or width is None:
-      size = image_size(per_net[0])
-      if latents is not None and np.ndim(latents) == 4:
-        f = self.vae.config.downsampling_factor
-        size = (np.shape(latents)[1] * f, np.shape(latents)[2] * f)
+    control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                            guess_mode)
+    if latents is None and (height is None or width is None):
+      size = image_size(control.per_net[0])
       height, width = height or size[0], width or size[1]
-    images = [
-        prepare_control_images(x, height, width, f"control_images[{k}]" if n > 1 else "control_images")
-        for k, x in enumerate(per_net)
-    ]
     if isinstance(prompts, str):
-      prompts = [prompts] * max(im.shape[0] for im in images)
-    given = negative_prompts
-    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
-                                                  guidance_scale)
-    b = len(prompts)
-    for k, im in enumerate(images):
-      if im.shape[0] not in (1, b):
-        raise ValueError(f"{im.shape[0]} control images for ControlNet {k} and {b} prompts: give one image, or "
-                         "one per prompt.")
-    images = tuple(jnp.asarray(np.repeat(im, b, axis=0) if im.shape[0] == 1 else im) for im in images)
-    noise = self._given_noise(latents, "latents", b, height, width, seed)
+      prompts = [prompts] * max(_count(x) for x in control.per_net)
+    return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
+                               output, text_options=text_options, control=control)
 
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps)
-    keep = control_keep(schedule.timesteps.shape[0], start, end)
-    guided = guidance_scale > 1.0
-    ids, uncond_ids, text = self.text_inputs(prompts, None if given is None else negative_prompts, height, width,
-                                             **text_options)
-    fn = self._jitted_control(guided, "latent" if output == "latent" else "np", bool(guess_mode))
-    out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale), self.sampler_keys(seed, b),
-             images, jnp.asarray(scales, jnp.float32), jnp.asarray(keep), **text)
-    return _finish(out, output)
+  def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", noise=None,
+              image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
+              control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
+              prompt_weighting: bool = False):
+    """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the
+    arguments of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength
+    0.8, conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays), and
+    the ControlNets' start/end fractions count the model calls that run (after `strength` cut the schedule)."""
+    control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                            guess_mode)
+    return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
+                                output, noise, image_latents, text_options=_syntax(long_prompts,
+                                                                                   prompt_weighting), control=control)
+
+  def inpaint(self, prompts, images, mask_images, control_images, strength: float = 1.0, negative_prompts=None,
+              steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np",
+              latents=None, masked_image_latents=None, image_latents=None, controlnet_conditioning_scale=0.5,
+              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
+              long_prompts: bool = False, prompt_weighting: bool = False, padding_mask_crop: int | None = None,
+              height: int | None = None, width: int | None = None):
+    """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
+    `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the
+    4 latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With `padding_mask_crop` the control images are
+    cropped and resized with the images (diffusers' "fill" crop of the same box)."""
+    control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                            guess_mode)
+    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
+                         seed, output, latents, masked_image_latents, image_latents,
+                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, control=control)
+
+  def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
+    """The control images cropped to each image's box and resized as the images are (diffusers' "fill")."""
+    from PIL import Image
+
+    control: ControlRequest = kwargs["control"]
+    height, width = crops.images.shape[1:3]
+    cropped = []
+    for k, entry in enumerate(control.per_net):
+      name = f"control_images[{k}]" if len(control.per_net) > 1 else "control_images"
+      images = conditioning.to_uint8(conditioning.as_images(entry, name))
+      if images.shape[0] not in (1, len(crops.boxes)):
+        raise ValueError(f"{images.shape[0]} control images for ControlNet {k} and {len(crops.boxes)} images: give "
+                         "one, or one per image.")
+      if images.shape[1:3] != crops.originals.shape[1:3]:
+        raise ValueError(f"{name} are {images.shape[1]}x{images.shape[2]}, the images {crops.originals.shape[1]}x"
+                         f"{crops.originals.shape[2]}: with padding_mask_crop they are cropped together; give them "
+                         "the images' size.")
+      cropped.append(
+          np.stack([
+              np.asarray(
+                  mask_crop.resize_and_fill(
+                      Image.fromarray(images[min(i, images.shape[0] - 1)]).crop(box), width, height))
+              for i, box in enumerate(crops.boxes)
+          ]))
+    return dict(kwargs, control=dataclasses.replace(control, per_net=cropped))
 
   @staticmethod
   def _per_net(control_images, n: int) -> list:
@@ -272,9 +328,28 @@ class StableDiffusionControlNet(StableDiffusion):
     return list(control_images)
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlRequest:
+  """The ControlNet arguments of one call, checked: the images (one entry per ControlNet, as given), and one
+  scale, start and end fraction per ControlNet."""
+
+  per_net: list
+  scales: list[float]
+  start: list[float]
+  end: list[float]
+  guess_mode: bool
+
+
+def _count(images) -> int:
+  """How many images a control entry holds (a PIL image or an HWC array: 1)."""
+  if isinstance(images, (list, tuple)):
+    return len(images)
+  return 1 if hasattr(images, "mode") or np.ndim(images) == 3 else np.shape(images)[0]
+
+
 @dataclasses.dataclass
 class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
-  """An SDXL base model with ControlNets (made by `StableDiffusionXL.with_controlnet`); runs text-to-image."""
+  """An SDXL base model with ControlNets (made by `StableDiffusionXL.with_controlnet`): text-to-image and img2img."""
 
   def __call__(self, prompts, control_images, negative_prompts=None, height: int | None = None,
                width: int | None = None, steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None,
@@ -285,14 +360,33 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
     `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
     conditioning, which defaults to the output size); the default sampler is the folder's scheduler's."""
-    options = dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
-                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                   negative_original_size=negative_original_size,
-                   negative_crops_coords_top_left=negative_crops_coords_top_left,
-                   negative_target_size=negative_target_size)
+    options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                                       negative_original_size, negative_crops_coords_top_left, negative_target_size)
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
                               control_guidance_start, control_guidance_end, guess_mode, options)
+
+  def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
+              image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
+              control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None, negative_prompts_2=None,
+              original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+              negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5):
+    """Image to image under the ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: the
+    arguments of `StableDiffusionControlNet.img2img` and SDXL's (`StableDiffusionXL.img2img`)."""
+    options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                                       negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                       aesthetic_score=aesthetic_score,
+                                       negative_aesthetic_score=negative_aesthetic_score, image_to_image=True)
+    control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                            guess_mode)
+    return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
+                                self.default_sampler, seed, output, noise, image_latents, text_options=options,
+                                control=control)
+
+  def inpaint(self, *args, **kwargs):
+    return StableDiffusionXL.inpaint(self, *args, **kwargs)
 
 
 def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:

@@ -290,7 +290,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     pooled = jnp.where(zero[:, None], jnp.zeros_like(pooled), pooled)
     return {"context": context, "text_embeds": pooled, "time_ids": jnp.concatenate([uncond_time_ids, time_ids])}
 
-  def apply_unet(self, unet_params, x, t, cond):
+  def apply_unet(self, unet_params, x, t, cond, i=None, x_extra=None):
+    if x_extra is not None:
+      x = jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
     return self.unet.apply({"params": unet_params}, x, t, cond["context"], text_embeds=cond["text_embeds"],
                            time_ids=cond["time_ids"])
 
@@ -319,11 +321,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     scheduler's (Euler for SDXL); few-step settings (SDXL-Turbo / Lightning: timestep_spacing="trailing",
     1-8 steps, guidance_scale <= 1) go through `scheduler_config.replace(...)` and the arguments.
     """
-    options = dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
-                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                   negative_original_size=negative_original_size,
-                   negative_crops_coords_top_left=negative_crops_coords_top_left,
-                   negative_target_size=negative_target_size)
+    options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                           negative_original_size, negative_crops_coords_top_left, negative_target_size)
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
                                self.default_sampler, seed, latents, output, text_options=options,
                                guidance_rescale=guidance_rescale, denoising_end=denoising_end)
@@ -342,12 +341,10 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     fraction of denoising run, starting from `image_latents` as given (the base's `output="latent"`,
     already noised: no noise is added).
     """
-    options = dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
-                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                   negative_original_size=negative_original_size,
-                   negative_crops_coords_top_left=negative_crops_coords_top_left,
-                   negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-                   negative_aesthetic_score=negative_aesthetic_score, image_to_image=True)
+    options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                           negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                           aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                           image_to_image=True)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
@@ -366,6 +363,17 @@ class StableDiffusionXL(pipeline.StableDiffusion):
   def inpaint(self, *args, **kwargs):
     raise ValueError("SDXL inpainting (diffusers' StableDiffusionXLInpaintPipeline) is not implemented; "
                      "use text-to-image or img2img.")
+
+
+def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                 negative_original_size, negative_crops_coords_top_left, negative_target_size, **img2img) -> dict:
+  """The SDXL arguments of a call that `StableDiffusionXL.text_inputs` takes (`img2img`: the aesthetic scores and
+  image_to_image=True of img2img)."""
+  return dict(prompts_2=prompts_2, negative_prompts_2=negative_prompts_2, original_size=original_size,
+              crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+              negative_original_size=negative_original_size,
+              negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+              **img2img)
 
 
 def load(path: str, dtype=jnp.float32, **kwargs) -> pipeline.StableDiffusion:

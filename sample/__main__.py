@@ -1,5 +1,5 @@
 """python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
-and ControlNet text-to-image (--controlnet --control-image) across every local accelerator. Flags only; the work
+and all three under ControlNets (--controlnet --control-image) across every local accelerator. Flags only; the work
 is in jaxsd.generate.
 
 Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
@@ -51,8 +51,10 @@ def parse(argv=None) -> argparse.Namespace:
       "--control-image", action="append", default=[], metavar="IMG",
       help="the conditioning image of each --controlnet, in the same order (resized to the output; "
       "--height/--width default to the first one's size)")
-  p.add_argument("--controlnet-scale", type=float, nargs="+", default=None, metavar="S",
-                 help="conditioning scale: one for all ControlNets, or one per ControlNet (default 1)")
+  p.add_argument(
+      "--controlnet-scale", type=float, nargs="+", default=None, metavar="S",
+      help="conditioning scale: one for all ControlNets, or one per ControlNet (default, as diffusers: 1; "
+      "0.8 with --init-image, 0.5 with --mask)")
   p.add_argument(
       "--control-guidance-start", type=float, nargs="+", default=None, metavar="F",
       help="fraction of the steps where each ControlNet starts acting (one, or one per ControlNet; default 0)")
@@ -160,9 +162,6 @@ def check_controlnet_flags(args) -> None:
       if value:
         raise ValueError(f"{flag} needs --controlnet PATH (a diffusers ControlNet folder).")
     return
-  if args.init_image:
-    raise ValueError("--controlnet runs text-to-image only: drop --init-image / --mask (ControlNet img2img and "
-                     "inpainting are not implemented).")
   if len(args.control_image) != n:
     raise ValueError(f"{len(args.control_image)} --control-image for {n} --controlnet: give one control image per "
                      "ControlNet, in the same order.")

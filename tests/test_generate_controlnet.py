@@ -1,5 +1,5 @@
-"""`python -m sample --controlnet ... --control-image ...` (in process, 8 simulated devices): the images written
-are the ControlNet pipeline call's; bad input exits 2 with one line, before loading or compiling, writing nothing."""
+"""`python -m sample --controlnet ... --control-image ...` (in process, 8 simulated devices; text-to-image,
+img2img and inpainting): the images written are the ControlNet pipeline call's; bad input exits 2 with one line, before loading or compiling, writing nothing."""
 
 from __future__ import annotations
 
@@ -77,6 +77,60 @@ def test_cli_writes_the_pipeline_call_images(folders, main, tmp_path):
   assert np.abs(off.astype(int) - written.astype(int)).max() > 2  # the ControlNets matter
 
 
+def test_cli_controlnet_img2img_and_inpainting_write_the_pipeline_calls_images(folders, main, tmp_path):
+  """--controlnet with --init-image (img2img, strength 0.7) and with --mask --padding-mask-crop (the control
+  image cut to the mask's box with the init image): the images written equal the pipeline's `img2img` /
+  `inpaint` calls with the same seed, within one uint8 level, the conditioning scale defaulting as
+  diffusers' (0.8 for img2img, 0.5 for inpainting)."""
+  path, nets, images, root = folders
+  rng = np.random.default_rng(1)
+  big = 2 * HW
+  files = {name: str(root / f"{name}.png") for name in ("init", "init_big", "control_big", "mask_big")}
+  Image.fromarray(rng.integers(0, 256, (HW, HW, 3), dtype=np.uint8)).save(files["init"])
+  Image.fromarray(rng.integers(0, 256, (big, big, 3), dtype=np.uint8)).save(files["init_big"])
+  Image.fromarray(rng.integers(0, 256, (big, big, 3), dtype=np.uint8)).save(files["control_big"])
+  mask = np.zeros((big, big), np.uint8)
+  mask[4:12, 18:28] = 255
+  Image.fromarray(mask).save(files["mask_big"])
+  pipe = jaxsd.StableDiffusion.from_pretrained(path).with_controlnet(nets[0])
+  common = [
+      "--model", path, "--prompt", "a red circle", "--num-images", "2", "--steps", "3", "--sampler", "ddim",
+      "--guidance", "6", "--seed", "5", "--controlnet", nets[0], "--no-progress"
+  ]
+  kw = dict(steps=3, sampler="ddim", guidance_scale=6.0, seed=5)
+  load = lambda f: Image.open(f).convert("RGB")
+  prompts = ["a red circle"] * 2
+
+  out = tmp_path / "img2img"
+  assert main(common +
+              ["--control-image", images[0], "--init-image", files["init"], "--strength", "0.7", "--out",
+               str(out)]) == 0
+  written = np.stack([np.asarray(Image.open(out / f"a_red_circle-seed5-000{k}.png")) for k in range(2)])
+  ours = pipe.img2img(prompts, [load(files["init"])] * 2, load(images[0]), strength=0.7, **kw)
+  diff = np.abs(written.astype(int) - ours.astype(int)).max()
+  print(f"sample --controlnet --init-image vs pipe.img2img: max uint8 diff {diff}")
+  assert diff <= 1
+
+  out = tmp_path / "inpaint"
+  assert main(common + [
+      "--control-image", files["control_big"], "--init-image", files["init_big"], "--mask", files["mask_big"],
+      "--padding-mask-crop", "2", "--height",
+      str(HW), "--width",
+      str(HW), "--out",
+      str(out)
+  ]) == 0
+  written = np.stack([np.asarray(Image.open(out / f"a_red_circle-seed5-000{k}.png")) for k in range(2)])
+  ours = pipe.inpaint(prompts, [load(files["init_big"])] * 2, [Image.open(files["mask_big"])] * 2,
+                      load(files["control_big"]), padding_mask_crop=2, height=HW, width=HW, **kw)
+  diff = np.abs(written.astype(int) - ours.astype(int)).max()
+  print(f"sample --controlnet --mask --padding-mask-crop vs pipe.inpaint: max uint8 diff {diff}")
+  assert written.shape == (2, big, big, 3) and diff <= 1
+  off = pipe.inpaint(prompts, [load(files["init_big"])] * 2, [Image.open(files["mask_big"])] * 2,
+                     load(files["control_big"]), padding_mask_crop=2, height=HW, width=HW,
+                     controlnet_conditioning_scale=0.0, **kw)
+  assert np.abs(off.astype(int) - written.astype(int)).max() > 2  # the ControlNet matters inside the box
+
+
 def test_cli_bad_controlnet_input_exits_2_before_compiling(folders, main, tmp_path, capsys):
   path, nets, images, root = folders
   Image.new("CMYK", (HW, HW)).save(tmp_path / "cmyk.jpg")
@@ -96,7 +150,7 @@ def test_cli_bad_controlnet_input_exits_2_before_compiling(folders, main, tmp_pa
       (one + ["--control-image", images[0], "--controlnet-scale", "1", "2"], "2 values for 1 ControlNets"),
       (one + ["--control-image", images[0], "--control-guidance-start", "0.5", "--control-guidance-end", "0.4"],
        "start < end"),
-      (one + ["--control-image", images[0], "--init-image", images[0]], "text-to-image only"),
+      (one + ["--control-image", images[0], "--mask", images[0]], "--mask needs --init-image"),
       (one + ["--control-image", str(tmp_path / "odd.png")], "height=20 must be a positive multiple of 8"),
       (["--controlnet", str(tmp_path / "empty"), "--control-image", images[0]], "config.json"),
   ]

@@ -80,7 +80,7 @@ def test_one_controlnet_matches_diffusers_and_scales_compile_nothing(models):
   path, tpipe, nets, pipe, _ = models
   latents = np.asarray(pipe.noise(0, len(PROMPTS), HW, HW))
   images = _images(0)
-  program = pipe._jitted_control(True, "latent", False)
+  program = pipe._jitted(True, "latent", "text", True)
   for kw in (dict(controlnet_conditioning_scale=0.8),
              dict(controlnet_conditioning_scale=1.3, control_guidance_start=0.25, control_guidance_end=0.75)):
     ours = pipe(PROMPTS, images, NEGATIVE, steps=4, sampler="ddim", latents=latents, output="latent", **kw)
@@ -168,8 +168,6 @@ def test_module_and_params_pairs_are_taken_as_they_are(models, tmp_path):
   steered = jaxsd.StableDiffusion.from_pretrained(path).with_controlnet([pair, str(tmp_path / "cn")])
   assert steered.controlnets[0] is pair[0] and steered.controlnet_params[0] is pair[1]
   assert steered.controlnets[1].config == pair[0].config
-  with pytest.raises(ValueError, match="text-to-image only"):
-    steered.img2img(PROMPTS, _images(0), strength=0.5)
 
 
 def test_sd2_folder_matches_diffusers(tmp_path):

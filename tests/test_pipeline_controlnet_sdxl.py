@@ -8,6 +8,7 @@ import types
 import diffusers
 import numpy as np
 import pytest
+import torch
 
 import jaxsd
 from tests import reference
@@ -53,7 +54,7 @@ def test_one_sdxl_controlnet_matches_diffusers(xl):
   _check(zeros, _reference(xl, xl.nets[:1], latents, images, negative=None, controlnet_conditioning_scale=0.8),
          "sdxl euler, zero unconditional embeddings")
   off = xl.one(PROMPTS, images, NEGATIVE, steps=4, latents=latents, output="latent", controlnet_conditioning_scale=0.0)
-  assert xl.one._jitted_control(True, "latent", False)._cache_size() == 1
+  assert xl.one._jitted(True, "latent", "text", True)._cache_size() == 1
   assert np.abs(ours - off).max() > 1e-2
 
 
@@ -82,3 +83,31 @@ def test_controlnets_for_the_other_family_and_the_refiner_are_refused(xl, tmp_pa
     jaxsd.StableDiffusion.from_pretrained(sd).with_controlnet(xl.folders[0])
   with pytest.raises(ValueError, match="refiner"):
     jaxsd.StableDiffusionXL.from_pretrained(xl.refiner).with_controlnet(xl.folders[0])
+
+
+def test_sdxl_controlnet_img2img_matches_diffusers(xl, monkeypatch):
+  """StableDiffusionXLControlNetImg2ImgPipeline given the image latents and our noise: the folder's Euler at
+  strength 0.6, a scale and a window (over the calls that run), SDXL's size conditioning of the output size."""
+  from diffusers.pipelines.controlnet import pipeline_controlnet_sd_xl_img2img as module
+
+  noise = np.asarray(xl.pipe.noise(2, len(PROMPTS), HW, HW))
+  image_latents = np.asarray(xl.pipe.noise(3, len(PROMPTS), HW, HW)) * 0.8
+  images = _images(4)
+  kw = dict(controlnet_conditioning_scale=0.9, control_guidance_end=0.7)
+  ours = xl.one.img2img(PROMPTS, None, images, strength=0.6, negative_prompts=NEGATIVE, steps=5, noise=noise,
+                        image_latents=image_latents, output="latent", **kw)
+  c = xl.c
+  ref = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(
+      vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+      tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=xl.nets[0],
+      scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
+      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  ref.set_progress_bar_config(disable=True)
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  with torch.no_grad():
+    out = ref(PROMPTS, image=reference.nhwc_to_nchw(image_latents), control_image=images, strength=0.6,
+              num_inference_steps=5, guidance_scale=5.0, negative_prompt=NEGATIVE, height=HW, width=HW,
+              output_type="latent", **kw)
+  _check(ours, reference.nchw_to_nhwc(out.images), "sdxl ControlNet img2img")
+  with pytest.raises(ValueError, match="SDXL inpainting"):
+    xl.one.inpaint(PROMPTS, None, None, images)

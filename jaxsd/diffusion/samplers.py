@@ -556,7 +556,7 @@ def step(schedule: Schedule, i: jax.Array, x: jax.Array, out: jax.Array, state: 
 
 def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
            noise: jax.Array | None = None, after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-           return_trajectory: bool = False) -> jax.Array:
+           return_trajectory: bool = False, indexed: bool = False) -> jax.Array:
   """Runs the sampler of `schedule` from latents `x` (from prepare_latents or noise_latents).
 
   Args:
@@ -568,6 +568,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     after_step: optional (i, latents after call i) -> latents, applied after every call (inpainting's
       latent blend); the sampler's state is left as the step made it, as in diffusers.
     return_trajectory: return the [L, *x.shape] latents after every model call instead.
+    indexed: model_fn takes the call's index i (0 .. L-1) as a third argument, for conditioning that
+      changes from call to call (ControlNets acting on a window of the calls).
 
   Returns:
     The final latents (float32), or the trajectory.
@@ -583,7 +585,7 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
 
   def body(carry, i):
     x, state = carry
-    out = model_fn(model_input(s, i, x), s.timesteps[i])
+    out = model_fn(model_input(s, i, x), s.timesteps[i], *((i,) if indexed else ()))
     if out.shape != x.shape:
       raise ValueError(f"model_fn returned shape {out.shape} for latents of shape {x.shape}.")
     z = noise[i].astype(jnp.float32) if stochastic and noise is not None else step_noise(s, i, x, key)
