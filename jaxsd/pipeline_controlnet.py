@@ -349,7 +349,8 @@ def _count(images) -> int:
 
 @dataclasses.dataclass
 class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
-  """An SDXL base model with ControlNets (made by `StableDiffusionXL.with_controlnet`): text-to-image and img2img."""
+  """An SDXL base model with ControlNets (made by `StableDiffusionXL.with_controlnet`): text-to-image, img2img and
+  inpainting."""
 
   def __call__(self, prompts, control_images, negative_prompts=None, height: int | None = None,
                width: int | None = None, steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None,
@@ -385,8 +386,26 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 control=control)
 
-  def inpaint(self, *args, **kwargs):
-    return StableDiffusionXL.inpaint(self, *args, **kwargs)
+  def inpaint(self, prompts, images, mask_images, control_images, strength: float = 0.9999, negative_prompts=None,
+              steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0,
+              output: str = "np", latents=None, masked_image_latents=None, image_latents=None,
+              controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
+              guess_mode: bool = False, padding_mask_crop: int | None = None, height: int | None = None,
+              width: int | None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
+              crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+              negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5):
+    """Inpainting under the ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline: the arguments
+    of `StableDiffusionXL.inpaint` and the ControlNets' of `__call__` (scale 1 by default, as diffusers')."""
+    options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                                       negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                       aesthetic_score=aesthetic_score,
+                                       negative_aesthetic_score=negative_aesthetic_score, image_to_image=True)
+    control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                            guess_mode)
+    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
+                         self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
+                         padding_mask_crop, height, width, control=control)
 
 
 def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:

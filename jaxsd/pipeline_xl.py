@@ -360,9 +360,24 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
     return pipeline_controlnet.StableDiffusionXLControlNet.from_pipeline(self, controlnets, dtype, param_dtype)
 
-  def inpaint(self, *args, **kwargs):
-    raise ValueError("SDXL inpainting (diffusers' StableDiffusionXLInpaintPipeline) is not implemented; "
-                     "use text-to-image or img2img.")
+  def inpaint(self, prompts, images, mask_images, strength: float = 0.9999, negative_prompts=None, steps: int = 50,
+              guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
+              masked_image_latents=None, image_latents=None, padding_mask_crop: int | None = None,
+              height: int | None = None, width: int | None = None, *, prompts_2=None, negative_prompts_2=None,
+              original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+              negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5):
+    """Inpainting, as diffusers' StableDiffusionXLInpaintPipeline: `StableDiffusion.inpaint` (a 9-channel
+    inpainting U-Net, e.g. SDXL-inpainting-0.1, or latent blending for the base model and the refiner) with
+    SDXL's arguments as `img2img`'s (size conditioning of the output size, the refiner's aesthetic scores) and
+    diffusers' default strength 0.9999 (the schedule's first step skipped, from the noised image)."""
+    options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
+                           negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                           aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                           image_to_image=True)
+    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
+                         self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
+                         padding_mask_crop, height, width)
 
 
 def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,

@@ -1,5 +1,6 @@
-"""SDXL ControlNet pipeline parity with diffusers' StableDiffusionXLControlNetPipeline (one ControlNet and two) on
-a tiny random SDXL base and tiny random SDXL ControlNets saved by diffusers, the same initial latents passed in."""
+"""SDXL ControlNet pipeline parity with diffusers' StableDiffusionXLControlNet(Img2Img|Inpaint)Pipeline (one
+ControlNet and two) on a tiny random SDXL base and tiny random SDXL ControlNets saved by diffusers, the same initial
+latents passed in."""
 
 from __future__ import annotations
 
@@ -109,5 +110,37 @@ def test_sdxl_controlnet_img2img_matches_diffusers(xl, monkeypatch):
               num_inference_steps=5, guidance_scale=5.0, negative_prompt=NEGATIVE, height=HW, width=HW,
               output_type="latent", **kw)
   _check(ours, reference.nchw_to_nhwc(out.images), "sdxl ControlNet img2img")
-  with pytest.raises(ValueError, match="SDXL inpainting"):
-    xl.one.inpaint(PROMPTS, None, None, images)
+
+
+def test_sdxl_controlnet_inpaint_matches_diffusers(xl, monkeypatch):
+  """StableDiffusionXLControlNetInpaintPipeline (the 4-channel base, latent blend) given the pixel images (it masks
+  them itself), its VAE encoder's mean instead of a posterior sample (we are given that mean) and our noise:
+  diffusers' default strength 0.9999, a scale and a window."""
+  from diffusers.pipelines.controlnet import pipeline_controlnet_inpaint_sd_xl as module
+  from PIL import Image
+
+  from tests.test_inpaint import _masks
+
+  c = xl.c
+  images = np.random.default_rng(1).integers(0, 256, (2, HW, HW, 3), dtype=np.uint8)
+  with torch.no_grad():
+    pixels = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    image_latents = reference.nchw_to_nhwc(c["vae"].encode(pixels).latent_dist.mode() * c["vae"].config.scaling_factor)
+  noise = np.asarray(xl.pipe.noise(5, len(PROMPTS), HW, HW))
+  controls = _images(5)
+  kw = dict(controlnet_conditioning_scale=0.8, control_guidance_end=0.8)
+  ours = xl.one.inpaint(PROMPTS, images, _masks(), controls, negative_prompts=NEGATIVE, steps=5, output="latent",
+                        latents=noise, image_latents=image_latents, **kw)
+  ref = diffusers.StableDiffusionXLControlNetInpaintPipeline(
+      vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+      tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=xl.nets[0],
+      scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
+      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  ref.set_progress_bar_config(disable=True)
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, **_: out.latent_dist.mode())
+  with torch.no_grad():
+    out = ref(PROMPTS, image=[Image.fromarray(x) for x in images], mask_image=[Image.fromarray(m) for m in _masks()],
+              control_image=controls, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=5.0, height=HW,
+              width=HW, output_type="latent", **kw)
+  _check(ours, reference.nchw_to_nhwc(out.images), "sdxl ControlNet inpaint")

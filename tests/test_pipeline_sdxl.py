@@ -171,6 +171,32 @@ def test_img2img_matches_diffusers(sdxl, monkeypatch):
   print("SDXL max |diff|:", {k: f"{v:.1e}" for k, v in MEASURED.items()})
 
 
+def test_inpaint_matches_diffusers(sdxl, monkeypatch):
+  """StableDiffusionXLInpaintPipeline on the 4-channel base (latent blend), given the image latents and our noise:
+  diffusers' default strength 0.9999 (4 of 5 Euler steps, from the noised image), negative prompts; the known
+  region ends as the image's own latents."""
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+  from PIL import Image
+
+  from tests.test_inpaint import _masks
+
+  noise = _noise(sdxl.base, 6)
+  image_latents = _noise(sdxl.base, 7) * 0.8
+  images = np.random.default_rng(0).integers(0, 256, (2, HW, HW, 3), dtype=np.uint8)
+  ours = sdxl.base.inpaint(PROMPTS, images, _masks(), negative_prompts=NEGATIVE, steps=5, output="latent",
+                           latents=noise, image_latents=image_latents)
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  ref_pipe = _torch_base(sdxl, "euler", cls=diffusers.StableDiffusionXLInpaintPipeline)
+  with torch.no_grad():
+    ref = ref_pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=reference.nhwc_to_nchw(image_latents),
+                   mask_image=[Image.fromarray(m) for m in _masks()], num_inference_steps=5, guidance_scale=5.0,
+                   output_type="latent").images
+  _close("base inpaint euler", ours, reference.nchw_to_nhwc(ref))
+  print(f"SDXL inpaint: max |diff| {MEASURED['base inpaint euler']:.1e}")
+  keep = 1 - _masks()[:, ::2, ::2, None] / 255
+  np.testing.assert_allclose(ours * keep, image_latents * keep, atol=1e-5)
+
+
 def test_save_pretrained_loads_in_diffusers(sdxl, tmp_path):
   """Both folders saved by jaxsd load in diffusers' own pipelines to the same weights, tokenizers, scheduler and
   pipeline config (force_zeros_for_empty_prompt, requires_aesthetics_score)."""
@@ -228,8 +254,6 @@ def test_bad_input_is_reported(sdxl, tmp_path):
     sdxl.base(PROMPTS, steps=2, denoising_end=1.5)
   with pytest.raises(ValueError, match="requires_aesthetics_score"):
     dataclasses.replace(sdxl.refiner, model_index={})(PROMPTS, steps=2)
-  with pytest.raises(ValueError, match="not implemented"):
-    sdxl.base.inpaint(PROMPTS, None, None)
   for option in ("long_prompts", "prompt_weighting"):  # SD 1.x / 2.x only: what generate() (the command) passes
     with pytest.raises(ValueError, match="not implemented for SDXL"):
       sdxl.base.text_inputs(PROMPTS, None, 64, 64, **{option: True})
