@@ -74,16 +74,21 @@ def prior_preservation_loss(per_example: jax.Array, is_prior: jax.Array,
   return instance + prior_loss_weight * prior, {"instance_loss": instance, "prior_loss": prior}
 
 
-TIMESTEP_SAMPLINGS = ("uniform", "stratified")  # what `sample_timesteps` draws
+TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # what `sample_timesteps` draws
 
 
 def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = "uniform") -> jax.Array:
   """`batch` training timesteps in [0, num_timesteps), each uniform. "uniform": independent (diffusers'
   train_text_to_image.py). "stratified": one per stratum [i T / B, (i + 1) T / B) in a random order, a
   low-discrepancy draw (Kingma et al. 2021, "Variational diffusion models", appendix; k-diffusion's
-  `stratified_uniform`): the same expected loss, less variance from the timesteps in a small batch."""
+  `stratified_uniform`): the same expected loss, less variance from the timesteps in a small batch.
+  "logit_normal": t / T = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, SD3, eq. 19 with m = 0, s = 1; diffusers'
+  `compute_density_for_timestep_sampling`): more of the batch at middle noise, fewer at the ends."""
   if how == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_timesteps)
+  if how == "logit_normal":
+    u = jax.nn.sigmoid(jax.random.normal(rng, (batch,)))
+    return jnp.minimum(jnp.floor(u * num_timesteps).astype(jnp.int32), num_timesteps - 1)
   if how not in TIMESTEP_SAMPLINGS:
     raise ValueError(f"timestep_sampling {how!r}: use one of {TIMESTEP_SAMPLINGS}.")
   k_u, k_perm = jax.random.split(rng)

@@ -110,7 +110,8 @@ def get_config():
           # of Nichol & Dhariwal 2021, less noise at every middle timestep and pure noise at the last), "linear".
           beta_schedule="scaled_linear",
           # "stratified": the batch's timesteps one per equal stratum of [0, 1000) (Kingma et al. 2021), less
-          # gradient noise from the timesteps in a small batch; "uniform": independent draws (diffusers).
+          # gradient noise from the timesteps in a small batch; "logit_normal": t/T = sigmoid(N(0, 1)), more of
+          # the batch at middle noise (SD3); "uniform": independent draws (diffusers).
           timestep_sampling="uniform",
           caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
           # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
