@@ -62,8 +62,6 @@ def _multi(nets):
     ("ddim", 0.6, 5, 1, dict(controlnet_conditioning_scale=0.8, control_guidance_end=0.7)),
     ("dpmpp_2m", 0.95, 4, 2, dict(controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.3])),
     ("euler", 0.5, 6, 1, dict(guess_mode=True)),
-    ("euler", 0.5, 6, 1, dict()),
-    ("ddim", 0.5, 6, 1, dict(guess_mode=True)),
 ])
 def test_img2img_matches_diffusers(models, monkeypatch, sampler, strength, steps, n, kw):
   """Final latents as diffusers' ControlNet img2img, given the image latents and noise; the ControlNets'

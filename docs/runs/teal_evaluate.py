@@ -3,7 +3,7 @@ adapter, and "teal" measured by pixels on 60 teal prompts (a colour the shapes d
 
   python docs/runs/teal_make_data.py FOLDER                     # 20 teal circles + metadata.jsonl
   python -m train --config train/configs/lora.py:dreambooth ... (see docs/training.md)
-  python docs/runs/teal_evaluate.py MODEL_DIR JUDGE_DIR [ADAPTER [SCALE]]   # run from the repository root
+  python docs/runs/teal_evaluate.py MODEL_DIR JUDGE_DIR [ADAPTER [SCALE [GUIDANCE]]]   # from the repository root
 """
 import json, sys
 import numpy as np
@@ -31,7 +31,8 @@ def pixel_colour(img):
   return names[int(np.argmin(((refs - top)**2).sum(1)))]
 
 
-kw = dict(sampler="dpmpp_2m", steps=10, guidance_scale=3.0)
+# The default config's sampling (guidance 2 since the sixth round; the fifth round's table used 3).
+kw = dict(sampler="dpmpp_2m", steps=10, guidance_scale=float(sys.argv[5]) if len(sys.argv) > 5 else 2.0)
 out = {}
 for label, active in (("base", False), ("lora", True)):
   if active:
@@ -63,10 +64,12 @@ for label, active in (("base", False), ("lora", True)):
   ])
   pred = judge.predict(timgs.astype(np.float32) / 127.5 - 1)
   tj = {a: pred[a] == lab[a] for a in lab}
+  instance = [pixel_colour(im) for im in evaluate._generate(pipe, ["a teal circle"] * 20, seed=11, **kw)]
   circ = [i for i, p in enumerate(teal_prompts) if " circle " in p]
   other = [i for i, p in enumerate(teal_prompts) if " circle " not in p]
-  out[label] = dict(judged={a: round(res[f"{a}_accuracy"], 3) for a in list(attrs) + ["all"]},
-                    pixel_colour_match=round(pix_ok, 3),
+  out[label] = dict(judged={a: round(res[f"{a}_accuracy"], 3) for a in list(attrs) + ["all"]
+                           }, pixel_colour_match=round(pix_ok, 3),
+                    instance_prompt_teal=round(float(np.mean([c == "teal" for c in instance])), 3),
                     teal_circles_teal=round(float(np.mean([tpix[i] == "teal" for i in circ])), 3),
                     teal_other_shapes_teal=round(float(np.mean([tpix[i] == "teal" for i in other])),
                                                  3), teal_shape=round(float(tj["shape"].mean()),
