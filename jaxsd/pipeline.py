@@ -661,7 +661,7 @@ class StableDiffusion:
                                 guidance_scale=guidance_scale, sampler=sampler, seed=seed, latents=latents,
                                 masked_image_latents=masked_image_latents, image_latents=image_latents,
                                 text_options=text_options, **run_options)
-    asked = {"height": height, "width": width}
+    asked, given = {"height": height, "width": width}, negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
                                                                           image_latents, steps, sampler, strength,
                                                                           output, guidance_scale)
@@ -692,8 +692,8 @@ class StableDiffusion:
                        f"{self.unet.config.in_channels} channels and inpaints by latent blending: drop them.")
     if not from_noise or not self.inpainting_unet:
       cond["image_latents"] = self._image_latents(images, image_latents, seed)
-    return self._run("inpaint", from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
-                     noise, output, text_options=text_options, **cond, **run_options)
+    return self._run("inpaint", from_noise, prompts, None if given is None else negative_prompts, steps, sampler,
+                     strength, guidance_scale, seed, noise, output, text_options=text_options, **cond, **run_options)
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
     """`_inpaint`'s other arguments under padding_mask_crop, with what a subclass crops like the images (a

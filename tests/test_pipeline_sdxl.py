@@ -195,6 +195,14 @@ def test_inpaint_matches_diffusers(sdxl, monkeypatch):
   print(f"SDXL inpaint: max |diff| {MEASURED['base inpaint euler']:.1e}")
   keep = 1 - _masks()[:, ::2, ::2, None] / 255
   np.testing.assert_allclose(ours * keep, image_latents * keep, atol=1e-5)
+  # No negative prompts: zero unconditional embeddings (force_zeros_for_empty_prompt), as diffusers.
+  ours = sdxl.base.inpaint(PROMPTS, images, _masks(), steps=5, output="latent", latents=noise,
+                           image_latents=image_latents)
+  with torch.no_grad():
+    ref = ref_pipe(prompt=PROMPTS, image=reference.nhwc_to_nchw(image_latents),
+                   mask_image=[Image.fromarray(m) for m in _masks()], num_inference_steps=5, guidance_scale=5.0,
+                   output_type="latent").images
+  _close("base inpaint euler, no negative prompts", ours, reference.nchw_to_nhwc(ref))
 
 
 def test_save_pretrained_loads_in_diffusers(sdxl, tmp_path):
