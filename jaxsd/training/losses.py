@@ -77,17 +77,19 @@ def prior_preservation_loss(per_example: jax.Array, is_prior: jax.Array,
 TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # what `sample_timesteps` draws
 
 
-def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = "uniform") -> jax.Array:
+def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = "uniform", logit_mean: float = 0.0,
+                     logit_std: float = 1.0) -> jax.Array:
   """`batch` training timesteps in [0, num_timesteps), each uniform. "uniform": independent (diffusers'
   train_text_to_image.py). "stratified": one per stratum [i T / B, (i + 1) T / B) in a random order, a
   low-discrepancy draw (Kingma et al. 2021, "Variational diffusion models", appendix; k-diffusion's
   `stratified_uniform`): the same expected loss, less variance from the timesteps in a small batch.
-  "logit_normal": t / T = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, SD3, eq. 19 with m = 0, s = 1; diffusers'
-  `compute_density_for_timestep_sampling`): more of the batch at middle noise, fewer at the ends."""
+  "logit_normal": t / T = sigmoid(n), n ~ N(logit_mean, logit_std^2) (Esser et al. 2024, SD3, eq. 19; diffusers'
+  `compute_density_for_timestep_sampling` and its scripts' --logit_mean / --logit_std): more of the batch at
+  middle noise, fewer at the ends (a positive mean keeps more at the noisy end)."""
   if how == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_timesteps)
   if how == "logit_normal":
-    u = jax.nn.sigmoid(jax.random.normal(rng, (batch,)))
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,)))
     return jnp.minimum(jnp.floor(u * num_timesteps).astype(jnp.int32), num_timesteps - 1)
   if how not in TIMESTEP_SAMPLINGS:
     raise ValueError(f"timestep_sampling {how!r}: use one of {TIMESTEP_SAMPLINGS}.")
@@ -100,16 +102,17 @@ def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = 
 def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, context: jax.Array, rng: jax.Array, *,
                    prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
                    prior_mask: jax.Array | None = None, prior_loss_weight: float = 1.0,
-                   timestep_sampling: str = "uniform") -> tuple[jax.Array, dict]:
-  """Noise the latents at a uniform random timestep (`timestep_sampling="stratified"`: the batch's timesteps
-  one per equal stratum of [0, T), see `sample_timesteps`); the U-Net predicts the noise or v (Ho et al. 2020;
+                   timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                   logit_std: float = 1.0) -> tuple[jax.Array, dict]:
+  """Noise the latents at a random timestep drawn as `timestep_sampling` says (`sample_timesteps`, with the
+  logit-normal's `logit_mean` / `logit_std`); the U-Net predicts the noise or v (Ho et al. 2020;
   Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`; `context` is passed through as given (an
   array, or a dict of the U-Net's conditioning). With `prior_mask` (B,), 1 for DreamBooth's class examples, the
   loss is `prior_preservation_loss` of the per-example losses (min-SNR weights, when asked for, weigh every
   example)."""
   b = latents.shape[0]
   t_rng, n_rng = jax.random.split(rng)
-  t = sample_timesteps(t_rng, b, alphas_cumprod.shape[0], timestep_sampling)
+  t = sample_timesteps(t_rng, b, alphas_cumprod.shape[0], timestep_sampling, logit_mean, logit_std)
   noise = jax.random.normal(n_rng, latents.shape, jnp.float32)
   x_t = schedules.add_noise(alphas_cumprod, latents, noise, t)
   if prediction_type == "epsilon":

@@ -220,7 +220,9 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
     return losses.diffusion_loss(unet_fn, ac, latents, cond, k_noise, prediction_type=scheduler.prediction_type,
                                  min_snr_gamma=c.min_snr_gamma or None, prior_mask=batch.get("prior"),
                                  prior_loss_weight=prior_loss_weight,
-                                 timestep_sampling=c.get("timestep_sampling", "uniform"))
+                                 timestep_sampling=c.get("timestep_sampling",
+                                                         "uniform"), logit_mean=c.get("timestep_logit_mean", 0.0),
+                                 logit_std=c.get("timestep_logit_std", 1.0))
 
   if joint:
     init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731

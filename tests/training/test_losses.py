@@ -160,21 +160,23 @@ def test_stratified_timesteps_cover_every_stratum_and_are_uniform():
     losses.sample_timesteps(keys[0], B, T, "sobol")
 
 
-def test_logit_normal_timesteps_follow_sd3s_density():
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (0.5, 0.8)])
+def test_logit_normal_timesteps_follow_sd3s_density(mean, std):
   """"logit_normal": the timesteps' distribution is diffusers' compute_density_for_timestep_sampling
-  ("logit_normal", mean 0, std 1; its u scaled to T timesteps as diffusers' SD3 script indexes them): equal
-  deciles within sampling error (8,000 draws each), so more draws at middle noise than uniform's and fewer
-  near t = 0 and t = T - 1."""
+  ("logit_normal" with the same logit_mean / logit_std; its u scaled to T timesteps as diffusers' SD3 script
+  indexes them): equal deciles within sampling error (8,000 draws each); with mean 0, std 1 more draws at middle
+  noise than uniform's and fewer near t = 0."""
   import torch
   from diffusers.training_utils import compute_density_for_timestep_sampling
 
   T, n = 1000, 8000
-  ours = np.asarray(losses.sample_timesteps(jax.random.key(1), n, T, "logit_normal"))
-  u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=0.0, logit_std=1.0,
+  ours = np.asarray(losses.sample_timesteps(jax.random.key(1), n, T, "logit_normal", mean, std))
+  u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=mean, logit_std=std,
                                             generator=torch.Generator().manual_seed(0))
   ref = (u * T).long().clamp(max=T - 1).numpy()
   assert ours.min() >= 0 and ours.max() < T
   qs = np.linspace(0.1, 0.9, 9)
   np.testing.assert_allclose(np.quantile(ours, qs), np.quantile(ref, qs), atol=20)  # ~3 standard errors
-  middle = lambda t: ((t >= 250) & (t < 750)).mean()
-  assert middle(ours) > 0.6 and (ours < 50).mean() < 0.02  # uniform: 0.5 and 0.05
+  if mean == 0.0:
+    middle = lambda t: ((t >= 250) & (t < 750)).mean()
+    assert middle(ours) > 0.6 and (ours < 50).mean() < 0.02  # uniform: 0.5 and 0.05

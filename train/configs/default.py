@@ -113,6 +113,8 @@ def get_config():
           # gradient noise from the timesteps in a small batch; "logit_normal": t/T = sigmoid(N(0, 1)), more of
           # the batch at middle noise (SD3); "uniform": independent draws (diffusers).
           timestep_sampling="uniform",
+          timestep_logit_mean=0.0,  # "logit_normal"'s location and scale (diffusers' --logit_mean / --logit_std)
+          timestep_logit_std=1.0,
           caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
           # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
           # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
