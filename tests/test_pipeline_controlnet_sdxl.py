@@ -32,13 +32,19 @@ def xl(tmp_path_factory):
                                one=pipe.with_controlnet(folders[0]), two=pipe.with_controlnet(folders))
 
 
-def _reference(xl, nets, latents, images, negative=NEGATIVE, guidance=5.0, **kw):
+def _torch_pipeline(cls, xl, nets):
+  """A diffusers SDXL ControlNet pipeline of class `cls` on the tiny base, its folder's Euler scheduler."""
   c = xl.c
-  ref = diffusers.StableDiffusionXLControlNetPipeline(
-      vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
-      tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=nets if len(nets) > 1 else nets[0],
-      scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
-      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  ref = cls(vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
+            tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=nets if len(nets) > 1 else nets[0],
+            scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
+            force_zeros_for_empty_prompt=True, add_watermarker=False)
+  ref.set_progress_bar_config(disable=True)
+  return ref
+
+
+def _reference(xl, nets, latents, images, negative=NEGATIVE, guidance=5.0, **kw):
+  ref = _torch_pipeline(diffusers.StableDiffusionXLControlNetPipeline, xl, nets)
   return run_reference(ref, latents, images, negative, guidance, **kw)
 
 
@@ -97,13 +103,7 @@ def test_sdxl_controlnet_img2img_matches_diffusers(xl, monkeypatch):
   kw = dict(controlnet_conditioning_scale=0.9, control_guidance_end=0.7)
   ours = xl.one.img2img(PROMPTS, None, images, strength=0.6, negative_prompts=NEGATIVE, steps=5, noise=noise,
                         image_latents=image_latents, output="latent", **kw)
-  c = xl.c
-  ref = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(
-      vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
-      tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=xl.nets[0],
-      scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
-      force_zeros_for_empty_prompt=True, add_watermarker=False)
-  ref.set_progress_bar_config(disable=True)
+  ref = _torch_pipeline(diffusers.StableDiffusionXLControlNetImg2ImgPipeline, xl, xl.nets[:1])
   monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
   with torch.no_grad():
     out = ref(PROMPTS, image=reference.nhwc_to_nchw(image_latents), control_image=images, strength=0.6,
@@ -131,12 +131,7 @@ def test_sdxl_controlnet_inpaint_matches_diffusers(xl, monkeypatch):
   kw = dict(controlnet_conditioning_scale=0.8, control_guidance_end=0.8)
   ours = xl.one.inpaint(PROMPTS, images, _masks(), controls, negative_prompts=NEGATIVE, steps=5, output="latent",
                         latents=noise, image_latents=image_latents, **kw)
-  ref = diffusers.StableDiffusionXLControlNetInpaintPipeline(
-      vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"], tokenizer=c["tokenizer"],
-      tokenizer_2=c["tokenizer_2"], unet=c["unet"], controlnet=xl.nets[0],
-      scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(xl.base, subfolder="scheduler"),
-      force_zeros_for_empty_prompt=True, add_watermarker=False)
-  ref.set_progress_bar_config(disable=True)
+  ref = _torch_pipeline(diffusers.StableDiffusionXLControlNetInpaintPipeline, xl, xl.nets[:1])
   monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
   monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, **_: out.latent_dist.mode())
   with torch.no_grad():
