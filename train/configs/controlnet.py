@@ -28,6 +28,7 @@ def get_config(variant: str = "shapes"):
   u.optimizer = default._optimizer(1e-4, 3000, 100, schedule="constant", weight_decay=1e-2)  # train_controlnet.py's lr
   u.ema_decay = 0.0  # diffusers' train_controlnet.py keeps no EMA
   u.train_text_encoder = False
+  u.timestep_sampling = "uniform"  # train_controlnet.py's draw
   u.cache_latents = False  # the condition comes from each (flipped) image
   u.sample_every = 0
   c.controlnet = ml_collections.ConfigDict(
