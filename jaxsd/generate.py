@@ -118,7 +118,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     crops = mask_crop.crop(image, mask, width, height, pad)
     image, mask = crops.images, crops.masks
     if control is not None:
-      control = (_crop_controls(control[0], crops), *control[1:])
+      cut = (mask_crop.crop_like(conditioning.to_uint8(np.asarray(im)), crops) for im in control[0])
+      control = (tuple(jnp.asarray(conditioning.as_images(im, "control image")) for im in cut), *control[1:])
   elif task == "inpaint":
     mask = (mask >= 0.5).astype(np.float32)[..., None]  # as conditioning.as_masks
   # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
@@ -198,18 +199,6 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),
                         images_per_second=len(images) / max(sample_seconds, 1e-9), devices=n_dev)
-
-
-def _crop_controls(images: tuple, crops: mask_crop.Crops) -> tuple:
-  """Each (1, H, W, 3) control image cut to the crop's box and resized as the init image was."""
-  from PIL import Image
-
-  height, width = crops.images.shape[1:3]
-  out = []
-  for im in images:
-    frame = Image.fromarray(conditioning.to_uint8(np.asarray(im))[0])
-    out.append(jnp.asarray(mask_crop.resize_and_fill(frame.crop(crops.boxes[0]), width, height))[None] / 255.0)
-  return tuple(out)
 
 
 def _control_inputs(pipe, control_images, height, width, scale, start, end):

@@ -123,6 +123,19 @@ def crop(images: np.ndarray, levels: np.ndarray, width: int, height: int, pad: i
       np.stack(crops).astype(np.float32) / 255.0, conditioning.as_masks(np.stack(masks)), originals, levels, boxes)
 
 
+def crop_like(images: np.ndarray, crops: Crops) -> np.ndarray:
+  """Other uint8 images (N, H, W, 3) of the originals' size (a ControlNet's conditioning images) cut to each crop's
+  box and resized as the originals were: (len(boxes), height, width, 3) uint8; one image serves every box."""
+  from PIL import Image
+
+  height, width = crops.images.shape[1:3]
+  return np.stack([
+      np.asarray(resize_and_fill(Image.fromarray(images[min(i,
+                                                            len(images) - 1)]).crop(box), width, height))
+      for i, box in enumerate(crops.boxes)
+  ])
+
+
 def paste(outputs: np.ndarray, crops: Crops) -> np.ndarray:
   """The inpainted crops (B, height, width, 3) uint8 put back into the originals (B of them, or one for all)
   -> (B, H, W, 3) uint8, as diffusers' `VaeImageProcessor.apply_overlay`: the output resized into its box,

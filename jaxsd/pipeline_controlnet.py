@@ -286,10 +286,7 @@ class StableDiffusionControlNet(StableDiffusion):
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
     """The control images cropped to each image's box and resized as the images are (diffusers' "fill")."""
-    from PIL import Image
-
     control: ControlRequest = kwargs["control"]
-    height, width = crops.images.shape[1:3]
     cropped = []
     for k, entry in enumerate(control.per_net):
       name = f"control_images[{k}]" if len(control.per_net) > 1 else "control_images"
@@ -301,13 +298,7 @@ class StableDiffusionControlNet(StableDiffusion):
         raise ValueError(f"{name} are {images.shape[1]}x{images.shape[2]}, the images {crops.originals.shape[1]}x"
                          f"{crops.originals.shape[2]}: with padding_mask_crop they are cropped together; give them "
                          "the images' size.")
-      cropped.append(
-          np.stack([
-              np.asarray(
-                  mask_crop.resize_and_fill(
-                      Image.fromarray(images[min(i, images.shape[0] - 1)]).crop(box), width, height))
-              for i, box in enumerate(crops.boxes)
-          ]))
+      cropped.append(mask_crop.crop_like(images, crops))
     return dict(kwargs, control=dataclasses.replace(control, per_net=cropped))
 
   @staticmethod
