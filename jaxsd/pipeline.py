@@ -168,9 +168,7 @@ class StableDiffusion:
     """The U-Net at model call `i` of the sampler (subclasses condition on it, e.g. ControlNets acting on a
     window of the calls); `x_extra`: channels concatenated to the latents (a 9-channel inpainting U-Net's mask
     and masked-image latents), which only the U-Net sees."""
-    if x_extra is not None:
-      x = jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
-    return self.unet.apply({"params": unet_params}, x, t, cond)
+    return self.unet.apply({"params": unet_params}, with_extra(x, x_extra), t, cond)
 
   def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
                guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None):
@@ -722,6 +720,11 @@ class StableDiffusion:
     out = self._inpaint(prompts, crops.images, crops.masks, output="np", padding_mask_crop=None, height=None,
                         width=None, **kwargs)
     return _finish(mask_crop.paste(out, crops), output)
+
+
+def with_extra(x: jax.Array, x_extra: jax.Array | None) -> jax.Array:
+  """The U-Net's input: the latents, and a 9-channel inpainting U-Net's mask and masked-image latents after them."""
+  return x if x_extra is None else jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
 
 
 def _syntax(long_prompts: bool, prompt_weighting: bool) -> dict:

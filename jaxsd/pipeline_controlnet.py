@@ -28,7 +28,7 @@ import numpy as np
 from jaxsd import conditioning, mask_crop, pipeline_xl, pretrained
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
-from jaxsd.pipeline import StableDiffusion, _syntax
+from jaxsd.pipeline import StableDiffusion, _syntax, with_extra
 from jaxsd.pipeline_xl import StableDiffusionXL
 
 
@@ -135,10 +135,8 @@ class StableDiffusionControlNet(StableDiffusion):
     if guess and guided:
       down = tuple(jnp.concatenate([jnp.zeros_like(d), d]) for d in down)
       mid = jnp.concatenate([jnp.zeros_like(mid), mid])
-    if x_extra is not None:
-      x = jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
-    return self.unet.apply({"params": unet_params}, x, t, context, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid, **added)
+    return self.unet.apply({"params": unet_params}, with_extra(x, x_extra), t, context,
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid, **added)
 
   def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
               guess_mode: bool = False):

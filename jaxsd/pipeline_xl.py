@@ -291,10 +291,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     return {"context": context, "text_embeds": pooled, "time_ids": jnp.concatenate([uncond_time_ids, time_ids])}
 
   def apply_unet(self, unet_params, x, t, cond, i=None, x_extra=None):
-    if x_extra is not None:
-      x = jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
-    return self.unet.apply({"params": unet_params}, x, t, cond["context"], text_embeds=cond["text_embeds"],
-                           time_ids=cond["time_ids"])
+    return self.unet.apply({"params": unet_params}, pipeline.with_extra(x, x_extra), t, cond["context"],
+                           text_embeds=cond["text_embeds"], time_ids=cond["time_ids"])
 
   # --- user entry points -----------------------------------------------------------------------------
 
