@@ -243,7 +243,6 @@ def _check_sdxl(cfg) -> None:
       raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
                         "model's folder (both text encoders and tokenizers; a refiner is not supported).")
   unsupported = [("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
-                 ("config.unet.cache_latents", cfg.unet.get("cache_latents")),
                  ("config.dreambooth", _is_dreambooth(cfg))]
   on = [name for name, value in unsupported if value]
   if on:
@@ -595,8 +594,7 @@ def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None
   if _is_dreambooth(cfg):
     return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe))
   if cfg.unet.get("cache_latents"):
-    return iter(
-        _cached_input(cfg, workdir, tokenizer, pipe.vae, pipe.vae_params, pipe.text_encoder, pipe.text_encoder_params))
+    return iter(_cached_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
   return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2))
 
 
@@ -633,21 +631,30 @@ def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion):
                                  num_threads=cfg.data.num_threads)
 
 
-def _cached_input(cfg, workdir, tokenizer, vae, vae_params, te, te_params):
-  """The U-Net stage's batches from the latent cache (latent_cache.py), built first when missing."""
+def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
+  """The U-Net stage's batches from the latent cache (latent_cache.py) of `pipe`'s frozen VAE and text encoder(s),
+  built first when missing; SDXL's (`tokenizer_2` given) with both encoders' outputs and the time ids."""
   d, batch = cfg.data, cfg.unet.batch_size // jax.process_count()
+  text_params = pipe.text_encoder_params
+  if tokenizer_2 is not None:
+    text_params = {"text_encoder": text_params, "text_encoder_2": pipe.text_encoder_2_params}
   spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
               image_size=d.image_size, tokens=_text_length(cfg), process=jax.process_index(),
-              processes=jax.process_count(), weights=latent_cache.fingerprint(vae_params, te_params))
+              processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params))
+  if tokenizer_2 is not None:
+    spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
   directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
   in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
                                          data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
                                          image_key=d.image_key, caption_key=d.caption_key, num_threads=d.num_threads,
-                                         drop_remainder=False, max_length=_text_length(cfg))
-  encode = jax.jit(stages.cache_encoder(vae, te))
+                                         drop_remainder=False, max_length=_text_length(cfg), tokenizer_2=tokenizer_2,
+                                         size_conditioning=tokenizer_2 is not None)
+  encode = jax.jit(
+      stages.cache_encoder(pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                           target_size=(d.image_size, d.image_size)))
   it = iter(in_order)
-  cache = latent_cache.build(directory, spec, it, lambda x, ids: encode(vae_params, te_params, x, ids),
-                             batch_size=batch, shard_size=batch * max(1, 4096 // batch))
+  cache = latent_cache.build(directory, spec, it, lambda b: encode(pipe.vae_params, text_params, b), batch_size=batch,
+                             shard_size=batch * max(1, 4096 // batch))
   it.close()
   return latent_cache.make_dataset(cache, batch_size=batch, seed=cfg.seed + STAGES.index("unet"))
 

@@ -188,8 +188,15 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   def condition(text, batch, k_drop) -> dict:
     """The U-Net's conditioning of a batch: {"context"} (SD), with "text_embeds" and "time_ids" (SDXL)."""
     if "moments" in batch:  # a batch of the latent cache (latent_cache.py): the same draws as below
-      empty = text_encoder.apply({"params": text}, empty_ids).last_hidden_state
-      return {"context": losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout)}
+      if not sdxl:
+        empty = text_encoder.apply({"params": text}, empty_ids).last_hidden_state
+        return {"context": losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout)}
+      empty, empty_pooled = sdxl_encode(text_encoder, text_encoder_2, text, empty_ids, empty_ids_2)
+      return {
+          "context": losses.drop_captions(k_drop, batch["context"], empty, c.caption_dropout),
+          "text_embeds": losses.drop_captions(k_drop, batch["text_embeds"], empty_pooled, c.caption_dropout),
+          "time_ids": batch["time_ids"]
+      }
     ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
     if not sdxl:
       return {"context": text_encoder.apply({"params": text}, ids).last_hidden_state}
@@ -238,14 +245,24 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params, modules=modules)
 
 
-def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Callable:
-  """`(vae_params, text_params, images, input_ids) -> (moments, context)`: what the latent cache stores
-  (the posterior's moments as `encode` gives them, and the text encoder's last hidden states)."""
+def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel | None = None,
+                  target_size: tuple[int, int] | None = None) -> Callable:
+  """`(vae_params, text_params, batch) -> {field: array}`: what the latent cache stores of a batch
+  {"image", "input_ids"}: the posterior's "moments" as `encode` gives them and the text encoder's last hidden
+  states ("context"). With `text_encoder_2` (SDXL; `text_params` then {"text_encoder", "text_encoder_2"} and
+  the batch with "input_ids_2", "original_size", "crop_top_left"): `sdxl_encode`'s context and pooled
+  "text_embeds", and the "time_ids" for `target_size`, as the uncached SDXL stage computes them."""
 
-  def encode(vae_params, text_params, images, input_ids):
-    post = vae.apply({"params": vae_params}, images, method=vae.encode)
-    context = text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
-    return jnp.concatenate([post.mean, post.logvar], axis=-1), context.astype(jnp.float32)
+  def encode(vae_params, text_params, batch):
+    post = vae.apply({"params": vae_params}, batch["image"], method=vae.encode)
+    out = {"moments": jnp.concatenate([post.mean, post.logvar], axis=-1).astype(jnp.float32)}
+    if text_encoder_2 is None:
+      out["context"] = text_encoder.apply({"params": text_params}, batch["input_ids"]).last_hidden_state
+    else:
+      out["context"], out["text_embeds"] = sdxl_encode(text_encoder, text_encoder_2, text_params, batch["input_ids"],
+                                                       batch["input_ids_2"])
+      out["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
+    return {k: v.astype(jnp.float32) for k, v in out.items()}
 
   return encode
 

@@ -35,7 +35,9 @@ def test_a_cached_batch_gives_the_uncached_loss(tmp_path):
   ids = jnp.asarray(
       tok.tokenize(tokenizer, [f"a red circle number {i}" for i in range(8)],
                    max_length=te.config.max_position_embeddings))
-  moments, context = jax.jit(stages.cache_encoder(vae, te))(vae_params, te_params, images, ids)
+  cached = jax.jit(stages.cache_encoder(vae, te))(vae_params, te_params, {"image": images, "input_ids": ids})
+  assert set(cached) == {"moments", "context"}
+  moments, context = cached["moments"], cached["context"]
   assert moments.shape == (8, unet.config.sample_size, unet.config.sample_size, 2 * vae.config.latent_channels)
   loss = jax.jit(stage.loss_fn)
   for seed in range(3):
@@ -64,10 +66,14 @@ class _Encoder:
   def __init__(self):
     self.calls, self.sizes = 0, []
 
-  def __call__(self, images, ids):
+  def __call__(self, batch):
+    images, ids = batch["image"], batch["input_ids"]
     self.calls += 1
     self.sizes.append(len(images))
-    return np.concatenate([images, -images], -1), ids[..., None].astype(np.float32) * np.ones(4, np.float32)
+    return {
+        "moments": np.concatenate([images, -images], -1),
+        "context": ids[..., None].astype(np.float32) * np.ones(4, np.float32)
+    }
 
 
 def test_build_resumes_after_a_kill_and_rebuilds_for_other_weights(tmp_path):

@@ -10,6 +10,9 @@ prompt embeddings their penultimate hidden states concatenated, the second's poo
 `text_embeds`, and the time ids (original size, crop top-left, target size) of each image, the crop taken
 at a random place and recorded. Its U-Net and AdamW state (2.6B parameters: ~42 GB in fp32 with the two
 moments) do not fit a 16 GB chip replicated, so the state is sharded over every device (mesh.fsdp=-1).
+With --config.unet.cache_latents=True --config.data.random_crop=False --config.data.random_flip=False the
+VAE's moments, both encoders' outputs and the time ids are computed once per image (DIR/unet/latent_cache):
+20% of an uncached step's FLOPs at 1024² (docs/benchmarks.md), at the price of one crop per image.
 
 DreamBooth, the full fine-tune of diffusers' examples/dreambooth/train_dreambooth.py (variant dreambooth, or
 dreambooth_sd21 at 768): a folder of your subject's images (no captions) under one instance prompt, with prior
