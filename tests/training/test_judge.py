@@ -29,10 +29,11 @@ def split_loader(tmp_path_factory):
 
 def test_judge_learns_the_labels_and_is_cached(split_loader, tmp_path):
   name, load = split_loader
-  judge = judge_lib.load_or_train(str(tmp_path / "judge"), name, load, ATTRS, shapes.JUDGED, steps=400)
+  judge = judge_lib.load_or_train(str(tmp_path / "judge"), name, load, ATTRS, shapes.JUDGED, steps=250)
   acc = judge.meta["test_accuracy"]
-  # Chance: shape 1/3, colour 1/6, size 1/2, position 1/5. 400 steps on 1,500 images already see
-  # colour, size and position; the default (800 steps on 20,000 images) reaches >= 0.997 on all four.
+  # Chance: shape 1/3, colour 1/6, size 1/2, position 1/5. 250 steps on 1,500 images already see colour,
+  # size and position (measured: shape 0.63, colour 0.99, size 0.97, position 1.00; 150 steps: 0.56, 0.96,
+  # 0.97, 1.00); the default (1,000 steps on 20,000 images) reaches >= 0.996 on all four.
   assert acc["color"] > 0.95 and acc["position"] > 0.95 and acc["size"] > 0.9 and acc["shape"] > 0.5, acc
   images, labels = load("test")
   np.testing.assert_allclose(judge.accuracy(images, labels)["color"], acc["color"])
@@ -40,7 +41,7 @@ def test_judge_learns_the_labels_and_is_cached(split_loader, tmp_path):
   def must_not_load(split):
     raise AssertionError("a cached judge must not read the data again")
 
-  cached = judge_lib.load_or_train(str(tmp_path / "judge"), name, must_not_load, ATTRS, shapes.JUDGED, steps=400)
+  cached = judge_lib.load_or_train(str(tmp_path / "judge"), name, must_not_load, ATTRS, shapes.JUDGED, steps=250)
   np.testing.assert_array_equal(cached.features(images[:50]), judge.features(images[:50]))
   assert cached.meta == judge.meta
   with pytest.raises(AssertionError, match="must not read"):  # another dataset: trained anew

@@ -125,42 +125,44 @@ def test_rerun_skips_finished_stages(trained, data_dir):
   assert again["clip"] == first["clip"] and again["vae"] == first["vae"]
 
 
-def test_finetune_from_a_diffusers_folder(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def init_folder(tmp_path_factory):
+  return reference.make_tiny_sd_folder(str(tmp_path_factory.mktemp("init")))
+
+
+def _finetune_cfg(data_dir, init, **updates):
+  """Fine-tuning the tiny diffusers folder for 3 steps on the latent cache, the text encoder frozen."""
+  cfg = _cfg(data_dir, init=init, **{"unet.train_text_encoder": False, "unet.cache_latents": True, **updates})
+  cfg.unet.steps = cfg.unet.optimizer.total_steps = 3
+  return cfg
+
+
+def test_finetune_from_a_diffusers_folder_on_the_latent_cache(data_dir, init_folder, tmp_path):
+  """Fine-tuning a diffusers folder with --config.unet.cache_latents: the training split is encoded once into
+  DIR/unet/latent_cache and the U-Net trains on it (the loss equality with the uncached stage is
+  tests/training/test_latent_cache.py); the text encoder stays the init folder's, the U-Net changes, and the
+  written folder loads in diffusers."""
   import diffusers
 
-  init = reference.make_tiny_sd_folder(str(tmp_path / "init"))
   workdir = str(tmp_path / "ft")
-  cfg = _cfg(data_dir, init=init, **{"unet.train_text_encoder": False})
-  cfg.unet.steps = cfg.unet.optimizer.total_steps = 3
-  results = run.train_and_evaluate(cfg, workdir)
+  results = run.train_and_evaluate(_finetune_cfg(data_dir, init_folder), workdir)
   assert set(results) >= {"unet"} and "clip" not in results and results["unet"]["steps"] == 3
-  with open(os.path.join(init, "text_encoder", "model.safetensors"), "rb") as a, \
+  cache_dir = os.path.join(workdir, "unet", "latent_cache", "process_0")
+  assert json.load(open(os.path.join(cache_dir, "done.json")))["examples"] == 512  # the smoke train split
+  assert all(np.isfinite(_losses(workdir, "unet")))
+  with open(os.path.join(init_folder, "text_encoder", "model.safetensors"), "rb") as a, \
        open(os.path.join(workdir, "model", "text_encoder", "model.safetensors"), "rb") as b:
     assert a.read() == b.read()  # frozen: the text encoder is the init folder's, unchanged
-  before = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(init, "unet"))
+  before = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(init_folder, "unet"))
   after = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(workdir, "model", "unet"))
   changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
   assert len(changed) > 0.9 * len(before.state_dict())  # trained, and every key loaded back
   diffusers.StableDiffusionPipeline.from_pretrained(os.path.join(workdir, "model"), safety_checker=None)
 
 
-def test_unet_stage_trains_from_the_latent_cache(data_dir, tmp_path):
-  """--config.unet.cache_latents: the training split is encoded once into DIR/unet/latent_cache and the
-  U-Net trains on it (the loss equality with the uncached stage is tests/training/test_latent_cache.py)."""
-  init = reference.make_tiny_sd_folder(str(tmp_path / "init"))
-  workdir = str(tmp_path / "cached")
-  cfg = _cfg(data_dir, init=init, **{"unet.train_text_encoder": False, "unet.cache_latents": True})
-  cfg.unet.steps = cfg.unet.optimizer.total_steps = 3
-  results = run.train_and_evaluate(cfg, workdir)
-  assert results["unet"]["steps"] == 3
-  cache_dir = os.path.join(workdir, "unet", "latent_cache", "process_0")
-  assert json.load(open(os.path.join(cache_dir, "done.json")))["examples"] == 512  # the smoke train split
-  assert all(np.isfinite(_losses(workdir, "unet")))
-
-
-def test_benchmark_mode_reports_throughput(data_dir, tmp_path):
-  cfg = _cfg(data_dir, benchmark_steps=2, stages="unet")
-  cfg.init = reference.make_tiny_sd_folder(str(tmp_path / "init"))
+def test_benchmark_mode_reports_throughput(data_dir, init_folder, tmp_path):
+  """--config.benchmark_steps on the fine-tuning run above (its train step: a compilation-cache hit)."""
+  cfg = _finetune_cfg(data_dir, init_folder, benchmark_steps=2, stages="unet")
   figures = run.train_and_evaluate(cfg, str(tmp_path / "bench"))
   assert figures["images_per_sec"] > 0 and figures["compile_seconds"] > 0 and figures["devices"] == 8
   assert figures["tflops_per_device"] > 0
