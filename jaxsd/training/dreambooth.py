@@ -154,7 +154,8 @@ def pipeline_generator(pipe, prompt: str, size: int, *, sampler: str, steps: int
 def make_dataset(instance_images: list[str], instance_prompt: str, *, class_images: list[str] = (),
                  class_prompt: str = "", tokenizer: Any, image_size: int, global_batch_size: int, seed: int = 0,
                  center_crop: bool = False, random_flip: bool = False, max_length: int = tok.MAX_LENGTH,
-                 process_index: int = 0, process_count: int = 1, num_threads: int = 2) -> grain.IterDataset:
+                 process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+                 tokenizer_2: Any = None) -> grain.IterDataset:
   """DreamBooth batches, forever, with get_state()/set_state() on their iterator (exact resume).
 
   As diffusers' DreamBoothDataset: example k of an epoch pairs instance image k % n_instance with class image
@@ -163,14 +164,20 @@ def make_dataset(instance_images: list[str], instance_prompt: str, *, class_imag
   of each global batch of `global_batch_size` examples come as {"image": (2b, H, W, 3) in [-1, 1],
   "input_ids": (2b, L), "prior": (2b,) 1.0 for a class example}: its b instance examples then their b class
   examples (b = global_batch_size / process_count); without class images (b, ...) and no "prior".
+  With `tokenizer_2` (SDXL, diffusers' train_dreambooth_lora_sdxl.py) also "input_ids_2" and each example's
+  "original_size" (height, width before resizing) and "crop_top_left" (top, left of the crop, in the flipped
+  image when flipped), the U-Net's time ids.
   """
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the {process_count} processes.")
   rows = global_batch_size // process_count
   n = max(len(instance_images), len(class_images))
-  ids = tok.tokenize(tokenizer, [instance_prompt, class_prompt or ""], max_length=max_length, warn=False)
+  prompts = [instance_prompt, class_prompt or ""]
+  ids = tok.tokenize(tokenizer, prompts, max_length=max_length, warn=False)
+  ids_2 = None if tokenizer_2 is None else np.asarray(
+      tok.tokenize(tokenizer_2, prompts, max_length=max_length, warn=False), np.int32)
   reader = _Reader(tuple(instance_images), tuple(class_images), np.asarray(ids, np.int32), image_size, center_crop,
-                   random_flip, seed, global_batch_size, process_index * rows, rows)
+                   random_flip, seed, global_batch_size, process_index * rows, rows, ids_2)
   chunks = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch_size).map_with_index(reader)
   return chunks.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
 
@@ -189,25 +196,31 @@ class _Reader:
   chunk_size: int
   first: int
   rows: int
+  ids_2: np.ndarray | None = None  # SDXL's second tokenizer's (2, L); then the size conditioning too
 
   def __call__(self, chunk_index: int, positions: np.ndarray) -> dict[str, np.ndarray]:
     mine = [int(p) for p in positions[self.first:self.first + self.rows]]
     place = [chunk_index * self.chunk_size + self.first + j for j in range(len(mine))]
-    images = [self._load(self.instance[p % len(self.instance)], (self.seed, q, 0)) for p, q in zip(mine, place)]
-    batch_ids = [self.ids[0]] * len(mine)
+    loaded = [self._load(self.instance[p % len(self.instance)], (self.seed, q, 0)) for p, q in zip(mine, place)]
+    kinds = [0] * len(mine)
     if self.classes:
-      images += [self._load(self.classes[p % len(self.classes)], (self.seed, q, 1)) for p, q in zip(mine, place)]
-      batch_ids += [self.ids[1]] * len(mine)
-    out = {"image": np.stack(images), "input_ids": np.stack(batch_ids)}
+      loaded += [self._load(self.classes[p % len(self.classes)], (self.seed, q, 1)) for p, q in zip(mine, place)]
+      kinds += [1] * len(mine)
+    out = {"image": np.stack([x[0] for x in loaded]), "input_ids": self.ids[kinds]}
+    if self.ids_2 is not None:
+      out.update(input_ids_2=self.ids_2[kinds], original_size=np.array([x[1] for x in loaded], np.int32),
+                 crop_top_left=np.array([x[2] for x in loaded], np.int32))
     if self.classes:
       out["prior"] = np.repeat(np.array([0.0, 1.0], np.float32), len(mine))
     return out
 
-  def _load(self, path: str, key: tuple[int, int, int]) -> np.ndarray:
+  def _load(self, path: str, key: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """(pixels in [-1, 1], the image's (height, width) before resizing, the crop's (top, left))."""
     rng = np.random.default_rng(key)
     with Image.open(path) as f:
       image = ImageOps.exif_transpose(f).convert("RGB")
     s = self.size
+    original = (image.height, image.width)
     w, h = image.size
     scale = s / min(w, h)
     w, h = max(s, round(w * scale)), max(s, round(h * scale))
@@ -220,4 +233,5 @@ class _Reader:
     image = image.crop((left, top, left + s, top + s))
     if self.random_flip and rng.random() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(image, np.float32) / 127.5 - 1.0
+      left = w - s - left  # where the crop lies in the flipped image (diffusers flips, then crops)
+    return np.asarray(image, np.float32) / 127.5 - 1.0, original, (top, left)

@@ -242,12 +242,10 @@ def _check_sdxl(cfg) -> None:
     if not os.path.isdir(os.path.join(cfg.init, need)):
       raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
                         "model's folder (both text encoders and tokenizers; a refiner is not supported).")
-  unsupported = [("config.unet.train_text_encoder", cfg.unet.train_text_encoder),
-                 ("config.dreambooth", _is_dreambooth(cfg))]
-  on = [name for name, value in unsupported if value]
-  if on:
-    raise ConfigError(f"fine-tuning SDXL trains its U-Net with both text encoders frozen, from images: turn off "
-                      f"{', '.join(on)} (not supported for SDXL yet).")
+  if cfg.unet.train_text_encoder:
+    raise ConfigError("fine-tuning SDXL trains its U-Net with both text encoders frozen: turn off "
+                      "config.unet.train_text_encoder (not supported for SDXL yet; lora.train_text_encoder trains "
+                      "adapters on both).")
 
 
 def _read_json(*path) -> dict:
@@ -592,7 +590,7 @@ def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None
   images (with SDXL's second tokenizer and size conditioning when `tokenizer_2` is given). `pipe` holds the
   networks (the init model: DreamBooth's class images are drawn with it)."""
   if _is_dreambooth(cfg):
-    return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe))
+    return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
   if cfg.unet.get("cache_latents"):
     return iter(_cached_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
   return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2))
@@ -602,10 +600,10 @@ def _prior_loss_weight(cfg) -> float:
   return float(cfg.dreambooth.prior_loss_weight) if _is_dreambooth(cfg) else 1.0
 
 
-def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion):
+def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
   """DreamBooth's batches (jaxsd.training.dreambooth): instance examples, and with prior preservation as many
   class examples, the missing class images drawn first by `pipe` into DIR/class_images (once: a rerun finds
-  them)."""
+  them). SDXL (`tokenizer_2`): with the second tokenizer's ids and each image's size conditioning."""
   c, size = cfg.dreambooth, cfg.data.image_size
   classes = []
   if c.with_prior_preservation:
@@ -628,7 +626,7 @@ def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion):
                                  seed=cfg.seed + STAGES.index("unet"), center_crop=c.center_crop,
                                  random_flip=cfg.data.random_flip, max_length=_text_length(cfg),
                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                 num_threads=cfg.data.num_threads)
+                                 num_threads=cfg.data.num_threads, tokenizer_2=tokenizer_2)
 
 
 def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):

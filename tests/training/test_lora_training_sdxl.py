@@ -120,3 +120,65 @@ def test_kohya_export_has_sd_scripts_sdxl_names(trained, folders, pipes, tmp_pat
   assert {k.split("_")[2] for k in sd if k.startswith("lora_unet_")} == {"input", "middle", "output"}
   assert {k.split("_")[1] for k in sd} == {"unet", "te1", "te2"}
   np.testing.assert_allclose(_theirs(pipes, r["file"]), _theirs(pipes, trained[1]["file"]), rtol=0, atol=1e-6)
+
+
+def test_dreambooth_sdxl_batches_carry_both_tokenizers_and_the_size_conditioning(tmp_path):
+  """SDXL DreamBooth batches (diffusers' train_dreambooth_lora_sdxl.py): instance and class rows with the second
+  tokenizer's ids of their prompt, each image's size before resizing and the crop's top-left, the crop's left
+  counted in the flipped image when flipped (diffusers flips, then crops)."""
+  from PIL import Image
+
+  from jaxsd import tokenizer as tok
+  from jaxsd.training import dreambooth
+
+  sizes = {"a.png": (16, 24), "b.png": (40, 16), "c.png": (20, 20)}  # (height, width)
+  for name, (h, w) in sizes.items():
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
+  paths = sorted(str(tmp_path / n) for n in sizes)
+  tokenizer = tok.load_tokenizer()
+  for center, flip in ((True, False), (False, True)):
+    it = iter(
+        dreambooth.make_dataset(paths, "a photo of sks dog", class_images=paths[:2], class_prompt="a photo of dog",
+                                tokenizer=tokenizer, tokenizer_2=tokenizer, image_size=16, global_batch_size=3,
+                                center_crop=center, random_flip=flip, max_length=77))
+    for _ in range(2):
+      b = next(it)
+      want = tok.tokenize(tokenizer, ["a photo of sks dog"] * 3 + ["a photo of dog"] * 3, max_length=77)
+      np.testing.assert_array_equal(b["input_ids_2"], want)
+      for size, (top, left) in zip(b["original_size"], b["crop_top_left"]):
+        h, w = size
+        assert (int(h), int(w)) in sizes.values()
+        rh, rw = max(16, round(h * 16 / min(h, w))), max(16, round(w * 16 / min(h, w)))  # resized, shorter side 16
+        assert 0 <= top <= rh - 16 and 0 <= left <= rw - 16
+        if center:
+          assert (top, left) == ((rh - 16) // 2, (rw - 16) // 2)
+
+
+@pytest.mark.slow  # a training run with class images drawn first: ~60 s of CPU
+def test_dreambooth_sdxl_draws_class_images_and_trains_an_adapter_diffusers_loads(folders, pipes, tmp_path):
+  """`lora.py:dreambooth_sdxl` on the tiny SDXL base: the class images are drawn by jaxsd's SDXL pipeline, a few
+  steps on instance + class batches train the U-Net adapter, and diffusers' StableDiffusionXLPipeline loads the
+  file (its latents move from the base model's)."""
+  from PIL import Image
+
+  instance = tmp_path / "instance"
+  instance.mkdir()
+  for i, (h, w) in enumerate([(16, 24), (40, 16), (16, 16)]):
+    Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(instance / f"{i}.png")
+  cfg = lora_config.get_config("dreambooth_sdxl")
+  cfg.init, cfg.dtype = folders.base, "float32"
+  cfg.data.image_size = SIZE
+  cfg.log_every, cfg.checkpoint_every, cfg.progress = 1, 2, False
+  cfg.eval.judge = False
+  cfg.unet.update(steps=2, batch_size=8, gradient_checkpointing=False, sample_steps=2)
+  cfg.unet.optimizer.update(lr=1e-2, total_steps=2)
+  cfg.dreambooth.update(instance_data_dir=str(instance), instance_prompt="a photo of sks square",
+                        with_prior_preservation=True, class_prompt="a photo of a square", num_class_images=2,
+                        sample_batch_size=2)
+  workdir = str(tmp_path / "db")
+  r = run.train_and_evaluate(cfg, workdir)["lora"]
+  assert r["steps"] == 2
+  assert sorted(
+      f for f in os.listdir(os.path.join(workdir, "class_images")) if f.endswith(".png")) == ["00000.png", "00001.png"]
+  base, ref = _theirs(pipes, None), _theirs(pipes, r["file"])
+  assert np.abs(ref - base).max() > 1e-3

@@ -15,7 +15,7 @@ VAE's moments, both encoders' outputs and the time ids are computed once per ima
 20% of an uncached step's FLOPs at 1024² (docs/benchmarks.md), at the price of one crop per image.
 
 DreamBooth, the full fine-tune of diffusers' examples/dreambooth/train_dreambooth.py (variant dreambooth, or
-dreambooth_sd21 at 768): a folder of your subject's images (no captions) under one instance prompt, with prior
+dreambooth_sd21 at 768, dreambooth_sdxl at 1024 with SDXL's time ids of each image's size and crop): a folder of your subject's images (no captions) under one instance prompt, with prior
 preservation on images of the class the model draws itself before training (cached in DIR/class_images):
 
   python -m train --config train/configs/finetune.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
@@ -28,19 +28,19 @@ import ml_collections
 
 from train.configs import default
 
-VARIANTS = ("sd15", "sd21", "sdxl", "dreambooth", "dreambooth_sd21")
+VARIANTS = ("sd15", "sd21", "sdxl", "dreambooth", "dreambooth_sd21", "dreambooth_sdxl")
 
 
 def get_config(variant: str = "sd15"):
   if variant not in VARIANTS:
     raise ValueError(f"finetune variant {variant!r}: use one of {', '.join(VARIANTS)}.")
-  sd21 = variant.endswith("sd21")
+  sd21, xl = variant.endswith("sd21"), variant.endswith("sdxl")
   c = default.get_config()
   c.stages = "unet"
   c.init = ""  # required: --config.init=<diffusers folder>
   c.dtype = "bfloat16"  # fp32 master weights, bf16 compute
   c.checkpoint_every = 1000
-  c.data.image_size = 1024 if variant == "sdxl" else 768 if sd21 else 512
+  c.data.image_size = 1024 if xl else 768 if sd21 else 512
   c.data.random_flip = True
   c.data.name = ""  # required: a prepared TFDS dataset (e.g. from jaxsd.data.prepare_image_folder)
   u = c.unet
@@ -54,7 +54,7 @@ def get_config(variant: str = "sd15"):
   u.timestep_sampling = "uniform"  # diffusers' scripts' draw (the default's logit-normal is for training from nothing)
   u.sample_every = 1000
   u.sampler, u.sample_steps, u.guidance_scale = "dpmpp_2m", 25, 7.5
-  if variant == "sdxl":
+  if xl:
     c.mesh.data, c.mesh.fsdp = 1, -1  # ZeRO-3 over every device; raise data for data parallelism across groups
     c.data.random_crop = True  # SDXL learns from the recorded crop (its time ids) not to draw cropped subjects
     u.steps = 10000
