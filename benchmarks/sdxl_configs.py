@@ -1,5 +1,8 @@
 """SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0) as its config.json files publish it, for the
-benchmarks (nothing can be downloaded here), with the published parameter counts they must reproduce."""
+benchmarks (nothing can be downloaded here), with the published parameter counts they must reproduce.
+Standard library only, as sd15_configs (imported from the benchmarks/ folder on sys.path)."""
+
+import sd15_configs
 
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -28,42 +31,15 @@ SDXL_UNET = {
     "use_linear_projection": True,
 }
 
-SDXL_VAE = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
+# The VAE and the first text encoder are SD 1.5's architectures (CLIP ViT-L/14's text tower); the second is
+# OpenCLIP ViT-bigG/14's text tower with its projection.
+SDXL_VAE = dict(sd15_configs.SD15_VAE, force_upcast=True, sample_size=1024, scaling_factor=0.13025)
 
-_CLIP_TEXT = {
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "pad_token_id": 1,
-    "vocab_size": 49408,
-}
+SDXL_TEXT_ENCODER = dict(sd15_configs.SD15_TEXT_ENCODER)
 
-SDXL_TEXT_ENCODER = dict(_CLIP_TEXT, architectures=["CLIPTextModel"], hidden_act="quick_gelu", hidden_size=768,
-                         intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
-
-SDXL_TEXT_ENCODER_2 = dict(_CLIP_TEXT, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
-                           hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                           projection_dim=1280)
+SDXL_TEXT_ENCODER_2 = dict(sd15_configs.SD15_TEXT_ENCODER, architectures=["CLIPTextModelWithProjection"],
+                           hidden_act="gelu", hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                           num_hidden_layers=32, projection_dim=1280)
 
 # The parameter counts of the published weights (diffusers / transformers `num_parameters()`).
 PUBLISHED_PARAMETERS = {"unet": 2_567_463_684, "vae": 83_653_863, "te": 123_060_480, "te2": 694_659_840}

@@ -633,22 +633,23 @@ def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=No
   """The U-Net stage's batches from the latent cache (latent_cache.py) of `pipe`'s frozen VAE and text encoder(s),
   built first when missing; SDXL's (`tokenizer_2` given) with both encoders' outputs and the time ids."""
   d, batch = cfg.data, cfg.unet.batch_size // jax.process_count()
+  xl = tokenizer_2 is not None
   text_params = pipe.text_encoder_params
-  if tokenizer_2 is not None:
+  if xl:
     text_params = {"text_encoder": text_params, "text_encoder_2": pipe.text_encoder_2_params}
   spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
               image_size=d.image_size, tokens=_text_length(cfg), process=jax.process_index(),
               processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params))
-  if tokenizer_2 is not None:
+  if xl:
     spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
   directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
   in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
                                          data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
                                          image_key=d.image_key, caption_key=d.caption_key, num_threads=d.num_threads,
                                          drop_remainder=False, max_length=_text_length(cfg), tokenizer_2=tokenizer_2,
-                                         size_conditioning=tokenizer_2 is not None)
+                                         size_conditioning=xl)
   encode = jax.jit(
-      stages.cache_encoder(pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+      stages.cache_encoder(pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if xl else None,
                            target_size=(d.image_size, d.image_size)))
   it = iter(in_order)
   cache = latent_cache.build(directory, spec, it, lambda b: encode(pipe.vae_params, text_params, b), batch_size=batch,

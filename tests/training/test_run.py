@@ -161,7 +161,7 @@ def test_finetune_from_a_diffusers_folder_on_the_latent_cache(data_dir, init_fol
 
 
 def test_benchmark_mode_reports_throughput(data_dir, init_folder, tmp_path):
-  """--config.benchmark_steps on the fine-tuning run above (its train step: a compilation-cache hit)."""
+  """--config.benchmark_steps on the fine-tuning config of the test above (the same train step)."""
   cfg = _finetune_cfg(data_dir, init_folder, benchmark_steps=2, stages="unet")
   figures = run.train_and_evaluate(cfg, str(tmp_path / "bench"))
   assert figures["images_per_sec"] > 0 and figures["compile_seconds"] > 0 and figures["devices"] == 8

@@ -15,8 +15,9 @@ VAE's moments, both encoders' outputs and the time ids are computed once per ima
 20% of an uncached step's FLOPs at 1024² (docs/benchmarks.md), at the price of one crop per image.
 
 DreamBooth, the full fine-tune of diffusers' examples/dreambooth/train_dreambooth.py (variant dreambooth, or
-dreambooth_sd21 at 768, dreambooth_sdxl at 1024 with SDXL's time ids of each image's size and crop): a folder of your subject's images (no captions) under one instance prompt, with prior
-preservation on images of the class the model draws itself before training (cached in DIR/class_images):
+dreambooth_sd21 at 768, dreambooth_sdxl at 1024 with SDXL's time ids of each image's size and crop): a
+folder of your subject's images (no captions) under one instance prompt, with prior preservation on images
+of the class the model draws itself before training (cached in DIR/class_images):
 
   python -m train --config train/configs/finetune.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
       --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \

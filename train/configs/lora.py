@@ -16,9 +16,10 @@ file loads with diffusers' StableDiffusionXLPipeline.load_lora_weights; its kohy
 sd-scripts does for SDXL (`lora_unet_input_blocks_4_1_...`, `lora_te1_...`, `lora_te2_...`).
 
 DreamBooth LoRA, the recipe of diffusers' examples/dreambooth/train_dreambooth_lora.py (variant dreambooth, or
-dreambooth_sd21; dreambooth_sdxl is train_dreambooth_lora_sdxl.py's: 1024 px, the time ids of each instance and
-class image's size and crop): the config section `dreambooth` of train/configs/finetune.py (instance folder and prompt,
-prior preservation with self-drawn class images cached in DIR/class_images), the adapter as above:
+dreambooth_sd21; dreambooth_sdxl is train_dreambooth_lora_sdxl.py's: 1024 px, the time ids of each instance
+and class image's size and crop): the config section `dreambooth` of train/configs/finetune.py (instance
+folder and prompt, prior preservation with self-drawn class images cached in DIR/class_images), the adapter
+as above:
 
   python -m train --config train/configs/lora.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
       --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
@@ -44,8 +45,9 @@ def get_config(variant: str = "sd15"):
   u.ema_decay = 0.0  # diffusers' LoRA script keeps no EMA; > 0 averages the adapter (exported instead)
   u.min_snr_gamma = 0.0
   u.sample_every = 0  # sample with `python -m sample` and the adapter file; no grids during training
-  if variant.endswith(
-      "sdxl"):  # train_text_to_image_lora_sdxl.py's README: lr 1e-4 constant, no EMA, no caption dropout
+  # sdxl (and dreambooth_sdxl, whose DreamBooth settings follow): train_text_to_image_lora_sdxl.py's README,
+  # lr 1e-4 constant, no EMA, no caption dropout.
+  if variant.endswith("sdxl"):
     u.steps = 10000
     u.optimizer = default._optimizer(1e-4, 10000, 0, schedule="constant", weight_decay=1e-2)
     u.caption_dropout = 0.0
