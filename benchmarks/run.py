@@ -31,6 +31,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)  # jaxsd without install (model_folder imports it)
 
+import chart  # noqa: E402
 import protocol  # noqa: E402
 import sd15_configs  # noqa: E402
 
@@ -148,6 +149,8 @@ def ensure_flax039_venv(log) -> str | None:
 def availability(impl: str, args, log) -> str | None:
   """None when `impl` can run here, else the reason it is skipped."""
   if impl == "torch":
+    if args.no_torch:
+      return "--no-torch"
     missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
     return f"not installed here: {', '.join(missing)}" if missing else None
   if impl == "flax039":
@@ -394,6 +397,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=0, help="timed runs per implementation (default: per case)")
   p.add_argument("--timeout", type=float, default=3600, help="seconds a worker may take for one request")
   p.add_argument("--no-flax039", action="store_true", help="skip the diffusers 0.39 Flax peer")
+  p.add_argument("--no-torch", action="store_true",
+                 help="skip the diffusers PyTorch peer (e.g. on a TPU VM, where it would run on the host CPU)")
   p.add_argument("--model", choices=sorted(sd15_configs.MODELS), default=None,
                  help="run every case on this model instead (e.g. a dry run of --gpu with tiny)")
   p.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -452,6 +457,9 @@ def main(argv=None) -> int:
 
   print(table(results))
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({time.time() - t_start:.0f} s)", file=sys.stderr)
+  png = os.path.join(args.out, "results.png")
+  why = chart.draw(results, png, title=f"{meta(args, argv, t_start)['mode']} run of {datetime.date.today()}")
+  print(f"wrote {png}" if why is None else f"no chart: {why}", file=sys.stderr)
   return 0
 
 
