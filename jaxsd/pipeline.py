@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, lora, mask_crop, model_folder, pretrained, prompt_syntax, single_file, tokenizer as tok
+from jaxsd import conditioning, lora, mask_crop, model_folder, pretrained, prompt_syntax, single_file, token_embeddings
+from jaxsd import tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
 
@@ -281,6 +282,20 @@ class StableDiffusion:
     """The networks adapters can change, by name ("unet", "text_encoder"; SDXL adds "text_encoder_2"), with their
     parameters as loaded (no adapter merged in); a network the model lacks (a refiner's text_encoder) is left out."""
     return {n: getattr(self, n + "_params") for n in lora.NETWORKS if getattr(self, n, None) is not None}
+
+  def load_token_embeddings(self, source) -> list[str]:
+    """Token embeddings learned by jaxsd's textual inversion (`lora.token_embeddings` in training; a
+    `learned_embeds.safetensors` file or its folder, {word: (1, hidden)}) in place of their words' rows of the
+    text encoder's token-embedding table, so prompts with those words use them. The words must be one token each
+    of this pipeline's tokenizer; the table keeps its shape, so nothing recompiles. Returns the words.
+    SD 1.x/2.x only (see `jaxsd.token_embeddings`)."""
+    self._loras.check_unfused("load_token_embeddings")
+    if getattr(self, "text_encoder_2", None) is not None:
+      raise ValueError("load_token_embeddings: SDXL has two text encoders and jaxsd learns embeddings for one; "
+                       "not supported for SDXL.")
+    rows = token_embeddings.load(source)
+    self.text_encoder_params = token_embeddings.apply(self.text_encoder_params, self.tokenizer, rows)
+    return sorted(rows)
 
   def load_lora(self, source, scale: float = 1.0, name: str | None = None, strict: bool = True) -> str:
     """Loads a LoRA adapter for the U-Net and/or text encoder(s) and makes it active at weight `scale`.

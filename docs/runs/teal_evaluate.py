@@ -4,6 +4,7 @@ adapter, and "teal" measured by pixels on 60 teal prompts (a colour the shapes d
   python docs/runs/teal_make_data.py FOLDER                     # 20 teal circles + metadata.jsonl
   python -m train --config train/configs/lora.py:dreambooth ... (see docs/training.md)
   python docs/runs/teal_evaluate.py MODEL_DIR JUDGE_DIR [ADAPTER [SCALE [GUIDANCE]]]   # from the repository root
+ADAPTER: a folder with pytorch_lora_weights.safetensors and/or learned_embeds.safetensors (textual inversion).
 """
 import json, sys
 import numpy as np
@@ -38,7 +39,11 @@ for label, active in (("base", False), ("lora", True)):
   if active:
     if not lora:
       continue
-    pipe.load_lora(lora, scale=scale)
+    import os
+    if os.path.exists(os.path.join(lora, "learned_embeds.safetensors")):  # textual inversion's "teal"
+      pipe.load_token_embeddings(lora)
+    if os.path.exists(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+      pipe.load_lora(lora, scale=scale)
   res = evaluate.prompt_match(pipe, judge, spec.prompts, spec.labels, seed=1, **kw)
   pix = [pixel_colour(im) for im in res["images"]]
   want = [shapes.COLORS[c] for c in spec.labels["color"]]

@@ -18,6 +18,12 @@ train_dreambooth_lora.py --train_text_encoder: q_proj, k_proj, v_proj, out_proj,
 the trained pytree is then {"unet": ..., "text_encoder": ...} and the captions' encodings carry gradients.
 For SDXL both text encoders get them (as diffusers' train_text_to_image_lora_sdxl.py --train_text_encoder), the
 second's under "text_encoder_2".
+
+With `lora.token_embeddings` (textual inversion, Gal et al. 2022; with adapters, the "pivotal tuning" of
+kohya's sd-scripts) the rows of the text encoder's token-embedding table for those words are trained too, under
+"token_embeddings" ({word: (hidden,)}), initialised from their own rows or from `lora.token_init`'s (diffusers'
+--initializer_token); the rest of the table stays frozen. With `target_modules=""` only the embeddings train.
+They are written as diffusers' `learned_embeds.safetensors` (`jaxsd.token_embeddings`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxsd import lora
+from jaxsd import token_embeddings
 from jaxsd.training.stages import Stage
 
 INITS = ("gaussian", "kaiming")  # diffusers' train_text_to_image_lora.py; PEFT's default
@@ -47,6 +54,13 @@ class LoraSpec:
   init: str = "gaussian"
   text_targets: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # text encoder's
   text_targets_2: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # SDXL's second
+  tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # words whose token embeddings train -> ids
+
+  @property
+  def structured(self) -> bool:
+    """Whether the trained pytree is {"unet": ..., "text_encoder": ..., "token_embeddings": ...} (else the U-Net's
+    factors alone)."""
+    return bool(self.text_targets or self.tokens)
 
   @property
   def scale(self) -> float:
@@ -84,14 +98,27 @@ def check_settings(c) -> None:
                      "PEFT's dropout acts on each token's input to lora_A, which a merged kernel cannot express).")
   if c.init not in INITS:
     raise ValueError(f"init={c.init!r}: choose one of {', '.join(INITS)}.")
+  if c.get("token_init") and not c.get("token_embeddings"):
+    raise ValueError(f"token_init={c.token_init!r} starts token embeddings, but token_embeddings names none: set "
+                     "token_embeddings (e.g. 'sks') or leave token_init empty.")
+  if not c.target_modules and not c.get("token_embeddings"):
+    raise ValueError("target_modules is empty and token_embeddings names no word: nothing would train.")
   if c.export_format not in lora.FORMATS:
     raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora.FORMATS)}.")
 
 
-def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any = None) -> LoraSpec:
+def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any = None, tokenizer=None) -> LoraSpec:
   """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init, train_text_encoder,
-  text_target_modules); `text_params_2`: SDXL's second text encoder, adapted too; ValueError for bad values."""
+  text_target_modules, token_embeddings); `text_params_2`: SDXL's second text encoder, adapted too; `tokenizer`
+  reads the words of token_embeddings; ValueError for bad values."""
   check_settings(c)
+  tokens = {}
+  if c.get("token_embeddings"):
+    if text_params_2 is not None:
+      raise ValueError("token_embeddings: not implemented for SDXL (two text encoders, two tables); leave it empty.")
+    tokens = token_embeddings.token_ids(tokenizer, c.token_embeddings)
+    if c.get("token_init"):
+      token_embeddings.token_ids(tokenizer, c.token_init)  # one token too
   alpha = float(c.alpha) if c.alpha else float(c.rank)  # 0: alpha = rank, scale 1 (diffusers' script)
   text_targets, text_targets_2 = {}, {}
   if c.get("train_text_encoder"):
@@ -99,21 +126,35 @@ def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any =
     text_targets = target_layers(text_params, modules, "text encoder")
     if text_params_2 is not None:
       text_targets_2 = target_layers(text_params_2, modules, "text encoder")
-  return LoraSpec(int(c.rank), alpha, target_layers(unet_params, c.target_modules), c.init, text_targets,
-                  text_targets_2)
+  targets = target_layers(unet_params, c.target_modules) if (c.target_modules or not tokens) else {}
+  return LoraSpec(int(c.rank), alpha, targets, c.init, text_targets, text_targets_2, tokens)
 
 
-def init_adapter(spec: LoraSpec, rng: jax.Array) -> dict:
+def init_adapter(spec: LoraSpec, rng: jax.Array, token_rows: dict | None = None) -> dict:
   """Fresh factors as PEFT initialises them: `up` (lora_B) zero, so training starts at the base model, and
   `down` (lora_A) N(0, 1/r^2) for "gaussian" or kaiming-uniform(a=sqrt(5)), U(+-1/sqrt(fan_in)), for "kaiming".
-  The U-Net's factors, or {"unet": ..., "text_encoder": ...} with text-encoder targets."""
+  The U-Net's factors, or {"unet": ..., "text_encoder": ..., "token_embeddings": `token_rows`} when the text
+  encoder has targets or embeddings train."""
   unet = _init_factors(spec, spec.targets, rng)
-  if not spec.text_targets:
+  if not spec.structured:
     return unet
-  out = {"unet": unet, "text_encoder": _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20))}
+  out = {"unet": unet} if spec.targets else {}
+  if spec.text_targets:
+    out["text_encoder"] = _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20))
   if spec.text_targets_2:
     out["text_encoder_2"] = _init_factors(spec, spec.text_targets_2, jax.random.fold_in(rng, 2 << 20))
+  if spec.tokens:
+    out["token_embeddings"] = {w: jnp.asarray(token_rows[w], jnp.float32) for w in spec.tokens}
   return out
+
+
+def initial_token_rows(spec: LoraSpec, text_params: Any, tokenizer, token_init: str = "") -> dict:
+  """The rows the trained embeddings start from: each word's own, or `token_init`'s (one word) for all."""
+  emb = np.asarray(token_embeddings.table(text_params), np.float32)
+  if token_init:
+    row = emb[token_embeddings.token_ids(tokenizer, token_init)[token_init.strip()]]
+    return {w: row.copy() for w in spec.tokens}
+  return {w: emb[i].copy() for w, i in spec.tokens.items()}
 
 
 def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array) -> dict:
@@ -141,35 +182,42 @@ def apply_adapter(unet_params: Any, adapter: Any, scale: float) -> Any:
   return traverse_util.unflatten_dict(flat)
 
 
-def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec) -> Stage:
+def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec, token_rows: dict | None = None) -> Stage:
   """The U-Net stage `base` (frozen text encoder) turned into adapter training on `unet_params`; with
-  text-encoder targets, `base` must let gradients through the captions' encodings (unet_stage's text_gradient)."""
+  text-encoder targets or token embeddings, `base` must let gradients through the captions' encodings
+  (unet_stage's text_gradient). `token_rows`: the embeddings' starting rows (`initial_token_rows`)."""
   if "vae" not in (base.frozen or {}) or "text" not in base.frozen:
     raise ValueError("LoRA training takes the U-Net stage with a frozen text encoder (train_text_encoder=False).")
 
   def loss_fn(adapter, batch, rng, frozen):
+    if not spec.structured:
+      return base.loss_fn(apply_adapter(frozen["unet"], adapter, spec.scale), batch, rng, frozen)
     if spec.text_targets_2:  # SDXL: frozen["text"] holds both encoders' parameters
       text = {n: apply_adapter(frozen["text"][n], adapter[n], spec.scale) for n in ("text_encoder", "text_encoder_2")}
-      frozen, adapter = dict(frozen, text=text), adapter["unet"]
-    elif spec.text_targets:
-      frozen = dict(frozen, text=apply_adapter(frozen["text"], adapter["text_encoder"], spec.scale))
-      adapter = adapter["unet"]
-    return base.loss_fn(apply_adapter(frozen["unet"], adapter, spec.scale), batch, rng, frozen)
+    else:
+      text = frozen["text"]
+      if spec.text_targets:
+        text = apply_adapter(text, adapter["text_encoder"], spec.scale)
+      if spec.tokens:
+        text = token_embeddings.set_rows(text, spec.tokens, adapter["token_embeddings"])
+    unet = apply_adapter(frozen["unet"], adapter["unet"], spec.scale) if spec.targets else frozen["unet"]
+    return base.loss_fn(unet, batch, rng, dict(frozen, text=text))
 
-  return Stage("lora", lambda rng: init_adapter(spec, rng), loss_fn, frozen=dict(base.frozen, unet=unet_params),
-               modules=dict(base.modules))
+  return Stage("lora", lambda rng: init_adapter(spec, rng, token_rows), loss_fn,
+               frozen=dict(base.frozen, unet=unet_params), modules=dict(base.modules))
 
 
 def to_adapter(spec: LoraSpec, adapter: Any) -> lora.Adapter:
   """The trained factors as a `jaxsd.lora.Adapter` of the U-Net, and of the text encoder when it has targets
   (for `lora.save` and `pipe.load_lora`)."""
   adapter = jax.device_get(adapter)
-  if not spec.text_targets:
+  if not spec.structured:
     return lora.Adapter({"unet": _layers(spec, spec.targets, adapter)})
-  layers = {
-      "unet": _layers(spec, spec.targets, adapter["unet"]),
-      "text_encoder": _layers(spec, spec.text_targets, adapter["text_encoder"])
-  }
+  layers = {}
+  if spec.targets:
+    layers["unet"] = _layers(spec, spec.targets, adapter["unet"])
+  if spec.text_targets:
+    layers["text_encoder"] = _layers(spec, spec.text_targets, adapter["text_encoder"])
   if spec.text_targets_2:
     layers["text_encoder_2"] = _layers(spec, spec.text_targets_2, adapter["text_encoder_2"])
   return lora.Adapter(layers)
@@ -189,6 +237,8 @@ def describe(spec: LoraSpec) -> dict:
   count = lambda targets: sum(spec.rank * (math.prod(s[:-1]) + s[-1]) for s in targets.values())  # noqa: E731
   facts = dict(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, layers=len(spec.targets),
                adapter_parameters=count(spec.targets) + count(spec.text_targets) + count(spec.text_targets_2))
+  if spec.tokens:
+    facts.update(token_embeddings=sorted(spec.tokens))
   if spec.text_targets:
     facts.update(text_encoder_layers=len(spec.text_targets), text_encoder_parameters=count(spec.text_targets))
   if spec.text_targets_2:

@@ -31,6 +31,7 @@ from PIL import Image
 from jaxsd import lora as lora_lib
 from jaxsd import lora_names
 from jaxsd import pretrained
+from jaxsd import token_embeddings
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
 from jaxsd.data import builtin, input_pipeline
@@ -187,9 +188,9 @@ def check_config(cfg, n_devices: int) -> None:
     if cfg.unet.train_text_encoder:
       raise ConfigError("config.lora trains adapters, not whole networks: set config.unet.train_text_encoder=False "
                         "(and config.lora.train_text_encoder=True for text-encoder adapters).")
-    if cfg.lora.get("train_text_encoder") and cfg.unet.get("cache_latents"):
+    if (cfg.lora.get("train_text_encoder") or cfg.lora.get("token_embeddings")) and cfg.unet.get("cache_latents"):
       raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
-                        "with config.lora.train_text_encoder=True.")
+                        "with config.lora.train_text_encoder=True or config.lora.token_embeddings.")
     _check_section(cfg, "lora", lora_training.check_settings)
   if _is_dreambooth(cfg):
     if not cfg.init:
@@ -519,13 +520,15 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
     te, te_params = pretrained.load_text_encoder(os.path.join(cfg.init, "text_encoder"), dtype, jnp.float32)
   scheduler = SchedulerConfig.from_json(os.path.join(cfg.init, "scheduler"))
   try:
-    spec = lora_training.make_spec(unet_params, cfg.lora, te_params, xl.get("text_params_2"))
+    spec = lora_training.make_spec(unet_params, cfg.lora, te_params, xl.get("text_params_2"), tokenizer)
   except ValueError as e:
     raise ConfigError(f"config.lora: {e}") from None
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                            scheduler=scheduler, tokenizer=tokenizer, prior_loss_weight=_prior_loss_weight(cfg),
-                           text_gradient=bool(cfg.lora.get("train_text_encoder")), **xl)
-  stage = lora_training.lora_stage(base, unet_params, spec)
+                           text_gradient=bool(cfg.lora.get("train_text_encoder") or spec.tokens), **xl)
+  rows = lora_training.initial_token_rows(spec, te_params, tokenizer, cfg.lora.get("token_init", "")) \
+      if spec.tokens else None
+  stage = lora_training.lora_stage(base, unet_params, spec, rows)
   if sdxl:
     pipe = StableDiffusionXL(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler,
                              text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
@@ -539,14 +542,19 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None)
   it.close()
   state = res.state
-  adapter = lora_training.to_adapter(spec, state.ema_params if state.ema_params is not None else state.params)
-  # sd-scripts names an SDXL U-Net's layers as Stability's (sgm) U-Net does; A1111 expects those.
-  unet_names = lora_names.sgm_names(lora_lib.kernel_modules(unet_params)) if sdxl else None
-  path = lora_lib.save(adapter, os.path.join(workdir, "lora"), cfg.lora.export_format, unet_names=unet_names)
-  return _finish(
-      workdir, "lora",
-      dict(_run_facts(res, t0), ema=state.ema_params is not None, file=path, format=cfg.lora.export_format,
-           **lora_training.describe(spec)))
+  trained = state.ema_params if state.ema_params is not None else state.params
+  facts = {}
+  if spec.targets or spec.text_targets:
+    adapter = lora_training.to_adapter(spec, trained)
+    # sd-scripts names an SDXL U-Net's layers as Stability's (sgm) U-Net does; A1111 expects those.
+    unet_names = lora_names.sgm_names(lora_lib.kernel_modules(unet_params)) if sdxl else None
+    path = lora_lib.save(adapter, os.path.join(workdir, "lora"), cfg.lora.export_format, unet_names=unet_names)
+    facts.update(file=path, format=cfg.lora.export_format)
+  if spec.tokens:
+    facts["embeddings_file"] = token_embeddings.save(jax.device_get(trained["token_embeddings"]),
+                                                     os.path.join(workdir, "lora"))
+  return _finish(workdir, "lora",
+                 dict(_run_facts(res, t0), ema=state.ema_params is not None, **facts, **lora_training.describe(spec)))
 
 
 def run_controlnet(cfg, workdir, mesh, tokenizer) -> dict:

@@ -71,6 +71,27 @@ def test_the_run_writes_an_attention_adapter(trained):
   assert not os.path.exists(os.path.join(workdir, "model"))  # the base model is not re-exported
 
 
+def _diffusers_latents(tpipe, prompts, latents):
+  """diffusers' final latents (NHWC) for `prompts` from `latents`: 3 steps, guidance 7.5."""
+  with torch.no_grad():
+    out = tpipe(prompts, height=HW, width=HW, num_inference_steps=3, guidance_scale=7.5,
+                latents=reference.nhwc_to_nchw(latents), output_type="latent")
+  return reference.nchw_to_nhwc(out.images)
+
+
+def _assert_matches_and_moves(pipe, prompts, latents, ref, base, what):
+  """jaxsd's latents (Euler, 3 steps, guidance 7.5) within the pipeline tolerance of diffusers' `ref`, and `ref`
+  far (100 x the tolerance) from diffusers' `base` without `what`."""
+  ours = pipe(prompts, height=HW, width=HW, steps=3, guidance_scale=7.5, sampler="euler", latents=latents,
+              output="latent")
+  tol = 1e-4 * max(1.0, np.abs(ref).max())
+  diff = np.abs(ours - ref).max()
+  print(f"max |jaxsd - diffusers| with {what}: {diff:.2e}; it moves diffusers' latents by "
+        f"{np.abs(ref - base).max():.2e}")
+  assert diff < tol
+  assert np.abs(ref - base).max() > 100 * tol
+
+
 def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
   """diffusers' latents with the trained file loaded by its load_lora_weights against jaxsd's with
   `pipe.load_lora` of the same file: within the pipeline tolerance (1e-4 of the latents' scale). The adapter
@@ -81,24 +102,11 @@ def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
   pipe = jaxsd.StableDiffusion.from_pretrained(init)
   latents = np.asarray(pipe.noise(0, len(PROMPTS), HW, HW))
 
-  def theirs():
-    with torch.no_grad():
-      out = tpipe(PROMPTS, height=HW, width=HW, num_inference_steps=3, guidance_scale=7.5,
-                  latents=reference.nhwc_to_nchw(latents), output_type="latent")
-    return reference.nchw_to_nhwc(out.images)
-
-  base = theirs()
+  base = _diffusers_latents(tpipe, PROMPTS, latents)
   tpipe.load_lora_weights(os.path.join(workdir, "lora"))
-  ref = theirs()
+  ref = _diffusers_latents(tpipe, PROMPTS, latents)
   pipe.load_lora(os.path.join(workdir, "lora"))
-  ours = pipe(PROMPTS, height=HW, width=HW, steps=3, guidance_scale=7.5, sampler="euler", latents=latents,
-              output="latent")
-  tol = 1e-4 * max(1.0, np.abs(ref).max())
-  diff = np.abs(ours - ref).max()
-  print(f"max |jaxsd - diffusers| with the trained adapter: {diff:.2e}; the adapter moves diffusers' latents by "
-        f"{np.abs(ref - base).max():.2e}")
-  assert diff < tol
-  assert np.abs(ref - base).max() > 100 * tol
+  _assert_matches_and_moves(pipe, PROMPTS, latents, ref, base, "the trained adapter")
 
 
 def test_a_resumed_run_gives_the_same_adapter_to_the_bit(trained, init, data_dir, tmp_path):
@@ -194,6 +202,15 @@ def test_only_the_adapter_trains_and_it_learns_a_repeated_batch(init, data_dir):
     ({
         "lora.rank": 0
     }, "rank=0: the adapter rank must be >= 1"),
+    ({
+        "lora.token_embeddings": "<teal>"
+    }, "'<teal>' is 3 tokens .* one token each"),
+    ({
+        "lora.token_init": "red"
+    }, "token_embeddings names none"),
+    ({
+        "lora.target_modules": ""
+    }, "nothing would train"),
 ])
 def test_bad_lora_config_is_refused(init, data_dir, tmp_path, updates, message):
   with pytest.raises(run.ConfigError, match=message):
@@ -205,3 +222,40 @@ def test_benchmark_times_the_adapter_step(init, data_dir, tmp_path):
   figures = run.train_and_evaluate(_cfg(init, data_dir, benchmark_steps=2), str(tmp_path / "bench"))
   assert figures["stage"] == "lora" and figures["images_per_sec"] > 0 and figures["layers"] == 32
   print(json.dumps(figures))
+
+
+def test_textual_inversion_trains_one_row_and_loads_in_diffusers(init, data_dir, tmp_path):
+  """`lora.token_embeddings="circle"` with no adapter layers: only the word's row of the token-embedding table
+  trains; it is written as diffusers' learned_embeds.safetensors, which diffusers' load_textual_inversion loads
+  under a new token "<circle>": its latents for "... <circle> ..." match jaxsd's for "... circle ..." with
+  `pipe.load_token_embeddings` of the same file, within the pipeline tolerance, and the embedding moves them
+  far beyond it (so a row put in the wrong place, or not at all, fails)."""
+  from jaxsd import token_embeddings
+
+  workdir = str(tmp_path / "ti")
+  r = run.train_and_evaluate(_cfg(init, data_dir, **{
+      "lora.token_embeddings": "circle",
+      "lora.target_modules": ""
+  }), workdir)["lora"]
+  assert r["steps"] == STEPS and r["token_embeddings"] == ["circle"] and r["layers"] == 0 and "file" not in r
+  assert r["embeddings_file"] == os.path.join(workdir, "lora", token_embeddings.WEIGHT_NAME)
+  assert not os.path.exists(os.path.join(workdir, "lora", lora.WEIGHT_NAME))  # no adapter layers, no LoRA file
+  rows = safetensors.numpy.load_file(r["embeddings_file"])
+  pipe = jaxsd.StableDiffusion.from_pretrained(init)
+  before = np.asarray(token_embeddings.table(pipe.text_encoder_params))
+  (circle,) = pipe.tokenizer("circle", add_special_tokens=False)["input_ids"]
+  assert list(rows) == ["circle"] and rows["circle"].shape == (1, before.shape[1])
+  assert np.abs(rows["circle"][0] - before[circle]).max() > 1e-2  # it trained
+
+  tpipe = reference.torch_pipeline(init)
+  tpipe.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(init, subfolder="scheduler")
+  latents = np.asarray(pipe.noise(0, len(PROMPTS), HW, HW))
+
+  prompts = ["a red circle on the left", "a small blue circle"]
+  base = _diffusers_latents(tpipe, prompts, latents)
+  tpipe.load_textual_inversion(r["embeddings_file"], token="<circle>")
+  ref = _diffusers_latents(tpipe, [p.replace("circle", "<circle>") for p in prompts], latents)
+  assert pipe.load_token_embeddings(os.path.join(workdir, "lora")) == ["circle"]
+  after = np.asarray(token_embeddings.table(pipe.text_encoder_params))
+  assert np.array_equal(np.delete(after, circle, 0), np.delete(before, circle, 0))  # one row replaced, no other
+  _assert_matches_and_moves(pipe, prompts, latents, ref, base, "the learned embedding")

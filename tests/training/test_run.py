@@ -36,7 +36,9 @@ def _cfg(data_dir, **updates):
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("workdir"))
-  return workdir, run.train_and_evaluate(_cfg(data_dir), workdir)
+  # One checkpoint per stage (its last step): orbax's saves of the tiny states on 8 simulated devices cost 1-19 s
+  # each here; the resume tests below save every 8 or 16 steps and compare with this run to the bit.
+  return workdir, run.train_and_evaluate(_cfg(data_dir, checkpoint_every=24), workdir)
 
 
 def _losses(workdir, stage):
@@ -287,7 +289,7 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
   import time
 
   workdir = str(tmp_path / "killed")
-  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False", "--config.checkpoint_every=16")
   try:
     deadline = time.time() + 600
     while not _unet_checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
@@ -299,7 +301,7 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
     proc.kill()
     proc.wait()
   assert 0 < killed_at < 24 and not os.path.exists(os.path.join(workdir, "unet", "result.json"))
-  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False")
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False", "--config.checkpoint_every=16")
   _, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err[-2000:]
   assert json.load(open(os.path.join(workdir, "unet", "result.json")))["steps"] == 24
@@ -318,7 +320,8 @@ def test_bfloat16_training_tracks_float32(trained, data_dir, tmp_path):
   import transformers
 
   workdir = str(tmp_path / "bf16")
-  cfg = _cfg(data_dir, dtype="bfloat16", **{"eval.judge": False})  # the losses and the export are what count
+  # The losses and the export are what count: no judge, one checkpoint per stage.
+  cfg = _cfg(data_dir, dtype="bfloat16", checkpoint_every=24, **{"eval.judge": False})
   run.train_and_evaluate(cfg, workdir)
   for stage in ("clip", "vae", "unet"):
     ref, ours = np.asarray(_losses(trained[0], stage)), np.asarray(_losses(workdir, stage))

@@ -24,6 +24,12 @@ as above:
   python -m train --config train/configs/lora.py:dreambooth --workdir DIR --config.init=SD_FOLDER \
       --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
       --config.dreambooth.with_prior_preservation=True --config.dreambooth.class_prompt="a photo of dog"
+
+Textual inversion and pivotal tuning: --config.lora.token_embeddings=sks (words that are one token each) trains
+those words' token embeddings, with the adapters, or alone with --config.lora.target_modules="" (the U-Net and
+the rest of the text encoder untouched); DIR/lora/learned_embeds.safetensors holds them in diffusers' format
+(`jaxsd.token_embeddings.apply(pipe.text_encoder_params, pipe.tokenizer, token_embeddings.load(file))`; in
+diffusers `pipe.load_textual_inversion(file, token="<sks>")`, then prompt with "<sks>"). SD 1.x/2.x only.
 """
 
 import ml_collections
@@ -70,5 +76,10 @@ def get_config(variant: str = "sd15"):
           # diffusers' --train_text_encoder.
           train_text_encoder=False,
           text_target_modules=TEXT_ATTENTION,
+          # Textual inversion (Gal et al. 2022): comma-separated words, one token each, whose rows of the text
+          # encoder's token-embedding table train too (with the adapters: kohya's "pivotal tuning"); with
+          # target_modules="" they train alone. Written as DIR/lora/learned_embeds.safetensors (diffusers' format).
+          token_embeddings="",
+          token_init="",  # a word whose row the embeddings start from (diffusers' --initializer_token); "": their own
       ))
   return c
