@@ -16,6 +16,7 @@ not all finite is never written: the save is skipped with an error in the log.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -116,10 +117,23 @@ def _to_restored(step: int, out: Any) -> Restored:
   return Restored(step=step, state=out["state"], data_state=_this_process_state(data), meta=meta)
 
 
+@functools.cache
+def _cpu_array_handler() -> None:
+  """On the CPU backend the "replicas" of a replicated array are copies in one host memory: orbax's replica-parallel
+  save (each replica writes a slice) buys nothing there and costs a compiled slicing program per array shape.
+  Measured on 2 cores, 1,434 small arrays replicated over 8 simulated devices: the first save 29.7 s -> 2.9 s,
+  later saves 6.6-8.9 s -> 2.2-2.4 s. Set once, for jax.Array, in orbax's global handler registry (orbax's way
+  of setting handler options); accelerators keep orbax's default, where each device writing its slice pays."""
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                          override=True)
+
+
 class Checkpointer:
   """Saves and restores `<workdir>/checkpoints/<step>` asynchronously with orbax."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000, async_save: bool = True):
+    if jax.default_backend() == "cpu":
+      _cpu_array_handler()
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.save_interval_steps = save_interval_steps
     self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
