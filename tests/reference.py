@@ -189,6 +189,20 @@ SDXL_SCHEDULER = {
 }
 
 
+def assert_matches_and_moves(pipe, prompts, hw: int, guidance: float, latents, ref, base, what: str) -> None:
+  """jaxsd's latents from `latents` (Euler, 3 steps, `guidance`) within the pipeline tolerance (1e-4 of the
+  latents' scale) of diffusers' `ref`, and `ref` far (100 x that) from diffusers' `base`, made without `what`
+  (an adapter, a learned embedding), so that a file half-loaded on either side fails."""
+  ours = pipe(prompts, height=hw, width=hw, steps=3, guidance_scale=guidance, sampler="euler", latents=latents,
+              output="latent")
+  tol = 1e-4 * max(1.0, np.abs(ref).max())
+  diff = np.abs(ours - ref).max()
+  print(f"max |jaxsd - diffusers| with {what}: {diff:.2e} (tolerance {tol:.1e}); it moves diffusers' latents by "
+        f"{np.abs(ref - base).max():.2e}")
+  assert diff < tol
+  assert np.abs(ref - base).max() > 100 * tol
+
+
 def assert_same_adapter(got, want) -> None:
   """Two loaded `jaxsd.lora` adapters hold the same layers: equal down / up weights, the same scale."""
   assert {n: set(layers) for n, layers in got.layers.items()} == {n: set(layers) for n, layers in want.layers.items()}

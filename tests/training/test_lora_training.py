@@ -79,19 +79,6 @@ def _diffusers_latents(tpipe, prompts, latents):
   return reference.nchw_to_nhwc(out.images)
 
 
-def _assert_matches_and_moves(pipe, prompts, latents, ref, base, what):
-  """jaxsd's latents (Euler, 3 steps, guidance 7.5) within the pipeline tolerance of diffusers' `ref`, and `ref`
-  far (100 x the tolerance) from diffusers' `base` without `what`."""
-  ours = pipe(prompts, height=HW, width=HW, steps=3, guidance_scale=7.5, sampler="euler", latents=latents,
-              output="latent")
-  tol = 1e-4 * max(1.0, np.abs(ref).max())
-  diff = np.abs(ours - ref).max()
-  print(f"max |jaxsd - diffusers| with {what}: {diff:.2e}; it moves diffusers' latents by "
-        f"{np.abs(ref - base).max():.2e}")
-  assert diff < tol
-  assert np.abs(ref - base).max() > 100 * tol
-
-
 def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
   """diffusers' latents with the trained file loaded by its load_lora_weights against jaxsd's with
   `pipe.load_lora` of the same file: within the pipeline tolerance (1e-4 of the latents' scale). The adapter
@@ -106,7 +93,7 @@ def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, init):
   tpipe.load_lora_weights(os.path.join(workdir, "lora"))
   ref = _diffusers_latents(tpipe, PROMPTS, latents)
   pipe.load_lora(os.path.join(workdir, "lora"))
-  _assert_matches_and_moves(pipe, PROMPTS, latents, ref, base, "the trained adapter")
+  reference.assert_matches_and_moves(pipe, PROMPTS, HW, 7.5, latents, ref, base, "the trained adapter")
 
 
 def test_a_resumed_run_gives_the_same_adapter_to_the_bit(trained, init, data_dir, tmp_path):
@@ -258,4 +245,4 @@ def test_textual_inversion_trains_one_row_and_loads_in_diffusers(init, data_dir,
   assert pipe.load_token_embeddings(os.path.join(workdir, "lora")) == ["circle"]
   after = np.asarray(token_embeddings.table(pipe.text_encoder_params))
   assert np.array_equal(np.delete(after, circle, 0), np.delete(before, circle, 0))  # one row replaced, no other
-  _assert_matches_and_moves(pipe, prompts, latents, ref, base, "the learned embedding")
+  reference.assert_matches_and_moves(pipe, prompts, HW, 7.5, latents, ref, base, "the learned embedding")

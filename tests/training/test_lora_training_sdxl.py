@@ -97,14 +97,7 @@ def test_the_adapter_loads_in_diffusers_as_in_jaxsd(trained, pipes):
   _, pipe, latents = pipes
   pipe.unload_lora()
   pipe.load_lora(os.path.dirname(r["file"]))
-  ours = pipe(PROMPTS, height=HW, width=HW, steps=3, guidance_scale=5.0, sampler="euler", latents=latents,
-              output="latent")
-  tol = 1e-4 * max(1.0, np.abs(ref).max())
-  diff = np.abs(ours - ref).max()
-  print(f"max |jaxsd - diffusers| with the trained SDXL adapter: {diff:.2e} (tolerance {tol:.1e}); the adapter "
-        f"moves diffusers' latents by {np.abs(ref - base).max():.2e}")
-  assert diff < tol
-  assert np.abs(ref - base).max() > 100 * tol
+  reference.assert_matches_and_moves(pipe, PROMPTS, HW, 5.0, latents, ref, base, "the trained SDXL adapter")
 
 
 @pytest.mark.slow  # a training run: ~90 s of CPU, most of it compiling the tiny SDXL step
