@@ -23,6 +23,14 @@ LABELS = {"jaxsd": "jaxsd", "torch": "diffusers PyTorch", "flax039": "diffusers 
 MFU_TARGET = 0.5
 
 
+def mfu(flops: float | None, seconds: float, peak: float | None, dtype: str | None) -> float | None:
+  """Model FLOP utilisation: FLOPs / seconds / the device's dense bf16 peak; None without a FLOP count or a peak,
+  or for a run that is not in bf16/fp16 (the peak is the low-precision one). run.py's figures use it too."""
+  if not (flops and peak and seconds) or dtype not in ("bfloat16", "float16"):
+    return None
+  return flops / seconds / peak
+
+
 def rows(results: list[dict], gflop: dict[str, float] | None = None) -> list[dict]:
   """One row per timed case: name, device, {impl: median s}, jaxsd's MFU (or None)."""
   out = []
@@ -38,10 +46,9 @@ def rows(results: list[dict], gflop: dict[str, float] | None = None) -> list[dic
     for part, g in (gflop or {}).items():
       if part in r["name"]:
         flops = g * 1e9
-    peak = info.get("peak_bf16_flops")
-    low_precision = r.get("spec", {}).get("dtype") in ("bfloat16", "float16")
-    mfu = flops / times["jaxsd"] / peak if (flops and peak and low_precision and "jaxsd" in times) else None
-    out.append({"name": r["name"], "device": info.get("device_kind", ""), "times": times, "mfu": mfu})
+    m = mfu(flops, times["jaxsd"], info.get("peak_bf16_flops"), r.get("spec", {}).get("dtype")) \
+        if "jaxsd" in times else None
+    out.append({"name": r["name"], "device": info.get("device_kind", ""), "times": times, "mfu": m})
   return out
 
 

@@ -272,7 +272,6 @@ def summarise(case: dict, impls: dict) -> None:
   ref = impls.get("jaxsd", {})
   flops = (ref.get("info") or {}).get("flops")
   peak = (ref.get("info") or {}).get("peak_bf16_flops")
-  low_precision = case["spec"].get("dtype") in ("bfloat16", "float16")
   for impl, r in impls.items():
     times = r.get("times") or []
     if not times:
@@ -285,8 +284,9 @@ def summarise(case: dict, impls: dict) -> None:
     if flops:
       r["flops"] = flops
       r["tflops_per_s"] = flops / med / 1e12
-      if peak and low_precision:
-        r["mfu"] = flops / med / peak
+      m = chart.mfu(flops, med, peak, case["spec"].get("dtype"))
+      if m is not None:
+        r["mfu"] = m
     if impl != "jaxsd" and ref.get("times"):
       pairs = list(zip(ref["times"], times))
       if case["sequential"] or len(ref["times"]) != len(times):

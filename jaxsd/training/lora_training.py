@@ -58,8 +58,9 @@ class LoraSpec:
 
   @property
   def structured(self) -> bool:
-    """Whether the trained pytree is {"unet": ..., "text_encoder": ..., "token_embeddings": ...} (else the U-Net's
-    factors alone)."""
+    """Whether part of the text encoder trains (adapters or token rows): the trained pytree is then {"unet": ...,
+    "text_encoder": ..., "token_embeddings": ...} and the captions' encodings carry gradients (else the U-Net's
+    factors alone, the text encoder frozen)."""
     return bool(self.text_targets or self.tokens)
 
   @property

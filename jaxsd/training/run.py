@@ -525,7 +525,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
     raise ConfigError(f"config.lora: {e}") from None
   base = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
                            scheduler=scheduler, tokenizer=tokenizer, prior_loss_weight=_prior_loss_weight(cfg),
-                           text_gradient=bool(cfg.lora.get("train_text_encoder") or spec.tokens), **xl)
+                           text_gradient=spec.structured, **xl)
   rows = lora_training.initial_token_rows(spec, te_params, tokenizer, cfg.lora.get("token_init", "")) \
       if spec.tokens else None
   stage = lora_training.lora_stage(base, unet_params, spec, rows)
