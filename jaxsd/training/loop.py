@@ -144,6 +144,7 @@ def train_loop(
     max_consecutive_nonfinite: int = 20,
     min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE,
     callbacks: Sequence[PeriodicCallback] = (),
+    on_start: Callable[[TrainState, int], None] | None = None,
     progress: bool = True,
     tensorboard: bool = True,
     handle_sigterm: bool = True,
@@ -167,6 +168,8 @@ def train_loop(
     max_consecutive_nonfinite: raise after this many skipped steps in a row (checked at log
       steps, so keep `log_every` below it).
     callbacks: `PeriodicCallback`s, e.g. the U-Net stage's sample grids.
+    on_start: `(state, step) -> None`, called once with the state the loop starts from (made, restored or
+      converted), before the train step compiles; e.g. the U-Net stage exports its starting weights.
     handle_sigterm: on preemption (SIGTERM), finish the step, save synchronously, return with
       `preempted=True`.
 
@@ -199,6 +202,8 @@ def train_loop(
     data_position = lambda: data.get_state() if can_save_data else None  # noqa: E731
     step = int(jax.device_get(state.step))
     log.info("Starting at step %d (%s).", step, source)
+    if on_start is not None:
+      on_start(state, step)
 
     if not all(
         isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh

@@ -102,19 +102,31 @@ def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = 
 def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, context: jax.Array, rng: jax.Array, *,
                    prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
                    prior_mask: jax.Array | None = None, prior_loss_weight: float = 1.0,
-                   timestep_sampling: str = "uniform", logit_mean: float = 0.0,
-                   logit_std: float = 1.0) -> tuple[jax.Array, dict]:
+                   timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                   noise_offset: float = 0.0, input_perturbation: float = 0.0) -> tuple[jax.Array, dict]:
   """Noise the latents at a random timestep drawn as `timestep_sampling` says (`sample_timesteps`, with the
   logit-normal's `logit_mean` / `logit_std`); the U-Net predicts the noise or v (Ho et al. 2020;
   Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`; `context` is passed through as given (an
   array, or a dict of the U-Net's conditioning). With `prior_mask` (B,), 1 for DreamBooth's class examples, the
   loss is `prior_preservation_loss` of the per-example losses (min-SNR weights, when asked for, weigh every
-  example)."""
+  example).
+
+  As diffusers' `train_text_to_image.py`: `noise_offset` adds `noise_offset * N(0, 1)` per example and
+  channel to the noise (Guttenberg 2023: lets the model change an image's mean brightness; the target is the
+  offset noise); `input_perturbation` noises the input with `noise + input_perturbation * N(0, 1)` while the
+  target keeps `noise` (Ning et al. 2023, against exposure bias). Both 0: the draws are those without them."""
   b = latents.shape[0]
   t_rng, n_rng = jax.random.split(rng)
   t = sample_timesteps(t_rng, b, alphas_cumprod.shape[0], timestep_sampling, logit_mean, logit_std)
   noise = jax.random.normal(n_rng, latents.shape, jnp.float32)
-  x_t = schedules.add_noise(alphas_cumprod, latents, noise, t)
+  if noise_offset:
+    offset = jax.random.normal(jax.random.fold_in(n_rng, 1), (b, 1, 1, latents.shape[-1]), jnp.float32)
+    noise = noise + noise_offset * offset
+  input_noise = noise
+  if input_perturbation:
+    input_noise = noise + input_perturbation * jax.random.normal(jax.random.fold_in(n_rng, 2), latents.shape,
+                                                                 jnp.float32)
+  x_t = schedules.add_noise(alphas_cumprod, latents, input_noise, t)
   if prediction_type == "epsilon":
     target = noise
   elif prediction_type == "v_prediction":

@@ -233,6 +233,10 @@ def check_config(cfg, n_devices: int) -> None:
   sampling = cfg.unet.get("timestep_sampling", "uniform")
   if ("unet" in names or "lora" in names) and sampling not in losses.TIMESTEP_SAMPLINGS:
     raise ConfigError(f"config.unet.timestep_sampling={sampling!r}: use one of {losses.TIMESTEP_SAMPLINGS}.")
+  for key in ("noise_offset", "input_perturbation"):
+    if not 0.0 <= float(cfg.unet.get(key, 0.0)) <= 1.0:
+      raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] (diffusers' examples use "
+                        "0.05-0.1; 0 turns it off).")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
@@ -312,7 +316,7 @@ class Preempted(Exception):
   """Training stopped on SIGTERM after saving; rerun the same command to resume."""
 
 
-def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=()):
+def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=(), on_start=None):
   """Trains a stage on the iterator `data`; on SIGTERM closes `data` and raises Preempted."""
   c = cfg[_section(stage.name)]
   tx, schedule = make_optimizer(c.optimizer)
@@ -320,7 +324,7 @@ def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=()):
                    loss_fn=stage.loss_fn, tx=tx, data=data, total_steps=c.steps, frozen=stage.frozen,
                    lr_schedule=schedule, seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params,
                    log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep,
-                   callbacks=callbacks, progress=cfg.progress)
+                   callbacks=callbacks, on_start=on_start, progress=cfg.progress)
   if res.preempted:
     data.close()
     raise Preempted
@@ -442,12 +446,6 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
-  if primary() and not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
-    # Export the starting U-Net, so `python -m sample --model <workdir>` works from the first checkpoint on
-    # (it swaps in the newest checkpoint's EMA weights).
-    start = unet_params if unet_params is not None else stages.split_unet_params(
-        jax.jit(stage.init_params)(jax.random.key(cfg.seed)))[0]
-    export.export_component(workdir, "unet", unet, start, step=0)
 
   prompts, columns = builtin.sample_prompts(cfg.data.name, cfg.unet.get("sample_prompts", ()))
   if _is_dreambooth(cfg) and not cfg.unet.get("sample_prompts"):
@@ -481,9 +479,16 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
       log.info("step %d: %s", step, json.dumps(scores))
       writer.write_scalars(step, scores)
 
+  def export_start(state, step):
+    # The U-Net the loop starts from, exported once, so `python -m sample --model <workdir>` works from the
+    # first checkpoint on (it swaps in the newest checkpoint's EMA weights).
+    if primary() and not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
+      export.export_component(workdir, "unet", unet, stages.split_unet_params(jax.device_get(state.params))[0], step)
+
   callbacks = [PeriodicCallback(cfg.unet.sample_every, write_samples)] if cfg.unet.sample_every else []
   t0 = time.time()
-  res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None, callbacks=callbacks)
+  res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None, callbacks=callbacks,
+              on_start=export_start)
   it.close()
   state = res.state
   final_unet, final_te = stages.split_unet_params(

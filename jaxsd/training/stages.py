@@ -229,7 +229,8 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
                                  prior_loss_weight=prior_loss_weight,
                                  timestep_sampling=c.get("timestep_sampling",
                                                          "uniform"), logit_mean=c.get("timestep_logit_mean", 0.0),
-                                 logit_std=c.get("timestep_logit_std", 1.0))
+                                 logit_std=c.get("timestep_logit_std", 1.0), noise_offset=c.get("noise_offset", 0.0),
+                                 input_perturbation=c.get("input_perturbation", 0.0))
 
   if joint:
     init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731

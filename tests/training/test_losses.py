@@ -141,6 +141,41 @@ def test_diffusion_loss_is_zero_for_the_perfect_predictor(prediction_type):
   assert float(loss) > 1e-3
 
 
+def _noise_seen_by_the_unet(**kw):
+  """(the noise in the U-Net's input, the loss of a U-Net that returns it) for epsilon prediction; the
+  noise is recovered from x_t and the timestep the U-Net is handed, as diffusers' add_noise defines x_t."""
+  ac = jnp.asarray(alphas_cumprod(SchedulerConfig()))
+  latents = jax.random.normal(jax.random.key(5), (64, 16, 16, 4))
+  seen = []
+
+  def unet_fn(x, t, c):
+    a = ac[t][:, None, None, None]
+    seen.append((x - jnp.sqrt(a) * latents) / jnp.sqrt(1 - a))
+    return seen[-1]
+
+  loss, _ = losses.diffusion_loss(unet_fn, ac, latents, None, jax.random.key(6), **kw)
+  return np.asarray(seen[-1]), float(loss)
+
+
+def test_noise_offset_and_input_perturbation_as_diffusers_defines_them():
+  """diffusers' train_text_to_image.py: `noise_offset` adds offset * N(0, 1) per example and channel to the
+  noise, and the target is that noise (a U-Net returning its input's noise has loss 0); `input_perturbation`
+  noises the input with noise + gamma * N(0, 1) while the target stays `noise` (the same U-Net's loss is
+  gamma^2). Both off: the draws are the ones without them (the default's runs reproduce)."""
+  plain, plain_loss = _noise_seen_by_the_unet()
+  off, _ = _noise_seen_by_the_unet(noise_offset=0.0, input_perturbation=0.0)
+  np.testing.assert_array_equal(off, plain)
+  assert plain_loss < 1e-8
+  # Channel means over 16 x 16 positions: std 1/16 without an offset, sqrt(0.3^2 + 1/256) with one.
+  offset, offset_loss = _noise_seen_by_the_unet(noise_offset=0.3)
+  assert offset_loss < 1e-8
+  assert abs(plain.mean(axis=(1, 2)).std() - 1 / 16) < 0.02
+  assert abs(offset.mean(axis=(1, 2)).std() - np.sqrt(0.09 + 1 / 256)) < 0.05
+  perturbed, perturbed_loss = _noise_seen_by_the_unet(input_perturbation=0.1)
+  assert abs(perturbed_loss - 0.01) < 0.001
+  assert abs(perturbed.std() - np.sqrt(1.01)) < 0.01
+
+
 def test_stratified_timesteps_cover_every_stratum_and_are_uniform():
   """Stratified draws: each batch has exactly one timestep in every stratum [i T/B, (i+1) T/B), in a random
   order; over many batches every timestep is as frequent as under independent uniform draws (a chi-square

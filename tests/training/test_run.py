@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -276,19 +277,33 @@ def _unet_checkpoints(workdir):
   return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
 
 
+def _workdir_after_clip_and_vae(trained_dir, workdir):
+  """A workdir holding the fixture run's finished clip and vae stages (result.json: a run skips them) and their
+  exports. The text encoder is made again from the exported CLIP, as the clip stage made it: the fixture's
+  model/text_encoder is the one its U-Net stage trained jointly (the smoke config), not the one it started from."""
+  from jaxsd.training import export, stages
+
+  for stage in ("clip", "vae"):
+    shutil.copytree(os.path.join(trained_dir, stage), os.path.join(workdir, stage),
+                    ignore=shutil.ignore_patterns("checkpoints"))
+  for part in ("clip", "vae", "tokenizer"):
+    shutil.copytree(os.path.join(trained_dir, "model", part), os.path.join(workdir, "model", part))
+  clip_model, clip_params = jaxsd.load_clip(os.path.join(workdir, "model", "clip"))
+  te, te_params = stages.text_encoder_from_clip(clip_model, clip_params)
+  export.export_component(workdir, "text_encoder", te, te_params, step=24)
+
+
 def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir, tmp_path):
-  """The real stages through the resume path: `python -m train` killed with SIGKILL after the U-Net
+  """The real U-Net stage through the resume path: `python -m train` killed with SIGKILL after the U-Net
   stage's first checkpoint, then run again, exports the same weights, to the bit, as the uninterrupted
-  run (same config, same data, same 8 simulated devices). All three stages run in the killed process:
-  copying the uninterrupted run's finished clip/vae stages in and running only the U-Net stage (with
-  --config.eval.judge=False) gave U-Net weights that differ from the in-process run's, twice; not yet
-  explained, so the test keeps the whole run. (An untested guess at the cause: the copied model/text_encoder is the one the
-  U-Net stage trained, not the clip stage's.) The judged report is off in both processes
-  (--config.eval.judge=False): it comes after the export and is test_default_stages_run_end_to_end's; it
-  cost the judge's training before the U-Net stage and the 180-prompt report after it."""
+  in-process run of the fixture (same config, same data, same 8 simulated devices). The clip and vae stages
+  are the fixture's (`_workdir_after_clip_and_vae`), so both processes run the U-Net stage alone; the judged
+  report is off (--config.eval.judge=False): it comes after the export and is
+  test_default_stages_run_end_to_end's."""
   import time
 
   workdir = str(tmp_path / "killed")
+  _workdir_after_clip_and_vae(trained[0], workdir)
   proc = _train_cli(workdir, data_dir, "--config.eval.judge=False", "--config.checkpoint_every=16")
   try:
     deadline = time.time() + 600
@@ -315,18 +330,26 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
 def test_bfloat16_training_tracks_float32(trained, data_dir, tmp_path):
   """--config.dtype=bfloat16 end to end on the CPU: every stage's loss curve stays within 15% (mean
   relative difference per logged step) of the fp32 run's, and the exported (fp32) weights load in
-  diffusers and transformers."""
+  diffusers and transformers. Each stage runs the first 12 of the fp32 run's 24 steps (the same learning
+  rates: the schedules still span 24); measured: mean relative differences clip 0.13%, vae 0.14%, unet 0.13%."""
   import diffusers
   import transformers
 
   workdir = str(tmp_path / "bf16")
   # The losses and the export are what count: no judge, one checkpoint per stage.
-  cfg = _cfg(data_dir, dtype="bfloat16", checkpoint_every=24, **{"eval.judge": False})
+  cfg = _cfg(data_dir, dtype="bfloat16", checkpoint_every=24, **{
+      "eval.judge": False,
+      "clip.steps": 12,
+      "vae.steps": 12,
+      "unet.steps": 12
+  })
   run.train_and_evaluate(cfg, workdir)
   for stage in ("clip", "vae", "unet"):
-    ref, ours = np.asarray(_losses(trained[0], stage)), np.asarray(_losses(workdir, stage))
-    assert len(ours) == len(ref)
+    ours = np.asarray(_losses(workdir, stage))
+    ref = np.asarray(_losses(trained[0], stage))[:len(ours)]
+    assert len(ours) == 6
     rel = np.abs(ours - ref) / np.abs(ref)
+    print(f"bf16 {stage}: mean relative difference {rel.mean():.4f}")
     assert rel.mean() < 0.15, f"{stage}: bf16 vs fp32 loss, mean relative difference {rel.mean():.3f}"
   model = os.path.join(workdir, "model")
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(model, "unet"))

@@ -119,6 +119,11 @@ def get_config():
           timestep_logit_mean=0.8,
           timestep_logit_std=1.0,
           caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
+          # diffusers' train_text_to_image options (losses.diffusion_loss): `noise_offset` 0.1 or so lets a model
+          # draw very dark or bright images; `input_perturbation` 0.1 (Ning et al. 2023) trains against the
+          # sampler's exposure bias.
+          noise_offset=0.0,
+          input_perturbation=0.0,
           # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
           # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
           # hidden states); but joint training at the U-Net's learning rate lost colour too (docs/training.md).
