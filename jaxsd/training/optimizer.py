@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -103,3 +104,14 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Schedule]:
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
   return tx, lr_schedule
+
+
+def with_group_lr(tx: optax.GradientTransformation, group: str, ratio: float) -> optax.GradientTransformation:
+  """`tx` with the updates of the params' top-level entry `group` scaled by `ratio`: that group trains at `ratio`
+  times the schedule's learning rate, AdamW's step and its decoupled weight decay both (kohya's and diffusers'
+  `text_encoder_lr`). The gradient clipping before it still sees every group's gradient together."""
+
+  def mask(params):
+    return {k: jax.tree.map(lambda _: k == group, v) for k, v in params.items()}
+
+  return optax.chain(tx, optax.masked(optax.scale(float(ratio)), mask))

@@ -45,7 +45,7 @@ from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
 from jaxsd.training.loop import PeriodicCallback, train_loop
-from jaxsd.training.optimizer import make_optimizer
+from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,9 @@ def check_config(cfg, n_devices: int) -> None:
   sampling = cfg.unet.get("timestep_sampling", "uniform")
   if ("unet" in names or "lora" in names) and sampling not in losses.TIMESTEP_SAMPLINGS:
     raise ConfigError(f"config.unet.timestep_sampling={sampling!r}: use one of {losses.TIMESTEP_SAMPLINGS}.")
+  if "unet" in names and cfg.unet.get("text_encoder_lr") and not cfg.unet.train_text_encoder:
+    raise ConfigError(f"config.unet.text_encoder_lr={cfg.unet.text_encoder_lr} is the learning rate of a text encoder "
+                      "trained with the U-Net: set config.unet.train_text_encoder=True, or text_encoder_lr=0.")
   for key in ("noise_offset", "input_perturbation"):
     if not 0.0 <= float(cfg.unet.get(key, 0.0)) <= 1.0:
       raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] (diffusers' examples use "
@@ -316,10 +319,20 @@ class Preempted(Exception):
   """Training stopped on SIGTERM after saving; rerun the same command to resume."""
 
 
+def _optimizer(cfg, stage):
+  """The stage's optimizer and learning-rate schedule; a text encoder trained with the U-Net at its own rate
+  (`unet.text_encoder_lr`)."""
+  c = cfg[_section(stage.name)]
+  tx, schedule = make_optimizer(c.optimizer)
+  if stage.name == "unet" and c.get("train_text_encoder") and c.get("text_encoder_lr"):
+    tx = with_group_lr(tx, "text_encoder", c.text_encoder_lr / c.optimizer.lr)
+  return tx, schedule
+
+
 def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=(), on_start=None):
   """Trains a stage on the iterator `data`; on SIGTERM closes `data` and raises Preempted."""
   c = cfg[_section(stage.name)]
-  tx, schedule = make_optimizer(c.optimizer)
+  tx, schedule = _optimizer(cfg, stage)
   res = train_loop(workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params,
                    loss_fn=stage.loss_fn, tx=tx, data=data, total_steps=c.steps, frozen=stage.frozen,
                    lr_schedule=schedule, seed=cfg.seed, ema_decay=ema_decay, initial_params=stage.initial_params,
@@ -681,7 +694,7 @@ def _benchmark(cfg, stage, mesh, it) -> dict:
   """Compiles the U-Net train step, times `benchmark_steps` steps, returns the JSON-able figures."""
   from jaxsd.training.train_state import TrainState, make_train_step
 
-  tx, schedule = make_optimizer(cfg.unet.optimizer)
+  tx, schedule = _optimizer(cfg, stage)
   create = lambda r: TrainState.create(stage.init_params(r), tx, cfg.unet.ema_decay or None)  # noqa: E731
   abstract = jax.eval_shape(create, jax.random.key(0))
   shard = sharding.tree_shardings(abstract, mesh)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxsd.training import make_optimizer, make_schedule
+from jaxsd.training.optimizer import with_group_lr
 from jaxsd.training.train_state import TrainState, make_train_step
 
 from tests.training import toy_train as toy
@@ -111,3 +112,29 @@ def test_global_norm_clipping():
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert not np.allclose(p["w"], p_nc["w"], rtol=1e-4)  # Clipping changed the result.
+
+
+def test_a_group_trains_at_its_own_learning_rate():
+  """with_group_lr (the U-Net stage's `text_encoder_lr`): the group's AdamW updates, weight decay included, are
+  the plain optimizer's times the ratio; the other group's are the plain optimizer's, and the clipping sees
+  both groups' gradients together."""
+  cfg = dict(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.1, grad_clip_norm=0.5)
+  plain = make_optimizer(cfg)[0]
+  grouped = with_group_lr(plain, "text_encoder", 0.1)
+  rng = np.random.default_rng(0)
+  params = {
+      "unet": {
+          "w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+      },
+      "text_encoder": {
+          "e": jnp.asarray(rng.normal(size=(5,)), jnp.float32)
+      }
+  }
+  s_plain, s_grouped = plain.init(params), grouped.init(params)
+  for _ in range(3):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    u_plain, s_plain = plain.update(grads, s_plain, params)
+    u_grouped, s_grouped = grouped.update(grads, s_grouped, params)
+    np.testing.assert_allclose(u_grouped["unet"]["w"], u_plain["unet"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(u_grouped["text_encoder"]["e"], 0.1 * u_plain["text_encoder"]["e"], rtol=1e-6)
+    params = optax.apply_updates(params, u_plain)

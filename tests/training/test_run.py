@@ -234,6 +234,13 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
     ({
         "unet.cache_latents": True
     }, "cannot be combined with config.unet.train_text_encoder"),
+    ({
+        "unet.train_text_encoder": False,
+        "unet.text_encoder_lr": 1e-4
+    }, "set config.unet.train_text_encoder=True"),
+    ({
+        "unet.noise_offset": -0.1
+    }, r"noise_offset=-0.1: use a value in \[0, 1\]"),
 ])
 def test_bad_config_is_refused_before_any_work(data_dir, tmp_path, updates, message):
   with pytest.raises(run.ConfigError if "dtype" not in updates else ValueError, match=message):

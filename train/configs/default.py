@@ -128,6 +128,7 @@ def get_config():
           # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
           # hidden states); but joint training at the U-Net's learning rate lost colour too (docs/training.md).
           train_text_encoder=False,
+          text_encoder_lr=0.0,  # with train_text_encoder: its peak learning rate (kohya's, diffusers'); 0: the U-Net's
           # Encode the training split once with the frozen VAE and text encoder (posterior moments and hidden
           # states, in DIR/unet/latent_cache) and train on that: a step then runs the U-Net alone. Pays off
           # from about two epochs (docs/training.md); images are not flipped with it.
