@@ -53,30 +53,6 @@ def _skipped_for_an_import(report) -> bool:
   return report.skipped and "could not import" in str(report.longrepr)
 
 
-# The longest test files first (their measured seconds in the suite of 2026-12-03, on this 2-core machine):
-# with `--dist loadfile` a file runs on one worker, and pyproject's `--no-loadscope-reorder` keeps this order
-# (xdist's default hands out the files with the most tests first), so the long files start at once and the
-# short ones fill in at the end, instead of test_run.py (~650 s) starting late and running alone.
-LONGEST_FIRST = (
-    "tests/training/test_run.py",  # 652 s
-    "tests/training/test_finetune_sdxl.py",  # 223
-    "tests/test_distributed.py",  # 130
-    "tests/training/test_dreambooth.py",  # 126
-    "tests/training/test_lora_training.py",  # 117
-    "tests/training/test_lora_training_sdxl.py",  # 109
-    "tests/test_generate.py",  # 96
-    "tests/test_generate_controlnet.py",  # 88
-    "tests/test_pipeline.py",  # 86
-    "tests/training/test_judge.py",  # 70
-    "tests/training/test_controlnet_training.py",  # 68
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
-
-
 def pytest_collectreport(report):
   if _skipped_for_an_import(report):
     _import_skips.append(report.nodeid)
