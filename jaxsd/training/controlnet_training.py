@@ -22,7 +22,7 @@ from jaxsd.diffusion import SchedulerConfig, alphas_cumprod
 from jaxsd.models.controlnet import ControlNetConfig, ControlNetModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.training import losses
-from jaxsd.training.stages import Stage
+from jaxsd.training.stages import Stage, diffusion_loss_options
 
 CONDITIONS = ("shape_mask",)
 ENCODER = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")  # what from_unet copies
@@ -95,7 +95,7 @@ def controlnet_stage(cfg, *, controlnet: ControlNetModel, controlnet_params, une
                         mid_block_additional_residual=mid)
 
     return losses.diffusion_loss(unet_fn, ac, latents, context, k_noise, prediction_type=scheduler.prediction_type,
-                                 min_snr_gamma=c.min_snr_gamma or None)
+                                 **diffusion_loss_options(c))
 
   return Stage("controlnet", lambda rng: pretrained.init_params(controlnet, rng), loss_fn, frozen={
       "vae": vae_params,

@@ -156,6 +156,14 @@ def sdxl_encode(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel, text
   return jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1), out_2.text_embeds
 
 
+def diffusion_loss_options(c) -> dict:
+  """`losses.diffusion_loss`'s keyword arguments from a config's `unet` section (the U-Net, LoRA and ControlNet
+  stages train on the same loss, so they read the same keys)."""
+  return dict(min_snr_gamma=c.min_snr_gamma or None, timestep_sampling=c.get("timestep_sampling", "uniform"),
+              logit_mean=c.get("timestep_logit_mean", 0.0), logit_std=c.get("timestep_logit_std", 1.0),
+              noise_offset=c.get("noise_offset", 0.0), input_perturbation=c.get("input_perturbation", 0.0))
+
+
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,
                text_params, scheduler: SchedulerConfig, tokenizer, initial_params=None, prior_loss_weight: float = 1.0,
                text_gradient: bool = False, text_encoder_2=None, text_params_2=None, tokenizer_2=None) -> Stage:
@@ -225,12 +233,8 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
       return unet.apply({"params": unet_params}, x.astype(unet.dtype), t, cond["context"], **extra)
 
     return losses.diffusion_loss(unet_fn, ac, latents, cond, k_noise, prediction_type=scheduler.prediction_type,
-                                 min_snr_gamma=c.min_snr_gamma or None, prior_mask=batch.get("prior"),
-                                 prior_loss_weight=prior_loss_weight,
-                                 timestep_sampling=c.get("timestep_sampling",
-                                                         "uniform"), logit_mean=c.get("timestep_logit_mean", 0.0),
-                                 logit_std=c.get("timestep_logit_std", 1.0), noise_offset=c.get("noise_offset", 0.0),
-                                 input_perturbation=c.get("input_perturbation", 0.0))
+                                 prior_mask=batch.get("prior"), prior_loss_weight=prior_loss_weight,
+                                 **diffusion_loss_options(c))
 
   if joint:
     init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731
