@@ -4,8 +4,9 @@
 
 1. Attention at the SD 1.5 shapes (self-attention over 4096/1024 latent tokens, cross-attention
    over 77 context tokens, the VAE's single 512-wide head): jaxsd's "auto" choice (cuDNN's fused
-   kernel for bf16 where it applies) and the XLA path in bf16, each against an fp32 reference at
-   "highest" matmul precision; ||out - ref|| / ||ref||. Whether the compiled program holds a cuDNN
+   kernel for bf16 where it applies, the 77 keys padded to 128) and the XLA path in bf16, each
+   against an fp32 reference at "highest" matmul precision; ||out - ref|| / ||ref||, for the
+   output and (the largest of) the gradients with respect to q, k and v. Whether the compiled program holds a cuDNN
    fused-attention custom call is read from its HLO, and both paths are timed.
 2. The U-Net (random weights of the benchmark folder): jaxsd fp32 and jaxsd bf16 against diffusers
    PyTorch fp32 on the same GPU, TF32 off on both sides for the fp32 comparison.
@@ -71,16 +72,28 @@ def attention_checks() -> None:
     q = jax.random.normal(k[0], (b, t, n, h), jnp.float32)
     kk = jax.random.normal(k[1], (b, s, n, h), jnp.float32)
     v = jax.random.normal(k[2], (b, s, n, h), jnp.float32)
+    g = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)  # cotangent of the output
+
+    def grads(impl, g):  # d(sum(out * g)) / d(q, k, v)
+      return jax.jit(lambda q, k, v: jax.vjp(lambda *a: attention.dot_product_attention(*a, implementation=impl), q, k,
+                                             v)[1](g.astype(q.dtype)))
+
     with jax.default_matmul_precision("highest"):
       ref = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla"))(q, kk, v)
+      ref_grads = grads("xla", g)(q, kk, v)
     qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, kk, v))
     row = {"check": "attention", "case": name}
     for impl in ("auto", "xla"):
       f = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(q, k, v, implementation=impl))
       hlo = f.lower(qb, kb, vb).compile().as_text()
       out = f(qb, kb, vb)
+      try:
+        grad_err = max(rel(a, b) for a, b in zip(grads(impl, g)(qb, kb, vb), ref_grads))
+      except Exception as e:  # e.g. cuDNN refusing a backward shape: reported, not fatal
+        grad_err = f"{type(e).__name__}: {e}"[:300]
       row[impl] = {
           "rel_err_vs_fp32": rel(out, ref),
+          "grad_rel_err_vs_fp32": grad_err,
           "cudnn_fmha_in_hlo": "cudnn$fmha" in hlo or "fmha" in hlo,
           "ms": 1e3 * bench(lambda: f(qb, kb, vb))
       }
@@ -144,6 +157,7 @@ def main() -> int:
   p.add_argument("--model", default="sd15")
   p.add_argument("--out", default=None)
   p.add_argument("--skip-attention", action="store_true", help="only the U-Net checks")
+  p.add_argument("--only-attention", action="store_true", help="only the attention checks")
   args = p.parse_args()
   import jax
 
@@ -153,7 +167,8 @@ def main() -> int:
          jax=jax.__version__)
   if not args.skip_attention:
     attention_checks()
-  unet_checks(model_folder.write(args.model, args.models_dir))
+  if not args.only_attention:
+    unet_checks(model_folder.write(args.model, args.models_dir))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(RESULTS, f, indent=2)

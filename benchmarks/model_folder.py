@@ -24,22 +24,29 @@ def _key(cfgs: dict, seed: int) -> str:
   return hashlib.sha256(json.dumps([cfgs, seed], sort_keys=True).encode()).hexdigest()[:10]
 
 
+def leaf_scale(path, shape: tuple) -> float | str:
+  """How a random benchmark weight is drawn: "zeros" (biases), "ones" (norm scales), or the
+  standard deviation of a Gaussian (fan-in scaled for kernels, 0.02 for embeddings and vectors)."""
+  name = str(getattr(path[-1], "key", path[-1]))
+  if name == "bias":
+    return "zeros"
+  if name == "scale":
+    return "ones"
+  if name == "embedding" or len(shape) < 2:
+    return 0.02
+  return 1.0 / math.sqrt(math.prod(shape[:-1]))  # flax layout: (..., in, out)
+
+
 def _random_params(abstract, rng: np.random.Generator):
   """Fan-in scaled Gaussians for kernels and embeddings, ones for norm scales, zeros for biases."""
   import jax
 
   def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
     shape = tuple(leaf.shape)
-    if name == "bias":
-      return np.zeros(shape, np.float32)
-    if name == "scale":
-      return np.ones(shape, np.float32)
-    if name == "embedding" or len(shape) < 2:
-      std = 0.02
-    else:
-      std = 1.0 / math.sqrt(math.prod(shape[:-1]))  # flax layout: (..., in, out)
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    scale = leaf_scale(path, shape)
+    if isinstance(scale, str):
+      return (np.zeros if scale == "zeros" else np.ones)(shape, np.float32)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
 
   return jax.tree_util.tree_map_with_path(draw, abstract)
 

@@ -148,6 +148,28 @@ def sample(spec: dict) -> protocol.Case:
   return protocol.Case(run, info)
 
 
+def noise_prediction_loss(module, sched):
+  """The benchmark's U-Net loss on cached (latents, context) batches: epsilon MSE, uniform t."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxsd.diffusion import schedules
+
+  ac = schedules.alphas_cumprod(sched)
+
+  def loss_fn(p, batch, rng, frozen):
+    del frozen
+    latents, context = batch
+    k_noise, k_t = jax.random.split(rng)
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, sched.num_train_timesteps)
+    noisy = schedules.add_noise(ac, latents, noise, t)
+    pred = module.apply({"params": p}, noisy, t, context)
+    return jnp.mean((pred.astype(jnp.float32) - noise)**2), {}
+
+  return loss_fn
+
+
 def _train_parts(spec: dict):
   """(compiled-to-be function, its arguments) of one U-Net train step on cached latents."""
   import jax
@@ -161,19 +183,9 @@ def _train_parts(spec: dict):
   # fp32 master weights; the U-Net computes in `dtype` (bf16 on accelerators).
   module, params = pretrained.load_unet(os.path.join(spec["model"], "unet"), _dtype(spec["dtype"]), jnp.float32)
   sched = schedules.SchedulerConfig.from_json(os.path.join(spec["model"], "scheduler", "scheduler_config.json"))
-  ac = schedules.alphas_cumprod(sched)
   tx, _ = optimizer.make_optimizer({"lr": 1e-4, "warmup_steps": 0})  # AdamW, wd 1e-2, clip 1.0
 
-  def loss_fn(p, batch, rng, frozen):
-    del frozen
-    latents, context = batch
-    k_noise, k_t = jax.random.split(rng)
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    t = jax.random.randint(k_t, (latents.shape[0],), 0, sched.num_train_timesteps)
-    noisy = schedules.add_noise(ac, latents, noise, t)
-    pred = module.apply({"params": p}, noisy, t, context)
-    return jnp.mean((pred.astype(jnp.float32) - noise)**2), {}
-
+  loss_fn = noise_prediction_loss(module, sched)
   # Created inside jit, as jaxsd's training loop does: `create` outside jit puts one zero buffer in
   # three fields, and a donated state must not hold the same buffer twice.
   state = jax.jit(lambda p: TrainState.create(p, tx))(params)

@@ -1,7 +1,8 @@
 """Scaled dot-product attention: a fused kernel where one applies, else written out in XLA ops.
 
 On a GPU with half-precision inputs and head sizes cuDNN accepts, `jax.nn.dot_product_attention`
-runs the cuDNN fused (flash) kernel; on a TPU, attention without a general mask runs JAX's Pallas
+runs the cuDNN fused (flash) kernel (key sequences that are not a multiple of 64, such as SD's 77
+text tokens, padded to one and masked by length); on a TPU, attention without a general mask runs JAX's Pallas
 flash-attention kernel (`_pallas_attention`). Everywhere else the attention is written out here,
 with fp32 logits and softmax: the same computation as
 `jax.nn.dot_product_attention(implementation="xla")`, but laid out for XLA's CPU backend, where
@@ -24,15 +25,59 @@ import jax.numpy as jnp
 Implementation = Literal["auto", "xla", "cudnn", "pallas"]
 
 
-def _cudnn_ok(q: jax.Array, k: jax.Array) -> bool:
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+# cuDNN's fused attention takes sequence lengths in multiples of this; its backward pass refuses
+# others (seen on an H200: "Unsupported sequence length Q 1024, KV 77" for SD's 77-token
+# cross-attention), so shorter key sequences are padded up to it and masked by length.
+_CUDNN_SEQ = 64
+_CUDNN_PAD_KEYS = [True]  # see `cudnn_key_padding()`
+
+
+def _cudnn_ok(q: jax.Array, k: jax.Array, is_causal: bool = False) -> bool:
   if jax.default_backend() != "gpu":
     return False
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return False
   head_dim = q.shape[-1]
-  # cuDNN's backward pass refuses sequence lengths that are not multiples of 64 (seen on an H200:
-  # "Unsupported sequence length Q 1024, KV 77" for SD's 77-token cross-attention).
-  return head_dim % 8 == 0 and head_dim <= 128 and q.shape[1] % 64 == 0 and k.shape[1] % 64 == 0
+  if head_dim % 8 or head_dim > 128 or q.shape[1] % _CUDNN_SEQ:
+    return False
+  return k.shape[1] % _CUDNN_SEQ == 0 or (_CUDNN_PAD_KEYS[0] and not is_causal)
+
+
+@contextlib.contextmanager
+def cudnn_key_padding(enabled: bool):
+  """While tracing inside it, key sequences that are not a multiple of 64 (SD's 77 text tokens) are
+  padded for cuDNN (`enabled`, the default) or leave that attention to XLA (for benchmarks that
+  compare the two). Not thread-safe; trace a fresh function inside."""
+  before = _CUDNN_PAD_KEYS[0]
+  _CUDNN_PAD_KEYS[0] = enabled
+  try:
+    yield
+  finally:
+    _CUDNN_PAD_KEYS[0] = before
+
+
+def _padded_keys(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(k, v, key lengths): keys and values zero-padded along the sequence to a multiple of 64, with
+  the true length per batch row for `jax.nn.dot_product_attention(key_value_seq_lengths=...)`,
+  which masks the padding out (its logits get -inf-like values, so softmax gives them 0 weight and
+  they get zero gradient); lengths None when no padding is needed."""
+  s = k.shape[1]
+  sp = _round_up(s, _CUDNN_SEQ)
+  if sp == s:
+    return k, v, None
+  pad = ((0, 0), (0, sp - s), (0, 0), (0, 0))
+  return jnp.pad(k, pad), jnp.pad(v, pad), jnp.full((q.shape[0],), s, jnp.int32)
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, mask: jax.Array | None) -> jax.Array:
+  if mask is None and not is_causal:
+    k, v, lengths = _padded_keys(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
 
 
 # Logits per step of the CPU loop: 2**20 fp32 values (4 MiB) stay in a server CPU's L2/L3 cache.
@@ -151,10 +196,6 @@ _PALLAS_LANES = 128
 _PALLAS_BLOCKS = (512, 256, 128)  # tried largest first; 512 x 512 fp32 logits are 1 MiB of VMEM
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
 def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -> jax.Array:
   """The Pallas TPU flash-attention kernel on (B, L, N, H) arrays, padded to its 128-lane tiles.
 
@@ -226,13 +267,13 @@ def dot_product_attention(
     elif jax.default_backend() == "tpu":
       implementation = "pallas"
     else:
-      implementation = "cudnn" if _cudnn_ok(q, k) else "xla"
+      implementation = "cudnn" if _cudnn_ok(q, k, is_causal) else "xla"
   if implementation == "pallas" and mask is not None:
     implementation = "xla"
   if implementation == "xla":
     return _xla_attention(q, k, v, is_causal, mask)
   if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+    return _cudnn_attention(q, k, v, is_causal, mask)
   if implementation == "pallas":
     return _pallas_attention(q, k, v, is_causal)
   raise ValueError(f"attention implementation must be 'auto', 'xla', 'cudnn' or 'pallas', got {implementation!r}")

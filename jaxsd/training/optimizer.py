@@ -19,6 +19,7 @@ import optax
 Schedule = Callable[[int], float]
 
 _SCHEDULES = ("cosine", "constant")
+_MU_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
           eps=1e-8,
           grad_clip_norm=1.0,  # <= 0 disables clipping.
           grad_accum_steps=1,
+          # AdamW's first moment in bfloat16 (optax's mu_dtype): a quarter less optimizer state and
+          # memory traffic per update; the second moment stays in the parameters' dtype.
+          mu_dtype="float32",
       ))
 
 
@@ -55,6 +59,8 @@ def _resolve(cfg) -> ml_collections.ConfigDict:
     raise ValueError(f"optimizer.warmup_steps={out.warmup_steps} must be >= 0.")
   if out.grad_accum_steps < 1:
     raise ValueError(f"optimizer.grad_accum_steps={out.grad_accum_steps} must be >= 1.")
+  if out.mu_dtype not in _MU_DTYPES:
+    raise ValueError(f"optimizer.mu_dtype={out.mu_dtype!r}; use one of {tuple(_MU_DTYPES)}.")
   if out.schedule == "cosine" and out.total_steps <= out.warmup_steps:
     raise ValueError(f"optimizer.total_steps={out.total_steps} must exceed warmup_steps={out.warmup_steps} "
                      "for the cosine schedule.")
@@ -99,7 +105,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Schedule]:
     chain.append(optax.clip_by_global_norm(float(c.grad_clip_norm)))
   chain.append(
       optax.adamw(learning_rate=inner_schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
-                  weight_decay=float(c.weight_decay)))
+                  weight_decay=float(c.weight_decay), mu_dtype=_MU_DTYPES[c.mu_dtype]))
   tx = optax.chain(*chain)
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()

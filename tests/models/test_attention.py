@@ -185,11 +185,43 @@ def test_unet_with_pallas_attention(interpret):
 
 def test_cudnn_only_where_its_backward_works(monkeypatch):
   # cuDNN's fused attention backward refused SD's 77-token cross-attention on an H200
-  # ("Unsupported sequence length Q 1024, KV 77"): such shapes must take the XLA path.
+  # ("Unsupported sequence length Q 1024, KV 77"): such keys are padded to 128 (below), or, with
+  # padding off, take the XLA path; queries and causal attention are never padded.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   bf16 = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
   assert attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 1024, 8, 40))
-  assert not attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 77, 8, 40))  # cross-attention
-  assert not attention._cudnn_ok(bf16(2, 77, 12, 64), bf16(2, 77, 12, 64))  # CLIP text
+  assert attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 77, 8, 40))  # cross-attention, padded keys
+  with attention.cudnn_key_padding(False):
+    assert not attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 77, 8, 40))
+  assert attention._cudnn_ok(bf16(2, 1024, 8, 40), bf16(2, 77, 8, 40))  # restored on exit
+  assert not attention._cudnn_ok(bf16(2, 77, 12, 64), bf16(2, 77, 12, 64), is_causal=True)  # CLIP text
+  assert not attention._cudnn_ok(bf16(2, 1000, 8, 40), bf16(2, 1024, 8, 40))  # queries not padded
   assert not attention._cudnn_ok(bf16(2, 256, 8, 160), bf16(2, 256, 8, 160))  # head_dim > 128
   assert not attention._cudnn_ok(jnp.zeros((2, 1024, 8, 40)), jnp.zeros((2, 1024, 8, 40)))  # fp32
+
+
+@pytest.mark.parametrize("s", [77, 64, 130])
+def test_padded_keys_are_exact(s):
+  """The padding the cuDNN path adds (keys and values zero-padded to a multiple of 64, masked by
+  `key_value_seq_lengths`), run through jax.nn's XLA implementation, which takes the same
+  arguments: output and gradients equal the unpadded attention's. (cuDNN itself runs only on a
+  GPU: `benchmarks/gpu_check.py` compares it there.) Fails if the lengths are dropped: the zero
+  keys then take softmax weight (checked: 2e-1 off)."""
+  q, k, v = _qkv(2, 64, s, 4, 8, seed=3)
+  g = jax.random.normal(jax.random.key(4), q.shape)
+
+  def padded(q, k, v):
+    kp, vp, lengths = attention._padded_keys(q, k, v)
+    assert kp.shape[1] % 64 == 0 and (lengths is None) == (s % 64 == 0)
+    return jax.nn.dot_product_attention(q, kp, vp, key_value_seq_lengths=lengths, implementation="xla")
+
+  def plain(q, k, v):
+    return attention.dot_product_attention(q, k, v, implementation="xla")
+
+  outs = {}
+  for name, fn in (("padded", padded), ("plain", plain)):
+    out, vjp = jax.vjp(fn, q, k, v)
+    outs[name] = (out, *vjp(g))
+  for a, b in zip(outs["padded"], outs["plain"]):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
