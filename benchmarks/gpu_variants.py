@@ -1,16 +1,21 @@
-"""Variants of the SD 1.5 train step and sampling program on one GPU: compiled at once, timed one at a time.
+"""Variants of the SD 1.5 train step and sampling program on one GPU, beside PyTorch, one process each.
 
 Issue 16's second round. Each variant (batch, cross-attention path, parameter layouts, AdamW's
-first-moment dtype, XLA flags) and each PyTorch peer is one worker process. The workers compile
-concurrently (compiling is host work, and the GPU machines have 16 cores), wait until every
-worker is ready, then take the GPU one at a time, in the order of `VARIANTS`, when the driver
-gives each its turn, so that no timing overlaps another process's compile or autotuning. Cold compile times are therefore taken while the others
-compile too: upper bounds. Each worker appends one JSON line to `<out>/variants.jsonl` when done;
-the driver prints the table last.
+first-moment dtype, XLA flags) and each PyTorch peer runs in its own worker process, one after
+another in the order of `VARIANTS` (most wanted first, in case the budget runs out): compile (or
+load), 2 warm-up and 8 timed iterations, one JSON line appended to `<out>/variants.jsonl`. The
+driver prints the table last. Set JAX_COMPILATION_CACHE_DIR so that a rerun on a warm machine
+skips the compiles.
+
+Compiling the variants concurrently was tried on the H200 (2026-12-04) and does not pay: XLA's
+GPU compiler already spreads one compile over the 16 cores and autotunes on the GPU, so 15
+concurrent workers took 240-255 s to compile the sampling program (33 s alone) and none of the
+six train steps was compiled after 390 s; two train steps side by side were not compiled after
+212 s (75-95 s alone).
 
   python benchmarks/gpu_variants.py --models-dir /tmp/models --out /tmp/variants [--only a,b] [--budget 480]
 
-`--model tiny` runs every variant on this CPU in about a minute (a dry run of the script).
+`--model tiny` runs every variant on this CPU in a few minutes (a dry run of the script).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,7 +39,7 @@ SAMPLE = dict(workload="sample", dtype="bfloat16", steps=25, sampler="ddim", gui
 # call cannot hide it); auto_layout: XLA picks the train state's layouts (conv kernels and their
 # AdamW state in cuDNN's layout, no transposes in the update); mu_dtype: AdamW's first moment;
 # autotune0: XLA's GPU autotuning off (a compile-time figure; sampling's time shows what it costs).
-VARIANTS = {  # timed in this order (most wanted first, in case the budget runs out)
+VARIANTS = {  # run in this order
     "train b16 xla-cross": dict(TRAIN, batch=16, pad_keys=False),
     "train b16": dict(TRAIN, batch=16),
     "torch train b16": dict(TRAIN, batch=16, impl="torch"),
@@ -106,7 +110,11 @@ def _jaxsd_train(spec: dict):
     kw.update(in_shardings=(Format(Layout.AUTO), None, None), out_shardings=(Format(Layout.AUTO), None))
   t0 = time.perf_counter()
   compiled = jax.jit(step, **kw).lower(abstract_state, batch_shapes, rng).compile()
-  info = {"compile_s": time.perf_counter() - t0, "flops": flops.model_flops(step, abstract_state, batch_shapes, rng)}
+  # Model FLOPs (attention written out, costed on the CPU client) once the timing is done.
+  info = {
+      "compile_s": time.perf_counter() - t0,
+      "flops": lambda: flops.model_flops(step, abstract_state, batch_shapes, rng)
+  }
   state_format = compiled.input_formats[0][0] if spec.get("auto_layout") else None
   # Random weights drawn on the device (the same in every variant; model_folder's rule, not its
   # file: no host copy of 860M parameters in each of the concurrent workers).
@@ -161,7 +169,7 @@ def _torch(spec: dict):
   return (lambda: (None, None)), run, info
 
 
-def worker(name: str, index: int, spec: dict, sync: str, out: str) -> None:
+def worker(name: str, spec: dict, out: str) -> None:
   t_start = time.perf_counter()
   result = {"name": name, "spec": spec}
   try:
@@ -173,28 +181,21 @@ def worker(name: str, index: int, spec: dict, sync: str, out: str) -> None:
       with attention.cudnn_key_padding(spec.get("pad_keys", True)):
         prepare, run, info = (_jaxsd_train if spec["workload"] == "train" else _jaxsd_sample)(spec)
     result.update(info)
-  except Exception as e:  # reported, and the others go on
-    result["error"] = f"setup: {type(e).__name__}: {e}"[:2000]
-    prepare = None
-  open(os.path.join(sync, f"ready-{index}"), "w").close()
-  while not os.path.exists(os.path.join(sync, f"turn-{index}")):
-    time.sleep(0.2)
-  result["waited_s"] = time.perf_counter() - t_start
-  result["timed_alone"] = os.path.exists(os.path.join(sync, "go"))  # every compile had finished (or failed)
-  if prepare is not None:
-    try:
-      state, batch = prepare()
-      times, losses = [], []
-      for i in range(WARMUP + TIMED):
-        t0 = time.perf_counter()
-        state, loss = run(state, batch)
-        if i >= WARMUP:
-          times.append(time.perf_counter() - t0)
-          losses.append(loss)
-      result.update(times=times, median_s=statistics.median(times), losses=losses)
-      result["device_peak_mb"], result["device_kind"], result["peak_flops"] = _device_facts(spec)
-    except Exception as e:
-      result["error"] = f"run: {type(e).__name__}: {e}"[:2000]
+    result["setup_s"] = time.perf_counter() - t_start
+    state, batch = prepare()
+    times, losses = [], []
+    for i in range(WARMUP + TIMED):
+      t0 = time.perf_counter()
+      state, loss = run(state, batch)
+      if i >= WARMUP:
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    result.update(times=times, median_s=statistics.median(times), losses=losses)
+    result["device_peak_mb"], result["device_kind"], result["peak_flops"] = _device_facts(spec)
+    if callable(result.get("flops")):
+      result["flops"] = result["flops"]()
+  except Exception as e:  # reported in the table; the next variant goes on
+    result["error"] = f"{type(e).__name__}: {e}"[:2000]
   with open(os.path.join(out, "variants.jsonl"), "a") as f:
     f.write(json.dumps(result, default=str) + "\n")
 
@@ -247,11 +248,9 @@ def main() -> None:
   p.add_argument("--budget", type=float, default=480.0, help="seconds before every worker is stopped")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-  p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-  p.add_argument("--sync", default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.worker:
-    return worker(a.worker, a.index, json.loads(a.spec), a.sync, a.out)
+    return worker(a.worker, json.loads(a.spec), a.out)
   t0 = time.perf_counter()
   import sd15_configs, model_folder
 
@@ -262,55 +261,23 @@ def main() -> None:
   os.makedirs(a.out, exist_ok=True)
   folder = model_folder.write(a.model, a.models_dir)
   latent = sd15_configs.image_size(a.model) // sd15_configs.vae_factor(a.model)
-  sync = os.path.join(tempfile.gettempdir(), "gpu_variants_sync")  # not under --out: only results travel back
-  os.makedirs(sync, exist_ok=True)
-  for f in os.listdir(sync):
-    os.remove(os.path.join(sync, f))
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-  procs = []
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
   log = open(os.path.join(a.out, "workers.log"), "a")
-  for i, n in enumerate(names):
+  say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+  for n in names:
+    left = a.budget - (time.perf_counter() - t0)
+    if left < 10:
+      say(f"budget spent: {n} not run")
+      continue
     spec = dict(VARIANTS[n], model=folder, latent=latent, height=latent * sd15_configs.vae_factor(a.model))
     spec["width"] = spec["height"]
     e = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " + spec.get("xla_flags", "")).strip())
-    cmd = [
-        sys.executable, __file__, "--worker", n, "--index",
-        str(i), "--spec",
-        json.dumps(spec), "--sync", sync, "--out", a.out
-    ]
-    procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT))
-  say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-  say(f"{len(procs)} workers compiling")
-  left = lambda: a.budget - (time.perf_counter() - t0)
-  ready = lambda i: os.path.exists(os.path.join(sync, f"ready-{i}")) or procs[i].poll() is not None
-  # Timing starts once every worker has compiled, or at 60% of the budget (then the late ones are
-  # timed while others may still compile: their rows say timed_alone false).
-  while not all(ready(i) for i in range(len(procs))) and left() > 0.4 * a.budget:
-    time.sleep(1)
-  if all(ready(i) for i in range(len(procs))):
-    open(os.path.join(sync, "go"), "w").close()
-  say("timing one at a time, in the table's order")
-  pending = list(range(len(procs)))
-  while pending and left() > 0:
-    if all(ready(i) for i in range(len(procs))) and not os.path.exists(os.path.join(sync, "go")):
-      open(os.path.join(sync, "go"), "w").close()
-    i = next((i for i in pending if ready(i)), None)
-    if i is None:
-      time.sleep(0.5)
-      continue
-    pending.remove(i)
-    if procs[i].poll() is not None:
-      continue
-    open(os.path.join(sync, f"turn-{i}"), "w").close()
+    cmd = [sys.executable, __file__, "--worker", n, "--spec", json.dumps(spec), "--out", a.out]
     try:
-      procs[i].wait(timeout=max(1.0, left()))
-      say(f"{names[i]}: done")
+      subprocess.run(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, timeout=left)
+      say(f"{n}: done")
     except subprocess.TimeoutExpired:
-      pass
-  for i in sorted(set(pending) | {i for i, q in enumerate(procs) if q.poll() is None}):
-    if procs[i].poll() is None:
-      say(f"budget spent: stopping {names[i]}")
-      procs[i].kill()
+      say(f"budget spent: {n} stopped")
   print(f"[{time.perf_counter() - t0:6.1f}s] done")
   print(table(os.path.join(a.out, "variants.jsonl")))
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 16's second GPU session: gpu_variants.py (the SD 1.5 train step and sampling program in
-# several variants beside PyTorch, compiled at once, timed one at a time), then gpu_check.py's
+# several variants beside PyTorch, one process after another), then gpu_check.py's
 # attention checks (cuDNN with the 77 keys padded to 128: output and gradients against fp32).
 # What it keeps goes to $OUT: env.txt, log.txt, variants.jsonl, workers.log, check.json.
 #
@@ -11,7 +11,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_out}
 BUDGET=${BUDGET:-450}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache  # a rerun on a warm machine skips compiles
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
