@@ -35,7 +35,7 @@ import chart  # noqa: E402
 import protocol  # noqa: E402
 import sd15_configs  # noqa: E402
 
-WORKLOADS = ("unet_forward", "sample", "train", "compile")
+WORKLOADS = ("unet_forward", "vae_decode", "sample", "train", "compile")
 IMPLS = ("jaxsd", "torch", "flax039")
 FLAX039_VENV = os.path.join(HERE, ".venv-flax039")
 FLAX039_PACKAGES = ["diffusers==0.39.0", "transformers==4.57.6", "jax==0.10.2", "flax", "safetensors",
@@ -48,6 +48,7 @@ def _case(workload, model, impls, repeats, warmup, sequential=False, optional=Fa
   px = spec.get("latent", 0) * sd15_configs.vae_factor(model)
   labels = {
       "unet_forward": "b{batch} {latent}x{latent} latents {dtype}",
+      "vae_decode": "b{batch} {px}x{px} from {latent}x{latent} latents {dtype}",
       "sample": "b{batch} {height}x{width} {steps} steps {sampler} cfg {guidance_scale} {dtype}",
       "train": "b{batch} {px}px ({latent}x{latent} latents) {dtype}"
   }
@@ -81,6 +82,7 @@ def plan(args) -> list[dict]:
     return [
         _case("unet_forward", m, all3, r or 10, 2, batch=1, latent=16, dtype="float32"),
         _case("unet_forward", m, all3, r or 10, 2, batch=2, latent=16, dtype="float32"),
+        _case("vae_decode", m, two, r or 10, 2, batch=1, latent=16, dtype="float32"),
         _case("sample", m, all3, r or 5, 1, **sample_spec),
         _case("train", m, two, r or 10, 2, **train_spec),
         _case("compile", m, ("jaxsd",), 0, 0, program="sample", **sample_spec),
@@ -94,6 +96,7 @@ def plan(args) -> list[dict]:
     return [
         _case("unet_forward", "sd15", two, r or 10, 3, optional=True, batch=1, latent=64, dtype="bfloat16"),
         _case("unet_forward", "sd15", two, r or 10, 3, optional=True, batch=2, latent=64, dtype="bfloat16"),
+        _case("vae_decode", "sd15", two, r or 10, 3, optional=True, batch=1, latent=64, dtype="bfloat16"),
         _case("sample", "sd15", two, r or 3, 1, **sample_spec),
         # Two SD 1.5 training processes (AdamW state, activations) need not fit one card together.
         _case("train", "sd15", two, r or 10, 3, sequential=True, **train256),
@@ -107,6 +110,7 @@ def plan(args) -> list[dict]:
   return [
       _case("unet_forward", "sd15", all3, r or 5, 1, batch=1, latent=64, dtype="float32"),
       _case("unet_forward", "sd15", all3, r or 5, 1, batch=2, latent=64, dtype="float32"),
+      _case("vae_decode", "sd15", two, r or 5, 1, batch=1, latent=64, dtype="float32"),  # 512x512
       # The guided batch of one small-model sampling step (2 x 32x32 latents).
       _case("unet_forward", "small", all3, r or 10, 2, batch=2, latent=32, dtype="float32"),
       _case("sample", "small", all3, r or 3, 1, batch=1, height=small_px, width=small_px, steps=25, sampler="ddim",

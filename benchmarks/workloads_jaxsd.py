@@ -87,6 +87,23 @@ def unet_forward(spec: dict) -> protocol.Case:
   return protocol.Case(lambda: protocol.timed(lambda: compiled(*args).block_until_ready()), info)
 
 
+def vae_decode(spec: dict) -> protocol.Case:
+  """The VAE decoder alone (post-quant conv + decoder), latents (B, h, w, 4) -> images, as
+  diffusers' `AutoencoderKL.decode`."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxsd import pretrained
+
+  dtype = _dtype(spec["dtype"])
+  module, params = pretrained.load_vae(os.path.join(spec["model"], "vae"), dtype)
+  s = spec["latent"]
+  z = jax.random.normal(jax.random.key(0), (spec["batch"], s, s, module.config.latent_channels), jnp.float32)
+  compiled, info = compile_timed(lambda p, z: module.apply({"params": p}, z.astype(dtype), method=module.decode),
+                                 params, z)
+  return protocol.Case(lambda: protocol.timed(lambda: compiled(params, z).block_until_ready()), info)
+
+
 def _pipeline_and_args(spec: dict):
   import jax
   import jax.numpy as jnp
@@ -226,7 +243,13 @@ def compile_only(spec: dict) -> protocol.Case:
   return protocol.Case(lambda: 0.0, info)
 
 
-WORKLOADS = {"unet_forward": unet_forward, "sample": sample, "train": train, "compile": compile_only}
+WORKLOADS = {
+    "unet_forward": unet_forward,
+    "vae_decode": vae_decode,
+    "sample": sample,
+    "train": train,
+    "compile": compile_only
+}
 
 
 def setup(spec: dict) -> protocol.Case:

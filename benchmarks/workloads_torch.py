@@ -70,6 +70,26 @@ def unet_forward(spec: dict) -> protocol.Case:
   return protocol.Case(run, {"torch_dtype": str(dtype)})
 
 
+def vae_decode(spec: dict) -> protocol.Case:
+  import diffusers
+  import torch
+
+  device, dtype = _device(spec), _inference_dtype(spec)
+  vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(spec["model"], "vae"), torch_dtype=dtype).to(device).eval()
+  s = spec["latent"]
+  z = torch.randn((spec["batch"], vae.config.latent_channels, s, s), generator=torch.Generator().manual_seed(0))
+  z = z.to(device, dtype)
+
+  def run():
+    with torch.no_grad():
+      t0 = time.perf_counter()
+      vae.decode(z).sample
+      _sync(device)
+      return time.perf_counter() - t0
+
+  return protocol.Case(run, {"torch_dtype": str(dtype)})
+
+
 def sample(spec: dict) -> protocol.Case:
   import diffusers
   import torch
@@ -132,7 +152,7 @@ def train(spec: dict) -> protocol.Case:
   return protocol.Case(run, {"images": b})
 
 
-WORKLOADS = {"unet_forward": unet_forward, "sample": sample, "train": train}
+WORKLOADS = {"unet_forward": unet_forward, "vae_decode": vae_decode, "sample": sample, "train": train}
 
 
 def setup(spec: dict) -> protocol.Case:
