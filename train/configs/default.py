@@ -10,7 +10,8 @@ import ml_collections
 def _optimizer(lr, steps, warmup, schedule="cosine", weight_decay=1e-2):
   return ml_collections.ConfigDict(
       dict(lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=steps, end_lr_ratio=0.1,
-           weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1))
+           weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1,
+           mu_dtype="float32"))
 
 
 def get_config():
