@@ -443,6 +443,11 @@ class StableDiffusion:
       self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise))
     return self._compiled[key]
 
+  @functools.cached_property
+  def exported_programs(self) -> dict:
+    """Programs saved ahead of time, by `exported_key`: `jaxsd.aot.load_programs` fills it."""
+    return {}
+
   def _encoder(self):
     if "encode" not in self._compiled:
       self._compiled["encode"] = jax.jit(self.encode_images)
@@ -527,7 +532,18 @@ class StableDiffusion:
       text["guidance_rescale"] = jnp.float32(guidance_rescale)
     if task == "img2img":  # an argument: SDXL's refiner runs img2img and the hand-off in one program
       text["add_noise"] = jnp.asarray(denoising_start is None)
-    fn = self._jitted(guided, "latent" if output == "latent" else "np", task, from_noise, **(program_options or {}))
+    kind = "latent" if output == "latent" else "np"
+    exported = None
+    if (self.exported_programs and task == "text" and not cond and not program_options and denoising_end is None and
+        set(text) <= {"guidance_rescale"}):
+      exported = self.exported_programs.get(
+          exported_key(sampler, steps, guided, kind, ids.shape, uncond_ids.shape, noise.shape))
+    if exported is not None:  # saved by jaxsd.aot: no tracing
+      out = exported.call(self.params, ids, uncond_ids, noise, jnp.float32(guidance_scale),
+                          jax.random.key_data(self.sampler_keys(seed, len(prompts))),
+                          text.get("guidance_rescale", jnp.float32(0.0)))
+      return _finish(out, output)
+    fn = self._jitted(guided, kind, task, from_noise, **(program_options or {}))
     out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale),
              self.sampler_keys(seed, len(prompts)), **cond, **text)
     return _finish(out, output)
@@ -735,6 +751,12 @@ class StableDiffusion:
     out = self._inpaint(prompts, crops.images, crops.masks, output="np", padding_mask_crop=None, height=None,
                         width=None, **kwargs)
     return _finish(mask_crop.paste(out, crops), output)
+
+
+def exported_key(sampler: str, steps: int, guided: bool, output: str, ids_shape, uncond_ids_shape,
+                 noise_shape) -> tuple:
+  """What a program saved by `jaxsd.aot` is found by: the settings and input shapes it was exported for."""
+  return (sampler, int(steps), bool(guided), output, tuple(ids_shape), tuple(uncond_ids_shape), tuple(noise_shape))
 
 
 def with_extra(x: jax.Array, x_extra: jax.Array | None) -> jax.Array:
