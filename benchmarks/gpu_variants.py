@@ -77,7 +77,7 @@ def _random_params(abstract, key):
 
 
 def _jaxsd_train(spec: dict):
-  """(prepare, step): prepare() puts params and state on the device; step(state) -> (state, loss)."""
+  """(prepare, run, info): prepare() -> (state, batch) on the device; run(state, batch) -> (state, loss)."""
   import jax
   import jax.numpy as jnp
   from jax.experimental.layout import Format, Layout
@@ -117,7 +117,7 @@ def _jaxsd_train(spec: dict):
   }
   state_format = compiled.input_formats[0][0] if spec.get("auto_layout") else None
   # Random weights drawn on the device (the same in every variant; model_folder's rule, not its
-  # file: no host copy of 860M parameters in each of the concurrent workers).
+  # file: no host copy of 860M parameters to read and transfer).
   create_c = jax.jit(lambda key: create(_random_params(abstract_params, key)),
                      out_shardings=state_format).lower(jax.random.key(0)).compile()
 
