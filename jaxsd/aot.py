@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +106,7 @@ def load_programs(pipe: StableDiffusion, folder: str) -> list[str]:
       info = json.load(f)
     with open(os.path.join(folder, name + _SUFFIX), "rb") as f:
       exported = jax.export.deserialize(bytearray(f.read()))
-    if not any(re.sub("^gpu$", "cuda", platform) == p or platform == p for p in exported.platforms):
+    if platform not in exported.platforms and not (platform == "gpu" and {"cuda", "rocm"} & set(exported.platforms)):
       raise ValueError(f"load_programs: {name} was saved for {list(exported.platforms)}, not this {platform} backend: "
                        "save it again with platforms= naming this one.")
     saved = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals[:len(params)]]

@@ -71,6 +71,10 @@ def test_programs_of_another_model_or_none_are_refused(saved, tmp_path):
   bf16 = jaxsd.StableDiffusion.from_pretrained(folder, jnp.bfloat16)
   with pytest.raises(ValueError, match="other parameter shapes or dtypes"):
     aot.load_programs(bf16, programs)
+  cuda = str(tmp_path / "cuda")  # lowered for another platform than this CPU's
+  aot.save_program(bf16, cuda, batch=1, height=16, width=16, steps=2, sampler="ddim", platforms=("cuda",))
+  with pytest.raises(ValueError, match="saved for \\['cuda'\\], not this cpu backend"):
+    aot.load_programs(bf16, cuda)
   with pytest.raises(FileNotFoundError, match="no \\*.jaxexport programs"):
     aot.load_programs(bf16, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="not a folder"):
