@@ -202,18 +202,20 @@ def worker(name: str, spec: dict, out: str) -> None:
 
 def _device_facts(spec: dict):
   """(peak device memory in MB, device kind, peak dense bf16 FLOP/s)."""
-  import jax
-
   from jaxsd import flops
 
-  kind = jax.devices()[0].device_kind
-  peak = flops.peak_flops_per_device(kind)
-  if spec.get("impl") == "torch":
+  if spec.get("impl") == "torch":  # asked of torch: starting jax's GPU client here would take the card's memory
     import torch
 
-    return (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None), kind, peak
+    if not torch.cuda.is_available():
+      return None, "cpu", flops.peak_flops_per_device("cpu")
+    kind = torch.cuda.get_device_name()
+    return torch.cuda.max_memory_allocated() / 2**20, kind, flops.peak_flops_per_device(kind)
+  import jax
+
+  kind = jax.devices()[0].device_kind
   stats = jax.devices()[0].memory_stats()
-  return (stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None), kind, peak
+  return (stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None), kind, flops.peak_flops_per_device(kind)
 
 
 def table(path: str) -> str:

@@ -109,8 +109,7 @@ def load_programs(pipe: StableDiffusion, folder: str) -> list[str]:
     if platform not in exported.platforms and not (platform == "gpu" and {"cuda", "rocm"} & set(exported.platforms)):
       raise ValueError(f"load_programs: {name} was saved for {list(exported.platforms)}, not this {platform} backend: "
                        "save it again with platforms= naming this one.")
-    saved = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals[:len(params)]]
-    if saved != params:
+    if _avals(exported.in_avals[:len(params)]) != params:
       raise ValueError(f"load_programs: {name} was saved from a model with other parameter shapes or dtypes than "
                        "this pipeline's: save it again from this model (and dtype).")
     key = exported_key(info["sampler"], info["steps"], info["guided"], info["output"], tuple(info["ids_shape"]),

@@ -538,14 +538,13 @@ class StableDiffusion:
         set(text) <= {"guidance_rescale"}):
       exported = self.exported_programs.get(
           exported_key(sampler, steps, guided, kind, ids.shape, uncond_ids.shape, noise.shape))
+    gs, keys = jnp.float32(guidance_scale), self.sampler_keys(seed, len(prompts))
     if exported is not None:  # saved by jaxsd.aot: no tracing
-      out = exported.call(self.params, ids, uncond_ids, noise, jnp.float32(guidance_scale),
-                          jax.random.key_data(self.sampler_keys(seed, len(prompts))),
+      out = exported.call(self.params, ids, uncond_ids, noise, gs, jax.random.key_data(keys),
                           text.get("guidance_rescale", jnp.float32(0.0)))
-      return _finish(out, output)
-    fn = self._jitted(guided, kind, task, from_noise, **(program_options or {}))
-    out = fn(self.params, schedule, ids, uncond_ids, noise, jnp.float32(guidance_scale),
-             self.sampler_keys(seed, len(prompts)), **cond, **text)
+    else:
+      fn = self._jitted(guided, kind, task, from_noise, **(program_options or {}))
+      out = fn(self.params, schedule, ids, uncond_ids, noise, gs, keys, **cond, **text)
     return _finish(out, output)
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
