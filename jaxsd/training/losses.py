@@ -78,14 +78,27 @@ TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # what `sample_t
 
 
 def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, how: str = "uniform", logit_mean: float = 0.0,
-                     logit_std: float = 1.0) -> jax.Array:
+                     logit_std: float = 1.0, uniform_fraction: float = 0.0) -> jax.Array:
   """`batch` training timesteps in [0, num_timesteps), each uniform. "uniform": independent (diffusers'
   train_text_to_image.py). "stratified": one per stratum [i T / B, (i + 1) T / B) in a random order, a
   low-discrepancy draw (Kingma et al. 2021, "Variational diffusion models", appendix; k-diffusion's
   `stratified_uniform`): the same expected loss, less variance from the timesteps in a small batch.
   "logit_normal": t / T = sigmoid(n), n ~ N(logit_mean, logit_std^2) (Esser et al. 2024, SD3, eq. 19; diffusers'
   `compute_density_for_timestep_sampling` and its scripts' --logit_mean / --logit_std): more of the batch at
-  middle noise, fewer at the ends (a positive mean keeps more at the noisy end)."""
+  middle noise, fewer at the ends (a positive mean keeps more at the noisy end).
+
+  `uniform_fraction` > 0: each timestep is instead drawn uniformly with that probability (a mixture: the
+  density never falls below `uniform_fraction` times uniform's, so no noise level goes untrained); 0 leaves
+  the draws above unchanged, bit for bit."""
+  t = _sample_timesteps(rng, batch, num_timesteps, how, logit_mean, logit_std)
+  if not uniform_fraction:
+    return t
+  k_pick, k_uniform = jax.random.split(jax.random.fold_in(rng, 3))
+  pick = jax.random.bernoulli(k_pick, uniform_fraction, (batch,))
+  return jnp.where(pick, jax.random.randint(k_uniform, (batch,), 0, num_timesteps), t)
+
+
+def _sample_timesteps(rng, batch, num_timesteps, how, logit_mean, logit_std):
   if how == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_timesteps)
   if how == "logit_normal":
@@ -103,7 +116,8 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
                    prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
                    prior_mask: jax.Array | None = None, prior_loss_weight: float = 1.0,
                    timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                   noise_offset: float = 0.0, input_perturbation: float = 0.0) -> tuple[jax.Array, dict]:
+                   noise_offset: float = 0.0, input_perturbation: float = 0.0,
+                   timestep_uniform_fraction: float = 0.0) -> tuple[jax.Array, dict]:
   """Noise the latents at a random timestep drawn as `timestep_sampling` says (`sample_timesteps`, with the
   logit-normal's `logit_mean` / `logit_std`); the U-Net predicts the noise or v (Ho et al. 2020;
   Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`; `context` is passed through as given (an
@@ -117,7 +131,8 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
   target keeps `noise` (Ning et al. 2023, against exposure bias). Both 0: the draws are those without them."""
   b = latents.shape[0]
   t_rng, n_rng = jax.random.split(rng)
-  t = sample_timesteps(t_rng, b, alphas_cumprod.shape[0], timestep_sampling, logit_mean, logit_std)
+  t = sample_timesteps(t_rng, b, alphas_cumprod.shape[0], timestep_sampling, logit_mean, logit_std,
+                       timestep_uniform_fraction)
   noise = jax.random.normal(n_rng, latents.shape, jnp.float32)
   if noise_offset:
     offset = jax.random.normal(jax.random.fold_in(n_rng, 1), (b, 1, 1, latents.shape[-1]), jnp.float32)

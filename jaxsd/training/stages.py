@@ -161,7 +161,8 @@ def diffusion_loss_options(c) -> dict:
   stages train on the same loss, so they read the same keys)."""
   return dict(min_snr_gamma=c.min_snr_gamma or None, timestep_sampling=c.get("timestep_sampling", "uniform"),
               logit_mean=c.get("timestep_logit_mean", 0.0), logit_std=c.get("timestep_logit_std", 1.0),
-              noise_offset=c.get("noise_offset", 0.0), input_perturbation=c.get("input_perturbation", 0.0))
+              noise_offset=c.get("noise_offset", 0.0), input_perturbation=c.get("input_perturbation", 0.0),
+              timestep_uniform_fraction=c.get("timestep_uniform_fraction", 0.0))
 
 
 def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_params, text_encoder: CLIPTextModel,

@@ -119,6 +119,7 @@ def get_config():
           timestep_sampling="logit_normal",
           timestep_logit_mean=0.8,
           timestep_logit_std=1.0,
+          timestep_uniform_fraction=0.0,  # > 0: that share of the timesteps drawn uniformly instead (a mixture)
           caption_dropout=0.1,  # captions replaced by "" so classifier-free guidance works
           # diffusers' train_text_to_image options (losses.diffusion_loss): `noise_offset` 0.1 or so lets a model
           # draw very dark or bright images; `input_perturbation` 0.1 (Ning et al. 2023) trains against the
