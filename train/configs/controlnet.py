@@ -29,6 +29,7 @@ def get_config(variant: str = "shapes"):
   u.ema_decay = 0.0  # diffusers' train_controlnet.py keeps no EMA
   u.train_text_encoder = False
   u.timestep_sampling = "uniform"  # train_controlnet.py's draw
+  u.timestep_uniform_fraction = 0.0
   u.cache_latents = False  # the condition comes from each (flipped) image
   u.sample_every = 0
   c.controlnet = ml_collections.ConfigDict(
