@@ -219,13 +219,13 @@ def test_logit_normal_timesteps_follow_sd3s_density(mean, std):
 
 def test_uniform_fraction_mixes_in_uniform_draws():
   """`uniform_fraction` f: each timestep uniform with probability f, else logit-normal: the share below t = 100
-  (logit-normal (0.8, 1) alone: 0.8%) is f * 0.1 + (1 - f) * that, within sampling error (20,000 draws); f = 0
+  (logit-normal (0.8, 1) alone: 0.14%) is f * 0.1 + (1 - f) * that, within sampling error (20,000 draws); f = 0
   gives the plain draws bit for bit."""
   T, n, key = 1000, 20000, jax.random.key(5)
   plain = np.asarray(losses.sample_timesteps(key, n, T, "logit_normal", 0.8, 1.0))
   np.testing.assert_array_equal(np.asarray(losses.sample_timesteps(key, n, T, "logit_normal", 0.8, 1.0, 0.0)), plain)
   low = (plain < 100).mean()
-  assert low < 0.015
+  assert low < 0.004  # 0.0014 expected
   for f in (0.2, 0.5):
     mixed = np.asarray(losses.sample_timesteps(key, n, T, "logit_normal", 0.8, 1.0, f))
     assert mixed.min() >= 0 and mixed.max() < T
