@@ -236,13 +236,12 @@ def check_config(cfg, n_devices: int) -> None:
   if "unet" in names and cfg.unet.get("text_encoder_lr") and not cfg.unet.train_text_encoder:
     raise ConfigError(f"config.unet.text_encoder_lr={cfg.unet.text_encoder_lr} is the learning rate of a text encoder "
                       "trained with the U-Net: set config.unet.train_text_encoder=True, or text_encoder_lr=0.")
-  if not 0.0 <= float(cfg.unet.get("timestep_uniform_fraction", 0.0)) <= 1.0:
-    raise ConfigError(f"config.unet.timestep_uniform_fraction={cfg.unet.get('timestep_uniform_fraction')}: it is the "
-                      "share of timesteps drawn uniformly instead of by timestep_sampling; use a value in [0, 1].")
-  for key in ("noise_offset", "input_perturbation"):
+  diffusers_hint = "diffusers' examples use 0.05-0.1; 0 turns it off"
+  for key, hint in (("noise_offset", diffusers_hint), ("input_perturbation", diffusers_hint),
+                    ("timestep_uniform_fraction", "the share of timesteps drawn uniformly instead of by "
+                     "timestep_sampling; 0 turns it off")):
     if not 0.0 <= float(cfg.unet.get(key, 0.0)) <= 1.0:
-      raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] (diffusers' examples use "
-                        "0.05-0.1; 0 turns it off).")
+      raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] ({hint}).")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
