@@ -29,6 +29,8 @@ class JudgedPrompts:
   # The trained CLIP's zero-shot second opinion: attributes it picks among, and the caption of a choice.
   clip_attributes: dict[str, tuple[str, ...]]
   clip_caption: Callable[..., str]
+  # The report's confusion tables split each attribute's rows by this one's asked class (None: not split).
+  confusion_split: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,8 @@ def _shapes() -> Builtin:
       "center.", clip_attributes={
           "color": shapes.COLORS,
           "shape": shapes.SHAPES
-      }, clip_caption=lambda color, shape: shapes.caption_for(shape, color))
+      }, clip_caption=lambda color, shape: shapes.caption_for(shape, color),
+      confusion_split="size")  # small shapes are the hard ones: small circles and squares get confused
   sample = [shapes.caption_for(s, c) for c in shapes.COLORS for s in shapes.SHAPES]
   return Builtin(prepare=lambda data_dir, name: shapes.prepare_named(data_dir, name), sample_prompts=sample,
                  sample_grid_columns=len(shapes.SHAPES), judged=judged)

@@ -125,20 +125,30 @@ def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: 
   """Generates `images_per_prompt` images per prompt and asks the independent `judge` whether each shows
   the labelled class of every attribute (and `clip_judge`, the trained CLIP, as a second opinion).
 
-  Returns per-prompt rows, per-attribute and all-correct accuracies, and the images (prompt-major).
+  Returns per-prompt rows, per-attribute and all-correct accuracies, the images (prompt-major), and per
+  image the classes asked for ("labels") and the classes the judge saw ("predicted").
   """
   prompts = [p for p in prompts for _ in range(images_per_prompt)]
   labels = {a: np.repeat(np.asarray(v), images_per_prompt) for a, v in labels.items()}
   images = _generate(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
   x = images.astype(np.float32) / 127.5 - 1.0
   ok = judge.correct(x, labels)
+  predicted = judge.predict(x)  # class indices: what the judge saw, for the confusion tables
   clip_ok = {f"clip_{a}": v for a, v in clip_judge(x, labels).items()} if clip_judge is not None else {}
   cols = {**ok, **clip_ok}
   rows = []
   for i in range(0, len(prompts), images_per_prompt):
     sl = slice(i, i + images_per_prompt)
     rows.append({"prompt": prompts[i], **{k: float(v[sl].mean()) for k, v in cols.items()}})
-  result = {"rows": rows, "images": images, "num_images": len(prompts)}
+  result = {
+      "rows": rows,
+      "images": images,
+      "num_images": len(prompts),
+      "labels": labels,
+      "predicted": {
+          a: np.asarray(v) for a, v in predicted.items()
+      }
+  }
   result.update({f"{k}_accuracy": float(v.mean()) for k, v in cols.items()})
   return result
 
@@ -178,4 +188,46 @@ def summary_table(result: dict, attributes: Sequence[str], group_by: Sequence[st
   for name, acc in ceilings.items():
     lines.append(f"| {name} | {acc.get('n', '')} | " + " | ".join(f"{acc[c]:.3f}" if c in acc else "" for c in cols) +
                  " |")
+  return "\n".join(lines)
+
+
+def confusion(asked: dict, judged: dict, classes: dict, split: str | None = None) -> dict:
+  """What the judge saw against what was asked for: attribute -> {row: {judged class: count}}.
+
+  `asked` and `judged` hold class indices per image for each attribute of `classes` (attribute -> class
+  names). A row is the asked class, prefixed by the asked class of `split` for every other attribute
+  ("small circle": small shapes are drawn worse than large ones, and a table per attribute alone hides it).
+  """
+  out = {}
+  for a, names in classes.items():
+    rows: dict = {}
+    by = split if split is not None and split != a else None
+    prefixes = classes[by] if by else ("",)
+    for prefix_i, prefix in enumerate(prefixes):
+      for i, name in enumerate(names):
+        mask = np.asarray(asked[a]) == i
+        if by:
+          mask &= np.asarray(asked[by]) == prefix_i
+        counts = np.bincount(np.asarray(judged[a])[mask].astype(int), minlength=len(names))
+        rows[f"{prefix} {name}".strip()] = {n: int(c) for n, c in zip(names, counts)}
+    out[a] = rows
+  return out
+
+
+def confusion_table(rows: dict, ceiling: dict | None = None) -> str:
+  """Markdown of one attribute's `confusion` rows: the fraction judged as each class (the asked one in
+  bold), and, from `ceiling` (the same rows for images whose class is known, e.g. VAE reconstructions of
+  test images), the fraction of those the judge gets right."""
+  names = list(next(iter(rows.values())))
+  extra = " | ceiling" if ceiling else ""
+  lines = ["| asked | n | " + " | ".join(names) + f"{extra} |", "|---|---|" + "---|" * (len(names) + bool(ceiling))]
+  for row, counts in rows.items():
+    n = sum(counts.values())
+    asked = max((k for k in counts if row == k or row.endswith(" " + k)), key=len, default=None)
+    cells = [(f"**{c / n:.2f}**" if k == asked else f"{c / n:.2f}") if n else "-" for k, c in counts.items()]
+    if ceiling:
+      ref = ceiling.get(row, {})
+      m = sum(ref.values())
+      cells.append(f"{ref.get(asked, 0) / m:.2f}" if m else "-")
+    lines.append(f"| {row} | {n} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

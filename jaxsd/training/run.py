@@ -819,6 +819,7 @@ def report(cfg, workdir, tokenizer) -> dict:
                                              spec.clip_caption)
   labels = {a: test[a] for a in judge.attributes}
   recon = evaluate.reconstruct(pipe.vae, pipe.vae_params, test["image"])
+  recon_confusion = evaluate.confusion(labels, judge.predict(recon), spec.attributes, spec.confusion_split)
   ceilings = {}
   for name, images in (("real test images (ceiling)", test["image"]), ("VAE reconstructions of them", recon)):
     acc = judge.accuracy(images, labels)
@@ -853,6 +854,13 @@ def report(cfg, workdir, tokenizer) -> dict:
   by_attr = {a: evaluate.summary_table(match, judge.attributes, (a,), {}) for a in spec.attributes if a not in grouped}
   match.pop("row_labels")
   by_sections = "".join(f"## By {a}\n\n{t}\n\n" for a, t in by_attr.items())
+  confusion = evaluate.confusion(match.pop("labels"), match.pop("predicted"), spec.attributes, spec.confusion_split)
+  split = f" (rows split by the {spec.confusion_split} asked for)" if spec.confusion_split else ""
+  confusion_sections = (
+      f"## What the judge saw\n\nPer attribute, for the samples of each class asked for{split}: the fraction the "
+      "judge put in each class (the asked one in bold). `ceiling`: the fraction of the VAE's reconstructions of "
+      "real test images of that row the judge gets right (the autoencoder's ceiling for the row).\n\n" +
+      "".join(f"### {a}\n\n{evaluate.confusion_table(confusion[a], recon_confusion[a])}\n\n" for a in confusion))
   fid_name = cfg.data.name.split("/")[0] + "-FID"
   fid_line = (f"{fid_name} (judge features, {floors['fid_images']} samples of test captions vs "
               f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
@@ -866,7 +874,9 @@ def report(cfg, workdir, tokenizer) -> dict:
             f"(`judge/`; it shares nothing with the model). The `clip` columns are the trained CLIP's zero-shot "
             f"verdict among every {' x '.join(grouped)} caption (a second opinion; it is part of the model).\n\n"
             f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
-            f"{by_sections}## Samples\n\n{spec.grid_caption}\n\n![prompt match](samples/prompt_match_grid.png)\n")
+            f"{by_sections}{confusion_sections}## Samples\n\n{spec.grid_caption}\n\n"
+            "![prompt match](samples/prompt_match_grid.png)\n")
   print(table)
   print(fid_line)
-  return dict(scores, rows=match["rows"], ceilings=ceilings, **floors, judge=judge.meta)
+  return dict(scores, rows=match["rows"], ceilings=ceilings, confusion=confusion, vae_confusion=recon_confusion,
+              **floors, judge=judge.meta)

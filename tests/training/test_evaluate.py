@@ -69,23 +69,28 @@ class _Pipe:
 
 
 class _Judge:
-  """Right about colour when the prompt was long (value > 3), about shape always."""
+  """Sees colour 1 when the prompt was long (value > 3), else colour 0; shape 0 always."""
+
+  def predict(self, x):
+    value = np.round((x[:, 0, 0, 0] + 1) * 127.5)
+    return {"color": (value > 3).astype(int), "shape": np.zeros(len(x), int)}
 
   def correct(self, x, labels):
-    value = np.round((x[:, 0, 0, 0] + 1) * 127.5)
-    return {"color": value > 3, "shape": np.ones(len(x), bool)}
+    return {a: p == np.asarray(labels[a]) for a, p in self.predict(x).items()}
 
 
 def test_prompt_match_rows_and_accuracies():
   pipe = _Pipe()
   prompts = ["ab", "abcd", "abcdef"]
-  labels = {"color": [0, 1, 2], "shape": [0, 0, 0]}
+  labels = {"color": [1, 1, 1], "shape": [0, 0, 0]}
   out = evaluate.prompt_match(pipe, _Judge(), prompts, labels, sampler="ddim", steps=2, guidance_scale=1.0, seed=5,
                               images_per_prompt=2)
   assert out["num_images"] == 6 and out["images"].shape == (6, 4, 4, 3)
   assert [r["prompt"] for r in out["rows"]] == prompts
   assert [r["color"] for r in out["rows"]] == [0.0, 1.0, 1.0]
   assert out["color_accuracy"] == 4 / 6 and out["shape_accuracy"] == 1.0
+  np.testing.assert_array_equal(out["labels"]["color"], [1] * 6)  # per image, prompt-major
+  np.testing.assert_array_equal(out["predicted"]["color"], [0, 0, 1, 1, 1, 1])
   assert pipe.calls == [(6, 4, 4, 5)]  # one batch at the model's native size
 
 
@@ -138,3 +143,37 @@ def test_summary_table():
   assert lines[2] == "| circle | 2 | 0.50 | 0.50 |"
   assert lines[3] == "| **all generated** | 2 | **0.500** | **0.500** |"
   assert lines[4] == "| real test images | 10 | 0.900 |  |"
+
+
+def _counts(rows):
+  return {row: tuple(counts.values()) for row, counts in rows.items()}
+
+
+def test_confusion_counts_per_asked_class_split_by_another_attribute():
+  classes = {"shape": ("circle", "square"), "size": ("small", "large")}
+  asked = {"shape": np.array([0, 0, 1, 1, 1, 0]), "size": np.array([0, 0, 0, 0, 1, 1])}
+  judged = {"shape": np.array([0, 1, 0, 0, 1, 0]), "size": np.array([0, 1, 0, 0, 1, 1])}
+  conf = evaluate.confusion(asked, judged, classes, split="size")
+  assert list(conf["shape"]["small square"]) == ["circle", "square"]  # judged classes, in class order
+  # (circle, square) counts per row; both small squares were seen as circles.
+  assert _counts(conf["shape"]) == {
+      "small circle": (1, 1),
+      "small square": (2, 0),
+      "large circle": (1, 0),
+      "large square": (0, 1)
+  }
+  assert _counts(conf["size"]) == {"small": (3, 1), "large": (0, 2)}  # not split by itself
+  assert _counts(evaluate.confusion(asked, judged, classes)["shape"]) == {"circle": (2, 1), "square": (2, 1)}
+
+
+def test_confusion_table_bolds_the_asked_class_and_shows_the_ceiling():
+  names = ("circle", "square")
+  rows = {"small circle": (1, 1), "small square": (2, 0), "large blue circle": (0, 0)}
+  rows = {k: dict(zip(names, v)) for k, v in rows.items()}
+  ceiling = {k: dict(zip(names, v)) for k, v in {"small circle": (3, 1), "small square": (1, 1)}.items()}
+  lines = evaluate.confusion_table(rows, ceiling).splitlines()
+  assert lines[0] == "| asked | n | circle | square | ceiling |"
+  assert lines[2] == "| small circle | 2 | **0.50** | 0.50 | 0.75 |"
+  assert lines[3] == "| small square | 2 | 1.00 | **0.00** | 0.50 |"
+  assert lines[4] == "| large blue circle | 0 | - | - | - |"  # no samples, no ceiling images
+  assert evaluate.confusion_table(rows).splitlines()[0] == "| asked | n | circle | square |"

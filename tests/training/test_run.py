@@ -72,7 +72,13 @@ def test_default_stages_run_end_to_end(trained):
   assert np.isfinite(pm["fid"]) and pm["fid_real_vs_real"] < pm["fid"] and pm["fid_images"] == 50
   for stage in ("clip", "vae", "unet"):
     assert all(np.isfinite(_losses(workdir, stage)))
-  assert os.path.exists(os.path.join(workdir, "report.md"))
+  # What the judge saw: per attribute, rows asked (split by size), counts per judged class; every sample once.
+  shape_rows = pm["confusion"]["shape"]
+  assert list(shape_rows) == [f"{z} {s}" for z in ("small", "large") for s in ("circle", "square", "triangle")]
+  assert sum(sum(r.values()) for r in shape_rows.values()) == 180
+  assert sum(sum(r.values()) for r in pm["vae_confusion"]["position"].values()) == 128  # the test images
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "## What the judge saw" in f.read()
   for png in ("prompt_match_grid.png", "quality.png"):
     assert os.path.exists(os.path.join(workdir, "samples", png))
   # The smoke config trains the text encoder with the U-Net: the exported one is no longer CLIP's text tower.
