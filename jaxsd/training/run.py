@@ -165,6 +165,10 @@ def check_config(cfg, n_devices: int) -> None:
     if b % n_devices or b % jax.process_count():
       raise ConfigError(f"config.{_section(name)}.batch_size={b} is not divisible by the {n_devices} devices "
                         f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
+    try:  # builds the optax chain only: a bad value is refused before any stage runs
+      make_optimizer(_optimizer_settings(cfg, name))
+    except ValueError as e:
+      raise ConfigError(f"config.{_section(name)}.optimizer: {e}") from None
   if cfg.init:
     if not os.path.isdir(cfg.init):
       raise ConfigError(f"config.init={cfg.init!r} does not exist: give a diffusers Stable Diffusion folder.")
@@ -321,11 +325,21 @@ class Preempted(Exception):
   """Training stopped on SIGTERM after saving; rerun the same command to resume."""
 
 
+def _optimizer_settings(cfg, name: str) -> dict:
+  """A stage's optimizer section; `total_steps` 0 means the stage's own `steps`, so that a cosine schedule
+  follows `--config.unet.steps=N` (as diffusers' --max_train_steps sets its scheduler's length)."""
+  c = cfg[_section(name)]
+  opt = dict(c.optimizer)
+  if "total_steps" in opt and not opt["total_steps"]:
+    opt["total_steps"] = c.steps
+  return opt
+
+
 def _optimizer(cfg, stage):
   """The stage's optimizer and learning-rate schedule; a text encoder trained with the U-Net at its own rate
   (`unet.text_encoder_lr`)."""
   c = cfg[_section(stage.name)]
-  tx, schedule = make_optimizer(c.optimizer)
+  tx, schedule = make_optimizer(_optimizer_settings(cfg, stage.name))
   if stage.name == "unet" and c.get("train_text_encoder") and c.get("text_encoder_lr"):
     tx = with_group_lr(tx, "text_encoder", c.text_encoder_lr / c.optimizer.lr)
   return tx, schedule

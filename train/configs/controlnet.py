@@ -25,7 +25,7 @@ def get_config(variant: str = "shapes"):
   u = c.unet
   u.steps = 3000
   u.batch_size = 64
-  u.optimizer = default._optimizer(1e-4, 3000, 100, schedule="constant", weight_decay=1e-2)  # train_controlnet.py's lr
+  u.optimizer = default._optimizer(1e-4, 100, schedule="constant", weight_decay=1e-2)  # train_controlnet.py's lr
   u.ema_decay = 0.0  # diffusers' train_controlnet.py keeps no EMA
   u.train_text_encoder = False
   u.timestep_sampling = "uniform"  # train_controlnet.py's draw

@@ -7,11 +7,11 @@ Run: python -m train --workdir DIR [--config train/configs/default.py] [--config
 import ml_collections
 
 
-def _optimizer(lr, steps, warmup, schedule="cosine", weight_decay=1e-2):
+def _optimizer(lr, warmup, schedule="cosine", weight_decay=1e-2):
+  # total_steps 0: the stage's own steps, so the cosine decay follows --config.<stage>.steps.
   return ml_collections.ConfigDict(
-      dict(lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=steps, end_lr_ratio=0.1,
-           weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1,
-           mu_dtype="float32"))
+      dict(lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=0, end_lr_ratio=0.1, weight_decay=weight_decay,
+           b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, grad_accum_steps=1, mu_dtype="float32"))
 
 
 def get_config():
@@ -49,7 +49,7 @@ def get_config():
           batch_size=64,  # 150 steps left shape and position out of the text encoder (docs/training.md)
           # 5e-4: caption retrieval 0.72-0.74 at seeds 0-3; at 1e-3 it was 0.71 / 0.38 / 0.56 at seeds 0 / 2 / 3, and
           # seed 2's U-Net then drew position at chance (docs/training.md, thirteenth round).
-          optimizer=_optimizer(5e-4, 600, 60),
+          optimizer=_optimizer(5e-4, 60),
           text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                     max_position_embeddings=32, hidden_act="quick_gelu"),  # shapes captions are < 20 tokens
           vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -65,7 +65,7 @@ def get_config():
           # judge's shape on its reconstructions 0.90 vs 0.80): the number of updates counts (docs/training.md).
           steps=1600,
           batch_size=8,
-          optimizer=_optimizer(1e-3, 1600, 160),
+          optimizer=_optimizer(1e-3, 160),
           block_out_channels=(16, 32),
           layers_per_block=1,
           latent_channels=4,
@@ -86,7 +86,7 @@ def get_config():
           # CPU (2,000 took 21 min 51 s); on an accelerator raise it.
           steps=1500,
           batch_size=16,
-          optimizer=_optimizer(1e-3, 1500, 150),
+          optimizer=_optimizer(1e-3, 150),
           block_out_channels=(32, 64, 128),
           layers_per_block=1,
           attention_head_dim=4,

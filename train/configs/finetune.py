@@ -47,7 +47,7 @@ def get_config(variant: str = "sd15"):
   u = c.unet
   u.steps = 15000
   u.batch_size = 32
-  u.optimizer = default._optimizer(1e-5, 15000, 500, schedule="constant", weight_decay=1e-2)
+  u.optimizer = default._optimizer(1e-5, 500, schedule="constant", weight_decay=1e-2)
   u.ema_decay = 0.9999
   u.gradient_checkpointing = True
   u.train_text_encoder = False  # the pretrained text encoder stays frozen, as in diffusers' train_text_to_image
@@ -62,7 +62,7 @@ def get_config(variant: str = "sd15"):
     u.steps = 10000
     u.batch_size = 16
     # diffusers' README example for SDXL: lr 1e-6, constant, no warm-up, 20% empty captions.
-    u.optimizer = default._optimizer(1e-6, 10000, 0, schedule="constant", weight_decay=1e-2)
+    u.optimizer = default._optimizer(1e-6, 0, schedule="constant", weight_decay=1e-2)
     u.caption_dropout = 0.2
     u.ema_decay = 0.0  # an EMA copy is another 10 GB of fp32 (diffusers' --use_ema is off by default)
     u.guidance_scale = 5.0  # SDXL's pipeline default
@@ -79,7 +79,7 @@ def _dreambooth(c) -> None:
   u = c.unet
   u.steps = 800
   u.batch_size = 4  # instance examples per step; prior preservation adds as many class examples
-  u.optimizer = default._optimizer(5e-6, 800, 0, schedule="constant", weight_decay=1e-2)
+  u.optimizer = default._optimizer(5e-6, 0, schedule="constant", weight_decay=1e-2)
   u.ema_decay = 0.0
   u.min_snr_gamma = 0.0
   u.caption_dropout = 0.0

@@ -47,7 +47,7 @@ def get_config(variant: str = "sd15"):
   u = c.unet
   u.steps = 15000
   u.batch_size = 16
-  u.optimizer = default._optimizer(1e-4, 15000, 0, schedule="constant", weight_decay=1e-2)
+  u.optimizer = default._optimizer(1e-4, 0, schedule="constant", weight_decay=1e-2)
   u.ema_decay = 0.0  # diffusers' LoRA script keeps no EMA; > 0 averages the adapter (exported instead)
   u.min_snr_gamma = 0.0
   u.sample_every = 0  # sample with `python -m sample` and the adapter file; no grids during training
@@ -55,13 +55,13 @@ def get_config(variant: str = "sd15"):
   # lr 1e-4 constant, no EMA, no caption dropout.
   if variant.endswith("sdxl"):
     u.steps = 10000
-    u.optimizer = default._optimizer(1e-4, 10000, 0, schedule="constant", weight_decay=1e-2)
+    u.optimizer = default._optimizer(1e-4, 0, schedule="constant", weight_decay=1e-2)
     u.caption_dropout = 0.0
     u.guidance_scale = 5.0
   if variant.startswith("dreambooth"):  # train_dreambooth_lora.py's README: lr 1e-4 constant, 500 steps
     u.steps = 500
     u.batch_size = 4  # the script's default; prior preservation adds as many class examples
-    u.optimizer = default._optimizer(1e-4, 500, 0, schedule="constant", weight_decay=1e-2)
+    u.optimizer = default._optimizer(1e-4, 0, schedule="constant", weight_decay=1e-2)
   c.lora = ml_collections.ConfigDict(
       dict(
           rank=4,
