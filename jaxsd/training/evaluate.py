@@ -132,8 +132,8 @@ def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: 
   labels = {a: np.repeat(np.asarray(v), images_per_prompt) for a, v in labels.items()}
   images = _generate(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
   x = images.astype(np.float32) / 127.5 - 1.0
-  ok = judge.correct(x, labels)
-  predicted = judge.predict(x)  # class indices: what the judge saw, for the confusion tables
+  predicted = judge.predict(x)  # class indices: what the judge saw (also for the confusion tables)
+  ok = judge.compare(predicted, labels)
   clip_ok = {f"clip_{a}": v for a, v in clip_judge(x, labels).items()} if clip_judge is not None else {}
   cols = {**ok, **clip_ok}
   rows = []

@@ -88,8 +88,11 @@ class Judge:
 
   def correct(self, images: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per attribute (and "all"), a boolean per image: did the judge see the labelled class?"""
-    pred = self.predict(images)
-    ok = {a: pred[a] == np.asarray(labels[a]) for a in self.attributes}
+    return self.compare(self.predict(images), labels)
+
+  def compare(self, predicted: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`correct` for classes already predicted (`predict`), so one pass over the images serves both."""
+    ok = {a: predicted[a] == np.asarray(labels[a]) for a in self.attributes}
     ok["all"] = np.logical_and.reduce([ok[a] for a in self.attributes])
     return ok
 

@@ -75,8 +75,8 @@ class _Judge:
     value = np.round((x[:, 0, 0, 0] + 1) * 127.5)
     return {"color": (value > 3).astype(int), "shape": np.zeros(len(x), int)}
 
-  def correct(self, x, labels):
-    return {a: p == np.asarray(labels[a]) for a, p in self.predict(x).items()}
+  def compare(self, predicted, labels):
+    return {a: p == np.asarray(labels[a]) for a, p in predicted.items()}
 
 
 def test_prompt_match_rows_and_accuracies():
