@@ -326,11 +326,11 @@ class Preempted(Exception):
 
 
 def _optimizer_settings(cfg, name: str) -> dict:
-  """A stage's optimizer section; `total_steps` 0 means the stage's own `steps`, so that a cosine schedule
-  follows `--config.unet.steps=N` (as diffusers' --max_train_steps sets its scheduler's length)."""
+  """A stage's optimizer section; `total_steps` 0 or absent means the stage's own `steps`, so that a cosine
+  schedule follows `--config.unet.steps=N` (as diffusers' --max_train_steps sets its scheduler's length)."""
   c = cfg[_section(name)]
   opt = dict(c.optimizer)
-  if "total_steps" in opt and not opt["total_steps"]:
+  if not opt.get("total_steps"):
     opt["total_steps"] = c.steps
   return opt
 

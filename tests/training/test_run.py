@@ -376,7 +376,7 @@ def test_bfloat16_training_tracks_float32(trained, data_dir, tmp_path):
 
 def test_a_cosine_schedule_follows_the_stages_steps():
   """The default config's `total_steps` 0 is the stage's `steps`: raising --config.unet.steps stretches the decay
-  (it used to stop at the config's 1,500 and stay at the floor); an explicit total_steps still wins."""
+  (it used to stop at the config's 1,500 and stay at the floor); an explicit total_steps still wins; a section without the key is the same as 0."""
   cfg = importlib.import_module("train.configs.default").get_config()
   cfg.unet.steps = 4000
   opt = run._optimizer_settings(cfg, "unet")
@@ -390,3 +390,5 @@ def test_a_cosine_schedule_follows_the_stages_steps():
   assert run._optimizer_settings(cfg, "unet")["total_steps"] == 3000
   for stage in ("clip", "vae"):
     assert run._optimizer_settings(cfg, stage)["total_steps"] == cfg[stage].steps
+  del cfg.vae.optimizer["total_steps"]  # a hand-written section without the key: the stage's steps, not 10,000
+  assert run._optimizer_settings(cfg, "vae")["total_steps"] == cfg.vae.steps
