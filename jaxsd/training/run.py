@@ -833,10 +833,12 @@ def report(cfg, workdir, tokenizer) -> dict:
                                              spec.clip_caption)
   labels = {a: test[a] for a in judge.attributes}
   recon = evaluate.reconstruct(pipe.vae, pipe.vae_params, test["image"])
-  recon_confusion = evaluate.confusion(labels, judge.predict(recon), spec.attributes, spec.confusion_split)
+  recon_predicted = judge.predict(recon)  # one pass serves the confusion rows and the ceiling
+  recon_confusion = evaluate.confusion(labels, recon_predicted, spec.attributes, spec.confusion_split)
   ceilings = {}
-  for name, images in (("real test images (ceiling)", test["image"]), ("VAE reconstructions of them", recon)):
-    acc = judge.accuracy(images, labels)
+  for name, images, predicted in (("real test images (ceiling)", test["image"], judge.predict(test["image"])),
+                                  ("VAE reconstructions of them", recon, recon_predicted)):
+    acc = {k: float(v.mean()) for k, v in judge.compare(predicted, labels).items()}
     acc.update({f"clip_{a}": float(v.mean()) for a, v in clip_judge(images, labels).items()})
     ceilings[name] = dict(acc, n=len(images))
   chance = {a: 1 / len(spec.attributes[a]) for a in judge.attributes}
