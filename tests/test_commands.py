@@ -45,6 +45,7 @@ def _sd_folder_without(path, missing: str) -> str:
     (["--config.mesh.fsdp=3"], "must divide the 8 devices"),
     (["--config.unet.cache_latents=True", "--config.data.random_flip=True"], "cannot be flipped"),
     (["--config.unet.timestep_uniform_fraction=1.5"], "timestep_uniform_fraction=1.5"),
+    (["--config.unet.foreground_loss_weight=-2"], "foreground_loss_weight=-2.0 must be >= 0"),
     (["--config.vae.optimizer.warmup_steps=100"], "config.vae.optimizer: optimizer.total_steps=24 must exceed"),
     (["--config.unet.stepz=3"], "stepz"),
     (["--config.unet.steps=many"], "steps"),

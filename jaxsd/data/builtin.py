@@ -39,6 +39,7 @@ class Builtin:
   sample_prompts: list[str]  # the U-Net stage's sample grid during training
   sample_grid_columns: int
   judged: JudgedPrompts | None = None
+  mask_key: str | None = None  # a feature marking each image's subject (for `unet.foreground_loss_weight`)
 
 
 def _shapes() -> Builtin:
@@ -54,7 +55,7 @@ def _shapes() -> Builtin:
       confusion_split="size")  # small shapes are the hard ones: small circles and squares get confused
   sample = [shapes.caption_for(s, c) for c in shapes.COLORS for s in shapes.SHAPES]
   return Builtin(prepare=lambda data_dir, name: shapes.prepare_named(data_dir, name), sample_prompts=sample,
-                 sample_grid_columns=len(shapes.SHAPES), judged=judged)
+                 sample_grid_columns=len(shapes.SHAPES), judged=judged, mask_key="mask")
 
 
 GENERIC_SAMPLE_PROMPTS = ("a photo of a cat", "a painting of a lighthouse", "a red car", "a bowl of fruit")

@@ -40,6 +40,16 @@ _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _RESERVED = ("image", "input_ids", "input_ids_2", "original_size", "crop_top_left", "caption")
 _MAX_LOGGED = 10
 _ORIENTATION = 0x0112  # the EXIF orientation tag
+# What ImageOps.exif_transpose does for each orientation (applied to a mask stored with its image's pixels).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclasses.dataclass
@@ -81,6 +91,7 @@ def make_dataset(
     max_length: int = tokenizer_lib.MAX_LENGTH,
     image_key: str = "image",
     caption_key: str = "caption",
+    mask_key: str | None = None,
     label_keys: tuple[str, ...] = (),
     return_captions: bool = False,
     random_crop: bool = False,
@@ -111,6 +122,9 @@ def make_dataset(
     max_length: tokens per caption.
     image_key, caption_key: feature names of the image and its caption (a text,
       or a sequence of texts of which training picks one at random and eval the first).
+    mask_key: a single-channel image feature (e.g. shapes' "mask"), returned as "loss_mask", float32 in [0, 1]
+      (N, S, S, 1), resized, cropped and flipped with its image (what a loss weighted on the subject reads;
+      kohya-ss' masked loss reads the alpha channel the same way).
     label_keys: features passed through as int32 arrays (e.g. shapes' "color").
     return_captions: also return the caption strings under "caption".
     random_crop: (training only) crop at a random place instead of the centre.
@@ -150,7 +164,8 @@ def make_dataset(
   if split_name not in info.splits:
     raise ValueError(f"Dataset {info.full_name} has no split {split_name!r}; it has "
                      f"{sorted(info.splits)}.")
-  for what, key in [("image_key", image_key), ("caption_key", caption_key)] + [("label_keys", k) for k in label_keys]:
+  keys = [("image_key", image_key), ("caption_key", caption_key)] + [("mask_key", mask_key)] * bool(mask_key)
+  for what, key in keys + [("label_keys", k) for k in label_keys]:
     if key not in features:
       raise KeyError(f"{what}={key!r} is not a feature of {info.full_name}; its features are "
                      f"{sorted(features.keys())}.")
@@ -165,7 +180,8 @@ def make_dataset(
   if tokenizer is None:
     tokenizer = tokenizer_lib.load_tokenizer()
 
-  source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+  decoders = {k: tfds.decode.SkipDecoding() for k in (image_key, mask_key) if k}
+  source = builder.as_data_source(split=split, decoders=decoders)
   per_host = len(source) // process_count  # equal shards: every host makes the same steps
   if per_host < batch_size and (drop_remainder or per_host == 0):
     raise ValueError(f"{info.full_name} split {split!r} has {len(source)} examples, "
@@ -184,8 +200,8 @@ def make_dataset(
     chunks, first, offset = positions.batch(batch_size, drop_remainder=False), 0, process_index * per_host
   reader = _ChunkReader(source=source, offset=offset, chunk_size=global_batch_size if train else batch_size,
                         first=first, rows=batch_size, seed=seed, image_key=image_key, caption_key=caption_key,
-                        label_keys=tuple(label_keys), image_size=image_size, train=train, random_crop=random_crop,
-                        random_flip=random_flip, size_conditioning=size_conditioning,
+                        mask_key=mask_key or None, label_keys=tuple(label_keys), image_size=image_size, train=train,
+                        random_crop=random_crop, random_flip=random_flip, size_conditioning=size_conditioning,
                         caption_choice=not isinstance(features[caption_key], tfds.features.Text),
                         flip_swaps_left_right=flip_swaps_left_right, label_swaps=swaps,
                         label_shapes={k: tuple(features[k].shape) for k in label_keys
@@ -230,6 +246,7 @@ class _ChunkReader:
   seed: int
   image_key: str
   caption_key: str
+  mask_key: str | None
   label_keys: tuple[str, ...]
   image_size: int
   train: bool
@@ -262,9 +279,14 @@ class _ChunkReader:
         k: np.array([o[k] for o in out], np.int32).reshape(len(out), 2) for k in ("original_size", "crop_top_left")
     } if self.size_conditioning else {}
     return {
-        "image": np.stack([o["image"] for o in out]) if out else np.zeros((0, s, s, 3), np.float32),
-        "caption": np.array([o["caption"] for o in out], dtype=str),
+        "image":
+            np.stack([o["image"] for o in out]) if out else np.zeros((0, s, s, 3), np.float32),
+        "caption":
+            np.array([o["caption"] for o in out], dtype=str),
         **sizes,
+        **({
+            "loss_mask": np.stack([o["loss_mask"] for o in out]) if out else np.zeros((0, s, s, 1), np.float32)
+        } if self.mask_key else {}),
         **{
             k: np.array([o[k] for o in out], np.int32).reshape((len(out),) + self.label_shapes[k]) for k in self.label_keys
         },
@@ -274,13 +296,17 @@ class _ChunkReader:
     try:
       image = Image.open(io.BytesIO(example[self.image_key]))
       width, height = image.size  # as stored (draft below decodes smaller)
-      if self.size_conditioning and image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 below
+      orientation = image.getexif().get(_ORIENTATION, 1) if "exif" in image.info else 1
+      mask = self._mask(example, image.size, orientation)
+      if self.size_conditioning and orientation in (5, 6, 7, 8):  # turned by 90 below
         width, height = height, width
       if image.format == "JPEG":  # decode at a reduced scale when >= 2x too large
         image.draft("RGB", (self.image_size, self.image_size))
       if "exif" in image.info:  # camera JPEGs: apply the orientation tag
         image = ImageOps.exif_transpose(image)
       image = image.convert("RGB")  # decodes the whole image
+      if mask is not None and mask.size != image.size:  # the image decoded at a reduced scale (draft)
+        mask = mask.resize(image.size, Image.BILINEAR)
     except Exception as e:  # noqa: BLE001  (any decoder failure: skip, never crash)
       n = self.stats.count_skipped()
       if n <= _MAX_LOGGED:
@@ -288,10 +314,11 @@ class _ChunkReader:
                     " (further ones are counted, not logged)" if n == _MAX_LOGGED else "")
       return None
 
-    image, resized_width, top, left = self._resize_and_crop(image, rng)
+    (image, mask), resized_width, top, left = self._resize_and_crop(image, mask, rng)
     flip = self.random_flip and rng is not None and rng.random() < 0.5
     if flip:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
+      mask = None if mask is None else mask.transpose(Image.FLIP_LEFT_RIGHT)
       left = resized_width - self.image_size - left  # where this crop lies in the flipped resized image
     pixels = np.asarray(image, np.float32) / 127.5 - 1.0
 
@@ -302,6 +329,8 @@ class _ChunkReader:
     if flip and self.flip_swaps_left_right:
       caption = _LEFT_RIGHT.sub(_swap_word, caption)
     out = {"image": pixels, "caption": caption}
+    if mask is not None:
+      out["loss_mask"] = np.asarray(mask, np.float32)[..., None] / 255.0
     if self.size_conditioning:
       out.update(original_size=(height, width), crop_top_left=(top, left))
     for key in self.label_keys:
@@ -313,21 +342,37 @@ class _ChunkReader:
       out[key] = label
     return out
 
-  def _resize_and_crop(self, image: Image.Image, rng) -> tuple[Image.Image, int, int, int]:
-    """(the square crop, the resized image's width, the crop's top and left in the resized image)."""
+  def _mask(self, example: dict, size: tuple[int, int], orientation: int) -> Image.Image | None:
+    """The example's mask ("L"), turned as the image's EXIF orientation turns the image; None without
+    `mask_key`. A mask of another size than the stored image is an error (the example is skipped)."""
+    if not self.mask_key:
+      return None
+    mask = Image.open(io.BytesIO(example[self.mask_key]))
+    if mask.size != size:
+      raise ValueError(f"its {self.mask_key!r} is {mask.size[0]}x{mask.size[1]}, the image {size[0]}x{size[1]}")
+    mask = mask.convert("L")
+    turn = _EXIF_TRANSPOSE.get(orientation)
+    return mask if turn is None else mask.transpose(turn)
+
+  def _resize_and_crop(self, image: Image.Image, mask: Image.Image | None,
+                       rng) -> tuple[tuple[Image.Image, Image.Image | None], int, int, int]:
+    """((the square crop, the mask's same crop or None), the resized image's width, the crop's top and left in
+    the resized image)."""
     s = self.image_size
     w, h = image.size
     if (w, h) != (s, s):
       scale = s / min(w, h)
       w, h = max(s, round(w * scale)), max(s, round(h * scale))
       image = image.resize((w, h), Image.BICUBIC)
+      mask = None if mask is None else mask.resize((w, h), Image.BILINEAR)
     if (w, h) == (s, s):
-      return image, w, 0, 0
+      return (image, mask), w, 0, 0
     if self.random_crop and rng is not None:
       left, top = int(rng.integers(w - s + 1)), int(rng.integers(h - s + 1))
     else:
       left, top = (w - s) // 2, (h - s) // 2
-    return image.crop((left, top, left + s, top + s)), w, top, left
+    box = (left, top, left + s, top + s)
+    return (image.crop(box), None if mask is None else mask.crop(box)), w, top, left
 
 
 def _swap_word(match: re.Match) -> str:

@@ -120,6 +120,13 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 def render(rng: random.Random, image_size: int) -> tuple[np.ndarray, dict]:
   """Draws one random example: (uint8 image (S, S, 3), attribute names)."""
+  image, attrs, _ = render_with_mask(rng, image_size)
+  return image, attrs
+
+
+def render_with_mask(rng: random.Random, image_size: int) -> tuple[np.ndarray, dict, np.ndarray]:
+  """`render`, and the shape's coverage of each pixel as a uint8 mask (S, S, 1): 255 inside, 0 on the
+  background, in between on the anti-aliased edge (the alpha the shape was composited with)."""
   attrs = {
       "shape": rng.choice(SHAPES),
       "color": rng.choice(COLORS),
@@ -151,7 +158,7 @@ def render(rng: random.Random, image_size: int) -> tuple[np.ndarray, dict]:
   color = np.array(RGB[attrs["color"]], np.float32)
   color = np.clip(color + [rng.uniform(-12, 12) for _ in range(3)], 0, 255)
   image = background * (1.0 - alpha) + color * alpha
-  return np.round(image).astype(np.uint8), attrs
+  return np.round(image).astype(np.uint8), attrs, np.round(alpha * 255).astype(np.uint8)
 
 
 def _background(rng: random.Random, s: int, kind: str) -> np.ndarray:
@@ -184,17 +191,32 @@ def random_caption(rng: random.Random, attrs: dict) -> str:
 def example(seed: int, split: str, index: int, image_size: int) -> dict:
   """Example `index` of `split`: a pure function of its arguments."""
   rng = random.Random((seed << 40) | (_SPLIT_IDS[split] << 32) | index)
-  image, attrs = render(rng, image_size)
+  image, attrs, mask = render_with_mask(rng, image_size)
+  return {
+      "image": _png(image),
+      "mask": _png(mask[..., 0]),
+      "caption": random_caption(rng, attrs),
+      **{
+          k: v for k, v in attrs.items()
+      }
+  }
+
+
+def _png(pixels: np.ndarray) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-  return {"image": buffer.getvalue(), "caption": random_caption(rng, attrs), **{k: v for k, v in attrs.items()}}
+  Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+  return buffer.getvalue()
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with captions and attribute labels."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "A `mask` feature: the shape's coverage of each pixel (for a loss weighted on the shape); the "
+               "images, captions and labels are those of 1.0.0.",
+  }
   BUILDER_CONFIGS = [
       ShapesConfig(name="32x32", description="32x32 RGB.", image_size=32),
       ShapesConfig(name="64x64", description="64x64 RGB.", image_size=64),
@@ -209,6 +231,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         description=__doc__.splitlines()[0],
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
+            "mask": tfds.features.Image(shape=(s, s, 1), encoding_format="png"),
             "caption": tfds.features.Text(),
             "shape": tfds.features.ClassLabel(names=SHAPES),
             "color": tfds.features.ClassLabel(names=COLORS),

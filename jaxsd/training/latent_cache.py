@@ -20,7 +20,8 @@ Layout of `<workdir>/unet/latent_cache/process_<i>/` (each host caches its own s
                             VAE and text-encoder weights); a different spec empties the folder first
   <field>-<k>.npy           float32, `shard_size` examples per file, one file per field: moments (n, h, w,
                             2 * latent_channels), context (n, tokens, hidden_size), for SDXL text_embeds (n, d)
-                            and time_ids (n, 6)
+                            and time_ids (n, 6), with a mask (`unet.foreground_loss_weight`) loss_mask (n, h, w, 1)
+                            on the latents' grid
   done.json                 written last: the number of examples and the fields; present = complete
 Shards are written to a temporary name and renamed (moments last), so a run killed while caching keeps the
 finished shards and the rerun encodes only the rest.
@@ -80,7 +81,7 @@ class LatentCache:
     return out
 
 
-_INPUTS = ("image", "input_ids", "input_ids_2", "original_size", "crop_top_left")  # what `encode` is given
+_INPUTS = ("image", "input_ids", "input_ids_2", "original_size", "crop_top_left", "loss_mask")  # what `encode` is given
 _FIRST = "moments"  # the field whose shard file is written last: its presence marks a finished shard
 
 

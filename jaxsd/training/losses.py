@@ -116,8 +116,8 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
                    prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
                    prior_mask: jax.Array | None = None, prior_loss_weight: float = 1.0,
                    timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                   noise_offset: float = 0.0, input_perturbation: float = 0.0,
-                   timestep_uniform_fraction: float = 0.0) -> tuple[jax.Array, dict]:
+                   noise_offset: float = 0.0, input_perturbation: float = 0.0, timestep_uniform_fraction: float = 0.0,
+                   pixel_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Noise the latents at a random timestep drawn as `timestep_sampling` says (`sample_timesteps`, with the
   logit-normal's `logit_mean` / `logit_std`); the U-Net predicts the noise or v (Ho et al. 2020;
   Salimans & Ho 2022 for v). `unet_fn(x_t, t, context) -> prediction`; `context` is passed through as given (an
@@ -128,7 +128,10 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
   As diffusers' `train_text_to_image.py`: `noise_offset` adds `noise_offset * N(0, 1)` per example and
   channel to the noise (Guttenberg 2023: lets the model change an image's mean brightness; the target is the
   offset noise); `input_perturbation` noises the input with `noise + input_perturbation * N(0, 1)` while the
-  target keeps `noise` (Ning et al. 2023, against exposure bias). Both 0: the draws are those without them."""
+  target keeps `noise` (Ning et al. 2023, against exposure bias). Both 0: the draws are those without them.
+
+  `pixel_weight` (broadcastable to the latents, e.g. (B, h, w, 1), > 0): each example's loss is the weighted
+  mean of its squared errors, sum(w * e^2) / sum(w), so its scale stays that of the unweighted mean."""
   b = latents.shape[0]
   t_rng, n_rng = jax.random.split(rng)
   t = sample_timesteps(t_rng, b, alphas_cumprod.shape[0], timestep_sampling, logit_mean, logit_std,
@@ -149,7 +152,11 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
   else:
     raise ValueError(f"prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
   pred = unet_fn(x_t, t, context).astype(jnp.float32)
-  per_example = jnp.square(pred - target).mean(axis=(1, 2, 3))
+  if pixel_weight is None:
+    per_example = jnp.square(pred - target).mean(axis=(1, 2, 3))
+  else:
+    w = jnp.broadcast_to(pixel_weight.astype(jnp.float32), pred.shape)
+    per_example = (w * jnp.square(pred - target)).sum(axis=(1, 2, 3)) / w.sum(axis=(1, 2, 3))
   if min_snr_gamma:
     per_example = per_example * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)
   aux = {"mse": jnp.square(pred - target).mean()}

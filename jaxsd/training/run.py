@@ -138,6 +138,7 @@ def ensure_dataset(cfg) -> None:
     with primary_first("jaxsd: dataset prepared"):
       found.prepare(data_dir(cfg), cfg.data.name)
     log.info("%s ready in %.1f s", cfg.data.name, time.time() - t0)
+    _check_mask(cfg)
     return
   prepared = input_pipeline.list_prepared(data_dir(cfg))
   base = cfg.data.name.split(":")[0]
@@ -147,6 +148,36 @@ def ensure_dataset(cfg) -> None:
         f"{', '.join(prepared) or 'none'}). Prepare it first — for a folder of your own images with captions: "
         "python -c \"import jaxsd.data as d; print(d.prepare_image_folder('FOLDER', 'DATA_DIR'))\" — "
         "and set --config.data.name and --config.data.data_dir; or use the built-in shapes/32x32.")
+  _check_mask(cfg)
+
+
+def mask_key(cfg) -> str | None:
+  """The dataset feature the U-Net stage's loss is weighted by (`unet.foreground_loss_weight`), or None:
+  `data.mask_key`, else the built-in dataset's own mask (shapes' "mask"), else none."""
+  if not cfg.unet.get("foreground_loss_weight"):
+    return None
+  if cfg.data.get("mask_key"):
+    return cfg.data.mask_key
+  found = builtin.lookup(cfg.data.name)
+  return found.mask_key if found is not None else None
+
+
+def _check_foreground_weight(cfg) -> None:
+  weight = cfg.unet.get("foreground_loss_weight", 0.0)
+  if weight < 0:
+    raise ConfigError(f"config.unet.foreground_loss_weight={weight} must be >= 0 (0: every latent pixel weighs 1).")
+  if weight and (_is_lora(cfg) or _is_dreambooth(cfg) or _is_controlnet(cfg)):
+    raise ConfigError("config.unet.foreground_loss_weight weights the U-Net stage's loss by the dataset's mask; "
+                      "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
+
+
+def _check_mask(cfg) -> None:
+  """After the dataset is found: a foreground-weighted U-Net stage has a mask to read."""
+  weight = cfg.unet.get("foreground_loss_weight", 0.0)
+  if weight and "unet" in _stages(cfg) and mask_key(cfg) is None:
+    raise ConfigError(f"config.unet.foreground_loss_weight={weight} weights the loss by the dataset's mask, and "
+                      f"{cfg.data.name!r} has no built-in one: name its mask feature with --config.data.mask_key, "
+                      "or set --config.unet.foreground_loss_weight=0.")
 
 
 def check_config(cfg, n_devices: int) -> None:
@@ -231,6 +262,7 @@ def check_config(cfg, n_devices: int) -> None:
     raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
                       "predicting the noise says nothing about the image: set config.unet.prediction_type="
                       "v_prediction.")
+  _check_foreground_weight(cfg)
   beta_schedule = cfg.unet.get("beta_schedule", "scaled_linear")
   if "unet" in names and not cfg.init and beta_schedule not in schedules.BETA_SCHEDULES:
     raise ConfigError(f"config.unet.beta_schedule={beta_schedule!r}: use one of {schedules.BETA_SCHEDULES}.")
@@ -284,22 +316,22 @@ def _text_length(cfg) -> int:
 
 
 def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), batch_size=None, captions=False,
-               tokenizer_2=None):
+               tokenizer_2=None, mask: str | None = None):
   """A stage's batches: in training this host's rows of each global batch; in eval the whole split on every
   host (each computes the same metrics, as one process would). With `tokenizer_2` (SDXL) also the second
-  tokenizer's ids and each image's original size and crop (SDXL's size conditioning)."""
+  tokenizer's ids and each image's original size and crop (SDXL's size conditioning); with `mask` that feature
+  as "loss_mask"."""
   max_length = _text_length(cfg)
   d = cfg.data
   try:
-    return input_pipeline.make_dataset(cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size,
-                                       image_size=d.image_size, data_dir=data_dir(cfg),
-                                       split=d.train_split if train else d.test_split, train=train,
-                                       seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key,
-                                       caption_key=d.caption_key, label_keys=tuple(labels), return_captions=captions,
-                                       random_flip=d.random_flip and train, random_crop=d.random_crop and train,
-                                       tokenizer_2=tokenizer_2, size_conditioning=tokenizer_2 is not None,
-                                       num_threads=d.num_threads, drop_remainder=True, max_length=max_length,
-                                       **({} if train else dict(process_index=0, process_count=1)))
+    return input_pipeline.make_dataset(
+        cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size, image_size=d.image_size,
+        data_dir=data_dir(cfg), split=d.train_split if train else d.test_split, train=train,
+        seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
+        mask_key=mask, label_keys=tuple(labels), return_captions=captions, random_flip=d.random_flip and train,
+        random_crop=d.random_crop and train, tokenizer_2=tokenizer_2, size_conditioning=tokenizer_2 is not None,
+        num_threads=d.num_threads, drop_remainder=True, max_length=max_length,
+        **({} if train else dict(process_index=0, process_count=1)))
   except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
     raise ConfigError(f"config.data: {e.args[0]}") from None
 
@@ -635,7 +667,7 @@ def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None
     return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
   if cfg.unet.get("cache_latents"):
     return iter(_cached_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
-  return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2))
+  return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2, mask=mask_key(cfg)))
 
 
 def _prior_loss_weight(cfg) -> float:
@@ -684,12 +716,15 @@ def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=No
               processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params))
   if xl:
     spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
+  mask = mask_key(cfg)
+  if mask:
+    spec["mask_key"] = mask  # and the mask on the latents' grid
   directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
   in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
                                          data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
-                                         image_key=d.image_key, caption_key=d.caption_key, num_threads=d.num_threads,
-                                         drop_remainder=False, max_length=_text_length(cfg), tokenizer_2=tokenizer_2,
-                                         size_conditioning=xl)
+                                         image_key=d.image_key, caption_key=d.caption_key, mask_key=mask,
+                                         num_threads=d.num_threads, drop_remainder=False, max_length=_text_length(cfg),
+                                         tokenizer_2=tokenizer_2, size_conditioning=xl)
   encode = jax.jit(
       stages.cache_encoder(pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if xl else None,
                            target_size=(d.image_size, d.image_size)))

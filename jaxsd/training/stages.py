@@ -180,8 +180,14 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   With `text_encoder_2` (SDXL; both encoders frozen) the U-Net also sees the pooled caption and the time ids
   of each image (`sdxl_encode`, `sdxl_time_ids` from the batch's "original_size" and "crop_top_left", the
   target size being `cfg.data.image_size`); caption dropout empties both encoders' captions of a row.
+
+  With `cfg.unet.foreground_loss_weight` w > 0 and a batch "loss_mask" (the dataset's mask, `data.mask_key`),
+  each latent pixel's squared error weighs 1 + w * (the mask's mean over its pixels), normalised per example
+  (`losses.diffusion_loss`'s `pixel_weight`): the idea of kohya-ss' masked loss (unmasked pixels weigh 0) and
+  OneTrainer's masked training (an unmasked weight below 1), with the background still learnt.
   """
   c = cfg.unet
+  foreground_weight = float(c.get("foreground_loss_weight", 0.0))
   ac = jnp.asarray(alphas_cumprod(scheduler))
   empty_ids = jnp.asarray(tok.tokenize(tokenizer, [""], max_length=text_encoder.config.max_position_embeddings))
   scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
@@ -233,9 +239,12 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
       extra = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
       return unet.apply({"params": unet_params}, x.astype(unet.dtype), t, cond["context"], **extra)
 
+    pixel_weight = None
+    if foreground_weight and "loss_mask" in batch:
+      pixel_weight = 1.0 + foreground_weight * latent_mask(batch["loss_mask"], latents.shape[1:3])
     return losses.diffusion_loss(unet_fn, ac, latents, cond, k_noise, prediction_type=scheduler.prediction_type,
                                  prior_mask=batch.get("prior"), prior_loss_weight=prior_loss_weight,
-                                 **diffusion_loss_options(c))
+                                 pixel_weight=pixel_weight, **diffusion_loss_options(c))
 
   if joint:
     init = lambda rng: {"unet": pretrained.init_params(unet, rng), "text_encoder": text_params}  # noqa: E731
@@ -251,6 +260,19 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params, modules=modules)
 
 
+def latent_mask(mask: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
+  """A pixel mask (B, H, W, 1) in [0, 1] as the latents' grid sees it: the mean over each latent pixel's
+  patch of pixels (H / h x W / w; a mask already at the latents' size is returned as is)."""
+  b, height, width, _ = mask.shape
+  h, w = latent_hw
+  if (height, width) == (h, w):
+    return mask.astype(jnp.float32)
+  if height % h or width % w:
+    raise ValueError(f"a {height}x{width} mask does not pool onto {h}x{w} latents")
+  m = mask.astype(jnp.float32).reshape(b, h, height // h, w, width // w, 1)
+  return m.mean(axis=(2, 4))
+
+
 def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel | None = None,
                   target_size: tuple[int, int] | None = None) -> Callable:
   """`(vae_params, text_params, batch) -> {field: array}`: what the latent cache stores of a batch
@@ -262,6 +284,8 @@ def cache_encoder(vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_
   def encode(vae_params, text_params, batch):
     post = vae.apply({"params": vae_params}, batch["image"], method=vae.encode)
     out = {"moments": jnp.concatenate([post.mean, post.logvar], axis=-1).astype(jnp.float32)}
+    if "loss_mask" in batch:  # stored on the latents' grid
+      out["loss_mask"] = latent_mask(batch["loss_mask"], post.mean.shape[1:3])
     if text_encoder_2 is None:
       out["context"] = text_encoder.apply({"params": text_params}, batch["input_ids"]).last_hidden_state
     else:

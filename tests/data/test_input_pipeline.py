@@ -223,7 +223,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tokenizer):
 def test_errors_before_any_work(tiny, tmp_path):
   make, name, _, data_dir = tiny
   with pytest.raises(FileNotFoundError, match=r"not prepared.*prepare_image_folder.*"
-                     rf"Prepared there: {name}:1\.0\.0"):
+                     rf"Prepared there: {name}:1\.1\.0"):
     make(dataset="my_photos")
   with pytest.raises(FileNotFoundError, match="prepare_shapes"):
     make(dataset="shapes/64x64")
@@ -248,3 +248,76 @@ def test_errors_before_any_work(tiny, tmp_path):
   info_path.write_text(info_path.read_text().replace('"array_record"', '"tfrecord"'))
   with pytest.raises(ValueError, match=r"stored as tfrecord.*pip install 'jaxsd\[tensorflow\]'"):
     make(data_dir=str(tmp_path / "tf"))
+
+
+class MaskedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Eight 24x40 images, each a white rectangle at a different place on black, with the rectangle as its
+  "mask"; the last one's mask has the wrong size."""
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = epath.Path(__file__)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "mask": tfds.features.Image(shape=(None, None, 1)),
+            "caption": tfds.features.Text()
+        }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(8):
+      mask = np.zeros((24, 40), np.uint8)
+      mask[3 + i:12 + i, 4 * i:4 * i + 9] = 255
+      image = np.repeat(mask[..., None], 3, axis=-1)
+      if i == 7:
+        mask = mask[:, :30]
+      yield i, {"image": _png(image), "mask": _png(mask[..., None]), "caption": f"box {i}"}
+
+
+def _png(pixels):
+  buffer = io.BytesIO()
+  Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def test_mask_follows_its_image_through_resize_crop_and_flip(tmp_path, tokenizer):
+  """`mask_key`: the mask is resized, cropped (at the image's random place) and flipped with its image, so the
+  white box and the mask's box coincide; a mask of another size than its image skips the example."""
+  builder = MaskedImages(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  pipeline = input_pipeline.make_dataset(builder, data_dir=str(tmp_path), global_batch_size=7, image_size=16,
+                                         mask_key="mask", random_crop=True, random_flip=True, tokenizer=tokenizer,
+                                         num_threads=1)
+  batches = _take(iter(pipeline), 6)
+  assert pipeline.stats.skipped_images >= 1  # the ill-sized mask
+  n = 0
+  for b in batches:
+    assert b["loss_mask"].shape == (7, 16, 16, 1) and b["loss_mask"].dtype == np.float32
+    assert 0 <= b["loss_mask"].min() and b["loss_mask"].max() <= 1
+    for image, mask in zip(b["image"], b["loss_mask"]):
+      white = (image.mean(-1, keepdims=True) + 1) / 2
+      assert np.abs(white - mask).max() < 0.2, np.abs(white - mask).max()
+      n += (mask > 0.5).any()
+  assert n > 10  # boxes inside the crops, not only empty masks
+  with pytest.raises(KeyError, match="mask_key='alpha' is not a feature"):
+    input_pipeline.make_dataset(builder, data_dir=str(tmp_path), global_batch_size=2, image_size=16, mask_key="alpha",
+                                tokenizer=tokenizer)
+
+
+def test_shapes_mask_marks_the_shape(tiny):
+  """shapes' "mask" (1.1.0) is the shape's coverage: where it is 1 the pixel has the labelled colour, where it is
+  0 the grey background's low saturation, also when flipped."""
+  make, *_ = tiny
+  b = next(iter(make(split="test", mask_key="mask", label_keys=("color",), random_flip=True, seed=3)))
+  rgb = (b["image"] + 1) * 127.5
+  saturation = rgb.max(-1) - rgb.min(-1)
+  mask = b["loss_mask"][..., 0]
+  for i in range(16):
+    inside, outside = mask[i] == 1.0, mask[i] == 0.0
+    assert inside.sum() >= 8 and outside.sum() >= 600
+    colour = np.asarray(shapes.RGB[shapes.COLORS[b["color"][i]]], np.float32)
+    assert np.abs(rgb[i][inside] - colour).max() <= 13  # the colour's jitter is +-12
+    assert saturation[i][outside].max() <= 37  # the background's tint is +-18 per channel

@@ -48,6 +48,17 @@ def test_a_cached_batch_gives_the_uncached_loss(tmp_path):
   # and the cache is not ignored: other contexts give another loss
   other, _ = loss(unet_params, {"moments": moments, "context": context[::-1]}, jax.random.key(0), stage.frozen)
   assert abs(float(other) - float(raw)) > 1e-6
+  # With a mask (unet.foreground_loss_weight, the smoke config's 4): stored on the latents' grid, the same loss.
+  assert cfg.unet.foreground_loss_weight > 0
+  mask = (jax.random.uniform(jax.random.key(5), (8, size, size, 1)) > 0.7).astype(jnp.float32)
+  with_mask = {"image": images, "input_ids": ids, "loss_mask": mask}
+  cached = jax.jit(stages.cache_encoder(vae, te))(vae_params, te_params, with_mask)
+  assert cached["loss_mask"].shape == (8, unet.config.sample_size, unet.config.sample_size, 1)
+  rng = jax.random.key(7)
+  raw, _ = loss(unet_params, with_mask, rng, stage.frozen)
+  np.testing.assert_allclose(float(loss(unet_params, cached, rng, stage.frozen)[0]), float(raw), rtol=1e-5)
+  unweighted, _ = loss(unet_params, {"image": images, "input_ids": ids}, rng, stage.frozen)
+  assert abs(float(raw) - float(unweighted)) > 1e-6
 
 
 def _batches(n, batch, fail_after=None):

@@ -232,3 +232,31 @@ def test_uniform_fraction_mixes_in_uniform_draws():
     expected = f * 0.1 + (1 - f) * low
     assert abs((mixed < 100).mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
     assert abs((mixed != plain).mean() - f * (1 - 1 / T)) < 0.02  # the others keep their logit-normal draw
+
+
+def test_pixel_weight_is_a_normalised_weighted_mean_against_numpy():
+  """`pixel_weight`: each example's loss is sum(w e^2) / sum(w) over its latent pixels and channels (numpy), then
+  the batch mean; a constant weight is the unweighted loss; the weighted pixels' errors count (1 + w) times."""
+  ac = jnp.asarray(alphas_cumprod(SchedulerConfig()))
+  latents = jax.random.normal(jax.random.key(7), (3, 4, 4, 2))
+  pred = jax.random.normal(jax.random.key(8), latents.shape)
+  unet_fn = lambda x, t, c: pred  # noqa: E731
+  rng = jax.random.key(9)
+  _, n_rng = jax.random.split(rng)
+  noise = np.asarray(jax.random.normal(n_rng, latents.shape, jnp.float32))
+  mask = np.zeros((3, 4, 4, 1), np.float32)
+  mask[:, 1:3, 1:3] = 1.0
+  mask[2] = 0.25
+  weight = 1.0 + 4.0 * mask
+  err = np.square(np.asarray(pred) - noise)
+  want = np.mean([
+      (np.broadcast_to(weight[i], err[i].shape) * err[i]).sum() / np.broadcast_to(weight[i], err[i].shape).sum()
+      for i in range(3)
+  ])
+  got, _ = losses.diffusion_loss(unet_fn, ac, latents, None, rng, pixel_weight=jnp.asarray(weight))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  plain, _ = losses.diffusion_loss(unet_fn, ac, latents, None, rng)
+  np.testing.assert_allclose(float(plain), err.mean(), rtol=1e-6)
+  constant, _ = losses.diffusion_loss(unet_fn, ac, latents, None, rng, pixel_weight=jnp.full((3, 4, 4, 1), 3.0))
+  np.testing.assert_allclose(float(constant), float(plain), rtol=1e-6)
+  assert abs(float(got) - float(plain)) > 1e-3  # the weight changes the loss here

@@ -12,10 +12,12 @@ import types
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
 import jaxsd
+from jaxsd.data.image_folder import prepare_image_folder
 from jaxsd.training import run
 import tests
 from tests import reference
@@ -263,6 +265,25 @@ def test_init_folder_that_is_not_a_model(data_dir, tmp_path):
   (tmp_path / "half" / "unet").mkdir(parents=True)
   with pytest.raises(run.ConfigError, match="not a diffusers Stable Diffusion folder"):
     run.train_and_evaluate(_cfg(data_dir, init=str(tmp_path / "half")), str(tmp_path / "w"))
+
+
+def test_foreground_weight_needs_a_mask(tmp_path):
+  """The default's `unet.foreground_loss_weight` on a dataset of one's own (no built-in mask) is refused with what
+  to set, after the dataset is found and before any stage; a negative weight is refused by check_config."""
+  root = tmp_path / "imgs"
+  root.mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
+    (root / f"{i}.txt").write_text(f"grey {i}")
+  name, _ = prepare_image_folder(root, tmp_path / "tfds")
+  cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name})
+  assert cfg.unet.foreground_loss_weight > 0  # the default's
+  with pytest.raises(run.ConfigError, match="has no built-in one.*data.mask_key.*foreground_loss_weight=0"):
+    run.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "clip")
+  cfg.unet.foreground_loss_weight = -1.0
+  with pytest.raises(run.ConfigError, match="foreground_loss_weight=-1.0 must be >= 0"):
+    run.check_config(cfg, 8)
 
 
 def test_missing_caption_key(data_dir, tmp_path):

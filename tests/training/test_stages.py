@@ -156,3 +156,43 @@ def test_zero_terminal_snr_schedule_is_exported_as_diffusers_reads_it(cfg, tmp_p
   assert ref.config.prediction_type == "v_prediction" and float(ref.alphas_cumprod[-1]) == 0.0
   ref.set_timesteps(10)
   assert int(ref.timesteps[0]) == 999
+
+
+def test_latent_mask_pools_each_latent_pixels_patch():
+  mask = np.zeros((2, 8, 8, 1), np.float32)
+  mask[0, :2, :2] = 1.0  # one whole 2x2 patch
+  mask[1, 0, 0] = 1.0  # a quarter of one
+  got = np.asarray(stages.latent_mask(jnp.asarray(mask), (4, 4)))
+  want = mask.reshape(2, 4, 2, 4, 2, 1).mean(axis=(2, 4))
+  np.testing.assert_array_equal(got, want)
+  assert got[0, 0, 0, 0] == 1.0 and got[1, 0, 0, 0] == 0.25 and got.sum() == 1.25
+  np.testing.assert_array_equal(np.asarray(stages.latent_mask(jnp.asarray(want), (4, 4))), want)  # already there
+  with pytest.raises(ValueError, match="does not pool"):
+    stages.latent_mask(jnp.asarray(mask), (3, 3))
+
+
+def test_unet_stage_weights_the_loss_by_the_batchs_mask(cfg):
+  """`unet.foreground_loss_weight` with a batch "loss_mask": an empty mask (every latent pixel weighs 1) gives the
+  unweighted loss; a mask over part of the image changes it; a weight of 0 ignores the mask."""
+  clip = stages.clip_stage(cfg)
+  te, te_params = stages.text_encoder_from_clip(clip.modules["clip"], _params(clip))
+  vae_stage = stages.vae_stage(cfg)
+  vae, vae_params = vae_stage.modules["vae"], _params(vae_stage, seed=1)
+  unet = UNet2DConditionModel(stages.unet_config(cfg, vae.config, te.config))
+
+  def loss(weight, mask=None):
+    c = _with(cfg, unet=dict(cfg.unet.to_dict(), foreground_loss_weight=weight))
+    stage = stages.unet_stage(c, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
+                              scheduler=SchedulerConfig(), tokenizer=tok.load_tokenizer())
+    batch = _batch(cfg)
+    if mask is not None:
+      batch["loss_mask"] = jnp.asarray(mask)
+    return _loss(stage, batch, stage.frozen)[1]
+
+  s = cfg.data.image_size
+  part = np.zeros((B, s, s, 1), np.float32)
+  part[:, :s // 2, :s // 2] = 1.0
+  plain = loss(0.0)
+  np.testing.assert_allclose(loss(4.0, np.zeros_like(part)), plain, rtol=1e-6)
+  np.testing.assert_allclose(loss(0.0, part), plain, rtol=1e-6)
+  assert abs(loss(4.0, part) - plain) > 1e-4 * plain

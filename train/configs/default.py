@@ -34,6 +34,7 @@ def get_config():
           data_dir="",  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
           image_key="image",
           caption_key="caption",
+          mask_key="",  # the feature marking each image's subject; "": the built-in dataset's own (shapes: mask)
           image_size=32,
           random_flip=False,  # flipping swaps "left"/"right" in captions (done when True)
           random_crop=False,  # training crops at a random place (SDXL records where), else at the centre
@@ -134,6 +135,9 @@ def get_config():
           # sampler's exposure bias.
           noise_offset=0.0,
           input_perturbation=0.0,
+          # Each latent pixel's loss weighs 1 + this x the share of its pixels the dataset's mask covers
+          # (shapes' "mask": the shape). 0: unweighted. Needs a mask (data.mask_key or the dataset's own).
+          foreground_loss_weight=4.0,
           # Train the text encoder with the U-Net on the diffusion loss (as LDM did). CLIP's contrastive text
           # tower keeps colour and size apart but hardly shape and position (0.03 relative difference in its
           # hidden states); but joint training at the U-Net's learning rate lost colour too (docs/training.md).
