@@ -48,8 +48,11 @@ def test_a_cached_batch_gives_the_uncached_loss(tmp_path):
   # and the cache is not ignored: other contexts give another loss
   other, _ = loss(unet_params, {"moments": moments, "context": context[::-1]}, jax.random.key(0), stage.frozen)
   assert abs(float(other) - float(raw)) > 1e-6
-  # With a mask (unet.foreground_loss_weight, the smoke config's 4): stored on the latents' grid, the same loss.
-  assert cfg.unet.foreground_loss_weight > 0
+  # With a mask (unet.foreground_loss_weight): stored on the latents' grid, the same loss.
+  cfg.unet.foreground_loss_weight = 4.0
+  stage = stages.unet_stage(cfg, unet=unet, vae=vae, vae_params=vae_params, text_encoder=te, text_params=te_params,
+                            scheduler=SchedulerConfig(), tokenizer=tokenizer)
+  loss = jax.jit(stage.loss_fn)
   mask = (jax.random.uniform(jax.random.key(5), (8, size, size, 1)) > 0.7).astype(jnp.float32)
   with_mask = {"image": images, "input_ids": ids, "loss_mask": mask}
   cached = jax.jit(stages.cache_encoder(vae, te))(vae_params, te_params, with_mask)

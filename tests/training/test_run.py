@@ -268,16 +268,15 @@ def test_init_folder_that_is_not_a_model(data_dir, tmp_path):
 
 
 def test_foreground_weight_needs_a_mask(tmp_path):
-  """The default's `unet.foreground_loss_weight` on a dataset of one's own (no built-in mask) is refused with what
-  to set, after the dataset is found and before any stage; a negative weight is refused by check_config."""
+  """`unet.foreground_loss_weight` on a dataset of one's own (no built-in mask) is refused with what to set,
+  after the dataset is found and before any stage; a negative weight is refused by check_config."""
   root = tmp_path / "imgs"
   root.mkdir()
   for i in range(4):
     Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
     (root / f"{i}.txt").write_text(f"grey {i}")
   name, _ = prepare_image_folder(root, tmp_path / "tfds")
-  cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name})
-  assert cfg.unet.foreground_loss_weight > 0  # the default's
+  cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "unet.foreground_loss_weight": 4.0})
   with pytest.raises(run.ConfigError, match="has no built-in one.*data.mask_key.*foreground_loss_weight=0"):
     run.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "clip")

@@ -30,7 +30,6 @@ def get_config(variant: str = "shapes"):
   u.train_text_encoder = False
   u.timestep_sampling = "uniform"  # train_controlnet.py's draw
   u.timestep_uniform_fraction = 0.0
-  u.foreground_loss_weight = 0.0  # the ControlNet stage's loss is not weighted by a mask
   u.cache_latents = False  # the condition comes from each (flipped) image
   u.sample_every = 0
   c.controlnet = ml_collections.ConfigDict(

@@ -54,7 +54,6 @@ def get_config(variant: str = "sd15"):
   u.min_snr_gamma = 5.0
   u.timestep_sampling = "uniform"  # diffusers' scripts' draw (the default's logit-normal is for training from nothing)
   u.timestep_uniform_fraction = 0.0
-  u.foreground_loss_weight = 0.0  # a dataset of one's own has no mask
   u.sample_every = 1000
   u.sampler, u.sample_steps, u.guidance_scale = "dpmpp_2m", 25, 7.5
   if xl:
