@@ -388,6 +388,11 @@ def _left_right_swap(feature) -> tuple[int, int] | None:
   return None
 
 
+def feature_names(dataset: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+  """The features of a prepared dataset, sorted (an error says what is prepared when it is not)."""
+  return sorted(_builder(dataset, data_dir).info.features.keys())
+
+
 def _builder(dataset, data_dir) -> tfds.core.DatasetBuilder:
   """The prepared builder, or an error that says what is there and how to prepare."""
   if isinstance(dataset, tfds.core.DatasetBuilder):

@@ -174,10 +174,17 @@ def _check_foreground_weight(cfg) -> None:
 def _check_mask(cfg) -> None:
   """After the dataset is found: a foreground-weighted U-Net stage has a mask to read."""
   weight = cfg.unet.get("foreground_loss_weight", 0.0)
-  if weight and "unet" in _stages(cfg) and mask_key(cfg) is None:
+  if not weight or "unet" not in _stages(cfg):
+    return
+  if mask_key(cfg) is None:
     raise ConfigError(f"config.unet.foreground_loss_weight={weight} weights the loss by the dataset's mask, and "
                       f"{cfg.data.name!r} has no built-in one: name its mask feature with --config.data.mask_key, "
                       "or set --config.unet.foreground_loss_weight=0.")
+  if cfg.data.get("mask_key"):
+    names = input_pipeline.feature_names(cfg.data.name, data_dir(cfg))
+    if cfg.data.mask_key not in names:
+      raise ConfigError(f"config.data.mask_key={cfg.data.mask_key!r} is not a feature of {cfg.data.name!r}; its "
+                        f"features are {names}.")
 
 
 def check_config(cfg, n_devices: int) -> None:

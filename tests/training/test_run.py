@@ -280,6 +280,10 @@ def test_foreground_weight_needs_a_mask(tmp_path):
   with pytest.raises(run.ConfigError, match="has no built-in one.*data.mask_key.*foreground_loss_weight=0"):
     run.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "clip")
+  cfg.data.mask_key = "alpha"  # named, but not a feature of the dataset
+  with pytest.raises(run.ConfigError, match=r"mask_key='alpha' is not a feature of .*caption.*image"):
+    run.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "clip")
   cfg.unet.foreground_loss_weight = -1.0
   with pytest.raises(run.ConfigError, match="foreground_loss_weight=-1.0 must be >= 0"):
     run.check_config(cfg, 8)
