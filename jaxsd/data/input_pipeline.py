@@ -37,7 +37,7 @@ from jaxsd.data import shapes as _shapes  # noqa: F401  (registers the `shapes` 
 
 log = logging.getLogger(__name__)
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-_RESERVED = ("image", "input_ids", "input_ids_2", "original_size", "crop_top_left", "caption")
+_RESERVED = ("image", "input_ids", "input_ids_2", "original_size", "crop_top_left", "caption", "loss_mask")
 _MAX_LOGGED = 10
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 # What ImageOps.exif_transpose does for each orientation (applied to a mask stored with its image's pixels).
@@ -296,7 +296,9 @@ class _ChunkReader:
     try:
       image = Image.open(io.BytesIO(example[self.image_key]))
       width, height = image.size  # as stored (draft below decodes smaller)
-      orientation = image.getexif().get(_ORIENTATION, 1) if "exif" in image.info else 1
+      orientation = 1  # read only where it is used: the mask and the size conditioning turn with the image
+      if (self.mask_key or self.size_conditioning) and "exif" in image.info:
+        orientation = image.getexif().get(_ORIENTATION, 1)
       mask = self._mask(example, image.size, orientation)
       if self.size_conditioning and orientation in (5, 6, 7, 8):  # turned by 90 below
         width, height = height, width

@@ -192,14 +192,7 @@ def example(seed: int, split: str, index: int, image_size: int) -> dict:
   """Example `index` of `split`: a pure function of its arguments."""
   rng = random.Random((seed << 40) | (_SPLIT_IDS[split] << 32) | index)
   image, attrs, mask = render_with_mask(rng, image_size)
-  return {
-      "image": _png(image),
-      "mask": _png(mask[..., 0]),
-      "caption": random_caption(rng, attrs),
-      **{
-          k: v for k, v in attrs.items()
-      }
-  }
+  return {"image": _png(image), "mask": _png(mask[..., 0]), "caption": random_caption(rng, attrs), **attrs}
 
 
 def _png(pixels: np.ndarray) -> bytes:
