@@ -181,7 +181,11 @@ class TextTimeEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-  """diffusers ResnetBlock2D with time_embedding_norm="default"; `temb=None` (the VAE) has no time_emb_proj."""
+  """diffusers ResnetBlock2D; `temb=None` (the VAE) has no time_emb_proj.
+
+  time_embedding_norm: "default" adds the projected embedding before norm2; "scale_shift" (diffusers' name; ADM's
+  AdaGN, Dhariwal & Nichol 2021) projects it to 2 x out_channels and applies norm2(h) * (1 + scale) + shift.
+  """
 
   out_channels: int
   groups: int = 32
@@ -190,6 +194,7 @@ class ResnetBlock2D(nn.Module):
   act_fn: str = "silu"
   output_scale_factor: float = 1.0
   use_in_shortcut: bool | None = None
+  time_embedding_norm: str = "default"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -199,10 +204,16 @@ class ResnetBlock2D(nn.Module):
     act = get_activation(self.act_fn)
     h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
     h = conv(self.out_channels, 3, name="conv1", **kw)(act(h))
+    scale_shift = self.time_embedding_norm == "scale_shift"
     if temb is not None:
-      temb = nn.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))
-      h = h + temb[:, None, None, :]
+      temb = nn.Dense(self.out_channels * (2 if scale_shift else 1), name="time_emb_proj", **kw)(act(temb))
+      temb = temb[:, None, None, :]
+      if not scale_shift:
+        h = h + temb
     h = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h)
+    if temb is not None and scale_shift:
+      scale, shift = jnp.split(temb, 2, axis=-1)
+      h = h * (1 + scale) + shift
     h = conv(self.out_channels, 3, name="conv2", **kw)(act(h))
     shortcut = x.shape[-1] != self.out_channels if self.use_in_shortcut is None else self.use_in_shortcut
     if shortcut:
@@ -408,6 +419,7 @@ class UNetMidBlock2D(nn.Module):
   output_scale_factor: float = 1.0
   add_attention: bool = True
   attention_head_dim: int | None = None
+  resnet_time_scale_shift: str = "default"
   attention_implementation: Implementation = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -417,7 +429,7 @@ class UNetMidBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     c = x.shape[-1]
     resnet = dict(groups=self.resnet_groups, eps=self.resnet_eps, act_fn=self.act_fn,
-                  output_scale_factor=self.output_scale_factor, **kw)
+                  output_scale_factor=self.output_scale_factor, time_embedding_norm=self.resnet_time_scale_shift, **kw)
     x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
     head_dim = self.attention_head_dim or c
     for i in range(self.num_layers):

@@ -19,20 +19,32 @@ def clip_contrastive_loss(logits_per_text: jax.Array) -> jax.Array:
 
 
 def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_weight: float, l1_weight: float = 1.0,
-             l2_weight: float = 0.0, edge_weight: float = 0.0) -> tuple[jax.Array, dict]:
+             l2_weight: float = 0.0, edge_weight: float = 0.0,
+             pixel_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Reconstruction (L1 and/or L2, per pixel) + kl_weight * KL per latent (Kingma & Welling 2014;
   Rombach et al. 2022 use a small KL weight so the latent stays close to the data).
 
   `edge_weight`: an L1 between the horizontal and vertical differences of neighbouring pixels of the
   reconstruction and of the image (a gradient-difference loss, Mathieu et al. 2016), per difference: it
   penalises blurred edges and rounded corners more than the per-pixel error does.
+
+  `pixel_weight` (broadcastable to the images, e.g. (B, H, W, 1), > 0): the L1 and L2 terms are each example's
+  weighted means, sum(w * e) / sum(w), so their scale stays that of the unweighted means (the logged "l1" and
+  "mse" stay unweighted).
   """
   rec, img = reconstruction.astype(jnp.float32), images.astype(jnp.float32)
   err = rec - img
   l1 = jnp.abs(err).mean()
   l2 = jnp.square(err).mean()
   kl = kl.mean()
-  loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
+  if pixel_weight is None:
+    loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
+  else:
+    w = jnp.broadcast_to(pixel_weight.astype(jnp.float32), err.shape)
+    norm = w.sum(axis=(1, 2, 3))
+    wl1 = ((w * jnp.abs(err)).sum(axis=(1, 2, 3)) / norm).mean()
+    wl2 = ((w * jnp.square(err)).sum(axis=(1, 2, 3)) / norm).mean()
+    loss = l1_weight * wl1 + l2_weight * wl2 + kl_weight * kl
   aux = {"l1": l1, "mse": l2, "kl": kl}
   if edge_weight:
     dy = jnp.abs(jnp.diff(rec, axis=1) - jnp.diff(img, axis=1)).mean()

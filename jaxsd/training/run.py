@@ -151,10 +151,10 @@ def ensure_dataset(cfg) -> None:
   _check_mask(cfg)
 
 
-def mask_key(cfg) -> str | None:
-  """The dataset feature the U-Net stage's loss is weighted by (`unet.foreground_loss_weight`), or None:
-  `data.mask_key`, else the built-in dataset's own mask (shapes' "mask"), else none."""
-  if not cfg.unet.get("foreground_loss_weight"):
+def mask_key(cfg, stage: str = "unet") -> str | None:
+  """The dataset feature a stage's loss is weighted by (`<stage>.foreground_loss_weight`, the VAE's or the
+  U-Net's), or None: `data.mask_key`, else the built-in dataset's own mask (shapes' "mask"), else none."""
+  if not cfg[stage].get("foreground_loss_weight"):
     return None
   if cfg.data.get("mask_key"):
     return cfg.data.mask_key
@@ -163,24 +163,24 @@ def mask_key(cfg) -> str | None:
 
 
 def _check_foreground_weight(cfg) -> None:
-  weight = cfg.unet.get("foreground_loss_weight", 0.0)
-  if weight < 0:
-    raise ConfigError(f"config.unet.foreground_loss_weight={weight} must be >= 0 (0: every latent pixel weighs 1).")
-  if weight and (_is_lora(cfg) or _is_dreambooth(cfg) or _is_controlnet(cfg)):
+  for stage in ("vae", "unet"):
+    weight = cfg[stage].get("foreground_loss_weight", 0.0)
+    if weight < 0:
+      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be >= 0 (0: every pixel weighs 1).")
+  if cfg.unet.get("foreground_loss_weight") and (_is_lora(cfg) or _is_dreambooth(cfg) or _is_controlnet(cfg)):
     raise ConfigError("config.unet.foreground_loss_weight weights the U-Net stage's loss by the dataset's mask; "
                       "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
 
 
 def _check_mask(cfg) -> None:
-  """After the dataset is found: a foreground-weighted U-Net stage has a mask to read."""
-  weight = cfg.unet.get("foreground_loss_weight", 0.0)
-  if not weight or "unet" not in _stages(cfg):
-    return
-  if mask_key(cfg) is None:
-    raise ConfigError(f"config.unet.foreground_loss_weight={weight} weights the loss by the dataset's mask, and "
-                      f"{cfg.data.name!r} has no built-in one: name its mask feature with --config.data.mask_key, "
-                      "or set --config.unet.foreground_loss_weight=0.")
-  if cfg.data.get("mask_key"):
+  """After the dataset is found: a foreground-weighted VAE or U-Net stage has a mask to read."""
+  weighted = [s for s in ("vae", "unet") if cfg[s].get("foreground_loss_weight") and s in _stages(cfg)]
+  for stage in weighted:
+    if mask_key(cfg, stage) is None:
+      raise ConfigError(f"config.{stage}.foreground_loss_weight={cfg[stage].foreground_loss_weight} weights the "
+                        f"loss by the dataset's mask, and {cfg.data.name!r} has no built-in one: name its mask "
+                        f"feature with --config.data.mask_key, or set --config.{stage}.foreground_loss_weight=0.")
+  if weighted and cfg.data.get("mask_key"):
     names = input_pipeline.feature_names(cfg.data.name, data_dir(cfg))
     if cfg.data.mask_key not in names:
       raise ConfigError(f"config.data.mask_key={cfg.data.mask_key!r} is not a feature of {cfg.data.name!r}; its "
@@ -449,7 +449,7 @@ def run_clip(cfg, workdir, mesh, tokenizer) -> dict:
 
 def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
   stage = stages.vae_stage(cfg)
-  it = iter(make_input(cfg, "vae", tokenizer))
+  it = iter(make_input(cfg, "vae", tokenizer, mask=mask_key(cfg, "vae")))
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
   model, params = stage.modules["vae"], jax.device_get(res.state.params)

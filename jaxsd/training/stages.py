@@ -92,12 +92,20 @@ def vae_config(cfg) -> AutoencoderKLConfig:
 
 
 def vae_stage(cfg) -> Stage:
+  """The KL autoencoder's stage. With `cfg.vae.foreground_loss_weight` w > 0 and a batch "loss_mask" (the
+  dataset's mask), each pixel's reconstruction error weighs 1 + w * mask, normalised per example: the subject's
+  edges and corners count for more than the background they share the image with."""
   c = cfg.vae
   model = AutoencoderKL(vae_config(cfg), dtype=dtype_of(cfg))
+  foreground_weight = float(c.get("foreground_loss_weight", 0.0))
 
   def loss_fn(params, batch, rng, frozen):
     recon, post = model.apply({"params": params}, batch["image"], sample_posterior=True, key=rng)
-    return losses.vae_loss(recon, batch["image"], post.kl(), c.kl_weight, c.l1_weight, c.l2_weight, c.edge_weight)
+    pixel_weight = None
+    if foreground_weight and "loss_mask" in batch:
+      pixel_weight = 1.0 + foreground_weight * batch["loss_mask"].astype(jnp.float32)
+    return losses.vae_loss(recon, batch["image"], post.kl(), c.kl_weight, c.l1_weight, c.l2_weight, c.edge_weight,
+                           pixel_weight=pixel_weight)
 
   return Stage("vae", lambda rng: pretrained.init_params(model, rng), loss_fn, modules={"vae": model})
 
@@ -125,7 +133,8 @@ def unet_config(cfg, vae_cfg: AutoencoderKLConfig, text_cfg: CLIPTextConfig) -> 
                                  layers_per_block=c.layers_per_block, attention_head_dim=c.attention_head_dim,
                                  norm_num_groups=c.norm_num_groups, cross_attention_dim=text_cfg.hidden_size,
                                  addition_embed_type=c.get("addition_embed_type") or None,
-                                 addition_embed_type_num_heads=c.get("addition_embed_type_num_heads", 64))
+                                 addition_embed_type_num_heads=c.get("addition_embed_type_num_heads", 64),
+                                 resnet_time_scale_shift=c.get("resnet_time_scale_shift", "default"))
   config.validate()
   return config
 

@@ -58,6 +58,14 @@ CONFIGS = {
              norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4,
              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    # ADM's AdaGN (diffusers' resnet_time_scale_shift="scale_shift"): norm2(h) * (1 + scale) + shift in every
+    # ResNet block, here with the attention-free mid block.
+    "scale_shift":
+        dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
+             norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4,
+             resnet_time_scale_shift="scale_shift", mid_block_type="UNetMidBlock2D",
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
     "no_mid":
         dict(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
              norm_num_groups=8, mid_block_type=None, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -247,7 +255,7 @@ def test_gradient_checkpointing_same_output_and_gradients():
         dict(num_class_embeds=10),
         dict(addition_embed_type="text_time", addition_time_embed_dim=256),
         dict(addition_embed_type="text", addition_embed_type_num_heads=7),
-        dict(resnet_time_scale_shift="scale_shift"),
+        dict(resnet_time_scale_shift="spatial"),
         dict(time_embedding_type="fourier"),
         dict(down_block_types=("SimpleCrossAttnDownBlock2D",) + ("DownBlock2D",) * 3),
         dict(up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),

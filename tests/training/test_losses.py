@@ -106,6 +106,28 @@ def test_vae_edge_term_against_numpy():
   assert float(shifted["edge_l1"]) < 1e-6
 
 
+def test_vae_pixel_weight_against_numpy():
+  """`pixel_weight`: each example's L1 and L2 are weighted means, sum(w * e) / sum(w), then averaged over the
+  batch (written out with numpy); weights of one everywhere give the unweighted loss; the logged terms stay
+  unweighted."""
+  rng = np.random.default_rng(4)
+  img = rng.uniform(-1, 1, (2, 4, 5, 3)).astype(np.float32)
+  rec = rng.uniform(-1, 1, (2, 4, 5, 3)).astype(np.float32)
+  w = 1.0 + 3.0 * rng.uniform(0, 1, (2, 4, 5, 1)).astype(np.float32)
+  kl = jnp.asarray([0.2, 0.4])
+  err = rec - img
+  wb = np.broadcast_to(w, err.shape)
+  l1 = np.mean([(wb[b] * np.abs(err[b])).sum() / wb[b].sum() for b in range(2)])
+  l2 = np.mean([(wb[b] * err[b]**2).sum() / wb[b].sum() for b in range(2)])
+  loss, aux = losses.vae_loss(jnp.asarray(rec), jnp.asarray(img), kl, 0.1, 1.0, 2.0, pixel_weight=jnp.asarray(w))
+  np.testing.assert_allclose(float(loss), l1 + 2.0 * l2 + 0.1 * 0.3, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["l1"]), np.abs(err).mean(), rtol=1e-5)
+  base, _ = losses.vae_loss(jnp.asarray(rec), jnp.asarray(img), kl, 0.1, 1.0, 2.0)
+  ones, _ = losses.vae_loss(jnp.asarray(rec), jnp.asarray(img), kl, 0.1, 1.0, 2.0, pixel_weight=jnp.ones((2, 4, 5, 1)))
+  np.testing.assert_allclose(float(ones), float(base), rtol=1e-6)
+  assert abs(float(loss) - float(base)) > 1e-3
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_caption_dropout_rate(rate):
   """Over 20,000 draws the fraction of empty captions is the rate within 4 standard errors; kept rows

@@ -287,6 +287,14 @@ def test_foreground_weight_needs_a_mask(tmp_path):
   cfg.unet.foreground_loss_weight = -1.0
   with pytest.raises(run.ConfigError, match="foreground_loss_weight=-1.0 must be >= 0"):
     run.check_config(cfg, 8)
+  # The VAE's weight the same way.
+  cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "vae.foreground_loss_weight": 2.0})
+  with pytest.raises(run.ConfigError, match="vae.foreground_loss_weight=2.0 .*has no built-in one.*data.mask_key"):
+    run.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "clip")
+  cfg.vae.foreground_loss_weight = -0.5
+  with pytest.raises(run.ConfigError, match="vae.foreground_loss_weight=-0.5 must be >= 0"):
+    run.check_config(cfg, 8)
 
 
 def test_missing_caption_key(data_dir, tmp_path):

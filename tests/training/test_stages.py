@@ -171,9 +171,33 @@ def test_latent_mask_pools_each_latent_pixels_patch():
     stages.latent_mask(jnp.asarray(mask), (3, 3))
 
 
+def _check_mask_weighting(cfg, loss):
+  """`loss(weight, mask=None)`: an empty mask gives the unweighted loss, a weight of 0 ignores the mask, a mask over
+  a quarter of the image changes the loss."""
+  s = cfg.data.image_size
+  part = np.zeros((B, s, s, 1), np.float32)
+  part[:, :s // 2, :s // 2] = 1.0
+  plain = loss(0.0)
+  np.testing.assert_allclose(loss(4.0, np.zeros_like(part)), plain, rtol=1e-6)
+  np.testing.assert_allclose(loss(0.0, part), plain, rtol=1e-6)
+  assert abs(loss(4.0, part) - plain) > 1e-4 * plain
+
+
+def test_vae_stage_weights_the_loss_by_the_batchs_mask(cfg):
+  """`vae.foreground_loss_weight` with a batch "loss_mask" (per pixel)."""
+
+  def loss(weight, mask=None):
+    stage = stages.vae_stage(_with(cfg, vae=dict(cfg.vae.to_dict(), foreground_loss_weight=weight)))
+    batch = _batch(cfg)
+    if mask is not None:
+      batch["loss_mask"] = jnp.asarray(mask)
+    return _loss(stage, batch)[1]
+
+  _check_mask_weighting(cfg, loss)
+
+
 def test_unet_stage_weights_the_loss_by_the_batchs_mask(cfg):
-  """`unet.foreground_loss_weight` with a batch "loss_mask": an empty mask (every latent pixel weighs 1) gives the
-  unweighted loss; a mask over part of the image changes it; a weight of 0 ignores the mask."""
+  """`unet.foreground_loss_weight` with a batch "loss_mask" (pooled onto the latents' grid)."""
   clip = stages.clip_stage(cfg)
   te, te_params = stages.text_encoder_from_clip(clip.modules["clip"], _params(clip))
   vae_stage = stages.vae_stage(cfg)
@@ -189,10 +213,4 @@ def test_unet_stage_weights_the_loss_by_the_batchs_mask(cfg):
       batch["loss_mask"] = jnp.asarray(mask)
     return _loss(stage, batch, stage.frozen)[1]
 
-  s = cfg.data.image_size
-  part = np.zeros((B, s, s, 1), np.float32)
-  part[:, :s // 2, :s // 2] = 1.0
-  plain = loss(0.0)
-  np.testing.assert_allclose(loss(4.0, np.zeros_like(part)), plain, rtol=1e-6)
-  np.testing.assert_allclose(loss(0.0, part), plain, rtol=1e-6)
-  assert abs(loss(4.0, part) - plain) > 1e-4 * plain
+  _check_mask_weighting(cfg, loss)

@@ -75,6 +75,7 @@ def get_config():
           l1_weight=1.0,
           l2_weight=1.0,
           edge_weight=0.0,  # L1 on neighbouring-pixel differences (losses.vae_loss)
+          foreground_loss_weight=0.0,  # > 0: each pixel's error weighs 1 + this x the dataset's mask (data.mask_key)
           eval_examples=1000,
       ))
 
@@ -101,6 +102,9 @@ def get_config():
           # Still a diffusers UNet2DConditionModel: StableDiffusionPipeline loads the exported model as is.
           addition_embed_type="text",
           addition_embed_type_num_heads=8,
+          # How each ResNet block takes the time (+ pooled prompt) embedding, diffusers' names: "default" adds it
+          # before norm2; "scale_shift" (ADM's AdaGN, Dhariwal & Nichol 2021) scales and shifts norm2's output.
+          resnet_time_scale_shift="default",
           # v-prediction: an epsilon-predicting U-Net's clean-image estimate at high noise is its error times
           # sigma (~15 at t=999), and shape, colour and place are decided there; with v the estimate is well
           # conditioned at every noise level (Salimans & Ho 2022). Colour 0.64 vs 0.39 at step 300.
