@@ -167,6 +167,9 @@ def _check_foreground_weight(cfg) -> None:
     weight = cfg[stage].get("foreground_loss_weight", 0.0)
     if weight < 0:
       raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be >= 0 (0: every pixel weighs 1).")
+  dilation = cfg.vae.get("foreground_dilation", 0)
+  if not isinstance(dilation, int) or dilation < 0:
+    raise ConfigError(f"config.vae.foreground_dilation={dilation!r} must be a whole number of pixels >= 0.")
   if cfg.unet.get("foreground_loss_weight") and (_is_lora(cfg) or _is_dreambooth(cfg) or _is_controlnet(cfg)):
     raise ConfigError("config.unet.foreground_loss_weight weights the U-Net stage's loss by the dataset's mask; "
                       "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")

@@ -94,16 +94,19 @@ def vae_config(cfg) -> AutoencoderKLConfig:
 def vae_stage(cfg) -> Stage:
   """The KL autoencoder's stage. With `cfg.vae.foreground_loss_weight` w > 0 and a batch "loss_mask" (the
   dataset's mask), each pixel's reconstruction error weighs 1 + w * mask, normalised per example: the subject's
-  edges and corners count for more than the background they share the image with."""
+  edges and corners count for more than the background they share the image with. `cfg.vae.foreground_dilation`
+  d grows the mask by d pixels first (a (2d+1)^2 max filter), so the background just outside the subject's edge
+  (where a circle must stay round) weighs as much as the subject's own corners."""
   c = cfg.vae
   model = AutoencoderKL(vae_config(cfg), dtype=dtype_of(cfg))
   foreground_weight = float(c.get("foreground_loss_weight", 0.0))
+  dilation = int(c.get("foreground_dilation", 0))
 
   def loss_fn(params, batch, rng, frozen):
     recon, post = model.apply({"params": params}, batch["image"], sample_posterior=True, key=rng)
     pixel_weight = None
     if foreground_weight and "loss_mask" in batch:
-      pixel_weight = 1.0 + foreground_weight * batch["loss_mask"].astype(jnp.float32)
+      pixel_weight = 1.0 + foreground_weight * dilate(batch["loss_mask"].astype(jnp.float32), dilation)
     return losses.vae_loss(recon, batch["image"], post.kl(), c.kl_weight, c.l1_weight, c.l2_weight, c.edge_weight,
                            pixel_weight=pixel_weight)
 
@@ -267,6 +270,14 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   if sdxl:
     modules["text_encoder_2"] = text_encoder_2
   return Stage("unet", init, loss_fn, frozen=frozen, initial_params=initial_params, modules=modules)
+
+
+def dilate(mask: jax.Array, pixels: int) -> jax.Array:
+  """A mask (B, H, W, 1) grown by `pixels`: the maximum over each (2 * pixels + 1)^2 window (0: as is)."""
+  if pixels <= 0:
+    return mask
+  k = 2 * pixels + 1
+  return jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), "SAME")
 
 
 def latent_mask(mask: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:

@@ -295,6 +295,10 @@ def test_foreground_weight_needs_a_mask(tmp_path):
   cfg.vae.foreground_loss_weight = -0.5
   with pytest.raises(run.ConfigError, match="vae.foreground_loss_weight=-0.5 must be >= 0"):
     run.check_config(cfg, 8)
+  cfg.vae.foreground_loss_weight = 2.0
+  cfg.vae.foreground_dilation = -1
+  with pytest.raises(run.ConfigError, match="vae.foreground_dilation=-1 must be a whole number of pixels >= 0"):
+    run.check_config(cfg, 8)
 
 
 def test_missing_caption_key(data_dir, tmp_path):

@@ -171,6 +171,22 @@ def test_latent_mask_pools_each_latent_pixels_patch():
     stages.latent_mask(jnp.asarray(mask), (3, 3))
 
 
+def test_dilate_grows_a_mask_by_whole_pixels():
+  """`dilate`: the maximum over a (2d+1)^2 window, so a pixel grows to a (2d+1)^2 square (clipped at the image's
+  edge) keeping its value; d = 0 returns the mask as is."""
+  mask = np.zeros((2, 7, 7, 1), np.float32)
+  mask[0, 3, 3] = 0.6
+  mask[1, 0, 6] = 1.0
+  np.testing.assert_array_equal(np.asarray(stages.dilate(jnp.asarray(mask), 0)), mask)
+  want = np.zeros_like(mask)
+  want[0, 2:5, 2:5] = 0.6
+  want[1, 0:2, 5:7] = 1.0
+  np.testing.assert_array_equal(np.asarray(stages.dilate(jnp.asarray(mask), 1)), want)
+  want[0, 1:6, 1:6] = 0.6
+  want[1, 0:3, 4:7] = 1.0
+  np.testing.assert_array_equal(np.asarray(stages.dilate(jnp.asarray(mask), 2)), want)
+
+
 def _check_mask_weighting(cfg, loss):
   """`loss(weight, mask=None)`: an empty mask gives the unweighted loss, a weight of 0 ignores the mask, a mask over
   a quarter of the image changes the loss."""
@@ -181,19 +197,22 @@ def _check_mask_weighting(cfg, loss):
   np.testing.assert_allclose(loss(4.0, np.zeros_like(part)), plain, rtol=1e-6)
   np.testing.assert_allclose(loss(0.0, part), plain, rtol=1e-6)
   assert abs(loss(4.0, part) - plain) > 1e-4 * plain
+  return part
 
 
 def test_vae_stage_weights_the_loss_by_the_batchs_mask(cfg):
-  """`vae.foreground_loss_weight` with a batch "loss_mask" (per pixel)."""
+  """`vae.foreground_loss_weight` with a batch "loss_mask" (per pixel); `vae.foreground_dilation` changes the loss
+  of a mask with an edge."""
 
-  def loss(weight, mask=None):
-    stage = stages.vae_stage(_with(cfg, vae=dict(cfg.vae.to_dict(), foreground_loss_weight=weight)))
+  def loss(weight, mask=None, dilation=0):
+    c = _with(cfg, vae=dict(cfg.vae.to_dict(), foreground_loss_weight=weight, foreground_dilation=dilation))
     batch = _batch(cfg)
     if mask is not None:
       batch["loss_mask"] = jnp.asarray(mask)
-    return _loss(stage, batch)[1]
+    return _loss(stages.vae_stage(c), batch)[1]
 
-  _check_mask_weighting(cfg, loss)
+  part = _check_mask_weighting(cfg, loss)
+  assert abs(loss(4.0, part, dilation=1) - loss(4.0, part)) > 1e-5 * loss(4.0, part)
 
 
 def test_unet_stage_weights_the_loss_by_the_batchs_mask(cfg):

@@ -76,6 +76,7 @@ def get_config():
           l2_weight=1.0,
           edge_weight=0.0,  # L1 on neighbouring-pixel differences (losses.vae_loss)
           foreground_loss_weight=0.0,  # > 0: each pixel's error weighs 1 + this x the dataset's mask (data.mask_key)
+          foreground_dilation=0,  # the mask grown by this many pixels first (the ring outside the subject's edge)
           eval_examples=1000,
       ))
 
