@@ -39,7 +39,7 @@ class Builtin:
   sample_prompts: list[str]  # the U-Net stage's sample grid during training
   sample_grid_columns: int
   judged: JudgedPrompts | None = None
-  mask_key: str | None = None  # a feature marking each image's subject (for `unet.foreground_loss_weight`)
+  mask_key: str | None = None  # a feature marking each image's subject (`vae.` / `unet.foreground_loss_weight`)
 
 
 def _shapes() -> Builtin:

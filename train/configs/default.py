@@ -91,10 +91,11 @@ def get_config():
       dict(
           # Batch 16 x 1,200 steps beat 32 x 600 (the same images, the same CPU time) on every judged figure, and
           # 2,000 steps beat 1,200 (shape 0.79 vs 0.70 on the sharper VAE; docs/training.md): far from
-          # convergence, the number of updates is what counts. 4,500 (seed 0: shape 0.867, all four 0.861,
-          # shapes-FID 2.59x; 1,500 gave 0.806 / 0.706 / 3.96x) fit the 20 minutes on the 2-core VMs of
-          # 2026-12-04 (U-Net step 0.14 s), not on the twice slower ones of earlier days (docs/training.md,
-          # fourteenth round); on an accelerator raise it.
+          # convergence, the number of updates is what counts. 4,500 (with the unweighted VAE at seed 0: shape
+          # 0.867, all four 0.861, shapes-FID 2.59x; 1,500 gave 0.806 / 0.706 / 3.96x; with the weighted VAE 0.922 /
+          # 0.911 / 2.77x) fit the 20 minutes on the 2-core VMs of 2026-12-04/05 (U-Net step 0.14-0.15 s), not on
+          # the twice slower ones of earlier days (docs/training.md, fourteenth and sixteenth rounds); on an
+          # accelerator raise it.
           steps=4500,
           batch_size=16,
           optimizer=_optimizer(1e-3, 450),
