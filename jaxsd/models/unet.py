@@ -221,7 +221,7 @@ class CrossAttnDownBlock2D(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   act_fn: str = "silu"
-  time_embedding_norm: str = "default"
+  resnet_time_scale_shift: str = "default"
   use_linear_projection: bool = False
   only_cross_attention: bool = False
   upcast_attention: bool = False
@@ -235,7 +235,7 @@ class CrossAttnDownBlock2D(nn.Module):
     states = ()
     for i in range(self.num_layers):
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.time_embedding_norm, **kw)(x, temb)
+                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
       x = Transformer2DModel(self.heads, self.out_channels // self.heads,
                              num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
                              use_linear_projection=self.use_linear_projection,
@@ -257,7 +257,7 @@ class DownBlock2D(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   act_fn: str = "silu"
-  time_embedding_norm: str = "default"
+  resnet_time_scale_shift: str = "default"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -267,7 +267,7 @@ class DownBlock2D(nn.Module):
     states = ()
     for i in range(self.num_layers):
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.time_embedding_norm, **kw)(x, temb)
+                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
       states += (x,)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -281,7 +281,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   act_fn: str = "silu"
-  time_embedding_norm: str = "default"
+  resnet_time_scale_shift: str = "default"
   output_scale_factor: float = 1.0
   use_linear_projection: bool = False
   upcast_attention: bool = False
@@ -294,7 +294,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     c = x.shape[-1]
     resnet = dict(groups=self.groups, eps=self.eps, act_fn=self.act_fn, output_scale_factor=self.output_scale_factor,
-                  time_embedding_norm=self.time_embedding_norm, **kw)
+                  time_embedding_norm=self.resnet_time_scale_shift, **kw)
     x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
     attention = Transformer2DModel(self.heads, c // self.heads, num_layers=_per_layer(self.transformer_layers, 0),
                                    norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
@@ -314,7 +314,7 @@ class CrossAttnUpBlock2D(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   act_fn: str = "silu"
-  time_embedding_norm: str = "default"
+  resnet_time_scale_shift: str = "default"
   use_linear_projection: bool = False
   only_cross_attention: bool = False
   upcast_attention: bool = False
@@ -328,7 +328,7 @@ class CrossAttnUpBlock2D(nn.Module):
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.time_embedding_norm, **kw)(x, temb)
+                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
       x = Transformer2DModel(self.heads, self.out_channels // self.heads,
                              num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
                              use_linear_projection=self.use_linear_projection,
@@ -348,7 +348,7 @@ class UpBlock2D(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   act_fn: str = "silu"
-  time_embedding_norm: str = "default"
+  resnet_time_scale_shift: str = "default"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -358,7 +358,7 @@ class UpBlock2D(nn.Module):
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.time_embedding_norm, **kw)(x, temb)
+                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
     return x
@@ -452,7 +452,7 @@ def _block_settings(module: nn.Module, cfg: UNet2DConditionConfig):
   layers and only-cross-attention per block)."""
   kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
   common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
-                time_embedding_norm=cfg.resnet_time_scale_shift, **kw)
+                resnet_time_scale_shift=cfg.resnet_time_scale_shift, **kw)
   attn = dict(use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
               attention_implementation=module.attention_implementation)
   n = cfg.num_blocks

@@ -18,6 +18,16 @@ def clip_contrastive_loss(logits_per_text: jax.Array) -> jax.Array:
   return (t2i + i2t) / 2
 
 
+def example_means(values: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+  """Each example's mean of `values` (B, ...), or with `weight` (broadcastable to it, > 0) its weighted mean
+  sum(w * v) / sum(w), which keeps the unweighted mean's scale (the per-pixel weights of the foreground losses)."""
+  axes = tuple(range(1, values.ndim))
+  if weight is None:
+    return values.mean(axis=axes)
+  w = jnp.broadcast_to(weight.astype(jnp.float32), values.shape)
+  return (w * values).sum(axis=axes) / w.sum(axis=axes)
+
+
 def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_weight: float, l1_weight: float = 1.0,
              l2_weight: float = 0.0, edge_weight: float = 0.0,
              pixel_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -40,10 +50,8 @@ def vae_loss(reconstruction: jax.Array, images: jax.Array, kl: jax.Array, kl_wei
   if pixel_weight is None:
     loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
   else:
-    w = jnp.broadcast_to(pixel_weight.astype(jnp.float32), err.shape)
-    norm = w.sum(axis=(1, 2, 3))
-    wl1 = ((w * jnp.abs(err)).sum(axis=(1, 2, 3)) / norm).mean()
-    wl2 = ((w * jnp.square(err)).sum(axis=(1, 2, 3)) / norm).mean()
+    wl1 = example_means(jnp.abs(err), pixel_weight).mean()
+    wl2 = example_means(jnp.square(err), pixel_weight).mean()
     loss = l1_weight * wl1 + l2_weight * wl2 + kl_weight * kl
   aux = {"l1": l1, "mse": l2, "kl": kl}
   if edge_weight:
@@ -164,11 +172,7 @@ def diffusion_loss(unet_fn, alphas_cumprod: jax.Array, latents: jax.Array, conte
   else:
     raise ValueError(f"prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
   pred = unet_fn(x_t, t, context).astype(jnp.float32)
-  if pixel_weight is None:
-    per_example = jnp.square(pred - target).mean(axis=(1, 2, 3))
-  else:
-    w = jnp.broadcast_to(pixel_weight.astype(jnp.float32), pred.shape)
-    per_example = (w * jnp.square(pred - target)).sum(axis=(1, 2, 3)) / w.sum(axis=(1, 2, 3))
+  per_example = example_means(jnp.square(pred - target), pixel_weight)
   if min_snr_gamma:
     per_example = per_example * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)
   aux = {"mse": jnp.square(pred - target).mean()}
