@@ -369,10 +369,17 @@ def table(results: list[dict]) -> str:
 
 
 def machine() -> dict:
-  cpu = ""
+  cpu, fields = "", {}
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    cpu = fields.get("model name", "")
+  # "AMD EPYC" alone names several generations; the vector extensions and the cache tell them apart (this
+  # project's VM ran the same U-Net step 2-3x faster on some days than on others).
+  flags = set(fields.get("flags", "").split())
+  isa = [x for x in ("avx2", "avx512f", "avx512_bf16", "avx512_vp2intersect", "amx_tile") if x in flags]
   mem = ""
   if os.path.exists("/proc/meminfo"):
     with open("/proc/meminfo") as f:
@@ -380,6 +387,9 @@ def machine() -> dict:
   return {
       "host": platform.node(),
       "cpu": cpu,
+      "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+      "cpu_isa": " ".join(isa),
+      "cache": fields.get("cache size", ""),
       "cores": os.cpu_count(),
       "memory": mem,
       "python": platform.python_version(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -119,13 +119,19 @@ def _unmasked_attention_bwd(res, g):
   rowsum(P * dP) over the (T, S) logits; on XLA's CPU backend those big reductions were the
   slowest part of the attention backward."""
   q, k, v, probs, out = res
+  dq, dk, dv = _probs_backward(q, k, v, probs, out, g)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _probs_backward(q, k, v, probs, out, g):
+  """fp32 (dq, dk, dv) of softmax(q k^T) v from its probabilities, output and output gradient."""
   dv = jnp.einsum("...ts,...th->...sh", probs.astype(g.dtype), g, preferred_element_type=jnp.float32)
   dp = jnp.einsum("...th,...sh->...ts", g, v, preferred_element_type=jnp.float32)
   d = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   ds = probs * (dp - d)
   dq = jnp.einsum("...ts,...sh->...th", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum("...ts,...th->...sh", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return dq, dk, dv
 
 
 _unmasked_attention.defvjp(_unmasked_attention_fwd, _unmasked_attention_bwd)
@@ -135,25 +141,97 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(at_most, 1))
 
 
+def _cpu_blocks(b: int, n: int, t: int, s: int) -> tuple[int, int]:
+  """How `_cpu_blocked` splits the work: (batch x head slices per step, queries per step)."""
+  if t * s <= _CPU_BLOCK_LOGITS:  # several (batch, head) slices per step
+    return _largest_divisor(b * n, _CPU_BLOCK_LOGITS // (t * s)), t
+  return 1, _largest_divisor(t, _CPU_BLOCK_LOGITS // s)  # one slice, blocks of queries per step
+
+
+def _block_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One block's output and its rows' fp32 logsumexp. The softmax's division is applied to the
+  (T, H) output rather than to the (T, S) probabilities (one pass less over the block's logits)."""
+  logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - m)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("...ts,...sh->...th", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+  return out.astype(v.dtype), (m + jnp.log(total))[..., 0]
+
+
+def _block_output(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return _block_forward(q, k, v)[0]
+
+
+def _over_blocks(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array) -> Any:
+  """`fn(q, k, v)` of each of `_cpu_blocks`' blocks, in a loop; its outputs (.., T, ...) reassembled as
+  (B, N, T, ...)."""
+  b, n, t, h = q.shape
+  g, c = _cpu_blocks(b, n, t, k.shape[2])
+  if c == t:
+    qb, kb, vb = (x.reshape(b * n // g, g, *x.shape[2:]) for x in (q, k, v))
+    res = jax.lax.map(lambda a: fn(*a), (qb, kb, vb))
+  else:
+    qb = q.reshape(b * n, t // c, c, h)
+    kb, vb = (x.reshape(b * n, *x.shape[2:]) for x in (k, v))
+    res = jax.lax.map(lambda a: jax.lax.map(lambda qc: fn(qc, a[1], a[2]), a[0]), (qb, kb, vb))
+  return jax.tree.map(lambda x: x.reshape(b, n, t, *x.shape[3:]), res)
+
+
+def _block_backward(q, k, v, out, lse, g):
+  """One block's fp32 (dq, dk, dv), its probabilities recomputed from the logsumexp (FlashAttention's
+  backward, Dao et al., 2022, arXiv:2205.14135, alg. 4)."""
+  logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32)
+  return _probs_backward(q, k, v, jnp.exp(logits - lse[..., None]), out, g)
+
+
+@jax.custom_vjp
 def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Loops over blocks of (batch x head) slices, or of queries, so each block's logits stay in cache.
 
   XLA's CPU backend runs a fused matmul-softmax-matmul one whole op after another: with SD 1.5's
   4096 latent tokens that is a 512 MiB logits array per attention, written and re-read from memory;
-  the loop makes that self-attention about 3x faster. Arrays are (B, N, L, H).
+  the loop makes that self-attention about 3x faster. The backward loops over the same blocks and
+  recomputes each block's probabilities from the forward's logsumexp instead of keeping them (a
+  (B, N, T, S) residual, 64 MiB per attention for the small benchmark model's 1024 tokens, that XLA
+  also zero-filled and copied). Arrays are (B, N, L, H).
   """
-  b, n, t, h = q.shape
-  s = k.shape[2]
-  if t * s <= _CPU_BLOCK_LOGITS:  # several (batch, head) slices per step
-    g = _largest_divisor(b * n, _CPU_BLOCK_LOGITS // (t * s))
-    qb, kb, vb = (x.reshape(b * n // g, g, x.shape[2], h) for x in (q, k, v))
-    return jax.lax.map(lambda a: _softmax_attention(*a), (qb, kb, vb)).reshape(b, n, t, h)
-  chunk = _largest_divisor(t, _CPU_BLOCK_LOGITS // s)  # one slice, blocks of queries per step
-  qb = q.reshape(b * n, t // chunk, chunk, h)
-  kb, vb = (x.reshape(b * n, s, h) for x in (k, v))
-  per_slice = lambda a: jax.lax.map(lambda qc: _softmax_attention(qc, a[1], a[2]), a[0])
-  return jax.lax.map(per_slice, (qb, kb, vb)).reshape(b, n, t, h)
+  return _over_blocks(_block_output, q, k, v)
 
+
+def _cpu_blocked_fwd(q, k, v):
+  out, lse = _over_blocks(_block_forward, q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _cpu_blocked_bwd(res, g_out):
+  q, k, v, out, lse = res
+  b, n, t, h = q.shape
+  s, hv = k.shape[2], v.shape[3]
+  g, c = _cpu_blocks(b, n, t, s)
+  if c == t:
+    blocks = lambda x: x.reshape(b * n // g, g, *x.shape[2:])
+    dq, dk, dv = jax.lax.map(lambda a: _block_backward(*a), tuple(blocks(x) for x in (q, k, v, out, lse, g_out)))
+  else:
+    chunks = lambda x: x.reshape(b * n, t // c, c, *x.shape[3:])
+
+    def per_slice(a):
+      qs, ks, vs, os, ls, gs = a
+
+      def step(acc, xs):  # one block of queries: its dq, and its share of dk and dv
+        dq_c, dk_c, dv_c = _block_backward(xs[0], ks, vs, xs[1], xs[2], xs[3])
+        return (acc[0] + dk_c, acc[1] + dv_c), dq_c
+
+      zeros = (jnp.zeros((s, h), jnp.float32), jnp.zeros((s, hv), jnp.float32))
+      (dk_s, dv_s), dq_s = jax.lax.scan(step, zeros, (qs, os, ls, gs))
+      return dq_s, dk_s, dv_s
+
+    sliced = (chunks(q), k.reshape(b * n, s, h), v.reshape(b * n, s, hv), chunks(out), chunks(lse), chunks(g_out))
+    dq, dk, dv = jax.lax.map(per_slice, sliced)
+  return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype))
+
+
+_cpu_blocked.defvjp(_cpu_blocked_fwd, _cpu_blocked_bwd)
 
 _WRITTEN_OUT = [False]  # set by `written_out()`
 

@@ -66,6 +66,24 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+_COND_BACKENDS = ("cpu",)  # where `_if_finite` is a conditional rather than a select
+
+
+def _if_finite(finite: jax.Array, update: Callable[[TrainState], Any], state: TrainState) -> Any:
+  """`update(state)` (the new params, optimizer state and EMA) where `finite`, else the state's own.
+
+  On the CPU a `lax.cond`: the update's work is skipped, and the donated buffers are updated in
+  place (a select of new against old made XLA copy AdamW's moments first and recompute them in
+  the params' update: 167 ms against 121 ms for the small benchmark U-Net's 72.5M parameters). On
+  accelerators a select inside the step: a conditional there makes the host wait for the
+  predicate before it launches the update's kernels.
+  """
+  if jax.default_backend() in _COND_BACKENDS:
+    keep = lambda s: (s.params, s.opt_state, s.ema_params)
+    return jax.lax.cond(finite, update, keep, state)
+  return _select(finite, update(state), (state.params, state.opt_state, state.ema_params))
+
+
 def _num_updates(state: TrainState) -> jax.Array:
   """Optimizer updates applied before this step (the EMA warmup counter)."""
   if isinstance(state.opt_state, optax.MultiStepsState):
@@ -85,7 +103,7 @@ def make_train_step(
 
   The step's rng is `fold_in(rng, state.step)`, so pass the same base key every step. When the
   loss or the global gradient norm is non-finite, params, opt_state and EMA stay as they were
-  (selected inside the step, no host sync) and the non-finite counters grow. Metrics: `loss`,
+  (decided inside the step, no host round trip) and the non-finite counters grow. Metrics: `loss`,
   `grad_norm`, `lr` (when `lr_schedule` is given), `nonfinite` (0/1), plus the loss_fn's aux.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -96,27 +114,28 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
 
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    def update(state: TrainState) -> tuple[Params, optax.OptState, Params | None]:
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      new_ema = state.ema_params
+      if state.ema_params is not None:
+        if ema_decay is None:
+          raise ValueError("The state has ema_params but make_train_step got ema_decay=None; "
+                           "pass the same ema_decay as TrainState.create.")
+        d = ema_decay_rate(_num_updates(state), ema_decay, ema_warmup)
+        new_ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, new_params)
+        if isinstance(new_opt_state, optax.MultiStepsState):
+          # Only the micro-step that completes the accumulation window moves the params.
+          updated = jnp.logical_and(new_opt_state.mini_step == 0, new_opt_state.gradient_step > 0)
+          new_ema = _select(updated, new_ema, state.ema_params)
+      return new_params, new_opt_state, new_ema
 
-    new_ema = state.ema_params
-    if state.ema_params is not None:
-      if ema_decay is None:
-        raise ValueError("The state has ema_params but make_train_step got ema_decay=None; "
-                         "pass the same ema_decay as TrainState.create.")
-      d = ema_decay_rate(_num_updates(state), ema_decay, ema_warmup)
-      new_ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, new_params)
-      if isinstance(new_opt_state, optax.MultiStepsState):
-        # Only the micro-step that completes the accumulation window moves the params.
-        updated = jnp.logical_and(new_opt_state.mini_step == 0, new_opt_state.gradient_step > 0)
-        new_ema = _select(updated, new_ema, state.ema_params)
-      new_ema = _select(finite, new_ema, state.ema_params)
-
+    new_params, new_opt_state, new_ema = _if_finite(finite, update, state)
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
-        params=_select(finite, new_params, state.params),
-        opt_state=_select(finite, new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         ema_params=new_ema,
         nonfinite_count=state.nonfinite_count + skipped,
         consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped,

@@ -53,8 +53,13 @@ def test_cpu_blocked_path_matches_and_has_gradients(monkeypatch, shape):
   np.testing.assert_allclose(jax.jit(f)(q, k, v), g(q, k, v), atol=2e-6)
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
   grad = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))  # one compile, not one per eager op
-  for ours, ref in zip(grad(f)(q, k, v), grad(g)(q, k, v)):
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+  ours = grad(f)(q, k, v)
+  for a, ref in zip(ours, grad(g)(q, k, v)):
+    np.testing.assert_allclose(a, ref, atol=1e-5)
+  # bf16 inputs through the blocked backward: bf16 gradients, within bf16 rounding of the fp32 ones.
+  for a, b in zip(grad(f)(*(x.astype(jnp.bfloat16) for x in (q, k, v))), ours):
+    assert a.dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 0.05 * float(jnp.max(jnp.abs(b)))
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 16, 4, 8), (2, 33, 77, 2, 40)])  # self; cross on 77 tokens

@@ -15,6 +15,7 @@ from jaxsd import training
 from jaxsd.training import loop as loop_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import sharding as sh
+from jaxsd.training import train_state
 from jaxsd.training.train_state import TrainState, ema_decay_rate, make_train_step
 from tests.training import toy_train as toy
 
@@ -40,7 +41,11 @@ def _inf_grad_loss(params, batch, rng, frozen=None):
   return loss + jnp.sqrt(jnp.abs(w - jax.lax.stop_gradient(w))), aux
 
 
-def test_nonfinite_step_is_a_counted_noop():
+@pytest.mark.parametrize("guard", ["cond", "select"])
+def test_nonfinite_step_is_a_counted_noop(guard, monkeypatch):
+  # The CPU keeps a non-finite step's state with a conditional, accelerators with a select: both here.
+  if guard == "select":
+    monkeypatch.setattr(train_state, "_COND_BACKENDS", ())
   tx, _ = _tx()
   state = TrainState.create(toy.init_params(jax.random.key(0)), tx, 0.999)
   good = jax.jit(make_train_step(toy.loss_fn, tx, ema_decay=0.999))
@@ -59,6 +64,31 @@ def test_nonfinite_step_is_a_counted_noop():
   assert float(m["nonfinite"]) == 0.0 and int(state.consecutive_nonfinite) == 0
   assert int(state.nonfinite_count) == 3
   assert not _equal(state.params, before.params)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_cond_and_select_guards_agree(accum, monkeypatch):
+  """The two ways of keeping a non-finite step's state give the same states over good and bad steps, with EMA
+  and with gradient accumulation: the counters exactly, the floats to rounding (the two programs are fused
+  differently, and XLA may contract a multiply-add in one and not the other)."""
+  tx, _ = training.make_optimizer(dict(lr=1e-2, warmup_steps=0, grad_accum_steps=accum))
+  batches = [toy.make_batch(0, 8), _nan_batch(1), toy.make_batch(2, 8), toy.make_batch(3, 8), toy.make_batch(4, 8)]
+  states = []
+  for backends in (("cpu",), ()):
+    monkeypatch.setattr(train_state, "_COND_BACKENDS", backends)
+    step = jax.jit(make_train_step(toy.loss_fn, tx, ema_decay=0.9))
+    state = TrainState.create(toy.init_params(jax.random.key(0)), tx, 0.9)
+    for b in batches:
+      state, _ = step(state, b, jax.random.key(0))
+    states.append(state)
+  assert int(states[0].nonfinite_count) == 1
+  assert not _equal(states[0].params, toy.init_params(jax.random.key(0)))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(states[0]), jax.tree.leaves(states[1])):
+    a, b = np.asarray(a), np.asarray(b)
+    if np.issubdtype(a.dtype, np.integer):
+      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=jax.tree_util.keystr(path))
 
 
 def test_ema_rule():
