@@ -38,7 +38,9 @@ SAMPLE = dict(workload="sample", dtype="bfloat16", steps=25, sampler="ddim", gui
 # to 128 (each other change is also measured on that path, so that a failure of the padded cuDNN
 # call cannot hide it); auto_layout: XLA picks the train state's layouts (conv kernels and their
 # AdamW state in cuDNN's layout, no transposes in the update); mu_dtype: AdamW's first moment;
-# autotune0: XLA's GPU autotuning off (a compile-time figure; sampling's time shows what it costs).
+# autotune0: XLA's GPU autotuning off (a compile-time figure; sampling's time shows what it costs);
+# guard-cond: the step's non-finite guard as a lax.cond, as on the CPU (`train_state._if_finite`: no
+# copies of AdamW's moments, but the host waits for the predicate before the update's kernels).
 VARIANTS = {  # run in this order
     "train b16 xla-cross": dict(TRAIN, batch=16, pad_keys=False),
     "train b16": dict(TRAIN, batch=16),
@@ -49,6 +51,7 @@ VARIANTS = {  # run in this order
     "train b32 auto-layout mu-bf16": dict(TRAIN, batch=32, auto_layout=True, mu_dtype="bfloat16"),
     "train b32": dict(TRAIN, batch=32),
     "torch train b32": dict(TRAIN, batch=32, impl="torch"),
+    "train b16 guard-cond": dict(TRAIN, batch=16, guard="cond"),
     "train b16 xla-cross auto-layout": dict(TRAIN, batch=16, pad_keys=False, auto_layout=True),
     "train b16 xla-cross mu-bf16": dict(TRAIN, batch=16, pad_keys=False, mu_dtype="bfloat16"),
     "sample b1": dict(SAMPLE, batch=1),
@@ -96,6 +99,9 @@ def _jaxsd_train(spec: dict):
   tx, _ = optimizer.make_optimizer({"lr": 1e-4, "warmup_steps": 0, "mu_dtype": spec.get("mu_dtype", "float32")})
 
   loss_fn = workloads_jaxsd.noise_prediction_loss(module, sched)
+  if spec.get("guard") == "cond":
+    from jaxsd.training import train_state
+    train_state._COND_BACKENDS = ("cpu", "gpu", "tpu")  # read while tracing, in this worker process only
   step = make_train_step(loss_fn, tx)
   create = lambda p: TrainState.create(p, tx)
   b, s = spec["batch"], spec["latent"]
