@@ -38,7 +38,8 @@ def test_mask_matches_jax_nn():
 @pytest.mark.parametrize(
     "shape",
     [
-        (2, 64, 64, 4, 8),  # several (batch, head) slices per block
+        (2, 64, 64, 4, 8),  # one (batch, head) slice per block
+        (4, 32, 32, 4, 8),  # four slices per block
         (1, 256, 128, 2, 8)
     ])  # blocks of queries within one slice
 def test_cpu_blocked_path_matches_and_has_gradients(monkeypatch, shape):
@@ -50,6 +51,7 @@ def test_cpu_blocked_path_matches_and_has_gradients(monkeypatch, shape):
   f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla")
   g = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
   assert "while" in str(jax.jit(f).lower(q, k, v).as_text()), "the blocked (lax.map) path was not taken"
+  assert attention._cpu_blocks(b, n, t, s) == {64: (1, 64), 32: (4, 32), 256: (1, 32)}[t]
   np.testing.assert_allclose(jax.jit(f)(q, k, v), g(q, k, v), atol=2e-6)
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
   grad = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))  # one compile, not one per eager op
