@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   from jaxsd.compilation_cache import enable_compilation_cache
-  from jaxsd.training import run
+  from jaxsd.training import run, run_config
 
   cfg = fv.config
   if fv.benchmark:
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if fv.distributed:
       jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     elif (fv.coordinator_address, fv.num_processes, fv.process_id) != (None, None, None):
-      raise run.ConfigError("--coordinator_address, --num_processes and --process_id need --distributed.")
-    run.check_config(cfg, jax.device_count())  # before the compilation cache or anything else is touched
+      raise run_config.ConfigError("--coordinator_address, --num_processes and --process_id need --distributed.")
+    run_config.check_config(cfg, jax.device_count())  # before the compilation cache or anything else is touched
     enable_compilation_cache()
     result = run.train_and_evaluate(cfg, fv.workdir)
-  except run.ConfigError as e:
+  except run_config.ConfigError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   except run.Preempted:

@@ -10,14 +10,14 @@ import numpy as np
 import jax.numpy as jnp
 from jaxsd import StableDiffusion
 from jaxsd.data import shapes
-from jaxsd.training import run, controlnet_training
+from jaxsd.training import controlnet_training, report
 from jaxsd import tokenizer as _tk
 from train.configs import default
 
 model, cn = sys.argv[1], sys.argv[2]
 cfg = default.get_config()
 tok = _tk.load_tokenizer(None)
-test = run._labelled_arrays(cfg, tok, "test", ("shape", "color", "size", "position"), 200)
+test = report.labelled_arrays(cfg, tok, "test", ("shape", "color", "size", "position"), 200)
 masks = np.asarray(controlnet_training.shape_mask(jnp.asarray(test["image"])))
 prompts = [f"a {shapes.COLORS[c]} {shapes.SHAPES[s]}" for s, c in zip(test["shape"], test["color"])]
 pipe = StableDiffusion.from_pretrained(model)

@@ -10,7 +10,8 @@ same classifier as the full run it is compared with.
 """
 import os, sys, json
 import numpy as np
-from jaxsd.training import run, export, evaluate, judge as judge_lib
+from jaxsd.training import evaluate, export, report
+from jaxsd.training import judge as judge_lib
 from jaxsd import pretrained
 import importlib
 
@@ -24,7 +25,7 @@ attrs = tuple(spec.attributes)
 from jaxsd import tokenizer as _tk
 
 tok = _tk.load_tokenizer(None)
-test = run._labelled_arrays(cfg, tok, "test", attrs, None)
+test = report.labelled_arrays(cfg, tok, "test", attrs, None)
 judge = judge_lib.load_or_train(os.path.join(jd, "judge"), cfg.data.name, None, attrs, spec.attributes)
 vae, vp = pretrained.load_vae(os.path.join(export.model_dir(wd), "vae"))
 n = 1000

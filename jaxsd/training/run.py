@@ -12,6 +12,7 @@ Layout of a workdir:
                                 ControlNet as a diffusers folder (config.json + safetensors); init not copied
   samples/                      sample grids; report.md and summary.json at the end
 Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoint for the order).
+The config's checks and derived settings are `jaxsd.training.run_config`; the judged report, `jaxsd.training.report`.
 """
 
 from __future__ import annotations
@@ -35,26 +36,19 @@ from jaxsd import token_embeddings
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
 from jaxsd.data import builtin, input_pipeline
-from jaxsd.diffusion import SchedulerConfig, schedules
+from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet
-from jaxsd.model_folder import check_model_folder, is_sdxl_folder
-from jaxsd.pipeline import StableDiffusion, load_vae, load_workdir
+from jaxsd.pipeline import StableDiffusion, load_vae
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, losses, stages
-from jaxsd.training import judge as judge_lib
-from jaxsd.training import metrics as metrics_lib
-from jaxsd.training import quality as quality_lib
+from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, report, stages
 from jaxsd.training.loop import PeriodicCallback, train_loop
 from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
+from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, data_dir, is_dreambooth, is_lora,
+                                       is_sdxl, mask_key, optimizer_settings, read_json, section, stage_names,
+                                       text_length)
 
 log = logging.getLogger(__name__)
-STAGES = ("clip", "vae", "unet")
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot work; raised before anything is compiled."""
-
 
 # --- several processes -------------------------------------------------------------------------
 
@@ -81,55 +75,6 @@ def primary_first(name: str):
     sync(name)
 
 
-# --- checks before any work --------------------------------------------------------------------
-
-
-def _stages(cfg) -> list[str]:
-  names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-  bad = [s for s in names if s not in STAGES]
-  if bad or not names:
-    raise ConfigError(f"config.stages={cfg.stages!r}: stages are a comma-separated subset of "
-                      f"{','.join(STAGES)} (in that order).")
-  if cfg.init:  # fine-tuning: VAE, text encoder and tokenizer come from the init folder
-    return ["lora"] if _is_lora(cfg) else ["controlnet"] if _is_controlnet(cfg) else ["unet"]
-  return [s for s in STAGES if s in names]
-
-
-def _check_section(cfg, name: str, check) -> None:
-  """`check(cfg.<name>)`'s ValueError as a ConfigError naming the section."""
-  try:
-    check(cfg[name])
-  except ValueError as e:
-    raise ConfigError(f"config.{name}: {e}") from None
-
-
-def _is_lora(cfg) -> bool:
-  return "lora" in cfg
-
-
-def _is_sdxl(cfg) -> bool:
-  """Fine-tuning an SDXL folder (its U-Net, with both text encoders and the size conditioning)."""
-  return bool(cfg.init) and os.path.isdir(cfg.init) and is_sdxl_folder(cfg.init)
-
-
-def _is_dreambooth(cfg) -> bool:
-  return "dreambooth" in cfg
-
-
-def _is_controlnet(cfg) -> bool:
-  return "controlnet" in cfg
-
-
-def _section(name: str) -> str:
-  """The config section of a stage's training settings: LoRA and ControlNet training are the U-Net stage's,
-  on adapters or on a ControlNet."""
-  return "unet" if name in ("lora", "controlnet") else name
-
-
-def data_dir(cfg) -> str:
-  return os.path.expanduser(cfg.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-
-
 def ensure_dataset(cfg) -> None:
   """Prepares a built-in dataset (`shapes`) when asked for; any other dataset must be prepared already."""
   found = builtin.lookup(cfg.data.name)
@@ -138,7 +83,7 @@ def ensure_dataset(cfg) -> None:
     with primary_first("jaxsd: dataset prepared"):
       found.prepare(data_dir(cfg), cfg.data.name)
     log.info("%s ready in %.1f s", cfg.data.name, time.time() - t0)
-    _check_mask(cfg)
+    check_mask(cfg)
     return
   prepared = input_pipeline.list_prepared(data_dir(cfg))
   base = cfg.data.name.split(":")[0]
@@ -148,178 +93,7 @@ def ensure_dataset(cfg) -> None:
         f"{', '.join(prepared) or 'none'}). Prepare it first — for a folder of your own images with captions: "
         "python -c \"import jaxsd.data as d; print(d.prepare_image_folder('FOLDER', 'DATA_DIR'))\" — "
         "and set --config.data.name and --config.data.data_dir; or use the built-in shapes/32x32.")
-  _check_mask(cfg)
-
-
-def mask_key(cfg, stage: str = "unet") -> str | None:
-  """The dataset feature a stage's loss is weighted by (`<stage>.foreground_loss_weight`, the VAE's or the
-  U-Net's), or None: `data.mask_key`, else the built-in dataset's own mask (shapes' "mask"), else none."""
-  if not cfg[stage].get("foreground_loss_weight"):
-    return None
-  if cfg.data.get("mask_key"):
-    return cfg.data.mask_key
-  found = builtin.lookup(cfg.data.name)
-  return found.mask_key if found is not None else None
-
-
-def _check_foreground_weight(cfg) -> None:
-  for stage in ("vae", "unet"):
-    weight = cfg[stage].get("foreground_loss_weight", 0.0)
-    if weight < 0:
-      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be >= 0 (0: every pixel weighs 1).")
-  dilation = cfg.vae.get("foreground_dilation", 0)
-  if not isinstance(dilation, int) or dilation < 0:
-    raise ConfigError(f"config.vae.foreground_dilation={dilation!r} must be a whole number of pixels >= 0.")
-  if cfg.unet.get("foreground_loss_weight") and (_is_lora(cfg) or _is_dreambooth(cfg) or _is_controlnet(cfg)):
-    raise ConfigError("config.unet.foreground_loss_weight weights the U-Net stage's loss by the dataset's mask; "
-                      "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
-
-
-def _check_mask(cfg) -> None:
-  """After the dataset is found: a foreground-weighted VAE or U-Net stage has a mask to read."""
-  weighted = [s for s in ("vae", "unet") if cfg[s].get("foreground_loss_weight") and s in _stages(cfg)]
-  for stage in weighted:
-    if mask_key(cfg, stage) is None:
-      raise ConfigError(f"config.{stage}.foreground_loss_weight={cfg[stage].foreground_loss_weight} weights the "
-                        f"loss by the dataset's mask, and {cfg.data.name!r} has no built-in one: name its mask "
-                        f"feature with --config.data.mask_key, or set --config.{stage}.foreground_loss_weight=0.")
-  if weighted and cfg.data.get("mask_key"):
-    names = input_pipeline.feature_names(cfg.data.name, data_dir(cfg))
-    if cfg.data.mask_key not in names:
-      raise ConfigError(f"config.data.mask_key={cfg.data.mask_key!r} is not a feature of {cfg.data.name!r}; its "
-                        f"features are {names}.")
-
-
-def check_config(cfg, n_devices: int) -> None:
-  """Every check that needs no compilation: a one-paragraph error that says what to change."""
-  names = _stages(cfg)
-  try:
-    stages.dtype_of(cfg)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  try:
-    sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, n_devices)
-  except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
-  for name in names:
-    b = cfg[_section(name)].batch_size
-    if b % n_devices or b % jax.process_count():
-      raise ConfigError(f"config.{_section(name)}.batch_size={b} is not divisible by the {n_devices} devices "
-                        f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
-    try:  # builds the optax chain only: a bad value is refused before any stage runs
-      make_optimizer(_optimizer_settings(cfg, name))
-    except ValueError as e:
-      raise ConfigError(f"config.{_section(name)}.optimizer: {e}") from None
-  if cfg.init:
-    if not os.path.isdir(cfg.init):
-      raise ConfigError(f"config.init={cfg.init!r} does not exist: give a diffusers Stable Diffusion folder.")
-    if _is_sdxl(cfg):
-      _check_sdxl(cfg)
-    try:
-      check_model_folder(cfg.init)
-    except FileNotFoundError as e:
-      raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
-    vae_blocks, unet_blocks = (
-        len(_read_json(cfg.init, name, "config.json").get("block_out_channels", [0])) for name in ("vae", "unet"))
-  else:
-    vae_blocks, unet_blocks = len(cfg.vae.block_out_channels), len(cfg.unet.block_out_channels)
-  multiple = 2**(vae_blocks - 1) * 2**(unet_blocks - 1)
-  if cfg.data.image_size % multiple:
-    raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
-                      f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
-  if _is_lora(cfg):
-    if not cfg.init:
-      raise ConfigError("config.lora trains adapters on a pretrained U-Net: set --config.init=<diffusers folder>.")
-    if cfg.unet.train_text_encoder:
-      raise ConfigError("config.lora trains adapters, not whole networks: set config.unet.train_text_encoder=False "
-                        "(and config.lora.train_text_encoder=True for text-encoder adapters).")
-    if (cfg.lora.get("train_text_encoder") or cfg.lora.get("token_embeddings")) and cfg.unet.get("cache_latents"):
-      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
-                        "with config.lora.train_text_encoder=True or config.lora.token_embeddings.")
-    _check_section(cfg, "lora", lora_training.check_settings)
-  if _is_dreambooth(cfg):
-    if not cfg.init:
-      raise ConfigError("config.dreambooth teaches a pretrained model a subject: set --config.init=<diffusers "
-                        "folder>.")
-    if cfg.unet.get("cache_latents"):
-      raise ConfigError("config.unet.cache_latents reads a prepared dataset; DreamBooth reads its image folders: "
-                        "set config.unet.cache_latents=False.")
-    _check_section(cfg, "dreambooth", dreambooth.check_settings)
-  if _is_controlnet(cfg):
-    if _is_sdxl(cfg):
-      raise ConfigError("config.controlnet trains SD 1.x/2.x ControlNets; SDXL ControlNet training is not "
-                        "implemented: give an SD 1.x/2.x folder as --config.init.")
-    if not cfg.init or _is_lora(cfg):
-      raise ConfigError("config.controlnet trains a ControlNet for a pretrained model: set --config.init=<diffusers "
-                        "folder> (and no config.lora).")
-    if cfg.unet.train_text_encoder or cfg.unet.get("cache_latents"):
-      raise ConfigError("config.controlnet trains the ControlNet alone on images (its condition is derived from "
-                        "each image): set config.unet.train_text_encoder=False and config.unet.cache_latents=False.")
-    if cfg.benchmark_steps:
-      raise ConfigError("config.benchmark_steps times the U-Net or LoRA step; it is not implemented for "
-                        "config.controlnet: set it to 0.")
-    _check_section(cfg, "controlnet", controlnet_training.check_settings)
-  if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
-    if cfg.data.random_flip or cfg.data.random_crop:
-      raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
-                        "randomly cropped: set config.data.random_flip=False and config.data.random_crop=False, or "
-                        "turn the cache off.")
-    if cfg.unet.train_text_encoder:
-      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be "
-                        "combined with config.unet.train_text_encoder=True.")
-  if ("unet" in names and not cfg.init and cfg.unet.get("rescale_betas_zero_snr") and
-      cfg.unet.prediction_type != "v_prediction"):
-    raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
-                      "predicting the noise says nothing about the image: set config.unet.prediction_type="
-                      "v_prediction.")
-  _check_foreground_weight(cfg)
-  beta_schedule = cfg.unet.get("beta_schedule", "scaled_linear")
-  if "unet" in names and not cfg.init and beta_schedule not in schedules.BETA_SCHEDULES:
-    raise ConfigError(f"config.unet.beta_schedule={beta_schedule!r}: use one of {schedules.BETA_SCHEDULES}.")
-  sampling = cfg.unet.get("timestep_sampling", "uniform")
-  if ("unet" in names or "lora" in names) and sampling not in losses.TIMESTEP_SAMPLINGS:
-    raise ConfigError(f"config.unet.timestep_sampling={sampling!r}: use one of {losses.TIMESTEP_SAMPLINGS}.")
-  if "unet" in names and cfg.unet.get("text_encoder_lr") and not cfg.unet.train_text_encoder:
-    raise ConfigError(f"config.unet.text_encoder_lr={cfg.unet.text_encoder_lr} is the learning rate of a text encoder "
-                      "trained with the U-Net: set config.unet.train_text_encoder=True, or text_encoder_lr=0.")
-  diffusers_hint = "diffusers' examples use 0.05-0.1; 0 turns it off"
-  for key, hint in (("noise_offset", diffusers_hint), ("input_perturbation", diffusers_hint),
-                    ("timestep_uniform_fraction", "the share of timesteps drawn uniformly instead of by "
-                     "timestep_sampling; 0 turns it off")):
-    if not 0.0 <= float(cfg.unet.get(key, 0.0)) <= 1.0:
-      raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] ({hint}).")
-  if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
-    raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
-                      f"config.data.image_size={cfg.data.image_size}: set them equal.")
-
-
-def _check_sdxl(cfg) -> None:
-  for need in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-    if not os.path.isdir(os.path.join(cfg.init, need)):
-      raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
-                        "model's folder (both text encoders and tokenizers; a refiner is not supported).")
-  if cfg.unet.train_text_encoder:
-    raise ConfigError("fine-tuning SDXL trains its U-Net with both text encoders frozen: turn off "
-                      "config.unet.train_text_encoder (not supported for SDXL yet; lora.train_text_encoder trains "
-                      "adapters on both).")
-
-
-def _read_json(*path) -> dict:
-  path = os.path.join(*path)
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"config.init: cannot read {path} ({e}); is the folder a complete diffusers "
-                      "Stable Diffusion folder?") from None
-
-
-def _text_length(cfg) -> int:
-  """Tokens per caption: the text encoder's positions (77 for SD; fewer for the small default)."""
-  if cfg.init:
-    with open(os.path.join(cfg.init, "text_encoder", "config.json")) as f:
-      return json.load(f).get("max_position_embeddings", 77)
-  return cfg.clip.text.max_position_embeddings
+  check_mask(cfg)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -331,7 +105,7 @@ def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), bat
   host (each computes the same metrics, as one process would). With `tokenizer_2` (SDXL) also the second
   tokenizer's ids and each image's original size and crop (SDXL's size conditioning); with `mask` that feature
   as "loss_mask"."""
-  max_length = _text_length(cfg)
+  max_length = text_length(cfg)
   d = cfg.data
   try:
     return input_pipeline.make_dataset(
@@ -367,21 +141,11 @@ class Preempted(Exception):
   """Training stopped on SIGTERM after saving; rerun the same command to resume."""
 
 
-def _optimizer_settings(cfg, name: str) -> dict:
-  """A stage's optimizer section; `total_steps` 0 or absent means the stage's own `steps`, so that a cosine
-  schedule follows `--config.unet.steps=N` (as diffusers' --max_train_steps sets its scheduler's length)."""
-  c = cfg[_section(name)]
-  opt = dict(c.optimizer)
-  if not opt.get("total_steps"):
-    opt["total_steps"] = c.steps
-  return opt
-
-
 def _optimizer(cfg, stage):
   """The stage's optimizer and learning-rate schedule; a text encoder trained with the U-Net at its own rate
   (`unet.text_encoder_lr`)."""
-  c = cfg[_section(stage.name)]
-  tx, schedule = make_optimizer(_optimizer_settings(cfg, stage.name))
+  c = cfg[section(stage.name)]
+  tx, schedule = make_optimizer(optimizer_settings(cfg, stage.name))
   if stage.name == "unet" and c.get("train_text_encoder") and c.get("text_encoder_lr"):
     tx = with_group_lr(tx, "text_encoder", c.text_encoder_lr / c.optimizer.lr)
   return tx, schedule
@@ -389,7 +153,7 @@ def _optimizer(cfg, stage):
 
 def _loop(cfg, workdir, stage, mesh, data, *, ema_decay=None, callbacks=(), on_start=None):
   """Trains a stage on the iterator `data`; on SIGTERM closes `data` and raises Preempted."""
-  c = cfg[_section(stage.name)]
+  c = cfg[section(stage.name)]
   tx, schedule = _optimizer(cfg, stage)
   res = train_loop(workdir=os.path.join(workdir, stage.name), mesh=mesh, init_params=stage.init_params,
                    loss_fn=stage.loss_fn, tx=tx, data=data, total_steps=c.steps, frozen=stage.frozen,
@@ -468,7 +232,7 @@ def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
 
 def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   dtype = stages.dtype_of(cfg)
-  sdxl = _is_sdxl(cfg)
+  sdxl = is_sdxl(cfg)
   mdir = export.model_dir(workdir)
   if cfg.init and primary():
     export.copy_from_init(cfg.init, workdir)
@@ -510,7 +274,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   if sdxl:
     sampling_pipe = StableDiffusionXL(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler,
                                       text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
-                                      tokenizer_2=xl["tokenizer_2"], model_index=_read_json(mdir, "model_index.json"))
+                                      tokenizer_2=xl["tokenizer_2"], model_index=read_json(mdir, "model_index.json"))
   else:
     sampling_pipe = StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler)
   it = _unet_input(cfg, workdir, tokenizer, sampling_pipe, tokenizer_2=xl.get("tokenizer_2"))
@@ -519,13 +283,13 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     return _benchmark(cfg, stage, mesh, it)
 
   prompts, columns = builtin.sample_prompts(cfg.data.name, cfg.unet.get("sample_prompts", ()))
-  if _is_dreambooth(cfg) and not cfg.unet.get("sample_prompts"):
+  if is_dreambooth(cfg) and not cfg.unet.get("sample_prompts"):
     prompts = [p for p in (cfg.dreambooth.instance_prompt, cfg.dreambooth.class_prompt) if p]
   samples_dir = os.path.join(workdir, "samples")
   quality = None
-  if _judged(cfg):
+  if report.judged(cfg):
     with primary_first("jaxsd: judge trained"):
-      quality = _quality_eval(cfg, workdir, tokenizer)[0]
+      quality = report.quality_eval(cfg, workdir, tokenizer)[0]
 
   def write_samples(step, state, writer):
     # One pipeline object for every grid: its compiled program is reused, only the params change.
@@ -579,7 +343,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   cfg.init's, which is unchanged. SDXL: the inputs of run_unet's SDXL fine-tune; with lora.train_text_encoder
   adapters on both text encoders."""
   dtype = stages.dtype_of(cfg)
-  sdxl = _is_sdxl(cfg)
+  sdxl = is_sdxl(cfg)
   unet, unet_params = pretrained.load_unet(os.path.join(cfg.init, "unet"), dtype, jnp.float32,
                                            gradient_checkpointing=cfg.unet.gradient_checkpointing)
   xl = {}
@@ -608,7 +372,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   if sdxl:
     pipe = StableDiffusionXL(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler,
                              text_encoder_2=xl["text_encoder_2"], text_encoder_2_params=xl["text_params_2"],
-                             tokenizer_2=xl["tokenizer_2"], model_index=_read_json(cfg.init, "model_index.json"))
+                             tokenizer_2=xl["tokenizer_2"], model_index=read_json(cfg.init, "model_index.json"))
   else:
     pipe = StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler)
   it = _unet_input(cfg, workdir, tokenizer, pipe, tokenizer_2=xl.get("tokenizer_2"))
@@ -673,7 +437,7 @@ def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None
   """The U-Net (or LoRA) stage's batches: DreamBooth's, from the latent cache with `unet.cache_latents`, else
   images (with SDXL's second tokenizer and size conditioning when `tokenizer_2` is given). `pipe` holds the
   networks (the init model: DreamBooth's class images are drawn with it)."""
-  if _is_dreambooth(cfg):
+  if is_dreambooth(cfg):
     return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
   if cfg.unet.get("cache_latents"):
     return iter(_cached_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
@@ -681,7 +445,7 @@ def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None
 
 
 def _prior_loss_weight(cfg) -> float:
-  return float(cfg.dreambooth.prior_loss_weight) if _is_dreambooth(cfg) else 1.0
+  return float(cfg.dreambooth.prior_loss_weight) if is_dreambooth(cfg) else 1.0
 
 
 def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
@@ -708,7 +472,7 @@ def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_
                                  class_images=classes, class_prompt=c.class_prompt, tokenizer=tokenizer,
                                  image_size=size, global_batch_size=cfg.unet.batch_size,
                                  seed=cfg.seed + STAGES.index("unet"), center_crop=c.center_crop,
-                                 random_flip=cfg.data.random_flip, max_length=_text_length(cfg),
+                                 random_flip=cfg.data.random_flip, max_length=text_length(cfg),
                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                  num_threads=cfg.data.num_threads, tokenizer_2=tokenizer_2)
 
@@ -722,7 +486,7 @@ def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=No
   if xl:
     text_params = {"text_encoder": text_params, "text_encoder_2": pipe.text_encoder_2_params}
   spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
-              image_size=d.image_size, tokens=_text_length(cfg), process=jax.process_index(),
+              image_size=d.image_size, tokens=text_length(cfg), process=jax.process_index(),
               processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params))
   if xl:
     spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
@@ -733,7 +497,7 @@ def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=No
   in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
                                          data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
                                          image_key=d.image_key, caption_key=d.caption_key, mask_key=mask,
-                                         num_threads=d.num_threads, drop_remainder=False, max_length=_text_length(cfg),
+                                         num_threads=d.num_threads, drop_remainder=False, max_length=text_length(cfg),
                                          tokenizer_2=tokenizer_2, size_conditioning=xl)
   encode = jax.jit(
       stages.cache_encoder(pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if xl else None,
@@ -782,15 +546,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
-  names = _stages(cfg)
+  names = stage_names(cfg)
   if cfg.benchmark_steps:  # times the U-Net step alone: the other stages are neither run nor needed
-    names = ["lora"] if _is_lora(cfg) and cfg.init else ["unet"]
+    names = ["lora"] if is_lora(cfg) and cfg.init else ["unet"]
   elif "unet" in names and not cfg.init:
     for need, stage in (("text_encoder", "clip"), ("vae", "vae")):
       if stage not in names and not os.path.isdir(os.path.join(export.model_dir(workdir), need)):
         raise ConfigError(f"the unet stage needs a trained {need}: run the {stage} stage first (config.stages) "
                           f"in this workdir, or fine-tune a pretrained model with --config.init=<diffusers folder>.")
-  if not _is_dreambooth(cfg):  # DreamBooth reads its image folders, not a prepared dataset
+  if not is_dreambooth(cfg):  # DreamBooth reads its image folders, not a prepared dataset
     ensure_dataset(cfg)
   if primary():
     os.makedirs(workdir, exist_ok=True)
@@ -812,132 +576,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     sync(f"jaxsd: {name} stage exported")  # the next stage reads what process 0 wrote
     if cfg.benchmark_steps:
       return results[name]
-  if (primary() and "unet" in results and not cfg.init and _judged(cfg) and
+  if (primary() and "unet" in results and not cfg.init and report.judged(cfg) and
       os.path.isdir(os.path.join(workdir, "model", "clip"))):  # written by process 0, from its own samples
-    results["prompt_match"] = report(cfg, workdir, tokenizer)
+    results["prompt_match"] = report.write(cfg, workdir, tokenizer, step=int(results["unet"]["steps"]))
   results["wall_seconds_this_run"] = round(time.time() - t0, 1)
   if primary():
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results
-
-
-def _judged(cfg):
-  """What the dataset's samples are judged on (`builtin.JudgedPrompts`), or None: no judged report."""
-  found = builtin.lookup(cfg.data.name)
-  return found.judged if cfg.eval.judge and found is not None else None
-
-
-def _quality_eval(cfg, workdir, tokenizer):
-  """The dataset's independent judge (trained once, cached in DIR/judge) and what it scores samples on:
-  every judged prompt, and `eval.fid_images` test captions for the FID on the judge's features."""
-  spec = _judged(cfg)
-  attrs = tuple(spec.attributes)
-
-  def load_split(split):
-    arrays = _labelled_arrays(cfg, tokenizer, split, attrs, cfg.eval.judge_train_examples if split == "train" else None)
-    return arrays["image"], arrays
-
-  judge = judge_lib.load_or_train(os.path.join(workdir, "judge"), cfg.data.name, load_split, attrs, spec.attributes,
-                                  steps=cfg.eval.judge_steps, seed=cfg.seed)
-  test = _labelled_arrays(cfg, tokenizer, "test", attrs, None, captions=True)
-  c = cfg.unet
-  ev, floors = quality_lib.build(judge, spec.prompts, spec.labels, test["image"], [str(x) for x in test["caption"]],
-                                 fid_images=cfg.eval.fid_images, sampler=c.sampler, steps=c.sample_steps,
-                                 guidance_scale=c.guidance_scale, seed=cfg.seed + 1,
-                                 images_per_prompt=cfg.eval.images_per_prompt,
-                                 periodic_fid_images=cfg.eval.periodic_fid_images)
-  return ev, floors, test
-
-
-def _labelled_arrays(cfg, tokenizer, split, attrs, max_examples, captions=False) -> dict:
-  d = cfg.data
-  pipeline = input_pipeline.make_dataset(cfg.data.name, global_batch_size=500, image_size=d.image_size,
-                                         data_dir=data_dir(cfg),
-                                         split=d.train_split if split == "train" else d.test_split, train=False,
-                                         tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
-                                         label_keys=attrs, return_captions=captions, num_threads=d.num_threads,
-                                         drop_remainder=False, max_length=_text_length(cfg), process_index=0,
-                                         process_count=1)  # every process reads it all
-  it = iter(pipeline)
-  keys = ("image", *attrs) + (("caption",) if captions else ())
-  arrays = evaluate.load_arrays(it, keys, max_examples)
-  it.close()
-  return arrays
-
-
-def report(cfg, workdir, tokenizer) -> dict:
-  """The U-Net's samples judged: every canonical prompt scored per attribute by the independent judge
-  (the trained CLIP beside it), the shapes-FID, each stage's ceiling on real data; report.md, a plot."""
-  pipe = load_workdir(workdir)
-  quality, floors, test = _quality_eval(cfg, workdir, tokenizer)
-  judge = quality.judge
-  clip_model, clip_params = pretrained.load_clip(os.path.join(export.model_dir(workdir), "clip"))
-  spec = _judged(cfg)
-  clip_judge = evaluate.clip_attribute_judge(clip_model, clip_params, tokenizer, spec.clip_attributes,
-                                             spec.clip_caption)
-  labels = {a: test[a] for a in judge.attributes}
-  recon = evaluate.reconstruct(pipe.vae, pipe.vae_params, test["image"])
-  recon_predicted = judge.predict(recon)  # one pass serves the confusion rows and the ceiling
-  recon_confusion = evaluate.confusion(labels, recon_predicted, spec.attributes, spec.confusion_split)
-  ceilings = {}
-  for name, images, predicted in (("real test images (ceiling)", test["image"], judge.predict(test["image"])),
-                                  ("VAE reconstructions of them", recon, recon_predicted)):
-    acc = {k: float(v.mean()) for k, v in judge.compare(predicted, labels).items()}
-    acc.update({f"clip_{a}": float(v.mean()) for a, v in clip_judge(images, labels).items()})
-    ceilings[name] = dict(acc, n=len(images))
-  chance = {a: 1 / len(spec.attributes[a]) for a in judge.attributes}
-  chance["all"] = float(np.prod(list(chance.values())))
-  ceilings["chance"] = dict(chance, clip_color=chance["color"], clip_shape=chance["shape"])
-
-  scores = quality(pipe, clip_judge)
-  match = scores.pop("prompt_match")
-  step = int(_done(workdir, "unet")["steps"])
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "unet"))
-  writer.write_scalars(step, scores)
-  writer.close()
-  history = {}
-  for row in metrics_lib.read_jsonl(os.path.join(workdir, "unet", "metrics.jsonl")):
-    if "judge_all_accuracy" in row:
-      history[row["step"]] = row  # a later line for the same step (a resumed run) wins
-  samples_dir = os.path.join(workdir, "samples")
-  os.makedirs(samples_dir, exist_ok=True)
-  quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"), floor=floors["fid_real_vs_real"])
-  images = match.pop("images")
-  per_row = spec.grid_columns * cfg.eval.images_per_prompt
-  Image.fromarray(contact_sheet(images, columns=per_row)).save(os.path.join(samples_dir, "prompt_match_grid.png"))
-
-  match["row_labels"] = [{
-      a: spec.attributes[a][spec.labels[a][i]] for a in spec.attributes
-  } for i in range(len(spec.prompts))]
-  grouped = tuple(spec.clip_attributes)  # the main table: one row per combination of these
-  table = evaluate.summary_table(match, judge.attributes, grouped, ceilings)
-  by_attr = {a: evaluate.summary_table(match, judge.attributes, (a,), {}) for a in spec.attributes if a not in grouped}
-  match.pop("row_labels")
-  by_sections = "".join(f"## By {a}\n\n{t}\n\n" for a, t in by_attr.items())
-  confusion = evaluate.confusion(match.pop("labels"), match.pop("predicted"), spec.attributes, spec.confusion_split)
-  split = f" (rows split by the {spec.confusion_split} asked for)" if spec.confusion_split else ""
-  confusion_sections = (
-      f"## What the judge saw\n\nPer attribute, for the samples of each class asked for{split}: the fraction the "
-      "judge put in each class (the asked one in bold). `ceiling`: the fraction of the VAE's reconstructions of "
-      "real test images of that row the judge gets right (the autoencoder's ceiling for the row).\n\n" +
-      "".join(f"### {a}\n\n{evaluate.confusion_table(confusion[a], recon_confusion[a])}\n\n" for a in confusion))
-  fid_name = cfg.data.name.split("/")[0] + "-FID"
-  fid_line = (f"{fid_name} (judge features, {floors['fid_images']} samples of test captions vs "
-              f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
-              f"(the two halves of the test split, the floor): {floors['fid_real_vs_real']:.2f}; "
-              f"ratio {scores['fid'] / floors['fid_real_vs_real']:.2f}.") if "fid" in scores else ""
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(f"# How well the model draws what it is asked for (U-Net step {step})\n\n"
-            f"Every judged prompt ({' x '.join(spec.attributes)}, {cfg.eval.images_per_prompt} image(s) each), "
-            f"sampled with the EMA U-Net ({cfg.unet.sampler}, {cfg.unet.sample_steps} steps, guidance "
-            f"{cfg.unet.guidance_scale}), judged by an independent classifier trained on the dataset's labels "
-            f"(`judge/`; it shares nothing with the model). The `clip` columns are the trained CLIP's zero-shot "
-            f"verdict among every {' x '.join(grouped)} caption (a second opinion; it is part of the model).\n\n"
-            f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
-            f"{by_sections}{confusion_sections}## Samples\n\n{spec.grid_caption}\n\n"
-            "![prompt match](samples/prompt_match_grid.png)\n")
-  print(table)
-  print(fid_line)
-  return dict(scores, rows=match["rows"], ceilings=ceilings, confusion=confusion, vae_confusion=recon_confusion,
-              **floors, judge=judge.meta)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -408,23 +406,3 @@ def test_bfloat16_training_tracks_float32(trained, data_dir, tmp_path):
   diffusers.AutoencoderKL.from_pretrained(os.path.join(model, "vae"))
   transformers.CLIPTextModel.from_pretrained(os.path.join(model, "text_encoder"))
   diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-
-
-def test_a_cosine_schedule_follows_the_stages_steps():
-  """The default config's `total_steps` 0 is the stage's `steps`: raising --config.unet.steps stretches the decay
-  (it used to stop at the config's 1,500 and stay at the floor); an explicit total_steps still wins; a section without the key is the same as 0."""
-  cfg = importlib.import_module("train.configs.default").get_config()
-  cfg.unet.steps = 4000
-  opt = run._optimizer_settings(cfg, "unet")
-  assert opt["total_steps"] == 4000 and cfg.unet.optimizer.total_steps == 0  # the config itself untouched
-  schedule = run._optimizer(cfg, types.SimpleNamespace(name="unet"))[1]
-  lr = cfg.unet.optimizer.lr
-  assert float(schedule(2000)) > 0.5 * lr  # mid-way through the decay, not at its floor
-  np.testing.assert_allclose(float(schedule(4000)), 0.1 * lr, rtol=1e-6)
-  assert run._optimizer_settings(cfg, "lora")["total_steps"] == 4000  # LoRA and ControlNet: the unet section
-  cfg.unet.optimizer.total_steps = 3000
-  assert run._optimizer_settings(cfg, "unet")["total_steps"] == 3000
-  for stage in ("clip", "vae"):
-    assert run._optimizer_settings(cfg, stage)["total_steps"] == cfg[stage].steps
-  del cfg.vae.optimizer["total_steps"]  # a hand-written section without the key: the stage's steps, not 10,000
-  assert run._optimizer_settings(cfg, "vae")["total_steps"] == cfg.vae.steps

@@ -1,0 +1,249 @@
+"""A training run's config read and checked: every check that needs no compilation (`check_config`, one
+paragraph that says what to change, raised as `ConfigError` before anything is compiled), and the settings the
+stages derive from the config (which stages run, the dataset folder, a stage's mask and optimizer section)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from jaxsd.data import builtin, input_pipeline
+from jaxsd.diffusion import schedules
+from jaxsd.model_folder import check_model_folder, is_sdxl_folder
+from jaxsd.training import controlnet_training, dreambooth, losses, lora_training, sharding, stages
+from jaxsd.training.optimizer import make_optimizer
+
+STAGES = ("clip", "vae", "unet")
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot work; raised before anything is compiled."""
+
+
+def stage_names(cfg) -> list[str]:
+  names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  bad = [s for s in names if s not in STAGES]
+  if bad or not names:
+    raise ConfigError(f"config.stages={cfg.stages!r}: stages are a comma-separated subset of "
+                      f"{','.join(STAGES)} (in that order).")
+  if cfg.init:  # fine-tuning: VAE, text encoder and tokenizer come from the init folder
+    return ["lora"] if is_lora(cfg) else ["controlnet"] if is_controlnet(cfg) else ["unet"]
+  return [s for s in STAGES if s in names]
+
+
+def _check_section(cfg, name: str, check) -> None:
+  """`check(cfg.<name>)`'s ValueError as a ConfigError naming the section."""
+  try:
+    check(cfg[name])
+  except ValueError as e:
+    raise ConfigError(f"config.{name}: {e}") from None
+
+
+def is_lora(cfg) -> bool:
+  return "lora" in cfg
+
+
+def is_sdxl(cfg) -> bool:
+  """Fine-tuning an SDXL folder (its U-Net, with both text encoders and the size conditioning)."""
+  return bool(cfg.init) and os.path.isdir(cfg.init) and is_sdxl_folder(cfg.init)
+
+
+def is_dreambooth(cfg) -> bool:
+  return "dreambooth" in cfg
+
+
+def is_controlnet(cfg) -> bool:
+  return "controlnet" in cfg
+
+
+def section(name: str) -> str:
+  """The config section of a stage's training settings: LoRA and ControlNet training are the U-Net stage's,
+  on adapters or on a ControlNet."""
+  return "unet" if name in ("lora", "controlnet") else name
+
+
+def data_dir(cfg) -> str:
+  return os.path.expanduser(cfg.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def mask_key(cfg, stage: str = "unet") -> str | None:
+  """The dataset feature a stage's loss is weighted by (`<stage>.foreground_loss_weight`, the VAE's or the
+  U-Net's), or None: `data.mask_key`, else the built-in dataset's own mask (shapes' "mask"), else none."""
+  if not cfg[stage].get("foreground_loss_weight"):
+    return None
+  if cfg.data.get("mask_key"):
+    return cfg.data.mask_key
+  found = builtin.lookup(cfg.data.name)
+  return found.mask_key if found is not None else None
+
+
+def _check_foreground_weight(cfg) -> None:
+  for stage in ("vae", "unet"):
+    weight = cfg[stage].get("foreground_loss_weight", 0.0)
+    if weight < 0:
+      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be >= 0 (0: every pixel weighs 1).")
+  dilation = cfg.vae.get("foreground_dilation", 0)
+  if not isinstance(dilation, int) or dilation < 0:
+    raise ConfigError(f"config.vae.foreground_dilation={dilation!r} must be a whole number of pixels >= 0.")
+  if cfg.unet.get("foreground_loss_weight") and (is_lora(cfg) or is_dreambooth(cfg) or is_controlnet(cfg)):
+    raise ConfigError("config.unet.foreground_loss_weight weights the U-Net stage's loss by the dataset's mask; "
+                      "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
+
+
+def check_mask(cfg) -> None:
+  """After the dataset is found: a foreground-weighted VAE or U-Net stage has a mask to read."""
+  weighted = [s for s in ("vae", "unet") if cfg[s].get("foreground_loss_weight") and s in stage_names(cfg)]
+  for stage in weighted:
+    if mask_key(cfg, stage) is None:
+      raise ConfigError(f"config.{stage}.foreground_loss_weight={cfg[stage].foreground_loss_weight} weights the "
+                        f"loss by the dataset's mask, and {cfg.data.name!r} has no built-in one: name its mask "
+                        f"feature with --config.data.mask_key, or set --config.{stage}.foreground_loss_weight=0.")
+  if weighted and cfg.data.get("mask_key"):
+    names = input_pipeline.feature_names(cfg.data.name, data_dir(cfg))
+    if cfg.data.mask_key not in names:
+      raise ConfigError(f"config.data.mask_key={cfg.data.mask_key!r} is not a feature of {cfg.data.name!r}; its "
+                        f"features are {names}.")
+
+
+def check_config(cfg, n_devices: int) -> None:
+  """Every check that needs no compilation: a one-paragraph error that says what to change."""
+  names = stage_names(cfg)
+  try:
+    stages.dtype_of(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, n_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  for name in names:
+    b = cfg[section(name)].batch_size
+    if b % n_devices or b % jax.process_count():
+      raise ConfigError(f"config.{section(name)}.batch_size={b} is not divisible by the {n_devices} devices "
+                        f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
+    try:  # builds the optax chain only: a bad value is refused before any stage runs
+      make_optimizer(optimizer_settings(cfg, name))
+    except ValueError as e:
+      raise ConfigError(f"config.{section(name)}.optimizer: {e}") from None
+  if cfg.init:
+    if not os.path.isdir(cfg.init):
+      raise ConfigError(f"config.init={cfg.init!r} does not exist: give a diffusers Stable Diffusion folder.")
+    if is_sdxl(cfg):
+      _check_sdxl(cfg)
+    try:
+      check_model_folder(cfg.init)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
+    vae_blocks, unet_blocks = (
+        len(read_json(cfg.init, name, "config.json").get("block_out_channels", [0])) for name in ("vae", "unet"))
+  else:
+    vae_blocks, unet_blocks = len(cfg.vae.block_out_channels), len(cfg.unet.block_out_channels)
+  multiple = 2**(vae_blocks - 1) * 2**(unet_blocks - 1)
+  if cfg.data.image_size % multiple:
+    raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
+                      f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
+  if is_lora(cfg):
+    if not cfg.init:
+      raise ConfigError("config.lora trains adapters on a pretrained U-Net: set --config.init=<diffusers folder>.")
+    if cfg.unet.train_text_encoder:
+      raise ConfigError("config.lora trains adapters, not whole networks: set config.unet.train_text_encoder=False "
+                        "(and config.lora.train_text_encoder=True for text-encoder adapters).")
+    if (cfg.lora.get("train_text_encoder") or cfg.lora.get("token_embeddings")) and cfg.unet.get("cache_latents"):
+      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
+                        "with config.lora.train_text_encoder=True or config.lora.token_embeddings.")
+    _check_section(cfg, "lora", lora_training.check_settings)
+  if is_dreambooth(cfg):
+    if not cfg.init:
+      raise ConfigError("config.dreambooth teaches a pretrained model a subject: set --config.init=<diffusers "
+                        "folder>.")
+    if cfg.unet.get("cache_latents"):
+      raise ConfigError("config.unet.cache_latents reads a prepared dataset; DreamBooth reads its image folders: "
+                        "set config.unet.cache_latents=False.")
+    _check_section(cfg, "dreambooth", dreambooth.check_settings)
+  if is_controlnet(cfg):
+    if is_sdxl(cfg):
+      raise ConfigError("config.controlnet trains SD 1.x/2.x ControlNets; SDXL ControlNet training is not "
+                        "implemented: give an SD 1.x/2.x folder as --config.init.")
+    if not cfg.init or is_lora(cfg):
+      raise ConfigError("config.controlnet trains a ControlNet for a pretrained model: set --config.init=<diffusers "
+                        "folder> (and no config.lora).")
+    if cfg.unet.train_text_encoder or cfg.unet.get("cache_latents"):
+      raise ConfigError("config.controlnet trains the ControlNet alone on images (its condition is derived from "
+                        "each image): set config.unet.train_text_encoder=False and config.unet.cache_latents=False.")
+    if cfg.benchmark_steps:
+      raise ConfigError("config.benchmark_steps times the U-Net or LoRA step; it is not implemented for "
+                        "config.controlnet: set it to 0.")
+    _check_section(cfg, "controlnet", controlnet_training.check_settings)
+  if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
+    if cfg.data.random_flip or cfg.data.random_crop:
+      raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
+                        "randomly cropped: set config.data.random_flip=False and config.data.random_crop=False, or "
+                        "turn the cache off.")
+    if cfg.unet.train_text_encoder:
+      raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be "
+                        "combined with config.unet.train_text_encoder=True.")
+  if ("unet" in names and not cfg.init and cfg.unet.get("rescale_betas_zero_snr") and
+      cfg.unet.prediction_type != "v_prediction"):
+    raise ConfigError("config.unet.rescale_betas_zero_snr=True trains the last timestep on pure noise, where "
+                      "predicting the noise says nothing about the image: set config.unet.prediction_type="
+                      "v_prediction.")
+  _check_foreground_weight(cfg)
+  beta_schedule = cfg.unet.get("beta_schedule", "scaled_linear")
+  if "unet" in names and not cfg.init and beta_schedule not in schedules.BETA_SCHEDULES:
+    raise ConfigError(f"config.unet.beta_schedule={beta_schedule!r}: use one of {schedules.BETA_SCHEDULES}.")
+  sampling = cfg.unet.get("timestep_sampling", "uniform")
+  if ("unet" in names or "lora" in names) and sampling not in losses.TIMESTEP_SAMPLINGS:
+    raise ConfigError(f"config.unet.timestep_sampling={sampling!r}: use one of {losses.TIMESTEP_SAMPLINGS}.")
+  if "unet" in names and cfg.unet.get("text_encoder_lr") and not cfg.unet.train_text_encoder:
+    raise ConfigError(f"config.unet.text_encoder_lr={cfg.unet.text_encoder_lr} is the learning rate of a text encoder "
+                      "trained with the U-Net: set config.unet.train_text_encoder=True, or text_encoder_lr=0.")
+  diffusers_hint = "diffusers' examples use 0.05-0.1; 0 turns it off"
+  for key, hint in (("noise_offset", diffusers_hint), ("input_perturbation", diffusers_hint),
+                    ("timestep_uniform_fraction", "the share of timesteps drawn uniformly instead of by "
+                     "timestep_sampling; 0 turns it off")):
+    if not 0.0 <= float(cfg.unet.get(key, 0.0)) <= 1.0:
+      raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] ({hint}).")
+  if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
+    raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
+                      f"config.data.image_size={cfg.data.image_size}: set them equal.")
+
+
+def _check_sdxl(cfg) -> None:
+  for need in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+    if not os.path.isdir(os.path.join(cfg.init, need)):
+      raise ConfigError(f"config.init={cfg.init!r} is an SDXL folder without {need}/: fine-tuning needs the base "
+                        "model's folder (both text encoders and tokenizers; a refiner is not supported).")
+  if cfg.unet.train_text_encoder:
+    raise ConfigError("fine-tuning SDXL trains its U-Net with both text encoders frozen: turn off "
+                      "config.unet.train_text_encoder (not supported for SDXL yet; lora.train_text_encoder trains "
+                      "adapters on both).")
+
+
+def read_json(*path) -> dict:
+  path = os.path.join(*path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.init: cannot read {path} ({e}); is the folder a complete diffusers "
+                      "Stable Diffusion folder?") from None
+
+
+def text_length(cfg) -> int:
+  """Tokens per caption: the text encoder's positions (77 for SD; fewer for the small default)."""
+  if cfg.init:
+    with open(os.path.join(cfg.init, "text_encoder", "config.json")) as f:
+      return json.load(f).get("max_position_embeddings", 77)
+  return cfg.clip.text.max_position_embeddings
+
+
+def optimizer_settings(cfg, name: str) -> dict:
+  """A stage's optimizer section; `total_steps` 0 or absent means the stage's own `steps`, so that a cosine
+  schedule follows `--config.unet.steps=N` (as diffusers' --max_train_steps sets its scheduler's length)."""
+  c = cfg[section(name)]
+  opt = dict(c.optimizer)
+  if not opt.get("total_steps"):
+    opt["total_steps"] = c.steps
+  return opt
