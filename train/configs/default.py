@@ -94,8 +94,8 @@ def get_config():
           # convergence, the number of updates is what counts. 4,500 (with the unweighted VAE at seed 0: shape
           # 0.867, all four 0.861, shapes-FID 2.59x; 1,500 gave 0.806 / 0.706 / 3.96x; with the weighted VAE 0.922 /
           # 0.911 / 2.77x) fit the 20 minutes on the 2-core VMs of 2026-12-04/05 (U-Net step 0.14-0.15 s), not on
-          # the twice slower ones of earlier days (docs/training.md, fourteenth and sixteenth rounds); on an
-          # accelerator raise it.
+          # the 1.6-2x slower ones (an Intel Xeon VM: 28 min 41 s; docs/training.md, fourteenth, sixteenth and
+          # eighteenth rounds); on an accelerator raise it.
           steps=4500,
           batch_size=16,
           optimizer=_optimizer(1e-3, 450),
