@@ -38,6 +38,11 @@ class QualityEval:
   images_per_prompt: int = 1
   periodic_fid_images: int = 0  # during training: the FID of this many samples (0: all of fid_captions)
 
+  @property
+  def fid_seed(self) -> int:
+    """The seed of the FID samples (another draw than the prompt-match samples')."""
+    return self.seed + 7919
+
   def __call__(self, pipe, clip_judge=None, final: bool = True) -> dict:
     """{"judge_<attr>_accuracy", "judge_all_accuracy", "fid", "fid_floor", "fid_images", ...} and
     "prompt_match" (rows, images). `final=False` (a point during training) samples `periodic_fid_images`
@@ -52,7 +57,7 @@ class QualityEval:
     if n >= 2:
       out["fid"] = evaluate.sample_fid(pipe, self.judge, self.fid_captions[:n], self.real_features[1][:n],
                                        sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance_scale,
-                                       seed=self.seed + 7919)
+                                       seed=self.fid_seed)
       out["fid_floor"] = fid_floor(self.real_features, n)
       out["fid_images"] = n
     out["eval_seconds"] = round(time.time() - t0, 1)
