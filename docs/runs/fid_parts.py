@@ -27,8 +27,8 @@ tok = _tk.load_tokenizer(None)
 ev, floors, test = report.quality_eval(cfg, wd, tok)
 judge, n = ev.judge, len(ev.fid_captions)
 pipe = load_workdir(wd)
-images = evaluate._generate(pipe, ev.fid_captions, sampler=ev.sampler, steps=ev.steps, guidance_scale=ev.guidance_scale,
-                            seed=ev.fid_seed)
+images = evaluate.sample_images(pipe, ev.fid_captions, sampler=ev.sampler, steps=ev.steps,
+                                guidance_scale=ev.guidance_scale, seed=ev.fid_seed)
 x = images.astype(np.float32) / 127.5 - 1.0
 gen = judge.features(x)
 real = ev.real_features[1][:n]

@@ -55,7 +55,7 @@ for label, active in (("base", False), ("lora", True)):
       for p in shapes.POSITIONS
       for _ in range(2)
   ]
-  timgs = evaluate._generate(pipe, teal_prompts, seed=7, **kw)
+  timgs = evaluate.sample_images(pipe, teal_prompts, seed=7, **kw)
   tpix = [pixel_colour(im) for im in timgs]
   lab = {
       "shape": np.array([shapes.SHAPES.index(p.split()[3]) for p in teal_prompts]),
@@ -69,7 +69,7 @@ for label, active in (("base", False), ("lora", True)):
   ])
   pred = judge.predict(timgs.astype(np.float32) / 127.5 - 1)
   tj = {a: pred[a] == lab[a] for a in lab}
-  instance = [pixel_colour(im) for im in evaluate._generate(pipe, ["a teal circle"] * 20, seed=11, **kw)]
+  instance = [pixel_colour(im) for im in evaluate.sample_images(pipe, ["a teal circle"] * 20, seed=11, **kw)]
   circ = [i for i, p in enumerate(teal_prompts) if " circle " in p]
   other = [i for i, p in enumerate(teal_prompts) if " circle " not in p]
   out[label] = dict(judged={a: round(res[f"{a}_accuracy"], 3) for a in list(attrs) + ["all"]

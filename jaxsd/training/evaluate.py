@@ -106,8 +106,8 @@ def clip_attribute_judge(clip_model, clip_params, tokenizer, attributes: dict, p
   return judge
 
 
-def _generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
-              batch_size: int = 250) -> np.ndarray:
+def sample_images(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
+                  batch_size: int = 250) -> np.ndarray:
   """uint8 images for `prompts`, in batches of one size (one compiled program); batch i uses seed + i."""
   size = pipe.default_size
   out = []
@@ -130,7 +130,7 @@ def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: 
   """
   prompts = [p for p in prompts for _ in range(images_per_prompt)]
   labels = {a: np.repeat(np.asarray(v), images_per_prompt) for a, v in labels.items()}
-  images = _generate(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
+  images = sample_images(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
   x = images.astype(np.float32) / 127.5 - 1.0
   predicted = judge.predict(x)  # class indices: what the judge saw (also for the confusion tables)
   ok = judge.compare(predicted, labels)
@@ -156,7 +156,7 @@ def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: 
 def sample_fid(pipe, judge, captions: Sequence[str], real_features: np.ndarray, *, sampler: str, steps: int,
                guidance_scale: float, seed: int) -> float:
   """Fréchet distance between the judge's features of images generated for `captions` and of real images."""
-  images = _generate(pipe, captions, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
+  images = sample_images(pipe, captions, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
   return judge_lib.frechet_distance(judge.features(images.astype(np.float32) / 127.5 - 1.0), real_features)
 
 

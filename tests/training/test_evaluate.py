@@ -96,7 +96,7 @@ def test_prompt_match_rows_and_accuracies():
 
 def test_generate_pads_to_one_batch_size_and_steps_the_seed():
   pipe = _Pipe()
-  images = evaluate._generate(pipe, ["a"] * 5, sampler="ddim", steps=1, guidance_scale=1.0, seed=10, batch_size=2)
+  images = evaluate.sample_images(pipe, ["a"] * 5, sampler="ddim", steps=1, guidance_scale=1.0, seed=10, batch_size=2)
   assert images.shape == (5, 4, 4, 3)
   assert pipe.calls == [(2, 4, 4, 10), (2, 4, 4, 11), (2, 4, 4, 12)]  # the last batch padded to 2
 
