@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jaxsd without install
+
+from protocol import timed
 
 # (batch, side, in, out): SD 1.5's 3x3 convolutions at 64x64 latents, batch 2 as under guidance.
 CONVS = [(2, 64, 320, 320), (2, 64, 640, 320), (2, 32, 640, 640), (2, 32, 1280, 640), (2, 16, 1280, 1280),
@@ -36,10 +38,8 @@ def _rounds(fns: dict, rounds: int) -> dict:
   times = {k: [] for k in fns}
   for _ in range(rounds):
     for k, f in fns.items():
-      t0 = time.perf_counter()
-      f()
-      times[k].append(time.perf_counter() - t0)
-  return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+      times[k].append(timed(f))
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def conv_rows(rounds: int):
@@ -54,7 +54,7 @@ def conv_rows(rounds: int):
   for b, h, ci, co in CONVS:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, h, h, ci), dtype=np.float32)
-    w = (rng.standard_normal((3, 3, ci, co), dtype=np.float32) * 0.05).astype(np.float32)
+    w = rng.standard_normal((3, 3, ci, co), dtype=np.float32) * np.float32(0.05)
     xj, wj = jnp.asarray(x), jnp.asarray(w)
     xla = jax.jit(lambda x, w: cpu_conv._xla_conv(x, w, (1, 1), pad, None))
     mm = jax.jit(lambda x, w: cpu_conv._matmul_conv(x, w, (1, 1), pad, None))

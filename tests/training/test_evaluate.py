@@ -94,7 +94,7 @@ def test_prompt_match_rows_and_accuracies():
   assert pipe.calls == [(6, 4, 4, 5)]  # one batch at the model's native size
 
 
-def test_generate_pads_to_one_batch_size_and_steps_the_seed():
+def test_sample_images_pads_to_one_batch_size_and_steps_the_seed():
   pipe = _Pipe()
   images = evaluate.sample_images(pipe, ["a"] * 5, sampler="ddim", steps=1, guidance_scale=1.0, seed=10, batch_size=2)
   assert images.shape == (5, 4, 4, 3)
