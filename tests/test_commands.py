@@ -36,21 +36,35 @@ def _sd_folder_without(path, missing: str) -> str:
   return str(path)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--config.dtype=float8"], "config.dtype='float8': choose one of float32, bfloat16, float16"),
-    (["--config.stages=clip,gan"], "subset of clip,vae,unet"),
-    (["--config.clip.batch_size=12"], "not divisible by the 8 devices"),
-    (["--config.data.image_size=20", "--config.clip.vision.image_size=20"], "multiple of 8"),
-    (["--config.init=/nonexistent/sd"], "does not exist"),
-    (["--config.mesh.fsdp=3"], "must divide the 8 devices"),
-    (["--config.unet.cache_latents=True", "--config.data.random_flip=True"], "cannot be flipped"),
-    (["--config.unet.timestep_uniform_fraction=1.5"], "timestep_uniform_fraction=1.5"),
-    (["--config.unet.foreground_loss_weight=-2"], "foreground_loss_weight=-2.0 must be >= 0"),
-    (["--config.vae.optimizer.warmup_steps=100"], "config.vae.optimizer: optimizer.total_steps=24 must exceed"),
-    (["--config.unet.stepz=3"], "stepz"),
-    (["--config.unet.steps=many"], "steps"),
-    (["--config.data.name=not_prepared_dataset"], "is not prepared"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.dtype=float8"], "config.dtype='float8': choose one of float32, bfloat16, float16"),
+        (["--config.stages=clip,gan"], "subset of clip,vae,unet"),
+        (["--config.clip.batch_size=12"], "not divisible by the 8 devices"),
+        (["--config.data.image_size=20", "--config.clip.vision.image_size=20"], "multiple of 8"),
+        (["--config.init=/nonexistent/sd"], "does not exist"),
+        (["--config.mesh.fsdp=3"], "must divide the 8 devices"),
+        (["--config.unet.cache_latents=True", "--config.data.random_flip=True"], "cannot be flipped"),
+        (["--config.unet.timestep_uniform_fraction=1.5"], "timestep_uniform_fraction=1.5"),
+        (["--config.unet.foreground_loss_weight=-2"], "foreground_loss_weight=-2.0 must be >= 0"),
+        (["--config.vae.optimizer.warmup_steps=100"], "config.vae.optimizer: optimizer.total_steps=24 must exceed"),
+        (["--config.unet.stepz=3"], "stepz"),
+        (["--config.unet.steps=many"], "steps"),
+        (["--config.data.name=not_prepared_dataset"], "is not prepared"),
+        # Counts, weights and names that used to pass here and fail later: in the loop, mid-run or at the end.
+        (["--config.checkpoint_every=0"], "config.checkpoint_every=0: use a whole number >= 1"),
+        (["--config.max_to_keep=0"], "config.max_to_keep=0: use a whole number of checkpoints >= 1"),
+        (["--config.benchmark_steps=-1"], "config.benchmark_steps=-1: use 0 (train)"),
+        (["--config.clip.steps=0"], "config.clip.steps=0: use a whole number >= 1"),
+        (["--config.unet.sampler=dpm"], "config.unet.sampler: Unknown sampler 'dpm'"),
+        (["--config.unet.sample_steps=0"], "config.unet.sample_steps=0"),
+        (["--config.unet.ema_decay=1.0"], "config.unet.ema_decay=1.0: use a number in [0, 1)"),
+        (["--config.eval.fid_images=1"], "an FID needs two samples"),
+        (["--config.vae.kl_weight=-0.1"], "config.vae.kl_weight=-0.1: use a number >= 0"),
+        (["--config.vae.optimizer.b2=1.0"], "config.vae.optimizer: optimizer.b2=1.0 must be in [0, 1)"),
+        (["--config.unet.optimizer.eps=0.0"], "optimizer.eps=0.0 must be > 0"),
+    ])
 def test_train_bad_config_exits_2_with_one_line(tmp_path, capsys, overrides, message):
   workdir = str(tmp_path / "w")
   argv = ["train", "--config", SMOKE, "--workdir", workdir, f"--config.data.data_dir={tmp_path / 'tfds'}", *overrides]

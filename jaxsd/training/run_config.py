@@ -5,12 +5,13 @@ stages derive from the config (which stages run, the dataset folder, a stage's m
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
 
 from jaxsd.data import builtin, input_pipeline
-from jaxsd.diffusion import schedules
+from jaxsd.diffusion import samplers, schedules
 from jaxsd.model_folder import check_model_folder, is_sdxl_folder
 from jaxsd.training import controlnet_training, dreambooth, losses, lora_training, sharding, stages
 from jaxsd.training.optimizer import make_optimizer
@@ -92,6 +93,74 @@ def _check_foreground_weight(cfg) -> None:
                       "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
 
 
+def _whole(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_STEPS = (lambda v: _whole(v) and v >= 1, "a whole number >= 1")
+_COUNT = (lambda v: _whole(v) and v >= 0, "a whole number >= 0")
+_WEIGHT = (lambda v: _real(v) and v >= 0, "a number >= 0 (0 turns the term off)")
+_SHARE = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
+# (section, key, (test, what the value must be)); a key the config does not have is not checked. The stage
+# sections are checked for the stages that run (`_stage_sections`), `eval` when the samples are judged.
+_NUMBERS = (
+    ("", "log_every", _STEPS),
+    ("", "checkpoint_every", _STEPS),
+    ("", "max_to_keep", (_STEPS[0], "a whole number of checkpoints >= 1")),
+    ("", "benchmark_steps", (_COUNT[0], "0 (train) or the number of U-Net steps to time")),
+    ("data", "image_size", (_STEPS[0], "a whole number of pixels >= 1")),
+    ("*", "steps", _STEPS),
+    ("*", "batch_size", _STEPS),
+    ("*", "eval_examples", _STEPS),
+    ("vae", "kl_weight", _WEIGHT),
+    ("vae", "l1_weight", _WEIGHT),
+    ("vae", "l2_weight", _WEIGHT),
+    ("vae", "edge_weight", _WEIGHT),
+    ("unet", "ema_decay", (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1) (0 turns the EMA off)")),
+    ("unet", "sample_every", (_COUNT[0], "0 (samples at the end only) or a whole number of steps")),
+    ("unet", "sample_steps", _STEPS),
+    ("unet", "caption_dropout", _SHARE),
+    ("unet", "min_snr_gamma", (_WEIGHT[0], "a number >= 0 (0 turns Min-SNR weighting off; the paper's is 5)")),
+    ("unet", "timestep_logit_std", (lambda v: _real(v) and v > 0, "a number > 0")),
+    ("eval", "judge_steps", _STEPS),
+    ("eval", "judge_train_examples", _STEPS),
+    ("eval", "images_per_prompt", _STEPS),
+    ("eval", "fid_images", (lambda v: _whole(v) and v >= 2, "a whole number >= 2 (an FID needs two samples)")),
+    ("eval", "periodic_fid_images", (lambda v: _whole(v) and
+                                     (v == 0 or v >= 2), "0 (all of eval.fid_images) or a whole number >= 2")),
+)
+
+
+def _stage_sections(cfg, names) -> list[str]:
+  return sorted({section(n) for n in names})
+
+
+def _check_numbers(cfg, names) -> None:
+  """Every counted or weighted setting in its range, so that a zero or a typo fails here rather than in the
+  middle of a run (a sampler or an FID at the end of the U-Net stage)."""
+  sections = _stage_sections(cfg, names)
+  judged = "unet" in names and bool(cfg.get("eval", {}).get("judge", False))
+  for sec, key, (ok, what) in _NUMBERS:
+    for name in sections if sec == "*" else [sec]:
+      if name == "eval" and not judged or name not in ("", "data", "eval") and name not in sections:
+        continue
+      part = cfg if not name else cfg.get(name)
+      if part is None or key not in part:
+        continue
+      if not ok(part[key]):
+        where = f"config.{name + '.' if name else ''}{key}"
+        raise ConfigError(f"{where}={part[key]!r}: use {what}.")
+  if "unet" in sections and "sampler" in cfg.unet:
+    try:
+      samplers.get(cfg.unet.sampler)
+    except ValueError as e:
+      raise ConfigError(f"config.unet.sampler: {e}") from None
+
+
 def check_mask(cfg) -> None:
   """After the dataset is found: a foreground-weighted VAE or U-Net stage has a mask to read."""
   weighted = [s for s in ("vae", "unet") if cfg[s].get("foreground_loss_weight") and s in stage_names(cfg)]
@@ -110,6 +179,7 @@ def check_mask(cfg) -> None:
 def check_config(cfg, n_devices: int) -> None:
   """Every check that needs no compilation: a one-paragraph error that says what to change."""
   names = stage_names(cfg)
+  _check_numbers(cfg, names)
   try:
     stages.dtype_of(cfg)
   except ValueError as e:
