@@ -29,6 +29,20 @@ def _jsonable(v: Any) -> Any:
   return v
 
 
+def read_json_object(path: str) -> dict:
+  """The JSON object (settings) in the file `path`; a ValueError that names the file when it is not valid JSON or
+  holds something else (a list, a number)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    out = json.loads(data)
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); fix or replace the file.") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{path} holds a JSON {type(out).__name__}, not an object of settings; fix or replace the file.")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigBase:
   """Base for network and scheduler configs: field names and defaults are those of the reference `config.json`.
@@ -55,8 +69,7 @@ class ConfigBase:
       path = os.path.join(path, "config.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path}: no config.json here; a model folder needs config.json next to its weights.")
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(read_json_object(path))
 
   def validate(self) -> None:
     """Raises ValueError for settings the network does not implement. Overridden per network."""

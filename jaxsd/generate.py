@@ -8,7 +8,10 @@ on the number of devices or the batch size. On a multi-host slice (after
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import itertools
 import os
 import re
 import time
@@ -37,9 +40,59 @@ class GenerateResult:
   devices: int
 
 
-def image_filename(prompt: str, seed: int, index: int) -> str:
-  slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "empty"
-  return f"{slug}-seed{seed}-{index:04d}.png"
+def _slug(prompt: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "empty"
+
+
+def image_filenames(prompts: Sequence[str], seed: int, num_images: int) -> list[str]:
+  """One distinct file name per job (prompt-major, `num_images` each): "<prompt slug>-seed<seed>-<index>.png",
+  the index counting that prompt's images (a prompt given twice continues its count); prompts whose slugs
+  coincide ("a cat" and "A cat.", prompts in other scripts, a shared first 60 characters) each get the first
+  8 hex digits of their SHA-1 after the slug."""
+  by_slug = collections.defaultdict(set)
+  for p in prompts:
+    by_slug[_slug(p)].add(p)
+  count = collections.Counter()
+  names = []
+  for p in prompts:
+    stem = _slug(p) if len(by_slug[_slug(p)]) == 1 else f"{_slug(p)}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    for _ in range(num_images):
+      names.append(f"{stem}-seed{seed}-{count[p]:04d}.png")
+      count[p] += 1
+  return names
+
+
+def check_out_dir(out_dir: str, name: str = "out_dir") -> None:
+  """ValueError saying why `out_dir` cannot hold the images (`name`: what the message calls it): a file, or a
+  folder (or, for one still to be made, its nearest existing parent) that is not writable. Creates nothing;
+  called before anything is loaded or compiled."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"{name} {out_dir} is a file, not a folder: give a folder for the images.")
+  parent = os.path.abspath(out_dir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{name} {out_dir}: {parent} is a file, so the folder cannot be made there.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    what = "is not writable" if parent == os.path.abspath(out_dir) else f"cannot be made: {parent} is not writable"
+    raise ValueError(f"{name} {out_dir} {what}; give a folder you can write to.")
+
+
+def save_new(image: np.ndarray, path: str) -> str:
+  """Saves the PNG at `path`, or at "<stem>-1.png", "-2", ... when a file of that name exists (an earlier
+  run's images are kept, as A1111 numbers its outputs); returns the path written."""
+  from PIL import Image
+
+  stem, ext = os.path.splitext(path)
+  for n in itertools.count():
+    target = path if n == 0 else f"{stem}-{n}{ext}"
+    try:
+      fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      continue
+    with os.fdopen(fd, "wb") as f:
+      Image.fromarray(image).save(f, format="PNG")
+    return target
 
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
@@ -52,7 +105,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
-  one PNG per image (see `image_filename`) and the grid of them. Height and width default to the
+  one PNG per image (see `image_filenames`; existing files are kept, see `save_new`) and the grid of them. Height and width default to the
   model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
@@ -68,6 +121,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
+  if out_dir:
+    check_out_dir(out_dir)
   task = "text" if init_image is None else "img2img" if mask_image is None else "inpaint"
   if mask_image is not None and init_image is None:
     raise ValueError("a mask without an init image: give the image to inpaint too.")
@@ -182,19 +237,17 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   files = []
   if out_dir:
-    from PIL import Image
-
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"out_dir {out_dir}: cannot create the folder ({e.strerror}).") from None
+    names = image_filenames(prompts, seed, num_images)
     order = [j for b in mine for j in b]
     for j, im in zip(order, images):
-      prompt, k = jobs[j]
-      path = os.path.join(out_dir, image_filename(prompt, seed, k))
-      Image.fromarray(im).save(path)
-      files.append(path)
+      files.append(save_new(im, os.path.join(out_dir, names[j])))
     if len(images):
       grid_name = "grid.png" if jax.process_count() == 1 else f"grid-host{jax.process_index()}.png"
-      Image.fromarray(contact_sheet(images, columns=num_images if num_images > 1 else None)).save(
-          os.path.join(out_dir, grid_name))
+      save_new(contact_sheet(images, columns=num_images if num_images > 1 else None), os.path.join(out_dir, grid_name))
   n_steps = len(mine) * steps
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),

@@ -520,7 +520,8 @@ class AdapterSet:
 
 
 def _check_weight(name: str, weight) -> float:
-  if isinstance(weight, bool) or not isinstance(weight,
-                                                (int, float, np.floating, np.integer)) or not math.isfinite(weight):
+  if isinstance(weight, bool) or not isinstance(
+      weight,
+      (int, float, np.floating, np.integer)) or not math.isfinite(weight) or abs(weight) > np.finfo(np.float32).max:
     raise ValueError(f"adapter {name!r}: weight {weight!r} must be a finite number (1: as trained, 0: off).")
   return float(weight)

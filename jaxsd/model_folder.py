@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsd.config import ConfigBase
+from jaxsd.config import ConfigBase, read_json_object
 
 DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it for warnings
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")  # what a folder must have to sample
@@ -170,8 +170,7 @@ def resolve_variants(path: str, dirs: dict[str, str], variant: str | None) -> di
 
 
 def read_json(file: str) -> dict:
-  with open(file) as f:
-    return json.load(f)
+  return read_json_object(file)
 
 
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:

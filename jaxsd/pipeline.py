@@ -382,7 +382,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                          f"downsample by {multiple} in all).")
     if steps < 1:
       raise ValueError(f"steps={steps}: need at least 1 denoising step.")
-    if not np.isfinite(guidance_scale):
+    if not (np.isfinite(guidance_scale) and abs(guidance_scale) <= np.finfo(np.float32).max):  # 1e39: inf in fp32
       raise ValueError(f"guidance_scale={guidance_scale}: must be a finite number (<= 1 turns guidance off).")
     samplers.make_schedule(self.scheduler_config, sampler, steps)  # raises for unknown samplers, listing valid ones
     if output not in OUTPUTS:
@@ -414,8 +414,14 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
   @staticmethod
   def image_keys(seed: int, batch: int, offset: int = 0) -> jax.Array:
     """Image i's key: its initial noise is drawn from it, the stochastic samplers' from fold_in(it, 1),
-    the posterior sample of its init image from fold_in(it, 2)."""
-    base = jax.random.key(seed)
+    the posterior sample of its init image from fold_in(it, 2). Seeds are 64-bit, as torch's: the low 32 bits
+    make the key, and the high ones, when there are any, are folded in (seeds below 2**32 as before)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+      raise ValueError(f"seed={seed!r}: use a whole number in [0, 2**64).")
+    seed = int(seed)
+    base = jax.random.key(seed & 0xFFFFFFFF)
+    if seed >> 32:
+      base = jax.random.fold_in(base, seed >> 32)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(offset, offset + batch))
 
   def _given_noise(self, noise, name: str, b: int, height: int, width: int, seed: int) -> jax.Array:

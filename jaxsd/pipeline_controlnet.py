@@ -407,7 +407,7 @@ def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float
     if not 0.0 <= s < e <= 1.0:
       raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} (ControlNet {k}): need "
                        "0 <= start < end <= 1.")
-  if not all(np.isfinite(scales)):
+  if not all(np.isfinite(scales) & (np.abs(scales) <= np.finfo(np.float32).max)):  # 1e39: inf in fp32
     raise ValueError(f"controlnet_conditioning_scale={scales}: give finite numbers (1: as trained, 0: off).")
   return scales, start, end
 

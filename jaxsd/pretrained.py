@@ -189,8 +189,7 @@ def _read_config(path: str) -> dict:
   file = os.path.join(os.fspath(path), "config.json")
   if not os.path.exists(file):
     raise FileNotFoundError(f"{file}: no config.json here; a model folder needs config.json next to its weights.")
-  with open(file) as f:
-    return json.load(f)
+  return model_folder.read_json(file)
 
 
 def load_clip(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,

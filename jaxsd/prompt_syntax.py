@@ -24,6 +24,7 @@ and `generate.generate` (`python -m sample --long-prompts --prompt-weighting`):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 import warnings
@@ -84,6 +85,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     multiply(start, SQUARE)
   if not res:
     res = [["", 1.0]]
+  for t, w in res:  # inf, nan, or past float32's range once multiplied (1e39): no image can come of it
+    if (t, w) != BREAK and not (math.isfinite(w) and abs(w) <= np.finfo(np.float32).max):
+      raise ValueError(f"prompt weight of {t!r} in {text!r} is {w}: give weights that are finite numbers "
+                       "(1.3, 0.8; nested brackets multiply).")
   merged = [res[0]]
   for piece in res[1:]:
     if piece[1] == merged[-1][1]:

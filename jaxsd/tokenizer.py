@@ -75,7 +75,10 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
   if not any(os.path.exists(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f"No tokenizer in {model_dir!r}: expected a 'tokenizer/' subfolder or one of "
                             f"{_TOKENIZER_FILES}; found {sorted(os.listdir(model_dir))}.")
-  tokenizer = CLIPTokenizer.from_pretrained(folder)
+  try:
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+  except ValueError as e:  # a broken tokenizer.json / tokenizer_config.json: transformers does not name the file
+    raise ValueError(f"the tokenizer in {folder} cannot be read ({e}); fix or replace its files.") from None
   if tokenizer.model_max_length > 10_000:  # unset in the folder's config: HF's 1e30
     tokenizer.model_max_length = MAX_LENGTH
   return tokenizer

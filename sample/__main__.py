@@ -87,8 +87,10 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
   if prompts_file:
     if not os.path.exists(prompts_file):
       raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file.")
-    try:
-      with open(prompts_file, encoding="utf-8") as f:
+    if os.path.isdir(prompts_file):
+      raise ValueError(f"--prompts-file {prompts_file} is a folder: give a text file with one prompt per line.")
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+      with open(prompts_file, encoding="utf-8-sig") as f:
         lines = f.read().splitlines()
     except UnicodeDecodeError as e:
       raise ValueError(f"--prompts-file {prompts_file} is not UTF-8 text (byte {e.start}: "
@@ -97,7 +99,27 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
   if not out:
     raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line"
                      f"{' (' + prompts_file + ' has only blank lines)' if prompts_file else ''}.")
+  for p in prompts:
+    utf8(p, "--prompt")
   return out
+
+
+def utf8(text: str, flag: str) -> str:
+  """`text` from the command line, or ValueError when it was not UTF-8 (Python keeps such bytes as surrogates)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    raise ValueError(
+        f"{flag} {text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text: give it in UTF-8.") from None
+  return text
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def finite32(x: float) -> bool:
+  """A finite number that stays finite in float32 (the programs' dtype): 1e39 is not."""
+  return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
 
 
 def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
@@ -112,7 +134,7 @@ def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
       except ValueError:
         raise ValueError(f"--lora {spec}: the weight after ':' must be a number (FILE[:SCALE], e.g. "
                          f"{head}:0.8).") from None
-      if not math.isfinite(scale):
+      if not finite32(scale):
         raise ValueError(f"--lora {spec}: the weight must be a finite number (1: as trained, 0: off).")
     if not os.path.exists(path):
       raise FileNotFoundError(f"--lora {path}: no such file; give a LoRA .safetensors file (FILE[:SCALE]).")
@@ -126,10 +148,16 @@ def check_flags(args) -> None:
 
   if args.steps < 1:
     raise ValueError(f"--steps {args.steps}: need at least 1 denoising step.")
-  if not math.isfinite(args.guidance):
+  if not finite32(args.guidance):
     raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number (7.5 is usual; "
                      "<= 1 turns guidance off).")
   make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
+  if not 0 <= args.seed < 2**64:
+    raise ValueError(f"--seed {args.seed}: use a whole number in [0, 2**64).")
+  if not args.out.strip():
+    raise ValueError("--out is empty: give a folder for the images.")
+  if args.negative_prompt is not None:
+    utf8(args.negative_prompt, "--negative-prompt")
   for name in ("height", "width"):
     v = getattr(args, name)
     if v is not None and (v <= 0 or v % 8):
@@ -190,6 +218,7 @@ def main(argv=None) -> int:
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
     loras = parse_loras(args.lora)
+    generate.check_out_dir(args.out, "--out")
     from jaxsd import conditioning
 
     init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None

@@ -86,16 +86,29 @@ def _sample(tmp_path, *args) -> list[str]:
   return ["--model", str(tmp_path / "no_model"), "--out", str(tmp_path / "out"), "--no-progress", *args]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "a cat", "--guidance", "nan"], "--guidance nan: the guidance scale must be a finite number"),
-    (["--prompt", "a cat", "--guidance", "inf"], "--guidance inf"),
-    (["--prompt", "a cat", "--guidance=-inf"], "--guidance -inf"),
-    (["--prompt", "a cat", "--steps", "-3"], "--steps -3: need at least 1"),
-    (["--prompt", "a cat", "--steps", "0"], "need at least 1"),
-    (["--prompt", "a cat", "--lora", "/nonexistent/x.safetensors"], "--lora /nonexistent/x.safetensors: no such file"),
-    (["--prompt", "a cat", "--lora", "x.safetensors:strong"], "--lora x.safetensors:strong: the weight after ':'"),
-    (["--prompt", "a cat", "--lora", "x.safetensors:nan"], "must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "a cat", "--guidance", "nan"], "--guidance nan: the guidance scale must be a finite number"),
+        (["--prompt", "a cat", "--guidance", "inf"], "--guidance inf"),
+        (["--prompt", "a cat", "--guidance=-inf"], "--guidance -inf"),
+        (["--prompt", "a cat", "--steps", "-3"], "--steps -3: need at least 1"),
+        (["--prompt", "a cat", "--steps", "0"], "need at least 1"),
+        (["--prompt", "a cat", "--lora", "/nonexistent/x.safetensors"
+         ], "--lora /nonexistent/x.safetensors: no such file"),
+        (["--prompt", "a cat", "--lora", "x.safetensors:strong"], "--lora x.safetensors:strong: the weight after ':'"),
+        (["--prompt", "a cat", "--lora", "x.safetensors:nan"], "must be a finite number"),
+        # Finite in Python, inf in the programs' float32: they made black images with exit 0.
+        (["--prompt", "a cat", "--guidance", "1e39"], "--guidance 1e+39"),
+        (["--prompt", "a cat", "--lora", "x.safetensors:1e39"], "must be a finite number"),
+        # A seed collided with seed mod 2**32 (-1 drew 4294967295's images) or crashed (2**63).
+        (["--prompt", "a cat", "--seed", "-1"], "--seed -1: use a whole number in [0, 2**64)"),
+        (["--prompt", "a cat", "--seed", str(2**64)], f"--seed {2**64}"),
+        # Bytes that are not UTF-8 arrive as surrogates, which the tokenizer met with a traceback.
+        (["--prompt", "caf\udce9"], "is not UTF-8 text"),
+        (["--prompt", "a cat", "--negative-prompt", "\udce9"], "--negative-prompt"),
+        (["--prompt", "a cat", "--out", ""], "--out is empty"),
+    ])
 def test_sample_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
   assert sample_main.main(_sample(tmp_path, *args)) == 2
   assert message in _one_error_line(capsys)
@@ -158,3 +171,33 @@ def test_sample_loras_reach_the_pipeline(tmp_path, capsys, monkeypatch):
   assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--lora", f"{a}:0.5", "--lora", str(b))) == 2
   assert seen == [(str(a), 0.5), (str(b), 1.0)]
   assert "stop here" in _one_error_line(capsys)
+
+
+def test_sample_out_that_cannot_hold_images_exits_2_before_loading(tmp_path, capsys):
+  """--out a file (or under one) used to fail after sampling, with a traceback; the file is left as it was."""
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  for out in (afile, afile / "sub"):
+    assert sample_main.main(
+        ["--model", str(tmp_path / "no_model"), "--prompt", "x", "--no-progress", "--out",
+         str(out)]) == 2
+    assert "is a file" in _one_error_line(capsys)
+  assert afile.read_text() == "keep"
+
+
+def test_sample_prompts_file_folder_and_byte_order_mark(tmp_path, capsys):
+  assert sample_main.main(_sample(tmp_path, "--prompts-file", str(tmp_path))) == 2
+  assert "is a folder" in _one_error_line(capsys)
+  bom = tmp_path / "bom.txt"
+  bom.write_bytes(b"\xef\xbb\xbfa cat\r\na dog\r\n")  # as Windows' Notepad saves UTF-8
+  assert sample_main.read_prompts([], str(bom)) == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize("content, message", [("{\n", "is not valid JSON"), ("[]", "holds a JSON list")])
+def test_sample_broken_config_json_names_the_file(tmp_path, capsys, content, message):
+  model = _sd_folder_without(tmp_path / "sd", "")
+  with open(os.path.join(model, "unet", "config.json"), "w") as f:
+    f.write(content)
+  assert sample_main.main(["--model", model, "--prompt", "a cat", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+  line = _one_error_line(capsys)
+  assert message in line and os.path.join("unet", "config.json") in line

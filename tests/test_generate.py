@@ -50,6 +50,26 @@ def test_eight_devices_equal_one_device(pipe, tmp_path):
   assert "grid.png" in names and "a_red_circle-seed7-0004.png" in names and len(names) == 11
 
 
+def test_file_names_are_distinct_and_earlier_images_are_kept(pipe, tmp_path):
+  """Prompts whose slugs coincide used to overwrite each other's files ("a cat" / "A cat.", two prompts in
+  other scripts, a prompt given twice), and a second run into the folder replaced the first's images."""
+  prompts = ["a cat", "A cat.", "\u732b", "\u72ac", "a dog", "a cat"]
+  names = generate.image_filenames(prompts, 3, 2)
+  assert len(set(names)) == len(names) == 12
+  assert names[8:10] == ["a_dog-seed3-0000.png", "a_dog-seed3-0001.png"]  # a slug of its own: as before
+  assert names[0].startswith("a_cat-") and names[10].endswith("-0002.png")  # "a cat" again: its count goes on
+  out = tmp_path / "o"
+  kw = dict(num_images=1, steps=2, sampler="euler", guidance_scale=1.0, seed=3, progress=False, out_dir=str(out))
+  first = generate.generate(pipe, ["a red circle", "A red circle!"], **kw)
+  before = {f: open(f, "rb").read() for f in first.files}
+  second = generate.generate(pipe, ["a red circle", "A red circle!"], **kw)
+  assert len(set(first.files)) == 2 and not set(first.files) & set(second.files)
+  assert {f: open(f, "rb").read() for f in first.files} == before
+  assert sorted(os.listdir(out)) == sorted([os.path.basename(f) for f in first.files + second.files] +
+                                           ["grid.png", "grid-1.png"])
+  np.testing.assert_array_equal(first.images, second.images)
+
+
 def _run(args, cwd):
   env = dict(os.environ, XLA_FLAGS=tests.xla_flags(2), JAX_PLATFORMS="cpu",
              JAXSD_CACHE_DIR=os.path.join(cwd, "xla_cache"))

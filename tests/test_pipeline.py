@@ -257,3 +257,18 @@ def test_fp16_variant_sharded_folder_loads_every_network(folders, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, getattr(got, name), rounded(getattr(pipe, name)))
   with pytest.raises(FileNotFoundError, match="no network has weights of variant='bf16'"):
     jaxsd.StableDiffusion.from_pretrained(path, variant="bf16")
+
+
+def test_seeds_are_64_bit_and_negative_ones_are_refused():
+  """Seeds below 2**32 draw the keys they always did; larger ones (torch takes 64-bit seeds) no longer wrap
+  around onto them (2**32 drew seed 0's images, -1 seed 4294967295's, 2**63 crashed)."""
+  import jax.numpy as jnp
+
+  keys = lambda seed: np.asarray(jax.random.key_data(jaxsd.StableDiffusion.image_keys(seed, 2)))
+  old = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(2))
+  np.testing.assert_array_equal(keys(5), np.asarray(jax.random.key_data(old)))
+  drawn = [keys(s).tobytes() for s in (0, 2**32 - 1, 2**32, 2**33, 2**63, 2**64 - 1)]
+  assert len(set(drawn)) == len(drawn)
+  for bad in (-1, 2**64, 1.5):
+    with pytest.raises(ValueError, match=r"use a whole number in \[0, 2\*\*64\)"):
+      jaxsd.StableDiffusion.image_keys(bad, 1)

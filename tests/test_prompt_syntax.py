@@ -66,6 +66,14 @@ def test_bad_weight_is_refused(text):
     prompt_syntax.parse_prompt_attention(text)
 
 
+@pytest.mark.parametrize("text", ["(cat:" + "9" * 40 + ")", "((cat:" + "9" * 20 + "):" + "9" * 20 + ") BREAK dog"])
+def test_weights_past_float32_are_refused(text):
+  """A weight of 40 digits (or nested ones that multiply past 3.4e38) is a finite float in Python; the text
+  encoder's float32 made it inf and the image black. (As in A1111, "1e39" and "inf" are not weights but text.)"""
+  with pytest.raises(ValueError, match="give weights that are finite numbers"):
+    prompt_syntax.parse_prompt_attention(text)
+
+
 # --- windows, built by hand ---------------------------------------------------------------------
 
 

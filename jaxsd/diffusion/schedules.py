@@ -9,7 +9,6 @@ training helpers at the bottom are jittable jnp functions of `alphas_cumprod`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.config import ConfigBase
+from jaxsd.config import ConfigBase, read_json_object
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -169,8 +168,7 @@ class SchedulerConfig(ConfigBase):
       else:
         raise FileNotFoundError(f"{path}: no scheduler_config.json here nor in scheduler/; pass a diffusers model "
                                 "folder, its scheduler/ folder, or the json file.")
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(read_json_object(path))
 
   def validate(self) -> None:
     if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
