@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -60,7 +61,16 @@ class SafetensorsDict(Mapping):
   def __init__(self, files: list[str]):
     from safetensors import safe_open
 
-    self._handles = [safe_open(f, framework="numpy") for f in files]
+    self._handles = []
+    for f in files:
+      if os.path.isfile(f) and not os.access(f, os.R_OK):  # safetensors says "No such file or directory"
+        raise ValueError(f"{f}: permission denied; make the file readable (chmod a+r).")
+      try:
+        self._handles.append(safe_open(f, framework="numpy"))
+      except FileNotFoundError:
+        raise
+      except Exception as e:  # SafetensorError (not an exception class of its own family), OSError
+        raise ValueError(f"{f} is not a readable safetensors file ({e}); replace it with a complete copy.") from None
     self._where = {}
     for h in self._handles:
       for k in h.keys():
@@ -113,9 +123,17 @@ def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str
   listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
   single = add_variant("diffusion_pytorch_model.safetensors", variant)
   index = add_variant("diffusion_pytorch_model.safetensors.index.json", variant)
+  others = sorted({
+      m.group(1) or m.group(2) for m in (re.match(
+          r"(?:diffusion_pytorch_model|model)\.(?:(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|"
+          r"(?:safetensors|bin)\.index\.(\w+)\.json)$", f)
+                                         for f in os.listdir(folder)) if m and (m.group(1) or m.group(2)) != variant
+  })
+  hint = (f" It holds the {', '.join(others)} variant: pass variant={others[0]!r} (--variant {others[0]} on the "
+          "command line)." if others else "")
   raise FileNotFoundError(f"{folder}: no weights found (looked for {single}, {index}, the same with model for "
                           f"diffusion_pytorch_model, their .bin forms, and Flax's diffusion_flax_model.msgpack / "
-                          f"flax_model.msgpack); the folder holds: {listing}.")
+                          f"flax_model.msgpack); the folder holds: {listing}.{hint}")
 
 
 def has_weights(folder: str, variant: str | None = None) -> bool:
@@ -139,8 +157,10 @@ def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool 
     return flax_msgpack.MsgpackStateDict(files)
   if not allow_pickle:
     raise ValueError(f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
-                     "arbitrary code, so it is off by default. Convert the checkpoint to safetensors, or pass "
-                     "allow_pickle=True if you trust its source (it is then read with torch.load(weights_only=True)).")
+                     "arbitrary code, so it is off by default. Convert the folder to safetensors (in diffusers: "
+                     "DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder) writes safetensors), or, "
+                     "if you trust its source, load the network with jaxsd.pretrained's load_unet / load_vae / "
+                     "load_text_encoder(..., allow_pickle=True) (read with torch.load(weights_only=True)).")
   try:
     import torch
   except ImportError as e:

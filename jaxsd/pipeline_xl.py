@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import model_folder, pipeline, pretrained, tokenizer as tok
+from jaxsd import model_folder, pipeline, pretrained, single_file, tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.model_folder import DIFFUSERS_VERSION
 
@@ -389,10 +389,20 @@ def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_
               **img2img)
 
 
-def load(path: str, dtype=jnp.float32, **kwargs) -> pipeline.StableDiffusion:
+def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwargs) -> pipeline.StableDiffusion:
   """`pipeline.load`, and SDXL folders (model_index.json's pipeline class, or an SDXL U-Net) as
-  `StableDiffusionXL`: what `python -m sample --model` loads."""
+  `StableDiffusionXL`: what `python -m sample --model` loads. A `.safetensors` file is an SD 1.x / 2.x single
+  file (`StableDiffusion.from_single_file`) read with `single_file_config`: "v1", "v2", a diffusers folder whose
+  configs describe it, or "auto" (`single_file.guess_config`: v2, SD 2.1 at 768 px with v-prediction, when the
+  text encoder is OpenCLIP's, else v1)."""
   path = os.fspath(path)
+  if os.path.isfile(path):
+    if kwargs.get("variant"):
+      raise ValueError(f"variant={kwargs['variant']!r} names files of a diffusers folder; {path} is a single file.")
+    config = single_file_config
+    if config == "auto":
+      config = single_file.guess_config(single_file.read(path))
+    return pipeline.StableDiffusion.from_single_file(path, config=config, dtype=dtype)
   if model_folder.is_workdir(path):  # an SDXL fine-tune's workdir: its exported folder, the newest U-Net
     if model_folder.is_sdxl_folder(model_folder.model_dir(path)):
       return pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)

@@ -276,6 +276,21 @@ def read(path: str | os.PathLike) -> Mapping[str, Any]:
   return SafetensorsDict([path])
 
 
+def guess_config(sd: Mapping[str, Any]) -> str:
+  """The preset a checkpoint's keys point to: "v2" when its text encoder is OpenCLIP's (SD 2.x), "v1" when it is
+  CLIP's in the transformers layout (SD 1.x); a ValueError for SDXL's and for files that are neither."""
+  keys = list(sd.keys())
+  if any(k.startswith("conditioner.embedders.") for k in keys):
+    raise ValueError("this is an SDXL single file, which is not read: convert it to a diffusers folder (diffusers' "
+                     "StableDiffusionXLPipeline.from_single_file + save_pretrained).")
+  if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in keys):
+    return "v2"
+  if any(k.startswith(PREFIXES["text_encoder"] + "transformer.") for k in keys):
+    return "v1"
+  raise ValueError("not a Stable Diffusion 1.x / 2.x single file: no text encoder under "
+                   f"{PREFIXES['text_encoder']!r}.")
+
+
 def preset(name: str) -> dict:
   """The config dicts ("unet", "vae", "text_encoder", "scheduler") of a preset (a copy)."""
   if name not in PRESETS:

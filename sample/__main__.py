@@ -18,8 +18,14 @@ from jaxsd.config import DTYPES
 
 def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m sample", description=__doc__)
-  p.add_argument("--model", required=True,
-                 help="diffusers Stable Diffusion or SDXL (base or refiner) folder, or a training workdir")
+  p.add_argument(
+      "--model", required=True,
+      help="diffusers Stable Diffusion or SDXL (base or refiner) folder, a training workdir, or an SD 1.x / "
+      "2.x single-file .safetensors checkpoint (A1111 / CompVis layout)")
+  p.add_argument(
+      "--single-file-config", default="auto",
+      help="with a single-file --model: v1 (SD 1.5), v2 (SD 2.1 768 px, v-prediction) or a diffusers folder "
+      "whose configs describe the checkpoint; auto: v2 when its text encoder is OpenCLIP's, else v1")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
   p.add_argument("--negative-prompt", default=None,
@@ -225,7 +231,8 @@ def main(argv=None) -> int:
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     control_images = [conditioning.load_image(path, "--control-image") for path in args.control_image]
     enable_compilation_cache()
-    pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant)
+    load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
+    pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, **load_kw)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale)
     control = {}

@@ -502,8 +502,8 @@ def test_variant_and_sharded_folders_load_the_same_weights(torch_folders, kind, 
     want = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), want)
   jax.tree.map(np.testing.assert_array_equal, got, want)
   if variant:
-    with pytest.raises(FileNotFoundError, match="no weights found"):
-      LOAD[kind](str(tmp_path))  # the default files are not there
+    with pytest.raises(FileNotFoundError, match="no weights found.*holds the fp16 variant: pass variant='fp16'"):
+      LOAD[kind](str(tmp_path))  # the default files are not there; the message names the variant that is
 
 
 def test_index_naming_a_missing_shard(torch_folders, tmp_path):

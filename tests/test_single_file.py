@@ -136,3 +136,41 @@ def test_v2_preset_is_sd21():
   assert p["text_encoder"]["num_hidden_layers"] == 23 and p["text_encoder"]["hidden_size"] == 1024
   assert p["scheduler"]["prediction_type"] == "v_prediction" and p["unet"]["cross_attention_dim"] == 1024
   assert single_file.PAD_TOKEN["v2"] == "!"
+
+
+def test_the_sample_command_takes_a_single_file(folder_and_file, tmp_path, capsys):
+  """`python -m sample --model FILE.safetensors`: "auto" picks the v1 or v2 preset by the text encoder's keys (the
+  tiny file then fails on the preset's sizes, naming them), a folder's configs read it as that folder, and the
+  command writes its images; an SDXL single file and a file that is no SD checkpoint are refused in one line."""
+  from jaxsd import pipeline_xl
+  from sample import __main__ as sample_main
+
+  folder, path, sd2 = folder_and_file
+  assert single_file.guess_config(single_file.read(path)) == ("v2" if sd2 else "v1")
+  with pytest.raises(jaxsd.weights.WeightLoadError, match="shape mismatches"):
+    pipeline_xl.load(path)
+  got = pipeline_xl.load(path, single_file_config=folder)
+  want = jaxsd.StableDiffusion.from_pretrained(folder)
+  jax.tree.map(np.testing.assert_array_equal, got.unet_params, want.unet_params)
+  out = tmp_path / "out"
+  argv = [
+      "--model", path, "--single-file-config", folder, "--prompt", "a cat", "--steps", "2", "--out",
+      str(out), "--no-progress"
+  ]
+  assert sample_main.main(argv) == 0
+  assert sorted(os.listdir(out)) == ["a_cat-seed0-0000.png", "grid.png"]
+  assert "wrote 1 images" in capsys.readouterr().err
+  for keys, message in (({
+      "conditioner.embedders.1.model.ln_final.weight": np.ones(4, np.float32)
+  }, "SDXL single file"), ({
+      "state_dict.x": np.ones(4, np.float32)
+  }, "not a Stable Diffusion 1.x / 2.x single file")):
+    bad = str(tmp_path / "bad.safetensors")
+    model_folder.write_safetensors(keys, bad)
+    assert sample_main.main(["--model", bad, "--prompt", "a cat", "--out", str(out), "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0]
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_bytes(b"not a checkpoint")
+  assert sample_main.main(["--model", str(garbage), "--prompt", "a cat", "--out", str(out), "--no-progress"]) == 2
+  assert "is not a readable safetensors file" in capsys.readouterr().err
