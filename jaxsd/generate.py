@@ -146,6 +146,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
         raise ValueError(f"{name}={v} but the init image's {name} is {have}: resize the image or drop {name}.")
     if not crop:
       height, width = image.shape[1:3]
+      m = max(8, pipe.vae.config.downsampling_factor)
+      if height % m or width % m:
+        raise ValueError(f"the init image is {width}x{height} pixels (WxH): both sides must be multiples of {m} for "
+                         f"this model; crop or resize it (e.g. to {width // m * m}x{height // m * m}).")
   if task == "inpaint":
     pad = None if not crop else mask_crop.check_padding(padding_mask_crop)
     mask = conditioning.mask_levels(mask_image, "mask")

@@ -375,11 +375,13 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     prompts = list(prompts)
     if not prompts:
       raise ValueError("no prompts given: pass at least one prompt.")
-    multiple = max(8, self.vae.config.downsampling_factor * self.unet.config.downsampling_factor)
+    # As diffusers: a multiple of the VAE's factor (8 for SD). Latents that the U-Net's levels do not halve evenly
+    # (SD 1.5 at 520 px: 65 -> 33 -> 17 -> 9) are upsampled to each skip connection's size, as diffusers does.
+    multiple = max(8, self.vae.config.downsampling_factor)
     for name, v in (("height", height), ("width", width)):
       if v <= 0 or v % multiple != 0:
-        raise ValueError(f"{name}={v} must be a positive multiple of {multiple} (this model's VAE and U-Net "
-                         f"downsample by {multiple} in all).")
+        raise ValueError(f"{name}={v} must be a positive multiple of {multiple} (this model's VAE downsamples by "
+                         f"{self.vae.config.downsampling_factor}).")
     if steps < 1:
       raise ValueError(f"steps={steps}: need at least 1 denoising step.")
     if not (np.isfinite(guidance_scale) and abs(guidance_scale) <= np.finfo(np.float32).max):  # 1e39: inf in fp32

@@ -70,6 +70,12 @@ def test_file_names_are_distinct_and_earlier_images_are_kept(pipe, tmp_path):
   np.testing.assert_array_equal(first.images, second.images)
 
 
+def test_init_image_of_a_size_the_vae_cannot_take_names_the_image(pipe):
+  """Its size is the output's; the message used to name --height, which the user had not given."""
+  with pytest.raises(ValueError, match=r"the init image is 24x20 pixels \(WxH\).*e\.g\. to 24x16"):
+    generate.generate(pipe, ["a cat"], init_image=np.zeros((1, 20, 24, 3), np.float32), steps=2, progress=False)
+
+
 def _run(args, cwd):
   env = dict(os.environ, XLA_FLAGS=tests.xla_flags(2), JAX_PLATFORMS="cpu",
              JAXSD_CACHE_DIR=os.path.join(cwd, "xla_cache"))

@@ -272,3 +272,37 @@ def test_seeds_are_64_bit_and_negative_ones_are_refused():
   for bad in (-1, 2**64, 1.5):
     with pytest.raises(ValueError, match=r"use a whole number in \[0, 2\*\*64\)"):
       jaxsd.StableDiffusion.image_keys(bad, 1)
+
+
+def test_sizes_the_unet_does_not_halve_evenly_match_diffusers(tmp_path):
+  """Height and width need only be multiples of the VAE's factor, as in diffusers: a 4-level U-Net (factor 8)
+  behind a factor-2 VAE at 24x40 px (latents 12x20 -> 6x10 -> 3x5 -> 2x3, upsampled back to each skip's
+  size) used to be refused as not a multiple of 16."""
+  import diffusers
+
+  _, vae, text_encoder, tokenizer, scheduler = reference.tiny_components()
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                        block_out_channels=(32, 32, 32, 32),
+                                        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * 3,
+                                        up_block_types=("UpBlock2D",) * 3 + ("CrossAttnUpBlock2D",),
+                                        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4).eval()
+  path = str(tmp_path / "deep")
+  diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False).save_pretrained(path)
+  pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(path), reference.torch_pipeline(path)
+  h, w = 24, 40
+  latents = np.asarray(pipe.noise(0, len(PROMPTS), h, w))
+  ours = pipe(PROMPTS, NEGATIVE, height=h, width=w, steps=3, guidance_scale=5.0, sampler="ddim", latents=latents,
+              output="latent")
+  cls, kw = DETERMINISTIC["ddim"]
+  tpipe.scheduler = cls.from_config(tpipe.scheduler.config, **kw)
+  with torch.no_grad():
+    ref = tpipe(PROMPTS, negative_prompt=NEGATIVE, height=h, width=w, num_inference_steps=3, guidance_scale=5.0,
+                latents=reference.nhwc_to_nchw(latents), output_type="latent").images
+  ref = reference.nchw_to_nhwc(ref)
+  assert ours.shape == ref.shape == (len(PROMPTS), 12, 20, 4)
+  assert np.abs(ours - ref).max() < 3e-4 * max(1.0, np.abs(ref).max())
+  with pytest.raises(ValueError, match="height=20 must be a positive multiple of 8"):
+    pipe(PROMPTS, height=20, width=w, steps=2)
