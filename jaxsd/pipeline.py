@@ -724,6 +724,9 @@ def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
   path = os.fspath(path)
   if model_folder.is_workdir(path):
     return load_workdir(path, dtype, **kwargs)
+  if any(os.path.isdir(os.path.join(path, stage, "checkpoints")) for stage in ("clip", "vae", "unet")):
+    raise FileNotFoundError(f"{path} is a training workdir with no exported model yet ({model_folder.model_dir(path)} "
+                            "is written as the U-Net stage starts): train until then, or pass a model folder.")
   if os.path.isdir(os.path.join(path, "unet")):
     return StableDiffusion.from_pretrained(path, dtype, **kwargs)
   model_folder.check_model_folder(path)  # raises, saying what is missing

@@ -34,7 +34,14 @@ Path = tuple[str, ...]
 
 
 class WeightLoadError(ValueError):
-  """A checkpoint does not fit the model: lists every offending key."""
+  """A checkpoint does not fit the model: lists the offending keys (the first `_LISTED` of each kind)."""
+
+
+_LISTED = 20
+
+
+def _first(lines: list[str]) -> list[str]:
+  return lines if len(lines) <= _LISTED else lines[:_LISTED] + [f"  ... ({len(lines)} in all)"]
 
 
 def torch_key_to_path(key: str) -> Path:
@@ -132,13 +139,13 @@ def state_dict_to_params(
     lines = ["checkpoint does not match the model:"]
     if missing:
       lines.append(f"missing keys ({len(missing)}), left at no value — the checkpoint lacks them:")
-      lines += [f"  {k}" for k in sorted(missing)]
+      lines += _first([f"  {k}" for k in sorted(missing)])
     if unexpected:
       lines.append(f"unexpected keys ({len(unexpected)}) — the model has no such parameter:")
-      lines += [f"  {k}" for k in sorted(unexpected)]
+      lines += _first([f"  {k}" for k in sorted(unexpected)])
     if mismatched:
       lines.append(f"shape mismatches ({len(mismatched)}):")
-      lines += sorted(mismatched)
+      lines += _first(sorted(mismatched))
     lines.append("Check that the config.json beside the weights describes this checkpoint.")
     raise WeightLoadError("\n".join(lines))
   return traverse_util.unflatten_dict(out)

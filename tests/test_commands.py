@@ -201,3 +201,13 @@ def test_sample_broken_config_json_names_the_file(tmp_path, capsys, content, mes
   assert sample_main.main(["--model", model, "--prompt", "a cat", "--no-progress", "--out", str(tmp_path / "o")]) == 2
   line = _one_error_line(capsys)
   assert message in line and os.path.join("unet", "config.json") in line
+
+
+def test_sample_workdir_without_an_exported_model(tmp_path, capsys):
+  """A workdir stopped in its CLIP or VAE stage has checkpoints but no model/ yet; the message said that
+  vae/, text_encoder/ and scheduler/ were missing from a Stable Diffusion folder."""
+  os.makedirs(tmp_path / "wd" / "clip" / "checkpoints" / "100")
+  assert sample_main.main(
+      ["--model", str(tmp_path / "wd"), "--prompt", "a cat", "--no-progress", "--out",
+       str(tmp_path / "o")]) == 2
+  assert "is a training workdir with no exported model yet" in _one_error_line(capsys)

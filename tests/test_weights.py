@@ -169,3 +169,16 @@ def test_missing_folder_and_weights(tmp_path):
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="no weights found.*config.json"):
     model_folder.find_weight_files(str(tmp_path))
+
+
+def test_long_key_lists_are_cut_at_twenty(nets):
+  """A wrong config mismatches every key of a network: the message (one line on the command line) used to list
+  them all, 86 of them in 8,000 characters."""
+  tnet, _, _, abstract = nets
+  sd = _torch_state(tnet)
+  sd.update({f"extra.{i:02d}.weight": np.zeros(3, np.float32) for i in range(25)})
+  with pytest.raises(weights.WeightLoadError) as e:
+    weights.state_dict_to_params(sd, abstract)
+  msg = str(e.value)
+  assert "unexpected keys (25)" in msg and "extra.19.weight" in msg and "extra.20.weight" not in msg
+  assert "... (25 in all)" in msg
