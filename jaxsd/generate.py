@@ -105,8 +105,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
-  one PNG per image (see `image_filenames`; existing files are kept, see `save_new`) and the grid of them. Height and width default to the
-  model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
+  one PNG per image (see `image_filenames`; existing files are kept, see `save_new`) and the grid of them.
+  Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
   each job as the pipeline's own call with the job's seed-derived keys; `padding_mask_crop` inpaints only a
