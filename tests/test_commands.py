@@ -211,3 +211,18 @@ def test_sample_workdir_without_an_exported_model(tmp_path, capsys):
       ["--model", str(tmp_path / "wd"), "--prompt", "a cat", "--no-progress", "--out",
        str(tmp_path / "o")]) == 2
   assert "is a training workdir with no exported model yet" in _one_error_line(capsys)
+
+
+def test_train_workdir_or_data_dir_that_is_a_file_exits_2(tmp_path, capsys):
+  """These ended in a traceback (FileExistsError, NotADirectoryError) after the config was read."""
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  base = ["train", "--config", SMOKE, f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  for argv, message in ((base + ["--workdir", str(afile)], "is a file, not a folder"),
+                        (base + ["--workdir", str(afile / "sub")], "is a file, so the folder cannot be made there"), ([
+                            "train", "--config", SMOKE, "--workdir",
+                            str(tmp_path / "w"), f"--config.data.data_dir={afile}"
+                        ], "config.data.data_dir")):
+    assert train_main.main(argv) == 2
+    assert message in _one_error_line(capsys)
+  assert afile.read_text() == "keep" and not os.path.exists(tmp_path / "w")

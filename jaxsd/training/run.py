@@ -44,9 +44,9 @@ from jaxsd.training import controlnet_training, dreambooth, evaluate, export, la
 from jaxsd.training.loop import PeriodicCallback, train_loop
 from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
-from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, data_dir, is_dreambooth, is_lora,
-                                       is_sdxl, mask_key, optimizer_settings, read_json, section, stage_names,
-                                       text_length)
+from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, check_workdir, data_dir,
+                                       is_dreambooth, is_lora, is_sdxl, mask_key, optimizer_settings, read_json,
+                                       section, stage_names, text_length)
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +546,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
+  check_workdir(workdir)
   names = stage_names(cfg)
   if cfg.benchmark_steps:  # times the U-Net step alone: the other stages are neither run nor needed
     names = ["lora"] if is_lora(cfg) and cfg.init else ["unet"]

@@ -93,6 +93,17 @@ def _check_foreground_weight(cfg) -> None:
                       "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
 
 
+def check_workdir(workdir: str) -> None:
+  """A ConfigError when `workdir` cannot be a run's folder: a file, or under one (creates nothing)."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"workdir {workdir} is a file, not a folder: give a folder for the run.")
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ConfigError(f"workdir {workdir}: {path} is a file, so the folder cannot be made there.")
+
+
 def _whole(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
@@ -275,6 +286,9 @@ def check_config(cfg, n_devices: int) -> None:
                      "timestep_sampling; 0 turns it off")):
     if not 0.0 <= float(cfg.unet.get(key, 0.0)) <= 1.0:
       raise ConfigError(f"config.unet.{key}={cfg.unet.get(key)}: use a value in [0, 1] ({hint}).")
+  folder = data_dir(cfg)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise ConfigError(f"config.data.data_dir: {folder} is a file; give the folder of the prepared datasets.")
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
