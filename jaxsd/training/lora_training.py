@@ -94,6 +94,9 @@ def check_settings(c) -> None:
   """ValueError for values of the config section `lora` that cannot work (checked before any model is loaded)."""
   if int(c.rank) < 1:
     raise ValueError(f"rank={c.rank}: the adapter rank must be >= 1.")
+  if not float(c.alpha) >= 0:
+    raise ValueError(f"alpha={c.alpha}: the adapter's alpha must be >= 0 (its scale is alpha / rank; 0 means alpha = "
+                     "rank, diffusers' scripts' default).")
   if float(c.dropout) != 0:
     raise ValueError(f"dropout={c.dropout}: only 0 is supported (the adapter is merged into the kernels, and "
                      "PEFT's dropout acts on each token's input to lora_A, which a merged kernel cannot express).")

@@ -190,6 +190,9 @@ def test_only_the_adapter_trains_and_it_learns_a_repeated_batch(init, data_dir):
         "lora.rank": 0
     }, "rank=0: the adapter rank must be >= 1"),
     ({
+        "lora.alpha": -3.0
+    }, r"alpha=-3.0: the adapter's alpha must be >= 0"),
+    ({
         "lora.token_embeddings": "<teal>"
     }, "'<teal>' is 3 tokens .* one token each"),
     ({
