@@ -211,9 +211,10 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
   tmp = os.path.join(path, spec["file"] + ".tmp")
   model_folder.write_safetensors(state_dict, tmp)
   os.replace(tmp, os.path.join(path, spec["file"]))
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  with open(os.path.join(path, "config.json.tmp"), "w") as f:  # replaced whole, as the weights: a kill leaves
+    json.dump(config, f, indent=2, sort_keys=True)  # the old file or the new one, never half of one
     f.write("\n")
+  os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
 
 __all__ = [
