@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsd.config import ConfigBase, read_json_object
+from jaxsd.config import ConfigBase, read_json_object, write_json_object
 
 DIFFUSERS_VERSION = "0.42.1"  # written into config.json; diffusers only uses it for warnings
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")  # what a folder must have to sample
@@ -281,8 +281,7 @@ def is_workdir(path: str) -> bool:
 
 
 def write_step(component_dir: str, step: int) -> None:
-  with open(os.path.join(component_dir, STEP_FILE), "w") as f:
-    json.dump({"step": int(step)}, f)
+  write_json_object(os.path.join(component_dir, STEP_FILE), {"step": int(step)})
 
 
 def exported_step(component_dir: str) -> int:

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 
 from jaxsd import tokenizer as tok
 from jaxsd.data.image_folder import IMAGE_EXTENSIONS
+from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
 CLASS_DIR = "class_images"
@@ -109,8 +110,7 @@ def class_images(directory: str, *, existing: list[str], num_images: int, settin
       raise ValueError(f"the class images cached in {directory} were made with other settings ({what}): delete "
                        "that folder to draw them again, or set the old values.")
   else:
-    with open(manifest, "w") as f:
-      json.dump(settings, f, indent=2)
+    write_json_object(manifest, settings, indent=2)
   paths = [os.path.join(directory, f"{i:05d}.png") for i in range(need)]
   missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
   if missing:

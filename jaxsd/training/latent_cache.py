@@ -36,11 +36,13 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import grain
 import jax
 import numpy as np
+
+from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
 _SPEC, _DONE = "spec.json", "done.json"
@@ -144,8 +146,12 @@ def build(directory: str, spec: dict, batches: Iterable[dict], encode: Callable[
     shards = _num_shards(directory)
     fields = sorted(name[:-len("-00000.npy")] for name in os.listdir(directory) if name.endswith("-00000.npy"))
     count = sum(len(np.load(_shard_path(directory, _FIRST, j), mmap_mode="r")) for j in range(shards))
-    with open(os.path.join(directory, _DONE), "w") as f:
-      json.dump({"examples": count, "shards": shards, "shard_size": shard_size, "fields": fields}, f)
+    write_json_object(os.path.join(directory, _DONE), {
+        "examples": count,
+        "shards": shards,
+        "shard_size": shard_size,
+        "fields": fields
+    })
     log.info("latent cache: encoded %d examples in %.1f s into %s (%d in all).", encoded,
              time.time() - t0, directory, count)
   return load(directory)

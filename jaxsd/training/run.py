@@ -47,6 +47,7 @@ from jaxsd.training import sharding
 from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, check_workdir, data_dir,
                                        is_dreambooth, is_lora, is_sdxl, mask_key, optimizer_settings, read_json,
                                        section, stage_names, text_length)
+from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,7 @@ def _done(workdir, name) -> dict | None:
 def _finish(workdir, name, result: dict) -> dict:
   if primary():
     os.makedirs(os.path.join(workdir, name), exist_ok=True)
-    with open(os.path.join(workdir, name, "result.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    write_json_object(os.path.join(workdir, name, "result.json"), result, indent=2)  # the stage's done marker
   log.info("%s stage: %s", name, json.dumps(result))
   return result
 
