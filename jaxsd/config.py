@@ -43,12 +43,12 @@ def read_json_object(path: str) -> dict:
   return out
 
 
-def write_json_object(path: str, obj: Any, indent: int | None = None) -> None:
+def write_json_object(path: str, obj: Any, indent: int | None = None, sort_keys: bool = False) -> None:
   """Writes `obj` as JSON to `path` whole or not at all (a temporary file, then `os.replace`): a run killed while
   writing leaves the old file or the new one, never a truncated file that the resumed run cannot read."""
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=indent)
+    json.dump(obj, f, indent=indent, sort_keys=sort_keys)
     f.write("\n")
   os.replace(tmp, path)
 

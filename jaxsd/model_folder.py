@@ -251,13 +251,11 @@ def write_scheduler(cfg: ConfigBase, path: str, class_name: str | None = None) -
   if class_name is None:
     class_name = "DDIMScheduler" if d.get("rescale_betas_zero_snr") else "PNDMScheduler"
   d.update({"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION})
-  with open(os.path.join(path, "scheduler_config.json"), "w") as f:
-    json.dump(d, f, indent=2, sort_keys=True)
+  write_json_object(os.path.join(path, "scheduler_config.json"), d, indent=2, sort_keys=True)
 
 
 def write_model_index(path: str) -> None:
-  with open(os.path.join(path, "model_index.json"), "w") as f:
-    json.dump(MODEL_INDEX, f, indent=2, sort_keys=True)
+  write_json_object(os.path.join(path, "model_index.json"), MODEL_INDEX, indent=2, sort_keys=True)
 
 
 def copy_components(src: str, dst: str, names: tuple[str, ...]) -> None:

@@ -12,7 +12,6 @@ refiner hand-off with `denoising_end` / `denoising_start`), quirks included wher
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from jaxsd import model_folder, pipeline, pretrained, single_file, tokenizer as tok
 from jaxsd.diffusion import schedules
+from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 
 PIPELINES = model_folder.SDXL_PIPELINES
@@ -119,8 +119,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
       if tokenizer is not None:
         tok.save_tokenizer(tokenizer, os.path.join(path, name))
     model_folder.write_scheduler(self.scheduler_config, os.path.join(path, "scheduler"), self.scheduler_class)
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-      json.dump(self._model_index(), f, indent=2, sort_keys=True)
+    write_json_object(os.path.join(path, "model_index.json"), self._model_index(), indent=2, sort_keys=True)
 
   def _model_index(self) -> dict:
     first = self.text_encoder is not None
