@@ -49,13 +49,12 @@ def image_filenames(prompts: Sequence[str], seed: int, num_images: int) -> list[
   the index counting that prompt's images (a prompt given twice continues its count); prompts whose slugs
   coincide ("a cat" and "A cat.", prompts in other scripts, a shared first 60 characters) each get the first
   8 hex digits of their SHA-1 after the slug."""
-  by_slug = collections.defaultdict(set)
-  for p in prompts:
-    by_slug[_slug(p)].add(p)
+  slugs = {p: _slug(p) for p in prompts}
+  by_slug = collections.Counter(slugs.values())  # distinct prompts per slug
   count = collections.Counter()
   names = []
   for p in prompts:
-    stem = _slug(p) if len(by_slug[_slug(p)]) == 1 else f"{_slug(p)}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    stem = slugs[p] if by_slug[slugs[p]] == 1 else f"{slugs[p]}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
     for _ in range(num_images):
       names.append(f"{stem}-seed{seed}-{count[p]:04d}.png")
       count[p] += 1

@@ -123,17 +123,24 @@ def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str
   listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
   single = add_variant("diffusion_pytorch_model.safetensors", variant)
   index = add_variant("diffusion_pytorch_model.safetensors.index.json", variant)
-  others = sorted({
-      m.group(1) or m.group(2) for m in (re.match(
-          r"(?:diffusion_pytorch_model|model)\.(?:(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|"
-          r"(?:safetensors|bin)\.index\.(\w+)\.json)$", f)
-                                         for f in os.listdir(folder)) if m and (m.group(1) or m.group(2)) != variant
-  })
+  others = sorted(_variants_in(folder) - {variant})
   hint = (f" It holds the {', '.join(others)} variant: pass variant={others[0]!r} (--variant {others[0]} on the "
           "command line)." if others else "")
   raise FileNotFoundError(f"{folder}: no weights found (looked for {single}, {index}, the same with model for "
                           f"diffusion_pytorch_model, their .bin forms, and Flax's diffusion_flax_model.msgpack / "
                           f"flax_model.msgpack); the folder holds: {listing}.{hint}")
+
+
+# A variant's weight files: model.fp16.safetensors, its shards model.fp16-00001-of-00002.safetensors, and the
+# index diffusers names diffusion_pytorch_model.safetensors.index.fp16.json.
+_VARIANT_FILE = re.compile(r"(?:diffusion_pytorch_model|model)\.(?:(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|"
+                           r"(?:safetensors|bin)\.index\.(\w+)\.json)$")
+
+
+def _variants_in(folder: str) -> set[str]:
+  """The variants ("fp16", ...) whose weight files the folder holds."""
+  found = (_VARIANT_FILE.match(f) for f in os.listdir(folder))
+  return {m.group(1) or m.group(2) for m in found if m}
 
 
 def has_weights(folder: str, variant: str | None = None) -> bool:

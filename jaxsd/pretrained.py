@@ -7,7 +7,6 @@ way round.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd import model_folder, weights
+from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 from jaxsd.models import clip, controlnet, unet, vae
 
@@ -211,10 +211,7 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
   tmp = os.path.join(path, spec["file"] + ".tmp")
   model_folder.write_safetensors(state_dict, tmp)
   os.replace(tmp, os.path.join(path, spec["file"]))
-  with open(os.path.join(path, "config.json.tmp"), "w") as f:  # replaced whole, as the weights: a kill leaves
-    json.dump(config, f, indent=2, sort_keys=True)  # the old file or the new one, never half of one
-    f.write("\n")
-  os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+  write_json_object(os.path.join(path, "config.json"), config, indent=2, sort_keys=True)
 
 
 __all__ = [

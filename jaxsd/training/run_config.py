@@ -117,7 +117,7 @@ _COUNT = (lambda v: _whole(v) and v >= 0, "a whole number >= 0")
 _WEIGHT = (lambda v: _real(v) and v >= 0, "a number >= 0 (0 turns the term off)")
 _SHARE = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
 # (section, key, (test, what the value must be)); a key the config does not have is not checked. The stage
-# sections are checked for the stages that run (`_stage_sections`), `eval` when the samples are judged.
+# sections are checked for the stages that run, `eval` when the samples are judged.
 _NUMBERS = (
     ("", "log_every", _STEPS),
     ("", "checkpoint_every", _STEPS),
@@ -146,18 +146,15 @@ _NUMBERS = (
 )
 
 
-def _stage_sections(cfg, names) -> list[str]:
-  return sorted({section(n) for n in names})
-
-
 def _check_numbers(cfg, names) -> None:
   """Every counted or weighted setting in its range, so that a zero or a typo fails here rather than in the
   middle of a run (a sampler or an FID at the end of the U-Net stage)."""
-  sections = _stage_sections(cfg, names)
+  sections = sorted({section(n) for n in names})
   judged = "unet" in names and bool(cfg.get("eval", {}).get("judge", False))
+  checked = {"", "data", *sections} | ({"eval"} if judged else set())
   for sec, key, (ok, what) in _NUMBERS:
     for name in sections if sec == "*" else [sec]:
-      if name == "eval" and not judged or name not in ("", "data", "eval") and name not in sections:
+      if name not in checked:
         continue
       part = cfg if not name else cfg.get(name)
       if part is None or key not in part:
