@@ -166,16 +166,33 @@ def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool 
     raise ValueError(f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
                      "arbitrary code, so it is off by default. Convert the folder to safetensors (in diffusers: "
                      "DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder) writes safetensors), or, "
-                     "if you trust its source, load the network with jaxsd.pretrained's load_unet / load_vae / "
-                     "load_text_encoder(..., allow_pickle=True) (read with torch.load(weights_only=True)).")
+                     "if you trust its source, pass allow_pickle=True (to StableDiffusion.from_pretrained, or "
+                     "jaxsd.pretrained's load_unet / load_vae / load_text_encoder; --allow-pickle on the command "
+                     "line): it is read with torch.load(weights_only=True).")
+  return read_pickled(files)
+
+
+def read_pickled(files: list[str]) -> dict[str, np.ndarray]:
+  """The tensors of pickled PyTorch checkpoints (`.bin`, `.ckpt`), read with `torch.load(weights_only=True)`, as
+  diffusers reads them; a Lightning checkpoint's `state_dict` is unwrapped and its other entries left out."""
   try:
     import torch
   except ImportError as e:
-    raise ImportError("reading .bin checkpoints needs PyTorch: pip install torch") from e
+    raise ImportError("reading pickled (.bin / .ckpt) checkpoints needs PyTorch: pip install torch") from e
   sd = {}
   for f in files:
-    for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-      sd[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    try:
+      loaded = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (not a zip / truncated), EOFError
+      raise ValueError(f"{f} is not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]}); replace it "
+                       "with a complete copy, or a safetensors file.") from None
+    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+      loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+      raise ValueError(f"{f} holds a {type(loaded).__name__}, not a state dict of tensors.")
+    for k, v in loaded.items():
+      if isinstance(v, torch.Tensor):
+        sd[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
   return sd
 
 

@@ -47,35 +47,42 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
-                      **unet_kwargs) -> "StableDiffusion":
+                      allow_pickle: bool = False, **unet_kwargs) -> "StableDiffusion":
     """Loads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...).
 
     `variant` (e.g. "fp16") reads each network's `*.fp16.safetensors` (or its shards) where the folder
     has them and the default files elsewhere, as diffusers; weights are cast to `param_dtype` (default
-    `dtype`) either way.
+    `dtype`) either way. `allow_pickle` reads networks that have only pickled `.bin` weights (with
+    `torch.load(weights_only=True)`; off by default, see `jaxsd.model_folder.read_state_dict`).
     """
     path = os.fspath(path)
     model_folder.check_model_folder(path)
     dirs = {name: os.path.join(path, name) for name in ("unet", "vae", "text_encoder")}
     variants = model_folder.resolve_variants(path, dirs, variant)
-    unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"], **unet_kwargs)
-    vae, vae_params = load_vae(dirs["vae"], dtype, variants["vae"])
+    unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"],
+                                             allow_pickle=allow_pickle, **unet_kwargs)
+    vae, vae_params = load_vae(dirs["vae"], dtype, variants["vae"], allow_pickle)
     te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
-                                                 variant=variants["text_encoder"])
+                                                 variant=variants["text_encoder"], allow_pickle=allow_pickle)
     scheduler = _scheduler_config(model_folder.read_json(model_folder.scheduler_config_file(path)))
     return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), scheduler)
 
   @classmethod
-  def from_single_file(cls, path: str, config: str = "v1", dtype=jnp.float32, param_dtype=None,
-                       **unet_kwargs) -> "StableDiffusion":
-    """Loads a single `.safetensors` checkpoint in the original CompVis / A1111 layout.
+  def from_single_file(cls, path: str, config: str = "v1", dtype=jnp.float32, param_dtype=None, *,
+                       allow_pickle: bool = False, **unet_kwargs) -> "StableDiffusion":
+    """Loads a single `.safetensors` checkpoint in the original CompVis / A1111 layout (a pickled `.ckpt` with
+    `allow_pickle`, read with `torch.load(weights_only=True)`).
 
     The file holds weights only. `config` says what they are: "v1" (SD 1.5's network configs and PNDM
     scheduler), "v2" (SD 2.1 at 768 px: v-prediction DDIM, OpenCLIP text encoder, padding with "!"),
-    both with the CLIP vocabulary shipped with jaxsd; or a diffusers Stable Diffusion folder whose
-    configs, tokenizer and scheduler describe the checkpoint (its own weights are not read).
+    both with the CLIP vocabulary shipped with jaxsd; "auto" (`single_file.guess_config`: v2 when the text
+    encoder is OpenCLIP's, else v1); or a diffusers Stable Diffusion folder whose configs, tokenizer and
+    scheduler describe the checkpoint (its own weights are not read).
     """
     config = os.fspath(config)
+    state_dict = single_file.read(path, allow_pickle)
+    if config == "auto":
+      config = single_file.guess_config(state_dict)
     if os.path.isdir(config):
       model_folder.check_model_folder(config)
       configs = {
@@ -89,7 +96,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
       tokenizer = tok.load_tokenizer()
       if single_file.PAD_TOKEN[config]:
         tokenizer.pad_token = single_file.PAD_TOKEN[config]
-    parts = single_file.split(single_file.read(path), configs)
+    parts = single_file.split(state_dict, configs)
     where = os.fspath(path)
     unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
                                                    param_dtype, **unet_kwargs)
@@ -99,16 +106,18 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                                                f"{where} (text encoder)", dtype, param_dtype)
     return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]))
 
-  def with_controlnet(self, controlnets, dtype=None, param_dtype=None):
+  def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
 
     `controlnets`: a diffusers ControlNet folder, a (module, params) pair from `jaxsd.load_controlnet`, or a
     list of them (MultiControlNet: their residuals are summed). The networks and parameters of this pipeline
-    are shared, not copied; the ControlNets compute in `dtype` (default: the U-Net's).
+    are shared, not copied; the ControlNets compute in `dtype` (default: the U-Net's). `allow_pickle`: as
+    for `from_pretrained`, for ControlNet folders with only `.bin` weights.
     """
     from jaxsd import pipeline_controlnet  # it extends this class
 
-    return pipeline_controlnet.StableDiffusionControlNet.from_pipeline(self, controlnets, dtype, param_dtype)
+    return pipeline_controlnet.StableDiffusionControlNet.from_pipeline(self, controlnets, dtype, param_dtype,
+                                                                       allow_pickle)
 
   # --- pieces, each usable alone -------------------------------------------------------------
 
@@ -694,9 +703,10 @@ def _vae_dtype(config: AutoencoderKLConfig, dtype):
   return jnp.float32 if dtype == jnp.float16 and config.force_upcast else dtype
 
 
-def load_vae(path: str, dtype, variant: str | None = None):
+def load_vae(path: str, dtype, variant: str | None = None, allow_pickle: bool = False):
   """(module, params) of a pipeline's VAE folder, in fp32 where it would overflow in fp16 (`_vae_dtype`)."""
-  return pretrained.load_vae(path, _vae_dtype(AutoencoderKLConfig.from_json(path), dtype), variant=variant)
+  return pretrained.load_vae(path, _vae_dtype(AutoencoderKLConfig.from_json(path), dtype), variant=variant,
+                             allow_pickle=allow_pickle)
 
 
 def _scheduler_config(d: dict) -> schedules.SchedulerConfig:

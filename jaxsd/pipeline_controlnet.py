@@ -32,7 +32,7 @@ from jaxsd.pipeline import StableDiffusion, _syntax, with_extra
 from jaxsd.pipeline_xl import StableDiffusionXL
 
 
-def load_controlnets(controlnets, dtype, param_dtype=None) -> tuple[tuple, tuple]:
+def load_controlnets(controlnets, dtype, param_dtype=None, allow_pickle: bool = False) -> tuple[tuple, tuple]:
   """(modules, params) of one ControlNet or a list: each a diffusers ControlNet folder or a (module, params) pair."""
   items = [controlnets] if isinstance(controlnets, (str, os.PathLike)) or _is_pair(controlnets) else list(controlnets)
   if not items:
@@ -42,7 +42,7 @@ def load_controlnets(controlnets, dtype, param_dtype=None) -> tuple[tuple, tuple
     if _is_pair(item):
       module, p = item
     else:
-      module, p = pretrained.load_controlnet(os.fspath(item), dtype, param_dtype)
+      module, p = pretrained.load_controlnet(os.fspath(item), dtype, param_dtype, allow_pickle=allow_pickle)
     modules.append(module)
     params.append(p)
   return tuple(modules), tuple(params)
@@ -84,10 +84,10 @@ class StableDiffusionControlNet(StableDiffusion):
   controlnet_params: tuple = ()
 
   @classmethod
-  def from_pipeline(cls, pipe: StableDiffusion, controlnets, dtype=None, param_dtype=None):
+  def from_pipeline(cls, pipe: StableDiffusion, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """`pipe` (its networks and parameters shared, LoRA adapters too) with the given ControlNets."""
     dtype = dtype or pipe.unet.dtype
-    modules, params = load_controlnets(controlnets, dtype, param_dtype or pipe.unet.param_dtype)
+    modules, params = load_controlnets(controlnets, dtype, param_dtype or pipe.unet.param_dtype, allow_pickle)
     base = {
         f.name: getattr(pipe, f.name)
         for f in dataclasses.fields(type(pipe))

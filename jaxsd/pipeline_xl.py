@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import model_folder, pipeline, pretrained, single_file, tokenizer as tok
+from jaxsd import model_folder, pipeline, pretrained, tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
@@ -63,11 +63,12 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
-                      **unet_kwargs) -> "StableDiffusionXL":
+                      allow_pickle: bool = False, **unet_kwargs) -> "StableDiffusionXL":
     """Loads a diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
     tokenizer/, tokenizer_2/, scheduler/; a refiner has no text_encoder/ and tokenizer/).
 
-    Weights may be single files or shards with an index, `variant` ("fp16") as for `StableDiffusion`; each
+    Weights may be single files or shards with an index, `variant` ("fp16") and `allow_pickle` as for
+    `StableDiffusion`; each
     tensor is read and converted one at a time (the SDXL U-Net, 2.6B parameters, loads within about two
     copies of itself in host memory). The scheduler config is read as the file says (SDXL's pipelines do
     not force SD's steps_offset / clip_sample).
@@ -83,18 +84,21 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                     tuple(f"{n}/config.json" for n in networks) + ("scheduler/scheduler_config.json",))
     dirs = {name: os.path.join(path, name) for name in networks}
     variants = model_folder.resolve_variants(path, dirs, variant)
-    unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"], **unet_kwargs)
+    unet, unet_params = pretrained.load_unet(dirs["unet"], dtype, param_dtype, variant=variants["unet"],
+                                             allow_pickle=allow_pickle, **unet_kwargs)
     if unet.config.addition_embed_type != "text_time":
       raise ValueError(f"{path}: the U-Net has addition_embed_type={unet.config.addition_embed_type!r}, not SDXL's "
                        "'text_time'; load the folder with jaxsd.StableDiffusion.from_pretrained.")
-    vae, vae_params = pipeline.load_vae(dirs["vae"], dtype, variants["vae"])
+    vae, vae_params = pipeline.load_vae(dirs["vae"], dtype, variants["vae"], allow_pickle)
     te = te_params = tokenizer = None
     if first:
       te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
-                                                   variant=variants["text_encoder"], projection=False)
+                                                   variant=variants["text_encoder"], projection=False,
+                                                   allow_pickle=allow_pickle)
       tokenizer = tok.load_tokenizer(os.path.join(path, "tokenizer"))
     te2, te2_params = pretrained.load_text_encoder(dirs["text_encoder_2"], dtype, param_dtype,
-                                                   variant=variants["text_encoder_2"], projection=True)
+                                                   variant=variants["text_encoder_2"], projection=True,
+                                                   allow_pickle=allow_pickle)
     scheduler = schedules.SchedulerConfig.from_dict(model_folder.read_json(model_folder.scheduler_config_file(path)))
     return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler, text_encoder_2=te2,
                text_encoder_2_params=te2_params, tokenizer_2=tok.load_tokenizer(os.path.join(path, "tokenizer_2")),
@@ -347,7 +351,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
                                 denoising_end=denoising_end)
 
-  def with_controlnet(self, controlnets, dtype=None, param_dtype=None):
+  def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This SDXL base model steered by SDXL ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionXLControlNet`,
     diffusers' StableDiffusionXLControlNetPipeline); arguments as `StableDiffusion.with_controlnet`."""
     if self.text_encoder is None:
@@ -355,7 +359,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                        "base model, as diffusers' StableDiffusionXLControlNetPipeline.")
     from jaxsd import pipeline_controlnet  # it extends this class
 
-    return pipeline_controlnet.StableDiffusionXLControlNet.from_pipeline(self, controlnets, dtype, param_dtype)
+    return pipeline_controlnet.StableDiffusionXLControlNet.from_pipeline(self, controlnets, dtype, param_dtype,
+                                                                         allow_pickle)
 
   def inpaint(self, prompts, images, mask_images, strength: float = 0.9999, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
@@ -390,18 +395,17 @@ def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_
 
 def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwargs) -> pipeline.StableDiffusion:
   """`pipeline.load`, and SDXL folders (model_index.json's pipeline class, or an SDXL U-Net) as
-  `StableDiffusionXL`: what `python -m sample --model` loads. A `.safetensors` file is an SD 1.x / 2.x single
-  file (`StableDiffusion.from_single_file`) read with `single_file_config`: "v1", "v2", a diffusers folder whose
-  configs describe it, or "auto" (`single_file.guess_config`: v2, SD 2.1 at 768 px with v-prediction, when the
+  `StableDiffusionXL`: what `python -m sample --model` loads. A `.safetensors` file (a pickled `.ckpt` with
+  allow_pickle=True) is an SD 1.x / 2.x single file (`StableDiffusion.from_single_file`) read with
+  `single_file_config`: "v1", "v2", a diffusers folder whose configs describe it, or "auto"
+  (`single_file.guess_config`: v2, SD 2.1 at 768 px with v-prediction, when the
   text encoder is OpenCLIP's, else v1)."""
   path = os.fspath(path)
   if os.path.isfile(path):
     if kwargs.get("variant"):
       raise ValueError(f"variant={kwargs['variant']!r} names files of a diffusers folder; {path} is a single file.")
-    config = single_file_config
-    if config == "auto":
-      config = single_file.guess_config(single_file.read(path))
-    return pipeline.StableDiffusion.from_single_file(path, config=config, dtype=dtype)
+    return pipeline.StableDiffusion.from_single_file(path, config=single_file_config, dtype=dtype,
+                                                     allow_pickle=kwargs.get("allow_pickle", False))
   if model_folder.is_workdir(path):  # an SDXL fine-tune's workdir: its exported folder, the newest U-Net
     if model_folder.is_sdxl_folder(model_folder.model_dir(path)):
       return pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)

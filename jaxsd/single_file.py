@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsd.model_folder import SafetensorsDict
+from jaxsd.model_folder import SafetensorsDict, read_pickled
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
 
@@ -265,14 +265,24 @@ def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
   }
 
 
-def read(path: str | os.PathLike) -> Mapping[str, Any]:
-  """The tensors of a `.safetensors` single file (lazily); pickled `.ckpt` files are refused."""
+PICKLED = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read(path: str | os.PathLike, allow_pickle: bool = False) -> Mapping[str, Any]:
+  """The tensors of a `.safetensors` single file (lazily), or of a pickled `.ckpt` with `allow_pickle` (read with
+  `torch.load(weights_only=True)`, as diffusers' `from_single_file` reads it)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file; pass a Stable Diffusion .safetensors checkpoint.")
+  if path.lower().endswith(PICKLED):
+    if not allow_pickle:
+      raise ValueError(f"{path} is a pickled checkpoint: unpickling can run arbitrary code, so it is off by default. "
+                       "Convert it to .safetensors, or, if you trust its source, pass allow_pickle=True "
+                       "(--allow-pickle on the command line): it is read with torch.load(weights_only=True).")
+    return read_pickled([path])
   if not path.endswith(".safetensors"):
-    raise ValueError(f"{path}: only .safetensors single files are read (a pickled .ckpt can run code when "
-                     "loaded); convert it to safetensors first.")
+    raise ValueError(f"{path}: a single file must be a .safetensors checkpoint (or, with allow_pickle, a pickled "
+                     f"{' / '.join(PICKLED)}).")
   return SafetensorsDict([path])
 
 

@@ -8,6 +8,7 @@ diffusers does; 16-bit, float and CMYK files are refused."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument(
       "--model", required=True,
       help="diffusers Stable Diffusion or SDXL (base or refiner) folder, a training workdir, or an SD 1.x / "
-      "2.x single-file .safetensors checkpoint (A1111 / CompVis layout)")
+      "2.x single-file .safetensors checkpoint (A1111 / CompVis layout; a pickled .ckpt with --allow-pickle)")
   p.add_argument(
       "--single-file-config", default="auto",
       help="with a single-file --model: v1 (SD 1.5), v2 (SD 2.1 768 px, v-prediction) or a diffusers folder "
@@ -74,6 +75,10 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
+  p.add_argument(
+      "--allow-pickle", action="store_true",
+      help="also read pickled PyTorch weights (.bin folders, .ckpt single files) with torch.load(weights_only=True); "
+      "unpickling a file can run code: only for files you trust")
   p.add_argument("--out", default="samples")
   p.add_argument("--benchmark", action="store_true", help="print one JSON line of timings")
   p.add_argument(
@@ -154,6 +159,9 @@ def check_flags(args) -> None:
 
   if args.steps < 1:
     raise ValueError(f"--steps {args.steps}: need at least 1 denoising step.")
+  if args.allow_pickle and importlib.util.find_spec("torch") is None:
+    raise ValueError("--allow-pickle reads pickled weights with PyTorch, which is not installed: pip install torch "
+                     "(the CPU build is enough), or convert the weights to safetensors.")
   if not finite32(args.guidance):
     raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number (7.5 is usual; "
                      "<= 1 turns guidance off).")
@@ -232,12 +240,13 @@ def main(argv=None) -> int:
     control_images = [conditioning.load_image(path, "--control-image") for path in args.control_image]
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
-    pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, **load_kw)
+    pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
+                            **load_kw)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale)
     control = {}
     if args.controlnet:
-      pipe = pipe.with_controlnet(args.controlnet)
+      pipe = pipe.with_controlnet(args.controlnet, allow_pickle=args.allow_pickle)
       control = dict(control_images=control_images, guess_mode=args.guess_mode)
       for name, values in (("controlnet_conditioning_scale", args.controlnet_scale),
                            ("control_guidance_start", args.control_guidance_start), ("control_guidance_end",

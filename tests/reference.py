@@ -53,16 +53,17 @@ def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4):
   return unet.eval(), vae.eval(), text_encoder.eval(), tok.load_tokenizer(), scheduler
 
 
-def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0, in_channels: int = 4) -> str:
+def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0, in_channels: int = 4,
+                        safe_serialization: bool = True) -> str:
   """Writes a tiny random diffusers StableDiffusionPipeline folder to `path` (an inpainting one for
-  in_channels=9); returns it."""
+  in_channels=9; pickled `.bin` weights with safe_serialization=False); returns it."""
   import diffusers
 
   unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed, in_channels)
   cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
   pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-  pipe.save_pretrained(path)
+  pipe.save_pretrained(path, safe_serialization=safe_serialization)
   return os.fspath(path)
 
 

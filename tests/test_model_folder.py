@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,3 +76,30 @@ def test_workdir_steps_and_checkpoints(tmp_path):
 def test_split_unet_params():
   assert model_folder.split_unet_params({"unet": 1, "text_encoder": 2}) == (1, 2)
   assert model_folder.split_unet_params({"conv_in": 1}) == ({"conv_in": 1}, None)
+
+
+def test_pickled_pipeline_folder_with_allow_pickle(tmp_path, capsys):
+  """A folder diffusers saved with safe_serialization=False (every network a pickled `.bin`) is refused by default
+  and, with allow_pickle (`python -m sample --allow-pickle`), reads the same weights as its safetensors twin."""
+  import jax
+
+  import jaxsd
+  from sample import __main__ as sample_main
+  from tests import reference
+
+  safe = reference.make_tiny_sd_folder(str(tmp_path / "safe"))
+  pickled = reference.make_tiny_sd_folder(str(tmp_path / "pickled"), safe_serialization=False)
+  assert os.path.exists(os.path.join(pickled, "unet", "diffusion_pytorch_model.bin"))
+  with pytest.raises(ValueError, match=r"only pickled PyTorch weights.*allow_pickle=True.*--allow-pickle"):
+    jaxsd.StableDiffusion.from_pretrained(pickled)
+  want, got = jaxsd.StableDiffusion.from_pretrained(safe), jaxsd.StableDiffusion.from_pretrained(
+      pickled, allow_pickle=True)
+  for name in ("unet_params", "vae_params", "text_encoder_params"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(got, name), getattr(want, name))
+  argv = ["--model", pickled, "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "out"), "--no-progress"]
+  capsys.readouterr()  # the references' warnings
+  assert sample_main.main(argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and "--allow-pickle" in err[0]
+  assert sample_main.main(argv + ["--allow-pickle"]) == 0
+  assert sorted(os.listdir(tmp_path / "out")) == ["a_cat-seed0-0000.png", "grid.png"]

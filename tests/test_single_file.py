@@ -125,8 +125,39 @@ def test_presets_and_refusals(folder_and_file, tmp_path):
   with pytest.raises(ValueError, match="has no unet, vae weights"):
     jaxsd.StableDiffusion.from_single_file(partial, config=folder)
   (tmp_path / "model.ckpt").write_bytes(b"")
-  with pytest.raises(ValueError, match="only .safetensors"):
+  with pytest.raises(ValueError, match="pickled checkpoint: .*allow_pickle=True"):
     jaxsd.StableDiffusion.from_single_file(str(tmp_path / "model.ckpt"), config=folder)
+  with pytest.raises(ValueError, match="model.ckpt is not a readable PyTorch checkpoint"):
+    jaxsd.StableDiffusion.from_single_file(str(tmp_path / "model.ckpt"), config=folder, allow_pickle=True)
+  (tmp_path / "model.txt").write_bytes(b"")
+  with pytest.raises(ValueError, match="must be a .safetensors checkpoint"):
+    jaxsd.StableDiffusion.from_single_file(str(tmp_path / "model.txt"), config=folder)
+
+
+def test_pickled_ckpt_with_allow_pickle(folder_and_file, tmp_path, capsys):
+  """A CompVis / Lightning `.ckpt` ({"state_dict": ..., "global_step": ...}, as A1111 users have them) reads with
+  allow_pickle (torch.load(weights_only=True), diffusers' way) into the same weights as the safetensors file, in the
+  library and with `python -m sample --allow-pickle` (refused in one line without it)."""
+  from sample import __main__ as sample_main
+
+  folder, path, _ = folder_and_file
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in single_file.read(path).items()}
+  ckpt = str(tmp_path / "model.ckpt")
+  torch.save({"state_dict": tensors, "global_step": 470000, "epoch": 3}, ckpt)
+  want = jaxsd.StableDiffusion.from_single_file(path, config=folder)
+  got = jaxsd.StableDiffusion.from_single_file(ckpt, config=folder, allow_pickle=True)
+  for name in ("unet_params", "vae_params", "text_encoder_params"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(got, name), getattr(want, name))
+  out = tmp_path / "out"
+  argv = [
+      "--model", ckpt, "--single-file-config", folder, "--prompt", "a cat", "--steps", "2", "--out",
+      str(out), "--no-progress"
+  ]
+  assert sample_main.main(argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and "--allow-pickle" in err[0] and not out.exists()
+  assert sample_main.main(argv + ["--allow-pickle"]) == 0
+  assert sorted(os.listdir(out)) == ["a_cat-seed0-0000.png", "grid.png"]
 
 
 def test_v2_preset_is_sd21():
