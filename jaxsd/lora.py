@@ -253,8 +253,9 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
   if strict and absent:
     network, missing = next(iter(absent.items()))
     refiner = " (an SDXL refiner has text_encoder_2 only)" if network == "text_encoder" else ""
-    raise ValueError(f"this LoRA adapts {network}, which this model does not have{refiner}: "
-                     f"{_listed(missing)}; pass strict=False to load the rest and ignore them.")
+    raise ValueError(
+        f"this LoRA adapts {network}, which this model does not have{refiner}: {_listed(missing)}; "
+        "pass strict=False (--lora-ignore-unmatched on the command line) to load the rest and ignore them.")
   if strict and (unmapped or incomplete):
     raise ValueError(_unmapped_message(unmapped, [keys[w][0] for w in incomplete]))
   unmapped += [k for v in absent.values() for k in v]
@@ -304,7 +305,9 @@ def _unmapped_message(unmapped: Sequence[str], incomplete: Sequence[str], nothin
   kinds = sorted({kind for k in unmapped for pat, kind in _OTHER_KINDS if pat in k})
   hint = (f" ({', '.join(kinds)} adapters are not supported)"
           if kinds else " (is it an adapter for another model: SD 1.x, SD 2.x or SDXL?)")
-  return "; ".join(parts) + hint + ("." if nothing else "; pass strict=False to load the rest and ignore them.")
+  return "; ".join(parts) + hint + (
+      "." if nothing else
+      "; pass strict=False (--lora-ignore-unmatched on the command line) to load the rest and ignore them.")
 
 
 def load(source, params: Mapping[str, Any], strict: bool = True) -> Adapter:

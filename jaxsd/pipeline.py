@@ -257,7 +257,8 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                          f"{2 * lc + 1} (an inpainting U-Net: latents + mask + masked-image latents).")
     elif self.inpainting_unet:
       raise ValueError(f"this is an inpainting U-Net ({c} input channels: latents + mask + masked-image latents); "
-                       "it only inpaints: give an image and a mask (StableDiffusion.inpaint).")
+                       "it only inpaints: give an image and a mask (StableDiffusion.inpaint; --init-image and --mask "
+                       "on the command line).")
     elif c != lc:
       raise ValueError(f"this U-Net takes {c} input channels but the VAE's latents have {lc}: it is not a "
                        f"{'text' if task == 'text' else 'image'}-to-image model.")

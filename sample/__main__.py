@@ -72,6 +72,10 @@ def parse(argv=None) -> argparse.Namespace:
                  help="ControlNet guess mode: residuals 0.1x..1x, only the conditional half of guidance steered")
   p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                  help="a LoRA adapter (diffusers/PEFT or kohya .safetensors) at weight SCALE (default 1; repeatable)")
+  p.add_argument(
+      "--lora-ignore-unmatched", action="store_true",
+      help="load a LoRA's keys that match layers of the model and skip (and log) the others, instead of "
+      "refusing the file")
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
                             **load_kw)
     for path, scale in loras:
-      pipe.load_lora(path, scale=scale)
+      pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
     control = {}
     if args.controlnet:
       pipe = pipe.with_controlnet(args.controlnet, allow_pickle=args.allow_pickle)

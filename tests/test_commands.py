@@ -162,15 +162,18 @@ def test_sample_loras_reach_the_pipeline(tmp_path, capsys, monkeypatch):
 
   class FakePipe:
 
-    def load_lora(self, path, scale):
-      seen.append((path, scale))
-      if len(seen) == 2:
+    def load_lora(self, path, scale, strict):
+      seen.append((path, scale, strict))
+      if len(seen) % 2 == 0:
         raise ValueError("stop here")
 
   monkeypatch.setattr(pipeline, "load", lambda path, **kw: FakePipe())
   assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--lora", f"{a}:0.5", "--lora", str(b))) == 2
-  assert seen == [(str(a), 0.5), (str(b), 1.0)]
+  assert seen == [(str(a), 0.5, True), (str(b), 1.0, True)]
   assert "stop here" in _one_error_line(capsys)
+  assert sample_main.main(
+      _sample(tmp_path, "--prompt", "a cat", "--lora", str(a), "--lora", str(b), "--lora-ignore-unmatched")) == 2
+  assert seen[2:] == [(str(a), 1.0, False), (str(b), 1.0, False)]
 
 
 def test_sample_out_that_cannot_hold_images_exits_2_before_loading(tmp_path, capsys):
