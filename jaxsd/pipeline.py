@@ -75,8 +75,9 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
 
     The file holds weights only. `config` says what they are: "v1" (SD 1.5's network configs and PNDM
     scheduler), "v2" (SD 2.1 at 768 px: v-prediction DDIM, OpenCLIP text encoder, padding with "!"),
-    both with the CLIP vocabulary shipped with jaxsd; "auto" (`single_file.guess_config`: v2 when the text
-    encoder is OpenCLIP's, else v1); or a diffusers Stable Diffusion folder whose configs, tokenizer and
+    both with the CLIP vocabulary shipped with jaxsd; "v1-inpainting" / "v2-inpainting" (their 9-channel
+    inpainting U-Nets; SD 2's at 512 px, epsilon); "auto" (`single_file.guess_config`: v2 when the text encoder is
+    OpenCLIP's, else v1, -inpainting for a 9-channel U-Net, as diffusers infers the type); or a diffusers Stable Diffusion folder whose configs, tokenizer and
     scheduler describe the checkpoint (its own weights are not read).
     """
     config = os.fspath(config)

@@ -91,8 +91,19 @@ V2["vae"].update(sample_size=768)
 V2["text_encoder"].update(hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                           num_hidden_layers=23, projection_dim=512)
 V2["scheduler"].update(_class_name="DDIMScheduler", prediction_type="v_prediction")
-PRESETS = {"v1": V1, "v2": V2}
-PAD_TOKEN = {"v1": None, "v2": "!"}  # SD 2.x's tokenizer pads with "!" (id 0), SD 1.x's with the end token
+# The inpainting fine-tunes (diffusers' "inpainting" / "inpainting_v2" single-file types): a U-Net of 9 input
+# channels (latents, mask, masked-image latents); SD 2's is stabilityai/stable-diffusion-2-inpainting, at 512 px
+# with epsilon prediction. (That U-Net's upcast_attention is false; it changes nothing in fp32 / bf16 here.)
+V1_INPAINTING = copy.deepcopy(V1)
+V1_INPAINTING["unet"].update(in_channels=9)
+V2_INPAINTING = copy.deepcopy(V2)
+V2_INPAINTING["unet"].update(in_channels=9, sample_size=64, upcast_attention=False)
+V2_INPAINTING["vae"].update(sample_size=512)
+V2_INPAINTING["scheduler"].update(prediction_type="epsilon")
+PRESETS = {"v1": V1, "v2": V2, "v1-inpainting": V1_INPAINTING, "v2-inpainting": V2_INPAINTING}
+# SD 2.x's tokenizer pads with "!" (id 0), SD 1.x's with the end token
+PAD_TOKEN = {"v1": None, "v2": "!", "v1-inpainting": None, "v2-inpainting": "!"}
+CONV_IN = PREFIXES["unet"] + "input_blocks.0.0.weight"  # (out, in_channels, 3, 3)
 
 
 class RenamedDict(Mapping):
@@ -287,18 +298,22 @@ def read(path: str | os.PathLike, allow_pickle: bool = False) -> Mapping[str, An
 
 
 def guess_config(sd: Mapping[str, Any]) -> str:
-  """The preset a checkpoint's keys point to: "v2" when its text encoder is OpenCLIP's (SD 2.x), "v1" when it is
-  CLIP's in the transformers layout (SD 1.x); a ValueError for SDXL's and for files that are neither."""
+  """The preset a checkpoint's keys point to, as diffusers' `infer_diffusers_model_type`: "v2" when its text encoder
+  is OpenCLIP's (SD 2.x), "v1" when it is CLIP's in the transformers layout (SD 1.x), each with "-inpainting" when
+  the U-Net takes 9 input channels; a ValueError for SDXL's and for files that are neither."""
   keys = list(sd.keys())
   if any(k.startswith("conditioner.embedders.") for k in keys):
     raise ValueError("this is an SDXL single file, which is not read: convert it to a diffusers folder (diffusers' "
                      "StableDiffusionXLPipeline.from_single_file + save_pretrained).")
   if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in keys):
-    return "v2"
-  if any(k.startswith(PREFIXES["text_encoder"] + "transformer.") for k in keys):
-    return "v1"
-  raise ValueError("not a Stable Diffusion 1.x / 2.x single file: no text encoder under "
-                   f"{PREFIXES['text_encoder']!r}.")
+    version = "v2"
+  elif any(k.startswith(PREFIXES["text_encoder"] + "transformer.") for k in keys):
+    version = "v1"
+  else:
+    raise ValueError("not a Stable Diffusion 1.x / 2.x single file: no text encoder under "
+                     f"{PREFIXES['text_encoder']!r}.")
+  inpainting = CONV_IN in sd and np.shape(sd[CONV_IN])[1:2] == (9,)
+  return version + "-inpainting" if inpainting else version
 
 
 def preset(name: str) -> dict:

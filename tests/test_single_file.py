@@ -205,3 +205,18 @@ def test_the_sample_command_takes_a_single_file(folder_and_file, tmp_path, capsy
   garbage.write_bytes(b"not a checkpoint")
   assert sample_main.main(["--model", str(garbage), "--prompt", "a cat", "--out", str(out), "--no-progress"]) == 2
   assert "is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_auto_config_knows_inpainting_files():
+  """As diffusers' infer_diffusers_model_type: a 9-channel conv_in makes an SD 1 / SD 2 file an inpainting one, whose
+  preset U-Net takes 9 channels (SD 2's at 512 px with epsilon prediction); 4 channels stay v1 / v2."""
+  for te_key, version in (("cond_stage_model.transformer.text_model.final_layer_norm.weight", "v1"),
+                          ("cond_stage_model.model.ln_final.weight", "v2")):
+    for channels, name in ((4, version), (9, version + "-inpainting")):
+      sd = {te_key: np.ones(4, np.float32), single_file.CONV_IN: np.zeros((320, channels, 3, 3), np.float32)}
+      assert single_file.guess_config(sd) == name
+      assert single_file.preset(name)["unet"]["in_channels"] == channels
+  v2i = single_file.preset("v2-inpainting")
+  assert v2i["scheduler"]["prediction_type"] == "epsilon" and v2i["unet"]["sample_size"] == 64
+  assert single_file.PAD_TOKEN["v2-inpainting"] == "!" and single_file.PAD_TOKEN["v1-inpainting"] is None
+  assert single_file.preset("v2")["scheduler"]["prediction_type"] == "v_prediction"  # the presets are copies
