@@ -194,7 +194,8 @@ def make_dataset(
     # reads its own rows of each global batch: the global batches, and so training, do not depend on how
     # many hosts share them.
     positions = grain.MapDataset.range(per_host * process_count).shuffle(seed=seed).repeat()  # reshuffled each epoch
-    chunks, first, offset = positions.batch(global_batch_size), process_index * batch_size, 0
+    # drop_remainder: the same batches of an endless order, but grain's len of repeat().batch(1) overflows.
+    chunks, first, offset = positions.batch(global_batch_size, drop_remainder=True), process_index * batch_size, 0
   else:  # one ordered pass over this host's contiguous shard
     positions = grain.MapDataset.range(per_host)
     chunks, first, offset = positions.batch(batch_size, drop_remainder=False), 0, process_index * per_host

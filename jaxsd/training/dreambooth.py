@@ -178,7 +178,8 @@ def make_dataset(instance_images: list[str], instance_prompt: str, *, class_imag
       tok.tokenize(tokenizer_2, prompts, max_length=max_length, warn=False), np.int32)
   reader = _Reader(tuple(instance_images), tuple(class_images), np.asarray(ids, np.int32), image_size, center_crop,
                    random_flip, seed, global_batch_size, process_index * rows, rows, ids_2)
-  chunks = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch_size).map_with_index(reader)
+  chunks = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch_size,
+                                                                       drop_remainder=True).map_with_index(reader)
   return chunks.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
 
 

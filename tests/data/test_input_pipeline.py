@@ -72,6 +72,17 @@ def test_training_repeats_and_reshuffles(tiny):
   assert _key(again[0]) == keys[:16] and _key(other[0]) != keys[:16]
 
 
+def test_batch_of_one(tiny):
+  """global_batch_size=1 (DreamBooth's default in diffusers; a one-image folder) trains: grain's length of an
+  endless order batched by one overflowed unless the remainder is dropped (nothing is dropped from an endless
+  order: the batches are those of a batch of two, one by one)."""
+  make, *_ = tiny
+  ones = _take(iter(make(global_batch_size=1, seed=5)), 4)
+  twos = _take(iter(make(global_batch_size=2, seed=5)), 2)
+  assert all(b["image"].shape == (1, 32, 32, 3) for b in ones)
+  assert [k for b in ones for k in _key(b)] == [k for b in twos for k in _key(b)]
+
+
 def test_eval_is_one_ordered_pass(tiny):
   make, _, builder, _ = tiny
   full = list(make(split="test", train=False, drop_remainder=False, label_keys=("color",)))

@@ -106,6 +106,9 @@ def test_batches_pair_instance_and_class_examples(instance_dir, tmp_path):
   assert (batch["input_ids"][:5] == ids[0]).all() and (batch["input_ids"][5:] == ids[1]).all()
   assert sorted(np.round((batch["image"][5:, 0, 0, 0] + 1) * 127.5).astype(int)) == [0, 40, 80, 120, 160]
   assert -1 <= batch["image"].min() and batch["image"].max() <= 1
+  one = dreambooth.make_dataset(dreambooth.list_images(instance_dir), INSTANCE, tokenizer=tokenizer, image_size=HW,
+                                global_batch_size=1)  # diffusers' default batch: grain's length overflowed
+  assert next(iter(one))["image"].shape == (1, HW, HW, 3)
   it = iter(ds)  # the position resumes exactly (the loop checkpoints get_state())
   next(it)
   state, expected = it.get_state(), [next(it) for _ in range(3)]
