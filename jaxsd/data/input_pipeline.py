@@ -19,6 +19,7 @@ the example's position, so `iterator.get_state()` / `set_state()` resume exactly
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -391,9 +392,26 @@ def _left_right_swap(feature) -> tuple[int, int] | None:
   return None
 
 
+def prepared_fingerprint(info: tfds.core.DatasetInfo) -> str:
+  """Identifies the prepared files of a dataset (their names, sizes and modification times): preparing it again,
+  or another dataset of the same name in another data_dir, gives another fingerprint. What a cache of
+  the data's encodings keys on."""
+  root = os.fspath(info.data_dir)
+  h = hashlib.sha1(os.path.abspath(root).encode())
+  for name in sorted(os.listdir(root)):
+    st = os.stat(os.path.join(root, name))
+    h.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+  return h.hexdigest()
+
+
 def feature_names(dataset: str, data_dir: str | os.PathLike | None = None) -> list[str]:
   """The features of a prepared dataset, sorted (an error says what is prepared when it is not)."""
   return sorted(_builder(dataset, data_dir).info.features.keys())
+
+
+def split_names(dataset: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+  """The splits of a prepared dataset, sorted (an error says what is prepared when it is not)."""
+  return sorted(_builder(dataset, data_dir).info.splits)
 
 
 def _builder(dataset, data_dir) -> tfds.core.DatasetBuilder:

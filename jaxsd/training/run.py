@@ -180,6 +180,20 @@ def _evaluate(cfg, name, tokenizer, metric_fn, model, params, examples, **input_
   return metrics
 
 
+def _check_test_split(cfg, evaluating: list[str]) -> None:
+  """The clip and vae stages end by evaluating on config.data.test_split: refuse before training when it is not
+  there (a folder prepared with prepare_image_folder's default test_fraction=0 has a train split only)."""
+  d = cfg.data
+  if cfg.benchmark_steps or not evaluating:
+    return
+  splits = input_pipeline.split_names(d.name, data_dir(cfg))
+  if d.test_split.split("[")[0] not in splits:
+    raise ConfigError(f"config.data.test_split={d.test_split!r}: dataset {d.name!r} has only {', '.join(splits)}, and "
+                      f"the {' and '.join(evaluating)} stage(s) evaluate on the test split. Prepare the dataset with "
+                      "a test split (prepare_image_folder(..., test_fraction=0.05, overwrite=True)), or set "
+                      "config.data.test_split to one of its splits.")
+
+
 def _done(workdir, name) -> dict | None:
   path = os.path.join(workdir, name, "result.json")
   if os.path.exists(path):
@@ -485,20 +499,26 @@ def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=No
   text_params = pipe.text_encoder_params
   if xl:
     text_params = {"text_encoder": text_params, "text_encoder_2": pipe.text_encoder_2_params}
-  spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
-              image_size=d.image_size, tokens=text_length(cfg), process=jax.process_index(),
-              processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params))
-  if xl:
-    spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
   mask = mask_key(cfg)
-  if mask:
-    spec["mask_key"] = mask  # and the mask on the latents' grid
-  directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
   in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
                                          data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
                                          image_key=d.image_key, caption_key=d.caption_key, mask_key=mask,
                                          num_threads=d.num_threads, drop_remainder=False, max_length=text_length(cfg),
                                          tokenizer_2=tokenizer_2, size_conditioning=xl)
+  if in_order.num_examples < batch:
+    raise ConfigError(f"config.unet.batch_size={cfg.unet.batch_size}: dataset {d.name!r} split {d.train_split!r} "
+                      f"has {in_order.num_examples} examples per process, fewer than a batch of {batch}; lower the "
+                      "batch size.")
+  # The prepared data's files are in the spec: a dataset prepared again (other images or captions) rebuilds it.
+  spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
+              image_size=d.image_size, tokens=text_length(cfg), process=jax.process_index(),
+              processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params),
+              data=input_pipeline.prepared_fingerprint(in_order.info))
+  if xl:
+    spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
+  if mask:
+    spec["mask_key"] = mask  # and the mask on the latents' grid
+  directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
   encode = jax.jit(
       stages.cache_encoder(pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if xl else None,
                            target_size=(d.image_size, d.image_size)))
@@ -557,6 +577,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                           f"in this workdir, or fine-tune a pretrained model with --config.init=<diffusers folder>.")
   if not is_dreambooth(cfg):  # DreamBooth reads its image folders, not a prepared dataset
     ensure_dataset(cfg)
+    _check_test_split(cfg, [n for n in names if n in ("clip", "vae") and _done(workdir, n) is None])
   if primary():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

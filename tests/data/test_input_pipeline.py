@@ -83,6 +83,30 @@ def test_batch_of_one(tiny):
   assert [k for b in ones for k in _key(b)] == [k for b in twos for k in _key(b)]
 
 
+def test_prepared_fingerprint_changes_when_the_data_is_prepared_again(tmp_path, tokenizer):
+  """What the latent cache keys on: the same for the same prepared files, another after the folder is prepared
+  again with other captions (a stale cache trained on the old data)."""
+  root = tmp_path / "imgs"
+  root.mkdir()
+  for i in range(3):
+    Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(root / f"{i}.png")
+    (root / f"{i}.txt").write_text(f"grey {i}")
+  data_dir = str(tmp_path / "tfds")
+  name, _ = prepare_image_folder(root, data_dir)
+  info = lambda: input_pipeline.make_dataset(
+      name,
+      global_batch_size=1,
+      data_dir=data_dir,
+      image_size=8,  # noqa: E731
+      tokenizer=tokenizer).info
+  first = input_pipeline.prepared_fingerprint(info())
+  assert input_pipeline.prepared_fingerprint(info()) == first
+  (root / "0.txt").write_text("another caption")
+  prepare_image_folder(root, data_dir, overwrite=True)
+  assert input_pipeline.prepared_fingerprint(info()) != first
+  assert input_pipeline.split_names(name, data_dir) == ["train"]
+
+
 def test_eval_is_one_ordered_pass(tiny):
   make, _, builder, _ = tiny
   full = list(make(split="test", train=False, drop_remainder=False, label_keys=("color",)))

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 import torch
 
 import jaxsd
+from jaxsd.data import input_pipeline
 from jaxsd.data.image_folder import prepare_image_folder
 from jaxsd.training import run
 import tests
@@ -160,6 +162,9 @@ def test_finetune_from_a_diffusers_folder_on_the_latent_cache(data_dir, init_fol
   assert set(results) >= {"unet"} and "clip" not in results and results["unet"]["steps"] == 3
   cache_dir = os.path.join(workdir, "unet", "latent_cache", "process_0")
   assert json.load(open(os.path.join(cache_dir, "done.json")))["examples"] == 512  # the smoke train split
+  spec = json.load(open(os.path.join(cache_dir, "spec.json")))  # the prepared files: preparing again rebuilds it
+  info = tfds.builder(smoke.get_config().data.name, data_dir=data_dir).info
+  assert spec["data"] == input_pipeline.prepared_fingerprint(info)
   assert all(np.isfinite(_losses(workdir, "unet")))
   with open(os.path.join(init_folder, "text_encoder", "model.safetensors"), "rb") as a, \
        open(os.path.join(workdir, "model", "text_encoder", "model.safetensors"), "rb") as b:
@@ -169,6 +174,14 @@ def test_finetune_from_a_diffusers_folder_on_the_latent_cache(data_dir, init_fol
   changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
   assert len(changed) > 0.9 * len(before.state_dict())  # trained, and every key loaded back
   diffusers.StableDiffusionPipeline.from_pretrained(os.path.join(workdir, "model"), safety_checker=None)
+
+
+def test_latent_cache_batch_larger_than_the_data(data_dir, init_folder, tmp_path):
+  """A batch larger than the split is refused before anything is encoded (as without the cache), not after."""
+  cfg = _finetune_cfg(data_dir, init_folder, **{"unet.batch_size": 1024})
+  with pytest.raises(run.ConfigError, match="batch_size=1024: .* 512 examples per process, fewer than a batch"):
+    run.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "unet" / "latent_cache")
 
 
 def test_benchmark_mode_reports_throughput(data_dir, init_folder, tmp_path):
@@ -297,6 +310,21 @@ def test_foreground_weight_needs_a_mask(tmp_path):
   cfg.vae.foreground_dilation = -1
   with pytest.raises(run.ConfigError, match="vae.foreground_dilation=-1 must be a whole number of pixels >= 0"):
     run.check_config(cfg, 8)
+
+
+def test_from_scratch_on_a_folder_without_a_test_split(tmp_path):
+  """The clip and vae stages evaluate on the test split; a folder prepared with the default test_fraction=0 has
+  none: refused before any stage (it failed after training the whole clip stage), saying how to make one."""
+  root = tmp_path / "imgs"
+  root.mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
+    (root / f"{i}.txt").write_text(f"grey {i}")
+  name, _ = prepare_image_folder(root, tmp_path / "tfds")
+  cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "vae.foreground_loss_weight": 0.0})
+  with pytest.raises(run.ConfigError, match=r"test_split='test': .* has only train.*clip and vae.*test_fraction"):
+    run.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "clip")
 
 
 def test_missing_caption_key(data_dir, tmp_path):
