@@ -278,15 +278,21 @@ def test_init_folder_that_is_not_a_model(data_dir, tmp_path):
     run.train_and_evaluate(_cfg(data_dir, init=str(tmp_path / "half")), str(tmp_path / "w"))
 
 
-def test_foreground_weight_needs_a_mask(tmp_path):
-  """`unet.foreground_loss_weight` on a dataset of one's own (no built-in mask) is refused with what to set,
-  after the dataset is found and before any stage; a negative weight is refused by check_config."""
+def _grey_folder_dataset(tmp_path) -> str:
+  """Four captioned grey images prepared (prepare_image_folder's defaults: a train split only) in tmp_path/tfds."""
   root = tmp_path / "imgs"
   root.mkdir()
   for i in range(4):
     Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
     (root / f"{i}.txt").write_text(f"grey {i}")
   name, _ = prepare_image_folder(root, tmp_path / "tfds")
+  return name
+
+
+def test_foreground_weight_needs_a_mask(tmp_path):
+  """`unet.foreground_loss_weight` on a dataset of one's own (no built-in mask) is refused with what to set,
+  after the dataset is found and before any stage; a negative weight is refused by check_config."""
+  name = _grey_folder_dataset(tmp_path)
   cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "unet.foreground_loss_weight": 4.0})
   with pytest.raises(run.ConfigError, match="has no built-in one.*data.mask_key.*foreground_loss_weight=0"):
     run.train_and_evaluate(cfg, str(tmp_path / "w"))
@@ -315,12 +321,7 @@ def test_foreground_weight_needs_a_mask(tmp_path):
 def test_from_scratch_on_a_folder_without_a_test_split(tmp_path):
   """The clip and vae stages evaluate on the test split; a folder prepared with the default test_fraction=0 has
   none: refused before any stage (it failed after training the whole clip stage), saying how to make one."""
-  root = tmp_path / "imgs"
-  root.mkdir()
-  for i in range(4):
-    Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
-    (root / f"{i}.txt").write_text(f"grey {i}")
-  name, _ = prepare_image_folder(root, tmp_path / "tfds")
+  name = _grey_folder_dataset(tmp_path)
   cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "vae.foreground_loss_weight": 0.0})
   with pytest.raises(run.ConfigError, match=r"test_split='test': .* has only train.*clip and vae.*test_fraction"):
     run.train_and_evaluate(cfg, str(tmp_path / "w"))
