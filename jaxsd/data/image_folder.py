@@ -1,40 +1,147 @@
 """Your own images and captions as a TFDS dataset (array_record, no TensorFlow).
 
-The folder holds images (any depth) and their captions, either
+The folder holds images (any depth; symlinked folders are followed) and their
+captions, either
   * `metadata.jsonl` at the top, one `{"file_name": "a/b.png", "text": "..."}` per
-    line (the Hugging Face `imagefolder` convention), or
+    line (the Hugging Face `imagefolder` convention; it may also name hidden
+    files), or
   * a `.txt` file beside each image with the same stem (`b.png` + `b.txt`).
+Images are the files with an extension PIL reads (`IMAGE_EXTENSIONS`, as the
+Hugging Face `imagefolder` accepts); text files are read as UTF-8 (a BOM, or
+UTF-16 with a BOM, is fine).
 
   name, _ = prepare_image_folder("~/my_pets", data_dir)   # name == "my_pets"
   # training config: dataset="my_pets", data_dir=data_dir (the same data_dir)
 
-Images PIL cannot decode are skipped with a warning that names them. The
-prepared dataset is read back from its files, so training needs neither this
-module nor the original folder. Preparing again reuses the data while the folder
-is unchanged, and refuses (unless `overwrite=True`) when it has changed.
+Images PIL cannot decode, broken symlinks and files whose names are not UTF-8
+are skipped with a warning that names them. 16-bit grey images are scaled to 8
+bits (see `_to_rgb`). The prepared dataset is read back from its files, so
+training needs neither this module nor the original folder; `prepared_settings`
+tells the settings (e.g. max_size) it was prepared with. Preparing again reuses
+the data while the folder and the settings are unchanged, and refuses (unless
+`overwrite=True`) when they have changed; an overwrite replaces the old data only
+once the new data is complete.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
+import tempfile
 import types
 
 from etils import epath
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 import tensorflow_datasets as tfds
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+def _image_extensions() -> tuple[str, ...]:
+  """The extensions of the formats PIL can open (not those it can only write, such as .pdf), lower-cased."""
+  Image.init()
+  return tuple(
+      sorted({ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO"}))
+
+
+IMAGE_EXTENSIONS = _image_extensions()
+_COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAX_LISTED = 10
+# Images up to this many pixels decode without PIL's DecompressionBombWarning, up to twice as many at all (PIL's
+# own default is a quarter of it): large scans and panoramas are real data, downscaled to max_size anyway.
+_MAX_PIXELS = 4 * 89_478_485
+_FINGERPRINTED = ("max_size", "test_fraction", "seed")  # the settings that change the prepared data
+_FORMAT = 2  # bump when the prepared data of an unchanged folder would differ (e.g. another conversion)
 log = logging.getLogger(__name__)
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_utf8(name: str) -> bool:
+  try:
+    name.encode("utf-8")
+  except UnicodeEncodeError:  # os.fsdecode turned bytes that are not UTF-8 into lone surrogates
+    return False
+  return True
+
+
+def _list_files(folder: str) -> tuple[list[str], list[str], list[str]]:
+  """(images, .txt files, skipped images) under `folder`, relative, '/'-separated; warns about the skipped."""
+  images, texts, dangling, not_utf8, repeated = [], [], [], [], []
+  visited = {os.path.realpath(folder)}  # symlinked folders are followed once: no loops, no duplicates
+
+  def rel(path):
+    return os.path.relpath(path, folder).replace(os.sep, "/")
+
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs.sort()
+    keep = set()
+    for d in sorted(dirs, key=lambda d: os.path.islink(os.path.join(root, d))):  # real folders before links
+      path = os.path.join(root, d)
+      if d.startswith("."):
+        continue
+      if not _is_utf8(d):
+        not_utf8.append(rel(path) + "/")
+        continue
+      real = os.path.realpath(path)
+      if real in visited:
+        repeated.append(rel(path))
+        continue
+      visited.add(real)
+      keep.add(d)
+    dirs[:] = [d for d in dirs if d in keep]
+    for f in files:
+      is_image = _is_image(f)
+      if f.startswith(".") or not (is_image or f.lower().endswith(".txt")):
+        continue
+      path = os.path.join(root, f)
+      if not _is_utf8(f):
+        not_utf8.append(rel(path))
+      elif not os.path.exists(path):
+        dangling.append(rel(path))
+      else:
+        (images if is_image else texts).append(rel(path))
+  if not_utf8:
+    log.warning(
+        "Skipping %d file(s) or folder(s) in %s whose names are not UTF-8 (e.g. from a zip made on Windows); "
+        "rename them to UTF-8 names to use them: %s", len(not_utf8), folder,
+        _listing([repr(os.fsencode(p)) for p in not_utf8]))
+  if dangling:
+    log.warning("Skipping %d broken symlink(s) in %s (the file they point to does not exist): %s", len(dangling),
+                folder, _listing(dangling))
+  if repeated:
+    log.warning(
+        "Skipping %d linked folder(s) in %s already scanned under another path (a symlink loop or a second "
+        "link to a folder): %s", len(repeated), folder, _listing(repeated))
+  return sorted(images), sorted(texts), dangling
+
+
+def _not_an_image(folder: str, name: str) -> str | None:
+  """Why `name` (from metadata.jsonl) is no image file under `folder`, or None when it is one."""
+  if os.path.isabs(name) or name == ".." or name.startswith("../"):
+    return "outside the folder"
+  path = os.path.join(folder, name)
+  if not os.path.lexists(path):
+    return "no such file"
+  if not os.path.exists(path):
+    return "a broken symlink"
+  if not os.path.isfile(path):
+    return "not a file"
+  if not _is_image(name):
+    return "not an image extension PIL reads"
+  return None
 
 
 def scan_folder(folder: str, caption_column: str = "text") -> list[tuple[str, str]]:
@@ -42,32 +149,46 @@ def scan_folder(folder: str, caption_column: str = "text") -> list[tuple[str, st
   folder = os.path.expanduser(os.fspath(folder))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Image folder {folder!r} does not exist.")
-  images = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    for f in files:
-      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-        images.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
-  images.sort()
-  if not images:
-    raise ValueError(f"No images in {folder!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+  images, texts, skipped = _list_files(folder)
 
   metadata_path = os.path.join(folder, METADATA_FILE)
-  if os.path.exists(metadata_path):
+  use_metadata = os.path.exists(metadata_path)
+  if use_metadata:
     captions = _read_metadata(metadata_path, caption_column)
-    unknown = sorted(set(captions) - set(images))
+    found = set(images)
+    unknown = []
+    for name in captions:
+      if name not in found:
+        why = _not_an_image(folder, name)
+        if why:
+          unknown.append(f"{name} ({why})")
+        else:
+          images.append(name)  # named explicitly: a hidden file, or one in a hidden folder
     if unknown:
-      raise ValueError(f"{metadata_path} names {len(unknown)} file(s) that are not images "
-                       f"in the folder: {_listing(unknown)}")
+      raise ValueError(f"{metadata_path} names {len(unknown)} file(s) that are not images in the folder: "
+                       f"{_listing(sorted(unknown))}")
+    images.sort()
+  if not images:
+    common = ", ".join(_COMMON_EXTENSIONS)
+    texts_found = f" It has {len(texts)} .txt file(s) but no image beside them." if texts else ""
+    raise ValueError(f"No images in {folder!r} (looked for the extensions PIL reads: {common} and "
+                     f"{len(IMAGE_EXTENSIONS) - len(_COMMON_EXTENSIONS)} more).{texts_found}")
+
+  if use_metadata:
     how = f"an entry in {METADATA_FILE}"
   else:
     captions = {}
     for image in images:
       txt = os.path.join(folder, os.path.splitext(image)[0] + ".txt")
       if os.path.exists(txt):
-        with open(txt, encoding="utf-8") as f:
-          captions[image] = f.read().strip()
+        captions[image] = _read_text(txt).strip()
     how = f"a .txt file with the same name beside it (or a {METADATA_FILE})"
+    stems = {os.path.splitext(image)[0] for image in images + skipped}
+    orphans = [t for t in texts if os.path.splitext(t)[0] not in stems]
+    if orphans:
+      log.warning(
+          "%d .txt file(s) in %s have no image with the same name beside them (is the image missing, or "
+          "in a format PIL cannot read?); they are not used: %s", len(orphans), folder, _listing(orphans))
   missing = [image for image in images if image not in captions]
   if missing:
     raise ValueError(f"{len(missing)} of {len(images)} images in {folder!r} have no caption; "
@@ -75,20 +196,62 @@ def scan_folder(folder: str, caption_column: str = "text") -> list[tuple[str, st
   return [(image, captions[image]) for image in images]
 
 
+def _read_text(path: str) -> str:
+  """A text file's contents: UTF-8 (with or without a BOM), or UTF-16/32 with a BOM; else a ValueError."""
+  with open(path, "rb") as f:
+    data = f.read()
+  codec = "utf-8-sig"
+  for bom, bom_codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    if data.startswith(bom):
+      codec = bom_codec
+      break
+  try:
+    return data.decode(codec)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset {e.start}, e.g. "
+                     "Latin-1 or Windows-1252); save it as UTF-8.") from None
+
+
+def _describe(value) -> str:
+  """A JSON value that is not the string expected, for an error message."""
+  if value is None:
+    return "null"
+  if isinstance(value, str):
+    return "an empty string" if not value.strip() else f"a string with an invalid \\u escape: {json.dumps(value)[:100]}"
+  kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value))
+  return f"{kind or type(value).__name__}: {json.dumps(value)[:100]}"
+
+
 def _read_metadata(path: str, caption_column: str) -> dict[str, str]:
-  captions = {}
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno} is not valid JSON ({e}).") from None
-      if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
-        raise ValueError(f"{path}:{lineno} needs 'file_name' and {caption_column!r}; "
-                         f"got {line.strip()[:200]}")
-      captions[os.path.normpath(row["file_name"]).replace(os.sep, "/")] = str(row[caption_column])
+  captions, lines = {}, {}
+  for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno} is not valid JSON ({e}).") from None
+    if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
+      others = [k for k in row if k != "file_name"] if isinstance(row, dict) else []
+      hint = f", e.g. caption_column={others[0]!r}" if others else ""
+      raise ValueError(f"{path}:{lineno} needs 'file_name' and {caption_column!r}; got {line.strip()[:200]} "
+                       f"(when the captions are under another key, pass prepare_image_folder(..., "
+                       f"caption_column=that key){hint}).")
+    file_name, caption = row["file_name"], row[caption_column]
+    if not isinstance(file_name, str) or not file_name.strip() or not _is_utf8(file_name):
+      raise ValueError(f"{path}:{lineno}: 'file_name' must be a string, the image's path relative to the folder "
+                       f"(e.g. \"a/b.png\"); got {_describe(file_name)}")
+    if not isinstance(caption, str) or not _is_utf8(caption):
+      one = " (one caption per row: repeat the row with a copy of the image for each caption)" if isinstance(
+          caption, list) else ""
+      raise ValueError(f"{path}:{lineno}: {caption_column!r} must be a string, the caption; got "
+                       f"{_describe(caption)}{one}")
+    name = os.path.normpath(file_name).replace(os.sep, "/")
+    if name in lines:
+      raise ValueError(f"{path}: {name!r} is on lines {lines[name]} and {lineno}; give each image one row.")
+    lines[name] = lineno
+    captions[name] = caption
   return captions
 
 
@@ -97,35 +260,111 @@ def _listing(items: list[str]) -> str:
   return shown + (f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def _fingerprint(folder: str, examples: list[tuple[str, str]], max_size: int | None) -> str:
-  """Changes when an image (path, size, mtime) or caption changes."""
-  h = hashlib.sha256(f"max_size={max_size}".encode())
+def _fingerprint(folder: str, examples: list[tuple[str, str]], settings: dict) -> str:
+  """Changes when an image (path, size, mtime), a caption or a setting in _FINGERPRINTED changes."""
+  fingerprinted = {k: settings[k] for k in _FINGERPRINTED}
+  h = hashlib.sha256(json.dumps({"format": _FORMAT, **fingerprinted}, sort_keys=True).encode())
   for image, caption in examples:
-    st = os.stat(os.path.join(folder, image))
-    h.update(f"{image}\0{st.st_size}\0{st.st_mtime_ns}\0{caption}\0".encode())
+    path = os.path.join(folder, image)
+    try:
+      st = os.stat(path)
+    except OSError as e:
+      raise ValueError(f"Cannot read {path} ({e.strerror}); did it change while preparing? Try again.") from None
+    h.update(f"{image}\0{st.st_size}\0{st.st_mtime_ns}\0{caption}\0".encode("utf-8", "surrogateescape"))
   return h.hexdigest()[:16]
+
+
+def _what_changed(previous: dict | None, settings: dict) -> str:
+  if not isinstance(previous, dict):
+    return "it was prepared by an older jaxsd, which did not record its settings"
+  changed = [
+      f"{k} was {previous.get(k)!r}, now {settings[k]!r}" for k in _FINGERPRINTED if previous.get(k) != settings[k]
+  ]
+  return "; ".join(changed) if changed else "its images or captions changed"
+
+
+def prepared_settings(name: str, data_dir: str | os.PathLike) -> dict | None:
+  """The settings dataset `name` in `data_dir` was prepared with by prepare_image_folder.
+
+  A dict with "max_size" (None: images kept at their size), "test_fraction", "seed", "caption_column" and
+  "folder" (the image folder's absolute path); None when the dataset is not prepared there, or was prepared
+  otherwise (e.g. by an older jaxsd). E.g. training can warn when its image size exceeds max_size.
+  """
+  root = os.path.join(os.fspath(data_dir), name)
+  versions = []
+  if os.path.isdir(root):
+    for v in os.listdir(root):
+      if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.exists(os.path.join(root, v, "dataset_info.json")):
+        versions.append(tuple(int(x) for x in v.split(".")))
+  if not versions:
+    return None
+  path = os.path.join(root, ".".join(map(str, max(versions))), "metadata.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      settings = json.load(f).get("settings")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return dict(settings) if isinstance(settings, dict) else None
 
 
 class _Unreadable(Exception):
   """An image file that PIL cannot decode."""
 
 
+@contextlib.contextmanager
+def _pixel_limit():
+  """Raises PIL's decompression-bomb limit to _MAX_PIXELS meanwhile (unless it is higher or off already)."""
+  previous = Image.MAX_IMAGE_PIXELS
+  if previous is not None:
+    Image.MAX_IMAGE_PIXELS = None if _MAX_PIXELS is None else max(previous, _MAX_PIXELS)
+  try:
+    yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = previous
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """The image as RGB. PIL's convert clips 16/32-bit grey at 255 (a 16-bit scan comes out nearly white), so:
+  mode I;16* (16-bit) is divided by 257; mode I (32-bit integers) too when its maximum exceeds 255, as 16-bit
+  data (values above 65535 clip), else kept; mode F (floats) is taken as 0..1 and multiplied by 255 when its
+  maximum is at most 1, else clipped to 0..255 as before. Then rounded to 8-bit grey."""
+  if image.mode == "RGB":
+    return image
+  if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max() > 255):
+      values = values / 257
+    elif image.mode == "F" and values.max() <= 1:
+      values = values * 255
+    image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))  # mode L
+  return image.convert("RGB")
+
+
 def _encode(path: str, max_size: int | None) -> bytes:
   """The file's bytes when already an RGB PNG/JPEG that fits, else re-encoded RGB."""
-  with open(path, "rb") as f:
-    data = f.read()
   try:
-    image = Image.open(io.BytesIO(data))
-    image.load()  # decodes it all: catches truncated files now, not during training
-    fmt = image.format
-    fits = max_size is None or min(image.size) <= max_size
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise _Unreadable(f"{path}: {e.strerror or e}") from None
+  try:
+    with _pixel_limit():
+      image = Image.open(io.BytesIO(data))
+      fmt = image.format
+      fits = max_size is None or min(image.size) <= max_size
+      if not fits and fmt == "JPEG":  # decodes at 1/2, 1/4 or 1/8 of the size where that still exceeds max_size
+        scale = max_size / min(image.size)
+        image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+      image.load()  # decodes it all: catches truncated files now, not during training
     oriented = image.getexif().get(0x0112, 1) == 1  # EXIF orientation: none
     if fmt in ("PNG", "JPEG") and image.mode == "RGB" and fits and oriented:
       return data  # untouched
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = _to_rgb(image if oriented else ImageOps.exif_transpose(image))
+  except Image.DecompressionBombError as e:
+    raise _Unreadable(f"{path}: too large to decode ({e})") from None
   except (UnidentifiedImageError, OSError, ValueError) as e:
     raise _Unreadable(f"{path}: {e}") from None
-  if not fits:
+  if min(image.size) > (max_size or math.inf):
     scale = max_size / min(image.size)
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
   buffer = io.BytesIO()
@@ -143,13 +382,14 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = epath.Path(__file__)  # TFDS would look it up via importlib_resources
 
   def __init__(self, *, folder: str, examples: list[tuple[str, str]], test_fraction: float, seed: int,
-               max_size: int | None, fingerprint: str, **kwargs):
+               max_size: int | None, fingerprint: str, settings: dict | None = None, **kwargs):
     self._folder = folder
     self._examples = examples
     self._test_fraction = test_fraction
     self._seed = seed
     self._max_size = max_size
     self._fingerprint = fingerprint
+    self._settings = settings
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -162,7 +402,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "file_name": tfds.features.Text(),
         }),
         supervised_keys=("image", "caption"),
-        metadata=tfds.core.MetadataDict(fingerprint=self._fingerprint),
+        metadata=tfds.core.MetadataDict(fingerprint=self._fingerprint, settings=self._settings),
     )
 
   def _split_generators(self, dl_manager):
@@ -210,7 +450,8 @@ def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike,
       at preparation (e.g. 512 for SD fine-tuning), so training decodes less.
     seed: fixes which images go to the test split.
     overwrite: re-prepare even when a dataset of that name was prepared from a
-      different version of the folder.
+      different version of the folder or with other settings (test_fraction,
+      seed, max_size); the old data stays until the new data is complete.
 
   Returns:
     (name, builder): the training config refers to the data as `dataset=name`
@@ -234,23 +475,45 @@ def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike,
   examples = scan_folder(folder, caption_column)
   if test_fraction > 0 and len(examples) < 2:
     raise ValueError(f"A test split needs at least 2 images; {folder!r} has {len(examples)}.")
-  fingerprint = _fingerprint(folder, examples, max_size)
+  settings = {
+      "max_size": max_size,
+      "test_fraction": float(test_fraction),
+      "seed": int(seed),
+      "caption_column": caption_column,
+      "folder": folder
+  }  # see prepared_settings
+  fingerprint = _fingerprint(folder, examples, settings)
   cls = types.new_class(  # one builder class per dataset name, not registered
       f"ImageFolder_{name}", (ImageFolder,), {"skip_registration": True}, lambda ns: ns.update(name=name))
 
-  def make_builder():
+  def make_builder(where=data_dir):
     return cls(folder=folder, examples=examples, test_fraction=test_fraction, seed=seed, max_size=max_size,
-               fingerprint=fingerprint, data_dir=data_dir, file_format="array_record")
+               fingerprint=fingerprint, settings=settings, data_dir=where, file_format="array_record")
 
+  download_config = tfds.download.DownloadConfig(try_download_gcs=False)
   builder = make_builder()
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):  # prepared
-    previous = (builder.info.metadata or {}).get("fingerprint")
-    if previous != fingerprint:
+    metadata = builder.info.metadata or {}
+    if metadata.get("fingerprint") != fingerprint:
       if not overwrite:
         raise ValueError(f"Dataset {name!r} in {data_dir!r} was prepared from a different version of "
-                         f"{folder!r} (or with another max_size); pass overwrite=True to re-prepare "
-                         "it, or choose another name=.")
-      shutil.rmtree(builder.data_dir)  # a fresh builder must not read the old info
+                         f"{folder!r} or with other settings ({_what_changed(metadata.get('settings'), settings)}); "
+                         "pass overwrite=True to re-prepare it, or choose another name=.")
+      # Prepared beside the old data (a fresh builder must not read the old info), which it replaces on success only.
+      target = builder.data_dir
+      staging = tempfile.mkdtemp(prefix=f".{name}-preparing-", dir=data_dir)
+      try:
+        fresh = make_builder(staging)
+        fresh.download_and_prepare(download_config=download_config)
+        old = os.path.join(staging, "replaced")
+        os.rename(target, old)
+        try:
+          os.rename(fresh.data_dir, target)
+        except OSError:
+          os.rename(old, target)
+          raise
+      finally:
+        shutil.rmtree(staging, ignore_errors=True)
       builder = make_builder()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=download_config)
   return name, builder

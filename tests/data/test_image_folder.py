@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
-from PIL import Image
+from PIL import features, Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -146,3 +147,215 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path, caplog):
   assert list(_read_all(name, tmp_path / "tfds", "train")) == ["ok.png"]
   logged = caplog.text
   assert "cut.png" in logged and "fake.jpg" in logged and "Skipped 2 unreadable" in logged
+
+
+def _captioned(root, names):
+  for i, name in enumerate(names):
+    _save(root / name, value=i)
+    (root / name).with_suffix(".txt").write_text(f"caption {name}")
+
+
+def test_changed_settings_are_refused_and_named(tmp_path):
+  root, data_dir = tmp_path / "imgs", tmp_path / "tfds"
+  _captioned(root, ["a.png", "b.png", "c.png", "d.png"])
+  image_folder.prepare_image_folder(root, data_dir)
+  for kwargs, changed in (({
+      "test_fraction": 0.5
+  }, "test_fraction was 0.0, now 0.5"), ({
+      "seed": 1
+  }, "seed was 0, now 1"), ({
+      "max_size": 8
+  }, "max_size was None, now 8")):
+    with pytest.raises(ValueError, match=f"different version.*{changed}.*overwrite=True"):
+      image_folder.prepare_image_folder(root, data_dir, **kwargs)
+  _, builder = image_folder.prepare_image_folder(root, data_dir, test_fraction=0.5, overwrite=True)
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 2, "test": 2}
+  image_folder.prepare_image_folder(root, data_dir, test_fraction=0.5)  # unchanged now: reused
+  assert not [p.name for p in data_dir.iterdir() if "preparing" in p.name]  # nothing left of the staging
+
+
+def test_prepared_settings(tmp_path):
+  root, data_dir = tmp_path / "imgs", tmp_path / "tfds"
+  _captioned(root, ["a.png", "b.png"])
+  assert image_folder.prepared_settings("imgs", data_dir) is None
+  image_folder.prepare_image_folder(root, data_dir, max_size=20, test_fraction=0.5, seed=3)
+  assert image_folder.prepared_settings("imgs", data_dir) == {
+      "max_size": 20,
+      "test_fraction": 0.5,
+      "seed": 3,
+      "caption_column": "text",
+      "folder": str(root)
+  }
+
+
+def test_all_extensions_pil_reads_and_orphan_captions(tmp_path, caplog):
+  assert isinstance(image_folder.IMAGE_EXTENSIONS, tuple)
+  assert {".png", ".jpg", ".jfif", ".jpe", ".tga", ".ppm"} <= set(image_folder.IMAGE_EXTENSIONS)
+  assert ".pdf" not in image_folder.IMAGE_EXTENSIONS  # PIL only writes it
+  formats = {"jfif": "JPEG", "jpe": "JPEG", "tga": "TGA", "ppm": "PPM", "PNG": "PNG"}
+  if features.check("avif"):
+    formats["avif"] = "AVIF"
+  root = tmp_path / "imgs"
+  root.mkdir()
+  for ext, fmt in formats.items():
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / f"img_{ext}.{ext}", format=fmt)
+    (root / f"img_{ext}.txt").write_text(ext)
+  (root / "photo.heic_unknown").write_bytes(b"x")
+  (root / "photo.txt").write_text("its image is in a format PIL does not read")
+  examples = image_folder.scan_folder(root)
+  assert examples == sorted((f"img_{ext}.{ext}", ext) for ext in formats)
+  assert "1 .txt file(s)" in caplog.text and "photo.txt" in caplog.text
+
+
+def test_symlinked_folders_loops_and_broken_links(tmp_path, caplog):
+  elsewhere, root = tmp_path / "elsewhere", tmp_path / "imgs"
+  _captioned(elsewhere, ["s1.png", "s2.png"])
+  _captioned(root, ["a.png"])
+  (root / "linked_dir").symlink_to(elsewhere)
+  (root / "loop").symlink_to(root)
+  (root / "dangling.png").symlink_to(tmp_path / "nonexistent.png")
+  (root / "dangling.txt").write_text("its image is a broken link")
+  _, builder = image_folder.prepare_image_folder(root, tmp_path / "tfds")
+  assert builder.info.splits["train"].num_examples == 3
+  assert sorted(_read_all("imgs", tmp_path / "tfds", "train")) == ["a.png", "linked_dir/s1.png", "linked_dir/s2.png"]
+  assert "broken symlink(s)" in caplog.text and "dangling.png" in caplog.text
+  assert "already scanned" in caplog.text and "loop" in caplog.text
+  assert "dangling.txt" not in caplog.text  # not an orphan: its image was skipped with a warning
+
+
+def test_metadata_may_name_hidden_and_linked_files(tmp_path):
+  root, target = tmp_path / "imgs", tmp_path / "target"
+  for name in ("a.png", ".cache/b.png", ".c.png"):
+    _save(root / name)
+  _save(target / "d.png")
+  (root / "linked").symlink_to(target)
+  rows = [("a.png", "a"), (".cache/b.png", "b"), (".c.png", "c"), ("linked/d.png", "d")]
+  (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "text": t}) + "\n" for f, t in rows))
+  assert image_folder.scan_folder(root) == sorted(rows)
+
+
+def test_caption_encodings(tmp_path):
+  root = tmp_path / "imgs"
+  _save(root / "a.png")
+  _save(root / "b.png")
+  (root / "a.txt").write_bytes("\ufeffa dog\n".encode("utf-8"))  # BOM, as Windows Notepad writes
+  (root / "b.txt").write_bytes("a caf\xe9".encode("utf-16"))  # with its BOM
+  assert image_folder.scan_folder(root) == [("a.png", "a dog"), ("b.png", "a caf\xe9")]
+  for encoding in ("latin-1", "cp1252"):
+    (root / "b.txt").write_bytes("\u201ca caf\xe9\u201d".encode(encoding, errors="replace"))
+    with pytest.raises(ValueError, match=r"b\.txt is not UTF-8 text.*save it as UTF-8"):
+      image_folder.scan_folder(root)
+  rows = json.dumps({
+      "file_name": "a.png",
+      "text": "a caf\xe9"
+  }) + "\n" + json.dumps({
+      "file_name": "b.png",
+      "text": "b"
+  })
+  (root / "metadata.jsonl").write_bytes(("\ufeff" + rows).encode("utf-8"))
+  assert image_folder.scan_folder(root) == [("a.png", "a caf\xe9"), ("b.png", "b")]
+  (root / "metadata.jsonl").write_bytes(rows.replace("\\u00e9", "\xe9").encode("latin-1"))
+  with pytest.raises(ValueError, match=r"metadata\.jsonl is not UTF-8 text.*save it as UTF-8"):
+    image_folder.scan_folder(root)
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([{
+        "file_name": "a.png",
+        "text": None
+    }], r"metadata\.jsonl:1: 'text' must be a string.*got null"),
+    ([{
+        "file_name": "a.png",
+        "text": ["a", "b"]
+    }], r"metadata\.jsonl:1: 'text' must be a string.*got a list"),
+    ([{
+        "file_name": "a.png",
+        "text": 7
+    }], r"metadata\.jsonl:1: 'text' must be a string.*got a number: 7"),
+    ([{
+        "file_name": "a.png",
+        "text": "a"
+    }, {
+        "file_name": 1,
+        "text": "x"
+    }], r"metadata\.jsonl:2: 'file_name' must be a string.*got a number: 1"),
+    ([{
+        "file_name": "a.png",
+        "text": "a"
+    }, {
+        "file_name": "./a.png",
+        "text": "b"
+    }], r"metadata\.jsonl: 'a\.png' is on lines 1 and 2"),
+    ([{
+        "file_name": "a.png",
+        "caption": "a"
+    }], r"metadata\.jsonl:1 needs 'file_name' and 'text'.*caption_column="),
+])
+def test_metadata_values_of_the_wrong_type(tmp_path, rows, error):
+  _save(tmp_path / "a.png")
+  (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(ValueError, match=error):
+    image_folder.scan_folder(tmp_path)
+
+
+def test_file_names_that_are_not_utf8_are_skipped(tmp_path, caplog):
+  root = tmp_path / "imgs"
+  _captioned(root, ["ok.png"])
+  latin1 = os.fsencode(root) + b"/caf\xe9"  # as unpacked from a zip made on Windows
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(latin1 + b".png")
+  with open(latin1 + b".txt", "w") as f:
+    f.write("a latin-1 name")
+  name, _ = image_folder.prepare_image_folder(root, tmp_path / "tfds")
+  assert list(_read_all(name, tmp_path / "tfds", "train")) == ["ok.png"]
+  assert r"b'caf\xe9.png'" in caplog.text and "rename them to UTF-8" in caplog.text
+
+
+def test_large_images_are_decoded_or_skipped_by_name(tmp_path, monkeypatch, caplog):
+  root, data_dir = tmp_path / "imgs", tmp_path / "tfds"
+  _captioned(root, ["wide.png", "photo.jpg", "tiny.png"])
+  _save(root / "photo.jpg", size=(400, 200))  # decoded reduced (JPEG draft), then resized
+  _save(root / "tiny.png", size=(8, 8))
+  with monkeypatch.context() as m:
+    m.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # wide.png stands in for a 200 MP panorama: PIL refuses > 200 pixels
+    name, _ = image_folder.prepare_image_folder(root, data_dir, max_size=12)
+    assert Image.MAX_IMAGE_PIXELS == 100  # restored
+    m.setattr(image_folder, "_MAX_PIXELS", 100)  # too large even so: skipped, named
+    small, _ = image_folder.prepare_image_folder(root, data_dir, name="small", max_size=12)
+  shapes = {k: v["image"].shape for k, v in _read_all(name, data_dir, "train").items()}
+  assert shapes == {"wide.png": (12, 18, 3), "photo.jpg": (12, 24, 3), "tiny.png": (8, 8, 3)}
+  assert list(_read_all(small, data_dir, "train")) == ["tiny.png"]
+  assert "wide.png: too large to decode" in caplog.text and "photo.jpg: too large" in caplog.text
+
+
+def test_failed_overwrite_keeps_the_old_data(tmp_path):
+  root, data_dir = tmp_path / "imgs", tmp_path / "tfds"
+  _captioned(root, ["a.png"])
+  image_folder.prepare_image_folder(root, data_dir)
+  (root / "a.png").write_bytes(b"no longer an image")
+  with pytest.raises(ValueError, match="None of the 1 images"):
+    image_folder.prepare_image_folder(root, data_dir, overwrite=True)
+  assert _read_all("imgs", data_dir, "train")["a.png"]["caption"] == b"caption a.png"
+  assert not [p.name for p in data_dir.iterdir() if "preparing" in p.name]
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+  ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+  root = tmp_path / "imgs"
+  root.mkdir()
+  Image.fromarray(ramp).save(root / "ramp.png")
+  assert Image.open(root / "ramp.png").mode.startswith("I")
+  (root / "ramp.txt").write_text("a ramp")
+  name, _ = image_folder.prepare_image_folder(root, tmp_path / "tfds")
+  image = _read_all(name, tmp_path / "tfds", "train")["ramp.png"]["image"]
+  np.testing.assert_array_equal(image[..., 0], np.round(ramp / 257).astype(np.uint8))
+
+  # 32-bit integers above 255: taken as 16-bit; at most 255: kept. Floats at most 1: taken as 0..1.
+  def as_rgb(array, mode):
+    image = Image.fromarray(array)
+    assert image.mode == mode
+    return np.asarray(image_folder._to_rgb(image))[..., 0]
+
+  np.testing.assert_array_equal(as_rgb(np.array([[0, 257, 65535]], np.int32), "I"), [[0, 1, 255]])
+  np.testing.assert_array_equal(as_rgb(np.array([[0, 7, 255]], np.int32), "I"), [[0, 7, 255]])
+  np.testing.assert_array_equal(as_rgb(np.array([[0.0, 0.5, 1.0]], np.float32), "F"), [[0, 128, 255]])
+  np.testing.assert_array_equal(as_rgb(np.array([[-3.0, 7.0, 300.0]], np.float32), "F"), [[0, 7, 255]])
