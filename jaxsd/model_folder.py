@@ -282,12 +282,39 @@ def write_model_index(path: str) -> None:
   write_json_object(os.path.join(path, "model_index.json"), MODEL_INDEX, indent=2, sort_keys=True)
 
 
+def _listing(folder: str) -> list[tuple[str, int, int]]:
+  """(relative path, size, mtime in ns) of every file under `folder`: what a copy with copy2 keeps."""
+  out = []
+  for root, _, files in os.walk(folder):
+    for f in files:
+      st = os.stat(os.path.join(root, f))
+      out.append((os.path.relpath(os.path.join(root, f), folder), st.st_size, st.st_mtime_ns))
+  return sorted(out)
+
+
 def copy_components(src: str, dst: str, names: tuple[str, ...]) -> None:
-  """Copies the named component folders of `src` that `dst` lacks, and writes dst's model_index.json."""
+  """Copies the named component folders of `src` into `dst` where dst has no copy of the same files (names, sizes,
+  modification times: a copy cut short, or one of an init folder repaired or replaced since, is made again), each
+  whole or not at all (into a temporary folder, then renamed); a network training exported there (its
+  STEP_FILE) is left as it is. Writes dst's model_index.json."""
   os.makedirs(dst, exist_ok=True)
   for name in names:
-    if os.path.isdir(os.path.join(src, name)) and not os.path.isdir(os.path.join(dst, name)):
-      shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
+    source, target = os.path.join(src, name), os.path.join(dst, name)
+    if not os.path.isdir(source) or os.path.exists(os.path.join(target, STEP_FILE)):
+      continue  # (a network the run trained and exported, e.g. the text encoder with train_text_encoder)
+    if os.path.isdir(target) and _listing(source) == _listing(target):
+      continue
+    if os.path.exists(target):
+      log.warning("%s differs from %s: copying it again.", target, source)
+    tmp = target + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    old = target + ".old"
+    if os.path.exists(target):
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
   write_model_index(dst)
 
 

@@ -103,3 +103,22 @@ def test_pickled_pipeline_folder_with_allow_pickle(tmp_path, capsys):
   assert len(err) == 1 and "--allow-pickle" in err[0]
   assert sample_main.main(argv + ["--allow-pickle"]) == 0
   assert sorted(os.listdir(tmp_path / "out")) == ["a_cat-seed0-0000.png", "grid.png"]
+
+
+def test_copy_components_makes_a_cut_or_outdated_copy_again(tmp_path):
+  """The init's frozen parts copied into a workdir: a copy cut short, or one of an init repaired since, is made
+  again (it was kept for good); an exported network (its step file) is left as training wrote it."""
+  src, dst = tmp_path / "init", tmp_path / "work" / "model"
+  for name in ("vae", "text_encoder"):
+    (src / name).mkdir(parents=True)
+    (src / name / "config.json").write_text("{}")
+    (src / name / "weights.safetensors").write_bytes(b"0123456789")
+  model_folder.copy_components(str(src), str(dst), ("vae", "text_encoder"))
+  assert (dst / "vae" / "weights.safetensors").read_bytes() == b"0123456789"
+  (dst / "vae" / "weights.safetensors").write_bytes(b"01234")  # cut short
+  (src / "text_encoder" / "weights.safetensors").write_bytes(b"repaired!!!")  # the init repaired
+  model_folder.write_step(str(dst / "text_encoder"), 7)  # ... but trained and exported here
+  model_folder.copy_components(str(src), str(dst), ("vae", "text_encoder"))
+  assert (dst / "vae" / "weights.safetensors").read_bytes() == b"0123456789"
+  assert (dst / "text_encoder" / "weights.safetensors").read_bytes() == b"0123456789"
+  assert sorted(os.listdir(dst)) == ["model_index.json", "text_encoder", "vae"]  # no .tmp / .old left

@@ -40,9 +40,9 @@ def list_images(folder: str) -> list[str]:
 
 def _readable(paths: list[str], what: str) -> None:
   for p in paths:
-    try:
+    try:  # decoded whole: verify() reads no JPEG data, so a truncated JPEG passed and failed in training
       with Image.open(p) as image:
-        image.verify()
+        image.load()
     except Exception as e:  # noqa: BLE001  (any decoder failure is the same error for the user)
       raise ValueError(f"{what} image {p} cannot be read ({type(e).__name__}: {e}); remove or replace it.") from None
 
@@ -54,12 +54,12 @@ def check_settings(c) -> None:
   if not folder:
     raise ValueError("instance_data_dir is not set: give the folder of your subject's images.")
   if not os.path.isdir(folder):
-    raise ValueError(f"instance_data_dir={c.instance_data_dir!r} does not exist: give the folder of your subject's "
-                     "images.")
+    what = "is a file" if os.path.isfile(folder) else "does not exist"
+    raise ValueError(f"instance_data_dir={c.instance_data_dir!r} {what}: give the folder of your subject's images.")
   images = list_images(folder)
   if not images:
-    raise ValueError(f"instance_data_dir={c.instance_data_dir!r} holds no images (looked for "
-                     f"{', '.join(IMAGE_EXTENSIONS)} directly in it).")
+    raise ValueError(f"instance_data_dir={c.instance_data_dir!r} holds no images (looked directly in it for the "
+                     f"{len(IMAGE_EXTENSIONS)} extensions PIL reads: .png, .jpg, .jpeg, .webp, ...).")
   _readable(images, "instance")
   if not str(c.instance_prompt).strip():
     raise ValueError("instance_prompt is empty: give the prompt with the subject's identifier, e.g. "

@@ -73,6 +73,9 @@ def drop_captions(rng: jax.Array, captions: jax.Array, empty: jax.Array, rate: f
   return jnp.where(drop.reshape(drop.shape + (1,) * (captions.ndim - 2)), empty, captions)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the U-Net learns to predict (diffusers' training scripts)
+
+
 def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
   """Min-SNR-gamma loss weights (Hang et al. 2023), for the epsilon or v objective."""
   snr = schedules.snr(alphas_cumprod, t)

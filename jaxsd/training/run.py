@@ -35,7 +35,7 @@ from jaxsd import pretrained
 from jaxsd import token_embeddings
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
-from jaxsd.data import builtin, input_pipeline
+from jaxsd.data import builtin, image_folder, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion, load_vae
@@ -94,6 +94,12 @@ def ensure_dataset(cfg) -> None:
         f"{', '.join(prepared) or 'none'}). Prepare it first — for a folder of your own images with captions: "
         "python -c \"import jaxsd.data as d; print(d.prepare_image_folder('FOLDER', 'DATA_DIR'))\" — "
         "and set --config.data.name and --config.data.data_dir; or use the built-in shapes/32x32.")
+  settings = image_folder.prepared_settings(base, data_dir(cfg))
+  if settings and settings.get("max_size") and settings["max_size"] < cfg.data.image_size:
+    log.warning(
+        "dataset %r was prepared with max_size=%d, smaller than config.data.image_size=%d: its images are "
+        "upscaled for training. Prepare it again with a larger max_size (or none) from %s, or train smaller.",
+        cfg.data.name, settings["max_size"], cfg.data.image_size, settings.get("folder", "its folder"))
   check_mask(cfg)
 
 
@@ -109,16 +115,26 @@ def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), bat
   max_length = text_length(cfg)
   d = cfg.data
   try:
-    return input_pipeline.make_dataset(
-        cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size, image_size=d.image_size,
-        data_dir=data_dir(cfg), split=d.train_split if train else d.test_split, train=train,
-        seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key, caption_key=d.caption_key,
-        mask_key=mask, label_keys=tuple(labels), return_captions=captions, random_flip=d.random_flip and train,
-        random_crop=d.random_crop and train, tokenizer_2=tokenizer_2, size_conditioning=tokenizer_2 is not None,
-        num_threads=d.num_threads, drop_remainder=True, max_length=max_length,
-        **({} if train else dict(process_index=0, process_count=1)))
+    return input_pipeline.make_dataset(cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size,
+                                       image_size=d.image_size, data_dir=data_dir(cfg),
+                                       split=d.train_split if train else d.test_split, train=train,
+                                       seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key,
+                                       caption_key=d.caption_key, mask_key=mask, label_keys=tuple(labels),
+                                       return_captions=captions, random_flip=d.random_flip and train,
+                                       flip_swaps_left_right=flip_swaps_left_right(cfg), random_crop=d.random_crop and
+                                       train, tokenizer_2=tokenizer_2, size_conditioning=tokenizer_2 is not None,
+                                       num_threads=d.num_threads, drop_remainder=True, max_length=max_length,
+                                       **({} if train else dict(process_index=0, process_count=1)))
   except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
     raise ConfigError(f"config.data: {e.args[0]}") from None
+
+
+def flip_swaps_left_right(cfg) -> bool:
+  """Whether a flipped example's caption has "left" and "right" swapped: config.data.flip_swaps_left_right, by
+  default only for the built-in datasets, whose captions are made from the picture (shapes' "on the left");
+  a caption of one's own is kept as written, as diffusers' --random_flip keeps it."""
+  swap = cfg.data.get("flip_swaps_left_right")
+  return builtin.lookup(cfg.data.name) is not None if swap is None else bool(swap)
 
 
 def _global(local: np.ndarray) -> np.ndarray:
@@ -563,10 +579,12 @@ def _benchmark(cfg, stage, mesh, it) -> dict:
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured stages in order (skipping finished ones), then the prompt-match report."""
-  workdir = os.path.abspath(workdir)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if cfg.init:
+    cfg.init = os.path.expanduser(cfg.init)  # as data_dir and the DreamBooth folders
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
-  check_workdir(workdir)
+  check_workdir(workdir, cfg.init)
   names = stage_names(cfg)
   if cfg.benchmark_steps:  # times the U-Net step alone: the other stages are neither run nor needed
     names = ["lora"] if is_lora(cfg) and cfg.init else ["unet"]

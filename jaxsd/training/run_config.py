@@ -12,7 +12,8 @@ import jax
 
 from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import samplers, schedules
-from jaxsd.model_folder import check_model_folder, is_sdxl_folder
+from jaxsd.model_folder import (check_model_folder, find_weight_files, is_sdxl_folder, is_workdir, model_dir,
+                                read_state_dict, scheduler_config_file)
 from jaxsd.training import controlnet_training, dreambooth, losses, lora_training, sharding, stages
 from jaxsd.training.optimizer import make_optimizer
 
@@ -93,15 +94,34 @@ def _check_foreground_weight(cfg) -> None:
                       "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
 
 
-def check_workdir(workdir: str) -> None:
-  """A ConfigError when `workdir` cannot be a run's folder: a file, or under one (creates nothing)."""
+def check_workdir(workdir: str, init: str | None = None) -> None:
+  """A ConfigError when `workdir` cannot be a run's folder (creates nothing): a file, or under one; a model folder
+  (a run writes its config.json, model/ and checkpoints there); the init folder or a folder inside it."""
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"workdir {workdir} is a file, not a folder: give a folder for the run.")
+  if init and os.path.commonpath([path, os.path.abspath(init)]) == os.path.abspath(init):
+    raise ConfigError(f"workdir {workdir} is inside config.init={init!r}: the run would write into the model it "
+                      "starts from; give a folder of its own.")
+  if os.path.isdir(path):
+    held = [f for f in ("model_index.json", "config.json") if os.path.isfile(os.path.join(path, f))]
+    if "model_index.json" in held or ("config.json" in held and _is_model_config(os.path.join(path, "config.json"))):
+      raise ConfigError(f"workdir {workdir} is a model folder (it holds {held[0]}): a run writes its own config.json, "
+                        "model/ and checkpoints there; give a new folder, or a training run's.")
   while not os.path.exists(path):
     path = os.path.dirname(path)
   if not os.path.isdir(path):
     raise ConfigError(f"workdir {workdir}: {path} is a file, so the folder cannot be made there.")
+
+
+def _is_model_config(path: str) -> bool:
+  """Whether a config.json is a diffusers / transformers network's (a run's own holds the training config)."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(d, dict) and any(k in d for k in ("_class_name", "_diffusers_version", "architectures"))
 
 
 def _whole(v) -> bool:
@@ -206,14 +226,7 @@ def check_config(cfg, n_devices: int) -> None:
     except ValueError as e:
       raise ConfigError(f"config.{section(name)}.optimizer: {e}") from None
   if cfg.init:
-    if not os.path.isdir(cfg.init):
-      raise ConfigError(f"config.init={cfg.init!r} does not exist: give a diffusers Stable Diffusion folder.")
-    if is_sdxl(cfg):
-      _check_sdxl(cfg)
-    try:
-      check_model_folder(cfg.init)
-    except FileNotFoundError as e:
-      raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
+    _check_init(cfg)
     vae_blocks, unet_blocks = (
         len(read_json(cfg.init, name, "config.json").get("block_out_channels", [0])) for name in ("vae", "unet"))
   else:
@@ -254,6 +267,10 @@ def check_config(cfg, n_devices: int) -> None:
       raise ConfigError("config.benchmark_steps times the U-Net or LoRA step; it is not implemented for "
                         "config.controlnet: set it to 0.")
     _check_section(cfg, "controlnet", controlnet_training.check_settings)
+    if cfg.controlnet.conditioning == "shape_mask" and builtin.lookup(cfg.data.name) is None:
+      raise ConfigError(f"config.controlnet.conditioning='shape_mask' is made from the shapes dataset's pictures (a "
+                        f"saturation threshold that outlines its shapes); on {cfg.data.name!r} it would teach a "
+                        "meaningless condition: train on shapes/32x32 or shapes/64x64.")
   if ("unet" in names or "lora" in names) and cfg.unet.get("cache_latents"):
     if cfg.data.random_flip or cfg.data.random_crop:
       raise ConfigError("config.unet.cache_latents stores one encoding per image, so images cannot be flipped or "
@@ -289,6 +306,44 @@ def check_config(cfg, n_devices: int) -> None:
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
+
+
+def _check_init(cfg) -> None:
+  """The init folder: a diffusers SD folder whose weights can be read, of a text-to-image U-Net with a
+  prediction type training knows."""
+  init = cfg.init
+  if os.path.isfile(init):
+    raise ConfigError(f"config.init={init!r} is a file: give a diffusers Stable Diffusion folder (a single-file "
+                      "checkpoint converts with jaxsd.StableDiffusion.from_single_file(file).save_pretrained(folder), "
+                      "or diffusers' from_single_file + save_pretrained).")
+  if not os.path.isdir(init):
+    raise ConfigError(f"config.init={init!r} does not exist: give a diffusers Stable Diffusion folder.")
+  if is_workdir(init):
+    raise ConfigError(f"config.init={init!r} is a jaxsd training workdir: give the model it exported, "
+                      f"{model_dir(init)}.")
+  if is_sdxl(cfg):
+    _check_sdxl(cfg)
+  try:
+    check_model_folder(init)
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
+  networks = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if is_sdxl(cfg) else ())
+  for name in networks:  # safetensors: the headers only (a truncated download, a Git LFS pointer)
+    try:
+      _, fmt = find_weight_files(os.path.join(init, name))
+      if fmt != "msgpack":
+        read_state_dict(os.path.join(init, name))
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(f"config.init: {e}") from None
+  unet, vae = read_json(init, "unet", "config.json"), read_json(init, "vae", "config.json")
+  if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
+    raise ConfigError(f"config.init={init!r}: its U-Net takes {unet.get('in_channels', 4)} input channels and its "
+                      f"VAE's latents have {vae.get('latent_channels', 4)} (an inpainting model): training here fits "
+                      "text-to-image U-Nets, whose input is the latents alone; start from a text-to-image model.")
+  prediction = read_json(scheduler_config_file(init)).get("prediction_type", "epsilon")
+  if prediction not in losses.PREDICTION_TYPES:
+    raise ConfigError(f"config.init={init!r}: its scheduler's prediction_type={prediction!r}; training learns "
+                      f"{' or '.join(map(repr, losses.PREDICTION_TYPES))} (as diffusers' training scripts).")
 
 
 def _check_sdxl(cfg) -> None:

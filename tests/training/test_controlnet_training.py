@@ -111,6 +111,7 @@ def test_the_run_trains_a_controlnet_that_diffusers_loads(init, tmp_path):
     (dict(unet__cache_latents=True), "cache_latents=False"),
     (dict(controlnet__conditioning="canny"), "conditioning='canny'"),
     (dict(benchmark_steps=2), "benchmark_steps"),
+    (dict(data__name="my_photos"), "shape_mask.*on 'my_photos' it would teach a meaningless condition"),
 ])
 def test_bad_settings_are_refused_first(init, tmp_path, updates, match):
   cfg = _cfg(init, str(tmp_path / "tfds"))

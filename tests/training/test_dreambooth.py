@@ -7,6 +7,7 @@ compiled step covers both, and the file's text_encoder.* keys are checked to loa
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -289,6 +290,12 @@ def test_an_empty_or_unreadable_instance_folder_is_refused(init, instance_dir, t
     run.check_config(_cfg(init, str(empty)), 8)
   (empty / "broken.png").write_bytes(b"not a png")
   with pytest.raises(run.ConfigError, match="instance image .*broken.png cannot be read"):
+    run.check_config(_cfg(init, str(empty)), 8)
+  (empty / "broken.png").unlink()  # a JPEG cut short (an interrupted copy): verify() passed it, training failed
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+  (empty / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  with pytest.raises(run.ConfigError, match="instance image .*cut.jpg cannot be read"):
     run.check_config(_cfg(init, str(empty)), 8)
 
 

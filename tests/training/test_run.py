@@ -272,20 +272,102 @@ def test_bad_config_is_refused_before_any_work(data_dir, tmp_path, updates, mess
   assert not os.path.exists(tmp_path / "w" / "clip")
 
 
+def _broken_copy(init, tmp_path, name, change) -> str:
+  folder = str(tmp_path / name)
+  shutil.copytree(init, folder)
+  change(folder)
+  return folder
+
+
+def _write_json(path, **updates):
+  with open(path) as f:
+    d = json.load(f)
+  d.update(updates)
+  with open(path, "w") as f:
+    json.dump(d, f)
+
+
+def test_init_folders_that_cannot_be_fine_tuned(data_dir, init_folder, tmp_path):
+  """Refused before anything is written, naming the init's own file: a truncated or Git LFS pointer weight file (it
+  was copied into the workdir and failed there, naming the copy), an inpainting U-Net, a prediction type training
+  does not learn, a single file, a training workdir."""
+  lfs = lambda f: open(os.path.join(f, "vae", "diffusion_pytorch_model.safetensors"), "w").write(  # noqa: E731
+      "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+  cases = [
+      (_broken_copy(init_folder, tmp_path, "lfs", lfs), r"lfs/vae/diffusion_pytorch_model.safetensors is not a "
+       "readable safetensors file"),
+      (_broken_copy(init_folder, tmp_path, "inpaint",
+                    lambda f: _write_json(os.path.join(f, "unet", "config.json"), in_channels=9)),
+       "U-Net takes 9 input channels and its VAE's latents have 4"),
+      (_broken_copy(
+          init_folder, tmp_path, "sample",
+          lambda f: _write_json(os.path.join(f, "scheduler", "scheduler_config.json"), prediction_type="sample")),
+       "prediction_type='sample'; training learns"),
+  ]
+  single = tmp_path / "model.safetensors"
+  single.write_bytes(b"")
+  cases.append((str(single), "is a file: give a diffusers Stable Diffusion folder.*from_single_file"))
+  os.makedirs(tmp_path / "wd" / "model" / "unet")
+  cases.append((str(tmp_path / "wd"), "is a jaxsd training workdir: give the model it exported, .*wd/model"))
+  for init, message in cases:
+    with pytest.raises(run.ConfigError, match=message):
+      run.train_and_evaluate(_finetune_cfg(data_dir, init), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_workdir_that_would_overwrite_a_model(data_dir, init_folder, tmp_path):
+  """A workdir inside the init folder, or one that is a model folder, is refused: the run's config.json replaced
+  the U-Net's and destroyed the model."""
+  unet_config = open(os.path.join(init_folder, "unet", "config.json")).read()
+  for workdir, message in ((os.path.join(init_folder,
+                                         "unet"), "is inside config.init"), (init_folder, "is inside config.init")):
+    with pytest.raises(run.ConfigError, match=message):
+      run.train_and_evaluate(_finetune_cfg(data_dir, init_folder), workdir)
+  other = shutil.copytree(init_folder, tmp_path / "other")
+  for workdir, message in ((other / "unet", r"is a model folder \(it holds config.json\)"),
+                           (other, r"is a model folder \(it holds model_index.json\)")):
+    with pytest.raises(run.ConfigError, match=message):
+      run.train_and_evaluate(_finetune_cfg(data_dir, init_folder), str(workdir))
+  assert open(os.path.join(init_folder, "unet", "config.json")).read() == unet_config
+  assert open(other / "unet" / "config.json").read() == unet_config
+
+
+def test_init_and_workdir_with_a_tilde(data_dir, init_folder, tmp_path, monkeypatch):
+  """`~` in config.init and the workdir is the home folder, as in data_dir (a folder named '~' was made)."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  shutil.copytree(init_folder, tmp_path / "sd")
+  cfg = _finetune_cfg(data_dir, "~/sd", benchmark_steps=1, stages="unet")
+  seen = {}
+  monkeypatch.setattr(run, "run_unet", lambda cfg, workdir, mesh, tok: seen.update(init=cfg.init, workdir=workdir))
+  run.train_and_evaluate(cfg, "~/w")
+  assert seen == {"init": str(tmp_path / "sd"), "workdir": str(tmp_path / "w")}
+
+
+def test_flips_swap_left_and_right_in_built_in_captions_only():
+  """A caption of one's own stays as written when its image is flipped (as diffusers' --random_flip); the shapes
+  captions, made from the picture, have "left" / "right" swapped; config.data.flip_swaps_left_right decides."""
+  cfg = smoke.get_config()
+  assert run.flip_swaps_left_right(cfg)
+  cfg.data.name = "my_photos"
+  assert not run.flip_swaps_left_right(cfg)
+  cfg.data.flip_swaps_left_right = True
+  assert run.flip_swaps_left_right(cfg)
+
+
 def test_init_folder_that_is_not_a_model(data_dir, tmp_path):
   (tmp_path / "half" / "unet").mkdir(parents=True)
   with pytest.raises(run.ConfigError, match="not a diffusers Stable Diffusion folder"):
     run.train_and_evaluate(_cfg(data_dir, init=str(tmp_path / "half")), str(tmp_path / "w"))
 
 
-def _grey_folder_dataset(tmp_path) -> str:
+def _grey_folder_dataset(tmp_path, **prepare) -> str:
   """Four captioned grey images prepared (prepare_image_folder's defaults: a train split only) in tmp_path/tfds."""
   root = tmp_path / "imgs"
   root.mkdir()
   for i in range(4):
     Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
     (root / f"{i}.txt").write_text(f"grey {i}")
-  name, _ = prepare_image_folder(root, tmp_path / "tfds")
+  name, _ = prepare_image_folder(root, tmp_path / "tfds", **prepare)
   return name
 
 
@@ -326,6 +408,14 @@ def test_from_scratch_on_a_folder_without_a_test_split(tmp_path):
   with pytest.raises(run.ConfigError, match=r"test_split='test': .* has only train.*clip and vae.*test_fraction"):
     run.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "clip")
+
+
+def test_a_dataset_prepared_smaller_than_the_training_size_is_named(tmp_path, caplog):
+  """Images prepared with max_size=16 and trained at 32 px are upscaled: said before training, with the fix."""
+  name = _grey_folder_dataset(tmp_path, max_size=16, test_fraction=0.25)
+  cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "vae.foreground_loss_weight": 0.0})
+  run.ensure_dataset(cfg)
+  assert "prepared with max_size=16, smaller than config.data.image_size=32" in caplog.text
 
 
 def test_missing_caption_key(data_dir, tmp_path):

@@ -36,7 +36,10 @@ def get_config():
           caption_key="caption",
           mask_key="",  # the feature marking each image's subject; "": the built-in dataset's own (shapes: mask)
           image_size=32,
-          random_flip=False,  # flipping swaps "left"/"right" in captions (done when True)
+          random_flip=False,  # flip half of the training images horizontally
+          # ... and swap "left" / "right" in their captions; None: for the built-in datasets only (their captions
+          # describe the picture), a caption of one's own stays as written (as diffusers' --random_flip)
+          flip_swaps_left_right=ml_collections.FieldReference(None, field_type=bool),
           random_crop=False,  # training crops at a random place (SDXL records where), else at the centre
           num_threads=2,
           train_split="train",
