@@ -39,12 +39,13 @@ def _name(batch: int, height: int, width: int, steps: int, sampler: str, guided:
 
 
 def save_program(pipe: StableDiffusion, folder: str, *, batch: int, height: int | None = None, width: int | None = None,
-                 steps: int = 50, sampler: str = "pndm", guidance_scale: float = 7.5, output: str = "np",
+                 steps: int = 50, sampler: str | None = None, guidance_scale: float = 7.5, output: str = "np",
                  platforms: tuple[str, ...] | None = None) -> str:
   """Exports the text-to-image program `pipe(prompts, ...)` runs for these settings (any prompts, seed,
   guidance scale above 1 or not as given, guidance rescale) to `folder/<name>.jaxexport` with a JSON
   description beside it; returns the program file's path."""
-  height, width = height or pipe.default_size, width or pipe.default_size
+  height, width = pipe.size_or_default(height, width)
+  sampler = sampler or pipe.default_sampler
   prompts, _ = pipe.check_inputs([""] * batch, None, height, width, steps, sampler, output, guidance_scale)
   guided = guidance_scale > 1.0
   kind = "latent" if output == "latent" else "np"

@@ -95,7 +95,7 @@ def save_new(image: np.ndarray, path: str) -> str:
 
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
-             sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
+             sampler: str | None = None, guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
@@ -105,6 +105,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filenames`; existing files are kept, see `save_new`) and the grid of them.
+  `sampler` defaults to the folder's own (`pipe.default_sampler`, as diffusers runs a folder's scheduler).
   Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
@@ -120,6 +121,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
+  sampler = sampler or pipe.default_sampler
   if out_dir:
     check_out_dir(out_dir)
   task = "text" if init_image is None else "img2img" if mask_image is None else "inpaint"
@@ -166,7 +168,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       control, _, _ = _control_inputs(pipe, control_images, *image.shape[1:3], *settings)
     else:
       control, height, width = _control_inputs(pipe, control_images, height, width, *settings)
-  height, width = height or pipe.default_size, width or pipe.default_size
+  height, width = pipe.size_or_default(height, width)
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
   schedule = make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
   if control is not None:  # which ControlNets act at each model call of this schedule

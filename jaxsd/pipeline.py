@@ -28,6 +28,17 @@ OUTPUTS = ("np", "pil", "latent")
 # as diffusers) with the mask and masked image concatenated (9-channel U-Nets) or the known region
 # re-noised after every step (4-channel U-Nets, diffusers' latent blend).
 TASKS = ("text", "img2img", "inpaint")
+# The sampler that follows each diffusers scheduler class: the default sampler of a folder.
+SAMPLER_OF = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "LMSDiscreteScheduler": "lms",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "DDPMScheduler": "ddpm",
+}
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +55,8 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
   tokenizer: Any
   scheduler_config: schedules.SchedulerConfig
   clip_skip: int | None = None  # use hidden_states[-(clip_skip + 1)] (+ final layer norm), as diffusers
+  # The folder's scheduler class (model_index.json's, else scheduler_config.json's): its sampler is the default.
+  scheduler_class_name: str | None = None
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
@@ -56,6 +69,9 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     `torch.load(weights_only=True)`; off by default, see `jaxsd.model_folder.read_state_dict`).
     """
     path = os.fspath(path)
+    if model_folder.is_sdxl_folder(path):
+      raise ValueError(f"{path} is an SDXL folder: load it with jaxsd.StableDiffusionXL.from_pretrained (or "
+                       "jaxsd.pipeline_xl.load, which tells the kinds apart).")
     model_folder.check_model_folder(path)
     dirs = {name: os.path.join(path, name) for name in ("unet", "vae", "text_encoder")}
     variants = model_folder.resolve_variants(path, dirs, variant)
@@ -64,8 +80,12 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     vae, vae_params = load_vae(dirs["vae"], dtype, variants["vae"], allow_pickle)
     te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
                                                  variant=variants["text_encoder"], allow_pickle=allow_pickle)
-    scheduler = _scheduler_config(model_folder.read_json(model_folder.scheduler_config_file(path)))
-    return cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path), scheduler)
+    scheduler_file = model_folder.read_json(model_folder.scheduler_config_file(path))
+    class_name = _index_scheduler_class(path) or scheduler_file.get("_class_name")
+    pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path),
+               _scheduler_config(scheduler_file, class_name), scheduler_class_name=class_name)
+    pipe.check_parts(path)
+    return pipe
 
   @classmethod
   def from_single_file(cls, path: str, config: str = "v1", dtype=jnp.float32, param_dtype=None, *,
@@ -105,7 +125,10 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     vae, vae_params = pretrained.from_state_dict("vae", configs["vae"], parts["vae"], f"{where} (VAE)", vae_dtype)
     te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
                                                f"{where} (text encoder)", dtype, param_dtype)
-    return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]))
+    pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]),
+               scheduler_class_name=configs["scheduler"].get("_class_name"))
+    pipe.check_parts(where)
+    return pipe
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
@@ -227,15 +250,13 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return self.scale_latents(z.astype(jnp.float32))
 
   def scale_latents(self, z: jax.Array) -> jax.Array:
-    """The VAE's latents -> the U-Net's: (z - shift_factor) * scaling_factor."""
-    cfg = self.vae.config
-    return (z - cfg.shift_factor if cfg.shift_factor else z) * cfg.scaling_factor
+    """The VAE's latents -> the U-Net's: z * scaling_factor, as diffusers' SD pipelines and training scripts (a
+    config's shift_factor, which SD3 / FLUX pipelines subtract first, is not read by them either)."""
+    return z * self.vae.config.scaling_factor
 
   def unscale_latents(self, latents: jax.Array) -> jax.Array:
     """The inverse of `scale_latents`."""
-    cfg = self.vae.config
-    z = latents / cfg.scaling_factor
-    return z + cfg.shift_factor if cfg.shift_factor else z
+    return latents / self.vae.config.scaling_factor
 
   def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
     """The shape of the latents (and of the initial noise): the VAE's latent channels."""
@@ -246,6 +267,16 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
   def inpainting_unet(self) -> bool:
     """A 9-channel U-Net (latents + mask + masked-image latents), such as runwayml's SD 1.5 inpainting."""
     return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+  def check_parts(self, where: str) -> None:
+    """Raises a ValueError naming `where` when the networks cannot work together (parts of different models)."""
+    u, width, lc = self.unet.config, self.text_encoder.config.hidden_size, self.vae.config.latent_channels
+    if u.addition_embed_type != "text_time" and u.context_dim != width:
+      raise ValueError(f"{where}: the U-Net's cross_attention_dim={u.context_dim} but the text encoder's "
+                       f"hidden_size={width}: the parts are of different models (e.g. SD 1.x and SD 2.x).")
+    if u.out_channels != lc:
+      raise ValueError(f"{where}: the U-Net predicts {u.out_channels} channels but the VAE's latents have {lc}: the "
+                       "parts are of different models.")
 
   def check_task(self, task: str) -> None:
     """Raises a ValueError if this model's U-Net cannot do `task` (one of TASKS), saying what to call instead."""
@@ -265,9 +296,37 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                        f"{'text' if task == 'text' else 'image'}-to-image model.")
 
   @property
+  def default_sampler(self) -> str:
+    """The sampler of the folder's scheduler class, as diffusers runs a folder's own scheduler (PNDM's for SD 1.x
+    and a folder that names none; DPM-Solver++ 2M for a class with no sampler here, e.g. UniPC: diffusers'
+    DPMSolverMultistepScheduler.from_config swap)."""
+    if not self.scheduler_class_name:
+      return "pndm"
+    return SAMPLER_OF.get(self.scheduler_class_name.removeprefix("Flax"), "dpmpp_2m")
+
+  @property
+  def default_hw(self) -> tuple[int, int]:
+    """(height, width) the U-Net was trained at: its sample_size (one side, or [height, width] as diffusers
+    also takes) in latent pixels times the VAE's factor."""
+    size = self.unet.config.sample_size
+    if size is None:
+      raise ValueError("the U-Net's config.json has no sample_size, so there is no default image size: give the "
+                       "height and width (--height / --width).")
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    f = self.vae.config.downsampling_factor
+    return int(h) * f, int(w) * f
+
+  @property
   def default_size(self) -> int:
-    """The image side the U-Net was trained at (its sample_size in latent pixels)."""
-    return self.unet.config.sample_size * self.vae.config.downsampling_factor
+    """The image side the U-Net was trained at (the height of `default_hw` for a U-Net trained on rectangles)."""
+    return self.default_hw[0]
+
+  def size_or_default(self, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) with a missing one taken from `default_hw`."""
+    if height and width:
+      return height, width
+    h, w = self.default_hw
+    return height or h, width or w
 
   @property
   def params(self) -> dict:
@@ -479,7 +538,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return _finish(out, output)
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
-               steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, latents=None,
+               steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, latents=None,
                output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
@@ -496,10 +555,11 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
   def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                      output, **run_options):
     self.check_task("text")
+    sampler = sampler or self.default_sampler
     if latents is not None and (height is None or width is None) and np.ndim(latents) == 4:
       f = self.vae.config.downsampling_factor
       height, width = height or np.shape(latents)[1] * f, width or np.shape(latents)[2] * f
-    height, width = height or self.default_size, width or self.default_size
+    height, width = self.size_or_default(height, width)
     given = negative_prompts
     prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
                                                   guidance_scale)
@@ -540,7 +600,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return image_latents
 
   def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", noise=None,
+              guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
@@ -562,6 +622,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
   def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                       output, noise, image_latents, **run_options):
     self.check_task("img2img")
+    sampler = sampler or self.default_sampler
     given = negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
                                                                           image_latents, steps, sampler, strength,
@@ -575,7 +636,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                      guidance_scale, seed, noise, output, image_latents=image_latents, **run_options)
 
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", latents=None,
+              guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
@@ -614,6 +675,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                output, latents, masked_image_latents, image_latents, text_options, padding_mask_crop, height, width,
                **run_options):
     self.check_task("inpaint")
+    sampler = sampler or self.default_sampler
     if padding_mask_crop is not None:
       return self._inpaint_crop(prompts, images, mask_images, padding_mask_crop, height, width, output,
                                 strength=strength, negative_prompts=negative_prompts, steps=steps,
@@ -674,7 +736,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     if levels.shape != images.shape[:3]:
       raise ValueError(f"mask_images have size {levels.shape[1:3]} (batch {levels.shape[0]}); the images "
                        f"{images.shape[1:3]} (batch {images.shape[0]}): give one mask per image, of the image's size.")
-    height, width = height or self.default_size, width or self.default_size
+    height, width = self.size_or_default(height, width)
     self.check_inputs(["x"], None, height, width, kwargs["steps"], kwargs["sampler"], "np")  # before cropping
     crops = mask_crop.crop(images, levels, width, height, pad)
     kwargs = self._crop_run_options(kwargs, crops)
@@ -711,15 +773,28 @@ def load_vae(path: str, dtype, variant: str | None = None, allow_pickle: bool = 
                              allow_pickle=allow_pickle)
 
 
-def _scheduler_config(d: dict) -> schedules.SchedulerConfig:
-  """A folder's noise schedule with what StableDiffusionPipeline.__init__ forces on the folder's own scheduler
-  class: steps_offset=1 and clip_sample=False (where the class has them: DDIM both, PNDM steps_offset)."""
+def _scheduler_config(d: dict, class_name: str | None = None) -> schedules.SchedulerConfig:
+  """A folder's noise schedule as StableDiffusionPipeline builds it: of the class model_index.json names
+  (`class_name`; else the file's `_class_name`), with what its __init__ forces on that scheduler's config:
+  steps_offset=1 and clip_sample=False, where the config has them (DDIM both, PNDM steps_offset, and any class
+  whose file lists them: UniPC, KDPM2, LCM, ...)."""
   d = dict(d)
+  if class_name:
+    d["_class_name"] = class_name
   own = schedules.DIFFUSERS_DEFAULTS.get(str(d.get("_class_name", "")).removeprefix("Flax"), {})
   for key, value in (("steps_offset", 1), ("clip_sample", False)):
-    if key in own:
+    if key in own or key in d:
       d[key] = value
   return schedules.SchedulerConfig.from_dict(d)
+
+
+def _index_scheduler_class(path: str) -> str | None:
+  """The scheduler class a folder's model_index.json names (what diffusers builds), or None."""
+  index_file = os.path.join(path, "model_index.json")
+  if not os.path.isfile(index_file):
+    return None
+  entry = model_folder.read_json(index_file).get("scheduler")
+  return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str) else None
 
 
 def _finish(out: jax.Array, output: str):

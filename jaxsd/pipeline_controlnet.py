@@ -213,7 +213,7 @@ class StableDiffusionControlNet(StableDiffusion):
     return ControlRequest(self._per_net(control_images, n), scales, start, end, bool(guess_mode))
 
   def __call__(self, prompts, control_images, negative_prompts=None, height: int | None = None,
-               width: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm",
+               width: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None,
                seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
                long_prompts: bool = False, prompt_weighting: bool = False):
@@ -252,7 +252,7 @@ class StableDiffusionControlNet(StableDiffusion):
                                output, text_options=text_options, control=control)
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np", noise=None,
+              guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
               control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
               prompt_weighting: bool = False):
@@ -267,11 +267,11 @@ class StableDiffusionControlNet(StableDiffusion):
                                                                                    prompt_weighting), control=control)
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 1.0, negative_prompts=None,
-              steps: int = 50, guidance_scale: float = 7.5, sampler: str = "pndm", seed: int = 0, output: str = "np",
-              latents=None, masked_image_latents=None, image_latents=None, controlnet_conditioning_scale=0.5,
-              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
-              long_prompts: bool = False, prompt_weighting: bool = False, padding_mask_crop: int | None = None,
-              height: int | None = None, width: int | None = None):
+              steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0,
+              output: str = "np", latents=None, masked_image_latents=None, image_latents=None,
+              controlnet_conditioning_scale=0.5, control_guidance_start=0.0, control_guidance_end=1.0,
+              guess_mode: bool = False, long_prompts: bool = False, prompt_weighting: bool = False,
+              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
     `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the
     4 latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With `padding_mask_crop` the control images are

@@ -25,17 +25,7 @@ from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 
 PIPELINES = model_folder.SDXL_PIPELINES
-# The sampler that follows each diffusers scheduler class: the default sampler of a folder.
-SAMPLER_OF = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "LMSDiscreteScheduler": "lms",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "DDPMScheduler": "ddpm",
-}
+SAMPLER_OF = pipeline.SAMPLER_OF
 
 
 def _as_list(value, n: int, name: str) -> list[str] | None:

@@ -49,7 +49,7 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
   if isinstance(module, unet.UNet2DConditionModel):
     size = 8 * cfg.downsampling_factor
     inputs = (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32), jnp.zeros(
-        (batch,), jnp.int32), jnp.zeros((batch, 1, cfg.cross_attention_dim), jnp.float32))
+        (batch,), jnp.int32), jnp.zeros((batch, 1, cfg.context_dim), jnp.float32))
     if cfg.addition_embed_type == "text_time":  # any split of add_embedding's input will do: all text, no ids
       inputs += (jnp.zeros((batch, cfg.projection_class_embeddings_input_dim),
                            jnp.float32), jnp.zeros((batch, 0), jnp.float32))

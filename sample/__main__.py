@@ -38,7 +38,8 @@ def parse(argv=None) -> argparse.Namespace:
                  help="read A1111's (word:1.3), (word) = x1.1, [word] = /1.1 weights and BREAK; \\( for a literal (")
   p.add_argument("--num-images", type=int, default=1, help="images per prompt")
   p.add_argument("--steps", type=int, default=25)
-  p.add_argument("--sampler", default="dpmpp_2m")
+  p.add_argument("--sampler", default=None,
+                 help="default: the model folder's own scheduler (as diffusers runs it; PNDM for SD 1.5)")
   p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
@@ -170,7 +171,8 @@ def check_flags(args) -> None:
   if not finite32(args.guidance):
     raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number (7.5 is usual; "
                      "<= 1 turns guidance off).")
-  make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
+  if args.sampler is not None:
+    make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
   if not 0 <= args.seed < 2**64:
     raise ValueError(f"--seed {args.seed}: use a whole number in [0, 2**64).")
   if not args.out.strip():

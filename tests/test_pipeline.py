@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import diffusers
@@ -306,3 +307,75 @@ def test_sizes_the_unet_does_not_halve_evenly_match_diffusers(tmp_path):
   assert np.abs(ours - ref).max() < 3e-4 * max(1.0, np.abs(ref).max())
   with pytest.raises(ValueError, match="height=20 must be a positive multiple of 8"):
     pipe(PROMPTS, height=20, width=w, steps=2)
+
+
+def _folder_with(path, scheduler=None, unet_updates=None, index_updates=None) -> str:
+  """The tiny SD 1 folder saved by diffusers, with another scheduler, U-Net config keys or model_index entries."""
+  unet, vae, text_encoder, tokenizer, own = reference.tiny_components()
+  if unet_updates:
+    state = unet.state_dict()
+    unet = diffusers.UNet2DConditionModel.from_config({**unet.config, **unet_updates}).eval()
+    if all(v.shape == state[k].shape for k, v in unet.state_dict().items()):
+      unet.load_state_dict(state)  # the same weights; else (other widths) a random U-Net
+  diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    scheduler=scheduler or own, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False).save_pretrained(path)
+  if index_updates:
+    index = os.path.join(path, "model_index.json")
+    with open(index) as f:
+      d = json.load(f)
+    d.update(index_updates)
+    with open(index, "w") as f:
+      json.dump(d, f)
+  return str(path)
+
+
+def test_a_folders_own_scheduler_is_the_default_as_in_diffusers(tmp_path):
+  """With no sampler given, the folder's scheduler runs (diffusers runs the folder's; jaxsd ran PNDM): an Euler
+  folder (SD-Turbo-like, trailing spacing), and a model_index.json naming DDIM over a PNDM scheduler_config.json
+  (diffusers builds the index's class, with clip_sample forced off). A class with no sampler here (UniPC) gets
+  steps_offset=1 forced as StableDiffusionPipeline forces it on any config that has the key."""
+  base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+  cases = [
+      (_folder_with(tmp_path / "euler", diffusers.EulerDiscreteScheduler(timestep_spacing="trailing",
+                                                                         **base)), "euler"),
+      (_folder_with(tmp_path / "ddim_index", index_updates={"scheduler": ["diffusers", "DDIMScheduler"]}), "ddim"),
+  ]
+  for path, sampler in cases:
+    pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(path), reference.torch_pipeline(path)
+    assert pipe.default_sampler == sampler and type(tpipe.scheduler).__name__.lower().startswith(sampler)
+    latents = _latents(pipe)
+    ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=4, latents=latents, output="latent")
+    with torch.no_grad():
+      ref = tpipe(PROMPTS, negative_prompt=NEGATIVE, height=HW, width=HW, num_inference_steps=4,
+                  latents=reference.nhwc_to_nchw(latents), output_type="latent").images
+    ref = reference.nchw_to_nhwc(ref)
+    assert np.abs(ours - ref).max() < 3e-4 * max(1.0, np.abs(ref).max()), sampler
+  unipc = _folder_with(tmp_path / "unipc", diffusers.UniPCMultistepScheduler(steps_offset=0, **base))
+  pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(unipc), reference.torch_pipeline(unipc)
+  assert tpipe.scheduler.config.steps_offset == 1 and pipe.scheduler_config.steps_offset == 1
+  assert pipe.default_sampler == "dpmpp_2m"  # diffusers' DPMSolverMultistepScheduler.from_config swap
+
+
+def test_folders_that_describe_themselves_otherwise(tmp_path):
+  """U-Net configs diffusers accepts: sample_size as [height, width] (the default size), cross_attention_dim per
+  block; parts of different models and an SDXL folder are refused in one line naming the folder."""
+  rect = _folder_with(tmp_path / "rect", unet_updates={"sample_size": [8, 12], "cross_attention_dim": [32, 32]})
+  pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(rect), reference.torch_pipeline(rect)
+  assert pipe.default_hw == (16, 24)
+  latents = np.asarray(pipe.noise(0, len(PROMPTS), 16, 24))
+  ours = pipe(PROMPTS, NEGATIVE, steps=3, latents=latents, sampler="pndm", output="latent")
+  with torch.no_grad():
+    ref = tpipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=3, latents=reference.nhwc_to_nchw(latents),
+                output_type="latent").images
+  assert ours.shape == (2, 8, 12, 4)
+  np.testing.assert_allclose(ours, reference.nchw_to_nhwc(ref), atol=3e-4 * max(1.0, float(ref.abs().max())))
+  mixed = _folder_with(tmp_path / "mixed", unet_updates={"cross_attention_dim": 48})
+  with pytest.raises(ValueError, match=r"mixed: the U-Net's cross_attention_dim=48 but the text encoder's hidden_size"):
+    jaxsd.StableDiffusion.from_pretrained(mixed)
+  with open(os.path.join(rect, "model_index.json")) as f:
+    index = json.load(f)
+  with open(os.path.join(rect, "model_index.json"), "w") as f:
+    json.dump({**index, "_class_name": "StableDiffusionXLPipeline"}, f)
+  with pytest.raises(ValueError, match="is an SDXL folder: load it with jaxsd.StableDiffusionXL.from_pretrained"):
+    jaxsd.StableDiffusion.from_pretrained(rect)

@@ -27,6 +27,7 @@ safetensors = pytest.importorskip("safetensors")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from jaxsd import model_folder, pretrained, weights  # noqa: E402
+from jaxsd.models import unet  # noqa: E402
 from tests import reference  # noqa: E402
 
 TOL = 1e-4  # max abs difference, fp32
@@ -233,6 +234,23 @@ def test_load_matches_torch(torch_folders, kind):
   module, params = LOAD[kind](folder, dtype=jnp.float32)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   _assert_close(_ours(kind, module, params), _theirs(kind, model))
+
+
+def test_cross_attention_dim_per_block(torch_folders, tmp_path):
+  """A U-Net config giving cross_attention_dim once per block (diffusers accepts a list; one text width feeds
+  every block) loads and matches PyTorch; per-block widths that differ are refused in one line."""
+  import diffusers
+
+  model, folder = torch_folders["unet"]
+  config = json.load(open(os.path.join(folder, "config.json")))
+  n = len(config["block_out_channels"])
+  listed = diffusers.UNet2DConditionModel.from_config({**config, "cross_attention_dim": [32] * n})
+  listed.load_state_dict(model.state_dict())
+  listed.save_pretrained(tmp_path / "listed")
+  module, params = pretrained.load_unet(str(tmp_path / "listed"), dtype=jnp.float32)
+  _assert_close(_ours("unet", module, params), _theirs("unet", listed))
+  with pytest.raises(ValueError, match=r"cross_attention_dim=\[32, 48.*differs between blocks"):
+    unet.UNet2DConditionConfig.from_dict({**config, "cross_attention_dim": [32, 48] + [32] * (n - 2)})
 
 
 # --- jaxsd -> PyTorch folder ---------------------------------------------------------------------

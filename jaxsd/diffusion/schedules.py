@@ -62,10 +62,25 @@ UNIMPLEMENTED = {
         _PLAIN_SIGMAS,
     "LMSDiscreteScheduler":
         _PLAIN_SIGMAS,
+    # lower_order_final and euler_at_final are not listed: with final_sigmas_type="zero" diffusers takes the last
+    # step at first order whatever they say, and at solver_order=2 nothing else reads them.
     "DPMSolverMultistepScheduler":
-        dict(_PLAIN_SIGMAS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
-             lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False,
-             final_sigmas_type="zero", lambda_min_clipped=-math.inf, use_dynamic_shifting=False),
+        dict(_PLAIN_SIGMAS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", use_lu_lambdas=False,
+             use_flow_sigmas=False, final_sigmas_type="zero", lambda_min_clipped=-math.inf, use_dynamic_shifting=False),
+}
+# Values a scheduler class's __init__ maps to its own when built from another class's config (diffusers'
+# DPMSolverMultistepScheduler.from_config of a UniPC or DEIS config): compared after mapping.
+_REMAPPED = {
+    "DPMSolverMultistepScheduler": {
+        "solver_type": {
+            "logrho": "midpoint",
+            "bh1": "midpoint",
+            "bh2": "midpoint"
+        },
+        "algorithm_type": {
+            "deis": "dpmsolver++"
+        },
+    },
 }
 _UNIMPLEMENTED_KEYS = frozenset(k for keys in UNIMPLEMENTED.values() for k in keys)
 # A file without a known `_class_name`: diffusers' training scripts read it as a DDPMScheduler.
@@ -144,8 +159,9 @@ class SchedulerConfig(ConfigBase):
 
   def check_implemented(self, class_name: str, sampler: str) -> None:
     """Raises for a setting of the file that diffusers' `class_name` reads and `sampler` does not implement."""
-    fixed = UNIMPLEMENTED.get(class_name, {})
+    fixed, remapped = UNIMPLEMENTED.get(class_name, {}), _REMAPPED.get(class_name, {})
     for key, value in self.unimplemented:
+      value = remapped.get(key, {}).get(value, value) if isinstance(value, str) else value
       if key in fixed and value != fixed[key]:
         raise ValueError(f"{sampler} with {key}={value!r} is not implemented (only {key}={fixed[key]!r}, diffusers' "
                          f"default for {class_name}); remove the key from scheduler_config.json or choose another "

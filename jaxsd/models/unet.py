@@ -109,6 +109,13 @@ class UNet2DConditionConfig(ConfigBase):
     return _per_block(self.num_attention_heads or self.attention_head_dim, self.num_blocks)
 
   @property
+  def context_dim(self) -> int:
+    """The width of the encoder hidden states (text embeddings) the cross-attentions take: cross_attention_dim,
+    given per block or once (per-block values must agree: one context feeds every block)."""
+    dims = _per_block(self.cross_attention_dim, self.num_blocks)
+    return dims[0]
+
+  @property
   def time_embed_dim(self) -> int:
     return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
@@ -159,6 +166,9 @@ class UNet2DConditionConfig(ConfigBase):
         if not isinstance(getattr(self, name), int):
           raise ValueError(f"UNet2DConditionConfig: addition_embed_type='text_time' needs {name} (an integer), "
                            f"got {getattr(self, name)!r}.")
+    if len(set(_per_block(self.cross_attention_dim, self.num_blocks))) > 1:
+      raise ValueError(f"UNet2DConditionConfig: cross_attention_dim={list(self.cross_attention_dim)} differs between "
+                       "blocks; one text-embedding width feeds every block, so give one value.")
     if self.addition_embed_type == "text" and not isinstance(self.cross_attention_dim, int):
       raise ValueError("UNet2DConditionConfig: addition_embed_type='text' needs one cross_attention_dim.")
     if self.addition_embed_type == "text" and self.cross_attention_dim % self.addition_embed_type_num_heads:

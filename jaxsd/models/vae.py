@@ -36,8 +36,8 @@ class AutoencoderKLConfig(ConfigBase):
   latent_channels: int = 4
   norm_num_groups: int = 32
   sample_size: int | tuple[int, int] = 32
-  scaling_factor: float = 0.18215  # latents fed to the U-Net are (z - shift_factor) * scaling_factor
-  shift_factor: float | None = None
+  scaling_factor: float = 0.18215  # latents fed to the U-Net are z * scaling_factor
+  shift_factor: float | None = None  # SD3 / FLUX VAEs: kept in config.json, not read by SD pipelines (as diffusers)
   latents_mean: tuple[float, ...] | None = None
   latents_std: tuple[float, ...] | None = None
   force_upcast: bool = True  # diffusers' hint that this VAE overflows in fp16

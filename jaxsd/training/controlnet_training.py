@@ -77,13 +77,13 @@ def controlnet_stage(cfg, *, controlnet: ControlNetModel, controlnet_params, une
   c = cfg.unet
   ac = jnp.asarray(alphas_cumprod(scheduler))
   empty_ids = jnp.asarray(tok.tokenize(tokenizer, [""], max_length=text_encoder.config.max_position_embeddings))
-  scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+  scale = vae.config.scaling_factor  # shift_factor (SD3 / FLUX VAEs) is not SD's: diffusers' scripts ignore it
   condition = {"shape_mask": shape_mask}[cfg.controlnet.conditioning]
 
   def loss_fn(params, batch, rng, frozen):
     k_post, k_drop, k_noise = jax.random.split(rng, 3)
     post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
-    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
+    latents = jax.lax.stop_gradient(post.sample(k_post).astype(jnp.float32) * scale)
     ids = losses.drop_captions(k_drop, batch["input_ids"], empty_ids, c.caption_dropout)
     context = jax.lax.stop_gradient(text_encoder.apply({"params": frozen["text"]}, ids).last_hidden_state)
     cond = condition(batch["image"])

@@ -202,7 +202,7 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
   foreground_weight = float(c.get("foreground_loss_weight", 0.0))
   ac = jnp.asarray(alphas_cumprod(scheduler))
   empty_ids = jnp.asarray(tok.tokenize(tokenizer, [""], max_length=text_encoder.config.max_position_embeddings))
-  scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+  scale = vae.config.scaling_factor  # shift_factor (SD3 / FLUX VAEs) is not SD's: diffusers' scripts ignore it
   joint = bool(c.get("train_text_encoder", False))
   sdxl = text_encoder_2 is not None
   if sdxl:
@@ -243,7 +243,7 @@ def unet_stage(cfg, *, unet: UNet2DConditionModel, vae: AutoencoderKL, vae_param
     else:
       post = vae.apply({"params": frozen["vae"]}, batch["image"], method=vae.encode)
     cond = condition(text, batch, k_drop)
-    latents = jax.lax.stop_gradient((post.sample(k_post).astype(jnp.float32) - shift) * scale)
+    latents = jax.lax.stop_gradient(post.sample(k_post).astype(jnp.float32) * scale)
     if not (joint or text_gradient):
       cond = jax.lax.stop_gradient(cond)
 

@@ -352,6 +352,25 @@ def test_config_with_keys_left_out_matches_diffusers(sampler, monkeypatch):
   run_both(sampler, dict(diffusers.DDIMScheduler.from_config(d).config), 10, monkeypatch)
 
 
+@pytest.mark.parametrize(
+    "scheduler_class, kw",
+    [
+        ("UniPCMultistepScheduler", {}),  # solver_type "bh2": DPMSolverMultistep's __init__ maps it to midpoint
+        ("DPMSolverSinglestepScheduler", {}),  # lower_order_final False
+        ("DPMSolverMultistepScheduler", dict(lower_order_final=False, euler_at_final=True)),
+    ])
+def test_dpmpp_2m_on_other_solvers_folders_as_diffusers_swaps_them(scheduler_class, kw):
+  """`python -m sample`'s default dpmpp_2m on a folder that ships another solver: as diffusers'
+  DPMSolverMultistepScheduler.from_config(pipe.scheduler.config) runs it (refused before, for keys that either
+  map to what dpmpp_2m does or change nothing with the final sigma at zero)."""
+  d = dict(
+      getattr(diffusers, scheduler_class)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          **kw).config)
+  d.pop("_use_default_values", None)  # as save_pretrained writes the file: every key given
+  for n in (10, 20):
+    run_both("dpmpp_2m", d, n)
+
+
 def test_aliases_and_sample_errors():
   cfg = SchedulerConfig()
   a, b = samplers.make_schedule(cfg, "plms", 10), samplers.make_schedule(cfg, "pndm", 10)
