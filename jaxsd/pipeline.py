@@ -145,14 +145,22 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
 
   # --- pieces, each usable alone -------------------------------------------------------------
 
+  @property
+  def text_length(self) -> int:
+    """Tokens per prompt (window): the tokenizer's model_max_length, to which diffusers pads and truncates, where
+    the text encoder has positions for it; else the encoder's positions (e.g. a tokenizer saved without one)."""
+    n = self.text_encoder.config.max_position_embeddings
+    m = getattr(self.tokenizer, "model_max_length", None)
+    return m if isinstance(m, int) and 0 < m <= n else n
+
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-    return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_encoder.config.max_position_embeddings)
+    return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_length)
 
   def encode_text(self, te_params, input_ids: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Hidden states (B, L, D) of token ids (B, L). Ids longer than the encoder's positions (77) are windows
     of that length (`jaxsd.prompt_syntax`), encoded one by one and concatenated; `weights` (B, L) scale the
     states by A1111's emphasis, per window."""
-    n = self.text_encoder.config.max_position_embeddings
+    n = self.text_length
     b, length = input_ids.shape
     if length > n and length % n:
       raise ValueError(f"input_ids of {length} tokens: more than {n} must be whole windows of {n} "
@@ -181,9 +189,11 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     negative_prompts = negative_prompts or [""] * len(prompts)
     if not (long_prompts or prompt_weighting):
       return self.tokenize(prompts), self.tokenize(negative_prompts), {}
-    (ids, weights), (uncond_ids, uncond_weights) = prompt_syntax.tokenize(
-        self.tokenizer, [list(prompts), list(negative_prompts)],
-        length=self.text_encoder.config.max_position_embeddings, long_prompts=long_prompts, weighting=prompt_weighting)
+    (ids, weights), (uncond_ids,
+                     uncond_weights) = prompt_syntax.tokenize(self.tokenizer,
+                                                              [list(prompts), list(negative_prompts)],
+                                                              length=self.text_length, long_prompts=long_prompts,
+                                                              weighting=prompt_weighting)
     if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
       return ids, uncond_ids, {"weights": weights, "uncond_weights": uncond_weights}
     return ids, uncond_ids, {}

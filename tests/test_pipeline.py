@@ -379,3 +379,23 @@ def test_folders_that_describe_themselves_otherwise(tmp_path):
     json.dump({**index, "_class_name": "StableDiffusionXLPipeline"}, f)
   with pytest.raises(ValueError, match="is an SDXL folder: load it with jaxsd.StableDiffusionXL.from_pretrained"):
     jaxsd.StableDiffusion.from_pretrained(rect)
+
+
+def test_prompts_take_the_tokenizers_length(tmp_path):
+  """diffusers pads and truncates prompts to the tokenizer's model_max_length (here 64 of the encoder's 77
+  positions); jaxsd took the encoder's 77."""
+  path = _folder_with(tmp_path / "short")
+  config = os.path.join(path, "tokenizer", "tokenizer_config.json")
+  with open(config) as f:
+    d = json.load(f)
+  with open(config, "w") as f:
+    json.dump({**d, "model_max_length": 64}, f)
+  pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(path), reference.torch_pipeline(path)
+  assert pipe.text_length == tpipe.tokenizer.model_max_length == 64 and pipe.tokenize(["a"]).shape == (1, 64)
+  latents = _latents(pipe)
+  ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=3, sampler="pndm", latents=latents, output="latent")
+  with torch.no_grad():
+    ref = tpipe(PROMPTS, negative_prompt=NEGATIVE, height=HW, width=HW, num_inference_steps=3,
+                latents=reference.nhwc_to_nchw(latents), output_type="latent").images
+  ref = reference.nchw_to_nhwc(ref)
+  assert np.abs(ours - ref).max() < 3e-4 * max(1.0, np.abs(ref).max())
