@@ -164,8 +164,9 @@ def read_state_dict(folder: str, variant: str | None = None, allow_pickle: bool 
     return flax_msgpack.MsgpackStateDict(files)
   if not allow_pickle:
     raise ValueError(f"{folder} holds only pickled PyTorch weights ({os.path.basename(files[0])}). Unpickling can run "
-                     "arbitrary code, so it is off by default. Convert the folder to safetensors (in diffusers: "
-                     "DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder) writes safetensors), or, "
+                     "arbitrary code, so it is off by default. Convert the folder to safetensors (jaxsd.StableDiffusion"
+                     ".from_pretrained(folder, allow_pickle=True).save_pretrained(new_folder), or diffusers' "
+                     "DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder)), or, "
                      "if you trust its source, pass allow_pickle=True (to StableDiffusion.from_pretrained, or "
                      "jaxsd.pretrained's load_unet / load_vae / load_text_encoder; --allow-pickle on the command "
                      "line): it is read with torch.load(weights_only=True).")

@@ -130,6 +130,20 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     pipe.check_parts(where)
     return pipe
 
+  def save_pretrained(self, path: str, dtype=None) -> None:
+    """Writes the diffusers folder `StableDiffusionPipeline.from_pretrained` (and `from_pretrained` here) loads:
+    safetensors weights (cast to `dtype`, e.g. np.float16, if given), tokenizer, scheduler and model_index.json.
+    E.g. a single file or a folder of pickled `.bin` weights converted to a safetensors folder:
+    `StableDiffusion.from_single_file(file, config="auto").save_pretrained(folder)`."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    for name, module, params in (("unet", self.unet, self.unet_params), ("vae", self.vae, self.vae_params),
+                                 ("text_encoder", self.text_encoder, self.text_encoder_params)):
+      pretrained.save_pretrained(module, jax.device_get(params), os.path.join(path, name), dtype)
+    tok.save_tokenizer(self.tokenizer, os.path.join(path, "tokenizer"))
+    model_folder.write_scheduler(self.scheduler_config, os.path.join(path, "scheduler"), self.scheduler_class_name)
+    model_folder.write_model_index(path)
+
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
 

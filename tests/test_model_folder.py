@@ -103,6 +103,15 @@ def test_pickled_pipeline_folder_with_allow_pickle(tmp_path, capsys):
   assert len(err) == 1 and "--allow-pickle" in err[0]
   assert sample_main.main(argv + ["--allow-pickle"]) == 0
   assert sorted(os.listdir(tmp_path / "out")) == ["a_cat-seed0-0000.png", "grid.png"]
+  # Converted once: save_pretrained writes the safetensors folder diffusers and jaxsd load without unpickling.
+  import diffusers
+
+  got.save_pretrained(str(tmp_path / "converted"))
+  again = jaxsd.StableDiffusion.from_pretrained(str(tmp_path / "converted"))
+  for name in ("unet_params", "vae_params", "text_encoder_params"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(again, name), getattr(want, name))
+  assert again.scheduler_config == want.scheduler_config and again.default_sampler == want.default_sampler
+  diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "converted"), safety_checker=None)
 
 
 def test_copy_components_makes_a_cut_or_outdated_copy_again(tmp_path):

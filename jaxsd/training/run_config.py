@@ -314,8 +314,8 @@ def _check_init(cfg) -> None:
   init = cfg.init
   if os.path.isfile(init):
     raise ConfigError(f"config.init={init!r} is a file: give a diffusers Stable Diffusion folder (a single-file "
-                      "checkpoint converts with jaxsd.StableDiffusion.from_single_file(file).save_pretrained(folder), "
-                      "or diffusers' from_single_file + save_pretrained).")
+                      "checkpoint converts with jaxsd.StableDiffusion.from_single_file(file, config='auto')"
+                      ".save_pretrained(folder), or diffusers' from_single_file + save_pretrained).")
   if not os.path.isdir(init):
     raise ConfigError(f"config.init={init!r} does not exist: give a diffusers Stable Diffusion folder.")
   if is_workdir(init):
@@ -331,10 +331,14 @@ def _check_init(cfg) -> None:
   for name in networks:  # safetensors: the headers only (a truncated download, a Git LFS pointer)
     try:
       _, fmt = find_weight_files(os.path.join(init, name))
-      if fmt != "msgpack":
+      if fmt == "safetensors":
         read_state_dict(os.path.join(init, name))
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(f"config.init: {e}") from None
+    if fmt == "pickle":
+      raise ConfigError(f"config.init: {os.path.join(init, name)} holds only pickled .bin weights, which training "
+                        "does not unpickle: convert the folder to safetensors first, e.g. python -c \"import jaxsd; "
+                        "jaxsd.StableDiffusion.from_pretrained('INIT', allow_pickle=True).save_pretrained('NEW')\".")
   unet, vae = read_json(init, "unet", "config.json"), read_json(init, "vae", "config.json")
   if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
     raise ConfigError(f"config.init={init!r}: its U-Net takes {unet.get('in_channels', 4)} input channels and its "

@@ -304,6 +304,8 @@ def test_init_folders_that_cannot_be_fine_tuned(data_dir, init_folder, tmp_path)
           lambda f: _write_json(os.path.join(f, "scheduler", "scheduler_config.json"), prediction_type="sample")),
        "prediction_type='sample'; training learns"),
   ]
+  pickled = reference.make_tiny_sd_folder(str(tmp_path / "pickled"), safe_serialization=False)
+  cases.append((pickled, r"pickled/unet holds only pickled .bin weights.*save_pretrained"))
   single = tmp_path / "model.safetensors"
   single.write_bytes(b"")
   cases.append((str(single), "is a file: give a diffusers Stable Diffusion folder.*from_single_file"))
