@@ -321,6 +321,13 @@ def _check_init(cfg) -> None:
   if is_workdir(init):
     raise ConfigError(f"config.init={init!r} is a jaxsd training workdir: give the model it exported, "
                       f"{model_dir(init)}.")
+  kind = cfg.get("init_kind")
+  if kind and kind != ("sdxl" if is_sdxl(cfg) else "sd"):
+    have = "an SD 1.x / 2.x" if kind == "sdxl" else "an SDXL"
+    use = "sd15 / sd21 (dreambooth / dreambooth_sd21)" if kind == "sdxl" else "sdxl (dreambooth_sdxl)"
+    raise ConfigError(f"config.init={init!r} is {have} folder, and this config's recipe is for "
+                      f"{'SDXL' if kind == 'sdxl' else 'SD 1.x / 2.x'} (config.init_kind={kind!r}): use "
+                      f"train/configs/finetune.py:{use}.")
   if is_sdxl(cfg):
     _check_sdxl(cfg)
   try:

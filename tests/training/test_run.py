@@ -315,6 +315,12 @@ def test_init_folders_that_cannot_be_fine_tuned(data_dir, init_folder, tmp_path)
     with pytest.raises(run.ConfigError, match=message):
       run.train_and_evaluate(_finetune_cfg(data_dir, init), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+  cfg = _finetune_cfg(data_dir, init_folder)
+  cfg.init_kind = "sdxl"  # finetune.py:sdxl's recipe (1024 px, ZeRO-3) on an SD 1.x folder ran silently
+  with pytest.raises(run.ConfigError, match=r"is an SD 1.x / 2.x folder, and this config's recipe is for SDXL"):
+    run.train_and_evaluate(cfg, str(tmp_path / "w"))
+  from train.configs import finetune  # every variant names its kind
+  assert {finetune.get_config(v).init_kind for v in finetune.VARIANTS} == {"sd", "sdxl"}
 
 
 def test_workdir_that_would_overwrite_a_model(data_dir, init_folder, tmp_path):

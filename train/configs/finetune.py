@@ -39,6 +39,7 @@ def get_config(variant: str = "sd15"):
   c = default.get_config()
   c.stages = "unet"
   c.init = ""  # required: --config.init=<diffusers folder>
+  c.init_kind = "sdxl" if xl else "sd"  # the recipe's model: an init folder of the other kind is refused
   c.dtype = "bfloat16"  # fp32 master weights, bf16 compute
   c.checkpoint_every = 1000
   c.data.image_size = 1024 if xl else 768 if sd21 else 512
