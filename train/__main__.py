@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   from jaxsd.compilation_cache import enable_compilation_cache
-  from jaxsd.training import run, run_config
+  from jaxsd.training import checkpoint, run, run_config
 
   cfg = fv.config
   if fv.benchmark:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     run_config.check_config(cfg, jax.device_count())  # before the compilation cache or anything else is touched
     enable_compilation_cache()
     result = run.train_and_evaluate(cfg, fv.workdir)
-  except run_config.ConfigError as e:
+  except (run_config.ConfigError, checkpoint.CheckpointError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   except run.Preempted:

@@ -128,6 +128,10 @@ def _cpu_array_handler() -> None:
                                           override=True)
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of a stage can be restored (written under another config, or damaged)."""
+
+
 class Checkpointer:
   """Saves and restores `<workdir>/checkpoints/<step>` asynchronously with orbax."""
 
@@ -177,22 +181,42 @@ class Checkpointer:
     return _to_restored(step, self._mngr.restore(step, args=_restore_args(abstract_state)))
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
-    """The newest step that restores; corrupt steps are reported and skipped. None when empty."""
+    """The newest step that restores with finite parameters; a damaged step is reported, moved aside to
+    `<workdir>/damaged_checkpoints/<step>` (kept, not deleted; training then saves that step again) and
+    skipped. None when empty; a CheckpointError when no step restores."""
     steps = sorted(self._mngr.all_steps(), reverse=True)
     errors = []
     for step in steps:
       try:
-        return self.restore(step, abstract_state)
+        restored = self.restore(step, abstract_state)
+        if not state_is_finite(restored.state):
+          raise ValueError("its parameters are not all finite (a damaged file: a finite state is all that is saved)")
+        if errors:
+          self._set_aside([int(e.split(":")[0].split()[1]) for e in errors])
+        return restored
       except Exception as e:  # pylint: disable=broad-except
         msg = (f"Checkpoint step {step} in {self.directory} could not be restored "
-               f"({type(e).__name__}: {e}); falling back to the previous checkpoint.")
+               f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); falling back to the previous checkpoint.")
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        errors.append(f"step {step}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
     if steps:
-      raise RuntimeError(f"No checkpoint in {self.directory} could be restored:\n" + "\n".join(errors) +
-                         "\nMove the folder away to start over.")
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({'; '.join(errors)}): they were "
+                            "written under another config (e.g. other network sizes) or are damaged. Rerun with the "
+                            "config they were written with, or move that folder away to train the stage again.")
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps out of the checkpoint folder (so the step can be saved again), keeping them."""
+    if jax.process_index() != 0:
+      return
+    aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, f"{step}-{int(time.time())}")
+      os.replace(os.path.join(self.directory, str(step)), target)
+      log.warning("Moved the damaged checkpoint step %d to %s.", step, target)
+    self._mngr.reload()
 
   def wait_until_finished(self) -> None:
     self._mngr.wait_until_finished()

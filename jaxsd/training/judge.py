@@ -151,10 +151,12 @@ def _blur(x: jax.Array, sigma: float = 1.0) -> jax.Array:
   return sum(k[i] * x[:, :, i:i + w] for i in range(5))
 
 
-def load_or_train(cache_dir: str, dataset: str, load_split: Callable[[str], tuple[np.ndarray, dict]],
-                  attributes: Sequence[str], class_names: dict, *, steps: int = 1500, seed: int = 0) -> Judge:
-  """The judge of `dataset`, from `cache_dir` when it was trained there for the same dataset and
-  attributes, else trained now (on `load_split("train")`), scored on `load_split("test")` and cached.
+def load_or_train(cache_dir: str, dataset: str, load_split: Callable[[str], tuple[np.ndarray,
+                                                                                  dict]], attributes: Sequence[str],
+                  class_names: dict, *, steps: int = 1500, seed: int = 0, train_examples: int | None = None) -> Judge:
+  """The judge of `dataset`, from `cache_dir` when it was trained there for the same dataset, attributes,
+  steps, seed and requested `train_examples` (what `load_split("train")` is asked for), else trained now (on
+  `load_split("train")`), scored on `load_split("test")` and cached.
 
   `load_split(split) -> (images in [-1, 1] NHWC, {attribute: int labels})`.
   """
@@ -163,13 +165,17 @@ def load_or_train(cache_dir: str, dataset: str, load_split: Callable[[str], tupl
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta.get("dataset") == dataset and tuple(meta.get("attributes", ())) == attributes:
+    same = (meta.get("dataset") == dataset and tuple(meta.get("attributes",
+                                                              ())) == attributes and meta.get("steps") == steps and
+            meta.get("seed") == seed and meta.get("requested_train_examples") == train_examples)
+    if same:
       model = AttributeClassifier(tuple(len(class_names[a]) for a in attributes))
       template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(meta["input_shape"]))["params"])
       with open(os.path.join(cache_dir, _PARAMS), "rb") as f:
         params = serialization.from_bytes(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), f.read())
       return Judge(model, params, attributes, {a: tuple(class_names[a]) for a in attributes}, meta)
-    log.info("judge in %s is for %s; training a new one for %s.", cache_dir, meta.get("dataset"), dataset)
+    log.info("judge in %s was trained with other settings (%s, %s steps, seed %s); training a new one.", cache_dir,
+             meta.get("dataset"), meta.get("steps"), meta.get("seed"))
   t0 = time.time()
   images, labels = load_split("train")
   model, params = train_classifier(images, [labels[a] for a in attributes], [len(class_names[a]) for a in attributes],
@@ -178,8 +184,9 @@ def load_or_train(cache_dir: str, dataset: str, load_split: Callable[[str], tupl
   judge = Judge(model, params, attributes, {a: tuple(class_names[a]) for a in attributes}, {})
   test_images, test_labels = load_split("test")
   judge.meta = dict(dataset=dataset, attributes=list(attributes), input_shape=[1, *images.shape[1:]],
-                    train_examples=len(images), steps=steps, seed=seed, train_seconds=round(train_seconds, 1),
-                    test_examples=len(test_images), test_accuracy=judge.accuracy(test_images, test_labels))
+                    train_examples=len(images), requested_train_examples=train_examples, steps=steps, seed=seed,
+                    train_seconds=round(train_seconds, 1), test_examples=len(test_images),
+                    test_accuracy=judge.accuracy(test_images, test_labels))
   os.makedirs(cache_dir, exist_ok=True)
   with open(os.path.join(cache_dir, _PARAMS) + ".tmp", "wb") as f:  # each file whole or not at all, the
     f.write(serialization.to_bytes(params))  # meta (what says the cache is complete) last

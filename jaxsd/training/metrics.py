@@ -8,12 +8,15 @@ again (the later line is the one that counts). Event files go to `<workdir>/tens
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _to_float(v: Any) -> float | None:
@@ -35,6 +38,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    _end_partial_line(self.jsonl_path)
     self._jsonl = open(self.jsonl_path, "a", buffering=1)  # Line-buffered: survives a kill.
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -90,10 +94,33 @@ class MetricWriter:
       self._tb = None
 
 
+def _end_partial_line(path: str) -> None:
+  """Drops a last line cut short (a kill or a full disk in the middle of a write), so appending stays valid JSON
+  lines; the cut row is logged."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data.endswith(b"\n"):
+      return
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s ends in a cut line (%r): dropping it.", path, data[keep:keep + 80])
+    f.truncate(keep)
+
+
 def read_jsonl(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl file."""
+  """The rows of a metrics.jsonl file (a last line cut short, by a kill during its write, is left out)."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} is not JSON ({line[:80]!r}).") from None
+      log.warning("%s: the last line is cut short; left out.", path)
+  return rows
 
 
 class ProgressBar:

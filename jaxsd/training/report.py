@@ -38,7 +38,8 @@ def quality_eval(cfg, workdir, tokenizer):
     return arrays["image"], arrays
 
   judge = judge_lib.load_or_train(os.path.join(workdir, "judge"), cfg.data.name, load_split, attrs, spec.attributes,
-                                  steps=cfg.eval.judge_steps, seed=cfg.seed)
+                                  steps=cfg.eval.judge_steps, seed=cfg.seed,
+                                  train_examples=cfg.eval.judge_train_examples)
   test = labelled_arrays(cfg, tokenizer, "test", attrs, None, captions=True)
   c = cfg.unet
   ev, floors = quality_lib.build(judge, spec.prompts, spec.labels, test["image"], [str(x) for x in test["caption"]],

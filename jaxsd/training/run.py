@@ -44,6 +44,7 @@ from jaxsd.training import controlnet_training, dreambooth, evaluate, export, la
 from jaxsd.training.loop import PeriodicCallback, train_loop
 from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
+from jaxsd.training import workdir as workdir_lib
 from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, check_workdir, data_dir,
                                        is_dreambooth, is_lora, is_sdxl, mask_key, optimizer_settings, read_json,
                                        section, stage_names, text_length)
@@ -596,10 +597,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if not is_dreambooth(cfg):  # DreamBooth reads its image folders, not a prepared dataset
     ensure_dataset(cfg)
     _check_test_split(cfg, [n for n in names if n in ("clip", "vae") and _done(workdir, n) is None])
-  if primary():
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+  config_json = cfg.to_json_best_effort(indent=2)
+  try:
+    workdir_lib.check_same_config(config_json, workdir)
+    with workdir_lib.lock(workdir, enabled=primary()):
+      if primary():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+          f.write(config_json)
+      return _run_stages(cfg, workdir, names)
+  except workdir_lib.WorkdirError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _run_stages(cfg, workdir: str, names: list[str]) -> dict:
+  """The stages in order, then the report, in a workdir this process holds."""
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
   tokenizer = tok.load_tokenizer(cfg.init or None)
   results = {}
@@ -609,6 +620,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if done is not None and not cfg.benchmark_steps:
       log.info("%s stage already finished; skipping (delete %s to redo it).", name,
                os.path.join(workdir, name, "result.json"))
+      if done.get("steps") is not None and done["steps"] != cfg[section(name)].steps:
+        log.warning("the %s stage finished at step %s; config.%s.steps=%s is not trained (delete %s to train it).",
+                    name, done["steps"], section(name), cfg[section(name)].steps,
+                    os.path.join(workdir, name, "result.json"))
       results[name] = done
       continue
     runner = {"clip": run_clip, "vae": run_vae, "unet": run_unet, "lora": run_lora, "controlnet": run_controlnet}[name]

@@ -117,6 +117,34 @@ def test_corrupt_latest_falls_back(tmp_path, trained, damage):
   assert r.step == 2
   _assert_equal_trees(r.state, states[1])
   assert r.data_state == {"index": 2, "blob": b"x"}
+  # The damaged step is kept aside, so training saves step 3 again (it was skipped as "already saved", and
+  # every later kill fell back to step 2 again).
+  assert c.all_steps() == [1, 2] and [d.split("-")[0] for d in os.listdir(tmp_path / "damaged_checkpoints")] == ["3"]
+  assert c.save(3, states[2])
+  c.wait_until_finished()
+  assert c.all_steps() == [1, 2, 3]
+  c.close()
+
+
+def test_a_restored_state_that_is_not_finite_is_damaged(tmp_path, trained):
+  """Only finite states are saved, so one that restores with NaN / Inf is a damaged file (a flipped bit): it
+  was restored, trained on, and exported with exit 0."""
+  states, target = trained
+  c = ckpt_lib.Checkpointer(str(tmp_path), save_interval_steps=1)
+  for s, state in enumerate(states, start=1):
+    c.save(s, state)
+  c.wait_until_finished()
+  restore = c.restore
+
+  def flipped(step, abstract):
+    r = restore(step, abstract)
+    return r._replace(state=r.state.replace(
+        params=jax.tree.map(lambda x: x * jnp.inf, r.state.params))) if step == 3 else r
+
+  c.restore = flipped
+  with pytest.warns(RuntimeWarning, match=r"step 3 .* not all finite"):
+    r = c.restore_latest(target)
+  assert r.step == 2 and c.all_steps() == [1, 2]
   c.close()
 
 
@@ -126,7 +154,9 @@ def test_all_corrupt_is_an_error(tmp_path, trained):
   c.save(1, states[0])
   c.wait_until_finished()
   _corrupt_state_files(os.path.join(c.directory, "1"))
-  with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="No checkpoint .* could"):
+  with pytest.warns(RuntimeWarning), pytest.raises(
+      ckpt_lib.CheckpointError, match="no checkpoint in .* can be "
+      r"restored \(step 1: .*\): they were written under another config"):
     c.restore_latest(target)
   c.close()
 

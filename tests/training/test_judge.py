@@ -46,6 +46,9 @@ def test_judge_learns_the_labels_and_is_cached(split_loader, tmp_path):
   assert cached.meta == judge.meta
   with pytest.raises(AssertionError, match="must not read"):  # another dataset: trained anew
     judge_lib.load_or_train(str(tmp_path / "judge"), "shapes/other", must_not_load, ATTRS, shapes.JUDGED)
+  for other in (dict(steps=400), dict(steps=250, seed=1), dict(steps=250, train_examples=256)):
+    with pytest.raises(AssertionError, match="must not read"):  # other settings: trained anew (was reused)
+      judge_lib.load_or_train(str(tmp_path / "judge"), name, must_not_load, ATTRS, shapes.JUDGED, **other)
 
 
 def test_judge_training_is_deterministic(split_loader):
