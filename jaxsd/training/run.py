@@ -581,8 +581,8 @@ def _benchmark(cfg, stage, mesh, it) -> dict:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured stages in order (skipping finished ones), then the prompt-match report."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  if cfg.init:
-    cfg.init = os.path.expanduser(cfg.init)  # as data_dir and the DreamBooth folders
+  if cfg.init:  # ~ as in data_dir and the DreamBooth folders; absolute, so that config.json says which folder
+    cfg.init = os.path.abspath(os.path.expanduser(cfg.init))
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
   check_workdir(workdir, cfg.init)
