@@ -4,7 +4,8 @@ The folder holds images (any depth; symlinked folders are followed) and their
 captions, either
   * `metadata.jsonl` at the top, one `{"file_name": "a/b.png", "text": "..."}` per
     line (the Hugging Face `imagefolder` convention; it may also name hidden
-    files), or
+    files), or its other form `metadata.csv` (a `file_name,text` header, then a
+    row per image), or
   * a `.txt` file beside each image with the same stem (`b.png` + `b.txt`).
 Images are the files with an extension PIL reads (`IMAGE_EXTENSIONS`, as the
 Hugging Face `imagefolder` accepts); text files are read as UTF-8 (a BOM, or
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -55,6 +57,7 @@ def _image_extensions() -> tuple[str, ...]:
 IMAGE_EXTENSIONS = _image_extensions()
 _COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
+METADATA_FILES = (METADATA_FILE, "metadata.csv")  # Hugging Face imagefolder's: JSON lines, or CSV with a header
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAX_LISTED = 10
 # Images up to this many pixels decode without PIL's DecompressionBombWarning, up to twice as many at all (PIL's
@@ -151,8 +154,11 @@ def scan_folder(folder: str, caption_column: str = "text") -> list[tuple[str, st
     raise FileNotFoundError(f"Image folder {folder!r} does not exist.")
   images, texts, skipped = _list_files(folder)
 
-  metadata_path = os.path.join(folder, METADATA_FILE)
-  use_metadata = os.path.exists(metadata_path)
+  found_metadata = [f for f in METADATA_FILES if os.path.exists(os.path.join(folder, f))]
+  if len(found_metadata) > 1:
+    raise ValueError(f"{folder!r} holds both {' and '.join(found_metadata)}: keep one of them.")
+  metadata_path = os.path.join(folder, found_metadata[0] if found_metadata else METADATA_FILE)
+  use_metadata = bool(found_metadata)
   if use_metadata:
     captions = _read_metadata(metadata_path, caption_column)
     found = set(images)
@@ -175,7 +181,7 @@ def scan_folder(folder: str, caption_column: str = "text") -> list[tuple[str, st
                      f"{len(IMAGE_EXTENSIONS) - len(_COMMON_EXTENSIONS)} more).{texts_found}")
 
   if use_metadata:
-    how = f"an entry in {METADATA_FILE}"
+    how = f"an entry in {os.path.basename(metadata_path)}"
   else:
     captions = {}
     for image in images:
@@ -223,15 +229,27 @@ def _describe(value) -> str:
   return f"{kind or type(value).__name__}: {json.dumps(value)[:100]}"
 
 
-def _read_metadata(path: str, caption_column: str) -> dict[str, str]:
-  captions, lines = {}, {}
-  for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+def _metadata_rows(path: str):
+  """(line number, row, the line as written) of a metadata.jsonl or metadata.csv (a header row, then one row
+  per image: Hugging Face imagefolder's two formats)."""
+  text = _read_text(path)
+  if path.endswith(".csv"):
+    reader = csv.DictReader(io.StringIO(text))
+    for row in reader:
+      yield reader.line_num, row, ",".join(str(v) for v in row.values())
+    return
+  for lineno, line in enumerate(text.split("\n"), 1):
     if not line.strip():
       continue
     try:
-      row = json.loads(line)
+      yield lineno, json.loads(line), line
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{lineno} is not valid JSON ({e}).") from None
+
+
+def _read_metadata(path: str, caption_column: str) -> dict[str, str]:
+  captions, lines = {}, {}
+  for lineno, row, line in _metadata_rows(path):
     if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
       others = [k for k in row if k != "file_name"] if isinstance(row, dict) else []
       hint = f", e.g. caption_column={others[0]!r}" if others else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -359,3 +360,21 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
   np.testing.assert_array_equal(as_rgb(np.array([[0, 7, 255]], np.int32), "I"), [[0, 7, 255]])
   np.testing.assert_array_equal(as_rgb(np.array([[0.0, 0.5, 1.0]], np.float32), "F"), [[0, 128, 255]])
   np.testing.assert_array_equal(as_rgb(np.array([[-3.0, 7.0, 300.0]], np.float32), "F"), [[0, 7, 255]])
+
+
+def test_metadata_csv(tmp_path):
+  """Hugging Face imagefolder's other metadata file: CSV with a header (quoted commas in captions); both files at
+  once are refused."""
+  root = tmp_path / "csv"
+  rows = {"a.png": "a red circle, small", "sub/b.png": 'a "blue" square'}
+  for i, name in enumerate(rows):
+    _save(root / name, value=i)
+  with open(root / "metadata.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["file_name", "text", "extra"])
+    for name, text in rows.items():
+      w.writerow([name, text, 1])
+  assert dict(image_folder.scan_folder(root)) == rows
+  (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
+  with pytest.raises(ValueError, match="holds both metadata.jsonl and metadata.csv: keep one"):
+    image_folder.scan_folder(root)
