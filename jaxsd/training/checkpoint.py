@@ -185,23 +185,25 @@ class Checkpointer:
     `<workdir>/damaged_checkpoints/<step>` (kept, not deleted; training then saves that step again) and
     skipped. None when empty; a CheckpointError when no step restores."""
     steps = sorted(self._mngr.all_steps(), reverse=True)
-    errors = []
+    errors = {}  # step -> why it did not restore
     for step in steps:
       try:
         restored = self.restore(step, abstract_state)
         if not state_is_finite(restored.state):
           raise ValueError("its parameters are not all finite (a damaged file: a finite state is all that is saved)")
-        if errors:
-          self._set_aside([int(e.split(":")[0].split()[1]) for e in errors])
-        return restored
       except Exception as e:  # pylint: disable=broad-except
-        msg = (f"Checkpoint step {step} in {self.directory} could not be restored "
-               f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); falling back to the previous checkpoint.")
+        errors[step] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        msg = (f"Checkpoint step {step} in {self.directory} could not be restored ({errors[step][:300]}); "
+               "falling back to the previous checkpoint.")
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        errors.append(f"step {step}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        continue
+      if errors:
+        self._set_aside(list(errors))
+      return restored
     if steps:
-      raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({'; '.join(errors)}): they were "
+      why = "; ".join(f"step {step}: {e[:200]}" for step, e in errors.items())
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({why}): they were "
                             "written under another config (e.g. other network sizes) or are damaged. Rerun with the "
                             "config they were written with, or move that folder away to train the stage again.")
     return None

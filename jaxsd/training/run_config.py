@@ -13,7 +13,7 @@ import jax
 from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.model_folder import (check_model_folder, find_weight_files, is_sdxl_folder, is_workdir, model_dir,
-                                read_state_dict, scheduler_config_file)
+                                SafetensorsDict, scheduler_config_file)
 from jaxsd.training import controlnet_training, dreambooth, losses, lora_training, sharding, stages
 from jaxsd.training.optimizer import make_optimizer
 
@@ -337,9 +337,9 @@ def _check_init(cfg) -> None:
   networks = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if is_sdxl(cfg) else ())
   for name in networks:  # safetensors: the headers only (a truncated download, a Git LFS pointer)
     try:
-      _, fmt = find_weight_files(os.path.join(init, name))
+      files, fmt = find_weight_files(os.path.join(init, name))
       if fmt == "safetensors":
-        read_state_dict(os.path.join(init, name))
+        SafetensorsDict(files)  # opens each file's header
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(f"config.init: {e}") from None
     if fmt == "pickle":
