@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsd import lora_names, weights
+from jaxsd import lora_names, model_folder, weights
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -395,12 +395,8 @@ def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32,
     os.makedirs(path, exist_ok=True)
     path = os.path.join(path, WEIGHT_NAME)
   state_dict, metadata = to_state_dict(adapter, fmt, dtype, unet_names)
-  from safetensors.numpy import save_file
-
-  header = {"format": "pt"}
-  if metadata:
-    header[METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True)
-  save_file(state_dict, path + ".tmp", metadata=header)
+  header = {METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)} if metadata else None
+  model_folder.write_safetensors(state_dict, path + ".tmp", header)
   os.replace(path + ".tmp", path)
   return path
 

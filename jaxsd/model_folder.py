@@ -218,11 +218,38 @@ def read_json(file: str) -> dict:
   return read_json_object(file)
 
 
-def write_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
+def write_safetensors(state_dict: dict[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `state_dict` to `path` with the header metadata {"format": "pt", **metadata}, the same bytes for
+  the same tensors and metadata in every process."""
   from safetensors.numpy import save_file
 
   # transformers refuses safetensors files without a "format" entry in the metadata.
-  save_file(state_dict, path, metadata={"format": "pt"})
+  save_file(state_dict, path, metadata={"format": "pt", **(metadata or {})})
+  if metadata:
+    _sort_header_metadata(path)
+
+
+def _sort_header_metadata(path: str) -> None:
+  """Rewrites a safetensors file's `__metadata__` in sorted key order, in place and at the same length.
+
+  safetensors writes the metadata from a Rust HashMap, whose order changes from one call to the next, so two
+  writes of the same adapter would differ in their bytes (a resumed run must write the same file as an
+  uninterrupted one). The header is re-serialized as serde_json writes it (compact, UTF-8 unescaped); where
+  that does not reproduce the original bytes in the original order, the file is left as it is."""
+  with open(path, "r+b") as f:
+    size = int.from_bytes(f.read(8), "little")
+    raw = f.read(size)
+    text = raw.rstrip(b" ").decode("utf-8")
+    header = json.loads(text)
+    dump = lambda h: json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if dump(header) != text.encode("utf-8"):
+      return
+    meta = header.get("__metadata__")
+    if not meta:
+      return
+    header["__metadata__"] = dict(sorted(meta.items()))
+    f.seek(8)
+    f.write(dump(header).ljust(size, b" "))
 
 
 # --- Stable Diffusion folders --------------------------------------------------------------------

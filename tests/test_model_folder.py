@@ -16,6 +16,23 @@ def _sd(seed=0):
   return {"a.weight": rng.standard_normal((3, 2)).astype(np.float32), "b.bias": np.arange(4, dtype=np.float32)}
 
 
+def test_safetensors_metadata_written_the_same_every_time(tmp_path):
+  # safetensors writes the header's metadata from a Rust HashMap (another order on each call): a resumed LoRA
+  # run must write the same bytes as an uninterrupted one.
+  from safetensors import safe_open
+
+  meta = {"lora_adapter_metadata": '{"r": 4, "note": "caf\u00e9 \\"x\\"\\n"}', "zz": "1", "ss_a": "é"}
+  path = tmp_path / "a.safetensors"
+  files = set()
+  for _ in range(8):
+    model_folder.write_safetensors(_sd(), str(path), meta)
+    files.add(path.read_bytes())
+  assert len(files) == 1
+  with safe_open(str(path), "np") as f:
+    assert f.metadata() == {"format": "pt", **meta}
+    assert np.array_equal(f.get_tensor("a.weight"), _sd()["a.weight"])
+
+
 def test_single_variant_and_sharded_weights(tmp_path):
   sd = _sd()
   model_folder.write_safetensors(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
