@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +46,9 @@ from jaxsd.training.loop import PeriodicCallback, train_loop
 from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
 from jaxsd.training import workdir as workdir_lib
-from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, check_workdir, data_dir,
-                                       is_dreambooth, is_lora, is_sdxl, mask_key, optimizer_settings, read_json,
-                                       section, stage_names, text_length)
+from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, data_dir, is_dreambooth, is_lora,
+                                       is_sdxl, mask_key, optimizer_settings, read_json, section, stage_names,
+                                       text_length)
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
@@ -585,7 +586,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg.init = os.path.abspath(os.path.expanduser(cfg.init))
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
-  check_workdir(workdir, cfg.init)
+  with _config_error():
+    workdir_lib.check_workdir(workdir, cfg.init)
   names = stage_names(cfg)
   if cfg.benchmark_steps:  # times the U-Net step alone: the other stages are neither run nor needed
     names = ["lora"] if is_lora(cfg) and cfg.init else ["unet"]
@@ -598,13 +600,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     ensure_dataset(cfg)
     _check_test_split(cfg, [n for n in names if n in ("clip", "vae") and _done(workdir, n) is None])
   config_json = cfg.to_json_best_effort(indent=2)
-  try:
+  with _config_error():
     workdir_lib.check_same_config(config_json, workdir)
     with workdir_lib.lock(workdir, enabled=primary()):
       if primary():
         with open(os.path.join(workdir, "config.json"), "w") as f:
           f.write(config_json)
       return _run_stages(cfg, workdir, names)
+
+
+@contextlib.contextmanager
+def _config_error() -> Iterator[None]:
+  """The workdir's refusals as the ConfigError the command line reports in one line (exit 2)."""
+  try:
+    yield
   except workdir_lib.WorkdirError as e:
     raise ConfigError(str(e)) from None
 

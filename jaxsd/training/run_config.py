@@ -94,36 +94,6 @@ def _check_foreground_weight(cfg) -> None:
                       "LoRA, DreamBooth and ControlNet training do not read masks: set it to 0.")
 
 
-def check_workdir(workdir: str, init: str | None = None) -> None:
-  """A ConfigError when `workdir` cannot be a run's folder (creates nothing): a file, or under one; a model folder
-  (a run writes its config.json, model/ and checkpoints there); the init folder or a folder inside it."""
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f"workdir {workdir} is a file, not a folder: give a folder for the run.")
-  if init and os.path.commonpath([path, os.path.abspath(init)]) == os.path.abspath(init):
-    raise ConfigError(f"workdir {workdir} is inside config.init={init!r}: the run would write into the model it "
-                      "starts from; give a folder of its own.")
-  if os.path.isdir(path):
-    held = [f for f in ("model_index.json", "config.json") if os.path.isfile(os.path.join(path, f))]
-    if "model_index.json" in held or ("config.json" in held and _is_model_config(os.path.join(path, "config.json"))):
-      raise ConfigError(f"workdir {workdir} is a model folder (it holds {held[0]}): a run writes its own config.json, "
-                        "model/ and checkpoints there; give a new folder, or a training run's.")
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise ConfigError(f"workdir {workdir}: {path} is a file, so the folder cannot be made there.")
-
-
-def _is_model_config(path: str) -> bool:
-  """Whether a config.json is a diffusers / transformers network's (a run's own holds the training config)."""
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(d, dict) and any(k in d for k in ("_class_name", "_diffusers_version", "architectures"))
-
-
 def _whole(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 

@@ -1,4 +1,4 @@
-"""One run at a time in a workdir, and one config per workdir.
+"""What may be a workdir; one run at a time in a workdir, and one config per workdir.
 
 A workdir holds the checkpoints, exports and results of one training run, however often it is interrupted and
 started again. Two processes writing one workdir at once overwrite each other's checkpoints, and a rerun whose
@@ -6,7 +6,8 @@ config differs in what the training computes (batch size, seed, data, networks, 
 the old run's checkpoints under new settings: a mixed run that its config.json would then misdescribe. So a
 run holds a lock on `<workdir>/.jaxsd.lock` while it works (released by the OS when the process dies, kill -9
 included), and a rerun is compared with the `config.json` the workdir was started with: only settings that do
-not change what is computed (`FREE`) may differ.
+not change what is computed (`FREE`) may differ. It is a folder of its own (`check_workdir`): not a file, not a
+model folder (the run's config.json would replace a network's) and not inside the init folder it starts from.
 """
 
 from __future__ import annotations
@@ -35,6 +36,36 @@ _STAGES = ("clip", "vae", "unet", "lora", "controlnet", "dreambooth")
 
 class WorkdirError(ValueError):
   """The workdir cannot take this run (in use, or started with another config)."""
+
+
+def check_workdir(workdir: str, init: str | None = None) -> None:
+  """A WorkdirError when `workdir` cannot be a run's folder (creates nothing): a file, or under one; a model folder
+  (a run writes its config.json, model/ and checkpoints there); the init folder or a folder inside it."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"workdir {workdir} is a file, not a folder: give a folder for the run.")
+  if init and os.path.commonpath([path, os.path.abspath(init)]) == os.path.abspath(init):
+    raise WorkdirError(f"workdir {workdir} is inside config.init={init!r}: the run would write into the model it "
+                       "starts from; give a folder of its own.")
+  if os.path.isdir(path):
+    held = [f for f in ("model_index.json", "config.json") if os.path.isfile(os.path.join(path, f))]
+    if "model_index.json" in held or ("config.json" in held and _is_model_config(os.path.join(path, "config.json"))):
+      raise WorkdirError(f"workdir {workdir} is a model folder (it holds {held[0]}): a run writes its own config.json, "
+                         "model/ and checkpoints there; give a new folder, or a training run's.")
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise WorkdirError(f"workdir {workdir}: {path} is a file, so the folder cannot be made there.")
+
+
+def _is_model_config(path: str) -> bool:
+  """Whether a config.json is a diffusers / transformers network's (a run's own holds the training config)."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(d, dict) and any(k in d for k in ("_class_name", "_diffusers_version", "architectures"))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
