@@ -21,6 +21,12 @@ def _hashable(v: Any) -> Any:
   return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _all_sizes(v: Any) -> bool:
+  if isinstance(v, (tuple, list)):
+    return len(v) > 0 and all(_all_sizes(x) for x in v)
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def _jsonable(v: Any) -> Any:
   if isinstance(v, tuple):
     return [_jsonable(x) for x in v]
@@ -83,6 +89,16 @@ class ConfigBase:
 
   def validate(self) -> None:
     """Raises ValueError for settings the network does not implement. Overridden per network."""
+
+  def check_sizes(self, *names: str) -> None:
+    """A ValueError naming the first of the fields `names` that is neither None nor a whole number >= 1 (or a
+    non-empty list of them, nested for per-layer values): a zero width or head count, or a zero / negative count
+    of layers, would otherwise fail as a division by zero or an empty network, far from the setting."""
+    for name in names:
+      value = getattr(self, name)
+      if value is not None and not _all_sizes(value):
+        what = "whole numbers >= 1" if isinstance(value, (tuple, list)) else "a whole number >= 1"
+        raise ValueError(f"{type(self).__name__}: {name}={_jsonable(value)!r} must be {what}.")
 
   def replace(self: T, **kw) -> T:
     return dataclasses.replace(self, **kw)

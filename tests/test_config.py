@@ -7,6 +7,10 @@ import json
 import pytest
 
 from jaxsd.config import read_json_object, write_json_object
+from jaxsd.models.clip import CLIPConfig, CLIPTextConfig
+from jaxsd.models.controlnet import ControlNetConfig
+from jaxsd.models.unet import UNet2DConditionConfig
+from jaxsd.models.vae import AutoencoderKLConfig
 
 
 def test_read_names_the_file_of_bad_json(tmp_path):
@@ -33,3 +37,46 @@ def test_write_leaves_the_old_file_when_it_fails(tmp_path):
   assert json.loads(path.read_text()) == {"steps": 10}
   write_json_object(str(path), {"steps": 20})
   assert read_json_object(str(path)) == {"steps": 20}
+
+
+@pytest.mark.parametrize("cls, updates, message", [
+    (UNet2DConditionConfig, {
+        "block_out_channels": [32, 0]
+    }, r"block_out_channels=\[32, 0\] must be whole numbers"),
+    (UNet2DConditionConfig, {
+        "norm_num_groups": 0
+    }, "norm_num_groups=0 must be a whole number >= 1"),
+    (UNet2DConditionConfig, {
+        "attention_head_dim": [8, 0, 8, 8]
+    }, "attention_head_dim"),
+    (UNet2DConditionConfig, {
+        "layers_per_block": -1
+    }, "layers_per_block=-1"),
+    (UNet2DConditionConfig, {
+        "cross_attention_dim": 0
+    }, "cross_attention_dim=0"),
+    (AutoencoderKLConfig, {
+        "block_out_channels": []
+    }, r"block_out_channels=\[\] must be whole numbers"),
+    (AutoencoderKLConfig, {
+        "latent_channels": 0
+    }, "latent_channels=0"),
+    (CLIPTextConfig, {
+        "num_attention_heads": 0
+    }, "num_attention_heads=0"),
+    (CLIPTextConfig, {
+        "hidden_size": 512.0
+    }, "hidden_size=512.0"),
+    (CLIPConfig, {
+        "projection_dim": 0
+    }, "projection_dim=0"),
+    (ControlNetConfig, {
+        "conditioning_embedding_out_channels": []
+    }, "conditioning_embedding_out_channels"),
+])
+def test_network_configs_refuse_sizes_below_one(cls, updates, message):
+  """A zero or negative width, head or group count in a config.json is one error naming the field (a zero group
+  or head count was a ZeroDivisionError in validate, a zero width an empty network); real configs still load."""
+  assert cls.from_dict({}) == cls()
+  with pytest.raises(ValueError, match=f"{cls.__name__}: {message}"):
+    cls.from_dict(updates)

@@ -34,6 +34,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 def _validate_transformer(cfg: CLIPTextConfig | CLIPVisionConfig) -> None:
   name = type(cfg).__name__
+  cfg.check_sizes("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim")
   if cfg.hidden_size % cfg.num_attention_heads:
     raise ValueError(f"{name}: hidden_size ({cfg.hidden_size}) must be a multiple of "
                      f"num_attention_heads ({cfg.num_attention_heads}).")
@@ -74,6 +75,7 @@ class CLIPTextConfig(ConfigBase):
 
   def validate(self) -> None:
     _validate_transformer(self)
+    self.check_sizes("vocab_size", "max_position_embeddings")
     if not isinstance(self.eos_token_id, int):
       raise ValueError(
           f"CLIPTextConfig: eos_token_id must be one integer (pooling reads it), got {self.eos_token_id!r}.")
@@ -114,6 +116,7 @@ class CLIPVisionConfig(ConfigBase):
       raise ValueError(
           f"CLIPVisionConfig: image_size and patch_size must be single integers (square images and patches), "
           f"got {self.image_size!r} and {self.patch_size!r}.")
+    self.check_sizes("num_channels", "image_size", "patch_size")
     if self.image_size % self.patch_size:
       raise ValueError(
           f"CLIPVisionConfig: image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}).")
@@ -152,6 +155,7 @@ class CLIPConfig(ConfigBase):
                        "build from a dict with CLIPConfig.from_dict.")
     self.text_config.validate()
     self.vision_config.validate()
+    self.check_sizes("projection_dim")
 
   def to_dict(self) -> dict[str, Any]:
     return {**super().to_dict(), "model_type": self.model_type}

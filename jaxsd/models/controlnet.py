@@ -112,8 +112,7 @@ class ControlNetConfig(ConfigBase):
     if self.controlnet_conditioning_channel_order not in CHANNEL_ORDERS:
       raise ValueError(f"ControlNetConfig: controlnet_conditioning_channel_order="
                        f"{self.controlnet_conditioning_channel_order!r}; use one of {CHANNEL_ORDERS}.")
-    if not self.conditioning_embedding_out_channels:
-      raise ValueError("ControlNetConfig: conditioning_embedding_out_channels is empty; give at least one width.")
+    self.check_sizes("conditioning_channels", "conditioning_embedding_out_channels")
     try:
       self.unet_config().validate()
     except ValueError as e:

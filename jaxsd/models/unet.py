@@ -147,6 +147,10 @@ class UNet2DConditionConfig(ConfigBase):
           raise ValueError(f"UNet2DConditionConfig: {name}[{i}] has {len(v)} depths for {want} layers.")
 
   def validate(self) -> None:
+    self.check_sizes("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                     "norm_num_groups", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
+                     "addition_time_embed_dim", "projection_class_embeddings_input_dim", "time_embedding_dim",
+                     "conv_in_kernel", "conv_out_kernel", "addition_embed_type_num_heads")
     n = self.num_blocks
     unsupported = {
         "class_embed_type": self.class_embed_type,

@@ -51,6 +51,8 @@ class AutoencoderKLConfig(ConfigBase):
     return 2**(len(self.block_out_channels) - 1)
 
   def validate(self) -> None:
+    self.check_sizes("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                     "norm_num_groups", "sample_size")
     n = len(self.block_out_channels)
     for name, types, want in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
                               ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):

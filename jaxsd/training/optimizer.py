@@ -9,6 +9,7 @@ evaluated at the train step of that update.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -53,20 +54,23 @@ def _resolve(cfg) -> ml_collections.ConfigDict:
   out.update(given)
   if out.schedule not in _SCHEDULES:
     raise ValueError(f"optimizer.schedule={out.schedule!r}; use one of {_SCHEDULES}.")
-  if out.lr <= 0:
-    raise ValueError(f"optimizer.lr={out.lr} must be > 0.")
+  if not (math.isfinite(out.lr) and out.lr > 0):
+    raise ValueError(f"optimizer.lr={out.lr} must be a finite number > 0.")
   if out.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={out.warmup_steps} must be >= 0.")
   for key in ("b1", "b2"):
     if not 0 <= out[key] < 1:
       raise ValueError(f"optimizer.{key}={out[key]} must be in [0, 1) (AdamW's moment decays; 0.9 and 0.999 usually).")
-  if not out.eps > 0:
+  if not (math.isfinite(out.eps) and out.eps > 0):
     raise ValueError(f"optimizer.eps={out.eps} must be > 0 (1e-8 usually): AdamW divides by sqrt(v) + eps.")
-  if not out.weight_decay >= 0:
+  if not (math.isfinite(out.weight_decay) and out.weight_decay >= 0):
     raise ValueError(f"optimizer.weight_decay={out.weight_decay} must be >= 0 (0 turns it off).")
   if not 0 <= out.end_lr_ratio <= 1:
     raise ValueError(f"optimizer.end_lr_ratio={out.end_lr_ratio} must be in [0, 1] (the cosine decay's floor as a "
                      "share of lr).")
+  if not math.isfinite(out.grad_clip_norm):
+    raise ValueError(f"optimizer.grad_clip_norm={out.grad_clip_norm} must be a finite number (the largest global "
+                     "gradient norm; <= 0 turns clipping off).")
   if out.total_steps < 0:
     raise ValueError(f"optimizer.total_steps={out.total_steps} must be >= 0.")
   if out.grad_accum_steps < 1:

@@ -84,8 +84,9 @@ def mask_key(cfg, stage: str = "unet") -> str | None:
 def _check_foreground_weight(cfg) -> None:
   for stage in ("vae", "unet"):
     weight = cfg[stage].get("foreground_loss_weight", 0.0)
-    if weight < 0:
-      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be >= 0 (0: every pixel weighs 1).")
+    if not (_real(weight) and weight >= 0):
+      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be a number >= 0 (0: every pixel "
+                        "weighs 1).")
   dilation = cfg.vae.get("foreground_dilation", 0)
   if not isinstance(dilation, int) or dilation < 0:
     raise ConfigError(f"config.vae.foreground_dilation={dilation!r} must be a whole number of pixels >= 0.")
@@ -109,11 +110,13 @@ _SHARE = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
 # (section, key, (test, what the value must be)); a key the config does not have is not checked. The stage
 # sections are checked for the stages that run, `eval` when the samples are judged.
 _NUMBERS = (
+    ("", "seed", _COUNT),
     ("", "log_every", _STEPS),
     ("", "checkpoint_every", _STEPS),
     ("", "max_to_keep", (_STEPS[0], "a whole number of checkpoints >= 1")),
     ("", "benchmark_steps", (_COUNT[0], "0 (train) or the number of U-Net steps to time")),
     ("data", "image_size", (_STEPS[0], "a whole number of pixels >= 1")),
+    ("data", "num_threads", (_STEPS[0], "a whole number of reading threads >= 1")),
     ("*", "steps", _STEPS),
     ("*", "batch_size", _STEPS),
     ("*", "eval_examples", _STEPS),
@@ -127,6 +130,9 @@ _NUMBERS = (
     ("unet", "caption_dropout", _SHARE),
     ("unet", "min_snr_gamma", (_WEIGHT[0], "a number >= 0 (0 turns Min-SNR weighting off; the paper's is 5)")),
     ("unet", "timestep_logit_std", (lambda v: _real(v) and v > 0, "a number > 0")),
+    ("unet", "timestep_logit_mean", (_real, "a finite number")),
+    ("unet", "text_encoder_lr", (_WEIGHT[0], "a number >= 0 (0: the U-Net's learning rate)")),
+    ("unet", "guidance_scale", (_real, "a finite number (the training samples' guidance; <= 1 turns it off)")),
     ("eval", "judge_steps", _STEPS),
     ("eval", "judge_train_examples", _STEPS),
     ("eval", "images_per_prompt", _STEPS),
@@ -205,6 +211,8 @@ def check_config(cfg, n_devices: int) -> None:
   if cfg.data.image_size % multiple:
     raise ConfigError(f"config.data.image_size={cfg.data.image_size} cannot go through this VAE and U-Net: "
                       f"it must be a multiple of {multiple} (the VAE and U-Net downsample by that much).")
+  if not cfg.init:
+    _check_networks(cfg)
   if is_lora(cfg):
     if not cfg.init:
       raise ConfigError("config.lora trains adapters on a pretrained U-Net: set --config.init=<diffusers folder>.")
@@ -276,6 +284,19 @@ def check_config(cfg, n_devices: int) -> None:
   if "clip" in names and (cfg.clip.vision.image_size != cfg.data.image_size):
     raise ConfigError(f"config.clip.vision.image_size={cfg.clip.vision.image_size} differs from "
                       f"config.data.image_size={cfg.data.image_size}: set them equal.")
+
+
+def _check_networks(cfg) -> None:
+  """The networks a run from nothing builds from its config sections, checked as their config dataclasses check
+  a config.json (sizes >= 1, heads dividing widths, groups dividing channels, ...): a bad U-Net setting is
+  refused here, not after the CLIP and VAE stages have trained."""
+  built = {}
+  for name, build in (("clip", lambda: stages.clip_config(cfg)), ("vae", lambda: stages.vae_config(cfg)),
+                      ("unet", lambda: stages.unet_config(cfg, built["vae"], built["clip"].text_config))):
+    try:
+      built[name] = build()
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+      raise ConfigError(f"config.{name}: {e}") from None
 
 
 def _check_init(cfg) -> None:

@@ -48,6 +48,10 @@ def test_config_errors():
     make_optimizer(dict(grad_accum_steps=0))
   with pytest.raises(ValueError, match="mu_dtype='float16'"):
     make_optimizer(dict(mu_dtype="float16"))
+  for key, value in (("lr", float("inf")), ("lr", float("nan")), ("eps", float("inf")), ("weight_decay", float("inf")),
+                     ("grad_clip_norm", float("nan"))):
+    with pytest.raises(ValueError, match=f"optimizer.{key}={value} must be"):
+      make_optimizer({key: value})
 
 
 def _run(cfg, batches, ema_decay=None):

@@ -262,8 +262,40 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
     ({
         "unet.noise_offset": -0.1
     }, r"noise_offset=-0.1: use a value in \[0, 1\]"),
+    ({
+        "unet.attention_head_dim": 3
+    }, "config.unet: UNet2DConditionConfig: block_out_channels.* is not divisible by 3 heads"),
+    ({
+        "unet.norm_num_groups": 0
+    }, "config.unet: UNet2DConditionConfig: norm_num_groups=0 must be a whole number >= 1"),
+    ({
+        "vae.latent_channels": -1
+    }, "config.vae: AutoencoderKLConfig: latent_channels=-1 must be"),
+    ({
+        "clip.text.num_attention_heads": 0
+    }, "config.clip: CLIPTextConfig: num_attention_heads=0 must be"),
+    ({
+        "unet.optimizer.lr": float("nan")
+    }, "optimizer.lr=nan must be a finite number > 0"),
+    ({
+        "vae.optimizer.grad_clip_norm": float("nan")
+    }, "optimizer.grad_clip_norm=nan must be a finite number"),
+    ({
+        "unet.guidance_scale": float("inf")
+    }, "config.unet.guidance_scale=inf: use a finite number"),
+    ({
+        "vae.foreground_loss_weight": float("nan")
+    }, "foreground_loss_weight=nan must be a number >= 0"),
+    ({
+        "seed": -1
+    }, "config.seed=-1: use a whole number >= 0"),
+    ({
+        "data.num_threads": 0
+    }, "config.data.num_threads=0: use a whole number of reading threads >= 1"),
 ])
 def test_bad_config_is_refused_before_any_work(data_dir, tmp_path, updates, message):
+  """Network settings of the later stages are refused before the first stage trains (they failed as the U-Net
+  stage began, a ZeroDivisionError for a zero group count), non-finite numbers as well."""
   with pytest.raises(run.ConfigError if "dtype" not in updates else ValueError, match=message):
     cfg = _cfg(data_dir, **updates)
     if "data.image_size" in updates:
