@@ -110,7 +110,7 @@ _SHARE = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
 # (section, key, (test, what the value must be)); a key the config does not have is not checked. The stage
 # sections are checked for the stages that run, `eval` when the samples are judged.
 _NUMBERS = (
-    ("", "seed", _COUNT),
+    ("", "seed", (lambda v: _whole(v) and 0 <= v < 2**31, "a whole number in [0, 2**31)")),  # grain: < 2**32
     ("", "log_every", _STEPS),
     ("", "checkpoint_every", _STEPS),
     ("", "max_to_keep", (_STEPS[0], "a whole number of checkpoints >= 1")),

@@ -288,7 +288,7 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
     }, "foreground_loss_weight=nan must be a number >= 0"),
     ({
         "seed": -1
-    }, "config.seed=-1: use a whole number >= 0"),
+    }, r"config.seed=-1: use a whole number in \[0, 2\*\*31\)"),
     ({
         "data.num_threads": 0
     }, "config.data.num_threads=0: use a whole number of reading threads >= 1"),
