@@ -24,8 +24,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -97,29 +97,50 @@ def add_variant(file_name: str, variant: str | None) -> str:
   return f"{stem}.{variant}.{ext}"
 
 
-def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str], str]:
-  """Returns (files, format) for the weights in a diffusers/transformers model folder."""
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder}: not a directory; pass a model folder holding config.json and weights.")
+class WeightFiles(NamedTuple):
+  files: list[str]  # one file, or an index's shards
+  fmt: str  # "safetensors", "msgpack" or "pickle"
+  index: str | None  # the .index.json listing the shards
+
+
+def pick_weight_files(exists: Callable[[str], bool], read_index: Callable[[str], Mapping[str, Any]],
+                      variant: str | None = None) -> WeightFiles | None:
+  """The names of the weight files a diffusers / transformers network folder loads, found by name:
+  `exists(name)` says whether the folder has a file, `read_index(name)` reads one of its .index.json files;
+  safetensors before Flax msgpack before pickled .bin, one file before an index's shards; None when none. The
+  folder may be local (`find_weight_files`) or a Hub repository's listing (`jaxsd.hub`)."""
   for fmt, ext in (("safetensors", "safetensors"), ("msgpack", "msgpack"), ("pickle", "bin")):
     for name in _WEIGHT_NAMES:
       if fmt == "msgpack":  # diffusers <= 0.39's and transformers' Flax weights (transformers' may be sharded)
         name = {"diffusion_pytorch_model": "diffusion_flax_model", "model": "flax_model"}[name]
-      single = os.path.join(folder, add_variant(f"{name}.{ext}", variant))
-      if os.path.exists(single):
-        return [single], fmt
+      single = add_variant(f"{name}.{ext}", variant)
+      if exists(single):
+        return WeightFiles([single], fmt, None)
       # The index as diffusers and transformers name it (model.safetensors.index.fp16.json), then the
       # variant before the extension as for single files (model.fp16.safetensors.index.json).
-      for index_name in (add_variant(f"{name}.{ext}.index.json",
-                                     variant), add_variant(f"{name}.{ext}", variant) + ".index.json"):
-        index = os.path.join(folder, index_name)
-        if os.path.exists(index):
-          with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-          missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
-          if missing:
-            raise FileNotFoundError(f"{index}: lists shards that are not in the folder: {', '.join(missing)}.")
-          return [os.path.join(folder, s) for s in shards], fmt
+      for index in (add_variant(f"{name}.{ext}.index.json",
+                                variant), add_variant(f"{name}.{ext}", variant) + ".index.json"):
+        if exists(index):
+          return WeightFiles(sorted(set(read_index(index)["weight_map"].values())), fmt, index)
+  return None
+
+
+def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str], str]:
+  """Returns (files, format) for the weights in a diffusers/transformers model folder."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder}: not a directory; pass a model folder holding config.json and weights.")
+
+  def read_index(name: str) -> Mapping[str, Any]:
+    with open(os.path.join(folder, name)) as f:
+      return json.load(f)
+
+  picked = pick_weight_files(lambda name: os.path.exists(os.path.join(folder, name)), read_index, variant)
+  if picked:
+    missing = [f for f in picked.files if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+      raise FileNotFoundError(f"{os.path.join(folder, picked.index)}: lists shards that are not in the folder: "
+                              f"{', '.join(missing)}.")
+    return [os.path.join(folder, f) for f in picked.files], picked.fmt
   listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
   single = add_variant("diffusion_pytorch_model.safetensors", variant)
   index = add_variant("diffusion_pytorch_model.safetensors.index.json", variant)
