@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsd import model_folder, weights
+from jaxsd import hub, model_folder, weights
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 from jaxsd.models import clip, controlnet, unet, vae
@@ -118,7 +118,7 @@ def _convert(module_cls, config, state_dict, where: str, dtype, param_dtype, ren
 
 
 def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_pickle, rename=None, **kw):
-  path = os.fspath(path)
+  path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)  # a folder, or a Hub id ("owner/name")
   config = config_cls.from_json(path)
   state_dict = model_folder.read_state_dict(path, variant=variant, allow_pickle=allow_pickle)
   module, params = _convert(module_cls, config, state_dict, path, dtype, param_dtype, rename, **kw)

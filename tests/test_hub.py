@@ -167,3 +167,16 @@ def test_the_cache_is_used_when_the_hub_cannot_be_reached(tiny, offline_cache, m
   assert hub.resolve("jaxsd-test/tiny-sd") == snapshot
   with pytest.raises(FileNotFoundError, match=r"the Hub could not give it \(\[Errno -2\] Name or service not known\)"):
     hub.resolve("jaxsd-test/elsewhere")
+
+
+def test_a_network_loads_by_its_hub_id(tiny, offline_cache):
+  """pretrained's loaders (a ControlNet's, a VAE's, ...) take a cached Hub id as diffusers' from_pretrained does."""
+  import jax
+  import numpy as np
+
+  from jaxsd import pretrained
+
+  _cache_with(offline_cache, "owner/tiny-vae", os.path.join(tiny, "vae"))
+  _, got = pretrained.load_vae("owner/tiny-vae")
+  _, want = pretrained.load_vae(os.path.join(tiny, "vae"))
+  assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
