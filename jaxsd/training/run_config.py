@@ -85,8 +85,7 @@ def _check_foreground_weight(cfg) -> None:
   for stage in ("vae", "unet"):
     weight = cfg[stage].get("foreground_loss_weight", 0.0)
     if not (_real(weight) and weight >= 0):
-      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be a number >= 0 (0: every pixel "
-                        "weighs 1).")
+      raise ConfigError(f"config.{stage}.foreground_loss_weight={weight} must be >= 0 (0: every pixel weighs 1).")
   dilation = cfg.vae.get("foreground_dilation", 0)
   if not isinstance(dilation, int) or dilation < 0:
     raise ConfigError(f"config.vae.foreground_dilation={dilation!r} must be a whole number of pixels >= 0.")

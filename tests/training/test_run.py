@@ -285,7 +285,7 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
     }, "config.unet.guidance_scale=inf: use a finite number"),
     ({
         "vae.foreground_loss_weight": float("nan")
-    }, "foreground_loss_weight=nan must be a number >= 0"),
+    }, "foreground_loss_weight=nan must be >= 0"),
     ({
         "seed": -1
     }, r"config.seed=-1: use a whole number in \[0, 2\*\*31\)"),
