@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsd import lora_names, model_folder, weights
+from jaxsd import lora_names, model_folder, token_embeddings, weights
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -66,9 +66,10 @@ _PROCESSOR_TARGET = {
 _PROCESSOR_TARGET["text_encoder_2"] = _PROCESSOR_TARGET["text_encoder"]
 _ROLE = {"down": "down", "up": "up", "lora_A": "down", "lora_B": "up", "lora_down": "down", "lora_up": "up"}
 # Adapter types that are not LoRA (or LoRA plus something): named in the error so the user knows why.
-_OTHER_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LyCORIS LoHa"),
-                ("lokr_", "LyCORIS LoKr"), ("lora_mid", "LyCORIS LoCon with Tucker decomposition"),
-                ("lora_B.bias", "LoRA with a bias (lora_bias)"))
+_OTHER_KINDS = ((r"dora_scale", "DoRA"), (r"lora_magnitude_vector", "DoRA"), (r"hada_", "LyCORIS LoHa"),
+                (r"lokr_", "LyCORIS LoKr"), (r"lora_mid", "LyCORIS LoCon with Tucker decomposition"),
+                (r"lora_B\.bias", "LoRA with a bias (lora_bias)"), (r"\.diff(_b)?$", "LyCORIS full (diff)"),
+                (r"\.[wb]_norm$", "LyCORIS norm"), (r"(^|[._])oft_", "OFT"), (r"\.on_input$", "(IA)^3"))
 
 
 class Factors(NamedTuple):
@@ -91,13 +92,13 @@ class Adapter:
 
 
 def read(source) -> tuple[dict[str, np.ndarray], dict]:
-  """(state dict as numpy, adapter metadata) of a LoRA file, a folder holding `pytorch_lora_weights.safetensors`,
-  or a state dict (numpy / torch tensors; metadata then empty)."""
+  """(state dict as numpy, adapter metadata) of a LoRA file, a folder holding `pytorch_lora_weights.safetensors` (or
+  one other .safetensors file), or a state dict (numpy / torch tensors; metadata then empty)."""
   if isinstance(source, Mapping):
     return {k: _numpy(v) for k, v in source.items()}, {}
   path = os.fspath(source)
   if os.path.isdir(path):
-    path = os.path.join(path, WEIGHT_NAME)
+    path = _weight_file(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such LoRA file; pass a .safetensors file (or a folder holding {WEIGHT_NAME}).")
   if not path.endswith(".safetensors"):
@@ -116,6 +117,19 @@ def read(source) -> tuple[dict[str, np.ndarray], dict]:
   except json.JSONDecodeError:
     raise ValueError(f"{path}: its {METADATA_KEY!r} metadata is not JSON.") from None
   return state_dict, config
+
+
+def _weight_file(folder: str) -> str:
+  """The LoRA file of a folder: pytorch_lora_weights.safetensors, else its one .safetensors file (as diffusers'
+  load_lora_weights guesses; learned token embeddings and training checkpoints are not LoRA files)."""
+  if os.path.exists(os.path.join(folder, WEIGHT_NAME)):
+    return os.path.join(folder, WEIGHT_NAME)
+  not_lora = (token_embeddings.WEIGHT_NAME, "scheduler", "optimizer", "checkpoint")
+  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and not any(w in f for w in not_lora))
+  if len(files) > 1:
+    raise ValueError(f"{folder} holds {len(files)} .safetensors files and no {WEIGHT_NAME}: pass the LoRA file "
+                     f"itself ({_listed(files)}).")
+  return os.path.join(folder, files[0] if files else WEIGHT_NAME)
 
 
 def _numpy(value) -> np.ndarray:
@@ -250,6 +264,12 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
     groups[where][role] = state_dict[key]
     keys[where].append(key)
   incomplete = [w for w, g in groups.items() if "down" not in g or "up" not in g]
+  # Keys of another adapter kind change how their layers' LoRA factors apply (DoRA's magnitudes, a bias):
+  # ignoring them (strict=False) would load those layers wrong, so they are refused whatever `strict` says.
+  other = sorted({kind for k in unmapped for pat, kind in _OTHER_KINDS if re.search(pat, k)})
+  if other:
+    raise ValueError(f"{', '.join(other)} adapters are not supported, only plain LoRA (keys such as "
+                     f"{_listed([k for k in unmapped if any(re.search(p, k) for p, _ in _OTHER_KINDS)])}).")
   if strict and absent:
     network, missing = next(iter(absent.items()))
     refiner = " (an SDXL refiner has text_encoder_2 only)" if network == "text_encoder" else ""
@@ -302,9 +322,7 @@ def _unmapped_message(unmapped: Sequence[str], incomplete: Sequence[str], nothin
     parts.append(f"LoRA keys that map to no layer of this model: {_listed(unmapped)}")
   if incomplete:
     parts.append(f"layers with only one of lora_down/lora_up: {', '.join(sorted(incomplete)[:6])}")
-  kinds = sorted({kind for k in unmapped for pat, kind in _OTHER_KINDS if pat in k})
-  hint = (f" ({', '.join(kinds)} adapters are not supported)"
-          if kinds else " (is it an adapter for another model: SD 1.x, SD 2.x or SDXL?)")
+  hint = " (is it an adapter for another model: SD 1.x, SD 2.x or SDXL?)"
   return "; ".join(parts) + hint + (
       "." if nothing else
       "; pass strict=False (--lora-ignore-unmatched on the command line) to load the rest and ignore them.")

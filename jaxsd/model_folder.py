@@ -144,7 +144,7 @@ def find_weight_files(folder: str, variant: str | None = None) -> tuple[list[str
   listing = ", ".join(sorted(os.listdir(folder))) or "nothing"
   single = add_variant("diffusion_pytorch_model.safetensors", variant)
   index = add_variant("diffusion_pytorch_model.safetensors.index.json", variant)
-  others = sorted(_variants_in(folder) - {variant})
+  others = sorted(variants_in(folder) - {variant})
   hint = (f" It holds the {', '.join(others)} variant: pass variant={others[0]!r} (--variant {others[0]} on the "
           "command line)." if others else "")
   raise FileNotFoundError(f"{folder}: no weights found (looked for {single}, {index}, the same with model for "
@@ -158,7 +158,7 @@ _VARIANT_FILE = re.compile(r"(?:diffusion_pytorch_model|model)\.(?:(\w+?)(?:-\d+
                            r"(?:safetensors|bin)\.index\.(\w+)\.json)$")
 
 
-def _variants_in(folder: str) -> set[str]:
+def variants_in(folder: str) -> set[str]:
   """The variants ("fp16", ...) whose weight files the folder holds."""
   found = (_VARIANT_FILE.match(f) for f in os.listdir(folder))
   return {m.group(1) or m.group(2) for m in found if m}

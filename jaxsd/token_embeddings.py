@@ -34,6 +34,9 @@ def token_ids(tokenizer, words: str | list[str]) -> dict[str, int]:
       pieces = tokenizer.convert_ids_to_tokens(ids)
       raise ValueError(f"{w!r} is {len(ids)} tokens for this tokenizer ({', '.join(pieces)}): give words that are "
                        "one token each (e.g. a plain lowercase word such as 'teal', or a rare token such as 'sks').")
+    same = [v for v, i in out.items() if i == ids[0] and v != w]
+    if same:  # the tokenizer lowercases: "sks" and "SKS" are one row of the table, which cannot take two vectors
+      raise ValueError(f"{same[0]!r} and {w!r} are the same token for this tokenizer; give each word once.")
     out[w] = int(ids[0])
   return out
 

@@ -73,6 +73,16 @@ def test_train_bad_config_exits_2_with_one_line(tmp_path, capsys, overrides, mes
   assert not os.path.exists(workdir)  # refused before any work
 
 
+def test_train_unknown_config_variant_exits_2_with_the_reason(tmp_path, capsys):
+  """A config file whose get_config raises (an unknown variant): its reason, not ml_collections' traceback of it
+  squeezed onto the line."""
+  config = os.path.join(ROOT, "train", "configs", "lora.py") + ":sd14"
+  argv = ["train", "--config", config, "--workdir", str(tmp_path / "w")]
+  assert train_main.main(argv) == 2
+  line = _one_error_line(capsys)
+  assert "finetune variant 'sd14': use one of sd15" in line and "File " not in line and "get_config" not in line
+
+
 @pytest.mark.parametrize("missing", ["vae/config.json", "unet/config.json", "scheduler/scheduler_config.json"])
 def test_train_init_folder_without_a_config_exits_2(tmp_path, capsys, missing):
   init = _sd_folder_without(tmp_path / "sd", missing)

@@ -340,3 +340,40 @@ def test_unknown_keys_and_mismatches_are_named(clean):
     pipe.load_lora(files["peft_a"], scale=float("nan"))
   with pytest.raises(FileNotFoundError, match="no such LoRA file"):
     pipe.load_lora(os.path.join(path, "missing.safetensors"))
+
+
+def test_other_adapter_kinds_are_refused_even_when_unmatched_keys_are_ignored(setup):
+  """DoRA's magnitudes (PEFT's lora_magnitude_vector, kohya's dora_scale) or a lora_B bias change how their layers'
+  factors apply: strict=False must not drop them and load those layers as plain LoRA (silently wrong), as it did
+  for a file without diffusers' use_dora metadata."""
+  path, files, _, pipe, _ = setup
+  sd, _ = lora.read(files["peft_a"])
+  params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
+  module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+  kohya = f"lora_unet_{module.replace('.', '_')}"
+  others = {
+      f"unet.{module}.lora_magnitude_vector": "DoRA",
+      f"unet.{module}.lora_B.bias": "bias",
+      f"{kohya}.dora_scale": "DoRA",
+      f"{kohya}.diff_b": "diff",
+      "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": "norm",
+  }
+  for extra, kind in others.items():
+    with pytest.raises(ValueError, match=rf"{kind}.*not supported.*{re.escape(extra)}"):
+      lora.from_state_dict(dict(sd, **{extra: np.ones((32,), np.float32)}), params, strict=False)
+
+
+def test_a_folder_with_one_other_lora_file_loads_it(setup, tmp_path):
+  """As diffusers' load_lora_weights(folder): without pytorch_lora_weights.safetensors its one .safetensors file
+  (learned token embeddings aside); two candidates are refused, naming them, rather than one picked at random."""
+  path, files, _, pipe, _ = setup
+  params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
+  folder = tmp_path / "civitai_download"
+  folder.mkdir()
+  (folder / "my_style_v2.safetensors").write_bytes(open(files["kohya"], "rb").read())
+  (folder / "learned_embeds.safetensors").write_bytes(b"")  # a textual-inversion run's other file
+  reference.assert_same_adapter(lora.load(folder, params), lora.load(files["kohya"], params))
+  (folder / "other.safetensors").write_bytes(b"")
+  message = r"holds 2 .safetensors files and no pytorch_lora_weights.safetensors: pass the LoRA file itself \(my_st"
+  with pytest.raises(ValueError, match=message):
+    lora.load(folder, params)

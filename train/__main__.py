@@ -44,6 +44,9 @@ def parse(argv: list[str]) -> flags.FlagValues:
 
 def _one_line(e: BaseException) -> str:
   msg = " ".join(str(a) for a in e.args).strip("'\"").replace("\\n", " ").replace("\\'", "'") or repr(e)
+  head, tb, rest = msg.partition("Traceback (most recent call last):")
+  if tb:  # ml_collections puts a config file's whole traceback in its error: its last line is the reason
+    msg = head + rest.strip().splitlines()[-1]
   return " ".join(msg.split())
 
 

@@ -16,7 +16,7 @@ UTF-16 with a BOM, is fine).
 
 Images PIL cannot decode, broken symlinks and files whose names are not UTF-8
 are skipped with a warning that names them. 16-bit grey images are scaled to 8
-bits (see `_to_rgb`). The prepared dataset is read back from its files, so
+bits (see `to_rgb`). The prepared dataset is read back from its files, so
 training needs neither this module nor the original folder; `prepared_settings`
 tells the settings (e.g. max_size) it was prepared with. Preparing again reuses
 the data while the folder and the settings are unchanged, and refuses (unless
@@ -341,7 +341,7 @@ def _pixel_limit():
     Image.MAX_IMAGE_PIXELS = previous
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
   """The image as RGB. PIL's convert clips 16/32-bit grey at 255 (a 16-bit scan comes out nearly white), so:
   mode I;16* (16-bit) is divided by 257; mode I (32-bit integers) too when its maximum exceeds 255, as 16-bit
   data (values above 65535 clip), else kept; mode F (floats) is taken as 0..1 and multiplied by 255 when its
@@ -377,7 +377,7 @@ def _encode(path: str, max_size: int | None) -> bytes:
     oriented = image.getexif().get(0x0112, 1) == 1  # EXIF orientation: none
     if fmt in ("PNG", "JPEG") and image.mode == "RGB" and fits and oriented:
       return data  # untouched
-    image = _to_rgb(image if oriented else ImageOps.exif_transpose(image))
+    image = to_rgb(image if oriented else ImageOps.exif_transpose(image))
   except Image.DecompressionBombError as e:
     raise _Unreadable(f"{path}: too large to decode ({e})") from None
   except (UnidentifiedImageError, OSError, ValueError) as e:

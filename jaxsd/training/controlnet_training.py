@@ -47,9 +47,15 @@ def shape_mask(images: jax.Array) -> jax.Array:
 def embedding_widths(vae_factor: int, widths=()) -> tuple[int, ...]:
   """The conditioning embedding's widths: as given, or diffusers' (16, 32, 96, 256) cut to the VAE's factor
   (one stride-2 convolution per halving)."""
-  if widths:
-    return tuple(widths)
   levels = vae_factor.bit_length()  # factor 2**(levels - 1)
+  if widths:
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+      raise ValueError(f"conditioning_embedding_out_channels={tuple(widths)}: the widths must be whole numbers >= 1.")
+    if len(widths) != levels:  # else the condition (image-sized) and the latents disagree in the first step
+      raise ValueError(f"conditioning_embedding_out_channels={tuple(widths)} downsamples the condition by "
+                       f"{2**(len(widths) - 1)}, but the VAE downsamples by {vae_factor}: give {levels} widths "
+                       "(one stride-2 convolution per halving), or () for diffusers' default.")
+    return tuple(widths)
   if levels > len(EMBEDDING_WIDTHS):
     raise ValueError(f"a VAE that downsamples by {vae_factor} needs conditioning_embedding_out_channels with "
                      f"{levels} widths; set them.")

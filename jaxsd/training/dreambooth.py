@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jaxsd import tokenizer as tok
-from jaxsd.data.image_folder import IMAGE_EXTENSIONS
+from jaxsd.data.image_folder import IMAGE_EXTENSIONS, to_rgb
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ MANIFEST = "class_images.json"
 def list_images(folder: str) -> list[str]:
   """The image files directly in `folder` (as diffusers' DreamBoothDataset reads it), sorted."""
   names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-  return [os.path.join(folder, f) for f in names]
+  # Sub-folders named like images are left out; a broken link stays, so that the check names it as unreadable.
+  return [os.path.join(folder, f) for f in names if not os.path.isdir(os.path.join(folder, f))]
 
 
 def _readable(paths: list[str], what: str) -> None:
@@ -73,8 +74,8 @@ def check_settings(c) -> None:
                      "identifier (e.g. 'a photo of dog').")
   if int(c.num_class_images) < 1:
     raise ValueError(f"num_class_images={c.num_class_images}: prior preservation needs at least 1 class image.")
-  if float(c.prior_loss_weight) < 0:
-    raise ValueError(f"prior_loss_weight={c.prior_loss_weight} must be >= 0.")
+  if not 0 <= float(c.prior_loss_weight) < float("inf"):
+    raise ValueError(f"prior_loss_weight={c.prior_loss_weight} must be a finite number >= 0.")
   if c.class_data_dir:
     class_dir = os.path.expanduser(c.class_data_dir)
     if not os.path.isdir(class_dir):
@@ -218,8 +219,8 @@ class _Reader:
   def _load(self, path: str, key: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """(pixels in [-1, 1], the image's (height, width) before resizing, the crop's (top, left))."""
     rng = np.random.default_rng(key)
-    with Image.open(path) as f:
-      image = ImageOps.exif_transpose(f).convert("RGB")
+    with Image.open(path) as f:  # 16-bit and float images scaled to 8 bits (convert("RGB") clips them)
+      image = to_rgb(ImageOps.exif_transpose(f))
     s = self.size
     original = (image.height, image.width)
     w, h = image.size

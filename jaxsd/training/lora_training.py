@@ -68,13 +68,16 @@ class LoraSpec:
     return self.alpha / self.rank
 
 
-def target_layers(unet_params: Any, target_modules: str | tuple[str, ...],
-                  network: str = "U-Net") -> dict[tuple[str, ...], tuple[int, ...]]:
-  """The Dense / Conv layers whose PyTorch module name is a target or ends in `.target` (PEFT's matching)."""
+def target_layers(unet_params: Any, target_modules: str | tuple[str, ...], network: str = "U-Net",
+                  setting: str = "target_modules") -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The Dense / Conv layers whose PyTorch module name is a target or ends in `.target` (PEFT's matching);
+  `setting` is the config key named in errors."""
   names = [t.strip() for t in target_modules.split(",")] if isinstance(target_modules, str) else list(target_modules)
   names = [t for t in names if t]
+  examples = ("q_proj, k_proj, v_proj, out_proj, mlp.fc1"
+              if network == "text encoder" else "to_q, to_out.0, ff.net.0.proj, ff.net.2, proj_in, conv1")
   if not names:
-    raise ValueError("target_modules is empty: name the layers to adapt, e.g. to_q,to_k,to_v,to_out.0.")
+    raise ValueError(f"{setting} is empty: name the {network}'s layers to adapt, e.g. {examples}.")
   found, used = {}, set()
   for module, (path, shape) in lora.kernel_modules(unet_params).items():
     for t in names:
@@ -83,9 +86,7 @@ def target_layers(unet_params: Any, target_modules: str | tuple[str, ...],
         used.add(t)
   unused = [t for t in names if t not in used]
   if unused:
-    examples = ("q_proj, k_proj, v_proj, out_proj, mlp.fc1"
-                if network == "text encoder" else "to_q, to_out.0, ff.net.0.proj, ff.net.2, proj_in, conv1")
-    raise ValueError(f"target_modules {', '.join(unused)} match no Dense or Conv layer of the {network} (module "
+    raise ValueError(f"{setting} {', '.join(unused)} match no Dense or Conv layer of the {network} (module "
                      f"names as in its PyTorch state dict, e.g. {examples}).")
   return found
 
@@ -94,9 +95,9 @@ def check_settings(c) -> None:
   """ValueError for values of the config section `lora` that cannot work (checked before any model is loaded)."""
   if int(c.rank) < 1:
     raise ValueError(f"rank={c.rank}: the adapter rank must be >= 1.")
-  if not float(c.alpha) >= 0:
-    raise ValueError(f"alpha={c.alpha}: the adapter's alpha must be >= 0 (its scale is alpha / rank; 0 means alpha = "
-                     "rank, diffusers' scripts' default).")
+  if not 0 <= float(c.alpha) < math.inf:
+    raise ValueError(f"alpha={c.alpha}: the adapter's alpha must be a finite number >= 0 (its scale is alpha / rank; "
+                     "0 means alpha = rank, diffusers' scripts' default).")
   if float(c.dropout) != 0:
     raise ValueError(f"dropout={c.dropout}: only 0 is supported (the adapter is merged into the kernels, and "
                      "PEFT's dropout acts on each token's input to lora_A, which a merged kernel cannot express).")
@@ -105,6 +106,9 @@ def check_settings(c) -> None:
   if c.get("token_init") and not c.get("token_embeddings"):
     raise ValueError(f"token_init={c.token_init!r} starts token embeddings, but token_embeddings names none: set "
                      "token_embeddings (e.g. 'sks') or leave token_init empty.")
+  if c.get("text_target_modules", TEXT_ATTENTION) != TEXT_ATTENTION and not c.get("train_text_encoder"):
+    raise ValueError(f"text_target_modules={c.text_target_modules!r} names the text encoder's layers to adapt, but "
+                     "train_text_encoder is False: set train_text_encoder=True, or leave text_target_modules as it is.")
   if not c.target_modules and not c.get("token_embeddings"):
     raise ValueError("target_modules is empty and token_embeddings names no word: nothing would train.")
   if c.export_format not in lora.FORMATS:
@@ -127,9 +131,9 @@ def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any =
   text_targets, text_targets_2 = {}, {}
   if c.get("train_text_encoder"):
     modules = c.get("text_target_modules", TEXT_ATTENTION)
-    text_targets = target_layers(text_params, modules, "text encoder")
+    text_targets = target_layers(text_params, modules, "text encoder", "text_target_modules")
     if text_params_2 is not None:
-      text_targets_2 = target_layers(text_params_2, modules, "text encoder")
+      text_targets_2 = target_layers(text_params_2, modules, "text encoder", "text_target_modules")
   targets = target_layers(unet_params, c.target_modules) if (c.target_modules or not tokens) else {}
   return LoraSpec(int(c.rank), alpha, targets, c.init, text_targets, text_targets_2, tokens)
 

@@ -420,11 +420,14 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
     adapter = lora_training.to_adapter(spec, trained)
     # sd-scripts names an SDXL U-Net's layers as Stability's (sgm) U-Net does; A1111 expects those.
     unet_names = lora_names.sgm_names(lora_lib.kernel_modules(unet_params)) if sdxl else None
-    path = lora_lib.save(adapter, os.path.join(workdir, "lora"), cfg.lora.export_format, unet_names=unet_names)
+    path = os.path.join(workdir, "lora", lora_lib.WEIGHT_NAME)
+    if primary():  # every process holds the same adapter; two writing one file race on its .tmp
+      lora_lib.save(adapter, path, cfg.lora.export_format, unet_names=unet_names)
     facts.update(file=path, format=cfg.lora.export_format)
   if spec.tokens:
-    facts["embeddings_file"] = token_embeddings.save(jax.device_get(trained["token_embeddings"]),
-                                                     os.path.join(workdir, "lora"))
+    facts["embeddings_file"] = os.path.join(workdir, "lora", token_embeddings.WEIGHT_NAME)
+    if primary():
+      token_embeddings.save(jax.device_get(trained["token_embeddings"]), facts["embeddings_file"])
   return _finish(workdir, "lora",
                  dict(_run_facts(res, t0), ema=state.ema_params is not None, **facts, **lora_training.describe(spec)))
 

@@ -13,7 +13,7 @@ import jax
 from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.model_folder import (check_model_folder, find_weight_files, is_sdxl_folder, is_workdir, model_dir,
-                                SafetensorsDict, scheduler_config_file)
+                                SafetensorsDict, scheduler_config_file, variants_in)
 from jaxsd.training import controlnet_training, dreambooth, losses, lora_training, sharding, stages
 from jaxsd.training.optimizer import make_optimizer
 
@@ -222,6 +222,10 @@ def check_config(cfg, n_devices: int) -> None:
       raise ConfigError("config.unet.cache_latents stores the frozen text encoder's outputs: it cannot be combined "
                         "with config.lora.train_text_encoder=True or config.lora.token_embeddings.")
     _check_section(cfg, "lora", lora_training.check_settings)
+    if cfg.unet.get("sample_every"):
+      raise ConfigError(f"config.unet.sample_every={cfg.unet.sample_every}: a LoRA run draws no samples while it "
+                        "trains; set it to 0 and sample with the adapter (python -m sample --model INIT --lora "
+                        "DIR/lora/pytorch_lora_weights.safetensors).")
   if is_dreambooth(cfg):
     if not cfg.init:
       raise ConfigError("config.dreambooth teaches a pretrained model a subject: set --config.init=<diffusers "
@@ -244,6 +248,14 @@ def check_config(cfg, n_devices: int) -> None:
       raise ConfigError("config.benchmark_steps times the U-Net or LoRA step; it is not implemented for "
                         "config.controlnet: set it to 0.")
     _check_section(cfg, "controlnet", controlnet_training.check_settings)
+    if cfg.unet.get("sample_every"):
+      raise ConfigError(f"config.unet.sample_every={cfg.unet.sample_every}: a ControlNet run draws no samples while "
+                        "it trains; set it to 0 and sample with the result (python -m sample --model INIT "
+                        "--controlnet DIR/controlnet --control-image IMAGE).")
+    try:  # the condition is image-sized, the latents the VAE's: the embedding must downsample as the VAE does
+      controlnet_training.embedding_widths(2**(vae_blocks - 1), cfg.controlnet.conditioning_embedding_out_channels)
+    except ValueError as e:
+      raise ConfigError(f"config.controlnet: {e}") from None
     if cfg.controlnet.conditioning == "shape_mask" and builtin.lookup(cfg.data.name) is None:
       raise ConfigError(f"config.controlnet.conditioning='shape_mask' is made from the shapes dataset's pictures (a "
                         f"saturation threshold that outlines its shapes); on {cfg.data.name!r} it would teach a "
@@ -326,11 +338,18 @@ def _check_init(cfg) -> None:
     raise ConfigError(f"config.init: {e} (it is not a diffusers Stable Diffusion folder).") from None
   networks = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if is_sdxl(cfg) else ())
   for name in networks:  # safetensors: the headers only (a truncated download, a Git LFS pointer)
+    files = None
     try:
       files, fmt = find_weight_files(os.path.join(init, name))
       if fmt == "safetensors":
         SafetensorsDict(files)  # opens each file's header
     except (ValueError, FileNotFoundError) as e:
+      variants = sorted(variants_in(os.path.join(init, name))) if files is None else []
+      if variants:  # the loader's own hint names sampling's --variant, which training does not have
+        raise ConfigError(f"config.init: {os.path.join(init, name)} holds only {variants[0]} weights, and training "
+                          "reads a folder's own weights (it has no variant setting): convert the folder first, e.g. "
+                          "python -c \"import jaxsd; jaxsd.StableDiffusion.from_pretrained('INIT', "
+                          f"variant='{variants[0]}').save_pretrained('NEW')\".") from None
       raise ConfigError(f"config.init: {e}") from None
     if fmt == "pickle":
       raise ConfigError(f"config.init: {os.path.join(init, name)} holds only pickled .bin weights, which training "

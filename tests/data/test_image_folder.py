@@ -354,7 +354,7 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
   def as_rgb(array, mode):
     image = Image.fromarray(array)
     assert image.mode == mode
-    return np.asarray(image_folder._to_rgb(image))[..., 0]
+    return np.asarray(image_folder.to_rgb(image))[..., 0]
 
   np.testing.assert_array_equal(as_rgb(np.array([[0, 257, 65535]], np.int32), "I"), [[0, 1, 255]])
   np.testing.assert_array_equal(as_rgb(np.array([[0, 7, 255]], np.int32), "I"), [[0, 7, 255]])

@@ -112,6 +112,10 @@ def test_the_run_trains_a_controlnet_that_diffusers_loads(init, tmp_path):
     (dict(controlnet__conditioning="canny"), "conditioning='canny'"),
     (dict(benchmark_steps=2), "benchmark_steps"),
     (dict(data__name="my_photos"), "shape_mask.*on 'my_photos' it would teach a meaningless condition"),
+    (dict(controlnet__conditioning_embedding_out_channels=(8, 16, 32)), "downsamples the condition by 4, but the VAE "
+     "downsamples by 2"),
+    (dict(controlnet__conditioning_embedding_out_channels=(0, 16)), "widths must be whole numbers >= 1"),
+    (dict(unet__sample_every=2), "sample_every=2: a ControlNet run draws no samples while it trains"),
 ])
 def test_bad_settings_are_refused_first(init, tmp_path, updates, match):
   cfg = _cfg(init, str(tmp_path / "tfds"))
@@ -120,3 +124,16 @@ def test_bad_settings_are_refused_first(init, tmp_path, updates, match):
     (cfg[section] if key else cfg)[key or section] = v
   with pytest.raises(run.ConfigError, match=match):
     run.check_config(cfg, jax.device_count())
+
+
+def test_conditioning_widths_must_downsample_as_the_vae():
+  """Widths that downsample the condition by other than the VAE's factor are refused as a setting (they failed as
+  a ValueError traceback while the first step compiled, the condition and the latents of other sizes)."""
+  assert controlnet_training.embedding_widths(2, (8, 16)) == (8, 16)
+  assert controlnet_training.embedding_widths(8) == controlnet_training.EMBEDDING_WIDTHS
+  for factor, widths in ((2, (8, 16, 32)), (8, (16, 32)), (8, (16,))):
+    message = rf"downsamples the condition by {2**(len(widths) - 1)}, but the VAE downsamples by {factor}: give "
+    with pytest.raises(ValueError, match=message + rf"{factor.bit_length()} widths"):
+      controlnet_training.embedding_widths(factor, widths)
+  with pytest.raises(ValueError, match=r"=\(0, 16\): the widths must be whole numbers >= 1"):
+    controlnet_training.embedding_widths(2, (0, 16))  # was a ValueError traceback from the model's config

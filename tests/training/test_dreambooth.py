@@ -121,6 +121,25 @@ def test_batches_pair_instance_and_class_examples(instance_dir, tmp_path):
       np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit grey PNG or a float TIFF among the subject's images reads as its 8-bit twin, as prepare_image_folder
+  reads it (PIL's convert("RGB") clipped them: the 16-bit one came out nearly white, the float one black); a
+  folder named like an image is not one of the images."""
+  grey = np.random.default_rng(0).integers(0, 256, (HW, HW), dtype=np.uint8)
+  Image.fromarray(grey).save(tmp_path / "a_8bit.png")
+  Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "b_16bit.png")
+  Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "c_float.tiff")
+  (tmp_path / "d_folder.png").mkdir()
+  paths = dreambooth.list_images(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ["a_8bit.png", "b_16bit.png", "c_float.tiff"]
+  ds = dreambooth.make_dataset(paths, INSTANCE, tokenizer=tok.load_tokenizer(), image_size=HW, global_batch_size=3,
+                               center_crop=True)
+  images = next(iter(ds))["image"]
+  assert Image.open(paths[1]).mode.startswith("I;16") and Image.open(paths[2]).mode == "F"
+  for image in images:  # the epoch's order is shuffled: each image is the 8-bit one
+    np.testing.assert_allclose(image, np.repeat(grey[..., None], 3, -1) / 127.5 - 1, atol=1e-6)
+
+
 def test_class_images_are_drawn_once_and_cached(tmp_path):
   """Only the missing images are drawn; a rerun draws nothing; a run interrupted after one batch finishes with
   the same images; other settings are refused rather than mixed in."""
@@ -262,7 +281,10 @@ def test_full_fine_tune_dreambooth_exports_a_diffusers_folder(init, instance_dir
     }, "num_class_images=0"),
     ({
         "dreambooth.prior_loss_weight": -1.0
-    }, "prior_loss_weight=-1.0 must be >= 0"),
+    }, "prior_loss_weight=-1.0 must be a finite number >= 0"),
+    ({
+        "dreambooth.prior_loss_weight": float("nan")
+    }, "prior_loss_weight=nan must be a finite number >= 0"),
     ({
         "dreambooth.class_data_dir": "/nonexistent/dogs"
     }, "class_data_dir='/nonexistent/dogs' does not exist"),

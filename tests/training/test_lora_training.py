@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import diffusers
 import jax
@@ -122,6 +123,17 @@ def test_kohya_export(trained, init, data_dir, tmp_path):
   reference.assert_same_adapter(b, a)
 
 
+def test_only_process_0_writes_the_adapter(trained, init, data_dir, tmp_path, monkeypatch):
+  """On several hosts every process holds the adapter, and process 0 alone writes it (as the exported model):
+  every process saving one file through one .tmp raced. Here the finished run's checkpoint is resumed as a
+  process other than 0: it exports nothing."""
+  workdir = reference.reuse_checkpoints(trained[0], str(tmp_path / "host1"), "lora")
+  monkeypatch.setattr(run, "primary", lambda: False)
+  results = run.train_and_evaluate(_cfg(init, data_dir), workdir)
+  assert results["lora"]["file"] == os.path.join(workdir, "lora", lora.WEIGHT_NAME)
+  assert not [f for f in os.listdir(os.path.join(workdir, "lora")) if "safetensors" in f]
+
+
 def _stage(init, cfg):
   tokenizer = tok.load_tokenizer(init)
   unet, unet_params = pretrained.load_unet(os.path.join(init, "unet"))
@@ -188,7 +200,10 @@ def test_only_the_adapter_trains_and_it_learns_a_repeated_batch(init, data_dir):
     }, "rank=0: the adapter rank must be >= 1"),
     ({
         "lora.alpha": -3.0
-    }, r"alpha=-3.0: the adapter's alpha must be >= 0"),
+    }, r"alpha=-3.0: the adapter's alpha must be a finite number >= 0"),
+    ({
+        "lora.alpha": float("inf")
+    }, r"alpha=inf: the adapter's alpha must be a finite number >= 0"),
     ({
         "lora.token_embeddings": "<teal>"
     }, "'<teal>' is 3 tokens .* one token each"),
@@ -196,13 +211,41 @@ def test_only_the_adapter_trains_and_it_learns_a_repeated_batch(init, data_dir):
         "lora.token_init": "red"
     }, "token_embeddings names none"),
     ({
+        "lora.token_embeddings": "sks,SKS"
+    }, "'sks' and 'SKS' are the same token for this tokenizer"),
+    ({
+        "unet.sample_every": 2
+    }, "sample_every=2: a LoRA run draws no samples while it trains"),
+    ({
         "lora.target_modules": ""
     }, "nothing would train"),
+    ({
+        "lora.text_target_modules": "q_proj,v_proj"
+    }, "text_target_modules='q_proj,v_proj' names the text encoder's layers to adapt, but train_text_encoder is "
+     "False"),
+    ({
+        "lora.train_text_encoder": True,
+        "lora.text_target_modules": ""
+    }, "text_target_modules is empty: name the text encoder's layers to adapt, e.g. q_proj"),
 ])
 def test_bad_lora_config_is_refused(init, data_dir, tmp_path, updates, message):
   with pytest.raises(run.ConfigError, match=message):
     run.train_and_evaluate(_cfg(init, data_dir, **updates), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "lora" / "checkpoints")
+
+
+def test_an_init_with_only_fp16_weights_is_refused_naming_the_conversion(init, data_dir, tmp_path):
+  """A folder of *.fp16.safetensors weights only (as some hub repositories are): the loader's hint named sampling's
+  --variant flag, which `python -m train` does not have; training names the conversion instead."""
+  fp16 = str(tmp_path / "fp16_only")
+  shutil.copytree(init, fp16)
+  for name in ("unet", "vae"):
+    os.rename(os.path.join(fp16, name, "diffusion_pytorch_model.safetensors"),
+              os.path.join(fp16, name, "diffusion_pytorch_model.fp16.safetensors"))
+  message = r"fp16_only/unet holds only fp16 weights.*from_pretrained\('INIT', variant='fp16'\).save_pretrained"
+  with pytest.raises(run.ConfigError, match=message) as e:
+    run.check_config(_cfg(fp16, data_dir), 1)
+  assert "--variant" not in str(e.value)
 
 
 def test_benchmark_times_the_adapter_step(init, data_dir, tmp_path):
