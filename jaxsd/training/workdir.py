@@ -88,6 +88,9 @@ def changed_settings(old: dict, new: dict) -> list[str]:
   """"key: old -> new" for the settings both configs have that differ and are not FREE (keys only one has, e.g.
   of another jaxsd version, are not compared)."""
   a, b = _flat(old), _flat(new)
+  if isinstance(a.get("init"), str) and a["init"] and not os.path.isabs(a["init"]):
+    # Runs before 2026-12-06 recorded the init as given; it is absolute now. Taken from the rerun's directory.
+    a["init"] = os.path.abspath(os.path.expanduser(a["init"]))
   return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k] and not _free(k)]
 
 

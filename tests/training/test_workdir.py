@@ -54,3 +54,18 @@ def test_a_rerun_with_settings_that_change_the_training_is_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(d))
   workdir.check_same_config(smoke.get_config().to_json_best_effort(), str(tmp_path))
   assert not os.path.exists(tmp_path / "other")
+
+
+def test_a_workdir_that_recorded_a_relative_init_resumes(tmp_path, monkeypatch):
+  """Workdirs started before config.init was made absolute recorded it as given (relative): a rerun from the same
+  directory, whose init is now absolute, is the same run; another folder is not."""
+  monkeypatch.chdir(tmp_path)
+  old = smoke.get_config()
+  old.init = "models/sd"
+  (tmp_path / "config.json").write_text(old.to_json_best_effort(indent=2))
+  rerun = smoke.get_config()
+  rerun.init = str(tmp_path / "models" / "sd")
+  workdir.check_same_config(rerun.to_json_best_effort(), str(tmp_path))
+  rerun.init = str(tmp_path / "models" / "other")
+  with pytest.raises(workdir.WorkdirError, match="init: "):
+    workdir.check_same_config(rerun.to_json_best_effort(), str(tmp_path))
