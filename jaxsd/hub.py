@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 
 from jaxsd import model_folder
 
@@ -26,17 +27,20 @@ log = logging.getLogger(__name__)
 
 # Folders of a pipeline repository that jaxsd reads (SD 1.x / 2.x and SDXL pipelines).
 FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_FILE_ENDINGS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".json")  # paths of files, not repository names
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 def is_repo_id(name: str) -> bool:
   """Whether `name` has the form of a Hub model id (owner/name, optionally @revision)."""
-  return bool(_REPO_ID.fullmatch(name)) and ".." not in name
+  return bool(_REPO_ID.fullmatch(name)) and ".." not in name and not name.endswith(_FILE_ENDINGS)
 
 
-def resolve(name: str | os.PathLike, *, variant: str | None = None, allow_pickle: bool = False) -> str:
+def resolve(name: str | os.PathLike, *, variant: str | None = None, allow_pickle: bool = False,
+            select: Callable[[set[str]], list[str]] | None = None) -> str:
   """`name` itself when it exists here or is no Hub id; else the local folder of the Hub model `name` (see the
-  module docstring). A FileNotFoundError in one line when it is neither here, nor cached, nor downloadable."""
+  module docstring). A FileNotFoundError in one line when it is neither here, nor cached, nor downloadable.
+  `select(files)` picks the files to fetch from the repository's listing instead (a LoRA repository's adapter)."""
   path = os.fspath(name)
   if os.path.exists(os.path.expanduser(path)) or not is_repo_id(path):
     return path
@@ -50,8 +54,11 @@ def resolve(name: str | os.PathLike, *, variant: str | None = None, allow_pickle
     try:
       info = huggingface_hub.model_info(repo_id, revision=revision)  # one request, no retries (list_repo_files has)
       files = {f.rfilename for f in info.siblings or ()}
+      if select:
+        return huggingface_hub.snapshot_download(repo_id, revision=info.sha or revision,
+                                                 allow_patterns=_exactly(select(files)))
       return _download(repo_id, info.sha or revision, files, variant, allow_pickle)
-    except _PickleRefused:
+    except Refused:
       raise
     except Exception as e:  # no network, no such repository or revision, a gated one without a token, ...
       reason = f"the Hub could not give it ({_first_line(e)})"
@@ -63,8 +70,8 @@ def resolve(name: str | os.PathLike, *, variant: str | None = None, allow_pickle
         f"{reason}. Pass a local folder, or a Hub model id that can be downloaded.") from None
 
 
-class _PickleRefused(ValueError):
-  pass
+class Refused(ValueError):
+  """The repository holds nothing jaxsd may fetch (only pickled weights, several candidate files, ...)."""
 
 
 def _first_line(e: Exception) -> str:
@@ -94,10 +101,9 @@ def _download(repo_id: str, revision: str | None, files: set[str], variant: str 
     if picked is None:
       continue  # a tokenizer or scheduler folder (a network without weights is named by the loader)
     if picked.fmt == "pickle" and not allow_pickle:
-      raise _PickleRefused(
-          f"{repo_id}: {folder or 'the repository'} has only pickled .bin weights, which can run code "
-          "when read: pass allow_pickle=True (--allow-pickle on the command line) to download and read "
-          "them, if you trust the repository.")
+      raise Refused(f"{repo_id}: {folder or 'the repository'} has only pickled .bin weights, which can run code "
+                    "when read: pass allow_pickle=True (--allow-pickle on the command line) to download and read "
+                    "them, if you trust the repository.")
     weights += [join(n) for n in picked.files]
   log.info("%s: fetching %d weight files (%s) into the Hugging Face cache if missing.", repo_id, len(weights),
            ", ".join(weights))
@@ -106,4 +112,4 @@ def _download(repo_id: str, revision: str | None, files: set[str], variant: str 
 
 def _exactly(names: list[str]) -> list[str]:
   """fnmatch patterns that match exactly these file names."""
-  return [glob.escape(n) for n in names] or ["model_index.json"]
+  return [glob.escape(n) for n in names] or ["model_index.json", "config.json"]

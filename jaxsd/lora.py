@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsd import lora_names, model_folder, token_embeddings, weights
+from jaxsd import hub, lora_names, model_folder, token_embeddings, weights
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -96,7 +96,7 @@ def read(source) -> tuple[dict[str, np.ndarray], dict]:
   one other .safetensors file), or a state dict (numpy / torch tensors; metadata then empty)."""
   if isinstance(source, Mapping):
     return {k: _numpy(v) for k, v in source.items()}, {}
-  path = os.fspath(source)
+  path = hub.resolve(source, select=_hub_lora_file)  # a file, a folder or a Hub id ("owner/name")
   if os.path.isdir(path):
     path = _weight_file(path)
   if not os.path.exists(path):
@@ -120,16 +120,25 @@ def read(source) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def _weight_file(folder: str) -> str:
-  """The LoRA file of a folder: pytorch_lora_weights.safetensors, else its one .safetensors file (as diffusers'
-  load_lora_weights guesses; learned token embeddings and training checkpoints are not LoRA files)."""
-  if os.path.exists(os.path.join(folder, WEIGHT_NAME)):
-    return os.path.join(folder, WEIGHT_NAME)
+  return os.path.join(folder, _lora_file_of(os.listdir(folder), folder))
+
+
+def _hub_lora_file(files: set[str]) -> list[str]:
+  """The file to fetch of a Hub repository's listing (`_lora_file_of` its top folder)."""
+  return [_lora_file_of([f for f in files if "/" not in f], "the repository")]
+
+
+def _lora_file_of(names: Sequence[str], where: str) -> str:
+  """The LoRA file among a folder's file names: pytorch_lora_weights.safetensors, else its one .safetensors file (as
+  diffusers' load_lora_weights guesses; learned token embeddings and training checkpoints are not LoRA files)."""
+  if WEIGHT_NAME in names:
+    return WEIGHT_NAME
   not_lora = (token_embeddings.WEIGHT_NAME, "scheduler", "optimizer", "checkpoint")
-  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and not any(w in f for w in not_lora))
+  files = sorted(f for f in names if f.endswith(".safetensors") and not any(w in f for w in not_lora))
   if len(files) > 1:
-    raise ValueError(f"{folder} holds {len(files)} .safetensors files and no {WEIGHT_NAME}: pass the LoRA file "
-                     f"itself ({_listed(files)}).")
-  return os.path.join(folder, files[0] if files else WEIGHT_NAME)
+    raise hub.Refused(f"{where} holds {len(files)} .safetensors files and no {WEIGHT_NAME}: pass the LoRA file "
+                      f"itself ({_listed(files)}).")
+  return files[0] if files else WEIGHT_NAME
 
 
 def _numpy(value) -> np.ndarray:

@@ -47,7 +47,7 @@ def test_paths_and_non_ids_are_left_alone(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   os.makedirs("models/sd")
   assert hub.resolve("models/sd") == "models/sd"  # a relative path that exists wins over the Hub id of that form
-  for name in ("/nonexistent/sd", "sd", "a/b/c", "../x/y", "~/sd", "model.safetensors"):
+  for name in ("/nonexistent/sd", "sd", "a/b/c", "../x/y", "~/sd", "model.safetensors", "loras/x.safetensors"):
     assert hub.resolve(name) == name and not hub.is_repo_id(name)
   assert hub.is_repo_id("stabilityai/stable-diffusion-2-1") and hub.is_repo_id("owner/name@v1.0")
 
@@ -180,3 +180,29 @@ def test_a_network_loads_by_its_hub_id(tiny, offline_cache):
   _, got = pretrained.load_vae("owner/tiny-vae")
   _, want = pretrained.load_vae(os.path.join(tiny, "vae"))
   assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
+
+
+def test_a_lora_repository(fake_hub):
+  """lora.read takes a Hub id: its top folder's pytorch_lora_weights.safetensors, else its one .safetensors file (as
+  diffusers' load_lora_weights); several candidates are refused naming them, before any download."""
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  from jaxsd import lora
+
+  remote = fake_hub.remote
+  shutil.rmtree(remote)
+  os.makedirs(os.path.join(remote, "images"))
+  tensors = {"unet.down.lora_A.weight": np.ones((2, 3), np.float32)}
+  save_file(tensors, os.path.join(remote, "my_style.safetensors"))
+  for f in ("README.md", "images/x.png"):
+    with open(os.path.join(remote, f), "w") as fh:
+      fh.write("x")
+  got, _ = lora.read("owner/style-lora")
+  assert fake_hub.fetched == {"my_style.safetensors"} and np.array_equal(got["unet.down.lora_A.weight"],
+                                                                         tensors["unet.down.lora_A.weight"])
+  save_file(tensors, os.path.join(remote, "my_style_epoch2.safetensors"))
+  fake_hub.fetched.clear()
+  with pytest.raises(ValueError, match=r"the repository holds 2 .safetensors files .* \(my_style.safetensors, "):
+    lora.read("owner/style-lora")
+  assert not fake_hub.fetched
