@@ -206,3 +206,23 @@ def test_a_lora_repository(fake_hub):
   with pytest.raises(ValueError, match=r"the repository holds 2 .safetensors files .* \(my_style.safetensors, "):
     lora.read("owner/style-lora")
   assert not fake_hub.fetched
+
+
+def test_training_takes_a_hub_id_as_its_init(tiny, offline_cache, tmp_path, capsys):
+  """config.init=owner/name is its cached folder (recorded as that folder); one neither here nor cached is one line,
+  exit 2, before anything is written."""
+  from jaxsd.training import run_config
+  from train import __main__ as train_main
+  from train.configs import finetune
+
+  snapshot = _cache_with(offline_cache, "owner/tiny-sd", tiny)
+  cfg = finetune.get_config()
+  cfg.init = "owner/tiny-sd"
+  run_config.resolve_init(cfg)
+  assert cfg.init == snapshot
+  workdir = tmp_path / "w"
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "configs", "finetune.py")
+  assert train_main.main(["train", "--config", config, "--workdir", str(workdir), "--config.init=owner/missing"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "error: config.init: 'owner/missing' does not exist here and is not a model" in err
+  assert not workdir.exists()

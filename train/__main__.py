@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
       jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     elif (fv.coordinator_address, fv.num_processes, fv.process_id) != (None, None, None):
       raise run_config.ConfigError("--coordinator_address, --num_processes and --process_id need --distributed.")
+    run_config.resolve_init(cfg)  # a Hub id: its folder in the Hugging Face cache
     run_config.check_config(cfg, jax.device_count())  # before the compilation cache or anything else is touched
     enable_compilation_cache()
     result = run.train_and_evaluate(cfg, fv.workdir)

@@ -47,8 +47,8 @@ from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
 from jaxsd.training import workdir as workdir_lib
 from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, data_dir, is_dreambooth, is_lora,
-                                       is_sdxl, mask_key, optimizer_settings, read_json, section, stage_names,
-                                       text_length)
+                                       is_sdxl, mask_key, optimizer_settings, read_json, resolve_init, section,
+                                       stage_names, text_length)
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
@@ -585,8 +585,7 @@ def _benchmark(cfg, stage, mesh, it) -> dict:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured stages in order (skipping finished ones), then the prompt-match report."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  if cfg.init:  # ~ as in data_dir and the DreamBooth folders; absolute, so that config.json says which folder
-    cfg.init = os.path.abspath(os.path.expanduser(cfg.init))
+  resolve_init(cfg)
   n_devices = jax.device_count()
   check_config(cfg, n_devices)
   with _config_error():

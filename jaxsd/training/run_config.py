@@ -10,6 +10,7 @@ import os
 
 import jax
 
+from jaxsd import hub
 from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.model_folder import (check_model_folder, find_weight_files, is_sdxl_folder, is_workdir, model_dir,
@@ -308,6 +309,19 @@ def _check_networks(cfg) -> None:
       built[name] = build()
     except (ValueError, TypeError, ZeroDivisionError) as e:
       raise ConfigError(f"config.{name}: {e}") from None
+
+
+def resolve_init(cfg) -> None:
+  """config.init as the local folder it names, absolute (so that config.json says which folder) with ~ expanded (as
+  data_dir and the DreamBooth folders): a Hub id ("owner/name") is looked up in the Hugging Face cache or downloaded
+  into it (`jaxsd.hub`; a ConfigError when it cannot be)."""
+  if not cfg.init:
+    return
+  try:
+    init = hub.resolve(cfg.init)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.init: {e}") from None
+  cfg.init = os.path.abspath(os.path.expanduser(init))
 
 
 def _check_init(cfg) -> None:
