@@ -82,6 +82,7 @@ def save_program(pipe: StableDiffusion, folder: str, *, batch: int, height: int 
       "noise_shape": list(noise.shape),
       "platforms": list(exported.platforms),
       "jax": jax.__version__,
+      "fingerprint": pipe.program_fingerprint(),
   }
   with open(os.path.join(folder, name + ".json"), "w") as f:
     json.dump(info, f, indent=2)
@@ -94,7 +95,9 @@ def _avals(tree) -> list[tuple[tuple[int, ...], str]]:
 
 def load_programs(pipe: StableDiffusion, folder: str) -> list[str]:
   """Loads every program `save_program` wrote to `folder` into `pipe`; returns their names. A program
-  saved from a model of other parameter shapes or dtypes, or for another platform, is an error."""
+  saved from a model of other parameter shapes or dtypes, from a pipeline of another `program_fingerprint` (noise
+  schedule, network configs, clip_skip), or for another platform, is an error; after a change to the pipeline's
+  schedule or clip_skip its calls trace as usual."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"load_programs: {folder} is not a folder of saved programs (aot.save_program writes one).")
   names = sorted(f[:-len(_SUFFIX)] for f in os.listdir(folder) if f.endswith(_SUFFIX))
@@ -113,7 +116,10 @@ def load_programs(pipe: StableDiffusion, folder: str) -> list[str]:
     if _avals(exported.in_avals[:len(params)]) != params:
       raise ValueError(f"load_programs: {name} was saved from a model with other parameter shapes or dtypes than "
                        "this pipeline's: save it again from this model (and dtype).")
+    if info.get("fingerprint") != pipe.program_fingerprint():
+      raise ValueError(f"load_programs: {name} was saved from a pipeline with another noise schedule, network configs, "
+                       "dtypes or clip_skip than this one (its images would differ): save it again from this pipeline.")
     key = exported_key(info["sampler"], info["steps"], info["guided"], info["output"], tuple(info["ids_shape"]),
-                       tuple(info["uncond_ids_shape"]), tuple(info["noise_shape"]))
+                       tuple(info["uncond_ids_shape"]), tuple(info["noise_shape"]), info["fingerprint"])
     pipe.exported_programs[key] = exported
   return names

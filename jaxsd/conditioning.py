@@ -52,7 +52,9 @@ def as_images(images: Any, name: str = "images") -> np.ndarray:
     raise ValueError(f"{name} must be RGB, NHWC (B, H, W, 3) or PIL images; got an array of shape {images.shape}.")
   if images.dtype == np.uint8:
     return images.astype(np.float32) / 255.0
-  return images.astype(np.float32)
+  if images.dtype.kind in "biu":  # 16-bit pixels, or 0..255 held as int64: no scale to read them by
+    raise ValueError(f"{name}: an array of {images.dtype}; give uint8 (0..255) or floats in [0, 1].")
+  return _unit_range(images.astype(np.float32), name, "uint8 (0..255) or floats in [0, 1]")
 
 
 def mask_levels(masks: Any, name: str = "mask_images") -> np.ndarray:
@@ -67,7 +69,17 @@ def mask_levels(masks: Any, name: str = "mask_images") -> np.ndarray:
   if masks.ndim != 3:
     raise ValueError(f"{name} must be single-channel, (B, H, W) or (B, H, W, 1) or PIL images; got an array of "
                      f"shape {masks.shape}.")
-  return masks.astype(np.float32) / 255.0 if masks.dtype == np.uint8 else masks.astype(np.float32)
+  if masks.dtype == np.uint8:
+    return masks.astype(np.float32) / 255.0
+  return _unit_range(masks.astype(np.float32), name, "uint8 (0..255), or booleans or numbers in [0, 1]")
+
+
+def _unit_range(x: np.ndarray, name: str, what: str) -> np.ndarray:
+  """`x`, or a ValueError when it is not in [0, 1]: floats of 0..255 (np.asarray(image).astype(float)) were read
+  as images 255 times too bright, and masks' grey levels binarised at 0.5 / 255."""
+  if x.size and not (np.isfinite(x).all() and x.min() >= -1e-3 and x.max() <= 1 + 1e-3):
+    raise ValueError(f"{name}: values from {x.min():g} to {x.max():g}; give {what}.")
+  return x
 
 
 def as_masks(masks: Any, name: str = "mask_images") -> np.ndarray:
@@ -117,6 +129,8 @@ def _open(path: str, flag: str):
     im = Image.open(path)
     im.load()
     im = ImageOps.exif_transpose(im)
+  except Image.DecompressionBombError as e:  # not an OSError: a photo past PIL's pixel limit (~179 MP)
+    raise ValueError(f"{flag} {path}: too large to read ({e}); resize it to the size to generate at.") from None
   except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f"{flag} {path}: not an image PIL can read ({e}).") from e
   return im

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import os
 import re
@@ -67,6 +68,9 @@ def check_out_dir(out_dir: str, name: str = "out_dir") -> None:
   called before anything is loaded or compiled."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f"{name} {out_dir} is a file, not a folder: give a folder for the images.")
+  if os.path.islink(out_dir) and not os.path.exists(out_dir):  # makedirs cannot make it (found after sampling)
+    raise ValueError(f"{name} {out_dir} is a link to {os.readlink(out_dir)}, which does not exist (or loops): make "
+                     "that folder, or give another.")
   parent = os.path.abspath(out_dir)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -95,7 +99,7 @@ def save_new(image: np.ndarray, path: str) -> str:
 
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
-             sampler: str | None = None, guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
+             sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
@@ -105,7 +109,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filenames`; existing files are kept, see `save_new`) and the grid of them.
-  `sampler` defaults to the folder's own (`pipe.default_sampler`, as diffusers runs a folder's scheduler).
+  `sampler` defaults to the folder's own (`pipe.default_sampler`, as diffusers runs a folder's scheduler), and
+  `guidance_scale` to the pipeline call's (as diffusers': 7.5, SDXL's 5).
   Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
@@ -115,9 +120,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   every batch has the windows of the longest prompt. A ControlNet pipeline (`pipe.with_controlnet`) takes
   `control_images`, one image per ControlNet used for every job (resized to height x width, which default
   to the first one's size; for img2img and inpainting the init image's size, and cropped with it under
-  `padding_mask_crop`), and the other ControlNet arguments of its call (the conditioning scale defaults, as
-  diffusers', to 1 for text-to-image, 0.8 for img2img and 0.5 for inpainting). Bad arguments, checked before
-  anything compiles, raise a ValueError that says what to change.
+  `padding_mask_crop`), and the other ControlNet arguments of its call (the conditioning scale defaults to its
+  call's, as diffusers': 1 for text-to-image, 0.8 for img2img, 0.5 for SD's inpainting and 1 for SDXL's). Bad
+  arguments, checked before anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
@@ -135,6 +140,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if control_images is not None and not controlled:
     raise ValueError("control images without ControlNets: steer the pipeline with pipe.with_controlnet(...).")
   pipe.check_task(task)
+  call = {"text": pipe.__call__, "img2img": pipe.img2img, "inpaint": pipe.inpaint}[task]  # what each job is
+  if guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
+    guidance_scale = inspect.signature(call).parameters["guidance_scale"].default
   strength = 1.0 if task == "text" else strength if strength is not None else 0.6 if task == "img2img" else 1.0
   image = mask = crops = None
   crop = padding_mask_crop is not None
@@ -161,8 +169,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if guess_mode and not controlled:
     raise ValueError("guess_mode applies to ControlNet pipelines (pipe.with_controlnet(...)).")
   if controlled:
-    if controlnet_conditioning_scale is None:
-      controlnet_conditioning_scale = {"text": 1.0, "img2img": 0.8, "inpaint": 0.5}[task]
+    if controlnet_conditioning_scale is None:  # the pipeline call's own, diffusers' (SDXL inpainting: 1, not 0.5)
+      controlnet_conditioning_scale = inspect.signature(call).parameters["controlnet_conditioning_scale"].default
     settings = (controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
     if crop:  # at the init image's size, to be cut with it and resized as the crop is (below)
       control, _, _ = _control_inputs(pipe, control_images, *image.shape[1:3], *settings)
@@ -183,9 +191,11 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   elif task == "inpaint":
     mask = (mask >= 0.5).astype(np.float32)[..., None]  # as conditioning.as_masks
   # Every prompt tokenized once (a bad weight raises here), all to the same number of windows: one program.
+  # SDXL's img2img and inpainting condition on other time ids (the refiner: the negative aesthetic score).
   options = {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
-  all_ids, all_uncond, all_text = pipe.text_inputs(
-      prompts, None if negative_prompt is None else [negative_prompt] * len(prompts), height, width, **options)
+  negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+  all_ids, all_uncond, all_text = pipe.text_inputs(prompts, negatives, height, width, image_to_image=task != "text",
+                                                   **options)
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)
@@ -269,9 +279,7 @@ def _control_inputs(pipe, control_images, height, width, scale, start, end):
   if len(items) != n:
     raise ValueError(f"{len(items)} control images for {n} ControlNets: give one per ControlNet, in the same order.")
   scales, start, end = pipeline_controlnet.control_settings(n, scale, start, end)
-  if height is None or width is None:
-    size = pipeline_controlnet.image_size(items[0])
-    height, width = height or size[0], width or size[1]
+  height, width = pipeline_controlnet.output_size(pipe, items[0], height, width)
   images = []
   for k, item in enumerate(items):
     im = pipeline_controlnet.prepare_control_images(item, height, width, f"control image {k}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 from typing import Any, Sequence
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, mask_crop, model_folder, pipeline_adapters, pretrained, prompt_syntax, single_file
+from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_adapters, pretrained, prompt_syntax, single_file
 from jaxsd import tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.vae import AutoencoderKLConfig
@@ -66,9 +67,10 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     `variant` (e.g. "fp16") reads each network's `*.fp16.safetensors` (or its shards) where the folder
     has them and the default files elsewhere, as diffusers; weights are cast to `param_dtype` (default
     `dtype`) either way. `allow_pickle` reads networks that have only pickled `.bin` weights (with
-    `torch.load(weights_only=True)`; off by default, see `jaxsd.model_folder.read_state_dict`).
+    `torch.load(weights_only=True)`; off by default, see `jaxsd.model_folder.read_state_dict`). `path` may be a
+    Hub id ("owner/name"): its folder in the Hugging Face cache (`jaxsd.hub`; downloaded there if need be).
     """
-    path = os.fspath(path)
+    path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)
     if model_folder.is_sdxl_folder(path):
       raise ValueError(f"{path} is an SDXL folder: load it with jaxsd.StableDiffusionXL.from_pretrained (or "
                        "jaxsd.pipeline_xl.load, which tells the kinds apart).")
@@ -191,15 +193,17 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return hidden.reshape(b, length, hidden.shape[-1])
 
   def text_inputs(self, prompts: list[str], negative_prompts: list[str] | None, height: int, width: int, *,
-                  long_prompts: bool = False, prompt_weighting: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+                  long_prompts: bool = False, prompt_weighting: bool = False,
+                  image_to_image: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """(ids, unconditional ids, other text inputs of the program) for a batch; no negative prompts: "".
 
     The dict is empty here unless prompts are weighted (`weights`, `uncond_weights`); SDXL adds its size
-    conditioning. Every entry has the batch as axis 0. Without `long_prompts` and `prompt_weighting` the
+    conditioning, which differs for img2img and inpainting (`image_to_image`; the same for every task here).
+    Every entry has the batch as axis 0. Without `long_prompts` and `prompt_weighting` the
     tokens are diffusers' (77 per prompt, longer prompts truncated with a warning); with them, (B, 77 k)
     windows and A1111's weights (`jaxsd.prompt_syntax`).
     """
-    del height, width
+    del height, width, image_to_image
     negative_prompts = negative_prompts or [""] * len(prompts)
     if not (long_prompts or prompt_weighting):
       return self.tokenize(prompts), self.tokenize(negative_prompts), {}
@@ -449,6 +453,14 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
       self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise))
     return self._compiled[key]
 
+  def program_fingerprint(self) -> str:
+    """What a traced program holds besides its arguments: the networks' configs and dtypes, the noise schedule and
+    clip_skip. A program saved by `jaxsd.aot` runs only for a pipeline of the same fingerprint (one traced from
+    another schedule, e.g. an epsilon model's for a v-prediction one of the same shapes, or before
+    `scheduler_config.replace(...)`, gave other images silently)."""
+    text = repr((type(self).__name__, self.unet, self.vae, self.text_encoder, self.scheduler_config, self.clip_skip))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
   @functools.cached_property
   def exported_programs(self) -> dict:
     """Programs saved ahead of time, by `exported_key`: `jaxsd.aot.load_programs` fills it."""
@@ -478,7 +490,8 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
                          f"{self.vae.config.downsampling_factor}).")
     if steps < 1:
       raise ValueError(f"steps={steps}: need at least 1 denoising step.")
-    if not (np.isfinite(guidance_scale) and abs(guidance_scale) <= np.finfo(np.float32).max):  # 1e39: inf in fp32
+    # 1e39 is inf in fp32; a Python float against np.float32 would be cast (an overflow warning), hence float().
+    if not (np.isfinite(guidance_scale) and abs(guidance_scale) <= float(np.finfo(np.float32).max)):
       raise ValueError(f"guidance_scale={guidance_scale}: must be a finite number (<= 1 turns guidance off).")
     samplers.make_schedule(self.scheduler_config, sampler, steps)  # raises for unknown samplers, listing valid ones
     if output not in OUTPUTS:
@@ -551,7 +564,8 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     if (self.exported_programs and task == "text" and not cond and not program_options and denoising_end is None and
         set(text) <= {"guidance_rescale"}):
       exported = self.exported_programs.get(
-          exported_key(sampler, steps, guided, kind, ids.shape, uncond_ids.shape, noise.shape))
+          exported_key(sampler, steps, guided, kind, ids.shape, uncond_ids.shape, noise.shape,
+                       self.program_fingerprint()))
     gs, keys = jnp.float32(guidance_scale), self.sampler_keys(seed, len(prompts))
     if exported is not None:  # saved by jaxsd.aot: no tracing
       out = exported.call(self.params, ids, uncond_ids, noise, gs, jax.random.key_data(keys),
@@ -769,10 +783,12 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return _finish(mask_crop.paste(out, crops), output)
 
 
-def exported_key(sampler: str, steps: int, guided: bool, output: str, ids_shape, uncond_ids_shape,
-                 noise_shape) -> tuple:
-  """What a program saved by `jaxsd.aot` is found by: the settings and input shapes it was exported for."""
-  return (sampler, int(steps), bool(guided), output, tuple(ids_shape), tuple(uncond_ids_shape), tuple(noise_shape))
+def exported_key(sampler: str, steps: int, guided: bool, output: str, ids_shape, uncond_ids_shape, noise_shape,
+                 fingerprint: str) -> tuple:
+  """What a program saved by `jaxsd.aot` is found by: the settings and input shapes it was exported for, and the
+  `program_fingerprint` of the pipeline it was traced from."""
+  return (sampler, int(steps), bool(guided), output, tuple(ids_shape), tuple(uncond_ids_shape), tuple(noise_shape),
+          fingerprint)
 
 
 def with_extra(x: jax.Array, x_extra: jax.Array | None) -> jax.Array:
@@ -831,8 +847,8 @@ def _finish(out: jax.Array, output: str):
 
 
 def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:
-  """A diffusers folder, or a training workdir (its exported model with the latest EMA U-Net)."""
-  path = os.fspath(path)
+  """A diffusers folder (or Hub id), or a training workdir (its exported model with the latest EMA U-Net)."""
+  path = hub.resolve(path, variant=kwargs.get("variant"), allow_pickle=kwargs.get("allow_pickle", False))
   if model_folder.is_workdir(path):
     return load_workdir(path, dtype, **kwargs)
   if any(os.path.isdir(os.path.join(path, stage, "checkpoints")) for stage in ("clip", "vae", "unet")):

@@ -243,9 +243,8 @@ class StableDiffusionControlNet(StableDiffusion):
                     guess_mode, text_options: dict):
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
-    if latents is None and (height is None or width is None):
-      size = image_size(control.per_net[0])
-      height, width = height or size[0], width or size[1]
+    if latents is None:
+      height, width = output_size(self, control.per_net[0], height, width)
     if isinstance(prompts, str):
       prompts = [prompts] * max(_count(x) for x in control.per_net)
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
@@ -426,6 +425,20 @@ def _per_controlnet(value, n: int, name: str) -> list[float]:
                        "ControlNet.")
     return [float(v) for v in value]
   return [float(value)] * n
+
+
+def output_size(pipe, images: Any, height: int | None, width: int | None) -> tuple[int, int]:
+  """(height, width): those given, the others the (first) control image's, as diffusers'; a ValueError that
+  names the image when a side it sets is not a multiple the VAE takes (the message named a height not given)."""
+  if height is not None and width is not None:
+    return height, width
+  h, w = image_size(images)
+  m = max(8, pipe.vae.config.downsampling_factor)
+  if (height is None and h % m) or (width is None and w % m):
+    raise ValueError(f"the control image is {w}x{h} pixels (WxH) and sets the output size, whose sides must be "
+                     f"multiples of {m} for this model: give height and width (--height / --width; the control "
+                     f"images are resized to them) or resize it (e.g. to {max(w // m, 1) * m}x{max(h // m, 1) * m}).")
+  return height or h, width or w
 
 
 def image_size(images: Any) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import model_folder, pipeline, pretrained, tokenizer as tok
+from jaxsd import hub, model_folder, pipeline, pretrained, tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
@@ -61,9 +61,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     `StableDiffusion`; each
     tensor is read and converted one at a time (the SDXL U-Net, 2.6B parameters, loads within about two
     copies of itself in host memory). The scheduler config is read as the file says (SDXL's pipelines do
-    not force SD's steps_offset / clip_sample).
+    not force SD's steps_offset / clip_sample). `path` may be a Hub id ("owner/name", `jaxsd.hub`).
     """
-    path = os.fspath(path)
+    path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)
     index_file = os.path.join(path, "model_index.json")
     index = model_folder.read_json(index_file) if os.path.exists(index_file) else {}
     first = (index.get("text_encoder") or [None])[0] is not None if index else os.path.isdir(
@@ -389,8 +389,9 @@ def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwarg
   allow_pickle=True) is an SD 1.x / 2.x single file (`StableDiffusion.from_single_file`) read with
   `single_file_config`: "v1", "v2", a diffusers folder whose configs describe it, or "auto"
   (`single_file.guess_config`: v2, SD 2.1 at 768 px with v-prediction, when the
-  text encoder is OpenCLIP's, else v1)."""
-  path = os.fspath(path)
+  text encoder is OpenCLIP's, else v1). A Hub id ("owner/name") is its folder in the Hugging Face cache
+  (`jaxsd.hub`; downloaded there if need be)."""
+  path = hub.resolve(path, variant=kwargs.get("variant"), allow_pickle=kwargs.get("allow_pickle", False))
   if os.path.isfile(path):
     if kwargs.get("variant"):
       raise ValueError(f"variant={kwargs['variant']!r} names files of a diffusers folder; {path} is a single file.")

@@ -8,12 +8,14 @@ diffusers does; 16-bit, float and CMYK files are refused."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib.util
 import json
 import math
 import os
 import sys
 
+from jaxsd import hub
 from jaxsd.config import DTYPES
 
 
@@ -40,7 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=25)
   p.add_argument("--sampler", default=None,
                  help="default: the model folder's own scheduler (as diffusers runs it; PNDM for SD 1.5)")
-  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale (<= 1: off; default, as diffusers: 7.5, SDXL 5)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
@@ -55,7 +58,7 @@ def parse(argv=None) -> argparse.Namespace:
       help="inpainting: repaint only a box N pixels around the mask, at --height x --width (default: the "
       "model's size), and paste it back into the image (as diffusers' padding_mask_crop)")
   p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                 help="a diffusers ControlNet folder (repeatable: MultiControlNet, residuals summed)")
+                 help="a diffusers ControlNet folder or Hub id (repeatable: MultiControlNet, residuals summed)")
   p.add_argument(
       "--control-image", action="append", default=[], metavar="IMG",
       help="the conditioning image of each --controlnet, in the same order (resized to the output; "
@@ -63,7 +66,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument(
       "--controlnet-scale", type=float, nargs="+", default=None, metavar="S",
       help="conditioning scale: one for all ControlNets, or one per ControlNet (default, as diffusers: 1; "
-      "0.8 with --init-image, 0.5 with --mask)")
+      "0.8 with --init-image, 0.5 with --mask; 1 with --mask on SDXL)")
   p.add_argument(
       "--control-guidance-start", type=float, nargs="+", default=None, metavar="F",
       help="fraction of the steps where each ControlNet starts acting (one, or one per ControlNet; default 0)")
@@ -72,8 +75,10 @@ def parse(argv=None) -> argparse.Namespace:
       help="fraction of the steps where each ControlNet stops acting (one, or one per ControlNet; default 1)")
   p.add_argument("--guess-mode", action="store_true",
                  help="ControlNet guess mode: residuals 0.1x..1x, only the conditional half of guidance steered")
-  p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                 help="a LoRA adapter (diffusers/PEFT or kohya .safetensors) at weight SCALE (default 1; repeatable)")
+  p.add_argument(
+      "--lora", action="append", default=[], metavar="FILE[:SCALE]",
+      help="a LoRA adapter (diffusers/PEFT or kohya .safetensors, or a Hub id owner/name) at weight SCALE "
+      "(default 1; repeatable)")
   p.add_argument(
       "--lora-ignore-unmatched", action="store_true",
       help="load a LoRA's keys that match layers of the model and skip (and log) the others, instead of "
@@ -106,12 +111,26 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
       raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file.")
     if os.path.isdir(prompts_file):
       raise ValueError(f"--prompts-file {prompts_file} is a folder: give a text file with one prompt per line.")
-    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
-      with open(prompts_file, encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
+    try:
+      with open(prompts_file, "rb") as f:
+        data = f.read()
+    except OSError as e:  # not readable by this user, a device error
+      raise ValueError(f"--prompts-file {prompts_file} cannot be read ({e.strerror or e}).") from None
+    # UTF-8 with or without a byte-order mark (Windows editors write one), or UTF-16 / 32 with one (PowerShell 5's
+    # `> prompts.txt`), as training reads captions; the mark is not part of the first prompt.
+    boms = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+            (codecs.BOM_UTF16_BE, "utf-16"))
+    codec = next((c for bom, c in boms if data.startswith(bom)), "utf-8-sig")
+    try:
+      text = data.decode(codec)
     except UnicodeDecodeError as e:
-      raise ValueError(f"--prompts-file {prompts_file} is not UTF-8 text (byte {e.start}: "
-                       f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8, one prompt per line.") from None
+      raise ValueError(
+          f"--prompts-file {prompts_file} is not {codec.upper().removesuffix('-SIG')} text (byte "
+          f"{e.start}: {e.object[e.start:e.start + 1]!r}); save it as UTF-8, one prompt per line.") from None
+    if "\0" in text:  # valid UTF-8, but no prompt: UTF-16 without a byte-order mark read as UTF-8 ("a\0 \0c\0...")
+      raise ValueError(f"--prompts-file {prompts_file} holds NUL characters (UTF-16 text without a byte-order "
+                       "mark?); save it as UTF-8, one prompt per line.")
+    lines = text.splitlines()
     out += [line.strip() for line in lines if line.strip()]
   if not out:
     raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line"
@@ -153,7 +172,7 @@ def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
                          f"{head}:0.8).") from None
       if not finite32(scale):
         raise ValueError(f"--lora {spec}: the weight must be a finite number (1: as trained, 0: off).")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not hub.is_repo_id(path):  # a Hub id (owner/name) is the loader's to find
       raise FileNotFoundError(f"--lora {path}: no such file; give a LoRA .safetensors file (FILE[:SCALE]).")
     out.append((path, scale))
   return out
@@ -168,7 +187,7 @@ def check_flags(args) -> None:
   if args.allow_pickle and importlib.util.find_spec("torch") is None:
     raise ValueError("--allow-pickle reads pickled weights with PyTorch, which is not installed: pip install torch "
                      "(the CPU build is enough), or convert the weights to safetensors.")
-  if not finite32(args.guidance):
+  if args.guidance is not None and not finite32(args.guidance):
     raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number (7.5 is usual; "
                      "<= 1 turns guidance off).")
   if args.sampler is not None:
@@ -177,6 +196,9 @@ def check_flags(args) -> None:
     raise ValueError(f"--seed {args.seed}: use a whole number in [0, 2**64).")
   if not args.out.strip():
     raise ValueError("--out is empty: give a folder for the images.")
+  if args.single_file_config != "auto" and os.path.isdir(args.model):  # it would be ignored
+    raise ValueError(f"--single-file-config applies to a single-file --model (.safetensors); {args.model} is a "
+                     "folder, read with its own configs: drop --single-file-config.")
   if args.negative_prompt is not None:
     utf8(args.negative_prompt, "--negative-prompt")
   for name in ("height", "width"):
@@ -218,7 +240,7 @@ def check_controlnet_flags(args) -> None:
     if values is not None and len(values) not in (1, n):
       raise ValueError(f"{flag} has {len(values)} values for {n} ControlNets: give one, or one per ControlNet.")
   for path in args.controlnet:
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) and not hub.is_repo_id(path):  # a Hub id (owner/name) is the loader's to find
       raise FileNotFoundError(f"--controlnet {path}: no such folder; give a diffusers ControlNet folder "
                               "(config.json and weights).")
 

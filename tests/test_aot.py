@@ -79,3 +79,21 @@ def test_programs_of_another_model_or_none_are_refused(saved, tmp_path):
     aot.load_programs(bf16, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="not a folder"):
     aot.load_programs(bf16, str(tmp_path / "missing"))
+
+
+def test_programs_of_another_schedule_are_refused_or_not_used(saved):
+  """The schedule, clip_skip and the networks' configs and dtypes are inside the program, not its arguments: a
+  program saved from an epsilon model ran for a v-prediction model of the same shapes, and one loaded before
+  `scheduler_config.replace(...)` kept the old schedule, both silently (images 146 and 27 levels off)."""
+  folder, programs, _ = saved
+  v_pred = jaxsd.StableDiffusion.from_pretrained(folder)
+  v_pred.scheduler_config = v_pred.scheduler_config.replace(prediction_type="v_prediction")
+  with pytest.raises(ValueError, match="another noise schedule, network configs, dtypes or clip_skip"):
+    aot.load_programs(v_pred, programs)
+  pipe = jaxsd.StableDiffusion.from_pretrained(folder)
+  aot.load_programs(pipe, programs)
+  pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing="trailing")
+  ref = jaxsd.StableDiffusion.from_pretrained(folder)
+  ref.scheduler_config = pipe.scheduler_config
+  np.testing.assert_array_equal(pipe(PROMPTS, **CALL), ref(PROMPTS, **CALL))
+  assert len(pipe._compiled) == 1  # traced, not the saved program

@@ -6,6 +6,7 @@ subprocess runs that write images are in test_generate.py and training/test_run.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 
@@ -186,6 +187,38 @@ def test_sample_loras_reach_the_pipeline(tmp_path, capsys, monkeypatch):
   assert seen[2:] == [(str(a), 1.0, False), (str(b), 1.0, False)]
 
 
+def test_sample_hub_ids_of_loras_and_controlnets_reach_the_loaders(tmp_path, capsys, monkeypatch):
+  """lora.read and the ControlNet loader take Hub ids (owner/name), but the command refused them first as a missing
+  file / folder; a path that is no Hub id still is."""
+  from jaxsd import pipeline
+
+  seen = []
+
+  class FakePipe:
+
+    def load_lora(self, path, scale, strict):
+      seen.append((path, scale))
+
+    def with_controlnet(self, controlnets, allow_pickle):
+      seen.append(tuple(controlnets))
+      raise FileNotFoundError("stop here")
+
+  monkeypatch.setattr(pipeline, "load", lambda path, **kw: FakePipe())
+  image = tmp_path / "edges.png"
+  from PIL import Image
+
+  Image.new("RGB", (8, 8)).save(image)
+  argv = _sample(tmp_path, "--prompt", "x", "--lora", "owner/style-lora:0.7", "--controlnet", "owner/controlnet@v1",
+                 "--control-image", str(image))
+  assert sample_main.main(argv) == 2
+  assert seen == [("owner/style-lora", 0.7), ("owner/controlnet@v1",)]
+  assert "stop here" in _one_error_line(capsys)
+  for flag, path in (("--lora", "missing/x.safetensors"), ("--controlnet", "./missing/cn")):
+    extra = ["--control-image", str(image)] if flag == "--controlnet" else []
+    assert sample_main.main(_sample(tmp_path, "--prompt", "x", flag, path, *extra)) == 2
+    assert f"{flag} {path}: no such" in _one_error_line(capsys)
+
+
 def test_sample_out_that_cannot_hold_images_exits_2_before_loading(tmp_path, capsys):
   """--out a file (or under one) used to fail after sampling, with a traceback; the file is left as it was."""
   afile = tmp_path / "afile"
@@ -198,12 +231,79 @@ def test_sample_out_that_cannot_hold_images_exits_2_before_loading(tmp_path, cap
   assert afile.read_text() == "keep"
 
 
+def test_sample_out_that_is_a_broken_link_exits_2_before_loading(tmp_path, capsys):
+  """A link to a folder that is gone (or to itself): makedirs failed after every image was sampled."""
+  for target in (tmp_path / "gone" / "images", tmp_path / "loop"):
+    link = tmp_path / target.name
+    os.symlink(target, link)
+    assert sample_main.main(_sample(tmp_path, "--prompt", "x", "--out", str(link))) == 2
+    assert f"--out {link} is a link to {target}, which does not exist" in _one_error_line(capsys)
+
+
+def test_sample_prompts_file_that_cannot_be_read(tmp_path, capsys, monkeypatch):
+  """A file this user may not read ended in a traceback (PermissionError). Root reads every file, so the open is
+  made to fail."""
+  path = tmp_path / "prompts.txt"
+  path.write_text("a cat\n")
+
+  def unreadable(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+  monkeypatch.setattr(sample_main, "open", unreadable, raising=False)  # the module's own `open`, not builtins'
+  assert sample_main.main(_sample(tmp_path, "--prompts-file", str(path))) == 2
+  assert f"--prompts-file {path} cannot be read (Permission denied)" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--init-image", "--mask", "--control-image"])
+def test_sample_image_past_pils_pixel_limit_exits_2(tmp_path, capsys, monkeypatch, flag):
+  """PIL refuses images of over twice MAX_IMAGE_PIXELS (a 180-megapixel panorama) with DecompressionBombError,
+  which is no OSError: a traceback. The limit is lowered here so that a small file passes it."""
+  from PIL import Image
+
+  small, big = tmp_path / "small.png", tmp_path / "big.png"
+  Image.new("RGB", (8, 8)).save(small)
+  Image.new("RGB", (16, 16)).save(big)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 8 x 8 image is within it, the 16 x 16 one over twice it
+  needs = {
+      "--init-image": [],
+      "--mask": ["--init-image", str(small)],
+      "--control-image": ["--controlnet", str(tmp_path)]
+  }
+  assert sample_main.main(_sample(tmp_path, "--prompt", "x", *needs[flag], flag, str(big))) == 2
+  assert f"{flag} {big}: too large to read" in _one_error_line(capsys)
+
+
+def test_sample_single_file_config_with_a_model_folder_exits_2(tmp_path, capsys):
+  """It applies to single files only: with a folder it was ignored, the folder's own configs read silently."""
+  model = _sd_folder_without(tmp_path / "sd", "")
+  argv = [
+      "--model", model, "--single-file-config", "v2", "--prompt", "x", "--no-progress", "--out",
+      str(tmp_path / "o")
+  ]
+  assert sample_main.main(argv) == 2
+  assert f"--single-file-config applies to a single-file --model (.safetensors); {model} is a folder" in \
+      _one_error_line(capsys)
+
+
 def test_sample_prompts_file_folder_and_byte_order_mark(tmp_path, capsys):
   assert sample_main.main(_sample(tmp_path, "--prompts-file", str(tmp_path))) == 2
   assert "is a folder" in _one_error_line(capsys)
   bom = tmp_path / "bom.txt"
   bom.write_bytes(b"\xef\xbb\xbfa cat\r\na dog\r\n")  # as Windows' Notepad saves UTF-8
   assert sample_main.read_prompts([], str(bom)) == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-32"])
+def test_sample_prompts_file_in_utf16_or_32_with_a_byte_order_mark(tmp_path, codec):
+  """PowerShell 5's `"a cat" > prompts.txt` writes UTF-16 with a mark: refused as not UTF-8 (training reads captions
+  so); the mark says the encoding. Without one, UTF-16 is valid UTF-8 with NULs: refused, no longer sampled."""
+  path = tmp_path / "prompts.txt"
+  data = "a café\r\n\r\n猫\r\n".encode(codec)
+  path.write_bytes(data if codec != "utf-16-be" else codecs.BOM_UTF16_BE + data)
+  assert sample_main.read_prompts([], str(path)) == ["a café", "猫"]
+  path.write_bytes("a cat\n".encode("utf-16-le"))
+  with pytest.raises(ValueError, match="holds NUL characters .UTF-16 text without a byte-order mark"):
+    sample_main.read_prompts([], str(path))
 
 
 @pytest.mark.parametrize("content, message", [("{\n", "is not valid JSON"), ("[]", "holds a JSON list")])

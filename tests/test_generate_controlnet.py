@@ -151,7 +151,9 @@ def test_cli_bad_controlnet_input_exits_2_before_compiling(folders, main, tmp_pa
       (one + ["--control-image", images[0], "--control-guidance-start", "0.5", "--control-guidance-end", "0.4"],
        "start < end"),
       (one + ["--control-image", images[0], "--mask", images[0]], "--mask needs --init-image"),
-      (one + ["--control-image", str(tmp_path / "odd.png")], "height=20 must be a positive multiple of 8"),
+      # It sets the output size: the message named a height=20 the user had not given.
+      (one + ["--control-image", str(tmp_path / "odd.png")], "the control image is 20x20 pixels (WxH) and sets the "
+       "output size, whose sides must be multiples of 8 for this model: give height and width (--height / --width"),
       (["--controlnet", str(tmp_path / "empty"), "--control-image", images[0]], "config.json"),
   ]
   capsys.readouterr()

@@ -226,3 +226,23 @@ def test_training_takes_a_hub_id_as_its_init(tiny, offline_cache, tmp_path, caps
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "error: config.init: 'owner/missing' does not exist here and is not a model" in err
   assert not workdir.exists()
+
+
+def test_pipelines_load_by_hub_id(tiny, offline_cache, tmp_path, capsys):
+  """StableDiffusion.from_pretrained, pipeline_xl.load (python -m sample --model) take a cached id; an id neither
+  here nor cached is one line, exit 2, on the command line."""
+  import jax
+  import numpy as np
+
+  from jaxsd import StableDiffusion, pipeline_xl
+  from sample import __main__ as sample_main
+
+  _cache_with(offline_cache, "owner/tiny-sd", tiny)
+  want = StableDiffusion.from_pretrained(tiny).params
+  for pipe in (StableDiffusion.from_pretrained("owner/tiny-sd"), pipeline_xl.load("owner/tiny-sd")):
+    assert jax.tree.all(jax.tree.map(np.array_equal, pipe.params, want))
+  out = tmp_path / "out"
+  assert sample_main.main(["--model", "owner/missing", "--prompt", "a", "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "error: 'owner/missing' does not exist here and is not a model" in err
+  assert not out.exists()

@@ -105,6 +105,27 @@ def test_images_and_masks_are_read_as_diffusers_reads_them():
   np.testing.assert_array_equal(conditioning.latent_mask(big, 8)[0, :, :, 0], [[0, 0], [1, 0]])
 
 
+def test_arrays_out_of_range_are_refused_before_compiling(inpainting):
+  """Floats of 0..255 (`np.asarray(image).astype(np.float32)`) and other integer types were taken as floats in
+  [0, 1]: images 255 times too bright, encoded into garbage without a word; masks binarised at 0.5 of 255."""
+  pixels = np.random.default_rng(0).integers(0, 256, (1, HW, HW, 3))
+  for images, match in ((pixels.astype(np.float32), "values from 0 to 255; give uint8 .0..255. or floats in .0, 1."),
+                        (pixels, "an array of int64; give uint8"), (np.full((1, 4, 4, 3), np.nan), "values from nan")):
+    with pytest.raises(ValueError, match=match):
+      conditioning.as_images(images)
+  with pytest.raises(ValueError, match="mask_images: values from 0 to 255"):
+    conditioning.as_masks(_masks().astype(np.int64))
+  near = np.clip(pixels / 255 + 1e-4, 0, None)  # float error past 1 is no mistake
+  np.testing.assert_array_equal(conditioning.as_images(near), near.astype(np.float32))
+  np.testing.assert_array_equal(conditioning.as_masks(_masks() > 0), conditioning.as_masks(_masks()))  # booleans
+  _, _, pipe = inpainting
+  sizes = lambda: {k: f._cache_size() for k, f in pipe._compiled.items()}
+  before = sizes()
+  with pytest.raises(ValueError, match="init images: values from 0 to 255"):
+    pipe.inpaint(PROMPTS[:1], pixels.astype(np.float32), _masks()[:1], steps=2)
+  assert sizes() == before
+
+
 def test_files_are_turned_upright_by_their_exif_orientation_as_diffusers_does(tmp_path):
   """A camera JPEG stored sideways with EXIF orientation 6 (turn 90 degrees clockwise) and a mask saved the same
   way load upright, pixel for pixel as diffusers.utils.load_image gives them."""

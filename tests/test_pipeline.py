@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import diffusers
 import jax
@@ -232,6 +233,10 @@ def test_bad_input_is_reported(folders):
     pipe(PROMPTS, height=HW, width=HW, steps=2, sampler="nope")
   with pytest.raises(ValueError, match="no prompts"):
     pipe([], height=HW, width=HW, steps=2)
+  with warnings.catch_warnings():  # numpy's overflow casting 1e39 to float32 printed a RuntimeWarning first
+    warnings.simplefilter("error")
+    with pytest.raises(ValueError, match="guidance_scale=1e"):
+      pipe(PROMPTS, height=HW, width=HW, steps=2, guidance_scale=1e39)
   with pytest.raises(FileNotFoundError, match="incomplete: no unet/"):
     jaxsd.StableDiffusion.from_pretrained(str(tmp_empty(path)))
 

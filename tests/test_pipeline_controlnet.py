@@ -140,6 +140,7 @@ def test_uint8_images_and_one_image_for_the_batch(models):
     (lambda im: [im, im], dict(control_guidance_end=[1.0, 1.2]), "start < end <= 1"),
     (lambda im: [im, np.stack([np.asarray(im)] * 3)], {}, "3 control images for ControlNet 1 and 2 prompts"),
     (lambda im: [im, np.zeros((2, 8, 8, 3), np.uint8)], {}, "output's size"),
+    (lambda im: [im.resize((HW, 20)), im], {}, r"the control image is 16x20 pixels \(WxH\) and sets the output size"),
 ])
 def test_bad_input_is_refused_before_compiling(models, images, kw, match):
   *_, multi = models

@@ -139,3 +139,33 @@ def test_sdxl_controlnet_inpaint_matches_diffusers(xl, monkeypatch):
               control_image=controls, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=5.0, height=HW,
               width=HW, output_type="latent", **kw)
   _check(ours, reference.nchw_to_nhwc(out.images), "sdxl ControlNet inpaint")
+
+
+def test_the_command_takes_each_calls_default_scale(xl, monkeypatch):
+  """`python -m sample` (generate.generate) without --controlnet-scale: the scale of the pipeline call it runs, as
+  diffusers' pipelines default it. SDXL's inpainting took 0.5 (SD's StableDiffusionControlNetInpaintPipeline default),
+  where StableDiffusionXLControlNetInpaintPipeline and `inpaint` here take 1."""
+  import inspect
+
+  from jaxsd import generate, pipeline_controlnet
+
+  seen = []
+
+  def stop(n, scale, start, end):
+    seen.append(scale)
+    raise ValueError("stop here")  # before anything compiles
+
+  monkeypatch.setattr(pipeline_controlnet, "control_settings", stop)
+  image = _images(0)[0]
+  mask = np.zeros((HW, HW), np.uint8)
+  mask[4:12, 4:12] = 255
+  for kw in ({}, dict(init_image=image), dict(init_image=image, mask_image=mask)):
+    with pytest.raises(ValueError, match="stop here"):
+      generate.generate(xl.one, PROMPTS[:1], steps=2, control_images=image, progress=False, **kw)
+  assert seen == [1.0, 0.8, 1.0]
+  theirs = ("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+            "StableDiffusionXLControlNetInpaintPipeline")
+  assert seen == [
+      inspect.signature(getattr(diffusers, name).__call__).parameters["controlnet_conditioning_scale"].default
+      for name in theirs
+  ]

@@ -171,6 +171,61 @@ def test_img2img_matches_diffusers(sdxl, monkeypatch):
   print("SDXL max |diff|:", {k: f"{v:.1e}" for k, v in MEASURED.items()})
 
 
+def test_refiner_img2img_as_the_command_runs_it_matches_diffusers(sdxl, monkeypatch):
+  """`python -m sample --model refiner --init-image` (generate.generate) conditioned the negative half on the
+  positive aesthetic score (6) instead of diffusers' 2.5, as text-to-image does: its images were off by ~60 levels.
+  The images equal StableDiffusionXLImg2ImgPipeline's from the same image latents and noise within 2 levels."""
+  from PIL import Image
+
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
+  from jaxsd import generate
+
+  pipe, seed = sdxl.refiner, 3
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (HW, HW, 3), dtype=np.uint8))
+  got = generate.generate(pipe, PROMPTS[:1], steps=4, guidance_scale=5.0, seed=seed, init_image=image, strength=0.5,
+                          negative_prompt=NEGATIVE[1], progress=False, devices=jax.local_devices()[:1]).images
+  image_latents = pipe.encode_images(pipe.vae_params, jnp.asarray(np.asarray(image, np.float32)[None] / 255),
+                                     pipe.posterior_keys(seed, 1))  # as generate draws them for job 0
+  noise = _noise(pipe, seed, 1)
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  with torch.no_grad():
+    ref = _torch_refiner(sdxl, "euler")(prompt=PROMPTS[:1], negative_prompt=NEGATIVE[1:],
+                                        image=reference.nhwc_to_nchw(image_latents), strength=0.5,
+                                        num_inference_steps=4, guidance_scale=5.0, output_type="np").images
+  assert np.abs(got.astype(int) - np.round(ref * 255).astype(int)).max() <= 2
+
+
+def test_the_command_takes_the_pipelines_guidance_scale(sdxl, monkeypatch):
+  """`python -m sample` without --guidance: the pipeline call's scale, diffusers' (SDXL 5; SD 7.5). The command's
+  own default, 7.5, guided every SDXL image harder than diffusers' and jaxsd's SDXL calls do."""
+  from jaxsd import generate
+  from sample import __main__ as sample_main
+
+  seen = []
+
+  def check_inputs(prompts, negatives, height, width, steps, sampler, output, guidance_scale):
+    seen.append(guidance_scale)
+    raise ValueError("stop here")  # before anything compiles
+
+  image = np.zeros((1, HW, HW, 3), np.float32)
+  for pipe, kw in ((sdxl.base, {}), (sdxl.refiner, dict(init_image=image))):
+    monkeypatch.setattr(pipe, "check_inputs", check_inputs)
+    with pytest.raises(ValueError, match="stop here"):
+      generate.generate(pipe, PROMPTS[:1], steps=2, progress=False, **kw)
+  assert seen == [5.0, 5.0]
+  want = {
+      c: inspect.signature(getattr(diffusers, c).__call__).parameters["guidance_scale"].default
+      for c in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionPipeline")
+  }
+  assert want == {
+      "StableDiffusionXLPipeline": 5.0,
+      "StableDiffusionXLImg2ImgPipeline": 5.0,
+      "StableDiffusionPipeline": 7.5
+  }
+  assert inspect.signature(jaxsd.StableDiffusion.__call__).parameters["guidance_scale"].default == 7.5
+  assert sample_main.parse(["--model", "m", "--prompt", "x"]).guidance is None
+
+
 def test_inpaint_matches_diffusers(sdxl, monkeypatch):
   """StableDiffusionXLInpaintPipeline on the 4-channel base (latent blend), given the image latents and our noise:
   diffusers' default strength 0.9999 (4 of 5 Euler steps, from the noised image), negative prompts; the known
