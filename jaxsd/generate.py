@@ -226,6 +226,13 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
     return (shard(jnp.asarray(ids)), shard(jnp.asarray(uncond)), shard(noise), shard(keys)), cond
 
+  files = []
+  if out_dir:  # each batch's images are written as it ends: a run stopped late keeps what it made
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"out_dir {out_dir}: cannot create the folder ({e.strerror}).") from None
+    names = image_filenames(prompts, seed, num_images)
   compile_seconds = 0.0
   compiled = None
   outputs = []
@@ -245,24 +252,17 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     t0 = time.perf_counter()
     out = np.asarray(jax.device_get(compiled(*args, **cond)))
     sample_seconds += time.perf_counter() - t0
-    outputs.append(out.reshape((-1,) + out.shape[2:])[:len(batch)])
-  images = np.concatenate(outputs) if outputs else np.zeros((0, height, width, 3), np.uint8)
-  if crops is not None:
-    images = mask_crop.paste(images, crops) if len(images) else np.zeros((0,) + crops.originals.shape[1:], np.uint8)
-
-  files = []
-  if out_dir:
-    try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-      raise ValueError(f"out_dir {out_dir}: cannot create the folder ({e.strerror}).") from None
-    names = image_filenames(prompts, seed, num_images)
-    order = [j for b in mine for j in b]
-    for j, im in zip(order, images):
-      files.append(save_new(im, os.path.join(out_dir, names[j])))
-    if len(images):
-      grid_name = "grid.png" if jax.process_count() == 1 else f"grid-host{jax.process_index()}.png"
-      save_new(contact_sheet(images, columns=num_images if num_images > 1 else None), os.path.join(out_dir, grid_name))
+    out = out.reshape((-1,) + out.shape[2:])[:len(batch)]
+    if crops is not None:
+      out = mask_crop.paste(out, crops)
+    outputs.append(out)
+    if out_dir:
+      files += [save_new(im, os.path.join(out_dir, names[j])) for j, im in zip(batch, out)]
+  shape = (height, width, 3) if crops is None else crops.originals.shape[1:]
+  images = np.concatenate(outputs) if outputs else np.zeros((0,) + shape, np.uint8)
+  if out_dir and len(images):
+    grid_name = "grid.png" if jax.process_count() == 1 else f"grid-host{jax.process_index()}.png"
+    save_new(contact_sheet(images, columns=num_images if num_images > 1 else None), os.path.join(out_dir, grid_name))
   n_steps = len(mine) * steps
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),

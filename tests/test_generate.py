@@ -70,6 +70,24 @@ def test_file_names_are_distinct_and_earlier_images_are_kept(pipe, tmp_path):
   np.testing.assert_array_equal(first.images, second.images)
 
 
+def test_images_are_written_as_their_batch_ends(pipe, tmp_path, monkeypatch):
+  """A run stopped late (Ctrl-C, a crash) keeps the images of the batches it finished: they used to be written only
+  after the last batch, so every image was lost."""
+  real = pipe.noise
+
+  def noise(seed, batch, height, width, offset=0):
+    if offset >= 2:  # the third batch (one image per batch on one device)
+      raise KeyboardInterrupt
+    return real(seed, batch, height, width, offset=offset)
+
+  monkeypatch.setattr(pipe, "noise", noise)
+  out = tmp_path / "o"
+  with pytest.raises(KeyboardInterrupt):
+    generate.generate(pipe, ["a red circle"], num_images=4, steps=2, sampler="euler", guidance_scale=1.0, seed=3,
+                      progress=False, out_dir=str(out), devices=jax.local_devices()[:1])
+  assert sorted(os.listdir(out)) == generate.image_filenames(["a red circle"], 3, 4)[:2]
+
+
 def test_init_image_of_a_size_the_vae_cannot_take_names_the_image(pipe):
   """Its size is the output's; the message used to name --height, which the user had not given."""
   with pytest.raises(ValueError, match=r"the init image is 24x20 pixels \(WxH\).*e\.g\. to 24x16"):
