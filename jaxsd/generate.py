@@ -113,7 +113,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   `guidance_scale` to the pipeline call's (as diffusers': 7.5, SDXL's 5).
   Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
-  default 0.6, as `StableDiffusion.img2img`); with `mask_image` too, inpainting (strength default 1),
+  default that of the pipeline's img2img: 0.6 for SD, 0.3 for SDXL, 0.8 with ControlNets); with `mask_image`
+  too, inpainting (strength default the pipeline's inpaint's: 1, SDXL's 0.9999),
   each job as the pipeline's own call with the job's seed-derived keys; `padding_mask_crop` inpaints only a
   box around the mask at height x width (default: the model's size) and pastes it back, as
   `StableDiffusion.inpaint`. `long_prompts` and `prompt_weighting` are the pipeline's (`jaxsd.prompt_syntax`):
@@ -143,7 +144,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   call = {"text": pipe.__call__, "img2img": pipe.img2img, "inpaint": pipe.inpaint}[task]  # what each job is
   if guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
     guidance_scale = inspect.signature(call).parameters["guidance_scale"].default
-  strength = 1.0 if task == "text" else strength if strength is not None else 0.6 if task == "img2img" else 1.0
+  if strength is None:  # the call's own (diffusers' for SDXL and ControlNets: 0.3 / 0.9999, 0.8; SD's img2img 0.6)
+    strength = inspect.signature(call).parameters["strength"].default if task != "text" else 1.0
+  strength = 1.0 if task == "text" else strength
   image = mask = crops = None
   crop = padding_mask_crop is not None
   if task != "text":

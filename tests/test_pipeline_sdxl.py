@@ -226,6 +226,28 @@ def test_the_command_takes_the_pipelines_guidance_scale(sdxl, monkeypatch):
   assert sample_main.parse(["--model", "m", "--prompt", "x"]).guidance is None
 
 
+def test_the_command_takes_the_pipelines_strength(sdxl, monkeypatch):
+  """Without --strength: the pipeline call's, diffusers' (SDXL img2img 0.3, inpainting 0.9999); the command's own
+  defaults (0.6, 1) were SD's for every model."""
+  from jaxsd import generate
+
+  seen = []
+
+  def generate_fn(sampler, steps, guided, output, strength, task, **kw):
+    seen.append((task, strength))
+    raise ValueError("stop here")  # before anything compiles
+
+  monkeypatch.setattr(sdxl.base, "generate_fn", generate_fn)
+  image, mask = np.zeros((1, HW, HW, 3), np.float32), np.ones((1, HW, HW), np.float32)
+  for kw in (dict(init_image=image), dict(init_image=image, mask_image=mask)):
+    with pytest.raises(ValueError, match="stop here"):
+      generate.generate(sdxl.base, PROMPTS[:1], steps=10, progress=False, **kw)
+  want = [(task, inspect.signature(getattr(diffusers, c).__call__).parameters["strength"].default)
+          for task, c in (("img2img", "StableDiffusionXLImg2ImgPipeline"), ("inpaint",
+                                                                            "StableDiffusionXLInpaintPipeline"))]
+  assert seen == want == [("img2img", 0.3), ("inpaint", 0.9999)]
+
+
 def test_inpaint_matches_diffusers(sdxl, monkeypatch):
   """StableDiffusionXLInpaintPipeline on the 4-channel base (latent blend), given the image latents and our noise:
   diffusers' default strength 0.9999 (4 of 5 Euler steps, from the noised image), negative prompts; the known
