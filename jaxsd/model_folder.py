@@ -416,8 +416,19 @@ def read_unet_checkpoint(state_dir: str) -> tuple[Any, Any, bool]:
 
   The text encoder is there when it was trained with the U-Net (config.unet.train_text_encoder).
   """
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # only workdirs need it
+  from etils import epath  # orbax's path type
 
-  state = ocp.StandardCheckpointer().restore(state_dir)  # no target: plain dicts, enough for params
+  ckptr = ocp.StandardCheckpointer()
+  # Onto this process's first device: without a target orbax restores onto the shardings it was saved with, and
+  # a checkpoint written on 8 devices is refused on 1 ("Topology mismatch"), so the exported U-Net was used
+  # instead and 1 device gave other images than 8. Plain dicts (no TrainState) are enough for the params.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(state_dir)).tree  # quietly (StandardCheckpointer.metadata warns here)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                        if hasattr(m, "shape") else m, saved)
+  state = ckptr.restore(state_dir, target)
   unet, text = split_unet_params(state.get("ema_params") or state["params"])
   return unet, text, bool(state.get("ema_params"))

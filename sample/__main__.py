@@ -292,8 +292,10 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  wrote = (f"wrote {len(result.files)} images and a grid to {os.path.join(args.out, '')}"
+           if result.files else "wrote no images (the other hosts took every batch)")
   print(
-      f"wrote {len(result.files)} images and a grid to {args.out}/ on {result.devices} device(s): "
+      f"{wrote} on {result.devices} device(s): "
       f"compile {result.compile_seconds:.1f} s, sampling {result.sample_seconds:.1f} s "
       f"({result.seconds_per_step * 1000:.1f} ms/step)", file=sys.stderr)
   if args.benchmark:

@@ -14,6 +14,7 @@ import pytest
 import jaxsd
 from jaxsd import generate
 import tests
+from sample import __main__ as sample_main
 from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,3 +174,20 @@ def test_sample_command_runs_an_sdxl_folder(tmp_path):
     images = ref(prompt=["a red circle"] * 2, num_inference_steps=3, guidance_scale=5.0,
                  latents=reference.nhwc_to_nchw(noise), output_type="np").images
   assert np.abs(written.astype(int) - (images * 255).round().astype(int)).max() <= 2
+
+
+def test_a_host_without_a_batch_does_not_claim_a_grid(folder, tmp_path, capsys, monkeypatch):
+  """On several hosts each takes every N-th batch: one image on 2 hosts leaves host 1 nothing. It wrote no image
+  and no grid (rightly), but said "wrote 0 images and a grid to OUT/" (measured with 2 real processes x 2
+  devices: host 1's last line). Host 1 of 2, simulated in this process."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  out = tmp_path / "out"
+  argv = [
+      "--model", folder, "--prompt", "a red circle", "--num-images", "1", "--steps", "1", "--out",
+      str(out), "--no-progress"
+  ]
+  assert sample_main.main(argv) == 0
+  assert not out.exists() or os.listdir(out) == []
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "wrote no images" in last and "grid" not in last, last

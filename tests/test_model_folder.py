@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
+import tests
 from jaxsd import model_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sd(seed=0):
@@ -148,3 +154,40 @@ def test_copy_components_makes_a_cut_or_outdated_copy_again(tmp_path):
   assert (dst / "vae" / "weights.safetensors").read_bytes() == b"0123456789"
   assert (dst / "text_encoder" / "weights.safetensors").read_bytes() == b"0123456789"
   assert sorted(os.listdir(dst)) == ["model_index.json", "text_encoder", "vae"]  # no .tmp / .old left
+
+
+def test_a_checkpoint_saved_on_8_devices_is_read_on_1(tmp_path):
+  """`python -m sample --model <workdir>` swaps in the newest U-Net checkpoint (model_folder.read_unet_checkpoint).
+  orbax restored it, with no target, onto the shardings it was saved with: a checkpoint written on 8 devices was
+  refused on 1 ("Topology mismatch"), logged as a warning, and the older exported U-Net used instead: images on 1
+  device differed from those on 8 (max uint8 difference 108 on a tiny fine-tune killed after step 2's checkpoint).
+  Saved here on 8 devices (split over them, as fsdp=8 does), read by a process with 1 device."""
+  import orbax.checkpoint as ocp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:8])
+  kernel = np.arange(16 * 24, dtype=np.float32).reshape(16, 24)
+  split = lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp")))  # noqa: E731
+  state = {
+      "params": {
+          "conv": {
+              "kernel": split(kernel)
+          }
+      },
+      "ema_params": {
+          "conv": {
+              "kernel": split(kernel + 0.5)
+          }
+      },
+      "step": jax.device_put(np.int32(2), NamedSharding(mesh, P()))
+  }
+  ocp.StandardCheckpointer().save(tmp_path / "state", state)
+  code = ("import sys, numpy as np; from jaxsd import model_folder; "
+          "p, t, ema = model_folder.read_unet_checkpoint(sys.argv[1]); "
+          "np.save(sys.argv[2], np.asarray(p['conv']['kernel'])); assert t is None and ema")
+  env = dict(os.environ, XLA_FLAGS=tests.xla_flags(1), JAX_PLATFORMS="cpu")
+  run = subprocess.run(
+      [sys.executable, "-c", code, str(tmp_path / "state"),
+       str(tmp_path / "k.npy")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), kernel + 0.5)

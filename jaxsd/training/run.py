@@ -234,7 +234,7 @@ def run_clip(cfg, workdir, mesh, tokenizer) -> dict:
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
   it.close()
-  model, params = stage.modules["clip"], jax.device_get(res.state.params)
+  model, params = stage.modules["clip"], sharding.to_host(res.state.params)
   te, te_params = stages.text_encoder_from_clip(model, params)
   tokenizer.model_max_length = cfg.clip.text.max_position_embeddings  # so diffusers pads to our length
   if primary():
@@ -251,7 +251,7 @@ def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
   it = iter(make_input(cfg, "vae", tokenizer, mask=mask_key(cfg, "vae")))
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
-  model, params = stage.modules["vae"], jax.device_get(res.state.params)
+  model, params = stage.modules["vae"], sharding.to_host(res.state.params)
   sample = _global(next(it)["image"])
   it.close()
   factor = stages.measure_scaling_factor(model, params, sample, jax.random.key(cfg.seed))
@@ -326,8 +326,8 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   def write_samples(step, state, writer):
     # One pipeline object for every grid: its compiled program is reused, only the params change.
     params = state.ema_params if state.ema_params is not None else state.params
-    if jax.process_count() > 1:  # replicated over every process: each samples on its own devices
-      params = jax.device_get(params)
+    if jax.process_count() > 1:  # on every process whole: each samples on its own devices
+      params = sharding.to_host(params)
     sampling_pipe.unet_params, trained_te = stages.split_unet_params(params)
     if trained_te is not None:
       sampling_pipe.text_encoder_params = trained_te
@@ -349,8 +349,11 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   def export_start(state, step):
     # The U-Net the loop starts from, exported once, so `python -m sample --model <workdir>` works from the
     # first checkpoint on (it swaps in the newest checkpoint's EMA weights).
-    if primary() and not os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
-      export.export_component(workdir, "unet", unet, stages.split_unet_params(jax.device_get(state.params))[0], step)
+    if os.path.exists(os.path.join(mdir, "unet", "jaxsd_step.json")):
+      return
+    params = sharding.to_host(state.params)  # on every process (a gather where fsdp spans processes)
+    if primary():  # writes after the gather, so no process can have seen the file and skipped it
+      export.export_component(workdir, "unet", unet, stages.split_unet_params(params)[0], step)
 
   callbacks = [PeriodicCallback(cfg.unet.sample_every, write_samples)] if cfg.unet.sample_every else []
   t0 = time.time()
@@ -359,7 +362,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
   it.close()
   state = res.state
   final_unet, final_te = stages.split_unet_params(
-      jax.device_get(state.ema_params if state.ema_params is not None else state.params))
+      sharding.to_host(state.ema_params if state.ema_params is not None else state.params))
   if primary():
     if final_te is not None:
       export.export_component(workdir, "text_encoder", te, final_te, res.step)
@@ -414,7 +417,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None)
   it.close()
   state = res.state
-  trained = state.ema_params if state.ema_params is not None else state.params
+  trained = sharding.to_host(state.ema_params if state.ema_params is not None else state.params)
   facts = {}
   if spec.targets or spec.text_targets:
     adapter = lora_training.to_adapter(spec, trained)
@@ -427,7 +430,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
   if spec.tokens:
     facts["embeddings_file"] = os.path.join(workdir, "lora", token_embeddings.WEIGHT_NAME)
     if primary():
-      token_embeddings.save(jax.device_get(trained["token_embeddings"]), facts["embeddings_file"])
+      token_embeddings.save(trained["token_embeddings"], facts["embeddings_file"])
   return _finish(workdir, "lora",
                  dict(_run_facts(res, t0), ema=state.ema_params is not None, **facts, **lora_training.describe(spec)))
 
@@ -458,7 +461,7 @@ def run_controlnet(cfg, workdir, mesh, tokenizer) -> dict:
   res = _loop(cfg, workdir, stage, mesh, it, ema_decay=cfg.unet.ema_decay or None)
   it.close()
   state = res.state
-  params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+  params = sharding.to_host(state.ema_params if state.ema_params is not None else state.params)
   path = os.path.join(workdir, "controlnet")
   if primary():
     pretrained.save_pretrained(controlnet, params, path)

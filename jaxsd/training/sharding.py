@@ -126,6 +126,18 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.jit(lambda t: t, out_shardings=shardings)(jax.tree.map(host, tree))
 
 
+def to_host(tree: Any) -> Any:
+  """Numpy copies of a tree's arrays, as `jax.device_get`, also of arrays split over other processes' devices
+  (fsdp across hosts), which device_get refuses: those are gathered, a collective that every process must call
+  (device_get alone where each process holds whole copies)."""
+  leaves = jax.tree.leaves(tree)
+  if all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def shard_tree(tree: Any, mesh: Mesh, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> Any:
   """Places a host or device tree (e.g. frozen networks) on the mesh by the fsdp rule."""
   return put(tree, tree_shardings(tree, mesh, min_shard_size))
