@@ -107,14 +107,15 @@ def clip_attribute_judge(clip_model, clip_params, tokenizer, attributes: dict, p
 
 
 def sample_images(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
-                  batch_size: int = 250) -> np.ndarray:
-  """uint8 images for `prompts`, in batches of one size (one compiled program); batch i uses seed + i."""
-  size = pipe.default_size
+                  batch_size: int = 250, hw: tuple[int, int] | None = None) -> np.ndarray:
+  """uint8 images for `prompts`, `hw` (height, width; default the model's size) in batches of one size (one
+  compiled program); batch i uses seed + i."""
+  height, width = hw or (pipe.default_size, pipe.default_size)
   out = []
   for i in range(0, len(prompts), batch_size):
     chunk = list(prompts[i:i + batch_size])
     pad = batch_size - len(chunk) if len(prompts) > batch_size else 0
-    images = pipe(chunk + chunk[:1] * pad, height=size, width=size, steps=steps, guidance_scale=guidance_scale,
+    images = pipe(chunk + chunk[:1] * pad, height=height, width=width, steps=steps, guidance_scale=guidance_scale,
                   sampler=sampler, seed=seed + i // batch_size, output="np")
     out.append(images[:len(chunk)])
   return np.concatenate(out)
@@ -130,7 +131,9 @@ def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: 
   """
   prompts = [p for p in prompts for _ in range(images_per_prompt)]
   labels = {a: np.repeat(np.asarray(v), images_per_prompt) for a, v in labels.items()}
-  images = sample_images(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
+  # At the judge's size: a fine-tuned model's own (its init's) may differ from the dataset's the judge learnt.
+  images = sample_images(pipe, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                         hw=getattr(judge, "image_hw", None))
   x = images.astype(np.float32) / 127.5 - 1.0
   predicted = judge.predict(x)  # class indices: what the judge saw (also for the confusion tables)
   ok = judge.compare(predicted, labels)
@@ -156,7 +159,8 @@ def prompt_match(pipe, judge, prompts: Sequence[str], labels: dict, *, sampler: 
 def sample_fid(pipe, judge, captions: Sequence[str], real_features: np.ndarray, *, sampler: str, steps: int,
                guidance_scale: float, seed: int) -> float:
   """Fréchet distance between the judge's features of images generated for `captions` and of real images."""
-  images = sample_images(pipe, captions, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed)
+  images = sample_images(pipe, captions, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                         hw=getattr(judge, "image_hw", None))
   return judge_lib.frechet_distance(judge.features(images.astype(np.float32) / 127.5 - 1.0), real_features)
 
 

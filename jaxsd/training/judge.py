@@ -70,6 +70,12 @@ class Judge:
   def __post_init__(self):
     self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
 
+  @property
+  def image_hw(self) -> tuple[int, int] | None:
+    """(height, width) of the images it was trained on, the only size it takes (its flattened features fix it)."""
+    shape = self.meta.get("input_shape") if isinstance(self.meta, dict) else None
+    return (int(shape[1]), int(shape[2])) if shape else None
+
   def _run(self, images: np.ndarray, batch: int = 500):
     logits, feats = [], []
     for i in range(0, len(images), batch):

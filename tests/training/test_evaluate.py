@@ -8,6 +8,7 @@ import types
 import numpy as np
 
 from jaxsd.training import evaluate
+from jaxsd.training import judge as judge_lib
 
 
 class _CaptionMatcher:
@@ -92,6 +93,21 @@ def test_prompt_match_rows_and_accuracies():
   np.testing.assert_array_equal(out["labels"]["color"], [1] * 6)  # per image, prompt-major
   np.testing.assert_array_equal(out["predicted"]["color"], [0, 0, 1, 1, 1, 1])
   assert pipe.calls == [(6, 4, 4, 5)]  # one batch at the model's native size
+
+
+def test_samples_are_judged_at_the_judges_size():
+  """A fine-tune of a model whose own size is not the judged dataset's (a 16 px init on shapes at 32 px) sampled
+  at the model's size, and the judge (which takes one size) failed at the first periodic evaluation."""
+  pipe, judge = _Pipe(), _Judge()
+  judge.image_hw = (8, 6)
+  out = evaluate.prompt_match(pipe, judge, ["ab"], {
+      "color": [0],
+      "shape": [0]
+  }, sampler="ddim", steps=2, guidance_scale=1.0, seed=5)
+  assert out["images"].shape == (1, 8, 6, 3) and pipe.calls == [(1, 8, 6, 5)]
+  real = judge_lib.Judge(judge_lib.AttributeClassifier((2,)), {}, ("color",), {"color": ("a", "b")},
+                         {"input_shape": [1, 32, 24, 3]})
+  assert real.image_hw == (32, 24)
 
 
 def test_sample_images_pads_to_one_batch_size_and_steps_the_seed():
