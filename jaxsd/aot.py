@@ -47,7 +47,7 @@ def save_program(pipe: StableDiffusion, folder: str, *, batch: int, height: int 
   height, width = pipe.size_or_default(height, width)
   sampler = sampler or pipe.default_sampler
   prompts, _ = pipe.check_inputs([""] * batch, None, height, width, steps, sampler, output, guidance_scale)
-  guided = guidance_scale > 1.0
+  guided = pipe.guided(guidance_scale)
   kind = "latent" if output == "latent" else "np"
   ids, uncond_ids, text = pipe.text_inputs(prompts, None, height, width)
   if set(text) - {"guidance_rescale"}:

@@ -207,7 +207,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   batches = [list(range(i, min(i + global_batch, len(jobs)))) for i in range(0, len(jobs), global_batch)]
   mine = batches[jax.process_index()::jax.process_count()]
 
-  guided = guidance_scale > 1.0
+  guided = pipe.guided(guidance_scale)
   fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, **control_options)
   pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)  # the conditioning (kwargs) on axis 0 too
   params = flax.jax_utils.replicate(pipe.params, devices)  # once, not per call

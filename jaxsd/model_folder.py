@@ -299,11 +299,13 @@ SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline
 
 
 def is_sdxl_folder(path: str) -> bool:
-  """Whether a pipeline folder holds SDXL (base or refiner): model_index.json's `_class_name`, or else a U-Net
-  with SDXL's addition embedding ("text_time")."""
+  """Whether a pipeline folder holds SDXL (base or refiner): model_index.json's `_class_name` names an SDXL
+  pipeline (StableDiffusionXL..., its inpainting, ControlNet, ... ones included), or its U-Net has SDXL's addition
+  embedding ("text_time")."""
   index = os.path.join(path, "model_index.json")
-  if os.path.isfile(index):
-    return str(read_json(index).get("_class_name", "")).removeprefix("Flax") in SDXL_PIPELINES
+  if os.path.isfile(index) and str(read_json(index).get("_class_name",
+                                                        "")).removeprefix("Flax").startswith("StableDiffusionXL"):
+    return True
   unet = os.path.join(path, "unet", "config.json")
   return os.path.isfile(unet) and read_json(unet).get("addition_embed_type") == "text_time"
 

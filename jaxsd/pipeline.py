@@ -21,6 +21,7 @@ import numpy as np
 from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_adapters, pretrained, prompt_syntax, single_file
 from jaxsd import tokenizer as tok
 from jaxsd.diffusion import samplers, schedules
+from jaxsd.models.layers import guidance_scale_embedding
 from jaxsd.models.vae import AutoencoderKLConfig
 
 OUTPUTS = ("np", "pil", "latent")
@@ -226,11 +227,22 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return context
 
   def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond, i: jax.Array | None = None,
-                 x_extra: jax.Array | None = None) -> jax.Array:
+                 x_extra: jax.Array | None = None, **unet_kwargs) -> jax.Array:
     """The U-Net at model call `i` of the sampler (subclasses condition on it, e.g. ControlNets acting on a
     window of the calls); `x_extra`: channels concatenated to the latents (a 9-channel inpainting U-Net's mask
-    and masked-image latents), which only the U-Net sees."""
-    return self.unet.apply({"params": unet_params}, with_extra(x, x_extra), t, cond)
+    and masked-image latents), which only the U-Net sees; `unet_kwargs` go to the U-Net (`timestep_cond`)."""
+    return self.unet.apply({"params": unet_params}, with_extra(x, x_extra), t, cond, **unet_kwargs)
+
+  @property
+  def guidance_embedded(self) -> bool:
+    """Whether the U-Net takes the guidance scale as an input (LCM-distilled U-Nets, `time_cond_proj_dim`): then,
+    as in diffusers' pipelines, there is no classifier-free guidance (one U-Net call per step, negative prompts
+    unused) and the scale reaches the U-Net as `layers.guidance_scale_embedding(guidance_scale - 1)`."""
+    return self.unet.config.time_cond_proj_dim is not None
+
+  def guided(self, guidance_scale: float) -> bool:
+    """Whether sampling at `guidance_scale` runs classifier-free guidance (two U-Net halves per call)."""
+    return guidance_scale > 1.0 and not self.guidance_embedded
 
   def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
                guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None):
@@ -243,9 +255,13 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     U-Net takes after the latents (see `apply_unet`), one per image.
     """
 
+    kw = {}
+    if self.guidance_embedded:
+      kw["timestep_cond"] = guidance_scale_embedding(guidance_scale - 1, self.unet.config.time_cond_proj_dim)
+
     def model_fn(x, t, i=None):
       if not guided:
-        return self.apply_unet(unet_params, x, t, cond, i, x_extra).astype(jnp.float32)
+        return self.apply_unet(unet_params, x, t, cond, i, x_extra, **kw).astype(jnp.float32)
       extra = None if x_extra is None else jnp.concatenate([x_extra, x_extra])
       out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond, i, extra).astype(jnp.float32)
       uncond, text = jnp.split(out, 2)
@@ -551,7 +567,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     go to `_jitted` (a subclass's static program settings); `cond` to the program."""
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
                                       denoising_start=denoising_start, denoising_end=denoising_end)
-    guided = guidance_scale > 1.0
+    guided = self.guided(guidance_scale)
     f = self.vae.config.downsampling_factor
     ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
                                              **(text_options or {}))

@@ -111,7 +111,7 @@ class StableDiffusionControlNet(StableDiffusion):
     text_cond = text_cond if isinstance(text_cond, dict) else {"context": text_cond}  # SDXL's is a dict
     return dict(text_cond, controlnet=params["controlnet"], **control)
 
-  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond, i=None, x_extra=None) -> jax.Array:
+  def apply_unet(self, unet_params, x: jax.Array, t: jax.Array, cond, i=None, x_extra=None, **unet_kwargs) -> jax.Array:
     """The U-Net with the ControlNets' residuals at model call `i`; `cond` as `unet_conditioning` builds it
     (SDXL's with its pooled text embeddings and time ids, which the ControlNets take too). The ControlNets see
     the latents only, not a 9-channel inpainting U-Net's `x_extra` (as diffusers)."""
@@ -136,7 +136,8 @@ class StableDiffusionControlNet(StableDiffusion):
       down = tuple(jnp.concatenate([jnp.zeros_like(d), d]) for d in down)
       mid = jnp.concatenate([jnp.zeros_like(mid), mid])
     return self.unet.apply({"params": unet_params}, with_extra(x, x_extra), t, context,
-                           down_block_additional_residuals=down, mid_block_additional_residual=mid, **added)
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid, **added,
+                           **unet_kwargs)
 
   def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
               guess_mode: bool = False):

@@ -283,9 +283,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     pooled = jnp.where(zero[:, None], jnp.zeros_like(pooled), pooled)
     return {"context": context, "text_embeds": pooled, "time_ids": jnp.concatenate([uncond_time_ids, time_ids])}
 
-  def apply_unet(self, unet_params, x, t, cond, i=None, x_extra=None):
+  def apply_unet(self, unet_params, x, t, cond, i=None, x_extra=None, **unet_kwargs):
     return self.unet.apply({"params": unet_params}, pipeline.with_extra(x, x_extra), t, cond["context"],
-                           text_embeds=cond["text_embeds"], time_ids=cond["time_ids"])
+                           text_embeds=cond["text_embeds"], time_ids=cond["time_ids"], **unet_kwargs)
 
   # --- user entry points -----------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ def _jitter(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
       p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4):
-  """(unet, vae, text_encoder, tokenizer, scheduler) as PyTorch objects; in_channels=9 for an inpainting U-Net."""
+def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4, time_cond_proj_dim: int | None = None):
+  """(unet, vae, text_encoder, tokenizer, scheduler) as PyTorch objects; in_channels=9 for an inpainting U-Net;
+  time_cond_proj_dim for a guidance-embedding (LCM-distilled) U-Net."""
   import diffusers
   import transformers
 
@@ -33,7 +34,8 @@ def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4):
                                                                                        "DownBlock2D"),
                                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                         norm_num_groups=8, attention_head_dim=(2, 4) if sd2 else 4,
-                                        use_linear_projection=sd2, upcast_attention=sd2)
+                                        use_linear_projection=sd2, upcast_attention=sd2,
+                                        time_cond_proj_dim=time_cond_proj_dim)
   vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                                 layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
@@ -54,12 +56,13 @@ def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4):
 
 
 def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0, in_channels: int = 4,
-                        safe_serialization: bool = True) -> str:
+                        safe_serialization: bool = True, time_cond_proj_dim: int | None = None) -> str:
   """Writes a tiny random diffusers StableDiffusionPipeline folder to `path` (an inpainting one for
-  in_channels=9; pickled `.bin` weights with safe_serialization=False); returns it."""
+  in_channels=9; pickled `.bin` weights with safe_serialization=False; a guidance-embedding U-Net with
+  time_cond_proj_dim); returns it."""
   import diffusers
 
-  unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed, in_channels)
+  unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed, in_channels, time_cond_proj_dim)
   cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
   pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -102,9 +105,10 @@ def inpaint_reference(monkeypatch, components, scheduler, prompts, negative, mas
   return nchw_to_nhwc(out.images)
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
-  """A tiny random SDXL base model as diffusers' StableDiffusionXLPipeline components, and the refiner's
-  U-Net (aesthetic-score time ids, second text encoder only) under "refiner_unet"."""
+def tiny_sdxl_components(seed: int = 0, in_channels: int = 4) -> dict:
+  """A tiny random SDXL base model as diffusers' StableDiffusionXLPipeline components (an inpainting base for
+  in_channels=9), and the refiner's U-Net (aesthetic-score time ids, second text encoder only) under
+  "refiner_unet"."""
   import diffusers
   import transformers
 
@@ -117,8 +121,8 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                 norm_num_groups=8)
   # 32 + 32 text features; 32 pooled + 6 (base) or 5 (refiner) time ids of 8 Fourier features each.
-  unet = diffusers.UNet2DConditionModel(**common, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
-                                        projection_class_embeddings_input_dim=32 + 6 * 8)
+  unet = diffusers.UNet2DConditionModel(**dict(common, in_channels=in_channels), transformer_layers_per_block=(1, 2),
+                                        cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8)
   refiner_unet = diffusers.UNet2DConditionModel(**common, transformer_layers_per_block=(1, 1), cross_attention_dim=32,
                                                 projection_class_embeddings_input_dim=32 + 5 * 8)
   vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),

@@ -191,3 +191,30 @@ def test_a_checkpoint_saved_on_8_devices_is_read_on_1(tmp_path):
        str(tmp_path / "k.npy")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), kernel + 0.5)
+
+
+@pytest.mark.parametrize(
+    "class_name, unet, sdxl",
+    [
+        ("StableDiffusionXLPipeline", {}, True),
+        ("StableDiffusionXLInpaintPipeline", {
+            "in_channels": 9
+        }, True),  # diffusers/stable-diffusion-xl-1.0-inpainting-0.1
+        ("StableDiffusionXLControlNetPipeline", {}, True),
+        ("FlaxStableDiffusionXLPipeline", {}, True),
+        ("StableDiffusionPipeline", {
+            "addition_embed_type": "text_time"
+        }, True),  # the U-Net says so
+        ("StableDiffusionPipeline", {}, False),
+        ("LatentConsistencyModelPipeline", {
+            "time_cond_proj_dim": 256
+        }, False),  # SimianLuo/LCM_Dreamshaper_v7
+        ("StableDiffusionInpaintPipeline", {
+            "in_channels": 9
+        }, False),
+    ])
+def test_sdxl_folders_told_apart_by_pipeline_class_or_unet(tmp_path, class_name, unet, sdxl):
+  os.makedirs(tmp_path / "unet")
+  (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+  (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
+  assert model_folder.is_sdxl_folder(str(tmp_path)) is sdxl

@@ -404,3 +404,22 @@ def test_prompts_take_the_tokenizers_length(tmp_path):
                 latents=reference.nhwc_to_nchw(latents), output_type="latent").images
   ref = reference.nchw_to_nhwc(ref)
   assert np.abs(ours - ref).max() < 3e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_guidance_embedding_unet_matches_diffusers(tmp_path):
+  """An LCM-distilled U-Net (time_cond_proj_dim) takes the guidance scale as an input: diffusers' pipelines run no
+  classifier-free guidance then (one U-Net half, negative prompts unused) and pass the scale's embedding as
+  timestep_cond. Latents against diffusers at two scales."""
+  path = reference.make_tiny_sd_folder(str(tmp_path / "lcm"), time_cond_proj_dim=16)
+  tpipe, pipe = reference.torch_pipeline(path), jaxsd.StableDiffusion.from_pretrained(path)
+  assert pipe.guidance_embedded and not pipe.guided(8.0)
+  latents = _latents(pipe, seed=2)
+  outs = []
+  for guidance in (8.0, 2.0):
+    ours = pipe(PROMPTS, NEGATIVE, height=HW, width=HW, steps=4, guidance_scale=guidance, sampler="ddim",
+                latents=latents, output="latent")
+    ref = reference.nchw_to_nhwc(_torch_run(tpipe, "ddim", latents, 4, guidance, "latent"))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * max(1.0, np.abs(ref).max()))
+    outs.append(ours)
+  assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the scale reaches the U-Net
+  assert not any(k[0] for k in pipe._compiled if isinstance(k, tuple))  # no guided (two-half) program ran

@@ -282,6 +282,35 @@ def test_inpaint_matches_diffusers(sdxl, monkeypatch):
   _close("base inpaint euler, no negative prompts", ours, reference.nchw_to_nhwc(ref))
 
 
+def test_inpainting_unet_folder_matches_diffusers(tmp_path, monkeypatch):
+  """An SDXL inpainting folder as diffusers/stable-diffusion-xl-1.0-inpainting-0.1 is laid out
+  (StableDiffusionXLInpaintPipeline, a 9-channel U-Net) loads by the kind-telling loader as SDXL and inpaints as
+  diffusers does, given the image latents, the masked-image latents and our noise."""
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+  from PIL import Image
+
+  from tests.test_inpaint import _masks
+
+  c = reference.tiny_sdxl_components(seed=3, in_channels=9)
+  parts = {k: c[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")}
+  tpipe = diffusers.StableDiffusionXLInpaintPipeline(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+  tpipe.set_progress_bar_config(disable=True)
+  tpipe.save_pretrained(tmp_path / "inpaint")
+  pipe = jaxsd.pipeline_xl.load(str(tmp_path / "inpaint"))
+  assert isinstance(pipe, jaxsd.StableDiffusionXL) and pipe.inpainting_unet
+  noise, image_latents, masked_latents = (_noise(pipe, s) * (1 if s == 6 else 0.8) for s in (6, 7, 8))
+  images = np.random.default_rng(0).integers(0, 256, (2, HW, HW, 3), dtype=np.uint8)
+  ours = pipe.inpaint(PROMPTS, images, _masks(), negative_prompts=NEGATIVE, steps=5, output="latent", latents=noise,
+                      image_latents=image_latents, masked_image_latents=masked_latents)
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
+  with torch.no_grad():
+    ref = tpipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=reference.nhwc_to_nchw(image_latents),
+                mask_image=[Image.fromarray(m) for m in _masks()],
+                masked_image_latents=reference.nhwc_to_nchw(masked_latents), num_inference_steps=5, guidance_scale=5.0,
+                output_type="latent").images
+  _close("base 9-channel inpaint euler", ours, reference.nchw_to_nhwc(ref))
+
+
 def test_save_pretrained_loads_in_diffusers(sdxl, tmp_path):
   """Both folders saved by jaxsd load in diffusers' own pipelines to the same weights, tokenizers, scheduler and
   pipeline config (force_zeros_for_empty_prompt, requires_aesthetics_score)."""

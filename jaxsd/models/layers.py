@@ -120,17 +120,46 @@ class Timesteps(nn.Module):
     return emb
 
 
+def guidance_scale_embedding(w: jax.Array, embedding_dim: int) -> jax.Array:
+  """[B] guidance scales -> [B, embedding_dim] fp32 sinusoids of 1000 w, as diffusers'
+  `get_guidance_scale_embedding` (sin first, then cos): the `timestep_cond` of guidance-distilled U-Nets
+  (Latent Consistency Models, Luo et al. 2023), which take w = guidance_scale - 1."""
+  w = jnp.reshape(jnp.asarray(w, jnp.float32), (-1,)) * 1000.0
+  half = embedding_dim // 2
+  step = jnp.log(jnp.float32(10000.0)) / (half - 1)  # float32 throughout, as diffusers
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -step)
+  args = w[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, embedding_dim % 2)))
+
+
 class TimestepEmbedding(nn.Module):
-  """linear_1 -> act -> linear_2 (-> optional post activation)."""
+  """(+ cond_proj(condition)) -> linear_1 -> act -> linear_2 (-> optional post activation).
+
+  cond_proj_dim: the width of an extra condition projected (no bias) and added to the input, as diffusers'
+  `cond_proj` (the guidance embedding of LCM-distilled U-Nets, `time_cond_proj_dim`); no condition adds 0.
+  """
 
   time_embed_dim: int
   act_fn: str = "silu"
   post_act_fn: str | None = None
+  cond_proj_dim: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    if self.cond_proj_dim is not None:
+      if condition is None:  # (the parameter exists either way)
+        condition = jnp.zeros((x.shape[0], self.cond_proj_dim), x.dtype)
+      elif condition.shape[-1] != self.cond_proj_dim:
+        raise ValueError(f"timestep_cond has {condition.shape[-1]} features; this U-Net's time_cond_proj_dim is "
+                         f"{self.cond_proj_dim}.")
+      x = x + nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="cond_proj")(
+          condition.astype(self.dtype))
+    elif condition is not None:
+      raise ValueError("timestep_cond is given but this U-Net has no time_cond_proj_dim (it is not "
+                       "guidance-distilled): drop it.")
     x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
     x = get_activation(self.act_fn)(x)
     x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(x)

@@ -4,8 +4,9 @@ Covers SD 1.x / 2.x and their inpainting variants and SDXL (base and refiner): C
 DownBlock2D, UNetMidBlock2DCrossAttn (or UNetMidBlock2D, or none), UpBlock2D, CrossAttnUpBlock2D, with
 transformer depths per block or per layer; the addition embeddings "text" and SDXL's "text_time" (pooled
 text embedding + Fourier-embedded size/crop/aesthetic "time ids", passed as `text_embeds=` and `time_ids=`,
-diffusers' `added_cond_kwargs`). Features that need other inputs or weights (class embeddings,
-timestep_cond, GLIGEN, ...) are refused by `UNet2DConditionConfig.validate`.
+diffusers' `added_cond_kwargs`); LCM-distilled U-Nets' guidance embedding (`time_cond_proj_dim`, passed as
+`timestep_cond=`). Features that need other inputs or weights (class embeddings, GLIGEN, ...) are refused
+by `UNet2DConditionConfig.validate`.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class UNet2DConditionConfig(ConfigBase):
     self.check_sizes("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
                      "norm_num_groups", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
                      "addition_time_embed_dim", "projection_class_embeddings_input_dim", "time_embedding_dim",
-                     "conv_in_kernel", "conv_out_kernel", "addition_embed_type_num_heads")
+                     "conv_in_kernel", "conv_out_kernel", "addition_embed_type_num_heads", "time_cond_proj_dim")
     n = self.num_blocks
     unsupported = {
         "class_embed_type": self.class_embed_type,
@@ -158,12 +159,11 @@ class UNet2DConditionConfig(ConfigBase):
         "addition_embed_type": None if self.addition_embed_type in ADDITION_EMBEDS else self.addition_embed_type,
         "encoder_hid_dim": self.encoder_hid_dim,
         "encoder_hid_dim_type": self.encoder_hid_dim_type,
-        "time_cond_proj_dim": self.time_cond_proj_dim,
     }
     for name, value in unsupported.items():
       if value is not None:
         raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not implemented; only SD 1.x / 2.x and SDXL "
-                         "U-Nets are (no class embeddings as in unCLIP, no timestep_cond, ...; of the addition "
+                         "U-Nets are (no class embeddings as in unCLIP, ...; of the addition "
                          f"embeddings only {ADDITION_EMBEDS}).")
     if self.addition_embed_type == "text_time":
       for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
@@ -405,8 +405,12 @@ class UNet2DConditionModel(nn.Module):
   def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float, encoder_hidden_states: jax.Array,
                text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
                down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
-               mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
-    """`down_block_additional_residuals` (one per skip connection, conv_in's first) and
+               mid_block_additional_residual: jax.Array | None = None,
+               timestep_cond: jax.Array | None = None) -> jax.Array:
+    """`timestep_cond` (B, time_cond_proj_dim): the guidance-scale embedding of an LCM-distilled U-Net
+    (`layers.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
+    features through `time_embedding.cond_proj`; U-Nets without time_cond_proj_dim refuse it.
+    `down_block_additional_residuals` (one per skip connection, conv_in's first) and
     `mid_block_additional_residual` are a ControlNet's outputs, added to the skips and to the mid block's
     output as diffusers does; give both or neither."""
     cfg = self.config
@@ -421,7 +425,7 @@ class UNet2DConditionModel(nn.Module):
     context = encoder_hidden_states.astype(self.dtype)
     if cfg.center_input_sample:
       x = 2 * x - 1.0
-    emb = embed_time(self, cfg, timesteps, x.shape[0], context, text_embeds, time_ids)
+    emb = embed_time(self, cfg, timesteps, x.shape[0], context, text_embeds, time_ids, timestep_cond)
     x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
     x, skips = encode(self, cfg, x, emb, context)
 
@@ -474,13 +478,19 @@ def _block_settings(module: nn.Module, cfg: UNet2DConditionConfig):
 
 
 def embed_time(module: nn.Module, cfg: UNet2DConditionConfig, timesteps, batch: int, context: jax.Array,
-               text_embeds: jax.Array | None, time_ids: jax.Array | None) -> jax.Array:
+               text_embeds: jax.Array | None, time_ids: jax.Array | None,
+               timestep_cond: jax.Array | None = None) -> jax.Array:
   """The embedding every ResNet block adds: fp32 sinusoids of the timesteps (of any dtype), the MLP in the
-  module's dtype, plus the addition embedding ("text": the pooled prompt; "text_time": SDXL's)."""
+  module's dtype (with the projected `timestep_cond` of LCM-distilled U-Nets), plus the addition embedding
+  ("text": the pooled prompt; "text_time": SDXL's)."""
   kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
   t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
   t_emb = Timesteps(cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)(t).astype(module.dtype)
-  emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, name="time_embedding", **kw)(t_emb)
+  cond_dim = getattr(cfg, "time_cond_proj_dim", None)  # (ControlNet configs have none)
+  if timestep_cond is not None:
+    timestep_cond = jnp.broadcast_to(timestep_cond, (batch,) + timestep_cond.shape[1:])
+  emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cfg.timestep_post_act, cond_dim, name="time_embedding",
+                          **kw)(t_emb, timestep_cond)
   if cfg.addition_embed_type == "text":  # the pooled prompt, added to the time embedding of every block
     emb = emb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads, name="add_embedding", **
                                   kw)(context)

@@ -248,6 +248,43 @@ def test_gradient_checkpointing_same_output_and_gradients():
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale + 1e-12, jax.tree_util.keystr(path)
 
 
+def test_lcm_guidance_embedding_matches_diffusers():
+  """An LCM-distilled U-Net (time_cond_proj_dim: the guidance scale embedded and projected into the time
+  embedding) against diffusers, with the embedding of diffusers' pipeline for two guidance scales; the
+  condition changes the output, and is refused by a U-Net without time_cond_proj_dim."""
+  from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+
+  from jaxsd.models.layers import guidance_scale_embedding  # noqa: PLC0415
+  torch.manual_seed(0)
+  conf = dict(CONFIGS["sd1"], time_cond_proj_dim=24)
+  torch_model = diffusers.UNet2DConditionModel(sample_size=16, **conf).eval()
+  with torch.no_grad():
+    for p in torch_model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model, params = _flax(torch_model)
+  sample, t, context = _inputs(model.config)
+  w = np.array([7.0, 0.5], np.float32)  # guidance_scale - 1
+  ref_emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w), embedding_dim=24).numpy()
+  emb = np.asarray(guidance_scale_embedding(w, 24))
+  # sin(1000 w f) of up to 7,000 radians: one float32 ulp of the argument (XLA's exp and torch's differ by
+  # one ulp at some f) moves it by up to 5e-4; measured 1.1e-5.
+  np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=1e-4)
+  assert np.abs(emb - guidance_scale_embedding(w + 0.01, 24)).max() > 0.1
+  with torch.no_grad():
+    ref = torch_model(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.as_tensor(t), torch.from_numpy(context),
+                      timestep_cond=torch.from_numpy(ref_emb)).sample.numpy().transpose(0, 2, 3, 1)
+  apply = _jit(model.apply)
+  out = apply({"params": params}, sample, t, context, timestep_cond=ref_emb)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=TOL)
+  other = apply({"params": params}, sample, t, context, timestep_cond=emb[::-1])
+  assert float(jnp.max(jnp.abs(other - out))) > 1e-3
+  with pytest.raises(ValueError, match="time_cond_proj_dim is 24"):
+    model.apply({"params": params}, sample, t, context, timestep_cond=emb[:, :8])
+  _, sd, sd_params, _ = _case("sd1")
+  with pytest.raises(ValueError, match="no time_cond_proj_dim"):
+    sd.apply({"params": sd_params}, sample, t, context, timestep_cond=emb)
+
+
 @pytest.mark.parametrize(
     "change",
     [
