@@ -2,14 +2,19 @@
 
 The folder holds images (any depth; symlinked folders are followed) and their
 captions, either
-  * `metadata.jsonl` at the top, one `{"file_name": "a/b.png", "text": "..."}` per
-    line (the Hugging Face `imagefolder` convention; it may also name hidden
-    files), or its other form `metadata.csv` (a `file_name,text` header, then a
+  * in `metadata.jsonl` files, one `{"file_name": "a/b.png", "text": "..."}` per
+    line (the Hugging Face `imagefolder` convention: one at the top, or one in
+    any folder with `file_name` relative to that folder; it may also name hidden
+    files), or their other form `metadata.csv` (a `file_name,text` header, then a
     row per image), or
-  * a `.txt` file beside each image with the same stem (`b.png` + `b.txt`).
+  * a caption file beside each image with the same stem (`b.png` + `b.txt`, or
+    kohya's `b.caption`; the extension in any case), one line.
 Images are the files with an extension PIL reads (`IMAGE_EXTENSIONS`, as the
 Hugging Face `imagefolder` accepts); text files are read as UTF-8 (a BOM, or
-UTF-16 with a BOM, is fine).
+UTF-16 with a BOM, is fine). File names match across Unicode normalisations
+(macOS writes `café` decomposed). What trainers would read differently is
+refused by name: an image named twice, two differing caption files of one
+image, empty or multi-line caption files.
 
   name, _ = prepare_image_folder("~/my_pets", data_dir)   # name == "my_pets"
   # training config: dataset="my_pets", data_dir=data_dir (the same data_dir)
@@ -35,11 +40,13 @@ import json
 import logging
 import math
 import os
+import posixpath
 import random
 import re
 import shutil
 import tempfile
 import types
+import unicodedata
 
 from etils import epath
 import numpy as np
@@ -58,6 +65,8 @@ IMAGE_EXTENSIONS = _image_extensions()
 _COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
 METADATA_FILES = (METADATA_FILE, "metadata.csv")  # Hugging Face imagefolder's: JSON lines, or CSV with a header
+_PARQUET = "metadata.parquet"  # Hugging Face imagefolder's third form, not read here
+CAPTION_EXTENSIONS = (".txt", ".caption")  # lower-cased; .caption is kohya's sd-scripts' default
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAX_LISTED = 10
 # Images up to this many pixels decode without PIL's DecompressionBombWarning, up to twice as many at all (PIL's
@@ -80,9 +89,10 @@ def _is_utf8(name: str) -> bool:
   return True
 
 
-def _list_files(folder: str) -> tuple[list[str], list[str], list[str]]:
-  """(images, .txt files, skipped images) under `folder`, relative, '/'-separated; warns about the skipped."""
-  images, texts, dangling, not_utf8, repeated = [], [], [], [], []
+def _list_files(folder: str) -> tuple[list[str], list[str], list[str], list[str]]:
+  """(images, caption files, metadata files, skipped images) under `folder`, relative, '/'-separated; warns about
+  the skipped."""
+  images, texts, metadata, dangling, not_utf8, repeated = [], [], [], [], [], []
   visited = {os.path.realpath(folder)}  # symlinked folders are followed once: no loops, no duplicates
 
   def rel(path):
@@ -106,16 +116,16 @@ def _list_files(folder: str) -> tuple[list[str], list[str], list[str]]:
       keep.add(d)
     dirs[:] = [d for d in dirs if d in keep]
     for f in files:
-      is_image = _is_image(f)
-      if f.startswith(".") or not (is_image or f.lower().endswith(".txt")):
-        continue
+      is_image, is_metadata = _is_image(f), f in METADATA_FILES + (_PARQUET,)
+      if f.startswith(".") or not (is_image or is_metadata or f.lower().endswith(CAPTION_EXTENSIONS)):
+        continue  # hidden files: .DS_Store, macOS's ._a.png AppleDouble files, ...
       path = os.path.join(root, f)
       if not _is_utf8(f):
         not_utf8.append(rel(path))
       elif not os.path.exists(path):
         dangling.append(rel(path))
       else:
-        (images if is_image else texts).append(rel(path))
+        (images if is_image else metadata if is_metadata else texts).append(rel(path))
   if not_utf8:
     log.warning(
         "Skipping %d file(s) or folder(s) in %s whose names are not UTF-8 (e.g. from a zip made on Windows); "
@@ -128,16 +138,21 @@ def _list_files(folder: str) -> tuple[list[str], list[str], list[str]]:
     log.warning(
         "Skipping %d linked folder(s) in %s already scanned under another path (a symlink loop or a second "
         "link to a folder): %s", len(repeated), folder, _listing(repeated))
-  return sorted(images), sorted(texts), dangling
+  return sorted(images), sorted(texts), sorted(metadata), dangling
 
 
-def _not_an_image(folder: str, name: str) -> str | None:
-  """Why `name` (from metadata.jsonl) is no image file under `folder`, or None when it is one."""
+def _nfc(name: str) -> str:
+  return unicodedata.normalize("NFC", name)
+
+
+def _not_an_image(folder: str, name: str, images: list[str]) -> str | None:
+  """Why `name` (from a metadata file, relative to `folder`) is no image file there, or None when it is one."""
   if os.path.isabs(name) or name == ".." or name.startswith("../"):
     return "outside the folder"
   path = os.path.join(folder, name)
   if not os.path.lexists(path):
-    return "no such file"
+    alike = [i for i in images if i.lower() == name.lower()]
+    return "no such file" + (f"; did you mean {alike[0]!r}? (names are case-sensitive)" if alike else "")
   if not os.path.exists(path):
     return "a broken symlink"
   if not os.path.isfile(path):
@@ -152,54 +167,120 @@ def scan_folder(folder: str, caption_column: str = "text") -> list[tuple[str, st
   folder = os.path.expanduser(os.fspath(folder))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Image folder {folder!r} does not exist.")
-  images, texts, skipped = _list_files(folder)
-
-  found_metadata = [f for f in METADATA_FILES if os.path.exists(os.path.join(folder, f))]
-  if len(found_metadata) > 1:
-    raise ValueError(f"{folder!r} holds both {' and '.join(found_metadata)}: keep one of them.")
-  metadata_path = os.path.join(folder, found_metadata[0] if found_metadata else METADATA_FILE)
-  use_metadata = bool(found_metadata)
-  if use_metadata:
-    captions = _read_metadata(metadata_path, caption_column)
-    found = set(images)
-    unknown = []
-    for name in captions:
-      if name not in found:
-        why = _not_an_image(folder, name)
-        if why:
-          unknown.append(f"{name} ({why})")
-        else:
-          images.append(name)  # named explicitly: a hidden file, or one in a hidden folder
-    if unknown:
-      raise ValueError(f"{metadata_path} names {len(unknown)} file(s) that are not images in the folder: "
-                       f"{_listing(sorted(unknown))}")
-    images.sort()
+  images, texts, metadata_files, skipped = _list_files(folder)
+  parquet = [m for m in metadata_files if posixpath.basename(m) == _PARQUET]
+  if parquet:
+    raise ValueError(f"{os.path.join(folder, parquet[0])} is a {_PARQUET}, which jaxsd does not read: write it as "
+                     f"{METADATA_FILE} (pandas.read_parquet(it).to_json('{METADATA_FILE}', orient='records', "
+                     "lines=True, force_ascii=False)), or as metadata.csv.")
+  if metadata_files:
+    captions = _metadata_captions(folder, metadata_files, images, caption_column)
+    images = sorted(set(images) | set(captions))  # metadata may name hidden files
   if not images:
     common = ", ".join(_COMMON_EXTENSIONS)
-    texts_found = f" It has {len(texts)} .txt file(s) but no image beside them." if texts else ""
+    texts_found = f" It has {len(texts)} caption file(s) but no image beside them." if texts else ""
     raise ValueError(f"No images in {folder!r} (looked for the extensions PIL reads: {common} and "
                      f"{len(IMAGE_EXTENSIONS) - len(_COMMON_EXTENSIONS)} more).{texts_found}")
 
-  if use_metadata:
-    how = f"an entry in {os.path.basename(metadata_path)}"
+  if metadata_files:
+    how = (f"an entry in the {' or '.join(METADATA_FILES)} of its folder or of a folder above it (found: "
+           f"{_listing(metadata_files)})")
+    beside = _caption_files(texts)
+    if any(_nfc(os.path.splitext(i)[0]) in beside for i in images if i not in captions):
+      how += "; caption files beside the images are not read when the folder has a metadata file"
   else:
-    captions = {}
-    for image in images:
-      txt = os.path.join(folder, os.path.splitext(image)[0] + ".txt")
-      if os.path.exists(txt):
-        captions[image] = _read_text(txt).strip()
-    how = f"a .txt file with the same name beside it (or a {METADATA_FILE})"
-    stems = {os.path.splitext(image)[0] for image in images + skipped}
-    orphans = [t for t in texts if os.path.splitext(t)[0] not in stems]
-    if orphans:
-      log.warning(
-          "%d .txt file(s) in %s have no image with the same name beside them (is the image missing, or "
-          "in a format PIL cannot read?); they are not used: %s", len(orphans), folder, _listing(orphans))
+    captions = _txt_captions(folder, images, texts, skipped)
+    how = f"a caption file with the same name beside it (b.png: b.txt or b.caption), or a {METADATA_FILE}"
   missing = [image for image in images if image not in captions]
   if missing:
     raise ValueError(f"{len(missing)} of {len(images)} images in {folder!r} have no caption; "
                      f"each needs {how}. Without caption: {_listing(missing)}")
   return [(image, captions[image]) for image in images]
+
+
+def _caption_files(texts: list[str]) -> dict[str, list[str]]:
+  """The caption files by their path without extension, NFC-normalised (a name typed on Linux matches one
+  written on macOS)."""
+  by_stem = {}
+  for t in texts:
+    by_stem.setdefault(_nfc(os.path.splitext(t)[0]), []).append(t)
+  return by_stem
+
+
+def _txt_captions(folder: str, images: list[str], texts: list[str], skipped: list[str]) -> dict[str, str]:
+  """Each image's caption from the caption file of the same name beside it (`.txt` as most trainers, `.caption`
+  as kohya's sd-scripts; any case: a.TXT). Two that differ, or an empty one, are refused by name."""
+  by_stem = _caption_files(texts)
+  captions, differ, empty, lines = {}, [], [], []
+  for image in images:
+    files = by_stem.get(_nfc(os.path.splitext(image)[0]), [])
+    found = {f: _read_text(os.path.join(folder, f)).strip() for f in files}
+    if len(set(found.values())) > 1:
+      differ.append(" and ".join(files))
+    elif found:
+      captions[image] = next(iter(found.values()))
+      if not captions[image]:
+        empty.append(" / ".join(files))
+      elif len(captions[image].splitlines()) > 1:
+        lines.append(" / ".join(files))
+  if differ:
+    raise ValueError(f"{len(differ)} image(s) in {folder!r} have two caption files that differ (trainers read "
+                     f"one or the other: kohya's sd-scripts .caption by default, most others .txt); keep one of "
+                     f"each: {_listing(differ)}")
+  if empty:
+    raise ValueError(f"{len(empty)} caption file(s) in {folder!r} are empty: write each image's caption, or "
+                     f"remove the image with it: {_listing(empty)}")
+  if lines:  # sd-scripts trains the first line (or with --enable_wildcard one line at random), others all of it
+    raise ValueError(f"{len(lines)} caption file(s) in {folder!r} hold several lines, which trainers read "
+                     f"differently (kohya's the first line, others the whole text): put each caption on one line: "
+                     f"{_listing(lines)}")
+  stems = {_nfc(os.path.splitext(image)[0]) for image in images + skipped}
+  orphans = [t for stem, files in by_stem.items() if stem not in stems for t in files]
+  if orphans:
+    log.warning(
+        "%d caption file(s) in %s have no image with the same name beside them (is the image missing, or "
+        "in a format PIL cannot read?); they are not used: %s", len(orphans), folder, _listing(sorted(orphans)))
+  return captions
+
+
+def _metadata_captions(folder: str, metadata_files: list[str], images: list[str],
+                       caption_column: str) -> dict[str, str]:
+  """The captions of every metadata file under `folder` (Hugging Face imagefolder's: one in any folder, its
+  `file_name`s relative to that folder), by image path relative to `folder`. A name matches a file whose name
+  differs only by Unicode normalisation; an image named twice (by one file or two) and names that are no image
+  are refused."""
+  folders = {}
+  for m in metadata_files:
+    folders.setdefault(posixpath.dirname(m), []).append(m)
+  for where, found in folders.items():
+    if len(found) > 1:
+      names = sorted(map(posixpath.basename, found), key=METADATA_FILES.index)
+      raise ValueError(f"{os.path.join(folder, where) if where else folder!r} holds both {' and '.join(names)}: "
+                       "keep one of them.")
+  on_disk, by_nfc = set(images), {}
+  for image in images:
+    by_nfc.setdefault(_nfc(image), []).append(image)
+  captions, named, unknown = {}, {}, []
+  for m in metadata_files:
+    path = os.path.join(folder, m)
+    for name, (caption, lineno) in _read_metadata(path, caption_column).items():
+      image = posixpath.normpath(posixpath.join(posixpath.dirname(m), name))
+      if image not in on_disk and len(by_nfc.get(_nfc(image), [])) == 1:
+        image = by_nfc[_nfc(image)][0]  # the same name in another Unicode normalisation (macOS writes NFD)
+      if image in named:
+        raise ValueError(f"{image!r} is named twice, by {named[image]} and {m}:{lineno} (in {folder!r}); give each "
+                         "image one row.")
+      named[image] = f"{m}:{lineno}"
+      if image not in on_disk:
+        why = _not_an_image(folder, image, images)
+        if why:
+          unknown.append(f"{name} ({m}:{lineno}: {why})")
+          continue
+      captions[image] = caption
+  if unknown:
+    raise ValueError(f"The metadata in {folder!r} names {len(unknown)} file(s) that are not images in the "
+                     f"folder: {_listing(unknown)}")
+  return captions
 
 
 def _read_text(path: str) -> str:
@@ -247,8 +328,9 @@ def _metadata_rows(path: str):
       raise ValueError(f"{path}:{lineno} is not valid JSON ({e}).") from None
 
 
-def _read_metadata(path: str, caption_column: str) -> dict[str, str]:
-  captions, lines = {}, {}
+def _read_metadata(path: str, caption_column: str) -> dict[str, tuple[str, int]]:
+  """{file_name as written, normalised: (caption, line number)}."""
+  captions = {}
   for lineno, row, line in _metadata_rows(path):
     if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
       others = [k for k in row if k != "file_name"] if isinstance(row, dict) else []
@@ -265,11 +347,12 @@ def _read_metadata(path: str, caption_column: str) -> dict[str, str]:
           caption, list) else ""
       raise ValueError(f"{path}:{lineno}: {caption_column!r} must be a string, the caption; got "
                        f"{_describe(caption)}{one}")
-    name = os.path.normpath(file_name).replace(os.sep, "/")
-    if name in lines:
-      raise ValueError(f"{path}: {name!r} is on lines {lines[name]} and {lineno}; give each image one row.")
-    lines[name] = lineno
-    captions[name] = caption
+    if not caption and path.endswith(".csv"):  # Hugging Face reads an empty cell as missing (NaN): diffusers stops
+      raise ValueError(f"{path}:{lineno}: the {caption_column!r} cell is empty; write the image's caption.")
+    name = posixpath.normpath(file_name.replace("\\", "/"))  # Windows' separator too, as Hugging Face's
+    if name in captions:
+      raise ValueError(f"{path}: {name!r} is on lines {captions[name][1]} and {lineno}; give each image one row.")
+    captions[name] = caption, lineno
   return captions
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jaxsd import tokenizer as tok
-from jaxsd.data.image_folder import IMAGE_EXTENSIONS, to_rgb
+from jaxsd.data.image_folder import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, to_rgb
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,24 @@ def _readable(paths: list[str], what: str) -> None:
       raise ValueError(f"{what} image {p} cannot be read ({type(e).__name__}: {e}); remove or replace it.") from None
 
 
+def _no_captions(images: list[str], what: str, prompt: str) -> None:
+  """Refuses caption files beside the images (b.png + b.txt or b.caption): kohya's DreamBooth trains them, this
+  recipe (diffusers') one prompt for all."""
+  if not images:
+    return
+  folder = os.path.dirname(images[0])
+  stems = {os.path.splitext(os.path.basename(p))[0] for p in images}
+  found = sorted(
+      f for f in os.listdir(folder)
+      if f.lower().endswith(CAPTION_EXTENSIONS) and os.path.splitext(f)[0] in stems and not f.startswith("."))
+  if found:
+    shown = ", ".join(found[:5]) + (f" ... and {len(found) - 5} more" if len(found) > 5 else "")
+    raise ValueError(f"{what}={folder!r} holds caption files beside its images ({shown}), which DreamBooth does not "
+                     f"read: every image trains under {prompt} (as in diffusers' train_dreambooth.py; kohya's "
+                     "trainers would use the captions). To train on the captions, prepare the folder with "
+                     "jaxsd.data.prepare_image_folder and fine-tune on it; else move them out of the folder.")
+
+
 def check_settings(c) -> None:
   """ValueError for values of the config section `dreambooth` that cannot work (checked before any model is
   loaded): the instance folder and prompt, and what prior preservation needs."""
@@ -62,6 +80,7 @@ def check_settings(c) -> None:
     raise ValueError(f"instance_data_dir={c.instance_data_dir!r} holds no images (looked directly in it for the "
                      f"{len(IMAGE_EXTENSIONS)} extensions PIL reads: .png, .jpg, .jpeg, .webp, ...).")
   _readable(images, "instance")
+  _no_captions(images, "instance_data_dir", "instance_prompt")
   if not str(c.instance_prompt).strip():
     raise ValueError("instance_prompt is empty: give the prompt with the subject's identifier, e.g. "
                      "'a photo of sks dog'.")
@@ -81,7 +100,15 @@ def check_settings(c) -> None:
     if not os.path.isdir(class_dir):
       raise ValueError(f"class_data_dir={c.class_data_dir!r} does not exist: give a folder of class images, or "
                        "leave it empty to have the model draw them all.")
-    _readable(list_images(class_dir)[:int(c.num_class_images)], "class")
+    used = list_images(class_dir)[:int(c.num_class_images)]
+    _readable(used, "class")
+    _no_captions(used, "class_data_dir", "class_prompt")
+
+
+def step_rows(c, batch_size: int) -> int:
+  """The rows of one step's batch: `batch_size` instance examples and, with prior preservation, as many class
+  examples (what must divide among the devices)."""
+  return 2 * batch_size if c.with_prior_preservation else batch_size
 
 
 # --- class images ------------------------------------------------------------------------------

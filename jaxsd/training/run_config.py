@@ -194,9 +194,12 @@ def check_config(cfg, n_devices: int) -> None:
     raise ConfigError(f"config.mesh: {e}") from None
   for name in names:
     b = cfg[section(name)].batch_size
-    if b % n_devices or b % jax.process_count():
-      raise ConfigError(f"config.{section(name)}.batch_size={b} is not divisible by the {n_devices} devices "
-                        f"({jax.process_count()} hosts): use a multiple of {n_devices}.")
+    rows = dreambooth.step_rows(cfg.dreambooth, b) if is_dreambooth(cfg) and section(name) == "unet" else b
+    if rows % n_devices or b % jax.process_count():
+      also = f" ({rows} rows with prior preservation's class examples)" if rows != b else ""
+      need = math.lcm(n_devices // math.gcd(n_devices, rows // b), jax.process_count())
+      raise ConfigError(f"config.{section(name)}.batch_size={b}{also} is not divisible by the {n_devices} devices "
+                        f"({jax.process_count()} hosts): use a multiple of {need}.")
     try:  # builds the optax chain only: a bad value is refused before any stage runs
       make_optimizer(optimizer_settings(cfg, name))
     except ValueError as e:

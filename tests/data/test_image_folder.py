@@ -205,7 +205,7 @@ def test_all_extensions_pil_reads_and_orphan_captions(tmp_path, caplog):
   (root / "photo.txt").write_text("its image is in a format PIL does not read")
   examples = image_folder.scan_folder(root)
   assert examples == sorted((f"img_{ext}.{ext}", ext) for ext in formats)
-  assert "1 .txt file(s)" in caplog.text and "photo.txt" in caplog.text
+  assert "1 caption file(s)" in caplog.text and "photo.txt" in caplog.text
 
 
 def test_symlinked_folders_loops_and_broken_links(tmp_path, caplog):
@@ -378,3 +378,111 @@ def test_metadata_csv(tmp_path):
   (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
   with pytest.raises(ValueError, match="holds both metadata.jsonl and metadata.csv: keep one"):
     image_folder.scan_folder(root)
+
+
+def _jsonl(path, rows):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps({"file_name": f, "text": t}) + "\n" for f, t in rows))
+
+
+def test_metadata_files_in_sub_folders(tmp_path):
+  """Hugging Face imagefolder reads a metadata file in any folder, its file_name relative to that folder (and
+  "\\" as "/"); an image named by two of them is refused, as is one named by none."""
+  root = tmp_path / "imgs"
+  for name in ("top.png", "cats/a.png", "cats/x/b.png", "dogs/c.png"):
+    _save(root / name)
+  _jsonl(root / "metadata.jsonl", [("top.png", "top")])
+  _jsonl(root / "cats" / "metadata.jsonl", [("a.png", "a cat"), ("x\\b.png", "another cat")])
+  (root / "dogs" / "metadata.csv").write_text("file_name,text\nc.png,\"a dog, sitting\"\n")
+  assert image_folder.scan_folder(root) == [("cats/a.png", "a cat"), ("cats/x/b.png", "another cat"),
+                                            ("dogs/c.png", "a dog, sitting"), ("top.png", "top")]
+  _jsonl(root / "metadata.jsonl", [("top.png", "top"), ("cats/a.png", "a cat from the top")])
+  with pytest.raises(ValueError, match=r"'cats/a\.png' is named twice, by cats/metadata\.jsonl:1 and "
+                     r"metadata\.jsonl:2"):
+    image_folder.scan_folder(root)
+  _jsonl(root / "metadata.jsonl", [])
+  with pytest.raises(
+      ValueError, match=r"1 of 4 images.*no caption; each needs an entry in the metadata.jsonl or "
+      r"metadata.csv of its folder or of a folder above it.*Without caption: top\.png"):
+    image_folder.scan_folder(root)
+  (root / "metadata.jsonl").unlink()
+  (root / "top.txt").write_text("top")
+  with pytest.raises(
+      ValueError, match="caption files beside the images are not read when the folder has a "
+      r"metadata file\. Without caption: top\.png"):
+    image_folder.scan_folder(root)
+
+
+def test_caption_file_extensions(tmp_path):
+  """A caption file in any case (a.TXT), or kohya's .caption; two that differ are refused, not one picked."""
+  root = tmp_path / "imgs"
+  for stem, ext in (("a", "TXT"), ("b", "Txt"), ("c", "caption"), ("d", "txt")):
+    _save(root / f"{stem}.png")
+    (root / f"{stem}.{ext}").write_text(f"caption {stem}\n")
+  (root / "d.caption").write_text("caption d")  # the same caption: fine
+  assert image_folder.scan_folder(root) == [(f"{s}.png", f"caption {s}") for s in "abcd"]
+  (root / "d.caption").write_text("another caption")
+  with pytest.raises(ValueError, match=r"1 image\(s\).*two caption files that differ.*: d\.caption and d\.txt"):
+    image_folder.scan_folder(root)
+
+
+@pytest.mark.parametrize("written, on_disk", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_names_match_across_unicode_normalisations(tmp_path, written, on_disk):
+  """macOS writes file names decomposed (NFD), most other tools composed (NFC): 'café.png' is one file."""
+  import unicodedata  # pylint: disable=g-import-not-at-top
+  disk, text = (unicodedata.normalize(form, "caf\xe9") for form in (on_disk, written))
+  root = tmp_path / "meta"
+  _save(root / f"{disk}.png")
+  _jsonl(root / "metadata.jsonl", [(f"{text}.png", "a coffee")])
+  name, _ = image_folder.prepare_image_folder(root, tmp_path / "tfds")
+  assert [ex["caption"].decode() for ex in _read_all(name, tmp_path / "tfds", "train").values()] == ["a coffee"]
+  root = tmp_path / "txt"
+  _save(root / f"{disk}.png")
+  (root / f"{text}.txt").write_text("a coffee")
+  assert image_folder.scan_folder(root) == [(f"{disk}.png", "a coffee")]
+
+
+def test_empty_and_multi_line_caption_files_are_refused(tmp_path):
+  """kohya's sd-scripts refuses an empty caption file and trains only the first line of several; jaxsd would
+  train the whole text: both are refused by name. A CRLF line end or a BOM is fine."""
+  root = tmp_path / "imgs"
+  _save(root / "a.png")
+  _save(root / "b.png")
+  (root / "a.txt").write_bytes(b"\xef\xbb\xbfa dog\r\n")
+  (root / "b.txt").write_text(" \n")
+  with pytest.raises(ValueError, match=r"1 caption file\(s\) .* are empty.*: b\.txt"):
+    image_folder.scan_folder(root)
+  (root / "b.txt").write_text("a cat\r\non a mat\n")
+  with pytest.raises(ValueError, match=r"1 caption file\(s\) .* hold several lines.*put each caption on one line: "
+                     r"b\.txt"):
+    image_folder.scan_folder(root)
+  (root / "b.txt").write_text("a cat on a mat\n")
+  assert image_folder.scan_folder(root) == [("a.png", "a dog"), ("b.png", "a cat on a mat")]
+
+
+def test_a_metadata_name_in_another_case_is_named(tmp_path):
+  _save(tmp_path / "Dog.PNG")
+  _jsonl(tmp_path / "metadata.jsonl", [("dog.png", "a dog")])
+  with pytest.raises(ValueError, match=r"dog\.png \(metadata\.jsonl:1: no such file; did you mean 'Dog\.PNG'"):
+    image_folder.scan_folder(tmp_path)
+
+
+def test_metadata_parquet_is_refused_by_name(tmp_path):
+  """Hugging Face imagefolder's third metadata form: not read (its captions would be missed), so refused."""
+  _save(tmp_path / "a.png")
+  (tmp_path / "a.txt").write_text("a caption that is not the one in the parquet file")
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "metadata.parquet").write_bytes(b"PAR1")
+  with pytest.raises(
+      ValueError, match=r"sub/metadata\.parquet is a metadata\.parquet, which jaxsd does not read: "
+      r"write it as metadata\.jsonl"):
+    image_folder.scan_folder(tmp_path)
+
+
+def test_an_empty_csv_caption_is_refused(tmp_path):
+  """pandas, and so Hugging Face's reader, takes an empty CSV cell as missing (diffusers then stops)."""
+  _save(tmp_path / "a.png")
+  _save(tmp_path / "b.png")
+  (tmp_path / "metadata.csv").write_text("file_name,text\na.png,a dog\nb.png,\n")
+  with pytest.raises(ValueError, match=r"metadata\.csv:3: the 'text' cell is empty"):
+    image_folder.scan_folder(tmp_path)

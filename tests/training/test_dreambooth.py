@@ -329,3 +329,43 @@ def test_the_command_line_exits_2_with_one_line(init, tmp_path, capsys):
   ])
   err = capsys.readouterr().err.strip()
   assert code == 2 and "\n" not in err and "instance_data_dir='/nonexistent/dog' does not exist" in err
+
+
+def test_prior_preservation_counts_its_class_rows_among_the_devices(init, instance_dir):
+  """With prior preservation a step takes batch_size instance rows and as many class rows: batch_size=4 on 8
+  devices is 8 rows, one per device (diffusers' train_dreambooth.py concatenates them the same way)."""
+  cfg = _cfg(init, instance_dir, **{"unet.batch_size": 4})
+  assert dreambooth.step_rows(cfg.dreambooth, 4) == 8
+  run.check_config(cfg, 8)
+  with pytest.raises(
+      run.ConfigError, match=r"batch_size=3 \(6 rows with prior preservation's class examples\) "
+      "is not divisible by the 8 devices.*multiple of 4"):
+    run.check_config(_cfg(init, instance_dir, **{"unet.batch_size": 3}), 8)
+  with pytest.raises(run.ConfigError, match=r"batch_size=4 is not divisible by the 8 devices.*multiple of 8"):
+    run.check_config(_cfg(init, instance_dir, **{"unet.batch_size": 4, "dreambooth.with_prior_preservation": False}), 8)
+
+
+def test_caption_files_beside_the_images_are_refused(init, tmp_path):
+  """kohya's DreamBooth trains a.txt's caption for a.png, this recipe the instance prompt: refused, not silently
+  replaced. Other text files, and macOS's hidden ._a.png / .DS_Store, are no concern."""
+  folder = tmp_path / "dog"
+  folder.mkdir()
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "a.png")
+  (folder / "notes.txt").write_text("where the photos were taken")
+  (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+  (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+  run.check_config(_cfg(init, str(folder)), 8)
+  (folder / "a.TXT").write_text("sks dog on a sofa")
+  with pytest.raises(
+      run.ConfigError, match=r"instance_data_dir=.* holds caption files beside its images \(a\.TXT\)"
+      r".*every image trains under instance_prompt"):
+    run.check_config(_cfg(init, str(folder)), 8)
+  (folder / "a.TXT").unlink()
+  classes = tmp_path / "dogs"
+  classes.mkdir()
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(classes / "c.png")
+  (classes / "c.caption").write_text("a dog")
+  with pytest.raises(
+      run.ConfigError, match=r"class_data_dir=.* holds caption files beside its images \(c\.caption\)"
+      r".*every image trains under class_prompt"):
+    run.check_config(_cfg(init, str(folder), **{"dreambooth.class_data_dir": str(classes)}), 8)
