@@ -486,3 +486,18 @@ def test_an_empty_csv_caption_is_refused(tmp_path):
   (tmp_path / "metadata.csv").write_text("file_name,text\na.png,a dog\nb.png,\n")
   with pytest.raises(ValueError, match=r"metadata\.csv:3: the 'text' cell is empty"):
     image_folder.scan_folder(tmp_path)
+
+
+def test_reencoded_jpegs_keep_their_colours(tmp_path):
+  """A JPEG that must be re-encoded (here: EXIF-rotated) is written at full chroma resolution: what trains is the
+  rotated picture within a few levels (4:2:0 subsampling moved a colourful image's pixels by 100+ levels)."""
+  rng = np.random.default_rng(0)
+  pixels = np.clip(np.cumsum(rng.normal(0, 6, (64, 48, 3)), 1) + 128, 0, 255).astype(np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+  path = tmp_path / "a.jpg"
+  Image.fromarray(pixels).save(path, quality=100, subsampling=0, exif=exif)
+  shown = np.asarray(Image.open(path).transpose(Image.Transpose.ROTATE_270)).astype(int)
+  out = np.asarray(Image.open(io.BytesIO(image_folder._encode(str(path), None)))).astype(int)
+  assert out.shape == shown.shape == (48, 64, 3)
+  assert np.abs(out - shown).mean() < 3 and np.abs(out - shown).max() < 40
