@@ -285,6 +285,11 @@ def check_model_folder(path: str, components: tuple[str, ...] = COMPONENTS,
         f"model folder {path!r} does not exist; pass a diffusers Stable Diffusion folder "
         "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a training workdir.")
   missing = [d for d in components if not os.path.isdir(os.path.join(path, d))]
+  index = os.path.join(path, "model_index.json")
+  if "unet" in missing and os.path.isdir(os.path.join(path, "transformer")) and os.path.isfile(index):
+    kind = read_json(index).get("_class_name", "a diffusion-transformer pipeline")
+    raise FileNotFoundError(f"model folder {path!r} holds {kind} (a transformer/, no unet/: SD 3, FLUX, PixArt, "
+                            "...); jaxsd runs U-Net models: Stable Diffusion 1.x / 2.x and SDXL folders.")
   if missing:
     need = ("A Stable Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
             if components == COMPONENTS else f"This folder needs {', '.join(d + '/' for d in components)}.")

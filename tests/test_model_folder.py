@@ -82,6 +82,14 @@ def test_check_model_folder_names_what_is_missing(tmp_path):
   assert not model_folder.is_workdir(str(tmp_path))
 
 
+def test_transformer_folders_are_named_for_what_they_are(tmp_path):
+  for sub in ("transformer", "vae", "text_encoder", "scheduler"):
+    os.makedirs(tmp_path / sub)
+  (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+  with pytest.raises(FileNotFoundError, match="holds StableDiffusion3Pipeline .*jaxsd runs U-Net models"):
+    model_folder.check_model_folder(str(tmp_path))
+
+
 def test_workdir_steps_and_checkpoints(tmp_path):
   unet = tmp_path / "model" / "unet"
   unet.mkdir(parents=True)
