@@ -133,6 +133,33 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     pipe.check_parts(where)
     return pipe
 
+  def swap_vae(self, path: str, *, variant: str | None = None, allow_pickle: bool = False) -> "StableDiffusion":
+    """Replaces this pipeline's VAE (in place; returns the pipeline), as diffusers'
+    `pipe.vae = AutoencoderKL.from_pretrained(path)` and A1111's VAE setting: a diffusers AutoencoderKL folder or Hub id (stabilityai/sd-vae-ft-mse,
+    madebyollin/sdxl-vae-fp16-fix), or a single VAE file (`.safetensors`; a pickled `.ckpt` / `.pt` with
+    `allow_pickle`) in the original layout or diffusers' names, read with this pipeline's VAE config. Computes in
+    the pipeline's dtype (fp32 where an fp16 VAE would overflow, as `from_pretrained`). Programs compiled before
+    are dropped (they hold the old VAE's config)."""
+    where = os.fspath(path)
+    if os.path.isfile(where):
+      if variant:
+        raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
+      config = self.vae.config.to_dict()
+      state_dict = single_file.vae_state_dict(single_file.read(where, allow_pickle), config)
+      vae, vae_params = pretrained.from_state_dict("vae", config, state_dict, f"{where} (VAE)",
+                                                   _vae_dtype(self.vae.config, self.unet.dtype))
+    else:
+      vae, vae_params = load_vae(hub.resolve(where, variant=variant, allow_pickle=allow_pickle), self.unet.dtype,
+                                 variant, allow_pickle)
+    old, new = self.vae.config, vae.config
+    if (new.latent_channels, new.downsampling_factor) != (old.latent_channels, old.downsampling_factor):
+      raise ValueError(f"{where}: this VAE has {new.latent_channels} latent channels at 1/{new.downsampling_factor} "
+                       f"of the image size; the model's U-Net works on {old.latent_channels} at "
+                       f"1/{old.downsampling_factor}: it is a VAE of another kind of model.")
+    self.vae, self.vae_params = vae, vae_params
+    self.__dict__.pop("_compiled", None)
+    return self
+
   def save_pretrained(self, path: str, dtype=None) -> None:
     """Writes the diffusers folder `StableDiffusionPipeline.from_pretrained` (and `from_pretrained` here) loads:
     safetensors weights (cast to `dtype`, e.g. np.float16, if given), tokenizer, scheduler and model_index.json.

@@ -276,6 +276,18 @@ def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
   }
 
 
+def vae_state_dict(sd: Mapping[str, Any], config: dict) -> Mapping[str, Any]:
+  """A standalone VAE file's tensors in diffusers names: the original (LDM) layout of A1111's VAE files
+  (vae-ft-mse-840000-ema-pruned: `encoder.down.0.block.0...`, or a whole checkpoint's `first_stage_model.`) is
+  renamed for an AutoencoderKL of `config`; diffusers-named files pass as they are."""
+  keys = list(sd.keys())
+  if any(k.startswith(PREFIXES["vae"]) for k in keys):
+    return _network(sd, PREFIXES["vae"], vae_prefixes(config), _vae_transform)
+  if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in keys):
+    return _network(sd, "", vae_prefixes(config), _vae_transform)
+  return sd
+
+
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
 
 

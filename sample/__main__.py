@@ -83,6 +83,10 @@ def parse(argv=None) -> argparse.Namespace:
       "--lora-ignore-unmatched", action="store_true",
       help="load a LoRA's keys that match layers of the model and skip (and log) the others, instead of "
       "refusing the file")
+  p.add_argument(
+      "--vae", default=None, metavar="PATH",
+      help="another VAE: a diffusers AutoencoderKL folder or Hub id (e.g. stabilityai/sd-vae-ft-mse), or a "
+      "single VAE file (.safetensors, original or diffusers names)")
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
@@ -220,6 +224,9 @@ def check_flags(args) -> None:
     if args.padding_mask_crop < 0:
       raise ValueError(f"--padding-mask-crop {args.padding_mask_crop}: the margin around the mask must be >= 0 "
                        "pixels.")
+  if args.vae is not None and not os.path.exists(args.vae) and not hub.is_repo_id(args.vae):
+    raise FileNotFoundError(f"--vae {args.vae}: no such file or folder; give a diffusers VAE folder, a Hub id "
+                            "(owner/name) or a VAE .safetensors file.")
   check_controlnet_flags(args)
 
 
@@ -271,6 +278,8 @@ def main(argv=None) -> int:
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
                             **load_kw)
+    if args.vae is not None:
+      pipe.swap_vae(args.vae, allow_pickle=args.allow_pickle)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
     control = {}

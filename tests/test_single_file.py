@@ -220,3 +220,42 @@ def test_auto_config_knows_inpainting_files():
   assert v2i["scheduler"]["prediction_type"] == "epsilon" and v2i["unet"]["sample_size"] == 64
   assert single_file.PAD_TOKEN["v2-inpainting"] == "!" and single_file.PAD_TOKEN["v1-inpainting"] is None
   assert single_file.preset("v2")["scheduler"]["prediction_type"] == "v_prediction"  # the presets are copies
+
+
+def test_swap_vae_from_a_folder_and_single_files(tmp_path, capsys):
+  """StableDiffusion.swap_vae takes another model's VAE as a diffusers folder, an A1111-style file in the original
+  layout (no prefix, 1x1-conv attention; what vae-ft-mse-840000-ema-pruned.safetensors holds) or a file in
+  diffusers' names: the same parameters each way, and the next images are decoded by it (programs compiled for the
+  old VAE are not reused). A VAE of another latent shape is refused; `python -m sample --vae` names a missing path."""
+  import diffusers
+
+  from sample.__main__ import main as sample_main
+
+  model = reference.make_tiny_sd_folder(str(tmp_path / "a"), seed=0)
+  other = reference.make_tiny_sd_folder(str(tmp_path / "b"), seed=5)
+  vae_dir = os.path.join(other, "vae")
+  state = dict(model_folder.read_state_dict(vae_dir))
+  config = model_folder.read_json(os.path.join(vae_dir, "config.json"))
+  ldm = _to_ldm(state, single_file.vae_prefixes(config), "", unsqueeze_attention=True)
+  model_folder.write_safetensors({k: np.asarray(v) for k, v in ldm.items()}, str(tmp_path / "ldm_vae.safetensors"))
+  model_folder.write_safetensors({k: np.asarray(v) for k, v in state.items()}, str(tmp_path / "vae.safetensors"))
+  want = jaxsd.StableDiffusion.from_pretrained(other).vae_params
+
+  pipe = jaxsd.StableDiffusion.from_pretrained(model)
+  before = pipe(["a red circle"], height=16, width=16, steps=2, sampler="ddim", seed=1)
+  for source in (vae_dir, str(tmp_path / "ldm_vae.safetensors"), str(tmp_path / "vae.safetensors")):
+    assert pipe.swap_vae(source) is pipe
+    jax.tree.map(np.testing.assert_array_equal, pipe.vae_params, want)
+  after = pipe(["a red circle"], height=16, width=16, steps=2, sampler="ddim", seed=1)
+  assert np.abs(after.astype(int) - before.astype(int)).max() > 10
+
+  small = diffusers.AutoencoderKL(latent_channels=8, block_out_channels=(16, 32), layers_per_block=1,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
+  small.save_pretrained(tmp_path / "vae8")
+  with pytest.raises(ValueError, match="8 latent channels at 1/2 .* U-Net works on 4 at 1/2"):
+    pipe.swap_vae(str(tmp_path / "vae8"))
+  capsys.readouterr()
+  code = sample_main(["--model", model, "--prompt", "x", "--vae", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "\n" not in err and "--vae" in err and "no such file or folder" in err
