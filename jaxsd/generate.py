@@ -98,7 +98,14 @@ def save_new(image: np.ndarray, path: str) -> str:
     return target
 
 
-def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int = 25,
+# Default step counts: diffusers' LatentConsistencyModelPipeline's for LCM (distilled for 2-8 steps), else 25.
+DEFAULT_STEPS = 25
+LCM_STEPS = 4
+# LatentConsistencyModelPipeline's guidance default (an LCM-distilled U-Net takes it as an input; no CFG).
+LCM_GUIDANCE = 8.5
+
+
+def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
              sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0, height: int | None = None,
              width: int | None = None, negative_prompt: str | None = None, batch_per_device: int = 1,
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
@@ -109,8 +116,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
   one PNG per image (see `image_filenames`; existing files are kept, see `save_new`) and the grid of them.
-  `sampler` defaults to the folder's own (`pipe.default_sampler`, as diffusers runs a folder's scheduler), and
-  `guidance_scale` to the pipeline call's (as diffusers': 7.5, SDXL's 5).
+  `sampler` defaults to the folder's own (`pipe.default_sampler`, as diffusers runs a folder's scheduler), `steps`
+  to 25 (4 with the `lcm` sampler, as diffusers' LatentConsistencyModelPipeline), and `guidance_scale` to the
+  pipeline call's (as diffusers': 7.5, SDXL's 5; 8.5 for an LCM-distilled U-Net, which takes it as an input).
   Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
   where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
   default that of the pipeline's img2img: 0.6 for SD, 0.3 for SDXL, 0.8 with ControlNets); with `mask_image`
@@ -128,6 +136,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
   sampler = sampler or pipe.default_sampler
+  if steps is None:
+    steps = LCM_STEPS if sampler == "lcm" else DEFAULT_STEPS
   if out_dir:
     check_out_dir(out_dir)
   task = "text" if init_image is None else "img2img" if mask_image is None else "inpaint"
@@ -142,7 +152,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     raise ValueError("control images without ControlNets: steer the pipeline with pipe.with_controlnet(...).")
   pipe.check_task(task)
   call = {"text": pipe.__call__, "img2img": pipe.img2img, "inpaint": pipe.inpaint}[task]  # what each job is
-  if guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
+  if guidance_scale is None and pipe.guidance_embedded:  # the pipeline diffusers builds for such a folder
+    guidance_scale = LCM_GUIDANCE
+  elif guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
     guidance_scale = inspect.signature(call).parameters["guidance_scale"].default
   if strength is None:  # the call's own (diffusers' for SDXL and ControlNets: 0.3 / 0.9999, 0.8; SD's img2img 0.6)
     strength = inspect.signature(call).parameters["strength"].default if task != "text" else 1.0

@@ -31,16 +31,7 @@ OUTPUTS = ("np", "pil", "latent")
 # re-noised after every step (4-channel U-Nets, diffusers' latent blend).
 TASKS = ("text", "img2img", "inpaint")
 # The sampler that follows each diffusers scheduler class: the default sampler of a folder.
-SAMPLER_OF = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "LMSDiscreteScheduler": "lms",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "DDPMScheduler": "ddpm",
-}
+SAMPLER_OF = samplers.SAMPLER_OF
 log = logging.getLogger(__name__)
 
 
@@ -124,8 +115,8 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     where = os.fspath(path)
     unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
                                                    param_dtype, **unet_kwargs)
-    vae_dtype = _vae_dtype(AutoencoderKLConfig.from_dict(configs["vae"]), dtype)
-    vae, vae_params = pretrained.from_state_dict("vae", configs["vae"], parts["vae"], f"{where} (VAE)", vae_dtype)
+    vae_dt = vae_dtype(AutoencoderKLConfig.from_dict(configs["vae"]), dtype)
+    vae, vae_params = pretrained.from_state_dict("vae", configs["vae"], parts["vae"], f"{where} (VAE)", vae_dt)
     te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
                                                f"{where} (text encoder)", dtype, param_dtype)
     pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]),
@@ -147,7 +138,7 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
       config = self.vae.config.to_dict()
       state_dict = single_file.vae_state_dict(single_file.read(where, allow_pickle), config)
       vae, vae_params = pretrained.from_state_dict("vae", config, state_dict, f"{where} (VAE)",
-                                                   _vae_dtype(self.vae.config, self.unet.dtype))
+                                                   vae_dtype(self.vae.config, self.unet.dtype))
     else:
       vae, vae_params = load_vae(hub.resolve(where, variant=variant, allow_pickle=allow_pickle), self.unet.dtype,
                                  variant, allow_pickle)
@@ -369,11 +360,11 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
   @property
   def default_sampler(self) -> str:
     """The sampler of the folder's scheduler class, as diffusers runs a folder's own scheduler (PNDM's for SD 1.x
-    and a folder that names none; DPM-Solver++ 2M for a class with no sampler here, e.g. UniPC: diffusers'
-    DPMSolverMultistepScheduler.from_config swap)."""
+    and a folder that names none; DPM-Solver++ 2M for a class with no sampler here, e.g. DEIS: diffusers'
+    DPMSolverMultistepScheduler.from_config swap; its EDM form for an EDM model)."""
     if not self.scheduler_class_name:
       return "pndm"
-    return SAMPLER_OF.get(self.scheduler_class_name.removeprefix("Flax"), "dpmpp_2m")
+    return SAMPLER_OF.get(self.scheduler_class_name.removeprefix("Flax"), "dpmpp_2m")  # (EDM: edm_dpmpp_2m)
 
   @property
   def default_hw(self) -> tuple[int, int]:
@@ -844,15 +835,15 @@ def _syntax(long_prompts: bool, prompt_weighting: bool) -> dict:
   return {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
 
 
-def _vae_dtype(config: AutoencoderKLConfig, dtype):
+def vae_dtype(config: AutoencoderKLConfig, dtype):
   """As diffusers: an fp16 VAE overflows, so configs with force_upcast (SD's, SDXL's) decode in fp32; an
   fp16-safe VAE (force_upcast false, e.g. SDXL's "fp16-fix") keeps fp16."""
   return jnp.float32 if dtype == jnp.float16 and config.force_upcast else dtype
 
 
 def load_vae(path: str, dtype, variant: str | None = None, allow_pickle: bool = False):
-  """(module, params) of a pipeline's VAE folder, in fp32 where it would overflow in fp16 (`_vae_dtype`)."""
-  return pretrained.load_vae(path, _vae_dtype(AutoencoderKLConfig.from_json(path), dtype), variant=variant,
+  """(module, params) of a pipeline's VAE folder, in fp32 where it would overflow in fp16 (`vae_dtype`)."""
+  return pretrained.load_vae(path, vae_dtype(AutoencoderKLConfig.from_json(path), dtype), variant=variant,
                              allow_pickle=allow_pickle)
 
 

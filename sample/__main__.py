@@ -39,11 +39,13 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt-weighting", action="store_true",
                  help="read A1111's (word:1.3), (word) = x1.1, [word] = /1.1 weights and BREAK; \\( for a literal (")
   p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-  p.add_argument("--steps", type=int, default=25)
+  p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25; 4 with the lcm sampler)")
   p.add_argument("--sampler", default=None,
                  help="default: the model folder's own scheduler (as diffusers runs it; PNDM for SD 1.5)")
-  p.add_argument("--guidance", type=float, default=None,
-                 help="classifier-free guidance scale (<= 1: off; default, as diffusers: 7.5, SDXL 5)")
+  p.add_argument(
+      "--guidance", type=float, default=None,
+      help="classifier-free guidance scale (<= 1: off; default, as diffusers: 7.5, SDXL 5; an LCM-distilled "
+      "model takes it as an input, default 8.5)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
@@ -184,9 +186,9 @@ def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
 
 def check_flags(args) -> None:
   """The checks that need no model, done before anything is loaded."""
-  from jaxsd.diffusion import SchedulerConfig, make_schedule
+  from jaxsd.diffusion import samplers
 
-  if args.steps < 1:
+  if args.steps is not None and args.steps < 1:
     raise ValueError(f"--steps {args.steps}: need at least 1 denoising step.")
   if args.allow_pickle and importlib.util.find_spec("torch") is None:
     raise ValueError("--allow-pickle reads pickled weights with PyTorch, which is not installed: pip install torch "
@@ -195,7 +197,7 @@ def check_flags(args) -> None:
     raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number (7.5 is usual; "
                      "<= 1 turns guidance off).")
   if args.sampler is not None:
-    make_schedule(SchedulerConfig(), args.sampler, args.steps)  # raises for an unknown sampler
+    samplers.get(args.sampler)  # raises for an unknown name (whether it fits the model is known once loaded)
   if not 0 <= args.seed < 2**64:
     raise ValueError(f"--seed {args.seed}: use a whole number in [0, 2**64).")
   if not args.out.strip():

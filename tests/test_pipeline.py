@@ -338,13 +338,14 @@ def _folder_with(path, scheduler=None, unet_updates=None, index_updates=None) ->
 def test_a_folders_own_scheduler_is_the_default_as_in_diffusers(tmp_path):
   """With no sampler given, the folder's scheduler runs (diffusers runs the folder's; jaxsd ran PNDM): an Euler
   folder (SD-Turbo-like, trailing spacing), and a model_index.json naming DDIM over a PNDM scheduler_config.json
-  (diffusers builds the index's class, with clip_sample forced off). A class with no sampler here (UniPC) gets
-  steps_offset=1 forced as StableDiffusionPipeline forces it on any config that has the key."""
+  (diffusers builds the index's class, with clip_sample forced off), and a UniPC folder, whose steps_offset=0 is
+  forced to 1 as StableDiffusionPipeline forces it on any config that has the key."""
   base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
   cases = [
       (_folder_with(tmp_path / "euler", diffusers.EulerDiscreteScheduler(timestep_spacing="trailing",
                                                                          **base)), "euler"),
       (_folder_with(tmp_path / "ddim_index", index_updates={"scheduler": ["diffusers", "DDIMScheduler"]}), "ddim"),
+      (_folder_with(tmp_path / "unipc", diffusers.UniPCMultistepScheduler(steps_offset=0, **base)), "unipc"),
   ]
   for path, sampler in cases:
     pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(path), reference.torch_pipeline(path)
@@ -356,10 +357,7 @@ def test_a_folders_own_scheduler_is_the_default_as_in_diffusers(tmp_path):
                   latents=reference.nhwc_to_nchw(latents), output_type="latent").images
     ref = reference.nchw_to_nhwc(ref)
     assert np.abs(ours - ref).max() < 3e-4 * max(1.0, np.abs(ref).max()), sampler
-  unipc = _folder_with(tmp_path / "unipc", diffusers.UniPCMultistepScheduler(steps_offset=0, **base))
-  pipe, tpipe = jaxsd.StableDiffusion.from_pretrained(unipc), reference.torch_pipeline(unipc)
-  assert tpipe.scheduler.config.steps_offset == 1 and pipe.scheduler_config.steps_offset == 1
-  assert pipe.default_sampler == "dpmpp_2m"  # diffusers' DPMSolverMultistepScheduler.from_config swap
+  assert tpipe.scheduler.config.steps_offset == 1 and pipe.scheduler_config.steps_offset == 1  # (the UniPC folder)
 
 
 def test_folders_that_describe_themselves_otherwise(tmp_path):
@@ -423,3 +421,46 @@ def test_guidance_embedding_unet_matches_diffusers(tmp_path):
     outs.append(ours)
   assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the scale reaches the U-Net
   assert not any(k[0] for k in pipe._compiled if isinstance(k, tuple))  # no guided (two-half) program ran
+
+
+def test_lcm_folder_matches_diffusers_latent_consistency_pipeline(tmp_path, monkeypatch):
+  """A folder laid out as SimianLuo/LCM_Dreamshaper_v7 (LatentConsistencyModelPipeline: an LCM-distilled U-Net with
+  time_cond_proj_dim, LCMScheduler) samples with `lcm` by default and matches diffusers' LatentConsistencyModelPipeline
+  (4 steps, guidance 8.5 through the embedding; its per-step noise is ours, fed to diffusers' randn_tensor)."""
+  from diffusers.schedulers import scheduling_lcm
+
+  from jaxsd.diffusion import samplers
+
+  unet, vae, text_encoder, tokenizer, _ = reference.tiny_components(seed=6, time_cond_proj_dim=32)
+  scheduler = diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                     original_inference_steps=50, set_alpha_to_one=True, steps_offset=1,
+                                     timestep_spacing="leading", clip_sample=False)
+  tpipe = diffusers.LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+  tpipe.set_progress_bar_config(disable=True)
+  tpipe.save_pretrained(tmp_path / "lcm")
+  pipe = jaxsd.StableDiffusion.from_pretrained(str(tmp_path / "lcm"))
+  assert pipe.default_sampler == "lcm" and pipe.guidance_embedded
+  latents = _latents(pipe, seed=4)
+  ours = pipe(PROMPTS, height=HW, width=HW, steps=4, guidance_scale=8.5, seed=4, latents=latents, output="latent")
+  schedule = samplers.make_schedule(pipe.scheduler_config, "lcm", 4)
+  keys = pipe.sampler_keys(4, len(PROMPTS))
+  draws = [reference.nhwc_to_nchw(samplers.step_noise(schedule, i, latents, keys)) for i in range(4)]
+  monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda *a, **k: draws.pop(0))
+  with torch.no_grad():
+    ref = tpipe(PROMPTS, height=HW, width=HW, num_inference_steps=4, guidance_scale=8.5,
+                latents=reference.nhwc_to_nchw(latents), output_type="latent").images
+  assert len(draws) == 1  # diffusers draws no noise after the last step, as jaxsd
+  ref = reference.nchw_to_nhwc(ref)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * max(1.0, np.abs(ref).max()))
+  # python -m sample's defaults for such a folder, as diffusers' LatentConsistencyModelPipeline: 4 steps, guidance 8.5.
+  from jaxsd import generate
+  got = generate.generate(pipe, PROMPTS[:1], height=HW, width=HW, seed=7, progress=False,
+                          devices=jax.local_devices()[:1]).images
+  want = pipe(PROMPTS[:1], height=HW, width=HW, steps=4, guidance_scale=8.5, seed=7, sampler="lcm")
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+  other = pipe(PROMPTS[:1], height=HW, width=HW, steps=5, guidance_scale=8.5, seed=7, sampler="lcm")
+  assert np.abs(other.astype(int) - want.astype(int)).max() > 1
+  other = pipe(PROMPTS[:1], height=HW, width=HW, steps=4, guidance_scale=7.5, seed=7, sampler="lcm")
+  assert np.abs(other.astype(int) - want.astype(int)).max() > 1

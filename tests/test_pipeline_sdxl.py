@@ -311,6 +311,63 @@ def test_inpainting_unet_folder_matches_diffusers(tmp_path, monkeypatch):
   _close("base 9-channel inpaint euler", ours, reference.nchw_to_nhwc(ref))
 
 
+# Playground v2.5's (playgroundai/playground-v2.5-1024px-aesthetic) scheduler: EDM preconditioning.
+PLAYGROUND_SCHEDULER = {
+    "_class_name": "EDMDPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rho": 7.0,
+    "sample_max_value": 1.0,
+    "sigma_data": 0.5,
+    "sigma_max": 80.0,
+    "sigma_min": 0.002,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "thresholding": False
+}
+
+
+def test_edm_folder_as_playground_v25_matches_diffusers(tmp_path):
+  """A folder laid out as Playground v2.5 (an SDXL U-Net trained with EDM preconditioning: its scheduler is
+  EDMDPMSolverMultistepScheduler; its VAE normalises latents per channel, latents_mean / latents_std) samples with
+  the EDM samplers by default, and `euler` means EDM's Euler there, as diffusers' EDMEulerScheduler: latents within
+  1e-4 of diffusers' and the decoded images within 2 levels; a sampler of the DDPM family is refused."""
+  c = reference.tiny_sdxl_components(seed=4)
+  vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16,
+                                scaling_factor=0.5, force_upcast=False, latents_mean=[-1.6, 1.7, 1.4, 2.9],
+                                latents_std=[8.4, 6.1, 7.2, 7.7])
+  reference._jitter(vae, seed=9)
+  parts = {k: c[k] for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
+  tpipe = diffusers.StableDiffusionXLPipeline(
+      **parts, vae=vae.eval(), scheduler=diffusers.EDMDPMSolverMultistepScheduler.from_config(PLAYGROUND_SCHEDULER),
+      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  tpipe.set_progress_bar_config(disable=True)
+  tpipe.save_pretrained(tmp_path / "pg")
+  pipe = jaxsd.pipeline_xl.load(str(tmp_path / "pg"))
+  assert pipe.default_sampler == "edm_dpmpp_2m" and pipe.scheduler_config.edm
+  latents = _noise(pipe, 1)
+  for sampler, cls in ((None, diffusers.EDMDPMSolverMultistepScheduler), ("euler", diffusers.EDMEulerScheduler)):
+    tpipe.scheduler = cls.from_config(PLAYGROUND_SCHEDULER)
+    for output in ("latent", "np"):
+      ours = pipe(PROMPTS, NEGATIVE, steps=4, guidance_scale=3.0, sampler=sampler, latents=latents, output=output)
+      with torch.no_grad():
+        ref = tpipe(prompt=PROMPTS, negative_prompt=NEGATIVE, height=HW, width=HW, num_inference_steps=4,
+                    guidance_scale=3.0, latents=reference.nhwc_to_nchw(latents), output_type=output).images
+      if output == "latent":
+        _close(f"playground-like {cls.__name__}", ours, reference.nchw_to_nhwc(ref))
+      else:
+        assert np.abs(ours.astype(int) - np.round(ref * 255).astype(int)).max() <= 2
+  with pytest.raises(ValueError, match="EDM"):
+    pipe(PROMPTS, steps=4, sampler="ddim")
+
+
 def test_save_pretrained_loads_in_diffusers(sdxl, tmp_path):
   """Both folders saved by jaxsd load in diffusers' own pipelines to the same weights, tokenizers, scheduler and
   pipeline config (force_zeros_for_empty_prompt, requires_aesthetics_score)."""

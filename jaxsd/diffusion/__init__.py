@@ -1,6 +1,7 @@
 """Noise schedules and samplers as pure functions; no network imports here."""
 
 from jaxsd.diffusion.samplers import ALIASES
+from jaxsd.diffusion.samplers import SAMPLER_OF
 from jaxsd.diffusion.samplers import SAMPLERS
 from jaxsd.diffusion.samplers import Sampler
 from jaxsd.diffusion.samplers import Schedule

@@ -10,6 +10,16 @@ builder, facts); `init_state`, `model_input`, `step_noise` and `step` are the lo
 at a time, for loops of one's own. A scheduler config is read as the diffusers class of the sampler
 reads it: keys it leaves out take that class's defaults (`SchedulerConfig.for_class`).
 
+The samplers (SAMPLERS; SAMPLER_OF maps each diffusers class to its own):
+  ddim, pndm (alias plms), ddpm                  DDIM / PNDM / DDPMScheduler
+  euler, euler_a, heun, lms                      (Ancestral)Euler / Heun / LMSDiscreteScheduler
+  dpmpp_2m, dpmpp_2m_sde (+ _karras aliases)     DPMSolverMultistepScheduler, dpmsolver++ / sde-dpmsolver++
+  unipc                                          UniPCMultistepScheduler (bh2, order 2)
+  lcm                                            LCMScheduler (latent consistency models, LCM-LoRA)
+  edm_euler, edm_dpmpp_2m                        EDMEuler / EDMDPMSolverMultistepScheduler
+The EDM samplers are for models with EDM preconditioning (Playground v2.5, CosXL: `SchedulerConfig.edm`) and
+only they sample those: on such a config euler and dpmpp_2m(_karras) mean them, the others are refused.
+
     s = make_schedule(cfg, "euler", 30)
     x = sample(model_fn, prepare_latents(s, noise), s, key)
 
@@ -19,7 +29,8 @@ reads it: keys it leaves out take that class's defaults (`SchedulerConfig.for_cl
       x, state = step(s, i, x, out, state, step_noise(s, i, x, key))
 
 `model_fn(x, t)` returns the raw network output (eps, v or x0, as `cfg.prediction_type` says)
-for the already scaled input x at the float32 timestep t; classifier-free guidance belongs in it.
+for the already scaled input x at the float32 timestep t (EDM: the fractional c_noise = log(sigma) / 4);
+classifier-free guidance belongs in it.
 """
 
 from __future__ import annotations
@@ -34,7 +45,9 @@ from flax import struct
 from jaxsd.diffusion import schedules
 from jaxsd.diffusion.schedules import SchedulerConfig
 
-ALIASES = {"plms": "pndm", "dpmpp_2m_karras": "dpmpp_2m"}
+# The Karras-sigma variants are the plain sampler with use_karras_sigmas=True.
+_KARRAS = {"dpmpp_2m_karras": "dpmpp_2m", "dpmpp_2m_sde_karras": "dpmpp_2m_sde"}
+ALIASES = {"plms": "pndm", **_KARRAS}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -49,20 +62,34 @@ class Schedule:
   sampler: str = struct.field(pytree_node=False)
   prediction_type: str = struct.field(pytree_node=False)
   clip_sample_range: float | None = struct.field(pytree_node=False)  # None: no clipping of x0
-  sigmas: jax.Array | None = None  # [L + 1] noise levels (Euler family, DPM++); the last is 0
-  alphas: jax.Array | None = None  # [L] alpha_bar at each call's timestep (DDIM, PNDM, DDPM)
+  sigmas: jax.Array | None = None  # [L + 1] noise levels (Euler family, DPM++, UniPC, EDM); the last is 0 (or
+  # EDM's sigma_min)
+  alphas: jax.Array | None = None  # [L] alpha_bar at each call's timestep (DDIM, PNDM, DDPM, LCM)
   alphas_prev: jax.Array | None = None  # [L] alpha_bar the step moves to
-  coeffs: jax.Array | None = None  # [L, k] multistep weights (LMS, DPM++ 2M)
+  coeffs: jax.Array | None = None  # [L, k] multistep weights (LMS, DPM++ 2M (SDE), UniPC)
+  # [L, 3] (c_in, c_skip, c_out) per call: EDM's preconditioning, LCM's boundary condition (c_in = 1 there).
+  scalings: jax.Array | None = None
   prk_calls: int = struct.field(pytree_node=False, default=0)  # PNDM: Runge-Kutta warm-up calls before PLMS
 
 
-def _resolve(sampler: str, use_karras_sigmas: bool | None) -> tuple[str, bool | None]:
-  if sampler == "dpmpp_2m_karras":
+def _resolve(cfg: SchedulerConfig, sampler: str, use_karras_sigmas: bool | None) -> tuple[str, bool | None]:
+  if sampler in _KARRAS:
     if use_karras_sigmas is False:
-      raise ValueError("sampler 'dpmpp_2m_karras' with use_karras_sigmas=False: pick one.")
-    return "dpmpp_2m", True
+      raise ValueError(f"sampler {sampler!r} with use_karras_sigmas=False: pick one.")
+    sampler, use_karras_sigmas = _KARRAS[sampler], (None if cfg.edm else True)
   get(sampler)  # raises for an unknown name
-  return ALIASES.get(sampler, sampler), use_karras_sigmas
+  sampler = ALIASES.get(sampler, sampler)
+  edm = tuple(k for k, r in _TABLE.items() if r.edm)
+  if cfg.edm and not _TABLE[sampler].edm:  # a non-EDM sampler would feed the network inputs it never saw
+    if sampler not in EDM_OF:
+      raise ValueError(
+          f"sampler {sampler!r} cannot sample a model with EDM preconditioning (its scheduler config "
+          f"has sigma_data={cfg.sigma_data}); use one of {', '.join(edm)} (euler and dpmpp_2m map to them).")
+    sampler = EDM_OF[sampler]
+  elif _TABLE[sampler].edm and not cfg.edm:
+    raise ValueError(f"sampler {sampler!r} is for models with EDM preconditioning (a scheduler config with sigma_data, "
+                     f"e.g. {schedules.EDM_CLASSES[0]}'s); this model's is not one: use another sampler.")
+  return sampler, use_karras_sigmas
 
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: float = 1.0, *,
@@ -72,20 +99,24 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
 
   Args:
     cfg: the model's noise schedule.
-    sampler: one of SAMPLERS or ALIASES.
+    sampler: one of SAMPLERS or ALIASES. On a config with EDM preconditioning (`cfg.edm`) euler and
+      dpmpp_2m(_karras) run edm_euler and edm_dpmpp_2m, and the others raise; edm_* raise on other configs.
     num_steps: number of inference steps (diffusers' num_inference_steps).
     strength: img2img strength in (0, 1]; below 1 the schedule keeps the last
       int(num_steps * strength) steps, as StableDiffusionImg2ImgPipeline.get_timesteps.
-    use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++ only).
+    use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++, UniPC only).
     denoising_start: in (0, 1): run only the calls at timesteps below (1 - denoising_start) * T (replaces
       `strength`), as SDXL's img2img `get_timesteps` (a second-order sampler starts on a whole step).
     denoising_end: in (0, 1): stop before the first call at a timestep below (1 - denoising_end) * T, as
       SDXL's pipelines; the result is then still noisy (the base -> refiner hand-off).
   """
-  sampler, karras = _resolve(sampler, use_karras_sigmas)
+  sampler, karras = _resolve(cfg, sampler, use_karras_sigmas)
   row = _TABLE[sampler]
   cfg = cfg.for_class(row.scheduler_class)  # keys the file left out: this sampler's diffusers defaults
-  cfg.check_implemented(row.scheduler_class, sampler)
+  cfg.check_implemented(row.scheduler_class, sampler, row.sets)
+  if row.edm and (denoising_start is not None or denoising_end is not None):
+    raise ValueError(f"{sampler} with denoising_start / denoising_end is not available: SDXL's cut compares "
+                     "training timesteps, which an EDM schedule does not have (diffusers runs all or no steps).")
   if karras and not row.karras and use_karras_sigmas is not None:
     raise ValueError(f"use_karras_sigmas is not available for {sampler!r}; "
                      f"only for {tuple(k for k, r in _TABLE.items() if r.karras)}.")
@@ -147,7 +178,7 @@ def _cutoff(cfg: SchedulerConfig, name: str, fraction: float) -> int:
 def _first_calls(fields: dict, calls: int) -> dict:
   """The schedule fields of the first `calls` model calls only (each indexes calls, or calls + 1 levels)."""
   out = dict(fields)
-  for k in ("timesteps", "alphas", "alphas_prev", "coeffs"):
+  for k in ("timesteps", "alphas", "alphas_prev", "coeffs", "scalings"):
     if out.get(k) is not None:
       out[k] = out[k][:calls]
   for k in ("sigmas", "levels"):
@@ -259,39 +290,161 @@ def _lms_coeffs(sig: np.ndarray, start: int, order: int = 4) -> np.ndarray:
 
 
 def _dpm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
-  """DPM-Solver++(2M): per call x' = c0 x + c1 x0_i + c2 x0_{i-1}, Lu et al. (2022b) eq. 16 (midpoint)."""
-  del sampler
+  """DPM-Solver++(2M) (SDE) and UniPC on the variance-preserving x = alpha x0 + alpha sigma eps, where
+  alpha = 1 / sqrt(sigma^2 + 1): the timesteps and sigmas of diffusers' multistep solvers, then each one's weights."""
   ts = schedules.dpm_timesteps(cfg, n)
   train = schedules.train_sigmas(ac)
   if karras:
     sig = schedules.karras_sigmas(train[0].item(), train[-1].item(), n)
     ts = schedules.sigma_to_t(sig, np.log(train))
-    if cfg.beta_schedule != "squaredcos_cap_v2":
+    if cfg.beta_schedule != "squaredcos_cap_v2" or sampler == "unipc":  # (UniPC rounds them all)
       ts = ts.round()
     ts = ts.astype(np.int64)
   else:
     sig = np.interp(ts, np.arange(0, len(train)), train)
   sig = np.concatenate([sig, [0.0]]).astype(np.float32)
-  s64 = sig.astype(np.float64)
-  alpha = 1 / np.sqrt(s64**2 + 1)
-  lam = -np.log(np.where(s64 > 0, s64, 1.0))  # log(alpha_t / sigma_t) = -log(sigma)
-  coeffs = []
-  for j in range(start, len(ts)):
-    if sig[j + 1] == 0:  # denoise fully: x' = x0
-      coeffs.append([0.0, 1.0, 0.0])
-      continue
-    h = lam[j + 1] - lam[j]
-    c_x = s64[j + 1] * alpha[j + 1] / (s64[j] * alpha[j])
-    c_0 = -alpha[j + 1] * np.expm1(-h)
-    if j == start:  # no previous x0 yet: DPM-Solver++(1), i.e. DDIM
-      coeffs.append([c_x, c_0, 0.0])
-    else:
-      r = (lam[j] - lam[j - 1]) / h
-      coeffs.append([c_x, c_0 * (1 + 0.5 / r), -c_0 * 0.5 / r])
   s0 = sig[start:]
   a0 = np.float32(1) / np.sqrt(s0 * s0 + np.float32(1))
+  if sampler == "unipc":
+    coeffs = _unipc_coeffs(sig, start, cfg.disable_corrector)
+  else:
+    alpha = 1 / np.sqrt(sig.astype(np.float64)**2 + 1)
+    coeffs = _dpm_coeffs(sig, alpha, start, np.zeros(n, bool), sde=sampler == "dpmpp_2m_sde")
   return dict(timesteps=ts[start:].astype(np.float32), init_noise_sigma=np.float32(1.0), sigmas=sig[start:],
-              coeffs=np.array(coeffs), levels=np.stack([a0, s0 * a0], 1))
+              coeffs=coeffs, levels=np.stack([a0, s0 * a0], 1))
+
+
+def _unipc_coeffs(sig: np.ndarray, start: int, disable_corrector: tuple[int, ...]) -> np.ndarray:
+  """[L, 8] weights of UniPC (Zhao et al. 2023; diffusers' defaults: order 2, B(h) = e^h - 1 ("bh2"), x0 model).
+
+  Call i corrects the latents its model call saw (UniC: xc = c0 x + c1 xc_{i-1} + c2 x0_{i-1} + c3 x0_i
+  + c4 x0_{i-2}, with the order of the step before; none at the first call nor after a step in
+  `disable_corrector`), then predicts (UniP: x' = c5 xc + c6 x0_i + c7 x0_{i-1}); the order ramps up from 1,
+  and the last step is first order (lower_order_final), onto sigma 0: x' = x0_i.
+  """
+  s64 = sig.astype(np.float64)
+  alpha = 1 / np.sqrt(s64**2 + 1)
+  vs = s64 * alpha  # the variance-preserving noise level
+  with np.errstate(divide="ignore"):
+    lam = -np.log(s64)
+
+  def weights(h):  # h phi_1(h), B(h), and the b_1, b_2 of their eq. 5 / Algorithm 2 in h = -(lambda_t - lambda_s)
+    hh = -h
+    h_phi_1 = np.expm1(hh)
+    b_h = h_phi_1
+    h_phi_k = h_phi_1 / hh - 1
+    return h_phi_1, b_h, h_phi_k / b_h, (h_phi_k / hh - 0.5) * 2 / b_h
+
+  n, rows, prev_order = len(sig) - 1, [], 1
+  for i in range(n - start):
+    k, c = start + i, np.zeros(8)
+    if i > 0 and k - 1 not in disable_corrector:  # UniC, from the previous call's corrected latents
+      h = lam[k] - lam[k - 1]
+      h_phi_1, b_h, b1, b2 = weights(h)
+      c[1], c[2] = vs[k] / vs[k - 1], -alpha[k] * h_phi_1
+      if prev_order == 1:
+        rho_t = 0.5
+      else:
+        r1 = (lam[k - 2] - lam[k - 1]) / h
+        rho_1, rho_t = np.linalg.solve(np.array([[1.0, 1.0], [r1, 1.0]]), np.array([b1, b2]))
+        c[4] = -alpha[k] * b_h * rho_1 / r1
+        c[2] -= c[4]
+      c[3] = -alpha[k] * b_h * rho_t
+      c[2] -= c[3]
+    else:
+      c[0] = 1.0
+    order = min(2, n - k, i + 1)
+    if s64[k + 1] == 0:
+      c[6] = 1.0
+    else:  # UniP
+      h = lam[k + 1] - lam[k]
+      h_phi_1, b_h, _, _ = weights(h)
+      c[5], c[6] = vs[k + 1] / vs[k], -alpha[k + 1] * h_phi_1
+      if order == 2:
+        r1 = (lam[k - 1] - lam[k]) / h
+        c[7] = -alpha[k + 1] * b_h * 0.5 / r1
+        c[6] -= c[7]
+    rows.append(c)
+    prev_order = order
+  return np.array(rows).reshape(-1, 8)
+
+
+def _dpm_coeffs(sig: np.ndarray, alpha: np.ndarray, start: int, first: np.ndarray, sde: bool = False) -> np.ndarray:
+  """[L, 3]: per call from `start`, x' = c0 x + c1 x0_i + c2 x0_{i-1}: DPM-Solver++(2M), Lu et al. (2022b) eq. 16
+  (midpoint), in lambda = -log(sigma) for x = alpha (x0 + sigma eps); first order (DPM-Solver++(1), i.e. DDIM)
+  at the first call, where `first` says, and onto sigma 0 (x' = x0). With `sde`, [L, 4]: SDE-DPM-Solver++(2M)
+  (Lu et al. 2022b, appendix; diffusers' sde-dpmsolver++), + c3 z with fresh standard normal noise z."""
+  s64, alpha = sig.astype(np.float64), np.asarray(alpha, np.float64)
+  with np.errstate(divide="ignore"):
+    lam = -np.log(s64)
+  coeffs = []
+  for j in range(start, len(sig) - 1):
+    if s64[j + 1] == 0:
+      coeffs.append([0.0, 1.0, 0.0, 0.0])
+      continue
+    h = lam[j + 1] - lam[j]
+    c_x = s64[j + 1] * alpha[j + 1] / (s64[j] * alpha[j]) * (np.exp(-h) if sde else 1.0)
+    c_0 = -alpha[j + 1] * np.expm1(-2 * h if sde else -h)
+    c_z = s64[j + 1] * alpha[j + 1] * np.sqrt(-np.expm1(-2 * h)) if sde else 0.0
+    if j == start or first[j]:
+      coeffs.append([c_x, c_0, 0.0, c_z])
+    else:  # h = 0 (a last step from sigma_min to sigma_min) leaves x as it is, as diffusers' 1 / inf
+      with np.errstate(divide="ignore"):
+        half_over_r = 0.5 * h / (lam[j] - lam[j - 1])
+      coeffs.append([c_x, c_0 * (1 + half_over_r), -c_0 * half_over_r, c_z])
+  return np.array(coeffs).reshape(-1, 4)[:, :4 if sde else 3]
+
+
+def _edm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+  """EDM (Karras et al. 2022): sigmas from sigma_max to sigma_min, then 0 (or sigma_min); the model sees c_in x at
+  c_noise = log(sigma) / 4 and denoises as c_skip x + c_out F (their Table 1), in diffusers' float32 arithmetic."""
+  del ac, karras
+  euler = sampler == "edm_euler"
+  sig = schedules.edm_sigmas(cfg, n, float32_ramp=not euler)
+  ts = np.float32(0.25) * np.log(sig.astype(np.float64)).astype(np.float32)  # (rounded as schedules.edm_sigmas)
+  if cfg.final_sigmas_type == "zero":
+    last = np.float32(0)
+  else:  # Euler repeats its last sigma (a last step of size 0), DPM++ steps to sigma_min
+    last = sig[-1] if euler else np.float32(cfg.sigma_min)
+  sig = np.append(sig, last).astype(np.float32)
+  s, d = sig[:-1], np.float32(cfg.sigma_data)
+  var = s * s + np.float32(cfg.sigma_data**2)
+  c_out = s * d / np.sqrt(var) * np.float32(-1 if cfg.prediction_type == "v_prediction" else 1)
+  scalings = np.stack([np.float32(1) / np.sqrt(var), np.float32(cfg.sigma_data**2) / var, c_out], 1)
+  levels = np.stack([np.ones_like(sig), np.append(s, np.float32(0))], 1)  # x = x0 + sigma eps; clean at the end
+  fields = dict(timesteps=ts[start:], init_noise_sigma=np.float32((cfg.sigma_max**2 + 1)**0.5), sigmas=sig[start:],
+                levels=levels[start:], scalings=scalings[start:])
+  if not euler:  # diffusers' lower_order_final counts the whole schedule's steps, img2img's too
+    first = np.zeros(n, bool)
+    first[-1] = cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
+    fields["coeffs"] = _dpm_coeffs(sig, np.ones_like(sig), start, first)
+  return fields
+
+
+def _lcm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+  """LCM (Luo et al. 2023): n of the distillation's original_inference_steps timesteps, evenly skipped; per call
+  alpha_bar at t and at the next timestep (1 after the last call, which returns the consistency estimate), and
+  the boundary-condition scalings c_skip, c_out at timestep_scaling * t (sigma_data 0.5), as diffusers.
+
+  set_alpha_to_one changes nothing: diffusers' LCMScheduler never steps past a timestep >= 0.
+  """
+  del sampler, karras
+  T, orig = cfg.num_train_timesteps, cfg.original_inference_steps
+  if orig > T:
+    raise ValueError(f"lcm with original_inference_steps={orig} > num_train_timesteps={T}: lower it.")
+  if n > orig:  # (diffusers refuses too)
+    raise ValueError(f"lcm with num_steps={n} > original_inference_steps={orig}: its timesteps are a subset of the "
+                     f"{orig} the model was distilled on; lower num_steps.")
+  origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+  ts = origin[np.floor(np.linspace(0, orig, n, endpoint=False)).astype(np.int64)][start:]
+  a = ac[ts]
+  scaled = ts.astype(np.float32) * np.float32(cfg.timestep_scaling)
+  var = scaled * scaled + np.float32(0.25)
+  scalings = np.stack([np.ones_like(scaled), np.float32(0.25) / var, scaled / np.sqrt(var)], 1)
+  levels = np.append(a, np.float32(1.0))
+  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), alphas=a,
+              alphas_prev=np.append(ac[ts[1:]], np.float32(1.0)), scalings=scalings,
+              levels=np.stack([np.sqrt(levels), np.sqrt(np.float32(1.0) - levels)], 1))
 
 
 def prepare_latents(schedule: Schedule, noise: jax.Array) -> jax.Array:
@@ -446,6 +599,52 @@ def dpmpp_2m_step(s, i, x, out, state, noise):
   return c[0] * x + c[1] * x0 + c[2] * state, x0
 
 
+def dpmpp_2m_sde_step(s, i, x, out, state, noise):
+  """Implements SDE-DPM-Solver++(2M) (midpoint), Lu et al. (2022b), as diffusers' sde-dpmsolver++: DPM++(2M)'s
+  step with the drift doubled and fresh noise."""
+  x_next, x0 = dpmpp_2m_step(s, i, x, out, state, noise)
+  return x_next + s.coeffs[i, 3] * noise, x0
+
+
+def unipc_step(s, i, x, out, state, noise):
+  """Implements UniPC (Zhao et al. 2023), UniC-2 corrector then UniP-2 predictor, B(h) = e^h - 1, as diffusers."""
+  x_prev, x0_1, x0_2 = state  # the previous call's corrected latents, and the last two x0 predictions
+  sigma = s.sigmas[i]
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)
+  x0, _ = _x0_eps(s, out, x, alpha, sigma * alpha)  # from the latents the model saw, not the corrected ones
+  c = s.coeffs[i]
+  xc = c[0] * x + c[1] * x_prev + c[2] * x0_1 + c[3] * x0 + c[4] * x0_2
+  return c[5] * xc + c[6] * x0 + c[7] * x0_1, (xc, x0, x0_1)
+
+
+def _edm_denoised(s, i, x, out):
+  """D(x; sigma) = c_skip x + c_out F, Karras et al. (2022) eq. 7 (diffusers negates c_out for v-prediction)."""
+  return s.scalings[i, 1] * x + s.scalings[i, 2] * out
+
+
+def edm_euler_step(s, i, x, out, state, noise):
+  """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), without churn, with EDM preconditioning."""
+  sigma = s.sigmas[i]
+  d = (x - _edm_denoised(s, i, x, out)) / sigma
+  return x + d * (s.sigmas[i + 1] - sigma), state
+
+
+def edm_dpmpp_2m_step(s, i, x, out, state, noise):
+  """Implements DPM-Solver++(2M), Lu et al. (2022b) Algorithm 2, on EDM's x = x0 + sigma eps."""
+  x0 = _edm_denoised(s, i, x, out)
+  c = s.coeffs[i]
+  return c[0] * x + c[1] * x0 + c[2] * state, x0
+
+
+def lcm_step(s, i, x, out, state, noise):
+  """Implements multistep latent consistency sampling, Luo et al. (2023) Algorithm 1: the consistency estimate
+  c_skip x + c_out x0, then fresh noise to the next timestep (none after the last call)."""
+  a, a_prev = s.alphas[i], s.alphas_prev[i]
+  x0, _ = _x0_eps(s, out, x, jnp.sqrt(a), jnp.sqrt(1 - a))
+  denoised = s.scalings[i, 2] * _clip(s, x0) + s.scalings[i, 1] * x
+  return jnp.sqrt(a_prev) * denoised + jnp.sqrt(1 - a_prev) * noise, state
+
+
 # --- The samplers, one row each -------------------------------------------------------------------
 
 StepFn = Callable[..., tuple[jax.Array, Any]]
@@ -457,7 +656,8 @@ class Sampler(NamedTuple):
   init: Callable[[jax.Array], Any]  # latents -> the step's state (the earlier outputs of multistep methods)
   step: StepFn  # (schedule, i, x, fp32 model output, state, noise or None) -> (x, state): one call's update
   schedule: Callable[..., dict]  # (cfg, name, num_steps, start, alphas_cumprod, karras) -> Schedule fields
-  scaled_input: bool = False  # the model sees x / sqrt(sigma^2 + 1) (the Euler family's x = x0 + sigma * eps)
+  scaled_input: bool = False  # the model sees x / sqrt(sigma^2 + 1) (the Euler family's x = x0 + sigma * eps;
+  # EDM's c_in x)
   stochastic: bool = False  # each step draws fresh noise
   order: int = 1  # diffusers' `scheduler.order`: model calls per step, for img2img truncation
   karras: bool = False  # honours use_karras_sigmas (as in diffusers)
@@ -465,6 +665,8 @@ class Sampler(NamedTuple):
   predicts_sample: bool = True  # supports prediction_type="sample"
   check: Callable[[SchedulerConfig], None] | None = None  # raises for scheduler settings it lacks
   scheduler_class: str = ""  # the diffusers scheduler it follows: whose defaults fill keys a config leaves out
+  edm: bool = False  # for models with EDM preconditioning only (SchedulerConfig.edm), and only it samples them
+  sets: tuple[str, ...] = ()  # keys of UNIMPLEMENTED it chooses itself, whatever the config says
   # Steps in sigma = sqrt((1 - alpha_bar) / alpha_bar): with zero terminal SNR diffusers sets alpha_bar_T = 2^-24.
   sigma_space: bool = False
 
@@ -508,8 +710,33 @@ _TABLE = {
     "dpmpp_2m":
         Sampler(jnp.zeros_like, dpmpp_2m_step, _dpm_schedule, karras=True,
                 scheduler_class="DPMSolverMultistepScheduler", sigma_space=True),
+    "dpmpp_2m_sde":
+        Sampler(jnp.zeros_like, dpmpp_2m_sde_step, _dpm_schedule, stochastic=True, karras=True,
+                scheduler_class="DPMSolverMultistepScheduler", sigma_space=True, sets=("algorithm_type",)),
+    # State: the previous call's corrected latents and the last two x0 predictions.
+    "unipc":
+        Sampler(lambda x: (jnp.zeros_like(x),) * 3, unipc_step, _dpm_schedule, karras=True,
+                scheduler_class="UniPCMultistepScheduler", sigma_space=True),
+    # EDM models (Playground v2.5, CosXL): the model sees c_in x, x = x0 + sigma eps.
+    "edm_euler":
+        Sampler(_stateless, edm_euler_step, _edm_schedule, scaled_input=True, predicts_sample=False,
+                scheduler_class="EDMEulerScheduler", edm=True),
+    # State: the previous x0 prediction.
+    "edm_dpmpp_2m":
+        Sampler(jnp.zeros_like, edm_dpmpp_2m_step, _edm_schedule, scaled_input=True, predicts_sample=False,
+                scheduler_class="EDMDPMSolverMultistepScheduler", edm=True),
+    # Latent consistency models and LCM-LoRA: 1-8 steps, fresh noise at every call but the last.
+    "lcm":
+        Sampler(_stateless, lcm_step, _lcm_schedule, stochastic=True, clips=True, scheduler_class="LCMScheduler"),
 }
 SAMPLERS = tuple(_TABLE)
+# The sampler that follows each diffusers scheduler class (the first row of the class: its plain variant).
+SAMPLER_OF: dict[str, str] = {
+    c: next(k for k, r in _TABLE.items() if r.scheduler_class == c)
+    for c in dict.fromkeys(r.scheduler_class for r in _TABLE.values())
+}
+# What a usual sampler choice means on a model with EDM preconditioning (make_schedule maps it; others are refused).
+EDM_OF = {"euler": "edm_euler", "dpmpp_2m": "edm_dpmpp_2m"}
 
 
 def get(name: str) -> Sampler:
@@ -529,8 +756,11 @@ def init_state(schedule: Schedule, x: jax.Array) -> Any:
 
 
 def model_input(schedule: Schedule, i: jax.Array, x: jax.Array) -> jax.Array:
-  """What the model is given at call i: x, or x / sqrt(sigma^2 + 1) for the Euler family."""
-  if _TABLE[schedule.sampler].scaled_input:
+  """What the model is given at call i: x, x / sqrt(sigma^2 + 1) for the Euler family, c_in x for EDM."""
+  row = _TABLE[schedule.sampler]
+  if row.edm:
+    return x * schedule.scalings[i, 0]
+  if row.scaled_input:
     return x / jnp.sqrt(schedule.sigmas[i]**2 + 1)
   return x
 
@@ -563,7 +793,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     model_fn: (scaled x, float32 t) -> network output; may return bf16, latents stay float32.
     x: initial latents.
     schedule: from make_schedule.
-    key: PRNG key of the stochastic samplers (ddpm, euler_a), or a [B] batch of them (see `step_noise`).
+    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm), or a [B] batch of them (see
+      `step_noise`).
     noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
     after_step: optional (i, latents after call i) -> latents, applied after every call (inpainting's
       latent blend); the sampler's state is left as the step made it, as in diffusers.

@@ -22,6 +22,8 @@ from jaxsd.config import ConfigBase, read_json_object
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SIGMA_SCHEDULES = ("karras", "exponential")  # EDM's sigma_schedule
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 # What a scheduler_config.json that leaves a key out means: each diffusers scheduler class's own default
 # (`inspect.signature(diffusers.<Class>.__init__)`, diffusers 0.42; tests/diffusion/test_schedules.py checks
@@ -29,6 +31,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # "scaled_linear", steps_offset=1 and skip_prk_steps=true are in SD's files, not in diffusers' defaults.
 _COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
                prediction_type="epsilon", steps_offset=0)
+_EDM = dict(num_train_timesteps=1000, prediction_type="epsilon", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+            sigma_schedule="karras", rho=7.0)
 DIFFUSERS_DEFAULTS = {
     "DDIMScheduler":
         dict(_COMMON, clip_sample=True, set_alpha_to_one=True, thresholding=False, clip_sample_range=1.0,
@@ -39,7 +43,8 @@ DIFFUSERS_DEFAULTS = {
         dict(_COMMON, variance_type="fixed_small", clip_sample=True, thresholding=False, clip_sample_range=1.0,
              timestep_spacing="leading", rescale_betas_zero_snr=False),
     "EulerDiscreteScheduler":
-        dict(_COMMON, use_karras_sigmas=False, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+        dict(_COMMON, use_karras_sigmas=False, timestep_spacing="linspace", rescale_betas_zero_snr=False,
+             sigma_min=None, sigma_max=None, final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler":
         dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False),
     "HeunDiscreteScheduler":  # not _COMMON's betas: Heun's own defaults are SD's values, but linear
@@ -49,8 +54,24 @@ DIFFUSERS_DEFAULTS = {
         dict(_COMMON, use_karras_sigmas=False, timestep_spacing="linspace"),
     "DPMSolverMultistepScheduler":
         dict(_COMMON, thresholding=False, use_karras_sigmas=False, variance_type=None, timestep_spacing="linspace",
-             rescale_betas_zero_snr=False),
+             rescale_betas_zero_snr=False, lower_order_final=True, euler_at_final=False, final_sigmas_type="zero"),
+    "UniPCMultistepScheduler":
+        dict(_COMMON, thresholding=False, use_karras_sigmas=False, timestep_spacing="linspace",
+             rescale_betas_zero_snr=False, lower_order_final=True, final_sigmas_type="zero", sigma_min=None,
+             sigma_max=None, disable_corrector=()),
+    # EDM (Karras et al. 2022): no betas; a sigma schedule of its own, and the preconditioning of sigma_data.
+    "EDMEulerScheduler":
+        dict(_EDM, final_sigmas_type="zero"),
+    "EDMDPMSolverMultistepScheduler":
+        dict(_EDM, thresholding=False, lower_order_final=True, euler_at_final=False, final_sigmas_type="zero"),
+    # Not _COMMON's betas: LCM's own defaults are SD's.
+    "LCMScheduler":
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
+             clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True, thresholding=False,
+             timestep_spacing="leading", timestep_scaling=10.0, rescale_betas_zero_snr=False),
 }
+# The classes whose models have EDM preconditioning (their `sigma_data` marks a config as EDM: SchedulerConfig.edm).
+EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 # Keys of those classes that no sampler here implements beyond their default (the value each sampler
 # runs with, diffusers' default): a config that names another value is refused, not run as if it did not.
 _PLAIN_SIGMAS = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
@@ -67,6 +88,13 @@ UNIMPLEMENTED = {
     "DPMSolverMultistepScheduler":
         dict(_PLAIN_SIGMAS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", use_lu_lambdas=False,
              use_flow_sigmas=False, final_sigmas_type="zero", lambda_min_clipped=-math.inf, use_dynamic_shifting=False),
+    # (lower_order_final, euler_at_final and final_sigmas_type are read: SchedulerConfig fields.)
+    "EDMDPMSolverMultistepScheduler":
+        dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint"),
+    "UniPCMultistepScheduler":
+        dict(_PLAIN_SIGMAS, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+             final_sigmas_type="zero", sigma_min=None, sigma_max=None, use_flow_sigmas=False,
+             use_dynamic_shifting=False),
 }
 # Values a scheduler class's __init__ maps to its own when built from another class's config (diffusers'
 # DPMSolverMultistepScheduler.from_config of a UniPC or DEIS config): compared after mapping.
@@ -82,6 +110,8 @@ _REMAPPED = {
         },
     },
 }
+_REMAPPED["EDMDPMSolverMultistepScheduler"] = _REMAPPED["DPMSolverMultistepScheduler"]
+_REMAPPED["UniPCMultistepScheduler"] = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}
 _UNIMPLEMENTED_KEYS = frozenset(k for keys in UNIMPLEMENTED.values() for k in keys)
 # A file without a known `_class_name`: diffusers' training scripts read it as a DDPMScheduler.
 _FALLBACK_CLASS = "DDPMScheduler"
@@ -118,16 +148,35 @@ class SchedulerConfig(ConfigBase):
   variance_type: str = "fixed_small"  # DDPM: the posterior variance, Ho et al. eq. 7.
   thresholding: bool = False  # Dynamic thresholding (Imagen): not for latent diffusion.
   # Lin et al. (2024): betas rescaled so that alpha_bar at the last timestep is 0 (pure noise), for
-  # v-prediction models sampled with "trailing" spacing. Read by DDIM, DDPM, Euler (a) and DPM-Solver.
+  # v-prediction models sampled with "trailing" spacing. Read by DDIM, DDPM, Euler (a), DPM-Solver, UniPC, LCM.
   rescale_betas_zero_snr: bool = False
+  # EDM (Karras et al. 2022; EDMEulerScheduler, EDMDPMSolverMultistepScheduler): latents x = x0 + sigma * eps, and
+  # the network F denoises as c_skip x + c_out F(c_in x, log(sigma) / 4) with the data's standard deviation
+  # sigma_data. Set exactly for models trained so (None otherwise): see `edm`.
+  sigma_data: float | None = None
+  sigma_min: float | None = None  # EDM: the noise levels run from sigma_max down to sigma_min
+  sigma_max: float | None = None
+  sigma_schedule: str = "karras"  # EDM: "karras" (their eq. 5, with rho) or "exponential" (log-linear; CosXL)
+  rho: float = 7.0
+  final_sigmas_type: str = "zero"  # EDM: the last step goes to sigma 0, or to sigma_min ("sigma_min")
+  lower_order_final: bool = True  # EDM DPM++: a first-order last step below 15 steps (UniPC: only True)
+  euler_at_final: bool = False  # EDM DPM++: a first-order last step whatever the step count
+  # LCM (Luo et al. 2023): the distillation ran on original_inference_steps evenly skipped timesteps (the
+  # sampler's are a subset of them); its boundary-condition scalings are taken at timestep_scaling * t.
+  original_inference_steps: int = 50
+  timestep_scaling: float = 10.0
+  disable_corrector: tuple[int, ...] = ()  # UniPC: the steps after which no corrector runs
   defaulted: tuple[str, ...] = ()  # keys the file left out: each scheduler class fills in its own default
-  # (key, value) of the file's keys in UNIMPLEMENTED: refused by the samplers of those classes unless default.
+  # (key, value) of the file's keys in UNIMPLEMENTED that are no field here: refused by the samplers of those
+  # classes unless default (as are fields of UNIMPLEMENTED, e.g. Euler's sigma_min).
   unimplemented: tuple[tuple[str, Any], ...] = ()
 
   @classmethod
   def from_dict(cls, d: dict) -> SchedulerConfig:
     names = [f.name for f in dataclasses.fields(cls) if f.name not in ("defaulted", "unimplemented")]
     class_name = str(d.get("_class_name", "")).removeprefix("Flax")
+    if not class_name and d.get("sigma_data") is not None:  # a live EDM scheduler's `.config` (no _class_name)
+      class_name = EDM_CLASSES[0]
     defaults = DIFFUSERS_DEFAULTS.get(class_name, DIFFUSERS_DEFAULTS[_FALLBACK_CLASS])
     # A diffusers `scheduler.config` lists the keys it filled with its own class's defaults; a null
     # (trained_betas) means the same as a key left out.
@@ -141,10 +190,18 @@ class SchedulerConfig(ConfigBase):
     other = tuple(
         sorted((k, tuple(v) if isinstance(v, list) else v)
                for k, v in d.items()
-               if k in _UNIMPLEMENTED_KEYS and k not in used_defaults))
+               if k in _UNIMPLEMENTED_KEYS and k not in names and k not in used_defaults))
     cfg = cls(**{k: v for k, v in defaults.items() if k in missing}, **given, defaulted=missing, unimplemented=other)
     cfg.validate()
     return cfg
+
+  @property
+  def edm(self) -> bool:
+    """The model has EDM preconditioning: `sigma_data` is set. A file whose `_class_name` is an EDM scheduler
+    (EDM_CLASSES) always has it (diffusers' default 0.5 fills it in), as does a diffusers `.config` that names the
+    key without a `_class_name`; no other diffusers scheduler reads the key.
+    Only the EDM samplers sample such a model, and they sample nothing else (`samplers.make_schedule`)."""
+    return self.sigma_data is not None
 
   def replace(self, **kw) -> SchedulerConfig:
     """A copy with `kw` set; keys set here are no longer `defaulted`, so they hold for every sampler (e.g.
@@ -157,12 +214,15 @@ class SchedulerConfig(ConfigBase):
     defaults = DIFFUSERS_DEFAULTS[class_name]
     return self.replace(**{k: defaults[k] for k in self.defaulted if k in defaults})
 
-  def check_implemented(self, class_name: str, sampler: str) -> None:
-    """Raises for a setting of the file that diffusers' `class_name` reads and `sampler` does not implement."""
+  def check_implemented(self, class_name: str, sampler: str, sets: tuple[str, ...] = ()) -> None:
+    """Raises for a setting of the file that diffusers' `class_name` reads and `sampler` does not implement
+    (keys in `sets` the sampler chooses itself, as diffusers' from_config(config, algorithm_type=...))."""
     fixed, remapped = UNIMPLEMENTED.get(class_name, {}), _REMAPPED.get(class_name, {})
-    for key, value in self.unimplemented:
+    given, names = dict(self.unimplemented), {f.name for f in dataclasses.fields(self)}
+    for key in fixed:
+      value = getattr(self, key) if key in names else given.get(key, fixed[key])  # (fields: as for_class reads)
       value = remapped.get(key, {}).get(value, value) if isinstance(value, str) else value
-      if key in fixed and value != fixed[key]:
+      if key not in sets and value != fixed[key]:
         raise ValueError(f"{sampler} with {key}={value!r} is not implemented (only {key}={fixed[key]!r}, diffusers' "
                          f"default for {class_name}); remove the key from scheduler_config.json or choose another "
                          "sampler.")
@@ -199,6 +259,14 @@ class SchedulerConfig(ConfigBase):
       raise ValueError(f"timestep_spacing={self.timestep_spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}.")
     if self.num_train_timesteps < 2:
       raise ValueError(f"num_train_timesteps={self.num_train_timesteps}: need at least 2.")
+    if self.sigma_schedule not in SIGMA_SCHEDULES:
+      raise ValueError(f"sigma_schedule={self.sigma_schedule!r} is not supported; use one of {SIGMA_SCHEDULES}.")
+    if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
+      raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is not supported; use one of "
+                       f"{FINAL_SIGMAS_TYPES}.")
+    if self.edm and not (self.sigma_data > 0 and 0 < (self.sigma_min or 0) < (self.sigma_max or 0)):
+      raise ValueError(f"EDM schedule sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, sigma_max="
+                       f"{self.sigma_max}: need sigma_data > 0 and 0 < sigma_min < sigma_max.")
     if self.thresholding:
       raise ValueError("thresholding=True (dynamic thresholding) is not supported; set it to false "
                        "(it is meant for pixel-space models, not latent diffusion).")
@@ -336,6 +404,24 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
   ramp = np.linspace(0, 1, n)
   min_inv_rho, max_inv_rho = sigma_min**(1 / rho), sigma_max**(1 / rho)
   return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho))**rho
+
+
+def edm_sigmas(cfg: SchedulerConfig, n: int, float32_ramp: bool = False) -> np.ndarray:
+  """float32 [n], descending: EDM's noise levels from sigma_max to sigma_min, "karras" (Karras et al. (2022)
+  eq. 5) or "exponential" (even in log sigma, k-diffusion's get_sigmas_exponential), as diffusers' EDM schedulers.
+
+  EDMEulerScheduler ramps from 0 to 1 in float64, EDMDPMSolverMultistepScheduler in float32 (`float32_ramp`).
+  torch's float32 exp and pow are within an ulp of the exact value: rounding float64's agrees far more often
+  than numpy's float32 functions (an ulp of sigma_max shows as 1e-5 in a two-step run).
+  """
+  if cfg.sigma_schedule == "exponential":  # float32 (torch.linspace's default dtype), as diffusers
+    log_sigma = _torch_linspace(math.log(cfg.sigma_min), math.log(cfg.sigma_max), n).astype(np.float64)
+    return np.exp(log_sigma).astype(np.float32)[::-1].copy()
+  if not float32_ramp:
+    return karras_sigmas(cfg.sigma_min, cfg.sigma_max, n, cfg.rho).astype(np.float32)
+  lo, hi = cfg.sigma_min**(1 / cfg.rho), cfg.sigma_max**(1 / cfg.rho)
+  base = np.float32(hi) + _torch_linspace(0.0, 1.0, n) * np.float32(lo - hi)
+  return (base.astype(np.float64)**np.float32(cfg.rho)).astype(np.float32)
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:

@@ -40,7 +40,19 @@ DIFFUSERS = {
     "heun": diffusers.HeunDiscreteScheduler,
     "lms": diffusers.LMSDiscreteScheduler,
     "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-    "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler
+    "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler,
+    "edm_euler": diffusers.EDMEulerScheduler,
+    "edm_dpmpp_2m": diffusers.EDMDPMSolverMultistepScheduler,
+    "lcm": diffusers.LCMScheduler,
+    "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
+    "dpmpp_2m_sde_karras": diffusers.DPMSolverMultistepScheduler,
+    "unipc": diffusers.UniPCMultistepScheduler,
+}
+# What diffusers' scheduler is built with on top of the config, for the samplers that choose settings.
+SETS = {
+    "dpmpp_2m_karras": dict(use_karras_sigmas=True),
+    "dpmpp_2m_sde": dict(algorithm_type="sde-dpmsolver++"),
+    "dpmpp_2m_sde_karras": dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
 }
 DETERMINISTIC = ["ddim", "pndm", "euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_karras"]
 TOL = 1e-5  # max |ours - diffusers| per step, relative to max(1, max |latents| of that step)
@@ -60,17 +72,17 @@ def run(model_fn, x, schedule, key=None, noise=None, return_trajectory=True):
   return samplers.sample(model_fn, x, schedule, key, noise=noise, return_trajectory=return_trajectory)
 
 
-def run_diffusers(sampler, cfg_dict, n, noise, strength=1.0, x0=None, step_noise=None, monkeypatch=None):
-  """diffusers' pipeline loop (img2img's get_timesteps + add_noise when strength < 1)."""
-  d = dict(cfg_dict, use_karras_sigmas=True) if sampler == "dpmpp_2m_karras" else cfg_dict
+def run_diffusers(sampler, cfg_dict, n, noise, strength=1.0, x0=None, step_noise=None, monkeypatch=None,
+                  img2img=StableDiffusionImg2ImgPipeline):
+  """diffusers' pipeline loop (the `img2img` pipeline's get_timesteps + add_noise when strength < 1)."""
+  d = dict(cfg_dict, **SETS.get(sampler, {}))
   sch = DIFFUSERS[sampler].from_config(d)
   if step_noise is not None:  # the stochastic schedulers draw their noise through randn_tensor
     draws = iter(torch.from_numpy(z) for z in step_noise)
     monkeypatch.setattr(f"{type(sch).__module__}.randn_tensor", lambda *a, **k: next(draws))
   sch.set_timesteps(n)
   if strength < 1.0:
-    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sch), n, strength,
-                                                                "cpu")
+    timesteps, _ = img2img.get_timesteps(types.SimpleNamespace(scheduler=sch), n, strength, "cpu")
     lat = sch.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
   else:
     timesteps = sch.timesteps
@@ -97,6 +109,8 @@ def check_timesteps(sampler, cfg, ours, ref):
   karras = sampler in ("dpmpp_2m_karras",) or (cfg.use_karras_sigmas and sampler in ("euler", "heun", "lms"))
   if karras and not sampler.startswith("dpmpp"):  # fractional: numpy's vs torch's sqrt (1 ulp) shows
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
+  elif samplers.get(sampler).edm:  # log(sigma) / 4: torch's float32 log is 1 ulp off now and then
+    np.testing.assert_allclose(ours, ref, rtol=4e-7, atol=0)
   else:
     np.testing.assert_array_equal(ours, ref)
 
@@ -105,15 +119,15 @@ def latents(seed, shape=(1, 4, 8, 8)):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def run_both(sampler, cfg_dict, n, monkeypatch=None, strength=1.0, tol=TOL):
+def run_both(sampler, cfg_dict, n, monkeypatch=None, strength=1.0, tol=TOL, img2img=StableDiffusionImg2ImgPipeline):
   cfg = SchedulerConfig.from_dict(cfg_dict)
   s = samplers.make_schedule(cfg, sampler, n, strength)
   noise = latents(0)
   step_noise = None
-  if sampler in ("ddpm", "euler_a"):
+  if samplers.get(sampler).stochastic:
     step_noise = np.stack([latents(100 + i) for i in range(len(s.timesteps))])
   x0 = latents(1) if strength < 1.0 else None
-  init, ts, traj = run_diffusers(sampler, cfg_dict, n, noise, strength, x0, step_noise, monkeypatch)
+  init, ts, traj = run_diffusers(sampler, cfg_dict, n, noise, strength, x0, step_noise, monkeypatch, img2img)
   if strength < 1.0:
     x = samplers.noise_latents(s, jnp.asarray(x0), jnp.asarray(noise))
   else:
@@ -383,6 +397,165 @@ def test_aliases_and_sample_errors():
     samplers.sample(fake_model, x, samplers.make_schedule(cfg, "euler_a", 10))
   with pytest.raises(ValueError, match="noise has shape"):
     samplers.sample(fake_model, x, samplers.make_schedule(cfg, "ddpm", 10), noise=jnp.zeros((9, 1, 4, 8, 8)))
+
+
+# SimianLuo/LCM_Dreamshaper_v7 scheduler/scheduler_config.json (the keys LCMScheduler reads).
+LCM_DREAMSHAPER = {
+    "_class_name": "LCMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None
+}
+LCM_CONFIGS = {"sd15": SD15, "dreamshaper": LCM_DREAMSHAPER}
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("config", ["sd15", "dreamshaper"])
+def test_lcm_matches_diffusers(config, n, monkeypatch):
+  """LCM-LoRA on SD 1.5's config (a PNDM file: LCMScheduler's own defaults fill in original_inference_steps and
+  timestep_scaling) and LCM Dreamshaper's: timesteps 999, 759, 499, 259 for 4 steps; fresh noise at every call but
+  the last (diffusers draws none there), which returns the consistency estimate."""
+  ours = run_both("lcm", LCM_CONFIGS[config], n, monkeypatch)
+  s = samplers.make_schedule(SchedulerConfig.from_dict(LCM_CONFIGS[config]), "lcm", n)
+  if n == 4:
+    np.testing.assert_array_equal(s.timesteps, [999, 759, 499, 259])
+  # The last call does not use its noise: other noise there leaves the result as it was.
+  x = samplers.prepare_latents(s, jnp.asarray(latents(0)))
+  z = jnp.asarray(np.stack([latents(100 + i) for i in range(n)]))
+  other = run(fake_model, x, s, None, z.at[-1].set(7.0), return_trajectory=False)
+  np.testing.assert_array_equal(other, ours[-1])
+
+
+@pytest.mark.parametrize("n, strength", [(2, 0.5), (4, 0.6), (4, 0.75), (8, 0.35), (8, 0.9)])
+@pytest.mark.parametrize("config", ["sd15", "dreamshaper"])
+def test_lcm_img2img_matches_diffusers(config, n, strength, monkeypatch):
+  # StableDiffusionImg2ImgPipeline (LCM-LoRA): get_timesteps keeps the last int(n * strength) of the n timesteps.
+  run_both("lcm", LCM_CONFIGS[config], n, monkeypatch, strength=strength)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(prediction_type="v_prediction"),
+    dict(prediction_type="sample", clip_sample=True, clip_sample_range=1.5),
+    dict(clip_sample=True, clip_sample_range=0.8),
+    dict(original_inference_steps=25, timestep_scaling=4.0),
+    dict(original_inference_steps=100, set_alpha_to_one=False),
+    dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=999),
+])
+def test_lcm_settings_match_diffusers(kw, monkeypatch):
+  for n in (1, 4, 6):
+    run_both("lcm", dict(LCM_DREAMSHAPER, **kw), n, monkeypatch)
+
+
+def test_lcm_zero_terminal_snr_matches_diffusers(monkeypatch):
+  # LCMScheduler honours rescale_betas_zero_snr (alpha_bar at t=999 is 0: v-prediction only); see
+  # test_zero_terminal_snr_matches_diffusers for the tolerance.
+  run_both("lcm", dict(LCM_DREAMSHAPER, prediction_type="v_prediction", rescale_betas_zero_snr=True), 4, monkeypatch,
+           tol=5e-5)
+
+
+def test_lcm_refuses_what_diffusers_refuses():
+  cfg = SchedulerConfig.from_dict(LCM_DREAMSHAPER)
+  with pytest.raises(ValueError, match="num_steps=51 > original_inference_steps=50"):
+    samplers.make_schedule(cfg, "lcm", 51)
+  with pytest.raises(ValueError, match="original_inference_steps=2000 > num_train_timesteps=1000"):
+    samplers.make_schedule(cfg.replace(original_inference_steps=2000), "lcm", 4)
+  for n in (50, 51):  # diffusers' own check
+    sch = diffusers.LCMScheduler.from_config(LCM_DREAMSHAPER)
+    if n > 50:
+      with pytest.raises(ValueError):
+        sch.set_timesteps(n)
+    else:
+      sch.set_timesteps(n)
+      np.testing.assert_array_equal(samplers.make_schedule(cfg, "lcm", n).timesteps, sch.timesteps.numpy())
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 20])
+@pytest.mark.parametrize("spacing", [None, "trailing"])
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_2m_sde_karras"])
+def test_dpmpp_2m_sde_matches_diffusers(sampler, config, spacing, n, monkeypatch):
+  """DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++" (what diffusers' docs call DPM++ 2M SDE
+  (Karras)): fresh noise at every call, none left in the last (onto sigma 0)."""
+  d = dict(CONFIGS[config]) if spacing is None else dict(CONFIGS[config], timestep_spacing=spacing)
+  run_both(sampler, d, n, monkeypatch)
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.35])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_2m_sde_karras"])
+def test_dpmpp_2m_sde_img2img_and_settings(sampler, strength, monkeypatch):
+  run_both(sampler, SD15, 10, monkeypatch, strength=strength)
+  # A DPMSolverMultistep file naming algorithm_type="dpmsolver++": the sampler chooses its own, as diffusers'
+  # from_config(config, algorithm_type="sde-dpmsolver++"); its x0-prediction; zero terminal SNR (tolerance: see
+  # test_zero_terminal_snr_matches_diffusers).
+  dpm = dict(diffusers.DPMSolverMultistepScheduler.from_config(SD21).config)
+  dpm.pop("_use_default_values")
+  run_both(sampler, dpm, 8, monkeypatch)
+  run_both(sampler, dict(SD15, prediction_type="sample"), 8, monkeypatch)
+  run_both(sampler, dict(SD21, rescale_betas_zero_snr=True, timestep_spacing="trailing"), 8, monkeypatch, tol=5e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 20])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_unipc_matches_diffusers(config, spacing, n):
+  """UniPCMultistepScheduler with its defaults (bh2, order 2, x0 model, lower_order_final): the corrector reuses
+  the model call of the next step, so one call per step; the latents compared are its predictions."""
+  d = dict(CONFIGS[config]) if spacing is None else dict(CONFIGS[config], timestep_spacing=spacing)
+  run_both("unipc", d, n)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(use_karras_sigmas=True),
+        dict(use_karras_sigmas=True, prediction_type="v_prediction"),
+        dict(prediction_type="sample"),
+        dict(disable_corrector=[0, 3]),
+        dict(solver_type="midpoint"),  # UniPC's __init__ runs DPM-Solver's solver types as bh2
+    ])
+def test_unipc_settings_match_diffusers(kw):
+  for n in (4, 12):
+    run_both("unipc", dict(SD15, **kw), n)
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.35, 0.95])
+def test_unipc_img2img_and_zero_snr(strength):
+  run_both("unipc", SD15, 10, strength=strength)
+  run_both("unipc", dict(SD21, timestep_spacing="trailing"), 10, strength=strength)
+  run_both("unipc", dict(SD21, rescale_betas_zero_snr=True, timestep_spacing="trailing"), 10, strength=strength,
+           tol=5e-5)
+
+
+def test_unipc_folder(monkeypatch):
+  """A folder that ships UniPC: its sampler is unipc now (SAMPLER_OF), and dpmpp_2m still runs on it as diffusers
+  swaps the scheduler (test_dpmpp_2m_on_other_solvers_folders_as_diffusers_swaps_them)."""
+  d = dict(diffusers.UniPCMultistepScheduler.from_config(SD15).config)
+  d.pop("_use_default_values")
+  d["_class_name"] = "UniPCMultistepScheduler"
+  assert samplers.SAMPLER_OF[d["_class_name"]] == "unipc"
+  run_both("unipc", d, 10)
+  for key, value in (("solver_order", 3), ("solver_type", "bh1"), ("predict_x0", False), ("lower_order_final", False)):
+    with pytest.raises(ValueError, match=f"unipc with {key}={value!r} is not implemented"):
+      samplers.make_schedule(SchedulerConfig.from_dict(dict(d, **{key: value})), "unipc", 10)
+
+
+def test_sampler_of_follows_the_table():
+  """SAMPLER_OF: every row's diffusers class, to the first row of that class (its plain variant)."""
+  assert set(samplers.SAMPLER_OF) == {samplers.get(n).scheduler_class for n in samplers.SAMPLERS}
+  for cls, name in samplers.SAMPLER_OF.items():
+    assert samplers.get(name).scheduler_class == cls
+  assert samplers.SAMPLER_OF["DPMSolverMultistepScheduler"] == "dpmpp_2m"
+  assert samplers.SAMPLER_OF["EDMDPMSolverMultistepScheduler"] == "edm_dpmpp_2m"
+  assert samplers.SAMPLER_OF["LCMScheduler"] == "lcm"
+  assert samplers.SAMPLER_OF["PNDMScheduler"] == "pndm"
 
 
 def test_report_measured_differences():

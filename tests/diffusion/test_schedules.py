@@ -241,9 +241,16 @@ def test_add_noise_rejects_t_of_higher_rank():
 def test_keys_left_out_take_the_diffusers_class_defaults(class_name):
   # What a config that leaves a key out means is the default of the scheduler class reading it, whatever the file's.
   cls = getattr(diffusers, class_name)
-  sig = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+  # (a list default, UniPC's disable_corrector=[], is a tuple here: configs stay hashable)
+  sig = {
+      k: tuple(p.default) if isinstance(p.default, list) else p.default
+      for k, p in inspect.signature(cls.__init__).parameters.items()
+      if k != "self"
+  }
   ours = [f.name for f in dataclasses.fields(SchedulerConfig) if f.name in sig]
-  assert {"num_train_timesteps", "beta_start", "beta_schedule", "prediction_type", "steps_offset"} <= set(ours)
+  edm = {"sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho"}  # EDM's noise schedule: no betas
+  common = edm if class_name in schedules.EDM_CLASSES else {"beta_start", "beta_schedule", "steps_offset"}
+  assert {"num_train_timesteps", "prediction_type"} | common <= set(ours)
   assert sorted(schedules.DIFFUSERS_DEFAULTS[class_name]) == sorted(ours)
   for source in ({}, {"_class_name": class_name}, {"_class_name": "PNDMScheduler"}, {"_class_name": "DDIMScheduler"}):
     cfg = SchedulerConfig.from_dict(source).for_class(class_name)
@@ -251,7 +258,7 @@ def test_keys_left_out_take_the_diffusers_class_defaults(class_name):
     assert got == {k: sig[k] for k in ours}, source
   # diffusers itself: a class built from an empty config, and from another class's config that left keys out.
   ref = cls.from_config(diffusers.PNDMScheduler.from_config({}).config).config
-  assert {k: ref[k] for k in ours} == {k: sig[k] for k in ours}
+  assert {k: tuple(ref[k]) if isinstance(ref[k], list) else ref[k] for k in ours} == {k: sig[k] for k in ours}
 
 
 def test_sampler_rows_name_their_diffusers_class():
@@ -271,6 +278,8 @@ def test_file_values_win_and_diffusers_config_dicts_are_read():
 
 
 def _other_value(v):
+  if v == "zero":  # final_sigmas_type: the other valid value
+    return "sigma_min"
   if isinstance(v, bool):
     return not v
   if v is None or (isinstance(v, float) and math.isinf(v)):
@@ -286,12 +295,71 @@ def test_settings_no_sampler_implements_are_refused(class_name):
   sig = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
   fixed = schedules.UNIMPLEMENTED[class_name]
   assert {k: sig[k] for k in fixed} == fixed  # what every sampler of the class runs: diffusers' defaults
-  sampler = next(s for s in samplers.SAMPLERS if samplers.get(s).scheduler_class == class_name)
+  sampler = samplers.SAMPLER_OF[class_name]
+  edm = class_name in schedules.EDM_CLASSES  # (SD 1.5's is no EDM model: EDM samplers refuse it)
+  base = {"_class_name": class_name} if edm else SD15
   # A config diffusers saved (every key at its default) runs; so does SD 1.5's with the defaults named.
-  samplers.make_schedule(SchedulerConfig.from_dict(dict(cls.from_config(SD15).config)), sampler, 10)
-  samplers.make_schedule(SchedulerConfig.from_dict(dict(SD15, **fixed)), sampler, 10)
+  samplers.make_schedule(SchedulerConfig.from_dict(dict(cls.from_config(base).config)), sampler, 10)
+  samplers.make_schedule(SchedulerConfig.from_dict(dict(base, **fixed)), sampler, 10)
   for key, value in fixed.items():
-    cfg = SchedulerConfig.from_dict(dict(SD15, _class_name=class_name, **{key: _other_value(value)}))
+    cfg = SchedulerConfig.from_dict(dict(base, _class_name=class_name, **{key: _other_value(value)}))
     with pytest.raises(ValueError, match=f"{sampler} with {key}=.* is not implemented"):
       samplers.make_schedule(cfg, sampler, 10)
-    samplers.make_schedule(cfg, "ddim", 10)  # DDIM does not read it
+    if not edm:
+      samplers.make_schedule(cfg, "ddim", 10)  # DDIM does not read it
+
+
+def test_edm_configs_are_recognised():
+  """SchedulerConfig.edm: sigma_data is set, which an EDM scheduler's file always is (its class default fills it
+  in), a live EDM `.config` too (it has no _class_name), and no other class's file."""
+  edm = [
+      dict(_class_name="EDMEulerScheduler"),
+      dict(_class_name="EDMDPMSolverMultistepScheduler", rho=5.0),
+      dict(diffusers.EDMEulerScheduler.from_config({}).config),
+      dict(diffusers.EDMDPMSolverMultistepScheduler(sigma_data=1.0).config),
+  ]
+  for d in edm:
+    cfg = SchedulerConfig.from_dict(d)
+    assert cfg.edm and cfg.sigma_min == 0.002 and cfg.sigma_max == 80.0
+    assert cfg.sigma_data == d.get("sigma_data", 0.5)
+  other = [
+      SD15,
+      SD21,
+      {},
+      dict(_class_name="EulerDiscreteScheduler", sigma_min=0.1, sigma_max=10.0),
+      dict(diffusers.EulerDiscreteScheduler.from_config(SD15).config),
+  ]
+  for d in other:
+    assert not SchedulerConfig.from_dict(d).edm
+  assert not SchedulerConfig().edm
+  # A non-EDM config keeps its sigma_data None when an EDM class reads it (samplers refuse that pairing first).
+  assert SchedulerConfig.from_dict(SD15).for_class("EDMEulerScheduler").sigma_data == 0.5
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 30, 100])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+@pytest.mark.parametrize("class_name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_edm_sigmas_bit_exact(class_name, sigma_schedule, n):
+  d = dict(_class_name=class_name, sigma_schedule=sigma_schedule, sigma_max=120.0, rho=6.0)
+  ref = getattr(diffusers, class_name).from_config(d)
+  ref.set_timesteps(n)
+  got = schedules.edm_sigmas(SchedulerConfig.from_dict(d), n, float32_ramp=class_name != "EDMEulerScheduler")
+  assert got.dtype == np.float32
+  # torch's float32 exp and pow are not correctly rounded: equal but for a few values an ulp apart.
+  want = ref.sigmas.numpy()[:-1]
+  np.testing.assert_allclose(got, want, rtol=1.2e-7, atol=0)
+  assert np.mean(got == want) >= 0.95
+
+
+@pytest.mark.parametrize("bad, match", [({
+    "sigma_schedule": "linear"
+}, "sigma_schedule"), ({
+    "final_sigmas_type": "denoise_to_zero"
+}, "final_sigmas_type"), ({
+    "sigma_data": 0.0
+}, "sigma_data > 0"), ({
+    "sigma_min": 90.0
+}, "0 < sigma_min < sigma_max")])
+def test_edm_config_errors(bad, match):
+  with pytest.raises(ValueError, match=match):
+    SchedulerConfig.from_dict(dict({"_class_name": "EDMEulerScheduler"}, **bad))
