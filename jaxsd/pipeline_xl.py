@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import hub, model_folder, pipeline, pretrained, tokenizer as tok
+from jaxsd import hub, model_folder, pipeline, pretrained, single_file, tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
+from jaxsd.models.vae import AutoencoderKLConfig
 
 PIPELINES = model_folder.SDXL_PIPELINES
 SAMPLER_OF = pipeline.SAMPLER_OF
@@ -64,12 +65,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     not force SD's steps_offset / clip_sample). `path` may be a Hub id ("owner/name", `jaxsd.hub`).
     """
     path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)
-    index_file = os.path.join(path, "model_index.json")
-    index = model_folder.read_json(index_file) if os.path.exists(index_file) else {}
-    first = (index.get("text_encoder") or [None])[0] is not None if index else os.path.isdir(
-        os.path.join(path, "text_encoder"))
-    networks = ("unet", "vae") + (("text_encoder",) if first else ()) + ("text_encoder_2",)
-    tokenizers = (("tokenizer",) if first else ()) + ("tokenizer_2",)
+    index, networks, tokenizers = _folder_parts(path)
+    first = "text_encoder" in networks
     model_folder.check_model_folder(path, networks + tokenizers + ("scheduler",),
                                     tuple(f"{n}/config.json" for n in networks) + ("scheduler/scheduler_config.json",))
     dirs = {name: os.path.join(path, name) for name in networks}
@@ -95,9 +92,58 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                model_index=index)
 
   @classmethod
-  def from_single_file(cls, *args, **kwargs):
-    raise ValueError("StableDiffusionXL.from_single_file is not implemented; convert the checkpoint to a "
-                     "diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file + save_pretrained).")
+  def from_single_file(cls, path: str, config: str = "auto", dtype=jnp.float32, param_dtype=None, *,
+                       allow_pickle: bool = False, **unet_kwargs) -> "StableDiffusionXL":
+    """Loads an SDXL single `.safetensors` checkpoint in the original (Stability / A1111 / ComfyUI) layout, as
+    diffusers' `StableDiffusionXLPipeline.from_single_file` reads it (a pickled `.ckpt` with `allow_pickle`).
+
+    The file holds weights only. `config` says what they are: "xl" (stable-diffusion-xl-base-1.0's configs,
+    Euler scheduler, zero unconditional embeddings without a negative prompt), "xl-refiner" (the refiner's:
+    aesthetic-score time ids, no first text encoder), "xl-inpainting" (SDXL inpainting 0.1's 9-channel U-Net),
+    each with the CLIP vocabulary shipped with jaxsd, the second tokenizer padding with "!"; "auto"
+    (`single_file.guess_config`, from the file's keys as diffusers infers the type); or a diffusers SDXL folder
+    whose configs, tokenizers, scheduler and model_index.json describe the checkpoint (its own weights are not read).
+    """
+    config = os.fspath(config)
+    state_dict = single_file.read(path, allow_pickle)
+    if config == "auto":
+      config = single_file.guess_config(state_dict)
+      if config not in single_file.XL_PRESETS:
+        raise ValueError(f"{path} is a Stable Diffusion 1.x / 2.x single file ({config}), not SDXL's: load it with "
+                         "jaxsd.StableDiffusion.from_single_file.")
+    if os.path.isdir(config):
+      index, networks, names = _folder_parts(config)
+      model_folder.check_model_folder(
+          config, networks + names + ("scheduler",),
+          tuple(f"{n}/config.json" for n in networks) + ("scheduler/scheduler_config.json",))
+      configs = {name: model_folder.read_json(os.path.join(config, name, "config.json")) for name in networks}
+      configs["scheduler"] = model_folder.read_json(model_folder.scheduler_config_file(config))
+      tokenizers = {name: tok.load_tokenizer(os.path.join(config, name)) for name in names}
+    else:
+      configs = single_file.preset_xl(config)
+      index = configs.pop("model_index")
+      names = ("tokenizer", "tokenizer_2") if "text_encoder" in configs else ("tokenizer_2",)
+      tokenizers = {name: tok.load_tokenizer() for name in names}
+      tokenizers["tokenizer_2"].pad_token = single_file.XL_PAD_TOKEN_2
+    parts = single_file.split_xl(state_dict, configs)
+    where = os.fspath(path)
+    unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
+                                                   param_dtype, **unet_kwargs)
+    if unet.config.addition_embed_type != "text_time":
+      raise ValueError(f"config={config!r}: its U-Net has addition_embed_type={unet.config.addition_embed_type!r}, "
+                       "not SDXL's 'text_time'; pass an SDXL preset or folder.")
+    vae_config = configs["vae"]
+    vae, vae_params = pretrained.from_state_dict("vae", vae_config, parts["vae"], f"{where} (VAE)",
+                                                 pipeline.vae_dtype(AutoencoderKLConfig.from_dict(vae_config), dtype))
+    te = te_params = None
+    if "text_encoder" in parts:
+      te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
+                                                 f"{where} (text encoder)", dtype, param_dtype)
+    te2, te2_params = pretrained.from_state_dict("text_encoder_2", configs["text_encoder_2"], parts["text_encoder_2"],
+                                                 f"{where} (text encoder 2)", dtype, param_dtype)
+    return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizers.get("tokenizer"),
+               schedules.SchedulerConfig.from_dict(configs["scheduler"]), text_encoder_2=te2,
+               text_encoder_2_params=te2_params, tokenizer_2=tokenizers["tokenizer_2"], model_index=index)
 
   def save_pretrained(self, path: str, dtype=None) -> None:
     """Writes the diffusers folder `StableDiffusionXLPipeline.from_pretrained` (or the Img2Img pipeline,
@@ -372,6 +418,17 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                          padding_mask_crop, height, width)
 
 
+def _folder_parts(path: str) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
+  """(model_index.json or {}, the network folders, the tokenizer folders) of an SDXL folder: a refiner has no
+  text_encoder / tokenizer (model_index.json says so, else the folder's absence)."""
+  index_file = os.path.join(path, "model_index.json")
+  index = model_folder.read_json(index_file) if os.path.exists(index_file) else {}
+  first = (index.get("text_encoder") or [None])[0] is not None if index else os.path.isdir(
+      os.path.join(path, "text_encoder"))
+  networks = ("unet", "vae") + (("text_encoder",) if first else ()) + ("text_encoder_2",)
+  return index, networks, (("tokenizer",) if first else ()) + ("tokenizer_2",)
+
+
 def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                  negative_original_size, negative_crops_coords_top_left, negative_target_size, **img2img) -> dict:
   """The SDXL arguments of a call that `StableDiffusionXL.text_inputs` takes (`img2img`: the aesthetic scores and
@@ -386,17 +443,22 @@ def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_
 def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwargs) -> pipeline.StableDiffusion:
   """`pipeline.load`, and SDXL folders (model_index.json's pipeline class, or an SDXL U-Net) as
   `StableDiffusionXL`: what `python -m sample --model` loads. A `.safetensors` file (a pickled `.ckpt` with
-  allow_pickle=True) is an SD 1.x / 2.x single file (`StableDiffusion.from_single_file`) read with
-  `single_file_config`: "v1", "v2", a diffusers folder whose configs describe it, or "auto"
-  (`single_file.guess_config`: v2, SD 2.1 at 768 px with v-prediction, when the
-  text encoder is OpenCLIP's, else v1). A Hub id ("owner/name") is its folder in the Hugging Face cache
-  (`jaxsd.hub`; downloaded there if need be)."""
+  allow_pickle=True) is a single file read with `single_file_config`: an SD 1.x / 2.x preset ("v1", "v2", ...) or
+  folder (`StableDiffusion.from_single_file`), an SDXL one ("xl", "xl-refiner", "xl-inpainting";
+  `StableDiffusionXL.from_single_file`), or "auto": SDXL's when the file's text encoders are under
+  `conditioner.embedders.`, each then picking its preset by the keys (`single_file.guess_config`; v2, SD 2.1 at
+  768 px with v-prediction, when the text encoder is OpenCLIP's, else v1). A Hub id ("owner/name") is its folder
+  in the Hugging Face cache (`jaxsd.hub`; downloaded there if need be)."""
   path = hub.resolve(path, variant=kwargs.get("variant"), allow_pickle=kwargs.get("allow_pickle", False))
   if os.path.isfile(path):
     if kwargs.get("variant"):
       raise ValueError(f"variant={kwargs['variant']!r} names files of a diffusers folder; {path} is a single file.")
-    return pipeline.StableDiffusion.from_single_file(path, config=single_file_config, dtype=dtype,
-                                                     allow_pickle=kwargs.get("allow_pickle", False))
+    allow_pickle = kwargs.get("allow_pickle", False)
+    config = os.fspath(single_file_config)
+    if (config in single_file.XL_PRESETS or (os.path.isdir(config) and model_folder.is_sdxl_folder(config)) or
+        (config == "auto" and single_file.is_sdxl_file(path, allow_pickle))):
+      return StableDiffusionXL.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle)
+    return pipeline.StableDiffusion.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle)
   if model_folder.is_workdir(path):  # an SDXL fine-tune's workdir: its exported folder, the newest U-Net
     if model_folder.is_sdxl_folder(model_folder.model_dir(path)):
       return pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)

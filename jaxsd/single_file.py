@@ -10,6 +10,12 @@ convolutions there and linear layers in diffusers, and OpenCLIP's fused projecti
 not travel with the file: `config="v1"` / `"v2"` are SD 1.5's and SD 2.1's (768 px, v-prediction),
 or a diffusers folder gives its own. Nothing here knows the networks: the pipeline builds them from
 the configs and loads these state dicts strictly, so a key the tables do not know is named in the error.
+
+SDXL files (`split_xl`) keep the U-Net and VAE there, with the size conditioning's MLP as `label_emb.0.0/0.2`, and
+the text encoders under `conditioner.embedders.`: the base's CLIP ViT-L in the transformers layout as `0.transformer.`
+and OpenCLIP ViT-bigG as `1.model.` (all its layers, and its `text_projection`), the refiner's bigG alone as
+`0.model.`. `config="xl"` / `"xl-refiner"` / `"xl-inpainting"` are Stability's SDXL 1.0 base and refiner and
+diffusers' SDXL inpainting 0.1.
 """
 
 from __future__ import annotations
@@ -105,6 +111,94 @@ PRESETS = {"v1": V1, "v2": V2, "v1-inpainting": V1_INPAINTING, "v2-inpainting": 
 PAD_TOKEN = {"v1": None, "v2": "!", "v1-inpainting": None, "v2-inpainting": "!"}
 CONV_IN = PREFIXES["unet"] + "input_blocks.0.0.weight"  # (out, in_channels, 3, 3)
 
+XL_PREFIXES = {
+    "unet": PREFIXES["unet"],
+    "vae": PREFIXES["vae"],
+    "text_encoder": "conditioner.embedders.0.transformer.",
+    "text_encoder_2": "conditioner.embedders.1.model."
+}
+XL_REFINER_TEXT = "conditioner.embedders.0.model."  # the refiner's one text encoder, OpenCLIP bigG
+# stabilityai/stable-diffusion-xl-base-1.0's config.json files and model_index.json (the keys jaxsd reads), from the
+# published files (nothing can be downloaded here to check them against; tests/test_single_file_xl.py builds
+# diffusers' and transformers' networks from them and compares every parameter's shape with jaxsd's).
+XL = {
+    "unet": {
+        "_class_name": "UNet2DConditionModel",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "cross_attention_dim": 2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG) text features
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,  # bigG's 1280 pooled + 6 time ids x 256
+        "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True
+    },
+    "vae": dict(V1["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    "text_encoder": dict(V1["text_encoder"]),  # CLIP ViT-L/14's text tower, as SD 1.5's
+    "text_encoder_2": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "pad_token_id": 1,
+        "projection_dim": 1280,
+        "vocab_size": 49408
+    },
+    "scheduler": {
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "trained_betas": None,
+        "use_karras_sigmas": False
+    },
+    "model_index": {
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"]
+    },
+}
+# stabilityai/stable-diffusion-xl-refiner-1.0: no first text encoder; a wider U-Net of four levels conditioned on
+# bigG alone (1280 text features) and 5 time ids (the aesthetic score in place of the target size).
+XL_REFINER = copy.deepcopy({k: v for k, v in XL.items() if k != "text_encoder"})
+XL_REFINER["unet"].update(attention_head_dim=[6, 12, 24, 24], block_out_channels=[384, 768, 1536,
+                                                                                  1536], cross_attention_dim=1280,
+                          down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+                          projection_class_embeddings_input_dim=2560, transformer_layers_per_block=4,
+                          up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"])
+XL_REFINER["model_index"].update(_class_name="StableDiffusionXLImg2ImgPipeline", force_zeros_for_empty_prompt=False,
+                                 requires_aesthetics_score=True)
+# diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (diffusers' "xl_inpaint"): the base with a 9-channel U-Net.
+XL_INPAINTING = copy.deepcopy(XL)
+XL_INPAINTING["unet"].update(in_channels=9)
+XL_INPAINTING["model_index"].update(_class_name="StableDiffusionXLInpaintPipeline", requires_aesthetics_score=False)
+XL_PRESETS = {"xl": XL, "xl-refiner": XL_REFINER, "xl-inpainting": XL_INPAINTING}
+XL_PAD_TOKEN_2 = "!"  # SDXL's second tokenizer pads with "!" (id 0); the first with the end token, as SD 1.x's
+
 
 class RenamedDict(Mapping):
   """A read-only view of `source` under new keys: new key -> (source key, transform of the array or None)."""
@@ -153,6 +247,8 @@ def unet_prefixes(config: dict) -> list[tuple[str, str]]:
   up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
   pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
            ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+  if config.get("addition_embed_type") == "text_time":  # SDXL's MLP of the pooled text and the time ids
+    pairs += [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
   k = 1
   for b in range(n):
     for i in range(layers):
@@ -230,10 +326,15 @@ _OPEN_CLIP_LAYER = _sorted([("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2.")
 _NOT_THE_TEXT_ENCODER = ("text_projection", "logit_scale", "attn_mask")  # OpenCLIP's, not CLIPTextModel's
 
 
-def _open_clip(sd: Mapping[str, Any], prefix: str, config: dict) -> RenamedDict:
-  """SD 2.x's OpenCLIP text tower as a transformers CLIPTextModel state dict (as diffusers' convert_open_clip_checkpoint)."""
+def _open_clip(sd: Mapping[str, Any], prefix: str, config: dict, projection: bool = False) -> RenamedDict:
+  """An OpenCLIP text tower as a transformers state dict (as diffusers' convert_open_clip_checkpoint): SD 2.x's as a
+  CLIPTextModel without the layers after `config`'s last; with `projection` SDXL's bigG as a
+  CLIPTextModelWithProjection, every layer kept (a layer too many is an error) and the (width, dim) projection
+  matrix, applied as x @ P, transposed into the (dim, width) weight of a linear layer."""
   width, layers = config["hidden_size"], config["num_hidden_layers"]
   table = {}
+  if projection and prefix + "text_projection" in sd.keys():
+    table["text_projection.weight"] = (prefix + "text_projection", np.transpose)
   for key in sd.keys():
     if not key.startswith(prefix):
       continue
@@ -241,7 +342,7 @@ def _open_clip(sd: Mapping[str, Any], prefix: str, config: dict) -> RenamedDict:
     m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", k)
     if k in _OPEN_CLIP:
       table[_OPEN_CLIP[k]] = (key, None)
-    elif m and int(m[1]) >= layers:
+    elif m and int(m[1]) >= layers and not projection:
       continue  # the layers after the one SD 2 reads (the penultimate) are not part of the text encoder
     elif m and m[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
       base, kind = f"text_model.encoder.layers.{m[1]}.self_attn.", m[2].rsplit("_", 1)[1]
@@ -261,6 +362,8 @@ def _vae_transform(key: str) -> Callable | None:
 
 def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
   """{"unet", "vae", "text_encoder"} -> that network's state dict in diffusers / transformers names."""
+  if is_sdxl(sd):
+    raise ValueError("this is an SDXL single file: load it with jaxsd.StableDiffusionXL.from_single_file.")
   missing = [name for name, p in PREFIXES.items() if not any(k.startswith(p) for k in sd.keys())]
   if missing:
     raise ValueError(f"the single file has no {', '.join(missing)} weights (no keys under "
@@ -274,6 +377,29 @@ def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
       "vae": _network(sd, PREFIXES["vae"], vae_prefixes(configs["vae"]), _vae_transform),
       "text_encoder": text,
   }
+
+
+def split_xl(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
+  """An SDXL file's {"unet", "vae", "text_encoder" (not for a refiner), "text_encoder_2"} in diffusers /
+  transformers names; `configs` without "text_encoder" read a refiner's file (bigG under `conditioner.embedders.0`)."""
+  prefixes = dict(XL_PREFIXES)
+  if "text_encoder" not in configs:
+    del prefixes["text_encoder"]
+    prefixes["text_encoder_2"] = XL_REFINER_TEXT
+  missing = [name for name, p in prefixes.items() if not any(k.startswith(p) for k in sd.keys())]
+  if missing:
+    kind = "refiner" if "text_encoder" not in configs else "base"
+    raise ValueError(f"the SDXL single file has no {', '.join(missing)} weights (no keys under "
+                     f"{', '.join(prefixes[m] for m in missing)}) for the SDXL {kind} model's configs: is it a full "
+                     f"SDXL {kind} checkpoint?")
+  parts = {
+      "unet": _network(sd, prefixes["unet"], unet_prefixes(configs["unet"])),
+      "vae": _network(sd, prefixes["vae"], vae_prefixes(configs["vae"]), _vae_transform),
+      "text_encoder_2": _open_clip(sd, prefixes["text_encoder_2"], configs["text_encoder_2"], projection=True),
+  }
+  if "text_encoder" in prefixes:  # the transformers layout; `text_model.` is there already (or added by the loader)
+    parts["text_encoder"] = _network(sd, prefixes["text_encoder"], [])
+  return parts
 
 
 def vae_state_dict(sd: Mapping[str, Any], config: dict) -> Mapping[str, Any]:
@@ -309,14 +435,47 @@ def read(path: str | os.PathLike, allow_pickle: bool = False) -> Mapping[str, An
   return SafetensorsDict([path])
 
 
+def is_sdxl(sd: Mapping[str, Any]) -> bool:
+  """Whether a single file is SDXL's (its text encoders under `conditioner.embedders.`)."""
+  return any(k.startswith("conditioner.embedders.") for k in sd.keys())
+
+
+def is_sdxl_file(path: str | os.PathLike, allow_pickle: bool = False) -> bool:
+  """`is_sdxl` of a file, reading only its names where it can: a safetensors header, a pickled checkpoint
+  memory-mapped (an old, non-zip pickle is read whole)."""
+  path = os.fspath(path)
+  if allow_pickle and path.lower().endswith(PICKLED) and os.path.isfile(path):
+    try:
+      import torch
+
+      loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+      if isinstance(loaded, dict):
+        return is_sdxl(loaded)
+    except Exception:  # pylint: disable=broad-except  (read below, which names what is wrong)
+      pass
+  return is_sdxl(read(path, allow_pickle))
+
+
 def guess_config(sd: Mapping[str, Any]) -> str:
   """The preset a checkpoint's keys point to, as diffusers' `infer_diffusers_model_type`: "v2" when its text encoder
   is OpenCLIP's (SD 2.x), "v1" when it is CLIP's in the transformers layout (SD 1.x), each with "-inpainting" when
-  the U-Net takes 9 input channels; a ValueError for SDXL's and for files that are neither."""
+  the U-Net takes 9 input channels; for SDXL files "xl" when a second text encoder is under
+  `conditioner.embedders.1` ("xl-inpainting" with 9 channels), "xl-refiner" when OpenCLIP's is the only one; a
+  ValueError for files that are none of these (Playground v2.5's, whose configs diffusers takes from its repository)."""
   keys = list(sd.keys())
-  if any(k.startswith("conditioner.embedders.") for k in keys):
-    raise ValueError("this is an SDXL single file, which is not read: convert it to a diffusers folder (diffusers' "
-                     "StableDiffusionXLPipeline.from_single_file + save_pretrained).")
+  inpainting = CONV_IN in sd and np.shape(sd[CONV_IN])[1:2] == (9,)
+  if is_sdxl(sd):
+    if "edm_mean" in sd:
+      raise ValueError("this is a Playground v2.5 single file (SDXL's networks, an EDM schedule): no preset reads "
+                       "it; pass config=<a diffusers folder of Playground v2.5's configs>.")
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+      return "xl-inpainting" if inpainting else "xl"
+    if any(k.startswith(XL_REFINER_TEXT) for k in keys):
+      return "xl-refiner"
+    raise ValueError("an SDXL single file with neither SDXL base's text encoders (conditioner.embedders.0 and 1) "
+                     f"nor the refiner's ({XL_REFINER_TEXT!r}): pass config=<a diffusers folder that describes it>.")
   if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in keys):
     version = "v2"
   elif any(k.startswith(PREFIXES["text_encoder"] + "transformer.") for k in keys):
@@ -324,13 +483,24 @@ def guess_config(sd: Mapping[str, Any]) -> str:
   else:
     raise ValueError("not a Stable Diffusion 1.x / 2.x single file: no text encoder under "
                      f"{PREFIXES['text_encoder']!r}.")
-  inpainting = CONV_IN in sd and np.shape(sd[CONV_IN])[1:2] == (9,)
   return version + "-inpainting" if inpainting else version
 
 
 def preset(name: str) -> dict:
   """The config dicts ("unet", "vae", "text_encoder", "scheduler") of a preset (a copy)."""
+  if name in XL_PRESETS:
+    raise ValueError(f"config={name!r} is an SDXL preset: load SDXL single files with "
+                     "jaxsd.StableDiffusionXL.from_single_file.")
   if name not in PRESETS:
     raise ValueError(f"config={name!r}: choose one of {', '.join(PRESETS)} or pass a diffusers Stable Diffusion "
                      "folder whose configs describe the checkpoint.")
   return copy.deepcopy(PRESETS[name])
+
+
+def preset_xl(name: str) -> dict:
+  """The config dicts ("unet", "vae", "text_encoder" but for the refiner, "text_encoder_2", "scheduler",
+  "model_index") of an SDXL preset (a copy)."""
+  if name not in XL_PRESETS:
+    raise ValueError(f"config={name!r}: choose one of {', '.join(XL_PRESETS)} or pass a diffusers SDXL folder whose "
+                     "configs describe the checkpoint.")
+  return copy.deepcopy(XL_PRESETS[name])

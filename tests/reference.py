@@ -245,3 +245,62 @@ def reuse_checkpoints(finished_workdir: str, workdir: str, stage: str) -> str:
   os.makedirs(os.path.join(workdir, stage))
   os.symlink(os.path.join(finished_workdir, stage, "checkpoints"), os.path.join(workdir, stage, "checkpoints"))
   return workdir
+
+
+def to_ldm(sd: dict, pairs: list[tuple[str, str]], prefix: str, unsqueeze_attention: bool = False) -> dict:
+  """A diffusers state dict renamed to the original (LDM) single-file keys under `prefix`, with jaxsd's (LDM,
+  diffusers) prefix pairs inverted (`jaxsd.single_file.unet_prefixes` / `vae_prefixes`); unsqueeze_attention: the
+  VAE's mid-block attention as LDM's 1x1 convolutions. Tests check the result with diffusers' own converters."""
+  inverse = sorted(((d, l) for l, d in pairs), key=lambda p: -len(p[0]))
+  out = {}
+  for key, value in sd.items():
+    new = next((l + key[len(d):] for d, l in inverse if key.startswith(d)), key)
+    if unsqueeze_attention and ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+      value = value[:, :, None, None]  # LDM's VAE attention is 1x1 convolutions
+    out[prefix + new] = value
+  return out
+
+
+_OPEN_CLIP_NAMES = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "self_attn.out_proj.": "attn.out_proj.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj."
+}
+
+
+def to_open_clip(text: dict, prefix: str = "cond_stage_model.model.", extra_layer: bool = False) -> dict:
+  """A transformers CLIPTextModel / CLIPTextModelWithProjection state dict (with or without `text_model.`) in
+  OpenCLIP's layout under `prefix`: fused q/k/v, `text_projection` as the (width, dim) matrix OpenCLIP applies as
+  x @ P (the transpose of the linear layer's weight; an unused (width, 8) one without it, as SD 2's file has); with
+  extra_layer one more last layer (SD 2 reads the penultimate layer of its tower: its file has a layer more)."""
+  text = {k.removeprefix("text_model."): v for k, v in text.items()}
+  width = text["final_layer_norm.weight"].shape[0]
+  projection = text.pop("text_projection.weight", None)
+  out = {
+      "token_embedding.weight":
+          text["embeddings.token_embedding.weight"],
+      "positional_embedding":
+          text["embeddings.position_embedding.weight"],
+      "ln_final.weight":
+          text["final_layer_norm.weight"],
+      "ln_final.bias":
+          text["final_layer_norm.bias"],
+      "text_projection":
+          np.eye(width, 8, dtype=np.float32) if projection is None else np.ascontiguousarray(np.asarray(projection).T),
+      "logit_scale":
+          np.float32(4.6),
+  }
+  layers = sorted({int(k.split(".")[2]) for k in text if k.startswith("encoder.layers.")})
+  for i in layers + ([layers[-1] + 1] if extra_layer else []):
+    extra = i > layers[-1]
+    pre = f"encoder.layers.{layers[-1] if extra else i}."
+    for kind in ("weight", "bias"):
+      out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = np.concatenate(
+          [text[f"{pre}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+    for k, v in text.items():
+      for a, b in _OPEN_CLIP_NAMES.items():
+        if k.startswith(pre + a):
+          out[f"transformer.resblocks.{i}.{b}{k[len(pre + a):]}"] = v + np.float32(1.0 if extra else 0.0)
+  return {prefix + k: v for k, v in out.items()}

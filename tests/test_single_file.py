@@ -22,51 +22,6 @@ from jaxsd import model_folder, single_file
 from tests import reference
 
 
-def _to_ldm(sd: dict, pairs: list[tuple[str, str]], prefix: str, unsqueeze_attention: bool = False) -> dict:
-  """A diffusers state dict renamed to LDM keys with jaxsd's (LDM, diffusers) prefix pairs, inverted."""
-  inverse = sorted(((d, l) for l, d in pairs), key=lambda p: -len(p[0]))
-  out = {}
-  for key, value in sd.items():
-    new = next((l + key[len(d):] for d, l in inverse if key.startswith(d)), key)
-    if unsqueeze_attention and ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
-      value = value[:, :, None, None]  # LDM's VAE attention is 1x1 convolutions
-    out[prefix + new] = value
-  return out
-
-
-_OPEN_CLIP_NAMES = {
-    "layer_norm1.": "ln_1.",
-    "layer_norm2.": "ln_2.",
-    "self_attn.out_proj.": "attn.out_proj.",
-    "mlp.fc1.": "mlp.c_fc.",
-    "mlp.fc2.": "mlp.c_proj."
-}
-
-
-def _to_open_clip(text: dict, prefix: str = "cond_stage_model.model.") -> dict:
-  """A transformers CLIPTextModel state dict in SD 2.x's OpenCLIP layout (fused q/k/v, one extra last layer)."""
-  out = {
-      "token_embedding.weight": text["embeddings.token_embedding.weight"],
-      "positional_embedding": text["embeddings.position_embedding.weight"],
-      "ln_final.weight": text["final_layer_norm.weight"],
-      "ln_final.bias": text["final_layer_norm.bias"],
-  }
-  layers = sorted({int(k.split(".")[2]) for k in text if k.startswith("encoder.layers.")})
-  for i in layers + [layers[-1] + 1]:  # SD 2 reads the penultimate layer: the file has one more
-    extra = i > layers[-1]
-    pre = f"encoder.layers.{layers[-1] if extra else i}."
-    for kind in ("weight", "bias"):
-      out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = np.concatenate(
-          [text[f"{pre}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-    for k, v in text.items():
-      for a, b in _OPEN_CLIP_NAMES.items():
-        if k.startswith(pre + a):
-          out[f"transformer.resblocks.{i}.{b}{k[len(pre + a):]}"] = v + np.float32(1.0 if extra else 0.0)
-  out["text_projection"] = np.eye(text["final_layer_norm.weight"].shape[0], 8, dtype=np.float32)
-  out["logit_scale"] = np.float32(4.6)
-  return {prefix + k: v for k, v in out.items()}
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
 def folder_and_file(request, tmp_path_factory):
   sd2 = request.param
@@ -76,12 +31,12 @@ def folder_and_file(request, tmp_path_factory):
   configs = {name: model_folder.read_json(os.path.join(folder, name, "config.json")) for name in ("unet", "vae")}
   unet, vae, text = read("unet"), read("vae"), read("text_encoder")
   # transformers 5 saves a standalone CLIPTextModel without `text_model.`; SD 1 files have it.
-  text_ldm = _to_open_clip(text) if sd2 else {
+  text_ldm = reference.to_open_clip(text, extra_layer=True) if sd2 else {
       f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()
   }
   ldm = {
-      **_to_ldm(unet, single_file.unet_prefixes(configs["unet"]), "model.diffusion_model."),
-      **_to_ldm(vae, single_file.vae_prefixes(configs["vae"]), "first_stage_model.", unsqueeze_attention=True),
+      **reference.to_ldm(unet, single_file.unet_prefixes(configs["unet"]), "model.diffusion_model."),
+      **reference.to_ldm(vae, single_file.vae_prefixes(configs["vae"]), "first_stage_model.", unsqueeze_attention=True),
       **text_ldm,
       "model_ema.decay": np.float32(0.9999),  # keys of no network are ignored
   }
@@ -172,7 +127,8 @@ def test_v2_preset_is_sd21():
 def test_the_sample_command_takes_a_single_file(folder_and_file, tmp_path, capsys):
   """`python -m sample --model FILE.safetensors`: "auto" picks the v1 or v2 preset by the text encoder's keys (the
   tiny file then fails on the preset's sizes, naming them), a folder's configs read it as that folder, and the
-  command writes its images; an SDXL single file and a file that is no SD checkpoint are refused in one line."""
+  command writes its images; an incomplete SDXL single file and a file that is no SD checkpoint are refused in one
+  line."""
   from jaxsd import pipeline_xl
   from sample import __main__ as sample_main
 
@@ -236,7 +192,7 @@ def test_swap_vae_from_a_folder_and_single_files(tmp_path, capsys):
   vae_dir = os.path.join(other, "vae")
   state = dict(model_folder.read_state_dict(vae_dir))
   config = model_folder.read_json(os.path.join(vae_dir, "config.json"))
-  ldm = _to_ldm(state, single_file.vae_prefixes(config), "", unsqueeze_attention=True)
+  ldm = reference.to_ldm(state, single_file.vae_prefixes(config), "", unsqueeze_attention=True)
   model_folder.write_safetensors({k: np.asarray(v) for k, v in ldm.items()}, str(tmp_path / "ldm_vae.safetensors"))
   model_folder.write_safetensors({k: np.asarray(v) for k, v in state.items()}, str(tmp_path / "vae.safetensors"))
   want = jaxsd.StableDiffusion.from_pretrained(other).vae_params
