@@ -377,7 +377,16 @@ def _check_init(cfg) -> None:
     raise ConfigError(f"config.init={init!r}: its U-Net takes {unet.get('in_channels', 4)} input channels and its "
                       f"VAE's latents have {vae.get('latent_channels', 4)} (an inpainting model): training here fits "
                       "text-to-image U-Nets, whose input is the latents alone; start from a text-to-image model.")
-  prediction = read_json(scheduler_config_file(init)).get("prediction_type", "epsilon")
+  if unet.get("time_cond_proj_dim") is not None:
+    raise ConfigError(f"config.init={init!r}: its U-Net is guidance-distilled (time_cond_proj_dim, a Latent "
+                      "Consistency Model); training here fits noise-prediction U-Nets: start from the model it was "
+                      "distilled from.")
+  scheduler = read_json(scheduler_config_file(init))
+  if scheduler.get("sigma_data") is not None or str(scheduler.get("_class_name", "")).startswith("EDM"):
+    raise ConfigError(f"config.init={init!r}: its scheduler is {scheduler.get('_class_name', 'EDM')} (EDM "
+                      "preconditioning, e.g. Playground v2.5); training here noises with a DDPM schedule, which "
+                      "would unlearn it: start from a model with a DDPM-family scheduler.")
+  prediction = scheduler.get("prediction_type", "epsilon")
   if prediction not in losses.PREDICTION_TYPES:
     raise ConfigError(f"config.init={init!r}: its scheduler's prediction_type={prediction!r}; training learns "
                       f"{' or '.join(map(repr, losses.PREDICTION_TYPES))} (as diffusers' training scripts).")

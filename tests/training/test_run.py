@@ -322,7 +322,7 @@ def _write_json(path, **updates):
 def test_init_folders_that_cannot_be_fine_tuned(data_dir, init_folder, tmp_path):
   """Refused before anything is written, naming the init's own file: a truncated or Git LFS pointer weight file (it
   was copied into the workdir and failed there, naming the copy), an inpainting U-Net, a prediction type training
-  does not learn, a single file, a training workdir."""
+  does not learn, an EDM model (Playground v2.5), an LCM-distilled U-Net, a single file, a training workdir."""
   lfs = lambda f: open(os.path.join(f, "vae", "diffusion_pytorch_model.safetensors"), "w").write(  # noqa: E731
       "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
   cases = [
@@ -335,6 +335,13 @@ def test_init_folders_that_cannot_be_fine_tuned(data_dir, init_folder, tmp_path)
           init_folder, tmp_path, "sample",
           lambda f: _write_json(os.path.join(f, "scheduler", "scheduler_config.json"), prediction_type="sample")),
        "prediction_type='sample'; training learns"),
+      (_broken_copy(
+          init_folder, tmp_path, "edm", lambda f: _write_json(os.path.join(
+              f, "scheduler", "scheduler_config.json"), _class_name="EDMDPMSolverMultistepScheduler", sigma_data=0.5)),
+       "EDMDPMSolverMultistepScheduler .EDM preconditioning, e.g. Playground v2.5."),
+      (_broken_copy(init_folder, tmp_path, "lcm",
+                    lambda f: _write_json(os.path.join(f, "unet", "config.json"), time_cond_proj_dim=256)),
+       "guidance-distilled .time_cond_proj_dim, a Latent Consistency Model"),
   ]
   pickled = reference.make_tiny_sd_folder(str(tmp_path / "pickled"), safe_serialization=False)
   cases.append((pickled, r"pickled/unet holds only pickled .bin weights.*save_pretrained"))
