@@ -23,8 +23,9 @@ def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m sample", description=__doc__)
   p.add_argument(
       "--model", required=True,
-      help="diffusers Stable Diffusion or SDXL (base or refiner) folder, a training workdir, or an SD 1.x / "
-      "2.x single-file .safetensors checkpoint (A1111 / CompVis layout; a pickled .ckpt with --allow-pickle)")
+      help="diffusers Stable Diffusion or SDXL (base or refiner) folder or Hub id, a training workdir, or an SD "
+      "1.x / 2.x / SDXL single-file .safetensors checkpoint (A1111 / CompVis layout; a pickled .ckpt with "
+      "--allow-pickle)")
   p.add_argument(
       "--single-file-config", default="auto",
       help="with a single-file --model: v1 (SD 1.5), v2 (SD 2.1 768 px, v-prediction), v1-inpainting, "
