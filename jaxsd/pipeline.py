@@ -151,6 +151,43 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     self.__dict__.pop("_compiled", None)
     return self
 
+  def swap_unet(self, path: str, *, variant: str | None = None, allow_pickle: bool = False) -> "StableDiffusion":
+    """Replaces this pipeline's U-Net (in place; returns the pipeline), as diffusers'
+    `from_pretrained(model, unet=UNet2DConditionModel.from_pretrained(path))`: a diffusers U-Net folder or Hub id
+    (latent-consistency/lcm-sdxl), or a single U-Net file read with this pipeline's U-Net config, in diffusers'
+    names (SDXL-Lightning's sdxl_lightning_4step_unet.safetensors) or the original layout. It must fit the text
+    encoders and VAE (and be SDXL's kind in an SDXL pipeline); programs compiled before are dropped."""
+    where = os.fspath(path)
+    kw = dict(attention_implementation=self.unet.attention_implementation,
+              gradient_checkpointing=self.unet.gradient_checkpointing)
+    if os.path.isfile(where):
+      if variant:
+        raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
+      config = self.unet.config.to_dict()
+      state_dict = single_file.unet_state_dict(single_file.read(where, allow_pickle), config)
+      unet, unet_params = pretrained.from_state_dict("unet", config, state_dict, f"{where} (U-Net)", self.unet.dtype,
+                                                     self.unet.param_dtype, **kw)
+    else:
+      unet, unet_params = pretrained.load_unet(where, self.unet.dtype, self.unet.param_dtype, variant=variant,
+                                               allow_pickle=allow_pickle, **kw)
+    old, new = self.unet.config, unet.config
+    if (old.addition_embed_type,
+        old.projection_class_embeddings_input_dim) != (new.addition_embed_type,
+                                                       new.projection_class_embeddings_input_dim):
+      raise ValueError(f"{where}: this U-Net's added conditioning (addition_embed_type="
+                       f"{new.addition_embed_type!r}, {new.projection_class_embeddings_input_dim} features) is not the "
+                       f"model's ({old.addition_embed_type!r}, {old.projection_class_embeddings_input_dim}): it is a "
+                       "U-Net of another kind of model (SD 1.x / 2.x, SDXL base or refiner).")
+    previous = self.unet, self.unet_params
+    self.unet, self.unet_params = unet, unet_params
+    try:
+      self.check_parts(where)
+    except ValueError:
+      self.unet, self.unet_params = previous
+      raise
+    self.__dict__.pop("_compiled", None)
+    return self
+
   def save_pretrained(self, path: str, dtype=None) -> None:
     """Writes the diffusers folder `StableDiffusionPipeline.from_pretrained` (and `from_pretrained` here) loads:
     safetensors weights (cast to `dtype`, e.g. np.float16, if given), tokenizer, scheduler and model_index.json.

@@ -402,16 +402,31 @@ def split_xl(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
   return parts
 
 
+def _standalone(sd: Mapping[str, Any], prefix: str, starts: tuple[str, ...], prefixes: list[tuple[str, str]],
+                transform: Callable[[str], Callable | None] = lambda key: None) -> Mapping[str, Any]:
+  """One network's file in diffusers names: renamed from the original layout when its keys are under the whole
+  checkpoint's `prefix` or start as that layout's do (`starts`), else as it is."""
+  keys = list(sd.keys())
+  if any(k.startswith(prefix) for k in keys):
+    return _network(sd, prefix, prefixes, transform)
+  if any(k.startswith(starts) for k in keys):
+    return _network(sd, "", prefixes, transform)
+  return sd
+
+
 def vae_state_dict(sd: Mapping[str, Any], config: dict) -> Mapping[str, Any]:
   """A standalone VAE file's tensors in diffusers names: the original (LDM) layout of A1111's VAE files
   (vae-ft-mse-840000-ema-pruned: `encoder.down.0.block.0...`, or a whole checkpoint's `first_stage_model.`) is
   renamed for an AutoencoderKL of `config`; diffusers-named files pass as they are."""
-  keys = list(sd.keys())
-  if any(k.startswith(PREFIXES["vae"]) for k in keys):
-    return _network(sd, PREFIXES["vae"], vae_prefixes(config), _vae_transform)
-  if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in keys):
-    return _network(sd, "", vae_prefixes(config), _vae_transform)
-  return sd
+  return _standalone(sd, PREFIXES["vae"], ("encoder.down.", "decoder.up.", "encoder.mid."), vae_prefixes(config),
+                     _vae_transform)
+
+
+def unet_state_dict(sd: Mapping[str, Any], config: dict) -> Mapping[str, Any]:
+  """A standalone U-Net file's tensors in diffusers names (SDXL-Lightning's, Hyper-SD's `..._unet.safetensors` are
+  diffusers-named): the original layout (`input_blocks.`, or a whole checkpoint's `model.diffusion_model.`) is
+  renamed for a UNet2DConditionModel of `config`."""
+  return _standalone(sd, PREFIXES["unet"], ("input_blocks.", "middle_block.", "output_blocks."), unet_prefixes(config))
 
 
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")

@@ -46,6 +46,10 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--sampler", default=None,
                  help="default: the model folder's own scheduler (as diffusers runs it; PNDM for SD 1.5)")
   p.add_argument(
+      "--timestep-spacing", default=None, choices=("leading", "trailing", "linspace"),
+      help="override the scheduler config's timestep_spacing (trailing for few-step models: SDXL-Turbo / Lightning "
+      "/ Hyper-SD, zero terminal SNR)")
+  p.add_argument(
       "--guidance", type=float, default=None,
       help="classifier-free guidance scale (<= 1: off; default, as diffusers: 7.5, SDXL 5; an LCM-distilled "
       "model takes it as an input, default 8.5)")
@@ -92,6 +96,10 @@ def parse(argv=None) -> argparse.Namespace:
       "--vae", default=None, metavar="PATH",
       help="another VAE: a diffusers AutoencoderKL folder or Hub id (e.g. stabilityai/sd-vae-ft-mse), or a "
       "single VAE file (.safetensors, original or diffusers names)")
+  p.add_argument(
+      "--unet", default=None, metavar="PATH",
+      help="another U-Net: a diffusers U-Net folder or Hub id (e.g. latent-consistency/lcm-sdxl), or a single U-Net "
+      "file (.safetensors, e.g. SDXL-Lightning's sdxl_lightning_4step_unet.safetensors)")
   p.add_argument("--batch-per-device", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--variant", default=None, help="weight files of this variant (e.g. fp16: *.fp16.safetensors)")
@@ -229,9 +237,10 @@ def check_flags(args) -> None:
     if args.padding_mask_crop < 0:
       raise ValueError(f"--padding-mask-crop {args.padding_mask_crop}: the margin around the mask must be >= 0 "
                        "pixels.")
-  if args.vae is not None and not os.path.exists(args.vae) and not hub.is_repo_id(args.vae):
-    raise FileNotFoundError(f"--vae {args.vae}: no such file or folder; give a diffusers VAE folder, a Hub id "
-                            "(owner/name) or a VAE .safetensors file.")
+  for flag, value, what in (("--vae", args.vae, "VAE"), ("--unet", args.unet, "U-Net")):
+    if value is not None and not os.path.exists(value) and not hub.is_repo_id(value):
+      raise FileNotFoundError(f"{flag} {value}: no such file or folder; give a diffusers {what} folder, a Hub id "
+                              f"(owner/name) or a {what} .safetensors file.")
   check_controlnet_flags(args)
 
 
@@ -285,6 +294,10 @@ def main(argv=None) -> int:
                             **load_kw)
     if args.vae is not None:
       pipe.swap_vae(args.vae, allow_pickle=args.allow_pickle)
+    if args.unet is not None:
+      pipe.swap_unet(args.unet, allow_pickle=args.allow_pickle)
+    if args.timestep_spacing is not None:
+      pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing=args.timestep_spacing)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
     control = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import jaxsd
 from jaxsd import generate
@@ -191,3 +193,22 @@ def test_a_host_without_a_batch_does_not_claim_a_grid(folder, tmp_path, capsys, 
   assert not out.exists() or os.listdir(out) == []
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert "wrote no images" in last and "grid" not in last, last
+
+
+def test_cli_timestep_spacing_overrides_the_folders(folder, pipe, tmp_path):
+  """--timestep-spacing trailing (few-step Turbo / Lightning models) samples as the Python pipeline with
+  scheduler_config.replace(timestep_spacing="trailing"), not as the folder's own spacing."""
+  images = {}
+  for spacing in ("trailing", "leading"):
+    out = tmp_path / spacing
+    argv = [
+        "--model", folder, "--prompt", "a red circle", "--steps", "2", "--sampler", "euler", "--height", "16",
+        "--width", "16", "--timestep-spacing", spacing, "--out",
+        str(out), "--no-progress"
+    ]
+    assert sample_main.main(argv) == 0
+    images[spacing] = np.asarray(Image.open(out / "a_red_circle-seed0-0000.png")).astype(int)
+  trailing = dataclasses.replace(pipe, scheduler_config=pipe.scheduler_config.replace(timestep_spacing="trailing"))
+  want = trailing(["a red circle"], height=16, width=16, steps=2, sampler="euler", seed=0)[0].astype(int)
+  assert np.abs(images["trailing"] - want).max() <= 1
+  assert np.abs(images["leading"] - want).max() > 1

@@ -215,3 +215,48 @@ def test_swap_vae_from_a_folder_and_single_files(tmp_path, capsys):
   code = sample_main(["--model", model, "--prompt", "x", "--vae", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
   err = capsys.readouterr().err.strip()
   assert code == 2 and "\n" not in err and "--vae" in err and "no such file or folder" in err
+
+
+def test_swap_unet_from_a_folder_and_single_files(tmp_path):
+  """StableDiffusion.swap_unet takes another U-Net as a diffusers folder (an LCM-distilled one: the pipeline then
+  takes the guidance scale as the U-Net's input), a file in diffusers' names (as SDXL-Lightning's) or in the
+  original layout: the same parameters each way, and the next images use it. A U-Net of another kind (SDXL's in an
+  SD pipeline, another text width) is refused and the pipeline keeps its own."""
+  model = reference.make_tiny_sd_folder(str(tmp_path / "a"), seed=0)
+  other = reference.make_tiny_sd_folder(str(tmp_path / "b"), seed=5)
+  lcm = reference.make_tiny_sd_folder(str(tmp_path / "lcm"), seed=6, time_cond_proj_dim=16)
+  unet_dir = os.path.join(other, "unet")
+  state = dict(model_folder.read_state_dict(unet_dir))
+  config = model_folder.read_json(os.path.join(unet_dir, "config.json"))
+  ldm = reference.to_ldm(state, single_file.unet_prefixes(config), "model.diffusion_model.")
+  model_folder.write_safetensors({k: np.asarray(v) for k, v in ldm.items()}, str(tmp_path / "ldm_unet.safetensors"))
+  model_folder.write_safetensors({k: np.asarray(v) for k, v in state.items()}, str(tmp_path / "unet.safetensors"))
+  want = jaxsd.StableDiffusion.from_pretrained(other).unet_params
+
+  pipe = jaxsd.StableDiffusion.from_pretrained(model)
+  before = pipe(["a red circle"], height=16, width=16, steps=2, sampler="ddim", seed=1)
+  for source in (str(tmp_path / "ldm_unet.safetensors"), str(tmp_path / "unet.safetensors"), unet_dir):
+    assert pipe.swap_unet(source) is pipe
+    jax.tree.map(np.testing.assert_array_equal, pipe.unet_params, want)
+  after = pipe(["a red circle"], height=16, width=16, steps=2, sampler="ddim", seed=1)
+  assert np.abs(after.astype(int) - before.astype(int)).max() > 10
+  pipe.swap_unet(os.path.join(lcm, "unet"))
+  assert pipe.guidance_embedded
+  jax.tree.map(np.testing.assert_array_equal, pipe.unet_params, jaxsd.StableDiffusion.from_pretrained(lcm).unet_params)
+  scales = [
+      pipe(["a red circle"], height=16, width=16, steps=2, sampler="ddim", seed=1, guidance_scale=g).astype(int)
+      for g in (8.0, 2.0)
+  ]
+  assert np.abs(scales[0] - scales[1]).max() > 1  # the scale reaches the U-Net as its input
+
+  base, _, _ = reference.make_tiny_sdxl_folders(str(tmp_path / "xl"))
+  with pytest.raises(ValueError, match="addition_embed_type='text_time'.* another kind of model"):
+    pipe.swap_unet(os.path.join(base, "unet"))
+  import diffusers
+  diffusers.UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+                                 norm_num_groups=8, attention_head_dim=4).save_pretrained(tmp_path / "wide")
+  with pytest.raises(ValueError, match="cross_attention_dim=48 but the text encoder's hidden_size=32"):
+    pipe.swap_unet(str(tmp_path / "wide"))
+  assert pipe.guidance_embedded  # the LCM U-Net stayed
