@@ -4,7 +4,7 @@ from jaxsd.diffusion.samplers import ALIASES
 from jaxsd.diffusion.samplers import SAMPLER_OF
 from jaxsd.diffusion.samplers import SAMPLERS
 from jaxsd.diffusion.samplers import Sampler
-from jaxsd.diffusion.samplers import Schedule
+from jaxsd.diffusion.steps import Schedule
 from jaxsd.diffusion.samplers import init_state
 from jaxsd.diffusion.samplers import make_schedule
 from jaxsd.diffusion.samplers import model_input
