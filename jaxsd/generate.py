@@ -119,19 +119,19 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   `sampler` defaults to the folder's own (`pipe.default_sampler`, as diffusers runs a folder's scheduler), `steps`
   to 25 (4 with the `lcm` sampler, as diffusers' LatentConsistencyModelPipeline), and `guidance_scale` to the
   pipeline call's (as diffusers': 7.5, SDXL's 5; 8.5 for an LCM-distilled U-Net, which takes it as an input).
-  Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "", SDXL: zero embeddings
-  where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every job) this is img2img (`strength`,
-  default that of the pipeline's img2img: 0.6 for SD, 0.3 for SDXL, 0.8 with ControlNets); with `mask_image`
-  too, inpainting (strength default the pipeline's inpaint's: 1, SDXL's 0.9999),
-  each job as the pipeline's own call with the job's seed-derived keys; `padding_mask_crop` inpaints only a
-  box around the mask at height x width (default: the model's size) and pastes it back, as
-  `StableDiffusion.inpaint`. `long_prompts` and `prompt_weighting` are the pipeline's (`jaxsd.prompt_syntax`):
-  every batch has the windows of the longest prompt. A ControlNet pipeline (`pipe.with_controlnet`) takes
-  `control_images`, one image per ControlNet used for every job (resized to height x width, which default
-  to the first one's size; for img2img and inpainting the init image's size, and cropped with it under
-  `padding_mask_crop`), and the other ControlNet arguments of its call (the conditioning scale defaults to its
-  call's, as diffusers': 1 for text-to-image, 0.8 for img2img, 0.5 for SD's inpainting and 1 for SDXL's). Bad
-  arguments, checked before anything compiles, raise a ValueError that says what to change.
+  Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "",
+  SDXL: zero embeddings where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every
+  job) this is img2img (`strength`, default that of the pipeline's img2img: 0.6 for SD, 0.3 for SDXL, 0.8 with
+  ControlNets); with `mask_image` too, inpainting (strength default the pipeline's inpaint's: 1, SDXL's 0.9999),
+  each job as the pipeline's own call with the job's seed-derived keys; `padding_mask_crop` inpaints only a box
+  around the mask at height x width (default: the model's size) and pastes it back, as `StableDiffusion.inpaint`.
+  `long_prompts` and `prompt_weighting` are the pipeline's (`jaxsd.prompt_syntax`): every batch has the windows of
+  the longest prompt. A ControlNet pipeline (`pipe.with_controlnet`) takes `control_images`, one image per
+  ControlNet used for every job (resized to height x width, which default to the first one's size; for img2img and
+  inpainting the init image's size, and cropped with it under `padding_mask_crop`), and the other ControlNet
+  arguments of its call (the conditioning scale defaults to its call's, as diffusers': 1 for text-to-image, 0.8 for
+  img2img, 0.5 for SD's inpainting and 1 for SDXL's). Bad arguments, checked before anything compiles, raise a
+  ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")

@@ -87,12 +87,12 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     """Loads a single `.safetensors` checkpoint in the original CompVis / A1111 layout (a pickled `.ckpt` with
     `allow_pickle`, read with `torch.load(weights_only=True)`).
 
-    The file holds weights only. `config` says what they are: "v1" (SD 1.5's network configs and PNDM
-    scheduler), "v2" (SD 2.1 at 768 px: v-prediction DDIM, OpenCLIP text encoder, padding with "!"),
-    both with the CLIP vocabulary shipped with jaxsd; "v1-inpainting" / "v2-inpainting" (their 9-channel
-    inpainting U-Nets; SD 2's at 512 px, epsilon); "auto" (`single_file.guess_config`: v2 when the text encoder is
-    OpenCLIP's, else v1, -inpainting for a 9-channel U-Net, as diffusers infers the type); or a diffusers Stable Diffusion folder whose configs, tokenizer and
-    scheduler describe the checkpoint (its own weights are not read).
+    The file holds weights only. `config` says what they are: "v1" (SD 1.5's network configs and PNDM scheduler),
+    "v2" (SD 2.1 at 768 px: v-prediction DDIM, OpenCLIP text encoder, padding with "!"), both with the CLIP
+    vocabulary shipped with jaxsd; "v1-inpainting" / "v2-inpainting" (their 9-channel inpainting U-Nets; SD 2's at
+    512 px, epsilon); "auto" (`single_file.guess_config`: v2 when the text encoder is OpenCLIP's, else v1,
+    -inpainting for a 9-channel U-Net, as diffusers infers the type); or a diffusers Stable Diffusion folder whose
+    configs, tokenizer and scheduler describe the checkpoint (its own weights are not read).
     """
     config = os.fspath(config)
     state_dict = single_file.read(path, allow_pickle)
@@ -125,12 +125,12 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return pipe
 
   def swap_vae(self, path: str, *, variant: str | None = None, allow_pickle: bool = False) -> "StableDiffusion":
-    """Replaces this pipeline's VAE (in place; returns the pipeline), as diffusers'
-    `pipe.vae = AutoencoderKL.from_pretrained(path)` and A1111's VAE setting: a diffusers AutoencoderKL folder or Hub id (stabilityai/sd-vae-ft-mse,
-    madebyollin/sdxl-vae-fp16-fix), or a single VAE file (`.safetensors`; a pickled `.ckpt` / `.pt` with
-    `allow_pickle`) in the original layout or diffusers' names, read with this pipeline's VAE config. Computes in
-    the pipeline's dtype (fp32 where an fp16 VAE would overflow, as `from_pretrained`). Programs compiled before
-    are dropped (they hold the old VAE's config)."""
+    """Replaces this pipeline's VAE (in place; returns the pipeline), as diffusers' `pipe.vae =
+    AutoencoderKL.from_pretrained(path)` and A1111's VAE setting: a diffusers AutoencoderKL folder or Hub id
+    (stabilityai/sd-vae-ft-mse, madebyollin/sdxl-vae-fp16-fix), or a single VAE file (`.safetensors`; a pickled
+    `.ckpt` / `.pt` with `allow_pickle`) in the original layout or diffusers' names, read with this pipeline's VAE
+    config. Computes in the pipeline's dtype (fp32 where an fp16 VAE would overflow, as `from_pretrained`). Programs
+    compiled before are dropped (they hold the old VAE's config)."""
     where = os.fspath(path)
     if os.path.isfile(where):
       if variant:

@@ -256,10 +256,10 @@ class StableDiffusionControlNet(StableDiffusion):
               image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
               control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
               prompt_weighting: bool = False):
-    """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the
-    arguments of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength
-    0.8, conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays), and
-    the ControlNets' start/end fractions count the model calls that run (after `strength` cut the schedule)."""
+    """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the arguments
+    of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength 0.8,
+    conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays),
+    and the ControlNets' start/end fractions count the model calls that run (after `strength` cut the schedule)."""
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
@@ -273,9 +273,10 @@ class StableDiffusionControlNet(StableDiffusion):
               guess_mode: bool = False, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
-    `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the
-    4 latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With `padding_mask_crop` the control images are
-    cropped and resized with the images (diffusers' "fill" crop of the same box)."""
+    `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the 4
+    latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With
+    `padding_mask_crop` the control images are cropped and resized with the images (diffusers' "fill" crop of the
+    same box)."""
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,

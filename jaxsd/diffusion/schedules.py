@@ -47,9 +47,10 @@ DIFFUSERS_DEFAULTS = {
              sigma_min=None, sigma_max=None, final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler":
         dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False),
-    "HeunDiscreteScheduler":  # not _COMMON's betas: Heun's own defaults are SD's values, but linear
-        dict(_COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, timestep_spacing="linspace"
-            ),
+    # Not _COMMON's betas: Heun's own defaults are SD's values, but linear.
+    "HeunDiscreteScheduler":
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, clip_sample=False,
+             clip_sample_range=1.0, timestep_spacing="linspace"),
     "LMSDiscreteScheduler":
         dict(_COMMON, use_karras_sigmas=False, timestep_spacing="linspace"),
     "DPMSolverMultistepScheduler":
