@@ -226,7 +226,8 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     return m if isinstance(m, int) and 0 < m <= n else n
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-    return tok.tokenize(self.tokenizer, list(prompts), max_length=self.text_length)
+    """Token ids (B, 77) as diffusers' (multi-vector textual-inversion tokens spelt out: `maybe_convert_prompt`)."""
+    return tok.tokenize(self.tokenizer, self.maybe_convert_prompt(list(prompts)), max_length=self.text_length)
 
   def encode_text(self, te_params, input_ids: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Hidden states (B, L, D) of token ids (B, L). Ids longer than the encoder's positions (77) are windows
@@ -263,11 +264,9 @@ class StableDiffusion(pipeline_adapters.AdaptersMixin):
     negative_prompts = negative_prompts or [""] * len(prompts)
     if not (long_prompts or prompt_weighting):
       return self.tokenize(prompts), self.tokenize(negative_prompts), {}
-    (ids, weights), (uncond_ids,
-                     uncond_weights) = prompt_syntax.tokenize(self.tokenizer,
-                                                              [list(prompts), list(negative_prompts)],
-                                                              length=self.text_length, long_prompts=long_prompts,
-                                                              weighting=prompt_weighting)
+    (ids, weights), (uncond_ids, uncond_weights) = prompt_syntax.tokenize(
+        self.tokenizer, [self.maybe_convert_prompt(list(p)) for p in (prompts, negative_prompts)],
+        length=self.text_length, long_prompts=long_prompts, weighting=prompt_weighting)
     if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
       return ids, uncond_ids, {"weights": weights, "uncond_weights": uncond_weights}
     return ids, uncond_ids, {}

@@ -1,4 +1,4 @@
-"""LoRA adapters and learned token embeddings on a loaded pipeline, as diffusers' LoRA / textual-inversion mixins.
+"""LoRA adapters and textual-inversion embeddings on a loaded pipeline, as diffusers' LoRA / textual-inversion mixins.
 
 The base parameters stay as loaded; before a call the active adapters are merged into a copy of the
 kernels they touch (a small program of its own, cached per adapters and weights; `jaxsd.lora`), and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 from jaxsd import lora, token_embeddings
 
@@ -16,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class AdaptersMixin:
-  """`load_lora`, `set_adapters`, `fuse_lora`, ... and `load_token_embeddings` for a pipeline whose networks'
-  parameters are its `<network>_params` attributes (`lora.NETWORKS`) and which has a `tokenizer`."""
+  """`load_lora`, `set_adapters`, `fuse_lora`, ..., `load_textual_inversion` and `load_token_embeddings` for a
+  pipeline whose networks' parameters are its `<network>_params` attributes (`lora.NETWORKS`) and which has a
+  `tokenizer` (SDXL: and `tokenizer_2`)."""
 
   @functools.cached_property
   def _loras(self) -> lora.AdapterSet:
@@ -42,6 +44,59 @@ class AdaptersMixin:
     rows = token_embeddings.load(source)
     self.text_encoder_params = token_embeddings.apply(self.text_encoder_params, self.tokenizer, rows)
     return sorted(rows)
+
+  def load_textual_inversion(self, source, token: str | None = None, *, allow_pickle: bool = False) -> str:
+    """Loads a textual-inversion embedding as diffusers' `load_textual_inversion`: n vectors become n new tokens
+    ("tok", "tok_1", ..., "tok_{n-1}") of the tokenizer and n new rows of the text encoder's token-embedding
+    table, and "tok" in prompts and negative prompts stands for all n (also with long_prompts /
+    prompt_weighting: "(tok:1.2)" weights all n). Programs compiled before are dropped (the table grew).
+
+    Args:
+      source: a file: diffusers' learned_embeds.safetensors / .bin ({token: (hidden,) or (n, hidden)}), A1111's
+        `.pt` (`string_to_param`, `name`) or `.safetensors` (`emb_params`), SDXL's (`clip_l` and `clip_g`, for
+        the two text encoders: the only kind an SDXL pipeline takes, and one an SD 1.x / 2.x pipeline refuses);
+        a folder holding learned_embeds.safetensors; a state dict; or one array (n, hidden) with `token`.
+      token: the word for prompts (default: the file's: diffusers' key, A1111's `name`, else the file's name
+        without its extension, as A1111 names it). It must be new to the tokenizer, as in diffusers.
+      allow_pickle: read pickled `.pt` / `.bin` files (with `torch.load(weights_only=True)`); off by default,
+        since unpickling can run code.
+
+    Returns the token.
+    """
+    self._loras.check_unfused("load_textual_inversion")
+    token, vectors = token_embeddings.read_embedding(source, token, allow_pickle)
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the embedding"
+    sdxl = getattr(self, "text_encoder_2", None) is not None
+    if sdxl != (None not in vectors):
+      raise ValueError(f"{where}: an SDXL embedding (clip_l and clip_g vectors) is for an SDXL pipeline, an SD 1.x "
+                       "/ 2.x one (one set of vectors) for an SD 1.x / 2.x pipeline; this pipeline is "
+                       f"{'SDXL' if sdxl else 'SD 1.x / 2.x'}: use an embedding made for its model.")
+    slots = ((("clip_l", ""), ("clip_g", "_2")) if sdxl else ((None, ""),))
+    new = {}
+    for key, suffix in slots:
+      encoder = getattr(self, "text_encoder" + suffix)
+      if encoder is None:  # a refiner: no first text encoder, its clip_l vectors have nowhere to go
+        continue
+      if key not in vectors:
+        raise ValueError(f"{where}: no {key} vectors for text_encoder{suffix}; an SDXL embedding has clip_l and "
+                         "clip_g.")
+      params, tokenizer = getattr(self, f"text_encoder{suffix}_params"), getattr(self, "tokenizer" + suffix)
+      tokenizer, emb, _ = token_embeddings.add_tokens(tokenizer, token_embeddings.table(params), token, vectors[key],
+                                                      f"{where} ({key or token})")
+      new[suffix] = (encoder.clone(config=encoder.config.replace(vocab_size=emb.shape[0])),
+                     token_embeddings.with_table(params, emb), tokenizer)
+    for suffix, (encoder, params, tokenizer) in new.items():  # all checked: nothing half-loaded on an error
+      setattr(self, "text_encoder" + suffix, encoder)
+      setattr(self, f"text_encoder{suffix}_params", params)
+      setattr(self, "tokenizer" + suffix, tokenizer)
+    self.__dict__.pop("_compiled", None)
+    self.__dict__.pop("exported_programs", None)  # jaxsd.aot's programs take the old table's shape
+    return token
+
+  def maybe_convert_prompt(self, prompts: list[str], tokenizer=None) -> list[str]:
+    """The prompts with each multi-vector token of `tokenizer` (default: `self.tokenizer`) spelt out as its
+    tokens, as diffusers' `maybe_convert_prompt` (see `load_textual_inversion`)."""
+    return token_embeddings.expand(self.tokenizer if tokenizer is None else tokenizer, prompts)
 
   def load_lora(self, source, scale: float = 1.0, name: str | None = None, strict: bool = True) -> str:
     """Loads a LoRA adapter for the U-Net and/or text encoder(s) and makes it active at weight `scale`.

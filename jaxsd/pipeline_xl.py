@@ -242,7 +242,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     the second, each with its own tokenizer (SDXL's second pads with "!")."""
     texts = [list(prompts)] * (len(self._encoders) - 1) + [list(prompts_2 or prompts)]
     return np.stack([
-        tok.tokenize(tokenizer, t, max_length=encoder.config.max_position_embeddings)
+        tok.tokenize(tokenizer, self.maybe_convert_prompt(t, tokenizer),
+                     max_length=encoder.config.max_position_embeddings)
         for t, (encoder, tokenizer, _) in zip(texts, self._encoders)
     ], axis=1)
 

@@ -1,20 +1,28 @@
-"""Token embeddings learned for words of the tokenizer's vocabulary (textual inversion, Gal et al. 2022), in the
-file format of diffusers' textual inversion: `learned_embeds.safetensors`, one tensor (1, hidden) per word.
+"""Token embeddings: the rows of a text encoder's token-embedding table that textual inversion (Gal et al.
+2022) learns, in jaxsd's own format and in the files users have.
 
 jaxsd learns the embedding of a word the tokenizer already has as one token (a word the text encoder never
 learned, such as a colour the training captions lacked, or a rare token like "sks") and writes it under that
-word. Applying it replaces the word's row of the text encoder's token-embedding table: the table keeps its
-shape, so a pipeline's compiled programs stay as they are. diffusers adds a new token instead and refuses
-one its tokenizer has, so load the file there under another name and prompt with that name:
+word, as diffusers' `learned_embeds.safetensors` (one tensor (1, hidden) per word). Applying it (`load`,
+`apply`) replaces the word's row of the table: the table keeps its shape, so a pipeline's compiled programs stay
+as they are. diffusers adds a new token instead and refuses one its tokenizer has, so load the file there under
+another name and prompt with that name:
 
     pipe.load_textual_inversion("learned_embeds.safetensors", token="<teal>")  # "a <teal> circle"
 
-Files with several vectors per word (diffusers' --num_vectors > 1) are refused: they need new tokens.
+Embeddings from elsewhere (`read_embedding`, `add_tokens`, `expand`) add new tokens as diffusers'
+`load_textual_inversion` does: n vectors become the tokens "tok", "tok_1", ..., "tok_{n-1}", the table grows
+by n rows, and a prompt's "tok" is spelt out as all n before tokenizing (diffusers' `maybe_convert_prompt`).
+Files read: diffusers' learned_embeds ({token: (hidden,) or (n, hidden)}), A1111's `.pt` (`string_to_param`
+{"*": (n, hidden)} and `name`) and `.safetensors` (`emb_params` (n, hidden)), SDXL's (`clip_l` (n, 768) and
+`clip_g` (n, 1280), one per text encoder).
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -55,6 +63,11 @@ def set_rows(text_params: Any, ids: Mapping[str, int], rows: Mapping[str, Any]) 
   emb = table(text_params)
   for w, i in ids.items():
     emb = emb.at[i].set(jnp.asarray(rows[w], emb.dtype).reshape(emb.shape[1:]))
+  return with_table(text_params, emb)
+
+
+def with_table(text_params: Any, emb: Any) -> Any:
+  """`text_params` with `emb` as its token-embedding table (the rest of the tree shared, not copied)."""
   out = dict(text_params)
   node = out
   for k in _TABLE[:-1]:
@@ -89,8 +102,8 @@ def load(path: str) -> dict[str, np.ndarray]:
   out = {}
   for w, t in load_file(path).items():
     if t.ndim == 2 and t.shape[0] != 1:
-      raise ValueError(f"{path}: {w!r} has {t.shape[0]} vectors; only one vector per word is supported (more need "
-                       "new tokens, which jaxsd does not add).")
+      raise ValueError(f"{path}: {w!r} has {t.shape[0]} vectors; load_token_embeddings replaces one row per word: "
+                       "load it with load_textual_inversion (new tokens), as diffusers does.")
     out[w] = np.asarray(t, np.float32).reshape(-1)
   return out
 
@@ -104,3 +117,142 @@ def apply(text_params: Any, tokenizer, rows: Mapping[str, Any]) -> Any:
     if np.size(r) != width:
       raise ValueError(f"the embedding of {w!r} has {np.size(r)} values, this text encoder's table {width}.")
   return set_rows(text_params, ids, rows)
+
+
+# --- embeddings as users have them: new tokens, as diffusers' load_textual_inversion ---------------------------
+
+SDXL_KEYS = ("clip_l", "clip_g")  # SDXL's files: vectors for text_encoder (CLIP ViT-L) and text_encoder_2 (bigG)
+_FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")  # diffusers' names, in its order
+_PICKLED = (".pt", ".bin", ".pth", ".ckpt")
+
+
+def read_embedding(source, token: str | None = None, allow_pickle: bool = False) -> tuple[str, dict]:
+  """(token, vectors) of a textual-inversion embedding; `vectors` is {None: (n, hidden)} for one text encoder
+  or {"clip_l": (n, 768), "clip_g": (n, 1280)} for SDXL's two, float32.
+
+  `source`: a file (`.safetensors`; a pickled `.pt` / `.bin` with `allow_pickle`, read with
+  `torch.load(weights_only=True)`), a folder holding `learned_embeds.safetensors` (or `.bin`), a state dict,
+  or one array (n, hidden) (then `token` is needed). The token is `token`, else the file's: diffusers' key,
+  A1111's `name`, else the file name without its extension (A1111's name for an embedding).
+  """
+  where, stem = "the embedding", None
+  if isinstance(source, (str, os.PathLike)):
+    where = os.fspath(source)
+    if os.path.isdir(where):
+      found = [f for f in _FOLDER_FILES if os.path.isfile(os.path.join(where, f))]
+      if not found:
+        raise FileNotFoundError(f"{where}: no {' or '.join(_FOLDER_FILES)} in this folder; give the embedding file.")
+      where = os.path.join(where, found[0])
+    else:
+      stem = os.path.splitext(os.path.basename(where))[0]
+    source = _read_file(where, allow_pickle)
+  name = None
+  if not isinstance(source, Mapping):
+    vectors = {None: source}
+  elif "string_to_param" in source:  # A1111's .pt: {"string_to_param": {"*": (n, hidden)}, "name": ...}
+    params = source["string_to_param"]
+    if not isinstance(params, Mapping) or len(params) != 1:
+      raise ValueError(f"{where}: string_to_param must hold one tensor (A1111's '*'), it holds "
+                       f"{len(params) if isinstance(params, Mapping) else type(params).__name__}.")
+    vectors = {None: next(iter(params.values()))}
+    name = source.get("name") if isinstance(source.get("name"), str) else None
+  elif any(k in source for k in SDXL_KEYS):
+    vectors = {k: source[k] for k in SDXL_KEYS if k in source}
+  elif len(source) == 1:  # diffusers' {token: vectors}, or A1111's safetensors {"emb_params": vectors}
+    key, value = next(iter(source.items()))
+    vectors, name = {None: value}, (None if key == "emb_params" else key)
+  else:
+    raise ValueError(f"{where}: not a textual-inversion embedding (keys {', '.join(sorted(map(str, source)))[:200]}); "
+                     "expected one tensor, A1111's string_to_param / emb_params, or SDXL's clip_l and clip_g.")
+  token = token or name or stem
+  if not token:
+    raise ValueError(f"{where} names no token: pass token='<name>' (the word to use in prompts).")
+  return token, {k: _vectors(v, f"{where} ({k or token})") for k, v in vectors.items()}
+
+
+def _read_file(path: str, allow_pickle: bool) -> Mapping:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file; give a textual-inversion embedding (.safetensors, .pt, .bin).")
+  if path.lower().endswith(".safetensors"):
+    from safetensors.numpy import load_file
+
+    try:
+      return load_file(path)
+    except Exception as e:  # SafetensorError: a truncated or foreign file
+      raise ValueError(f"{path} is not a readable safetensors file ({e}); replace it with a complete copy.") from None
+  if not path.lower().endswith(_PICKLED):
+    raise ValueError(f"{path}: an embedding must be a .safetensors file (or, with allow_pickle, a pickled "
+                     f"{' / '.join(_PICKLED)}).")
+  if not allow_pickle:
+    raise ValueError(f"{path} is pickled: unpickling can run arbitrary code, so it is off by default; convert it to "
+                     ".safetensors, or if you trust its source pass allow_pickle=True (--allow-pickle).")
+  import torch
+
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # UnpicklingError (a class weights_only refuses), RuntimeError, EOFError
+    raise ValueError(f"{path} is not a readable PyTorch embedding ({' '.join(str(e).split())[:200]}); replace it "
+                     "with a safetensors file.") from None
+
+
+def _vectors(value, where: str) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no NumPy type)
+    value = value.detach().float().cpu().numpy()
+  v = np.asarray(value, np.float32)
+  if v.ndim == 1:
+    v = v[None]
+  if v.ndim != 2 or not v.size:
+    raise ValueError(f"{where}: vectors of shape {v.shape}; an embedding is (hidden,) or (n_vectors, hidden).")
+  return v
+
+
+def add_tokens(tokenizer, emb: Any, token: str, vectors: np.ndarray, where: str = "") -> tuple[Any, Any, list[str]]:
+  """(a copy of `tokenizer` with new tokens for `vectors` (n, hidden), the token-embedding table `emb` grown to
+  hold their rows, the tokens), as diffusers' load_textual_inversion: "token", "token_1", ..., "token_{n-1}",
+  ids from len(tokenizer) on, the table len(tokenizer) + n rows. Neither argument is changed."""
+  where = where or token
+  vocab = tokenizer.get_vocab()
+  taken = {t.lower() for t in tokenizer.added_tokens_encoder}  # added tokens match whatever the case
+  if token in vocab or token.lower() in taken or f"{token}_1" in vocab:
+    raise ValueError(f"{where}: the token {token!r} is in the tokenizer already (a word of its vocabulary or an "
+                     "embedding loaded before); pass token='<another-name>'.")
+  stem = re.fullmatch(r"(.+)_\d+", token)
+  if stem and stem.group(1) in tokenizer.added_tokens_encoder:
+    raise ValueError(f"{where}: the token {token!r} would read as one more vector of {stem.group(1)!r} in prompts; "
+                     "pass token='<another-name>'.")
+  width = emb.shape[1]
+  if vectors.shape[1] != width:
+    raise ValueError(f"{where}: its vectors have {vectors.shape[1]} values, this text encoder's embeddings {width}: "
+                     "the embedding was made for another model (768: SD 1.x, 1024: SD 2.x, clip_l + clip_g: SDXL).")
+  n, start = len(vectors), len(tokenizer)
+  tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
+  tokenizer = copy.deepcopy(tokenizer)  # a pipeline sharing the old one keeps its table and tokens
+  tokenizer.add_tokens(tokens)
+  ids = tokenizer.convert_tokens_to_ids(tokens)
+  if ids != list(range(start, start + n)):
+    raise ValueError(f"{where}: the tokenizer gave {tokens} the ids {ids}, not {start}..{start + n - 1}.")
+  kept = emb[:start]
+  if kept.shape[0] < start:  # a table smaller than the tokenizer: rows no token reaches
+    kept = jnp.concatenate([kept, jnp.zeros((start - kept.shape[0], width), emb.dtype)])
+  return tokenizer, jnp.concatenate([kept, jnp.asarray(vectors, emb.dtype)]), tokens
+
+
+def expand(tokenizer, prompts: list[str]) -> list[str]:
+  """Each multi-vector token of the prompts spelt out as its n tokens ("tok" -> "tok tok_1 tok_2"), as diffusers'
+  maybe_convert_prompt; matched as the tokenizer matches added tokens (anywhere, whatever the case, the longest
+  first), so that "EasyNegative" expands where the tokenizer lowercases what diffusers compares."""
+  added = tokenizer.added_tokens_encoder
+  heads = {t for t in added if f"{t}_1" in added}
+  if not heads:
+    return list(prompts)
+  names = {t.lower(): t for t in added}
+  pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)), re.IGNORECASE)
+
+  def spell(m):
+    t = names.get(m.group(0).lower())
+    if t not in heads:
+      return m.group(0)
+    n = next(i for i in range(1, len(added) + 1) if f"{t}_{i}" not in added)
+    return " ".join([t] + [f"{t}_{i}" for i in range(1, n)])
+
+  return [pattern.sub(spell, p) if isinstance(p, str) else p for p in prompts]  # tokenize names a non-string

@@ -94,6 +94,11 @@ def parse(argv=None) -> argparse.Namespace:
       help="load a LoRA's keys that match layers of the model and skip (and log) the others, instead of "
       "refusing the file")
   p.add_argument(
+      "--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+      help="a textual-inversion embedding (diffusers' learned_embeds, A1111 .pt / .safetensors, SDXL clip_l + "
+      "clip_g) under TOKEN (default: the file's name for it, else its file name); use TOKEN in --prompt or "
+      "--negative-prompt (repeatable; loaded after --lora; .pt / .bin need --allow-pickle)")
+  p.add_argument(
       "--vae", default=None, metavar="PATH",
       help="another VAE: a diffusers AutoencoderKL folder or Hub id (e.g. stabilityai/sd-vae-ft-mse), or a "
       "single VAE file (.safetensors, original or diffusers names)")
@@ -196,6 +201,20 @@ def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
   return out
 
 
+def parse_embeddings(specs: list[str]) -> list[tuple[str, str | None]]:
+  """--embedding FILE[:TOKEN] -> [(file, token or None)]; a missing file raises, naming the flag."""
+  out = []
+  for spec in specs:
+    path, token = spec, None
+    head, sep, tail = spec.rpartition(":")
+    if sep and not os.path.exists(spec) and head:
+      path, token = head, tail or None
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"--embedding {path}: no such file; give a textual-inversion embedding (FILE[:TOKEN]).")
+    out.append((path, token))
+  return out
+
+
 def check_flags(args) -> None:
   """The checks that need no model, done before anything is loaded."""
   from jaxsd.diffusion import samplers
@@ -283,6 +302,7 @@ def main(argv=None) -> int:
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_flags(args)
     loras = parse_loras(args.lora)
+    embeddings = parse_embeddings(args.embedding)
     generate.check_out_dir(args.out, "--out")
     from jaxsd import conditioning
 
@@ -301,6 +321,8 @@ def main(argv=None) -> int:
       pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing=args.timestep_spacing)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
+    for path, token in embeddings:
+      pipe.load_textual_inversion(path, token, allow_pickle=args.allow_pickle)
     control = {}
     if args.controlnet:
       pipe = pipe.with_controlnet(args.controlnet, allow_pickle=args.allow_pickle)
