@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import hub, model_folder, pipeline, pretrained, single_file, tokenizer as tok
+from jaxsd import hub, model_folder, pipeline, pipeline_folders, pretrained, single_file, tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
@@ -76,7 +76,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     if unet.config.addition_embed_type != "text_time":
       raise ValueError(f"{path}: the U-Net has addition_embed_type={unet.config.addition_embed_type!r}, not SDXL's "
                        "'text_time'; load the folder with jaxsd.StableDiffusion.from_pretrained.")
-    vae, vae_params = pipeline.load_vae(dirs["vae"], dtype, variants["vae"], allow_pickle)
+    vae, vae_params = pipeline_folders.load_vae(dirs["vae"], dtype, variants["vae"], allow_pickle)
     te = te_params = tokenizer = None
     if first:
       te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
@@ -133,8 +133,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
       raise ValueError(f"config={config!r}: its U-Net has addition_embed_type={unet.config.addition_embed_type!r}, "
                        "not SDXL's 'text_time'; pass an SDXL preset or folder.")
     vae_config = configs["vae"]
-    vae, vae_params = pretrained.from_state_dict("vae", vae_config, parts["vae"], f"{where} (VAE)",
-                                                 pipeline.vae_dtype(AutoencoderKLConfig.from_dict(vae_config), dtype))
+    vae, vae_params = pretrained.from_state_dict(
+        "vae", vae_config, parts["vae"], f"{where} (VAE)",
+        pipeline_folders.vae_dtype(AutoencoderKLConfig.from_dict(vae_config), dtype))
     te = te_params = None
     if "text_encoder" in parts:
       te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],

@@ -39,7 +39,8 @@ from jaxsd import tokenizer as tok
 from jaxsd.data import builtin, image_folder, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet
-from jaxsd.pipeline import StableDiffusion, load_vae
+from jaxsd.pipeline import StableDiffusion
+from jaxsd.pipeline_folders import load_vae
 from jaxsd.pipeline_xl import StableDiffusionXL
 from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, report, stages
 from jaxsd.training.loop import PeriodicCallback, train_loop
