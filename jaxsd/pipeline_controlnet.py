@@ -104,6 +104,16 @@ class StableDiffusionControlNet(StableDiffusion):
   def params(self) -> dict:
     return {**super().params, "controlnet": tuple(self.controlnet_params)}
 
+  def check_parts(self, where: str) -> None:
+    """`StableDiffusion.check_parts`, and each ControlNet against the U-Net (`check_fits`): a U-Net swapped in
+    (`swap_unet`) must take their residuals."""
+    super().check_parts(where)
+    for i, module in enumerate(self.controlnets):
+      try:
+        check_fits(self, module, i)
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
   def unet_conditioning(self, params, text_cond, control=None):
     """The encoded prompts with what the ControlNets take: `control` as `program` builds it."""
     if control is None:

@@ -125,7 +125,9 @@ class FoldersMixin:
     `from_pretrained(model, unet=UNet2DConditionModel.from_pretrained(path))`: a diffusers U-Net folder or Hub id
     (latent-consistency/lcm-sdxl), or a single U-Net file read with this pipeline's U-Net config, in diffusers'
     names (SDXL-Lightning's sdxl_lightning_4step_unet.safetensors) or the original layout. It must fit the text
-    encoders and VAE (and be SDXL's kind in an SDXL pipeline); programs compiled before are dropped."""
+    encoders and VAE (and be SDXL's kind in an SDXL pipeline); programs compiled before are dropped. Refused while
+    LoRA adapters are fused (unfuse_lora would bring the old U-Net's parameters back)."""
+    self._loras.check_unfused("swap_unet")
     where = os.fspath(path)
     kw = dict(attention_implementation=self.unet.attention_implementation,
               gradient_checkpointing=self.unet.gradient_checkpointing)

@@ -304,11 +304,13 @@ def _squeeze_1x1(value: np.ndarray) -> np.ndarray:
   return value[:, :, 0, 0] if value.ndim == 4 else value
 
 
-def _network(sd: Mapping[str, Any], prefix: str, prefixes: list[tuple[str, str]],
-             transform: Callable[[str], Callable | None] = lambda key: None) -> RenamedDict:
+def _network(
+    sd: Mapping[str, Any], prefix: str, prefixes: list[tuple[str, str]],
+    transform: Callable[[str], Callable | None] = lambda key: None, own: tuple[str, ...] = ("",)) -> RenamedDict:
+  """The keys under `prefix` (and, after it, under one of `own`), renamed by `prefixes`."""
   table = {}
   for key in sd.keys():
-    if key.startswith(prefix):
+    if key.startswith(prefix) and key[len(prefix):].startswith(own):
       new = _rename(key[len(prefix):], prefixes)
       table[new] = (key, transform(new))
   return RenamedDict(sd, table)
@@ -402,15 +404,18 @@ def split_xl(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
   return parts
 
 
-def _standalone(sd: Mapping[str, Any], prefix: str, starts: tuple[str, ...], prefixes: list[tuple[str, str]],
+def _standalone(sd: Mapping[str, Any], prefix: str, starts: tuple[str, ...], own: tuple[str, ...],
+                prefixes: list[tuple[str, str]],
                 transform: Callable[[str], Callable | None] = lambda key: None) -> Mapping[str, Any]:
   """One network's file in diffusers names: renamed from the original layout when its keys are under the whole
-  checkpoint's `prefix` or start as that layout's do (`starts`), else as it is."""
+  checkpoint's `prefix` or start as that layout's do (`starts`), else as it is. In the original layout only the
+  network's own keys (under `own`) are read, as diffusers' converters: a training checkpoint's `loss.*` (LPIPS,
+  discriminator) and `model_ema.*` entries are no part of it."""
   keys = list(sd.keys())
   if any(k.startswith(prefix) for k in keys):
     return _network(sd, prefix, prefixes, transform)
   if any(k.startswith(starts) for k in keys):
-    return _network(sd, "", prefixes, transform)
+    return _network(sd, "", prefixes, transform, own)
   return sd
 
 
@@ -418,15 +423,17 @@ def vae_state_dict(sd: Mapping[str, Any], config: dict) -> Mapping[str, Any]:
   """A standalone VAE file's tensors in diffusers names: the original (LDM) layout of A1111's VAE files
   (vae-ft-mse-840000-ema-pruned: `encoder.down.0.block.0...`, or a whole checkpoint's `first_stage_model.`) is
   renamed for an AutoencoderKL of `config`; diffusers-named files pass as they are."""
-  return _standalone(sd, PREFIXES["vae"], ("encoder.down.", "decoder.up.", "encoder.mid."), vae_prefixes(config),
-                     _vae_transform)
+  return _standalone(sd, PREFIXES["vae"], ("encoder.down.", "decoder.up.", "encoder.mid."),
+                     ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."), vae_prefixes(config), _vae_transform)
 
 
 def unet_state_dict(sd: Mapping[str, Any], config: dict) -> Mapping[str, Any]:
   """A standalone U-Net file's tensors in diffusers names (SDXL-Lightning's, Hyper-SD's `..._unet.safetensors` are
   diffusers-named): the original layout (`input_blocks.`, or a whole checkpoint's `model.diffusion_model.`) is
   renamed for a UNet2DConditionModel of `config`."""
-  return _standalone(sd, PREFIXES["unet"], ("input_blocks.", "middle_block.", "output_blocks."), unet_prefixes(config))
+  return _standalone(sd, PREFIXES["unet"], ("input_blocks.", "middle_block.", "output_blocks."),
+                     ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out."),
+                     unet_prefixes(config))
 
 
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")

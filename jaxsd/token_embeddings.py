@@ -215,11 +215,12 @@ def add_tokens(tokenizer, emb: Any, token: str, vectors: np.ndarray, where: str 
   taken = {t.lower() for t in tokenizer.added_tokens_encoder}  # added tokens match whatever the case
   if token in vocab or token.lower() in taken or f"{token}_1" in vocab:
     raise ValueError(f"{where}: the token {token!r} is in the tokenizer already (a word of its vocabulary or an "
-                     "embedding loaded before); pass token='<another-name>'.")
+                     "embedding loaded before); pass token='<another-name>' (--embedding FILE:<another-name> on the "
+                     "command line).")
   stem = re.fullmatch(r"(.+)_\d+", token)
   if stem and stem.group(1) in tokenizer.added_tokens_encoder:
     raise ValueError(f"{where}: the token {token!r} would read as one more vector of {stem.group(1)!r} in prompts; "
-                     "pass token='<another-name>'.")
+                     "pass token='<another-name>' (--embedding FILE:<another-name> on the command line).")
   width = emb.shape[1]
   if vectors.shape[1] != width:
     raise ValueError(f"{where}: its vectors have {vectors.shape[1]} values, this text encoder's embeddings {width}: "

@@ -299,6 +299,18 @@ def test_fuse_then_unfuse_restores_the_base_bit_exactly(clean):
   pipe.unet_params, pipe.text_encoder_params = base_unet, base_te
 
 
+def test_swap_unet_while_fused_is_refused(clean):
+  """swap_unet after fuse_lora was taken, and a later unfuse_lora put the old U-Net's parameters back into the
+  new U-Net (0.6 away from the swapped-in weights, silently): refused now, the pipeline as it was."""
+  path, files, tpipe, pipe, latents = clean
+  pipe.load_lora(files["peft_a"])
+  pipe.fuse_lora()
+  fused = pipe.unet_params
+  with pytest.raises(ValueError, match="swap_unet: the LoRA adapters are fused.*unfuse_lora"):
+    pipe.swap_unet(os.path.join(path, "unet"))
+  assert pipe.unet_params is fused
+
+
 @pytest.mark.parametrize("fmt", lora.FORMATS)
 def test_saved_adapters_load_in_diffusers(clean, tmp_path, fmt):
   """An adapter written by jaxsd (from the kohya file: per-layer alphas) loads with diffusers' load_lora_weights

@@ -360,6 +360,19 @@ def test_a_folders_own_scheduler_is_the_default_as_in_diffusers(tmp_path):
   assert tpipe.scheduler.config.steps_offset == 1 and pipe.scheduler_config.steps_offset == 1  # (the UniPC folder)
 
 
+def test_a_dpm_sde_folder_samples_with_dpmpp_2m_sde_by_default(tmp_path):
+  """A folder whose DPMSolverMultistepScheduler says algorithm_type="sde-dpmsolver++" (diffusers runs DPM++ 2M SDE)
+  defaulted to dpmpp_2m, which refuses that config: every call without a sampler failed."""
+  path = _folder_with(
+      tmp_path / "sde",
+      diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
+                                            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+  pipe = jaxsd.StableDiffusion.from_pretrained(path)
+  assert pipe.default_sampler == "dpmpp_2m_sde"
+  kw = dict(height=HW, width=HW, steps=3, seed=2, output="latent")
+  np.testing.assert_array_equal(pipe(PROMPTS[:1], **kw), pipe(PROMPTS[:1], sampler="dpmpp_2m_sde", **kw))
+
+
 def test_folders_that_describe_themselves_otherwise(tmp_path):
   """U-Net configs diffusers accepts: sample_size as [height, width] (the default size), cross_attention_dim per
   block; parts of different models and an SDXL folder are refused in one line naming the folder."""

@@ -162,6 +162,20 @@ def test_a_controlnet_for_another_model_is_refused(models, tmp_path):
     jaxsd.StableDiffusion.from_pretrained(path).with_controlnet(str(tmp_path / "other"))
 
 
+def test_swap_unet_on_a_controlnet_pipeline_checks_the_controlnets(models, tmp_path):
+  """swap_unet on a ControlNet pipeline took a U-Net the ControlNet cannot steer (another layers_per_block) and the
+  next call failed while tracing; now it is refused at the swap, naming the file, and the pipeline keeps its U-Net."""
+  _, _, _, pipe, _ = models
+  diffusers.UNet2DConditionModel(sample_size=8, layers_per_block=2, block_out_channels=(32, 64),
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                 norm_num_groups=8, attention_head_dim=4).save_pretrained(tmp_path / "deep")
+  unet, params = pipe.unet, pipe.unet_params
+  with pytest.raises(ValueError, match="deep: ControlNet 0 .* does not match the U-Net's"):
+    pipe.swap_unet(str(tmp_path / "deep"))
+  assert pipe.unet is unet and pipe.unet_params is params
+
+
 def test_module_and_params_pairs_are_taken_as_they_are(models, tmp_path):
   path, tpipe, nets, pipe, _ = models
   nets[0].save_pretrained(tmp_path / "cn")

@@ -217,6 +217,32 @@ def test_swap_vae_from_a_folder_and_single_files(tmp_path, capsys):
   assert code == 2 and "\n" not in err and "--vae" in err and "no such file or folder" in err
 
 
+def test_standalone_files_with_training_leftovers(tmp_path):
+  """A VAE file as its training run saved it (kl-f8 checkpoints: `loss.logvar`, the LPIPS and discriminator
+  weights under `loss.`, `model_ema.*`) was refused for unexpected keys; diffusers' converter reads the network's own
+  keys only, and so does single_file now (a U-Net file's EMA entries likewise)."""
+  folder = reference.make_tiny_sd_folder(str(tmp_path / "sd"))
+  extra = {
+      "loss.logvar": np.zeros((), np.float32),
+      "loss.discriminator.main.0.weight": np.ones((4, 3, 4, 4), np.float32),
+      "loss.perceptual_loss.net.slice1.0.weight": np.ones((4, 3, 3, 3), np.float32),
+      "model_ema.decay": np.ones((), np.float32),
+  }
+  for name, prefixes, to_diffusers in (("vae", single_file.vae_prefixes, single_file.vae_state_dict),
+                                       ("unet", single_file.unet_prefixes, single_file.unet_state_dict)):
+    state = dict(model_folder.read_state_dict(os.path.join(folder, name)))
+    config = model_folder.read_json(os.path.join(folder, name, "config.json"))
+    ldm = {**reference.to_ldm(state, prefixes(config), "", unsqueeze_attention=name == "vae"), **extra}
+    got = to_diffusers({k: np.asarray(v) for k, v in ldm.items()}, config)
+    assert sorted(got) == sorted(state), name
+    for k in state:
+      np.testing.assert_array_equal(np.asarray(got[k]).reshape(state[k].shape), state[k], err_msg=k)
+    if name == "vae":  # diffusers' own reading of the same file
+      assert sorted(su.convert_ldm_vae_checkpoint({
+          k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()
+      }, config)) == sorted(state)
+
+
 def test_swap_unet_from_a_folder_and_single_files(tmp_path):
   """StableDiffusion.swap_unet takes another U-Net as a diffusers folder (an LCM-distilled one: the pipeline then
   takes the guidance scale as the U-Net's input), a file in diffusers' names (as SDXL-Lightning's) or in the

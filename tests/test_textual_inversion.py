@@ -220,3 +220,15 @@ def test_sample_embedding_flag(sd):
                                                                                        (sd.files["a1111_st"], "<neg>")]
   with pytest.raises(FileNotFoundError, match="--embedding"):
     parse_embeddings([os.path.join(os.path.dirname(sd.path), "missing.pt")])
+
+
+def test_sample_embedding_named_as_a_word_says_how_to_rename_it(sd, tmp_path, capsys):
+  """A1111 names the token after the file, and files named as a word ("style.pt") collide with the vocabulary: the
+  command's one-line error named only the API's token= argument, not the flag's FILE:TOKEN form."""
+  from sample.__main__ import main
+
+  path = str(tmp_path / "photo.safetensors")
+  safetensors.numpy.save_file({"emb_params": _rand((2, 32), 4)}, path)
+  code = main(["--model", sd.path, "--prompt", "a photo", "--embedding", path, "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert code == 2 and "'photo' is in the tokenizer already" in err and "--embedding FILE:<another-name>" in err
