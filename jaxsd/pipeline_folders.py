@@ -52,7 +52,7 @@ class FoldersMixin:
 
   @classmethod
   def from_single_file(cls, path: str, config: str = "v1", dtype=jnp.float32, param_dtype=None, *,
-                       allow_pickle: bool = False, **unet_kwargs) -> Self:
+                       allow_pickle: bool = False, vae: str | None = None, **unet_kwargs) -> Self:
     """Loads a single `.safetensors` checkpoint in the original CompVis / A1111 layout (a pickled `.ckpt` with
     `allow_pickle`, read with `torch.load(weights_only=True)`).
 
@@ -61,7 +61,9 @@ class FoldersMixin:
     vocabulary shipped with jaxsd; "v1-inpainting" / "v2-inpainting" (their 9-channel inpainting U-Nets; SD 2's at
     512 px, epsilon); "auto" (`single_file.guess_config`: v2 when the text encoder is OpenCLIP's, else v1,
     -inpainting for a 9-channel U-Net, as diffusers infers the type); or a diffusers Stable Diffusion folder whose
-    configs, tokenizer and scheduler describe the checkpoint (its own weights are not read).
+    configs, tokenizer and scheduler describe the checkpoint (its own weights are not read). `vae` (a VAE folder,
+    Hub id or file, as `swap_vae` reads them) replaces the file's VAE, as diffusers' `from_single_file(..., vae=)`;
+    a file that ships without one needs it.
     """
     config = os.fspath(config)
     state_dict = single_file.read(path, allow_pickle)
@@ -80,12 +82,11 @@ class FoldersMixin:
       tokenizer = tok.load_tokenizer()
       if single_file.PAD_TOKEN[config]:
         tokenizer.pad_token = single_file.PAD_TOKEN[config]
-    parts = single_file.split(state_dict, configs)
+    parts = single_file.split(state_dict, configs, need_vae=vae is None)
     where = os.fspath(path)
     unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
                                                    param_dtype, **unet_kwargs)
-    vae_dt = vae_dtype(AutoencoderKLConfig.from_dict(configs["vae"]), dtype)
-    vae, vae_params = pretrained.from_state_dict("vae", configs["vae"], parts["vae"], f"{where} (VAE)", vae_dt)
+    vae, vae_params = single_file_vae(where, parts, configs["vae"], dtype, vae, allow_pickle)
     te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
                                                f"{where} (text encoder)", dtype, param_dtype)
     pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]),
@@ -101,16 +102,7 @@ class FoldersMixin:
     config. Computes in the pipeline's dtype (fp32 where an fp16 VAE would overflow, as `from_pretrained`). Programs
     compiled before are dropped (they hold the old VAE's config)."""
     where = os.fspath(path)
-    if os.path.isfile(where):
-      if variant:
-        raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
-      config = self.vae.config.to_dict()
-      state_dict = single_file.vae_state_dict(single_file.read(where, allow_pickle), config)
-      vae, vae_params = pretrained.from_state_dict("vae", config, state_dict, f"{where} (VAE)",
-                                                   vae_dtype(self.vae.config, self.unet.dtype))
-    else:
-      vae, vae_params = load_vae(hub.resolve(where, variant=variant, allow_pickle=allow_pickle), self.unet.dtype,
-                                 variant, allow_pickle)
+    vae, vae_params = read_vae(where, self.vae.config, self.unet.dtype, variant=variant, allow_pickle=allow_pickle)
     old, new = self.vae.config, vae.config
     if (new.latent_channels, new.downsampling_factor) != (old.latent_channels, old.downsampling_factor):
       raise ValueError(f"{where}: this VAE has {new.latent_channels} latent channels at 1/{new.downsampling_factor} "
@@ -184,6 +176,27 @@ def load_vae(path: str, dtype, variant: str | None = None, allow_pickle: bool = 
   """(module, params) of a pipeline's VAE folder, in fp32 where it would overflow in fp16 (`vae_dtype`)."""
   return pretrained.load_vae(path, vae_dtype(AutoencoderKLConfig.from_json(path), dtype), variant=variant,
                              allow_pickle=allow_pickle)
+
+
+def single_file_vae(where: str, parts: dict, config: dict, dtype, vae: str | None, allow_pickle: bool):
+  """A single file's VAE (module, params): `vae` (a folder, Hub id or file) where given, else the file's own."""
+  cfg = AutoencoderKLConfig.from_dict(config)
+  if vae is not None:
+    return read_vae(vae, cfg, dtype, allow_pickle=allow_pickle)
+  return pretrained.from_state_dict("vae", config, parts["vae"], f"{where} (VAE)", vae_dtype(cfg, dtype))
+
+
+def read_vae(path: str, config: AutoencoderKLConfig, dtype, *, variant: str | None = None, allow_pickle: bool = False):
+  """(module, params) of a VAE given apart from its model: a diffusers AutoencoderKL folder or Hub id, or one VAE
+  file (original layout or diffusers' names) read with `config`; in `dtype`, fp32 where fp16 would overflow."""
+  where = os.fspath(path)
+  if os.path.isfile(where):
+    if variant:
+      raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
+    d = config.to_dict()
+    state_dict = single_file.vae_state_dict(single_file.read(where, allow_pickle), d)
+    return pretrained.from_state_dict("vae", d, state_dict, f"{where} (VAE)", vae_dtype(config, dtype))
+  return load_vae(hub.resolve(where, variant=variant, allow_pickle=allow_pickle), dtype, variant, allow_pickle)
 
 
 def _scheduler_config(d: dict, class_name: str | None = None) -> schedules.SchedulerConfig:

@@ -23,7 +23,6 @@ from jaxsd import hub, model_folder, pipeline, pipeline_folders, pretrained, sin
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
-from jaxsd.models.vae import AutoencoderKLConfig
 
 PIPELINES = model_folder.SDXL_PIPELINES
 SAMPLER_OF = pipeline.SAMPLER_OF
@@ -93,7 +92,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   @classmethod
   def from_single_file(cls, path: str, config: str = "auto", dtype=jnp.float32, param_dtype=None, *,
-                       allow_pickle: bool = False, **unet_kwargs) -> "StableDiffusionXL":
+                       allow_pickle: bool = False, vae: str | None = None, **unet_kwargs) -> "StableDiffusionXL":
     """Loads an SDXL single `.safetensors` checkpoint in the original (Stability / A1111 / ComfyUI) layout, as
     diffusers' `StableDiffusionXLPipeline.from_single_file` reads it (a pickled `.ckpt` with `allow_pickle`).
 
@@ -103,6 +102,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     each with the CLIP vocabulary shipped with jaxsd, the second tokenizer padding with "!"; "auto"
     (`single_file.guess_config`, from the file's keys as diffusers infers the type); or a diffusers SDXL folder
     whose configs, tokenizers, scheduler and model_index.json describe the checkpoint (its own weights are not read).
+    `vae` replaces the file's VAE, or gives one to a file that ships without (`StableDiffusion.from_single_file`).
     """
     config = os.fspath(config)
     state_dict = single_file.read(path, allow_pickle)
@@ -125,17 +125,14 @@ class StableDiffusionXL(pipeline.StableDiffusion):
       names = ("tokenizer", "tokenizer_2") if "text_encoder" in configs else ("tokenizer_2",)
       tokenizers = {name: tok.load_tokenizer() for name in names}
       tokenizers["tokenizer_2"].pad_token = single_file.XL_PAD_TOKEN_2
-    parts = single_file.split_xl(state_dict, configs)
+    parts = single_file.split_xl(state_dict, configs, need_vae=vae is None)
     where = os.fspath(path)
     unet, unet_params = pretrained.from_state_dict("unet", configs["unet"], parts["unet"], f"{where} (U-Net)", dtype,
                                                    param_dtype, **unet_kwargs)
     if unet.config.addition_embed_type != "text_time":
       raise ValueError(f"config={config!r}: its U-Net has addition_embed_type={unet.config.addition_embed_type!r}, "
                        "not SDXL's 'text_time'; pass an SDXL preset or folder.")
-    vae_config = configs["vae"]
-    vae, vae_params = pretrained.from_state_dict(
-        "vae", vae_config, parts["vae"], f"{where} (VAE)",
-        pipeline_folders.vae_dtype(AutoencoderKLConfig.from_dict(vae_config), dtype))
+    vae, vae_params = pipeline_folders.single_file_vae(where, parts, configs["vae"], dtype, vae, allow_pickle)
     te = te_params = None
     if "text_encoder" in parts:
       te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
@@ -450,20 +447,24 @@ def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwarg
   `StableDiffusionXL.from_single_file`), or "auto": SDXL's when the file's text encoders are under
   `conditioner.embedders.`, each then picking its preset by the keys (`single_file.guess_config`; v2, SD 2.1 at
   768 px with v-prediction, when the text encoder is OpenCLIP's, else v1). A Hub id ("owner/name") is its folder
-  in the Hugging Face cache (`jaxsd.hub`; downloaded there if need be)."""
-  path = hub.resolve(path, variant=kwargs.get("variant"), allow_pickle=kwargs.get("allow_pickle", False))
+  in the Hugging Face cache (`jaxsd.hub`; downloaded there if need be). `vae` (a VAE folder, Hub id or file)
+  replaces the model's VAE (a single file's as it is read: one that ships without a VAE needs it)."""
+  vae = kwargs.pop("vae", None)
+  allow_pickle = kwargs.get("allow_pickle", False)
+  path = hub.resolve(path, variant=kwargs.get("variant"), allow_pickle=allow_pickle)
   if os.path.isfile(path):
     if kwargs.get("variant"):
       raise ValueError(f"variant={kwargs['variant']!r} names files of a diffusers folder; {path} is a single file.")
-    allow_pickle = kwargs.get("allow_pickle", False)
     config = os.fspath(single_file_config)
     if (config in single_file.XL_PRESETS or (os.path.isdir(config) and model_folder.is_sdxl_folder(config)) or
         (config == "auto" and single_file.is_sdxl_file(path, allow_pickle))):
-      return StableDiffusionXL.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle)
-    return pipeline.StableDiffusion.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle)
-  if model_folder.is_workdir(path):  # an SDXL fine-tune's workdir: its exported folder, the newest U-Net
-    if model_folder.is_sdxl_folder(model_folder.model_dir(path)):
-      return pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)
-  elif model_folder.is_sdxl_folder(path):
-    return StableDiffusionXL.from_pretrained(path, dtype, **kwargs)
-  return pipeline.load(path, dtype=dtype, **kwargs)
+      return StableDiffusionXL.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    return pipeline.StableDiffusion.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle,
+                                                     vae=vae)
+  if model_folder.is_workdir(path) and model_folder.is_sdxl_folder(model_folder.model_dir(path)):
+    pipe = pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)  # an SDXL fine-tune's
+  elif not model_folder.is_workdir(path) and model_folder.is_sdxl_folder(path):
+    pipe = StableDiffusionXL.from_pretrained(path, dtype, **kwargs)
+  else:
+    pipe = pipeline.load(path, dtype=dtype, **kwargs)
+  return pipe if vae is None else pipe.swap_vae(vae, allow_pickle=allow_pickle)

@@ -362,41 +362,50 @@ def _vae_transform(key: str) -> Callable | None:
       ".weight") and "group_norm" not in key else None
 
 
-def split(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
-  """{"unet", "vae", "text_encoder"} -> that network's state dict in diffusers / transformers names."""
+def _missing(sd: Mapping[str, Any], prefixes: dict, need_vae: bool, kind: str) -> list[str]:
+  """The networks of `prefixes` the file has no keys of; a missing VAE is refused only when `need_vae` (else it is
+  given apart: `vae=`)."""
+  missing = [name for name, p in prefixes.items() if not any(k.startswith(p) for k in sd.keys())]
+  if missing == ["vae"] and need_vae:
+    raise ValueError(f"the single file has no VAE weights (no keys under {prefixes['vae']}): some checkpoints ship "
+                     "without one; give a VAE with vae=<a VAE folder, Hub id or file> (--vae on the command line), as "
+                     "diffusers' from_single_file(..., vae=...).")
+  if [m for m in missing if m != "vae"]:
+    what = "SDXL single file" if kind.startswith("SDXL") else "single file"
+    raise ValueError(f"the {what} has no {', '.join(missing)} weights (no keys under "
+                     f"{', '.join(prefixes[m] for m in missing)}): is it a full {kind} checkpoint?")
+  return missing
+
+
+def split(sd: Mapping[str, Any], configs: dict, need_vae: bool = True) -> dict[str, RenamedDict | None]:
+  """{"unet", "vae", "text_encoder"} -> that network's state dict in diffusers / transformers names ("vae": None
+  for a file without one, when not `need_vae`)."""
   if is_sdxl(sd):
     raise ValueError("this is an SDXL single file: load it with jaxsd.StableDiffusionXL.from_single_file.")
-  missing = [name for name, p in PREFIXES.items() if not any(k.startswith(p) for k in sd.keys())]
-  if missing:
-    raise ValueError(f"the single file has no {', '.join(missing)} weights (no keys under "
-                     f"{', '.join(PREFIXES[m] for m in missing)}): is it a full Stable Diffusion checkpoint?")
+  missing = _missing(sd, PREFIXES, need_vae, "Stable Diffusion")
   if any(k.startswith(PREFIXES["text_encoder"] + "model.") for k in sd.keys()):  # SD 2.x
     text = _open_clip(sd, PREFIXES["text_encoder"] + "model.", configs["text_encoder"])
   else:  # SD 1.x keeps the transformers layout under `transformer.`; the loader adds `text_model.` where missing
     text = _network(sd, PREFIXES["text_encoder"], [("transformer.", "")])
   return {
       "unet": _network(sd, PREFIXES["unet"], unet_prefixes(configs["unet"])),
-      "vae": _network(sd, PREFIXES["vae"], vae_prefixes(configs["vae"]), _vae_transform),
+      "vae": None if "vae" in missing else _network(sd, PREFIXES["vae"], vae_prefixes(configs["vae"]), _vae_transform),
       "text_encoder": text,
   }
 
 
-def split_xl(sd: Mapping[str, Any], configs: dict) -> dict[str, RenamedDict]:
+def split_xl(sd: Mapping[str, Any], configs: dict, need_vae: bool = True) -> dict[str, RenamedDict | None]:
   """An SDXL file's {"unet", "vae", "text_encoder" (not for a refiner), "text_encoder_2"} in diffusers /
-  transformers names; `configs` without "text_encoder" read a refiner's file (bigG under `conditioner.embedders.0`)."""
+  transformers names; `configs` without "text_encoder" read a refiner's file (bigG under `conditioner.embedders.0`);
+  "vae" is None for a file without one, when not `need_vae`."""
   prefixes = dict(XL_PREFIXES)
   if "text_encoder" not in configs:
     del prefixes["text_encoder"]
     prefixes["text_encoder_2"] = XL_REFINER_TEXT
-  missing = [name for name, p in prefixes.items() if not any(k.startswith(p) for k in sd.keys())]
-  if missing:
-    kind = "refiner" if "text_encoder" not in configs else "base"
-    raise ValueError(f"the SDXL single file has no {', '.join(missing)} weights (no keys under "
-                     f"{', '.join(prefixes[m] for m in missing)}) for the SDXL {kind} model's configs: is it a full "
-                     f"SDXL {kind} checkpoint?")
+  missing = _missing(sd, prefixes, need_vae, "SDXL " + ("refiner" if "text_encoder" not in configs else "base"))
   parts = {
       "unet": _network(sd, prefixes["unet"], unet_prefixes(configs["unet"])),
-      "vae": _network(sd, prefixes["vae"], vae_prefixes(configs["vae"]), _vae_transform),
+      "vae": None if "vae" in missing else _network(sd, prefixes["vae"], vae_prefixes(configs["vae"]), _vae_transform),
       "text_encoder_2": _open_clip(sd, prefixes["text_encoder_2"], configs["text_encoder_2"], projection=True),
   }
   if "text_encoder" in prefixes:  # the transformers layout; `text_model.` is there already (or added by the loader)

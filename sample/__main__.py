@@ -312,9 +312,7 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
-                            **load_kw)
-    if args.vae is not None:
-      pipe.swap_vae(args.vae, allow_pickle=args.allow_pickle)
+                            vae=args.vae, **load_kw)
     if args.unet is not None:
       pipe.swap_unet(args.unet, allow_pickle=args.allow_pickle)
     if args.timestep_spacing is not None:

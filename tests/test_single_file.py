@@ -286,3 +286,22 @@ def test_swap_unet_from_a_folder_and_single_files(tmp_path):
   with pytest.raises(ValueError, match="cross_attention_dim=48 but the text encoder's hidden_size=32"):
     pipe.swap_unet(str(tmp_path / "wide"))
   assert pipe.guidance_embedded  # the LCM U-Net stayed
+
+
+def test_sd_file_without_its_vae_and_a_folder_given_another(folder_and_file, tmp_path):
+  """An SD file without VAE keys is refused with what to do and reads with vae=; `pipeline_xl.load(folder, vae=)`
+  (what --vae does) swaps a folder's VAE: parameters as the given VAE's."""
+  folder, path, _ = folder_and_file
+  sd = {k: np.asarray(v) for k, v in single_file.read(path).items() if not k.startswith("first_stage_model.")}
+  bare = str(tmp_path / "no_vae.safetensors")
+  model_folder.write_safetensors(sd, bare)
+  with pytest.raises(ValueError, match=r"no VAE weights .*--vae on the command line"):
+    jaxsd.StableDiffusion.from_single_file(bare, config=folder)
+  want = jaxsd.StableDiffusion.from_pretrained(folder)
+  got = jaxsd.pipeline_xl.load(bare, single_file_config=folder, vae=os.path.join(folder, "vae"))
+  for name in ("unet_params", "vae_params", "text_encoder_params"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(got, name), getattr(want, name))
+  other = reference.make_tiny_sd_folder(str(tmp_path / "other"), seed=5)
+  swapped = jaxsd.pipeline_xl.load(folder, vae=os.path.join(other, "vae"))
+  jax.tree.map(np.testing.assert_array_equal, swapped.vae_params,
+               jaxsd.StableDiffusion.from_pretrained(other).vae_params)

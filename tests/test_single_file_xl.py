@@ -230,7 +230,7 @@ def test_guess_config_and_refusals(folders, folder_and_file, tmp_path):
     jaxsd.StableDiffusionXL.from_single_file(sd_file)
   other = folders["base" if refiner else "refiner"]
   missing = "text_encoder, text_encoder_2 weights" if refiner else "text_encoder_2 weights"
-  with pytest.raises(ValueError, match=f"has no {missing} .* for the SDXL {'base' if refiner else 'refiner'}"):
+  with pytest.raises(ValueError, match=f"has no {missing} .* full SDXL {'base' if refiner else 'refiner'} checkpoint"):
     jaxsd.StableDiffusionXL.from_single_file(path, config=other)
 
 
@@ -345,3 +345,20 @@ def test_the_sample_command_reads_an_sdxl_single_file(folders, tmp_path, capsys)
   assert sample_main.main(argv) == 0
   assert sorted(os.listdir(out)) == ["a_cat-seed0-0000.png", "grid.png"]
   assert "wrote 1 images" in capsys.readouterr().err
+
+
+def test_a_file_without_its_vae_takes_one_given_apart(folders, tmp_path):
+  """Some SDXL checkpoints ship without the VAE (no first_stage_model. keys): refused with what to do, and read with
+  vae= (a VAE folder; `pipeline_xl.load(..., vae=)` and --vae on the command line) as diffusers'
+  from_single_file(..., vae=...) reads it: the same parameters as the whole folder's."""
+  folder = folders["base"]
+  sd = {k: np.asarray(v) for k, v in ldm_file(folder, False).items() if not k.startswith("first_stage_model.")}
+  path = str(tmp_path / "no_vae.safetensors")
+  model_folder.write_safetensors(sd, path)
+  with pytest.raises(ValueError, match=r"no VAE weights .*vae=<a VAE folder.*--vae on the command line"):
+    jaxsd.StableDiffusionXL.from_single_file(path, config=folder)
+  want = jaxsd.StableDiffusionXL.from_pretrained(folder)
+  for got in (jaxsd.StableDiffusionXL.from_single_file(path, config=folder, vae=os.path.join(folder, "vae")),
+              jaxsd.pipeline_xl.load(path, single_file_config=folder, vae=os.path.join(folder, "vae"))):
+    for name in ("unet_params", "vae_params", "text_encoder_params", "text_encoder_2_params"):
+      jax.tree.map(np.testing.assert_array_equal, getattr(got, name), getattr(want, name))
