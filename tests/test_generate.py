@@ -212,3 +212,9 @@ def test_cli_timestep_spacing_overrides_the_folders(folder, pipe, tmp_path):
   want = trailing(["a red circle"], height=16, width=16, steps=2, sampler="euler", seed=0)[0].astype(int)
   assert np.abs(images["trailing"] - want).max() <= 1
   assert np.abs(images["leading"] - want).max() > 1
+  # lcm (and the EDM samplers) place their steps by their own schedule: the flag would be ignored, so it is refused.
+  argv = [
+      "--model", folder, "--prompt", "a red circle", "--sampler", "lcm", "--timestep-spacing", "trailing", "--out",
+      str(tmp_path / "lcm")
+  ]
+  assert sample_main.main(argv) == 2 and not os.path.exists(tmp_path / "lcm")
