@@ -102,7 +102,8 @@ class FoldersMixin:
     config. Computes in the pipeline's dtype (fp32 where an fp16 VAE would overflow, as `from_pretrained`). Programs
     compiled before are dropped (they hold the old VAE's config)."""
     where = os.fspath(path)
-    vae, vae_params = read_vae(where, self.vae.config, self.unet.dtype, variant=variant, allow_pickle=allow_pickle)
+    vae, vae_params = read_network("vae", where, self.vae.config, self.unet.dtype, variant=variant,
+                                   allow_pickle=allow_pickle)
     old, new = self.vae.config, vae.config
     if (new.latent_channels, new.downsampling_factor) != (old.latent_channels, old.downsampling_factor):
       raise ValueError(f"{where}: this VAE has {new.latent_channels} latent channels at 1/{new.downsampling_factor} "
@@ -121,18 +122,10 @@ class FoldersMixin:
     LoRA adapters are fused (unfuse_lora would bring the old U-Net's parameters back)."""
     self._loras.check_unfused("swap_unet")
     where = os.fspath(path)
-    kw = dict(attention_implementation=self.unet.attention_implementation,
-              gradient_checkpointing=self.unet.gradient_checkpointing)
-    if os.path.isfile(where):
-      if variant:
-        raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
-      config = self.unet.config.to_dict()
-      state_dict = single_file.unet_state_dict(single_file.read(where, allow_pickle), config)
-      unet, unet_params = pretrained.from_state_dict("unet", config, state_dict, f"{where} (U-Net)", self.unet.dtype,
-                                                     self.unet.param_dtype, **kw)
-    else:
-      unet, unet_params = pretrained.load_unet(where, self.unet.dtype, self.unet.param_dtype, variant=variant,
-                                               allow_pickle=allow_pickle, **kw)
+    unet, unet_params = read_network("unet", where, self.unet.config, self.unet.dtype, self.unet.param_dtype,
+                                     variant=variant, allow_pickle=allow_pickle,
+                                     attention_implementation=self.unet.attention_implementation,
+                                     gradient_checkpointing=self.unet.gradient_checkpointing)
     old, new = self.unet.config, unet.config
     if (old.addition_embed_type,
         old.projection_class_embeddings_input_dim) != (new.addition_embed_type,
@@ -182,21 +175,32 @@ def single_file_vae(where: str, parts: dict, config: dict, dtype, vae: str | Non
   """A single file's VAE (module, params): `vae` (a folder, Hub id or file) where given, else the file's own."""
   cfg = AutoencoderKLConfig.from_dict(config)
   if vae is not None:
-    return read_vae(vae, cfg, dtype, allow_pickle=allow_pickle)
+    return read_network("vae", vae, cfg, dtype, allow_pickle=allow_pickle)
   return pretrained.from_state_dict("vae", config, parts["vae"], f"{where} (VAE)", vae_dtype(cfg, dtype))
 
 
-def read_vae(path: str, config: AutoencoderKLConfig, dtype, *, variant: str | None = None, allow_pickle: bool = False):
-  """(module, params) of a VAE given apart from its model: a diffusers AutoencoderKL folder or Hub id, or one VAE
-  file (original layout or diffusers' names) read with `config`; in `dtype`, fp32 where fp16 would overflow."""
+# One network's file in either naming: how its keys are renamed, and its name in messages.
+_ONE_FILE = {"unet": (single_file.unet_state_dict, "U-Net"), "vae": (single_file.vae_state_dict, "VAE")}
+
+
+def read_network(kind: str, path: str, config, dtype, param_dtype=None, *, variant: str | None = None,
+                 allow_pickle: bool = False, **module_kwargs):
+  """(module, params) of a "unet" or "vae" given apart from its model: a diffusers folder or Hub id, or one file
+  (original layout or diffusers' names) read with `config`, the model's (a VAE in fp32 where fp16 would
+  overflow, `vae_dtype`)."""
   where = os.fspath(path)
-  if os.path.isfile(where):
-    if variant:
-      raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
-    d = config.to_dict()
-    state_dict = single_file.vae_state_dict(single_file.read(where, allow_pickle), d)
-    return pretrained.from_state_dict("vae", d, state_dict, f"{where} (VAE)", vae_dtype(config, dtype))
-  return load_vae(hub.resolve(where, variant=variant, allow_pickle=allow_pickle), dtype, variant, allow_pickle)
+  if not os.path.isfile(where):
+    if kind == "vae":
+      return load_vae(hub.resolve(where, variant=variant, allow_pickle=allow_pickle), dtype, variant, allow_pickle)
+    return pretrained.load_unet(where, dtype, param_dtype, variant=variant, allow_pickle=allow_pickle, **module_kwargs)
+  if variant:
+    raise ValueError(f"variant={variant!r} names files of a diffusers folder; {where} is a single file.")
+  rename, name = _ONE_FILE[kind]
+  if kind == "vae":
+    dtype = vae_dtype(config, dtype)
+  d = config.to_dict()
+  state_dict = rename(single_file.read(where, allow_pickle), d)
+  return pretrained.from_state_dict(kind, d, state_dict, f"{where} ({name})", dtype, param_dtype, **module_kwargs)
 
 
 def _scheduler_config(d: dict, class_name: str | None = None) -> schedules.SchedulerConfig:
