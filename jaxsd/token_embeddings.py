@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd import model_folder
+
 WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' train_textual_inversion.py
 _TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
 
@@ -174,12 +176,7 @@ def _read_file(path: str, allow_pickle: bool) -> Mapping:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file; give a textual-inversion embedding (.safetensors, .pt, .bin).")
   if path.lower().endswith(".safetensors"):
-    from safetensors.numpy import load_file
-
-    try:
-      return load_file(path)
-    except Exception as e:  # SafetensorError: a truncated or foreign file
-      raise ValueError(f"{path} is not a readable safetensors file ({e}); replace it with a complete copy.") from None
+    return dict(model_folder.SafetensorsDict([path]))
   if not path.lower().endswith(_PICKLED):
     raise ValueError(f"{path}: an embedding must be a .safetensors file (or, with allow_pickle, a pickled "
                      f"{' / '.join(_PICKLED)}).")

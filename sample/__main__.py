@@ -181,18 +181,26 @@ def finite32(x: float) -> bool:
   return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """FILE[:X] -> (FILE, X, or None without one); a path that exists is whole, colons and all."""
+  head, sep, tail = spec.rpartition(":")
+  if sep and head and not os.path.exists(spec):
+    return head, tail
+  return spec, None
+
+
 def parse_loras(specs: list[str]) -> list[tuple[str, float]]:
   """--lora FILE[:SCALE] -> [(file, scale)]; a missing file or a bad scale raises, naming the flag."""
   out = []
   for spec in specs:
-    path, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and not os.path.exists(spec):
+    path, tail = split_spec(spec)
+    scale = 1.0
+    if tail is not None:
       try:
-        path, scale = head, float(tail)
+        scale = float(tail)
       except ValueError:
         raise ValueError(f"--lora {spec}: the weight after ':' must be a number (FILE[:SCALE], e.g. "
-                         f"{head}:0.8).") from None
+                         f"{path}:0.8).") from None
       if not finite32(scale):
         raise ValueError(f"--lora {spec}: the weight must be a finite number (1: as trained, 0: off).")
     if not os.path.exists(path) and not hub.is_repo_id(path):  # a Hub id (owner/name) is the loader's to find
@@ -205,10 +213,8 @@ def parse_embeddings(specs: list[str]) -> list[tuple[str, str | None]]:
   """--embedding FILE[:TOKEN] -> [(file, token or None)]; a missing file raises, naming the flag."""
   out = []
   for spec in specs:
-    path, token = spec, None
-    head, sep, tail = spec.rpartition(":")
-    if sep and not os.path.exists(spec) and head:
-      path, token = head, tail or None
+    path, token = split_spec(spec)
+    token = token or None
     if not os.path.exists(path):
       raise FileNotFoundError(f"--embedding {path}: no such file; give a textual-inversion embedding (FILE[:TOKEN]).")
     out.append((path, token))
