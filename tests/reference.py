@@ -194,6 +194,19 @@ SDXL_SCHEDULER = {
 }
 
 
+def assert_sample_command_reads(model: str, single_file_config: str, out, capsys) -> None:
+  """`python -m sample --model MODEL --single-file-config CONFIG` (2 steps) writes one image and the grid to `out`."""
+  from sample.__main__ import main
+
+  argv = [
+      "--model", model, "--single-file-config", single_file_config, "--prompt", "a cat", "--steps", "2", "--out",
+      str(out), "--no-progress"
+  ]
+  assert main(argv) == 0
+  assert sorted(os.listdir(out)) == ["a_cat-seed0-0000.png", "grid.png"]
+  assert "wrote 1 images" in capsys.readouterr().err
+
+
 def assert_matches_and_moves(pipe, prompts, hw: int, guidance: float, latents, ref, base, what: str) -> None:
   """jaxsd's latents from `latents` (Euler, 3 steps, `guidance`) within the pipeline tolerance (1e-4 of the
   latents' scale) of diffusers' `ref`, and `ref` far (100 x that) from diffusers' `base`, made without `what`

@@ -24,6 +24,7 @@ import torch
 
 import jaxsd
 from tests import reference
+from tests.diffusion.test_samplers_edm import PLAYGROUND  # Playground v2.5's real scheduler_config.json
 
 PROMPTS = ["a red circle on the left", "a small blue square"]
 PROMPTS_2 = ["a photo", "a drawing of a big square"]
@@ -311,27 +312,6 @@ def test_inpainting_unet_folder_matches_diffusers(tmp_path, monkeypatch):
   _close("base 9-channel inpaint euler", ours, reference.nchw_to_nhwc(ref))
 
 
-# Playground v2.5's (playgroundai/playground-v2.5-1024px-aesthetic) scheduler: EDM preconditioning.
-PLAYGROUND_SCHEDULER = {
-    "_class_name": "EDMDPMSolverMultistepScheduler",
-    "algorithm_type": "dpmsolver++",
-    "dynamic_thresholding_ratio": 0.995,
-    "euler_at_final": False,
-    "final_sigmas_type": "zero",
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "rho": 7.0,
-    "sample_max_value": 1.0,
-    "sigma_data": 0.5,
-    "sigma_max": 80.0,
-    "sigma_min": 0.002,
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "thresholding": False
-}
-
-
 def test_edm_folder_as_playground_v25_matches_diffusers(tmp_path):
   """A folder laid out as Playground v2.5 (an SDXL U-Net trained with EDM preconditioning: its scheduler is
   EDMDPMSolverMultistepScheduler; its VAE normalises latents per channel, latents_mean / latents_std) samples with
@@ -346,7 +326,7 @@ def test_edm_folder_as_playground_v25_matches_diffusers(tmp_path):
   reference._jitter(vae, seed=9)
   parts = {k: c[k] for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
   tpipe = diffusers.StableDiffusionXLPipeline(
-      **parts, vae=vae.eval(), scheduler=diffusers.EDMDPMSolverMultistepScheduler.from_config(PLAYGROUND_SCHEDULER),
+      **parts, vae=vae.eval(), scheduler=diffusers.EDMDPMSolverMultistepScheduler.from_config(PLAYGROUND),
       force_zeros_for_empty_prompt=True, add_watermarker=False)
   tpipe.set_progress_bar_config(disable=True)
   tpipe.save_pretrained(tmp_path / "pg")
@@ -354,7 +334,7 @@ def test_edm_folder_as_playground_v25_matches_diffusers(tmp_path):
   assert pipe.default_sampler == "edm_dpmpp_2m" and pipe.scheduler_config.edm
   latents = _noise(pipe, 1)
   for sampler, cls in ((None, diffusers.EDMDPMSolverMultistepScheduler), ("euler", diffusers.EDMEulerScheduler)):
-    tpipe.scheduler = cls.from_config(PLAYGROUND_SCHEDULER)
+    tpipe.scheduler = cls.from_config(PLAYGROUND)
     for output in ("latent", "np"):
       ours = pipe(PROMPTS, NEGATIVE, steps=4, guidance_scale=3.0, sampler=sampler, latents=latents, output=output)
       with torch.no_grad():

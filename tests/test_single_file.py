@@ -140,13 +140,7 @@ def test_the_sample_command_takes_a_single_file(folder_and_file, tmp_path, capsy
   want = jaxsd.StableDiffusion.from_pretrained(folder)
   jax.tree.map(np.testing.assert_array_equal, got.unet_params, want.unet_params)
   out = tmp_path / "out"
-  argv = [
-      "--model", path, "--single-file-config", folder, "--prompt", "a cat", "--steps", "2", "--out",
-      str(out), "--no-progress"
-  ]
-  assert sample_main.main(argv) == 0
-  assert sorted(os.listdir(out)) == ["a_cat-seed0-0000.png", "grid.png"]
-  assert "wrote 1 images" in capsys.readouterr().err
+  reference.assert_sample_command_reads(path, folder, out, capsys)
   for keys, message in (({
       "conditioner.embedders.1.model.ln_final.weight": np.ones(4, np.float32)
   }, "SDXL single file"), ({

@@ -321,8 +321,6 @@ def test_the_sample_command_reads_an_sdxl_single_file(folders, tmp_path, capsys)
   """`python -m sample --model FILE.safetensors`: an SDXL file goes to StableDiffusionXL.from_single_file ("auto" picks
   the SDXL 1.0 preset, which the tiny file fails on its sizes; a pickled copy with --allow-pickle too), read as a
   folder it writes its images."""
-  from sample import __main__ as sample_main
-
   folder = folders["base"]
   path = str(tmp_path / "tiny_xl.safetensors")
   ldm = {k: np.asarray(v) for k, v in ldm_file(folder, refiner=False).items()}
@@ -337,14 +335,7 @@ def test_the_sample_command_reads_an_sdxl_single_file(folders, tmp_path, capsys)
   torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in ldm.items()}}, ckpt)
   with pytest.raises(weights.WeightLoadError, match=r"tiny_xl.ckpt \(U-Net\)"):
     pipeline_xl.load(ckpt, allow_pickle=True)
-  out = tmp_path / "out"
-  argv = [
-      "--model", path, "--single-file-config", folder, "--prompt", "a cat", "--steps", "2", "--out",
-      str(out), "--no-progress"
-  ]
-  assert sample_main.main(argv) == 0
-  assert sorted(os.listdir(out)) == ["a_cat-seed0-0000.png", "grid.png"]
-  assert "wrote 1 images" in capsys.readouterr().err
+  reference.assert_sample_command_reads(path, folder, tmp_path / "out", capsys)
 
 
 def test_a_file_without_its_vae_takes_one_given_apart(folders, tmp_path):
