@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Mapping
 
 from jaxsd import lora, token_embeddings
 
@@ -45,53 +46,139 @@ class AdaptersMixin:
     self.text_encoder_params = token_embeddings.apply(self.text_encoder_params, self.tokenizer, rows)
     return sorted(rows)
 
-  def load_textual_inversion(self, source, token: str | None = None, *, allow_pickle: bool = False) -> str:
-    """Loads a textual-inversion embedding as diffusers' `load_textual_inversion`: n vectors become n new tokens
+  def load_textual_inversion(self, source, token: str | list[str | None] | None = None, *,
+                             weight_name: str | None = None, allow_pickle: bool = False) -> str | list[str]:
+    """Loads textual-inversion embeddings as diffusers' `load_textual_inversion`: n vectors become n new tokens
     ("tok", "tok_1", ..., "tok_{n-1}") of the tokenizer and n new rows of the text encoder's token-embedding
     table, and "tok" in prompts and negative prompts stands for all n (also with long_prompts /
     prompt_weighting: "(tok:1.2)" weights all n). Programs compiled before are dropped (the table grew).
+    `unload_textual_inversion` removes them again.
 
     Args:
       source: a file: diffusers' learned_embeds.safetensors / .bin ({token: (hidden,) or (n, hidden)}), A1111's
-        `.pt` (`string_to_param`, `name`) or `.safetensors` (`emb_params`), SDXL's (`clip_l` and `clip_g`, for
-        the two text encoders: the only kind an SDXL pipeline takes, and one an SD 1.x / 2.x pipeline refuses);
-        a folder holding learned_embeds.safetensors; a state dict; or one array (n, hidden) with `token`.
-      token: the word for prompts (default: the file's: diffusers' key, A1111's `name`, else the file's name
-        without its extension, as A1111 names it). It must be new to the tokenizer, as in diffusers.
+        `.pt` (`string_to_param`, `name`), `.safetensors` (`emb_params`) or `.png` (its "sd-ti-embedding" text
+        chunk), SDXL's (`clip_l` and `clip_g`, for the two text encoders: the only kind an SDXL pipeline takes,
+        and one an SD 1.x / 2.x pipeline refuses); a folder holding `weight_name` (default
+        learned_embeds.safetensors); a state dict (numpy or torch arrays); one array (n, hidden) with `token`
+        (with a list of n tokens: one vector each, as diffusers); or a list of these, loaded together.
+      token: the word for prompts, or a list of one (or None) per source (default: the file's: diffusers' key,
+        A1111's `name`, else the file's name without its extension, as A1111 names it). Each must be new to the
+        tokenizer, and those of one call differ, as in diffusers.
+      weight_name: the embedding's file name in a folder `source`.
       allow_pickle: read pickled `.pt` / `.bin` files (with `torch.load(weights_only=True)`); off by default,
         since unpickling can run code.
 
-    Returns the token.
+    Returns the token, or the list of tokens for a list `source`. Nothing is loaded when any embedding is refused.
     """
     self._loras.check_unfused("load_textual_inversion")
-    token, vectors = token_embeddings.read_embedding(source, token, allow_pickle)
-    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the embedding"
+    many = isinstance(source, (list, tuple))
+    sources, tokens = list(source) if many else [source], list(token) if isinstance(token, (list, tuple)) else [token]
+    if tokens == [None]:
+      tokens *= len(sources)
+    elif len(sources) == 1 and len(tokens) > 1 and not isinstance(sources[0], (str, os.PathLike, Mapping)):
+      rows = token_embeddings.read_embedding(sources[0], tokens[0])[1][None]  # diffusers: one vector per token
+      if len(rows) != len(tokens):
+        raise ValueError(f"the array holds {len(rows)} vectors and {len(tokens)} tokens were given: give one token "
+                         "per vector.")
+      sources, many = list(rows), True
+    if not sources:
+      raise ValueError("load_textual_inversion: no embeddings given (an empty list).")
+    if len(sources) != len(tokens):
+      raise ValueError(f"{len(sources)} embeddings and {len(tokens)} tokens: give one token (or None: the file's "
+                       "own) per embedding, as diffusers' load_textual_inversion.")
+    read = []
+    for i, (src, tok) in enumerate(zip(sources, tokens)):
+      where = os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"embedding {i + 1}"
+      where = where if many or isinstance(src, (str, os.PathLike)) else "the embedding"
+      read.append((where, *token_embeddings.read_embedding(src, tok, allow_pickle, weight_name)))
+    names = [t.lower() for _, t, _ in read]  # added tokens match whatever the case
+    twice = sorted({t for _, t, _ in read if names.count(t.lower()) > 1})
+    if twice:
+      raise ValueError(f"the token {twice[0]!r} is given to {names.count(twice[0].lower())} embeddings of one call: "
+                       "give each its own token (token=[...], --embedding FILE:<name> on the command line).")
     sdxl = getattr(self, "text_encoder_2", None) is not None
-    if sdxl != (None not in vectors):
-      raise ValueError(f"{where}: an SDXL embedding (clip_l and clip_g vectors) is for an SDXL pipeline, an SD 1.x "
-                       "/ 2.x one (one set of vectors) for an SD 1.x / 2.x pipeline; this pipeline is "
-                       f"{'SDXL' if sdxl else 'SD 1.x / 2.x'}: use an embedding made for its model.")
+    for where, _, vectors in read:
+      if sdxl != (None not in vectors):
+        raise ValueError(f"{where}: an SDXL embedding (clip_l and clip_g vectors) is for an SDXL pipeline, an SD 1.x "
+                         "/ 2.x one (one set of vectors) for an SD 1.x / 2.x pipeline; this pipeline is "
+                         f"{'SDXL' if sdxl else 'SD 1.x / 2.x'}: use an embedding made for its model.")
     slots = ((("clip_l", ""), ("clip_g", "_2")) if sdxl else ((None, ""),))
     new = {}
     for key, suffix in slots:
       encoder = getattr(self, "text_encoder" + suffix)
       if encoder is None:  # a refiner: no first text encoder, its clip_l vectors have nowhere to go
         continue
-      if key not in vectors:
-        raise ValueError(f"{where}: no {key} vectors for text_encoder{suffix}; an SDXL embedding has clip_l and "
-                         "clip_g.")
       params, tokenizer = getattr(self, f"text_encoder{suffix}_params"), getattr(self, "tokenizer" + suffix)
-      tokenizer, emb, _ = token_embeddings.add_tokens(tokenizer, token_embeddings.table(params), token, vectors[key],
-                                                      f"{where} ({key or token})")
+      emb = token_embeddings.table(params)
+      for where, tok, vectors in read:
+        if key not in vectors:
+          raise ValueError(f"{where}: no {key} vectors for text_encoder{suffix}; an SDXL embedding has clip_l and "
+                           "clip_g.")
+        tokenizer, emb, _ = token_embeddings.add_tokens(tokenizer, emb, tok, vectors[key], f"{where} ({key or tok})")
       new[suffix] = (encoder.clone(config=encoder.config.replace(vocab_size=emb.shape[0])),
                      token_embeddings.with_table(params, emb), tokenizer)
-    for suffix, (encoder, params, tokenizer) in new.items():  # all checked: nothing half-loaded on an error
+    self._set_text_encoders(new)  # all checked: nothing half-loaded on an error
+    return [t for _, t, _ in read] if many else read[0][1]
+
+  def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> list[str]:
+    """Removes textual-inversion embeddings, as diffusers' `unload_textual_inversion`: their tokens leave the
+    tokenizer(s) and their rows the token-embedding table(s) (SDXL: both text encoders'), the tokens loaded after
+    them move down, and removing all gives back the tokenizers and tables of before. Programs compiled before are
+    dropped (the table shrank).
+
+    Args:
+      tokens: None for all embeddings (every token added to the tokenizers, also those of a folder saved with
+        embeddings); else a token or a list of them, as `load_textual_inversion` returned them: "tok" removes all
+        of a multi-vector embedding's tokens "tok", "tok_1", ... (diffusers removes only the tokens named, and
+        its leftover "tok_1" then refuses loading "tok" again). One that is not loaded is refused.
+
+    Returns the embeddings' tokens removed.
+    """
+    self._loras.check_unfused("unload_textual_inversion")
+    names = None if tokens is None else [tokens] if isinstance(tokens, str) else list(tokens)
+    new, removed, found = {}, {}, set()
+    for suffix in ("", "_2"):
+      encoder = getattr(self, "text_encoder" + suffix, None)
+      if encoder is None:
+        continue
+      tokenizer, params = getattr(self, "tokenizer" + suffix), getattr(self, f"text_encoder{suffix}_params")
+      groups = token_embeddings.embedding_tokens(tokenizer)
+      gone = {}
+      for name in (groups if names is None else names):
+        part = next((h for h, g in groups.items() if name in g[1:]), None)
+        if name in groups:
+          gone[name] = groups[name]
+        elif part is not None and part not in names:
+          raise ValueError(f"unload_textual_inversion: {name!r} is one of the {len(groups[part])} tokens of the "
+                           f"embedding {part!r}; give {part!r} (which removes them all).")
+        elif part is None:
+          continue
+        found.add(name)
+      if gone:
+        tokenizer, emb = token_embeddings.remove_tokens(tokenizer, token_embeddings.table(params),
+                                                        [t for g in gone.values() for t in g])
+        new[suffix] = (encoder.clone(config=encoder.config.replace(vocab_size=emb.shape[0])),
+                       token_embeddings.with_table(params, emb), tokenizer)
+        removed.update(dict.fromkeys(gone))
+    missing = [n for n in names or () if n not in found]
+    if missing:
+      loaded = sorted({
+          h for s in ("", "_2") if getattr(self, "tokenizer" + s, None) is not None
+          for h in token_embeddings.embedding_tokens(getattr(self, "tokenizer" + s))
+      })
+      raise ValueError(f"unload_textual_inversion: no embedding {missing[0]!r} is loaded (loaded: "
+                       f"{', '.join(map(repr, loaded)) or 'none'}).")
+    if new:
+      self._set_text_encoders(new)
+    return list(removed)
+
+  def _set_text_encoders(self, new: dict) -> None:
+    for suffix, (encoder, params, tokenizer) in new.items():
       setattr(self, "text_encoder" + suffix, encoder)
       setattr(self, f"text_encoder{suffix}_params", params)
       setattr(self, "tokenizer" + suffix, tokenizer)
     self.__dict__.pop("_compiled", None)
     self.__dict__.pop("exported_programs", None)  # jaxsd.aot's programs take the old table's shape
-    return token
 
   def maybe_convert_prompt(self, prompts: list[str], tokenizer=None) -> list[str]:
     """The prompts with each multi-vector token of `tokenizer` (default: `self.tokenizer`) spelt out as its

@@ -14,13 +14,17 @@ Embeddings from elsewhere (`read_embedding`, `add_tokens`, `expand`) add new tok
 `load_textual_inversion` does: n vectors become the tokens "tok", "tok_1", ..., "tok_{n-1}", the table grows
 by n rows, and a prompt's "tok" is spelt out as all n before tokenizing (diffusers' `maybe_convert_prompt`).
 Files read: diffusers' learned_embeds ({token: (hidden,) or (n, hidden)}), A1111's `.pt` (`string_to_param`
-{"*": (n, hidden)} and `name`) and `.safetensors` (`emb_params` (n, hidden)), SDXL's (`clip_l` (n, 768) and
-`clip_g` (n, 1280), one per text encoder).
+{"*": (n, hidden)} and `name`), `.safetensors` (`emb_params` (n, hidden)) and `.png` (the `.pt`'s dict as JSON in
+the text chunk "sd-ti-embedding"), SDXL's (`clip_l` (n, 768) and `clip_g` (n, 1280), one per text encoder).
+`remove_tokens` undoes `add_tokens`, as diffusers' `unload_textual_inversion`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
+import json
 import os
 import re
 from typing import Any, Mapping
@@ -126,24 +130,28 @@ def apply(text_params: Any, tokenizer, rows: Mapping[str, Any]) -> Any:
 SDXL_KEYS = ("clip_l", "clip_g")  # SDXL's files: vectors for text_encoder (CLIP ViT-L) and text_encoder_2 (bigG)
 _FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")  # diffusers' names, in its order
 _PICKLED = (".pt", ".bin", ".pth", ".ckpt")
+PNG_KEY = "sd-ti-embedding"  # A1111's PNG text chunk: base64 of the .pt's dict as JSON (tensors: {"TORCHTENSOR": ...})
 
 
-def read_embedding(source, token: str | None = None, allow_pickle: bool = False) -> tuple[str, dict]:
+def read_embedding(source, token: str | None = None, allow_pickle: bool = False,
+                   weight_name: str | None = None) -> tuple[str, dict]:
   """(token, vectors) of a textual-inversion embedding; `vectors` is {None: (n, hidden)} for one text encoder
   or {"clip_l": (n, 768), "clip_g": (n, 1280)} for SDXL's two, float32.
 
-  `source`: a file (`.safetensors`; a pickled `.pt` / `.bin` with `allow_pickle`, read with
-  `torch.load(weights_only=True)`), a folder holding `learned_embeds.safetensors` (or `.bin`), a state dict,
-  or one array (n, hidden) (then `token` is needed). The token is `token`, else the file's: diffusers' key,
-  A1111's `name`, else the file name without its extension (A1111's name for an embedding).
+  `source`: a file (`.safetensors`; A1111's `.png`; a pickled `.pt` / `.bin` with `allow_pickle`, read with
+  `torch.load(weights_only=True)`), a folder holding `weight_name` (default: `learned_embeds.safetensors`, else
+  `.bin`), a state dict (numpy or torch arrays), or one array (n, hidden) (then `token` is needed). The token is
+  `token`, else the file's: diffusers' key, A1111's `name`, else the file name without its extension (A1111's name
+  for an embedding).
   """
   where, stem = "the embedding", None
   if isinstance(source, (str, os.PathLike)):
     where = os.fspath(source)
     if os.path.isdir(where):
-      found = [f for f in _FOLDER_FILES if os.path.isfile(os.path.join(where, f))]
+      found = [f for f in ([weight_name] if weight_name else _FOLDER_FILES) if os.path.isfile(os.path.join(where, f))]
       if not found:
-        raise FileNotFoundError(f"{where}: no {' or '.join(_FOLDER_FILES)} in this folder; give the embedding file.")
+        raise FileNotFoundError(f"{where}: no {weight_name or ' or '.join(_FOLDER_FILES)} in this folder; give the "
+                                "embedding file (or its name as weight_name).")
       where = os.path.join(where, found[0])
     else:
       stem = os.path.splitext(os.path.basename(where))[0]
@@ -177,9 +185,11 @@ def _read_file(path: str, allow_pickle: bool) -> Mapping:
     raise FileNotFoundError(f"{path}: no such file; give a textual-inversion embedding (.safetensors, .pt, .bin).")
   if path.lower().endswith(".safetensors"):
     return dict(model_folder.SafetensorsDict([path]))
+  if path.lower().endswith(".png"):
+    return _read_png(path)
   if not path.lower().endswith(_PICKLED):
-    raise ValueError(f"{path}: an embedding must be a .safetensors file (or, with allow_pickle, a pickled "
-                     f"{' / '.join(_PICKLED)}).")
+    raise ValueError(f"{path}: an embedding must be a .safetensors file or A1111's .png (or, with allow_pickle, a "
+                     f"pickled {' / '.join(_PICKLED)}).")
   if not allow_pickle:
     raise ValueError(f"{path} is pickled: unpickling can run arbitrary code, so it is off by default; convert it to "
                      ".safetensors, or if you trust its source pass allow_pickle=True (--allow-pickle).")
@@ -190,6 +200,32 @@ def _read_file(path: str, allow_pickle: bool) -> Mapping:
   except Exception as e:  # UnpicklingError (a class weights_only refuses), RuntimeError, EOFError
     raise ValueError(f"{path} is not a readable PyTorch embedding ({' '.join(str(e).split())[:200]}); replace it "
                      "with a safetensors file.") from None
+
+
+def _read_png(path: str) -> Mapping:
+  """A1111's embedding image (modules/textual_inversion/image_embedding.py): JSON, base64-encoded, in the text chunk
+  "sd-ti-embedding", tensors written as {"TORCHTENSOR": nested lists}; no pickle. The copy A1111 also hides in the
+  pixels' low bits (`extract_image_data_embed`) is not read."""
+  from PIL import Image
+
+  try:
+    with Image.open(path) as image:
+      text = dict(getattr(image, "text", None) or {})
+  except Exception as e:  # PIL's UnidentifiedImageError, a truncated file, a decompression bomb
+    raise ValueError(f"{path}: not a readable PNG image ({' '.join(str(e).split())[:200]}).") from None
+  if PNG_KEY not in text:
+    raise ValueError(f"{path}: no {PNG_KEY!r} text chunk, so no embedding jaxsd can read (one hidden in the image's "
+                     "pixels is not decoded, nor is a preview image an embedding): use the embedding's .safetensors "
+                     "or .pt file, e.g. the one A1111 saved beside it in its embeddings folder.")
+  try:
+    data = json.loads(base64.b64decode(text[PNG_KEY], validate=True),
+                      object_hook=lambda d: np.asarray(d["TORCHTENSOR"], np.float32) if "TORCHTENSOR" in d else d)
+  except (binascii.Error, ValueError, TypeError) as e:
+    raise ValueError(f"{path}: its {PNG_KEY!r} text chunk is not A1111's base64 JSON ({str(e)[:200]}); use the "
+                     "embedding's .safetensors or .pt file.") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: its {PNG_KEY!r} text chunk holds a JSON {type(data).__name__}, not an embedding.")
+  return data
 
 
 def _vectors(value, where: str) -> np.ndarray:
@@ -211,9 +247,9 @@ def add_tokens(tokenizer, emb: Any, token: str, vectors: np.ndarray, where: str 
   vocab = tokenizer.get_vocab()
   taken = {t.lower() for t in tokenizer.added_tokens_encoder}  # added tokens match whatever the case
   if token in vocab or token.lower() in taken or f"{token}_1" in vocab:
-    raise ValueError(f"{where}: the token {token!r} is in the tokenizer already (a word of its vocabulary or an "
-                     "embedding loaded before); pass token='<another-name>' (--embedding FILE:<another-name> on the "
-                     "command line).")
+    raise ValueError(f"{where}: the token {token!r} is in the tokenizer already (a word of its vocabulary, or an "
+                     "embedding loaded before: unload_textual_inversion removes it); pass token='<another-name>' "
+                     "(--embedding FILE:<another-name> on the command line).")
   stem = re.fullmatch(r"(.+)_\d+", token)
   if stem and stem.group(1) in tokenizer.added_tokens_encoder:
     raise ValueError(f"{where}: the token {token!r} would read as one more vector of {stem.group(1)!r} in prompts; "
@@ -233,6 +269,47 @@ def add_tokens(tokenizer, emb: Any, token: str, vectors: np.ndarray, where: str 
   if kept.shape[0] < start:  # a table smaller than the tokenizer: rows no token reaches
     kept = jnp.concatenate([kept, jnp.zeros((start - kept.shape[0], width), emb.dtype)])
   return tokenizer, jnp.concatenate([kept, jnp.asarray(vectors, emb.dtype)]), tokens
+
+
+def embedding_tokens(tokenizer) -> dict[str, list[str]]:
+  """The tokens textual inversion added to `tokenizer` (not special, ids past its vocabulary), by embedding:
+  {"tok": ["tok", "tok_1", ..., "tok_{n-1}"]}; a "tok_i" with no "tok" before it counts as an embedding of its own."""
+  added = {t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special and i >= tokenizer.vocab_size}
+  out = {}
+  for t in sorted(added, key=tokenizer.convert_tokens_to_ids):
+    stem = re.fullmatch(r"(.+)_\d+", t)
+    if stem and t in out.get(stem.group(1), ()):
+      continue
+    out[t] = [t]
+    while f"{t}_{len(out[t])}" in added:
+      out[t].append(f"{t}_{len(out[t])}")
+  return out
+
+
+def remove_tokens(tokenizer, emb: Any, tokens: list[str]) -> tuple[Any, Any]:
+  """(a copy of `tokenizer` without the added `tokens`, the token-embedding table `emb` without their rows), as
+  diffusers' unload_textual_inversion: the added tokens after them move down to fill the gaps, with their rows, so
+  that removing all gives back the tokenizer and table from before they were added. Neither argument is changed."""
+  from tokenizers import Tokenizer
+
+  tokens = set(tokens)
+  ids = sorted(tokenizer.convert_tokens_to_ids(t) for t in tokens)
+  base = tokenizer.vocab_size
+  if any(i < base for i in ids) or not tokens <= set(tokenizer.added_tokens_encoder):
+    raise ValueError(
+        f"{sorted(tokens)}: only tokens added to the tokenizer (by load_textual_inversion) can be removed.")
+  state = json.loads(tokenizer._tokenizer.to_str())  # transformers 5's tokenizers are Rust ones: edit, then reload
+  kept = []
+  for entry in state["added_tokens"]:
+    if entry["content"] in tokens:
+      continue
+    if entry["id"] >= base:
+      entry["id"] -= sum(i < entry["id"] for i in ids)
+    kept.append(entry)
+  state["added_tokens"] = kept
+  out = copy.deepcopy(tokenizer)
+  out._tokenizer = Tokenizer.from_str(json.dumps(state))
+  return out, jnp.delete(emb, np.asarray(ids), axis=0, assume_unique_indices=True)
 
 
 def expand(tokenizer, prompts: list[str]) -> list[str]:

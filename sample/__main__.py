@@ -95,7 +95,7 @@ def parse(argv=None) -> argparse.Namespace:
       "refusing the file")
   p.add_argument(
       "--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
-      help="a textual-inversion embedding (diffusers' learned_embeds, A1111 .pt / .safetensors, SDXL clip_l + "
+      help="a textual-inversion embedding (diffusers' learned_embeds, A1111 .pt / .safetensors / .png, SDXL clip_l + "
       "clip_g) under TOKEN (default: the file's name for it, else its file name); use TOKEN in --prompt or "
       "--negative-prompt (repeatable; loaded after --lora; .pt / .bin need --allow-pickle)")
   p.add_argument(
@@ -329,8 +329,9 @@ def main(argv=None) -> int:
       pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing=args.timestep_spacing)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
-    for path, token in embeddings:
-      pipe.load_textual_inversion(path, token, allow_pickle=args.allow_pickle)
+    if embeddings:  # one call: all or none loaded, two with one token refused
+      pipe.load_textual_inversion([p for p, _ in embeddings], [t for _, t in embeddings],
+                                  allow_pickle=args.allow_pickle)
     control = {}
     if args.controlnet:
       pipe = pipe.with_controlnet(args.controlnet, allow_pickle=args.allow_pickle)
