@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import conditioning, mask_crop, pipeline_controlnet
-from jaxsd.diffusion import make_schedule
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_controlnet import StableDiffusionControlNet
@@ -103,6 +102,8 @@ DEFAULT_STEPS = 25
 LCM_STEPS = 4
 # LatentConsistencyModelPipeline's guidance default (an LCM-distilled U-Net takes it as an input; no CFG).
 LCM_GUIDANCE = 8.5
+# LatentConsistencyModelImg2ImgPipeline's strength default (an LCM folder's img2img: `StableDiffusion.lcm_img2img`).
+LCM_STRENGTH = 0.8
 
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
@@ -122,9 +123,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "",
   SDXL: zero embeddings where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every
   job) this is img2img (`strength`, default that of the pipeline's img2img: 0.6 for SD, 0.3 for SDXL, 0.8 with
-  ControlNets); with `mask_image` too, inpainting (strength default the pipeline's inpaint's: 1, SDXL's 0.9999),
-  each job as the pipeline's own call with the job's seed-derived keys; `padding_mask_crop` inpaints only a box
-  around the mask at height x width (default: the model's size) and pastes it back, as `StableDiffusion.inpaint`.
+  ControlNets and for an LCM folder with `lcm`, as LatentConsistencyModelImg2ImgPipeline); with `mask_image` too,
+  inpainting (strength default the pipeline's inpaint's: 1, SDXL's 0.9999), each job as the pipeline's own call
+  with the job's seed-derived keys; `padding_mask_crop` inpaints only a box around the mask at height x width
+  (default: the model's size) and pastes it back, as `StableDiffusion.inpaint`.
   `long_prompts` and `prompt_weighting` are the pipeline's (`jaxsd.prompt_syntax`): every batch has the windows of
   the longest prompt. A ControlNet pipeline (`pipe.with_controlnet`) takes `control_images`, one image per
   ControlNet used for every job (resized to height x width, which default to the first one's size; for img2img and
@@ -156,7 +158,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     guidance_scale = LCM_GUIDANCE
   elif guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
     guidance_scale = inspect.signature(call).parameters["guidance_scale"].default
-  if strength is None:  # the call's own (diffusers' for SDXL and ControlNets: 0.3 / 0.9999, 0.8; SD's img2img 0.6)
+  if strength is None and task == "img2img" and pipe.lcm_img2img and sampler == "lcm":
+    strength = LCM_STRENGTH
+  elif strength is None:  # the call's own (diffusers' for SDXL and ControlNets: 0.3 / 0.9999, 0.8; SD's img2img 0.6)
     strength = inspect.signature(call).parameters["strength"].default if task != "text" else 1.0
   strength = 1.0 if task == "text" else strength
   image = mask = crops = None
@@ -193,7 +197,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       control, height, width = _control_inputs(pipe, control_images, height, width, *settings)
   height, width = pipe.size_or_default(height, width)
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
-  schedule = make_schedule(pipe.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+  schedule = pipe.sampling_schedule(sampler, steps, strength, task)  # raises for a bad strength
   if control is not None:  # which ControlNets act at each model call of this schedule
     control_ims, scales, start, end = control
     control = control_ims, scales, pipeline_controlnet.control_keep(schedule.timesteps.shape[0], start, end)

@@ -29,6 +29,8 @@ OUTPUTS = ("np", "pil", "latent")
 # as diffusers) with the mask and masked image concatenated (9-channel U-Nets) or the known region
 # re-noised after every step (4-channel U-Nets, diffusers' latent blend).
 TASKS = ("text", "img2img", "inpaint")
+# model_index.json classes for which diffusers' AutoPipelineForImage2Image builds LatentConsistencyModelImg2ImgPipeline.
+LCM_PIPELINES = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 # The sampler that follows each diffusers scheduler class: the default sampler of a folder.
 SAMPLER_OF = samplers.SAMPLER_OF
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   clip_skip: int | None = None  # use hidden_states[-(clip_skip + 1)] (+ final layer norm), as diffusers
   # The folder's scheduler class (model_index.json's, else scheduler_config.json's): its sampler is the default.
   scheduler_class_name: str | None = None
+  # The folder's pipeline class (model_index.json's `_class_name`): which diffusers img2img pipeline jaxsd follows.
+  pipeline_class_name: str | None = None
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
@@ -141,6 +145,23 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     as in diffusers' pipelines, there is no classifier-free guidance (one U-Net call per step, negative prompts
     unused) and the scale reaches the U-Net as `layers.guidance_scale_embedding(guidance_scale - 1)`."""
     return self.unet.config.time_cond_proj_dim is not None
+
+  @property
+  def lcm_img2img(self) -> bool:
+    """Whether img2img follows diffusers' LatentConsistencyModelImg2ImgPipeline, which its
+    AutoPipelineForImage2Image builds for a LatentConsistencyModel(Img2Img)Pipeline folder (SimianLuo/
+    LCM_Dreamshaper_v7): with the `lcm` sampler, strength picks the LCM timesteps and all steps run
+    (`samplers.make_schedule`'s lcm_strength_in_schedule). Other folders (an LCMScheduler or LCM-LoRA on SD)
+    follow StableDiffusionImg2ImgPipeline, which cuts the schedule; so does inpainting (diffusers has no LCM one)."""
+    return str(self.pipeline_class_name or "").removeprefix("Flax") in LCM_PIPELINES
+
+  def sampling_schedule(self, sampler: str, steps: int, strength: float = 1.0, task: str = "text",
+                        **kwargs) -> samplers.Schedule:
+    """`samplers.make_schedule` as the diffusers pipeline of `task` for this folder builds it (`lcm_img2img`);
+    `kwargs` go to make_schedule (denoising_start / denoising_end)."""
+    in_schedule = task == "img2img" and self.lcm_img2img and samplers.ALIASES.get(sampler, sampler) == "lcm"
+    return samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
+                                  lcm_strength_in_schedule=in_schedule, **kwargs)
 
   def guided(self, guidance_scale: float) -> bool:
     """Whether sampling at `guidance_scale` runs classifier-free guidance (two U-Net halves per call)."""
@@ -353,7 +374,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     masked_image_latents=None, **text); for img2img and inpainting pass the conditioning as `program` says,
     and the third result of `text_inputs` as `text`.
     """
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+    schedule = self.sampling_schedule(sampler, steps, strength, task)
     prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0))
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
@@ -471,8 +492,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     to `text_inputs`; `denoising_start` / `denoising_end` cut the schedule as `samplers.make_schedule` says,
     and with `denoising_start` img2img starts from the given latents without adding noise; `program_options`
     go to `_jitted` (a subclass's static program settings); `cond` to the program."""
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
-                                      denoising_start=denoising_start, denoising_end=denoising_end)
+    schedule = self.sampling_schedule(sampler, steps, strength, task, denoising_start=denoising_start,
+                                      denoising_end=denoising_end)
     guided = self.guided(guidance_scale)
     f = self.vae.config.downsampling_factor
     ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
@@ -528,7 +549,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                      guidance_scale, seed, latents, output, **run_options)
 
   def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
-                    guidance_scale):
+                    guidance_scale, task):
     """Checks what img2img and inpaint share; returns (prompts, negatives, float images or None, height, width)."""
     f = self.vae.config.downsampling_factor
     if images is None and image_latents is None:
@@ -546,7 +567,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                                                   guidance_scale)
     if len(prompts) != n:
       raise ValueError(f"{len(prompts)} prompts for {n} init images: give one per image.")
-    samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)  # raises for a bad strength
+    self.sampling_schedule(sampler, steps, strength, task)  # raises for a bad strength
     return prompts, negative_prompts, images, height, width
 
   def _image_latents(self, images, image_latents, seed, name="image_latents"):
@@ -565,7 +586,9 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
-    the schedule run, from the images' latents noised to the first of them.
+    the schedule run, from the images' latents noised to the first of them. On an LCM folder (`lcm_img2img`)
+    with the `lcm` sampler, as LatentConsistencyModelImg2ImgPipeline: all `steps` run, on LCM timesteps below
+    strength * T (int(original_inference_steps * strength) must be at least `steps`).
 
     Args:
       prompts: a prompt, or one per image.
@@ -586,7 +609,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     given = negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
                                                                           image_latents, steps, sampler, strength,
-                                                                          output, guidance_scale)
+                                                                          output, guidance_scale, "img2img")
     b = len(prompts)
     image_latents = self._image_latents(images, image_latents, seed)
     noise = self._given_noise(noise, "noise", b, height, width, seed)
@@ -645,7 +668,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     asked, given = {"height": height, "width": width}, negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
                                                                           image_latents, steps, sampler, strength,
-                                                                          output, guidance_scale)
+                                                                          output, guidance_scale, "inpaint")
     if images is None:
       raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
     for name, v, have in (("height", asked["height"], height), ("width", asked["width"], width)):

@@ -104,6 +104,12 @@ class StableDiffusionControlNet(StableDiffusion):
   def params(self) -> dict:
     return {**super().params, "controlnet": tuple(self.controlnet_params)}
 
+  @property
+  def lcm_img2img(self) -> bool:
+    """False: diffusers has no LCM ControlNet pipeline (AutoPipelineForImage2Image refuses an LCM folder with a
+    ControlNet); StableDiffusionControlNetImg2ImgPipeline, which cuts the schedule by strength, runs one."""
+    return False
+
   def check_parts(self, where: str) -> None:
     """`StableDiffusion.check_parts`, and each ControlNet against the U-Net (`check_fits`): a U-Net swapped in
     (`swap_unet`) must take their residuals."""

@@ -46,7 +46,8 @@ class FoldersMixin:
     scheduler_file = model_folder.read_json(model_folder.scheduler_config_file(path))
     class_name = _index_scheduler_class(path) or scheduler_file.get("_class_name")
     pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path),
-               _scheduler_config(scheduler_file, class_name), scheduler_class_name=class_name)
+               _scheduler_config(scheduler_file, class_name), scheduler_class_name=class_name,
+               pipeline_class_name=_index_class(path))
     pipe.check_parts(path)
     return pipe
 
@@ -216,6 +217,13 @@ def _scheduler_config(d: dict, class_name: str | None = None) -> schedules.Sched
     if key in own or key in d:
       d[key] = value
   return schedules.SchedulerConfig.from_dict(d)
+
+
+def _index_class(path: str) -> str | None:
+  """The pipeline class a folder's model_index.json names (`_class_name`), or None."""
+  index_file = os.path.join(path, "model_index.json")
+  name = model_folder.read_json(index_file).get("_class_name") if os.path.isfile(index_file) else None
+  return name if isinstance(name, str) else None
 
 
 def _index_scheduler_class(path: str) -> str | None:

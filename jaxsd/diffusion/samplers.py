@@ -76,7 +76,7 @@ def _resolve(cfg: SchedulerConfig, sampler: str, use_karras_sigmas: bool | None)
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: float = 1.0, *,
                   use_karras_sigmas: bool | None = None, denoising_start: float | None = None,
-                  denoising_end: float | None = None) -> Schedule:
+                  denoising_end: float | None = None, lcm_strength_in_schedule: bool = False) -> Schedule:
   """Builds the schedule of `sampler` with `num_steps` steps, as diffusers' `set_timesteps`.
 
   Args:
@@ -85,12 +85,17 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
       dpmpp_2m(_karras) run edm_euler and edm_dpmpp_2m, and the others raise; edm_* raise on other configs.
     num_steps: number of inference steps (diffusers' num_inference_steps).
     strength: img2img strength in (0, 1]; below 1 the schedule keeps the last
-      int(num_steps * strength) steps, as StableDiffusionImg2ImgPipeline.get_timesteps.
+      int(num_steps * strength) steps, as StableDiffusionImg2ImgPipeline.get_timesteps (also for `lcm`: an SD
+      folder with LCMScheduler or an LCM-LoRA), unless `lcm_strength_in_schedule`.
     use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++, UniPC only).
     denoising_start: in (0, 1): run only the calls at timesteps below (1 - denoising_start) * T (replaces
       `strength`), as SDXL's img2img `get_timesteps` (a second-order sampler starts on a whole step).
     denoising_end: in (0, 1): stop before the first call at a timestep below (1 - denoising_end) * T, as
       SDXL's pipelines; the result is then still noisy (the base -> refiner hand-off).
+    lcm_strength_in_schedule: `lcm` only: `strength` goes into LCMScheduler.set_timesteps, as
+      LatentConsistencyModelImg2ImgPipeline (what diffusers' AutoPipelineForImage2Image builds for a
+      LatentConsistencyModelPipeline folder): all `num_steps` calls run, on timesteps taken from the lowest
+      int(original_inference_steps * strength) of the distillation's (at least `num_steps` of them).
   """
   sampler, karras = _resolve(cfg, sampler, use_karras_sigmas)
   row = _TABLE[sampler]
@@ -107,7 +112,14 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
     raise ValueError(f"num_steps={num_steps!r}: need an integer >= 1.")
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"strength={strength}: must be in (0, 1] (1 = text-to-image, pure noise).")
-  init_steps = min(int(num_steps * strength), num_steps)
+  schedule_kw = {}
+  if lcm_strength_in_schedule:
+    if sampler != "lcm" or denoising_start is not None:
+      raise ValueError(f"lcm_strength_in_schedule is LatentConsistencyModelImg2ImgPipeline's strength, for the lcm "
+                       f"sampler without denoising_start; got sampler {sampler!r}"
+                       f"{'' if denoising_start is None else ' and denoising_start'}.")
+    schedule_kw["strength"] = strength  # every call runs, on timesteps below strength * T
+  init_steps = num_steps if lcm_strength_in_schedule else min(int(num_steps * strength), num_steps)
   if init_steps < 1:
     raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising step; "
                      "raise strength or num_steps.")
@@ -134,7 +146,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
     if calls == 0:
       raise ValueError(f"denoising_start={denoising_start} with {num_steps} steps leaves no timestep below it; "
                        "lower denoising_start or raise the step count.")
-  fields = row.schedule(cfg, sampler, num_steps, start, ac, karras)
+  fields = row.schedule(cfg, sampler, num_steps, start, ac, karras, **schedule_kw)
   if denoising_end is not None:
     if denoising_start is not None and denoising_start >= denoising_end:
       raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}.")

@@ -247,22 +247,29 @@ def edm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   return fields
 
 
-def lcm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+def lcm_schedule(cfg, sampler, n, start, ac, karras, strength: float = 1.0) -> dict:
   """LCM (Luo et al. 2023): n of the distillation's original_inference_steps timesteps, evenly skipped; per call
   alpha_bar at t and at the next timestep (1 after the last call, which returns the consistency estimate), and
   the boundary-condition scalings c_skip, c_out at timestep_scaling * t (sigma_data 0.5), as diffusers.
 
+  `strength` < 1 is LCMScheduler.set_timesteps(strength=...) (LatentConsistencyModelImg2ImgPipeline): the n
+  timesteps are taken from the lowest int(original_inference_steps * strength) of the distillation's, all n run.
   set_alpha_to_one changes nothing: diffusers' LCMScheduler never steps past a timestep >= 0.
   """
   del sampler, karras
   T, orig = cfg.num_train_timesteps, cfg.original_inference_steps
   if orig > T:
     raise ValueError(f"lcm with original_inference_steps={orig} > num_train_timesteps={T}: lower it.")
+  kept = int(orig * float(strength))  # as diffusers, in Python floats (50 * 0.58 -> 28)
+  if strength < 1.0 and kept < n:  # (diffusers refuses too: "skipping_step < 1")
+    raise ValueError(f"lcm with strength={strength} keeps int({orig} * {strength}) = {kept} of the "
+                     f"original_inference_steps={orig} timesteps, fewer than num_steps={n}: raise strength to at "
+                     f"least {n / orig} or lower num_steps.")
   if n > orig:  # (diffusers refuses too)
     raise ValueError(f"lcm with num_steps={n} > original_inference_steps={orig}: its timesteps are a subset of the "
                      f"{orig} the model was distilled on; lower num_steps.")
-  origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-  ts = origin[np.floor(np.linspace(0, orig, n, endpoint=False)).astype(np.int64)][start:]
+  origin = (np.arange(1, kept + 1) * (T // orig) - 1)[::-1]
+  ts = origin[np.floor(np.linspace(0, kept, n, endpoint=False)).astype(np.int64)][start:]
   a = ac[ts]
   scaled = ts.astype(np.float32) * np.float32(cfg.timestep_scaling)
   var = scaled * scaled + np.float32(0.25)
