@@ -363,12 +363,15 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None,
                negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
-               negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None):
+               negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+               long_prompts: bool = False, prompt_weighting: bool = False):
     """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
     `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
-    conditioning, which defaults to the output size); the default sampler is the folder's scheduler's."""
+    conditioning, which defaults to the output size, long and weighted prompts); the default sampler is the
+    folder's scheduler's."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
-                                       negative_original_size, negative_crops_coords_top_left, negative_target_size)
+                                       negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                       **_syntax(long_prompts, prompt_weighting))
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
                               control_guidance_start, control_guidance_end, guess_mode, options)
@@ -379,13 +382,14 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None, negative_prompts_2=None,
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5):
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False):
     """Image to image under the ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: the
     arguments of `StableDiffusionControlNet.img2img` and SDXL's (`StableDiffusionXL.img2img`)."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                                        negative_original_size, negative_crops_coords_top_left, negative_target_size,
                                        aesthetic_score=aesthetic_score,
-                                       negative_aesthetic_score=negative_aesthetic_score, image_to_image=True)
+                                       negative_aesthetic_score=negative_aesthetic_score, image_to_image=True,
+                                       **_syntax(long_prompts, prompt_weighting))
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
@@ -400,13 +404,14 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               width: int | None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
               crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5):
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline: the arguments
     of `StableDiffusionXL.inpaint` and the ControlNets' of `__call__` (scale 1 by default, as diffusers')."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                                        negative_original_size, negative_crops_coords_top_left, negative_target_size,
                                        aesthetic_score=aesthetic_score,
-                                       negative_aesthetic_score=negative_aesthetic_score, image_to_image=True)
+                                       negative_aesthetic_score=negative_aesthetic_score, image_to_image=True,
+                                       **_syntax(long_prompts, prompt_weighting))
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or

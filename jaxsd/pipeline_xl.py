@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import hub, model_folder, pipeline, pipeline_folders, pretrained, single_file, tokenizer as tok
+from jaxsd import hub, model_folder, pipeline, pipeline_folders, pretrained, prompt_syntax, single_file
+from jaxsd import tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
@@ -245,24 +246,56 @@ class StableDiffusionXL(pipeline.StableDiffusion):
         for t, (encoder, tokenizer, _) in zip(texts, self._encoders)
     ], axis=1)
 
-  def encode_prompt(self, params, ids: jax.Array, clip_skip: int | None = None,
-                    uncond_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+  @property
+  def text_length(self) -> int:
+    """Tokens per prompt (window): the text encoders' positions (77), as `tokenize` pads to."""
+    return self.text_encoder_2.config.max_position_embeddings
+
+  def _syntax_ids(self, texts: list[list[str]], negatives: list[list[str]], long_prompts: bool,
+                  weighting: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, weights, uncond ids, uncond weights), each (B, encoders, 77 k): `texts[e]` / `negatives[e]` for
+    encoder e by its own tokenizer (`jaxsd.prompt_syntax.tokenize_each`), every encoder the same k windows."""
+    tokenizers = [tokenizer for _, tokenizer, _ in self._encoders]
+    each = prompt_syntax.tokenize_each(
+        tokenizers, [[self.maybe_convert_prompt(t, tokenizer),
+                      self.maybe_convert_prompt(n, tokenizer)]
+                     for t, n, tokenizer in zip(texts, negatives, tokenizers)], length=self.text_length,
+        long_prompts=long_prompts, weighting=weighting)
+    return tuple(np.stack([groups[g][i] for groups in each], axis=1) for g in (0, 1) for i in (0, 1))
+
+  def encode_prompt(self, params, ids: jax.Array, clip_skip: int | None = None, uncond_rows: int = 0,
+                    weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(context, pooled): each encoder's hidden_states[-(clip_skip + 2)] (the penultimate layer without the
     final layer norm when clip_skip is None, as diffusers' SDXL counts it) concatenated, and the last
     encoder's projected pooled output (`text_embeds`). The first `uncond_rows` rows (negative prompts) take
-    the penultimate layer whatever clip_skip says, as diffusers' encode_prompt does."""
+    the penultimate layer whatever clip_skip says, as diffusers' encode_prompt does.
+
+    `ids` (B, encoders, L): L longer than 77 is k windows of 77 (`jaxsd.prompt_syntax`), which each encoder
+    encodes one by one, the states concatenated along the sequence and `pooled` the first window's, as
+    A1111's SDXL. `weights` (B, encoders, L) scale each encoder's states by A1111's emphasis, per window (the
+    pooled output is not weighted, as A1111's)."""
+    n = self.text_length
+    b, _, length = ids.shape
+    if length > n and length % n:
+      raise ValueError(f"ids of {length} tokens: more than {n} must be whole windows of {n} "
+                       "(see jaxsd.prompt_syntax.tokenize).")
+    windows = max(length // n, 1)
     states = []
     for k, (encoder, _, name) in enumerate(self._encoders):
       layers = encoder.config.num_hidden_layers
       if not 0 <= (clip_skip or 0) <= layers - 1:
         raise ValueError(f"clip_skip={clip_skip}: SDXL counts from the penultimate layer; this {name} has "
                          f"{layers} layers, so clip_skip must be in [0, {layers - 1}].")
-      out = encoder.apply({"params": params[name]}, ids[:, k])
+      out = encoder.apply({"params": params[name]}, ids[:, k].reshape(b * windows, -1))
       hidden = out.hidden_states[-((clip_skip or 0) + 2)]
       if uncond_rows and clip_skip:
-        hidden = jnp.concatenate([out.hidden_states[-2][:uncond_rows], hidden[uncond_rows:]])
-      states.append(hidden)
-    return jnp.concatenate(states, axis=-1), out.text_embeds
+        rows = uncond_rows * windows
+        hidden = jnp.concatenate([out.hidden_states[-2][:rows], hidden[rows:]])
+      if weights is not None:
+        hidden = prompt_syntax.emphasize(hidden, weights[:, k].reshape(hidden.shape[:2]))
+      states.append(hidden.reshape(b, length, hidden.shape[-1]))
+    pooled = out.text_embeds if windows == 1 else out.text_embeds.reshape(b, windows, -1)[:, 0]
+    return jnp.concatenate(states, axis=-1), pooled
 
   def add_time_ids(self, original_size, crops_coords_top_left, target_size, aesthetic_score) -> tuple[float, ...]:
     """diffusers' `_get_add_time_ids`: original size + crop top-left + target size, or + the aesthetic
@@ -281,16 +314,17 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                   original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                   negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                   negative_aesthetic_score=2.5, image_to_image=False, long_prompts=False, prompt_weighting=False):
-    """(ids, unconditional ids, {time_ids, uncond_time_ids, zero_uncond}) for the program.
+    """(ids, unconditional ids, {time_ids, uncond_time_ids, zero_uncond}) for the program; ids (B, encoders, 77).
 
     Sizes default to (height, width). No negative prompts with force_zeros_for_empty_prompt: zero
     unconditional embeddings (`zero_uncond`). Negative time ids as diffusers: text-to-image uses the
     prompt's unless both negative_original_size and negative_target_size are given; img2img defaults the
     negative sizes to the prompt's and, without an aesthetic score, takes the prompt's crop and target size.
+
+    `long_prompts` and `prompt_weighting` as `StableDiffusion.text_inputs` (A1111's SDXL: both encoders take
+    the same windows, (B, encoders, 77 k) ids; `weights` / `uncond_weights` of that shape where a weight is not
+    1), for the second prompts too. With zero unconditional embeddings, zeros of the prompts' length.
     """
-    if long_prompts or prompt_weighting:
-      raise ValueError("long_prompts and prompt_weighting are not implemented for SDXL yet (SD 1.x / 2.x only): "
-                       "leave them off (prompts are truncated to 77 tokens, as diffusers does).")
     n = len(prompts)
     size = (height, width)
     original_size, target_size = tuple(original_size or size), tuple(target_size or size)
@@ -315,14 +349,25 @@ class StableDiffusionXL(pipeline.StableDiffusion):
         "uncond_time_ids": np.tile(np.asarray(neg, np.float32), (n, 1)),
         "zero_uncond": np.full((n,), zero),
     }
-    return self.tokenize(prompts, prompts_2), self.tokenize(negatives, negatives_2), text
+    if not (long_prompts or prompt_weighting):
+      return self.tokenize(prompts, prompts_2), self.tokenize(negatives, negatives_2), text
+    first = len(self._encoders) - 1  # the first encoder's prompts (none for a refiner), then the second's
+    texts = [list(prompts)] * first + [list(prompts_2 or prompts)]
+    ids, weights, uncond_ids, uncond_weights = self._syntax_ids(texts, [list(negatives)] * first + [list(negatives_2)],
+                                                                long_prompts, prompt_weighting)
+    if (weights != 1).any() or (uncond_weights != 1).any():  # all 1: the unweighted program, exactly
+      text.update(weights=weights, uncond_weights=uncond_weights)
+    return ids, uncond_ids, text
 
-  def encode_prompts(self, params, ids, uncond_ids, guided, time_ids, uncond_time_ids, zero_uncond):
+  def encode_prompts(self, params, ids, uncond_ids, guided, time_ids, uncond_time_ids, zero_uncond, weights=None,
+                     uncond_weights=None):
     if not guided:
-      context, pooled = self.encode_prompt(params, ids, self.clip_skip)
+      context, pooled = self.encode_prompt(params, ids, self.clip_skip, weights=weights)
       return {"context": context, "text_embeds": pooled, "time_ids": time_ids}
     b = ids.shape[0]  # both halves through each encoder at once, the unconditional first
-    context, pooled = self.encode_prompt(params, jnp.concatenate([uncond_ids, ids]), self.clip_skip, uncond_rows=b)
+    both = None if weights is None else jnp.concatenate([uncond_weights, weights])
+    context, pooled = self.encode_prompt(params, jnp.concatenate([uncond_ids, ids]), self.clip_skip, uncond_rows=b,
+                                         weights=both)
     zero = jnp.concatenate([zero_uncond, jnp.zeros_like(zero_uncond)])
     context = jnp.where(zero[:, None, None], jnp.zeros_like(context), context)
     pooled = jnp.where(zero[:, None], jnp.zeros_like(pooled), pooled)
@@ -339,7 +384,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                output: str = "np", *, prompts_2=None, negative_prompts_2=None, original_size=None,
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                negative_crops_coords_top_left=(0, 0), negative_target_size=None, guidance_rescale: float = 0.0,
-               denoising_end: float | None = None):
+               denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False):
     """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments plus:
 
     Args:
@@ -351,6 +396,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
       guidance_rescale: in [0, 1], Lin et al. (2023)'s rescale of the guided output.
       denoising_end: in (0, 1): stop there and return the noisy latents (`output="latent"`) for a refiner's
         `img2img(..., denoising_start=denoising_end)`.
+      long_prompts, prompt_weighting: A1111's 75-token windows and `(word:1.3)` weights as for SD
+        (`jaxsd.prompt_syntax`), both text encoders on the same windows; the pooled embedding is the first
+        window's, unweighted (as A1111's SDXL). Also for img2img and inpaint.
 
     Without negative prompts the unconditional embeddings are zeros where the folder says
     force_zeros_for_empty_prompt (SDXL base), as diffusers. The default sampler is the folder's
@@ -358,7 +406,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     1-8 steps, guidance_scale <= 1) go through `scheduler_config.replace(...)` and the arguments.
     """
     options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
-                           negative_original_size, negative_crops_coords_top_left, negative_target_size)
+                           negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                           **pipeline._syntax(long_prompts, prompt_weighting))
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
                                self.default_sampler, seed, latents, output, text_options=options,
                                guidance_rescale=guidance_rescale, denoising_end=denoising_end)
@@ -369,7 +418,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, guidance_rescale: float = 0.0,
-              denoising_start: float | None = None, denoising_end: float | None = None):
+              denoising_start: float | None = None, denoising_end: float | None = None, long_prompts: bool = False,
+              prompt_weighting: bool = False):
     """Image to image, as diffusers' StableDiffusionXLImg2ImgPipeline: `StableDiffusion.img2img` plus the
     arguments of `__call__`, the refiner's aesthetic scores and `denoising_start`.
 
@@ -380,7 +430,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                            negative_original_size, negative_crops_coords_top_left, negative_target_size,
                            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                           image_to_image=True)
+                           image_to_image=True, **pipeline._syntax(long_prompts, prompt_weighting))
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
@@ -403,7 +453,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               height: int | None = None, width: int | None = None, *, prompts_2=None, negative_prompts_2=None,
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5):
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False):
     """Inpainting, as diffusers' StableDiffusionXLInpaintPipeline: `StableDiffusion.inpaint` (a 9-channel
     inpainting U-Net, e.g. SDXL-inpainting-0.1, or latent blending for the base model and the refiner) with
     SDXL's arguments as `img2img`'s (size conditioning of the output size, the refiner's aesthetic scores) and
@@ -411,7 +461,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                            negative_original_size, negative_crops_coords_top_left, negative_target_size,
                            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                           image_to_image=True)
+                           image_to_image=True, **pipeline._syntax(long_prompts, prompt_weighting))
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
                          padding_mask_crop, height, width)

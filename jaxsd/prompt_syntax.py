@@ -20,6 +20,12 @@ and `generate.generate` (`python -m sample --long-prompts --prompt-weighting`):
   takes them over the window of every prompt in its batch, the same for a batch of one; here an image does
   not depend on its batch-mates). Without `long_prompts`, weighted prompts are truncated to one window
   with a warning. Prompts whose weights are all 1 encode exactly as unweighted ones.
+
+SDXL (`StableDiffusionXL`, the same options) follows A1111's SDXL (sd_hijack_clip.py, sd_models_xl.py): both text
+encoders take the same windows (`tokenize_each`: each tokenizer with its own start, end and padding, "!" for
+SDXL's second, all padded to one window count), each encodes every window on its own (the penultimate layer, as
+SDXL), the emphasis weighs each encoder's states on their own, per window, and the features are concatenated (768
++ 1280). The pooled embedding (`text_embeds`) is the second encoder's projection of the first window, unweighted.
 """
 
 from __future__ import annotations
@@ -132,44 +138,63 @@ def tokenize(tokenizer, groups: Sequence[Sequence[str]], *, length: int = 77, lo
   (B, k * length) float32 (1 at the start, end and padding). Without `long_prompts` k is 1 and longer
   prompts keep their first window, with a warning if `warn`.
   """
+  return tokenize_each([tokenizer], [groups], length=length, long_prompts=long_prompts, weighting=weighting,
+                       min_chunks=min_chunks, warn=warn)[0]
+
+
+def tokenize_each(tokenizers: Sequence, groups_each: Sequence[Sequence[Sequence[str]]], *, length: int = 77,
+                  long_prompts: bool = False, weighting: bool = False, min_chunks: int = 1,
+                  warn: bool = True) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+  """`tokenize` for several text encoders at once (SDXL's two): `groups_each[i]` by `tokenizers[i]`, with its
+  own start, end and padding tokens, and every group of every tokenizer padded to one window count k, so that
+  the encoders' windows line up. Returns `tokenize`'s result per tokenizer; only the first warns of truncation."""
   if length < 3:
     raise ValueError(f"length={length}: a window needs room for the start and end tokens and one more.")
-  window = length - 2
-  eos = tokenizer.eos_token_id
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-  bos = tokenizer.bos_token_id
+  chunked = [
+      _chunk_groups(tokenizer, groups, length, long_prompts, weighting, warn and i == 0)
+      for i, (tokenizer, groups) in enumerate(zip(tokenizers, groups_each, strict=True))
+  ]
+  k = max([min_chunks] + [len(c) for groups in chunked for rows in groups for c in rows])
+  return [[_pad(tokenizer, rows, k, length) for rows in groups] for tokenizer, groups in zip(tokenizers, chunked)]
+
+
+def _chunk_groups(tokenizer, groups, length: int, long_prompts: bool, weighting: bool, warn: bool) -> list:
+  """Per group, per prompt, its `chunk`s (the first only without `long_prompts`, with a warning if `warn`)."""
   chunked = []
   for group in groups:
     rows = []
     for text in group:
       if not isinstance(text, str):
         raise TypeError(f"prompts must be strings; got {type(text).__name__}: {text!r} (decode bytes first).")
-      chunks = chunk(tokenizer, text, window, weighting)
+      chunks = chunk(tokenizer, text, length - 2, weighting)
       if not long_prompts and len(chunks) > 1:
         if warn:
           dropped = tokenizer.decode([t for tokens, _ in chunks[1:] for t in tokens])
           n = sum(len(tokens) for tokens, _ in chunks) + 2
           warnings.warn(
               f"Prompt of {n} tokens truncated to {length}: {text!r} (dropped: {dropped!r}; "
-              "long_prompts=True encodes all of it).", UserWarning, stacklevel=3)
+              "long_prompts=True encodes all of it).", UserWarning, stacklevel=5)
         chunks = chunks[:1]
       rows.append(chunks)
     chunked.append(rows)
-  k = max([min_chunks] + [len(c) for rows in chunked for c in rows])
-  out = []
-  for rows in chunked:
-    ids = np.full((len(rows), k, length), pad, np.int32)
-    ids[:, :, 0] = bos
-    ids[:, :, 1] = eos  # an empty window, where the prompt has no more
-    weights = np.ones((len(rows), k, length), np.float32)
-    for r, chunks in enumerate(rows):
-      for c, (tokens, w) in enumerate(chunks):
-        n = len(tokens)
-        ids[r, c, 1:n + 1] = tokens
-        ids[r, c, n + 1] = eos
-        weights[r, c, 1:n + 1] = w
-    out.append((ids.reshape(len(rows), k * length), weights.reshape(len(rows), k * length)))
-  return out
+  return chunked
+
+
+def _pad(tokenizer, rows, k: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """ids and weights (B, k * length) of one group's chunks, each window start, tokens, end, the tokenizer's padding."""
+  eos = tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  ids = np.full((len(rows), k, length), pad, np.int32)
+  ids[:, :, 0] = tokenizer.bos_token_id
+  ids[:, :, 1] = eos  # an empty window, where the prompt has no more
+  weights = np.ones((len(rows), k, length), np.float32)
+  for r, chunks in enumerate(rows):
+    for c, (tokens, w) in enumerate(chunks):
+      n = len(tokens)
+      ids[r, c, 1:n + 1] = tokens
+      ids[r, c, n + 1] = eos
+      weights[r, c, 1:n + 1] = w
+  return ids.reshape(len(rows), k * length), weights.reshape(len(rows), k * length)
 
 
 def emphasize(hidden: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:

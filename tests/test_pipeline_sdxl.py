@@ -405,9 +405,8 @@ def test_bad_input_is_reported(sdxl, tmp_path):
     sdxl.base(PROMPTS, steps=2, denoising_end=1.5)
   with pytest.raises(ValueError, match="requires_aesthetics_score"):
     dataclasses.replace(sdxl.refiner, model_index={})(PROMPTS, steps=2)
-  for option in ("long_prompts", "prompt_weighting"):  # SD 1.x / 2.x only: what generate() (the command) passes
-    with pytest.raises(ValueError, match="not implemented for SDXL"):
-      sdxl.base.text_inputs(PROMPTS, None, 64, 64, **{option: True})
+  with pytest.raises(ValueError, match="is not a number"):  # prompt weighting (tests/test_prompt_syntax_xl.py)
+    sdxl.base.text_inputs(["(red:1.2.3) circle"], None, 64, 64, prompt_weighting=True)
   with pytest.raises(FileNotFoundError, match="incomplete: no text_encoder_2/, tokenizer_2/"):
     jaxsd.StableDiffusionXL.from_pretrained(reference.make_tiny_sd_folder(str(tmp_path / "sd")))
 
