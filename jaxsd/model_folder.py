@@ -330,12 +330,39 @@ def write_scheduler(cfg: ConfigBase, path: str, class_name: str | None = None) -
   d.update(getattr(cfg, "unimplemented", ()))  # the file's keys no sampler here reads beyond their default
   if class_name is None:
     class_name = "DDIMScheduler" if d.get("rescale_betas_zero_snr") else "PNDMScheduler"
-  d.update({"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION})
+  d.update({"_class_name": class_name.removeprefix("Flax"), "_diffusers_version": DIFFUSERS_VERSION})
   write_json_object(os.path.join(path, "scheduler_config.json"), d, indent=2, sort_keys=True)
 
 
-def write_model_index(path: str) -> None:
-  write_json_object(os.path.join(path, "model_index.json"), MODEL_INDEX, indent=2, sort_keys=True)
+def index_classes(path: str) -> tuple[str | None, str | None]:
+  """(pipeline class, scheduler class) a folder's model_index.json names (what diffusers builds), else the
+  scheduler class of its scheduler_config.json; None for what neither names."""
+  index_file, pipeline_class, scheduler_class = os.path.join(path, "model_index.json"), None, None
+  if os.path.isfile(index_file):
+    index = read_json(index_file)
+    entry = index.get("scheduler")
+    pipeline_class = index.get("_class_name")
+    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+      scheduler_class = entry[1]
+  if not isinstance(scheduler_class, str) and os.path.isfile(scheduler_config_file(path)):
+    scheduler_class = read_json(scheduler_config_file(path)).get("_class_name")
+  return (pipeline_class if isinstance(pipeline_class, str) else None,
+          scheduler_class if isinstance(scheduler_class, str) else None)
+
+
+def write_model_index(path: str, pipeline_class: str | None = None, scheduler_class: str | None = None) -> None:
+  """An SD 1.x / 2.x folder's model_index.json, naming the pipeline and scheduler classes of the folder it came
+  from (`index_classes`; diffusers builds the scheduler of model_index's class, whatever scheduler_config.json
+  says), without a Flax prefix (the weights written are PyTorch's); by default StableDiffusionPipeline and the
+  class `write_scheduler` wrote."""
+  index = dict(MODEL_INDEX)
+  if pipeline_class:
+    index["_class_name"] = pipeline_class.removeprefix("Flax")
+  if scheduler_class is None and os.path.isfile(scheduler_config_file(path)):
+    scheduler_class = read_json(scheduler_config_file(path)).get("_class_name")
+  if isinstance(scheduler_class, str) and scheduler_class:
+    index["scheduler"] = ["diffusers", scheduler_class.removeprefix("Flax")]
+  write_json_object(os.path.join(path, "model_index.json"), index, indent=2, sort_keys=True)
 
 
 def _listing(folder: str) -> list[tuple[str, int, int]]:
@@ -371,7 +398,7 @@ def copy_components(src: str, dst: str, names: tuple[str, ...]) -> None:
       os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
-  write_model_index(dst)
+  write_model_index(dst, *index_classes(src))
 
 
 # --- training workdirs ---------------------------------------------------------------------------

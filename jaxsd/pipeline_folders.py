@@ -44,10 +44,10 @@ class FoldersMixin:
     te, te_params = pretrained.load_text_encoder(dirs["text_encoder"], dtype, param_dtype,
                                                  variant=variants["text_encoder"], allow_pickle=allow_pickle)
     scheduler_file = model_folder.read_json(model_folder.scheduler_config_file(path))
-    class_name = _index_scheduler_class(path) or scheduler_file.get("_class_name")
+    pipeline_class, class_name = model_folder.index_classes(path)
     pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path),
                _scheduler_config(scheduler_file, class_name), scheduler_class_name=class_name,
-               pipeline_class_name=_index_class(path))
+               pipeline_class_name=pipeline_class)
     pipe.check_parts(path)
     return pipe
 
@@ -157,7 +157,7 @@ class FoldersMixin:
       pretrained.save_pretrained(module, jax.device_get(params), os.path.join(path, name), dtype)
     tok.save_tokenizer(self.tokenizer, os.path.join(path, "tokenizer"))
     model_folder.write_scheduler(self.scheduler_config, os.path.join(path, "scheduler"), self.scheduler_class_name)
-    model_folder.write_model_index(path)
+    model_folder.write_model_index(path, self.pipeline_class_name, self.scheduler_class_name)
 
 
 def vae_dtype(config: AutoencoderKLConfig, dtype):
@@ -217,19 +217,3 @@ def _scheduler_config(d: dict, class_name: str | None = None) -> schedules.Sched
     if key in own or key in d:
       d[key] = value
   return schedules.SchedulerConfig.from_dict(d)
-
-
-def _index_class(path: str) -> str | None:
-  """The pipeline class a folder's model_index.json names (`_class_name`), or None."""
-  index_file = os.path.join(path, "model_index.json")
-  name = model_folder.read_json(index_file).get("_class_name") if os.path.isfile(index_file) else None
-  return name if isinstance(name, str) else None
-
-
-def _index_scheduler_class(path: str) -> str | None:
-  """The scheduler class a folder's model_index.json names (what diffusers builds), or None."""
-  index_file = os.path.join(path, "model_index.json")
-  if not os.path.isfile(index_file):
-    return None
-  entry = model_folder.read_json(index_file).get("scheduler")
-  return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str) else None

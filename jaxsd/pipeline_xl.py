@@ -162,13 +162,14 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   def _model_index(self) -> dict:
     first = self.text_encoder is not None
+    own = self.model_index.get("_class_name")  # the folder's (an inpainting one's), without a Flax prefix
     index = {
-        "_class_name": PIPELINES[0] if first else PIPELINES[1],
+        "_class_name": own.removeprefix("Flax") if isinstance(own, str) and own else PIPELINES[0 if first else 1],
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
-        "scheduler": ["diffusers", self.scheduler_class],
+        "scheduler": ["diffusers", self.scheduler_class.removeprefix("Flax")],
         "text_encoder": ["transformers", "CLIPTextModel"] if first else [None, None],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"] if first else [None, None],

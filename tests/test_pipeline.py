@@ -360,6 +360,38 @@ def test_a_folders_own_scheduler_is_the_default_as_in_diffusers(tmp_path):
   assert tpipe.scheduler.config.steps_offset == 1 and pipe.scheduler_config.steps_offset == 1  # (the UniPC folder)
 
 
+def test_save_pretrained_keeps_the_folders_pipeline_and_scheduler_classes(tmp_path):
+  """A folder jaxsd saves names the pipeline and scheduler classes of the one it came from in model_index.json,
+  which is what diffusers builds (jaxsd wrote StableDiffusionPipeline and PNDMScheduler whatever the folder was:
+  a saved Euler or LCM folder came back as PNDM), so it reloads with the same default sampler in jaxsd and the same
+  classes in diffusers; a Flax prefix is dropped (the weights written are PyTorch's)."""
+  base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+  unet, vae, text_encoder, tokenizer, _ = reference.tiny_components(seed=6, time_cond_proj_dim=32)
+  diffusers.LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=diffusers.LCMScheduler(**base), safety_checker=None,
+                                           feature_extractor=None,
+                                           requires_safety_checker=False).save_pretrained(tmp_path / "lcm")
+  flax_index = {"_class_name": "FlaxStableDiffusionPipeline", "scheduler": ["diffusers", "FlaxDDIMScheduler"]}
+  cases = [
+      (_folder_with(tmp_path / "euler", diffusers.EulerDiscreteScheduler(**base)), "StableDiffusionPipeline",
+       "EulerDiscreteScheduler", "euler"),
+      (_folder_with(tmp_path / "flax", index_updates=flax_index), "StableDiffusionPipeline", "DDIMScheduler", "ddim"),
+      (str(tmp_path / "lcm"), "LatentConsistencyModelPipeline", "LCMScheduler", "lcm"),
+  ]
+  for path, pipeline_class, scheduler_class, sampler in cases:
+    pipe = jaxsd.StableDiffusion.from_pretrained(path)
+    out = path + "_saved"
+    pipe.save_pretrained(out)
+    with open(os.path.join(out, "model_index.json")) as f:
+      index = json.load(f)
+    assert (index["_class_name"], index["scheduler"]) == (pipeline_class, ["diffusers", scheduler_class]), path
+    again = jaxsd.StableDiffusion.from_pretrained(out)
+    assert again.default_sampler == pipe.default_sampler == sampler
+    assert again.lcm_img2img == pipe.lcm_img2img == (sampler == "lcm")
+    tpipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert (type(tpipe).__name__, type(tpipe.scheduler).__name__) == (pipeline_class, scheduler_class)
+
+
 def test_a_dpm_sde_folder_samples_with_dpmpp_2m_sde_by_default(tmp_path):
   """A folder whose DPMSolverMultistepScheduler says algorithm_type="sde-dpmsolver++" (diffusers runs DPM++ 2M SDE)
   defaulted to dpmpp_2m, which refuses that config: every call without a sampler failed."""

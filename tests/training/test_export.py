@@ -3,6 +3,7 @@ U-Net checkpoint replaces the exported U-Net when loading a workdir."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -82,5 +83,16 @@ def test_copy_from_init_takes_the_frozen_parts(pipe, tmp_path):
   export.copy_from_init(init_model, workdir)
   got = sorted(os.listdir(export.model_dir(workdir)))
   assert got == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "vae"]
+  assert model_folder.index_classes(export.model_dir(workdir)) == model_folder.index_classes(init_model)
+  # An init whose model_index.json names another scheduler class: the fine-tune's names it too (diffusers builds
+  # model_index's class; it said PNDMScheduler whatever the init's was).
+  index = model_folder.read_json(os.path.join(init_model, "model_index.json"))
+  index.update(_class_name="FlaxStableDiffusionPipeline", scheduler=["diffusers", "EulerDiscreteScheduler"])
+  with open(os.path.join(init_model, "model_index.json"), "w") as f:
+    json.dump(index, f)
+  export.copy_from_init(init_model, workdir)
+  index = model_folder.read_json(os.path.join(export.model_dir(workdir), "model_index.json"))
+  assert (index["_class_name"], index["scheduler"]) == ("StableDiffusionPipeline",
+                                                        ["diffusers", "EulerDiscreteScheduler"])
   with pytest.raises(FileNotFoundError, match="no unet/"):
     model_folder.check_model_folder(export.model_dir(workdir))
