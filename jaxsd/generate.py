@@ -102,8 +102,6 @@ DEFAULT_STEPS = 25
 LCM_STEPS = 4
 # LatentConsistencyModelPipeline's guidance default (an LCM-distilled U-Net takes it as an input; no CFG).
 LCM_GUIDANCE = 8.5
-# LatentConsistencyModelImg2ImgPipeline's strength default (an LCM folder's img2img: `StableDiffusion.lcm_img2img`).
-LCM_STRENGTH = 0.8
 
 
 def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
@@ -122,8 +120,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   pipeline call's (as diffusers': 7.5, SDXL's 5; 8.5 for an LCM-distilled U-Net, which takes it as an input).
   Height and width default to the model's native size. No `negative_prompt` is the pipeline's own default (SD: "",
   SDXL: zero embeddings where the folder says force_zeros_for_empty_prompt). With `init_image` (one image for every
-  job) this is img2img (`strength`, default that of the pipeline's img2img: 0.6 for SD, 0.3 for SDXL, 0.8 with
-  ControlNets and for an LCM folder with `lcm`, as LatentConsistencyModelImg2ImgPipeline); with `mask_image` too,
+  job) this is img2img (`strength`, default that of the pipeline's img2img: 0.8 for SD, with ControlNets
+  and for an LCM folder (LatentConsistencyModelImg2ImgPipeline's too), 0.3 for SDXL); with `mask_image` too,
   inpainting (strength default the pipeline's inpaint's: 1, SDXL's 0.9999), each job as the pipeline's own call
   with the job's seed-derived keys; `padding_mask_crop` inpaints only a box around the mask at height x width
   (default: the model's size) and pastes it back, as `StableDiffusion.inpaint`.
@@ -158,9 +156,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     guidance_scale = LCM_GUIDANCE
   elif guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
     guidance_scale = inspect.signature(call).parameters["guidance_scale"].default
-  if strength is None and task == "img2img" and pipe.lcm_img2img and sampler == "lcm":
-    strength = LCM_STRENGTH
-  elif strength is None:  # the call's own (diffusers' for SDXL and ControlNets: 0.3 / 0.9999, 0.8; SD's img2img 0.6)
+  if strength is None:  # the call's own, diffusers' (img2img 0.8, SDXL's 0.3; inpainting 1, SDXL's 0.9999)
     strength = inspect.signature(call).parameters["strength"].default if task != "text" else 1.0
   strength = 1.0 if task == "text" else strength
   image = mask = crops = None

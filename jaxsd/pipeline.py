@@ -580,7 +580,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                        f"{b} images of {h}x{w}.")
     return image_latents
 
-  def img2img(self, prompts, init_images, strength: float = 0.6, negative_prompts=None, steps: int = 50,
+  def img2img(self, prompts, init_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.

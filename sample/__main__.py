@@ -62,7 +62,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument(
       "--strength", type=float, default=None,
       help="how much of the schedule runs from the noised image, in (0, 1]; default the pipeline's, as diffusers': "
-      "img2img 0.6 (SDXL 0.3, with ControlNets 0.8; an LCM folder with lcm 0.8, where strength picks the LCM "
+      "img2img 0.8 (SDXL 0.3; on an LCM folder with lcm, strength picks the LCM "
       "timesteps and all --steps run), inpainting 1 (SDXL 0.9999)")
   p.add_argument(
       "--padding-mask-crop", type=int, default=None, metavar="N",

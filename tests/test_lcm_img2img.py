@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 import jaxsd
-from jaxsd import generate
 from jaxsd.diffusion import samplers
 from jaxsd.diffusion.schedules import SchedulerConfig
 from tests import reference
@@ -203,7 +202,9 @@ def test_sample_command_img2img_on_an_lcm_folder(folders, tmp_path):
   kw = dict(strength=0.5, steps=4, guidance_scale=GUIDANCE, sampler="lcm", seed=2)
   want = pipe.img2img(["a red circle"], init[None], **kw)[0].astype(int)
   assert np.abs(written - want).max() <= 1  # (the Python call matches diffusers: the first test)
-  # Without --strength: LatentConsistencyModelImg2ImgPipeline's default.
-  call = diffusers.LatentConsistencyModelImg2ImgPipeline.__call__
-  assert inspect.signature(call).parameters["strength"].default == generate.LCM_STRENGTH
+  # Without --strength: the pipeline's img2img default, diffusers' (LatentConsistencyModelImg2ImgPipeline's and
+  # StableDiffusionImg2ImgPipeline's: 0.8; jaxsd's was 0.6).
+  for cls in (diffusers.LatentConsistencyModelImg2ImgPipeline, diffusers.StableDiffusionImg2ImgPipeline):
+    assert inspect.signature(cls.__call__).parameters["strength"].default == inspect.signature(
+        jaxsd.StableDiffusion.img2img).parameters["strength"].default
   assert os.path.isfile(out / "grid.png")
