@@ -449,7 +449,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                                                          allow_pickle)
 
   def inpaint(self, prompts, images, mask_images, strength: float = 0.9999, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
+              guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, padding_mask_crop: int | None = None,
               height: int | None = None, width: int | None = None, *, prompts_2=None, negative_prompts_2=None,
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,

@@ -218,3 +218,48 @@ def test_cli_timestep_spacing_overrides_the_folders(folder, pipe, tmp_path):
       str(tmp_path / "lcm")
   ]
   assert sample_main.main(argv) == 2 and not os.path.exists(tmp_path / "lcm")
+
+
+def test_every_calls_defaults_are_diffusers():
+  """Each pipeline call's defaults (steps, guidance, strength, ControlNet scales and windows, ...) are those of the
+  diffusers pipeline it follows, which `generate` and `python -m sample` take when a flag is not given (img2img's
+  strength was 0.6 where diffusers' is 0.8, SDXL inpainting's guidance 5 where it is 7.5)."""
+  import inspect
+
+  import diffusers
+
+  from jaxsd import pipeline_controlnet as pc, pipeline_xl
+
+  pairs = [
+      (jaxsd.StableDiffusion.__call__, "StableDiffusionPipeline"),
+      (jaxsd.StableDiffusion.img2img, "StableDiffusionImg2ImgPipeline"),
+      (jaxsd.StableDiffusion.inpaint, "StableDiffusionInpaintPipeline"),
+      (pipeline_xl.StableDiffusionXL.__call__, "StableDiffusionXLPipeline"),
+      (pipeline_xl.StableDiffusionXL.img2img, "StableDiffusionXLImg2ImgPipeline"),
+      (pipeline_xl.StableDiffusionXL.inpaint, "StableDiffusionXLInpaintPipeline"),
+      (pc.StableDiffusionControlNet.__call__, "StableDiffusionControlNetPipeline"),
+      (pc.StableDiffusionControlNet.img2img, "StableDiffusionControlNetImg2ImgPipeline"),
+      (pc.StableDiffusionControlNet.inpaint, "StableDiffusionControlNetInpaintPipeline"),
+      (pc.StableDiffusionXLControlNet.__call__, "StableDiffusionXLControlNetPipeline"),
+      (pc.StableDiffusionXLControlNet.img2img, "StableDiffusionXLControlNetImg2ImgPipeline"),
+      (pc.StableDiffusionXLControlNet.inpaint, "StableDiffusionXLControlNetInpaintPipeline"),
+  ]
+  names = {
+      "steps": "num_inference_steps",
+      "prompts": "prompt",
+      "negative_prompts": "negative_prompt",
+      "prompts_2": "prompt_2",
+      "negative_prompts_2": "negative_prompt_2"
+  }
+  compared, differ = 0, []
+  for ours, theirs in pairs:
+    want = inspect.signature(getattr(diffusers, theirs).__call__).parameters
+    for name, p in inspect.signature(ours).parameters.items():
+      q = want.get(names.get(name, name))
+      if q is None or p.default is inspect.Parameter.empty or name in ("prompts", "negative_prompts"):
+        continue
+      compared += 1
+      if p.default != q.default:
+        differ.append(f"{ours.__qualname__}({name}={p.default!r}): {theirs} has {q.default!r}")
+  assert not differ, differ
+  assert compared > 80  # the names line up (steps, guidance_scale, strength, controlnet_conditioning_scale, ...)
