@@ -261,8 +261,8 @@ def test_inpaint_matches_diffusers(sdxl, monkeypatch):
   noise = _noise(sdxl.base, 6)
   image_latents = _noise(sdxl.base, 7) * 0.8
   images = np.random.default_rng(0).integers(0, 256, (2, HW, HW, 3), dtype=np.uint8)
-  ours = sdxl.base.inpaint(PROMPTS, images, _masks(), negative_prompts=NEGATIVE, steps=5, output="latent",
-                           latents=noise, image_latents=image_latents)
+  ours = sdxl.base.inpaint(PROMPTS, images, _masks(), negative_prompts=NEGATIVE, steps=5, guidance_scale=5.0,
+                           output="latent", latents=noise, image_latents=image_latents)
   monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
   ref_pipe = _torch_base(sdxl, "euler", cls=diffusers.StableDiffusionXLInpaintPipeline)
   with torch.no_grad():
@@ -274,7 +274,7 @@ def test_inpaint_matches_diffusers(sdxl, monkeypatch):
   keep = 1 - _masks()[:, ::2, ::2, None] / 255
   np.testing.assert_allclose(ours * keep, image_latents * keep, atol=1e-5)
   # No negative prompts: zero unconditional embeddings (force_zeros_for_empty_prompt), as diffusers.
-  ours = sdxl.base.inpaint(PROMPTS, images, _masks(), steps=5, output="latent", latents=noise,
+  ours = sdxl.base.inpaint(PROMPTS, images, _masks(), steps=5, guidance_scale=5.0, output="latent", latents=noise,
                            image_latents=image_latents)
   with torch.no_grad():
     ref = ref_pipe(prompt=PROMPTS, image=reference.nhwc_to_nchw(image_latents),
@@ -301,8 +301,8 @@ def test_inpainting_unet_folder_matches_diffusers(tmp_path, monkeypatch):
   assert isinstance(pipe, jaxsd.StableDiffusionXL) and pipe.inpainting_unet
   noise, image_latents, masked_latents = (_noise(pipe, s) * (1 if s == 6 else 0.8) for s in (6, 7, 8))
   images = np.random.default_rng(0).integers(0, 256, (2, HW, HW, 3), dtype=np.uint8)
-  ours = pipe.inpaint(PROMPTS, images, _masks(), negative_prompts=NEGATIVE, steps=5, output="latent", latents=noise,
-                      image_latents=image_latents, masked_image_latents=masked_latents)
+  ours = pipe.inpaint(PROMPTS, images, _masks(), negative_prompts=NEGATIVE, steps=5, guidance_scale=5.0,
+                      output="latent", latents=noise, image_latents=image_latents, masked_image_latents=masked_latents)
   monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: reference.nhwc_to_nchw(noise))
   with torch.no_grad():
     ref = tpipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=reference.nhwc_to_nchw(image_latents),
