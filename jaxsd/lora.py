@@ -18,6 +18,12 @@ A layer's update is `scale * up @ down` in PyTorch layout with scale = alpha / r
 1, as diffusers and kohya; alpha / sqrt(rank) for rsLoRA). Here it is kept in the kernel's flax
 layout: `down` (fan_in, r) over the kernel's input axes flattened in flax order and `up` (r, features),
 so that `kernel + s * (down @ up).reshape(kernel.shape)` is the merged kernel.
+
+DoRA adapters load too, in every format and network above: PEFT's `lora_magnitude_vector` (diffusers' `use_dora`)
+and the `dora_scale` of kohya-style files (LyCORIS, OneTrainer); the merged kernel is then rescaled per channel as
+peft's DoRA forward does (`jaxsd.lora_dora`, which also says how several adapters and adapter weights combine).
+diffusers 0.42 itself drops `dora_scale` keys with a warning (`StableDiffusionLoraLoaderMixin.lora_state_dict`) and
+so loads such a file as plain LoRA; jaxsd applies them. LyCORIS LoHa / LoKr / Tucker factors are refused.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsd import hub, lora_names, model_folder, token_embeddings, weights
+from jaxsd import hub, lora_dora, lora_names, model_folder, token_embeddings, weights
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -45,7 +51,8 @@ Path = tuple[str, ...]
 
 _DIFFUSERS = re.compile(
     r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
-    r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
+    r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha|"
+    r"lora_magnitude_vector(?:\.weight)?)")
 # diffusers' attention-processor format (< 0.22): the projection is named in the processor's weight.
 _PROCESSOR = re.compile(
     r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
@@ -64,20 +71,37 @@ _PROCESSOR_TARGET = {
     },
 }
 _PROCESSOR_TARGET["text_encoder_2"] = _PROCESSOR_TARGET["text_encoder"]
-_ROLE = {"down": "down", "up": "up", "lora_A": "down", "lora_B": "up", "lora_down": "down", "lora_up": "up"}
+_ROLE = {
+    "down": "down",
+    "up": "up",
+    "lora_A": "down",
+    "lora_B": "up",
+    "lora_down": "down",
+    "lora_up": "up",
+    "lora_magnitude_vector": "magnitude",
+    "dora_scale": "magnitude"
+}
 # Adapter types that are not LoRA (or LoRA plus something): named in the error so the user knows why.
-_OTHER_KINDS = ((r"dora_scale", "DoRA"), (r"lora_magnitude_vector", "DoRA"), (r"hada_", "LyCORIS LoHa"),
-                (r"lokr_", "LyCORIS LoKr"), (r"lora_mid", "LyCORIS LoCon with Tucker decomposition"),
-                (r"lora_B\.bias", "LoRA with a bias (lora_bias)"), (r"\.diff(_b)?$", "LyCORIS full (diff)"),
-                (r"\.[wb]_norm$", "LyCORIS norm"), (r"(^|[._])oft_", "OFT"), (r"\.on_input$", "(IA)^3"))
+_OTHER_KINDS = (
+    (r"hada_", "LyCORIS LoHa"),
+    (r"lokr_", "LyCORIS LoKr"),
+    (r"lora_mid", "LyCORIS LoCon with Tucker decomposition"),
+    (r"lora_B\.bias", "LoRA with a bias (lora_bias)"),
+    (r"\.diff(_b)?$", "LyCORIS full (diff)"),
+    (r"\.[wb]_norm$", "LyCORIS norm"),
+    (r"(^|[._])oft_", "OFT"),
+    (r"\.on_input$", "(IA)^3"),
+)
 
 
 class Factors(NamedTuple):
-  """One layer's update, kernel + scale * (down @ up).reshape(kernel.shape)."""
+  """One layer's update, kernel + scale * (down @ up).reshape(kernel.shape) (DoRA: rescaled, see `jaxsd.lora_dora`)."""
   down: Any  # (fan_in, r): the kernel's input axes (kh, kw, in) flattened in flax order
   up: Any  # (r, features)
   scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA)
   kernel_shape: tuple[int, ...]  # the flax kernel's: (in, out) for Dense, (kh, kw, in, out) for Conv
+  magnitude: Any = None  # DoRA's, fp32, broadcasting against the kernel along the axis it scales; None: plain LoRA
+  blend: bool = False  # DoRA from a kohya-style file: its weight blends W and the DoRA weight, as A1111 (lora_dora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,14 +321,19 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
     down, up = _factors(name, np.asarray(g["down"]), np.asarray(g["up"]), shapes[(network, path)])
     rank = down.shape[1]
     config = _network_config(metadata, network)
-    if config.get("use_dora"):
-      raise ValueError(f"the {network} adapter is DoRA (use_dora in its metadata); only plain LoRA is supported.")
     if "alpha" in g:
       alpha = float(np.asarray(g["alpha"], np.float64).reshape(-1)[0])
     else:
       alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    layers.setdefault(network, {})[path] = Factors(down, up, scale, shapes[(network, path)])
+    magnitude, kohya = None, any(k.endswith(".dora_scale") for k in keys[(network, path)])
+    if "magnitude" in g:
+      magnitude = lora_dora.magnitude(name, g["magnitude"], shapes[(network, path)], kohya)
+    elif config.get("use_dora"):
+      raise ValueError(f"{name}: the {network} adapter is DoRA (use_dora in its metadata) but this layer has no "
+                       "lora_magnitude_vector.")
+    layers.setdefault(network, {})[path] = Factors(down, up, scale, shapes[(network, path)], magnitude, blend=kohya and
+                                                   magnitude is not None)
   if not layers:
     raise ValueError(_unmapped_message(unmapped, [keys[w][0] for w in incomplete], nothing=True))
   return Adapter(layers, tuple(sorted(unmapped + [k for w in incomplete for k in keys[w]])))
@@ -313,7 +342,8 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
 def _name(key: str) -> str:
   """The layer's name in the file: the key without its LoRA suffix."""
   for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".lora.down.weight",
-                 ".lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"):
+                 ".lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", ".dora_scale",
+                 ".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
     if key.endswith(suffix):
       return key.removesuffix(suffix)
   return key
@@ -376,6 +406,8 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
   of the whole U-Net for sd-scripts' SDXL names (which A1111 expects of an SDXL adapter)."""
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+  if any(f.magnitude is not None for layers in adapter.layers.values() for f in layers.values()):
+    raise ValueError("a DoRA adapter (with magnitudes): only plain LoRA adapters are written.")
   out, metadata = {}, {}
   prefixes = lora_names.SDXL_PREFIXES if "text_encoder_2" in adapter.layers else lora_names.PREFIXES
   for network, layers in adapter.layers.items():
@@ -432,17 +464,26 @@ def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32,
 
 
 def merge_kernel(kernel: jax.Array, updates) -> jax.Array:
-  """kernel + sum scale * (down @ up).reshape(kernel.shape) over `updates` [(down, up, scale), ...], in fp32,
-  cast back to the kernel's dtype (differentiable: LoRA training merges its adapters with it)."""
-  acc = kernel.astype(jnp.float32)
-  for down, up, s in updates:
-    acc = acc + s * jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+  """kernel + sum scale * (down @ up).reshape(kernel.shape) over `updates` [(down, up, scale), ...], in order; a
+  (down, up, scale, magnitude) entry is a DoRA one as peft applies it, a (down, up, scale, magnitude, weight) one
+  as A1111 (`jaxsd.lora_dora`); in fp32, cast back to the kernel's dtype (differentiable: LoRA training merges its
+  adapters with it)."""
+  base = kernel.astype(jnp.float32)
+  acc = base
+  for down, up, s, *dora in updates:
+    delta = s * jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+    if not dora:
+      acc = acc + delta
+    elif len(dora) == 1:
+      acc = lora_dora.rescale(base, acc, delta, dora[0])
+    else:  # the full DoRA weight's difference from the base weight, times the adapter's weight
+      acc = acc + dora[1] * (lora_dora.rescale(base, base, delta, dora[0]) - base)
   return acc.astype(kernel.dtype)
 
 
 @jax.jit
 def merged_kernels(kernels: dict, updates: dict) -> dict:
-  """{key: kernel} and {key: [(down, up, scale), ...]} -> {key: kernel + sum scale * down @ up}, in fp32, cast back.
+  """{key: kernel} and {key: [(down, up, scale[, magnitude]), ...]} -> {key: `merge_kernel`}, in fp32, cast back.
 
   Jitted on its own: the scales are arguments, so new scales reuse the program; new adapters compile
   only this small function, never the sampling program that takes the merged parameters.
@@ -464,7 +505,11 @@ def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) 
       if network not in flat:  # e.g. merging only the U-Net
         continue
       for path, f in layers.items():
-        updates.setdefault((network,) + path, []).append((f.down, f.up, np.float32(weight * f.scale)))
+        if f.blend:  # A1111's DoRA: the weight blends (lora_dora)
+          entry = (f.down, f.up, np.float32(f.scale), f.magnitude, np.float32(weight))
+        else:
+          entry = (f.down, f.up, np.float32(weight * f.scale)) + (() if f.magnitude is None else (f.magnitude,))
+        updates.setdefault((network,) + path, []).append(entry)
   kernels = {k: flat[k[0]][k[1:]] for k in updates}
   for k, w in merged_kernels(kernels, updates).items():
     flat[k[0]][k[1:]] = w
@@ -499,7 +544,10 @@ class AdapterSet:
     self.adapters[name] = Adapter(
         {
             n: {
-                p: f._replace(down=jax.device_put(f.down), up=jax.device_put(f.up)) for p, f in layers.items()
+                p:
+                    f._replace(down=jax.device_put(f.down), up=jax.device_put(f.up),
+                               magnitude=None if f.magnitude is None else jax.device_put(f.magnitude))
+                for p, f in layers.items()
             } for n, layers in adapter.layers.items()
         }, adapter.ignored)
     self.weights[name] = weight

@@ -346,8 +346,8 @@ def test_unknown_keys_and_mismatches_are_named(clean):
     lora.from_state_dict(bad_shape, params)
   with pytest.raises(ValueError, match="one of lora_down/lora_up"):
     lora.from_state_dict({k: v for k, v in sd.items() if k != f"{key}.lora_up.weight"}, params)
-  with pytest.raises(ValueError, match="DoRA"):
-    lora.from_state_dict(dict(sd, **{f"{key}.dora_scale": np.ones((32, 1), np.float32)}), params)
+  with pytest.raises(ValueError, match=r"DoRA magnitude has shape \(31, 1\)"):
+    lora.from_state_dict(dict(sd, **{f"{key}.dora_scale": np.ones((31, 1), np.float32)}), params)
   with pytest.raises(ValueError, match="weight nan"):
     pipe.load_lora(files["peft_a"], scale=float("nan"))
   with pytest.raises(FileNotFoundError, match="no such LoRA file"):
@@ -355,18 +355,16 @@ def test_unknown_keys_and_mismatches_are_named(clean):
 
 
 def test_other_adapter_kinds_are_refused_even_when_unmatched_keys_are_ignored(setup):
-  """DoRA's magnitudes (PEFT's lora_magnitude_vector, kohya's dora_scale) or a lora_B bias change how their layers'
-  factors apply: strict=False must not drop them and load those layers as plain LoRA (silently wrong), as it did
-  for a file without diffusers' use_dora metadata."""
+  """A lora_B bias or LyCORIS' extra tensors change how their layers' factors apply: strict=False must not drop them
+  and load those layers as plain LoRA (silently wrong). (DoRA's magnitudes load: tests/test_lora_dora.py.)"""
   path, files, _, pipe, _ = setup
   sd, _ = lora.read(files["peft_a"])
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
   kohya = f"lora_unet_{module.replace('.', '_')}"
   others = {
-      f"unet.{module}.lora_magnitude_vector": "DoRA",
       f"unet.{module}.lora_B.bias": "bias",
-      f"{kohya}.dora_scale": "DoRA",
+      f"{kohya}.lora_mid.weight": "Tucker",
       f"{kohya}.diff_b": "diff",
       "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": "norm",
   }

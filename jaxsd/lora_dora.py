@@ -1,0 +1,67 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024): a LoRA whose layers also rescale the updated weight per channel.
+
+A DoRA layer's weight is `m / ||W + s BA|| * (W + s BA)` (PyTorch layout, W (out, in[, kh, kw])): the norm per
+output channel over the other axes (peft's `DoraLinearLayer.get_weight_norm`, `_DoraConvNdLayer.get_weight_norm`),
+m the trained magnitude vector. It is linear in the input, so jaxsd merges it into the kernel like a plain LoRA.
+
+The magnitudes in circulation:
+- PEFT / diffusers: `<module>.lora_magnitude_vector`, (out,) for a Linear and (1, out, 1, 1) for a Conv2d, always
+  per output channel;
+- kohya-style files (LyCORIS `dora_wd=True`, OneTrainer): `<name>.dora_scale`, (out, 1[, 1, 1]) when trained with
+  LyCORIS' `wd_on_output=True` (peft's DoRA) and (1, in[, 1, 1]) otherwise (LyCORIS' default, the DoRA of A1111
+  and ComfyUI: the norm per *input* channel, over (out, kh, kw)). A (1, C, 1, 1) shape thus means an output axis in
+  a PEFT file and an input axis in a kohya one.
+
+Here a magnitude is kept as an fp32 array that broadcasts against the flax kernel ((1, .., out) or (.., in, 1)): the
+norm runs over every axis it broadcasts along.
+
+Several adapters apply in the order they are active, as peft's unfused forward (diffusers' default): each DoRA layer
+rescales the output of the layers and adapters before it, with the norm of the *base* weight plus its own update
+(`DoraLinearLayer.forward` gets the accumulated result as `base_result`), so the merged kernel is
+W_i = f_i * (W_{i-1} + s_i BA_i), f_i = m_i / ||W + s_i BA_i||, and W_i = W_{i-1} + s_i BA_i for a plain LoRA.
+peft's merge (diffusers' fuse_lora: `DoraLinearVariant.merge_safe`, the norm of the unmerged base weight, applied
+to the weight merged so far) gives the same. An adapter's weight (set_adapters, load_lora's scale) multiplies s
+only (peft's `set_scale`): the magnitude stays, so a DoRA adapter at weight 0 still rescales the layer by m / ||W||.
+
+Kohya-style files are the A1111 / ComfyUI world's, and apply as A1111's Lora extension applies them
+(`NetworkModule.apply_weight_decompose`, `finalize_updown`): the weight w blends the base weight and the full DoRA
+weight, W + w (m / ||W + s BA|| * (W + s BA) - W), each such adapter against the base weight W (the same as peft's
+at w = 1 for one adapter; at w = 0 the layer is W).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _shape(shape) -> str:
+  return str(tuple(int(d) for d in shape))
+
+
+def magnitude(where: str, value, kernel_shape: tuple[int, ...], kohya: bool) -> np.ndarray:
+  """A file's magnitude vector (`lora_magnitude_vector`, or `dora_scale` when kohya) as fp32, shaped to broadcast
+  against the flax kernel of `kernel_shape` along the axis it scales; ValueError naming the shapes if it fits not."""
+  value = np.asarray(value, np.float32)
+  fan_in, features = kernel_shape[-2:]
+  ones = (1,) * (len(kernel_shape) - 2)
+  on_output, on_input = ones + (1, features), ones + (fan_in, 1)
+  if kohya and value.ndim >= 2 and all(d == 1 for d in value.shape[2:]):
+    if value.shape[:2] == (features, 1):  # LyCORIS wd_on_output=True
+      return value.reshape(on_output)
+    if value.shape[:2] == (1, fan_in):  # LyCORIS' default: per input channel
+      return value.reshape(on_input)
+  elif value.size == features and sum(d != 1 for d in value.shape) <= 1:
+    return value.reshape(on_output)
+  want = f"({features}, 1) or (1, {fan_in})" if kohya else f"({features},)"
+  raise ValueError(f"{where}: the DoRA magnitude has shape {_shape(value.shape)} but the layer has {fan_in} inputs and "
+                   f"{features} outputs, so it should be {want} (with trailing 1s for a convolution): is the adapter "
+                   "for another model?")
+
+
+def rescale(base: jnp.ndarray, merged: jnp.ndarray, delta: jnp.ndarray, magnitude: jnp.ndarray) -> jnp.ndarray:
+  """A DoRA update of the kernel merged so far: magnitude / ||base + delta|| * (merged + delta), the norm (of the base
+  kernel plus this adapter's scaled update `delta`) over every axis `magnitude` broadcasts along. All fp32."""
+  axes = tuple(i for i, d in enumerate(magnitude.shape) if d == 1)
+  norm = jnp.sqrt(jnp.sum(jnp.square(base + delta), axis=axes, keepdims=True))
+  return magnitude / norm * (merged + delta)
