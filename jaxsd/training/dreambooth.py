@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jaxsd import tokenizer as tok
-from jaxsd.data.image_folder import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, to_rgb
+from jaxsd.data.folder_scan import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+from jaxsd.data.image_folder import to_rgb
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
