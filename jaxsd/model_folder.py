@@ -301,6 +301,19 @@ def check_model_folder(path: str, components: tuple[str, ...] = COMPONENTS,
 
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# The SDXL pipeline classes whose folders hold only the SDXL components (a ControlNet pipeline's has one more).
+SDXL_FOLDER_PIPELINES = SDXL_PIPELINES + ("StableDiffusionXLInpaintPipeline",)
+
+
+def sdxl_index(index: dict) -> dict:
+  """An SDXL folder's model_index.json for a copy holding its networks only: its pipeline class where that is an
+  SDXL_FOLDER_PIPELINES one (Flax prefix dropped), else the base's or, without a first text encoder, the
+  refiner's; its settings (force_zeros_for_empty_prompt, ...) kept, a ControlNet entry dropped."""
+  out = {k: v for k, v in index.items() if k != "controlnet"}
+  own = str(index.get("_class_name") or "").removeprefix("Flax")
+  first = (index.get("text_encoder") or [None, None])[1] is not None
+  out["_class_name"] = own if own in SDXL_FOLDER_PIPELINES else SDXL_PIPELINES[0 if first else 1]
+  return out
 
 
 def is_sdxl_folder(path: str) -> bool:
@@ -350,13 +363,18 @@ def index_classes(path: str) -> tuple[str | None, str | None]:
           scheduler_class if isinstance(scheduler_class, str) else None)
 
 
+# The pipeline classes whose folders hold exactly MODEL_INDEX's components (a ControlNet pipeline's has one more).
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
+
+
 def write_model_index(path: str, pipeline_class: str | None = None, scheduler_class: str | None = None) -> None:
   """An SD 1.x / 2.x folder's model_index.json, naming the pipeline and scheduler classes of the folder it came
   from (`index_classes`; diffusers builds the scheduler of model_index's class, whatever scheduler_config.json
-  says), without a Flax prefix (the weights written are PyTorch's); by default StableDiffusionPipeline and the
-  class `write_scheduler` wrote."""
+  says), without a Flax prefix (the weights written are PyTorch's); by default, and for a pipeline class with other
+  components than these (not in SD_PIPELINES), StableDiffusionPipeline, and the class `write_scheduler` wrote."""
   index = dict(MODEL_INDEX)
-  if pipeline_class:
+  if pipeline_class and pipeline_class.removeprefix("Flax") in SD_PIPELINES:
     index["_class_name"] = pipeline_class.removeprefix("Flax")
   if scheduler_class is None and os.path.isfile(scheduler_config_file(path)):
     scheduler_class = read_json(scheduler_config_file(path)).get("_class_name")

@@ -162,9 +162,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   def _model_index(self) -> dict:
     first = self.text_encoder is not None
-    own = self.model_index.get("_class_name")  # the folder's (an inpainting one's), without a Flax prefix
+    own = str(self.model_index.get("_class_name") or "").removeprefix("Flax")  # the folder's (an inpainting one's)
     index = {
-        "_class_name": own.removeprefix("Flax") if isinstance(own, str) and own else PIPELINES[0 if first else 1],
+        "_class_name": own if own in model_folder.SDXL_FOLDER_PIPELINES else PIPELINES[0 if first else 1],
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

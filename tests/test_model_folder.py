@@ -226,3 +226,31 @@ def test_sdxl_folders_told_apart_by_pipeline_class_or_unet(tmp_path, class_name,
   (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
   (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
   assert model_folder.is_sdxl_folder(str(tmp_path)) is sdxl
+
+
+def test_saved_indexes_name_only_pipelines_of_the_components_written(tmp_path):
+  """A folder jaxsd writes names its source's pipeline class only where that class's components are the ones
+  written: a ControlNet pipeline's class (whose controlnet/ a copy does not hold) becomes the plain pipeline's, which
+  diffusers can load; an SDXL init's settings stay (sdxl_index: what an SDXL fine-tune's model_index.json is)."""
+  control = {
+      "_class_name": "StableDiffusionXLControlNetPipeline",
+      "controlnet": ["diffusers", "ControlNetModel"],
+      "force_zeros_for_empty_prompt": False,
+      "text_encoder": ["transformers", "CLIPTextModel"]
+  }
+  assert model_folder.sdxl_index(control) == {
+      "_class_name": "StableDiffusionXLPipeline",
+      "force_zeros_for_empty_prompt": False,
+      "text_encoder": ["transformers", "CLIPTextModel"]
+  }
+  refiner = {"_class_name": "FlaxStableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}
+  assert model_folder.sdxl_index(refiner)["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
+  inpaint = {"_class_name": "StableDiffusionXLInpaintPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
+  assert model_folder.sdxl_index(inpaint)["_class_name"] == "StableDiffusionXLInpaintPipeline"
+  for given, written in (("StableDiffusionControlNetPipeline", "StableDiffusionPipeline"),
+                         ("FlaxStableDiffusionInpaintPipeline",
+                          "StableDiffusionInpaintPipeline"), (None, "StableDiffusionPipeline")):
+    model_folder.write_model_index(str(tmp_path), given, "EulerDiscreteScheduler")
+    index = model_folder.read_json(str(tmp_path / "model_index.json"))
+    assert (index["_class_name"], index["scheduler"]) == (written, ["diffusers", "EulerDiscreteScheduler"])
+    assert "controlnet" not in index

@@ -372,10 +372,15 @@ def test_save_pretrained_keeps_the_folders_pipeline_and_scheduler_classes(tmp_pa
                                            feature_extractor=None,
                                            requires_safety_checker=False).save_pretrained(tmp_path / "lcm")
   flax_index = {"_class_name": "FlaxStableDiffusionPipeline", "scheduler": ["diffusers", "FlaxDDIMScheduler"]}
+  # A ControlNet pipeline's folder loaded as SD (its controlnet/ not read) is saved as a StableDiffusionPipeline's:
+  # its own class would name a controlnet the saved folder does not have.
+  control_index = {"_class_name": "StableDiffusionControlNetPipeline", "controlnet": ["diffusers", "ControlNetModel"]}
   cases = [
       (_folder_with(tmp_path / "euler", diffusers.EulerDiscreteScheduler(**base)), "StableDiffusionPipeline",
        "EulerDiscreteScheduler", "euler"),
       (_folder_with(tmp_path / "flax", index_updates=flax_index), "StableDiffusionPipeline", "DDIMScheduler", "ddim"),
+      (_folder_with(tmp_path / "control",
+                    index_updates=control_index), "StableDiffusionPipeline", "PNDMScheduler", "pndm"),
       (str(tmp_path / "lcm"), "LatentConsistencyModelPipeline", "LCMScheduler", "lcm"),
   ]
   for path, pipeline_class, scheduler_class, sampler in cases:

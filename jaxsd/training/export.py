@@ -10,7 +10,6 @@ went further. The format itself is `jaxsd.model_folder`'s.
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 
@@ -18,6 +17,7 @@ from jaxsd import pretrained
 from jaxsd import tokenizer as tok
 from jaxsd.model_folder import model_dir, write_model_index, write_scheduler  # noqa: F401  (the exporter's API)
 from jaxsd import model_folder
+from jaxsd.config import write_json_object
 
 
 def export_component(workdir: str, name: str, module, params, step: int | None = None) -> str:
@@ -40,4 +40,5 @@ def copy_from_init(init: str, workdir: str) -> None:
   names = ("vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if sdxl else ())
   model_folder.copy_components(init, model_dir(workdir), names)
   if sdxl and os.path.isfile(os.path.join(init, "model_index.json")):
-    shutil.copyfile(os.path.join(init, "model_index.json"), os.path.join(model_dir(workdir), "model_index.json"))
+    index = model_folder.sdxl_index(model_folder.read_json(os.path.join(init, "model_index.json")))
+    write_json_object(os.path.join(model_dir(workdir), "model_index.json"), index, indent=2, sort_keys=True)
