@@ -265,8 +265,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   @property
   def default_sampler(self) -> str:
     """The sampler of the folder's scheduler class, as diffusers runs a folder's own scheduler (PNDM's for SD 1.x
-    and a folder that names none; DPM-Solver++ 2M for a class with no sampler here, e.g. DEIS: diffusers'
-    DPMSolverMultistepScheduler.from_config swap; its EDM form for an EDM model; dpmpp_2m_sde for a
+    and a folder that names none; DPM-Solver++ 2M for a class with no sampler here, e.g. DPMSolverSDEScheduler:
+    diffusers' DPMSolverMultistepScheduler.from_config swap; its EDM form for an EDM model; dpmpp_2m_sde for a
     DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++", A1111's "DPM++ 2M SDE")."""
     if not self.scheduler_class_name:
       return "pndm"

@@ -324,8 +324,8 @@ def main(argv=None) -> int:
       pipe.swap_unet(args.unet, allow_pickle=args.allow_pickle)
     if args.timestep_spacing is not None:
       sampler = args.sampler or pipe.default_sampler
-      if pipe.scheduler_config.edm or sampler == "lcm":  # their diffusers classes place the steps their own way
-        raise ValueError(f"--timestep-spacing does not apply to the {'EDM' if pipe.scheduler_config.edm else 'lcm'} "
+      if pipe.scheduler_config.edm or sampler in ("lcm", "tcd", "dpmpp_2s"):  # their classes place the steps
+        raise ValueError(f"--timestep-spacing does not apply to the {'EDM' if pipe.scheduler_config.edm else sampler} "
                          "sampler (its timesteps are placed by its own schedule); drop it.")
       pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing=args.timestep_spacing)
     for path, scale in loras:

@@ -4,8 +4,8 @@ Each sampler follows the diffusers PyTorch scheduler of the same name step for s
 sigmas, multistep bookkeeping, quirks included), so a run reproduces the diffusers pipeline.
 `make_schedule` builds everything the loop indexes into a `Schedule` pytree of float32 arrays;
 `sample` runs the whole loop in one `lax.scan`, one model call per iteration (Heun calls the
-model twice per step and PNDM once more than its step count, or 9 more with its Runge-Kutta
-warm-up, as in diffusers). What each sampler needs is one `Sampler` row (state init, step, schedule
+model twice per step, as do KDPM2 (ancestral) but in their last, and PNDM once more than its step count, or 9 more
+with its Runge-Kutta warm-up, as in diffusers). What each sampler needs is one `Sampler` row (state init, step, schedule
 builder, facts); the schedule builders (numpy) live in `set_timesteps`, the updates (jnp) and `Schedule`
 in `steps`, and this module holds the table and the API. `init_state`, `model_input`, `step_noise` and
 `step` are the loop's body one call at a time, for loops of one's own. A scheduler config is read as
@@ -18,6 +18,10 @@ The samplers (SAMPLERS; SAMPLER_OF maps each diffusers class to its own):
   dpmpp_2m, dpmpp_2m_sde (+ _karras aliases)     DPMSolverMultistepScheduler, dpmsolver++ / sde-dpmsolver++
   unipc                                          UniPCMultistepScheduler (bh2, order 2)
   lcm                                            LCMScheduler (latent consistency models, LCM-LoRA)
+  tcd                                            TCDScheduler (trajectory consistency distillation: TCD-LoRA, Hyper-SD)
+  kdpm2, kdpm2_a                                 KDPM2(Ancestral)DiscreteScheduler (A1111's DPM2 / DPM2 a)
+  dpmpp_2s                                       DPMSolverSinglestepScheduler, dpmsolver++ order 2 (A1111's DPM++ 2S)
+  deis                                           DEISMultistepScheduler (logrho, order 2)
   edm_euler, edm_dpmpp_2m                        EDMEuler / EDMDPMSolverMultistepScheduler
 The EDM samplers are for models with EDM preconditioning (Playground v2.5, CosXL: `SchedulerConfig.edm`) and
 only they sample those: on such a config euler and dpmpp_2m(_karras) mean them, the others are refused.
@@ -43,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion import schedules, set_timesteps, steps
+from jaxsd.diffusion import schedules, set_timesteps, set_timesteps_more, steps
 from jaxsd.diffusion.schedules import SchedulerConfig
 from jaxsd.diffusion.steps import Schedule
 
@@ -76,7 +80,8 @@ def _resolve(cfg: SchedulerConfig, sampler: str, use_karras_sigmas: bool | None)
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: float = 1.0, *,
                   use_karras_sigmas: bool | None = None, denoising_start: float | None = None,
-                  denoising_end: float | None = None, lcm_strength_in_schedule: bool = False) -> Schedule:
+                  denoising_end: float | None = None, lcm_strength_in_schedule: bool = False,
+                  eta: float | None = None) -> Schedule:
   """Builds the schedule of `sampler` with `num_steps` steps, as diffusers' `set_timesteps`.
 
   Args:
@@ -87,7 +92,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
     strength: img2img strength in (0, 1]; below 1 the schedule keeps the last
       int(num_steps * strength) steps, as StableDiffusionImg2ImgPipeline.get_timesteps (also for `lcm`: an SD
       folder with LCMScheduler or an LCM-LoRA), unless `lcm_strength_in_schedule`.
-    use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++, UniPC only).
+    use_karras_sigmas: overrides cfg.use_karras_sigmas (Euler, Heun, LMS, DPM++, UniPC, KDPM2, DEIS only).
     denoising_start: in (0, 1): run only the calls at timesteps below (1 - denoising_start) * T (replaces
       `strength`), as SDXL's img2img `get_timesteps` (a second-order sampler starts on a whole step).
     denoising_end: in (0, 1): stop before the first call at a timestep below (1 - denoising_end) * T, as
@@ -96,6 +101,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
       LatentConsistencyModelImg2ImgPipeline (what diffusers' AutoPipelineForImage2Image builds for a
       LatentConsistencyModelPipeline folder): all `num_steps` calls run, on timesteps taken from the lowest
       int(original_inference_steps * strength) of the distillation's (at least `num_steps` of them).
+    eta: `tcd` only: TCDScheduler.step's eta (the paper's gamma, in [0, 1]: 0 deterministic, 1 fully stochastic).
+      None means 0.0, what diffusers' Stable Diffusion pipelines pass (their `eta` argument's default; TCD's
+      model cards pass eta=0.3 to them).
   """
   sampler, karras = _resolve(cfg, sampler, use_karras_sigmas)
   row = _TABLE[sampler]
@@ -119,6 +127,13 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
                        f"sampler without denoising_start; got sampler {sampler!r}"
                        f"{'' if denoising_start is None else ' and denoising_start'}.")
     schedule_kw["strength"] = strength  # every call runs, on timesteps below strength * T
+  if eta is not None:
+    if sampler != "tcd":
+      raise ValueError(f"eta is an option of the tcd sampler (TCDScheduler's gamma), not of {sampler} (ddim runs "
+                       "eta=0 only).")
+    if not 0.0 <= eta <= 1.0:
+      raise ValueError(f"eta={eta}: must be in [0, 1] (0: deterministic, 1: fully stochastic), as diffusers.")
+    schedule_kw["eta"] = float(eta)
   init_steps = num_steps if lcm_strength_in_schedule else min(int(num_steps * strength), num_steps)
   if init_steps < 1:
     raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising step; "
@@ -286,6 +301,25 @@ _TABLE = {
     "lcm":
         Sampler(_stateless, steps.lcm_step, set_timesteps.lcm_schedule, stochastic=True, clips=True,
                 scheduler_class="LCMScheduler"),
+    # TCD-LoRA, Hyper-SD: LCM's timesteps; fresh noise at every call but the last when eta > 0.
+    "tcd":
+        Sampler(_stateless, steps.tcd_step, set_timesteps.tcd_schedule, stochastic=True,
+                scheduler_class="TCDScheduler"),
+    # State: the latents the step started from (its first call's).
+    "kdpm2":
+        Sampler(jnp.zeros_like, steps.kdpm2_step, set_timesteps_more.kdpm2_schedule, scaled_input=True, order=2,
+                karras=True, predicts_sample=False, scheduler_class="KDPM2DiscreteScheduler"),
+    "kdpm2_a":
+        Sampler(jnp.zeros_like, steps.kdpm2_step, set_timesteps_more.kdpm2_schedule, scaled_input=True, order=2,
+                stochastic=True, karras=True, predicts_sample=False, scheduler_class="KDPM2AncestralDiscreteScheduler"),
+    # State: the latents the last first-order call started from, and the previous x0 prediction.
+    "dpmpp_2s":
+        Sampler(lambda x: (jnp.zeros_like(x),) * 2, steps.dpmpp_2s_step, set_timesteps_more.dpm_singlestep_schedule,
+                karras=True, scheduler_class="DPMSolverSinglestepScheduler"),
+    # State: the previous eps prediction.
+    "deis":
+        Sampler(jnp.zeros_like, steps.deis_step, set_timesteps_more.deis_schedule, karras=True,
+                scheduler_class="DEISMultistepScheduler"),
 }
 SAMPLERS = tuple(_TABLE)
 # The sampler that follows each diffusers scheduler class (the first row of the class: its plain variant).
@@ -351,8 +385,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     model_fn: (scaled x, float32 t) -> network output; may return bf16, latents stay float32.
     x: initial latents.
     schedule: from make_schedule.
-    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm), or a [B] batch of them (see
-      `step_noise`).
+    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm, tcd, kdpm2_a), or a [B] batch of
+      them (see `step_noise`).
     noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
     after_step: optional (i, latents after call i) -> latents, applied after every call (inpainting's
       latent blend); the sampler's state is left as the step made it, as in diffusers.

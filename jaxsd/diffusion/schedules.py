@@ -31,6 +31,7 @@ FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 # "scaled_linear", steps_offset=1 and skip_prk_steps=true are in SD's files, not in diffusers' defaults.
 _COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
                prediction_type="epsilon", steps_offset=0)
+_NO_OFFSET = {k: v for k, v in _COMMON.items() if k != "steps_offset"}
 _EDM = dict(num_train_timesteps=1000, prediction_type="epsilon", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
             sigma_schedule="karras", rho=7.0)
 DIFFUSERS_DEFAULTS = {
@@ -70,6 +71,21 @@ DIFFUSERS_DEFAULTS = {
         dict(_COMMON, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
              clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True, thresholding=False,
              timestep_spacing="leading", timestep_scaling=10.0, rescale_betas_zero_snr=False),
+    "TCDScheduler":
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
+             clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True, thresholding=False,
+             timestep_spacing="leading", timestep_scaling=10.0, rescale_betas_zero_snr=False),
+    # Not _COMMON's betas: KDPM2's own are SD's values, but linear.
+    "KDPM2DiscreteScheduler":
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, timestep_spacing="linspace"),
+    "KDPM2AncestralDiscreteScheduler":
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, timestep_spacing="linspace"),
+    # No timestep_spacing nor steps_offset: its timesteps are always "linspace".
+    "DPMSolverSinglestepScheduler":
+        dict(_NO_OFFSET, thresholding=False, lower_order_final=False, use_karras_sigmas=False, final_sigmas_type="zero",
+             variance_type=None),
+    "DEISMultistepScheduler":
+        dict(_COMMON, thresholding=False, lower_order_final=True, use_karras_sigmas=False, timestep_spacing="linspace"),
 }
 # The classes whose models have EDM preconditioning (their `sigma_data` marks a config as EDM: SchedulerConfig.edm).
 EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -92,6 +108,17 @@ UNIMPLEMENTED = {
     # (lower_order_final, euler_at_final and final_sigmas_type are read: SchedulerConfig fields.)
     "EDMDPMSolverMultistepScheduler":
         dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint"),
+    "KDPM2DiscreteScheduler":
+        _PLAIN_SIGMAS,
+    "KDPM2AncestralDiscreteScheduler":
+        _PLAIN_SIGMAS,
+    # (lower_order_final and final_sigmas_type are read: SchedulerConfig fields.)
+    "DPMSolverSinglestepScheduler":
+        dict(_PLAIN_SIGMAS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", use_flow_sigmas=False,
+             lambda_min_clipped=-math.inf, use_dynamic_shifting=False),
+    "DEISMultistepScheduler":
+        dict(_PLAIN_SIGMAS, solver_order=2, algorithm_type="deis", solver_type="logrho", use_flow_sigmas=False,
+             use_dynamic_shifting=False),
     "UniPCMultistepScheduler":
         dict(_PLAIN_SIGMAS, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
              final_sigmas_type="zero", sigma_min=None, sigma_max=None, use_flow_sigmas=False,
@@ -112,6 +139,11 @@ _REMAPPED = {
     },
 }
 _REMAPPED["EDMDPMSolverMultistepScheduler"] = _REMAPPED["DPMSolverMultistepScheduler"]
+_REMAPPED["DPMSolverSinglestepScheduler"] = _REMAPPED["DPMSolverMultistepScheduler"]
+_REMAPPED["DEISMultistepScheduler"] = {
+    "solver_type": dict.fromkeys(("midpoint", "heun", "bh1", "bh2"), "logrho"),
+    "algorithm_type": dict.fromkeys(("dpmsolver", "dpmsolver++"), "deis"),
+}
 _REMAPPED["UniPCMultistepScheduler"] = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}
 _UNIMPLEMENTED_KEYS = frozenset(k for keys in UNIMPLEMENTED.values() for k in keys)
 # A file without a known `_class_name`: diffusers' training scripts read it as a DDPMScheduler.

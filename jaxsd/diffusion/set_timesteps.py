@@ -66,16 +66,23 @@ def _prk_schedule(cfg, n, start, ac, asc, final) -> dict:
               alphas_prev=alphas_prev, prk_calls=p)
 
 
-def sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
-  """Euler / Euler-a / Heun / LMS: sigma_i = sqrt((1 - alpha_bar) / alpha_bar) at fractional t."""
+def discrete_sigmas(cfg, n, ac, karras, round_karras: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps, n + 1 float32 sigmas ending in 0) of the sigma-based diffusers schedulers: sigma_i = sqrt((1 -
+  alpha_bar) / alpha_bar) interpolated at fractional t, or Karras sigmas with their timesteps (rounded where the
+  class rounds them: KDPM2)."""
   ts = schedules.sigma_timesteps(cfg, n)
   train = schedules.train_sigmas(ac)
-  log_sigmas = np.log(train)
   sig = np.interp(ts, np.arange(0, len(train)), train)
   if karras:
     sig = schedules.karras_sigmas(sig[-1].item(), sig[0].item(), n)
-    ts = schedules.sigma_to_t(sig, log_sigmas)
-  sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+    ts = schedules.sigma_to_t(sig, np.log(train))
+    ts = ts.round() if round_karras else ts
+  return ts, np.concatenate([sig, [0.0]]).astype(np.float32)
+
+
+def sigma_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+  """Euler / Euler-a / Heun / LMS: sigma_i = sqrt((1 - alpha_bar) / alpha_bar) at fractional t."""
+  ts, sig = discrete_sigmas(cfg, n, ac, karras)
   ts = ts.astype(np.float32)
   if sampler == "heun":  # every sigma but the first and last is visited twice
     sig = np.concatenate([sig[:1], sig[1:-1].repeat(2), sig[-1:]])
@@ -247,6 +254,24 @@ def edm_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   return fields
 
 
+def _distilled_timesteps(cfg, sampler, n, strength: float = 1.0) -> np.ndarray:
+  """int64 [n], descending: LCM's / TCD's timesteps, n of the distillation's original_inference_steps evenly skipped
+  ones (of the lowest int(original_inference_steps * strength) of them), with diffusers' checks."""
+  T, orig = cfg.num_train_timesteps, cfg.original_inference_steps
+  if orig > T:
+    raise ValueError(f"{sampler} with original_inference_steps={orig} > num_train_timesteps={T}: lower it.")
+  kept = int(orig * float(strength))  # as diffusers, in Python floats (50 * 0.58 -> 28)
+  if strength < 1.0 and kept < n:  # (diffusers refuses too: "skipping_step < 1")
+    raise ValueError(f"{sampler} with strength={strength} keeps int({orig} * {strength}) = {kept} of the "
+                     f"original_inference_steps={orig} timesteps, fewer than num_steps={n}: raise strength to at "
+                     f"least {n / orig} or lower num_steps.")
+  if n > orig:  # (diffusers refuses too)
+    raise ValueError(f"{sampler} with num_steps={n} > original_inference_steps={orig}: its timesteps are a subset of "
+                     f"the {orig} the model was distilled on; lower num_steps.")
+  origin = (np.arange(1, kept + 1) * (T // orig) - 1)[::-1]
+  return origin[np.floor(np.linspace(0, kept, n, endpoint=False)).astype(np.int64)]
+
+
 def lcm_schedule(cfg, sampler, n, start, ac, karras, strength: float = 1.0) -> dict:
   """LCM (Luo et al. 2023): n of the distillation's original_inference_steps timesteps, evenly skipped; per call
   alpha_bar at t and at the next timestep (1 after the last call, which returns the consistency estimate), and
@@ -256,20 +281,8 @@ def lcm_schedule(cfg, sampler, n, start, ac, karras, strength: float = 1.0) -> d
   timesteps are taken from the lowest int(original_inference_steps * strength) of the distillation's, all n run.
   set_alpha_to_one changes nothing: diffusers' LCMScheduler never steps past a timestep >= 0.
   """
-  del sampler, karras
-  T, orig = cfg.num_train_timesteps, cfg.original_inference_steps
-  if orig > T:
-    raise ValueError(f"lcm with original_inference_steps={orig} > num_train_timesteps={T}: lower it.")
-  kept = int(orig * float(strength))  # as diffusers, in Python floats (50 * 0.58 -> 28)
-  if strength < 1.0 and kept < n:  # (diffusers refuses too: "skipping_step < 1")
-    raise ValueError(f"lcm with strength={strength} keeps int({orig} * {strength}) = {kept} of the "
-                     f"original_inference_steps={orig} timesteps, fewer than num_steps={n}: raise strength to at "
-                     f"least {n / orig} or lower num_steps.")
-  if n > orig:  # (diffusers refuses too)
-    raise ValueError(f"lcm with num_steps={n} > original_inference_steps={orig}: its timesteps are a subset of the "
-                     f"{orig} the model was distilled on; lower num_steps.")
-  origin = (np.arange(1, kept + 1) * (T // orig) - 1)[::-1]
-  ts = origin[np.floor(np.linspace(0, kept, n, endpoint=False)).astype(np.int64)][start:]
+  del karras
+  ts = _distilled_timesteps(cfg, sampler, n, strength)[start:]
   a = ac[ts]
   scaled = ts.astype(np.float32) * np.float32(cfg.timestep_scaling)
   var = scaled * scaled + np.float32(0.25)
@@ -278,3 +291,27 @@ def lcm_schedule(cfg, sampler, n, start, ac, karras, strength: float = 1.0) -> d
   return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), alphas=a,
               alphas_prev=np.append(ac[ts[1:]], np.float32(1.0)), scalings=scalings,
               levels=np.stack([np.sqrt(levels), np.sqrt(np.float32(1.0) - levels)], 1))
+
+
+def tcd_schedule(cfg, sampler, n, start, ac, karras, eta: float = 0.0) -> dict:
+  """TCD (Zheng et al. 2024): LCM's timesteps (`_distilled_timesteps`); per call alpha_bar at t and at the earlier
+  s = floor((1 - eta) t_prev) its prediction is carried to (t_prev: the next timestep, 0 after the last call), and
+  the weights (sqrt(a_prev / a_s), sqrt(1 - a_prev / a_s)) of that prediction and of fresh noise, (1, 0) where
+  diffusers draws none (eta = 0, the last call). As diffusers, the last call returns a prediction at t = 0, not x0.
+  """
+  del karras
+  full = _distilled_timesteps(cfg, sampler, n)
+  prev = np.append(full[1:], 0)
+  # torch: (1 - eta) * an int64 tensor is float32
+  to = np.floor(np.float32(1 - eta) * prev.astype(np.float32)).astype(np.int64)
+  ts, prev, to = full[start:], prev[start:], to[start:]
+  ratio = ac[prev] / ac[to]
+  keep, fresh = np.sqrt(ratio), np.sqrt(np.float32(1) - ratio)
+  if eta == 0:
+    keep, fresh = np.ones_like(keep), np.zeros_like(fresh)
+  keep[-1], fresh[-1] = 1, 0
+  a = ac[ts]
+  levels = np.append(a, np.float32(1.0))
+  levels = np.stack([np.sqrt(levels), np.sqrt(np.float32(1.0) - levels)], 1)
+  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), alphas=a, alphas_prev=ac[to],
+              coeffs=np.stack([keep, fresh], 1), levels=levels)

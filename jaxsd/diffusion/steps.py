@@ -209,3 +209,51 @@ def lcm_step(s, i, x, out, state, noise):
   x0, _ = _x0_eps(s, out, x, jnp.sqrt(a), jnp.sqrt(1 - a))
   denoised = s.scalings[i, 2] * _clip(s, x0) + s.scalings[i, 1] * x
   return jnp.sqrt(a_prev) * denoised + jnp.sqrt(1 - a_prev) * noise, state
+
+
+def tcd_step(s, i, x, out, state, noise):
+  """Implements Trajectory Consistency Distillation's strategic stochastic sampling, Zheng et al. (2024) Algorithm 4:
+  the x0 and eps predictions carried to the earlier timestep s = floor((1 - gamma) t_prev), then fresh noise back up
+  to t_prev (none when gamma = 0, nor after the last call)."""
+  a, a_s = s.alphas[i], s.alphas_prev[i]
+  x0, eps = _x0_eps(s, out, x, jnp.sqrt(a), jnp.sqrt(1 - a))
+  noised = jnp.sqrt(a_s) * x0 + jnp.sqrt(1 - a_s) * eps
+  c = s.coeffs[i]
+  return c[0] * noised + c[1] * noise, state
+
+
+def kdpm2_step(s, i, x, out, state, noise):
+  """Implements DPM-Solver-2, Lu et al. (2022) Algorithm 1 in sigma, k-diffusion's sample_dpm_2 (and, with noise,
+  sample_dpm_2_ancestral): even calls step to the midpoint sigma, odd calls redo the step from its start with the
+  midpoint's derivative."""
+  sigma = s.sigmas[i]  # the sigma the model saw: the step's, or its midpoint's
+  d = (x - _denoised(s, out, x, sigma)) / sigma
+  first = i % 2 == 0
+  c = s.coeffs[i]  # (the sigma step, the ancestral noise's scale: 0 but in kdpm2_a's odd calls)
+  x_next = jnp.where(first, x, state) + d * c[0]
+  if noise is not None:
+    x_next = x_next + noise * c[1]
+  return x_next, jnp.where(first, x, state)
+
+
+def dpmpp_2s_step(s, i, x, out, state, noise):
+  """Implements singlestep DPM-Solver++(2S), Lu et al. (2022b) Algorithm 1, as diffusers (the intermediate point is
+  the previous grid sigma): a first-order call moves x, a second-order one redoes that move with both x0 predictions."""
+  start, x0_prev = state  # the latents the last first-order call started from, and the previous x0 prediction
+  sigma = s.sigmas[i]
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)
+  x0, _ = _x0_eps(s, out, x, alpha, sigma * alpha)
+  c = s.coeffs[i]
+  base = jnp.where(c[3] > 0, start, x)
+  return c[0] * base + c[1] * x0 + c[2] * x0_prev, (base, x0)
+
+
+def deis_step(s, i, x, out, state, noise):
+  """Implements multistep DEIS (Zhang & Chen 2023), the "logrho" polynomial extrapolation of eps in rho = sigma,
+  order 2, as diffusers' DEISMultistepScheduler."""
+  sigma = s.sigmas[i]
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)
+  x0, _ = _x0_eps(s, out, x, alpha, sigma * alpha)
+  eps = (x - alpha * x0) / (sigma * alpha)  # (diffusers converts every output to x0, then back to eps)
+  c = s.coeffs[i]
+  return c[0] * x + c[1] * eps + c[2] * state, eps

@@ -250,6 +250,8 @@ def test_keys_left_out_take_the_diffusers_class_defaults(class_name):
   ours = [f.name for f in dataclasses.fields(SchedulerConfig) if f.name in sig]
   edm = {"sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho"}  # EDM's noise schedule: no betas
   common = edm if class_name in schedules.EDM_CLASSES else {"beta_start", "beta_schedule", "steps_offset"}
+  if class_name == "DPMSolverSinglestepScheduler":  # (its timesteps are always "linspace": no steps_offset)
+    common -= {"steps_offset"}
   assert {"num_train_timesteps", "prediction_type"} | common <= set(ours)
   assert sorted(schedules.DIFFUSERS_DEFAULTS[class_name]) == sorted(ours)
   for source in ({}, {"_class_name": class_name}, {"_class_name": "PNDMScheduler"}, {"_class_name": "DDIMScheduler"}):
