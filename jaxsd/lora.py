@@ -23,7 +23,14 @@ DoRA adapters load too, in every format and network above: PEFT's `lora_magnitud
 and the `dora_scale` of kohya-style files (LyCORIS, OneTrainer); the merged kernel is then rescaled per channel as
 peft's DoRA forward does (`jaxsd.lora_dora`, which also says how several adapters and adapter weights combine).
 diffusers 0.42 itself drops `dora_scale` keys with a warning (`StableDiffusionLoraLoaderMixin.lora_state_dict`) and
-so loads such a file as plain LoRA; jaxsd applies them. LyCORIS LoHa / LoKr / Tucker factors are refused.
+so loads such a file as plain LoRA; jaxsd applies them.
+
+LyCORIS LoHa (`hada_w1_a`, ..., optional Tucker `hada_t1` / `hada_t2`), LoKr (`lokr_w1` or `lokr_w1_a` /
+`lokr_w1_b`, `lokr_w2` or `lokr_w2_a` / `lokr_w2_b`, optional `lokr_t2`) and Tucker LoCon (`lora_mid`) layers in
+kohya-named files load as A1111's Lora extension applies them, on linear layers, convolutions of any size and the text
+encoders, with `dora_scale` too (`jaxsd.lora_lycoris`): their update is no low-rank product, so such a layer's
+`Factors` holds its whole update ΔW (`up` None) and takes the memory of the kernel it adapts. diffusers does not load
+them. Still refused, by name: LyCORIS' full (`diff`) and norm (`w_norm`) layers, OFT, (IA)^3, a lora_B bias.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsd import hub, lora_dora, lora_names, model_folder, token_embeddings, weights
+from jaxsd import hub, lora_dora, lora_lycoris, lora_names, model_folder, token_embeddings, weights
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -83,9 +90,6 @@ _ROLE = {
 }
 # Adapter types that are not LoRA (or LoRA plus something): named in the error so the user knows why.
 _OTHER_KINDS = (
-    (r"hada_", "LyCORIS LoHa"),
-    (r"lokr_", "LyCORIS LoKr"),
-    (r"lora_mid", "LyCORIS LoCon with Tucker decomposition"),
     (r"lora_B\.bias", "LoRA with a bias (lora_bias)"),
     (r"\.diff(_b)?$", "LyCORIS full (diff)"),
     (r"\.[wb]_norm$", "LyCORIS norm"),
@@ -95,9 +99,10 @@ _OTHER_KINDS = (
 
 
 class Factors(NamedTuple):
-  """One layer's update, kernel + scale * (down @ up).reshape(kernel.shape) (DoRA: rescaled, see `jaxsd.lora_dora`)."""
-  down: Any  # (fan_in, r): the kernel's input axes (kh, kw, in) flattened in flax order
-  up: Any  # (r, features)
+  """One layer's update, kernel + scale * (down @ up).reshape(kernel.shape) (DoRA: rescaled, see `jaxsd.lora_dora`);
+  with `up` None (LyCORIS LoHa / LoKr, `jaxsd.lora_lycoris`), kernel + scale * down: `down` is the whole update."""
+  down: Any  # (fan_in, r): the kernel's input axes (kh, kw, in) flattened in flax order; or ΔW (kernel_shape)
+  up: Any  # (r, features); None when `down` is the whole update
   scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA)
   kernel_shape: tuple[int, ...]  # the flax kernel's: (in, out) for Dense, (kh, kw, in, out) for Conv
   magnitude: Any = None  # DoRA's, fp32, broadcasting against the kernel along the axis it scales; None: plain LoRA
@@ -184,7 +189,8 @@ def _parse_key(key: str) -> tuple[str | None, str, str] | None:
   """(network or None, module name, role "down" / "up" / "alpha"), or None for a key of no LoRA format."""
   m = lora_names.KEY.fullmatch(key)
   if m:
-    return lora_names.network_of(m[1]), "kohya:" + m[2], _ROLE.get(m[3].split(".")[0], "alpha")
+    suffix = m[3].split(".")[0]
+    return lora_names.network_of(m[1]), "kohya:" + m[2], _ROLE.get(suffix, suffix)  # "alpha", "hada_w1_a", ...
   m = _PROCESSOR.fullmatch(key)
   if m:
     network = m[1] or "unet"
@@ -296,7 +302,10 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
       raise ValueError(f"{key} and {keys[where][0]}: one layer given twice in this file; keep one spelling.")
     groups[where][role] = state_dict[key]
     keys[where].append(key)
-  incomplete = [w for w, g in groups.items() if "down" not in g or "up" not in g]
+  incomplete = [
+      w for w, g in groups.items()
+      if (lora_lycoris.missing(g) if lora_lycoris.kind(g) else "down" not in g or "up" not in g)
+  ]
   # Keys of another adapter kind change how their layers' LoRA factors apply (DoRA's magnitudes, a bias):
   # ignoring them (strict=False) would load those layers wrong, so they are refused whatever `strict` says.
   other = sorted({kind for k in unmapped for pat, kind in _OTHER_KINDS if re.search(pat, k)})
@@ -318,18 +327,22 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
       continue
     module = weights.path_to_torch_key(path).removesuffix(".weight")
     name = _name(next(k for k in keys[(network, path)] if not k.endswith(".alpha")))
-    down, up = _factors(name, np.asarray(g["down"]), np.asarray(g["up"]), shapes[(network, path)])
-    rank = down.shape[1]
-    config = _network_config(metadata, network)
-    if "alpha" in g:
-      alpha = float(np.asarray(g["alpha"], np.float64).reshape(-1)[0])
+    alpha = float(np.asarray(g["alpha"], np.float64).reshape(-1)[0]) if "alpha" in g else None
+    lycoris = lora_lycoris.kind(g)
+    if lycoris:
+      down, rank = lora_lycoris.update(name, g, shapes[(network, path)])
+      up, scale = None, lora_lycoris.scale(alpha, rank)
     else:
-      alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
-    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+      down, up = _factors(name, np.asarray(g["down"]), np.asarray(g["up"]), shapes[(network, path)])
+      rank = down.shape[1]
+      config = _network_config(metadata, network)
+      if alpha is None:
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+      scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     magnitude, kohya = None, any(k.endswith(".dora_scale") for k in keys[(network, path)])
     if "magnitude" in g:
       magnitude = lora_dora.magnitude(name, g["magnitude"], shapes[(network, path)], kohya)
-    elif config.get("use_dora"):
+    elif not lycoris and config.get("use_dora"):
       raise ValueError(f"{name}: the {network} adapter is DoRA (use_dora in its metadata) but this layer has no "
                        "lora_magnitude_vector.")
     layers.setdefault(network, {})[path] = Factors(down, up, scale, shapes[(network, path)], magnitude, blend=kohya and
@@ -341,9 +354,11 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
 
 def _name(key: str) -> str:
   """The layer's name in the file: the key without its LoRA suffix."""
+  if key.rsplit(".", 1)[-1] in lora_lycoris.ROLES:
+    return key.rsplit(".", 1)[0]
   for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".lora.down.weight",
                  ".lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", ".dora_scale",
-                 ".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
+                 ".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_mid.weight"):
     if key.endswith(suffix):
       return key.removesuffix(suffix)
   return key
@@ -360,7 +375,8 @@ def _unmapped_message(unmapped: Sequence[str], incomplete: Sequence[str], nothin
   if unmapped:
     parts.append(f"LoRA keys that map to no layer of this model: {_listed(unmapped)}")
   if incomplete:
-    parts.append(f"layers with only one of lora_down/lora_up: {', '.join(sorted(incomplete)[:6])}")
+    parts.append(f"layers with only one of lora_down/lora_up, or lacking LyCORIS factors (hada_*, lokr_*): "
+                 f"{', '.join(sorted(incomplete)[:6])}")
   hint = " (is it an adapter for another model: SD 1.x, SD 2.x or SDXL?)"
   return "; ".join(parts) + hint + (
       "." if nothing else
@@ -408,6 +424,8 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
     raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}.")
   if any(f.magnitude is not None for layers in adapter.layers.values() for f in layers.values()):
     raise ValueError("a DoRA adapter (with magnitudes): only plain LoRA adapters are written.")
+  if any(f.up is None for layers in adapter.layers.values() for f in layers.values()):
+    raise ValueError("a LyCORIS LoHa / LoKr adapter: only plain LoRA adapters are written.")
   out, metadata = {}, {}
   prefixes = lora_names.SDXL_PREFIXES if "text_encoder_2" in adapter.layers else lora_names.PREFIXES
   for network, layers in adapter.layers.items():
@@ -464,14 +482,15 @@ def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32,
 
 
 def merge_kernel(kernel: jax.Array, updates) -> jax.Array:
-  """kernel + sum scale * (down @ up).reshape(kernel.shape) over `updates` [(down, up, scale), ...], in order; a
-  (down, up, scale, magnitude) entry is a DoRA one as peft applies it, a (down, up, scale, magnitude, weight) one
-  as A1111 (`jaxsd.lora_dora`); in fp32, cast back to the kernel's dtype (differentiable: LoRA training merges its
-  adapters with it)."""
+  """kernel + sum scale * (down @ up).reshape(kernel.shape) over `updates` [(down, up, scale), ...], in order (up
+  None: `down` is the update itself, a LyCORIS one); a (down, up, scale, magnitude) entry is a DoRA one as peft
+  applies it, a (down, up, scale, magnitude, weight) one as A1111 (`jaxsd.lora_dora`); in fp32, cast back to the
+  kernel's dtype (differentiable: LoRA training merges its adapters with it)."""
   base = kernel.astype(jnp.float32)
   acc = base
   for down, up, s, *dora in updates:
-    delta = s * jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+    update = down if up is None else jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST)
+    delta = s * update.reshape(kernel.shape)
     if not dora:
       acc = acc + delta
     elif len(dora) == 1:

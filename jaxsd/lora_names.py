@@ -18,10 +18,13 @@ from __future__ import annotations
 import collections
 import re
 
+from jaxsd import lora_lycoris
+
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 SDXL_PREFIXES = {**PREFIXES, "text_encoder": "lora_te1_"}  # sd-scripts' names when there are two text encoders
 _NETWORK = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
-KEY = re.compile(r"(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
+KEY = re.compile(r"(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|" +
+                 lora_lycoris.KEY_SUFFIX + ")")
 
 _RESNET = {
     "conv1": "in_layers.2",

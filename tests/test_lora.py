@@ -364,7 +364,6 @@ def test_other_adapter_kinds_are_refused_even_when_unmatched_keys_are_ignored(se
   kohya = f"lora_unet_{module.replace('.', '_')}"
   others = {
       f"unet.{module}.lora_B.bias": "bias",
-      f"{kohya}.lora_mid.weight": "Tucker",
       f"{kohya}.diff_b": "diff",
       "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": "norm",
   }
