@@ -495,8 +495,8 @@ def merge_kernel(kernel: jax.Array, updates) -> jax.Array:
       acc = acc + delta
     elif len(dora) == 1:
       acc = lora_dora.rescale(base, acc, delta, dora[0])
-    else:  # the full DoRA weight's difference from the base weight, times the adapter's weight
-      acc = acc + dora[1] * (lora_dora.rescale(base, base, delta, dora[0]) - base)
+    else:  # A1111: the full DoRA weight of the weight so far, its difference times the adapter's weight
+      acc = acc + dora[1] * (lora_dora.rescale(acc, acc, delta, dora[0]) - acc)
   return acc.astype(kernel.dtype)
 
 

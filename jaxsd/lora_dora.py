@@ -24,9 +24,10 @@ to the weight merged so far) gives the same. An adapter's weight (set_adapters, 
 only (peft's `set_scale`): the magnitude stays, so a DoRA adapter at weight 0 still rescales the layer by m / ||W||.
 
 Kohya-style files are the A1111 / ComfyUI world's, and apply as A1111's Lora extension applies them
-(`NetworkModule.apply_weight_decompose`, `finalize_updown`): the weight w blends the base weight and the full DoRA
-weight, W + w (m / ||W + s BA|| * (W + s BA) - W), each such adapter against the base weight W (the same as peft's
-at w = 1 for one adapter; at w = 0 the layer is W).
+(`NetworkModule.apply_weight_decompose`, `finalize_updown`): the weight w blends the weight and its full DoRA
+weight, W' = W + w (m / ||W + s BA|| * (W + s BA) - W), where W is the layer's weight as the adapters before this
+one left it (A1111's `network_apply_weights` hands each adapter the weight modified so far; ComfyUI patches in
+order too). The same as peft's at w = 1 for one adapter; at w = 0 the layer is W.
 """
 
 from __future__ import annotations

@@ -234,8 +234,9 @@ def test_kohya_dora_scale_as_a1111(setup, axis, weights):
   """A kohya-style dora_scale rescales per input channel when (1, in[, 1, 1]) (LyCORIS' default, wd_on_output=False:
   the norm over (out, kh, kw), as LyCORIS' `apply_dora_scale`) and per output channel when (out, 1[, 1, 1]); and such
   files apply as A1111's Lora extension applies them (`apply_weight_decompose`, `finalize_updown`): the weight w
-  blends, W + w (dora_scale / ||W + s BA|| * (W + s BA) - W), each adapter against the base weight (two adapters
-  from one file here). Checked kernel by kernel against that written in PyTorch layout."""
+  blends, W' = W + w (dora_scale / ||W + s BA|| * (W + s BA) - W), each adapter on the weight the ones before it
+  left (`network_apply_weights`; two adapters from one file here). Checked kernel by kernel against that written in
+  PyTorch layout."""
   path, files, _, pipe, _ = setup
   sd = safetensors.torch.load_file(files["kohya_a"])
   g = torch.Generator().manual_seed(5)
@@ -259,12 +260,15 @@ def test_kohya_dora_scale_as_a1111(setup, axis, weights):
     w = w.permute(3, 2, 0, 1) if w.ndim == 4 else w.T  # flax -> PyTorch layout
     down, up = sd[name + ".lora_down.weight"].double(), sd[name + ".lora_up.weight"].double()
     r = down.shape[0]
-    merged = w + float(sd[name + ".alpha"]) / r * (up.reshape(-1, r) @ down.reshape(r, -1)).reshape(w.shape)
-    if axis == "input":  # A1111's apply_weight_decompose
-      norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape((1, -1) + (1,) * (w.ndim - 2))
-    else:
-      norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (w.ndim - 1))
-    want = w + sum(mult * (merged * sd[k].double() / norm - w) for mult in weights)
+    updown = float(sd[name + ".alpha"]) / r * (up.reshape(-1, r) @ down.reshape(r, -1)).reshape(w.shape)
+    want = w
+    for mult in weights:  # A1111's network_apply_weights: each adapter's updown from the weight so far
+      merged = want + updown
+      if axis == "input":  # A1111's apply_weight_decompose
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape((1, -1) + (1,) * (w.ndim - 2))
+      else:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (w.ndim - 1))
+      want = want + mult * (merged * sd[k].double() / norm - want)
     want = want.permute(2, 3, 1, 0) if w.ndim == 4 else want.T
     ours = np.asarray(traverse_util.flatten_dict(got[net])[kpath])
     np.testing.assert_allclose(ours, want.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)

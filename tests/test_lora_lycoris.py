@@ -174,7 +174,8 @@ def kohya_lora_updown(w: dict, orig_weight: torch.Tensor) -> torch.Tensor:
 
 
 def a1111_merge(modules: dict, files: list[tuple[dict, float]]) -> dict:
-  """network -> {kohya layer name: W + sum of multiplier * updown}, every adapter's update computed on the base W."""
+  """network -> {kohya layer name: W + sum of multiplier * updown}, each adapter's update computed on the weight the
+  adapters before it left (A1111's network_apply_weights; only DoRA's updown depends on it)."""
   out = {}
   for net, layers in modules.items():
     out[net] = {}
@@ -183,7 +184,8 @@ def a1111_merge(modules: dict, files: list[tuple[dict, float]]) -> dict:
       for sd, mult in files:
         w = {k.removeprefix(name + "."): v for k, v in sd.items() if k.startswith(name + ".")}
         if w:
-          merged = merged + mult * (kohya_lora_updown(w, base) if "lora_down.weight" in w else a1111_updown(w, base))
+          merged = merged + mult * (kohya_lora_updown(w, merged) if "lora_down.weight" in w else a1111_updown(
+              w, merged))
       out[net][name] = merged
   return out
 
@@ -299,9 +301,9 @@ def test_tucker_locon_merged_kernels_as_a1111(setup, alpha, mults):
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_loha_lokr_and_lora_mixed_as_a1111(setup, dora):
-  """A LoHa (Tucker) at 0.6, a LoKr (both decomposed) at -0.5 and a plain kohya LoRA at 0.8 on the same layers: each
-  adapter's update from the base weight, summed (A1111); with dora_scale on the LoHa and LoKr (per input channel, as
-  LyCORIS' default), A1111's blend for each of them."""
+  """A LoHa (Tucker) at 0.6, a LoKr (both decomposed) at -0.5 and a plain kohya LoRA at 0.8 on the same layers, in
+  order (A1111); with dora_scale on the LoHa and LoKr (per input channel, as LyCORIS' default), A1111's blend for
+  each of them, the LoKr's on the weight the LoHa left."""
   path, models, modules, pipe = setup
   files = [(make_file(modules, "loha", "tucker", 6.0, seed=3, dora=dora), 0.6),
            (make_file(modules, "lokr", "both_lora", 4.0, seed=4, dora=dora), -0.5), (_plain_lora(modules, 5), 0.8)]
