@@ -5,11 +5,11 @@ A path that exists is used as it is. A name of the form owner/name that is no pa
 huggingface_hub's `snapshot_download` does it: in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE, where
 diffusers and transformers keep their downloads) when the Hub cannot be reached or HF_HUB_OFFLINE=1 is set, and
 on the Hub otherwise, downloading into that cache what is missing. Only the files jaxsd reads are fetched:
-model_index.json and the JSON / text files of each network, tokenizer and scheduler folder jaxsd loads, and the
-weight files `model_folder.pick_weight_files` picks in each network folder (the variant's where the network has
-them, else the default ones); not a repository's single-file checkpoints, safety checker, image encoder, ONNX or
-other variants' copies. A repository without model_index.json is one network (a ControlNet): its top folder is
-read the same way.
+model_index.json and the JSON / text files of each network, tokenizer and scheduler folder jaxsd loads (a
+ControlNet pipeline's controlnet/, controlnet_1/, ... too), and the weight files `model_folder.pick_weight_files`
+picks in each network folder (the variant's where the network has them, else the default ones); not a
+repository's single-file checkpoints, safety checker, image encoder, ONNX or other variants' copies. A repository
+without model_index.json is one network (a ControlNet): its top folder is read the same way.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def _download(repo_id: str, revision: str | None, files: set[str], variant: str 
 
   pipeline = "model_index.json" in files
   folders = [f for f in FOLDERS if any(n.startswith(f + "/") for n in files)] if pipeline else [""]
+  if pipeline:  # a ControlNet pipeline's ControlNets (MultiControlNetModel: controlnet/, controlnet_1/, ...)
+    folders += sorted({n.split("/")[0] for n in files if re.fullmatch(r"controlnet(_[1-9][0-9]*)?/[^/]+", n)})
   in_folder = lambda folder, n: os.path.dirname(n) == folder  # noqa: E731
   small = [n for n in files if n.endswith((".json", ".txt")) and any(in_folder(f, n) for f in folders + [""])]
   snapshot = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_exactly(small))

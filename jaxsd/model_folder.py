@@ -383,6 +383,82 @@ def write_model_index(path: str, pipeline_class: str | None = None, scheduler_cl
   write_json_object(os.path.join(path, "model_index.json"), index, indent=2, sort_keys=True)
 
 
+# diffusers' ControlNet pipelines, by the plain pipeline whose components (and a "controlnet") their folders hold.
+CONTROLNET_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline": "StableDiffusionXLControlNetInpaintPipeline",
+}
+# model_index.json's "controlnet" class for one ControlNet (in controlnet/) and for several (MultiControlNetModel:
+# controlnet/, controlnet_1/, controlnet_2/, ..., as its save_pretrained writes and its from_pretrained reads them).
+CONTROLNET_CLASSES = ("ControlNetModel", "MultiControlNetModel")
+
+
+def controlnet_class(path: str) -> str | None:
+  """The class a pipeline folder's model_index.json names for its "controlnet" component (Flax prefix dropped), or
+  None: no such entry (a plain pipeline's folder), a null one, or no model_index.json."""
+  index = os.path.join(path, "model_index.json")
+  entry = read_json(index).get("controlnet") if os.path.isfile(index) else None
+  if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], str):
+    return None
+  return entry[1].removeprefix("Flax")
+
+
+def controlnet_folders(path: str) -> list[str]:
+  """The ControlNet folders of a diffusers ControlNet pipeline folder (StableDiffusionControlNetPipeline's,
+  StableDiffusionXLControlNetPipeline's, ...), in order, as diffusers loads them: controlnet/ for a ControlNetModel,
+  controlnet/, controlnet_1/, controlnet_2/, ... while they exist for a MultiControlNetModel; [] for a folder whose
+  model_index.json names none. A ValueError for ControlNet kinds jaxsd does not run (ControlNet-XS, Union, SD3's),
+  a FileNotFoundError when controlnet/ is missing."""
+  kind = controlnet_class(path)
+  if kind is None:
+    return []
+  if kind not in CONTROLNET_CLASSES:
+    raise ValueError(f"{path}: model_index.json's controlnet is a {kind}; jaxsd runs diffusers ControlNetModel "
+                     "ControlNets (one, or several as a MultiControlNetModel).")
+  first = os.path.join(path, "controlnet")
+  if not os.path.isdir(first):
+    raise FileNotFoundError(f"model folder {path!r} is incomplete: model_index.json names a {kind}, but there is no "
+                            "controlnet/.")
+  folders = [first]
+  while kind == "MultiControlNetModel" and os.path.isdir(f"{first}_{len(folders)}"):
+    folders.append(f"{first}_{len(folders)}")
+  return folders
+
+
+def controlnet_dir(path: str, k: int) -> str:
+  """ControlNet k's folder in a pipeline folder: controlnet/, then controlnet_1/, ... (MultiControlNetModel's)."""
+  return os.path.join(path, "controlnet" if k == 0 else f"controlnet_{k}")
+
+
+def write_controlnet_index(path: str, own_class: str | None, n: int) -> None:
+  """Makes the plain pipeline's model_index.json just written in `path` that of a ControlNet pipeline with n
+  ControlNets saved in `controlnet_dir(path, k)`, as diffusers' save_pretrained writes it: "controlnet":
+  ["diffusers", "ControlNetModel"] (n = 1) or "MultiControlNetModel"; the pipeline class `own_class` where that is
+  one of CONTROLNET_PIPELINES' (a folder loaded as StableDiffusionControlNetInpaintPipeline stays one), else the
+  ControlNet pipeline of the class written. Folders controlnet_n/, ... left by an earlier save with more ControlNets
+  are removed: MultiControlNetModel.from_pretrained would load them too."""
+  file = os.path.join(path, "model_index.json")
+  index = read_json(file)
+  written, own = index["_class_name"], str(own_class or "").removeprefix("Flax")
+  xl = written.startswith("StableDiffusionXL")
+  if own in CONTROLNET_PIPELINES.values() and own.startswith("StableDiffusionXL") == xl:
+    index["_class_name"] = own
+  else:
+    index["_class_name"] = CONTROLNET_PIPELINES.get(
+        written, CONTROLNET_PIPELINES["StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"])
+  index["controlnet"] = ["diffusers", CONTROLNET_CLASSES[n > 1]]
+  write_json_object(file, index, indent=2, sort_keys=True)
+  k = max(n, 1)
+  while os.path.isdir(controlnet_dir(path, k)):
+    log.warning("%s: removing %s, left by an earlier save with more ControlNets.", path, controlnet_dir(path, k))
+    shutil.rmtree(controlnet_dir(path, k))
+    k += 1
+
+
 def _listing(folder: str) -> list[tuple[str, int, int]]:
   """(relative path, size, mtime in ns) of every file under `folder`: what a copy with copy2 keeps."""
   out = []

@@ -6,6 +6,10 @@ for SDXL), through the programs of `StableDiffusion` with the ControlNets' resid
     images = pipe(prompts, control_images=[edges, depths], controlnet_conditioning_scale=[1.0, 0.5])
     edited = pipe.img2img(prompts, photos, control_images=[edges, depths], strength=0.8)
 
+A folder saved by diffusers' StableDiffusion(XL)ControlNet*Pipeline (its base model's folders, controlnet/ and, for
+several, controlnet_1/, ...) loads with its ControlNets through `StableDiffusionControlNet.from_pretrained` (or
+`jaxsd.pipeline_xl.load`, which tells the kinds apart); `save_pretrained` writes such a folder.
+
 At every model call each ControlNet sees the latents, the timestep, the prompt and its conditioning image
 (RGB in [0, 1], not normalised, duplicated for classifier-free guidance); the U-Net adds the sum of their
 residuals, each scaled by its conditioning scale while the call lies inside its [control_guidance_start,
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, mask_crop, pipeline_xl, pretrained
+from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_xl, pretrained
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.pipeline import StableDiffusion, _syntax, with_extra
@@ -99,6 +103,42 @@ class StableDiffusionControlNet(StableDiffusion):
     if "_loras" in pipe.__dict__:
       out.__dict__["_loras"] = pipe.__dict__["_loras"]
     return out
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, controlnets=None,
+                      variant: str | None = None, allow_pickle: bool = False, **unet_kwargs):
+    """A diffusers ControlNet pipeline folder (or Hub id) with its ControlNets, as diffusers'
+    StableDiffusion(XL)ControlNetPipeline.from_pretrained: the base model as the base class's `from_pretrained`
+    reads it, and the folders `jaxsd.model_folder.controlnet_folders` lists (controlnet/, and controlnet_1/, ... for
+    a MultiControlNetModel), each in its `variant` where it has one. `controlnets` (what `with_controlnet` takes)
+    replace the folder's, which are then not read, or steer a folder that has none."""
+    path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)
+    if controlnets is None:
+      folders = model_folder.controlnet_folders(path)
+      if not folders:
+        raise ValueError(f"{path} holds no ControlNet (its model_index.json names no controlnet): give controlnets=, "
+                         "or load it with jaxsd.pipeline_xl.load.")
+    base = super().from_pretrained(path, dtype, param_dtype, variant=variant, allow_pickle=allow_pickle, **unet_kwargs)
+    if controlnets is None:
+      dtype, param_dtype = base.unet.dtype, base.unet.param_dtype
+      controlnets = [
+          pretrained.load_controlnet(d, dtype, param_dtype, allow_pickle=allow_pickle,
+                                     variant=variant if variant and model_folder.has_weights(d, variant) else None)
+          for d in folders
+      ]
+    return cls.from_pipeline(base, controlnets, allow_pickle=allow_pickle)
+
+  def save_pretrained(self, path: str, dtype=None) -> None:
+    """Writes the diffusers ControlNet pipeline folder that DiffusionPipeline.from_pretrained loads as
+    StableDiffusion(XL)ControlNetPipeline (and `from_pretrained` here): the base model's folder (the base class's
+    `save_pretrained`), each ControlNet in controlnet/, controlnet_1/, ... (as MultiControlNetModel.save_pretrained),
+    and model_index.json with the ControlNet pipeline class and the controlnet entry (`write_controlnet_index`)."""
+    super().save_pretrained(path, dtype)
+    path = os.fspath(path)
+    for k, (module, params) in enumerate(zip(self.controlnets, self.controlnet_params)):
+      pretrained.save_pretrained(module, jax.device_get(params), model_folder.controlnet_dir(path, k), dtype)
+    own = getattr(self, "model_index", {}).get("_class_name") or self.pipeline_class_name  # SDXL's, SD's
+    model_folder.write_controlnet_index(path, own, len(self.controlnets))
 
   @property
   def params(self) -> dict:

@@ -5,6 +5,7 @@ of the pipeline class; with the rules they share: the VAE's dtype and the folder
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Self
 
@@ -15,6 +16,8 @@ from jaxsd import hub, model_folder, pretrained, single_file
 from jaxsd import tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.models.vae import AutoencoderKLConfig
+
+log = logging.getLogger(__name__)
 
 
 class FoldersMixin:
@@ -30,6 +33,9 @@ class FoldersMixin:
     `dtype`) either way. `allow_pickle` reads networks that have only pickled `.bin` weights (with
     `torch.load(weights_only=True)`; off by default, see `jaxsd.model_folder.read_state_dict`). `path` may be a
     Hub id ("owner/name"): its folder in the Hugging Face cache (`jaxsd.hub`; downloaded there if need be).
+    A ControlNet pipeline's folder (StableDiffusionControlNetPipeline's) loads as its base model, with a warning
+    (as diffusers' StableDiffusionPipeline); `StableDiffusionControlNet.from_pretrained` and
+    `jaxsd.pipeline_xl.load` attach its ControlNets.
     """
     path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)
     if model_folder.is_sdxl_folder(path):
@@ -49,6 +55,7 @@ class FoldersMixin:
                _scheduler_config(scheduler_file, class_name), scheduler_class_name=class_name,
                pipeline_class_name=pipeline_class)
     pipe.check_parts(path)
+    warn_unattached_controlnets(cls, path)
     return pipe
 
   @classmethod
@@ -158,6 +165,19 @@ class FoldersMixin:
     tok.save_tokenizer(self.tokenizer, os.path.join(path, "tokenizer"))
     model_folder.write_scheduler(self.scheduler_config, os.path.join(path, "scheduler"), self.scheduler_class_name)
     model_folder.write_model_index(path, self.pipeline_class_name, self.scheduler_class_name)
+
+
+def warn_unattached_controlnets(cls, path: str) -> None:
+  """Warns, as diffusers' StableDiffusionPipeline.from_pretrained does for a component its class does not take,
+  when `cls` (not a ControlNet pipeline class) loaded a ControlNet pipeline's folder without its ControlNets."""
+  kind = model_folder.controlnet_class(path)
+  if kind is not None and getattr(cls, "controlnets", None) is None:
+    log.warning(
+        "%s is a %s folder: %s.from_pretrained loads its base model without its %s (controlnet/); "
+        "jaxsd.pipeline_xl.load(path) or %sControlNet.from_pretrained(path) attach it, pipe.with_controlnet(...) "
+        "others.", path,
+        model_folder.read_json(os.path.join(path, "model_index.json")).get("_class_name"), cls.__name__, kind,
+        cls.__name__)
 
 
 def vae_dtype(config: AutoencoderKLConfig, dtype):

@@ -62,7 +62,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     `StableDiffusion`; each
     tensor is read and converted one at a time (the SDXL U-Net, 2.6B parameters, loads within about two
     copies of itself in host memory). The scheduler config is read as the file says (SDXL's pipelines do
-    not force SD's steps_offset / clip_sample). `path` may be a Hub id ("owner/name", `jaxsd.hub`).
+    not force SD's steps_offset / clip_sample). `path` may be a Hub id ("owner/name", `jaxsd.hub`). A ControlNet
+    pipeline's folder (StableDiffusionXLControlNetPipeline's) loads as its base model, with a warning;
+    `StableDiffusionXLControlNet.from_pretrained` and `load` attach its ControlNets.
     """
     path = hub.resolve(path, variant=variant, allow_pickle=allow_pickle)
     index, networks, tokenizers = _folder_parts(path)
@@ -87,6 +89,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                                    variant=variants["text_encoder_2"], projection=True,
                                                    allow_pickle=allow_pickle)
     scheduler = schedules.SchedulerConfig.from_dict(model_folder.read_json(model_folder.scheduler_config_file(path)))
+    pipeline_folders.warn_unattached_controlnets(cls, path)
     return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler, text_encoder_2=te2,
                text_encoder_2_params=te2_params, tokenizer_2=tok.load_tokenizer(os.path.join(path, "tokenizer_2")),
                model_index=index)
@@ -490,7 +493,8 @@ def text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_
               **img2img)
 
 
-def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwargs) -> pipeline.StableDiffusion:
+def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", *, controlnets=None,
+         **kwargs) -> pipeline.StableDiffusion:
   """`pipeline.load`, and SDXL folders (model_index.json's pipeline class, or an SDXL U-Net) as
   `StableDiffusionXL`: what `python -m sample --model` loads. A `.safetensors` file (a pickled `.ckpt` with
   allow_pickle=True) is a single file read with `single_file_config`: an SD 1.x / 2.x preset ("v1", "v2", ...) or
@@ -499,7 +503,13 @@ def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwarg
   `conditioner.embedders.`, each then picking its preset by the keys (`single_file.guess_config`; v2, SD 2.1 at
   768 px with v-prediction, when the text encoder is OpenCLIP's, else v1). A Hub id ("owner/name") is its folder
   in the Hugging Face cache (`jaxsd.hub`; downloaded there if need be). `vae` (a VAE folder, Hub id or file)
-  replaces the model's VAE (a single file's as it is read: one that ships without a VAE needs it)."""
+  replaces the model's VAE (a single file's as it is read: one that ships without a VAE needs it).
+
+  A ControlNet pipeline's folder (diffusers' StableDiffusion(XL)ControlNet*Pipeline: model_index.json names a
+  controlnet) loads with its ControlNets, as `StableDiffusion(XL)ControlNet` (`StableDiffusionControlNet.
+  from_pretrained`), as diffusers' DiffusionPipeline.from_pretrained does. `controlnets` (a ControlNet folder or Hub
+  id, a (module, params) pair, or a list of them: what `with_controlnet` takes) steer any model instead, replacing
+  such a folder's own (not read then)."""
   vae = kwargs.pop("vae", None)
   allow_pickle = kwargs.get("allow_pickle", False)
   path = hub.resolve(path, variant=kwargs.get("variant"), allow_pickle=allow_pickle)
@@ -507,15 +517,23 @@ def load(path: str, dtype=jnp.float32, single_file_config: str = "auto", **kwarg
     if kwargs.get("variant"):
       raise ValueError(f"variant={kwargs['variant']!r} names files of a diffusers folder; {path} is a single file.")
     config = os.fspath(single_file_config)
-    if (config in single_file.XL_PRESETS or (os.path.isdir(config) and model_folder.is_sdxl_folder(config)) or
-        (config == "auto" and single_file.is_sdxl_file(path, allow_pickle))):
-      return StableDiffusionXL.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
-    return pipeline.StableDiffusion.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle,
-                                                     vae=vae)
-  if model_folder.is_workdir(path) and model_folder.is_sdxl_folder(model_folder.model_dir(path)):
+    xl = (config in single_file.XL_PRESETS or (os.path.isdir(config) and model_folder.is_sdxl_folder(config)) or
+          (config == "auto" and single_file.is_sdxl_file(path, allow_pickle)))
+    cls = StableDiffusionXL if xl else pipeline.StableDiffusion
+    pipe = cls.from_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    return pipe if controlnets is None else pipe.with_controlnet(controlnets, allow_pickle=allow_pickle)
+  if not model_folder.is_workdir(path) and model_folder.controlnet_class(path):
+    from jaxsd import pipeline_controlnet  # it extends this module's class
+
+    xl = model_folder.is_sdxl_folder(path)
+    cls = pipeline_controlnet.StableDiffusionXLControlNet if xl else pipeline_controlnet.StableDiffusionControlNet
+    pipe, controlnets = cls.from_pretrained(path, dtype, controlnets=controlnets, **kwargs), None
+  elif model_folder.is_workdir(path) and model_folder.is_sdxl_folder(model_folder.model_dir(path)):
     pipe = pipeline.load_workdir(path, dtype, pipeline_class=StableDiffusionXL, **kwargs)  # an SDXL fine-tune's
   elif not model_folder.is_workdir(path) and model_folder.is_sdxl_folder(path):
     pipe = StableDiffusionXL.from_pretrained(path, dtype, **kwargs)
   else:
     pipe = pipeline.load(path, dtype=dtype, **kwargs)
+  if controlnets is not None:
+    pipe = pipe.with_controlnet(controlnets, allow_pickle=allow_pickle)
   return pipe if vae is None else pipe.swap_vae(vae, allow_pickle=allow_pickle)

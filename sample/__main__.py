@@ -1,6 +1,6 @@
 """python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
-and all three under ControlNets (--controlnet --control-image) across every local accelerator. Flags only; the work
-is in jaxsd.generate.
+and all three under ControlNets (--controlnet --control-image, or a ControlNet pipeline's --model folder) across
+every local accelerator. Flags only; the work is in jaxsd.generate.
 
 Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
 diffusers does; 16-bit, float and CMYK files are refused."""
@@ -25,7 +25,8 @@ def parse(argv=None) -> argparse.Namespace:
       "--model", required=True,
       help="diffusers Stable Diffusion or SDXL (base or refiner) folder or Hub id, a training workdir, or an SD "
       "1.x / 2.x / SDXL single-file .safetensors checkpoint (A1111 / CompVis layout; a pickled .ckpt with "
-      "--allow-pickle)")
+      "--allow-pickle); a diffusers ControlNet pipeline's folder (controlnet/, ...) runs with its ControlNets, "
+      "one --control-image each")
   p.add_argument(
       "--single-file-config", default="auto",
       help="with a single-file --model: v1 (SD 1.5), v2 (SD 2.1 768 px, v-prediction), v1-inpainting, "
@@ -68,8 +69,10 @@ def parse(argv=None) -> argparse.Namespace:
       "--padding-mask-crop", type=int, default=None, metavar="N",
       help="inpainting: repaint only a box N pixels around the mask, at --height x --width (default: the "
       "model's size), and paste it back into the image (as diffusers' padding_mask_crop)")
-  p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                 help="a diffusers ControlNet folder or Hub id (repeatable: MultiControlNet, residuals summed)")
+  p.add_argument(
+      "--controlnet", action="append", default=[], metavar="PATH",
+      help="a diffusers ControlNet folder or Hub id (repeatable: MultiControlNet, residuals summed); "
+      "replaces a ControlNet pipeline --model folder's own")
   p.add_argument(
       "--control-image", action="append", default=[], metavar="IMG",
       help="the conditioning image of each --controlnet, in the same order (resized to the output; "
@@ -271,15 +274,27 @@ def check_flags(args) -> None:
   check_controlnet_flags(args)
 
 
-def check_controlnet_flags(args) -> None:
+def check_controlnet_flags(args, model_controlnets: int | None = None) -> None:
+  """The ControlNet flags against the --controlnet given or, without one, the ControlNets of the --model folder
+  (`model_controlnets`; by default read from a local folder's model_index.json, and a Hub id's checked once
+  loaded, with this again)."""
   n = len(args.controlnet)
+  if not n:
+    if model_controlnets is None and not os.path.exists(args.model) and hub.is_repo_id(args.model):
+      return  # resolved when loaded
+    n = _model_controlnets(args.model) if model_controlnets is None else model_controlnets
+    if n and len(args.control_image) != n:
+      raise ValueError(f"--model {args.model}: this folder is a ControlNet pipeline ({n} ControlNet{'s' * (n > 1)}): "
+                       f"give --control-image IMG, one per ControlNet in order (got {len(args.control_image)}), or "
+                       "--controlnet PATH to use others.")
   control_flags = [("--control-image", args.control_image), ("--controlnet-scale", args.controlnet_scale),
                    ("--control-guidance-start", args.control_guidance_start),
                    ("--control-guidance-end", args.control_guidance_end), ("--guess-mode", args.guess_mode)]
   if not n:
     for flag, value in control_flags:
       if value:
-        raise ValueError(f"{flag} needs --controlnet PATH (a diffusers ControlNet folder).")
+        raise ValueError(f"{flag} needs --controlnet PATH (a diffusers ControlNet folder), or a ControlNet "
+                         "pipeline's --model folder.")
     return
   if len(args.control_image) != n:
     raise ValueError(f"{len(args.control_image)} --control-image for {n} --controlnet: give one control image per "
@@ -291,6 +306,15 @@ def check_controlnet_flags(args) -> None:
     if not os.path.isdir(path) and not hub.is_repo_id(path):  # a Hub id (owner/name) is the loader's to find
       raise FileNotFoundError(f"--controlnet {path}: no such folder; give a diffusers ControlNet folder "
                               "(config.json and weights).")
+
+
+def _model_controlnets(model: str) -> int:
+  """How many ControlNets a --model folder brings: a diffusers ControlNet pipeline's (model_index.json)."""
+  from jaxsd import model_folder
+
+  if not os.path.isdir(model) or model_folder.is_workdir(model):
+    return 0
+  return len(model_folder.controlnet_folders(model))
 
 
 def main(argv=None) -> int:
@@ -319,7 +343,10 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
-                            vae=args.vae, **load_kw)
+                            vae=args.vae, controlnets=args.controlnet or None, **load_kw)
+    controlnets = getattr(pipe, "controlnets", ())
+    if not args.controlnet:  # a ControlNet pipeline folder's (a Hub id's is known now)
+      check_controlnet_flags(args, len(controlnets))
     if args.unet is not None:
       pipe.swap_unet(args.unet, allow_pickle=args.allow_pickle)
     if args.timestep_spacing is not None:
@@ -334,8 +361,7 @@ def main(argv=None) -> int:
       pipe.load_textual_inversion([p for p, _ in embeddings], [t for _, t in embeddings],
                                   allow_pickle=args.allow_pickle)
     control = {}
-    if args.controlnet:
-      pipe = pipe.with_controlnet(args.controlnet, allow_pickle=args.allow_pickle)
+    if controlnets:
       control = dict(control_images=control_images, guess_mode=args.guess_mode)
       for name, values in (("controlnet_conditioning_scale", args.controlnet_scale),
                            ("control_guidance_start", args.control_guidance_start), ("control_guidance_end",

@@ -189,7 +189,7 @@ def test_sample_loras_reach_the_pipeline(tmp_path, capsys, monkeypatch):
 
 def test_sample_hub_ids_of_loras_and_controlnets_reach_the_loaders(tmp_path, capsys, monkeypatch):
   """lora.read and the ControlNet loader take Hub ids (owner/name), but the command refused them first as a missing
-  file / folder; a path that is no Hub id still is."""
+  file / folder; a path that is no Hub id still is. The ControlNets are attached as the model loads, then the LoRA."""
   from jaxsd import pipeline
 
   seen = []
@@ -198,10 +198,11 @@ def test_sample_hub_ids_of_loras_and_controlnets_reach_the_loaders(tmp_path, cap
 
     def load_lora(self, path, scale, strict):
       seen.append((path, scale))
+      raise FileNotFoundError("stop here")
 
     def with_controlnet(self, controlnets, allow_pickle):
       seen.append(tuple(controlnets))
-      raise FileNotFoundError("stop here")
+      return self
 
   monkeypatch.setattr(pipeline, "load", lambda path, **kw: FakePipe())
   image = tmp_path / "edges.png"
@@ -211,7 +212,7 @@ def test_sample_hub_ids_of_loras_and_controlnets_reach_the_loaders(tmp_path, cap
   argv = _sample(tmp_path, "--prompt", "x", "--lora", "owner/style-lora:0.7", "--controlnet", "owner/controlnet@v1",
                  "--control-image", str(image))
   assert sample_main.main(argv) == 2
-  assert seen == [("owner/style-lora", 0.7), ("owner/controlnet@v1",)]
+  assert seen == [("owner/controlnet@v1",), ("owner/style-lora", 0.7)]
   assert "stop here" in _one_error_line(capsys)
   for flag, path in (("--lora", "missing/x.safetensors"), ("--controlnet", "./missing/cn")):
     extra = ["--control-image", str(image)] if flag == "--controlnet" else []

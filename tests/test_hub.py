@@ -156,6 +156,23 @@ def test_a_single_network_repository(fake_hub, tmp_path):
   assert fake_hub.fetched == {"config.json", "diffusion_pytorch_model.safetensors"}
 
 
+def test_a_controlnet_pipeline_repository_brings_its_controlnets(fake_hub):
+  """A StableDiffusionControlNetPipeline's repository with a MultiControlNetModel: controlnet/ and controlnet_1/ are
+  fetched with the pipeline's folders (their fp16 copies not)."""
+  for f in ("controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+            "controlnet/diffusion_pytorch_model.fp16.safetensors", "controlnet_1/config.json",
+            "controlnet_1/diffusion_pytorch_model.safetensors", "controlnet_images/edges.png"):
+    os.makedirs(os.path.dirname(os.path.join(fake_hub.remote, f)), exist_ok=True)
+    with open(os.path.join(fake_hub.remote, f), "w") as fh:
+      fh.write("{}" if f.endswith(".json") else "x")
+  hub.resolve("owner/sd-controlnet")
+  weights = {f for f in fake_hub.fetched if not f.endswith((".json", ".txt"))}
+  assert weights == WEIGHTS | {
+      "controlnet/diffusion_pytorch_model.safetensors", "controlnet_1/diffusion_pytorch_model.safetensors"
+  }
+  assert {"controlnet/config.json", "controlnet_1/config.json"} <= fake_hub.fetched
+
+
 def test_the_cache_is_used_when_the_hub_cannot_be_reached(tiny, offline_cache, monkeypatch):
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
