@@ -82,19 +82,40 @@ def check_out_dir(out_dir: str, name: str = "out_dir") -> None:
 
 def save_new(image: np.ndarray, path: str) -> str:
   """Saves the PNG at `path`, or at "<stem>-1.png", "-2", ... when a file of that name exists (an earlier
-  run's images are kept, as A1111 numbers its outputs); returns the path written."""
+  run's images are kept, as A1111 numbers its outputs); returns the path written. The PNG is written whole under a
+  hidden temporary name first and then given its name: a run killed while writing leaves no partial PNG."""
   from PIL import Image
 
-  stem, ext = os.path.splitext(path)
-  for n in itertools.count():
-    target = path if n == 0 else f"{stem}-{n}{ext}"
-    try:
-      fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-      continue
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(image).save(f, format="PNG")
-    return target
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+  try:
+    Image.fromarray(image).save(tmp, format="PNG")
+    stem, ext = os.path.splitext(path)
+    for n in itertools.count():
+      target = path if n == 0 else f"{stem}-{n}{ext}"
+      if _claim(tmp, target):
+        return target
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _claim(tmp: str, target: str) -> bool:
+  """Gives the whole file `tmp` the name `target` unless a file has that name (then False): a hard link, which
+  never replaces a file; where the file system has none, the name is taken first (O_EXCL), then replaced."""
+  try:
+    os.link(tmp, target)
+    return True
+  except FileExistsError:
+    return False
+  except OSError:
+    pass
+  try:
+    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+  except FileExistsError:
+    return False
+  os.replace(tmp, target)
+  return True
 
 
 # Default step counts: diffusers' LatentConsistencyModelPipeline's for LCM (distilled for 2-8 steps), else 25.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+from PIL import Image
 
 
 def contact_sheet(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -17,3 +19,10 @@ def contact_sheet(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     r, col = divmod(i, columns)
     sheet[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
   return sheet
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """Writes a uint8 HWC image to `path` as a PNG whole or not at all (a temporary file, then `os.replace`): a run
+  killed while writing leaves the file before or after, never a cut-short PNG."""
+  Image.fromarray(image).save(path + ".tmp", format="PNG")
+  os.replace(path + ".tmp", path)

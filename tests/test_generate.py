@@ -91,6 +91,33 @@ def test_images_are_written_as_their_batch_ends(pipe, tmp_path, monkeypatch):
   assert sorted(os.listdir(out)) == generate.image_filenames(["a red circle"], 3, 4)[:2]
 
 
+def test_a_run_killed_while_writing_a_png_leaves_no_partial_png(tmp_path, monkeypatch):
+  """`python -m sample` killed while a PNG is written: it was written in place, so a kill left a cut-short PNG
+  under the image's name (and a rerun then numbered its own image past it). It is written under a hidden
+  temporary name and then given its name, so only whole PNGs carry images' names."""
+  from PIL import Image as PILImage
+
+  image = np.zeros((16, 16, 3), np.uint8)
+  real_save = PILImage.Image.save
+
+  def cut_short(self, fp, format=None, **kw):  # half the PNG reaches the file, then the process is gone
+    real_save(self, fp, format=format, **kw)
+    if hasattr(fp, "write"):
+      fp.truncate(fp.tell() // 2)
+    else:
+      os.truncate(fp, os.path.getsize(fp) // 2)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(PILImage.Image, "save", cut_short)
+  with pytest.raises(KeyboardInterrupt):
+    generate.save_new(image, str(tmp_path / "a_cat-seed0-0000.png"))
+  monkeypatch.undo()
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+  assert generate.save_new(image, str(tmp_path / "a_cat-seed0-0000.png")) == str(tmp_path / "a_cat-seed0-0000.png")
+  assert os.listdir(tmp_path) == ["a_cat-seed0-0000.png"]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_cat-seed0-0000.png")), image)
+
+
 def test_init_image_of_a_size_the_vae_cannot_take_names_the_image(pipe):
   """Its size is the output's; the message used to name --height, which the user had not given."""
   with pytest.raises(ValueError, match=r"the init image is 24x20 pixels \(WxH\).*e\.g\. to 24x16"):

@@ -120,8 +120,10 @@ def class_images(directory: str, *, existing: list[str], num_images: int, settin
   """`num_images` class images: the first of `existing`, then those drawn by `generate(first, n) -> uint8
   (n, H, W, 3)` (image `first + i` of the generated set) and cached in `directory` as 00000.png, ...
 
-  Only the missing files are drawn: a rerun finds them all and draws nothing. `settings` (prompt, model,
-  sampler, ...) are stored beside them; a cache made with other settings is refused rather than mixed in.
+  Only the batches with missing files are drawn, the batches of a run that draws them all: a rerun finds them
+  all and draws nothing, and a killed run's rerun writes the images an uninterrupted run would have. `settings`
+  (prompt, model, sampler, ...) are stored beside them; a cache made with other settings is refused rather than
+  mixed in.
   """
   existing = list(existing)[:num_images]
   need = num_images - len(existing)
@@ -144,23 +146,16 @@ def class_images(directory: str, *, existing: list[str], num_images: int, settin
   missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
   if missing:
     log.info("Drawing %d class image(s) of %d into %s.", len(missing), need, directory)
-  for first, n in _batches(missing, batch_size):
+  # Always the batches of a run that draws them all (a batch's size and rows change the float sums' rounding): a
+  # run killed between two images of a batch draws that whole batch again and keeps the images already written.
+  for first in sorted({i - i % batch_size for i in missing}):
+    n = min(batch_size, need - first)
     for i, image in zip(range(first, first + n), np.asarray(generate(first, n))):
-      tmp = paths[i] + ".tmp"
-      Image.fromarray(image).save(tmp, format="PNG")
-      os.replace(tmp, paths[i])  # a killed run leaves no half-written image
+      if i in missing:
+        tmp = paths[i] + ".tmp"
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, paths[i])  # a killed run leaves no half-written image
   return existing + paths
-
-
-def _batches(indices: list[int], batch_size: int) -> list[tuple[int, int]]:
-  """(first, count) batches of at most `batch_size` consecutive indices covering the sorted `indices`."""
-  out = []
-  for i in indices:
-    if out and out[-1][0] + out[-1][1] == i and out[-1][1] < batch_size:
-      out[-1] = (out[-1][0], out[-1][1] + 1)
-    else:
-      out.append((i, 1))
-  return out
 
 
 def pipeline_generator(pipe, prompt: str, size: int, *, sampler: str, steps: int, guidance_scale: float,

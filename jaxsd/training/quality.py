@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Sequence
 
@@ -116,5 +117,6 @@ def plot(history: Sequence[dict], path: str, *, floor: float | None = None) -> N
   ax2.set(xlabel="U-Net step", ylabel="Fréchet distance (judge features)", title="shapes-FID")
   ax2.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fig.savefig(path + ".tmp", dpi=90, format="png")  # whole or not at all: a kill leaves the old plot or the new
+  os.replace(path + ".tmp", path)
   plt.close(fig)

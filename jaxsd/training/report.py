@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
 
 from jaxsd import pretrained
 from jaxsd.data import builtin, input_pipeline
-from jaxsd.image_grid import contact_sheet
+from jaxsd.image_grid import contact_sheet, save_png
 from jaxsd.pipeline import load_workdir
 from jaxsd.training import evaluate, export
 from jaxsd.training import judge as judge_lib
@@ -104,7 +103,7 @@ def write(cfg, workdir: str, tokenizer, step: int) -> dict:
   quality_lib.plot(list(history.values()), os.path.join(samples_dir, "quality.png"), floor=floors["fid_real_vs_real"])
   images = match.pop("images")
   per_row = spec.grid_columns * cfg.eval.images_per_prompt
-  Image.fromarray(contact_sheet(images, columns=per_row)).save(os.path.join(samples_dir, "prompt_match_grid.png"))
+  save_png(contact_sheet(images, columns=per_row), os.path.join(samples_dir, "prompt_match_grid.png"))
 
   match["row_labels"] = [{
       a: spec.attributes[a][spec.labels[a][i]] for a in spec.attributes
@@ -126,7 +125,7 @@ def write(cfg, workdir: str, tokenizer, step: int) -> dict:
               f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
               f"(the two halves of the test split, the floor): {floors['fid_real_vs_real']:.2f}; "
               f"ratio {scores['fid'] / floors['fid_real_vs_real']:.2f}.") if "fid" in scores else ""
-  with open(os.path.join(workdir, "report.md"), "w") as f:
+  with open(os.path.join(workdir, "report.md.tmp"), "w") as f:  # whole or not at all, as the PNGs
     f.write(f"# How well the model draws what it is asked for (U-Net step {step})\n\n"
             f"Every judged prompt ({' x '.join(spec.attributes)}, {cfg.eval.images_per_prompt} image(s) each), "
             f"sampled with the EMA U-Net ({cfg.unet.sampler}, {cfg.unet.sample_steps} steps, guidance "
@@ -136,6 +135,7 @@ def write(cfg, workdir: str, tokenizer, step: int) -> dict:
             f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
             f"{by_sections}{confusion_sections}## Samples\n\n{spec.grid_caption}\n\n"
             "![prompt match](samples/prompt_match_grid.png)\n")
+  os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
   print(table)
   print(fid_line)
   return dict(scores, rows=match["rows"], ceilings=ceilings, confusion=confusion, vae_confusion=recon_confusion,

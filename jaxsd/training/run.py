@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from jaxsd import lora as lora_lib
 from jaxsd import lora_names
@@ -38,7 +37,7 @@ from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
 from jaxsd.data import builtin, image_folder, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
-from jaxsd.image_grid import contact_sheet
+from jaxsd.image_grid import contact_sheet, save_png
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_folders import load_vae
 from jaxsd.pipeline_xl import StableDiffusionXL
@@ -339,7 +338,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
     grid = contact_sheet(images, columns=columns)
     if primary():
       os.makedirs(samples_dir, exist_ok=True)
-      Image.fromarray(grid).save(os.path.join(samples_dir, f"step_{step:06d}.png"))
+      save_png(grid, os.path.join(samples_dir, f"step_{step:06d}.png"))
     writer.write_images(step, {"samples": grid})
     if quality is not None and step < cfg.unet.steps:  # the final point is the report's
       scores = quality(pipe, final=False)
@@ -610,8 +609,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.check_same_config(config_json, workdir)
     with workdir_lib.lock(workdir, enabled=primary()):
       if primary():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-          f.write(config_json)
+        workdir_lib.write_config(config_json, workdir)
       return _run_stages(cfg, workdir, names)
 
 
@@ -651,6 +649,5 @@ def _run_stages(cfg, workdir: str, names: list[str]) -> dict:
     results["prompt_match"] = report.write(cfg, workdir, tokenizer, step=int(results["unet"]["steps"]))
   results["wall_seconds_this_run"] = round(time.time() - t0, 1)
   if primary():
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    write_json_object(os.path.join(workdir, "summary.json"), results, indent=2)
   return results

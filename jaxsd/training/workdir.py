@@ -112,6 +112,15 @@ def check_same_config(config_json: str, workdir: str) -> None:
                        "under new settings. Rerun with the settings it was started with, or give a new workdir.")
 
 
+def write_config(config_json: str, workdir: str) -> None:
+  """Records the run's config in the workdir, whole or not at all (a temporary file, then `os.replace`): a kill
+  while writing it used to leave a cut-short config.json, which the next run cannot compare with its own."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.write(config_json)
+  os.replace(path + ".tmp", path)
+
+
 @contextlib.contextmanager
 def lock(workdir: str, enabled: bool = True) -> Iterator[None]:
   """Holds `<workdir>/.jaxsd.lock` while the run works; a WorkdirError when another process holds it."""

@@ -69,3 +69,49 @@ def test_a_workdir_that_recorded_a_relative_init_resumes(tmp_path, monkeypatch):
   rerun.init = str(tmp_path / "models" / "other")
   with pytest.raises(workdir.WorkdirError, match="init: "):
     workdir.check_same_config(rerun.to_json_best_effort(), str(tmp_path))
+
+
+def test_a_run_killed_while_recording_its_config_still_refuses_another(tmp_path, monkeypatch):
+  """config.json was written in place: a kill while a rerun rewrote it left it cut short, and the next run, unable
+  to read it, only warned and resumed the checkpoints under whatever config it was given. It is replaced whole."""
+  import builtins
+
+  from jaxsd.training import run
+  from jaxsd.training.run_config import ConfigError
+
+  monkeypatch.setattr(run, "ensure_dataset", lambda cfg: None)
+  monkeypatch.setattr(run, "_check_test_split", lambda cfg, names: None)
+  monkeypatch.setattr(run, "_run_stages", lambda cfg, wd, names: {})  # the stages are not what is tested
+  wd = str(tmp_path / "run")
+  run.train_and_evaluate(smoke.get_config(), wd)
+  real_open = builtins.open
+
+  class Killed:  # half of what is written reaches the file, then the process is gone
+
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, text):
+      self.f.write(text[:len(text) // 2])
+      raise KeyboardInterrupt
+
+  def open_(file, mode="r", *a, **k):
+    f = real_open(file, mode, *a, **k)
+    return Killed(f) if "w" in mode and os.path.basename(str(file)).startswith("config.json") else f
+
+  rerun = smoke.get_config()
+  rerun.log_every = 7  # free to change: the rerun records its config again
+  monkeypatch.setattr(builtins, "open", open_)
+  with pytest.raises(KeyboardInterrupt):
+    run.train_and_evaluate(rerun, wd)
+  monkeypatch.setattr(builtins, "open", real_open)
+  other = smoke.get_config()
+  other.seed = 1
+  with pytest.raises(ConfigError, match=r"was started with another config \(seed: 0 -> 1\)"):
+    run.train_and_evaluate(other, wd)
