@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import jax.numpy as jnp
 
+from jaxsd.files import written_whole
+
 T = TypeVar("T", bound="ConfigBase")
 
 # The dtype names of configs and flags (`config.dtype`, `python -m sample --dtype`).
@@ -52,11 +54,9 @@ def read_json_object(path: str) -> dict:
 def write_json_object(path: str, obj: Any, indent: int | None = None, sort_keys: bool = False) -> None:
   """Writes `obj` as JSON to `path` whole or not at all (a temporary file, then `os.replace`): a run killed while
   writing leaves the old file or the new one, never a truncated file that the resumed run cannot read."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
+  with written_whole(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, indent=indent, sort_keys=sort_keys)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)

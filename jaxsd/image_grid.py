@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from jaxsd.files import written_whole
 
 
 def contact_sheet(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -24,5 +25,5 @@ def contact_sheet(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 def save_png(image: np.ndarray, path: str) -> None:
   """Writes a uint8 HWC image to `path` as a PNG whole or not at all (a temporary file, then `os.replace`): a run
   killed while writing leaves the file before or after, never a cut-short PNG."""
-  Image.fromarray(image).save(path + ".tmp", format="PNG")
-  os.replace(path + ".tmp", path)
+  with written_whole(path) as tmp:
+    Image.fromarray(image).save(tmp, format="PNG")

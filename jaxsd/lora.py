@@ -50,6 +50,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxsd import hub, lora_dora, lora_lycoris, lora_names, model_folder, token_embeddings, weights
+from jaxsd.files import written_whole
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -473,8 +474,8 @@ def save(adapter: Adapter, path: str, fmt: str = "peft", dtype=np.float32,
     path = os.path.join(path, WEIGHT_NAME)
   state_dict, metadata = to_state_dict(adapter, fmt, dtype, unet_names)
   header = {METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)} if metadata else None
-  model_folder.write_safetensors(state_dict, path + ".tmp", header)
-  os.replace(path + ".tmp", path)
+  with written_whole(path) as tmp:
+    model_folder.write_safetensors(state_dict, tmp, header)
   return path
 
 

@@ -19,6 +19,7 @@ from jaxsd import hub, model_folder, weights
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 from jaxsd.models import clip, controlnet, unet, vae
+from jaxsd.files import written_whole
 
 
 def _spec(module: nn.Module) -> dict[str, Any]:
@@ -208,9 +209,8 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
   os.makedirs(path, exist_ok=True)
   state_dict = weights.params_to_state_dict(params, dtype=dtype)
   config = {**spec["extra"], **module.config.to_dict()}
-  tmp = os.path.join(path, spec["file"] + ".tmp")
-  model_folder.write_safetensors(state_dict, tmp)
-  os.replace(tmp, os.path.join(path, spec["file"]))
+  with written_whole(os.path.join(path, spec["file"])) as tmp:
+    model_folder.write_safetensors(state_dict, tmp)
   write_json_object(os.path.join(path, "config.json"), config, indent=2, sort_keys=True)
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import model_folder
+from jaxsd.files import written_whole
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' train_textual_inversion.py
 _TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
@@ -91,10 +92,8 @@ def save(rows: Mapping[str, Any], path: str) -> str:
   if not path.endswith(".safetensors"):
     os.makedirs(path, exist_ok=True)
     path = os.path.join(path, WEIGHT_NAME)
-  save_file({
-      w: np.asarray(r, np.float32).reshape(1, -1) for w, r in rows.items()
-  }, path + ".tmp", metadata={"format": "pt"})
-  os.replace(path + ".tmp", path)
+  with written_whole(path) as tmp:
+    save_file({w: np.asarray(r, np.float32).reshape(1, -1) for w, r in rows.items()}, tmp, metadata={"format": "pt"})
   return path
 
 

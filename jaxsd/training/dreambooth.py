@@ -27,6 +27,7 @@ from jaxsd import tokenizer as tok
 from jaxsd.data.folder_scan import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 from jaxsd.data.image_folder import to_rgb
 from jaxsd.config import write_json_object
+from jaxsd.files import written_whole
 
 log = logging.getLogger(__name__)
 CLASS_DIR = "class_images"
@@ -152,9 +153,8 @@ def class_images(directory: str, *, existing: list[str], num_images: int, settin
     n = min(batch_size, need - first)
     for i, image in zip(range(first, first + n), np.asarray(generate(first, n))):
       if i in missing:
-        tmp = paths[i] + ".tmp"
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, paths[i])  # a killed run leaves no half-written image
+        with written_whole(paths[i]) as tmp:  # a killed run leaves no half-written image
+          Image.fromarray(image).save(tmp, format="PNG")
   return existing + paths
 
 

@@ -31,6 +31,7 @@ import scipy.linalg
 from flax import serialization
 
 from jaxsd.config import write_json_object
+from jaxsd.files import written_whole
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,8 @@ def load_or_train(cache_dir: str, dataset: str, load_split: Callable[[str], tupl
                     train_seconds=round(train_seconds, 1), test_examples=len(test_images),
                     test_accuracy=judge.accuracy(test_images, test_labels))
   os.makedirs(cache_dir, exist_ok=True)
-  with open(os.path.join(cache_dir, _PARAMS) + ".tmp", "wb") as f:  # each file whole or not at all, the
-    f.write(serialization.to_bytes(params))  # meta (what says the cache is complete) last
-  os.replace(os.path.join(cache_dir, _PARAMS) + ".tmp", os.path.join(cache_dir, _PARAMS))
+  with written_whole(os.path.join(cache_dir, _PARAMS)) as tmp, open(tmp, "wb") as f:  # each file whole or not at
+    f.write(serialization.to_bytes(params))  # all, the meta (what says the cache is complete) last
   write_json_object(meta_path, judge.meta, indent=2)
   log.info("judge trained in %.1f s; real test accuracy %s", train_seconds, judge.meta["test_accuracy"])
   return judge

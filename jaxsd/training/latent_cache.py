@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from jaxsd.config import write_json_object
+from jaxsd.files import written_whole
 
 log = logging.getLogger(__name__)
 _SPEC, _DONE = "spec.json", "done.json"
@@ -92,10 +93,8 @@ def _shard_path(directory: str, field: str, k: int) -> str:
 
 
 def _save(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with written_whole(path) as tmp, open(tmp, "wb") as f:
     np.save(f, array)
-  os.replace(tmp, path)
 
 
 def _prepare(directory: str, spec: dict) -> None:
@@ -108,9 +107,8 @@ def _prepare(directory: str, spec: dict) -> None:
     log.info("latent cache in %s was made from other weights or data: rebuilding it.", directory)
     shutil.rmtree(directory)
   os.makedirs(directory, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
+  with written_whole(path) as tmp, open(tmp, "w") as f:
     json.dump(spec, f, indent=2)
-  os.replace(path + ".tmp", path)
 
 
 def build(directory: str, spec: dict, batches: Iterable[dict], encode: Callable[[dict], dict], *, batch_size: int,

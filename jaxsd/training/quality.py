@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from jaxsd.training import evaluate
 from jaxsd.training import judge as judge_lib
+from jaxsd.files import written_whole
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,6 @@ def plot(history: Sequence[dict], path: str, *, floor: float | None = None) -> N
   ax2.set(xlabel="U-Net step", ylabel="Fréchet distance (judge features)", title="shapes-FID")
   ax2.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path + ".tmp", dpi=90, format="png")  # whole or not at all: a kill leaves the old plot or the new
-  os.replace(path + ".tmp", path)
+  with written_whole(path) as tmp:  # a kill leaves the old plot or the new
+    fig.savefig(tmp, dpi=90, format="png")
   plt.close(fig)

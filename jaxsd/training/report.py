@@ -18,6 +18,7 @@ from jaxsd.training import judge as judge_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import quality as quality_lib
 from jaxsd.training.run_config import data_dir, text_length
+from jaxsd.files import written_whole
 
 
 def judged(cfg):
@@ -125,7 +126,7 @@ def write(cfg, workdir: str, tokenizer, step: int) -> dict:
               f"{floors['fid_images']} other real test images): **{scores['fid']:.2f}**; real vs real "
               f"(the two halves of the test split, the floor): {floors['fid_real_vs_real']:.2f}; "
               f"ratio {scores['fid'] / floors['fid_real_vs_real']:.2f}.") if "fid" in scores else ""
-  with open(os.path.join(workdir, "report.md.tmp"), "w") as f:  # whole or not at all, as the PNGs
+  with written_whole(os.path.join(workdir, "report.md")) as tmp, open(tmp, "w") as f:  # whole, as the PNGs
     f.write(f"# How well the model draws what it is asked for (U-Net step {step})\n\n"
             f"Every judged prompt ({' x '.join(spec.attributes)}, {cfg.eval.images_per_prompt} image(s) each), "
             f"sampled with the EMA U-Net ({cfg.unet.sampler}, {cfg.unet.sample_steps} steps, guidance "
@@ -135,7 +136,6 @@ def write(cfg, workdir: str, tokenizer, step: int) -> dict:
             f"{table}\n\n{fid_line}\n\n![quality against steps](samples/quality.png)\n\n"
             f"{by_sections}{confusion_sections}## Samples\n\n{spec.grid_caption}\n\n"
             "![prompt match](samples/prompt_match_grid.png)\n")
-  os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
   print(table)
   print(fid_line)
   return dict(scores, rows=match["rows"], ceilings=ceilings, confusion=confusion, vae_confusion=recon_confusion,

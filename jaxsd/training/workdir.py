@@ -20,6 +20,8 @@ import os
 import socket
 from typing import Any, Iterator
 
+from jaxsd.files import written_whole
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".jaxsd.lock"
@@ -115,10 +117,8 @@ def check_same_config(config_json: str, workdir: str) -> None:
 def write_config(config_json: str, workdir: str) -> None:
   """Records the run's config in the workdir, whole or not at all (a temporary file, then `os.replace`): a kill
   while writing it used to leave a cut-short config.json, which the next run cannot compare with its own."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + ".tmp", "w") as f:
+  with written_whole(os.path.join(workdir, CONFIG_FILE)) as tmp, open(tmp, "w") as f:
     f.write(config_json)
-  os.replace(path + ".tmp", path)
 
 
 @contextlib.contextmanager
