@@ -16,7 +16,8 @@ a call's settings and shapes are those it was saved for (else it traces as usual
     images = pipe(prompts, height=512, width=512, steps=25, sampler="ddim", guidance_scale=7.5)
 
 Plain text-to-image only: prompts without weights or long-prompt windows, no SDXL, ControlNet, img2img
-or inpainting (those calls trace as before). The program is
+or inpainting, and eta 0 (the calls' default; a call with eta > 0, ddim's noise or tcd's gamma, traces as
+before). The program is
 exported for the platform it is saved on unless `platforms` says more (e.g. ("cpu", "cuda")); the
 attention path (cuDNN, Pallas or XLA) is chosen when it is saved, for the platform that saves it.
 """

@@ -131,7 +131,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
              padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=None,
-             control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False) -> GenerateResult:
+             control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
+             eta: float = 0.0) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -151,8 +152,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   ControlNet used for every job (resized to height x width, which default to the first one's size; for img2img and
   inpainting the init image's size, and cropped with it under `padding_mask_crop`), and the other ControlNet
   arguments of its call (the conditioning scale defaults to its call's, as diffusers': 1 for text-to-image, 0.8 for
-  img2img, 0.5 for SD's inpainting and 1 for SDXL's). Bad arguments, checked before anything compiles, raise a
-  ValueError that says what to change.
+  img2img, 0.5 for SD's inpainting and 1 for SDXL's). `eta` is the pipeline calls' (diffusers'): ddim's weight of
+  fresh noise and tcd's gamma, refused by the other samplers unless 0. Bad arguments, checked before anything compiles,
+  raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
@@ -214,7 +216,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       control, height, width = _control_inputs(pipe, control_images, height, width, *settings)
   height, width = pipe.size_or_default(height, width)
   prompts, _ = pipe.check_inputs(prompts, None, height, width, steps, sampler, "np", guidance_scale)
-  schedule = pipe.sampling_schedule(sampler, steps, strength, task)  # raises for a bad strength
+  schedule = pipe.sampling_schedule(sampler, steps, strength, task, eta=eta)  # raises for a bad strength or eta
   if control is not None:  # which ControlNets act at each model call of this schedule
     control_ims, scales, start, end = control
     control = control_ims, scales, pipeline_controlnet.control_keep(schedule.timesteps.shape[0], start, end)
@@ -241,7 +243,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   mine = batches[jax.process_index()::jax.process_count()]
 
   guided = pipe.guided(guidance_scale)
-  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, **control_options)
+  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, eta=eta, **control_options)
   pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)  # the conditioning (kwargs) on axis 0 too
   params = flax.jax_utils.replicate(pipe.params, devices)  # once, not per call
   cond_fn = None if task == "text" else jax.pmap(_conditioning_fn(pipe, task, strength, image, mask), devices=devices)

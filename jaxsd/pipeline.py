@@ -158,7 +158,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   def sampling_schedule(self, sampler: str, steps: int, strength: float = 1.0, task: str = "text",
                         **kwargs) -> samplers.Schedule:
     """`samplers.make_schedule` as the diffusers pipeline of `task` for this folder builds it (`lcm_img2img`);
-    `kwargs` go to make_schedule (denoising_start / denoising_end)."""
+    `kwargs` go to make_schedule (denoising_start / denoising_end, eta)."""
     in_schedule = task == "img2img" and self.lcm_img2img and samplers.ALIASES.get(sampler, sampler) == "lcm"
     return samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
                                   lcm_strength_in_schedule=in_schedule, **kwargs)
@@ -367,14 +367,15 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       raise ValueError("control inputs need a pipeline with ControlNets (`with_controlnet`).")
     return text_cond
 
-  def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text"):
-    """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
+  def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text",
+                  eta: float = 0.0):
+    """`program` with the schedule of (sampler, steps, strength, eta) fixed: what `python -m sample` pmaps.
 
     fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
     masked_image_latents=None, **text); for img2img and inpainting pass the conditioning as `program` says,
     and the third result of `text_inputs` as `text`.
     """
-    schedule = self.sampling_schedule(sampler, steps, strength, task)
+    schedule = self.sampling_schedule(sampler, steps, strength, task, eta=eta)
     prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0))
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
@@ -487,13 +488,13 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
            output, *, text_options: dict | None = None, guidance_rescale: float = 0.0, denoising_start=None,
-           denoising_end=None, program_options: dict | None = None, **cond):
+           denoising_end=None, program_options: dict | None = None, eta: float = 0.0, **cond):
     """One generation. `negative_prompts` None means none were given (see `text_inputs`); `text_options` go
-    to `text_inputs`; `denoising_start` / `denoising_end` cut the schedule as `samplers.make_schedule` says,
+    to `text_inputs`; `denoising_start` / `denoising_end` and `eta` go to `samplers.make_schedule`,
     and with `denoising_start` img2img starts from the given latents without adding noise; `program_options`
     go to `_jitted` (a subclass's static program settings); `cond` to the program."""
     schedule = self.sampling_schedule(sampler, steps, strength, task, denoising_start=denoising_start,
-                                      denoising_end=denoising_end)
+                                      denoising_end=denoising_end, eta=eta)
     guided = self.guided(guidance_scale)
     f = self.vae.config.downsampling_factor
     ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
@@ -505,7 +506,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     kind = "latent" if output == "latent" else "np"
     exported = None
     if (self.exported_programs and task == "text" and not cond and not program_options and denoising_end is None and
-        set(text) <= {"guidance_rescale"}):
+        eta == 0 and set(text) <= {"guidance_rescale"}):  # (programs are saved with eta 0)
       exported = self.exported_programs.get(
           exported_key(sampler, steps, guided, kind, ids.shape, uncond_ids.shape, noise.shape,
                        self.program_fingerprint()))
@@ -520,7 +521,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, latents=None,
-               output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False):
+               output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
@@ -528,10 +529,13 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     (`default_size`: the U-Net's sample_size times the VAE's factor, e.g. 512 for SD 1.5, 768 for SD 2.1).
     `long_prompts` encodes prompts past 77 tokens in 75-token windows instead of truncating them, and
     `prompt_weighting` reads A1111's `(word:1.3)` / `(word)` / `[word]` weights (`jaxsd.prompt_syntax`);
-    both off by default, as diffusers (img2img and inpaint take them too).
+    both off by default, as diffusers (img2img and inpaint take them too). `eta` is diffusers' pipelines' (and
+    img2img's and inpaint's): ddim's weight of fresh noise at each step (0: deterministic DDIM, 1: DDPM-like) and
+    tcd's gamma; other samplers refuse eta != 0 (`samplers.make_schedule`). The noise is drawn from the image's
+    sampler key, as the stochastic samplers'.
     """
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-                               output, text_options=_syntax(long_prompts, prompt_weighting))
+                               output, text_options=_syntax(long_prompts, prompt_weighting), eta=eta)
 
   def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                      output, **run_options):
@@ -549,7 +553,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                      guidance_scale, seed, latents, output, **run_options)
 
   def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
-                    guidance_scale, task):
+                    guidance_scale, task, eta: float = 0.0):
     """Checks what img2img and inpaint share; returns (prompts, negatives, float images or None, height, width)."""
     f = self.vae.config.downsampling_factor
     if images is None and image_latents is None:
@@ -567,7 +571,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                                                   guidance_scale)
     if len(prompts) != n:
       raise ValueError(f"{len(prompts)} prompts for {n} init images: give one per image.")
-    self.sampling_schedule(sampler, steps, strength, task)  # raises for a bad strength
+    self.sampling_schedule(sampler, steps, strength, task, eta=eta)  # raises for a bad strength or eta
     return prompts, negative_prompts, images, height, width
 
   def _image_latents(self, images, image_latents, seed, name="image_latents"):
@@ -582,7 +586,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   def img2img(self, prompts, init_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
-              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False):
+              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
@@ -597,10 +601,11 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
       image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
         encoder, from `posterior_keys(seed, B)`.
-      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
+      long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
     """
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-                                output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting))
+                                output, noise, image_latents, text_options=_syntax(long_prompts,
+                                                                                   prompt_weighting), eta=eta)
 
   def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                       output, noise, image_latents, **run_options):
@@ -609,7 +614,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     given = negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
                                                                           image_latents, steps, sampler, strength,
-                                                                          output, guidance_scale, "img2img")
+                                                                          output, guidance_scale, "img2img",
+                                                                          run_options.get("eta", 0.0))
     b = len(prompts)
     image_latents = self._image_latents(images, image_latents, seed)
     noise = self._given_noise(noise, "noise", b, height, width, seed)
@@ -621,7 +627,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
-              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None):
+              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
+              eta: float = 0.0):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -648,11 +655,11 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
         given are then the crops'. Not with output="latent".
       height, width: with padding_mask_crop, the size the crop is inpainted at (default: the model's
         own size, as diffusers); without it the output is the images' size and these may only repeat it.
-      long_prompts, prompt_weighting: as text-to-image's (`__call__`).
+      long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
     """
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
                          seed, output, latents, masked_image_latents, image_latents,
-                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width)
+                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, eta=eta)
 
   def _inpaint(self, prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                output, latents, masked_image_latents, image_latents, text_options, padding_mask_crop, height, width,
@@ -668,7 +675,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     asked, given = {"height": height, "width": width}, negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
                                                                           image_latents, steps, sampler, strength,
-                                                                          output, guidance_scale, "inpaint")
+                                                                          output, guidance_scale, "inpaint",
+                                                                          run_options.get("eta", 0.0))
     if images is None:
       raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
     for name, v, have in (("height", asked["height"], height), ("width", asked["width"], width)):

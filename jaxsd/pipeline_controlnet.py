@@ -215,14 +215,14 @@ class StableDiffusionControlNet(StableDiffusion):
     return fn
 
   def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text",
-                  guess_mode: bool = False):
-    """`program` with the schedule of (sampler, steps, strength) fixed: what `python -m sample` pmaps.
+                  guess_mode: bool = False, eta: float = 0.0):
+    """`program` with the schedule of (sampler, steps, strength, eta) fixed: what `python -m sample` pmaps.
 
     fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, image_latents=None,
     mask=None, masked_image_latents=None, **text), the ControlNets' inputs as `program` takes them (`keep`
     for this schedule's model calls: `control_keep`), the rest as `StableDiffusion.generate_fn`'s.
     """
-    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength)
+    schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength, eta=eta)
     prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0),
                         guess_mode=guess_mode)
 
@@ -255,7 +255,8 @@ class StableDiffusionControlNet(StableDiffusion):
                          "one per prompt.")
       images.append(jnp.asarray(np.repeat(im, b, axis=0) if im.shape[0] == 1 else im))
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
-                                      denoising_start=denoising_start, denoising_end=denoising_end)
+                                      denoising_start=denoising_start, denoising_end=denoising_end,
+                                      eta=kwargs.get("eta", 0.0))
     keep = control_keep(schedule.timesteps.shape[0], control.start, control.end)
     return super()._run(task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed,
                         noise, output, denoising_start=denoising_start, denoising_end=denoising_end,
@@ -273,7 +274,7 @@ class StableDiffusionControlNet(StableDiffusion):
                width: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None,
                seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
-               long_prompts: bool = False, prompt_weighting: bool = False):
+               long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
     """Text to image under the ControlNets, as diffusers' StableDiffusionControlNetPipeline.
 
     Args:
@@ -288,16 +289,16 @@ class StableDiffusionControlNet(StableDiffusion):
         (call i of L when start <= i / L and (i + 1) / L <= end): a float, or one per ControlNet.
       guess_mode: residuals from 0.1x to 1x from the first skip to the mid block, and (under guidance)
         only the conditional half steered; turned on by the first ControlNet's global_pool_conditions.
-      latents, output, steps, sampler, seed, guidance_scale, long_prompts, prompt_weighting: as
+      latents, output, steps, sampler, seed, guidance_scale, long_prompts, prompt_weighting, eta: as
         `StableDiffusion.__call__`.
     """
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                               seed, latents, output, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting))
+                              control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting), eta)
 
   def _control_call(self, prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                     seed, latents, output, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    guess_mode, text_options: dict):
+                    guess_mode, text_options: dict, eta: float = 0.0):
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     if latents is None:
@@ -305,13 +306,13 @@ class StableDiffusionControlNet(StableDiffusion):
     if isinstance(prompts, str):
       prompts = [prompts] * max(_count(x) for x in control.per_net)
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-                               output, text_options=text_options, control=control)
+                               output, text_options=text_options, control=control, eta=eta)
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
               control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
-              prompt_weighting: bool = False):
+              prompt_weighting: bool = False, eta: float = 0.0):
     """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the arguments
     of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength 0.8,
     conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays),
@@ -319,15 +320,16 @@ class StableDiffusionControlNet(StableDiffusion):
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-                                output, noise, image_latents, text_options=_syntax(long_prompts,
-                                                                                   prompt_weighting), control=control)
+                                output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting),
+                                control=control, eta=eta)
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 1.0, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0,
               output: str = "np", latents=None, masked_image_latents=None, image_latents=None,
               controlnet_conditioning_scale=0.5, control_guidance_start=0.0, control_guidance_end=1.0,
               guess_mode: bool = False, long_prompts: bool = False, prompt_weighting: bool = False,
-              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None):
+              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
+              eta: float = 0.0):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
     `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the 4
     latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With
@@ -337,7 +339,8 @@ class StableDiffusionControlNet(StableDiffusion):
                             guess_mode)
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
                          seed, output, latents, masked_image_latents, image_latents,
-                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, control=control)
+                         _syntax(long_prompts,
+                                 prompt_weighting), padding_mask_crop, height, width, control=control, eta=eta)
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
     """The control images cropped to each image's box and resized as the images are (diffusers' "fill")."""
@@ -404,7 +407,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None,
                negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-               long_prompts: bool = False, prompt_weighting: bool = False):
+               long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
     """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
     `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
     conditioning, which defaults to the output size, long and weighted prompts); the default sampler is the
@@ -414,7 +417,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                                        **_syntax(long_prompts, prompt_weighting))
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
-                              control_guidance_start, control_guidance_end, guess_mode, options)
+                              control_guidance_start, control_guidance_end, guess_mode, options, eta)
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
@@ -422,7 +425,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None, negative_prompts_2=None,
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False):
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
+              eta: float = 0.0):
     """Image to image under the ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: the
     arguments of `StableDiffusionControlNet.img2img` and SDXL's (`StableDiffusionXL.img2img`)."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -434,7 +438,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
-                                control=control)
+                                control=control, eta=eta)
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 0.9999, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0,
@@ -444,7 +448,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               width: int | None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
               crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False):
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
+              eta: float = 0.0):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline: the arguments
     of `StableDiffusionXL.inpaint` and the ControlNets' of `__call__` (scale 1 by default, as diffusers')."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -456,7 +461,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                             guess_mode)
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
-                         padding_mask_crop, height, width, control=control)
+                         padding_mask_crop, height, width, control=control, eta=eta)
 
 
 def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:

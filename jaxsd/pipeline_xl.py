@@ -388,8 +388,10 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                output: str = "np", *, prompts_2=None, negative_prompts_2=None, original_size=None,
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                negative_crops_coords_top_left=(0, 0), negative_target_size=None, guidance_rescale: float = 0.0,
-               denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False):
-    """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments plus:
+               denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
+               eta: float = 0.0):
+    """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments (`eta` too)
+    plus:
 
     Args:
       prompts_2, negative_prompts_2: the second text encoder's prompts (default: `prompts` / the negatives).
@@ -414,7 +416,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                            **pipeline._syntax(long_prompts, prompt_weighting))
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
                                self.default_sampler, seed, latents, output, text_options=options,
-                               guidance_rescale=guidance_rescale, denoising_end=denoising_end)
+                               guidance_rescale=guidance_rescale, denoising_end=denoising_end, eta=eta)
 
   def img2img(self, prompts, init_images, strength: float = 0.3, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
@@ -423,7 +425,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, guidance_rescale: float = 0.0,
               denoising_start: float | None = None, denoising_end: float | None = None, long_prompts: bool = False,
-              prompt_weighting: bool = False):
+              prompt_weighting: bool = False, eta: float = 0.0):
     """Image to image, as diffusers' StableDiffusionXLImg2ImgPipeline: `StableDiffusion.img2img` plus the
     arguments of `__call__`, the refiner's aesthetic scores and `denoising_start`.
 
@@ -438,7 +440,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
-                                denoising_end=denoising_end)
+                                denoising_end=denoising_end, eta=eta)
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This SDXL base model steered by SDXL ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionXLControlNet`,
@@ -457,7 +459,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               height: int | None = None, width: int | None = None, *, prompts_2=None, negative_prompts_2=None,
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False):
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
+              eta: float = 0.0):
     """Inpainting, as diffusers' StableDiffusionXLInpaintPipeline: `StableDiffusion.inpaint` (a 9-channel
     inpainting U-Net, e.g. SDXL-inpainting-0.1, or latent blending for the base model and the refiner) with
     SDXL's arguments as `img2img`'s (size conditioning of the output size, the refiner's aesthetic scores) and
@@ -468,7 +471,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                            image_to_image=True, **pipeline._syntax(long_prompts, prompt_weighting))
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
-                         padding_mask_crop, height, width)
+                         padding_mask_crop, height, width, eta=eta)
 
 
 def _folder_parts(path: str) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:

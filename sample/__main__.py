@@ -55,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
       "--guidance", type=float, default=None,
       help="classifier-free guidance scale (<= 1: off; default, as diffusers: 7.5, SDXL 5; an LCM-distilled "
       "model takes it as an input, default 8.5)")
+  p.add_argument("--eta", type=float, default=0.0,
+                 help="DDIM's eta (0: deterministic DDIM, 1: DDPM-like) and TCD's gamma; as diffusers' pipelines' eta")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
@@ -239,6 +241,13 @@ def check_flags(args) -> None:
                      "<= 1 turns guidance off).")
   if args.sampler is not None:
     samplers.get(args.sampler)  # raises for an unknown name (whether it fits the model is known once loaded)
+  if not finite32(args.eta) or args.eta < 0:
+    raise ValueError(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like; "
+                     "TCD's gamma in [0, 1]).")
+  named = samplers.ALIASES.get(args.sampler, args.sampler)
+  if args.eta and named is not None and named not in samplers.ETA_SAMPLERS:  # (others once the model's is known)
+    raise ValueError(f"--eta {args.eta} with --sampler {args.sampler}, which has no eta: use one of "
+                     f"{', '.join(samplers.ETA_SAMPLERS)}, or drop --eta.")
   if not 0 <= args.seed < 2**64:
     raise ValueError(f"--seed {args.seed}: use a whole number in [0, 2**64).")
   if not args.out.strip():
@@ -374,7 +383,7 @@ def main(argv=None) -> int:
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
                                strength=args.strength, long_prompts=args.long_prompts,
                                prompt_weighting=args.prompt_weighting, padding_mask_crop=args.padding_mask_crop,
-                               **control)
+                               eta=args.eta, **control)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -1,6 +1,7 @@
 """Noise schedules and samplers as pure functions; no network imports here."""
 
 from jaxsd.diffusion.samplers import ALIASES
+from jaxsd.diffusion.samplers import ETA_SAMPLERS
 from jaxsd.diffusion.samplers import SAMPLER_OF
 from jaxsd.diffusion.samplers import SAMPLERS
 from jaxsd.diffusion.samplers import Sampler
@@ -13,6 +14,7 @@ from jaxsd.diffusion.samplers import prepare_latents
 from jaxsd.diffusion.samplers import sample
 from jaxsd.diffusion.samplers import step
 from jaxsd.diffusion.samplers import step_noise
+from jaxsd.diffusion.samplers import stochastic
 from jaxsd.diffusion.schedules import SchedulerConfig
 from jaxsd.diffusion.schedules import add_noise
 from jaxsd.diffusion.schedules import alphas_cumprod

@@ -13,7 +13,7 @@ the diffusers class of the sampler reads it: keys it leaves out take that class'
 (`SchedulerConfig.for_class`).
 
 The samplers (SAMPLERS; SAMPLER_OF maps each diffusers class to its own):
-  ddim, pndm (alias plms), ddpm                  DDIM / PNDM / DDPMScheduler
+  ddim, pndm (alias plms), ddpm                  DDIM (eta: fresh noise, as diffusers) / PNDM / DDPMScheduler
   euler, euler_a, heun, lms                      (Ancestral)Euler / Heun / LMSDiscreteScheduler
   dpmpp_2m, dpmpp_2m_sde (+ _karras aliases)     DPMSolverMultistepScheduler, dpmsolver++ / sde-dpmsolver++
   unipc                                          UniPCMultistepScheduler (bh2, order 2)
@@ -101,9 +101,12 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
       LatentConsistencyModelImg2ImgPipeline (what diffusers' AutoPipelineForImage2Image builds for a
       LatentConsistencyModelPipeline folder): all `num_steps` calls run, on timesteps taken from the lowest
       int(original_inference_steps * strength) of the distillation's (at least `num_steps` of them).
-    eta: `tcd` only: TCDScheduler.step's eta (the paper's gamma, in [0, 1]: 0 deterministic, 1 fully stochastic).
-      None means 0.0, what diffusers' Stable Diffusion pipelines pass (their `eta` argument's default; TCD's
-      model cards pass eta=0.3 to them).
+    eta: diffusers' pipelines' `eta`, for the samplers whose scheduler's step takes it (ETA_SAMPLERS): ddim's
+      weight of fresh noise (DDIMScheduler.step: std eta * sigma_t of Song et al. (2021) eq. 16; 0 deterministic
+      DDIM, 1 DDPM-like; above 1 as long as the direction term stays real), tcd's gamma (TCDScheduler.step, in
+      [0, 1]). None or 0.0 (the pipelines' default) is deterministic: ddim's schedule and program are then those
+      without eta, and draw no noise. A positive eta gives ddim a `coeffs` array, so other positive values reuse
+      its compiled program. Other samplers refuse eta != 0 (diffusers ignores it there silently).
   """
   sampler, karras = _resolve(cfg, sampler, use_karras_sigmas)
   row = _TABLE[sampler]
@@ -128,12 +131,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
                        f"{'' if denoising_start is None else ' and denoising_start'}.")
     schedule_kw["strength"] = strength  # every call runs, on timesteps below strength * T
   if eta is not None:
-    if sampler != "tcd":
-      raise ValueError(f"eta is an option of the tcd sampler (TCDScheduler's gamma), not of {sampler} (ddim runs "
-                       "eta=0 only).")
-    if not 0.0 <= eta <= 1.0:
-      raise ValueError(f"eta={eta}: must be in [0, 1] (0: deterministic, 1: fully stochastic), as diffusers.")
-    schedule_kw["eta"] = float(eta)
+    _check_eta(sampler, eta)
+    if eta > 0 or sampler == "tcd":
+      schedule_kw["eta"] = float(eta)
   init_steps = num_steps if lcm_strength_in_schedule else min(int(num_steps * strength), num_steps)
   if init_steps < 1:
     raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising step; "
@@ -174,6 +174,21 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_steps: int, strength: 
   arrays = {k: None if v is None else jnp.asarray(v, jnp.float32) for k, v in fields.items()}
   return Schedule(**arrays, sampler=sampler, prediction_type=cfg.prediction_type, clip_sample_range=clip,
                   prk_calls=prk_calls)
+
+
+def _check_eta(sampler: str, eta) -> None:
+  """Raises for an eta that `sampler` does not take: not a finite number >= 0, != 0 where the sampler has none,
+  above 1 for tcd (TCDScheduler asserts it)."""
+  if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not np.isfinite(eta):
+    raise ValueError(f"eta={eta!r}: must be a finite number >= 0 (0: deterministic).")
+  if eta < 0:
+    raise ValueError(f"eta={eta}: must be >= 0 (0: deterministic DDIM, 1: DDPM-like; TCD's gamma in [0, 1]).")
+  if eta != 0 and not _TABLE[sampler].eta:
+    raise ValueError(f"eta={eta} with the {sampler} sampler, which has no eta (diffusers ignores it there): use one "
+                     f"of {', '.join(ETA_SAMPLERS)}, or drop eta.")
+  if sampler == "tcd" and eta > 1:
+    raise ValueError(f"eta={eta}: must be in [0, 1] for tcd (its gamma: 0 deterministic, 1 fully stochastic), as "
+                     "diffusers.")
 
 
 def _cutoff(cfg: SchedulerConfig, name: str, fraction: float) -> int:
@@ -236,6 +251,7 @@ class Sampler(NamedTuple):
   sets: tuple[str, ...] = ()  # keys of UNIMPLEMENTED it chooses itself, whatever the config says
   # Steps in sigma = sqrt((1 - alpha_bar) / alpha_bar): with zero terminal SNR diffusers sets alpha_bar_T = 2^-24.
   sigma_space: bool = False
+  eta: bool = False  # its diffusers step takes the pipelines' eta (DDIM's noise weight, TCD's gamma)
 
 
 def _stateless(x):
@@ -254,7 +270,8 @@ def _check_ddpm(cfg: SchedulerConfig) -> None:
 
 _TABLE = {
     "ddim":
-        Sampler(_stateless, steps.ddim_step, set_timesteps.alpha_schedule, clips=True, scheduler_class="DDIMScheduler"),
+        Sampler(_stateless, steps.ddim_step, set_timesteps.alpha_schedule, clips=True, scheduler_class="DDIMScheduler",
+                eta=True),
     # State: the last three outputs, newest first; the latents the first call (the RK step) started from;
     # the Runge-Kutta sum of outputs (warm-up only).
     "pndm":
@@ -303,8 +320,8 @@ _TABLE = {
                 scheduler_class="LCMScheduler"),
     # TCD-LoRA, Hyper-SD: LCM's timesteps; fresh noise at every call but the last when eta > 0.
     "tcd":
-        Sampler(_stateless, steps.tcd_step, set_timesteps.tcd_schedule, stochastic=True,
-                scheduler_class="TCDScheduler"),
+        Sampler(_stateless, steps.tcd_step, set_timesteps.tcd_schedule, stochastic=True, scheduler_class="TCDScheduler",
+                eta=True),
     # State: the latents the step started from (its first call's).
     "kdpm2":
         Sampler(jnp.zeros_like, steps.kdpm2_step, set_timesteps_more.kdpm2_schedule, scaled_input=True, order=2,
@@ -322,6 +339,7 @@ _TABLE = {
                 scheduler_class="DEISMultistepScheduler"),
 }
 SAMPLERS = tuple(_TABLE)
+ETA_SAMPLERS = tuple(k for k, r in _TABLE.items() if r.eta)  # those that take `make_schedule`'s eta
 # The sampler that follows each diffusers scheduler class (the first row of the class: its plain variant).
 SAMPLER_OF: dict[str, str] = {
     c: next(k for k, r in _TABLE.items() if r.scheduler_class == c)
@@ -357,13 +375,20 @@ def model_input(schedule: Schedule, i: jax.Array, x: jax.Array) -> jax.Array:
   return x
 
 
+def stochastic(schedule: Schedule) -> bool:
+  """Whether the sampler of `schedule` draws fresh noise at its calls: a stochastic sampler's row, or one that takes
+  eta with an eta > 0 (ddim: its schedule then has `coeffs`), decided when tracing."""
+  row = _TABLE[schedule.sampler]
+  return row.stochastic or (row.eta and schedule.coeffs is not None)
+
+
 def step_noise(schedule: Schedule, i: jax.Array, x: jax.Array, key: jax.Array) -> jax.Array | None:
   """The fresh noise of call i of a stochastic sampler (None for the others), from fold_in(key, i).
 
   A batch of keys (shape [B], one per image) draws each image's noise from its own key, so an image
   does not depend on which batch or device it was sampled in.
   """
-  if not _TABLE[schedule.sampler].stochastic:
+  if not stochastic(schedule):
     return None
   if key.ndim == 1:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
@@ -385,8 +410,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     model_fn: (scaled x, float32 t) -> network output; may return bf16, latents stay float32.
     x: initial latents.
     schedule: from make_schedule.
-    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm, tcd, kdpm2_a), or a [B] batch of
-      them (see `step_noise`).
+    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm, tcd, kdpm2_a; ddim with eta > 0),
+      or a [B] batch of them (see `step_noise`).
     noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
     after_step: optional (i, latents after call i) -> latents, applied after every call (inpainting's
       latent blend); the sampler's state is left as the step made it, as in diffusers.
@@ -400,10 +425,10 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
   s = schedule
   n = s.timesteps.shape[0]
   x = jnp.asarray(x, jnp.float32)
-  stochastic = _TABLE[s.sampler].stochastic
+  draws = stochastic(s)
   if noise is not None and noise.shape != (n,) + x.shape:
     raise ValueError(f"noise has shape {noise.shape}; expected {(n,) + x.shape} (one per model call).")
-  if stochastic and noise is None and key is None:
+  if draws and noise is None and key is None:
     raise ValueError(f"sampler {s.sampler!r} is stochastic: pass a PRNG key (or noise).")
 
   def body(carry, i):
@@ -411,7 +436,7 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     out = model_fn(model_input(s, i, x), s.timesteps[i], *((i,) if indexed else ()))
     if out.shape != x.shape:
       raise ValueError(f"model_fn returned shape {out.shape} for latents of shape {x.shape}.")
-    z = noise[i].astype(jnp.float32) if stochastic and noise is not None else step_noise(s, i, x, key)
+    z = noise[i].astype(jnp.float32) if draws and noise is not None else step_noise(s, i, x, key)
     x, state = step(s, i, x, out, state, z)
     if after_step is not None:
       x = after_step(i, x)

@@ -13,8 +13,9 @@ import numpy as np
 from jaxsd.diffusion import schedules
 
 
-def alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
-  """DDIM / PNDM / DDPM: per call, alpha_bar at the timestep and at the one it steps to (no Karras sigmas)."""
+def alpha_schedule(cfg, sampler, n, start, ac, karras, eta: float = 0.0) -> dict:
+  """DDIM / PNDM / DDPM: per call, alpha_bar at the timestep and at the one it steps to (no Karras sigmas); DDIM
+  with eta > 0 also the weights of eps and of fresh noise (`_ddim_eta_coeffs`)."""
   del karras
   T, ratio = cfg.num_train_timesteps, cfg.num_train_timesteps // n
   final = np.float32(1.0) if cfg.set_alpha_to_one or sampler == "ddpm" else ac[0]
@@ -36,8 +37,29 @@ def alpha_schedule(cfg, sampler, n, start, ac, karras) -> dict:
   alphas_prev = np.where(t_to >= 0, ac[np.clip(t_to, 0, T - 1)], final).astype(np.float32)
   a = np.append(ac[ts], np.float32(1.0))  # as add_noise at timesteps[i] (PNDM's repeat included); then clean
   levels = np.stack([np.sqrt(a), np.sqrt(np.float32(1.0) - a)], 1)
-  return dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), levels=levels, alphas=ac[t_from],
-              alphas_prev=alphas_prev)
+  fields = dict(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(1.0), levels=levels, alphas=ac[t_from],
+                alphas_prev=alphas_prev)
+  if eta > 0:
+    fields["coeffs"] = _ddim_eta_coeffs(ac[t_from], alphas_prev, t_from, eta)
+  return fields
+
+
+def _ddim_eta_coeffs(a, a_prev, ts, eta: float) -> np.ndarray:
+  """[L, 2] float32 (sqrt(1 - a_prev - std^2), std) per call, std = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev))
+  (Song et al. (2021) eq. 16): DDIMScheduler.step's weights of eps and of fresh noise, in its float32 arithmetic.
+
+  Where float32 rounding makes 1 - a_prev - std^2 a hair below 0 (eta = 1 onto alpha_bar 0 of a zero terminal SNR
+  schedule) diffusers' step returns NaN; it is 0 here. An eta so large that it is truly negative is refused.
+  """
+  one = np.float32(1)
+  variance = (one - a_prev) / (one - a) * (one - a / a_prev)
+  std = np.float32(eta) * np.sqrt(variance)
+  rest = one - a_prev - std * std
+  if np.any(rest < -1e-6):
+    k = int(np.argmax(rest < -1e-6))
+    raise ValueError(f"eta={eta} is too large for ddim here: at timestep {ts[k]} its noise std exceeds sqrt(1 - "
+                     "alpha_bar_prev), so the direction term is imaginary (diffusers returns NaN); use eta <= 1.")
+  return np.stack([np.sqrt(np.maximum(rest, 0)), std], 1).astype(np.float32)
 
 
 def _prk_schedule(cfg, n, start, ac, asc, final) -> dict:

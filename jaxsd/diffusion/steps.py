@@ -26,7 +26,7 @@ class Schedule:
   # EDM's sigma_min)
   alphas: jax.Array | None = None  # [L] alpha_bar at each call's timestep (DDIM, PNDM, DDPM, LCM)
   alphas_prev: jax.Array | None = None  # [L] alpha_bar the step moves to
-  coeffs: jax.Array | None = None  # [L, k] multistep weights (LMS, DPM++ 2M (SDE), UniPC)
+  coeffs: jax.Array | None = None  # [L, k] per-call weights (LMS, DPM++ 2M (SDE), UniPC, TCD; DDIM with eta > 0)
   # [L, 3] (c_in, c_skip, c_out) per call: EDM's preconditioning, LCM's boundary condition (c_in = 1 there).
   scalings: jax.Array | None = None
   prk_calls: int = struct.field(pytree_node=False, default=0)  # PNDM: Runge-Kutta warm-up calls before PLMS
@@ -58,10 +58,15 @@ def _clip(s: Schedule, x0):
 
 
 def ddim_step(s, i, x, out, state, noise):
-  """Implements deterministic DDIM (eta = 0), Song et al. (2021) eq. 12."""
+  """Implements DDIM, Song et al. (2021) eq. 12: deterministic (eta = 0), or, where the schedule has `coeffs`
+  (eta > 0), with fresh noise of std eta sigma_t (their eq. 16) and the direction term shrunk to match, as
+  diffusers' DDIMScheduler.step (the unclipped eps: use_clipped_model_output=False, what its pipelines pass)."""
   a, a_prev = s.alphas[i], s.alphas_prev[i]
   x0, eps = _x0_eps(s, out, x, jnp.sqrt(a), jnp.sqrt(1 - a))
-  return jnp.sqrt(a_prev) * _clip(s, x0) + jnp.sqrt(1 - a_prev) * eps, state
+  if s.coeffs is None:
+    return jnp.sqrt(a_prev) * _clip(s, x0) + jnp.sqrt(1 - a_prev) * eps, state
+  c = s.coeffs[i]  # (sqrt(1 - a_prev - std^2), std)
+  return jnp.sqrt(a_prev) * _clip(s, x0) + c[0] * eps + c[1] * noise, state
 
 
 # Adams-Bashforth weights of PLMS by call index: 0, 1 (the repeated first step), 2, 3, >= 4.
