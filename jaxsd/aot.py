@@ -30,6 +30,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxsd.files import written_whole
 from jaxsd.pipeline import StableDiffusion, exported_key
 
 _SUFFIX = ".jaxexport"
@@ -67,9 +68,8 @@ def save_program(pipe: StableDiffusion, folder: str, *, batch: int, height: int 
   os.makedirs(folder, exist_ok=True)
   name = _name(batch, height, width, steps, sampler, guided, kind)
   path = os.path.join(folder, name + _SUFFIX)
-  with open(path + ".tmp", "wb") as f:
+  with written_whole(path) as tmp, open(tmp, "wb") as f:
     f.write(exported.serialize())
-  os.replace(path + ".tmp", path)
   info = {
       "batch": batch,
       "height": height,
