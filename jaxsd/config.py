@@ -9,6 +9,7 @@ import os
 from typing import Any, TypeVar
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsd.files import written_whole
 
@@ -16,6 +17,15 @@ T = TypeVar("T", bound="ConfigBase")
 
 # The dtype names of configs and flags (`config.dtype`, `python -m sample --dtype`).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite32(x) -> bool:
+  """Whether a number (or every number of an array) is finite and stays finite in float32, the programs' dtype
+  (1e39 is not): the check of scales and weights that reach a program (guidance, LoRA and ControlNet scales, prompt
+  weights)."""
+  a = np.asarray(x, np.float64)
+  return bool(np.all(np.isfinite(a) & (np.abs(a) <= _FLOAT32_MAX)))
 
 
 def _hashable(v: Any) -> Any:

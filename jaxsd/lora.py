@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxsd.config import finite32
 from jaxsd import hub, lora_dora, lora_lycoris, lora_names, model_folder, token_embeddings, weights
 from jaxsd.files import written_whole
 
@@ -614,8 +615,6 @@ class AdapterSet:
 
 
 def _check_weight(name: str, weight) -> float:
-  if isinstance(weight, bool) or not isinstance(
-      weight,
-      (int, float, np.floating, np.integer)) or not math.isfinite(weight) or abs(weight) > np.finfo(np.float32).max:
+  if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating, np.integer)) or not finite32(weight):
     raise ValueError(f"adapter {name!r}: weight {weight!r} must be a finite number (1: as trained, 0: off).")
   return float(weight)

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_adapters, pipeline_folders, prompt_syntax
 from jaxsd import tokenizer as tok
+from jaxsd.config import finite32
 from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.layers import guidance_scale_embedding
 
@@ -434,8 +435,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                          f"{self.vae.config.downsampling_factor}).")
     if steps < 1:
       raise ValueError(f"steps={steps}: need at least 1 denoising step.")
-    # 1e39 is inf in fp32; a Python float against np.float32 would be cast (an overflow warning), hence float().
-    if not (np.isfinite(guidance_scale) and abs(guidance_scale) <= float(np.finfo(np.float32).max)):
+    if not finite32(guidance_scale):  # (1e39 is inf in fp32)
       raise ValueError(f"guidance_scale={guidance_scale}: must be a finite number (<= 1 turns guidance off).")
     samplers.make_schedule(self.scheduler_config, sampler, steps)  # raises for unknown samplers, listing valid ones
     if output not in OUTPUTS:

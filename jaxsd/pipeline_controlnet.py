@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_xl, pretrained
+from jaxsd.config import finite32
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.pipeline import StableDiffusion, _syntax, with_extra
@@ -474,7 +475,7 @@ def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float
     if not 0.0 <= s < e <= 1.0:
       raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} (ControlNet {k}): need "
                        "0 <= start < end <= 1.")
-  if not all(np.isfinite(scales) & (np.abs(scales) <= np.finfo(np.float32).max)):  # 1e39: inf in fp32
+  if not finite32(scales):  # (1e39: inf in fp32)
     raise ValueError(f"controlnet_conditioning_scale={scales}: give finite numbers (1: as trained, 0: off).")
   return scales, start, end
 

@@ -30,13 +30,14 @@ SDXL), the emphasis weighs each encoder's states on their own, per window, and t
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 import warnings
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsd.config import finite32
 
 ROUND = 1.1  # (text)
 SQUARE = 1 / 1.1  # [text]
@@ -92,7 +93,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
   if not res:
     res = [["", 1.0]]
   for t, w in res:  # inf, nan, or past float32's range once multiplied (1e39): no image can come of it
-    if (t, w) != BREAK and not (math.isfinite(w) and abs(w) <= float(np.finfo(np.float32).max)):
+    if (t, w) != BREAK and not finite32(w):
       raise ValueError(f"prompt weight of {t!r} in {text!r} is {w}: give weights that are finite numbers "
                        "(1.3, 0.8; nested brackets multiply).")
   merged = [res[0]]

@@ -11,12 +11,11 @@ import argparse
 import codecs
 import importlib.util
 import json
-import math
 import os
 import sys
 
 from jaxsd import hub
-from jaxsd.config import DTYPES
+from jaxsd.config import DTYPES, finite32
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -177,14 +176,6 @@ def utf8(text: str, flag: str) -> str:
     raise ValueError(
         f"{flag} {text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text: give it in UTF-8.") from None
   return text
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def finite32(x: float) -> bool:
-  """A finite number that stays finite in float32 (the programs' dtype): 1e39 is not."""
-  return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
