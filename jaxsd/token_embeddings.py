@@ -289,8 +289,6 @@ def remove_tokens(tokenizer, emb: Any, tokens: list[str]) -> tuple[Any, Any]:
   """(a copy of `tokenizer` without the added `tokens`, the token-embedding table `emb` without their rows), as
   diffusers' unload_textual_inversion: the added tokens after them move down to fill the gaps, with their rows, so
   that removing all gives back the tokenizer and table from before they were added. Neither argument is changed."""
-  from tokenizers import Tokenizer
-
   tokens = set(tokens)
   ids = sorted(tokenizer.convert_tokens_to_ids(t) for t in tokens)
   base = tokenizer.vocab_size
@@ -307,7 +305,7 @@ def remove_tokens(tokenizer, emb: Any, tokens: list[str]) -> tuple[Any, Any]:
     kept.append(entry)
   state["added_tokens"] = kept
   out = copy.deepcopy(tokenizer)
-  out._tokenizer = Tokenizer.from_str(json.dumps(state))
+  out._tokenizer = type(tokenizer._tokenizer).from_str(json.dumps(state))  # (the `tokenizers` library's class)
   return out, jnp.delete(emb, np.asarray(ids), axis=0, assume_unique_indices=True)
 
 
