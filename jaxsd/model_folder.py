@@ -305,14 +305,19 @@ SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline
 SDXL_FOLDER_PIPELINES = SDXL_PIPELINES + ("StableDiffusionXLInpaintPipeline",)
 
 
+def sdxl_pipeline_class(own: str | None, first_text_encoder: bool) -> str:
+  """The pipeline class a folder of SDXL networks is saved under: the source's `own` where that is an
+  SDXL_FOLDER_PIPELINES one (Flax prefix dropped), else the base's or, without a first text encoder, the refiner's."""
+  own = str(own or "").removeprefix("Flax")
+  return own if own in SDXL_FOLDER_PIPELINES else SDXL_PIPELINES[0 if first_text_encoder else 1]
+
+
 def sdxl_index(index: dict) -> dict:
-  """An SDXL folder's model_index.json for a copy holding its networks only: its pipeline class where that is an
-  SDXL_FOLDER_PIPELINES one (Flax prefix dropped), else the base's or, without a first text encoder, the
-  refiner's; its settings (force_zeros_for_empty_prompt, ...) kept, a ControlNet entry dropped."""
+  """An SDXL folder's model_index.json for a copy holding its networks only: the class `sdxl_pipeline_class`
+  says, its settings (force_zeros_for_empty_prompt, ...) kept, a ControlNet entry dropped."""
   out = {k: v for k, v in index.items() if k != "controlnet"}
-  own = str(index.get("_class_name") or "").removeprefix("Flax")
   first = (index.get("text_encoder") or [None, None])[1] is not None
-  out["_class_name"] = own if own in SDXL_FOLDER_PIPELINES else SDXL_PIPELINES[0 if first else 1]
+  out["_class_name"] = sdxl_pipeline_class(index.get("_class_name"), first)
   return out
 
 
@@ -424,8 +429,8 @@ def controlnet_folders(path: str) -> list[str]:
     raise FileNotFoundError(f"model folder {path!r} is incomplete: model_index.json names a {kind}, but there is no "
                             "controlnet/.")
   folders = [first]
-  while kind == "MultiControlNetModel" and os.path.isdir(f"{first}_{len(folders)}"):
-    folders.append(f"{first}_{len(folders)}")
+  while kind == "MultiControlNetModel" and os.path.isdir(controlnet_dir(path, len(folders))):
+    folders.append(controlnet_dir(path, len(folders)))
   return folders
 
 

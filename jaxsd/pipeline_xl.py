@@ -25,7 +25,6 @@ from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 
-PIPELINES = model_folder.SDXL_PIPELINES
 SAMPLER_OF = pipeline.SAMPLER_OF
 
 
@@ -165,9 +164,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   def _model_index(self) -> dict:
     first = self.text_encoder is not None
-    own = str(self.model_index.get("_class_name") or "").removeprefix("Flax")  # the folder's (an inpainting one's)
     index = {
-        "_class_name": own if own in model_folder.SDXL_FOLDER_PIPELINES else PIPELINES[0 if first else 1],
+        "_class_name": model_folder.sdxl_pipeline_class(self.model_index.get("_class_name"), first),
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
