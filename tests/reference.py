@@ -317,3 +317,21 @@ def to_open_clip(text: dict, prefix: str = "cond_stage_model.model.", extra_laye
         if k.startswith(pre + a):
           out[f"transformer.resblocks.{i}.{b}{k[len(pre + a):]}"] = v + np.float32(1.0 if extra else 0.0)
   return {prefix + k: v for k, v in out.items()}
+
+
+def kill_while_saving_images(monkeypatch) -> None:
+  """Makes PIL's Image.save write half of its file and then raise KeyboardInterrupt, as a process killed while
+  writing an image (fault-injection tests); `monkeypatch.undo()` ends it."""
+  from PIL import Image
+
+  real_save = Image.Image.save
+
+  def cut_short(self, fp, format=None, **kw):  # half the file reaches the disk, then the process is gone
+    real_save(self, fp, format=format, **kw)
+    if hasattr(fp, "write"):
+      fp.truncate(fp.tell() // 2)
+    else:
+      os.truncate(fp, os.path.getsize(fp) // 2)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(Image.Image, "save", cut_short)

@@ -95,20 +95,8 @@ def test_a_run_killed_while_writing_a_png_leaves_no_partial_png(tmp_path, monkey
   """`python -m sample` killed while a PNG is written: it was written in place, so a kill left a cut-short PNG
   under the image's name (and a rerun then numbered its own image past it). It is written under a hidden
   temporary name and then given its name, so only whole PNGs carry images' names."""
-  from PIL import Image as PILImage
-
   image = np.zeros((16, 16, 3), np.uint8)
-  real_save = PILImage.Image.save
-
-  def cut_short(self, fp, format=None, **kw):  # half the PNG reaches the file, then the process is gone
-    real_save(self, fp, format=format, **kw)
-    if hasattr(fp, "write"):
-      fp.truncate(fp.tell() // 2)
-    else:
-      os.truncate(fp, os.path.getsize(fp) // 2)
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(PILImage.Image, "save", cut_short)
+  reference.kill_while_saving_images(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     generate.save_new(image, str(tmp_path / "a_cat-seed0-0000.png"))
   monkeypatch.undo()

@@ -546,8 +546,6 @@ def test_a_rerun_killed_while_rewriting_the_report_leaves_the_old_one_whole(trai
   """Every run, a rerun of a finished one too, writes the judged report again: killed while writing quality.png,
   prompt_match_grid.png or report.md, it left that file cut short where the finished run's had been. Each is
   written under a temporary name, then replaces the old one (as summary.json and the sample grids)."""
-  from PIL import Image as PILImage
-
   from jaxsd import tokenizer as tok
   from jaxsd.training import report
 
@@ -555,17 +553,7 @@ def test_a_rerun_killed_while_rewriting_the_report_leaves_the_old_one_whole(trai
   shutil.copytree(trained[0], workdir)
   files = ("samples/quality.png", "samples/prompt_match_grid.png", "report.md")
   before = {f: open(os.path.join(workdir, f), "rb").read() for f in files}
-  real_save = PILImage.Image.save
-
-  def cut_short(self, fp, format=None, **kw):  # half the PNG reaches the file, then the process is gone
-    real_save(self, fp, format=format, **kw)
-    if hasattr(fp, "write"):
-      fp.truncate(fp.tell() // 2)
-    else:
-      os.truncate(fp, os.path.getsize(fp) // 2)
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(PILImage.Image, "save", cut_short)
+  reference.kill_while_saving_images(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     report.write(_cfg(data_dir, checkpoint_every=24), workdir, tok.load_tokenizer(), step=24)
   monkeypatch.undo()
