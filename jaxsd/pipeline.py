@@ -265,16 +265,9 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   @property
   def default_sampler(self) -> str:
-    """The sampler of the folder's scheduler class, as diffusers runs a folder's own scheduler (PNDM's for SD 1.x
-    and a folder that names none; DPM-Solver++ 2M for a class with no sampler here, e.g. DPMSolverSDEScheduler:
-    diffusers' DPMSolverMultistepScheduler.from_config swap; its EDM form for an EDM model; dpmpp_2m_sde for a
-    DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++", A1111's "DPM++ 2M SDE")."""
-    if not self.scheduler_class_name:
-      return "pndm"
-    name = SAMPLER_OF.get(self.scheduler_class_name.removeprefix("Flax"), "dpmpp_2m")  # (EDM: edm_dpmpp_2m)
-    if name == "dpmpp_2m" and dict(self.scheduler_config.unimplemented).get("algorithm_type") == "sde-dpmsolver++":
-      return "dpmpp_2m_sde"
-    return name
+    """The sampler of the folder's scheduler class (`folder_sampler`; PNDM's for a folder that names none, as SD 1.x's
+    folders)."""
+    return folder_sampler(self.scheduler_class_name or "PNDMScheduler", self.scheduler_config, "dpmpp_2m")
 
   @property
   def default_hw(self) -> tuple[int, int]:
@@ -734,6 +727,17 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     out = self._inpaint(prompts, crops.images, crops.masks, output="np", padding_mask_crop=None, height=None,
                         width=None, **kwargs)
     return _finish(mask_crop.paste(out, crops), output)
+
+
+def folder_sampler(scheduler_class: str, scheduler_config: schedules.SchedulerConfig, fallback: str) -> str:
+  """The sampler that follows a folder's scheduler class, as diffusers runs a folder's own scheduler: `fallback` for
+  a class with no sampler here (e.g. DPMSolverSDEScheduler: DPM-Solver++ 2M, diffusers'
+  DPMSolverMultistepScheduler.from_config swap, for SD; Euler for SDXL's folders); the EDM form for an EDM model;
+  dpmpp_2m_sde for a DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++" (A1111's "DPM++ 2M SDE")."""
+  name = SAMPLER_OF.get(scheduler_class.removeprefix("Flax"), fallback)  # (EDM: edm_dpmpp_2m)
+  if name == "dpmpp_2m" and dict(scheduler_config.unimplemented).get("algorithm_type") == "sde-dpmsolver++":
+    return "dpmpp_2m_sde"
+  return name
 
 
 def exported_key(sampler: str, steps: int, guided: bool, output: str, ids_shape, uncond_ids_shape, noise_shape,

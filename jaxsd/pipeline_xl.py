@@ -25,8 +25,6 @@ from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
 
-SAMPLER_OF = pipeline.SAMPLER_OF
-
 
 def _as_list(value, n: int, name: str) -> list[str] | None:
   if value is None or isinstance(value, str):
@@ -198,8 +196,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
 
   @property
   def default_sampler(self) -> str:
-    """The sampler of the folder's scheduler class (Euler for SDXL's folders)."""
-    return SAMPLER_OF.get(self.scheduler_class.removeprefix("Flax"), "euler")
+    """The sampler of the folder's scheduler class (`pipeline.folder_sampler`; Euler for a class with none here)."""
+    return pipeline.folder_sampler(self.scheduler_class, self.scheduler_config, "euler")
 
   @property
   def params(self) -> dict:

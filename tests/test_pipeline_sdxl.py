@@ -441,3 +441,17 @@ def test_per_channel_latent_statistics_as_diffusers(sdxl, tmp_path):
   np.testing.assert_allclose(pipe.unscale_latents(pipe.scale_latents(z)), z, atol=1e-5)
   want = (z - jnp.asarray(mean)) * vae.config.scaling_factor / jnp.asarray(std)
   np.testing.assert_allclose(pipe.scale_latents(z), want, atol=1e-5)
+
+
+def test_a_dpm_sde_folder_samples_with_dpmpp_2m_sde_by_default(sdxl, tmp_path):
+  """An SDXL folder whose DPMSolverMultistepScheduler says algorithm_type="sde-dpmsolver++" (diffusers runs DPM++ 2M
+  SDE): SD's folders took dpmpp_2m_sde since 2026-12-05, SDXL's defaulted to dpmpp_2m, which refuses that config, so
+  every call without a sampler failed. Now the default is dpmpp_2m_sde, the same program as naming it."""
+  tpipe = _torch_base(sdxl, "euler")
+  tpipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(tpipe.scheduler.config,
+                                                                      algorithm_type="sde-dpmsolver++")
+  tpipe.save_pretrained(tmp_path)
+  pipe = jaxsd.StableDiffusionXL.from_pretrained(str(tmp_path))
+  assert pipe.default_sampler == "dpmpp_2m_sde"
+  kw = dict(steps=3, guidance_scale=5.0, latents=_noise(pipe, 7, 1), output="latent")
+  np.testing.assert_array_equal(pipe(PROMPTS[:1], **kw), pipe(PROMPTS[:1], sampler="dpmpp_2m_sde", **kw))
