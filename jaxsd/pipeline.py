@@ -731,7 +731,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
 def folder_sampler(scheduler_class: str, scheduler_config: schedules.SchedulerConfig, fallback: str) -> str:
   """The sampler that follows a folder's scheduler class, as diffusers runs a folder's own scheduler: `fallback` for
-  a class with no sampler here (e.g. DPMSolverSDEScheduler: DPM-Solver++ 2M, diffusers'
+  a class with no sampler here (e.g. IPNDMScheduler: DPM-Solver++ 2M, diffusers'
   DPMSolverMultistepScheduler.from_config swap, for SD; Euler for SDXL's folders); the EDM form for an EDM model;
   dpmpp_2m_sde for a DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++" (A1111's "DPM++ 2M SDE")."""
   name = SAMPLER_OF.get(scheduler_class.removeprefix("Flax"), fallback)  # (EDM: edm_dpmpp_2m)

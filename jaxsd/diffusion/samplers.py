@@ -4,10 +4,10 @@ Each sampler follows the diffusers PyTorch scheduler of the same name step for s
 sigmas, multistep bookkeeping, quirks included), so a run reproduces the diffusers pipeline.
 `make_schedule` builds everything the loop indexes into a `Schedule` pytree of float32 arrays;
 `sample` runs the whole loop in one `lax.scan`, one model call per iteration (Heun calls the
-model twice per step, as do KDPM2 (ancestral) but in their last, and PNDM once more than its step count, or 9 more
-with its Runge-Kutta warm-up, as in diffusers). What each sampler needs is one `Sampler` row (state init, step, schedule
-builder, facts); the schedule builders (numpy) live in `set_timesteps`, the updates (jnp) and `Schedule`
-in `steps`, and this module holds the table and the API. `init_state`, `model_input`, `step_noise` and
+model twice per step, as do KDPM2 (ancestral) and DPM++ SDE but in their last, and PNDM once more than its step
+count, or 9 more with its Runge-Kutta warm-up, as in diffusers). What each sampler needs is one `Sampler` row (state
+init, step, schedule builder, facts); the schedule builders (numpy) live in `set_timesteps`, the updates (jnp) and
+`Schedule` in `steps`, and this module holds the table and the API. `init_state`, `model_input`, `step_noise` and
 `step` are the loop's body one call at a time, for loops of one's own. A scheduler config is read as
 the diffusers class of the sampler reads it: keys it leaves out take that class's defaults
 (`SchedulerConfig.for_class`).
@@ -22,9 +22,14 @@ The samplers (SAMPLERS; SAMPLER_OF maps each diffusers class to its own):
   kdpm2, kdpm2_a                                 KDPM2(Ancestral)DiscreteScheduler (A1111's DPM2 / DPM2 a)
   dpmpp_2s                                       DPMSolverSinglestepScheduler, dpmsolver++ order 2 (A1111's DPM++ 2S)
   deis                                           DEISMultistepScheduler (logrho, order 2)
+  dpmpp_sde (+ _karras alias)                    DPMSolverSDEScheduler (A1111's DPM++ SDE (Karras))
   edm_euler, edm_dpmpp_2m                        EDMEuler / EDMDPMSolverMultistepScheduler
 The EDM samplers are for models with EDM preconditioning (Playground v2.5, CosXL: `SchedulerConfig.edm`) and
 only they sample those: on such a config euler and dpmpp_2m(_karras) mean them, the others are refused.
+The stochastic samplers draw their noise from the loop's key (`step_noise`), not from torch's generator. dpmpp_sde's
+is therefore not the torchsde Brownian tree diffusers draws from: the same distribution (a step's second call's noise
+holds its first call's, as the tree's increments do), not the same numbers, and not the tree's consistency across step
+counts; a config's noise_sampler_seed (torch's) is not read.
 
     s = make_schedule(cfg, "euler", 30)
     x = sample(model_fn, prepare_latents(s, noise), s, key)
@@ -52,7 +57,7 @@ from jaxsd.diffusion.schedules import SchedulerConfig
 from jaxsd.diffusion.steps import Schedule
 
 # The Karras-sigma variants are the plain sampler with use_karras_sigmas=True.
-_KARRAS = {"dpmpp_2m_karras": "dpmpp_2m", "dpmpp_2m_sde_karras": "dpmpp_2m_sde"}
+_KARRAS = {"dpmpp_2m_karras": "dpmpp_2m", "dpmpp_2m_sde_karras": "dpmpp_2m_sde", "dpmpp_sde_karras": "dpmpp_sde"}
 ALIASES = {"plms": "pndm", **_KARRAS}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -337,6 +342,11 @@ _TABLE = {
     "deis":
         Sampler(jnp.zeros_like, steps.deis_step, set_timesteps_more.deis_schedule, karras=True,
                 scheduler_class="DEISMultistepScheduler"),
+    # State: the latents the step started from (its first call's), and that call's noise.
+    "dpmpp_sde":
+        Sampler(lambda x: (jnp.zeros_like(x),) * 2, steps.dpmpp_sde_step, set_timesteps_more.dpm_sde_schedule,
+                scaled_input=True, stochastic=True, order=2, karras=True, predicts_sample=False,
+                scheduler_class="DPMSolverSDEScheduler"),
 }
 SAMPLERS = tuple(_TABLE)
 ETA_SAMPLERS = tuple(k for k, r in _TABLE.items() if r.eta)  # those that take `make_schedule`'s eta
@@ -410,8 +420,8 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, key: jax.Array |
     model_fn: (scaled x, float32 t) -> network output; may return bf16, latents stay float32.
     x: initial latents.
     schedule: from make_schedule.
-    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm, tcd, kdpm2_a; ddim with eta > 0),
-      or a [B] batch of them (see `step_noise`).
+    key: PRNG key of the stochastic samplers (ddpm, euler_a, dpmpp_2m_sde, lcm, tcd, kdpm2_a, dpmpp_sde; ddim with
+      eta > 0), or a [B] batch of them (see `step_noise`).
     noise: optional [L, *x.shape] noise that replaces the key's (parity tests).
     after_step: optional (i, latents after call i) -> latents, applied after every call (inpainting's
       latent blend); the sampler's state is left as the step made it, as in diffusers.

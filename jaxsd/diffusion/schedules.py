@@ -86,6 +86,9 @@ DIFFUSERS_DEFAULTS = {
              variance_type=None),
     "DEISMultistepScheduler":
         dict(_COMMON, thresholding=False, lower_order_final=True, use_karras_sigmas=False, timestep_spacing="linspace"),
+    # Not _COMMON's betas: DPMSolverSDE's own are SD's values, but linear (as KDPM2's).
+    "DPMSolverSDEScheduler":
+        dict(_COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False, timestep_spacing="linspace"),
 }
 # The classes whose models have EDM preconditioning (their `sigma_data` marks a config as EDM: SchedulerConfig.edm).
 EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -111,6 +114,8 @@ UNIMPLEMENTED = {
     "KDPM2DiscreteScheduler":
         _PLAIN_SIGMAS,
     "KDPM2AncestralDiscreteScheduler":
+        _PLAIN_SIGMAS,
+    "DPMSolverSDEScheduler":
         _PLAIN_SIGMAS,
     # (lower_order_final and final_sigmas_type are read: SchedulerConfig fields.)
     "DPMSolverSinglestepScheduler":

@@ -1,5 +1,6 @@
-"""The schedules of the solvers that follow diffusers' KDPM2 (ancestral), DPMSolverSinglestep and DEISMultistep
-schedulers: what each one's `set_timesteps` computes, then each call's weights, as `set_timesteps` does for the others.
+"""The schedules of the solvers that follow diffusers' KDPM2 (ancestral), DPMSolverSinglestep, DEISMultistep and
+DPMSolverSDE schedulers: what each one's `set_timesteps` computes, then each call's weights, as `set_timesteps` does for
+the others.
 """
 
 from __future__ import annotations
@@ -141,3 +142,58 @@ def deis_schedule(cfg, sampler, n, start, ac, karras) -> dict:
     c1, c2 = ind(t, s0, s1) - ind(s0, s0, s1), ind(t, s1, s0) - ind(s0, s1, s0)
     rows.append([alpha[k + 1] / alpha[k], alpha[k + 1] * c1, alpha[k + 1] * c2])
   return _vp_fields(ts, sig, start, np.array(rows).reshape(-1, 3))
+
+
+def _ancestral_move(t, sigma_to):
+  """(weight of x, weight of x0, sigma_up) of DPMSolverSDEScheduler.step's ancestral DPM-Solver++(1) move from t =
+  -log sigma towards sigma_to, x' = (sigma_down / sigma) x - expm1(t - t_down) x0 + sigma_up z (k-diffusion's
+  get_ancestral_step, eta = 1), in its float32 arithmetic."""
+  sigma = _f32(np.exp, -t)
+  up = np.minimum(sigma_to, np.sqrt(sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)))
+  t_down = -_f32(np.log, np.sqrt(sigma_to * sigma_to - up * up))
+  return _f32(np.exp, -t_down) / sigma, -_f32(np.expm1, t - t_down), up
+
+
+def dpm_sde_schedule(cfg, sampler, n, start, ac, karras) -> dict:
+  """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, r = 1/2) as DPMSolverSDEScheduler: two calls per step but the
+  last, at sigma_k then at the midpoint sigma exp(-(t_k + t_k+1) / 2), t = -log sigma (the geometric mean), as
+  diffusers interleaves them; the last step is one Euler step onto sigma 0.
+
+  Per call: `sigmas` the sigma the model sees, `coeffs` [L, 5]: x' = c0 x_start + c1 x0 + c2 z with z = c3 z_prev +
+  c4 noise, x_start the call's latents (even calls: towards the midpoint) or the step's first ones (odd calls: the whole
+  step with the midpoint's x0). c3 and c4 make the odd call's noise the Brownian increment over the whole step, which
+  holds the even call's half, as in diffusers' Brownian tree: c3 = sqrt((sigma_k - sigma_mid) / (sigma_k -
+  sigma_k+1)) is their correlation. `levels` at diffusers' repeated sigmas (as its add_noise reads them).
+  """
+  T = cfg.num_train_timesteps
+  ts = schedules.sigma_timesteps(cfg, n).astype(np.float64)  # (whole numbers unless linspace)
+  if schedules.timestep_spacing(cfg, "linspace") == "linspace":
+    ts = np.linspace(0, T - 1, n)[::-1].copy()  # float64 here (Euler's are float32)
+  train = schedules.train_sigmas(ac)
+  log_train = np.log(train)
+  sig = np.interp(ts, np.arange(0, len(train)), train)
+  if karras:  # between the ends of the interpolated sigmas, as diffusers; timesteps not rounded
+    sig = schedules.karras_sigmas(sig[-1].item(), sig[0].item(), n)
+    ts = schedules.sigma_to_t(sig, log_train)
+  t = -np.log(sig)
+  t_mid = schedules.sigma_to_t(np.exp(-(t[:-1] + np.diff(t) * 0.5)), log_train)  # float64, as diffusers
+  sig = np.append(sig, 0).astype(np.float32)
+  s, nxt = sig[:-2], sig[1:-1]  # the steps with a midpoint: all but the last
+  # Their moves in torch's float32 (t = -log sigma as diffusers' t_fn; the midpoint sigma the model sees).
+  t, t_next = -_f32(np.log, s), -_f32(np.log, nxt)
+  mid = _f32(np.exp, -(t + (t_next - t) * np.float32(0.5)))
+  rho = np.sqrt((s.astype(np.float64) - mid) / (s.astype(np.float64) - nxt))
+  coeffs = np.zeros((2 * n - 1, 5))
+  coeffs[0:-1:2, :3] = np.stack(_ancestral_move(t, mid), 1)
+  coeffs[0:-1:2, 4] = 1  # an even call's noise is its own
+  coeffs[1::2, :3] = np.stack(_ancestral_move(t, _f32(np.exp, -t_next)), 1)
+  coeffs[1::2, 3], coeffs[1::2, 4] = rho, np.sqrt(1 - rho * rho)
+  coeffs[-1] = (0, 1, 0, 0, 0)  # Euler onto sigma 0: x0
+  seen = np.append(np.stack([s, mid], 1).reshape(-1), sig[-2])
+  calls = np.append(np.stack([ts[:-1], t_mid], 1).reshape(-1), ts[-1]).astype(np.float32)
+  levels = np.concatenate([sig[:1], sig[1:-1].repeat(2), sig[-1:]])  # diffusers' sigmas: each inner one twice
+  leading = schedules.timestep_spacing(cfg, "linspace") == "leading"
+  smax = sig.max()
+  return dict(timesteps=calls[start:], init_noise_sigma=np.sqrt(smax * smax + np.float32(1)) if leading else smax,
+              sigmas=np.append(seen, np.float32(0))[start:], coeffs=coeffs[start:],
+              levels=np.stack([np.ones_like(levels), levels], 1)[start:])

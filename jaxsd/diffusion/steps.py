@@ -262,3 +262,18 @@ def deis_step(s, i, x, out, state, noise):
   eps = (x - alpha * x0) / (sigma * alpha)  # (diffusers converts every output to x0, then back to eps)
   c = s.coeffs[i]
   return c[0] * x + c[1] * eps + c[2] * state, eps
+
+
+def dpmpp_sde_step(s, i, x, out, state, noise):
+  """Implements DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (r = 1/2, eta = 1), as diffusers'
+  DPMSolverSDEScheduler: even calls take an ancestral DPM-Solver++(1) step to the midpoint sigma, odd calls redo the
+  whole step from its start with the midpoint's x0 prediction; both add noise, the odd call's over the whole step
+  (which holds the even call's half: see set_timesteps_more.dpm_sde_schedule). The last call is an Euler step to 0.
+  `noise` is the loop's standard normal draw, not diffusers' torchsde Brownian tree: distributed alike, not the same
+  numbers (see `samplers`)."""
+  start, z_prev = state  # the latents the step started from, and the even call's noise
+  x0 = _denoised(s, out, x, s.sigmas[i])  # at the sigma the model saw: the step's, or its midpoint's
+  c = s.coeffs[i]
+  base = jnp.where(i % 2 == 0, x, start)
+  z = c[3] * z_prev + c[4] * noise
+  return c[0] * base + c[1] * x0 + c[2] * z, (base, z)
