@@ -5,15 +5,16 @@
     images = pipe(["a photo of a cat"], steps=25, sampler="dpmpp_2m")
 """
 
-from jaxsd.models.clip import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
+from jaxsd.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,
+                               CLIPVisionModelWithProjection)
 from jaxsd.models.controlnet import ControlNetModel
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_controlnet import StableDiffusionControlNet, StableDiffusionXLControlNet
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_controlnet, load_text_encoder, load_unet,
-                              load_vae, save_pretrained)
+from jaxsd.pretrained import (abstract_params, init_params, load_clip, load_controlnet, load_image_encoder,
+                              load_text_encoder, load_unet, load_vae, save_pretrained)
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
     "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
     "ControlNetModel",
     "StableDiffusion",
     "StableDiffusionControlNet",
@@ -33,6 +35,7 @@ __all__ = [
     "init_params",
     "load_clip",
     "load_controlnet",
+    "load_image_encoder",
     "load_text_encoder",
     "load_unet",
     "load_vae",

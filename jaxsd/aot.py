@@ -46,6 +46,9 @@ def save_program(pipe: StableDiffusion, folder: str, *, batch: int, height: int 
   """Exports the text-to-image program `pipe(prompts, ...)` runs for these settings (any prompts, seed,
   guidance scale above 1 or not as given, guidance rescale) to `folder/<name>.jaxexport` with a JSON
   description beside it; returns the program file's path."""
+  if pipe.ip_adapter is not None:
+    raise ValueError("save_program: an IP-Adapter is loaded; only plain text-to-image programs can be saved "
+                     "(unload_ip_adapter() first).")
   height, width = pipe.size_or_default(height, width)
   sampler = sampler or pipe.default_sampler
   prompts, _ = pipe.check_inputs([""] * batch, None, height, width, steps, sampler, output, guidance_scale)

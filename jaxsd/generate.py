@@ -131,8 +131,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              out_dir: str | None = None, progress: bool = True, devices=None, init_image=None, mask_image=None,
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
              padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=None,
-             control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
-             eta: float = 0.0) -> GenerateResult:
+             control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, eta: float = 0.0,
+             ip_adapter_image=None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -153,8 +153,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   inpainting the init image's size, and cropped with it under `padding_mask_crop`), and the other ControlNet
   arguments of its call (the conditioning scale defaults to its call's, as diffusers': 1 for text-to-image, 0.8 for
   img2img, 0.5 for SD's inpainting and 1 for SDXL's). `eta` is the pipeline calls' (diffusers'): ddim's weight of
-  fresh noise and tcd's gamma, refused by the other samplers unless 0. Bad arguments, checked before anything compiles,
-  raise a ValueError that says what to change.
+  fresh noise and tcd's gamma, refused by the other samplers unless 0. With an IP-Adapter loaded
+  (`pipe.load_ip_adapter`), `ip_adapter_image` is the image prompt of every job, at the adapter's scale. Bad
+  arguments, checked before anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
     raise ValueError(f"num_images={num_images} and batch_per_device={batch_per_device} must be at least 1.")
@@ -243,6 +244,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   mine = batches[jax.process_index()::jax.process_count()]
 
   guided = pipe.guided(guidance_scale)
+  ip = pipe.ip_adapter_inputs(ip_adapter_image, None, 1, guided)  # one image's embeddings for every job, or None
   fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, eta=eta, **control_options)
   pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)  # the conditioning (kwargs) on axis 0 too
   params = flax.jax_utils.replicate(pipe.params, devices)  # once, not per call
@@ -260,6 +262,11 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       control_ims, scales, keep = control
       cond["control_images"] = tuple(shard(jnp.broadcast_to(im, (global_batch,) + im.shape[1:])) for im in control_ims)
       cond["scales"], cond["keep"] = (jnp.broadcast_to(x, (n_dev,) + x.shape) for x in (scales, keep))
+    if ip is not None:  # the image embeddings of every job, the scale once per device
+      cond["ip_adapter"] = {
+          k: shard(jnp.broadcast_to(v, (global_batch,) + v.shape[1:])) for k, v in ip.items() if k != "scale"
+      }
+      cond["ip_adapter"]["scale"] = jnp.broadcast_to(ip["scale"], (n_dev,))
     if cond_fn is not None:
       cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
     return (shard(jnp.asarray(ids)), shard(jnp.asarray(uncond)), shard(noise), shard(keys)), cond

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_adapters, pipeline_folders, prompt_syntax
+from jaxsd import (conditioning, hub, ip_adapter, mask_crop, model_folder, pipeline_adapters, pipeline_folders,
+                   prompt_syntax)
 from jaxsd import tokenizer as tok
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers, schedules
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersMixin):
+class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin):
   """A Stable Diffusion model: the three networks, their parameters, tokenizer and noise schedule."""
 
   unet: Any
@@ -54,6 +55,9 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   scheduler_class_name: str | None = None
   # The folder's pipeline class (model_index.json's `_class_name`): which diffusers img2img pipeline jaxsd follows.
   pipeline_class_name: str | None = None
+  # The diffusers folder `from_pretrained` read, where `load_ip_adapter` finds its image_encoder/ and
+  # feature_extractor/ (diffusers' pipeline loads those with the rest).
+  source_folder: str | None = None
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
@@ -169,17 +173,19 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     return guidance_scale > 1.0 and not self.guidance_embedded
 
   def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
-               guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None):
+               guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None,
+               unet_inputs: dict | None = None):
     """The model function the samplers call, (x, t[, call index i]) -> U-Net output under classifier-free
     guidance, fp32.
 
     `cond` is what `encode_prompts` returns (for SD the context, unconditional half first with guidance).
     `guidance_rescale` (Lin et al. (2023) sec. 3.4, diffusers' `rescale_noise_cfg`) mixes in the guided
     output rescaled to the conditional output's standard deviation, per image. `x_extra`: channels the
-    U-Net takes after the latents (see `apply_unet`), one per image.
+    U-Net takes after the latents (see `apply_unet`), one per image. `unet_inputs`: other U-Net keyword arguments
+    (an IP-Adapter's image embeddings and scale, `ip_adapter.unet_inputs`), with the guided batch's rows.
     """
 
-    kw = {}
+    kw = dict(unet_inputs or {})
     if self.guidance_embedded:
       kw["timestep_cond"] = guidance_scale_embedding(guidance_scale - 1, self.unet.config.time_cond_proj_dim)
 
@@ -187,7 +193,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       if not guided:
         return self.apply_unet(unet_params, x, t, cond, i, x_extra, **kw).astype(jnp.float32)
       extra = None if x_extra is None else jnp.concatenate([x_extra, x_extra])
-      out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond, i, extra).astype(jnp.float32)
+      out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond, i, extra, **kw).astype(jnp.float32)
       uncond, text = jnp.split(out, 2)
       guided_out = uncond + guidance_scale * (text - uncond)
       if guidance_rescale is None:
@@ -295,13 +301,14 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   @property
   def params(self) -> dict:
-    """What the compiled program takes: the U-Net and text encoder with the active LoRA adapters merged in."""
-    return {
+    """What the compiled program takes: the U-Net and text encoder with the active LoRA adapters merged in (and a
+    loaded IP-Adapter's parameters added to the U-Net's)."""
+    return self._with_ip_adapter({
         "unet": self.unet_params,
         "vae": self.vae_params,
         "text_encoder": self.text_encoder_params,
         **self._loras.apply(self.lora_targets)
-    }
+    })
 
   # --- the compiled program ------------------------------------------------------------------
 
@@ -309,7 +316,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     """Returns the pure function that one generation runs, with the schedule as an argument:
 
         fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, guidance_rescale=None, add_noise=None, **text) -> uint8 images or latents
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, ip_adapter=None, **text)
+           -> uint8 images or latents
 
     `noise` is the initial Gaussian noise (B, h, w, c), unscaled; `keys` (B,) the per-image keys of
     the stochastic samplers (see `image_keys`). img2img (`task="img2img"`) starts from
@@ -320,7 +328,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     argument `add_noise` is false, img2img starts from `image_latents` as they are (latents already noised to
     the schedule's first level: SDXL's base -> refiner hand-off, diffusers' `denoising_start`), in the same
     program. `text` holds the other text inputs of `text_inputs` (e.g. the weights of weighted prompts; `ids` are
-    (B, 77 k) for k windows of long prompts, each k compiles once), passed on to `encode_prompts`.
+    (B, 77 k) for k windows of long prompts, each k compiles once), passed on to `encode_prompts`. `ip_adapter`: a
+    loaded IP-Adapter's image embeddings and scale (`IPAdapterMixin.ip_adapter_inputs`), which the U-Net gets.
     """
     if output not in ("np", "latent"):
       raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
@@ -328,7 +337,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     concat = task == "inpaint" and self.inpainting_unet
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, guidance_rescale=None, add_noise=None, control=None, **text):
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, control=None, ip_adapter=None, **text):
       cond = self.unet_conditioning(params, self.encode_prompts(params, ids, uncond_ids, guided, **text), control)
       if from_noise:
         x = samplers.prepare_latents(schedule, noise)
@@ -345,7 +354,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
           known = samplers.noise_latents(schedule, image_latents, noise, i + 1)
           return (1 - mask) * known + mask * x
 
-      model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra)
+      unet_inputs = None if ip_adapter is None else self.ip_adapter_unet_inputs(ip_adapter, guided, params["unet"])
+      model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra, unet_inputs)
       latents = samplers.sample(model_fn, x, schedule, keys, after_step=after_step, indexed=True)
       if output == "latent":
         return latents
@@ -489,6 +499,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     schedule = self.sampling_schedule(sampler, steps, strength, task, denoising_start=denoising_start,
                                       denoising_end=denoising_end, eta=eta)
     guided = self.guided(guidance_scale)
+    cond = self.ip_adapter_cond(cond, len(prompts), guided)  # (unchanged without an IP-Adapter)
     f = self.vae.config.downsampling_factor
     ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
                                              **(text_options or {}))
@@ -514,7 +525,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, latents=None,
-               output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
+               output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
+               ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
@@ -526,9 +538,16 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     img2img's and inpaint's): ddim's weight of fresh noise at each step (0: deterministic DDIM, 1: DDPM-like) and
     tcd's gamma; other samplers refuse eta != 0 (`samplers.make_schedule`). The noise is drawn from the image's
     sampler key, as the stochastic samplers'.
+
+    With an IP-Adapter loaded (`load_ip_adapter`) a call needs `ip_adapter_image` (a PIL image or uint8 / [0, 1]
+    array for every prompt, a list of one per prompt, or diffusers' [[image, ...]]: all of them in every prompt) or
+    `ip_adapter_image_embeds` (diffusers' layout: a list with one (2, n, D) array under guidance, the unconditional
+    row first, (1, n, D) without; or one row per prompt); img2img and inpaint take them too
+    (`IPAdapterMixin.ip_adapter_inputs`).
     """
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-                               output, text_options=_syntax(long_prompts, prompt_weighting), eta=eta)
+                               output, text_options=_syntax(long_prompts, prompt_weighting), eta=eta,
+                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                      output, **run_options):
@@ -579,7 +598,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   def img2img(self, prompts, init_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
-              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
+              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
+              ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
@@ -594,11 +614,13 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
       image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
         encoder, from `posterior_keys(seed, B)`.
-      long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
+      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds: as text-to-image's
+        (`__call__`).
     """
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                                 output, noise, image_latents, text_options=_syntax(long_prompts,
-                                                                                   prompt_weighting), eta=eta)
+                                                                                   prompt_weighting), eta=eta,
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                       output, noise, image_latents, **run_options):
@@ -621,7 +643,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -648,11 +670,13 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
         given are then the crops'. Not with output="latent".
       height, width: with padding_mask_crop, the size the crop is inpainted at (default: the model's
         own size, as diffusers); without it the output is the images' size and these may only repeat it.
-      long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
+      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds: as text-to-image's
+        (`__call__`).
     """
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
                          seed, output, latents, masked_image_latents, image_latents,
-                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, eta=eta)
+                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, eta=eta,
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def _inpaint(self, prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                output, latents, masked_image_latents, image_latents, text_options, padding_mask_crop, height, width,

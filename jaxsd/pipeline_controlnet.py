@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, hub, mask_crop, model_folder, pipeline_xl, pretrained
+from jaxsd import conditioning, hub, ip_adapter, mask_crop, model_folder, pipeline_xl, pretrained
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
@@ -101,8 +101,9 @@ class StableDiffusionControlNet(StableDiffusion):
     out = cls(**base, controlnets=modules, controlnet_params=params)
     for i, module in enumerate(modules):
       check_fits(out, module, i)
-    if "_loras" in pipe.__dict__:
-      out.__dict__["_loras"] = pipe.__dict__["_loras"]
+    for shared in ("_loras", "_ip_adapter"):  # its LoRA adapters and IP-Adapter go on working
+      if shared in pipe.__dict__:
+        out.__dict__[shared] = pipe.__dict__[shared]
     return out
 
   @classmethod
@@ -275,7 +276,8 @@ class StableDiffusionControlNet(StableDiffusion):
                width: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None,
                seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
-               long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
+               long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
+               ip_adapter_image_embeds=None):
     """Text to image under the ControlNets, as diffusers' StableDiffusionControlNetPipeline.
 
     Args:
@@ -290,16 +292,18 @@ class StableDiffusionControlNet(StableDiffusion):
         (call i of L when start <= i / L and (i + 1) / L <= end): a float, or one per ControlNet.
       guess_mode: residuals from 0.1x to 1x from the first skip to the mid block, and (under guidance)
         only the conditional half steered; turned on by the first ControlNet's global_pool_conditions.
-      latents, output, steps, sampler, seed, guidance_scale, long_prompts, prompt_weighting, eta: as
-        `StableDiffusion.__call__`.
+      latents, output, steps, sampler, seed, guidance_scale, long_prompts, prompt_weighting, eta, ip_adapter_image,
+        ip_adapter_image_embeds: as `StableDiffusion.__call__` (an IP-Adapter steers the U-Net, not the ControlNets,
+        as diffusers').
     """
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                               seed, latents, output, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting), eta)
+                              control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting), eta,
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def _control_call(self, prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                     seed, latents, output, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    guess_mode, text_options: dict, eta: float = 0.0):
+                    guess_mode, text_options: dict, eta: float = 0.0, **run_options):
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     if latents is None:
@@ -307,13 +311,13 @@ class StableDiffusionControlNet(StableDiffusion):
     if isinstance(prompts, str):
       prompts = [prompts] * max(_count(x) for x in control.per_net)
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-                               output, text_options=text_options, control=control, eta=eta)
+                               output, text_options=text_options, control=control, eta=eta, **run_options)
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
               control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
-              prompt_weighting: bool = False, eta: float = 0.0):
+              prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the arguments
     of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength 0.8,
     conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays),
@@ -322,7 +326,8 @@ class StableDiffusionControlNet(StableDiffusion):
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                                 output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting),
-                                control=control, eta=eta)
+                                control=control, eta=eta,
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 1.0, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0,
@@ -330,7 +335,7 @@ class StableDiffusionControlNet(StableDiffusion):
               controlnet_conditioning_scale=0.5, control_guidance_start=0.0, control_guidance_end=1.0,
               guess_mode: bool = False, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
     `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the 4
     latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With
@@ -341,7 +346,8 @@ class StableDiffusionControlNet(StableDiffusion):
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
                          seed, output, latents, masked_image_latents, image_latents,
                          _syntax(long_prompts,
-                                 prompt_weighting), padding_mask_crop, height, width, control=control, eta=eta)
+                                 prompt_weighting), padding_mask_crop, height, width, control=control, eta=eta,
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
     """The control images cropped to each image's box and resized as the images are (diffusers' "fill")."""
@@ -408,7 +414,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, *, prompts_2=None,
                negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-               long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0):
+               long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
+               ip_adapter_image_embeds=None):
     """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
     `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
     conditioning, which defaults to the output size, long and weighted prompts); the default sampler is the
@@ -418,7 +425,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                                        **_syntax(long_prompts, prompt_weighting))
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
-                              control_guidance_start, control_guidance_end, guess_mode, options, eta)
+                              control_guidance_start, control_guidance_end, guess_mode, options, eta,
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
@@ -427,7 +435,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Image to image under the ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: the
     arguments of `StableDiffusionControlNet.img2img` and SDXL's (`StableDiffusionXL.img2img`)."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -439,7 +447,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
-                                control=control, eta=eta)
+                                control=control, eta=eta,
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 0.9999, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0,
@@ -450,7 +459,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline: the arguments
     of `StableDiffusionXL.inpaint` and the ControlNets' of `__call__` (scale 1 by default, as diffusers')."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -462,7 +471,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                             guess_mode)
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
-                         padding_mask_crop, height, width, control=control, eta=eta)
+                         padding_mask_crop, height, width, control=control, eta=eta,
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
 
 def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:

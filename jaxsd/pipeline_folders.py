@@ -53,7 +53,7 @@ class FoldersMixin:
     pipeline_class, class_name = model_folder.index_classes(path)
     pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tok.load_tokenizer(path),
                _scheduler_config(scheduler_file, class_name), scheduler_class_name=class_name,
-               pipeline_class_name=pipeline_class)
+               pipeline_class_name=pipeline_class, source_folder=path)
     pipe.check_parts(path)
     warn_unattached_controlnets(cls, path)
     return pipe
@@ -127,8 +127,12 @@ class FoldersMixin:
     (latent-consistency/lcm-sdxl), or a single U-Net file read with this pipeline's U-Net config, in diffusers'
     names (SDXL-Lightning's sdxl_lightning_4step_unet.safetensors) or the original layout. It must fit the text
     encoders and VAE (and be SDXL's kind in an SDXL pipeline); programs compiled before are dropped. Refused while
-    LoRA adapters are fused (unfuse_lora would bring the old U-Net's parameters back)."""
+    LoRA adapters are fused (unfuse_lora would bring the old U-Net's parameters back) and while an IP-Adapter is
+    loaded (its layers are the old U-Net's)."""
     self._loras.check_unfused("swap_unet")
+    if self.ip_adapter is not None:  # its layers are the old U-Net's
+      raise ValueError("swap_unet: an IP-Adapter is loaded; unload_ip_adapter() first, then load it again for the "
+                       "new U-Net.")
     where = os.fspath(path)
     unet, unet_params = read_network("unet", where, self.unet.config, self.unet.dtype, self.unet.param_dtype,
                                      variant=variant, allow_pickle=allow_pickle,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import hub, model_folder, pipeline, pipeline_folders, pretrained, prompt_syntax, single_file
+from jaxsd import hub, ip_adapter, model_folder, pipeline, pipeline_folders, pretrained, prompt_syntax, single_file
 from jaxsd import tokenizer as tok
 from jaxsd.diffusion import schedules
 from jaxsd.config import write_json_object
@@ -89,7 +89,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     pipeline_folders.warn_unattached_controlnets(cls, path)
     return cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler, text_encoder_2=te2,
                text_encoder_2_params=te2_params, tokenizer_2=tok.load_tokenizer(os.path.join(path, "tokenizer_2")),
-               model_index=index)
+               model_index=index, source_folder=path)
 
   @classmethod
   def from_single_file(cls, path: str, config: str = "auto", dtype=jnp.float32, param_dtype=None, *,
@@ -385,9 +385,9 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                negative_crops_coords_top_left=(0, 0), negative_target_size=None, guidance_rescale: float = 0.0,
                denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
-               eta: float = 0.0):
-    """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments (`eta` too)
-    plus:
+               eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
+    """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments (`eta` and the
+    IP-Adapter's `ip_adapter_image` / `ip_adapter_image_embeds` too) plus:
 
     Args:
       prompts_2, negative_prompts_2: the second text encoder's prompts (default: `prompts` / the negatives).
@@ -412,7 +412,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                            **pipeline._syntax(long_prompts, prompt_weighting))
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
                                self.default_sampler, seed, latents, output, text_options=options,
-                               guidance_rescale=guidance_rescale, denoising_end=denoising_end, eta=eta)
+                               guidance_rescale=guidance_rescale, denoising_end=denoising_end, eta=eta,
+                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def img2img(self, prompts, init_images, strength: float = 0.3, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
@@ -421,7 +422,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, guidance_rescale: float = 0.0,
               denoising_start: float | None = None, denoising_end: float | None = None, long_prompts: bool = False,
-              prompt_weighting: bool = False, eta: float = 0.0):
+              prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Image to image, as diffusers' StableDiffusionXLImg2ImgPipeline: `StableDiffusion.img2img` plus the
     arguments of `__call__`, the refiner's aesthetic scores and `denoising_start`.
 
@@ -436,7 +437,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
-                                denoising_end=denoising_end, eta=eta)
+                                denoising_end=denoising_end, eta=eta,
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This SDXL base model steered by SDXL ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionXLControlNet`,
@@ -456,7 +458,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
     """Inpainting, as diffusers' StableDiffusionXLInpaintPipeline: `StableDiffusion.inpaint` (a 9-channel
     inpainting U-Net, e.g. SDXL-inpainting-0.1, or latent blending for the base model and the refiner) with
     SDXL's arguments as `img2img`'s (size conditioning of the output size, the refiner's aesthetic scores) and
@@ -467,7 +469,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                            image_to_image=True, **pipeline._syntax(long_prompts, prompt_weighting))
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
-                         padding_mask_crop, height, width, eta=eta)
+                         padding_mask_crop, height, width, eta=eta,
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
 
 
 def _folder_parts(path: str) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:

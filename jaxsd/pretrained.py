@@ -37,6 +37,7 @@ def _spec(module: nn.Module) -> dict[str, Any]:
       "CLIPTextModel": "clip_text_model",
       "CLIPTextModelWithProjection": "clip_text_model",
       "CLIPVisionModel": "clip_vision_model",
+      "CLIPVisionModelWithProjection": "clip_vision_model",
       "CLIPModel": "clip"
   }
   if name in model_type:
@@ -134,6 +135,8 @@ _KINDS = {
     "text_encoder": (clip.CLIPTextModel, clip.CLIPTextConfig, _prefixed("text_model.")),
     "text_encoder_2": (clip.CLIPTextModelWithProjection, clip.CLIPTextConfig,
                        _prefixed("text_model.", "text_projection.")),
+    "image_encoder": (clip.CLIPVisionModelWithProjection, clip.CLIPVisionConfig,
+                      _prefixed("vision_model.", "visual_projection.")),
 }
 
 
@@ -193,6 +196,14 @@ def _read_config(path: str) -> dict:
   return model_folder.read_json(file)
 
 
+def load_image_encoder(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+                       allow_pickle: bool = False, **module_kwargs):
+  """Loads a transformers `CLIPVisionModelWithProjection` folder (an IP-Adapter's image encoder, a pipeline's
+  `image_encoder/`). Returns (module, params)."""
+  module_cls, config_cls, rename = _KINDS["image_encoder"]
+  return _load(module_cls, config_cls, path, dtype, param_dtype, variant, allow_pickle, rename=rename, **module_kwargs)
+
+
 def load_clip(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,
               **module_kwargs):
   """Loads a transformers `CLIPModel` folder (both towers). Returns (module, params)."""
@@ -215,6 +226,6 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
 
 
 __all__ = [
-    "load_unet", "load_controlnet", "load_vae", "load_text_encoder", "load_clip", "save_pretrained", "init_params",
-    "abstract_params", "example_inputs"
+    "load_unet", "load_controlnet", "load_vae", "load_text_encoder", "load_image_encoder", "load_clip",
+    "save_pretrained", "init_params", "abstract_params", "example_inputs"
 ]

@@ -1,6 +1,7 @@
 """python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
-and all three under ControlNets (--controlnet --control-image, or a ControlNet pipeline's --model folder) across
-every local accelerator. Flags only; the work is in jaxsd.generate.
+and all three under ControlNets (--controlnet --control-image, or a ControlNet pipeline's --model folder) and with an
+image prompt (--ip-adapter --ip-adapter-image) across every local accelerator. Flags only; the work is in
+jaxsd.generate.
 
 Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
 diffusers does; 16-bit, float and CMYK files are refused."""
@@ -103,6 +104,18 @@ def parse(argv=None) -> argparse.Namespace:
       help="a textual-inversion embedding (diffusers' learned_embeds, A1111 .pt / .safetensors / .png, SDXL clip_l + "
       "clip_g) under TOKEN (default: the file's name for it, else its file name); use TOKEN in --prompt or "
       "--negative-prompt (repeatable; loaded after --lora; .pt / .bin need --allow-pickle)")
+  p.add_argument(
+      "--ip-adapter", default=None, metavar="FILE",
+      help="an IP-Adapter, plain or Plus (h94/IP-Adapter's ip-adapter_sd15.safetensors, ip-adapter-plus_sd15, "
+      "ip-adapter_sdxl*.safetensors, ...; a pickled .bin with --allow-pickle): --ip-adapter-image is then an image "
+      "prompt; its image encoder is the file's folder's image_encoder/ (as diffusers), the --model folder's own, or "
+      "--image-encoder")
+  p.add_argument("--ip-adapter-image", default=None, metavar="IMG",
+                 help="with --ip-adapter: the image prompt, for every image generated")
+  p.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
+                 help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike)")
+  p.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                 help="with --ip-adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder")
   p.add_argument(
       "--vae", default=None, metavar="PATH",
       help="another VAE: a diffusers AutoencoderKL folder or Hub id (e.g. stabilityai/sd-vae-ft-mse), or a "
@@ -267,11 +280,43 @@ def check_flags(args) -> None:
     if args.padding_mask_crop < 0:
       raise ValueError(f"--padding-mask-crop {args.padding_mask_crop}: the margin around the mask must be >= 0 "
                        "pixels.")
+  check_ip_adapter_flags(args)
   for flag, value, what in (("--vae", args.vae, "VAE"), ("--unet", args.unet, "U-Net")):
     if value is not None and not os.path.exists(value) and not hub.is_repo_id(value):
       raise FileNotFoundError(f"{flag} {value}: no such file or folder; give a diffusers {what} folder, a Hub id "
                               f"(owner/name) or a {what} .safetensors file.")
   check_controlnet_flags(args)
+
+
+def check_ip_adapter_flags(args) -> None:
+  """The IP-Adapter flags: each needs the others they go with, and the files they name."""
+  if args.ip_adapter is None:
+    for flag, value in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-scale", args.ip_adapter_scale),
+                        ("--image-encoder", args.image_encoder)):
+      if value is not None:
+        raise ValueError(f"{flag} needs --ip-adapter FILE (the IP-Adapter's weights).")
+    return
+  if args.ip_adapter_image is None:
+    raise ValueError("--ip-adapter needs --ip-adapter-image IMG (the image prompt).")
+  if not os.path.isfile(args.ip_adapter):
+    raise FileNotFoundError(f"--ip-adapter {args.ip_adapter}: no such file; give the adapter's .safetensors file.")
+  if not args.ip_adapter.endswith((".safetensors", ".bin")):
+    raise ValueError(f"--ip-adapter {args.ip_adapter}: an IP-Adapter is a .safetensors file (or a pickled .bin with "
+                     "--allow-pickle).")
+  if args.ip_adapter.endswith(".bin") and not args.allow_pickle:
+    raise ValueError(f"--ip-adapter {args.ip_adapter} is pickled (unpickling can run code): use the .safetensors file, "
+                     "or pass --allow-pickle if you trust its source.")
+  if args.ip_adapter_scale is not None and not finite32(args.ip_adapter_scale):
+    raise ValueError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number (1: as trained, 0: off).")
+  if args.image_encoder is not None:
+    if not os.path.isfile(os.path.join(args.image_encoder, "config.json")):
+      raise FileNotFoundError(f"--image-encoder {args.image_encoder}: not a model folder (no config.json); give a "
+                              "transformers CLIPVisionModelWithProjection folder.")
+  elif not any(
+      os.path.isdir(os.path.join(folder, "image_encoder"))
+      for folder in (os.path.dirname(os.path.abspath(args.ip_adapter)), args.model)):
+    raise FileNotFoundError(f"--ip-adapter {args.ip_adapter}: no image_encoder/ beside it (nor in the --model folder): "
+                            "give --image-encoder FOLDER (a CLIPVisionModelWithProjection folder).")
 
 
 def check_controlnet_flags(args, model_controlnets: int | None = None) -> None:
@@ -340,6 +385,7 @@ def main(argv=None) -> int:
     init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     control_images = [conditioning.load_image(path, "--control-image") for path in args.control_image]
+    ip_image = conditioning.load_image(args.ip_adapter_image, "--ip-adapter-image") if args.ip_adapter else None
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
@@ -357,6 +403,10 @@ def main(argv=None) -> int:
       pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing=args.timestep_spacing)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
+    if args.ip_adapter is not None:
+      encoder = os.path.abspath(args.image_encoder) if args.image_encoder else "image_encoder"
+      pipe.load_ip_adapter(args.ip_adapter, image_encoder_folder=encoder, allow_pickle=args.allow_pickle,
+                           scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale)
     if embeddings:  # one call: all or none loaded, two with one token refused
       pipe.load_textual_inversion([p for p, _ in embeddings], [t for _, t in embeddings],
                                   allow_pickle=args.allow_pickle)
@@ -374,7 +424,7 @@ def main(argv=None) -> int:
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
                                strength=args.strength, long_prompts=args.long_prompts,
                                prompt_weighting=args.prompt_weighting, padding_mask_crop=args.padding_mask_crop,
-                               eta=args.eta, **control)
+                               eta=args.eta, ip_adapter_image=ip_image, **control)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -186,6 +186,16 @@ class CLIPVisionOutput:
 
 
 @flax.struct.dataclass
+class CLIPVisionModelOutput:
+  """transformers' CLIPVisionModelOutput (CLIPVisionModelWithProjection), with the tower's pooled output too."""
+
+  image_embeds: jax.Array  # (B, projection_dim): visual_projection(pooler_output), not normalised
+  last_hidden_state: jax.Array
+  pooler_output: jax.Array
+  hidden_states: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
 class CLIPOutput:
   logits_per_image: jax.Array  # (images, texts), cosine similarity times exp(logit_scale), fp32
   logits_per_text: jax.Array  # (texts, images)
@@ -470,6 +480,24 @@ class CLIPVisionModel(nn.Module):
 
   def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
     return self.vision_model(pixel_values)
+
+
+class CLIPVisionModelWithProjection(CLIPVisionModel):
+  """transformers `CLIPVisionModelWithProjection`: the vision tower under `vision_model` and a bias-free
+  `visual_projection` of its pooled output (the image encoder of IP-Adapters, `jaxsd.ip_adapter`)."""
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                                      param_dtype=self.param_dtype,
+                                      kernel_init=_normal(cfg.hidden_size**-0.5 * cfg.initializer_factor))
+
+  def __call__(self, pixel_values: jax.Array) -> CLIPVisionModelOutput:
+    out = self.vision_model(pixel_values)
+    return CLIPVisionModelOutput(image_embeds=self.visual_projection(out.pooler_output),
+                                 last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
+                                 hidden_states=out.hidden_states)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:

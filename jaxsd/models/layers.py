@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -294,6 +295,17 @@ class Upsample2D(nn.Module):
     return conv(self.out_channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+@flax.struct.dataclass
+class ImagePrompt:
+  """The cross-attention context with an IP-Adapter's image tokens (Ye et al., 2023), passed down the U-Net's blocks
+  in place of the text embeddings: each cross-attention adds `scale` x its attention over the image tokens
+  (diffusers' IPAdapterAttnProcessor2_0)."""
+
+  text: jax.Array  # (B, L, D): the encoder hidden states
+  tokens: jax.Array  # (B, N, D): the projected image tokens
+  scale: jax.Array  # (): the adapter's weight (an input, so a new scale compiles nothing)
+
+
 class Attention(nn.Module):
   """diffusers `Attention` (AttnProcessor2_0): to_q/to_k/to_v, scaled dot-product, to_out_0.
 
@@ -303,6 +315,9 @@ class Attention(nn.Module):
   `upcast_attention` (SD 2.x): q.k^T is already accumulated and softmaxed in fp32 by every path of
   `dot_product_attention` (XLA: fp32 `preferred_element_type`; cuDNN, Pallas: fp32 accumulators), so
   no cast is made here; casting q and k to fp32 would only rule out the cuDNN kernel.
+
+  `image_prompt` (cross-attention only): an IP-Adapter's image tokens, attended to with the same queries through
+  `to_k_ip_0` / `to_v_ip_0` (diffusers' processor's `to_k_ip.0` / `to_v_ip.0`) and added, scaled, before to_out.
   """
 
   heads: int
@@ -319,7 +334,8 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               image_prompt: ImagePrompt | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     residual = x
     spatial_shape = x.shape if x.ndim == 4 else None
@@ -335,6 +351,11 @@ class Attention(nn.Module):
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
     out = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
     out = out.reshape(out.shape[0], out.shape[1], inner)
+    if image_prompt is not None:
+      k = nn.Dense(inner, use_bias=False, name="to_k_ip_0", **kw)(image_prompt.tokens)
+      v = nn.Dense(inner, use_bias=False, name="to_v_ip_0", **kw)(image_prompt.tokens)
+      ip = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
+      out = out + image_prompt.scale.astype(out.dtype) * ip.reshape(out.shape)
     out = nn.Dense(residual.shape[-1], use_bias=self.out_bias, name="to_out_0", **kw)(out)
     if spatial_shape is not None:
       out = out.reshape(spatial_shape)
@@ -373,7 +394,8 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+  """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual. `context` is the text
+  embeddings, or an `ImagePrompt` (they and an IP-Adapter's image tokens, which the cross-attention also reads)."""
 
   dim: int
   heads: int
@@ -386,14 +408,17 @@ class BasicTransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | ImagePrompt | None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(heads=self.heads, dim_head=self.dim_head, upcast_attention=self.upcast_attention,
                 attention_implementation=self.attention_implementation, **kw)
+    image_prompt = None
+    if isinstance(context, ImagePrompt):  # as diffusers: only attn2 (the cross-attention) reads the image tokens
+      context, image_prompt = context.text, context
     h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
     x = x + Attention(name="attn1", **attn)(h, context if self.only_cross_attention else None)
     h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-    x = x + Attention(name="attn2", **attn)(h, context)
+    x = x + Attention(name="attn2", **attn)(h, context, image_prompt)
     h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)
     return x + FeedForward(self.dim, name="ff", **kw)(h)
 

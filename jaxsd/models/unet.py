@@ -5,8 +5,9 @@ DownBlock2D, UNetMidBlock2DCrossAttn (or UNetMidBlock2D, or none), UpBlock2D, Cr
 transformer depths per block or per layer; the addition embeddings "text" and SDXL's "text_time" (pooled
 text embedding + Fourier-embedded size/crop/aesthetic "time ids", passed as `text_embeds=` and `time_ids=`,
 diffusers' `added_cond_kwargs`); LCM-distilled U-Nets' guidance embedding (`time_cond_proj_dim`, passed as
-`timestep_cond=`). Features that need other inputs or weights (class embeddings, GLIGEN, ...) are refused
-by `UNet2DConditionConfig.validate`.
+`timestep_cond=`); an IP-Adapter's image prompt (`image_embeds=`, diffusers' `added_cond_kwargs["image_embeds"]`
+with its `encoder_hid_proj`, and `to_k_ip_0` / `to_v_ip_0` in every cross-attention). Features that need other
+inputs or weights (class embeddings, GLIGEN, ...) are refused by `UNet2DConditionConfig.validate`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, TextTimeEmbedding, Timesteps,
-                                 TimestepEmbedding, Transformer2DModel, UNetMidBlock2D, Upsample2D, conv,
+from jaxsd.models.image_projection import IPAdapterImageProjections, ResamplerConfig
+from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ImagePrompt, ResnetBlock2D, TextTimeEmbedding,
+                                 Timesteps, TimestepEmbedding, Transformer2DModel, UNetMidBlock2D, Upsample2D, conv,
                                  get_activation)
 
 Dtype = Any
@@ -405,14 +407,20 @@ class UNet2DConditionModel(nn.Module):
   def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float, encoder_hidden_states: jax.Array,
                text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
                down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
-               mid_block_additional_residual: jax.Array | None = None,
-               timestep_cond: jax.Array | None = None) -> jax.Array:
+               mid_block_additional_residual: jax.Array | None = None, timestep_cond: jax.Array | None = None,
+               image_embeds: jax.Array | None = None, ip_adapter_scale: jax.Array | float = 1.0,
+               image_projection: ResamplerConfig | None = None) -> jax.Array:
     """`timestep_cond` (B, time_cond_proj_dim): the guidance-scale embedding of an LCM-distilled U-Net
     (`layers.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
     features through `time_embedding.cond_proj`; U-Nets without time_cond_proj_dim refuse it.
     `down_block_additional_residuals` (one per skip connection, conv_in's first) and
     `mid_block_additional_residual` are a ControlNet's outputs, added to the skips and to the mid block's
-    output as diffusers does; give both or neither."""
+    output as diffusers does; give both or neither. `image_embeds` (B, D) or (B, n, D): an IP-Adapter's pooled
+    CLIP image embeddings, projected to tokens by `encoder_hid_proj` (`image_projection.IPAdapterImageProjections`)
+    that every cross-attention also attends to, weighted by `ip_adapter_scale`; the parameters of both exist only
+    when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
+    Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
+    penultimate hidden states, (B, L, D) or (B, n, L, D)."""
     cfg = self.config
     n = cfg.num_blocks
     kw, common, attn, heads, layers, only_cross = _block_settings(self, cfg)
@@ -426,6 +434,12 @@ class UNet2DConditionModel(nn.Module):
     if cfg.center_input_sample:
       x = 2 * x - 1.0
     emb = embed_time(self, cfg, timesteps, x.shape[0], context, text_embeds, time_ids, timestep_cond)
+    if image_embeds is not None:  # (after embed_time: the "text" addition embedding pools the text alone)
+      if image_embeds.shape[0] != x.shape[0]:
+        raise ValueError(f"image_embeds has batch {image_embeds.shape[0]}, the sample {x.shape[0]}: give one row of "
+                         "image embeddings per sample.")
+      tokens = IPAdapterImageProjections(cfg.context_dim, image_projection, name="encoder_hid_proj", **kw)(image_embeds)
+      context = ImagePrompt(context, tokens, jnp.asarray(ip_adapter_scale, jnp.float32))
     x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
     x, skips = encode(self, cfg, x, emb, context)
 

@@ -187,6 +187,36 @@ def test_vision_model_matches_transformers():
   assert max(diffs.values()) <= TOL, diffs
 
 
+def test_vision_model_with_projection_matches_transformers(tmp_path):
+  """CLIPVisionModelWithProjection (an IP-Adapter's image encoder): image_embeds = visual_projection(pooled), no
+  bias, and the penultimate hidden states (IP-Adapter Plus reads them); its transformers folder loads with
+  `pretrained.load_image_encoder` and saves back to what transformers loads unchanged."""
+  from jaxsd import pretrained
+
+  torch.manual_seed(0)
+  tm = transformers.CLIPVisionModelWithProjection(
+      transformers.CLIPVisionConfig(**VISION, hidden_act="gelu", projection_dim=24)).eval()
+  px = _pixels()
+  with torch.no_grad():
+    ref = tm(torch.from_numpy(px.transpose(0, 3, 1, 2)), output_hidden_states=True)
+  tm.save_pretrained(tmp_path / "encoder")
+  model, params = pretrained.load_image_encoder(tmp_path / "encoder")
+  assert isinstance(model, clip.CLIPVisionModelWithProjection) and "bias" not in params["visual_projection"]
+  out = model.apply({"params": params}, px)
+  diffs = {
+      "image_embeds": _maxdiff(out.image_embeds, _np(ref.image_embeds)),
+      "last_hidden_state": _maxdiff(out.last_hidden_state, _np(ref.last_hidden_state)),
+      "penultimate": _maxdiff(out.hidden_states[-2], _np(ref.hidden_states[-2])),
+  }
+  print("vision with projection", diffs)
+  assert out.image_embeds.shape == (2, 24) and max(diffs.values()) <= TOL, diffs
+  pretrained.save_pretrained(model, params, tmp_path / "back")
+  back = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "back").eval()
+  with torch.no_grad():
+    np.testing.assert_array_equal(_np(back(torch.from_numpy(px.transpose(0, 3, 1, 2))).image_embeds),
+                                  _np(ref.image_embeds))
+
+
 def _torch_clip():
   torch.manual_seed(0)
   cfg = transformers.CLIPConfig(text_config={
