@@ -182,7 +182,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     `guidance_rescale` (Lin et al. (2023) sec. 3.4, diffusers' `rescale_noise_cfg`) mixes in the guided
     output rescaled to the conditional output's standard deviation, per image. `x_extra`: channels the
     U-Net takes after the latents (see `apply_unet`), one per image. `unet_inputs`: other U-Net keyword arguments
-    (an IP-Adapter's image embeddings and scale, `ip_adapter.unet_inputs`), with the guided batch's rows.
+    (an IP-Adapter's image embeddings and scale, `ip_adapter_weights.unet_inputs`), with the guided batch's rows.
     """
 
     kw = dict(unet_inputs or {})
