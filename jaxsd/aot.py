@@ -15,8 +15,8 @@ a call's settings and shapes are those it was saved for (else it traces as usual
     aot.load_programs(pipe, "programs")
     images = pipe(prompts, height=512, width=512, steps=25, sampler="ddim", guidance_scale=7.5)
 
-Plain text-to-image only: prompts without weights or long-prompt windows, no SDXL, ControlNet, img2img
-or inpainting, and eta 0 (the calls' default; a call with eta > 0, ddim's noise or tcd's gamma, traces as
+Plain text-to-image only: prompts without weights or long-prompt windows, no SDXL, ControlNet, img2img,
+inpainting or FreeU, and eta 0 (the calls' default; a call with eta > 0, ddim's noise or tcd's gamma, traces as
 before). The program is
 exported for the platform it is saved on unless `platforms` says more (e.g. ("cpu", "cuda")); the
 attention path (cuDNN, Pallas or XLA) is chosen when it is saved, for the platform that saves it.
@@ -49,6 +49,9 @@ def save_program(pipe: StableDiffusion, folder: str, *, batch: int, height: int 
   if pipe.ip_adapter is not None:
     raise ValueError("save_program: an IP-Adapter is loaded; only plain text-to-image programs can be saved "
                      "(unload_ip_adapter() first).")
+  if pipe.freeu_inputs():  # its calls would not run the saved program (`StableDiffusion._run`)
+    raise ValueError("save_program: FreeU is on; only plain text-to-image programs can be saved (disable_freeu() "
+                     "first; calls with FreeU on trace as usual).")
   height, width = pipe.size_or_default(height, width)
   sampler = sampler or pipe.default_sampler
   prompts, _ = pipe.check_inputs([""] * batch, None, height, width, steps, sampler, output, guidance_scale)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, mask_crop, pipeline_controlnet
+from jaxsd import conditioning, mask_crop, pag, pipeline_controlnet
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_controlnet import StableDiffusionControlNet
@@ -132,7 +132,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
              padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=None,
              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, eta: float = 0.0,
-             ip_adapter_image=None) -> GenerateResult:
+             ip_adapter_image=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -154,7 +154,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   arguments of its call (the conditioning scale defaults to its call's, as diffusers': 1 for text-to-image, 0.8 for
   img2img, 0.5 for SD's inpainting and 1 for SDXL's). `eta` is the pipeline calls' (diffusers'): ddim's weight of
   fresh noise and tcd's gamma, refused by the other samplers unless 0. With an IP-Adapter loaded
-  (`pipe.load_ip_adapter`), `ip_adapter_image` is the image prompt of every job, at the adapter's scale. Bad
+  (`pipe.load_ip_adapter`), `ip_adapter_image` is the image prompt of every job, at the adapter's scale. FreeU acts
+  as `pipe.enable_freeu` set it. With Perturbed-Attention Guidance on (`pipe.enable_pag`), `pag_scale` (default 3.0)
+  and `pag_adaptive_scale` are the pipeline calls' (`jaxsd.pag`). Bad
   arguments, checked before anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -245,7 +247,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
 
   guided = pipe.guided(guidance_scale)
   ip = pipe.ip_adapter_inputs(ip_adapter_image, None, 1, guided)  # one image's embeddings for every job, or None
-  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, eta=eta, **control_options)
+  freeu = pipe.freeu_inputs()  # {} when off
+  pag_inputs, pag_options = pipe.pag_cond(pag.call_options(pag_scale, pag_adaptive_scale))  # ({}, {}) when off
+  fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, eta=eta, **control_options, **pag_options)
   pfn = jax.pmap(fn, in_axes=(0, 0, 0, 0, None, 0), devices=devices)  # the conditioning (kwargs) on axis 0 too
   params = flax.jax_utils.replicate(pipe.params, devices)  # once, not per call
   cond_fn = None if task == "text" else jax.pmap(_conditioning_fn(pipe, task, strength, image, mask), devices=devices)
@@ -267,6 +271,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
           k: shard(jnp.broadcast_to(v, (global_batch,) + v.shape[1:])) for k, v in ip.items() if k != "scale"
       }
       cond["ip_adapter"]["scale"] = jnp.broadcast_to(ip["scale"], (n_dev,))
+    for name, v in freeu.items():  # FreeU's factors (pipe.enable_freeu), once per device
+      cond[name] = jnp.broadcast_to(v, (n_dev,) + v.shape)
+    if pag_inputs:  # PAG's scales, once per device
+      cond["pag_scales"] = {k: jnp.broadcast_to(v, (n_dev,)) for k, v in pag_inputs["pag_scales"].items()}
     if cond_fn is not None:
       cond.update(cond_fn(params["vae"], shard(jnp.concatenate([pipe.posterior_keys(seed, 1, offset=j) for j in idx]))))
     return (shard(jnp.asarray(ids)), shard(jnp.asarray(uncond)), shard(noise), shard(keys)), cond

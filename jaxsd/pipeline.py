@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import (conditioning, hub, ip_adapter, mask_crop, model_folder, pipeline_adapters, pipeline_folders,
-                   prompt_syntax)
+from jaxsd import (conditioning, freeu, hub, ip_adapter, mask_crop, model_folder, pag, pipeline_adapters,
+                   pipeline_folders, prompt_syntax)
 from jaxsd import tokenizer as tok
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers, schedules
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin):
+class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin,
+                      freeu.FreeUMixin, pag.PAGMixin):
   """A Stable Diffusion model: the three networks, their parameters, tokenizer and noise schedule."""
 
   unet: Any
@@ -174,7 +175,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
                guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None,
-               unet_inputs: dict | None = None):
+               unet_inputs: dict | None = None, pag_scales: dict | None = None, pag_layers: tuple[str, ...] = ()):
     """The model function the samplers call, (x, t[, call index i]) -> U-Net output under classifier-free
     guidance, fp32.
 
@@ -183,6 +184,9 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     output rescaled to the conditional output's standard deviation, per image. `x_extra`: channels the
     U-Net takes after the latents (see `apply_unet`), one per image. `unet_inputs`: other U-Net keyword arguments
     (an IP-Adapter's image embeddings and scale, `ip_adapter_weights.unet_inputs`), with the guided batch's rows.
+    `pag_layers` (static): Perturbed-Attention Guidance's layers (`jaxsd.pag`): the U-Net then runs one more copy of
+    the conditional rows, perturbed in those layers (`cond` and `unet_inputs` have its rows, last), and
+    `pag_scales` weighs the difference.
     """
 
     kw = dict(unet_inputs or {})
@@ -190,12 +194,18 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       kw["timestep_cond"] = guidance_scale_embedding(guidance_scale - 1, self.unet.config.time_cond_proj_dim)
 
     def model_fn(x, t, i=None):
-      if not guided:
+      if not guided and not pag_layers:
         return self.apply_unet(unet_params, x, t, cond, i, x_extra, **kw).astype(jnp.float32)
-      extra = None if x_extra is None else jnp.concatenate([x_extra, x_extra])
-      out = self.apply_unet(unet_params, jnp.concatenate([x, x]), t, cond, i, extra, **kw).astype(jnp.float32)
-      uncond, text = jnp.split(out, 2)
-      guided_out = uncond + guidance_scale * (text - uncond)
+      copies = (2 if guided else 1) + (1 if pag_layers else 0)  # [uncond,] cond[, perturbed cond]
+      extra = None if x_extra is None else jnp.concatenate([x_extra] * copies)
+      perturbed = dict(pag_layers=pag_layers, pag_rows=x.shape[0]) if pag_layers else {}
+      out = self.apply_unet(unet_params, jnp.concatenate([x] * copies), t, cond, i, extra, **kw,
+                            **perturbed).astype(jnp.float32)
+      parts = jnp.split(out, copies)
+      uncond, text = parts[:2] if guided else (None, parts[0])
+      guided_out = uncond + guidance_scale * (text - uncond) if guided else text
+      if pag_layers:  # as diffusers' `_apply_perturbed_attention_guidance`
+        guided_out = guided_out + pag.scale_at(pag_scales, t) * (text - parts[-1])
       if guidance_rescale is None:
         return guided_out
       axes = tuple(range(1, out.ndim))
@@ -312,11 +322,12 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
 
   # --- the compiled program ------------------------------------------------------------------
 
-  def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None):
+  def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
+              pag_layers: tuple[str, ...] = ()):
     """Returns the pure function that one generation runs, with the schedule as an argument:
 
         fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, guidance_rescale=None, add_noise=None, ip_adapter=None, **text)
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, ip_adapter=None, freeu=None, **text)
            -> uint8 images or latents
 
     `noise` is the initial Gaussian noise (B, h, w, c), unscaled; `keys` (B,) the per-image keys of
@@ -330,6 +341,9 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     program. `text` holds the other text inputs of `text_inputs` (e.g. the weights of weighted prompts; `ids` are
     (B, 77 k) for k windows of long prompts, each k compiles once), passed on to `encode_prompts`. `ip_adapter`: a
     loaded IP-Adapter's image embeddings and scale (`IPAdapterMixin.ip_adapter_inputs`), which the U-Net gets.
+    `freeu`: FreeU's factors (s1, s2, b1, b2), a (4,) array (`FreeUMixin.freeu_inputs`), which the U-Net gets.
+    With `pag_layers` (Perturbed-Attention Guidance's self-attention layers, static: `PAGMixin.pag_cond`) the
+    program takes `pag_scales` ({"scale", "adaptive_scale"}, fp32 scalars; `jaxsd.pag`).
     """
     if output not in ("np", "latent"):
       raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
@@ -337,8 +351,14 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     concat = task == "inpaint" and self.inpainting_unet
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
-           masked_image_latents=None, guidance_rescale=None, add_noise=None, control=None, ip_adapter=None, **text):
-      cond = self.unet_conditioning(params, self.encode_prompts(params, ids, uncond_ids, guided, **text), control)
+           masked_image_latents=None, guidance_rescale=None, add_noise=None, control=None, ip_adapter=None, freeu=None,
+           pag_scales=None, **text):
+      text_cond = self.encode_prompts(params, ids, uncond_ids, guided, **text)
+      if pag_layers:  # the conditional rows once more, for the perturbed copy (`jaxsd.pag`)
+        if pag_scales is None:
+          raise ValueError("a program with pag_layers takes pag_scales (PAGMixin.pag_cond).")
+        text_cond = pag.with_perturbed_rows(text_cond, guided)
+      cond = self.unet_conditioning(params, text_cond, control)
       if from_noise:
         x = samplers.prepare_latents(schedule, noise)
       else:
@@ -355,7 +375,12 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
           return (1 - mask) * known + mask * x
 
       unet_inputs = None if ip_adapter is None else self.ip_adapter_unet_inputs(ip_adapter, guided, params["unet"])
-      model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra, unet_inputs)
+      if freeu is not None:  # (no FreeU: today's program, exactly)
+        unet_inputs = dict(unet_inputs or {}, freeu=freeu)
+      if pag_layers and unet_inputs and "image_embeds" in unet_inputs:  # an IP-Adapter's rows too
+        unet_inputs = dict(unet_inputs, image_embeds=pag.with_perturbed_rows(unet_inputs["image_embeds"], guided))
+      model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra, unet_inputs,
+                               pag_scales, pag_layers)
       latents = samplers.sample(model_fn, x, schedule, keys, after_step=after_step, indexed=True)
       if output == "latent":
         return latents
@@ -372,15 +397,16 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     return text_cond
 
   def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text",
-                  eta: float = 0.0):
+                  eta: float = 0.0, pag_layers: tuple[str, ...] = ()):
     """`program` with the schedule of (sampler, steps, strength, eta) fixed: what `python -m sample` pmaps.
 
     fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
     masked_image_latents=None, **text); for img2img and inpainting pass the conditioning as `program` says,
-    and the third result of `text_inputs` as `text`.
+    and the third result of `text_inputs` as `text` (with `pag_layers`, PAG's `pag_scales` too).
     """
     schedule = self.sampling_schedule(sampler, steps, strength, task, eta=eta)
-    prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0))
+    prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0),
+                        pag_layers=pag_layers)
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
            masked_image_latents=None, **text):
@@ -393,12 +419,13 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   def _compiled(self) -> dict:
     return {}
 
-  def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None):
-    """One jitted program per (guidance on/off, output, task): jax.jit itself keys on the schedule's
+  def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
+              pag_layers: tuple[str, ...] = ()):
+    """One jitted program per (guidance on/off, output, task[, PAG's layers]): jax.jit itself keys on the schedule's
     sampler and length and on the shapes, so a strength or step count of the same length reuses it."""
-    key = (guided, output, task, from_noise)
+    key = (guided, output, task, from_noise) + ((pag_layers,) if pag_layers else ())
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise))
+      self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise, pag_layers))
     return self._compiled[key]
 
   def program_fingerprint(self) -> str:
@@ -500,6 +527,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
                                       denoising_end=denoising_end, eta=eta)
     guided = self.guided(guidance_scale)
     cond = self.ip_adapter_cond(cond, len(prompts), guided)  # (unchanged without an IP-Adapter)
+    cond = dict(cond, **self.freeu_inputs())  # an argument, so other values compile nothing (none when off)
+    cond, pag_options = self.pag_cond(cond)  # PAG's scales an argument, its layers the program's (none when off)
     f = self.vae.config.downsampling_factor
     ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
                                              **(text_options or {}))
@@ -519,14 +548,15 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       out = exported.call(self.params, ids, uncond_ids, noise, gs, jax.random.key_data(keys),
                           text.get("guidance_rescale", jnp.float32(0.0)))
     else:
-      fn = self._jitted(guided, kind, task, from_noise, **(program_options or {}))
+      fn = self._jitted(guided, kind, task, from_noise, **(program_options or {}), **pag_options)
       out = fn(self.params, schedule, ids, uncond_ids, noise, gs, keys, **cond, **text)
     return _finish(out, output)
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, latents=None,
                output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
-               ip_adapter_image=None, ip_adapter_image_embeds=None):
+               ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
+               pag_adaptive_scale: float = 0.0):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
@@ -544,10 +574,15 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     `ip_adapter_image_embeds` (diffusers' layout: a list with one (2, n, D) array under guidance, the unconditional
     row first, (1, n, D) without; or one row per prompt); img2img and inpaint take them too
     (`IPAdapterMixin.ip_adapter_inputs`).
+
+    With Perturbed-Attention Guidance on (`enable_pag`), `pag_scale` (default 3.0; <= 0: off) and
+    `pag_adaptive_scale` (default 0.0) are diffusers' PAG pipelines' (`jaxsd.pag`); img2img and inpaint take them
+    too. Without `enable_pag` they are refused.
     """
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                                output, text_options=_syntax(long_prompts, prompt_weighting), eta=eta,
-                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                               **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                      output, **run_options):
@@ -599,7 +634,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
   def img2img(self, prompts, init_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
-              ip_adapter_image=None, ip_adapter_image_embeds=None):
+              ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
+              pag_adaptive_scale: float = 0.0):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
@@ -614,13 +650,14 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
       noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
       image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
         encoder, from `posterior_keys(seed, B)`.
-      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds: as text-to-image's
-        (`__call__`).
+      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds, pag_scale, pag_adaptive_scale:
+        as text-to-image's (`__call__`).
     """
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                                 output, noise, image_latents, text_options=_syntax(long_prompts,
                                                                                    prompt_weighting), eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                       output, noise, image_latents, **run_options):
@@ -643,7 +680,8 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
+              pag_adaptive_scale: float = 0.0):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -670,13 +708,14 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
         given are then the crops'. Not with output="latent".
       height, width: with padding_mask_crop, the size the crop is inpainted at (default: the model's
         own size, as diffusers); without it the output is the images' size and these may only repeat it.
-      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds: as text-to-image's
-        (`__call__`).
+      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds, pag_scale, pag_adaptive_scale:
+        as text-to-image's (`__call__`).
     """
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
                          seed, output, latents, masked_image_latents, image_latents,
                          _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _inpaint(self, prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                output, latents, masked_image_latents, image_latents, text_options, padding_mask_crop, height, width,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, hub, ip_adapter, mask_crop, model_folder, pipeline_xl, pretrained
+from jaxsd import conditioning, hub, ip_adapter, mask_crop, model_folder, pag, pipeline_xl, pretrained
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
@@ -101,7 +101,7 @@ class StableDiffusionControlNet(StableDiffusion):
     out = cls(**base, controlnets=modules, controlnet_params=params)
     for i, module in enumerate(modules):
       check_fits(out, module, i)
-    for shared in ("_loras", "_ip_adapter"):  # its LoRA adapters and IP-Adapter go on working
+    for shared in ("_loras", "_ip_adapter", "_freeu", "_pag"):  # its LoRA adapters, IP-Adapter, FreeU, PAG go on
       if shared in pipe.__dict__:
         out.__dict__[shared] = pipe.__dict__[shared]
     return out
@@ -175,7 +175,8 @@ class StableDiffusionControlNet(StableDiffusion):
     the latents only, not a 9-channel inpainting U-Net's `x_extra` (as diffusers)."""
     context = cond["context"]
     added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-    guided = x.shape[0] == 2 * cond["images"][0].shape[0]
+    copies = x.shape[0] // cond["images"][0].shape[0]  # 2 under guidance; PAG's perturbed rows add one (no guess mode)
+    guided = copies == 2
     guess = cond["guess"]
     scales = cond["scales"] * cond["keep"][i]
     down = mid = None
@@ -185,7 +186,7 @@ class StableDiffusionControlNet(StableDiffusion):
         net_added = {name: jnp.split(v, 2)[1] for name, v in added.items()}
       else:
         net_x, net_context, net_added = x, context, added
-        images = jnp.concatenate([images, images]) if guided else images
+        images = jnp.concatenate([images] * copies) if copies > 1 else images  # (PAG's rows: the conditional's)
       d, m = net.apply({"params": cond["controlnet"][k]}, net_x, t, net_context, images, scales[k], guess_mode=guess,
                        **net_added)
       down = d if down is None else tuple(a + b for a, b in zip(down, d))
@@ -198,17 +199,23 @@ class StableDiffusionControlNet(StableDiffusion):
                            **unet_kwargs)
 
   def program(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
-              guess_mode: bool = False):
+              guess_mode: bool = False, pag_layers: tuple[str, ...] = ()):
     """`StableDiffusion.program` with the ControlNets' inputs after `keys`:
 
         fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep,
            image_latents=None, mask=None, masked_image_latents=None, ..., **text)
 
     `control_images`: one (B, H, W, 3) array in [0, 1] per ControlNet; `scales` (n,) their conditioning
-    scales; `keep` (L, n): 1 where ControlNet k acts at model call i, else 0 (`control_keep`).
+    scales; `keep` (L, n): 1 where ControlNet k acts at model call i, else 0 (`control_keep`). With `pag_layers`
+    (Perturbed-Attention Guidance) the perturbed rows' residuals are the conditional rows', as diffusers' PAG
+    ControlNet pipelines compute them; not in guess mode, which those pipelines fail on.
     """
-    base = super().program(guided, output, task, from_noise)
     guess = guess_mode or self.controlnets[0].config.global_pool_conditions  # as diffusers
+    if pag_layers and guess:
+      why = "guess_mode" if guess_mode else "the ControlNet's global_pool_conditions (guess mode)"
+      raise ValueError(f"Perturbed-Attention Guidance with {why} is not supported (diffusers' PAG ControlNet "
+                       "pipelines fail on it): drop guess_mode, or pipe.disable_pag().")
+    base = super().program(guided, output, task, from_noise, pag_layers)
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, *args, **kw):
       control = dict(images=tuple(control_images), scales=scales, keep=keep, guess=guess)
@@ -217,7 +224,7 @@ class StableDiffusionControlNet(StableDiffusion):
     return fn
 
   def generate_fn(self, sampler: str, steps: int, guided: bool, output: str, strength: float = 1.0, task: str = "text",
-                  guess_mode: bool = False, eta: float = 0.0):
+                  guess_mode: bool = False, eta: float = 0.0, pag_layers: tuple[str, ...] = ()):
     """`program` with the schedule of (sampler, steps, strength, eta) fixed: what `python -m sample` pmaps.
 
     fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, image_latents=None,
@@ -226,7 +233,7 @@ class StableDiffusionControlNet(StableDiffusion):
     """
     schedule = samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength, eta=eta)
     prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0),
-                        guess_mode=guess_mode)
+                        guess_mode=guess_mode, pag_layers=pag_layers)
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, control_images, scales, keep, image_latents=None,
            mask=None, masked_image_latents=None, **text):
@@ -236,10 +243,10 @@ class StableDiffusionControlNet(StableDiffusion):
     return fn
 
   def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
-              guess_mode: bool = False):
-    key = ("controlnet", guided, output, task, from_noise, guess_mode)
+              guess_mode: bool = False, pag_layers: tuple[str, ...] = ()):
+    key = ("controlnet", guided, output, task, from_noise, guess_mode) + ((pag_layers,) if pag_layers else ())
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise, guess_mode))
+      self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise, guess_mode, pag_layers))
     return self._compiled[key]
 
   def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
@@ -277,7 +284,7 @@ class StableDiffusionControlNet(StableDiffusion):
                seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
                long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
-               ip_adapter_image_embeds=None):
+               ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Text to image under the ControlNets, as diffusers' StableDiffusionControlNetPipeline.
 
     Args:
@@ -293,13 +300,14 @@ class StableDiffusionControlNet(StableDiffusion):
       guess_mode: residuals from 0.1x to 1x from the first skip to the mid block, and (under guidance)
         only the conditional half steered; turned on by the first ControlNet's global_pool_conditions.
       latents, output, steps, sampler, seed, guidance_scale, long_prompts, prompt_weighting, eta, ip_adapter_image,
-        ip_adapter_image_embeds: as `StableDiffusion.__call__` (an IP-Adapter steers the U-Net, not the ControlNets,
-        as diffusers').
+        ip_adapter_image_embeds, pag_scale, pag_adaptive_scale: as `StableDiffusion.__call__` (an IP-Adapter and
+        Perturbed-Attention Guidance act in the U-Net, not the ControlNets, as diffusers'; PAG not in guess mode).
     """
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                               seed, latents, output, controlnet_conditioning_scale, control_guidance_start,
                               control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting), eta,
-                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                              **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _control_call(self, prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                     seed, latents, output, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
@@ -317,7 +325,8 @@ class StableDiffusionControlNet(StableDiffusion):
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
               control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
-              prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
+              prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the arguments
     of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength 0.8,
     conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays),
@@ -327,7 +336,8 @@ class StableDiffusionControlNet(StableDiffusion):
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                                 output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting),
                                 control=control, eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 1.0, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0,
@@ -335,7 +345,8 @@ class StableDiffusionControlNet(StableDiffusion):
               controlnet_conditioning_scale=0.5, control_guidance_start=0.0, control_guidance_end=1.0,
               guess_mode: bool = False, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
+              pag_adaptive_scale: float = 0.0):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
     `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the 4
     latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With
@@ -347,7 +358,8 @@ class StableDiffusionControlNet(StableDiffusion):
                          seed, output, latents, masked_image_latents, image_latents,
                          _syntax(long_prompts,
                                  prompt_weighting), padding_mask_crop, height, width, control=control, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
     """The control images cropped to each image's box and resized as the images are (diffusers' "fill")."""
@@ -415,7 +427,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
-               ip_adapter_image_embeds=None):
+               ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
     `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
     conditioning, which defaults to the output size, long and weighted prompts); the default sampler is the
@@ -426,7 +438,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
                               control_guidance_start, control_guidance_end, guess_mode, options, eta,
-                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                              **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
@@ -435,7 +448,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
+              pag_adaptive_scale: float = 0.0):
     """Image to image under the ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: the
     arguments of `StableDiffusionControlNet.img2img` and SDXL's (`StableDiffusionXL.img2img`)."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -448,18 +462,19 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 control=control, eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 0.9999, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0,
               output: str = "np", latents=None, masked_image_latents=None, image_latents=None,
               controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-              guess_mode: bool = False, padding_mask_crop: int | None = None, height: int | None = None,
-              width: int | None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
-              crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
-              negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None):
+              guess_mode: bool = False, padding_mask_crop: int | None = None, height: int | None = None, width: int |
+              None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0),
+              target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
+              negative_target_size=None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+              long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
+              ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline: the arguments
     of `StableDiffusionXL.inpaint` and the ControlNets' of `__call__` (scale 1 by default, as diffusers')."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -472,7 +487,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
                          padding_mask_crop, height, width, control=control, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds))
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         **pag.call_options(pag_scale, pag_adaptive_scale))
 
 
 def control_settings(n: int, scale, start, end) -> tuple[list[float], list[float], list[float]]:

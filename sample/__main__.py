@@ -57,6 +57,10 @@ def parse(argv=None) -> argparse.Namespace:
       "model takes it as an input, default 8.5)")
   p.add_argument("--eta", type=float, default=0.0,
                  help="DDIM's eta (0: deterministic DDIM, 1: DDPM-like) and TCD's gamma; as diffusers' pipelines' eta")
+  p.add_argument(
+      "--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
+      help="FreeU (diffusers' enable_freeu): skip factors s1 s2, backbone factors b1 b2 of the first two up blocks; "
+      "the FreeU authors': SD 1.4/1.5 0.9 0.2 1.5 1.6, SD 2.1 0.9 0.2 1.4 1.6, SDXL 0.6 0.4 1.1 1.2 (0: off)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
@@ -116,6 +120,18 @@ def parse(argv=None) -> argparse.Namespace:
                  help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike)")
   p.add_argument("--image-encoder", default=None, metavar="FOLDER",
                  help="with --ip-adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder")
+  p.add_argument(
+      "--pag-scale", type=float, default=None, metavar="S",
+      help="Perturbed-Attention Guidance (diffusers' PAG pipelines) at scale S (diffusers' default 3; 0: off) on the "
+      "self-attention layers of --pag-layers; with --guidance <= 1 it guides alone")
+  p.add_argument(
+      "--pag-layers", nargs="+", default=None, metavar="NAME",
+      help="with --pag-scale: the layers PAG perturbs, diffusers' pag_applied_layers: regular expressions searched "
+      "in self-attention names such as down_blocks.1.attentions.0.transformer_blocks.0.attn1 (default: mid)")
+  p.add_argument(
+      "--pag-adaptive-scale", type=float, default=None, metavar="A",
+      help="with --pag-scale: diffusers' pag_adaptive_scale, the scale at timestep t is max(S - A (1000 - t), 0) "
+      "(default 0: S at every step)")
   p.add_argument(
       "--vae", default=None, metavar="PATH",
       help="another VAE: a diffusers AutoencoderKL folder or Hub id (e.g. stabilityai/sd-vae-ft-mse), or a "
@@ -248,6 +264,10 @@ def check_flags(args) -> None:
   if not finite32(args.eta) or args.eta < 0:
     raise ValueError(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like; "
                      "TCD's gamma in [0, 1]).")
+  if args.freeu is not None:
+    from jaxsd.freeu import check_factors
+
+    check_factors(args.freeu, "--freeu")
   named = samplers.ALIASES.get(args.sampler, args.sampler)
   if args.eta and named is not None and named not in samplers.ETA_SAMPLERS:  # (others once the model's is known)
     raise ValueError(f"--eta {args.eta} with --sampler {args.sampler}, which has no eta: use one of "
@@ -281,6 +301,7 @@ def check_flags(args) -> None:
       raise ValueError(f"--padding-mask-crop {args.padding_mask_crop}: the margin around the mask must be >= 0 "
                        "pixels.")
   check_ip_adapter_flags(args)
+  check_pag_flags(args)
   for flag, value, what in (("--vae", args.vae, "VAE"), ("--unet", args.unet, "U-Net")):
     if value is not None and not os.path.exists(value) and not hub.is_repo_id(value):
       raise FileNotFoundError(f"{flag} {value}: no such file or folder; give a diffusers {what} folder, a Hub id "
@@ -317,6 +338,28 @@ def check_ip_adapter_flags(args) -> None:
       for folder in (os.path.dirname(os.path.abspath(args.ip_adapter)), args.model)):
     raise FileNotFoundError(f"--ip-adapter {args.ip_adapter}: no image_encoder/ beside it (nor in the --model folder): "
                             "give --image-encoder FOLDER (a CLIPVisionModelWithProjection folder).")
+
+
+def check_pag_flags(args) -> None:
+  """The Perturbed-Attention Guidance flags: --pag-layers and --pag-adaptive-scale go with --pag-scale; finite
+  values >= 0, layer names that are regular expressions (whether they match the model's layers is known once
+  loaded)."""
+  from jaxsd import pag
+
+  if args.pag_scale is None:
+    for flag, value in (("--pag-layers", args.pag_layers), ("--pag-adaptive-scale", args.pag_adaptive_scale)):
+      if value is not None:
+        raise ValueError(f"{flag} needs --pag-scale S (Perturbed-Attention Guidance's scale; diffusers' default 3).")
+    return
+  for flag, value in (("--pag-scale", args.pag_scale), ("--pag-adaptive-scale", args.pag_adaptive_scale)):
+    if value is not None and (not finite32(value) or value < 0):
+      raise ValueError(f"{flag} {value}: must be a finite number >= 0 (diffusers' defaults: --pag-scale 3, "
+                       "--pag-adaptive-scale 0).")
+  if args.pag_layers is not None:
+    pag.check_layer_ids(args.pag_layers, "--pag-layers")
+  if args.guess_mode:
+    raise ValueError("--pag-scale with --guess-mode is not supported (diffusers' PAG ControlNet pipelines fail on "
+                     "it): drop one of them.")
 
 
 def check_controlnet_flags(args, model_controlnets: int | None = None) -> None:
@@ -407,6 +450,10 @@ def main(argv=None) -> int:
       encoder = os.path.abspath(args.image_encoder) if args.image_encoder else "image_encoder"
       pipe.load_ip_adapter(args.ip_adapter, image_encoder_folder=encoder, allow_pickle=args.allow_pickle,
                            scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale)
+    if args.freeu is not None:
+      pipe.enable_freeu(*args.freeu)
+    if args.pag_scale is not None:  # (a layer name that matches none of this U-Net's is refused here)
+      pipe.enable_pag(args.pag_layers or ["mid"])
     if embeddings:  # one call: all or none loaded, two with one token refused
       pipe.load_textual_inversion([p for p, _ in embeddings], [t for _, t in embeddings],
                                   allow_pickle=args.allow_pickle)
@@ -424,7 +471,8 @@ def main(argv=None) -> int:
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
                                strength=args.strength, long_prompts=args.long_prompts,
                                prompt_weighting=args.prompt_weighting, padding_mask_crop=args.padding_mask_crop,
-                               eta=args.eta, ip_adapter_image=ip_image, **control)
+                               eta=args.eta, ip_adapter_image=ip_image, pag_scale=args.pag_scale,
+                               pag_adaptive_scale=args.pag_adaptive_scale or 0.0, **control)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -207,6 +207,16 @@ def assert_sample_command_reads(model: str, single_file_config: str, out, capsys
   assert "wrote 1 images" in capsys.readouterr().err
 
 
+def check_close(ours, ref, what: str, rel: float = 1e-4) -> float:
+  """Asserts max |ours - ref| < rel * max(1, max |ref|) (the pipelines' parity tolerance, scaled to the latents'
+  size); prints and returns the difference."""
+  diff = float(np.abs(np.asarray(ours) - ref).max())
+  tol = rel * max(1.0, float(np.abs(ref).max()))
+  print(f"{what}: max |jaxsd - diffusers| {diff:.1e} (tolerance {tol:.1e})")
+  assert np.shape(ours) == np.shape(ref) and diff < tol, f"{what}: max |diff| {diff}"
+  return diff
+
+
 def assert_matches_and_moves(pipe, prompts, hw: int, guidance: float, latents, ref, base, what: str) -> None:
   """jaxsd's latents from `latents` (Euler, 3 steps, `guidance`) within the pipeline tolerance (1e-4 of the
   latents' scale) of diffusers' `ref`, and `ref` far (100 x that) from diffusers' `base`, made without `what`

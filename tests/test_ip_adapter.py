@@ -79,14 +79,6 @@ def sd(tmp_path_factory):
   return path, adapter, tpipe, pipe
 
 
-def _check(ours, ref, what) -> float:
-  diff = float(np.abs(ours - ref).max())
-  tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
-  print(f"{what}: max |jaxsd - diffusers| {diff:.1e} (tolerance {tol:.1e})")
-  assert diff < tol, f"{what}: max |diff| {diff}"
-  return diff
-
-
 def _euler(path):
   return diffusers.EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
 
@@ -111,18 +103,19 @@ def test_sd_text_to_image_matches_diffusers(sd):
   run = lambda **kw: pipe(PROMPTS, NEGATIVE, steps=3, sampler="euler", latents=latents, output="latent", **kw)
   diffs = {}
   ref = _run_diffusers(tpipe, PROMPTS, NEGATIVE, latents, ip_adapter_image=images[1])
-  diffs["one image"] = _check(run(ip_adapter_image=images[1]), ref, "one image for both prompts")
+  diffs["one image"] = reference.check_close(run(ip_adapter_image=images[1]), ref, "one image for both prompts")
   with torch.no_grad():
     embeds = tpipe.prepare_ip_adapter_image_embeds(images[1], None, "cpu", 1, True)
   assert embeds[0].shape == (2, 1, EMBED_DIM)
-  diffs["embeds"] = _check(run(ip_adapter_image_embeds=embeds), ref, "diffusers' image embeddings")
+  diffs["embeds"] = reference.check_close(run(ip_adapter_image_embeds=embeds), ref, "diffusers' image embeddings")
   both = _run_diffusers(tpipe, PROMPTS, NEGATIVE, latents, ip_adapter_image=[images])
-  diffs["all images"] = _check(run(ip_adapter_image=[images]), both, "[[image, image]]: both in every prompt")
+  diffs["all images"] = reference.check_close(run(ip_adapter_image=[images]), both,
+                                              "[[image, image]]: both in every prompt")
   each = np.concatenate([
       _run_diffusers(tpipe, [p], [n], latents[i:i + 1], ip_adapter_image=im)
       for i, (p, n, im) in enumerate(zip(PROMPTS, NEGATIVE, images))
   ])
-  diffs["per prompt"] = _check(run(ip_adapter_image=images), each, "an image per prompt")
+  diffs["per prompt"] = reference.check_close(run(ip_adapter_image=images), each, "an image per prompt")
   print("SD text-to-image max |diff|:", {k: f"{v:.1e}" for k, v in diffs.items()})
 
 
@@ -176,7 +169,7 @@ def test_sd_img2img_matches_diffusers(sd, monkeypatch):
   with torch.no_grad():
     ref = ref_pipe(PROMPTS, image=reference.nhwc_to_nchw(image_latents), strength=0.6, num_inference_steps=5,
                    guidance_scale=7.5, negative_prompt=NEGATIVE, output_type="latent", ip_adapter_image=image).images
-  _check(ours, reference.nchw_to_nhwc(ref), "SD img2img, scale 0.5")
+  reference.check_close(ours, reference.nchw_to_nhwc(ref), "SD img2img, scale 0.5")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +196,7 @@ def test_sdxl_text_to_image_matches_diffusers(sdxl):
   ours = pipe(PROMPTS, steps=3, guidance_scale=5.0, sampler="euler", latents=latents, output="latent",
               ip_adapter_image=image)
   ref = _run_diffusers(tpipe, PROMPTS, None, latents, guidance=5.0, ip_adapter_image=image)
-  _check(ours, ref, "SDXL text-to-image, scale 0.8")
+  reference.check_close(ours, ref, "SDXL text-to-image, scale 0.8")
 
 
 def _state_dict(adapter) -> dict[str, np.ndarray]:
@@ -469,11 +462,11 @@ def test_plus_matches_diffusers(sd, tmp_path):
   latents = np.asarray(pipe.noise(8, 2, HW, HW))
   ref = _run_diffusers(tpipe, PROMPTS, NEGATIVE, latents, ip_adapter_image=image)
   run = lambda **kw: pipe(PROMPTS, NEGATIVE, steps=3, sampler="euler", latents=latents, output="latent", **kw)
-  _check(run(ip_adapter_image=image), ref, "IP-Adapter Plus, SD text-to-image, scale 0.6")
+  reference.check_close(run(ip_adapter_image=image), ref, "IP-Adapter Plus, SD text-to-image, scale 0.6")
   with torch.no_grad():
     embeds = tpipe.prepare_ip_adapter_image_embeds(image, None, "cpu", 1, True)
   assert embeds[0].shape == (2, 1, 17, 32)  # (halves, images, CLIP tokens, hidden_size)
-  _check(run(ip_adapter_image_embeds=embeds), ref, "IP-Adapter Plus, diffusers' hidden states")
+  reference.check_close(run(ip_adapter_image_embeds=embeds), ref, "IP-Adapter Plus, diffusers' hidden states")
   pipe.set_ip_adapter_scale(0.0)  # the adapter moves the latents far past the tolerance
   assert np.abs(run(ip_adapter_image=image) - ref).max() > 100 * 1e-4 * max(1.0, float(np.abs(ref).max()))
 
@@ -499,5 +492,6 @@ def test_controlnet_pipeline_takes_the_adapter_and_matches_diffusers(sd, tmp_pat
   ref_pipe.set_progress_bar_config(disable=True)
   ref_pipe.scheduler = _euler(path)
   ref_pipe.set_ip_adapter_scale(0.9)
-  _check(ours, _run_diffusers(ref_pipe, PROMPTS[:1], NEGATIVE[:1], latents, image=control, ip_adapter_image=image),
-         "ControlNet + IP-Adapter, scale 0.9")
+  reference.check_close(
+      ours, _run_diffusers(ref_pipe, PROMPTS[:1], NEGATIVE[:1], latents, image=control, ip_adapter_image=image),
+      "ControlNet + IP-Adapter, scale 0.9")

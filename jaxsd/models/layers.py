@@ -306,6 +306,18 @@ class ImagePrompt:
   scale: jax.Array  # (): the adapter's weight (an input, so a new scale compiles nothing)
 
 
+@flax.struct.dataclass
+class PerturbedSelfAttention:
+  """The cross-attention context (text embeddings or an `ImagePrompt`) passed down the U-Net's blocks with
+  Perturbed-Attention Guidance (Ahn et al., 2024): in the transformer blocks of `layers` the self-attention of the
+  last `rows` rows of the batch (the perturbed copy of the conditional rows) is the identity map, to_out(to_v(x))
+  with no softmax, as diffusers' PAG(CFG)IdentitySelfAttnProcessor2_0. Both are static (part of the program)."""
+
+  context: Any
+  layers: frozenset = flax.struct.field(pytree_node=False)  # attn1 paths: "mid_block/attentions_0/.../attn1"
+  rows: int = flax.struct.field(pytree_node=False)
+
+
 class Attention(nn.Module):
   """diffusers `Attention` (AttnProcessor2_0): to_q/to_k/to_v, scaled dot-product, to_out_0.
 
@@ -318,6 +330,8 @@ class Attention(nn.Module):
 
   `image_prompt` (cross-attention only): an IP-Adapter's image tokens, attended to with the same queries through
   `to_k_ip_0` / `to_v_ip_0` (diffusers' processor's `to_k_ip.0` / `to_v_ip.0`) and added, scaled, before to_out.
+  `perturbed` (static): the last this many rows of the batch skip the softmax: their attention output is the values
+  (Perturbed-Attention Guidance's identity self-attention, `PerturbedSelfAttention`).
   """
 
   heads: int
@@ -334,8 +348,8 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None,
-               image_prompt: ImagePrompt | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, image_prompt: ImagePrompt | None = None,
+               perturbed: int = 0) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     residual = x
     spatial_shape = x.shape if x.ndim == 4 else None
@@ -349,7 +363,13 @@ class Attention(nn.Module):
     k = nn.Dense(inner, use_bias=self.bias, name="to_k", **kw)(context)
     v = nn.Dense(inner, use_bias=self.bias, name="to_v", **kw)(context)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
-    out = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
+    if perturbed:  # PAG: the last rows' output is their values (diffusers applies to_out to both parts alike)
+      n = x.shape[0] - perturbed
+      out = dot_product_attention(split(q[:n]), split(k[:n]), split(v[:n]),
+                                  implementation=self.attention_implementation)
+      out = jnp.concatenate([out.reshape(n, out.shape[1], inner), v[n:]])
+    else:
+      out = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
     out = out.reshape(out.shape[0], out.shape[1], inner)
     if image_prompt is not None:
       k = nn.Dense(inner, use_bias=False, name="to_k_ip_0", **kw)(image_prompt.tokens)
@@ -412,11 +432,14 @@ class BasicTransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(heads=self.heads, dim_head=self.dim_head, upcast_attention=self.upcast_attention,
                 attention_implementation=self.attention_implementation, **kw)
-    image_prompt = None
+    image_prompt, perturbed = None, 0
+    if isinstance(context, PerturbedSelfAttention):  # PAG: this block's self-attention, if it is one of the layers
+      perturbed = context.rows if "/".join(self.path[-3:] + ("attn1",)) in context.layers else 0
+      context = context.context
     if isinstance(context, ImagePrompt):  # as diffusers: only attn2 (the cross-attention) reads the image tokens
       context, image_prompt = context.text, context
     h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
-    x = x + Attention(name="attn1", **attn)(h, context if self.only_cross_attention else None)
+    x = x + Attention(name="attn1", **attn)(h, context if self.only_cross_attention else None, perturbed=perturbed)
     h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
     x = x + Attention(name="attn2", **attn)(h, context, image_prompt)
     h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
+from jaxsd.models.freeu import apply_freeu, stage_factors
 from jaxsd.models.image_projection import IPAdapterImageProjections, ResamplerConfig
-from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ImagePrompt, ResnetBlock2D, TextTimeEmbedding,
-                                 Timesteps, TimestepEmbedding, Transformer2DModel, UNetMidBlock2D, Upsample2D, conv,
-                                 get_activation)
+from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ImagePrompt, PerturbedSelfAttention,
+                                 ResnetBlock2D, TextTimeEmbedding, Timesteps, TimestepEmbedding, Transformer2DModel,
+                                 UNetMidBlock2D, Upsample2D, conv, get_activation)
 
 Dtype = Any
 
@@ -339,10 +340,11 @@ class CrossAttnUpBlock2D(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, skips, temb, context):
+  def __call__(self, x, skips, temb, context, freeu=None):
+    """`freeu`: this block's FreeU factors (s, b) (`jaxsd.models.freeu`), or None."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
-      x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+      x = _with_skip(x, skips[-1 - i], freeu)
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
                         time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
       x = Transformer2DModel(self.heads, self.out_channels // self.heads,
@@ -369,15 +371,24 @@ class UpBlock2D(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, skips, temb, context=None):
+  def __call__(self, x, skips, temb, context=None, freeu=None):
+    """`freeu`: this block's FreeU factors (s, b) (`jaxsd.models.freeu`), or None."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
-      x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+      x = _with_skip(x, skips[-1 - i], freeu)
       x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
                         time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
     return x
+
+
+def _with_skip(x: jax.Array, skip: jax.Array, freeu: jax.Array | None) -> jax.Array:
+  """An up block's ResNet input: x and the skip features, concatenated on channels (after FreeU's scaling and
+  filtering, when the block has factors)."""
+  if freeu is not None:
+    x, skip = apply_freeu(x, skip, freeu)
+  return jnp.concatenate([x, skip], axis=-1)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -409,7 +420,8 @@ class UNet2DConditionModel(nn.Module):
                down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
                mid_block_additional_residual: jax.Array | None = None, timestep_cond: jax.Array | None = None,
                image_embeds: jax.Array | None = None, ip_adapter_scale: jax.Array | float = 1.0,
-               image_projection: ResamplerConfig | None = None) -> jax.Array:
+               image_projection: ResamplerConfig | None = None, freeu: jax.Array | None = None,
+               pag_layers: frozenset[str] | tuple[str, ...] = (), pag_rows: int = 0) -> jax.Array:
     """`timestep_cond` (B, time_cond_proj_dim): the guidance-scale embedding of an LCM-distilled U-Net
     (`layers.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
     features through `time_embedding.cond_proj`; U-Nets without time_cond_proj_dim refuse it.
@@ -420,7 +432,11 @@ class UNet2DConditionModel(nn.Module):
     that every cross-attention also attends to, weighted by `ip_adapter_scale`; the parameters of both exist only
     when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
     Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
-    penultimate hidden states, (B, L, D) or (B, n, L, D)."""
+    penultimate hidden states, (B, L, D) or (B, n, L, D). `freeu` (4,): FreeU's factors (s1, s2, b1, b2), applied in
+    the first two up blocks as diffusers' `enable_freeu` (`jaxsd.models.freeu`; every value acts, where diffusers'
+    blocks skip FreeU when a factor is 0); None: the plain U-Net. `pag_layers` (static): the self-attentions that
+    Perturbed-Attention Guidance perturbs, as parameter paths ("mid_block/attentions_0/transformer_blocks_0/attn1");
+    in them the last `pag_rows` rows of the batch get the identity attention (`layers.PerturbedSelfAttention`)."""
     cfg = self.config
     n = cfg.num_blocks
     kw, common, attn, heads, layers, only_cross = _block_settings(self, cfg)
@@ -440,6 +456,10 @@ class UNet2DConditionModel(nn.Module):
                          "image embeddings per sample.")
       tokens = IPAdapterImageProjections(cfg.context_dim, image_projection, name="encoder_hid_proj", **kw)(image_embeds)
       context = ImagePrompt(context, tokens, jnp.asarray(ip_adapter_scale, jnp.float32))
+    if pag_layers:
+      if not 0 < pag_rows < x.shape[0]:
+        raise ValueError(f"pag_rows={pag_rows}: the perturbed rows must be some of the batch's {x.shape[0]}.")
+      context = PerturbedSelfAttention(context, frozenset(pag_layers), pag_rows)
     x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
     x, skips = encode(self, cfg, x, emb, context)
 
@@ -467,7 +487,8 @@ class UNet2DConditionModel(nn.Module):
       else:
         block = self._block(UpBlock2D)(out, num, add_upsample=not final, upsample_size=size, name=f"up_blocks_{i}",
                                        **common)
-      x = block(x, states, emb, context)
+      stage = stage_factors(freeu, i)
+      x = block(x, states, emb, context) if stage is None else block(x, states, emb, context, stage)
 
     x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
     x = get_activation(cfg.act_fn)(x)
