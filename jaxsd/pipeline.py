@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import (conditioning, freeu, hub, ip_adapter, mask_crop, model_folder, pag, pipeline_adapters,
-                   pipeline_folders, prompt_syntax)
+from jaxsd import (freeu, hub, ip_adapter, model_folder, pag, pipeline_adapters, pipeline_folders, pipeline_image_tasks,
+                   prompt_syntax)
 from jaxsd import tokenizer as tok
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers, schedules
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin,
-                      freeu.FreeUMixin, pag.PAGMixin):
+class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.FoldersMixin,
+                      pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin, freeu.FreeUMixin, pag.PAGMixin):
   """A Stable Diffusion model: the three networks, their parameters, tokenizer and noise schedule."""
 
   unet: Any
@@ -365,15 +365,15 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
         x = samplers.noise_latents(schedule, image_latents, noise)
         if add_noise is not None:
           x = jnp.where(add_noise, x, image_latents.astype(jnp.float32))
-      x_extra = after_step = None
+      x_extra = None
       if concat:
         x_extra = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
-      elif task == "inpaint":
 
-        def after_step(i, x):  # diffusers' latent blend: the known region, noised to the next call's level
-          known = samplers.noise_latents(schedule, image_latents, noise, i + 1)
-          return (1 - mask) * known + mask * x
+      def blend(i, x):  # diffusers' latent blend: the known region, noised to the next call's level
+        known = samplers.noise_latents(schedule, image_latents, noise, i + 1)
+        return (1 - mask) * known + mask * x
 
+      after_step = blend if task == "inpaint" and not concat else None
       unet_inputs = None if ip_adapter is None else self.ip_adapter_unet_inputs(ip_adapter, guided, params["unet"])
       if freeu is not None:  # (no FreeU: today's program, exactly)
         unet_inputs = dict(unet_inputs or {}, freeu=freeu)
@@ -550,7 +550,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     else:
       fn = self._jitted(guided, kind, task, from_noise, **(program_options or {}), **pag_options)
       out = fn(self.params, schedule, ids, uncond_ids, noise, gs, keys, **cond, **text)
-    return _finish(out, output)
+    return pipeline_image_tasks.finish(out, output)
 
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, latents=None,
@@ -580,7 +580,7 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     too. Without `enable_pag` they are refused.
     """
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-                               output, text_options=_syntax(long_prompts, prompt_weighting), eta=eta,
+                               output, text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
                                **pag.call_options(pag_scale, pag_adaptive_scale))
 
@@ -598,198 +598,6 @@ class StableDiffusion(pipeline_folders.FoldersMixin, pipeline_adapters.AdaptersM
     latents = self._given_noise(latents, "latents", len(prompts), height, width, seed)
     return self._run("text", True, prompts, None if given is None else negative_prompts, steps, sampler, 1.0,
                      guidance_scale, seed, latents, output, **run_options)
-
-  def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
-                    guidance_scale, task, eta: float = 0.0):
-    """Checks what img2img and inpaint share; returns (prompts, negatives, float images or None, height, width)."""
-    f = self.vae.config.downsampling_factor
-    if images is None and image_latents is None:
-      raise ValueError("no init images: pass images (or their latents).")
-    images = None if images is None else conditioning.as_images(images, "init images")
-    if images is not None:
-      height, width = images.shape[1:3]
-      n = images.shape[0]
-    else:
-      height, width = np.shape(image_latents)[1] * f, np.shape(image_latents)[2] * f
-      n = np.shape(image_latents)[0]
-    if isinstance(prompts, str):
-      prompts = [prompts] * n
-    prompts, negative_prompts = self.check_inputs(prompts, negative_prompts, height, width, steps, sampler, output,
-                                                  guidance_scale)
-    if len(prompts) != n:
-      raise ValueError(f"{len(prompts)} prompts for {n} init images: give one per image.")
-    self.sampling_schedule(sampler, steps, strength, task, eta=eta)  # raises for a bad strength or eta
-    return prompts, negative_prompts, images, height, width
-
-  def _image_latents(self, images, image_latents, seed, name="image_latents"):
-    b, h, w = images.shape[:3] if images is not None else np.shape(image_latents)[:3]
-    if image_latents is None:
-      return self._encoder()(self.vae_params, jnp.asarray(images), self.posterior_keys(seed, b))
-    image_latents = jnp.asarray(image_latents, jnp.float32)
-    if images is not None and image_latents.shape != self.latent_shape(b, h, w):
-      raise ValueError(f"{name} have shape {image_latents.shape}; expected {self.latent_shape(b, h, w)} for "
-                       f"{b} images of {h}x{w}.")
-    return image_latents
-
-  def img2img(self, prompts, init_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
-              image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
-              ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
-    """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
-
-    As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
-    the schedule run, from the images' latents noised to the first of them. On an LCM folder (`lcm_img2img`)
-    with the `lcm` sampler, as LatentConsistencyModelImg2ImgPipeline: all `steps` run, on LCM timesteps below
-    strength * T (int(original_inference_steps * strength) must be at least `steps`).
-
-    Args:
-      prompts: a prompt, or one per image.
-      init_images: uint8 NHWC array, PIL image(s), or floats in [0, 1]; may be None if `image_latents` are given.
-      strength: in (0, 1]; how much of the schedule runs (1: all of it, the image barely matters).
-      noise: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed` as text-to-image's.
-      image_latents: the images' scaled latents (B, h, w, c); default: a posterior sample of the VAE
-        encoder, from `posterior_keys(seed, B)`.
-      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds, pag_scale, pag_adaptive_scale:
-        as text-to-image's (`__call__`).
-    """
-    return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-                                output, noise, image_latents, text_options=_syntax(long_prompts,
-                                                                                   prompt_weighting), eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
-                                **pag.call_options(pag_scale, pag_adaptive_scale))
-
-  def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-                      output, noise, image_latents, **run_options):
-    self.check_task("img2img")
-    sampler = sampler or self.default_sampler
-    given = negative_prompts
-    prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, init_images,
-                                                                          image_latents, steps, sampler, strength,
-                                                                          output, guidance_scale, "img2img",
-                                                                          run_options.get("eta", 0.0))
-    b = len(prompts)
-    image_latents = self._image_latents(images, image_latents, seed)
-    noise = self._given_noise(noise, "noise", b, height, width, seed)
-    if image_latents.shape != noise.shape:
-      raise ValueError(f"image_latents have shape {image_latents.shape}; expected {noise.shape}.")
-    return self._run("img2img", False, prompts, None if given is None else negative_prompts, steps, sampler, strength,
-                     guidance_scale, seed, noise, output, image_latents=image_latents, **run_options)
-
-  def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
-              guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
-              masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
-              padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
-    """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
-
-    The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
-    mask (downsampled to the latents) and the masked image's latents; a 4-channel U-Net denoises as
-    text-to-image while the known region is replaced, after every step, by the image's latents
-    noised to the level of the next step (diffusers' latent blend).
-
-    Args:
-      prompts: a prompt, or one per image.
-      images: uint8 NHWC array, PIL image(s), or floats in [0, 1].
-      mask_images: the masks, white (>= 0.5) = repaint: PIL image(s) or (B, H, W[, 1]) arrays, the images' size.
-      strength: in (0, 1]; 1 starts from pure noise, below 1 from the image noised as img2img's.
-      latents: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed`. Unlike
-        diffusers, where given latents replace the noised image even at strength < 1, they are the noise
-        in both cases.
-      masked_image_latents: the masked images' scaled latents, for 9-channel U-Nets only; default:
-        the images with the repainted region grey (0 in [-1, 1]), encoded.
-      image_latents: the images' scaled latents (needed at strength < 1 and by 4-channel U-Nets);
-        default: encoded, a posterior sample from `posterior_keys(seed, B)`.
-      padding_mask_crop: inpaint only a box around each mask, this many pixels wider, grown to the aspect
-        of height x width, then paste the result back over the image (`jaxsd.mask_crop`, as diffusers):
-        the model works on the box resized to height x width, whatever the box (one compiled program);
-        images and masks are handled as 8-bit, as diffusers' PIL path; `latents` and the other latents
-        given are then the crops'. Not with output="latent".
-      height, width: with padding_mask_crop, the size the crop is inpainted at (default: the model's
-        own size, as diffusers); without it the output is the images' size and these may only repeat it.
-      long_prompts, prompt_weighting, eta, ip_adapter_image, ip_adapter_image_embeds, pag_scale, pag_adaptive_scale:
-        as text-to-image's (`__call__`).
-    """
-    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
-                         seed, output, latents, masked_image_latents, image_latents,
-                         _syntax(long_prompts, prompt_weighting), padding_mask_crop, height, width, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
-                         **pag.call_options(pag_scale, pag_adaptive_scale))
-
-  def _inpaint(self, prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-               output, latents, masked_image_latents, image_latents, text_options, padding_mask_crop, height, width,
-               **run_options):
-    self.check_task("inpaint")
-    sampler = sampler or self.default_sampler
-    if padding_mask_crop is not None:
-      return self._inpaint_crop(prompts, images, mask_images, padding_mask_crop, height, width, output,
-                                strength=strength, negative_prompts=negative_prompts, steps=steps,
-                                guidance_scale=guidance_scale, sampler=sampler, seed=seed, latents=latents,
-                                masked_image_latents=masked_image_latents, image_latents=image_latents,
-                                text_options=text_options, **run_options)
-    asked, given = {"height": height, "width": width}, negative_prompts
-    prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
-                                                                          image_latents, steps, sampler, strength,
-                                                                          output, guidance_scale, "inpaint",
-                                                                          run_options.get("eta", 0.0))
-    if images is None:
-      raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
-    for name, v, have in (("height", asked["height"], height), ("width", asked["width"], width)):
-      if v is not None and v != have:
-        raise ValueError(f"{name}={v} but the images' {name} is {have}: without padding_mask_crop the output is "
-                         f"the images' size; resize them, or drop {name}.")
-    b = len(prompts)
-    masks = conditioning.as_masks(mask_images)
-    if masks.shape[0] == 1 and b > 1:
-      masks = np.repeat(masks, b, axis=0)
-    if masks.shape[:3] != images.shape[:3]:
-      raise ValueError(f"mask_images have size {masks.shape[1:3]} (batch {masks.shape[0]}); the images "
-                       f"{images.shape[1:3]} (batch {b}): give one mask per image, of the image's size.")
-    noise = self._given_noise(latents, "latents", b, height, width, seed)
-    from_noise = strength == 1.0
-    cond = {"mask": jnp.asarray(conditioning.latent_mask(masks, self.vae.config.downsampling_factor))}
-    if self.inpainting_unet:
-      if masked_image_latents is None:
-        masked = conditioning.masked_images(images, masks)
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(self.posterior_keys(seed, b))
-        masked_image_latents = self._encoder()(self.vae_params, jnp.asarray(masked), keys)
-      cond["masked_image_latents"] = self._image_latents(images, masked_image_latents, seed, "masked_image_latents")
-    elif masked_image_latents is not None:
-      raise ValueError(f"masked_image_latents are inputs of 9-channel inpainting U-Nets; this U-Net has "
-                       f"{self.unet.config.in_channels} channels and inpaints by latent blending: drop them.")
-    if not from_noise or not self.inpainting_unet:
-      cond["image_latents"] = self._image_latents(images, image_latents, seed)
-    return self._run("inpaint", from_noise, prompts, None if given is None else negative_prompts, steps, sampler,
-                     strength, guidance_scale, seed, noise, output, text_options=text_options, **cond, **run_options)
-
-  def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
-    """`_inpaint`'s other arguments under padding_mask_crop, with what a subclass crops like the images (a
-    ControlNet pipeline's control images)."""
-    return kwargs
-
-  def _inpaint_crop(self, prompts, images, mask_images, padding_mask_crop, height, width, output, **kwargs):
-    """`inpaint` with padding_mask_crop: the crops inpainted at height x width, pasted back (`jaxsd.mask_crop`)."""
-    pad = mask_crop.check_padding(padding_mask_crop)
-    if output not in ("np", "pil"):
-      raise ValueError(f"output={output!r} with padding_mask_crop: the result is the image with the crop pasted "
-                       "back; choose 'np' or 'pil' (or drop padding_mask_crop for the crop's latents).")
-    if images is None:
-      raise ValueError("inpaint needs the images themselves (for the masked image and the output size).")
-    images = conditioning.as_images(images, "images")
-    levels = conditioning.mask_levels(mask_images)
-    if levels.shape[0] == 1:
-      levels = np.repeat(levels, images.shape[0], axis=0)
-    if levels.shape != images.shape[:3]:
-      raise ValueError(f"mask_images have size {levels.shape[1:3]} (batch {levels.shape[0]}); the images "
-                       f"{images.shape[1:3]} (batch {images.shape[0]}): give one mask per image, of the image's size.")
-    height, width = self.size_or_default(height, width)
-    self.check_inputs(["x"], None, height, width, kwargs["steps"], kwargs["sampler"], "np")  # before cropping
-    crops = mask_crop.crop(images, levels, width, height, pad)
-    kwargs = self._crop_run_options(kwargs, crops)
-    out = self._inpaint(prompts, crops.images, crops.masks, output="np", padding_mask_crop=None, height=None,
-                        width=None, **kwargs)
-    return _finish(mask_crop.paste(out, crops), output)
 
 
 def folder_sampler(scheduler_class: str, scheduler_config: schedules.SchedulerConfig, fallback: str) -> str:
@@ -814,20 +622,6 @@ def exported_key(sampler: str, steps: int, guided: bool, output: str, ids_shape,
 def with_extra(x: jax.Array, x_extra: jax.Array | None) -> jax.Array:
   """The U-Net's input: the latents, and a 9-channel inpainting U-Net's mask and masked-image latents after them."""
   return x if x_extra is None else jnp.concatenate([x, x_extra.astype(x.dtype)], axis=-1)
-
-
-def _syntax(long_prompts: bool, prompt_weighting: bool) -> dict:
-  """`text_inputs` options: only those asked for (a pipeline without them, SDXL's, then says so)."""
-  return {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
-
-
-def _finish(out: jax.Array, output: str):
-  out = np.asarray(jax.device_get(out))
-  if output == "pil":
-    from PIL import Image
-
-    return [Image.fromarray(im) for im in out]
-  return out
 
 
 def load(path: str, dtype=jnp.float32, **kwargs) -> StableDiffusion:

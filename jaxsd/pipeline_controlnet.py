@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, hub, ip_adapter, mask_crop, model_folder, pag, pipeline_xl, pretrained
+from jaxsd import conditioning, hub, ip_adapter, mask_crop, model_folder, pag, pipeline_xl, pretrained, prompt_syntax
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers
 from jaxsd.models.controlnet import ControlNetModel
-from jaxsd.pipeline import StableDiffusion, _syntax, with_extra
+from jaxsd.pipeline import StableDiffusion, with_extra
 from jaxsd.pipeline_xl import StableDiffusionXL
 
 
@@ -304,8 +304,9 @@ class StableDiffusionControlNet(StableDiffusion):
         Perturbed-Attention Guidance act in the U-Net, not the ControlNets, as diffusers'; PAG not in guess mode).
     """
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
-                              seed, latents, output, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, _syntax(long_prompts, prompt_weighting), eta,
+                              seed, latents, output, controlnet_conditioning_scale,
+                              control_guidance_start, control_guidance_end, guess_mode,
+                              prompt_syntax.options(long_prompts, prompt_weighting), eta,
                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
                               **pag.call_options(pag_scale, pag_adaptive_scale))
 
@@ -334,8 +335,9 @@ class StableDiffusionControlNet(StableDiffusion):
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
-                                output, noise, image_latents, text_options=_syntax(long_prompts, prompt_weighting),
-                                control=control, eta=eta,
+                                output, noise, image_latents,
+                                text_options=prompt_syntax.options(long_prompts,
+                                                                   prompt_weighting), control=control, eta=eta,
                                 **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
                                 **pag.call_options(pag_scale, pag_adaptive_scale))
 
@@ -354,11 +356,10 @@ class StableDiffusionControlNet(StableDiffusion):
     same box)."""
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
-    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler,
-                         seed, output, latents, masked_image_latents, image_latents,
-                         _syntax(long_prompts,
-                                 prompt_weighting), padding_mask_crop, height, width, control=control, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+    return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
+                         output, latents, masked_image_latents, image_latents,
+                         prompt_syntax.options(long_prompts, prompt_weighting), padding_mask_crop, height, width,
+                         control=control, eta=eta, **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
                          **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
@@ -434,7 +435,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     folder's scheduler's."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                                        negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                                       **_syntax(long_prompts, prompt_weighting))
+                                       **prompt_syntax.options(long_prompts, prompt_weighting))
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
                               control_guidance_start, control_guidance_end, guess_mode, options, eta,
@@ -456,7 +457,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                                        negative_original_size, negative_crops_coords_top_left, negative_target_size,
                                        aesthetic_score=aesthetic_score,
                                        negative_aesthetic_score=negative_aesthetic_score, image_to_image=True,
-                                       **_syntax(long_prompts, prompt_weighting))
+                                       **prompt_syntax.options(long_prompts, prompt_weighting))
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
@@ -481,7 +482,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                                        negative_original_size, negative_crops_coords_top_left, negative_target_size,
                                        aesthetic_score=aesthetic_score,
                                        negative_aesthetic_score=negative_aesthetic_score, image_to_image=True,
-                                       **_syntax(long_prompts, prompt_weighting))
+                                       **prompt_syntax.options(long_prompts, prompt_weighting))
     control = self._control(control_images, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                             guess_mode)
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or

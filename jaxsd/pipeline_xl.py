@@ -411,7 +411,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     """
     options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                            negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                           **pipeline._syntax(long_prompts, prompt_weighting))
+                           **prompt_syntax.options(long_prompts, prompt_weighting))
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
                                self.default_sampler, seed, latents, output, text_options=options,
                                guidance_rescale=guidance_rescale, denoising_end=denoising_end, eta=eta,
@@ -437,7 +437,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                            negative_original_size, negative_crops_coords_top_left, negative_target_size,
                            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                           image_to_image=True, **pipeline._syntax(long_prompts, prompt_weighting))
+                           image_to_image=True, **prompt_syntax.options(long_prompts, prompt_weighting))
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
@@ -472,7 +472,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
                            negative_original_size, negative_crops_coords_top_left, negative_target_size,
                            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                           image_to_image=True, **pipeline._syntax(long_prompts, prompt_weighting))
+                           image_to_image=True, **prompt_syntax.options(long_prompts, prompt_weighting))
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
                          padding_mask_crop, height, width, eta=eta,

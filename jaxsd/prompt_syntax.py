@@ -49,6 +49,11 @@ _TOKENS = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
+def options(long_prompts: bool, prompt_weighting: bool) -> dict:
+  """A pipeline's `text_inputs` options: only those asked for (a pipeline without them then says so)."""
+  return {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
   """(text, weight) spans of a prompt in A1111's attention syntax; runs of equal weight are merged.
 
