@@ -420,12 +420,27 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
   with an `.alpha` per layer; `lora_te1_` / `lora_te2_` when the adapter has a second text encoder, as
   sd-scripts' SDXL files). Both load with diffusers' load_lora_weights and back with `load`.
 
+  A DoRA adapter (PEFT's, magnitudes per output channel) is written in PEFT naming only, as diffusers'
+  save_lora_weights writes peft's: `<network>.<module>.lora_magnitude_vector` (`...lora_magnitude_vector.weight` for a
+  text encoder, which transformers 5 needs), (out,) for a linear layer and (1, out, 1, 1) for a convolution, and
+  `<network>.use_dora` in the metadata (every layer of a network DoRA, as one LoraConfig says). Kohya files are
+  refused for it: A1111 applies a `dora_scale` per input channel and ComfyUI divides an output-channel one by the
+  base weight's norm, so no kohya-world loader would apply peft's DoRA (`jaxsd.lora_dora`).
+
   `unet_names` (kohya only): U-Net module name -> the name to write instead, e.g. `lora_names.sgm_names(...)`
   of the whole U-Net for sd-scripts' SDXL names (which A1111 expects of an SDXL adapter)."""
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}.")
-  if any(f.magnitude is not None for layers in adapter.layers.values() for f in layers.values()):
-    raise ValueError("a DoRA adapter (with magnitudes): only plain LoRA adapters are written.")
+  dora = {n for n, layers in adapter.layers.items() if any(f.magnitude is not None for f in layers.values())}
+  if dora and fmt == "kohya":
+    raise ValueError("a DoRA adapter in kohya format: A1111 and ComfyUI apply kohya files' dora_scale otherwise than "
+                     "peft's DoRA (lora_dora); write it with format 'peft'.")
+  for network in dora:
+    layers = adapter.layers[network]
+    if any(f.magnitude is None or f.blend or np.shape(f.magnitude) != lora_dora.output_shape(f.kernel_shape)
+           for f in layers.values()):
+      raise ValueError(f"a {network} adapter mixing DoRA and plain layers, or with kohya-style DoRA (A1111's blend, "
+                       "per-input-channel magnitudes): only PEFT's DoRA, on every layer of a network, is written.")
   if any(f.up is None for layers in adapter.layers.values() for f in layers.values()):
     raise ValueError("a LyCORIS LoHa / LoKr adapter: only plain LoRA adapters are written.")
   out, metadata = {}, {}
@@ -444,6 +459,12 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
       else:
         out[f"{network}.{module}.lora_A.weight"], out[f"{network}.{module}.lora_B.weight"] = (down.astype(dtype),
                                                                                               up.astype(dtype))
+        if f.magnitude is not None:  # peft's parameter: (out,) for a Linear, (1, out, 1, 1) for a Conv2d
+          m = np.asarray(jax.device_get(f.magnitude), np.float32).reshape(-1)
+          # Text encoders' keys end in `.weight`: transformers 5's load_adapter (diffusers' way into them) loads only
+          # that spelling and silently keeps peft's initial magnitudes for the other; peft reads both.
+          key = f"{network}.{module}.lora_magnitude_vector" + ("" if network == "unet" else ".weight")
+          out[key] = m.reshape((1, -1, 1, 1) if up.ndim == 4 else -1).astype(dtype)
     if fmt == "peft":
       # Module names in the config without transformers 4's `text_model.` level: PEFT matches them as suffixes,
       # so they fit transformers 4's CLIPTextModel (which has it, as the state-dict keys do) and 5's (which has not).
@@ -462,6 +483,8 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
               m: v for m, v in alphas.items() if v != alpha
           },
       })
+      if network in dora:
+        metadata[f"{network}.use_dora"] = True
   return out, metadata
 
 

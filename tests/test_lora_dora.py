@@ -289,8 +289,10 @@ def test_magnitudes_that_do_not_fit_are_named(setup):
   key = next(k for k in kohya if k.endswith("to_q.dora_scale"))
   with pytest.raises(ValueError, match=r"should be \(32, 1\) or \(1, 32\)"):
     lora.from_state_dict(dict(kohya, **{key: torch.ones(2, 16)}), params)
-  with pytest.raises(ValueError, match="DoRA adapter"):
-    lora.to_state_dict(lora.load(files["dora_a"], params))
+  with pytest.raises(ValueError, match="DoRA adapter in kohya format"):
+    lora.to_state_dict(lora.load(files["dora_a"], params), "kohya")
+  with pytest.raises(ValueError, match="kohya-style DoRA"):  # A1111's blend: not peft's DoRA
+    lora.to_state_dict(lora.load(files["kohya_a"], params))
 
 
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])

@@ -24,6 +24,18 @@ kohya's sd-scripts) the rows of the text encoder's token-embedding table for tho
 "token_embeddings" ({word: (hidden,)}), initialised from their own rows or from `lora.token_init`'s (diffusers'
 --initializer_token); the rest of the table stays frozen. With `target_modules=""` only the embeddings train.
 They are written as diffusers' `learned_embeds.safetensors` (`jaxsd.token_embeddings`).
+
+With `lora.use_dora` (DoRA, Liu et al. 2024; diffusers' scripts' --use_dora, PEFT's `LoraConfig(use_dora=True)`)
+every adapted layer, the text encoders' too, also trains a magnitude vector, `{"down", "up", "magnitude": (features,)}`,
+started as PEFT starts it: the base kernel's norm per output channel (`jaxsd.lora_dora.initial_magnitude`), so that
+with `up` zero the first step runs the base model exactly. The merged kernel is DoRA's,
+m * (W + s down @ up) / ||W + s down @ up|| per output channel, by the same `merge_kernel` / `jaxsd.lora_dora.rescale`
+that applies a loaded PEFT DoRA file, whose norm is a constant to autodiff as in peft's forward
+(`weight_norm.detach()`): the gradients of m, down and up are peft's, and those of down and up differ from what
+differentiating through the norm would give (see `jaxsd.lora_dora`). The adapter is written with PEFT's
+`lora_magnitude_vector` keys and `use_dora` in the adapter metadata, which diffusers' load_lora_weights reads as
+DoRA; a kohya file is refused (A1111 applies `dora_scale` per input channel and ComfyUI divides by the base weight's
+norm: neither would apply the trained adapter).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxsd import lora
+from jaxsd import lora_dora
 from jaxsd import token_embeddings
 from jaxsd.training.stages import Stage
 
@@ -55,6 +68,7 @@ class LoraSpec:
   text_targets: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # text encoder's
   text_targets_2: dict[tuple[str, ...], tuple[int, ...]] = dataclasses.field(default_factory=dict)  # SDXL's second
   tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # words whose token embeddings train -> ids
+  dora: bool = False  # DoRA: every adapted layer also trains a magnitude per output channel
 
   @property
   def structured(self) -> bool:
@@ -113,12 +127,19 @@ def check_settings(c) -> None:
     raise ValueError("target_modules is empty and token_embeddings names no word: nothing would train.")
   if c.export_format not in lora.FORMATS:
     raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora.FORMATS)}.")
+  if c.get("use_dora") and c.export_format == "kohya":
+    raise ValueError("use_dora=True with export_format='kohya': kohya files' dora_scale is applied per input channel "
+                     "(A1111) or against the base weight's norm (ComfyUI), not as the DoRA trained here; use "
+                     "export_format='peft' (diffusers' load_lora_weights and jaxsd load it).")
+  if c.get("use_dora") and not c.target_modules and not c.get("train_text_encoder"):
+    raise ValueError("use_dora=True adds a magnitude to every adapted layer, but target_modules is empty and "
+                     "train_text_encoder is False (token embeddings only): set use_dora=False or name layers to adapt.")
 
 
 def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any = None, tokenizer=None) -> LoraSpec:
   """A LoraSpec from the config section `lora` (rank, alpha, target_modules, dropout, init, train_text_encoder,
-  text_target_modules, token_embeddings); `text_params_2`: SDXL's second text encoder, adapted too; `tokenizer`
-  reads the words of token_embeddings; ValueError for bad values."""
+  text_target_modules, token_embeddings, use_dora); `text_params_2`: SDXL's second text encoder, adapted too;
+  `tokenizer` reads the words of token_embeddings; ValueError for bad values."""
   check_settings(c)
   tokens = {}
   if c.get("token_embeddings"):
@@ -135,22 +156,29 @@ def make_spec(unet_params: Any, c, text_params: Any = None, text_params_2: Any =
     if text_params_2 is not None:
       text_targets_2 = target_layers(text_params_2, modules, "text encoder", "text_target_modules")
   targets = target_layers(unet_params, c.target_modules) if (c.target_modules or not tokens) else {}
-  return LoraSpec(int(c.rank), alpha, targets, c.init, text_targets, text_targets_2, tokens)
+  return LoraSpec(int(c.rank), alpha, targets, c.init, text_targets, text_targets_2, tokens, bool(c.get("use_dora")))
 
 
-def init_adapter(spec: LoraSpec, rng: jax.Array, token_rows: dict | None = None) -> dict:
+def init_adapter(spec: LoraSpec, rng: jax.Array, token_rows: dict | None = None,
+                 magnitudes: dict | None = None) -> dict:
   """Fresh factors as PEFT initialises them: `up` (lora_B) zero, so training starts at the base model, and
-  `down` (lora_A) N(0, 1/r^2) for "gaussian" or kaiming-uniform(a=sqrt(5)), U(+-1/sqrt(fan_in)), for "kaiming".
-  The U-Net's factors, or {"unet": ..., "text_encoder": ..., "token_embeddings": `token_rows`} when the text
-  encoder has targets or embeddings train."""
-  unet = _init_factors(spec, spec.targets, rng)
+  `down` (lora_A) N(0, 1/r^2) for "gaussian" or kaiming-uniform(a=sqrt(5)), U(+-1/sqrt(fan_in)), for "kaiming";
+  with DoRA each layer's `magnitude` from `magnitudes` (`initial_magnitudes`). The U-Net's factors, or
+  {"unet": ..., "text_encoder": ..., "token_embeddings": `token_rows`} when the text encoder has targets or
+  embeddings train."""
+  if spec.dora and magnitudes is None:
+    raise ValueError("a DoRA adapter starts from the base kernels' norms: pass magnitudes=initial_magnitudes(...).")
+  mags = magnitudes or {}
+  unet = _init_factors(spec, spec.targets, rng, mags.get("unet"))
   if not spec.structured:
     return unet
   out = {"unet": unet} if spec.targets else {}
   if spec.text_targets:
-    out["text_encoder"] = _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20))
+    out["text_encoder"] = _init_factors(spec, spec.text_targets, jax.random.fold_in(rng, 1 << 20),
+                                        mags.get("text_encoder"))
   if spec.text_targets_2:
-    out["text_encoder_2"] = _init_factors(spec, spec.text_targets_2, jax.random.fold_in(rng, 2 << 20))
+    out["text_encoder_2"] = _init_factors(spec, spec.text_targets_2, jax.random.fold_in(rng, 2 << 20),
+                                          mags.get("text_encoder_2"))
   if spec.tokens:
     out["token_embeddings"] = {w: jnp.asarray(token_rows[w], jnp.float32) for w in spec.tokens}
   return out
@@ -165,7 +193,21 @@ def initial_token_rows(spec: LoraSpec, text_params: Any, tokenizer, token_init: 
   return {w: emb[i].copy() for w, i in spec.tokens.items()}
 
 
-def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array) -> dict:
+def initial_magnitudes(spec: LoraSpec, params: dict) -> dict:
+  """DoRA's starting magnitudes, {network: {layer path: (features,)}}: each target kernel's norm per output channel
+  (`jaxsd.lora_dora.initial_magnitude`, peft's init) in `params` ({"unet": ..., "text_encoder": ...,
+  "text_encoder_2": ...}, the base parameter trees), as numpy: computed once, outside the jitted init, which holds
+  them as constants (a few KB)."""
+  out = {}
+  networks = {"unet": spec.targets, "text_encoder": spec.text_targets, "text_encoder_2": spec.text_targets_2}
+  for network, targets in networks.items():
+    if targets:
+      flat = traverse_util.flatten_dict(params[network])
+      out[network] = {path: np.asarray(lora_dora.initial_magnitude(flat[path + ("kernel",)])) for path in targets}
+  return out
+
+
+def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array, magnitudes: dict | None = None) -> dict:
   flat = {}
   for i, (path, shape) in enumerate(sorted(targets.items())):
     fan_in, features = math.prod(shape[:-1]), shape[-1]
@@ -177,16 +219,22 @@ def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array) -> dict:
       down = jax.random.uniform(key, (fan_in, spec.rank), jnp.float32, -bound, bound)
     flat[path + ("down",)] = down
     flat[path + ("up",)] = jnp.zeros((spec.rank, features), jnp.float32)
+    if spec.dora:
+      flat[path + ("magnitude",)] = jnp.asarray(magnitudes[path], jnp.float32)
   return traverse_util.unflatten_dict(flat)
 
 
 def apply_adapter(unet_params: Any, adapter: Any, scale: float) -> Any:
-  """`unet_params` with `scale * down @ up` merged into every adapted kernel (differentiable in `adapter`)."""
+  """`unet_params` with `scale * down @ up` merged into every adapted kernel, DoRA's rescaled merge where a layer has
+  a `magnitude` (differentiable in `adapter`; `jaxsd.lora.merge_kernel`)."""
   flat = traverse_util.flatten_dict(unet_params)
   factors = traverse_util.flatten_dict(adapter)
   for path in sorted({p[:-1] for p in factors}):
     k = path + ("kernel",)
-    flat[k] = lora.merge_kernel(flat[k], [(factors[path + ("down",)], factors[path + ("up",)], scale)])
+    update = (factors[path + ("down",)], factors[path + ("up",)], scale)
+    if path + ("magnitude",) in factors:
+      update += (factors[path + ("magnitude",)].reshape(lora_dora.output_shape(flat[k].shape)),)
+    flat[k] = lora.merge_kernel(flat[k], [update])
   return traverse_util.unflatten_dict(flat)
 
 
@@ -196,6 +244,10 @@ def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec, token_rows: dict |
   (unet_stage's text_gradient). `token_rows`: the embeddings' starting rows (`initial_token_rows`)."""
   if "vae" not in (base.frozen or {}) or "text" not in base.frozen:
     raise ValueError("LoRA training takes the U-Net stage with a frozen text encoder (train_text_encoder=False).")
+  magnitudes = None
+  if spec.dora:
+    text = base.frozen["text"] if spec.text_targets_2 else {"text_encoder": base.frozen["text"]}
+    magnitudes = initial_magnitudes(spec, dict(text, unet=unet_params))
 
   def loss_fn(adapter, batch, rng, frozen):
     if not spec.structured:
@@ -211,7 +263,7 @@ def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec, token_rows: dict |
     unet = apply_adapter(frozen["unet"], adapter["unet"], spec.scale) if spec.targets else frozen["unet"]
     return base.loss_fn(unet, batch, rng, dict(frozen, text=text))
 
-  return Stage("lora", lambda rng: init_adapter(spec, rng, token_rows), loss_fn,
+  return Stage("lora", lambda rng: init_adapter(spec, rng, token_rows, magnitudes), loss_fn,
                frozen=dict(base.frozen, unet=unet_params), modules=dict(base.modules))
 
 
@@ -233,18 +285,23 @@ def to_adapter(spec: LoraSpec, adapter: Any) -> lora.Adapter:
 
 def _layers(spec: LoraSpec, targets: dict, factors: Any) -> dict:
   flat = traverse_util.flatten_dict(factors)
-  return {
-      path + ("kernel",):
-          lora.Factors(np.asarray(flat[path + ("down",)]), np.asarray(flat[path + ("up",)]), spec.scale, shape)
-      for path, shape in targets.items()
-  }
+  out = {}
+  for path, shape in targets.items():
+    m = flat.get(path + ("magnitude",))
+    out[path + ("kernel",)] = lora.Factors(np.asarray(flat[path + ("down",)]), np.asarray(flat[path + ("up",)]),
+                                           spec.scale, shape,
+                                           None if m is None else lora_dora.magnitude("/".join(path), m, shape, False))
+  return out
 
 
 def describe(spec: LoraSpec) -> dict:
   """JSON-able facts about the adapter (for result.json)."""
-  count = lambda targets: sum(spec.rank * (math.prod(s[:-1]) + s[-1]) for s in targets.values())  # noqa: E731
+  count = lambda targets: sum(spec.rank * (math.prod(s[:-1]) + s[-1]) + spec.dora * s[-1]  # noqa: E731
+                              for s in targets.values())
   facts = dict(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, layers=len(spec.targets),
                adapter_parameters=count(spec.targets) + count(spec.text_targets) + count(spec.text_targets_2))
+  if spec.dora:
+    facts.update(dora=True)
   if spec.tokens:
     facts.update(token_embeddings=sorted(spec.tokens))
   if spec.text_targets:

@@ -25,6 +25,9 @@ as above:
       --config.dreambooth.instance_data_dir=dog/ --config.dreambooth.instance_prompt="a photo of sks dog" \
       --config.dreambooth.with_prior_preservation=True --config.dreambooth.class_prompt="a photo of dog"
 
+DoRA (weight-decomposed LoRA, diffusers' scripts' --use_dora): --config.lora.use_dora=True; the file has PEFT's
+lora_magnitude_vector keys and loads as DoRA in diffusers and jaxsd (kohya export is refused for it).
+
 Textual inversion and pivotal tuning: --config.lora.token_embeddings=sks (words that are one token each) trains
 those words' token embeddings, with the adapters, or alone with --config.lora.target_modules="" (the U-Net and
 the rest of the text encoder untouched); DIR/lora/learned_embeds.safetensors holds them in diffusers' format
@@ -71,6 +74,9 @@ def get_config(variant: str = "sd15"):
           target_modules=ATTENTION,
           dropout=0.0,  # only 0: the adapter is merged into the kernels (jaxsd/training/lora_training.py)
           init="gaussian",  # lora_A ~ N(0, 1/rank^2) as diffusers' script; "kaiming": PEFT's default
+          # DoRA (diffusers' scripts' --use_dora, PEFT's use_dora): each adapted layer also trains a magnitude per
+          # output channel (text encoders' too); written with lora_magnitude_vector keys, PEFT format only.
+          use_dora=False,
           export_format="peft",  # or "kohya" (lora_unet_... keys, A1111 / ComfyUI)
           # Adapters on the text encoder too (same rank, alpha, init), exported as text_encoder.* / lora_te_* keys:
           # diffusers' --train_text_encoder.
