@@ -207,6 +207,17 @@ def assert_sample_command_reads(model: str, single_file_config: str, out, capsys
   assert "wrote 1 images" in capsys.readouterr().err
 
 
+def randomize_peft_adapter(model: torch.nn.Module, g: torch.Generator) -> None:
+  """Moves a fresh PEFT (DoRA) adapter off its init, in place: lora_A / lora_B to 0.1 N(0, 1), each
+  lora_magnitude_vector times 1 + 0.3 N(0, 1)."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_A" in name or "lora_B" in name:
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+      elif "lora_magnitude_vector" in name:
+        p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
 def check_close(ours, ref, what: str, rel: float = 1e-4) -> float:
   """Asserts max |ours - ref| < rel * max(1, max |ref|) (the pipelines' parity tolerance, scaled to the latents'
   size); prints and returns the difference."""

@@ -42,12 +42,7 @@ def _random_adapter(models: dict, targets: dict, ranks: dict, seed: int, dora: b
     cfgs[net] = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets[net], init_lora_weights=False,
                            use_dora=dora)
     model = inject_adapter_in_model(cfgs[net], copy.deepcopy(model))
-    with torch.no_grad():
-      for name, p in model.named_parameters():
-        if "lora_A" in name or "lora_B" in name:
-          p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        elif "lora_magnitude_vector" in name:
-          p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    reference.randomize_peft_adapter(model, g)
     sds[net] = get_peft_model_state_dict(model)
   return sds, cfgs
 

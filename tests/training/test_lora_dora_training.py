@@ -82,12 +82,7 @@ def peft_unet(init):
   fresh = inject_adapter_in_model(config, copy.deepcopy(unet))
   moved = copy.deepcopy(fresh)
   g = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for name, p in moved.named_parameters():
-      if "lora_A" in name or "lora_B" in name:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      elif "lora_magnitude_vector" in name:
-        p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+  reference.randomize_peft_adapter(moved, g)
   module, params = pretrained.load_unet(os.path.join(init, "unet"))
   x, t, context = _inputs()
 
