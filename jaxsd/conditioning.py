@@ -3,7 +3,9 @@
 As diffusers: images are RGB (PIL images of another colour mode are converted with `convert("RGB")`,
 as `diffusers.utils.load_image` does; an alpha channel is dropped), masks are greyscale
 (`convert("L")`, white = repaint) binarised at one half, and the mask reaches the latents by
-nearest-neighbour downsampling.
+nearest-neighbour downsampling. Unlike diffusers, 16-bit, 32-bit integer and float grey images (depth maps
+written by MiDaS / Depth Anything tools, float TIFFs) are first scaled to 8 bits (`to_rgb`): PIL's convert clips
+them at 255, which turns a 16-bit depth map nearly white.
 """
 
 from __future__ import annotations
@@ -13,9 +15,30 @@ from typing import Any
 
 import numpy as np
 
-# PIL modes that mean colours in 0..255; 16-bit, float and CMYK images are refused rather than guessed at.
-IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
-MASK_MODES = ("L", "1", "LA", "RGB", "RGBA", "P")
+# PIL modes read: colours in 0..255, and grey of more bits or floats (scaled to 8 bits by `to_rgb`). CMYK, YCbCr,
+# LAB, HSV images are refused rather than guessed at.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "1") + HIGH_BIT_MODES
+MASK_MODES = ("L", "1", "LA", "RGB", "RGBA", "P") + HIGH_BIT_MODES
+
+
+def to_rgb(image):
+  """The PIL image as RGB. PIL's convert clips 16/32-bit grey at 255 (a 16-bit scan or depth map comes out nearly
+  white), so: mode I;16* (16-bit) is divided by 257; mode I (32-bit integers) too when its maximum exceeds 255, as
+  16-bit data (values above 65535 clip), else kept; mode F (floats) is taken as 0..1 and multiplied by 255 when its
+  maximum is at most 1, else clipped to 0..255. Then rounded to 8-bit grey. Other modes: `convert("RGB")`."""
+  from PIL import Image
+
+  if image.mode == "RGB":
+    return image
+  if image.mode in HIGH_BIT_MODES:
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+      values = values / 257
+    elif image.mode == "F" and values.max(initial=0) <= 1:
+      values = values * 255
+    image = Image.fromarray(np.clip(np.round(np.nan_to_num(values)), 0, 255).astype(np.uint8))  # mode L
+  return image.convert("RGB")
 
 
 def _pil(x) -> bool:
@@ -34,7 +57,7 @@ def _stack(items: Any, name: str, mode: str, modes: tuple, problem: str, how: st
     if _pil(item):
       if item.mode not in modes:
         raise ValueError(f"{name}: PIL mode {item.mode!r} {problem}; give one of {modes} ({how}).")
-      item = item.convert(mode)
+      item = to_rgb(item).convert(mode) if item.mode in HIGH_BIT_MODES else item.convert(mode)
     arrays.append(np.asarray(item))
   shapes = {a.shape for a in arrays}
   if len(shapes) > 1:
@@ -109,14 +132,14 @@ def load_image(path: str, name: str = "image") -> Any:
   """An RGB PIL image from `path`, checked as `as_images` checks (one-line ValueError otherwise)."""
   im = _open(path, name)
   as_images(im, f"{name} {path}")
-  return im.convert("RGB")
+  return to_rgb(im)
 
 
 def load_mask(path: str, name: str = "mask") -> Any:
   """A greyscale PIL mask from `path` (white = repaint), checked as `as_masks` checks."""
   m = _open(path, name)
   as_masks(m, f"{name} {path}")
-  return m.convert("L")
+  return to_rgb(m).convert("L") if m.mode in HIGH_BIT_MODES else m.convert("L")
 
 
 def _open(path: str, flag: str):

@@ -134,7 +134,7 @@ def test_cli_controlnet_img2img_and_inpainting_write_the_pipeline_calls_images(f
 def test_cli_bad_controlnet_input_exits_2_before_compiling(folders, main, tmp_path, capsys):
   path, nets, images, root = folders
   Image.new("CMYK", (HW, HW)).save(tmp_path / "cmyk.jpg")
-  Image.new("I;16", (HW, HW)).save(tmp_path / "int16.png")
+  Image.new("LAB", (HW, HW)).save(tmp_path / "lab.tif")
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "odd.png")
   (tmp_path / "empty").mkdir()
   one = ["--controlnet", nets[0]]
@@ -145,7 +145,7 @@ def test_cli_bad_controlnet_input_exits_2_before_compiling(folders, main, tmp_pa
       (["--guess-mode"], "--guess-mode needs --controlnet"),
       (one + ["--control-image", str(tmp_path / "none.png")], "no such file"),
       (one + ["--control-image", str(tmp_path / "cmyk.jpg")], "'CMYK'"),
-      (one + ["--control-image", str(tmp_path / "int16.png")], "mode 'I"),
+      (one + ["--control-image", str(tmp_path / "lab.tif")], "mode 'LAB'"),
       (["--controlnet", str(tmp_path / "nowhere"), "--control-image", images[0]], "no such folder"),
       (one + ["--control-image", images[0], "--controlnet-scale", "1", "2"], "2 values for 1 ControlNets"),
       (one + ["--control-image", images[0], "--control-guidance-start", "0.5", "--control-guidance-end", "0.4"],

@@ -84,8 +84,8 @@ def test_images_and_masks_are_read_as_diffusers_reads_them():
   # Masks: greyscale, binarised at one half (127 -> keep, 128 -> repaint), white = repaint.
   m = conditioning.as_masks(Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8)).convert("RGB"))
   np.testing.assert_array_equal(m[0, 0, :, 0], [0, 0, 1, 1])
-  with pytest.raises(ValueError, match="'I'"):
-    conditioning.as_masks(Image.new("I", (4, 4)))
+  with pytest.raises(ValueError, match="'HSV'"):
+    conditioning.as_masks(Image.new("HSV", (4, 4)))
   with pytest.raises(ValueError, match="single-channel"):
     conditioning.as_masks(np.zeros((1, 4, 4, 3), np.uint8))
   # The masked image (what 9-channel U-Nets see encoded) as diffusers' image and mask processors make it.
@@ -103,6 +103,28 @@ def test_images_and_masks_are_read_as_diffusers_reads_them():
   big = np.zeros((1, 16, 16, 1), np.float32)
   big[0, 8, 0] = 1
   np.testing.assert_array_equal(conditioning.latent_mask(big, 8)[0, :, :, 0], [[0, 0], [1, 0]])
+
+
+def test_high_bit_grey_images_read_as_their_8bit_twins(tmp_path):
+  """16-bit depth maps (and 32-bit integer / float grey images) as init, control or mask images read as the 8-bit
+  image they hold: PIL's convert("RGB"), which diffusers' load_image calls, clips them at 255 (nearly white)."""
+  rng = np.random.default_rng(0)
+  eight = rng.integers(0, 256, (6, 10)).astype(np.uint8)
+  base = eight.astype(np.int64) * 257  # 0..65535; noise below half a step of 257 keeps each value's 8-bit twin
+  sixteen = np.clip(base + rng.integers(-128, 129, eight.shape), 0, 65535).astype(np.uint16)
+  Image.fromarray(eight).save(tmp_path / "eight.png")
+  Image.fromarray(sixteen).save(tmp_path / "sixteen.png")
+  Image.fromarray(sixteen.astype(np.int32)).save(tmp_path / "int32.tif")
+  Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "float.tif")
+  assert Image.open(tmp_path / "sixteen.png").mode == "I;16" and Image.open(tmp_path / "int32.tif").mode == "I"
+  assert Image.open(tmp_path / "float.tif").mode == "F"
+  want = np.asarray(conditioning.load_image(str(tmp_path / "eight.png")))
+  assert np.asarray(Image.open(tmp_path / "sixteen.png").convert("RGB")).mean() > 200  # what PIL alone gives
+  for name in ("sixteen.png", "int32.tif", "float.tif"):
+    np.testing.assert_array_equal(np.asarray(conditioning.load_image(str(tmp_path / name))), want, err_msg=name)
+    np.testing.assert_array_equal(conditioning.as_images(Image.open(tmp_path / name)), want[None] / np.float32(255))
+    np.testing.assert_array_equal(np.asarray(conditioning.load_mask(str(tmp_path / name))), eight, err_msg=name)
+    np.testing.assert_array_equal(conditioning.mask_levels(Image.open(tmp_path / name)), eight[None] / np.float32(255))
 
 
 def test_arrays_out_of_range_are_refused_before_compiling(inpainting):
@@ -168,11 +190,11 @@ def test_cli_inpaints_and_reports_bad_inputs(inpainting, tmp_path, capsys, monke
   assert out[0].shape == (HW, HW, 3) and np.abs(out[0].astype(int) - out[1].astype(int)).max() > 0
 
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small.png")
-  Image.new("I;16", (HW, HW)).save(tmp_path / "int16.png")
+  Image.new("I;16", (8, 8)).save(tmp_path / "int16.png")
   Image.new("CMYK", (HW, HW)).save(tmp_path / "cmyk.jpg")
   cases = [
       (["--init-image", str(image), "--mask", str(tmp_path / "small.png")], "mask is 8x8"),
-      (["--init-image", str(image), "--mask", str(tmp_path / "int16.png")], "mode 'I"),
+      (["--init-image", str(image), "--mask", str(tmp_path / "int16.png")], "mask is 8x8"),  # read, then sized
       (["--init-image", str(tmp_path / "cmyk.jpg"), "--mask",
         str(mask)], "'CMYK'"),
       (["--init-image", str(image)], "only inpaints"),  # a 9-channel model without a mask

@@ -45,10 +45,10 @@ import tempfile
 import types
 
 from etils import epath
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 import tensorflow_datasets as tfds
 
+from jaxsd.conditioning import to_rgb
 from jaxsd.data import folder_scan
 from jaxsd.data.folder_scan import listing, scan_folder
 
@@ -122,23 +122,6 @@ def _pixel_limit():
     yield
   finally:
     Image.MAX_IMAGE_PIXELS = previous
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-  """The image as RGB. PIL's convert clips 16/32-bit grey at 255 (a 16-bit scan comes out nearly white), so:
-  mode I;16* (16-bit) is divided by 257; mode I (32-bit integers) too when its maximum exceeds 255, as 16-bit
-  data (values above 65535 clip), else kept; mode F (floats) is taken as 0..1 and multiplied by 255 when its
-  maximum is at most 1, else clipped to 0..255 as before. Then rounded to 8-bit grey."""
-  if image.mode == "RGB":
-    return image
-  if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-    values = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.max() > 255):
-      values = values / 257
-    elif image.mode == "F" and values.max() <= 1:
-      values = values * 255
-    image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))  # mode L
-  return image.convert("RGB")
 
 
 def _encode(path: str, max_size: int | None) -> bytes:

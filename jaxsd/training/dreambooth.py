@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jaxsd import tokenizer as tok
+from jaxsd.conditioning import to_rgb
 from jaxsd.data.folder_scan import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
-from jaxsd.data.image_folder import to_rgb
 from jaxsd.config import write_json_object
 from jaxsd.files import written_whole
 
