@@ -22,8 +22,9 @@ they are, and `unload_ip_adapter` gives the plain pipeline back. The image embed
 compiled program: a new image or scale compiles nothing, and without an adapter the program is the one without
 IP-Adapter support.
 
-Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and their LoRA), several adapters at
-once, per-layer scales (InstantStyle's dicts) and attention masks.
+Per-block scales (InstantStyle's dicts, `set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})`):
+`jaxsd.ip_adapter_scales`. Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and their
+LoRA), several adapters at once, and attention masks.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, model_folder, pretrained
+from jaxsd import conditioning, ip_adapter_scales, model_folder, pretrained
 from jaxsd.config import finite32
 from jaxsd.ip_adapter_weights import PLAIN, PLUS, convert, merge, numpy_array, read_state_dict, unet_inputs
 
@@ -130,7 +130,7 @@ class LoadedIPAdapter:
   params: dict  # a subtree of the U-Net's parameters (`merge`)
   kind: str  # PLAIN or PLUS
   embed_dim: int  # the width of the image embeddings it projects
-  scale: float
+  scale: float | dict  # one number, or per-block: {attention path: number} (`ip_adapter_scales.expand`)
   where: str
   image_encoder: Any = None  # a CLIPVisionModelWithProjection, or None (then only precomputed embeddings)
   image_encoder_params: Any = None
@@ -172,7 +172,7 @@ class IPAdapterMixin:
         pipeline folder's own image_encoder/ (model_index.json names it) and an encoder a previous adapter loaded
         come first where they fit (their embedding width is the adapter's: projection_dim, Plus: hidden_size).
         None: no encoder, only `ip_adapter_image_embeds`.
-      scale: the adapter's weight (`set_ip_adapter_scale`).
+      scale: the adapter's weight, or per-block weights (`set_ip_adapter_scale`).
       allow_pickle: read a pickled `.bin` adapter (and image encoder) with `torch.load(weights_only=True)`.
 
     Raises a ValueError for an adapter of another model or kind (Full Face, FaceID: not supported), and for a list
@@ -180,17 +180,17 @@ class IPAdapterMixin:
     """
     if isinstance(source, (list, tuple)) or isinstance(weight_name, (list, tuple)):
       raise ValueError("load_ip_adapter: several IP-Adapters at once are not supported; load one.")
-    self.ip_adapter_scale_value(scale)  # checked before anything is read
+    scale = self.ip_adapter_scale_value(scale)  # checked before anything is read
     image_proj, ip_adapter, file = read_state_dict(source, subfolder, weight_name, allow_pickle)
     where = file or "the IP-Adapter state dict"
     params, kind, embed_dim = convert(image_proj, ip_adapter, self.unet, self.unet_params, where)
     previous = self.ip_adapter
-    state = LoadedIPAdapter(params, kind, embed_dim, float(scale), where)
+    state = LoadedIPAdapter(params, kind, embed_dim, scale, where)
     if image_encoder_folder is None:
       log.warning("IP-Adapter %s: no image encoder (image_encoder_folder=None); pass ip_adapter_image_embeds.", where)
     elif previous is not None and previous.image_encoder is not None and (previous.kind,
                                                                           previous.embed_dim) == (kind, embed_dim):
-      state = dataclasses.replace(previous, params=params, scale=float(scale), where=where)  # as diffusers keeps it
+      state = dataclasses.replace(previous, params=params, scale=scale, where=where)  # as diffusers keeps it
     else:
       self._load_image_encoder(state, file, source, image_encoder_folder, allow_pickle)
     self.__dict__["_ip_adapter"] = state
@@ -215,24 +215,21 @@ class IPAdapterMixin:
     state.feature_extractor = feature_extractor(folder, encoder.config.image_size)
     state.encode = jax.jit(functools.partial(_encode, encoder, state.kind == PLUS))
 
-  @staticmethod
-  def ip_adapter_scale_value(scale) -> float:
-    """`scale` as one finite number, or a ValueError naming what is not supported (per-layer dicts, lists)."""
+  def ip_adapter_scale_value(self, scale) -> float | dict:
+    """`scale` as one finite number or per-block values for this U-Net (`ip_adapter_scales.expand`), or a ValueError
+    naming what does not fit (several adapters' lists)."""
     if isinstance(scale, (list, tuple)) and len(scale) == 1:  # diffusers' one entry per adapter
       scale = scale[0]
-    if isinstance(scale, Mapping):
-      raise ValueError("set_ip_adapter_scale: per-block scales (InstantStyle's dicts) are not supported; give one "
-                       "number.")
     if isinstance(scale, (list, tuple)):
       raise ValueError(f"set_ip_adapter_scale: {len(scale)} scales: several IP-Adapters are not supported; give one "
-                       "number.")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not finite32(scale):
-      raise ValueError(f"IP-Adapter scale {scale!r}: give a finite number (1: as trained, 0: off).")
-    return float(scale)
+                       "number or one per-block dict.")
+    return ip_adapter_scales.expand(scale, self.unet.config)
 
   def set_ip_adapter_scale(self, scale) -> None:
-    """The adapter's weight (diffusers' `set_ip_adapter_scale` with one number): 1 as trained, 0 is the plain model.
-    An input of the compiled program: changing it compiles nothing."""
+    """The adapter's weight as diffusers' `set_ip_adapter_scale`: one number (1 as trained, 0 is the plain model), or
+    per-block weights (InstantStyle: {"up": {"block_0": [0.0, 1.0, 0.0]}}, every attention left out at 0;
+    `jaxsd.ip_adapter_scales`). An input of the compiled program: changing it compiles nothing (going from one number
+    to a dict, or back, compiles once)."""
     if self.ip_adapter is None:
       raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded; load_ip_adapter(...) first.")
     self.ip_adapter.scale = self.ip_adapter_scale_value(scale)
@@ -304,7 +301,7 @@ class IPAdapterMixin:
     return {
         "image_embeds": jnp.asarray(cond, jnp.float32),
         "uncond_image_embeds": jnp.asarray(uncond, jnp.float32),
-        "scale": jnp.float32(state.scale)
+        "scale": jax.tree.map(jnp.float32, state.scale)
     }
 
   ip_adapter_unet_inputs = staticmethod(unet_inputs)

@@ -116,8 +116,9 @@ def parse(argv=None) -> argparse.Namespace:
       "--image-encoder")
   p.add_argument("--ip-adapter-image", default=None, metavar="IMG",
                  help="with --ip-adapter: the image prompt, for every image generated")
-  p.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
-                 help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike)")
+  p.add_argument("--ip-adapter-scale", default=None, metavar="S",
+                 help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike), "
+                 "or per-block weights as JSON (InstantStyle, SDXL style only: '{\"up\": {\"block_0\": [0, 1, 0]}}')")
   p.add_argument("--image-encoder", default=None, metavar="FOLDER",
                  help="with --ip-adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder")
   p.add_argument(
@@ -309,6 +310,26 @@ def check_flags(args) -> None:
   check_controlnet_flags(args)
 
 
+def ip_adapter_scale_flag(text: str) -> float | dict:
+  """--ip-adapter-scale: a number, or a JSON object of per-block weights (checked against the U-Net on loading)."""
+  if text.lstrip().startswith("{"):
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--ip-adapter-scale {text}: not valid JSON ({e}); give a number or per-block weights such as "
+                       "'{\"up\": {\"block_0\": [0, 1, 0]}}'.") from None
+    if isinstance(value, dict):
+      return value
+  try:
+    value = float(text)
+  except ValueError:
+    value = None
+  if value is None or not finite32(value):
+    raise ValueError(f"--ip-adapter-scale {text}: must be a finite number (1: as trained, 0: off) or a JSON object of "
+                     "per-block weights.")
+  return value
+
+
 def check_ip_adapter_flags(args) -> None:
   """The IP-Adapter flags: each needs the others they go with, and the files they name."""
   if args.ip_adapter is None:
@@ -327,8 +348,8 @@ def check_ip_adapter_flags(args) -> None:
   if args.ip_adapter.endswith(".bin") and not args.allow_pickle:
     raise ValueError(f"--ip-adapter {args.ip_adapter} is pickled (unpickling can run code): use the .safetensors file, "
                      "or pass --allow-pickle if you trust its source.")
-  if args.ip_adapter_scale is not None and not finite32(args.ip_adapter_scale):
-    raise ValueError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number (1: as trained, 0: off).")
+  if args.ip_adapter_scale is not None:
+    args.ip_adapter_scale = ip_adapter_scale_flag(args.ip_adapter_scale)
   if args.image_encoder is not None:
     if not os.path.isfile(os.path.join(args.image_encoder, "config.json")):
       raise FileNotFoundError(f"--image-encoder {args.image_encoder}: not a model folder (no config.json); give a "

@@ -5,6 +5,7 @@ with save_pretrained and a random IP-Adapter of the tiny U-Net's shapes saved wi
 from __future__ import annotations
 
 import os
+import re
 
 import diffusers
 import jax
@@ -149,6 +150,109 @@ def test_scale_zero_is_the_plain_model_unload_restores_it_and_nothing_recompiles
     run(ip_adapter_image=images[0])
 
 
+PER_BLOCK = [
+    {
+        "up": {
+            "block_1": [0.0, 1.0]
+        }
+    },  # InstantStyle's form: one attention of one block, everything else 0
+    {
+        "down": {
+            "block_0": [0.6]
+        },
+        "mid": [0.4],
+        "up": {
+            "block_1": [1.2, -0.3]
+        }
+    },
+    {
+        "down": 0.9,
+        "up": 0.5
+    },  # a number for every block of a part
+]
+
+
+def test_per_block_scales_match_diffusers_and_compile_once(sd):
+  """InstantStyle's per-block scales (set_ip_adapter_scale with a dict; parts left out are 0) against diffusers'
+  expansion on the tiny U-Net (down block_0: 1 attention, mid, up block_1: 2), Euler under guidance; new values
+  compile nothing; a dict of one value everywhere is the plain number."""
+  path, _, tpipe, pipe = sd
+  image = _images(1, seed=21)[0]
+  latents = np.asarray(pipe.noise(8, 2, HW, HW))
+  tpipe.scheduler = _euler(path)
+  run = lambda: pipe(PROMPTS, NEGATIVE, steps=3, sampler="euler", latents=latents, output="latent", ip_adapter_image=
+                     image)
+  outs = []
+  for i, scale in enumerate(PER_BLOCK):
+    pipe.set_ip_adapter_scale(scale)
+    tpipe.set_ip_adapter_scale(scale)
+    if i == 1:
+      traces = pipe._jitted(True, "latent", "text", True)._cache_size()
+    outs.append(run())
+    reference.check_close(outs[-1], _run_diffusers(tpipe, PROMPTS, NEGATIVE, latents, ip_adapter_image=image),
+                          f"per-block scales {scale}")
+  assert pipe._jitted(True, "latent", "text", True)._cache_size() == traces  # dict values are inputs
+  for a, b in ((0, 1), (1, 2)):
+    assert np.abs(outs[a] - outs[b]).max() > 1e-2 * np.abs(outs[b]).max()  # each block's value acts
+  pipe.set_ip_adapter_scale({"down": 0.7, "mid": 0.7, "up": 0.7})
+  every = run()
+  pipe.set_ip_adapter_scale(0.7)
+  np.testing.assert_allclose(every, run(), rtol=0, atol=1e-6 * np.abs(every).max())
+  for p in (pipe, tpipe):
+    p.set_ip_adapter_scale(1.0)
+
+
+def test_per_block_scales_on_sdxl_match_diffusers(sdxl):
+  """SDXL's InstantStyle form on the tiny SDXL U-Net: its up block_0 has 2 attentions of 2 transformer blocks each;
+  one value per attention covers both blocks, as diffusers' prefix match."""
+  base, _, tpipe, pipe = sdxl
+  image = _images(1, seed=23)[0]
+  latents = np.asarray(pipe.noise(9, 2, HW, HW))
+  tpipe.scheduler = _euler(base)
+  scale = {"up": {"block_0": [0.0, 1.0]}}
+  for p in (pipe, tpipe):
+    p.set_ip_adapter_scale(scale)
+  ours = pipe(PROMPTS, steps=3, guidance_scale=5.0, sampler="euler", latents=latents, output="latent",
+              ip_adapter_image=image)
+  ref = _run_diffusers(tpipe, PROMPTS, None, latents, guidance=5.0, ip_adapter_image=image)
+  reference.check_close(ours, ref, f"SDXL per-block scales {scale}")
+  for p in (pipe, tpipe):
+    p.set_ip_adapter_scale(0.8)
+
+
+def test_per_block_scales_that_do_not_fit_are_refused_in_one_line(sd):
+  """Parts and blocks this U-Net lacks (diffusers drops a block without attention silently), wrong counts,
+  non-finite values: one-line ValueErrors, the scale left as it was."""
+  pipe = sd[3]
+  before = pipe.ip_adapter.scale
+  for scale, match in (({
+      "up": {
+          "block_0": [0.0, 1.0]
+      }
+  }, "'block_0' is not a block with cross-attention in this "
+                        "U-Net (those are block_1)"), ({
+                            "left": 1.0
+                        }, "unknown part 'left'"), ({
+                            "up": {
+                                "block_1": [1.0, 1.0, 1.0]
+                            }
+                        }, "3 values for up block_1, which has 2 attentions"), ({
+                            "mid": [1.0, 2.0]
+                        }, "2 values for mid"), ({
+                            "down": float("inf")
+                        }, "finite number"), ({
+                            "down": {
+                                "block_0": "high"
+                            }
+                        }, "finite number"), ([{
+                            "up": 1.0
+                        }, 0.5], "several IP-Adapters")):
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+      pipe.set_ip_adapter_scale(scale)
+    _one_line(e)
+  assert pipe.ip_adapter.scale == before
+
+
 def test_sd_img2img_matches_diffusers(sd, monkeypatch):
   """StableDiffusionImg2ImgPipeline with the adapter (scale 0.5, strength 0.6, Euler), given the image latents and
   our noise (its randn_tensor returns it)."""
@@ -248,9 +352,7 @@ def test_other_models_and_kinds_are_refused_in_one_line(sd, sdxl):
     pipe.set_ip_adapter_scale(0.5)
   assert pipe.ip_adapter is None
   pipe.load_ip_adapter(adapter, weight_name=WEIGHT)
-  instant_style = {"down": {"block_0": [1.0]}}
-  for scale, match in ((instant_style, "InstantStyle"), ([0.5, 0.5], "several IP-Adapters"),
-                       (float("nan"), "finite number"), (1e39, "finite number")):
+  for scale, match in (([0.5, 0.5], "several IP-Adapters"), (float("nan"), "finite number"), (1e39, "finite number")):
     with pytest.raises(ValueError, match=match):
       pipe.set_ip_adapter_scale(scale)
 
@@ -359,6 +461,8 @@ def test_pipeline_folders_own_image_encoder_and_feature_extractor(sd, tmp_path):
     (["--ip-adapter", "/nonexistent/ip.safetensors", "--ip-adapter-image", "x.png"], "no such file"),
     (["--ip-adapter", "{bin}", "--ip-adapter-image", "x.png"], "is pickled"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-scale", "nan"], "finite number"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-scale", "{{up: 1}}"], "not valid JSON"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-scale", "[1, 2]"], "JSON object"),
     (["--ip-adapter", "{lonely}", "--ip-adapter-image", "x.png"], "give --image-encoder FOLDER"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--image-encoder", "{tmp}"], "no config.json"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-image", "/nonexistent.png"], "--ip-adapter-image /nonexistent.png"),
@@ -402,6 +506,27 @@ def test_sample_ip_adapter_writes_the_pipelines_image(sd, tmp_path, capsys, monk
   pipe.set_ip_adapter_scale(0.0)  # the plain model's image (the same program)
   plain = pipe(["a cat"], height=16, width=16, steps=2, sampler="euler", ip_adapter_image=Image.open(png))[0]
   assert np.abs(written.astype(int) - plain.astype(int)).max() > 10
+
+
+def test_sample_per_block_scale_flag(sd, tmp_path, capsys):
+  """--ip-adapter-scale takes per-block weights as JSON; a block this U-Net lacks exits 2 in one line once the model
+  is read, before anything compiles or is written."""
+  from sample.__main__ import ip_adapter_scale_flag, main
+  from tests.test_commands import _one_error_line
+
+  assert ip_adapter_scale_flag(' {"up": {"block_1": [0, 1]}}') == {"up": {"block_1": [0, 1]}}
+  assert ip_adapter_scale_flag("0.25") == 0.25
+  path, adapter, _, _ = sd
+  png, out = str(tmp_path / "prompt.png"), tmp_path / "out"
+  _images(1)[0].save(png)
+  argv = [
+      "--model", path, "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16", "--out",
+      str(out), "--no-progress", "--ip-adapter",
+      os.path.join(adapter, WEIGHT), "--ip-adapter-image", png, "--ip-adapter-scale", '{"up": {"block_0": [0, 1]}}'
+  ]
+  assert main(argv) == 2
+  assert "'block_0' is not a block with cross-attention" in _one_error_line(capsys)
+  assert not out.exists()
 
 
 def random_plus_adapter(unet, seed: int = 0, embed_dim: int = 32, hidden: int = 32, queries: int = 4,

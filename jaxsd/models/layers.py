@@ -9,6 +9,7 @@ convert by renaming and transposing. Every module takes a computation `dtype` an
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax
@@ -303,7 +304,9 @@ class ImagePrompt:
 
   text: jax.Array  # (B, L, D): the encoder hidden states
   tokens: jax.Array  # (B, N, D): the projected image tokens
-  scale: jax.Array  # (): the adapter's weight (an input, so a new scale compiles nothing)
+  # (): the adapter's weight (an input, so a new scale compiles nothing); or per-block weights (InstantStyle), one ()
+  # per attention: {"down_blocks_1/attentions_0": ..., "mid_block/attentions_0": ...} (`jaxsd.ip_adapter_scales`)
+  scale: Any
 
 
 @flax.struct.dataclass
@@ -438,6 +441,8 @@ class BasicTransformerBlock(nn.Module):
       context = context.context
     if isinstance(context, ImagePrompt):  # as diffusers: only attn2 (the cross-attention) reads the image tokens
       context, image_prompt = context.text, context
+      if isinstance(image_prompt.scale, Mapping):  # per-block scales: this block's attention's
+        image_prompt = image_prompt.replace(scale=image_prompt.scale["/".join(self.path[-3:-1])])
     h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
     x = x + Attention(name="attn1", **attn)(h, context if self.only_cross_attention else None, perturbed=perturbed)
     h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)

@@ -429,7 +429,8 @@ class UNet2DConditionModel(nn.Module):
     `mid_block_additional_residual` are a ControlNet's outputs, added to the skips and to the mid block's
     output as diffusers does; give both or neither. `image_embeds` (B, D) or (B, n, D): an IP-Adapter's pooled
     CLIP image embeddings, projected to tokens by `encoder_hid_proj` (`image_projection.IPAdapterImageProjections`)
-    that every cross-attention also attends to, weighted by `ip_adapter_scale`; the parameters of both exist only
+    that every cross-attention also attends to, weighted by `ip_adapter_scale` (one number, or a dict of one per
+    attention: `jaxsd.ip_adapter_scales`); the parameters of both exist only
     when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
     Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
     penultimate hidden states, (B, L, D) or (B, n, L, D). `freeu` (4,): FreeU's factors (s1, s2, b1, b2), applied in
@@ -455,7 +456,7 @@ class UNet2DConditionModel(nn.Module):
         raise ValueError(f"image_embeds has batch {image_embeds.shape[0]}, the sample {x.shape[0]}: give one row of "
                          "image embeddings per sample.")
       tokens = IPAdapterImageProjections(cfg.context_dim, image_projection, name="encoder_hid_proj", **kw)(image_embeds)
-      context = ImagePrompt(context, tokens, jnp.asarray(ip_adapter_scale, jnp.float32))
+      context = ImagePrompt(context, tokens, jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), ip_adapter_scale))
     if pag_layers:
       if not 0 < pag_rows < x.shape[0]:
         raise ValueError(f"pag_rows={pag_rows}: the perturbed rows must be some of the batch's {x.shape[0]}.")
