@@ -23,7 +23,7 @@ compiled program: a new image or scale compiles nothing, and without an adapter 
 IP-Adapter support.
 
 Per-block scales (InstantStyle's dicts, `set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})`):
-`jaxsd.ip_adapter_scales`. Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and their
+`jaxsd.block_scales`. Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and their
 LoRA), several adapters at once, and attention masks.
 """
 
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, ip_adapter_scales, model_folder, pretrained
+from jaxsd import conditioning, block_scales, model_folder, pretrained
 from jaxsd.config import finite32
 from jaxsd.ip_adapter_weights import PLAIN, PLUS, convert, merge, numpy_array, read_state_dict, unet_inputs
 
@@ -130,7 +130,7 @@ class LoadedIPAdapter:
   params: dict  # a subtree of the U-Net's parameters (`merge`)
   kind: str  # PLAIN or PLUS
   embed_dim: int  # the width of the image embeddings it projects
-  scale: float | dict  # one number, or per-block: {attention path: number} (`ip_adapter_scales.expand`)
+  scale: float | dict  # one number, or per-block: {attention path: number} (`block_scales.expand`)
   where: str
   image_encoder: Any = None  # a CLIPVisionModelWithProjection, or None (then only precomputed embeddings)
   image_encoder_params: Any = None
@@ -216,19 +216,19 @@ class IPAdapterMixin:
     state.encode = jax.jit(functools.partial(_encode, encoder, state.kind == PLUS))
 
   def ip_adapter_scale_value(self, scale) -> float | dict:
-    """`scale` as one finite number or per-block values for this U-Net (`ip_adapter_scales.expand`), or a ValueError
+    """`scale` as one finite number or per-block values for this U-Net (`block_scales.expand`), or a ValueError
     naming what does not fit (several adapters' lists)."""
     if isinstance(scale, (list, tuple)) and len(scale) == 1:  # diffusers' one entry per adapter
       scale = scale[0]
     if isinstance(scale, (list, tuple)):
       raise ValueError(f"set_ip_adapter_scale: {len(scale)} scales: several IP-Adapters are not supported; give one "
                        "number or one per-block dict.")
-    return ip_adapter_scales.expand(scale, self.unet.config)
+    return block_scales.expand(scale, self.unet.config)
 
   def set_ip_adapter_scale(self, scale) -> None:
     """The adapter's weight as diffusers' `set_ip_adapter_scale`: one number (1 as trained, 0 is the plain model), or
     per-block weights (InstantStyle: {"up": {"block_0": [0.0, 1.0, 0.0]}}, every attention left out at 0;
-    `jaxsd.ip_adapter_scales`). An input of the compiled program: changing it compiles nothing (going from one number
+    `jaxsd.block_scales`). An input of the compiled program: changing it compiles nothing (going from one number
     to a dict, or back, compiles once)."""
     if self.ip_adapter is None:
       raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded; load_ip_adapter(...) first.")

@@ -41,7 +41,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -50,7 +50,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxsd.config import finite32
-from jaxsd import hub, lora_dora, lora_lycoris, lora_names, model_folder, token_embeddings, weights
+from jaxsd import block_scales, hub, lora_dora, lora_lycoris, lora_names, model_folder, token_embeddings, weights
 from jaxsd.files import written_whole
 
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
@@ -535,9 +535,10 @@ def merged_kernels(kernels: dict, updates: dict) -> dict:
   return {k: merge_kernel(w, updates[k]) for k, w in kernels.items()}
 
 
-def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) -> dict[str, Any]:
+def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float | Mapping]]) -> dict[str, Any]:
   """`params` (network name -> tree: "unet", "text_encoder", "text_encoder_2", or some of them) with every
-  adapter added at its weight.
+  adapter added at its weight: one number, or {network: number or per-block values} (`block_scales.lora_weight`;
+  each layer's by `block_scales.lora_layer_weight`).
 
   Leaves no adapter touches are the same arrays as in `params` (not copies); so is a network no adapter touches
   (the same tree).
@@ -548,11 +549,13 @@ def merge(params: Mapping[str, Any], adapters: Sequence[tuple[Adapter, float]]) 
     for network, layers in adapter.layers.items():
       if network not in flat:  # e.g. merging only the U-Net
         continue
+      table = weight.get(network, 1.0) if isinstance(weight, Mapping) else weight
       for path, f in layers.items():
+        w = block_scales.lora_layer_weight(table, path)
         if f.blend:  # A1111's DoRA: the weight blends (lora_dora)
-          entry = (f.down, f.up, np.float32(f.scale), f.magnitude, np.float32(weight))
+          entry = (f.down, f.up, np.float32(f.scale), f.magnitude, np.float32(w))
         else:
-          entry = (f.down, f.up, np.float32(weight * f.scale)) + (() if f.magnitude is None else (f.magnitude,))
+          entry = (f.down, f.up, np.float32(w * f.scale)) + (() if f.magnitude is None else (f.magnitude,))
         updates.setdefault((network,) + path, []).append(entry)
   kernels = {k: flat[k[0]][k[1:]] for k in updates}
   for k, w in merged_kernels(kernels, updates).items():
@@ -570,7 +573,7 @@ class AdapterSet:
 
   def __init__(self):
     self.adapters: dict[str, Adapter] = {}
-    self.weights: dict[str, float] = {}  # the active adapters, in the order they were set
+    self.weights: dict[str, float | dict] = {}  # the active adapters, in the order they were set (`merge`'s weights)
     self.fused: dict | None = None  # the pipeline's parameters before fuse_lora, by network (for unfuse_lora)
     self._cache: tuple | None = None  # (base trees, state, merged trees): the last merge
 
@@ -605,15 +608,17 @@ class AdapterSet:
                        f"{', '.join(map(repr, self.adapters)) or 'none'}.")
     return names
 
-  def set(self, names, weights=None) -> None:
+  def set(self, names, weights=None, check: Callable[[str, Any], float | dict] | None = None) -> None:
+    """Activates `names` at `weights`: None (1 each), one weight for all, or a list of one per name (None: 1), each
+    checked by `check(name, weight)` (default: numbers only; pipelines pass `block_scales.lora_weight`)."""
     self.check_unfused("set_adapters")
     names = self._names(names)
-    if weights is None or isinstance(weights, (int, float)):
-      weights = [1.0 if weights is None else weights] * len(names)
-    weights = list(weights)
+    if not isinstance(weights, (list, tuple)):
+      weights = [weights] * len(names)
     if len(weights) != len(names):
       raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter name.")
-    self.weights = {n: _check_weight(n, w) for n, w in zip(names, weights)}
+    check = check or (lambda n, w: _check_weight(n, 1.0 if w is None else w))
+    self.weights = {n: check(n, w) for n, w in zip(names, weights)}
 
   def delete(self, names) -> None:
     self.check_unfused("delete_adapters")
@@ -629,7 +634,7 @@ class AdapterSet:
     none is active or they are fused)."""
     if not self.weights or self.fused is not None:
       return params
-    state = tuple((n, id(self.adapters[n]), w) for n, w in self.weights.items())
+    state = tuple((n, id(self.adapters[n]), repr(w)) for n, w in self.weights.items())
     if self._cache and self._cache[1] == state and all(self._cache[0][n] is params[n] for n in params):
       return self._cache[2]
     merged = merge(params, [(self.adapters[n], w) for n, w in self.weights.items()])

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from jaxsd import lora, token_embeddings
+from jaxsd import block_scales, lora, token_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +208,21 @@ class AdaptersMixin:
     return name
 
   @property
-  def lora_adapters(self) -> dict[str, float | None]:
-    """Every loaded adapter's name -> its weight if active, else None."""
+  def lora_adapters(self) -> dict[str, float | dict | None]:
+    """Every loaded adapter's name -> its weight if active (a number, or per network: `block_scales.lora_weight`),
+    else None."""
     return {n: self._loras.weights.get(n) for n in self._loras.adapters}
 
   def set_adapters(self, names, weights=None) -> None:
-    """Makes exactly `names` (one or a list) active, at `weights` (one number or one per name; default 1),
-    as diffusers' set_adapters. The others stay loaded, inactive; `set_adapters([])` turns LoRA off."""
-    self._loras.set(names, weights)
+    """Makes exactly `names` (one or a list) active, at `weights` (one for all, or a list of one per name; default
+    1), as diffusers' set_adapters. The others stay loaded, inactive; `set_adapters([])` turns LoRA off.
+
+    A weight is a number, or per network and per block as diffusers takes it: {"unet": 0.8 or {"down": ..., "mid":
+    ..., "up": {"block_1": [0.0, 1.0, 0.5]}}, "text_encoder": 0.5} (networks left out: 1; U-Net blocks left out: 1;
+    a layer's weight is its block's attention's with its index, diffusers' rule: `block_scales.lora_layer_weight`).
+    Weights are arguments of the merge: new ones compile nothing."""
+    networks, config = tuple(self.lora_targets), self.unet.config
+    self._loras.set(names, weights, lambda n, w: block_scales.lora_weight(n, w, networks, config))
 
   def delete_adapters(self, names) -> None:
     self._loras.delete(names)

@@ -228,6 +228,105 @@ def test_two_adapters_at_weights_match_diffusers(clean):
   _close(_ours(pipe, latents), _theirs(tpipe, latents))
 
 
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {
+            "unet": {
+                "down": 0.3,
+                "mid": 1.7,
+                "up": {
+                    "block_1": [0.0, 2.0]
+                }
+            },
+            "text_encoder": 0.5
+        },
+        {
+            "unet": {
+                "up": {
+                    "block_1": [1.5]
+                }
+            }
+        },  # everything else at 1; one value for both attentions of the block
+        {
+            "text_encoder": -0.8,
+            "unet": 0.6
+        },
+    ])
+def test_per_block_weights_match_diffusers(clean, weights):
+  """diffusers' set_adapters with per-network and per-block weights: the down block's ResNets take its attention's
+  weight, the up block's ResNets 0 and 1 their attentions', mid-block ResNets and blocks without attention 1 (its
+  get_module_weight rule, on a LoRA of attentions, ResNet convolutions, shortcuts and time projections)."""
+  path, files, tpipe, pipe, latents = clean
+  tpipe.load_lora_weights(files["peft_a"], adapter_name="a")
+  tpipe.load_lora_weights(files["peft_b"], adapter_name="b")
+  tpipe.set_adapters(["a", "b"], adapter_weights=[weights, 0.4])
+  pipe.load_lora(files["peft_a"], name="a")
+  pipe.load_lora(files["peft_b"], name="b")
+  pipe.set_adapters(["a", "b"], [weights, 0.4])
+  _close(_ours(pipe, latents), _theirs(tpipe, latents))
+  assert pipe.lora_adapters["b"] == 0.4
+
+
+def test_per_block_weights_act_per_layer_and_compile_nothing(clean):
+  """Each part of a per-block weight reaches its layers (the merged kernels differ exactly where it says), new
+  values reuse the merge program, and a dict of 1 everywhere is the plain adapter."""
+  path, files, tpipe, pipe, latents = clean
+  pipe.load_lora(files["peft_a"], name="a")
+  plain = pipe.params
+  merges = lora.merged_kernels._cache_size()
+  pipe.set_adapters("a", {"unet": {"down": 1.0, "mid": 1.0, "up": 1.0}, "text_encoder": 1.0})
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(pipe.params)):
+    np.testing.assert_array_equal(a, b)
+  pipe.set_adapters("a", {"unet": {"up": {"block_1": [1.0, 0.0]}}})
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(pipe.params["unet"], sep="/").items()}
+  base = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(plain["unet"], sep="/").items()}
+  changed = sorted(k for k in flat if not np.array_equal(flat[k], base[k]))
+  assert changed and all(
+      k.startswith(("up_blocks_1/attentions_1/", "up_blocks_1/resnets_1/")) for k in changed), changed
+  assert any(k.startswith("up_blocks_1/resnets_1/") for k in changed)
+  assert lora.merged_kernels._cache_size() == merges
+
+
+def test_per_block_weights_that_do_not_fit_are_refused(clean):
+  path, files, tpipe, pipe, latents = clean
+  pipe.load_lora(files["peft_a"], name="a")
+  for weights, message in (
+      ({
+          "down": 0.5
+      }, "'down' is not one of this pipeline's networks (unet, text_encoder) (per-block weights go "
+       "under 'unet'"),
+      ({
+          "text_encoder_2": 0.5
+      }, "'text_encoder_2' is not one of this pipeline's networks"),
+      ({
+          "unet": {
+              "down": {
+                  "block_1": 0.5
+              }
+          }
+      }, "down 'block_1' is not a block with cross-attention in this U-Net"),
+      ({
+          "text_encoder": {
+              "down": 1.0
+          }
+      }, "per-block weights apply to the U-Net"),
+      ({
+          "unet": {
+              "up": {
+                  "block_1": [1.0, 2.0, 3.0]
+              }
+          }
+      }, "3 values for up block_1, which has 2 attentions"),
+      ({
+          "unet": float("nan")
+      }, "finite number"),
+  ):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      pipe.set_adapters("a", weights)
+  assert pipe.lora_adapters == {"a": 1.0}
+
+
 def test_switching_adapters_and_weights_never_recompiles(clean):
   """Adapters, weights and none at all: the sampling program compiles once; new weights reuse the merge.
 

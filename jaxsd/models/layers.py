@@ -305,7 +305,7 @@ class ImagePrompt:
   text: jax.Array  # (B, L, D): the encoder hidden states
   tokens: jax.Array  # (B, N, D): the projected image tokens
   # (): the adapter's weight (an input, so a new scale compiles nothing); or per-block weights (InstantStyle), one ()
-  # per attention: {"down_blocks_1/attentions_0": ..., "mid_block/attentions_0": ...} (`jaxsd.ip_adapter_scales`)
+  # per attention: {"down_blocks_1/attentions_0": ..., "mid_block/attentions_0": ...} (`jaxsd.block_scales`)
   scale: Any
 
 

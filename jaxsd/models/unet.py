@@ -430,7 +430,7 @@ class UNet2DConditionModel(nn.Module):
     output as diffusers does; give both or neither. `image_embeds` (B, D) or (B, n, D): an IP-Adapter's pooled
     CLIP image embeddings, projected to tokens by `encoder_hid_proj` (`image_projection.IPAdapterImageProjections`)
     that every cross-attention also attends to, weighted by `ip_adapter_scale` (one number, or a dict of one per
-    attention: `jaxsd.ip_adapter_scales`); the parameters of both exist only
+    attention: `jaxsd.block_scales`); the parameters of both exist only
     when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
     Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
     penultimate hidden states, (B, L, D) or (B, n, L, D). `freeu` (4,): FreeU's factors (s1, s2, b1, b2), applied in
