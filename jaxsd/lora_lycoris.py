@@ -24,7 +24,7 @@ weight then is W + w * scale * ΔW (`finalize_updown`), and with a `dora_scale` 
 These updates are not low-rank products jaxsd could keep as (down, up): each layer's ΔW is computed once, on load,
 in float64 and kept in fp32 in the flax kernel's layout, so an adapter takes as much memory as the layers it adapts
 (a full-size copy of each adapted kernel, fp32). ΔW depends on the file only; the adapter weight and scale stay
-arguments of the jitted merge (`jaxsd.lora.merged_kernels`).
+arguments of the jitted merge (`jaxsd.lora_merge.merged_kernels`).
 """
 
 from __future__ import annotations

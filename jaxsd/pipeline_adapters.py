@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from jaxsd import block_scales, lora, token_embeddings
+from jaxsd import block_scales, lora, lora_merge, token_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ class AdaptersMixin:
   `tokenizer` (SDXL: and `tokenizer_2`)."""
 
   @functools.cached_property
-  def _loras(self) -> lora.AdapterSet:
-    return lora.AdapterSet()
+  def _loras(self) -> lora_merge.AdapterSet:
+    return lora_merge.AdapterSet()
 
   @property
   def lora_targets(self) -> dict:

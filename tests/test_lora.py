@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 import jaxsd
-from jaxsd import lora, weights
+from jaxsd import lora, lora_export, lora_merge, weights
 from tests import reference
 
 PROMPTS = ["a red circle on the left", "a small blue square"]
@@ -178,7 +178,7 @@ def _fused_reference(path: str, file: str) -> dict:
 def _assert_merged_like_diffusers(pipe, file, reference_weights):
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   adapter = lora.load(file, params)
-  got = lora.merge(params, [(adapter, 1.0)])
+  got = lora_merge.merge(params, [(adapter, 1.0)])
   worst = 0.0
   for net in SD_NETWORKS:
     rename = None if net == "unet" else lambda k: k if k.startswith("text_model.") else "text_model." + k
@@ -274,7 +274,7 @@ def test_per_block_weights_act_per_layer_and_compile_nothing(clean):
   path, files, tpipe, pipe, latents = clean
   pipe.load_lora(files["peft_a"], name="a")
   plain = pipe.params
-  merges = lora.merged_kernels._cache_size()
+  merges = lora_merge.merged_kernels._cache_size()
   pipe.set_adapters("a", {"unet": {"down": 1.0, "mid": 1.0, "up": 1.0}, "text_encoder": 1.0})
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(pipe.params)):
     np.testing.assert_array_equal(a, b)
@@ -285,7 +285,7 @@ def test_per_block_weights_act_per_layer_and_compile_nothing(clean):
   assert changed and all(
       k.startswith(("up_blocks_1/attentions_1/", "up_blocks_1/resnets_1/")) for k in changed), changed
   assert any(k.startswith("up_blocks_1/resnets_1/") for k in changed)
-  assert lora.merged_kernels._cache_size() == merges
+  assert lora_merge.merged_kernels._cache_size() == merges
 
 
 def test_per_block_weights_that_do_not_fit_are_refused(clean):
@@ -338,11 +338,11 @@ def test_switching_adapters_and_weights_never_recompiles(clean):
   size = fn._cache_size()
   pipe.load_lora(files["peft_a"], name="a")
   with_a = _ours(pipe, latents)
-  merges = lora.merged_kernels._cache_size()
+  merges = lora_merge.merged_kernels._cache_size()
   for weight in (0.3, -1.0, 2.5):
     pipe.set_adapters("a", weight)
     _ours(pipe, latents)
-  assert lora.merged_kernels._cache_size() == merges
+  assert lora_merge.merged_kernels._cache_size() == merges
   pipe.load_lora(files["kohya"], name="k")
   pipe.set_adapters(["a", "k"], [0.5, 0.5])
   _ours(pipe, latents)
@@ -372,8 +372,8 @@ def test_merge_keeps_the_parameters_dtype(setup):
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   adapter = lora.load(files["peft_a"], params)
   half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  got = lora.merge(half, [(adapter, 0.6)])
-  want = lora.merge(jax.tree.map(lambda x: x.astype(jnp.float32), half), [(adapter, 0.6)])
+  got = lora_merge.merge(half, [(adapter, 0.6)])
+  want = lora_merge.merge(jax.tree.map(lambda x: x.astype(jnp.float32), half), [(adapter, 0.6)])
   assert jax.tree.structure(got) == jax.tree.structure(half)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.dtype == jnp.bfloat16
@@ -410,14 +410,14 @@ def test_swap_unet_while_fused_is_refused(clean):
   assert pipe.unet_params is fused
 
 
-@pytest.mark.parametrize("fmt", lora.FORMATS)
+@pytest.mark.parametrize("fmt", lora_export.FORMATS)
 def test_saved_adapters_load_in_diffusers(clean, tmp_path, fmt):
   """An adapter written by jaxsd (from the kohya file: per-layer alphas) loads with diffusers' load_lora_weights
   and gives diffusers the latents jaxsd gives with it; read back, it is the same adapter."""
   path, files, tpipe, pipe, latents = clean
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   adapter = lora.load(files["kohya"], params)
-  saved = lora.save(adapter, tmp_path / "out", fmt)
+  saved = lora_export.save(adapter, tmp_path / "out", fmt)
   assert saved.endswith(lora.WEIGHT_NAME)
   tpipe.load_lora_weights(saved)
   pipe.load_lora(files["kohya"])

@@ -22,7 +22,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 import jaxsd
-from jaxsd import lora, lora_names, weights
+from jaxsd import lora, lora_export, lora_merge, lora_names, weights
 from tests import reference
 from tests import test_lora_xl
 from tests.test_lora import HW, PROMPTS, TE_TARGETS, UNET_TARGETS, _ours, _theirs
@@ -176,7 +176,7 @@ def test_merged_kernels_match_diffusers_fuse(setup):
   tpipe.fuse_lora(adapter_names=names)
   tpipe.unload_lora_weights()  # keeps the fused weights
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
-  got = lora.merge(params, [(lora.load(files[n], params), w) for n, w in zip(names, ws)])
+  got = lora_merge.merge(params, [(lora.load(files[n], params), w) for n, w in zip(names, ws)])
   worst = 0.0
   for net in NETS:
     theirs = {k: v.numpy() for k, v in getattr(tpipe, net).state_dict().items()}
@@ -201,11 +201,11 @@ def test_fuse_unfuse_and_switches_never_recompile(clean):
   pipe.load_lora(files["lora_c"], name="c")
   pipe.set_adapters(["a", "c"], [0.7, 0.5])
   both = _ours(pipe, latents)
-  merges = lora.merged_kernels._cache_size()
+  merges = lora_merge.merged_kernels._cache_size()
   for w in ([0.2, 1.5], [-1.0, 0.0]):
     pipe.set_adapters(["a", "c"], w)
     _ours(pipe, latents)
-  assert lora.merged_kernels._cache_size() == merges
+  assert lora_merge.merged_kernels._cache_size() == merges
   pipe.set_adapters(["a", "c"], [0.7, 0.5])
   pipe.fuse_lora()
   np.testing.assert_array_equal(_ours(pipe, latents), both)
@@ -243,7 +243,7 @@ def test_kohya_dora_scale_as_a1111(setup, axis, weights):
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   adapter = lora.from_state_dict(sd, params)
   assert all(f.blend for layers in adapter.layers.values() for f in layers.values())
-  got = lora.merge(params, [(adapter, w) for w in weights])
+  got = lora_merge.merge(params, [(adapter, w) for w in weights])
   kernels = {n: lora.kernel_modules(params[n]) for n in NETS}
   checked = 0
   for k in [k for k in sd if k.endswith(".dora_scale")]:
@@ -285,9 +285,9 @@ def test_magnitudes_that_do_not_fit_are_named(setup):
   with pytest.raises(ValueError, match=r"should be \(32, 1\) or \(1, 32\)"):
     lora.from_state_dict(dict(kohya, **{key: torch.ones(2, 16)}), params)
   with pytest.raises(ValueError, match="DoRA adapter in kohya format"):
-    lora.to_state_dict(lora.load(files["dora_a"], params), "kohya")
+    lora_export.to_state_dict(lora.load(files["dora_a"], params), "kohya")
   with pytest.raises(ValueError, match="kohya-style DoRA"):  # A1111's blend: not peft's DoRA
-    lora.to_state_dict(lora.load(files["kohya_a"], params))
+    lora_export.to_state_dict(lora.load(files["kohya_a"], params))
 
 
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])

@@ -21,7 +21,7 @@ import transformers
 from flax import traverse_util
 
 import jaxsd
-from jaxsd import lora, weights
+from jaxsd import lora, lora_export, lora_merge, weights
 from tests import reference
 from tests.test_lora import HW, PROMPTS, _close, _ours, _theirs
 
@@ -246,7 +246,7 @@ def test_loha_merged_kernels_as_a1111(setup, mode, alpha, mults):
   adapter = lora.from_state_dict(sd, params)
   assert adapter.num_layers == sum(len(v) for v in modules.values())
   assert all(f.up is None for layers in adapter.layers.values() for f in layers.values())
-  got = lora.merge(params, [(adapter, m) for m in mults])
+  got = lora_merge.merge(params, [(adapter, m) for m in mults])
   _assert_merged_as_a1111(models, modules, params, got, a1111_merge(modules, [(sd, m) for m in mults]))
 
 
@@ -263,7 +263,7 @@ def test_lokr_merged_kernels_as_a1111(setup, mode, alpha, mults):
   params = _params(pipe)
   adapter = lora.from_state_dict(sd, params)
   assert adapter.num_layers == sum(len(v) for v in modules.values())
-  got = lora.merge(params, [(adapter, m) for m in mults])
+  got = lora_merge.merge(params, [(adapter, m) for m in mults])
   _assert_merged_as_a1111(models, modules, params, got, a1111_merge(modules, [(sd, m) for m in mults]))
 
 
@@ -295,7 +295,7 @@ def test_tucker_locon_merged_kernels_as_a1111(setup, alpha, mults):
   params = _params(pipe)
   adapter = lora.from_state_dict(sd, params)
   assert adapter.num_layers == sum(len(v) for v in modules.values())
-  got = lora.merge(params, [(adapter, m) for m in mults])
+  got = lora_merge.merge(params, [(adapter, m) for m in mults])
   _assert_merged_as_a1111(models, modules, params, got, a1111_merge(modules, [(sd, m) for m in mults]))
 
 
@@ -310,7 +310,7 @@ def test_loha_lokr_and_lora_mixed_as_a1111(setup, dora):
   params = _params(pipe)
   adapters = [(lora.from_state_dict(sd, params), m) for sd, m in files]
   assert all((f.magnitude is not None) == dora for a, _ in adapters[:2] for f in a.layers["unet"].values())
-  _assert_merged_as_a1111(models, modules, params, lora.merge(params, adapters), a1111_merge(modules, files))
+  _assert_merged_as_a1111(models, modules, params, lora_merge.merge(params, adapters), a1111_merge(modules, files))
 
 
 def test_loha_sampling_matches_diffusers_with_a1111_merged_weights(setup, tmp_path):
@@ -367,11 +367,11 @@ def test_fuse_unfuse_and_weights_never_recompile(setup, tmp_path):
       pipe.load_lora(files[name], name=name)
     pipe.set_adapters(list(files), [0.7, 0.5, 0.3])
     mixed = _ours(pipe, latents)
-    merges = lora.merged_kernels._cache_size()
+    merges = lora_merge.merged_kernels._cache_size()
     for w in ([0.2, 1.5, 0.0], [-1.0, 0.0, 1.0]):
       pipe.set_adapters(list(files), w)
       _ours(pipe, latents)
-    assert lora.merged_kernels._cache_size() == merges
+    assert lora_merge.merged_kernels._cache_size() == merges
     pipe.set_adapters(list(files), [0.7, 0.5, 0.3])
     pipe.fuse_lora()
     np.testing.assert_array_equal(_ours(pipe, latents), mixed)
@@ -384,7 +384,7 @@ def test_fuse_unfuse_and_weights_never_recompile(setup, tmp_path):
     np.testing.assert_array_equal(_ours(pipe, latents), base)
     assert fn._cache_size() == size
     with pytest.raises(ValueError, match="LoHa / LoKr adapter: only plain LoRA"):
-      lora.to_state_dict(pipe._loras.adapters["loha"])
+      lora_export.to_state_dict(pipe._loras.adapters["loha"])
   finally:
     pipe.unfuse_lora()
     pipe.unload_lora()

@@ -23,7 +23,7 @@ import torch
 from flax import traverse_util
 
 import jaxsd
-from jaxsd import lora, weights
+from jaxsd import lora, lora_merge, weights
 from tests import reference
 from tests.test_lora_lycoris import _plain_lora, a1111_updown, kohya_lora_updown, make_file
 from tests.test_lora_xl import HW, PROMPTS, _close, _ours, _sgm, _theirs
@@ -128,7 +128,7 @@ def _assert_merged_as_a1111(xl, files: list[tuple[dict, float]]) -> float:
   adapters = [(lora.from_state_dict(sd, xl.params), m) for sd, m in files]
   for (sd, _), (adapter, _) in zip(files, adapters):
     assert adapter.num_layers == len(_file_layers([(sd, 1.0)])) and adapter.ignored == ()
-  got = lora.merge(xl.params, adapters)
+  got = lora_merge.merge(xl.params, adapters)
   want = a1111_merge(xl.layers, files)
   named = _file_layers(files)
   by_module = {(net, xl.modules[net][name]): (name, w) for net in NETS for name, w in want[net].items()}

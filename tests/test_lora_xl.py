@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 import jaxsd
-from jaxsd import lora, lora_names
+from jaxsd import lora, lora_export, lora_names
 from tests import reference
 
 PROMPTS = ["a red circle on the left", "a small blue square"]
@@ -252,7 +252,7 @@ def test_saved_adapters_load_in_diffusers(clean, tmp_path, fmt):
   params = xl.pipe.lora_targets
   adapter = lora.load(xl.files["kohya"], params)
   sgm = lora_names.sgm_names(lora.kernel_modules(params["unet"]))
-  saved = lora.save(adapter, tmp_path / "out", fmt, unet_names=sgm)
+  saved = lora_export.save(adapter, tmp_path / "out", fmt, unet_names=sgm)
   keys = set(lora.read(saved)[0])
   if fmt == "kohya":
     assert "lora_unet_output_blocks_1_2_conv.lora_down.weight" in keys

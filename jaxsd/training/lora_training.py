@@ -5,7 +5,7 @@ under the layer's path in the U-Net's parameter tree (flax layout, as `jaxsd.lor
 U-Net's parameters travel in `frozen`, so they are neither differentiated nor in the optimizer state.
 
 The loss merges `W + (alpha / r) * down @ up` into each target kernel inside the jitted step
-(`jaxsd.lora.merge_kernel`, fp32) and runs the U-Net stage's loss on the merged parameters. Merging rather
+(`jaxsd.lora_merge.merge_kernel`, fp32) and runs the U-Net stage's loss on the merged parameters. Merging rather
 than a LoRA branch on the activations keeps the networks as they are (no LoRA-aware Dense or Conv in
 jaxsd.models) and runs the U-Net program of full fine-tuning; its extra cost, r * (fan_in + features) per
 layer plus one kernel-sized add, does not grow with batch or resolution. Autodiff forms each target
@@ -51,6 +51,8 @@ from flax import traverse_util
 
 from jaxsd import lora
 from jaxsd import lora_dora
+from jaxsd import lora_export
+from jaxsd import lora_merge
 from jaxsd import token_embeddings
 from jaxsd.training.stages import Stage
 
@@ -125,8 +127,8 @@ def check_settings(c) -> None:
                      "train_text_encoder is False: set train_text_encoder=True, or leave text_target_modules as it is.")
   if not c.target_modules and not c.get("token_embeddings"):
     raise ValueError("target_modules is empty and token_embeddings names no word: nothing would train.")
-  if c.export_format not in lora.FORMATS:
-    raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora.FORMATS)}.")
+  if c.export_format not in lora_export.FORMATS:
+    raise ValueError(f"export_format={c.export_format!r}: choose one of {', '.join(lora_export.FORMATS)}.")
   if c.get("use_dora") and c.export_format == "kohya":
     raise ValueError("use_dora=True with export_format='kohya': kohya files' dora_scale is applied per input channel "
                      "(A1111) or against the base weight's norm (ComfyUI), not as the DoRA trained here; use "
@@ -226,7 +228,7 @@ def _init_factors(spec: LoraSpec, targets: dict, rng: jax.Array, magnitudes: dic
 
 def apply_adapter(unet_params: Any, adapter: Any, scale: float) -> Any:
   """`unet_params` with `scale * down @ up` merged into every adapted kernel, DoRA's rescaled merge where a layer has
-  a `magnitude` (differentiable in `adapter`; `jaxsd.lora.merge_kernel`)."""
+  a `magnitude` (differentiable in `adapter`; `jaxsd.lora_merge.merge_kernel`)."""
   flat = traverse_util.flatten_dict(unet_params)
   factors = traverse_util.flatten_dict(adapter)
   for path in sorted({p[:-1] for p in factors}):
@@ -234,7 +236,7 @@ def apply_adapter(unet_params: Any, adapter: Any, scale: float) -> Any:
     update = (factors[path + ("down",)], factors[path + ("up",)], scale)
     if path + ("magnitude",) in factors:
       update += (factors[path + ("magnitude",)].reshape(lora_dora.output_shape(flat[k].shape)),)
-    flat[k] = lora.merge_kernel(flat[k], [update])
+    flat[k] = lora_merge.merge_kernel(flat[k], [update])
   return traverse_util.unflatten_dict(flat)
 
 
@@ -269,7 +271,7 @@ def lora_stage(base: Stage, unet_params: Any, spec: LoraSpec, token_rows: dict |
 
 def to_adapter(spec: LoraSpec, adapter: Any) -> lora.Adapter:
   """The trained factors as a `jaxsd.lora.Adapter` of the U-Net, and of the text encoder when it has targets
-  (for `lora.save` and `pipe.load_lora`)."""
+  (for `lora_export.save` and `pipe.load_lora`)."""
   adapter = jax.device_get(adapter)
   if not spec.structured:
     return lora.Adapter({"unet": _layers(spec, spec.targets, adapter)})

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from jaxsd import lora as lora_lib
+from jaxsd import lora_export
 from jaxsd import lora_names
 from jaxsd import pretrained
 from jaxsd import token_embeddings
@@ -425,7 +426,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
     unet_names = lora_names.sgm_names(lora_lib.kernel_modules(unet_params)) if sdxl else None
     path = os.path.join(workdir, "lora", lora_lib.WEIGHT_NAME)
     if primary():  # every process holds the same adapter; two writing one file race on its .tmp
-      lora_lib.save(adapter, path, cfg.lora.export_format, unet_names=unet_names)
+      lora_export.save(adapter, path, cfg.lora.export_format, unet_names=unet_names)
     facts.update(file=path, format=cfg.lora.export_format)
   if spec.tokens:
     facts["embeddings_file"] = os.path.join(workdir, "lora", token_embeddings.WEIGHT_NAME)

@@ -27,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 import jaxsd
-from jaxsd import lora, pretrained, weights
+from jaxsd import lora, lora_export, pretrained, weights
 from jaxsd import tokenizer as tok
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.training import lora_training, run, stages
@@ -138,7 +138,8 @@ def _layer_gradients(layer, tree: dict, kernel, bias, padding: int = 0) -> dict:
   layer.zero_grad()
   to_torch = (lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2))) if conv else torch.from_numpy
   (layer(to_torch(x)) * to_torch(probe)).sum().backward()
-  a, b = lora._torch_factors(lora.Factors(grads["down"], grads["up"], 2.0, kernel.shape))  # flax -> PyTorch layout
+  factors = lora.Factors(grads["down"], grads["up"], 2.0, kernel.shape)
+  a, b = lora_export._torch_factors(factors)  # flax -> PyTorch layout
   theirs = {n.split(".")[0]: p.grad.numpy() for n, p in layer.named_parameters() if "lora_" in n}
   return {
       "lora_A": (a, theirs["lora_A"]),
@@ -382,16 +383,16 @@ def test_dora_with_what_it_cannot_go_with_is_refused(init, data_dir, tmp_path, u
 
 
 def test_the_file_reads_back_to_itself_and_kohya_export_of_dora_is_refused(trained, init):
-  """`lora.load` then `lora.to_state_dict` gives the run's file back, tensors (magnitudes included) and metadata; the
-  kohya format refuses DoRA in one line."""
+  """`lora.load` then `lora_export.to_state_dict` gives the run's file back, tensors (magnitudes included) and
+  metadata; the kohya format refuses DoRA in one line."""
   pipe = jaxsd.StableDiffusion.from_pretrained(init)
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   adapter = lora.load(trained[1]["file"], params)
-  sd, meta = lora.to_state_dict(adapter)
+  sd, meta = lora_export.to_state_dict(adapter)
   want, want_meta = lora.read(trained[1]["file"])
   assert meta == want_meta and sorted(sd) == sorted(want)
   for k, v in want.items():
     np.testing.assert_array_equal(sd[k], v, err_msg=k)
   with pytest.raises(ValueError, match="DoRA adapter in kohya format") as e:
-    lora.to_state_dict(adapter, "kohya")
+    lora_export.to_state_dict(adapter, "kohya")
   assert "\n" not in str(e.value)
