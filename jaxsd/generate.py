@@ -266,11 +266,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       control_ims, scales, keep = control
       cond["control_images"] = tuple(shard(jnp.broadcast_to(im, (global_batch,) + im.shape[1:])) for im in control_ims)
       cond["scales"], cond["keep"] = (jnp.broadcast_to(x, (n_dev,) + x.shape) for x in (scales, keep))
-    if ip is not None:  # the image embeddings of every job, the scale once per device
-      cond["ip_adapter"] = {
-          k: shard(jnp.broadcast_to(v, (global_batch,) + v.shape[1:])) for k, v in ip.items() if k != "scale"
-      }
-      cond["ip_adapter"]["scale"] = jnp.broadcast_to(ip["scale"], (n_dev,))
+    if ip is not None:  # the image embeddings of every job, the scales once per device (several adapters: tuples)
+      every_job = lambda v: shard(jnp.broadcast_to(v, (global_batch,) + v.shape[1:]))  # noqa: E731
+      cond["ip_adapter"] = {k: jax.tree.map(every_job, v) for k, v in ip.items() if k != "scale"}
+      cond["ip_adapter"]["scale"] = jax.tree.map(lambda s: jnp.broadcast_to(s, (n_dev,)), ip["scale"])
     for name, v in freeu.items():  # FreeU's factors (pipe.enable_freeu), once per device
       cond[name] = jnp.broadcast_to(v, (n_dev,) + v.shape)
     if pag_inputs:  # PAG's scales, once per device

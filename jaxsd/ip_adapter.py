@@ -23,8 +23,12 @@ compiled program: a new image or scale compiles nothing, and without an adapter 
 IP-Adapter support.
 
 Per-block scales (InstantStyle's dicts, `set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})`):
-`jaxsd.block_scales`. Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and their
-LoRA), several adapters at once, and attention masks.
+`jaxsd.block_scales`. Several adapters at once (diffusers' lists: `load_ip_adapter(folder, weight_name=[a, b])`,
+`set_ip_adapter_scale([0.6, {...}])`, `ip_adapter_image=[image_a, image_b]`): the k-th adapter's parameters are
+`image_projection_layers_<k>` and `to_k_ip_<k>` / `to_v_ip_<k>`, each cross-attention adds each adapter's
+attention at its own scale, and the adapters share the first fitting image encoder (a plain and a Plus adapter read
+the same encoder's two outputs). Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and
+their LoRA), and attention masks.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import numpy as np
 
 from jaxsd import conditioning, block_scales, model_folder, pretrained
 from jaxsd.config import finite32
-from jaxsd.ip_adapter_weights import PLAIN, PLUS, convert, merge, numpy_array, read_state_dict, unet_inputs
+from jaxsd.ip_adapter_weights import (PLAIN, PLUS, convert, merge, numpy_array, read_state_dict, renumber, unet_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -150,50 +154,55 @@ class IPAdapterMixin:
   `ip_adapter_image_embeds=`."""
 
   @property
-  def ip_adapter(self) -> LoadedIPAdapter | None:
-    """The loaded IP-Adapter, or None."""
-    return self.__dict__.get("_ip_adapter")
+  def ip_adapters(self) -> tuple[LoadedIPAdapter, ...]:
+    """The loaded IP-Adapters, in order (diffusers' `image_projection_layers`), or ()."""
+    return self.__dict__.get("_ip_adapter", ())
 
-  def load_ip_adapter(self, source, subfolder: str | None = None, weight_name: str | None = None,
-                      image_encoder_folder: str | None = IMAGE_ENCODER_FOLDER, *, scale: float = 1.0,
+  @property
+  def ip_adapter(self) -> LoadedIPAdapter | None:
+    """The loaded IP-Adapter (the first, when several are), or None."""
+    return self.ip_adapters[0] if self.ip_adapters else None
+
+  def load_ip_adapter(self, source, subfolder: str | list | None = None, weight_name: str | list | None = None,
+                      image_encoder_folder: str | None = IMAGE_ENCODER_FOLDER, *, scale=1.0,
                       allow_pickle: bool = False) -> None:
-    """Loads an IP-Adapter (plain or Plus) and its image encoder, as diffusers' `load_ip_adapter`, replacing one
-    loaded before.
+    """Loads one IP-Adapter (plain or Plus), or several given as lists, and their image encoder, as diffusers'
+    `load_ip_adapter`, replacing those loaded before.
 
     Args:
       source: the adapter: a `.safetensors` file (`image_proj.*` and `ip_adapter.*` keys) or pickled `.bin` (with
         allow_pickle), a folder holding `subfolder/weight_name`, or a state dict (flat, or {"image_proj": ...,
         "ip_adapter": ...}). Local files only.
       subfolder, weight_name: the file in a folder `source` (diffusers' arguments); without weight_name the
-        folder's one weight file.
+        folder's one weight file. Several adapters: lists of sources, subfolders, weight names (a list of one, or a
+        single value, serves them all, as diffusers broadcasts them), e.g. `load_ip_adapter("models",
+        weight_name=["ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"])`; each adapter's images
+        then come in a list with one entry per adapter (`ip_adapter_inputs`).
       image_encoder_folder: the transformers CLIPVisionModelWithProjection the images go through (see
         `find_image_encoder`): diffusers' "image_encoder" is the adapter's folder's `image_encoder/`, a path with "/"
         is looked up from the repository's top ("models/image_encoder"), an absolute path is used as it is; the
         pipeline folder's own image_encoder/ (model_index.json names it) and an encoder a previous adapter loaded
         come first where they fit (their embedding width is the adapter's: projection_dim, Plus: hidden_size).
         None: no encoder, only `ip_adapter_image_embeds`.
-      scale: the adapter's weight, or per-block weights (`set_ip_adapter_scale`).
+      scale: the adapter's weight, or per-block weights, or a list of one per adapter (`set_ip_adapter_scale`).
       allow_pickle: read a pickled `.bin` adapter (and image encoder) with `torch.load(weights_only=True)`.
 
-    Raises a ValueError for an adapter of another model or kind (Full Face, FaceID: not supported), and for a list
-    of adapters (one at a time).
+    Raises a ValueError for an adapter of another model or kind (Full Face, FaceID: not supported).
     """
-    if isinstance(source, (list, tuple)) or isinstance(weight_name, (list, tuple)):
-      raise ValueError("load_ip_adapter: several IP-Adapters at once are not supported; load one.")
-    scale = self.ip_adapter_scale_value(scale)  # checked before anything is read
-    image_proj, ip_adapter, file = read_state_dict(source, subfolder, weight_name, allow_pickle)
-    where = file or "the IP-Adapter state dict"
-    params, kind, embed_dim = convert(image_proj, ip_adapter, self.unet, self.unet_params, where)
-    previous = self.ip_adapter
-    state = LoadedIPAdapter(params, kind, embed_dim, scale, where)
-    if image_encoder_folder is None:
-      log.warning("IP-Adapter %s: no image encoder (image_encoder_folder=None); pass ip_adapter_image_embeds.", where)
-    elif previous is not None and previous.image_encoder is not None and (previous.kind,
-                                                                          previous.embed_dim) == (kind, embed_dim):
-      state = dataclasses.replace(previous, params=params, scale=scale, where=where)  # as diffusers keeps it
-    else:
-      self._load_image_encoder(state, file, source, image_encoder_folder, allow_pickle)
-    self.__dict__["_ip_adapter"] = state
+    sources, subfolders, names = _broadcast(source, subfolder, weight_name)
+    scales = self._ip_scales(scale, len(sources))  # checked before anything is read
+    loaded, previous = [], self.ip_adapters
+    for k, (src, sub, name) in enumerate(zip(sources, subfolders, names)):
+      image_proj, ip_adapter, file = read_state_dict(src, sub, name, allow_pickle)
+      where = file or "the IP-Adapter state dict"
+      params, kind, embed_dim = convert(image_proj, ip_adapter, self.unet, self.unet_params, where)
+      state = LoadedIPAdapter(renumber(params, k), kind, embed_dim, scales[k], where)
+      if image_encoder_folder is None:
+        log.warning("IP-Adapter %s: no image encoder (image_encoder_folder=None); pass ip_adapter_image_embeds.", where)
+      elif not _share_image_encoder(state, loaded + list(previous)):  # as diffusers keeps the one it has
+        self._load_image_encoder(state, file, src, image_encoder_folder, allow_pickle)
+      loaded.append(state)
+    self.__dict__["_ip_adapter"] = tuple(loaded)
 
   def _load_image_encoder(self, state: LoadedIPAdapter, file, source, image_encoder_folder, allow_pickle) -> None:
     folder = getattr(self, "source_folder", None)
@@ -215,24 +224,26 @@ class IPAdapterMixin:
     state.feature_extractor = feature_extractor(folder, encoder.config.image_size)
     state.encode = jax.jit(functools.partial(_encode, encoder, state.kind == PLUS))
 
-  def ip_adapter_scale_value(self, scale) -> float | dict:
-    """`scale` as one finite number or per-block values for this U-Net (`block_scales.expand`), or a ValueError
-    naming what does not fit (several adapters' lists)."""
-    if isinstance(scale, (list, tuple)) and len(scale) == 1:  # diffusers' one entry per adapter
-      scale = scale[0]
-    if isinstance(scale, (list, tuple)):
-      raise ValueError(f"set_ip_adapter_scale: {len(scale)} scales: several IP-Adapters are not supported; give one "
-                       "number or one per-block dict.")
-    return block_scales.expand(scale, self.unet.config)
+  def _ip_scales(self, scale, n: int) -> list[float | dict]:
+    """One scale per adapter (a number or per-block values for this U-Net, `block_scales.expand`) from one for all
+    or a list of one per adapter (diffusers' rule), or a ValueError."""
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale]
+    if len(scales) == 1:
+      scales = scales * n
+    if len(scales) != n:
+      raise ValueError(f"IP-Adapter scale: {len(scales)} scales for {n} IP-Adapter{'s' * (n > 1)}: give one for all "
+                       "or one per adapter.")
+    return [block_scales.expand(s, self.unet.config) for s in scales]
 
   def set_ip_adapter_scale(self, scale) -> None:
     """The adapter's weight as diffusers' `set_ip_adapter_scale`: one number (1 as trained, 0 is the plain model), or
     per-block weights (InstantStyle: {"up": {"block_0": [0.0, 1.0, 0.0]}}, every attention left out at 0;
-    `jaxsd.block_scales`). An input of the compiled program: changing it compiles nothing (going from one number
-    to a dict, or back, compiles once)."""
-    if self.ip_adapter is None:
+    `jaxsd.block_scales`); with several adapters one of these for all, or a list of one per adapter. An input of the
+    compiled program: changing it compiles nothing (going from one number to a dict, or back, compiles once)."""
+    if not self.ip_adapters:
       raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded; load_ip_adapter(...) first.")
-    self.ip_adapter.scale = self.ip_adapter_scale_value(scale)
+    for state, value in zip(self.ip_adapters, self._ip_scales(scale, len(self.ip_adapters))):
+      state.scale = value
 
   def unload_ip_adapter(self) -> None:
     """Removes the IP-Adapter and its image encoder (as diffusers' `unload_ip_adapter`): the pipeline is the plain
@@ -240,18 +251,20 @@ class IPAdapterMixin:
     self.__dict__.pop("_ip_adapter", None)
 
   def _with_ip_adapter(self, params: dict) -> dict:
-    """The program's parameters with the adapter's in the U-Net's (unchanged without an adapter)."""
-    state = self.ip_adapter
-    if state is None:
+    """The program's parameters with the adapters' in the U-Net's (unchanged without an adapter)."""
+    if not self.ip_adapters:
       return params
-    return {**params, "unet": merge(params["unet"], state.params)}
+    unet = params["unet"]
+    for state in self.ip_adapters:
+      unet = merge(unet, state.params)
+    return {**params, "unet": unet}
 
-  def encode_ip_adapter_image(self, images) -> tuple[np.ndarray, np.ndarray]:
+  def encode_ip_adapter_image(self, images, adapter: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, unconditional ones), float32, of one image or a list / batch, as diffusers'
     `encode_image`: the feature extractor's resize, crop and normalisation, then the image encoder's projected pooled
     output (n, D) and zeros; for IP-Adapter Plus its penultimate hidden states (n, L, D), of the images and of zero
-    pixels."""
-    state = self.ip_adapter
+    pixels. `adapter`: which of several loaded adapters they are for."""
+    state = self.ip_adapters[adapter] if adapter < len(self.ip_adapters) else None
     if state is None:
       raise ValueError("encode_ip_adapter_image: no IP-Adapter is loaded; load_ip_adapter(...) first.")
     if state.image_encoder is None:
@@ -271,9 +284,13 @@ class IPAdapterMixin:
     `ip_adapter_image_embeds`, a list with one (2, n, D) array under guidance, the unconditional row first ((1, n,
     D) without), used for every prompt (`prepare_ip_adapter_image_embeds`' output); or (2 batch, n, D) ((batch, n,
     D)): one row per prompt. For IP-Adapter Plus they are hidden states: (2, n, L, D) and so on.
+
+    Several adapters (diffusers' lists): `image` is a list with one entry per adapter, each an image or a list of
+    images that every prompt sees (diffusers' reading); `image_embeds` a list of one array per adapter, as above;
+    the input's entries are then tuples of one per adapter.
     """
-    state = self.ip_adapter
-    if state is None:
+    states = self.ip_adapters
+    if not states:
       if image is not None or image_embeds is not None:
         raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter: pipe.load_ip_adapter(...) "
                          "first.")
@@ -283,26 +300,48 @@ class IPAdapterMixin:
                        "unload_ip_adapter() for the plain model.")
     if image is not None and image_embeds is not None:
       raise ValueError("give ip_adapter_image or ip_adapter_image_embeds, not both.")
+    n = len(states)
     if image_embeds is not None:
-      cond, uncond = _given_embeds(image_embeds, batch, guided, state.embed_dim, state.kind)
+      if not isinstance(image_embeds, (list, tuple)):
+        raise ValueError(f"ip_adapter_image_embeds: a list with one array per IP-Adapter, as diffusers ({n} "
+                         f"adapter{'s' * (n > 1)} loaded).")
+      if len(image_embeds) != n:
+        raise ValueError(f"ip_adapter_image_embeds: {len(image_embeds)} arrays for {n} IP-Adapter{'s' * (n > 1)}: give "
+                         "one per adapter.")
+      pairs = [
+          _given_embeds(x, batch, guided, st.embed_dim, st.kind, f"ip_adapter_image_embeds[{k}]")
+          for k, (x, st) in enumerate(zip(image_embeds, states))
+      ]
+    elif n == 1:
+      pairs = [self._one_adapter_images(image, batch)]
     else:
-      nested = isinstance(image, (list, tuple)) and bool(image) and all(isinstance(x, (list, tuple)) for x in image)
-      if nested and len(image) > 1:
-        raise ValueError(f"ip_adapter_image: {len(image)} lists of images (one per adapter in diffusers): several "
-                         "IP-Adapters are not supported.")
-      embeds, uncond = self.encode_ip_adapter_image(image[0] if nested else image)
-      if not nested and embeds.shape[0] not in (1, batch):
-        raise ValueError(f"{embeds.shape[0]} IP-Adapter images for {batch} prompts: give one image (for every "
-                         "prompt), one per prompt, or [[image, ...]] for all of them in every prompt (as diffusers).")
-      if nested:  # every prompt, all the images
-        cond, uncond = (np.broadcast_to(x[None], (batch,) + x.shape) for x in (embeds, uncond))
-      else:  # one image for every prompt, or one each
-        cond, uncond = (np.broadcast_to(x, (batch,) + x.shape[1:])[:, None] for x in (embeds, uncond))
-    return {
-        "image_embeds": jnp.asarray(cond, jnp.float32),
-        "uncond_image_embeds": jnp.asarray(uncond, jnp.float32),
-        "scale": jax.tree.map(jnp.float32, state.scale)
-    }
+      if not isinstance(image, (list, tuple)) or len(image) != n:
+        got = f"{len(image)} entries" if isinstance(image, (list, tuple)) else "one image"
+        raise ValueError(f"ip_adapter_image: {got} for {n} IP-Adapters: give a list with one image (or list of "
+                         "images) per adapter, as diffusers.")
+      pairs = []
+      for k, entry in enumerate(image):
+        embeds, uncond = self.encode_ip_adapter_image(entry, k)  # every prompt sees all of the entry's images
+        pairs.append(tuple(np.broadcast_to(x[None], (batch,) + x.shape) for x in (embeds, uncond)))
+    cond, uncond = (tuple(jnp.asarray(p[i], jnp.float32) for p in pairs) for i in (0, 1))
+    scale = tuple(jax.tree.map(jnp.float32, st.scale) for st in states)
+    if n == 1:
+      cond, uncond, scale = cond[0], uncond[0], scale[0]
+    return {"image_embeds": cond, "uncond_image_embeds": uncond, "scale": scale}
+
+  def _one_adapter_images(self, image, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cond, uncond), each (batch, n, ...), of the one adapter's `image` argument (`ip_adapter_inputs`)."""
+    nested = isinstance(image, (list, tuple)) and bool(image) and all(isinstance(x, (list, tuple)) for x in image)
+    if nested and len(image) > 1:
+      raise ValueError(f"ip_adapter_image: {len(image)} lists of images (one per adapter in diffusers) for the one "
+                       "IP-Adapter loaded.")
+    embeds, uncond = self.encode_ip_adapter_image(image[0] if nested else image)
+    if not nested and embeds.shape[0] not in (1, batch):
+      raise ValueError(f"{embeds.shape[0]} IP-Adapter images for {batch} prompts: give one image (for every "
+                       "prompt), one per prompt, or [[image, ...]] for all of them in every prompt (as diffusers).")
+    if nested:  # every prompt, all the images
+      return tuple(np.broadcast_to(x[None], (batch,) + x.shape) for x in (embeds, uncond))
+    return tuple(np.broadcast_to(x, (batch,) + x.shape[1:])[:, None] for x in (embeds, uncond))  # one or one each
 
   ip_adapter_unet_inputs = staticmethod(unet_inputs)
 
@@ -325,20 +364,15 @@ def _encode(encoder, plus: bool, params, pixels: jax.Array) -> tuple[jax.Array, 
   return tuple(jnp.split(both.astype(jnp.float32), 2))
 
 
-def _given_embeds(image_embeds, batch: int, guided: bool, dim: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-  """(cond, uncond), each (batch, n, [L,] D), from diffusers' `ip_adapter_image_embeds` (a list with one array per
-  adapter): (2, n, [L,] D) under guidance (unconditional row first) or (1, n, [L,] D) without, for every prompt; or
-  one row per prompt (2 batch or batch rows, the unconditional half first). Without guidance the unconditional
-  rows are unused (zeros)."""
+def _given_embeds(x, batch: int, guided: bool, dim: int, kind: str,
+                  name: str = "ip_adapter_image_embeds[0]") -> tuple[np.ndarray, np.ndarray]:
+  """(cond, uncond), each (batch, n, [L,] D), from one adapter's entry of diffusers' `ip_adapter_image_embeds`:
+  (2, n, [L,] D) under guidance (unconditional row first) or (1, n, [L,] D) without, for every prompt; or one row
+  per prompt (2 batch or batch rows, the unconditional half first). Without guidance the unconditional rows are
+  unused (zeros)."""
   ndim, what = (3, "n") if kind == PLAIN else (4, "n, L")
   halves = 2 if guided else 1
-  if not isinstance(image_embeds, (list, tuple)):
-    raise ValueError(f"ip_adapter_image_embeds: a list with one array per IP-Adapter, as diffusers ([embeds] of "
-                     f"shape ({halves}, {what}, {dim})).")
-  if len(image_embeds) != 1:
-    raise ValueError(f"ip_adapter_image_embeds: {len(image_embeds)} arrays: several IP-Adapters are not supported; "
-                     "give a list with one.")
-  x = numpy_array(image_embeds[0]).astype(np.float32)
+  x = numpy_array(x).astype(np.float32)
   if x.ndim != ndim or x.shape[0] not in (halves, halves * batch) or x.shape[-1] != dim:
     hint = ""
     if x.ndim == 4 and kind == PLAIN:
@@ -346,11 +380,38 @@ def _given_embeds(image_embeds, batch: int, guided: bool, dim: int, kind: str) -
     elif x.ndim == 3 and kind == PLUS:
       hint = " (pooled embeddings; IP-Adapter Plus takes the image encoder's hidden states)"
     half = ", the unconditional rows first" if guided else ""
-    raise ValueError(f"ip_adapter_image_embeds[0] has shape {x.shape}{hint}; this call needs ({halves}, {what}, "
+    raise ValueError(f"{name} has shape {x.shape}{hint}; this call needs ({halves}, {what}, "
                      f"{dim}) for every prompt or ({halves * batch}, {what}, {dim}) for each{half}.")
   if not finite32(x):
-    raise ValueError("ip_adapter_image_embeds: not all finite.")
+    raise ValueError(f"{name}: not all finite.")
   rows = x.shape[0] // halves
   parts = np.split(x, halves) if guided else [np.zeros_like(x), x]
   uncond, cond = (np.broadcast_to(p, (batch,) + p.shape[1:]) if rows == 1 else p for p in parts)
   return cond, uncond
+
+
+def _broadcast(source, subfolder, weight_name) -> tuple[list, list, list]:
+  """load_ip_adapter's sources, subfolders and weight names as lists of one entry per adapter, as diffusers
+  broadcasts them (a single value or a list of one serves all), or a ValueError."""
+  lists = [list(x) if isinstance(x, (list, tuple)) else [x] for x in (source, subfolder, weight_name)]
+  n = max(len(x) for x in lists)
+  if n == 0 or any(len(x) not in (1, n) for x in lists):
+    raise ValueError(f"load_ip_adapter: {len(lists[0])} sources, {len(lists[1])} subfolders and {len(lists[2])} "
+                     "weight names: give one, or one per adapter, of each.")
+  return [x * n if len(x) == 1 else x for x in lists]
+
+
+def _share_image_encoder(state: LoadedIPAdapter, others) -> bool:
+  """Gives `state` the image encoder of one of `others` whose embeddings fit it (the same kind and width, or the
+  same encoder's other output: Plus reads hidden_size, plain projection_dim); False when none does."""
+  for other in others:
+    if other.image_encoder is None:
+      continue
+    same = (other.kind, other.embed_dim) == (state.kind, state.embed_dim)
+    if same or embedding_width(other.image_encoder_folder, state.kind) == state.embed_dim:
+      state.image_encoder, state.image_encoder_params = other.image_encoder, other.image_encoder_params
+      state.image_encoder_folder, state.feature_extractor = other.image_encoder_folder, other.feature_extractor
+      state.encode = other.encode if other.kind == state.kind else jax.jit(
+          functools.partial(_encode, other.image_encoder, state.kind == PLUS))
+      return True
+  return False

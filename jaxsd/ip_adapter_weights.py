@@ -284,6 +284,23 @@ def unet_inputs(ip_adapter: Mapping, guided: bool, unet_params) -> dict:
   (as the prompts' halves); the projection's kind and sizes read off the parameters (static when traced)."""
   embeds = ip_adapter["image_embeds"]
   if guided:
-    embeds = jnp.concatenate([ip_adapter["uncond_image_embeds"], embeds])
-  projection = resampler_config(unet_params["encoder_hid_proj"]["image_projection_layers_0"])
+    embeds = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), ip_adapter["uncond_image_embeds"], embeds)
+  layers = unet_params["encoder_hid_proj"]
+  if isinstance(embeds, tuple):  # several adapters: one projection each
+    projection = tuple(resampler_config(layers[f"image_projection_layers_{k}"]) for k in range(len(embeds)))
+  else:
+    projection = resampler_config(layers["image_projection_layers_0"])
   return {"image_embeds": embeds, "ip_adapter_scale": ip_adapter["scale"], "image_projection": projection}
+
+
+def renumber(ip_params, k: int):
+  """`convert`'s parameters (adapter 0: `image_projection_layers_0`, `to_k_ip_0`, `to_v_ip_0`) as the k-th adapter's,
+  diffusers' names when several are loaded at once."""
+  if not isinstance(ip_params, Mapping):
+    return ip_params
+  rename = {
+      "image_projection_layers_0": f"image_projection_layers_{k}",
+      "to_k_ip_0": f"to_k_ip_{k}",
+      "to_v_ip_0": f"to_v_ip_{k}"
+  }
+  return {rename.get(name, name): renumber(v, k) for name, v in ip_params.items()}

@@ -4,6 +4,7 @@ with save_pretrained and a random IP-Adapter of the tiny U-Net's shapes saved wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -246,7 +247,7 @@ def test_per_block_scales_that_do_not_fit_are_refused_in_one_line(sd):
                             }
                         }, "finite number"), ([{
                             "up": 1.0
-                        }, 0.5], "several IP-Adapters")):
+                        }, 0.5], "2 scales for 1 IP-Adapter")):
     with pytest.raises(ValueError, match=re.escape(match)) as e:
       pipe.set_ip_adapter_scale(scale)
     _one_line(e)
@@ -346,13 +347,14 @@ def test_other_models_and_kinds_are_refused_in_one_line(sd, sdxl):
     _one_line(e)
   with pytest.raises(ValueError, match="LoRA weights"):
     pipe.load_ip_adapter({**sd_keys, "ip_adapter.0.to_k_lora.down.weight": np.zeros((4, 32))})
-  with pytest.raises(ValueError, match="several IP-Adapters at once are not supported"):
-    pipe.load_ip_adapter([adapter, adapter], weight_name=[WEIGHT, WEIGHT])
+  with pytest.raises(ValueError, match="3 sources, 1 subfolders and 2 weight names"):
+    pipe.load_ip_adapter([adapter] * 3, weight_name=[WEIGHT, WEIGHT])
   with pytest.raises(ValueError, match="no IP-Adapter is loaded"):
     pipe.set_ip_adapter_scale(0.5)
   assert pipe.ip_adapter is None
   pipe.load_ip_adapter(adapter, weight_name=WEIGHT)
-  for scale, match in (([0.5, 0.5], "several IP-Adapters"), (float("nan"), "finite number"), (1e39, "finite number")):
+  for scale, match in (([0.5,
+                         0.5], "2 scales for 1 IP-Adapter"), (float("nan"), "finite number"), (1e39, "finite number")):
     with pytest.raises(ValueError, match=match):
       pipe.set_ip_adapter_scale(scale)
 
@@ -401,7 +403,7 @@ def test_pickled_bin_nested_layout_and_precomputed_embeddings_only(sd, tmp_path)
   np.testing.assert_array_equal(got["image_embeds"][1], embeds[0][1].numpy())
   np.testing.assert_array_equal(got["uncond_image_embeds"][0], embeds[0][0].numpy())
   for bad, match in (([embeds[0][:, 0]], r"has shape \(2, 24\)"), ([embeds[0][:1]], r"needs \(2, n, 24\)"),
-                     (embeds[0], "a list with one array"), ([embeds[0], embeds[0]], "several IP-Adapters"),
+                     (embeds[0], "a list with one array per IP-Adapter"), ([embeds[0], embeds[0]], "2 arrays for 1 IP"),
                      ([embeds[0][..., None]], "hidden states: IP-Adapter Plus's")):
     with pytest.raises(ValueError, match=match):
       other.ip_adapter_inputs(None, bad, 2, True)
@@ -506,6 +508,15 @@ def test_sample_ip_adapter_writes_the_pipelines_image(sd, tmp_path, capsys, monk
   pipe.set_ip_adapter_scale(0.0)  # the plain model's image (the same program)
   plain = pipe(["a cat"], height=16, width=16, steps=2, sampler="euler", ip_adapter_image=Image.open(png))[0]
   assert np.abs(written.astype(int) - plain.astype(int)).max() > 10
+  per_block = {"down": 0.3, "up": {"block_1": [0.0, 1.1]}}  # --ip-adapter-scale as JSON, through generate
+  out2 = str(tmp_path / "out2")
+  argv = argv[:argv.index("--out") + 1] + [out2] + argv[argv.index("--out") + 2:-1] + [json.dumps(per_block)]
+  assert main(argv) == 0, capsys.readouterr().err
+  written = np.asarray(Image.open(os.path.join(out2, "a_cat-seed0-0000.png")))
+  pipe.set_ip_adapter_scale(per_block)
+  want = pipe(["a cat"], height=16, width=16, steps=2, sampler="euler", ip_adapter_image=Image.open(png))[0]
+  assert np.abs(written.astype(int) - want.astype(int)).max() <= 1
+  pipe.set_ip_adapter_scale(1.0)
 
 
 def test_sample_per_block_scale_flag(sd, tmp_path, capsys):
@@ -620,3 +631,55 @@ def test_controlnet_pipeline_takes_the_adapter_and_matches_diffusers(sd, tmp_pat
   reference.check_close(
       ours, _run_diffusers(ref_pipe, PROMPTS[:1], NEGATIVE[:1], latents, image=control, ip_adapter_image=image),
       "ControlNet + IP-Adapter, scale 0.9")
+
+
+def test_two_adapters_match_diffusers(sd, tmp_path):
+  """Several IP-Adapters at once (diffusers' lists): a plain one and a Plus one sharing the image encoder, each with
+  its own image and scale (the second per-block), from images and from diffusers' precomputed embeddings; new
+  scales compile nothing; scales [0, 0] are the plain model; unload removes both."""
+  path, adapter, _, _ = sd
+  tpipe = reference.torch_pipeline(path)
+  folder = tmp_path / "two"
+  folder.mkdir()
+  os.symlink(os.path.join(adapter, "image_encoder"), folder / "image_encoder")
+  os.symlink(os.path.join(adapter, WEIGHT), folder / WEIGHT)
+  save_file(random_plus_adapter(tpipe.unet, seed=4), str(folder / "ip-adapter-plus.safetensors"))
+  names = [WEIGHT, "ip-adapter-plus.safetensors"]
+  scales = [0.7, {"down": 0.4, "up": {"block_1": [1.2, 0.0]}}]
+  tpipe.load_ip_adapter(str(folder), subfolder="", weight_name=names)
+  tpipe.set_ip_adapter_scale(scales)
+  tpipe.scheduler = _euler(path)
+  pipe = jaxsd.StableDiffusion.from_pretrained(path)
+  pipe.load_ip_adapter(folder, weight_name=names, scale=scales)
+  assert [a.kind for a in pipe.ip_adapters] == ["plain", "plus"]
+  assert pipe.ip_adapters[0].image_encoder is pipe.ip_adapters[1].image_encoder  # one encoder, two outputs
+  ours_keys = set(weights.params_to_state_dict(pipe.params["unet"]))
+  theirs = {k for k in tpipe.unet.state_dict() if "_ip" in k or k.startswith("encoder_hid_proj.")}
+  assert {k.replace(".processor.", ".") for k in theirs} <= ours_keys
+  images = _images(2, seed=31)
+  latents = np.asarray(pipe.noise(10, 2, HW, HW))
+  ref = _run_diffusers(tpipe, PROMPTS, NEGATIVE, latents, ip_adapter_image=images)
+  run = lambda **kw: pipe(PROMPTS, NEGATIVE, steps=3, sampler="euler", latents=latents, output="latent", **kw)
+  ours = run(ip_adapter_image=images)
+  reference.check_close(ours, ref, "two IP-Adapters (plain 0.7, Plus per-block)")
+  with torch.no_grad():
+    embeds = tpipe.prepare_ip_adapter_image_embeds(images, None, "cpu", 1, True)
+  reference.check_close(run(ip_adapter_image_embeds=embeds), ref, "two IP-Adapters, diffusers' embeddings")
+  program = pipe._jitted(True, "latent", "text", True)
+  traces = program._cache_size()
+  for s in ([0.0, scales[1]], [0.7, {"down": 0.0, "mid": 0.0, "up": 0.0}]):  # each adapter matters on its own
+    pipe.set_ip_adapter_scale(s)
+    assert np.abs(run(ip_adapter_image=images) - ours).max() > 1e-2 * np.abs(ours).max()
+  assert program._cache_size() == traces
+  pipe.set_ip_adapter_scale([0.0, {"down": 0.0, "mid": 0.0, "up": 0.0}])
+  plain = jaxsd.StableDiffusion.from_pretrained(path)
+  want = plain(PROMPTS, NEGATIVE, steps=3, sampler="euler", latents=latents, output="latent")
+  assert np.abs(run(ip_adapter_image=images) - want).max() <= 1e-6 * max(1.0, float(np.abs(want).max()))
+  for bad, match in ((images[0], "one image for 2 IP-Adapters"), ([images[0]], "1 entries for 2 IP-Adapters")):
+    with pytest.raises(ValueError, match=match):
+      run(ip_adapter_image=bad)
+  with pytest.raises(ValueError, match="3 scales for 2 IP-Adapters"):
+    pipe.set_ip_adapter_scale([1.0, 1.0, 1.0])
+  pipe.unload_ip_adapter()
+  assert pipe.ip_adapters == () and pipe.ip_adapter is None
+  np.testing.assert_array_equal(run(), want)

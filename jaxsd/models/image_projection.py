@@ -134,31 +134,41 @@ class IPAdapterPlusImageProjection(nn.Module):
 
 
 class IPAdapterImageProjections(nn.Module):
-  """diffusers' `MultiIPAdapterImageProjection` with one adapter (the U-Net's `encoder_hid_proj`).
+  """diffusers' `MultiIPAdapterImageProjection` (the U-Net's `encoder_hid_proj`): one projection per adapter,
+  `image_projection_layers_<k>`.
 
   Plain (`resampler` None): (B, D) or (B, n, D) pooled image embeddings (n images per row, diffusers' layout);
   Plus: (B, L, D) or (B, n, L, D) hidden states. -> (B, n * tokens, C): each image's tokens in turn (as diffusers'
-  attention processor reads them).
+  attention processor reads them). Several adapters: a tuple of such inputs and `resampler` a tuple of one entry per
+  adapter -> a tuple of tokens.
   """
 
   cross_attention_dim: int
-  resampler: ResamplerConfig | None = None
+  resampler: ResamplerConfig | None | tuple = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image_embeds: jax.Array) -> jax.Array:
-    kw = dict(name="image_projection_layers_0", dtype=self.dtype, param_dtype=self.param_dtype)
-    per_image = 1 if self.resampler is None else 2  # the axes of one image's input
-    if image_embeds.ndim == 1 + per_image:
-      image_embeds = image_embeds[:, None]
-    if image_embeds.ndim != 2 + per_image:
-      what = "(batch, [images,] dim) pooled" if self.resampler is None else "(batch, [images,] tokens, dim) hidden"
-      raise ValueError(f"image_embeds must be {what} CLIP image embeddings; got shape {image_embeds.shape}.")
-    b, n = image_embeds.shape[:2]
-    flat = image_embeds.reshape((b * n,) + image_embeds.shape[2:])
-    if self.resampler is None:
-      tokens = ImageProjection(self.cross_attention_dim, **kw)(flat)
-    else:
-      tokens = IPAdapterPlusImageProjection(self.resampler, self.cross_attention_dim, **kw)(flat)
-    return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+  def __call__(self, image_embeds: jax.Array | tuple) -> jax.Array | tuple:
+    several = isinstance(image_embeds, (tuple, list))
+    inputs = tuple(image_embeds) if several else (image_embeds,)
+    resamplers = self.resampler if isinstance(self.resampler, tuple) else (self.resampler,) * len(inputs)
+    if len(resamplers) != len(inputs):
+      raise ValueError(f"{len(inputs)} image embeddings for {len(resamplers)} IP-Adapter projections.")
+    out = []
+    for k, (embeds, resampler) in enumerate(zip(inputs, resamplers)):
+      kw = dict(name=f"image_projection_layers_{k}", dtype=self.dtype, param_dtype=self.param_dtype)
+      per_image = 1 if resampler is None else 2  # the axes of one image's input
+      if embeds.ndim == 1 + per_image:
+        embeds = embeds[:, None]
+      if embeds.ndim != 2 + per_image:
+        what = "(batch, [images,] dim) pooled" if resampler is None else "(batch, [images,] tokens, dim) hidden"
+        raise ValueError(f"image_embeds must be {what} CLIP image embeddings; got shape {embeds.shape}.")
+      b, n = embeds.shape[:2]
+      flat = embeds.reshape((b * n,) + embeds.shape[2:])
+      if resampler is None:
+        tokens = ImageProjection(self.cross_attention_dim, **kw)(flat)
+      else:
+        tokens = IPAdapterPlusImageProjection(resampler, self.cross_attention_dim, **kw)(flat)
+      out.append(tokens.reshape(b, n * tokens.shape[1], tokens.shape[2]))
+    return tuple(out) if several else out[0]

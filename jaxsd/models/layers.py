@@ -303,9 +303,10 @@ class ImagePrompt:
   (diffusers' IPAdapterAttnProcessor2_0)."""
 
   text: jax.Array  # (B, L, D): the encoder hidden states
-  tokens: jax.Array  # (B, N, D): the projected image tokens
+  tokens: Any  # (B, N, D): the projected image tokens; several adapters: a tuple of them, one per adapter
   # (): the adapter's weight (an input, so a new scale compiles nothing); or per-block weights (InstantStyle), one ()
-  # per attention: {"down_blocks_1/attentions_0": ..., "mid_block/attentions_0": ...} (`jaxsd.block_scales`)
+  # per attention: {"down_blocks_1/attentions_0": ..., "mid_block/attentions_0": ...} (`jaxsd.block_scales`);
+  # several adapters: a tuple of one such per adapter
   scale: Any
 
 
@@ -374,11 +375,15 @@ class Attention(nn.Module):
     else:
       out = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
     out = out.reshape(out.shape[0], out.shape[1], inner)
-    if image_prompt is not None:
-      k = nn.Dense(inner, use_bias=False, name="to_k_ip_0", **kw)(image_prompt.tokens)
-      v = nn.Dense(inner, use_bias=False, name="to_v_ip_0", **kw)(image_prompt.tokens)
-      ip = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
-      out = out + image_prompt.scale.astype(out.dtype) * ip.reshape(out.shape)
+    if image_prompt is not None:  # each adapter's tokens through its own keys and values, in order
+      tokens, scales = image_prompt.tokens, image_prompt.scale
+      if not isinstance(tokens, tuple):  # one adapter
+        tokens, scales = (tokens,), (scales,)
+      for i, (t, scale) in enumerate(zip(tokens, scales)):
+        k = nn.Dense(inner, use_bias=False, name=f"to_k_ip_{i}", **kw)(t)
+        v = nn.Dense(inner, use_bias=False, name=f"to_v_ip_{i}", **kw)(t)
+        ip = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
+        out = out + scale.astype(out.dtype) * ip.reshape(out.shape)
     out = nn.Dense(residual.shape[-1], use_bias=self.out_bias, name="to_out_0", **kw)(out)
     if spatial_shape is not None:
       out = out.reshape(spatial_shape)
@@ -441,8 +446,10 @@ class BasicTransformerBlock(nn.Module):
       context = context.context
     if isinstance(context, ImagePrompt):  # as diffusers: only attn2 (the cross-attention) reads the image tokens
       context, image_prompt = context.text, context
-      if isinstance(image_prompt.scale, Mapping):  # per-block scales: this block's attention's
-        image_prompt = image_prompt.replace(scale=image_prompt.scale["/".join(self.path[-3:-1])])
+      here = "/".join(self.path[-3:-1])  # per-block scales: this block's attention's
+      pick = lambda s: s[here] if isinstance(s, Mapping) else s  # noqa: E731
+      scale = image_prompt.scale
+      image_prompt = image_prompt.replace(scale=tuple(map(pick, scale)) if isinstance(scale, tuple) else pick(scale))
     h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
     x = x + Attention(name="attn1", **attn)(h, context if self.only_cross_attention else None, perturbed=perturbed)
     h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)

@@ -433,7 +433,9 @@ class UNet2DConditionModel(nn.Module):
     attention: `jaxsd.block_scales`); the parameters of both exist only
     when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
     Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
-    penultimate hidden states, (B, L, D) or (B, n, L, D). `freeu` (4,): FreeU's factors (s1, s2, b1, b2), applied in
+    penultimate hidden states, (B, L, D) or (B, n, L, D); several adapters: tuples of `image_embeds`,
+    `image_projection` and `ip_adapter_scale`, one entry each. `freeu` (4,): FreeU's factors (s1, s2, b1, b2),
+    applied in
     the first two up blocks as diffusers' `enable_freeu` (`jaxsd.models.freeu`; every value acts, where diffusers'
     blocks skip FreeU when a factor is 0); None: the plain U-Net. `pag_layers` (static): the self-attentions that
     Perturbed-Attention Guidance perturbs, as parameter paths ("mid_block/attentions_0/transformer_blocks_0/attn1");
@@ -452,9 +454,10 @@ class UNet2DConditionModel(nn.Module):
       x = 2 * x - 1.0
     emb = embed_time(self, cfg, timesteps, x.shape[0], context, text_embeds, time_ids, timestep_cond)
     if image_embeds is not None:  # (after embed_time: the "text" addition embedding pools the text alone)
-      if image_embeds.shape[0] != x.shape[0]:
-        raise ValueError(f"image_embeds has batch {image_embeds.shape[0]}, the sample {x.shape[0]}: give one row of "
-                         "image embeddings per sample.")
+      rows = [e.shape[0] for e in (image_embeds if isinstance(image_embeds, (tuple, list)) else (image_embeds,))]
+      if any(r != x.shape[0] for r in rows):
+        raise ValueError(f"image_embeds has batch {rows[0] if len(rows) == 1 else rows}, the sample {x.shape[0]}: give "
+                         "one row of image embeddings per sample.")
       tokens = IPAdapterImageProjections(cfg.context_dim, image_projection, name="encoder_hid_proj", **kw)(image_embeds)
       context = ImagePrompt(context, tokens, jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), ip_adapter_scale))
     if pag_layers:
