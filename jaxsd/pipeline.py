@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import (freeu, hub, ip_adapter, model_folder, pag, pipeline_adapters, pipeline_folders, pipeline_image_tasks,
-                   prompt_syntax)
+                   prompt_syntax, vae_tiling)
 from jaxsd import tokenizer as tok
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers, schedules
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.FoldersMixin,
-                      pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin, freeu.FreeUMixin, pag.PAGMixin):
+                      pipeline_adapters.AdaptersMixin, ip_adapter.IPAdapterMixin, freeu.FreeUMixin, pag.PAGMixin,
+                      vae_tiling.VAETilingMixin):
   """A Stable Diffusion model: the three networks, their parameters, tokenizer and noise schedule."""
 
   unet: Any
@@ -216,9 +217,10 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     return model_fn
 
   def decode(self, vae_params, latents: jax.Array) -> jax.Array:
-    """Latents (fp32, NHWC) -> images in [0, 1], fp32 NHWC."""
+    """Latents (fp32, NHWC) -> images in [0, 1], fp32 NHWC (tiled / sliced as `enable_vae_tiling` / `_slicing`
+    set)."""
     z = self.unscale_latents(latents)
-    images = self.vae.apply({"params": vae_params}, z.astype(self.vae.dtype), method=self.vae.decode)
+    images = self.vae_decode(vae_params, z.astype(self.vae.dtype))
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
   def encode_images(self, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
@@ -226,7 +228,7 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
 
     `key` is one key for the batch, or a [B] batch of keys, one per image (see `posterior_keys`).
     """
-    post = self.vae.apply({"params": vae_params}, (images * 2 - 1).astype(self.vae.dtype), method=self.vae.encode)
+    post = self.vae_encode(vae_params, (images * 2 - 1).astype(self.vae.dtype))  # (tiled / sliced as set)
     if key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):  # a key per image
       z = post.mean + post.std * jax.vmap(lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))(key)
     else:
@@ -421,9 +423,10 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
 
   def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
               pag_layers: tuple[str, ...] = ()):
-    """One jitted program per (guidance on/off, output, task[, PAG's layers]): jax.jit itself keys on the schedule's
-    sampler and length and on the shapes, so a strength or step count of the same length reuses it."""
-    key = (guided, output, task, from_noise) + ((pag_layers,) if pag_layers else ())
+    """One jitted program per (guidance on/off, output, task[, PAG's layers][, VAE tiling / slicing]): jax.jit
+    itself keys on the schedule's sampler and length and on the shapes, so a strength or step count of the same
+    length reuses it."""
+    key = (guided, output, task, from_noise) + ((pag_layers,) if pag_layers else ()) + self.vae_key()
     if key not in self._compiled:
       self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise, pag_layers))
     return self._compiled[key]
@@ -433,7 +436,8 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     clip_skip. A program saved by `jaxsd.aot` runs only for a pipeline of the same fingerprint (one traced from
     another schedule, e.g. an epsilon model's for a v-prediction one of the same shapes, or before
     `scheduler_config.replace(...)`, gave other images silently)."""
-    text = repr((type(self).__name__, self.unet, self.vae, self.text_encoder, self.scheduler_config, self.clip_skip))
+    text = repr((type(self).__name__, self.unet, self.vae, self.text_encoder, self.scheduler_config, self.clip_skip) +
+                self.vae_key())  # (VAE tiling / slicing: only when on, so plain programs keep their fingerprint)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
   @functools.cached_property
@@ -442,9 +446,10 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     return {}
 
   def _encoder(self):
-    if "encode" not in self._compiled:
-      self._compiled["encode"] = jax.jit(self.encode_images)
-    return self._compiled["encode"]
+    key = ("encode",) + self.vae_key()
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(self.encode_images)
+    return self._compiled[key]
 
   # --- user entry points -----------------------------------------------------------------------
 

@@ -101,7 +101,8 @@ class StableDiffusionControlNet(StableDiffusion):
     out = cls(**base, controlnets=modules, controlnet_params=params)
     for i, module in enumerate(modules):
       check_fits(out, module, i)
-    for shared in ("_loras", "_ip_adapter", "_freeu", "_pag"):  # its LoRA adapters, IP-Adapter, FreeU, PAG go on
+    # its LoRA adapters, IP-Adapter, FreeU, PAG, VAE tiling and slicing go on
+    for shared in ("_loras", "_ip_adapter", "_freeu", "_pag", "_vae_tiling", "_vae_slicing"):
       if shared in pipe.__dict__:
         out.__dict__[shared] = pipe.__dict__[shared]
     return out
@@ -244,7 +245,8 @@ class StableDiffusionControlNet(StableDiffusion):
 
   def _jitted(self, guided: bool, output: str, task: str = "text", from_noise: bool | None = None,
               guess_mode: bool = False, pag_layers: tuple[str, ...] = ()):
-    key = ("controlnet", guided, output, task, from_noise, guess_mode) + ((pag_layers,) if pag_layers else ())
+    key = (("controlnet", guided, output, task, from_noise, guess_mode) + ((pag_layers,) if pag_layers else
+                                                                           ()) + self.vae_key())
     if key not in self._compiled:
       self._compiled[key] = jax.jit(self.program(guided, output, task, from_noise, guess_mode, pag_layers))
     return self._compiled[key]

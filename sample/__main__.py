@@ -61,6 +61,12 @@ def parse(argv=None) -> argparse.Namespace:
       "--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
       help="FreeU (diffusers' enable_freeu): skip factors s1 s2, backbone factors b1 b2 of the first two up blocks; "
       "the FreeU authors': SD 1.4/1.5 0.9 0.2 1.5 1.6, SD 2.1 0.9 0.2 1.4 1.6, SDXL 0.6 0.4 1.1 1.2 (0: off)")
+  p.add_argument(
+      "--vae-tiling", action="store_true",
+      help="decode (and encode) images larger than the VAE's sample_size in overlapping tiles, blended (diffusers' "
+      "vae.enable_tiling()): large images in bounded memory; their pixels differ a little from untiled ones")
+  p.add_argument("--vae-slicing", action="store_true",
+                 help="decode (and encode) a device's batch one image at a time (diffusers' vae.enable_slicing())")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--height", type=int, default=None, help="default: the model's native size")
   p.add_argument("--width", type=int, default=None)
@@ -473,6 +479,10 @@ def main(argv=None) -> int:
                            scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale)
     if args.freeu is not None:
       pipe.enable_freeu(*args.freeu)
+    if args.vae_tiling:
+      pipe.enable_vae_tiling()
+    if args.vae_slicing:
+      pipe.enable_vae_slicing()
     if args.pag_scale is not None:  # (a layer name that matches none of this U-Net's is refused here)
       pipe.enable_pag(args.pag_layers or ["mid"])
     if embeddings:  # one call: all or none loaded, two with one token refused

@@ -187,6 +187,29 @@ def test_sample_loras_reach_the_pipeline(tmp_path, capsys, monkeypatch):
   assert seen[2:] == [(str(a), 1.0, False), (str(b), 1.0, False)]
 
 
+def test_sample_vae_tiling_and_slicing_reach_the_pipeline(tmp_path, capsys, monkeypatch):
+  """--vae-tiling / --vae-slicing call enable_vae_tiling / enable_vae_slicing (neither without its flag); the images
+  are tests/test_vae_tiling_pipeline.py's."""
+  from jaxsd import pipeline
+
+  seen = []
+
+  class FakePipe:
+
+    def enable_vae_tiling(self):
+      seen.append("tiling")
+
+    def enable_vae_slicing(self):
+      seen.append("slicing")
+      raise ValueError("stop here")
+
+  monkeypatch.setattr(pipeline, "load", lambda path, **kw: FakePipe())
+  assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--vae-tiling", "--vae-slicing")) == 2
+  assert seen == ["tiling", "slicing"] and "stop here" in _one_error_line(capsys)
+  assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", "--vae-slicing")) == 2
+  assert seen[2:] == ["slicing"]
+
+
 def test_sample_hub_ids_of_loras_and_controlnets_reach_the_loaders(tmp_path, capsys, monkeypatch):
   """lora.read and the ControlNet loader take Hub ids (owner/name), but the command refused them first as a missing
   file / folder; a path that is no Hub id still is. The ControlNets are attached as the model loads, then the LoRA."""

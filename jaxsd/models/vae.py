@@ -206,11 +206,15 @@ class AutoencoderKL(nn.Module):
     self.quant_conv = conv(2 * cfg.latent_channels, 1, **kw) if cfg.use_quant_conv else None
     self.post_quant_conv = (conv(cfg.latent_channels, 1, **kw) if cfg.use_post_quant_conv else None)
 
-  def encode(self, x: jax.Array) -> DiagonalGaussianDistribution:
+  def moments(self, x: jax.Array) -> jax.Array:
+    """The posterior's moments (mean and log-variance on channels, unclipped, in `dtype`): what tiles blend."""
     h = self.encoder(x.astype(self.dtype))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
-    return DiagonalGaussianDistribution.from_moments(h)
+    return h
+
+  def encode(self, x: jax.Array) -> DiagonalGaussianDistribution:
+    return DiagonalGaussianDistribution.from_moments(self.moments(x))
 
   def decode(self, z: jax.Array) -> jax.Array:
     z = z.astype(self.dtype)
