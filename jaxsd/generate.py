@@ -27,6 +27,7 @@ from jaxsd import conditioning, mask_crop, pag, pipeline_controlnet
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_controlnet import StableDiffusionControlNet
+from jaxsd.pipeline_t2i_adapter import StableDiffusionAdapter, StableDiffusionXLAdapter
 
 
 @dataclasses.dataclass
@@ -132,7 +133,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
              padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=None,
              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, eta: float = 0.0,
-             ip_adapter_image=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0) -> GenerateResult:
+             ip_adapter_image=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0,
+             adapter_images=None, adapter_conditioning_scale=None,
+             adapter_conditioning_factor: float | None = None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -156,7 +159,10 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   fresh noise and tcd's gamma, refused by the other samplers unless 0. With an IP-Adapter loaded
   (`pipe.load_ip_adapter`), `ip_adapter_image` is the image prompt of every job, at the adapter's scale. FreeU acts
   as `pipe.enable_freeu` set it. With Perturbed-Attention Guidance on (`pipe.enable_pag`), `pag_scale` (default 3.0)
-  and `pag_adaptive_scale` are the pipeline calls' (`jaxsd.pag`). Bad
+  and `pag_adaptive_scale` are the pipeline calls' (`jaxsd.pag`). A T2I-Adapter pipeline
+  (`jaxsd.pipeline_t2i_adapter`, text-to-image only) takes `adapter_images` (one image per adapter, used for every
+  job; height and width default to the first one's size), `adapter_conditioning_scale` (one, or one per adapter;
+  default 1) and, for SDXL, `adapter_conditioning_factor` (default 1), as its call. Bad
   arguments, checked before anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -206,6 +212,16 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
     if mask.shape[:3] != image.shape[:3]:
       raise ValueError(f"the mask is {mask.shape[2]}x{mask.shape[1]} (WxH), the init image {image.shape[2]}x"
                        f"{image.shape[1]}: give a mask of the image's size (white = repaint).")
+  adapted = isinstance(pipe, StableDiffusionAdapter)
+  given = (adapter_images, adapter_conditioning_scale, adapter_conditioning_factor)
+  if not adapted and any(v is not None for v in given):
+    raise ValueError("adapter images or settings without T2I-Adapters: steer the pipeline with "
+                     "StableDiffusionAdapter.from_pipeline(pipe, adapters).")
+  if adapted:
+    if adapter_conditioning_factor is not None and not isinstance(pipe, StableDiffusionXLAdapter):
+      raise ValueError("adapter_conditioning_factor applies to SDXL T2I-Adapter pipelines (diffusers' "
+                       "StableDiffusionXLAdapterPipeline); the SD one adds the features at every step.")
+    height, width = pipe.output_size(adapter_images, height, width)
   control, control_options = None, {"guess_mode": bool(guess_mode)} if controlled else {}
   if guess_mode and not controlled:
     raise ValueError("guess_mode applies to ControlNet pipelines (pipe.with_controlnet(...)).")
@@ -223,6 +239,14 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if control is not None:  # which ControlNets act at each model call of this schedule
     control_ims, scales, start, end = control
     control = control_ims, scales, pipeline_controlnet.control_keep(schedule.timesteps.shape[0], start, end)
+  adapter = None
+  if adapted:  # one image per adapter (a batch of one, on every device), its scales, the calls that get features
+    factor = None  # the SD pipeline's: every call; SDXL's default 1: the first `steps` calls, as diffusers
+    if isinstance(pipe, StableDiffusionXLAdapter):
+      factor = 1.0 if adapter_conditioning_factor is None else adapter_conditioning_factor
+    adapter = pipe.adapter_inputs(adapter_images, height, width,
+                                  1.0 if adapter_conditioning_scale is None else adapter_conditioning_scale, factor,
+                                  schedule.timesteps.shape[0], steps, 1)
   if task == "inpaint" and crop:  # the crop, inpainted at height x width, is pasted back at the end
     crops = mask_crop.crop(image, mask, width, height, pad)
     image, mask = crops.images, crops.masks
@@ -266,6 +290,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       control_ims, scales, keep = control
       cond["control_images"] = tuple(shard(jnp.broadcast_to(im, (global_batch,) + im.shape[1:])) for im in control_ims)
       cond["scales"], cond["keep"] = (jnp.broadcast_to(x, (n_dev,) + x.shape) for x in (scales, keep))
+    if adapter is not None:  # the adapter images (one each, the features broadcast to the batch), once per device
+      cond.update({k: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_dev,) + x.shape), v) for k, v in adapter.items()})
     if ip is not None:  # the image embeddings of every job, the scales once per device (several adapters: tuples)
       every_job = lambda v: shard(jnp.broadcast_to(v, (global_batch,) + v.shape[1:]))  # noqa: E731
       cond["ip_adapter"] = {k: jax.tree.map(every_job, v) for k, v in ip.items() if k != "scale"}

@@ -18,14 +18,15 @@ import jax.numpy as jnp
 from jaxsd import hub, model_folder, weights
 from jaxsd.config import write_json_object
 from jaxsd.model_folder import DIFFUSERS_VERSION
-from jaxsd.models import clip, controlnet, unet, vae
+from jaxsd.models import clip, controlnet, t2i_adapter, unet, vae
 from jaxsd.files import written_whole
 
 
 def _spec(module: nn.Module) -> dict[str, Any]:
   """How each network is saved: file name and the config.json entries besides the fields."""
   name = type(module).__name__
-  if isinstance(module, (unet.UNet2DConditionModel, vae.AutoencoderKL, controlnet.ControlNetModel)):
+  if isinstance(module,
+                (unet.UNet2DConditionModel, vae.AutoencoderKL, controlnet.ControlNetModel, t2i_adapter.T2IAdapter)):
     return {
         "file": "diffusion_pytorch_model.safetensors",
         "extra": {
@@ -66,6 +67,9 @@ def example_inputs(module: nn.Module, batch: int = 1) -> tuple:
       inputs += (1.0, False, jnp.zeros((batch, cfg.projection_class_embeddings_input_dim),
                                        jnp.float32), jnp.zeros((batch, 0), jnp.float32))
     return inputs
+  if isinstance(module, t2i_adapter.T2IAdapter):
+    size = cfg.total_downscale_factor
+    return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),)
   if isinstance(module, vae.AutoencoderKL):
     size = cfg.downsampling_factor
     return (jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),)
@@ -131,6 +135,7 @@ def _load(module_cls, config_cls, path: str, dtype, param_dtype, variant, allow_
 _KINDS = {
     "unet": (unet.UNet2DConditionModel, unet.UNet2DConditionConfig, None),
     "controlnet": (controlnet.ControlNetModel, controlnet.ControlNetConfig, None),
+    "t2i_adapter": (t2i_adapter.T2IAdapter, t2i_adapter.T2IAdapterConfig, None),
     "vae": (vae.AutoencoderKL, vae.AutoencoderKLConfig, _legacy_vae_names),
     "text_encoder": (clip.CLIPTextModel, clip.CLIPTextConfig, _prefixed("text_model.")),
     "text_encoder_2": (clip.CLIPTextModelWithProjection, clip.CLIPTextConfig,
@@ -167,6 +172,13 @@ def load_controlnet(path: str, dtype=jnp.float32, param_dtype=None, *, variant: 
   """Loads a diffusers `ControlNetModel` folder (config.json + weights), strictly. Returns (module, params)."""
   return _load(controlnet.ControlNetModel, controlnet.ControlNetConfig, path, dtype, param_dtype, variant, allow_pickle,
                **module_kwargs)
+
+
+def load_t2i_adapter(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
+                     allow_pickle: bool = False):
+  """Loads a diffusers `T2IAdapter` folder (config.json + weights; TencentARC's t2iadapter_* and
+  t2i-adapter-*-sdxl-1.0), strictly. Returns (module, params)."""
+  return _load(t2i_adapter.T2IAdapter, t2i_adapter.T2IAdapterConfig, path, dtype, param_dtype, variant, allow_pickle)
 
 
 def load_vae(path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None, allow_pickle: bool = False,
@@ -226,6 +238,6 @@ def save_pretrained(module: nn.Module, params: Any, path: str, dtype=None) -> No
 
 
 __all__ = [
-    "load_unet", "load_controlnet", "load_vae", "load_text_encoder", "load_image_encoder", "load_clip",
-    "save_pretrained", "init_params", "abstract_params", "example_inputs"
+    "load_unet", "load_controlnet", "load_t2i_adapter", "load_vae", "load_text_encoder", "load_image_encoder",
+    "load_clip", "save_pretrained", "init_params", "abstract_params", "example_inputs"
 ]

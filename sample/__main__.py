@@ -1,10 +1,11 @@
 """python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
 and all three under ControlNets (--controlnet --control-image, or a ControlNet pipeline's --model folder) and with an
-image prompt (--ip-adapter --ip-adapter-image) across every local accelerator. Flags only; the work is in
-jaxsd.generate.
+image prompt (--ip-adapter --ip-adapter-image), and text-to-image under T2I-Adapters (--t2i-adapter --adapter-image),
+across every local accelerator. Flags only; the work is in jaxsd.generate.
 
 Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
-diffusers does; 16-bit, float and CMYK files are refused."""
+diffusers does; 16-bit, 32-bit and float grey files (depth maps) are scaled to 8 bits first, CMYK, LAB and YCbCr
+files refused."""
 
 from __future__ import annotations
 
@@ -102,6 +103,20 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--guess-mode", action="store_true",
                  help="ControlNet guess mode: residuals 0.1x..1x, only the conditional half of guidance steered")
   p.add_argument(
+      "--t2i-adapter", action="append", default=[], metavar="FOLDER",
+      help="a diffusers T2IAdapter folder or Hub id (TencentARC t2iadapter_* for SD 1.x, t2i-adapter-*-sdxl-1.0 for "
+      "SDXL; repeatable: MultiAdapter, features summed); text-to-image only")
+  p.add_argument(
+      "--adapter-image", action="append", default=[], metavar="IMG",
+      help="the conditioning image of each --t2i-adapter, in the same order (resized to the output; --height/--width "
+      "default to the first one's size, rounded down to the adapter's factor)")
+  p.add_argument("--adapter-scale", type=float, nargs="+", default=None, metavar="S",
+                 help="the adapters' conditioning scale: one for all, or one per --t2i-adapter (default 1; 0: off)")
+  p.add_argument(
+      "--adapter-factor", type=float, default=None, metavar="F",
+      help="SDXL: the fraction of the steps that get the adapters' features (diffusers' adapter_conditioning_factor, "
+      "default 1)")
+  p.add_argument(
       "--lora", action="append", default=[], metavar="FILE[:SCALE]",
       help="a LoRA adapter (diffusers/PEFT or kohya .safetensors, or a Hub id owner/name) at weight SCALE "
       "(default 1; repeatable)")
@@ -122,9 +137,11 @@ def parse(argv=None) -> argparse.Namespace:
       "--image-encoder")
   p.add_argument("--ip-adapter-image", default=None, metavar="IMG",
                  help="with --ip-adapter: the image prompt, for every image generated")
-  p.add_argument("--ip-adapter-scale", default=None, metavar="S",
-                 help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike), "
-                 "or per-block weights as JSON (InstantStyle, SDXL style only: '{\"up\": {\"block_0\": [0, 1, 0]}}')")
+  per_block = '{"up": {"block_0": [0, 1, 0]}}'  # InstantStyle's style-only weights (SDXL)
+  p.add_argument(
+      "--ip-adapter-scale", default=None, metavar="S",
+      help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike), "
+      f"or per-block weights as JSON ({per_block})")
   p.add_argument("--image-encoder", default=None, metavar="FOLDER",
                  help="with --ip-adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder")
   p.add_argument(
@@ -314,6 +331,37 @@ def check_flags(args) -> None:
       raise FileNotFoundError(f"{flag} {value}: no such file or folder; give a diffusers {what} folder, a Hub id "
                               f"(owner/name) or a {what} .safetensors file.")
   check_controlnet_flags(args)
+  check_t2i_adapter_flags(args)
+
+
+def check_t2i_adapter_flags(args) -> None:
+  """The T2I-Adapter flags: one --adapter-image per --t2i-adapter, scales one or one per adapter, a factor in
+  [0, 1], text-to-image only, no ControlNets beside them."""
+  n = len(args.t2i_adapter)
+  if not n:
+    for flag, value in (("--adapter-image", args.adapter_image), ("--adapter-scale", args.adapter_scale),
+                        ("--adapter-factor", args.adapter_factor)):
+      if value not in (None, []):
+        raise ValueError(f"{flag} needs --t2i-adapter FOLDER (a diffusers T2IAdapter folder).")
+    return
+  if len(args.adapter_image) != n:
+    raise ValueError(f"{len(args.adapter_image)} --adapter-image for {n} --t2i-adapter: give one image per adapter, in "
+                     "the same order.")
+  if args.adapter_scale is not None and len(args.adapter_scale) not in (1, n):
+    raise ValueError(f"--adapter-scale has {len(args.adapter_scale)} values for {n} T2I-Adapters: give one, or one "
+                     "per adapter.")
+  if args.adapter_scale is not None and not finite32(args.adapter_scale):
+    raise ValueError(f"--adapter-scale {args.adapter_scale}: must be finite numbers (1: as trained, 0: off).")
+  if args.adapter_factor is not None and not 0.0 <= args.adapter_factor <= 1.0:
+    raise ValueError(f"--adapter-factor {args.adapter_factor}: the fraction of the steps, in [0, 1].")
+  if args.init_image:
+    raise ValueError("--t2i-adapter does text-to-image only (as diffusers' adapter pipelines): drop --init-image.")
+  if args.controlnet:
+    raise ValueError("--t2i-adapter with --controlnet is not supported (diffusers has no such pipeline): use one.")
+  for path in args.t2i_adapter:
+    if not os.path.isdir(path) and not hub.is_repo_id(path):  # a Hub id (owner/name) is the loader's to find
+      raise FileNotFoundError(f"--t2i-adapter {path}: no such folder; give a diffusers T2IAdapter folder "
+                              "(config.json and weights).")
 
 
 def ip_adapter_scale_flag(text: str) -> float | dict:
@@ -455,6 +503,7 @@ def main(argv=None) -> int:
     init_image = conditioning.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     control_images = [conditioning.load_image(path, "--control-image") for path in args.control_image]
+    adapter_images = [conditioning.load_image(path, "--adapter-image") for path in args.adapter_image]
     ip_image = conditioning.load_image(args.ip_adapter_image, "--ip-adapter-image") if args.ip_adapter else None
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
@@ -463,6 +512,12 @@ def main(argv=None) -> int:
     controlnets = getattr(pipe, "controlnets", ())
     if not args.controlnet:  # a ControlNet pipeline folder's (a Hub id's is known now)
       check_controlnet_flags(args, len(controlnets))
+    if args.t2i_adapter:
+      if controlnets:
+        raise ValueError(f"--model {args.model} brings ControlNets; --t2i-adapter steers a plain model.")
+      from jaxsd.pipeline_t2i_adapter import StableDiffusionAdapter
+
+      pipe = StableDiffusionAdapter.from_pipeline(pipe, args.t2i_adapter, allow_pickle=args.allow_pickle)
     if args.unet is not None:
       pipe.swap_unet(args.unet, allow_pickle=args.allow_pickle)
     if args.timestep_spacing is not None:
@@ -496,6 +551,10 @@ def main(argv=None) -> int:
                                                                                      args.control_guidance_end)):
         if values is not None:
           control[name] = values[0] if len(values) == 1 else values
+    if args.t2i_adapter:
+      scale = args.adapter_scale
+      control = dict(adapter_images=adapter_images, adapter_conditioning_factor=args.adapter_factor,
+                     adapter_conditioning_scale=None if scale is None else scale[0] if len(scale) == 1 else scale)
     result = generate.generate(pipe, prompts, num_images=args.num_images, steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                negative_prompt=args.negative_prompt, batch_per_device=args.batch_per_device,

@@ -126,6 +126,22 @@ def test_sample_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
   assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--adapter-image", "x.png"], "--adapter-image needs --t2i-adapter FOLDER"),
+    (["--t2i-adapter", "/nonexistent/a", "--adapter-image", "x.png", "--adapter-image", "y.png"
+     ], "2 --adapter-image for 1 --t2i-adapter"),
+    (["--t2i-adapter", "/nonexistent/a", "--adapter-image", "x.png", "--adapter-scale", "1", "2"
+     ], "--adapter-scale has 2 values for 1 T2I-Adapters"),
+    (["--t2i-adapter", "/nonexistent/a", "--adapter-image", "x.png", "--adapter-factor", "1.5"
+     ], "--adapter-factor 1.5: the fraction of the steps, in [0, 1]"),
+    (["--t2i-adapter", "/nonexistent/a", "--adapter-image", "x.png", "--init-image", "x.png"], "text-to-image only"),
+    (["--t2i-adapter", "/nonexistent/a", "--adapter-image", "x.png"], "--t2i-adapter /nonexistent/a: no such folder"),
+])
+def test_sample_t2i_adapter_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
+  assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", *args)) == 2
+  assert message in _one_error_line(capsys)
+
+
 def test_sample_prompts_file_with_only_blank_lines(tmp_path, capsys):
   path = tmp_path / "prompts.txt"
   path.write_text("\n   \n\t\n")

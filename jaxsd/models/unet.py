@@ -247,7 +247,8 @@ class CrossAttnDownBlock2D(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, additional_residuals=None):
+    """`additional_residuals`: a T2I-Adapter's features, added after the last ResNet / attention pair."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     states = ()
     for i in range(self.num_layers):
@@ -259,6 +260,8 @@ class CrossAttnDownBlock2D(nn.Module):
                              only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
                              attention_implementation=self.attention_implementation, name=f"attentions_{i}",
                              **kw)(x, context)
+      if i == self.num_layers - 1 and additional_residuals is not None:
+        x = x + additional_residuals.astype(x.dtype)
       states += (x,)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -421,7 +424,8 @@ class UNet2DConditionModel(nn.Module):
                mid_block_additional_residual: jax.Array | None = None, timestep_cond: jax.Array | None = None,
                image_embeds: jax.Array | None = None, ip_adapter_scale: jax.Array | float = 1.0,
                image_projection: ResamplerConfig | None = None, freeu: jax.Array | None = None,
-               pag_layers: frozenset[str] | tuple[str, ...] = (), pag_rows: int = 0) -> jax.Array:
+               pag_layers: frozenset[str] | tuple[str, ...] = (), pag_rows: int = 0,
+               down_intrablock_additional_residuals: tuple[jax.Array, ...] | None = None) -> jax.Array:
     """`timestep_cond` (B, time_cond_proj_dim): the guidance-scale embedding of an LCM-distilled U-Net
     (`layers.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
     features through `time_embedding.cond_proj`; U-Nets without time_cond_proj_dim refuse it.
@@ -439,7 +443,11 @@ class UNet2DConditionModel(nn.Module):
     the first two up blocks as diffusers' `enable_freeu` (`jaxsd.models.freeu`; every value acts, where diffusers'
     blocks skip FreeU when a factor is 0); None: the plain U-Net. `pag_layers` (static): the self-attentions that
     Perturbed-Attention Guidance perturbs, as parameter paths ("mid_block/attentions_0/transformer_blocks_0/attn1");
-    in them the last `pag_rows` rows of the batch get the identity attention (`layers.PerturbedSelfAttention`)."""
+    in them the last `pag_rows` rows of the batch get the identity attention (`layers.PerturbedSelfAttention`).
+    `down_intrablock_additional_residuals`: a T2I-Adapter's feature maps (`jaxsd.models.t2i_adapter`), taken in
+    order where diffusers adds them: inside each CrossAttnDownBlock2D after its last ResNet / attention pair, after
+    each DownBlock2D (its last skip too), and the next one to the mid block's output when its shape is that
+    output's (SDXL adapters); None: the plain U-Net."""
     cfg = self.config
     n = cfg.num_blocks
     kw, common, attn, heads, layers, only_cross = _block_settings(self, cfg)
@@ -465,7 +473,7 @@ class UNet2DConditionModel(nn.Module):
         raise ValueError(f"pag_rows={pag_rows}: the perturbed rows must be some of the batch's {x.shape[0]}.")
       context = PerturbedSelfAttention(context, frozenset(pag_layers), pag_rows)
     x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
-    x, skips = encode(self, cfg, x, emb, context)
+    x, skips = encode(self, cfg, x, emb, context, down_intrablock_additional_residuals)
 
     if down_block_additional_residuals is not None:
       if len(down_block_additional_residuals) != len(skips):
@@ -543,13 +551,15 @@ def embed_time(module: nn.Module, cfg: UNet2DConditionConfig, timesteps, batch: 
   return emb
 
 
-def encode(module: nn.Module, cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array,
-           context: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """Down blocks and mid block from conv_in's output: (mid block output, skips: conv_in's output first)."""
+def encode(module: nn.Module, cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array, context: jax.Array,
+           intrablock: tuple[jax.Array, ...] | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """Down blocks and mid block from conv_in's output: (mid block output, skips: conv_in's output first).
+  `intrablock`: a T2I-Adapter's features, consumed in order as diffusers' `down_intrablock_additional_residuals`."""
   n = cfg.num_blocks
   kw, common, attn, heads, layers, only_cross = _block_settings(module, cfg)
   tlayers, _ = cfg.transformer_layers()
   wrap = nn.remat if module.gradient_checkpointing else (lambda cls: cls)
+  residuals = list(intrablock or ())
 
   skips = (x,)
   for i, block_type in enumerate(cfg.down_block_types):
@@ -559,10 +569,14 @@ def encode(module: nn.Module, cfg: UNet2DConditionConfig, x: jax.Array, emb: jax
       block = wrap(CrossAttnDownBlock2D)(out, layers[i], heads[i], tlayers[i], add_downsample=not final,
                                          downsample_padding=cfg.downsample_padding, only_cross_attention=only_cross[i],
                                          name=f"down_blocks_{i}", **attn, **common)
+      x, states = block(x, emb, context, *([residuals.pop(0)] if residuals else []))
     else:
       block = wrap(DownBlock2D)(out, layers[i], add_downsample=not final, downsample_padding=cfg.downsample_padding,
                                 name=f"down_blocks_{i}", **common)
-    x, states = block(x, emb, context)
+      x, states = block(x, emb, context)
+      if residuals:  # diffusers adds in place (`sample += ...`): the block's last skip, the same tensor, gets it too
+        x = x + residuals.pop(0).astype(x.dtype)
+        states = states[:-1] + (x,)
     skips += states
 
   if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
@@ -572,6 +586,8 @@ def encode(module: nn.Module, cfg: UNet2DConditionConfig, x: jax.Array, emb: jax
     x = wrap(UNetMidBlock2D)(num_layers=0, resnet_groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps,
                              act_fn=cfg.act_fn, output_scale_factor=cfg.mid_block_scale_factor, add_attention=False,
                              resnet_time_scale_shift=cfg.resnet_time_scale_shift, name="mid_block", **kw)(x, emb)
+  if cfg.mid_block_type is not None and residuals and residuals[0].shape == x.shape:  # SDXL adapters' last map
+    x = x + residuals.pop(0).astype(x.dtype)
   return x, skips
 
 
