@@ -1,7 +1,7 @@
 """LoRA adapters made elsewhere, as low-rank updates of jaxsd's U-Net and text-encoder parameters: reading them.
 Writing them is `jaxsd.lora_export`, applying them (at weights, several at once) `jaxsd.lora_merge`.
 
-Reads the formats in circulation and maps every key onto a Dense or Conv kernel of the parameter
+Reads the formats in circulation and maps every key onto a Dense or Conv kernel (or a norm layer) of the parameter
 trees (whose paths mirror the PyTorch state-dict keys, see `jaxsd.weights`):
 
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `lora_B.weight`, `text_encoder.<module>...`;
@@ -31,7 +31,15 @@ LyCORIS LoHa (`hada_w1_a`, ..., optional Tucker `hada_t1` / `hada_t2`), LoKr (`l
 kohya-named files load as A1111's Lora extension applies them, on linear layers, convolutions of any size and the text
 encoders, with `dora_scale` too (`jaxsd.lora_lycoris`): their update is no low-rank product, so such a layer's
 `Factors` holds its whole update ΔW (`up` None) and takes the memory of the kernel it adapts. diffusers does not load
-them. Still refused, by name: LyCORIS' full (`diff`) and norm (`w_norm`) layers, OFT, (IA)^3, a lora_B bias.
+them. LyCORIS' full layers (`diff`: the whole ΔW of a Dense or Conv kernel, with an optional `diff_b`: ΔB of its
+bias) and norm layers (`w_norm` and `b_norm`: ΔW and ΔB of a GroupNorm's or LayerNorm's scale and bias: `norm1`,
+`norm2`, `norm`, `conv_norm_out`, a transformer block's `norm1/2/3`, the text encoders' `layer_norm1/2` and
+`final_layer_norm`; sgm names such as `in_layers_0` too) load as well, as A1111 applies them: W + w * ΔW and
+b + w * ΔB at the adapter's weight w, no alpha (`jaxsd.lora_lycoris.whole`); such an adapter's layers include `scale`
+and `bias` leaves. A1111 itself finds SD 1.x's `conv_norm_out` and `final_layer_norm` under no name (its diffusers ->
+LDM renaming lacks them) and skips them; jaxsd applies every layer a file names, as ComfyUI does the U-Net's.
+Still refused, by name: OFT, (IA)^3, a lora_B bias (PEFT's lora_bias), and the weight-shaped `.bias` that A1111 adds to
+a layer's ΔW (ComfyUI ignores it; no trainer in circulation writes it).
 """
 
 from __future__ import annotations
@@ -90,8 +98,7 @@ _ROLE = {
 # Adapter types that are not LoRA (or LoRA plus something): named in the error so the user knows why.
 _OTHER_KINDS = (
     (r"lora_B\.bias", "LoRA with a bias (lora_bias)"),
-    (r"\.diff(_b)?$", "LyCORIS full (diff)"),
-    (r"\.[wb]_norm$", "LyCORIS norm"),
+    (r"^lora_(unet|te[12]?)_[^.]+\.bias$", "A1111's weight-shaped .bias (added to a layer's ΔW)"),
     (r"(^|[._])oft_", "OFT"),
     (r"\.on_input$", "(IA)^3"),
 )
@@ -99,18 +106,20 @@ _OTHER_KINDS = (
 
 class Factors(NamedTuple):
   """One layer's update, kernel + scale * (down @ up).reshape(kernel.shape) (DoRA: rescaled, see `jaxsd.lora_dora`);
-  with `up` None (LyCORIS LoHa / LoKr, `jaxsd.lora_lycoris`), kernel + scale * down: `down` is the whole update."""
+  with `up` None (LyCORIS LoHa / LoKr / full / norm, `jaxsd.lora_lycoris`), kernel + scale * down: `down` is the whole
+  update, of a kernel or (full and norm layers) of a norm's scale or a layer's bias."""
   down: Any  # (fan_in, r): the kernel's input axes (kh, kw, in) flattened in flax order; or ΔW (kernel_shape)
   up: Any  # (r, features); None when `down` is the whole update
-  scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA)
-  kernel_shape: tuple[int, ...]  # the flax kernel's: (in, out) for Dense, (kh, kw, in, out) for Conv
+  scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA); 1 for LyCORIS full and norm layers
+  kernel_shape: tuple[int, ...]  # the flax kernel's: (in, out) for Dense, (kh, kw, in, out) for Conv; or the leaf's
   magnitude: Any = None  # DoRA's, fp32, broadcasting against the kernel along the axis it scales; None: plain LoRA
   blend: bool = False  # DoRA from a kohya-style file: its weight blends W and the DoRA weight, as A1111 (lora_dora)
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """A LoRA adapter mapped onto a model: network ("unet" / "text_encoder") -> kernel path -> Factors."""
+  """A LoRA adapter mapped onto a model: network ("unet" / "text_encoder") -> parameter path -> Factors (a kernel's
+  path; LyCORIS full and norm layers also a norm's `scale` and a layer's `bias`)."""
   layers: dict[str, dict[Path, Factors]]
   ignored: tuple[str, ...] = ()  # keys of the file that map to no layer (loaded with strict=False)
 
@@ -181,6 +190,16 @@ def kernel_modules(params: Any, prefix: str = "") -> dict[str, tuple[Path, tuple
   for path, leaf in traverse_util.flatten_dict(params).items():
     if path[-1] == "kernel":
       out[prefix + weights.path_to_torch_key(path).removesuffix(".weight")] = (path, tuple(leaf.shape))
+  return out
+
+
+def weight_modules(params: Any) -> dict[str, tuple[Path, tuple[int, ...]]]:
+  """`kernel_modules` and the GroupNorm / LayerNorm layers (their `scale`, PyTorch's `weight`): the layers LyCORIS'
+  full and norm updates may target (A1111 patches Linear, Conv2d, GroupNorm and LayerNorm)."""
+  out = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    if path[-1] in ("kernel", "scale"):
+      out[weights.path_to_torch_key(path).removesuffix(".weight")] = (path, tuple(leaf.shape))
   return out
 
 
@@ -260,7 +279,7 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
   Args:
     state_dict: key -> array, as in the file.
     params: the model's parameter trees (arrays or ShapeDtypeStructs) by network name ("unet", "text_encoder",
-      "text_encoder_2": the ones the model has); only their kernels' shapes are read.
+      "text_encoder_2": the ones the model has); only the shapes of their kernels, norms and biases are read.
     metadata: diffusers' adapter metadata ("unet.lora_alpha", "unet.alpha_pattern", ...), if any.
     strict: a key that maps to no layer (or to a network the model lacks, e.g. `lora_te1_` for an SDXL
       refiner) is an error naming it; with strict=False such keys are left out and listed in
@@ -271,7 +290,12 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
       fit the layer (both shapes), or a layer given twice.
   """
   metadata = dict(metadata or {})
-  tables = {n: kernel_modules(params[n]) for n in NETWORKS if params.get(n) is not None}
+  tables = {n: weight_modules(params[n]) for n in NETWORKS if params.get(n) is not None}
+  biases = {
+      n: {
+          p[:-1]: tuple(v.shape) for p, v in traverse_util.flatten_dict(params[n]).items() if p[-1] == "bias"
+      } for n in tables
+  }
   kohya = {n: {"kohya:" + k: t[name] for k, name in lora_names.kohya_names(n, t).items()} for n, t in tables.items()}
   for n in ("text_encoder", "text_encoder_2"):  # transformers 5 names a bare CLIPTextModel's keys without `text_model.`
     if n in tables:
@@ -291,6 +315,8 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
       candidates = [network] if network else ["unet", "text_encoder"]  # no prefix: diffusers' old U-Net files
       for n in candidates:
         found = (kohya if module.startswith("kohya:") else tables).get(n, {}).get(module)
+        if found and found[0][-1] != "kernel" and role not in lora_lycoris.WHOLE + ("alpha",):
+          found = None  # only LyCORIS full and norm updates adapt a norm layer
         if found:
           where, shapes[(n, found[0])] = (n, found[0]), found[1]
           break
@@ -301,6 +327,10 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
       raise ValueError(f"{key} and {keys[where][0]}: one layer given twice in this file; keep one spelling.")
     groups[where][role] = state_dict[key]
     keys[where].append(key)
+  for w, g in groups.items():
+    if lora_lycoris.mixed(g):
+      name = _name(next(k for k in keys[w] if not k.endswith(".alpha")))
+      raise ValueError(f"{name}: {lora_lycoris.mixed(g)} for one layer.")
   incomplete = [
       w for w, g in groups.items()
       if (lora_lycoris.missing(g) if lora_lycoris.kind(g) else "down" not in g or "up" not in g)
@@ -328,6 +358,13 @@ def from_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], me
     name = _name(next(k for k in keys[(network, path)] if not k.endswith(".alpha")))
     alpha = float(np.asarray(g["alpha"], np.float64).reshape(-1)[0]) if "alpha" in g else None
     lycoris = lora_lycoris.kind(g)
+    if lycoris in ("full", "norm"):  # whole updates of the weight and the bias, scale 1 (lora_lycoris.whole)
+      shape = shapes[(network, path)]
+      delta, bias = lora_lycoris.whole(name, g, shape, path[-1] == "kernel", biases[network].get(path[:-1]))
+      layers.setdefault(network, {})[path] = Factors(delta, None, 1.0, shape)
+      if bias is not None:
+        layers[network][path[:-1] + ("bias",)] = Factors(bias, None, 1.0, bias.shape)
+      continue
     if lycoris:
       down, rank = lora_lycoris.update(name, g, shapes[(network, path)])
       up, scale = None, lora_lycoris.scale(alpha, rank)
@@ -374,7 +411,8 @@ def _unmapped_message(unmapped: Sequence[str], incomplete: Sequence[str], nothin
   if unmapped:
     parts.append(f"LoRA keys that map to no layer of this model: {_listed(unmapped)}")
   if incomplete:
-    parts.append(f"layers with only one of lora_down/lora_up, or lacking LyCORIS factors (hada_*, lokr_*): "
+    parts.append(f"layers with only one of lora_down/lora_up, or lacking LyCORIS factors (hada_*, lokr_*, diff, "
+                 "w_norm/b_norm): "
                  f"{', '.join(sorted(incomplete)[:6])}")
   hint = " (is it an adapter for another model: SD 1.x, SD 2.x or SDXL?)"
   return "; ".join(parts) + hint + (

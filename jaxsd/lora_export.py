@@ -61,8 +61,9 @@ def to_state_dict(adapter: Adapter, fmt: str = "peft", dtype=np.float32,
            for f in layers.values()):
       raise ValueError(f"a {network} adapter mixing DoRA and plain layers, or with kohya-style DoRA (A1111's blend, "
                        "per-input-channel magnitudes): only PEFT's DoRA, on every layer of a network, is written.")
-  if any(f.up is None for layers in adapter.layers.values() for f in layers.values()):
-    raise ValueError("a LyCORIS LoHa / LoKr adapter: only plain LoRA adapters are written.")
+  if any(f.up is None for layers in adapter.layers.values() for f in layers.values()):  # no lora_down / lora_up
+    raise ValueError("a LyCORIS LoHa / LoKr / full / norm adapter (whole updates, no low-rank factors): only plain "
+                     "LoRA adapters are written.")
   out, metadata = {}, {}
   prefixes = lora_names.SDXL_PREFIXES if "text_encoder_2" in adapter.layers else lora_names.PREFIXES
   for network, layers in adapter.layers.items():

@@ -9,8 +9,9 @@ ResNet's conv1); A1111 and ComfyUI load both spellings, so `kohya_names` gives b
 The sgm U-Net numbers its blocks flat: `input_blocks.0` is conv_in, then per down block one entry per
 (ResNet, attention) pair and one for its downsampler; `middle_block` 0 / 1 / 2 is ResNet, attention, ResNet;
 `output_blocks` per up block one entry per (ResNet, attention[, upsampler]) with the upsampler in the last;
-`out.2` is conv_out. Inside a ResNet: `in_layers.2` (conv1), `emb_layers.1` (time_emb_proj), `out_layers.3`
-(conv2), `skip_connection` (conv_shortcut); attention blocks keep diffusers' names.
+`out.0` / `out.2` are conv_norm_out / conv_out. Inside a ResNet: `in_layers.0` / `in_layers.2` (norm1 / conv1),
+`emb_layers.1` (time_emb_proj), `out_layers.0` / `out_layers.3` (norm2 / conv2), `skip_connection` (conv_shortcut);
+attention blocks keep diffusers' names.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ KEY = re.compile(r"(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\
                  lora_lycoris.KEY_SUFFIX + ")")
 
 _RESNET = {
+    "norm1": "in_layers.0",  # GroupNorms: LyCORIS norm layers (`w_norm`), A1111's suffix_conversion
+    "norm2": "out_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
     "conv2": "out_layers.3",
@@ -34,6 +37,7 @@ _RESNET = {
 }
 _TOP = {
     "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
     "conv_out": "out.2",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",

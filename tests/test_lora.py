@@ -461,10 +461,10 @@ def test_other_adapter_kinds_are_refused_even_when_unmatched_keys_are_ignored(se
   params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
   module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
   kohya = f"lora_unet_{module.replace('.', '_')}"
-  others = {
+  others = {  # (LyCORIS' full and norm layers load: tests/test_lora_lycoris.py)
       f"unet.{module}.lora_B.bias": "bias",
-      f"{kohya}.diff_b": "diff",
-      "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": "norm",
+      f"{kohya}.bias": "weight-shaped",
+      f"{kohya}.on_input": r"\(IA\)\^3",
   }
   for extra, kind in others.items():
     with pytest.raises(ValueError, match=rf"{kind}.*not supported.*{re.escape(extra)}"):

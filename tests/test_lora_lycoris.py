@@ -10,6 +10,7 @@ the reference is A1111's formula; that merge is then loaded into diffusers' pipe
 
 from __future__ import annotations
 
+import collections
 import re
 
 import diffusers
@@ -30,16 +31,21 @@ TE = r"(q_proj|out_proj|fc1)"
 NETS = ("unet", "text_encoder")
 
 
-def _modules(models: dict) -> dict:
-  """network -> {kohya layer name: PyTorch weight} for the targeted layers."""
+def _kohya_name(net: str, key: str) -> str:
+  """A PyTorch state-dict key (`<module>.weight`) -> its layer's kohya name (`lora_unet_…`, `lora_te_text_model_…`)."""
+  module = key.removesuffix(".weight")
+  module = module if net == "unet" else "text_model." + module.removeprefix("text_model.")
+  return ("lora_unet_" if net == "unet" else "lora_te_") + module.replace(".", "_")
+
+
+def _modules(models: dict, unet: str = UNET, te: str = TE) -> dict:
+  """network -> {kohya layer name: PyTorch weight} for the layers whose module names end in the patterns."""
   out = {}
-  for net, (prefix, pattern) in {"unet": ("lora_unet_", UNET), "text_encoder": ("lora_te_", TE)}.items():
+  for net, pattern in {"unet": unet, "text_encoder": te}.items():
     out[net] = {}
     for key, w in models[net].state_dict().items():
-      module = key.removesuffix(".weight")
-      if key.endswith(".weight") and re.search(pattern + "$", module):
-        module = module if net == "unet" else "text_model." + module.removeprefix("text_model.")
-        out[net][prefix + module.replace(".", "_")] = w.double()
+      if key.endswith(".weight") and re.search(pattern + "$", key.removesuffix(".weight")):
+        out[net][_kohya_name(net, key)] = w.double()
   return out
 
 
@@ -212,17 +218,20 @@ def _params(pipe) -> dict:
 def _assert_merged_as_a1111(models: dict, modules: dict, params: dict, got: dict, want: dict) -> None:
   """Every kernel of `got` (jaxsd's merge) equals the models' weights with `want`'s layers replaced (PyTorch layout,
   converted by `jaxsd.weights`), and the adapters moved those layers well beyond the tolerance."""
+  keys = {net: {_kohya_name(net, k): k for k in models[net].state_dict() if k.endswith(".weight")} for net in NETS}
+  _assert_state_as_a1111(models, params, got, {net: {keys[net][n]: w for n, w in want[net].items()} for net in NETS})
+
+
+def _assert_state_as_a1111(models: dict, params: dict, got: dict, want: dict) -> float:
+  """Every leaf of `got` equals the models' state dicts with `want`'s entries (network -> {state-dict key: tensor}:
+  weights, norms' weights, biases) replaced, converted by `jaxsd.weights`; the adapters moved those well beyond the
+  tolerance. Returns the largest difference."""
   worst = moved = 0.0
   for net in NETS:
     state = {k: v.clone() for k, v in models[net].state_dict().items()}
-    names = {}
-    for key in state:
-      module = key.removesuffix(".weight")
-      module = module if net == "unet" else "text_model." + module.removeprefix("text_model.")
-      names[("lora_unet_" if net == "unet" else "lora_te_") + module.replace(".", "_")] = key
-    for name, w in want[net].items():
-      moved = max(moved, float((w - modules[net][name]).abs().max()))
-      state[names[name]] = w.float()
+    for key, w in want[net].items():
+      moved = max(moved, float((w - state[key].double()).abs().max()))
+      state[key] = w.float()
     rename = None if net == "unet" else lambda k: k if k.startswith("text_model.") else "text_model." + k
     ref = traverse_util.flatten_dict(
         weights.state_dict_to_params({
@@ -231,8 +240,9 @@ def _assert_merged_as_a1111(models: dict, modules: dict, params: dict, got: dict
     for p, v in traverse_util.flatten_dict(got[net]).items():
       np.testing.assert_allclose(np.asarray(v), ref[p], rtol=1e-5, atol=1e-6, err_msg=f"{net} {p}")
       worst = max(worst, float(np.abs(np.asarray(v) - ref[p]).max()))
-  print(f"merged kernels: max |jaxsd - A1111| = {worst:.1e}; the adapters move them by up to {moved:.2f}")
+  print(f"merged parameters: max |jaxsd - A1111| = {worst:.1e}; the adapters move them by up to {moved:.2f}")
   assert moved > 1e-2
+  return worst
 
 
 @pytest.mark.parametrize("mode,alpha,mults", [("plain", 3.0, [1.0]), ("plain", 3.0, [0.6]), ("tucker", 6.0, [1.0]),
@@ -383,7 +393,7 @@ def test_fuse_unfuse_and_weights_never_recompile(setup, tmp_path):
     pipe.set_adapters([])
     np.testing.assert_array_equal(_ours(pipe, latents), base)
     assert fn._cache_size() == size
-    with pytest.raises(ValueError, match="LoHa / LoKr adapter: only plain LoRA"):
+    with pytest.raises(ValueError, match="LoHa / LoKr / full / norm adapter .*: only plain LoRA"):
       lora_export.to_state_dict(pipe._loras.adapters["loha"])
   finally:
     pipe.unfuse_lora()
@@ -412,3 +422,169 @@ def test_lycoris_mistakes_are_named(setup):
   missing = {k: v for k, v in lokr.items() if not k.startswith(name + ".lokr_w2")}
   adapter = lora.from_state_dict(missing, params, strict=False)  # as an incomplete LoRA layer: left out, listed
   assert f"{name}.lokr_w1" in adapter.ignored and adapter.num_layers == sum(len(v) for v in modules.values()) - 1
+
+
+# --- LyCORIS full (diff, diff_b) and norm (w_norm, b_norm) layers ----------------------------------
+
+# Full layers on linear layers with and without a bias (to_q, to_k have none), 1x1 and 3x3 convolutions and the text
+# encoder; norm layers on the U-Net's GroupNorms (ResNets' norm1 / norm2, the transformers' norm, conv_norm_out), the
+# transformer blocks' LayerNorms (norm1/2/3) and the text encoder's (layer_norm1, final_layer_norm).
+FULL = (r"(attn1\.to_q|attn2\.to_k|ff\.net\.0\.proj|proj_in|conv1|conv_in)", r"(q_proj|fc1)")
+NORM = (r"(resnets\.\d+\.norm[12]|attentions\.\d+\.norm|norm[123]|conv_norm_out)", r"(layer_norm1|final_layer_norm)")
+
+
+def _whole_file(models: dict, patterns: tuple[str, str], kind: str, seed: int, bias: bool = True,
+                alpha: float | None = None) -> dict:
+  """A LyCORIS full (`diff`, `diff_b`) or norm (`w_norm`, `b_norm`) state dict over the layers `patterns` name, float32
+  as LyCORIS saves it: ΔW in the weight's shape, ΔB (with `bias`) for layers that have a bias."""
+  g = torch.Generator().manual_seed(seed)
+  w_role, b_role = ("diff", "diff_b") if kind == "full" else ("w_norm", "b_norm")
+  sd = {}
+  for net, layers in _modules(models, *patterns).items():
+    state = models[net].state_dict()
+    for key in state:
+      name = _kohya_name(net, key)
+      if key.endswith(".weight") and name in layers:
+        sd[f"{name}.{w_role}"] = 0.3 * torch.randn(state[key].shape, generator=g)
+        if bias and key.removesuffix("weight") + "bias" in state:
+          sd[f"{name}.{b_role}"] = 0.3 * torch.randn(state[key].shape[:1], generator=g)
+        if alpha is not None:  # ignored: full and norm layers have no rank (calc_scale 1)
+          sd[f"{name}.alpha"] = torch.tensor(alpha)
+  return sd
+
+
+def a1111_whole_merge(models: dict, files: list[tuple[dict, float | dict]]) -> dict:
+  """network -> {state-dict key: merged weight or bias} as A1111 applies full and norm layers: `calc_updown` of
+  network_full.NetworkModuleFull / network_norm.NetworkModuleNorm, `finalize_updown` (updown * calc_scale() (1: no
+  dim) * multiplier, ex_bias * multiplier), then networks.network_apply_weights (weight += updown, bias += ex_bias), the
+  multiplier te_multiplier for the text encoder and unet_multiplier for the U-Net (a number: both)."""
+  out = {net: {} for net in NETS}
+  for net in NETS:
+    state = {k: v.double() for k, v in models[net].state_dict().items()}
+    for key in [k for k in state if k.endswith(".weight")]:
+      name, bias_key = _kohya_name(net, key), key.removesuffix("weight") + "bias"
+      for sd, mult in files:
+        w = {k.removeprefix(name + "."): v.double() for k, v in sd.items() if k.startswith(name + ".")}
+        if not w:
+          continue
+        mult = mult[net] if isinstance(mult, dict) else mult
+        updown, ex_bias = (w["diff"], w.get("diff_b")) if "diff" in w else (w["w_norm"], w["b_norm"])
+        if state[key].numel() == updown.numel():
+          updown = updown.reshape(state[key].shape)
+        out[net][key] = state[key] = state[key] + updown * 1.0 * mult
+        if ex_bias is not None:
+          out[net][bias_key] = state[bias_key] = state[bias_key] + ex_bias * mult
+  return out
+
+
+SPLIT = {"unet": 0.6, "text_encoder": -0.5}  # A1111's unet / te multipliers
+
+
+@pytest.mark.parametrize("kind,bias,alpha,mults", [("full", False, None, [1.0]), ("full", True, None, [1.0]),
+                                                   ("full", True, 4.0, [0.6]), ("full", True, None, [SPLIT]),
+                                                   ("norm", True, None, [1.0]), ("norm", True, 4.0, [0.6])])
+def test_full_and_norm_layers_merged_as_a1111(setup, kind, bias, alpha, mults):
+  """Full layers (diff; diff + diff_b) on linear layers, convolutions and the text encoder, norm layers (w_norm +
+  b_norm) on GroupNorms and LayerNorms of the U-Net and the text encoder: W + w * ΔW, b + w * ΔB, whatever the alpha;
+  the weight per network as A1111's te / unet multipliers."""
+  path, models, modules, pipe = setup
+  sd = _whole_file(models, FULL if kind == "full" else NORM, kind, seed=20, bias=bias, alpha=alpha)
+  params = _params(pipe)
+  adapter = lora.from_state_dict(sd, params)
+  leaves = [p[-1] for layers in adapter.layers.values() for p in layers]
+  roles = collections.Counter(k.rsplit(".", 1)[1] for k in sd)
+  assert len(leaves) == len(sd) - roles["alpha"] and leaves.count("bias") == roles["diff_b"] + roles["b_norm"]
+  assert leaves.count("scale") == roles["w_norm"] and all(
+      f.up is None and f.scale == 1.0 for layers in adapter.layers.values() for f in layers.values())
+  got = lora_merge.merge(params, [(adapter, m) for m in mults])
+  _assert_state_as_a1111(models, params, got, a1111_whole_merge(models, [(sd, m) for m in mults]))
+
+
+def test_full_norm_and_loha_mixed_as_a1111(setup):
+  """A full file (diff + diff_b) at 0.7, a norm file at -0.4 and a LoHa on some of the same kernels at 0.5, in order;
+  a norm layer spelled with sgm names (`lora_unet_input_blocks_1_0_in_layers_0`, SDXL files' spelling) maps to the same
+  GroupNorm."""
+  path, models, modules, pipe = setup
+  full, norm = _whole_file(models, FULL, "full", seed=21), _whole_file(models, NORM, "norm", seed=22)
+  loha = make_file(modules, "loha", "plain", 3.0, seed=23)
+  params = _params(pipe)
+  sgm = {k.replace("down_blocks_0_resnets_0_norm1", "input_blocks_1_0_in_layers_0"): v for k, v in norm.items()}
+  assert sgm != norm
+  a, b = lora.from_state_dict(norm, params), lora.from_state_dict(sgm, params)
+  assert a.layers.keys() == b.layers.keys() and all(a.layers[n].keys() == b.layers[n].keys() for n in a.layers)
+  files = [(full, 0.7), (norm, -0.4), (loha, 0.5)]
+  got = lora_merge.merge(params, [(lora.from_state_dict(sd, params), m) for sd, m in files])
+  want = a1111_whole_merge(models, files[:2])
+  for net, layers in a1111_merge(modules, [(loha, 0.5)]).items():  # the LoHa on the weights the full layers left
+    for name, w in layers.items():
+      key = next(k for k in models[net].state_dict() if _kohya_name(net, k) == name)
+      want[net][key] = want[net].get(key, modules[net][name]) + (w - modules[net][name])
+  _assert_state_as_a1111(models, params, got, want)
+
+
+def test_full_and_norm_sampling_as_diffusers_with_a1111_weights(setup, tmp_path):
+  """End to end: one LyCORIS file with full (diff + diff_b) and norm layers at weight 0.8 gives diffusers' latents with
+  A1111's merged weights and biases; new weights change the latents and reuse the merge and sampling programs;
+  export refuses the adapter."""
+  path, models, modules, pipe = setup
+  sd = {**_whole_file(models, FULL, "full", seed=24), **_whole_file(models, NORM, "norm", seed=25)}
+  file = str(tmp_path / "full_norm.safetensors")
+  safetensors.torch.save_file(sd, file)
+  tpipe = reference.torch_pipeline(path)
+  tpipe.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+  latents = np.asarray(pipe.noise(0, len(PROMPTS), HW, HW))
+  for net, state in a1111_whole_merge(models, [(sd, 0.8)]).items():
+    model = getattr(tpipe, net)
+    model.load_state_dict({**model.state_dict(), **{k: v.float() for k, v in state.items()}})
+  ref = _theirs(tpipe, latents)
+  base = _ours(pipe, latents)
+  fn = pipe._jitted(True, "latent", "text", True)
+  size = fn._cache_size()
+  pipe.load_lora(file, scale=0.8, name="full_norm")
+  try:
+    _close(_ours(pipe, latents), ref)
+    assert np.abs(ref - base).max() > 100 * 1e-4 * max(1.0, float(np.abs(ref).max()))
+    merges = lora_merge.merged_kernels._cache_size()
+    pipe.set_adapters(["full_norm"], [{"unet": 0.3, "text_encoder": -0.2}])
+    other = _ours(pipe, latents)
+    assert np.abs(other - ref).max() > 1e-2 and lora_merge.merged_kernels._cache_size() == merges
+    assert fn._cache_size() == size
+    with pytest.raises(ValueError, match="LoHa / LoKr / full / norm adapter .*: only plain LoRA"):
+      lora_export.to_state_dict(pipe._loras.adapters["full_norm"])
+  finally:
+    pipe.unload_lora()
+
+
+def test_full_and_norm_mistakes_are_named(setup):
+  """A diff or b_norm that does not fit its layer, a diff_b on a layer without bias, a norm layer lacking b_norm (A1111
+  requires both; left out with strict=False), diff and LoHa factors on one layer, dora_scale on a full layer, LoRA
+  factors on a norm, A1111's weight-shaped `.bias`; a diff_b beside LoRA factors is refused even with strict=False."""
+  path, models, modules, pipe = setup
+  params = _params(pipe)
+  full, norm = _whole_file(models, FULL, "full", seed=26), _whole_file(models, NORM, "norm", seed=27)
+  q = next(n for n in modules["unet"] if n.endswith("attn1_to_q"))
+  fc1 = next(n for n in full if n.endswith("fc1.diff")).removesuffix(".diff")
+  gn = next(n for n in norm if n.endswith("resnets_0_norm1.w_norm")).removesuffix(".w_norm")
+  with pytest.raises(ValueError, match=rf"{q}: its diff has shape \(32, 31\) but the layer's weight is \(32, 32\)"):
+    lora.from_state_dict(dict(full, **{f"{q}.diff": torch.ones(32, 31)}), params)
+  with pytest.raises(ValueError, match=rf"{q}: its diff_b updates the layer's bias, but the layer has none"):
+    lora.from_state_dict(dict(full, **{f"{q}.diff_b": torch.ones(32)}), params)
+  with pytest.raises(ValueError, match=rf"{gn}: its b_norm has shape \(3,\) but the layer's bias is \(32,\)"):
+    lora.from_state_dict(dict(norm, **{f"{gn}.b_norm": torch.ones(3)}), params)
+  with pytest.raises(ValueError, match=rf"lacking LyCORIS factors.*{gn}"):
+    lora.from_state_dict({k: v for k, v in norm.items() if k != f"{gn}.b_norm"}, params)
+  adapter = lora.from_state_dict({k: v for k, v in norm.items() if k != f"{gn}.b_norm"}, params, strict=False)
+  assert adapter.ignored == (f"{gn}.w_norm",)
+  with pytest.raises(ValueError, match=rf"{fc1}: both LyCORIS full \(diff, diff_b\) and other factors \(hada_w1_a\)"):
+    lora.from_state_dict(dict(full, **{f"{fc1}.hada_w1_a": torch.ones(37, 4)}), params)
+  with pytest.raises(ValueError, match=rf"{q}: both LyCORIS full \(diff_b\) and other factors \(down, up\)"):
+    lora.from_state_dict(dict(_plain_lora(modules, 5), **{f"{q}.diff_b": torch.ones(32)}), params, strict=False)
+  with pytest.raises(ValueError, match=rf"{fc1}: a dora_scale on a LyCORIS full \(diff, diff_b\) layer"):
+    lora.from_state_dict(dict(full, **{f"{fc1}.dora_scale": torch.ones(1, 32)}), params)
+  with pytest.raises(ValueError, match=rf"map to no layer of this model: {gn}.lora_down.weight"):
+    lora.from_state_dict({
+        f"{gn}.lora_down.weight": torch.ones(4, 32),
+        f"{gn}.lora_up.weight": torch.ones(32, 4)
+    }, params)
+  with pytest.raises(ValueError, match=r"A1111's weight-shaped \.bias .* not supported"):
+    lora.from_state_dict(dict(full, **{f"{fc1}.bias": torch.ones(37, 32)}), params)
