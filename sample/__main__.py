@@ -130,18 +130,18 @@ def parse(argv=None) -> argparse.Namespace:
       "clip_g) under TOKEN (default: the file's name for it, else its file name); use TOKEN in --prompt or "
       "--negative-prompt (repeatable; loaded after --lora; .pt / .bin need --allow-pickle)")
   p.add_argument(
-      "--ip-adapter", default=None, metavar="FILE",
+      "--ip-adapter", action="append", default=[], metavar="FILE",
       help="an IP-Adapter, plain or Plus (h94/IP-Adapter's ip-adapter_sd15.safetensors, ip-adapter-plus_sd15, "
       "ip-adapter_sdxl*.safetensors, ...; a pickled .bin with --allow-pickle): --ip-adapter-image is then an image "
       "prompt; its image encoder is the file's folder's image_encoder/ (as diffusers), the --model folder's own, or "
-      "--image-encoder")
-  p.add_argument("--ip-adapter-image", default=None, metavar="IMG",
-                 help="with --ip-adapter: the image prompt, for every image generated")
+      "--image-encoder (repeatable: several adapters at once, each with its --ip-adapter-image, in order)")
+  p.add_argument("--ip-adapter-image", action="append", default=[], metavar="IMG",
+                 help="with --ip-adapter: its image prompt, for every image generated (one per --ip-adapter)")
   per_block = '{"up": {"block_0": [0, 1, 0]}}'  # InstantStyle's style-only weights (SDXL)
   p.add_argument(
-      "--ip-adapter-scale", default=None, metavar="S",
+      "--ip-adapter-scale", action="append", default=[], metavar="S",
       help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike), "
-      f"or per-block weights as JSON ({per_block})")
+      f"or per-block weights as JSON ({per_block}); one for all adapters, or one per --ip-adapter")
   p.add_argument("--image-encoder", default=None, metavar="FOLDER",
                  help="with --ip-adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder")
   p.add_argument(
@@ -385,34 +385,42 @@ def ip_adapter_scale_flag(text: str) -> float | dict:
 
 
 def check_ip_adapter_flags(args) -> None:
-  """The IP-Adapter flags: each needs the others they go with, and the files they name."""
-  if args.ip_adapter is None:
+  """The IP-Adapter flags: each needs the others they go with (one image per adapter, one scale for all or one
+  per adapter), and the files they name."""
+  n = len(args.ip_adapter)
+  if not n:
     for flag, value in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-scale", args.ip_adapter_scale),
                         ("--image-encoder", args.image_encoder)):
-      if value is not None:
+      if value not in (None, []):
         raise ValueError(f"{flag} needs --ip-adapter FILE (the IP-Adapter's weights).")
     return
-  if args.ip_adapter_image is None:
+  if not args.ip_adapter_image:
     raise ValueError("--ip-adapter needs --ip-adapter-image IMG (the image prompt).")
-  if not os.path.isfile(args.ip_adapter):
-    raise FileNotFoundError(f"--ip-adapter {args.ip_adapter}: no such file; give the adapter's .safetensors file.")
-  if not args.ip_adapter.endswith((".safetensors", ".bin")):
-    raise ValueError(f"--ip-adapter {args.ip_adapter}: an IP-Adapter is a .safetensors file (or a pickled .bin with "
-                     "--allow-pickle).")
-  if args.ip_adapter.endswith(".bin") and not args.allow_pickle:
-    raise ValueError(f"--ip-adapter {args.ip_adapter} is pickled (unpickling can run code): use the .safetensors file, "
-                     "or pass --allow-pickle if you trust its source.")
-  if args.ip_adapter_scale is not None:
-    args.ip_adapter_scale = ip_adapter_scale_flag(args.ip_adapter_scale)
+  if len(args.ip_adapter_image) != n:
+    raise ValueError(f"{len(args.ip_adapter_image)} --ip-adapter-image for {n} --ip-adapter: give one image per "
+                     "adapter, in the same order.")
+  if len(args.ip_adapter_scale) not in (0, 1, n):
+    raise ValueError(f"{len(args.ip_adapter_scale)} --ip-adapter-scale for {n} --ip-adapter: give one for all, or one "
+                     "per adapter.")
+  for file in args.ip_adapter:
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"--ip-adapter {file}: no such file; give the adapter's .safetensors file.")
+    if not file.endswith((".safetensors", ".bin")):
+      raise ValueError(f"--ip-adapter {file}: an IP-Adapter is a .safetensors file (or a pickled .bin with "
+                       "--allow-pickle).")
+    if file.endswith(".bin") and not args.allow_pickle:
+      raise ValueError(f"--ip-adapter {file} is pickled (unpickling can run code): use the .safetensors file, or pass "
+                       "--allow-pickle if you trust its source.")
+  args.ip_adapter_scale = [ip_adapter_scale_flag(s) for s in args.ip_adapter_scale]
   if args.image_encoder is not None:
     if not os.path.isfile(os.path.join(args.image_encoder, "config.json")):
       raise FileNotFoundError(f"--image-encoder {args.image_encoder}: not a model folder (no config.json); give a "
                               "transformers CLIPVisionModelWithProjection folder.")
   elif not any(
       os.path.isdir(os.path.join(folder, "image_encoder"))
-      for folder in (os.path.dirname(os.path.abspath(args.ip_adapter)), args.model)):
-    raise FileNotFoundError(f"--ip-adapter {args.ip_adapter}: no image_encoder/ beside it (nor in the --model folder): "
-                            "give --image-encoder FOLDER (a CLIPVisionModelWithProjection folder).")
+      for folder in (os.path.dirname(os.path.abspath(args.ip_adapter[0])), args.model)):
+    raise FileNotFoundError(f"--ip-adapter {args.ip_adapter[0]}: no image_encoder/ beside it (nor in the --model "
+                            "folder): give --image-encoder FOLDER (a CLIPVisionModelWithProjection folder).")
 
 
 def check_pag_flags(args) -> None:
@@ -504,7 +512,8 @@ def main(argv=None) -> int:
     mask = conditioning.load_mask(args.mask, "--mask") if args.mask else None
     control_images = [conditioning.load_image(path, "--control-image") for path in args.control_image]
     adapter_images = [conditioning.load_image(path, "--adapter-image") for path in args.adapter_image]
-    ip_image = conditioning.load_image(args.ip_adapter_image, "--ip-adapter-image") if args.ip_adapter else None
+    ip_images = [conditioning.load_image(path, "--ip-adapter-image") for path in args.ip_adapter_image]
+    ip_image = (ip_images[0] if len(ip_images) == 1 else ip_images) if ip_images else None  # several: one each
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,
@@ -528,10 +537,10 @@ def main(argv=None) -> int:
       pipe.scheduler_config = pipe.scheduler_config.replace(timestep_spacing=args.timestep_spacing)
     for path, scale in loras:
       pipe.load_lora(path, scale=scale, strict=not args.lora_ignore_unmatched)
-    if args.ip_adapter is not None:
+    if args.ip_adapter:
       encoder = os.path.abspath(args.image_encoder) if args.image_encoder else "image_encoder"
       pipe.load_ip_adapter(args.ip_adapter, image_encoder_folder=encoder, allow_pickle=args.allow_pickle,
-                           scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale)
+                           scale=args.ip_adapter_scale or 1.0)
     if args.freeu is not None:
       pipe.enable_freeu(*args.freeu)
     if args.vae_tiling:

@@ -463,6 +463,12 @@ def test_pipeline_folders_own_image_encoder_and_feature_extractor(sd, tmp_path):
     (["--ip-adapter", "/nonexistent/ip.safetensors", "--ip-adapter-image", "x.png"], "no such file"),
     (["--ip-adapter", "{bin}", "--ip-adapter-image", "x.png"], "is pickled"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-scale", "nan"], "finite number"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-image", "y.png"
+     ], "2 --ip-adapter-image for 1 --ip-adapter"),
+    ([
+        "--ip-adapter", "{adapter}", "--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-image",
+        "x.png", "--ip-adapter-scale", "1", "--ip-adapter-scale", "1", "--ip-adapter-scale", "1"
+    ], "3 --ip-adapter-scale for 2 --ip-adapter"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-scale", "{{up: 1}}"], "not valid JSON"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-scale", "[1, 2]"], "JSON object"),
     (["--ip-adapter", "{lonely}", "--ip-adapter-image", "x.png"], "give --image-encoder FOLDER"),
@@ -633,18 +639,22 @@ def test_controlnet_pipeline_takes_the_adapter_and_matches_diffusers(sd, tmp_pat
       "ControlNet + IP-Adapter, scale 0.9")
 
 
+def _two_adapter_folder(adapter: str, unet, folder) -> tuple:
+  """(folder, weight names): the sd fixture's plain adapter and a random Plus one beside its image encoder."""
+  folder.mkdir()
+  os.symlink(os.path.join(adapter, "image_encoder"), folder / "image_encoder")
+  os.symlink(os.path.join(adapter, WEIGHT), folder / WEIGHT)
+  save_file(random_plus_adapter(unet, seed=4), str(folder / "ip-adapter-plus.safetensors"))
+  return folder, [WEIGHT, "ip-adapter-plus.safetensors"]
+
+
 def test_two_adapters_match_diffusers(sd, tmp_path):
   """Several IP-Adapters at once (diffusers' lists): a plain one and a Plus one sharing the image encoder, each with
   its own image and scale (the second per-block), from images and from diffusers' precomputed embeddings; new
   scales compile nothing; scales [0, 0] are the plain model; unload removes both."""
   path, adapter, _, _ = sd
   tpipe = reference.torch_pipeline(path)
-  folder = tmp_path / "two"
-  folder.mkdir()
-  os.symlink(os.path.join(adapter, "image_encoder"), folder / "image_encoder")
-  os.symlink(os.path.join(adapter, WEIGHT), folder / WEIGHT)
-  save_file(random_plus_adapter(tpipe.unet, seed=4), str(folder / "ip-adapter-plus.safetensors"))
-  names = [WEIGHT, "ip-adapter-plus.safetensors"]
+  folder, names = _two_adapter_folder(adapter, tpipe.unet, tmp_path / "two")
   scales = [0.7, {"down": 0.4, "up": {"block_1": [1.2, 0.0]}}]
   tpipe.load_ip_adapter(str(folder), subfolder="", weight_name=names)
   tpipe.set_ip_adapter_scale(scales)
@@ -683,3 +693,33 @@ def test_two_adapters_match_diffusers(sd, tmp_path):
   pipe.unload_ip_adapter()
   assert pipe.ip_adapters == () and pipe.ip_adapter is None
   np.testing.assert_array_equal(run(), want)
+
+
+def test_sample_two_ip_adapters(sd, tmp_path, capsys, monkeypatch):
+  """python -m sample with --ip-adapter / --ip-adapter-image twice and a scale each (one as JSON): the pipeline call's
+  image (generate on one device, for time)."""
+  from jaxsd import generate
+  from sample.__main__ import main
+
+  real = generate.generate
+  monkeypatch.setattr(generate, "generate", lambda *a, **kw: real(*a, devices=jax.local_devices()[:1], **kw))
+  path, adapter, _, _ = sd
+  folder, names = _two_adapter_folder(adapter, reference.torch_pipeline(path).unet, tmp_path / "two")
+  pngs = [str(tmp_path / f"{i}.png") for i in range(2)]
+  for im, png in zip(_images(2, seed=33), pngs):
+    im.save(png)
+  scales = [0.6, {"up": {"block_1": [0.0, 1.0]}}]
+  out = str(tmp_path / "out")
+  argv = [
+      "--model", path, "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16", "--out", out,
+      "--sampler", "euler", "--no-progress"
+  ]
+  for name, png, scale in zip(names, pngs, scales):
+    argv += ["--ip-adapter", str(folder / name), "--ip-adapter-image", png, "--ip-adapter-scale", json.dumps(scale)]
+  assert main(argv) == 0, capsys.readouterr().err
+  written = np.asarray(Image.open(os.path.join(out, "a_cat-seed0-0000.png")))
+  pipe = jaxsd.StableDiffusion.from_pretrained(path)
+  pipe.load_ip_adapter(folder, weight_name=names, scale=scales)
+  want = pipe(["a cat"], height=16, width=16, steps=2, sampler="euler",
+              ip_adapter_image=[Image.open(p) for p in pngs])[0]
+  assert np.abs(written.astype(int) - want.astype(int)).max() <= 1
