@@ -27,8 +27,12 @@ Per-block scales (InstantStyle's dicts, `set_ip_adapter_scale({"up": {"block_0":
 `set_ip_adapter_scale([0.6, {...}])`, `ip_adapter_image=[image_a, image_b]`): the k-th adapter's parameters are
 `image_projection_layers_<k>` and `to_k_ip_<k>` / `to_v_ip_<k>`, each cross-attention adds each adapter's
 attention at its own scale, and the adapters share the first fitting image encoder (a plain and a Plus adapter read
-the same encoder's two outputs). Not supported (refused by name): IP-Adapter Full Face, FaceID and FaceID Plus (and
-their LoRA), and attention masks.
+the same encoder's two outputs). Attention masks (diffusers' `IPAdapterMaskProcessor` and
+`cross_attention_kwargs={"ip_adapter_masks": masks}`; here `ip_adapter_masks=`): each adapter's image, or each of
+one adapter's images, only in its region of the picture, e.g. two faces, left and right
+(`ip_adapter_image=[[face1, face2]], ip_adapter_masks=[left, right]`), with per-image scales
+(`set_ip_adapter_scale([[0.7, 0.5]])`) as diffusers'; `jaxsd.ip_adapter_masks`. Not supported (refused by name):
+IP-Adapter Full Face, FaceID and FaceID Plus (and their LoRA).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, block_scales, model_folder, pretrained
+from jaxsd import conditioning, block_scales, ip_adapter_masks, model_folder, pretrained
 from jaxsd.config import finite32
 from jaxsd.ip_adapter_weights import (PLAIN, PLUS, convert, merge, numpy_array, read_state_dict, renumber, unet_inputs)
 
@@ -134,7 +138,8 @@ class LoadedIPAdapter:
   params: dict  # a subtree of the U-Net's parameters (`merge`)
   kind: str  # PLAIN or PLUS
   embed_dim: int  # the width of the image embeddings it projects
-  scale: float | dict  # one number, or per-block: {attention path: number} (`block_scales.expand`)
+  # one number, or per-block: {attention path: number} (`block_scales.expand`), or per image (with masks): (n,)
+  scale: float | dict | np.ndarray
   where: str
   image_encoder: Any = None  # a CLIPVisionModelWithProjection, or None (then only precomputed embeddings)
   image_encoder_params: Any = None
@@ -143,9 +148,10 @@ class LoadedIPAdapter:
   encode: Callable | None = None  # jitted (params, NHWC pixels) -> (image embeddings, unconditional ones)
 
 
-def call_options(image, image_embeds) -> dict:
+def call_options(image, image_embeds, masks=None) -> dict:
   """A pipeline call's IP-Adapter arguments, only those given (passed on to `StableDiffusion._run`)."""
-  return {k: v for k, v in (("ip_adapter_image", image), ("ip_adapter_image_embeds", image_embeds)) if v is not None}
+  given = (("ip_adapter_image", image), ("ip_adapter_image_embeds", image_embeds), ("ip_adapter_masks", masks))
+  return {k: v for k, v in given if v is not None}
 
 
 class IPAdapterMixin:
@@ -233,12 +239,13 @@ class IPAdapterMixin:
     if len(scales) != n:
       raise ValueError(f"IP-Adapter scale: {len(scales)} scales for {n} IP-Adapter{'s' * (n > 1)}: give one for all "
                        "or one per adapter.")
-    return [block_scales.expand(s, self.unet.config) for s in scales]
+    return [_per_image(s) if isinstance(s, (list, tuple)) else block_scales.expand(s, self.unet.config) for s in scales]
 
   def set_ip_adapter_scale(self, scale) -> None:
     """The adapter's weight as diffusers' `set_ip_adapter_scale`: one number (1 as trained, 0 is the plain model), or
     per-block weights (InstantStyle: {"up": {"block_0": [0.0, 1.0, 0.0]}}, every attention left out at 0;
-    `jaxsd.block_scales`); with several adapters one of these for all, or a list of one per adapter. An input of the
+    `jaxsd.block_scales`); with several adapters one of these for all, or a list of one per adapter; with masks, a
+    list of one number per image of an adapter (diffusers' `[[0.7, 0.5]]`, `ip_adapter_masks`). An input of the
     compiled program: changing it compiles nothing (going from one number to a dict, or back, compiles once)."""
     if not self.ip_adapters:
       raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded; load_ip_adapter(...) first.")
@@ -274,7 +281,8 @@ class IPAdapterMixin:
     embeds, uncond = state.encode(state.image_encoder_params, jnp.asarray(np.transpose(pixels, (0, 2, 3, 1))))
     return np.asarray(embeds), np.asarray(uncond)
 
-  def ip_adapter_inputs(self, image=None, image_embeds=None, batch: int = 1, guided: bool = True) -> dict | None:
+  def ip_adapter_inputs(self, image=None, image_embeds=None, batch: int = 1, guided: bool = True, masks=None,
+                        size: tuple[int, int] | None = None) -> dict | None:
     """The program's `ip_adapter` input for `batch` prompts: {"image_embeds", "uncond_image_embeds": (batch, n, D),
     "scale": ()}; None without an adapter, a ValueError for inputs that do not fit (or none, with an adapter).
 
@@ -288,12 +296,15 @@ class IPAdapterMixin:
     Several adapters (diffusers' lists): `image` is a list with one entry per adapter, each an image or a list of
     images that every prompt sees (diffusers' reading); `image_embeds` a list of one array per adapter, as above;
     the input's entries are then tuples of one per adapter.
+
+    `masks`: diffusers' `ip_adapter_masks` (`jaxsd.ip_adapter_masks.adapter_masks`), read at `size` (height, width),
+    the input's "masks" (absent without them).
     """
     states = self.ip_adapters
     if not states:
-      if image is not None or image_embeds is not None:
-        raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter: pipe.load_ip_adapter(...) "
-                         "first.")
+      if image is not None or image_embeds is not None or masks is not None:
+        raise ValueError("ip_adapter_image / ip_adapter_image_embeds / ip_adapter_masks need an IP-Adapter: "
+                         "pipe.load_ip_adapter(...) first.")
       return None
     if image is None and image_embeds is None:
       raise ValueError("an IP-Adapter is loaded: pass ip_adapter_image (or ip_adapter_image_embeds), or call "
@@ -323,11 +334,21 @@ class IPAdapterMixin:
       for k, entry in enumerate(image):
         embeds, uncond = self.encode_ip_adapter_image(entry, k)  # every prompt sees all of the entry's images
         pairs.append(tuple(np.broadcast_to(x[None], (batch,) + x.shape) for x in (embeds, uncond)))
+    counts = [p[0].shape[1] for p in pairs]  # each adapter's images
+    if masks is not None and size is None:
+      raise ValueError("ip_adapter_masks: the picture's size is needed to read them (size=(height, width)).")
+    if masks is not None:
+      masks = ip_adapter_masks.adapter_masks(masks, counts, *size)
+      config, f = self.unet.config, self.vae.config.downsampling_factor
+      levels = block_scales.attention_blocks(config)["down"] + [len(config.block_out_channels) - 1]  # (+ the mid)
+      ip_adapter_masks.check_sizes(masks, (size[0] // f, size[1] // f), levels)
+    _check_per_image_scales(states, masks, counts)
     cond, uncond = (tuple(jnp.asarray(p[i], jnp.float32) for p in pairs) for i in (0, 1))
     scale = tuple(jax.tree.map(jnp.float32, st.scale) for st in states)
     if n == 1:
       cond, uncond, scale = cond[0], uncond[0], scale[0]
-    return {"image_embeds": cond, "uncond_image_embeds": uncond, "scale": scale}
+    out = {"image_embeds": cond, "uncond_image_embeds": uncond, "scale": scale}
+    return out if masks is None else dict(out, masks=jax.tree.map(jnp.asarray, masks))
 
   def _one_adapter_images(self, image, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(cond, uncond), each (batch, n, ...), of the one adapter's `image` argument (`ip_adapter_inputs`)."""
@@ -345,12 +366,13 @@ class IPAdapterMixin:
 
   ip_adapter_unet_inputs = staticmethod(unet_inputs)
 
-  def ip_adapter_cond(self, cond: dict, batch: int, guided: bool) -> dict:
+  def ip_adapter_cond(self, cond: dict, batch: int, guided: bool, size: tuple[int, int] | None = None) -> dict:
     """`cond` (a pipeline call's program inputs) with its IP-Adapter arguments (`call_options`) turned into the
-    program's `ip_adapter` input; unchanged without an adapter or those arguments."""
-    image, embeds = cond.get("ip_adapter_image"), cond.get("ip_adapter_image_embeds")
-    inputs = self.ip_adapter_inputs(image, embeds, batch, guided)
-    cond = {k: v for k, v in cond.items() if k not in ("ip_adapter_image", "ip_adapter_image_embeds")}
+    program's `ip_adapter` input; unchanged without an adapter or those arguments. `size`: the picture's (height,
+    width), which masks are read at."""
+    names = ("ip_adapter_image", "ip_adapter_image_embeds", "ip_adapter_masks")
+    inputs = self.ip_adapter_inputs(*(cond.get(k) for k in names[:2]), batch, guided, cond.get(names[2]), size)
+    cond = {k: v for k, v in cond.items() if k not in names}
     return cond if inputs is None else dict(cond, ip_adapter=inputs)
 
 
@@ -388,6 +410,30 @@ def _given_embeds(x, batch: int, guided: bool, dim: int, kind: str,
   parts = np.split(x, halves) if guided else [np.zeros_like(x), x]
   uncond, cond = (np.broadcast_to(p, (batch,) + p.shape[1:]) if rows == 1 else p for p in parts)
   return cond, uncond
+
+
+def _per_image(scale) -> np.ndarray:
+  """diffusers' per-image scales of one adapter ([[0.7, 0.5]]: one per image, with masks) as a float32 (n,) array."""
+  values = [block_scales.check_number(x, "IP-Adapter per-image scale") for x in scale]
+  if not values:
+    raise ValueError("IP-Adapter scale: an empty list; give a number, or one per image of the adapter (with masks).")
+  return np.asarray(values, np.float32)
+
+
+def _check_per_image_scales(states, masks, counts: list[int]) -> None:
+  """A ValueError where an adapter's per-image scales do not meet one mask per image (diffusers multiplies each
+  image's masked attention by its own; without masks it has no reading of them)."""
+  per_adapter = masks if isinstance(masks, tuple) else (masks,) * len(states)
+  for k, (state, mask, count) in enumerate(zip(states, per_adapter, counts)):
+    if not isinstance(state.scale, np.ndarray):
+      continue
+    which = f" {k}" if len(states) > 1 else ""
+    if mask is None:
+      raise ValueError(f"IP-Adapter{which} has per-image scales {state.scale.tolist()}: they need ip_adapter_masks "
+                       "(one mask per image); give one number otherwise.")
+    if len(state.scale) != count:
+      raise ValueError(f"IP-Adapter{which}: {len(state.scale)} per-image scales for {count} image{'s' * (count > 1)} "
+                       "(and masks): give one per image.")
 
 
 def _broadcast(source, subfolder, weight_name) -> tuple[list, list, list]:

@@ -281,7 +281,8 @@ def merge(unet_params, ip_params):
 
 def unet_inputs(ip_adapter: Mapping, guided: bool, unet_params) -> dict:
   """The U-Net's keyword arguments from a program's `ip_adapter` input: with guidance the unconditional rows first
-  (as the prompts' halves); the projection's kind and sizes read off the parameters (static when traced)."""
+  (as the prompts' halves); the projection's kind and sizes read off the parameters (static when traced); region
+  masks, where given, as they are (every row sees them, as diffusers')."""
   embeds = ip_adapter["image_embeds"]
   if guided:
     embeds = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), ip_adapter["uncond_image_embeds"], embeds)
@@ -290,7 +291,10 @@ def unet_inputs(ip_adapter: Mapping, guided: bool, unet_params) -> dict:
     projection = tuple(resampler_config(layers[f"image_projection_layers_{k}"]) for k in range(len(embeds)))
   else:
     projection = resampler_config(layers["image_projection_layers_0"])
-  return {"image_embeds": embeds, "ip_adapter_scale": ip_adapter["scale"], "image_projection": projection}
+  out = {"image_embeds": embeds, "ip_adapter_scale": ip_adapter["scale"], "image_projection": projection}
+  if ip_adapter.get("masks") is not None:  # (none: the program without masks)
+    out["ip_adapter_masks"] = ip_adapter["masks"]
+  return out
 
 
 def renumber(ip_params, k: int):

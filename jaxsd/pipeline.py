@@ -531,10 +531,11 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     schedule = self.sampling_schedule(sampler, steps, strength, task, denoising_start=denoising_start,
                                       denoising_end=denoising_end, eta=eta)
     guided = self.guided(guidance_scale)
-    cond = self.ip_adapter_cond(cond, len(prompts), guided)  # (unchanged without an IP-Adapter)
+    f = self.vae.config.downsampling_factor
+    size = (noise.shape[1] * f, noise.shape[2] * f)  # (masks are read at the picture's size)
+    cond = self.ip_adapter_cond(cond, len(prompts), guided, size)  # (unchanged without an IP-Adapter)
     cond = dict(cond, **self.freeu_inputs())  # an argument, so other values compile nothing (none when off)
     cond, pag_options = self.pag_cond(cond)  # PAG's scales an argument, its layers the program's (none when off)
-    f = self.vae.config.downsampling_factor
     ids, uncond_ids, text = self.text_inputs(prompts, negative_prompts, noise.shape[1] * f, noise.shape[2] * f,
                                              **(text_options or {}))
     if guided:  # an argument, so one program serves every value (0: off)
@@ -560,8 +561,8 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
   def __call__(self, prompts, negative_prompts=None, height: int | None = None, width: int | None = None,
                steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, latents=None,
                output: str = "np", long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
-               ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-               pag_adaptive_scale: float = 0.0):
+               ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+               pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Text to image. Returns uint8 NHWC images ("np"), PIL images ("pil") or fp32 NHWC latents ("latent").
 
     `latents` (B, h, w, c), if given, replace the initial noise drawn from `seed`. `height` and `width`
@@ -578,7 +579,9 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     array for every prompt, a list of one per prompt, or diffusers' [[image, ...]]: all of them in every prompt) or
     `ip_adapter_image_embeds` (diffusers' layout: a list with one (2, n, D) array under guidance, the unconditional
     row first, (1, n, D) without; or one row per prompt); img2img and inpaint take them too
-    (`IPAdapterMixin.ip_adapter_inputs`).
+    (`IPAdapterMixin.ip_adapter_inputs`). `ip_adapter_masks` (diffusers' `cross_attention_kwargs={"ip_adapter_masks":
+    masks}`) keeps each adapter's image, or each of one adapter's images, to its region of the picture
+    (`jaxsd.ip_adapter_masks`).
 
     With Perturbed-Attention Guidance on (`enable_pag`), `pag_scale` (default 3.0; <= 0: off) and
     `pag_adaptive_scale` (default 0.0) are diffusers' PAG pipelines' (`jaxsd.pag`); img2img and inpaint take them
@@ -586,7 +589,7 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     """
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
                                output, text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
-                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _text_to_image(self, prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,

@@ -286,7 +286,8 @@ class StableDiffusionControlNet(StableDiffusion):
                seed: int = 0, latents=None, output: str = "np", controlnet_conditioning_scale=1.0,
                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
                long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
-               ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
+               ip_adapter_image_embeds=None, ip_adapter_masks=None, pag_scale: float | None = None,
+               pag_adaptive_scale: float = 0.0):
     """Text to image under the ControlNets, as diffusers' StableDiffusionControlNetPipeline.
 
     Args:
@@ -309,7 +310,7 @@ class StableDiffusionControlNet(StableDiffusion):
                               seed, latents, output, controlnet_conditioning_scale,
                               control_guidance_start, control_guidance_end, guess_mode,
                               prompt_syntax.options(long_prompts, prompt_weighting), eta,
-                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                               **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _control_call(self, prompts, control_images, negative_prompts, height, width, steps, guidance_scale, sampler,
@@ -329,7 +330,7 @@ class StableDiffusionControlNet(StableDiffusion):
               image_latents=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
               control_guidance_end=1.0, guess_mode: bool = False, long_prompts: bool = False,
               prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None,
-              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
+              ip_adapter_masks=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Image to image under the ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: the arguments
     of `StableDiffusion.img2img` and the ControlNets' of `__call__`, with diffusers' defaults (strength 0.8,
     conditioning scale 0.8); the control images are resized to the init images' size (PIL) or must have it (arrays),
@@ -340,7 +341,7 @@ class StableDiffusionControlNet(StableDiffusion):
                                 output, noise, image_latents,
                                 text_options=prompt_syntax.options(long_prompts,
                                                                    prompt_weighting), control=control, eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                 **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 1.0, negative_prompts=None,
@@ -349,8 +350,8 @@ class StableDiffusionControlNet(StableDiffusion):
               controlnet_conditioning_scale=0.5, control_guidance_start=0.0, control_guidance_end=1.0,
               guess_mode: bool = False, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline: the arguments of
     `StableDiffusion.inpaint` (9-channel U-Nets and 4-channel latent blending alike; the ControlNets see the 4
     latent channels) and the ControlNets' of `__call__` (conditioning scale 0.5 by default, as diffusers). With
@@ -361,7 +362,8 @@ class StableDiffusionControlNet(StableDiffusion):
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                          output, latents, masked_image_latents, image_latents,
                          prompt_syntax.options(long_prompts, prompt_weighting), padding_mask_crop, height, width,
-                         control=control, eta=eta, **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         control=control, eta=eta,
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                          **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _crop_run_options(self, kwargs: dict, crops: mask_crop.Crops) -> dict:
@@ -430,7 +432,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
                negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
-               ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
+               ip_adapter_image_embeds=None, ip_adapter_masks=None, pag_scale: float | None = None,
+               pag_adaptive_scale: float = 0.0):
     """Text to image under the ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: the arguments of
     `StableDiffusionControlNet.__call__` and SDXL's (`StableDiffusionXL.__call__`: second prompts, size
     conditioning, which defaults to the output size, long and weighted prompts); the default sampler is the
@@ -441,7 +444,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     return self._control_call(prompts, control_images, negative_prompts, height, width, steps, guidance_scale,
                               sampler or self.default_sampler, seed, latents, output, controlnet_conditioning_scale,
                               control_guidance_start, control_guidance_end, guess_mode, options, eta,
-                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                               **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def img2img(self, prompts, init_images, control_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
@@ -451,8 +454,8 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Image to image under the ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: the
     arguments of `StableDiffusionControlNet.img2img` and SDXL's (`StableDiffusionXL.img2img`)."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -465,19 +468,20 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler or
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 control=control, eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                 **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def inpaint(self, prompts, images, mask_images, control_images, strength: float = 0.9999, negative_prompts=None,
               steps: int = 50, guidance_scale: float = 5.0, sampler: str | None = None, seed: int = 0,
               output: str = "np", latents=None, masked_image_latents=None, image_latents=None,
               controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-              guess_mode: bool = False, padding_mask_crop: int | None = None, height: int | None = None, width: int |
-              None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0),
-              target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
-              negative_target_size=None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-              long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
-              ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
+              guess_mode: bool = False, padding_mask_crop: int | None = None, height: int | None = None,
+              width: int | None = None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
+              crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+              negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Inpainting under the ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline: the arguments
     of `StableDiffusionXL.inpaint` and the ControlNets' of `__call__` (scale 1 by default, as diffusers')."""
     options = pipeline_xl.text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size,
@@ -490,7 +494,7 @@ class StableDiffusionXLControlNet(StableDiffusionControlNet, StableDiffusionXL):
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
                          padding_mask_crop, height, width, control=control, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                          **pag.call_options(pag_scale, pag_adaptive_scale))
 
 

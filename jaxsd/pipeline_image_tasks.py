@@ -61,8 +61,8 @@ class ImageTasksMixin:
   def img2img(self, prompts, init_images, strength: float = 0.8, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", noise=None,
               image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0,
-              ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
+              ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Image to image (SDEdit, Meng et al. 2021): noise the encoded images to `strength`, then denoise.
 
     As diffusers' StableDiffusionImg2ImgPipeline: the last min(int(steps * strength), steps) steps of
@@ -83,7 +83,7 @@ class ImageTasksMixin:
     return self._image_to_image(prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
                                 output, noise, image_latents,
                                 text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                 **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _image_to_image(self, prompts, init_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,
@@ -107,8 +107,8 @@ class ImageTasksMixin:
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
               padding_mask_crop: int | None = None, height: int | None = None, width: int | None = None,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Repaints the white part of each mask, as diffusers' StableDiffusionInpaintPipeline.
 
     The U-Net's in_channels decides the method: a 9-channel inpainting U-Net sees the latents, the
@@ -142,7 +142,7 @@ class ImageTasksMixin:
                          output, latents, masked_image_latents, image_latents,
                          prompt_syntax.options(long_prompts,
                                                prompt_weighting), padding_mask_crop, height, width, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                          **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def _inpaint(self, prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler, seed,

@@ -332,7 +332,8 @@ class StableDiffusionAdapter(StableDiffusion):
                width: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str | None = None,
                seed: int = 0, latents=None, output: str = "np", adapter_conditioning_scale=1.0,
                long_prompts: bool = False, prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None,
-               ip_adapter_image_embeds=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
+               ip_adapter_image_embeds=None, ip_adapter_masks=None, pag_scale: float | None = None,
+               pag_adaptive_scale: float = 0.0):
     """Text to image under the T2I-Adapters, as diffusers' StableDiffusionAdapterPipeline.
 
     Args:
@@ -351,7 +352,7 @@ class StableDiffusionAdapter(StableDiffusion):
     return self._adapter_call(prompts, adapter_images, negative_prompts, height, width, steps, guidance_scale, sampler,
                               seed, latents, output, adapter_conditioning_scale, None,
                               prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
-                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                               **pag.call_options(pag_scale, pag_adaptive_scale))
 
 
@@ -367,8 +368,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter, StableDiffusionXL):
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                negative_crops_coords_top_left=(0, 0), negative_target_size=None, guidance_rescale: float = 0.0,
                denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
-               eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-               pag_adaptive_scale: float = 0.0):
+               eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+               pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Text to image under the T2I-Adapters, as diffusers' StableDiffusionXLAdapterPipeline: the arguments of
     `StableDiffusionAdapter.__call__` (the default size rounded to the SDXL adapters' factor, 16) and SDXL's
     (`StableDiffusionXL.__call__`), and `adapter_conditioning_factor` in [0, 1]: the fraction of the steps that get
@@ -380,7 +381,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter, StableDiffusionXL):
                               sampler or self.default_sampler, seed, latents, output, adapter_conditioning_scale,
                               adapter_conditioning_factor, options, guidance_rescale=guidance_rescale,
                               denoising_end=denoising_end, eta=eta,
-                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                              **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                               **pag.call_options(pag_scale, pag_adaptive_scale))
 
 

@@ -385,8 +385,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                negative_crops_coords_top_left=(0, 0), negative_target_size=None, guidance_rescale: float = 0.0,
                denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
-               eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-               pag_adaptive_scale: float = 0.0):
+               eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+               pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Text to image, as diffusers' StableDiffusionXLPipeline; `StableDiffusion.__call__`'s arguments (`eta`, the
     IP-Adapter's `ip_adapter_image` / `ip_adapter_image_embeds` and PAG's `pag_scale` / `pag_adaptive_scale` too;
     img2img and inpaint take them as well) plus:
@@ -415,7 +415,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     return self._text_to_image(prompts, negative_prompts, height, width, steps, guidance_scale, sampler or
                                self.default_sampler, seed, latents, output, text_options=options,
                                guidance_rescale=guidance_rescale, denoising_end=denoising_end, eta=eta,
-                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                               **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def img2img(self, prompts, init_images, strength: float = 0.3, negative_prompts=None, steps: int = 50,
@@ -426,7 +426,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               negative_aesthetic_score: float = 2.5, guidance_rescale: float = 0.0,
               denoising_start: float | None = None, denoising_end: float | None = None, long_prompts: bool = False,
               prompt_weighting: bool = False, eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None,
-              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
+              ip_adapter_masks=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Image to image, as diffusers' StableDiffusionXLImg2ImgPipeline: `StableDiffusion.img2img` plus the
     arguments of `__call__`, the refiner's aesthetic scores and `denoising_start`.
 
@@ -442,7 +442,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                 self.default_sampler, seed, output, noise, image_latents, text_options=options,
                                 guidance_rescale=guidance_rescale, denoising_start=denoising_start,
                                 denoising_end=denoising_end, eta=eta,
-                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                                **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                 **pag.call_options(pag_scale, pag_adaptive_scale))
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
@@ -463,8 +463,8 @@ class StableDiffusionXL(pipeline.StableDiffusion):
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5, long_prompts: bool = False, prompt_weighting: bool = False,
-              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, pag_scale: float | None = None,
-              pag_adaptive_scale: float = 0.0):
+              eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+              pag_scale: float | None = None, pag_adaptive_scale: float = 0.0):
     """Inpainting, as diffusers' StableDiffusionXLInpaintPipeline: `StableDiffusion.inpaint` (a 9-channel
     inpainting U-Net, e.g. SDXL-inpainting-0.1, or latent blending for the base model and the refiner) with
     SDXL's arguments as `img2img`'s (size conditioning of the output size, the refiner's aesthetic scores) and
@@ -476,7 +476,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     return self._inpaint(prompts, images, mask_images, strength, negative_prompts, steps, guidance_scale, sampler or
                          self.default_sampler, seed, output, latents, masked_image_latents, image_latents, options,
                          padding_mask_crop, height, width, eta=eta,
-                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds),
+                         **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                          **pag.call_options(pag_scale, pag_adaptive_scale))
 
 

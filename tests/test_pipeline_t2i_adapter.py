@@ -7,6 +7,7 @@ from __future__ import annotations
 import types
 
 import diffusers
+import jax
 import numpy as np
 import pytest
 import torch
@@ -164,13 +165,15 @@ def test_sdxl_adapter_with_a_conditioning_factor_matches_diffusers(xl):
 
 
 def test_sample_command_writes_the_pipeline_calls_images(sd, tmp_path, monkeypatch):
-  """`python -m sample --t2i-adapter A --adapter-image IMG --adapter-scale S` (in process, pmapped over the 8
-  simulated devices) writes the pipeline call's images, within one uint8 level: there one image (another size,
-  resized) serves both prompts. An SD model refuses --adapter-factor."""
-  from jaxsd import compilation_cache
+  """`python -m sample --t2i-adapter A --adapter-image IMG --adapter-scale S` (in process; generate on one device,
+  for time: tests/test_generate.py covers the pmap) writes the pipeline call's images, within one uint8 level: there
+  one image (another size, resized) serves both prompts. An SD model refuses --adapter-factor."""
+  from jaxsd import compilation_cache, generate
   from sample.__main__ import main
 
   monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
+  real = generate.generate
+  monkeypatch.setattr(generate, "generate", lambda *a, **kw: real(*a, devices=jax.local_devices()[:1], **kw))
   image = tmp_path / "edges.png"
   Image.fromarray(np.random.default_rng(7).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(image)  # resized
   argv = [

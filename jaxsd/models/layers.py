@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsd.models import cpu_conv
+from jaxsd.models import cpu_conv, mask_downsample
 from jaxsd.models.attention import Implementation, dot_product_attention
 
 Dtype = Any
@@ -308,6 +308,10 @@ class ImagePrompt:
   # per attention: {"down_blocks_1/attentions_0": ..., "mid_block/attentions_0": ...} (`jaxsd.block_scales`);
   # several adapters: a tuple of one such per adapter
   scale: Any
+  # None, or the region masks (diffusers' `ip_adapter_masks`): (n, H, W), one per image of the adapter, each image's
+  # attention then weighted by its mask brought to the query length (`mask_downsample`); several adapters: a tuple
+  # of one such (or None) per adapter
+  masks: Any = None
 
 
 @flax.struct.dataclass
@@ -333,7 +337,9 @@ class Attention(nn.Module):
   no cast is made here; casting q and k to fp32 would only rule out the cuDNN kernel.
 
   `image_prompt` (cross-attention only): an IP-Adapter's image tokens, attended to with the same queries through
-  `to_k_ip_0` / `to_v_ip_0` (diffusers' processor's `to_k_ip.0` / `to_v_ip.0`) and added, scaled, before to_out.
+  `to_k_ip_0` / `to_v_ip_0` (diffusers' processor's `to_k_ip.0` / `to_v_ip.0`) and added, scaled, before to_out;
+  an adapter with region masks (`ImagePrompt.masks`) attends to each image's tokens alone and weights that by the
+  image's mask (diffusers' `ip_adapter_masks`).
   `perturbed` (static): the last this many rows of the batch skip the softmax: their attention output is the values
   (Perturbed-Attention Guidance's identity self-attention, `PerturbedSelfAttention`).
   """
@@ -376,14 +382,25 @@ class Attention(nn.Module):
       out = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
     out = out.reshape(out.shape[0], out.shape[1], inner)
     if image_prompt is not None:  # each adapter's tokens through its own keys and values, in order
-      tokens, scales = image_prompt.tokens, image_prompt.scale
+      tokens, scales, masks = image_prompt.tokens, image_prompt.scale, image_prompt.masks
       if not isinstance(tokens, tuple):  # one adapter
-        tokens, scales = (tokens,), (scales,)
-      for i, (t, scale) in enumerate(zip(tokens, scales)):
+        tokens, scales, masks = (tokens,), (scales,), (masks,)
+      for i, (t, scale, mask) in enumerate(zip(tokens, scales, masks or (None,) * len(tokens))):
         k = nn.Dense(inner, use_bias=False, name=f"to_k_ip_{i}", **kw)(t)
         v = nn.Dense(inner, use_bias=False, name=f"to_v_ip_{i}", **kw)(t)
-        ip = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
-        out = out + scale.astype(out.dtype) * ip.reshape(out.shape)
+        if mask is None:  # all the images' tokens in one attention
+          ip = dot_product_attention(split(q), split(k), split(v), implementation=self.attention_implementation)
+          out = out + scale.astype(out.dtype) * ip.reshape(out.shape)
+          continue
+        # as diffusers with masks: each image's tokens in an attention of their own, weighted by its mask
+        weights = mask_downsample.downsample(mask, q.shape[1]).astype(out.dtype)
+        per = t.shape[1] // mask.shape[0]
+        for j in range(mask.shape[0]):
+          part = slice(j * per, (j + 1) * per)
+          ip = dot_product_attention(split(q), split(k[:, part]), split(v[:, part]),
+                                     implementation=self.attention_implementation).reshape(out.shape)
+          s = scale[j] if scale.ndim else scale  # one per image (diffusers' [[s1, s2]]), or one for all
+          out = out + s.astype(out.dtype) * (ip * weights[j][None, :, None])
     out = nn.Dense(residual.shape[-1], use_bias=self.out_bias, name="to_out_0", **kw)(out)
     if spatial_shape is not None:
       out = out.reshape(spatial_shape)

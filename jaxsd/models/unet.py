@@ -425,7 +425,8 @@ class UNet2DConditionModel(nn.Module):
                image_embeds: jax.Array | None = None, ip_adapter_scale: jax.Array | float = 1.0,
                image_projection: ResamplerConfig | None = None, freeu: jax.Array | None = None,
                pag_layers: frozenset[str] | tuple[str, ...] = (), pag_rows: int = 0,
-               down_intrablock_additional_residuals: tuple[jax.Array, ...] | None = None) -> jax.Array:
+               down_intrablock_additional_residuals: tuple[jax.Array, ...] | None = None,
+               ip_adapter_masks: jax.Array | tuple | None = None) -> jax.Array:
     """`timestep_cond` (B, time_cond_proj_dim): the guidance-scale embedding of an LCM-distilled U-Net
     (`layers.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
     features through `time_embedding.cond_proj`; U-Nets without time_cond_proj_dim refuse it.
@@ -438,7 +439,9 @@ class UNet2DConditionModel(nn.Module):
     when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
     Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
     penultimate hidden states, (B, L, D) or (B, n, L, D); several adapters: tuples of `image_embeds`,
-    `image_projection` and `ip_adapter_scale`, one entry each. `freeu` (4,): FreeU's factors (s1, s2, b1, b2),
+    `image_projection` and `ip_adapter_scale`, one entry each. `ip_adapter_masks`: None, or region masks (n, H, W),
+    one per image of the adapter (diffusers' `ip_adapter_masks`; `layers.ImagePrompt.masks`), a tuple of one such or
+    None per adapter with several. `freeu` (4,): FreeU's factors (s1, s2, b1, b2),
     applied in
     the first two up blocks as diffusers' `enable_freeu` (`jaxsd.models.freeu`; every value acts, where diffusers'
     blocks skip FreeU when a factor is 0); None: the plain U-Net. `pag_layers` (static): the self-attentions that
@@ -467,7 +470,8 @@ class UNet2DConditionModel(nn.Module):
         raise ValueError(f"image_embeds has batch {rows[0] if len(rows) == 1 else rows}, the sample {x.shape[0]}: give "
                          "one row of image embeddings per sample.")
       tokens = IPAdapterImageProjections(cfg.context_dim, image_projection, name="encoder_hid_proj", **kw)(image_embeds)
-      context = ImagePrompt(context, tokens, jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), ip_adapter_scale))
+      context = ImagePrompt(context, tokens, jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), ip_adapter_scale),
+                            ip_adapter_masks)
     if pag_layers:
       if not 0 < pag_rows < x.shape[0]:
         raise ValueError(f"pag_rows={pag_rows}: the perturbed rows must be some of the batch's {x.shape[0]}.")
