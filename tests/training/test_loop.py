@@ -12,7 +12,6 @@ import pytest
 
 from jaxsd import flops as flops_lib
 from jaxsd import training
-from jaxsd.training import loop as loop_lib
 from jaxsd.training import metrics as metrics_lib
 from jaxsd.training import sharding as sh
 from jaxsd.training import train_state
