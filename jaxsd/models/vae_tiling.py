@@ -138,17 +138,23 @@ def sliced(fn: Callable, x: jax.Array) -> jax.Array:
   return jax.lax.map(lambda xi: fn(xi[None])[0], x)
 
 
+def _apply(plain: Callable, x: jax.Array, limit: int, grid, tiling: bool, slicing: bool) -> jax.Array:
+  """`plain` over `x`, in tiles of `grid` when tiling and a side exceeds `limit` (only past one tile, as diffusers),
+  one image at a time when slicing."""
+
+  def one(t):
+    if tiling and max(t.shape[1:3]) > limit:
+      return tiled(plain, t, grid)
+    return plain(t)
+
+  return sliced(one, x) if slicing else one(x)
+
+
 def moments(vae: AutoencoderKL, params, x: jax.Array, *, tiling: bool = False, slicing: bool = False) -> jax.Array:
   """The posterior's moments of images `x` (NHWC, in [-1, 1]), tiled and / or sliced as diffusers' `encode`."""
   sizes = TileSizes.of(vae.config)
   plain = lambda t: vae.apply({"params": params}, t, method=vae.moments)
-
-  def one(t):
-    if tiling and max(t.shape[1:3]) > sizes.sample:  # diffusers' `_encode`: only past one tile
-      return tiled(plain, t, sizes.encode_grid())
-    return plain(t)
-
-  return sliced(one, x) if slicing else one(x)
+  return _apply(plain, x, sizes.sample, sizes.encode_grid(), tiling, slicing)  # diffusers' `_encode`
 
 
 def encode(vae: AutoencoderKL, params, x: jax.Array, *, tiling: bool = False,
@@ -163,10 +169,4 @@ def decode(vae: AutoencoderKL, params, z: jax.Array, *, tiling: bool = False, sl
   """`vae.decode` of latents `z` (NHWC, unscaled), tiled and / or sliced as diffusers' `decode`."""
   sizes = TileSizes.of(vae.config)
   plain = lambda t: vae.apply({"params": params}, t, method=vae.decode)
-
-  def one(t):
-    if tiling and max(t.shape[1:3]) > sizes.latent:  # diffusers' `_decode`: only past one tile
-      return tiled(plain, t, sizes.decode_grid())
-    return plain(t)
-
-  return sliced(one, z) if slicing else one(z)
+  return _apply(plain, z, sizes.latent, sizes.decode_grid(), tiling, slicing)  # diffusers' `_decode`
