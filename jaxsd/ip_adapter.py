@@ -14,6 +14,18 @@ Under classifier-free guidance the unconditional half sees the projection of a z
 IP-Adapter Plus (ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, ip-adapter-plus_sdxl_vit-h, ...): its `image_proj`
 is a Resampler (diffusers' IPAdapterPlusImageProjection, the original keys converted as diffusers converts them) over
 the image encoder's penultimate hidden states; the unconditional half sees those of a zero (preprocessed) image.
+IP-Adapter Full Face (ip-adapter-full-face_sd15): diffusers' IPAdapterFullImageProjection (a GELU feed-forward and a
+LayerNorm) on each of those hidden states, 257 tokens per image, with the same unconditional input as Plus.
+IP-Adapter FaceID (ip-adapter-faceid_sd15.bin, ip-adapter-faceid_sdxl.bin; diffusers'
+IPAdapterFaceIDImageProjection) takes no image: load it with `image_encoder_folder=None` and pass the face embedding
+(insightface's `normed_embedding`, 512 wide) as `ip_adapter_image_embeds=[embeds]`, (2, n, 512) under guidance with
+the unconditional row first, zeros as diffusers' documentation makes it (`torch.zeros_like`), (1, n, 512) without;
+the documentation's (2, 1, 1, 512) reads the same (diffusers' projection flattens that axis away).
+Its checkpoint also holds a LoRA of every attention's to_q / to_k / to_v / to_out, which diffusers 0.42's
+`load_ip_adapter` loads itself (PEFT backend) as the LoRA adapter "faceid_<k>" and makes the only active one
+(`set_adapters(["faceid_<k>"], [1.0])`); jaxsd does the same (`load_lora`, `set_adapters`; the LoRA stays after
+`unload_ip_adapter`, as diffusers': `delete_adapters("faceid_0")` removes it). FaceID Plus (perceiver_resampler) is
+refused.
 
 The adapter's weights (read and converted by `jaxsd.ip_adapter_weights`) join the U-Net's parameters under diffusers'
 names (`encoder_hid_proj/image_projection_layers_0`, each attn2's `to_k_ip_0` / `to_v_ip_0`), checked strictly against
@@ -32,7 +44,7 @@ the same encoder's two outputs). Attention masks (diffusers' `IPAdapterMaskProce
 one adapter's images, only in its region of the picture, e.g. two faces, left and right
 (`ip_adapter_image=[[face1, face2]], ip_adapter_masks=[left, right]`), with per-image scales
 (`set_ip_adapter_scale([[0.7, 0.5]])`) as diffusers'; `jaxsd.ip_adapter_masks`. Not supported (refused by name):
-IP-Adapter Full Face, FaceID and FaceID Plus (and their LoRA).
+IP-Adapter FaceID Plus.
 """
 
 from __future__ import annotations
@@ -49,7 +61,8 @@ import numpy as np
 
 from jaxsd import conditioning, block_scales, ip_adapter_masks, model_folder, pretrained
 from jaxsd.config import finite32
-from jaxsd.ip_adapter_weights import (PLAIN, PLUS, convert, merge, numpy_array, read_state_dict, renumber, unet_inputs)
+from jaxsd.ip_adapter_weights import (FACEID, HIDDEN_STATE_KINDS, PLAIN, convert, lora_state_dict, merge, numpy_array,
+                                      read_state_dict, renumber, unet_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +107,8 @@ def _index_names(folder: str, component: str) -> bool:
 
 def embedding_width(folder: str, kind: str = PLAIN) -> int | None:
   """The width of the embeddings the CLIPVisionModelWithProjection in `folder` gives an adapter of `kind` (its
-  config.json: projection_dim, Plus: hidden_size, transformers' defaults where it has none); None without one."""
+  config.json: projection_dim, Plus and Full Face: hidden_size, transformers' defaults where it has none); None
+  without one."""
   file = os.path.join(folder, "config.json")
   if not os.path.isfile(file):
     return None
@@ -136,7 +150,7 @@ class LoadedIPAdapter:
   """An IP-Adapter attached to a pipeline: its U-Net parameters, scale and image encoder."""
 
   params: dict  # a subtree of the U-Net's parameters (`merge`)
-  kind: str  # PLAIN or PLUS
+  kind: str  # PLAIN, PLUS, FULL_FACE or FACEID
   embed_dim: int  # the width of the image embeddings it projects
   # one number, or per-block: {attention path: number} (`block_scales.expand`), or per image (with masks): (n,)
   scale: float | dict | np.ndarray
@@ -172,8 +186,8 @@ class IPAdapterMixin:
   def load_ip_adapter(self, source, subfolder: str | list | None = None, weight_name: str | list | None = None,
                       image_encoder_folder: str | None = IMAGE_ENCODER_FOLDER, *, scale=1.0,
                       allow_pickle: bool = False) -> None:
-    """Loads one IP-Adapter (plain or Plus), or several given as lists, and their image encoder, as diffusers'
-    `load_ip_adapter`, replacing those loaded before.
+    """Loads one IP-Adapter (plain, Plus, Full Face or FaceID), or several given as lists, and their image encoder,
+    as diffusers' `load_ip_adapter`, replacing those loaded before.
 
     Args:
       source: the adapter: a `.safetensors` file (`image_proj.*` and `ip_adapter.*` keys) or pickled `.bin` (with
@@ -189,26 +203,38 @@ class IPAdapterMixin:
         is looked up from the repository's top ("models/image_encoder"), an absolute path is used as it is; the
         pipeline folder's own image_encoder/ (model_index.json names it) and an encoder a previous adapter loaded
         come first where they fit (their embedding width is the adapter's: projection_dim, Plus: hidden_size).
-        None: no encoder, only `ip_adapter_image_embeds`.
+        None: no encoder, only `ip_adapter_image_embeds`. FaceID never has one (it takes face embeddings).
       scale: the adapter's weight, or per-block weights, or a list of one per adapter (`set_ip_adapter_scale`).
       allow_pickle: read a pickled `.bin` adapter (and image encoder) with `torch.load(weights_only=True)`.
 
-    Raises a ValueError for an adapter of another model or kind (Full Face, FaceID: not supported).
+    FaceID's LoRA (in its checkpoint) is loaded as diffusers does: the LoRA adapter "faceid_<k>" (the k-th adapter
+    loaded), made the only active one, unless one of that name is loaded already (see the module's docstring).
+
+    Raises a ValueError for an adapter of another model or kind (FaceID Plus: not supported).
     """
     sources, subfolders, names = _broadcast(source, subfolder, weight_name)
     scales = self._ip_scales(scale, len(sources))  # checked before anything is read
-    loaded, previous = [], self.ip_adapters
+    loaded, previous, loras = [], self.ip_adapters, []
     for k, (src, sub, name) in enumerate(zip(sources, subfolders, names)):
       image_proj, ip_adapter, file = read_state_dict(src, sub, name, allow_pickle)
       where = file or "the IP-Adapter state dict"
       params, kind, embed_dim = convert(image_proj, ip_adapter, self.unet, self.unet_params, where)
+      loras.append(lora_state_dict(ip_adapter, self.unet_params, where))
       state = LoadedIPAdapter(renumber(params, k), kind, embed_dim, scales[k], where)
-      if image_encoder_folder is None:
+      if kind == FACEID:
+        log.info("IP-Adapter FaceID %s takes face embeddings: pass ip_adapter_image_embeds (no image encoder).", where)
+      elif image_encoder_folder is None:
         log.warning("IP-Adapter %s: no image encoder (image_encoder_folder=None); pass ip_adapter_image_embeds.", where)
       elif not _share_image_encoder(state, loaded + list(previous)):  # as diffusers keeps the one it has
         self._load_image_encoder(state, file, src, image_encoder_folder, allow_pickle)
       loaded.append(state)
+    if any(loras):
+      self._loras.check_unfused("load_ip_adapter (FaceID's LoRA)")
     self.__dict__["_ip_adapter"] = tuple(loaded)
+    for k, lora in enumerate(loras):  # FaceID's LoRA, as diffusers' load_ip_adapter (PEFT backend) loads it
+      if lora and f"faceid_{k}" not in self._loras.adapters:
+        self.load_lora(lora, name=f"faceid_{k}")
+        self.set_adapters([f"faceid_{k}"], [1.0])
 
   def _load_image_encoder(self, state: LoadedIPAdapter, file, source, image_encoder_folder, allow_pickle) -> None:
     folder = getattr(self, "source_folder", None)
@@ -228,7 +254,7 @@ class IPAdapterMixin:
                                                     allow_pickle=allow_pickle)
     state.image_encoder, state.image_encoder_params, state.image_encoder_folder = encoder, params, fits[0]
     state.feature_extractor = feature_extractor(folder, encoder.config.image_size)
-    state.encode = jax.jit(functools.partial(_encode, encoder, state.kind == PLUS))
+    state.encode = jax.jit(functools.partial(_encode, encoder, state.kind in HIDDEN_STATE_KINDS))
 
   def _ip_scales(self, scale, n: int) -> list[float | dict]:
     """One scale per adapter (a number or per-block values for this U-Net, `block_scales.expand`) from one for all
@@ -269,11 +295,15 @@ class IPAdapterMixin:
   def encode_ip_adapter_image(self, images, adapter: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, unconditional ones), float32, of one image or a list / batch, as diffusers'
     `encode_image`: the feature extractor's resize, crop and normalisation, then the image encoder's projected pooled
-    output (n, D) and zeros; for IP-Adapter Plus its penultimate hidden states (n, L, D), of the images and of zero
-    pixels. `adapter`: which of several loaded adapters they are for."""
+    output (n, D) and zeros; for IP-Adapter Plus and Full Face its penultimate hidden states (n, L, D), of the
+    images and of zero pixels. `adapter`: which of several loaded adapters they are for."""
     state = self.ip_adapters[adapter] if adapter < len(self.ip_adapters) else None
     if state is None:
       raise ValueError("encode_ip_adapter_image: no IP-Adapter is loaded; load_ip_adapter(...) first.")
+    if state.kind == FACEID:
+      raise ValueError("ip_adapter_image: IP-Adapter FaceID has no image encoder (it takes insightface face "
+                       f"embeddings): pass ip_adapter_image_embeds=[embeds], (2, n, {state.embed_dim}) with the zero "
+                       "row first.")
     if state.image_encoder is None:
       raise ValueError("ip_adapter_image: the IP-Adapter was loaded without an image encoder "
                        "(image_encoder_folder=None): pass ip_adapter_image_embeds, or load it with one.")
@@ -291,7 +321,9 @@ class IPAdapterMixin:
     The unconditional rows get zero embeddings (Plus: a zero image's), as diffusers'. `image_embeds`: diffusers'
     `ip_adapter_image_embeds`, a list with one (2, n, D) array under guidance, the unconditional row first ((1, n,
     D) without), used for every prompt (`prepare_ip_adapter_image_embeds`' output); or (2 batch, n, D) ((batch, n,
-    D)): one row per prompt. For IP-Adapter Plus they are hidden states: (2, n, L, D) and so on.
+    D)): one row per prompt. For IP-Adapter Plus and Full Face they are hidden states: (2, n, L, D) and so on; for
+    FaceID face embeddings (2, n, 512), or (2, n, 1, 512) as diffusers' documentation builds them, the
+    unconditional row zeros.
 
     Several adapters (diffusers' lists): `image` is a list with one entry per adapter, each an image or a list of
     images that every prompt sees (diffusers' reading); `image_embeds` a list of one array per adapter, as above;
@@ -378,7 +410,7 @@ class IPAdapterMixin:
 
 def _encode(encoder, plus: bool, params, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(embeddings, unconditional ones) of preprocessed NHWC pixels, as diffusers' `encode_image`: the projected pooled
-  output and zeros, or (`plus`) the penultimate hidden states of the pixels and of zero pixels."""
+  output and zeros, or (`plus`: Plus, Full Face) the penultimate hidden states of the pixels and of zero pixels."""
   if not plus:
     embeds = encoder.apply({"params": params}, pixels).image_embeds.astype(jnp.float32)
     return embeds, jnp.zeros_like(embeds)
@@ -392,15 +424,18 @@ def _given_embeds(x, batch: int, guided: bool, dim: int, kind: str,
   (2, n, [L,] D) under guidance (unconditional row first) or (1, n, [L,] D) without, for every prompt; or one row
   per prompt (2 batch or batch rows, the unconditional half first). Without guidance the unconditional rows are
   unused (zeros)."""
-  ndim, what = (3, "n") if kind == PLAIN else (4, "n, L")
+  ndim, what = (4, "n, L") if kind in HIDDEN_STATE_KINDS else (3, "n")
   halves = 2 if guided else 1
   x = numpy_array(x).astype(np.float32)
+  if kind == FACEID and x.ndim == 4 and x.shape[2] == 1:  # diffusers' documented (2, n, 1, D): its projection's same
+    x = x[:, :, 0]
   if x.ndim != ndim or x.shape[0] not in (halves, halves * batch) or x.shape[-1] != dim:
     hint = ""
-    if x.ndim == 4 and kind == PLAIN:
-      hint = " (hidden states: IP-Adapter Plus's; this adapter takes pooled embeddings)"
-    elif x.ndim == 3 and kind == PLUS:
-      hint = " (pooled embeddings; IP-Adapter Plus takes the image encoder's hidden states)"
+    if x.ndim == 4 and ndim == 3:
+      hint = (" (hidden states, IP-Adapter Plus's or Full Face's; FaceID takes one face embedding per image)"
+              if kind == FACEID else " (hidden states: IP-Adapter Plus's; this adapter takes pooled embeddings)")
+    elif x.ndim == 3 and ndim == 4:
+      hint = " (pooled embeddings; IP-Adapter Plus and Full Face take the image encoder's hidden states)"
     half = ", the unconditional rows first" if guided else ""
     raise ValueError(f"{name} has shape {x.shape}{hint}; this call needs ({halves}, {what}, "
                      f"{dim}) for every prompt or ({halves * batch}, {what}, {dim}) for each{half}.")
@@ -449,15 +484,17 @@ def _broadcast(source, subfolder, weight_name) -> tuple[list, list, list]:
 
 def _share_image_encoder(state: LoadedIPAdapter, others) -> bool:
   """Gives `state` the image encoder of one of `others` whose embeddings fit it (the same kind and width, or the
-  same encoder's other output: Plus reads hidden_size, plain projection_dim); False when none does."""
+  same encoder's other output: Plus and Full Face read hidden_size, plain projection_dim); False when none
+  does."""
+  hidden = state.kind in HIDDEN_STATE_KINDS
   for other in others:
     if other.image_encoder is None:
       continue
-    same = (other.kind, other.embed_dim) == (state.kind, state.embed_dim)
+    same = (other.kind in HIDDEN_STATE_KINDS, other.embed_dim) == (hidden, state.embed_dim)
     if same or embedding_width(other.image_encoder_folder, state.kind) == state.embed_dim:
       state.image_encoder, state.image_encoder_params = other.image_encoder, other.image_encoder_params
       state.image_encoder_folder, state.feature_extractor = other.image_encoder_folder, other.feature_extractor
-      state.encode = other.encode if other.kind == state.kind else jax.jit(
-          functools.partial(_encode, other.image_encoder, state.kind == PLUS))
+      state.encode = other.encode if (other.kind in HIDDEN_STATE_KINDS) == hidden else jax.jit(
+          functools.partial(_encode, other.image_encoder, hidden))
       return True
   return False

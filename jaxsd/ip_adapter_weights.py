@@ -1,8 +1,10 @@
 """An IP-Adapter's weights: reading its file (safetensors, or a pickled .bin with allow_pickle) and converting them,
 strictly, to parameters of jaxsd's U-Net under diffusers' names (`encoder_hid_proj/image_projection_layers_0`, each
 attn2's `to_k_ip_0` / `to_v_ip_0`), as diffusers' `_convert_ip_adapter_image_proj_to_diffusers` /
-`_convert_ip_adapter_attn_to_diffusers` do. The pipeline side (image encoder, inputs, load / unload) is
-`jaxsd.ip_adapter`.
+`_convert_ip_adapter_attn_to_diffusers` do: the plain IP-Adapter, Plus, Full Face and FaceID (FaceID Plus is
+refused). FaceID's checkpoints also hold a LoRA of every attention's to_q / to_k / to_v / to_out (`<n>.to_q_lora.down.
+weight`, ...); `lora_state_dict` names it as diffusers' `_load_ip_adapter_loras` does, for the pipeline to load as a
+LoRA adapter. The pipeline side (image encoder, inputs, load / unload) is `jaxsd.ip_adapter`.
 """
 
 from __future__ import annotations
@@ -18,19 +20,16 @@ import numpy as np
 from flax import traverse_util
 
 from jaxsd import pretrained, weights
-from jaxsd.models.image_projection import NUM_TOKENS, ResamplerConfig, resampler_config
+from jaxsd.models.image_projection import (NUM_TOKENS, FaceIDConfig, FullFaceConfig, ProjectionConfig, ResamplerConfig,
+                                           projection_config, takes_hidden_states)
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 _IP_KEY = re.compile(r"(\d+)\.(to_k_ip|to_v_ip)\.weight")
-# The image_proj keys of the variants diffusers loads and jaxsd does not, by what marks each (checked in order).
-_OTHER_KINDS = (
-    ("perceiver_resampler.proj_in.weight", "IP-Adapter FaceID Plus"),
-    ("proj.3.weight", "IP-Adapter Full Face"),
-    ("norm.weight", "IP-Adapter FaceID"),
-)
-_SUPPORTED = ("the plain IP-Adapter and IP-Adapter Plus are (e.g. ip-adapter_sd15, ip-adapter_sdxl_vit-h, "
-              "ip-adapter-plus_sd15, ip-adapter-plus-face_sd15)")
-PLAIN, PLUS = "plain", "plus"  # the kinds jaxsd loads
+_LORA_KEY = re.compile(r"(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")  # FaceID's LoRA
+_SUPPORTED = ("the plain IP-Adapter, Plus, Full Face and FaceID are (e.g. ip-adapter_sd15, ip-adapter-plus_sd15, "
+              "ip-adapter-full-face_sd15, ip-adapter-faceid_sd15)")
+PLAIN, PLUS, FULL_FACE, FACEID = "plain", "plus", "full_face", "faceid"  # the kinds jaxsd loads
+HIDDEN_STATE_KINDS = (PLUS, FULL_FACE)  # those that read the image encoder's penultimate hidden states
 
 # --- the adapter's file ---------------------------------------------------------------------------
 
@@ -130,15 +129,22 @@ def _split(state_dict: Mapping, where: str) -> tuple[dict, dict]:
 
 
 def check_kind(image_proj: Mapping, ip_adapter: Mapping, where: str) -> str:
-  """PLAIN or PLUS (as diffusers tells them apart: `proj.weight`, else `latents`); a one-line ValueError naming the
-  IP-Adapter variants jaxsd does not implement."""
-  if any("lora" in k for k in ip_adapter):
-    raise ValueError(f"{where}: an IP-Adapter with LoRA weights (FaceID) is not supported; {_SUPPORTED}.")
+  """PLAIN, FULL_FACE, FACEID or PLUS, told apart by the keys diffusers checks, in its order (`proj.weight`,
+  `proj.3.weight`, `perceiver_resampler.*` (FaceID Plus: refused), `norm.weight`, else `latents`); a one-line
+  ValueError for the others."""
+  del ip_adapter  # (its LoRA keys, FaceID's, are `lora_state_dict`'s)
   if "proj.weight" in image_proj:
     return PLAIN
-  kind = next((name for key, name in _OTHER_KINDS if key in image_proj), None)
-  if kind is not None:
-    raise ValueError(f"{where}: {kind} is not supported; {_SUPPORTED}.")
+  if "proj.3.weight" in image_proj:
+    return FULL_FACE
+  if "perceiver_resampler.proj_in.weight" in image_proj:
+    raise ValueError(f"{where}: IP-Adapter FaceID Plus (perceiver_resampler; it needs face embeddings and CLIP hidden "
+                     f"states at once) is not supported; {_SUPPORTED}.")
+  if "norm.weight" in image_proj:
+    if "proj.0.weight" not in image_proj or "proj.2.weight" not in image_proj:
+      raise ValueError(f"{where}: image_proj has norm.weight but not proj.0.weight / proj.2.weight: not the IP-Adapter "
+                       "FaceID projection diffusers reads.")
+    return FACEID
   if "latents" in image_proj and "proj_in.weight" in image_proj and "proj_out.weight" in image_proj:
     return PLUS
   raise ValueError(f"{where}: image_proj has none of the known layouts (keys like "
@@ -169,6 +175,19 @@ def _plus_names(key: str, value) -> list[tuple[str, Any]]:
   return [(f"layers.{i}.{_PLUS_NAMES.get(layer, layer)}.{leaf}", value)]
 
 
+def _projection_config(kind: str, image_proj: Mapping, width: int) -> ProjectionConfig:
+  """The projection's config as diffusers reads its sizes off the weights (Plus: `_plus_config`; FaceID: tokens
+  `proj.2` rows / cross_attention_dim, mult `proj.0` rows / columns)."""
+  if kind == PLUS:
+    return _plus_config(image_proj)
+  if kind == FULL_FACE:
+    return FullFaceConfig()
+  if kind == FACEID:
+    rows, columns = np.shape(image_proj["proj.0.weight"])
+    return FaceIDConfig(np.shape(image_proj["proj.2.weight"])[0] // width, rows // columns)
+  return None
+
+
 def _plus_config(image_proj: Mapping) -> ResamplerConfig:
   """The Resampler's sizes as diffusers reads them off the weights (64-wide heads, 4 layers)."""
   _, queries, hidden = np.shape(image_proj["latents"])
@@ -183,18 +202,29 @@ def _plus_config(image_proj: Mapping) -> ResamplerConfig:
 _SECTIONS = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # UNet2DConditionModel's order of registration
 
 
-def cross_attention_layers(unet_params) -> list[tuple[str, ...]]:
-  """The paths of the U-Net's cross-attentions (attn2) in the order of diffusers' `unet.attn_processors` (down
-  blocks, up blocks, mid block; by index within each), which numbers an adapter's layers: the k-th is
-  `ip_adapter.{2k + 1}.to_k_ip.weight` (the attn1 between them have even numbers)."""
-  paths = {p[:p.index("attn2") + 1] for p in traverse_util.flatten_dict(_plain(unet_params)) if "attn2" in p}
+def attention_layers(unet_params) -> list[tuple[str, ...]]:
+  """The paths of the U-Net's transformer attentions (attn1, attn2) in the order of diffusers'
+  `unet.attn_processors` (down blocks, up blocks, mid block; by index within each; attn1 before attn2), which
+  numbers an adapter's layers: FaceID's LoRA of the k-th is `ip_adapter.{k}.to_q_lora.down.weight`, ..."""
+  paths = {
+      p[:i + 1]
+      for p in traverse_util.flatten_dict(_plain(unet_params))
+      for i, part in enumerate(p)
+      if part in ("attn1", "attn2")
+  }
 
   def order(path):
     head = re.fullmatch(r"(.+?)(?:_(\d+))?", path[0])
     numbers = [int(m.group(1)) for part in path[1:] for m in [re.search(r"_(\d+)$", part)] if m]
-    return (_SECTIONS.get(head.group(1), 3), int(head.group(2) or 0), *numbers)
+    return (_SECTIONS.get(head.group(1), 3), int(head.group(2) or 0), *numbers, path[-1])
 
   return sorted(paths, key=order)
+
+
+def cross_attention_layers(unet_params) -> list[tuple[str, ...]]:
+  """The cross-attentions (attn2) of `attention_layers`, in order: the k-th is `ip_adapter.{2k + 1}.to_k_ip.weight`
+  (the attn1 between them have even numbers)."""
+  return [p for p in attention_layers(unet_params) if p[-1] == "attn2"]
 
 
 def _plain(tree):
@@ -208,14 +238,18 @@ def to_unet_names(image_proj: Mapping, ip_adapter: Mapping, layers: list[tuple[s
   strict conversion reports them."""
   out = {}
   prefix = "encoder_hid_proj.image_projection_layers.0."
+  # Full Face's and FaceID's feed-forward and norm (Full Face's norm is proj.3), as diffusers renames them
+  ff_names = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "norm", "norm": "norm"}
   for key, value in image_proj.items():
     if "latents" in image_proj:  # Plus: the Resampler
       out.update((prefix + name, v) for name, v in _plus_names(key, value))
-    else:
-      head, _, leaf = key.partition(".")
-      name = {"proj": "image_embeds", "norm": "norm"}.get(head)
-      out[f"{prefix}{name}.{leaf}" if name else f"image_proj.{key}"] = value
+      continue
+    head, _, leaf = key.rpartition(".")
+    name = {"proj": "image_embeds", "norm": "norm"}.get(head) if "proj.weight" in image_proj else ff_names.get(head)
+    out[f"{prefix}{name}.{leaf}" if name else f"image_proj.{key}"] = value
   for key, value in ip_adapter.items():
+    if _LORA_KEY.fullmatch(key):  # FaceID's LoRA: `lora_state_dict`'s
+      continue
     m = _IP_KEY.fullmatch(key)
     k = (int(m.group(1)) - 1) // 2 if m and int(m.group(1)) % 2 else None
     if k is None or k >= len(layers):
@@ -226,15 +260,20 @@ def to_unet_names(image_proj: Mapping, ip_adapter: Mapping, layers: list[tuple[s
 
 
 def convert(image_proj: Mapping, ip_adapter: Mapping, unet, unet_params, where: str) -> tuple[dict, str, int]:
-  """(the adapter's parameters as a subtree of the U-Net's, its kind (PLAIN, PLUS), the width of the image
-  embeddings it takes: the image encoder's projection_dim, Plus: its hidden_size), checked strictly against the
-  U-Net: one-line errors for an adapter of another model (cross-attention width, number of cross-attention layers),
-  then every missing or unexpected key and shape mismatch (`weights.WeightLoadError`)."""
+  """(the adapter's parameters as a subtree of the U-Net's, its kind (PLAIN, PLUS, FULL_FACE, FACEID), the width of
+  the image embeddings it takes: the image encoder's projection_dim, Plus and Full Face: its hidden_size, FaceID: the
+  face embedding's), checked strictly against the U-Net: one-line errors for an adapter of another model
+  (cross-attention width, number of cross-attention layers), then every missing or unexpected key and shape mismatch
+  (`weights.WeightLoadError`). FaceID's LoRA keys are left to `lora_state_dict`."""
   kind = check_kind(image_proj, ip_adapter, where)
   cfg = unet.config
   if kind == PLAIN:
     rows, embed_dim = np.shape(image_proj["proj.weight"])
     width = rows / NUM_TOKENS
+  elif kind == FULL_FACE:  # diffusers: image_embed_dim = proj.0's rows (FeedForward mult=1: square)
+    width, embed_dim = np.shape(image_proj["proj.3.weight"])[0], np.shape(image_proj["proj.0.weight"])[0]
+  elif kind == FACEID:
+    width, embed_dim = np.shape(image_proj["norm.weight"])[0], np.shape(image_proj["proj.0.weight"])[1]
   else:
     width, embed_dim = np.shape(image_proj["proj_out.weight"])[0], np.shape(image_proj["proj_in.weight"])[1]
   if width != cfg.context_dim:
@@ -246,7 +285,7 @@ def convert(image_proj: Mapping, ip_adapter: Mapping, unet, unet_params, where: 
   if len(ids) != len(layers):
     raise ValueError(f"{where}: the adapter has weights for {len(ids)} cross-attention layers, this U-Net has "
                      f"{len(layers)}: it is an IP-Adapter for another model.")
-  abstract = _abstract_ip_params(unet, unet_params, embed_dim, _plus_config(image_proj) if kind == PLUS else None)
+  abstract = _abstract_ip_params(unet, unet_params, embed_dim, _projection_config(kind, image_proj, int(width)))
   try:
     params = weights.state_dict_to_params(to_unet_names(image_proj, ip_adapter, layers), abstract)
   except weights.WeightLoadError as e:
@@ -254,13 +293,13 @@ def convert(image_proj: Mapping, ip_adapter: Mapping, unet, unet_params, where: 
   return jax.device_put(params), kind, int(embed_dim)
 
 
-def _abstract_ip_params(unet, unet_params, embed_dim: int, resampler: ResamplerConfig | None) -> dict:
-  """The parameters (shapes) the U-Net adds when it is given image embeddings of `embed_dim` (Plus: hidden states
-  through a Resampler of these sizes)."""
+def _abstract_ip_params(unet, unet_params, embed_dim: int, projection: ProjectionConfig) -> dict:
+  """The parameters (shapes) the U-Net adds when it is given image embeddings of `embed_dim` through a projection
+  of this config (Plus, Full Face: hidden states)."""
   inputs = pretrained.example_inputs(unet)
-  embeds = jnp.zeros((1, embed_dim) if resampler is None else (1, 1, 1, embed_dim), jnp.float32)
+  embeds = jnp.zeros((1, 1, 1, embed_dim) if takes_hidden_states(projection) else (1, embed_dim), jnp.float32)
   full = jax.eval_shape(
-      lambda: unet.init(jax.random.key(0), *inputs, image_embeds=embeds, image_projection=resampler)["params"])
+      lambda: unet.init(jax.random.key(0), *inputs, image_embeds=embeds, image_projection=projection)["params"])
   base = set(traverse_util.flatten_dict(_plain(unet_params)))
   flat = traverse_util.flatten_dict(_plain(full))
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in base})
@@ -287,10 +326,12 @@ def unet_inputs(ip_adapter: Mapping, guided: bool, unet_params) -> dict:
   if guided:
     embeds = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), ip_adapter["uncond_image_embeds"], embeds)
   layers = unet_params["encoder_hid_proj"]
+  # (batch, n, L, D): hidden states, which tell Full Face's feed-forward from FaceID's
+  config = lambda k, e: projection_config(layers[f"image_projection_layers_{k}"], e.ndim == 4)
   if isinstance(embeds, tuple):  # several adapters: one projection each
-    projection = tuple(resampler_config(layers[f"image_projection_layers_{k}"]) for k in range(len(embeds)))
+    projection = tuple(config(k, e) for k, e in enumerate(embeds))
   else:
-    projection = resampler_config(layers["image_projection_layers_0"])
+    projection = config(0, embeds)
   out = {"image_embeds": embeds, "ip_adapter_scale": ip_adapter["scale"], "image_projection": projection}
   if ip_adapter.get("masks") is not None:  # (none: the program without masks)
     out["ip_adapter_masks"] = ip_adapter["masks"]
@@ -308,3 +349,32 @@ def renumber(ip_params, k: int):
       "to_v_ip_0": f"to_v_ip_{k}"
   }
   return {rename.get(name, name): renumber(v, k) for name, v in ip_params.items()}
+
+
+def lora_state_dict(ip_adapter: Mapping, unet_params, where: str) -> dict[str, np.ndarray]:
+  """The LoRA an adapter's `ip_adapter` half carries (FaceID's: `<n>.to_q_lora.down.weight`, ..., `<n>` numbering
+  every attention, `attention_layers`), as diffusers' `_load_ip_adapter_loras` names it for `load_lora_weights`:
+  `unet.<attention>.processor.to_q_lora.down.weight`, ... ({} without one). diffusers takes the layers that have
+  `to_k_lora.down.weight`; a layer number this U-Net lacks is an adapter for another model (refused here; diffusers
+  skips it)."""
+  layers = attention_layers(unet_params)
+  numbers = {int(m.group(1)) for m in map(_LORA_KEY.fullmatch, ip_adapter) if m}
+  if not numbers:
+    return {}
+  if max(numbers) >= len(layers):
+    raise ValueError(
+        f"{where}: the adapter's LoRA has weights for attention layer {max(numbers)} (from 0), this U-Net has "
+        f"{len(layers)}: it is an IP-Adapter for another model.")
+  out = {}
+  for n in sorted(numbers):
+    if f"{n}.to_k_lora.down.weight" not in ip_adapter:
+      continue
+    name = "unet." + weights.path_to_torch_key(layers[n]) + ".processor"
+    for proj in ("to_k", "to_q", "to_v", "to_out"):
+      for part in ("down", "up"):
+        key = f"{n}.{proj}_lora.{part}.weight"
+        if key not in ip_adapter:
+          raise ValueError(f"{where}: the adapter's LoRA lacks {key} (diffusers reads all of to_q / to_k / to_v / "
+                           "to_out, down and up, of a layer).")
+        out[f"{name}.{proj}_lora.{part}.weight"] = ip_adapter[key]
+  return out

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
 from jaxsd.models.freeu import apply_freeu, stage_factors
-from jaxsd.models.image_projection import IPAdapterImageProjections, ResamplerConfig
+from jaxsd.models.image_projection import IPAdapterImageProjections, ProjectionConfig
 from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ImagePrompt, PerturbedSelfAttention,
                                  ResnetBlock2D, TextTimeEmbedding, Timesteps, TimestepEmbedding, Transformer2DModel,
                                  UNetMidBlock2D, Upsample2D, conv, get_activation)
@@ -423,7 +423,7 @@ class UNet2DConditionModel(nn.Module):
                down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
                mid_block_additional_residual: jax.Array | None = None, timestep_cond: jax.Array | None = None,
                image_embeds: jax.Array | None = None, ip_adapter_scale: jax.Array | float = 1.0,
-               image_projection: ResamplerConfig | None = None, freeu: jax.Array | None = None,
+               image_projection: ProjectionConfig = None, freeu: jax.Array | None = None,
                pag_layers: frozenset[str] | tuple[str, ...] = (), pag_rows: int = 0,
                down_intrablock_additional_residuals: tuple[jax.Array, ...] | None = None,
                ip_adapter_masks: jax.Array | tuple | None = None) -> jax.Array:
@@ -436,9 +436,9 @@ class UNet2DConditionModel(nn.Module):
     CLIP image embeddings, projected to tokens by `encoder_hid_proj` (`image_projection.IPAdapterImageProjections`)
     that every cross-attention also attends to, weighted by `ip_adapter_scale` (one number, or a dict of one per
     attention: `jaxsd.block_scales`); the parameters of both exist only
-    when it is given (without it the U-Net is the plain one). With `image_projection` (IP-Adapter Plus: the
-    Resampler's sizes, `image_projection.resampler_config` of its parameters) they are the image encoder's
-    penultimate hidden states, (B, L, D) or (B, n, L, D); several adapters: tuples of `image_embeds`,
+    when it is given (without it the U-Net is the plain one). `image_projection` (`image_projection.projection_config` of its
+    parameters) names the other projections: IP-Adapter Plus (a Resampler) and Full Face take the image encoder's
+    penultimate hidden states, (B, L, D) or (B, n, L, D), FaceID face embeddings (B, [n,] 512); several adapters: tuples of `image_embeds`,
     `image_projection` and `ip_adapter_scale`, one entry each. `ip_adapter_masks`: None, or region masks (n, H, W),
     one per image of the adapter (diffusers' `ip_adapter_masks`; `layers.ImagePrompt.masks`), a tuple of one such or
     None per adapter with several. `freeu` (4,): FreeU's factors (s1, s2, b1, b2),
