@@ -5,6 +5,11 @@
 # halves (a tiny U-Net's train step 33 s -> 16 s; the smoke config's clip + vae stages 86 -> 72 s of CPU,
 # training included), as the parity tests' per-jit `xla_backend_optimization_level: 0` already did. The
 # programs compute the same operations; only LLVM's code generation is less optimised.
+# Tried on 2026-12-07 (2-core Intel VM), not taken: --xla_cpu_use_fusion_emitters=false compiles a tiny U-Net's
+# train step in 6-7 s instead of 8-11 s alone, but test_pipeline_sdxl.py + models/test_unet.py took 194 s
+# against 137 s (one run each, another job beside both), and the IP-Adapter tests' "scale 0 is the plain
+# U-Net" checks moved from < 1e-6 to 1.4e-5 relative; `pytest -n 3` instead of 2 was 9% faster on six files
+# but not on the whole suite (31:33 vs 30:43).
 XLA_OPTIMIZATION_FLAG = "--xla_backend_optimization_level=0"
 
 
