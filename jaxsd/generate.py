@@ -133,8 +133,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              strength: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
              padding_mask_crop: int | None = None, control_images=None, controlnet_conditioning_scale=None,
              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, eta: float = 0.0,
-             ip_adapter_image=None, pag_scale: float | None = None, pag_adaptive_scale: float = 0.0,
-             adapter_images=None, adapter_conditioning_scale=None,
+             ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None, pag_scale: float | None = None,
+             pag_adaptive_scale: float = 0.0, adapter_images=None, adapter_conditioning_scale=None,
              adapter_conditioning_factor: float | None = None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
@@ -157,7 +157,11 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   arguments of its call (the conditioning scale defaults to its call's, as diffusers': 1 for text-to-image, 0.8 for
   img2img, 0.5 for SD's inpainting and 1 for SDXL's). `eta` is the pipeline calls' (diffusers'): ddim's weight of
   fresh noise and tcd's gamma, refused by the other samplers unless 0. With an IP-Adapter loaded
-  (`pipe.load_ip_adapter`), `ip_adapter_image` is the image prompt of every job, at the adapter's scale. FreeU acts
+  (`pipe.load_ip_adapter`), `ip_adapter_image` is the image prompt of every job, at the adapter's scale, or
+  `ip_adapter_image_embeds` its embeddings (diffusers' list of one array per adapter, as the pipeline calls take
+  it: (2, n, D) under guidance, (1, n, D) without; FaceID's face embeddings); with several adapters the two may be
+  mixed, a list each with None where the other gives that adapter's input. `ip_adapter_masks` are the calls'
+  (`jaxsd.ip_adapter_masks`), read at height x width. FreeU acts
   as `pipe.enable_freeu` set it. With Perturbed-Attention Guidance on (`pipe.enable_pag`), `pag_scale` (default 3.0)
   and `pag_adaptive_scale` are the pipeline calls' (`jaxsd.pag`). A T2I-Adapter pipeline
   (`jaxsd.pipeline_t2i_adapter`, text-to-image only) takes `adapter_images` (one image per adapter, used for every
@@ -270,7 +274,11 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   mine = batches[jax.process_index()::jax.process_count()]
 
   guided = pipe.guided(guidance_scale)
-  ip = pipe.ip_adapter_inputs(ip_adapter_image, None, 1, guided)  # one image's embeddings for every job, or None
+  if ip_adapter_image is not None and ip_adapter_image_embeds is not None:  # images for some adapters, embeds others
+    ip_adapter_image_embeds = _mixed_ip_adapter_embeds(pipe, ip_adapter_image, ip_adapter_image_embeds, guided)
+    ip_adapter_image = None
+  # one image's (or embedding's) tokens for every job, or None
+  ip = pipe.ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, 1, guided, ip_adapter_masks, (height, width))
   freeu = pipe.freeu_inputs()  # {} when off
   pag_inputs, pag_options = pipe.pag_cond(pag.call_options(pag_scale, pag_adaptive_scale))  # ({}, {}) when off
   fn = pipe.generate_fn(sampler, steps, guided, "np", strength, task, eta=eta, **control_options, **pag_options)
@@ -294,8 +302,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       cond.update({k: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_dev,) + x.shape), v) for k, v in adapter.items()})
     if ip is not None:  # the image embeddings of every job, the scales once per device (several adapters: tuples)
       every_job = lambda v: shard(jnp.broadcast_to(v, (global_batch,) + v.shape[1:]))  # noqa: E731
-      cond["ip_adapter"] = {k: jax.tree.map(every_job, v) for k, v in ip.items() if k != "scale"}
-      cond["ip_adapter"]["scale"] = jax.tree.map(lambda s: jnp.broadcast_to(s, (n_dev,)), ip["scale"])
+      cond["ip_adapter"] = {k: jax.tree.map(every_job, v) for k, v in ip.items() if k not in ("scale", "masks")}
+      per_device = lambda v: jnp.broadcast_to(v, (n_dev,) + v.shape)  # noqa: E731
+      cond["ip_adapter"].update({k: jax.tree.map(per_device, ip[k]) for k in ("scale", "masks") if k in ip})
     for name, v in freeu.items():  # FreeU's factors (pipe.enable_freeu), once per device
       cond[name] = jnp.broadcast_to(v, (n_dev,) + v.shape)
     if pag_inputs:  # PAG's scales, once per device
@@ -345,6 +354,28 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   return GenerateResult(files=files, images=images, compile_seconds=compile_seconds, sample_seconds=sample_seconds,
                         seconds_per_step=sample_seconds / max(n_steps, 1),
                         images_per_second=len(images) / max(sample_seconds, 1e-9), devices=n_dev)
+
+
+def _mixed_ip_adapter_embeds(pipe, images, embeds, guided: bool) -> list:
+  """diffusers' `ip_adapter_image_embeds` (one array per adapter) from `images` and `embeds`, lists with one entry
+  per loaded adapter and None where the other gives it: each image through its adapter's image encoder, as
+  diffusers' `prepare_ip_adapter_image_embeds` lays it out ((2, n, ...) under guidance, the unconditional row first,
+  (1, n, ...) without)."""
+  n = len(pipe.ip_adapters)
+  if not all(isinstance(x, (list, tuple)) and len(x) == n for x in (images, embeds)):
+    raise ValueError(f"ip_adapter_image and ip_adapter_image_embeds together: give each as a list with one entry per "
+                     f"IP-Adapter ({n}), None where the other gives that adapter's input.")
+  out = []
+  for k, (image, given) in enumerate(zip(images, embeds)):
+    if (image is None) == (given is None):
+      raise ValueError(f"IP-Adapter {k}: give its ip_adapter_image or its ip_adapter_image_embeds entry (the other "
+                       "None), not both or neither.")
+    if image is None:
+      out.append(given)
+      continue
+    cond, uncond = pipe.encode_ip_adapter_image(image, k)
+    out.append(np.stack([uncond, cond]) if guided else cond[None])
+  return out
 
 
 def _control_inputs(pipe, control_images, height, width, scale, start, end):

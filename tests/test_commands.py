@@ -379,3 +379,88 @@ def test_train_workdir_or_data_dir_that_is_a_file_exits_2(tmp_path, capsys):
     assert train_main.main(argv) == 2
     assert message in _one_error_line(capsys)
   assert afile.read_text() == "keep" and not os.path.exists(tmp_path / "w")
+
+
+def _ip_adapter_files(tmp_path) -> dict[str, str]:
+  """An (empty) adapter file, and --ip-adapter-embeds files good and bad, for the IP-Adapter flag cases."""
+  import numpy as np
+
+  (tmp_path / "ip.safetensors").write_bytes(b"")
+  arrays = dict(face=np.ones((1, 24)), two=np.ones((2, 2, 24)), wide=np.ones((2, 1, 32)), rows=np.ones((3, 1, 24)),
+                flat=np.ones(24), nan=np.full((1, 24), np.nan), words=np.array(["a", "b"]))
+  files = {name: str(tmp_path / f"{name}.npy") for name in arrays}
+  for name, x in arrays.items():
+    np.save(files[name], x)
+  np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  np.savez(tmp_path / "face.npz", np.ones((1, 24)))
+  (tmp_path / "mask.png").write_bytes(b"")
+  return dict(files, adapter=str(tmp_path / "ip.safetensors"), pickled=str(tmp_path / "pickled.npy"),
+              npz=str(tmp_path / "face.npz"), tmp=str(tmp_path))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ip-adapter-embeds", "{face}"], "--ip-adapter-embeds needs --ip-adapter FILE"),
+    (["--ip-adapter-mask", "m.png"], "--ip-adapter-mask needs --ip-adapter FILE"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "/nonexistent/face.npy"
+     ], "--ip-adapter-embeds /nonexistent/face.npy: no such file"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{npz}"], "give a NumPy .npy file"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{pickled}"], "np.load can read without pickle"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{words}"], "give the embeddings as floats"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{flat}"], "has shape (24,): give (2, n, D)"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{rows}"], "has shape (3, 1, 24)"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{nan}"], "not all finite"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{face}", "--ip-adapter-embeds", "{face}"
+     ], "0 --ip-adapter-image and 2 --ip-adapter-embeds for 1 --ip-adapter"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-image", "x.png", "--ip-adapter-embeds", "{face}"
+     ], "1 --ip-adapter-image and 1 --ip-adapter-embeds for 1 --ip-adapter"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{two}", "--ip-adapter-mask", "{tmp}/mask.png"
+     ], "1 --ip-adapter-mask for 2 image prompts (per --ip-adapter: 2)"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{face}", "--image-encoder", "{tmp}"
+     ], "the embeddings need no image encoder"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{face}", "--ip-adapter-mask", "/nonexistent/m.png"
+     ], "--ip-adapter-mask /nonexistent/m.png: no such file"),
+    (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{face}", "--ip-adapter-mask", "{tmp}/mask.png"
+     ], "--ip-adapter-mask {tmp}/mask.png: not an image"),
+])
+def test_sample_ip_adapter_embeds_and_mask_flags_exit_2_before_loading(tmp_path, capsys, monkeypatch, args, message):
+  from jaxsd import pipeline_xl
+
+  names = _ip_adapter_files(tmp_path)
+  monkeypatch.setattr(pipeline_xl, "load", lambda *a, **k: pytest.fail("loaded a model"))
+  assert sample_main.main(_sample(tmp_path, "--prompt", "a cat", *(a.format(**names) for a in args))) == 2
+  assert message.format(**names) in _one_error_line(capsys)
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind, dim, args, message", [
+    ("faceid", 24, ["--ip-adapter-embeds", "{wide}"], "--ip-adapter-embeds {wide} (for --ip-adapter {adapter}) is 32 "
+     "wide; the adapter takes 24-wide embeddings"),
+    ("plus", 24, ["--ip-adapter-embeds", "{face}"], "this plus adapter takes the image encoder's hidden states"),
+    ("faceid", 24, ["--ip-adapter-embeds", "{two}", "--guidance", "1"], "with --guidance <= 1 it takes 1"),
+])
+def test_sample_ip_adapter_embeds_that_do_not_fit_the_adapter_exit_2_before_compiling(
+    tmp_path, capsys, monkeypatch, kind, dim, args, message):
+  """The embeddings' kind and width against the adapter, and their rows against the guidance, once the adapter is
+  loaded (a stand-in pipeline here): one line, nothing generated or written."""
+  import types
+
+  from jaxsd import generate, pipeline_xl
+
+  class FakePipe:
+    guidance_embedded = False
+    ip_adapters = ()
+
+    def load_ip_adapter(self, files, image_encoder_folder, allow_pickle, scale):
+      assert image_encoder_folder is None  # embeddings alone: no image encoder
+      self.ip_adapters = (types.SimpleNamespace(kind=kind, embed_dim=dim),)
+
+    def guided(self, guidance_scale):
+      return guidance_scale > 1
+
+  names = _ip_adapter_files(tmp_path)
+  monkeypatch.setattr(pipeline_xl, "load", lambda *a, **k: FakePipe())
+  monkeypatch.setattr(generate, "generate", lambda *a, **k: pytest.fail("generated"))
+  argv = _sample(tmp_path, "--prompt", "a cat", "--ip-adapter", names["adapter"], *(a.format(**names) for a in args))
+  assert sample_main.main(argv) == 2
+  assert message.format(**names) in _one_error_line(capsys)
+  assert not os.path.exists(tmp_path / "out")

@@ -248,3 +248,34 @@ def test_sdxl_faceid_matches_diffusers(tmp_path):
               ip_adapter_image_embeds=[embeds])
   ref = _run_diffusers(tpipe, PROMPTS, None, latents, guidance=5.0, ip_adapter_image_embeds=[embeds])
   reference.check_close(ours, ref, "IP-Adapter FaceID, SDXL text-to-image, scale 0.8")
+
+
+def test_sample_faceid_embeds_writes_the_pipelines_image(folders, tmp_path, capsys, monkeypatch):
+  """python -m sample --ip-adapter FaceID.bin --allow-pickle --ip-adapter-embeds face.npy (n, D): the image is the
+  pipeline call's with ip_adapter_image_embeds=[(2, n, 1, D), zeros first] (generate on one device, for time);
+  another face gives another image from the same program."""
+  import jax
+  from PIL import Image
+
+  from jaxsd import generate
+  from sample.__main__ import main
+
+  real = generate.generate
+  monkeypatch.setattr(generate, "generate", lambda *a, **kw: real(*a, devices=jax.local_devices()[:1], **kw))
+  path, adapter = folders
+  embeds = _face_embeds(1, seed=3)
+  npy, out = str(tmp_path / "face.npy"), str(tmp_path / "out")
+  np.save(npy, embeds[1, :, 0].numpy())  # (1, D): the face alone, the unconditional row zeros
+  argv = ["--model", path, "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16", "--out", out]
+  argv += ["--sampler", "euler", "--no-progress", "--allow-pickle", "--ip-adapter", f"{adapter}/{FACEID}"]
+  argv += ["--ip-adapter-embeds", npy, "--ip-adapter-scale", "0.7"]
+  assert main(argv) == 0, capsys.readouterr().err
+  written = np.asarray(Image.open(f"{out}/a_cat-seed0-0000.png"))
+  pipe = jaxsd.StableDiffusion.from_pretrained(path)
+  pipe.load_ip_adapter(adapter, weight_name=FACEID, image_encoder_folder=None, scale=0.7, allow_pickle=True)
+  call = lambda e: pipe(["a cat"], height=16, width=16, steps=2, sampler="euler", ip_adapter_image_embeds=[e])[0]
+  want = call(embeds.numpy())
+  assert np.abs(written.astype(int) - want.astype(int)).max() <= 1
+  other = call(_face_embeds(1, seed=8).numpy())
+  print(f"another face: max |diff| {np.abs(written.astype(int) - other.astype(int)).max()}")
+  assert np.abs(written.astype(int) - other.astype(int)).max() > 10

@@ -4,6 +4,8 @@ two images in the left and right halves, two adapters with a mask each, SDXL, an
 
 from __future__ import annotations
 
+import os
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,64 @@ def test_masks_that_do_not_fit_are_refused_in_one_line_before_compiling(sd):
   plain = jaxsd.StableDiffusion.from_pretrained(sd[0])
   with pytest.raises(ValueError, match="need an IP-Adapter"):
     plain(PROMPTS, steps=1, height=16, width=16, ip_adapter_masks=masks[0])
+
+
+def _sample_on_one_device(monkeypatch):
+  """`python -m sample`'s main, its generate on one device (for time)."""
+  from jaxsd import generate
+  from sample.__main__ import main
+
+  real = generate.generate
+  monkeypatch.setattr(generate, "generate", lambda *a, **kw: real(*a, devices=jax.local_devices()[:1], **kw))
+  return main
+
+
+def test_sample_ip_adapter_mask_writes_the_pipelines_image(sd, tmp_path, capsys, monkeypatch):
+  """python -m sample --ip-adapter ... --ip-adapter-image ... --ip-adapter-mask left.png on a 16x24 picture: the
+  pipeline call's image with ip_adapter_masks; the right half's mask gives another (the same program)."""
+  main = _sample_on_one_device(monkeypatch)
+  path, adapter, _, pipe = sd
+  png, out = str(tmp_path / "prompt.png"), str(tmp_path / "out")
+  masks = [str(tmp_path / f"{side}.png") for side in ("left", "right")]
+  _images(1, seed=47)[0].save(png)
+  for im, mask in zip(_halves(16, 24), masks):
+    im.save(mask)
+  argv = ["--model", path, "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "24", "--out", out]
+  argv += ["--sampler", "euler", "--no-progress", "--ip-adapter", os.path.join(adapter, WEIGHT)]
+  argv += ["--ip-adapter-image", png, "--ip-adapter-mask", masks[0]]
+  assert main(argv) == 0, capsys.readouterr().err
+  written = np.asarray(Image.open(os.path.join(out, "a_cat-seed0-0000.png")))
+  call = lambda mask: pipe(["a cat"], height=16, width=24, steps=2, sampler="euler", ip_adapter_image=Image.open(png),
+                           ip_adapter_masks=Image.open(mask))[0]
+  assert np.abs(written.astype(int) - call(masks[0]).astype(int)).max() <= 1
+  other = call(masks[1])
+  print(f"the right half's mask: max |diff| {np.abs(written.astype(int) - other.astype(int)).max()}")
+  assert np.abs(written.astype(int) - other.astype(int)).max() > 2
+
+
+def test_sample_an_image_and_embeds_with_a_mask_each(sd, tmp_path, capsys, monkeypatch):
+  """Two adapters (plain, Plus), the first given --ip-adapter-image, the second --ip-adapter-embeds (its hidden
+  states, (2, 1, L, D)), a mask each (left, right): the pipeline call's image with both images and masks."""
+  main = _sample_on_one_device(monkeypatch)
+  path, adapter, _, _ = sd
+  folder, names = _two_adapter_folder(adapter, reference.torch_pipeline(path).unet, tmp_path / "two")
+  pipe = jaxsd.StableDiffusion.from_pretrained(path)
+  pipe.load_ip_adapter(folder, weight_name=names)
+  images = _images(2, seed=51)
+  png, npy, out = str(tmp_path / "prompt.png"), str(tmp_path / "plus.npy"), str(tmp_path / "out")
+  masks = [str(tmp_path / f"{side}.png") for side in ("left", "right")]
+  images[0].save(png)
+  cond, uncond = pipe.encode_ip_adapter_image(images[1], 1)
+  np.save(npy, np.stack([uncond, cond]))
+  for im, mask in zip(_halves(16, 24), masks):
+    im.save(mask)
+  argv = ["--model", path, "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "24", "--out", out]
+  argv += ["--sampler", "euler", "--no-progress"]
+  argv += ["--ip-adapter", str(folder / names[0]), "--ip-adapter", str(folder / names[1])]
+  argv += ["--ip-adapter-image", png, "--ip-adapter-embeds", npy]  # the k-th of them for the k-th adapter
+  argv += ["--ip-adapter-mask", masks[0], "--ip-adapter-mask", masks[1]]
+  assert main(argv) == 0, capsys.readouterr().err
+  written = np.asarray(Image.open(os.path.join(out, "a_cat-seed0-0000.png")))
+  want = pipe(["a cat"], height=16, width=24, steps=2, sampler="euler", ip_adapter_image=[Image.open(png), images[1]],
+              ip_adapter_masks=[Image.open(m) for m in masks])[0]
+  assert np.abs(written.astype(int) - want.astype(int)).max() <= 1
