@@ -19,15 +19,7 @@ import sys
 
 from jaxsd import hub
 from jaxsd.config import DTYPES, finite32
-
-
-class _IPAdapterPrompt(argparse.Action):
-  """--ip-adapter-image / --ip-adapter-embeds: appended to their own list and, in the order given, to
-  `ip_adapter_prompts` as ("ip_adapter_image" or "ip_adapter_embeds", path), the k-th for the k-th --ip-adapter."""
-
-  def __call__(self, parser, namespace, values, option_string=None):
-    setattr(namespace, self.dest, [*getattr(namespace, self.dest), values])
-    namespace.ip_adapter_prompts = [*getattr(namespace, "ip_adapter_prompts", []), (self.dest, values)]
+from sample import ip_adapter_flags
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -139,38 +131,7 @@ def parse(argv=None) -> argparse.Namespace:
       help="a textual-inversion embedding (diffusers' learned_embeds, A1111 .pt / .safetensors / .png, SDXL clip_l + "
       "clip_g) under TOKEN (default: the file's name for it, else its file name); use TOKEN in --prompt or "
       "--negative-prompt (repeatable; loaded after --lora; .pt / .bin need --allow-pickle)")
-  p.add_argument(
-      "--ip-adapter", action="append", default=[], metavar="FILE",
-      help="an IP-Adapter, plain, Plus or FaceID (h94/IP-Adapter's ip-adapter_sd15.safetensors, ip-adapter-plus_sd15, "
-      "ip-adapter_sdxl*.safetensors, ip-adapter-faceid_sd15.bin, ...; a pickled .bin with --allow-pickle): its "
-      "--ip-adapter-image is then an image prompt, or its --ip-adapter-embeds the image's embeddings; its image "
-      "encoder is the file's folder's image_encoder/ (as diffusers), the --model folder's own, or --image-encoder "
-      "(repeatable: several adapters at once, the k-th --ip-adapter-image or --ip-adapter-embeds, in the order given, "
-      "for the k-th adapter)")
-  p.add_argument(
-      "--ip-adapter-image", action=_IPAdapterPrompt, default=[], metavar="IMG",
-      help="with --ip-adapter: its image prompt, for every image generated (one per --ip-adapter, or its "
-      "--ip-adapter-embeds)")
-  p.add_argument(
-      "--ip-adapter-embeds", action=_IPAdapterPrompt, default=[], metavar="FILE.npy",
-      help="with --ip-adapter, in place of its --ip-adapter-image (FaceID: the only way): a NumPy .npy file of its "
-      "image embeddings in diffusers' ip_adapter_image_embeds layout for that adapter, for every image generated: "
-      "(2, n, D) under guidance, the unconditional row first; (1, n, D) with --guidance <= 1; or (n, D), the n "
-      "images' embeddings alone, their unconditional row zeros (as diffusers' FaceID example makes it); FaceID: "
-      "insightface's normed_embedding, D = 512; Plus and Full Face: the image encoder's hidden states, (2, n, L, D) "
-      "or (1, n, L, D)")
-  p.add_argument(
-      "--ip-adapter-mask", action="append", default=[], metavar="IMG",
-      help="with --ip-adapter: a region mask (white: where the image prompt acts; resized to the output, as "
-      "diffusers' IPAdapterMaskProcessor), one per image prompt in the order of the adapters (an --ip-adapter-embeds "
-      "of n images takes n): none, or masks for every adapter (a white one for an adapter that acts everywhere)")
-  per_block = '{"up": {"block_0": [0, 1, 0]}}'  # InstantStyle's style-only weights (SDXL)
-  p.add_argument(
-      "--ip-adapter-scale", action="append", default=[], metavar="S",
-      help="with --ip-adapter: its weight (default 1: as trained; 0: off, 0.5 for text and image alike), "
-      f"or per-block weights as JSON ({per_block}); one for all adapters, or one per --ip-adapter")
-  p.add_argument("--image-encoder", default=None, metavar="FOLDER",
-                 help="with --ip-adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder")
+  ip_adapter_flags.add_flags(p)
   p.add_argument(
       "--pag-scale", type=float, default=None, metavar="S",
       help="Perturbed-Attention Guidance (diffusers' PAG pipelines) at scale S (diffusers' default 3; 0: off) on the "
@@ -209,7 +170,6 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--process-id", type=int, default=None,
                  help="with --distributed: this process, 0 .. num-processes - 1")
   p.add_argument("--no-progress", action="store_true")
-  p.set_defaults(ip_adapter_prompts=[])
   return p.parse_args(argv)
 
 
@@ -352,7 +312,7 @@ def check_flags(args) -> None:
     if args.padding_mask_crop < 0:
       raise ValueError(f"--padding-mask-crop {args.padding_mask_crop}: the margin around the mask must be >= 0 "
                        "pixels.")
-  check_ip_adapter_flags(args)
+  ip_adapter_flags.check(args)
   check_pag_flags(args)
   for flag, value, what in (("--vae", args.vae, "VAE"), ("--unet", args.unet, "U-Net")):
     if value is not None and not os.path.exists(value) and not hub.is_repo_id(value):
@@ -390,169 +350,6 @@ def check_t2i_adapter_flags(args) -> None:
     if not os.path.isdir(path) and not hub.is_repo_id(path):  # a Hub id (owner/name) is the loader's to find
       raise FileNotFoundError(f"--t2i-adapter {path}: no such folder; give a diffusers T2IAdapter folder "
                               "(config.json and weights).")
-
-
-def ip_adapter_scale_flag(text: str) -> float | dict:
-  """--ip-adapter-scale: a number, or a JSON object of per-block weights (checked against the U-Net on loading)."""
-  if text.lstrip().startswith("{"):
-    try:
-      value = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"--ip-adapter-scale {text}: not valid JSON ({e}); give a number or per-block weights such as "
-                       "'{\"up\": {\"block_0\": [0, 1, 0]}}'.") from None
-    if isinstance(value, dict):
-      return value
-  try:
-    value = float(text)
-  except ValueError:
-    value = None
-  if value is None or not finite32(value):
-    raise ValueError(f"--ip-adapter-scale {text}: must be a finite number (1: as trained, 0: off) or a JSON object of "
-                     "per-block weights.")
-  return value
-
-
-def check_ip_adapter_flags(args) -> None:
-  """The IP-Adapter flags: each needs the others they go with (an image or embeddings per adapter, one scale for all
-  or one per adapter, a mask per image prompt or none), and the files they name; the --ip-adapter-embeds arrays are
-  read (and checked as far as they can be without the adapters) into `args.ip_adapter_arrays`."""
-  n = len(args.ip_adapter)
-  args.ip_adapter_arrays = {}
-  if not n:
-    for flag, value in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-embeds", args.ip_adapter_embeds),
-                        ("--ip-adapter-mask", args.ip_adapter_mask), ("--ip-adapter-scale", args.ip_adapter_scale),
-                        ("--image-encoder", args.image_encoder)):
-      if value not in (None, []):
-        raise ValueError(f"{flag} needs --ip-adapter FILE (the IP-Adapter's weights).")
-    return
-  if not args.ip_adapter_prompts:
-    raise ValueError("--ip-adapter needs --ip-adapter-image IMG (the image prompt) or --ip-adapter-embeds FILE.npy "
-                     "(its embeddings; FaceID: the face's).")
-  if len(args.ip_adapter_prompts) != n:
-    given = (f"{len(args.ip_adapter_image)} --ip-adapter-image" if not args.ip_adapter_embeds else
-             f"{len(args.ip_adapter_image)} --ip-adapter-image and {len(args.ip_adapter_embeds)} --ip-adapter-embeds")
-    raise ValueError(f"{given} for {n} --ip-adapter: give one image (or embeddings file) per adapter, in the same "
-                     "order.")
-  if len(args.ip_adapter_scale) not in (0, 1, n):
-    raise ValueError(f"{len(args.ip_adapter_scale)} --ip-adapter-scale for {n} --ip-adapter: give one for all, or one "
-                     "per adapter.")
-  for file in args.ip_adapter:
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"--ip-adapter {file}: no such file; give the adapter's .safetensors file.")
-    if not file.endswith((".safetensors", ".bin")):
-      raise ValueError(f"--ip-adapter {file}: an IP-Adapter is a .safetensors file (or a pickled .bin with "
-                       "--allow-pickle).")
-    if file.endswith(".bin") and not args.allow_pickle:
-      raise ValueError(f"--ip-adapter {file} is pickled (unpickling can run code): use the .safetensors file, or pass "
-                       "--allow-pickle if you trust its source.")
-  args.ip_adapter_scale = [ip_adapter_scale_flag(s) for s in args.ip_adapter_scale]
-  args.ip_adapter_arrays = {path: read_ip_adapter_embeds(path) for path in args.ip_adapter_embeds}
-  images = [
-      1 if flag == "ip_adapter_image" else _embeds_images(args.ip_adapter_arrays[path])
-      for flag, path in args.ip_adapter_prompts
-  ]
-  if args.ip_adapter_mask and len(args.ip_adapter_mask) != sum(images):
-    each = ", ".join(map(str, images))
-    raise ValueError(f"{len(args.ip_adapter_mask)} --ip-adapter-mask for {sum(images)} image prompt"
-                     f"{'s' * (sum(images) > 1)} (per --ip-adapter: {each}): give one mask per image, adapter by "
-                     "adapter, or none.")
-  if not args.ip_adapter_image:  # embeddings only: no image encoder is needed
-    if args.image_encoder is not None:
-      raise ValueError("--image-encoder with --ip-adapter-embeds alone: the embeddings need no image encoder; drop "
-                       "--image-encoder.")
-    return
-  if args.image_encoder is not None:
-    if not os.path.isfile(os.path.join(args.image_encoder, "config.json")):
-      raise FileNotFoundError(f"--image-encoder {args.image_encoder}: not a model folder (no config.json); give a "
-                              "transformers CLIPVisionModelWithProjection folder.")
-  elif not any(
-      os.path.isdir(os.path.join(folder, "image_encoder"))
-      for folder in (os.path.dirname(os.path.abspath(args.ip_adapter[0])), args.model)):
-    raise FileNotFoundError(f"--ip-adapter {args.ip_adapter[0]}: no image_encoder/ beside it (nor in the --model "
-                            "folder): give --image-encoder FOLDER (a CLIPVisionModelWithProjection folder).")
-
-
-def read_ip_adapter_embeds(path: str):
-  """An --ip-adapter-embeds file: a float32 array of 2 to 4 axes, finite, (n, D) or with 1 or 2 rows first; whether
-  it fits its adapter (kind, width) and the guidance is `ip_adapter_embeds`' to check, once they are known."""
-  import numpy as np
-
-  flag = "--ip-adapter-embeds"
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{flag} {path}: no such file.")
-  if not path.endswith(".npy") or os.path.isdir(path):
-    raise ValueError(f"{flag} {path}: give a NumPy .npy file (np.save) of the adapter's image embeddings.")
-  try:
-    x = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:  # not .npy data, truncated, or a pickled object array
-    raise ValueError(f"{flag} {path}: not a NumPy array file np.load can read without pickle ({e}).") from None
-  if not isinstance(x, np.ndarray) or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-    raise ValueError(f"{flag} {path}: holds {getattr(x, 'dtype', type(x).__name__)} data; give the embeddings as "
-                     "floats.")
-  if x.ndim not in (2, 3, 4) or 0 in x.shape or (x.ndim > 2 and x.shape[0] not in (1, 2)):
-    raise ValueError(f"{flag} {path} has shape {x.shape}: give (2, n, D) (the unconditional row first, for "
-                     "guidance), (1, n, D) (--guidance <= 1) or (n, D) (the unconditional row zeros); Plus and Full "
-                     "Face: (2, n, L, D) or (1, n, L, D).")
-  if not finite32(x):
-    raise ValueError(f"{flag} {path}: not all finite (in float32).")
-  return x.astype(np.float32)
-
-
-def _embeds_images(x) -> int:
-  """How many images an --ip-adapter-embeds array holds (its n)."""
-  return x.shape[0] if x.ndim == 2 else x.shape[1]
-
-
-def ip_adapter_embeds(args, adapters, guided: bool) -> list:
-  """diffusers' `ip_adapter_image_embeds` for the loaded `adapters` (`pipe.ip_adapters`) from the --ip-adapter-embeds
-  arrays, None for those given --ip-adapter-image; a ValueError naming the file where one does not fit its adapter
-  (Plus and Full Face take hidden states, others pooled embeddings, of the adapter's width) or the guidance."""
-  import numpy as np
-
-  from jaxsd.ip_adapter_weights import FACEID, HIDDEN_STATE_KINDS
-
-  out = []
-  for (flag, path), file, state in zip(args.ip_adapter_prompts, args.ip_adapter, adapters):
-    if flag != "ip_adapter_embeds":
-      out.append(None)
-      continue
-    x, where = args.ip_adapter_arrays[path], f"--ip-adapter-embeds {path} (for --ip-adapter {file})"
-    hidden = state.kind in HIDDEN_STATE_KINDS
-    if state.kind == FACEID and x.ndim == 4 and x.shape[2] == 1:  # diffusers' documented (2, n, 1, D)
-      x = x[:, :, 0]
-    full = 4 if hidden else 3
-    if x.ndim not in ((full,) if hidden else (2, 3)):
-      what = ("the image encoder's hidden states, (2, n, L, D) or (1, n, L, D)"
-              if hidden else "pooled embeddings (FaceID: face embeddings), (2, n, D), (1, n, D) or (n, D)")
-      raise ValueError(f"{where} has shape {x.shape}: this {state.kind} adapter takes {what}.")
-    if x.shape[-1] != state.embed_dim:
-      raise ValueError(f"{where} is {x.shape[-1]} wide; the adapter takes {state.embed_dim}-wide embeddings.")
-    if x.ndim < full:  # the images' embeddings alone: the unconditional row zeros
-      x = np.stack([np.zeros_like(x), x]) if guided else x[None]
-    elif x.shape[0] != (2 if guided else 1):
-      raise ValueError(f"{where} has {x.shape[0]} row{'s' * (x.shape[0] > 1)} first, shape {x.shape}; " +
-                       ("with guidance on it takes 2, the unconditional one first (or (n, D) for zeros)."
-                        if guided else "with --guidance <= 1 it takes 1, the images' (or (n, D))."))
-    out.append(x)
-  return out
-
-
-def ip_adapter_call(args, pipe, images: list, masks: list) -> dict:
-  """generate's IP-Adapter arguments for the adapters loaded in `pipe`: each adapter's image (`images`, None where
-  it has embeddings) or embeddings, and the masks, adapter by adapter."""
-  guided = not pipe.guidance_embedded if args.guidance is None else pipe.guided(args.guidance)  # (defaults are > 1)
-  embeds = ip_adapter_embeds(args, pipe.ip_adapters, guided)
-  single = len(images) == 1
-  out = {}
-  if any(im is not None for im in images):
-    out["ip_adapter_image"] = images[0] if single else images
-  if any(x is not None for x in embeds):
-    out["ip_adapter_image_embeds"] = embeds
-  if masks:  # each adapter's masks, one per image it has
-    counts = [1 if im is not None else _embeds_images(x) for im, x in zip(images, embeds)]
-    starts = [sum(counts[:k]) for k in range(len(counts))]
-    out["ip_adapter_masks"] = [masks[i:i + c] for i, c in zip(starts, counts)]
-  return out
 
 
 def check_pag_flags(args) -> None:
@@ -677,7 +474,7 @@ def main(argv=None) -> int:
       encoder = os.path.abspath(args.image_encoder) if args.image_encoder else "image_encoder"
       pipe.load_ip_adapter(args.ip_adapter, image_encoder_folder=encoder if args.ip_adapter_image else None,
                            allow_pickle=args.allow_pickle, scale=args.ip_adapter_scale or 1.0)
-      ip = ip_adapter_call(args, pipe, ip_images, ip_masks)
+      ip = ip_adapter_flags.call(args, pipe, ip_images, ip_masks)
     if args.freeu is not None:
       pipe.enable_freeu(*args.freeu)
     if args.vae_tiling:

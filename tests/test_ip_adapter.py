@@ -512,7 +512,8 @@ def test_sample_ip_adapter_writes_the_pipelines_image(sd, tmp_path, capsys, monk
 def test_sample_per_block_scale_flag(sd, tmp_path, capsys):
   """--ip-adapter-scale takes per-block weights as JSON; a block this U-Net lacks exits 2 in one line once the model
   is read, before anything compiles or is written."""
-  from sample.__main__ import ip_adapter_scale_flag, main
+  from sample.__main__ import main
+  from sample.ip_adapter_flags import scale_flag as ip_adapter_scale_flag
   from tests.test_commands import _one_error_line
 
   assert ip_adapter_scale_flag(' {"up": {"block_1": [0, 1]}}') == {"up": {"block_1": [0, 1]}}
