@@ -10,6 +10,10 @@
 # against 137 s (one run each, another job beside both), and the IP-Adapter tests' "scale 0 is the plain
 # U-Net" checks moved from < 1e-6 to 1.4e-5 relative; `pytest -n 3` instead of 2 was 9% faster on six files
 # but not on the whole suite (31:33 vs 30:43).
+# Taken on 2026-12-07: OMP_WAIT_POLICY=PASSIVE (conftest.py). PyTorch's OpenMP threads spin after each
+# parallel region, and with two xdist workers on two cores the spinning worker took the other's core:
+# test_lora.py beside test_pipeline_controlnet.py took 43-51 s / 49-56 s, with passive waiting 27-30 s /
+# 39-41 s; alone, test_lora.py is 25-27 s either way; training files (little torch) are unchanged.
 XLA_OPTIMIZATION_FLAG = "--xla_backend_optimization_level=0"
 
 

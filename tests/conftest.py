@@ -19,6 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# PyTorch's OpenMP threads spin-wait for work after each parallel region (libgomp's default); with two
+# pytest-xdist workers on two cores, one worker's idle spinning took the core the other was computing on:
+# the parity files ran 35-45% slower side by side than with passive waiting (tests/__init__.py). Read by
+# libgomp when torch is first imported, which is after this file.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if "JAXSD_CACHE_DIR" not in os.environ:
   os.environ["JAXSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsd-tests-xla-")
   atexit.register(shutil.rmtree, os.environ["JAXSD_CACHE_DIR"], ignore_errors=True)
