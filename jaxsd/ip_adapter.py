@@ -224,7 +224,7 @@ class IPAdapterMixin:
       if kind == FACEID:
         log.info("IP-Adapter FaceID %s takes face embeddings: pass ip_adapter_image_embeds (no image encoder).", where)
       elif image_encoder_folder is None:
-        log.warning("IP-Adapter %s: no image encoder (image_encoder_folder=None); pass ip_adapter_image_embeds.", where)
+        log.info("IP-Adapter %s: no image encoder (image_encoder_folder=None); pass ip_adapter_image_embeds.", where)
       elif not _share_image_encoder(state, loaded + list(previous)):  # as diffusers keeps the one it has
         self._load_image_encoder(state, file, src, image_encoder_folder, allow_pickle)
       loaded.append(state)
@@ -418,29 +418,42 @@ def _encode(encoder, plus: bool, params, pixels: jax.Array) -> tuple[jax.Array, 
   return tuple(jnp.split(both.astype(jnp.float32), 2))
 
 
-def _given_embeds(x, batch: int, guided: bool, dim: int, kind: str,
-                  name: str = "ip_adapter_image_embeds[0]") -> tuple[np.ndarray, np.ndarray]:
-  """(cond, uncond), each (batch, n, [L,] D), from one adapter's entry of diffusers' `ip_adapter_image_embeds`:
-  (2, n, [L,] D) under guidance (unconditional row first) or (1, n, [L,] D) without, for every prompt; or one row
-  per prompt (2 batch or batch rows, the unconditional half first). Without guidance the unconditional rows are
-  unused (zeros)."""
-  ndim, what = (4, "n, L") if kind in HIDDEN_STATE_KINDS else (3, "n")
+def check_embeds(x, kind: str, dim: int, guided: bool, batch: int = 1,
+                 name: str = "ip_adapter_image_embeds[0]") -> np.ndarray:
+  """One adapter's entry of diffusers' `ip_adapter_image_embeds` checked against the adapter (its `kind` and width
+  `dim`) and the guidance, as float32: (2, n, [L,] D) under guidance (the unconditional row first) or (1, n, [L,] D)
+  without, for every prompt, or one row per prompt (2 `batch` or `batch` rows, the unconditional half first);
+  hidden states (L) for Plus and Full Face, pooled embeddings otherwise; FaceID's documented (2, n, 1, D) as
+  (2, n, D). A one-line ValueError naming `name` where it does not fit."""
+  hidden = kind in HIDDEN_STATE_KINDS
+  ndim = 4 if hidden else 3
   halves = 2 if guided else 1
   x = numpy_array(x).astype(np.float32)
   if kind == FACEID and x.ndim == 4 and x.shape[2] == 1:  # diffusers' documented (2, n, 1, D): its projection's same
     x = x[:, :, 0]
-  if x.ndim != ndim or x.shape[0] not in (halves, halves * batch) or x.shape[-1] != dim:
-    hint = ""
-    if x.ndim == 4 and ndim == 3:
-      hint = (" (hidden states, IP-Adapter Plus's or Full Face's; FaceID takes one face embedding per image)"
-              if kind == FACEID else " (hidden states: IP-Adapter Plus's; this adapter takes pooled embeddings)")
-    elif x.ndim == 3 and ndim == 4:
-      hint = " (pooled embeddings; IP-Adapter Plus and Full Face take the image encoder's hidden states)"
-    half = ", the unconditional rows first" if guided else ""
-    raise ValueError(f"{name} has shape {x.shape}{hint}; this call needs ({halves}, {what}, "
-                     f"{dim}) for every prompt or ({halves * batch}, {what}, {dim}) for each{half}.")
+  if x.ndim != ndim:
+    what = ("the image encoder's hidden states, (2, n, L, D) or (1, n, L, D)"
+            if hidden else "pooled embeddings, (2, n, D) or (1, n, D)"
+            if kind != FACEID else "one face embedding per image, (2, n, D) or (1, n, D)")
+    raise ValueError(f"{name} has shape {x.shape}: this {kind} adapter takes {what}.")
+  if x.shape[-1] != dim:
+    raise ValueError(f"{name} is {x.shape[-1]} wide; the adapter takes {dim}-wide embeddings.")
+  if x.shape[0] not in (halves, halves * batch):
+    per_prompt = f" (or {halves * batch}, one per prompt)" if batch > 1 else ""
+    need = (f"with guidance on it takes 2{per_prompt}, the unconditional row first"
+            if guided else f"without guidance (a scale <= 1) it takes 1{per_prompt}")
+    raise ValueError(f"{name} has {x.shape[0]} row{'s' * (x.shape[0] > 1)} first, shape {x.shape}; {need}.")
   if not finite32(x):
     raise ValueError(f"{name}: not all finite.")
+  return x
+
+
+def _given_embeds(x, batch: int, guided: bool, dim: int, kind: str,
+                  name: str = "ip_adapter_image_embeds[0]") -> tuple[np.ndarray, np.ndarray]:
+  """(cond, uncond), each (batch, n, [L,] D), from one adapter's entry of `ip_adapter_image_embeds` (`check_embeds`).
+  Without guidance the unconditional rows are unused (zeros)."""
+  x = check_embeds(x, kind, dim, guided, batch, name)
+  halves = 2 if guided else 1
   rows = x.shape[0] // halves
   parts = np.split(x, halves) if guided else [np.zeros_like(x), x]
   uncond, cond = (np.broadcast_to(p, (batch,) + p.shape[1:]) if rows == 1 else p for p in parts)

@@ -170,35 +170,24 @@ def embeds_images(x) -> int:
 
 def image_embeds(args, adapters, guided: bool) -> list:
   """diffusers' `ip_adapter_image_embeds` for the loaded `adapters` (`pipe.ip_adapters`) from the --ip-adapter-embeds
-  arrays, None for those given --ip-adapter-image; a ValueError naming the file where one does not fit its adapter
-  (Plus and Full Face take hidden states, others pooled embeddings, of the adapter's width) or the guidance."""
+  arrays, None for those given --ip-adapter-image: an (n, D) array gets zero unconditional rows; the rest is
+  `ip_adapter.check_embeds`' (kind, width, rows against the guidance), its ValueError naming the file."""
   import numpy as np
 
-  from jaxsd.ip_adapter_weights import FACEID, HIDDEN_STATE_KINDS
+  from jaxsd.ip_adapter import check_embeds
+  from jaxsd.ip_adapter_weights import HIDDEN_STATE_KINDS
 
   out = []
   for (flag, path), file, state in zip(args.ip_adapter_prompts, args.ip_adapter, adapters):
     if flag != "ip_adapter_embeds":
       out.append(None)
       continue
-    x, where = args.ip_adapter_arrays[path], f"--ip-adapter-embeds {path} (for --ip-adapter {file})"
-    hidden = state.kind in HIDDEN_STATE_KINDS
-    if state.kind == FACEID and x.ndim == 4 and x.shape[2] == 1:  # diffusers' documented (2, n, 1, D)
-      x = x[:, :, 0]
-    full = 4 if hidden else 3
-    if x.ndim not in ((full,) if hidden else (2, 3)):
-      what = ("the image encoder's hidden states, (2, n, L, D) or (1, n, L, D)"
-              if hidden else "pooled embeddings (FaceID: face embeddings), (2, n, D), (1, n, D) or (n, D)")
-      raise ValueError(f"{where} has shape {x.shape}: this {state.kind} adapter takes {what}.")
-    if x.shape[-1] != state.embed_dim:
-      raise ValueError(f"{where} is {x.shape[-1]} wide; the adapter takes {state.embed_dim}-wide embeddings.")
-    if x.ndim < full:  # the images' embeddings alone: the unconditional row zeros
+    x = args.ip_adapter_arrays[path]
+    if x.ndim == 2 and state.kind not in HIDDEN_STATE_KINDS:  # the images' embeddings alone: zero unconditional rows
       x = np.stack([np.zeros_like(x), x]) if guided else x[None]
-    elif x.shape[0] != (2 if guided else 1):
-      raise ValueError(f"{where} has {x.shape[0]} row{'s' * (x.shape[0] > 1)} first, shape {x.shape}; " +
-                       ("with guidance on it takes 2, the unconditional one first (or (n, D) for zeros)."
-                        if guided else "with --guidance <= 1 it takes 1, the images' (or (n, D))."))
-    out.append(x)
+    out.append(
+        check_embeds(x, state.kind, state.embed_dim, guided,
+                     name=f"--ip-adapter-embeds {path} (for --ip-adapter {file})"))
   return out
 
 

@@ -436,7 +436,7 @@ def test_sample_ip_adapter_embeds_and_mask_flags_exit_2_before_loading(tmp_path,
     ("faceid", 24, ["--ip-adapter-embeds", "{wide}"], "--ip-adapter-embeds {wide} (for --ip-adapter {adapter}) is 32 "
      "wide; the adapter takes 24-wide embeddings"),
     ("plus", 24, ["--ip-adapter-embeds", "{face}"], "this plus adapter takes the image encoder's hidden states"),
-    ("faceid", 24, ["--ip-adapter-embeds", "{two}", "--guidance", "1"], "with --guidance <= 1 it takes 1"),
+    ("faceid", 24, ["--ip-adapter-embeds", "{two}", "--guidance", "1"], "without guidance (a scale <= 1) it takes 1"),
 ])
 def test_sample_ip_adapter_embeds_that_do_not_fit_the_adapter_exit_2_before_compiling(
     tmp_path, capsys, monkeypatch, kind, dim, args, message):

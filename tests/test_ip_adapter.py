@@ -395,9 +395,10 @@ def test_pickled_bin_nested_layout_and_precomputed_embeddings_only(sd, tmp_path)
   assert got["image_embeds"].shape == (2, 1, EMBED_DIM)
   np.testing.assert_array_equal(got["image_embeds"][1], embeds[0][1].numpy())
   np.testing.assert_array_equal(got["uncond_image_embeds"][0], embeds[0][0].numpy())
-  for bad, match in (([embeds[0][:, 0]], r"has shape \(2, 24\)"), ([embeds[0][:1]], r"needs \(2, n, 24\)"),
+  for bad, match in (([embeds[0][:, 0]],
+                      r"has shape \(2, 24\)"), ([embeds[0][:1]], r"has 1 row first.* takes 2 \(or 4, one per prompt\)"),
                      (embeds[0], "a list with one array per IP-Adapter"), ([embeds[0], embeds[0]], "2 arrays for 1 IP"),
-                     ([embeds[0][..., None]], "hidden states: IP-Adapter Plus's")):
+                     ([embeds[0][..., None]], "this plain adapter takes pooled embeddings")):
     with pytest.raises(ValueError, match=match):
       other.ip_adapter_inputs(None, bad, 2, True)
 

@@ -207,7 +207,7 @@ def test_faceid_takes_embeddings_only_and_faceid_plus_is_refused(faceid, folders
   with pytest.raises(ValueError, match=r"has shape \(2, 1, 17, 24\)") as e:
     call(ip_adapter_image_embeds=[np.zeros((2, 1, 17, ID_DIM), np.float32)])
   _one_line(e)
-  with pytest.raises(ValueError, match=f"needs \\(2, n, {ID_DIM}\\)") as e:
+  with pytest.raises(ValueError, match=f"is 512 wide; the adapter takes {ID_DIM}-wide embeddings") as e:
     call(ip_adapter_image_embeds=[np.zeros((2, 1, 512), np.float32)])
   _one_line(e)
   other = jaxsd.StableDiffusion.from_pretrained(path)
