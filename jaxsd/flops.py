@@ -94,8 +94,10 @@ def benchmark(compiled: Any, state: Any, batch: Any, rng: jax.Array, frozen: Any
   jax.block_until_ready((state, metrics))
   step_time = (time.perf_counter() - t0) / steps
 
-  n_dev = len(jax.devices())
-  global_batch = jax.tree.leaves(batch)[0].shape[0]
+  first = jax.tree.leaves(batch)[0]
+  sharding = getattr(first, "sharding", None)  # the devices the step runs on (config.mesh.devices may take fewer)
+  n_dev = len(sharding.device_set) if sharding is not None else jax.device_count()
+  global_batch = first.shape[0]
   out = {
       "step_seconds": step_time,
       "images_per_sec": global_batch / step_time,

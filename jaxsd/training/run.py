@@ -48,8 +48,8 @@ from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
 from jaxsd.training import workdir as workdir_lib
 from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, data_dir, is_dreambooth, is_lora,
-                                       is_sdxl, mask_key, optimizer_settings, read_json, resolve_init, section,
-                                       stage_names, text_length)
+                                       is_sdxl, mask_key, mesh_devices, optimizer_settings, read_json, resolve_init,
+                                       section, stage_names, text_length)
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
@@ -590,8 +590,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured stages in order (skipping finished ones), then the prompt-match report."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   resolve_init(cfg)
-  n_devices = jax.device_count()
-  check_config(cfg, n_devices)
+  check_config(cfg, len(mesh_devices(cfg)))
   with _config_error():
     workdir_lib.check_workdir(workdir, cfg.init)
   names = stage_names(cfg)
@@ -625,7 +624,7 @@ def _config_error() -> Iterator[None]:
 
 def _run_stages(cfg, workdir: str, names: list[str]) -> dict:
   """The stages in order, then the report, in a workdir this process holds."""
-  mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
+  mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, devices=mesh_devices(cfg))
   tokenizer = tok.load_tokenizer(cfg.init or None)
   results = {}
   t0 = time.time()

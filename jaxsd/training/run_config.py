@@ -180,6 +180,21 @@ def check_mask(cfg) -> None:
                         f"features are {names}.")
 
 
+def mesh_devices(cfg) -> list:
+  """The devices the run's mesh spans: every device (`config.mesh.devices=-1`, the default) or the first N of a single
+  process's; a ConfigError for another count."""
+  n = cfg.mesh.get("devices", -1)
+  every = jax.devices()
+  if n == -1:
+    return every
+  if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(every):
+    raise ConfigError(f"config.mesh.devices={n!r}: use -1 for every device or a whole number from 1 to {len(every)}.")
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.mesh.devices={n}: a run of {jax.process_count()} processes uses every device; leave "
+                      "it at -1 (choose each process's devices with CUDA_VISIBLE_DEVICES or the like).")
+  return every[:n]
+
+
 def check_config(cfg, n_devices: int) -> None:
   """Every check that needs no compilation: a one-paragraph error that says what to change."""
   names = stage_names(cfg)

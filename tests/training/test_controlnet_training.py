@@ -18,6 +18,7 @@ from jaxsd import pretrained, weights
 from jaxsd.data import shapes
 from jaxsd.training import controlnet_training, run
 from tests import reference
+from tests.training import ONE_DEVICE
 from train.configs import controlnet as controlnet_config
 
 STEPS = 4
@@ -36,7 +37,7 @@ def _cfg(init_dir, data_dir, **updates):
   cfg.log_every, cfg.checkpoint_every, cfg.progress = 1, 2, False
   cfg.unet.update(steps=STEPS, batch_size=8)
   cfg.unet.optimizer.update(lr=1e-3, total_steps=STEPS, warmup_steps=0)
-  cfg.update_from_flattened_dict(updates)
+  cfg.update_from_flattened_dict({**ONE_DEVICE, **updates})
   return cfg
 
 

@@ -26,6 +26,7 @@ from jaxsd import lora
 from jaxsd import tokenizer as tok
 from jaxsd.training import dreambooth, losses, run
 from tests import reference
+from tests.training import ONE_DEVICE
 from train import __main__ as train_main
 from train.configs import finetune
 from train.configs import lora as lora_config
@@ -63,7 +64,7 @@ def _cfg(init_dir, instance, config=lora_config, **updates):
   cfg.dreambooth.update(instance_data_dir=instance, instance_prompt=INSTANCE, with_prior_preservation=True,
                         class_prompt=CLASS, num_class_images=CLASS_IMAGES, prior_loss_weight=PRIOR_WEIGHT,
                         sample_batch_size=2)  # one batch: one compile
-  cfg.update_from_flattened_dict(updates)
+  cfg.update_from_flattened_dict({**ONE_DEVICE, **updates})
   return cfg
 
 

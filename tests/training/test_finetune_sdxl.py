@@ -21,6 +21,7 @@ from jaxsd.data import input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.training import latent_cache, run, stages
 from tests import reference
+from tests.training import ONE_DEVICE
 from train.configs import finetune, smoke
 
 SIZE = 16  # the tiny SDXL's VAE and U-Net each halve once: 16x16 images, 8x8 latents
@@ -47,7 +48,7 @@ def _config(folders, **updates):
   cfg.unet.optimizer.update(total_steps=STEPS, warmup_steps=0, lr=1e-3)
   cfg.checkpoint_every = 2
   cfg.eval.judge = False
-  cfg.update_from_flattened_dict(updates)
+  cfg.update_from_flattened_dict({**ONE_DEVICE, **updates})
   return cfg
 
 

@@ -24,6 +24,7 @@ from jaxsd.training import lora_training, run, stages
 from jaxsd.training.optimizer import make_optimizer
 from jaxsd.training.train_state import TrainState, make_train_step
 from tests import reference
+from tests.training import ONE_DEVICE
 from train.configs import lora as lora_config
 
 STEPS, HW = 6, 16
@@ -48,7 +49,7 @@ def _cfg(init_dir, data_dir, **updates):
   cfg.log_every, cfg.checkpoint_every, cfg.progress = 1, 3, False
   cfg.unet.update(steps=STEPS, batch_size=8)
   cfg.unet.optimizer.update(lr=1e-2, total_steps=STEPS)  # large, so that a few steps move the tiny model
-  cfg.update_from_flattened_dict(updates)
+  cfg.update_from_flattened_dict({**ONE_DEVICE, **updates})
   return cfg
 
 

@@ -19,6 +19,7 @@ import jaxsd
 from jaxsd import lora
 from jaxsd.training import run
 from tests import reference
+from tests.training import ONE_DEVICE
 from train.configs import lora as lora_config
 
 SIZE, STEPS, HW = 16, 3, 16
@@ -43,7 +44,7 @@ def _cfg(folders, **updates):
   cfg.unet.update(steps=STEPS, batch_size=8, gradient_checkpointing=False)
   cfg.unet.optimizer.update(lr=1e-2, total_steps=STEPS)  # large, so that a few steps move the tiny model
   cfg.lora.train_text_encoder = True
-  cfg.update_from_flattened_dict(updates)
+  cfg.update_from_flattened_dict({**ONE_DEVICE, **updates})
   return cfg
 
 
@@ -160,6 +161,7 @@ def test_dreambooth_sdxl_draws_class_images_and_trains_an_adapter_diffusers_load
     Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(instance / f"{i}.png")
   cfg = lora_config.get_config("dreambooth_sdxl")
   cfg.init, cfg.dtype = folders.base, "float32"
+  cfg.update_from_flattened_dict(ONE_DEVICE)
   cfg.data.image_size = SIZE
   cfg.log_every, cfg.checkpoint_every, cfg.progress = 1, 2, False
   cfg.eval.judge = False

@@ -21,6 +21,7 @@ from jaxsd.data.image_folder import prepare_image_folder
 from jaxsd.training import run
 import tests
 from tests import reference
+from tests.training import ONE_DEVICE
 from train.configs import smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,14 +35,14 @@ def data_dir(tmp_path_factory):
 def _cfg(data_dir, **updates):
   cfg = smoke.get_config()
   cfg.data.data_dir = data_dir
-  cfg.update_from_flattened_dict(updates)
+  cfg.update_from_flattened_dict({**ONE_DEVICE, **updates})
   return cfg
 
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("workdir"))
-  # One checkpoint per stage (its last step): orbax's saves of the tiny states on 8 simulated devices cost 1-19 s
+  # One checkpoint per stage (its last step): orbax's saves of the tiny states cost 1-19 s
   # each here; the resume tests below save every 8 or 16 steps and compare with this run to the bit.
   return workdir, run.train_and_evaluate(_cfg(data_dir, checkpoint_every=24), workdir)
 
@@ -188,7 +189,7 @@ def test_benchmark_mode_reports_throughput(data_dir, init_folder, tmp_path):
   """--config.benchmark_steps on the fine-tuning config of the test above (the same train step)."""
   cfg = _finetune_cfg(data_dir, init_folder, benchmark_steps=2, stages="unet")
   figures = run.train_and_evaluate(cfg, str(tmp_path / "bench"))
-  assert figures["images_per_sec"] > 0 and figures["compile_seconds"] > 0 and figures["devices"] == 8
+  assert figures["images_per_sec"] > 0 and figures["compile_seconds"] > 0 and figures["devices"] == 1
   assert figures["tflops_per_device"] > 0
 
 
@@ -223,7 +224,8 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
         "stages": "clip,gan"
     }, "subset of clip,vae,unet"),
     ({
-        "clip.batch_size": 12
+        "clip.batch_size": 12,
+        "mesh.devices": -1
     }, "not divisible by the 8 devices"),
     ({
         "data.image_size": 20
@@ -235,8 +237,18 @@ def test_benchmark_in_a_fresh_workdir_times_the_unet_alone(data_dir, tmp_path):
         "data.name": "not_prepared_dataset"
     }, "is not prepared"),
     ({
-        "mesh.fsdp": 3
+        "mesh.fsdp": 3,
+        "mesh.devices": -1
     }, "must divide the 8 devices"),
+    ({
+        "mesh.fsdp": 3
+    }, "must divide the 1 devices"),
+    ({
+        "mesh.devices": 9
+    }, r"config.mesh.devices=9: use -1 for every device or a whole number from 1 to 8"),
+    ({
+        "mesh.devices": 0
+    }, r"config.mesh.devices=0: use -1"),
     ({
         "dtype": "float8"
     }, "choose one of"),
@@ -482,7 +494,7 @@ def _train_cli(workdir, data_dir, *overrides):
   cmd = [
       sys.executable, "-m", "train", "--config",
       os.path.join(ROOT, "train", "configs", "smoke.py"), "--workdir", workdir, f"--config.data.data_dir={data_dir}",
-      *overrides
+      *(f"--config.{k}={v}" for k, v in ONE_DEVICE.items()), *overrides
   ]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -511,7 +523,7 @@ def _workdir_after_clip_and_vae(trained_dir, workdir):
 def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir, tmp_path):
   """The real U-Net stage through the resume path: `python -m train` killed with SIGKILL after the U-Net
   stage's first checkpoint, then run again, exports the same weights, to the bit, as the uninterrupted
-  in-process run of the fixture (same config, same data, same 8 simulated devices). The clip and vae stages
+  in-process run of the fixture (same config, same data, the same one simulated device). The clip and vae stages
   are the fixture's (`_workdir_after_clip_and_vae`), so both processes run the U-Net stage alone; the judged
   report is off (--config.eval.judge=False): it comes after the export and is
   test_default_stages_run_end_to_end's."""

@@ -26,7 +26,8 @@ def get_config():
   c.progress = True
   c.benchmark_steps = 0  # > 0: compile, time this many U-Net steps, print one JSON line, stop
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all devices not used by fsdp
+  # data: -1 for the devices not used by fsdp; devices: -1 for every device, N for the first N (one process only)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=-1))
 
   c.data = ml_collections.ConfigDict(
       dict(
