@@ -27,3 +27,25 @@ def test_a_cosine_schedule_follows_the_stages_steps():
     assert run_config.optimizer_settings(cfg, stage)["total_steps"] == cfg[stage].steps
   del cfg.vae.optimizer["total_steps"]  # a hand-written section without the key: the stage's steps, not 10,000
   assert run_config.optimizer_settings(cfg, "vae")["total_steps"] == cfg.vae.steps
+
+
+def test_mesh_devices_are_every_device_or_the_first_n_of_one_process(monkeypatch):
+  """config.mesh.devices: -1 (the default) every device, N the first N; out of range, not a whole number, or with
+  several processes (each process has its own devices) refused in one line naming the setting."""
+  import jax
+  import pytest
+
+  cfg = importlib.import_module("train.configs.default").get_config()
+  assert run_config.mesh_devices(cfg) == jax.devices()
+  cfg.mesh.devices = 3
+  assert run_config.mesh_devices(cfg) == jax.devices()[:3]
+  for bad in (0, -2, len(jax.devices()) + 1):  # (ml_collections refuses a value of another type itself)
+    cfg.mesh.devices = bad
+    with pytest.raises(run.ConfigError, match=f"config.mesh.devices={bad!r}: use -1 for every device"):
+      run_config.mesh_devices(cfg)
+  cfg.mesh.devices = 2
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(run.ConfigError, match="config.mesh.devices=2: a run of 2 processes uses every device"):
+    run_config.mesh_devices(cfg)
+  cfg.mesh.devices = -1
+  assert run_config.mesh_devices(cfg) == jax.devices()
