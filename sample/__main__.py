@@ -445,7 +445,10 @@ def main(argv=None) -> int:
         conditioning.load_image(path, "--ip-adapter-image") if flag == "ip_adapter_image" else None
         for flag, path in args.ip_adapter_prompts
     ]
-    ip_masks = [conditioning.load_mask(path, "--ip-adapter-mask") for path in args.ip_adapter_mask]
+    ip_masks = [  # None for `--ip-adapter-mask none`
+        None if path == ip_adapter_flags.NO_MASK else conditioning.load_mask(path, "--ip-adapter-mask")
+        for path in args.ip_adapter_mask
+    ]
     enable_compilation_cache()
     load_kw = dict(single_file_config=args.single_file_config) if os.path.isfile(args.model) else {}
     pipe = pipeline_xl.load(args.model, dtype=DTYPES[args.dtype], variant=args.variant, allow_pickle=args.allow_pickle,

@@ -46,7 +46,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
       "--ip-adapter-mask", action="append", default=[], metavar="IMG",
       help="with --ip-adapter: a region mask (white: where the image prompt acts; resized to the output, as "
       "diffusers' IPAdapterMaskProcessor), one per image prompt in the order of the adapters (an --ip-adapter-embeds "
-      "of n images takes n): none, or masks for every adapter (a white one for an adapter that acts everywhere)")
+      "of n images takes n): none, or one for every image prompt, `none` for each of an adapter's that acts "
+      "everywhere (diffusers' None in ip_adapter_masks)")
   per_block = '{"up": {"block_0": [0, 1, 0]}}'  # InstantStyle's style-only weights (SDXL)
   p.add_argument(
       "--ip-adapter-scale", action="append", default=[], metavar="S",
@@ -75,6 +76,9 @@ def scale_flag(text: str) -> float | dict:
     raise ValueError(f"--ip-adapter-scale {text}: must be a finite number (1: as trained, 0: off) or a JSON object of "
                      "per-block weights.")
   return value
+
+
+NO_MASK = "none"  # --ip-adapter-mask none: the adapter acts everywhere (diffusers' None in ip_adapter_masks)
 
 
 def check(args) -> None:
@@ -121,6 +125,14 @@ def check(args) -> None:
     raise ValueError(f"{len(args.ip_adapter_mask)} --ip-adapter-mask for {sum(images)} image prompt"
                      f"{'s' * (sum(images) > 1)} (per --ip-adapter: {each}): give one mask per image, adapter by "
                      "adapter, or none.")
+  start = 0
+  for file, count in zip(args.ip_adapter, images):
+    chunk = [m == NO_MASK for m in args.ip_adapter_mask[start:start + count]]
+    start += count
+    if any(chunk) and not all(chunk):
+      raise ValueError(f"--ip-adapter-mask {NO_MASK} for {sum(chunk)} of --ip-adapter {file}'s {count} image prompts: "
+                       f"an adapter's images are masked together; give {NO_MASK} for each of them, or a mask for each "
+                       "(a white one acts everywhere).")
   if not args.ip_adapter_image:  # embeddings only: no image encoder is needed
     if args.image_encoder is not None:
       raise ValueError("--image-encoder with --ip-adapter-embeds alone: the embeddings need no image encoder; drop "
@@ -202,8 +214,8 @@ def call(args, pipe, images: list, masks: list) -> dict:
     out["ip_adapter_image"] = images[0] if single else images
   if any(x is not None for x in embeds):
     out["ip_adapter_image_embeds"] = embeds
-  if masks:  # each adapter's masks, one per image it has
+  if any(m is not None for m in masks):  # each adapter's masks, one per image it has; None: no mask (`none`)
     counts = [1 if im is not None else embeds_images(x) for im, x in zip(images, embeds)]
     starts = [sum(counts[:k]) for k in range(len(counts))]
-    out["ip_adapter_masks"] = [masks[i:i + c] for i, c in zip(starts, counts)]
+    out["ip_adapter_masks"] = [None if masks[i] is None else masks[i:i + c] for i, c in zip(starts, counts)]
   return out

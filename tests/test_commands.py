@@ -415,6 +415,11 @@ def _ip_adapter_files(tmp_path) -> dict[str, str]:
      ], "1 --ip-adapter-image and 1 --ip-adapter-embeds for 1 --ip-adapter"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{two}", "--ip-adapter-mask", "{tmp}/mask.png"
      ], "1 --ip-adapter-mask for 2 image prompts (per --ip-adapter: 2)"),
+    ([
+        "--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{two}", "--ip-adapter-mask", "{tmp}/mask.png",
+        "--ip-adapter-mask", "none"
+    ], "--ip-adapter-mask none for 1 of --ip-adapter {adapter}'s 2 image prompts: an "
+     "adapter's images are masked together"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{face}", "--image-encoder", "{tmp}"
      ], "the embeddings need no image encoder"),
     (["--ip-adapter", "{adapter}", "--ip-adapter-embeds", "{face}", "--ip-adapter-mask", "/nonexistent/m.png"

@@ -5,6 +5,7 @@ two images in the left and right halves, two adapters with a mask each, SDXL, an
 from __future__ import annotations
 
 import os
+import shutil
 
 import diffusers
 import jax
@@ -248,3 +249,14 @@ def test_sample_an_image_and_embeds_with_a_mask_each(sd, tmp_path, capsys, monke
   want = pipe(["a cat"], height=16, width=24, steps=2, sampler="euler", ip_adapter_image=[Image.open(png), images[1]],
               ip_adapter_masks=[Image.open(m) for m in masks])[0]
   assert np.abs(written.astype(int) - want.astype(int)).max() <= 1
+  # `--ip-adapter-mask none`: the second adapter everywhere, as diffusers' None in ip_adapter_masks.
+  argv[argv.index(masks[1])] = "none"
+  shutil.rmtree(out)
+  assert main(argv) == 0, capsys.readouterr().err
+  unmasked = np.asarray(Image.open(os.path.join(out, "a_cat-seed0-0000.png")))
+  want = pipe(["a cat"], height=16, width=24, steps=2, sampler="euler", ip_adapter_image=[Image.open(png), images[1]],
+              ip_adapter_masks=[Image.open(masks[0]), None])[0]
+  assert np.abs(unmasked.astype(int) - want.astype(int)).max() <= 1
+  moved = np.abs(unmasked.astype(int) - written.astype(int)).max()
+  assert moved > 8, f"the second adapter unmasked moved the image by {moved} levels only"
+  print("none vs right-half mask: max", moved, "levels")
