@@ -5,6 +5,7 @@ in the order given, for the k-th adapter), --ip-adapter-mask, --ip-adapter-scale
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -116,21 +117,16 @@ def check(args) -> None:
                        "--allow-pickle if you trust its source.")
   args.ip_adapter_scale = [scale_flag(s) for s in args.ip_adapter_scale]
   args.ip_adapter_arrays = {path: read_embeds(path) for path in args.ip_adapter_embeds}
-  images = [
-      1 if flag == "ip_adapter_image" else embeds_images(args.ip_adapter_arrays[path])
-      for flag, path in args.ip_adapter_prompts
-  ]
+  images = image_counts(args)
   if args.ip_adapter_mask and len(args.ip_adapter_mask) != sum(images):
     each = ", ".join(map(str, images))
     raise ValueError(f"{len(args.ip_adapter_mask)} --ip-adapter-mask for {sum(images)} image prompt"
                      f"{'s' * (sum(images) > 1)} (per --ip-adapter: {each}): give one mask per image, adapter by "
                      "adapter, or none.")
-  start = 0
-  for file, count in zip(args.ip_adapter, images):
-    chunk = [m == NO_MASK for m in args.ip_adapter_mask[start:start + count]]
-    start += count
+  for file, chunk in zip(args.ip_adapter, by_adapter([m == NO_MASK for m in args.ip_adapter_mask], images)):
     if any(chunk) and not all(chunk):
-      raise ValueError(f"--ip-adapter-mask {NO_MASK} for {sum(chunk)} of --ip-adapter {file}'s {count} image prompts: "
+      raise ValueError(f"--ip-adapter-mask {NO_MASK} for {sum(chunk)} of --ip-adapter {file}'s {len(chunk)} image "
+                       "prompts: "
                        f"an adapter's images are masked together; give {NO_MASK} for each of them, or a mask for each "
                        "(a white one acts everywhere).")
   if not args.ip_adapter_image:  # embeddings only: no image encoder is needed
@@ -151,7 +147,7 @@ def check(args) -> None:
 
 def read_embeds(path: str):
   """An --ip-adapter-embeds file: a float32 array of 2 to 4 axes, finite, (n, D) or with 1 or 2 rows first; whether
-  it fits its adapter (kind, width) and the guidance is `ip_adapter_embeds`' to check, once they are known."""
+  it fits its adapter (kind, width) and the guidance is `image_embeds`' to check, once they are known."""
   import numpy as np
 
   flag = "--ip-adapter-embeds"
@@ -178,6 +174,21 @@ def read_embeds(path: str):
 def embeds_images(x) -> int:
   """How many images an --ip-adapter-embeds array holds (its n)."""
   return x.shape[0] if x.ndim == 2 else x.shape[1]
+
+
+def image_counts(args) -> list[int]:
+  """How many images each --ip-adapter's prompt holds: 1 for an --ip-adapter-image, n for an --ip-adapter-embeds
+  array (read by `check`)."""
+  return [
+      1 if flag == "ip_adapter_image" else embeds_images(args.ip_adapter_arrays[path])
+      for flag, path in args.ip_adapter_prompts
+  ]
+
+
+def by_adapter(items: list, counts: list[int]) -> list[list]:
+  """A list with one item per image prompt (the masks), adapter by adapter, cut into one list per adapter."""
+  starts = itertools.accumulate(counts[:-1], initial=0)
+  return [items[start:start + count] for start, count in zip(starts, counts)]
 
 
 def image_embeds(args, adapters, guided: bool) -> list:
@@ -215,7 +226,5 @@ def call(args, pipe, images: list, masks: list) -> dict:
   if any(x is not None for x in embeds):
     out["ip_adapter_image_embeds"] = embeds
   if any(m is not None for m in masks):  # each adapter's masks, one per image it has; None: no mask (`none`)
-    counts = [1 if im is not None else embeds_images(x) for im, x in zip(images, embeds)]
-    starts = [sum(counts[:k]) for k in range(len(counts))]
-    out["ip_adapter_masks"] = [None if masks[i] is None else masks[i:i + c] for i, c in zip(starts, counts)]
+    out["ip_adapter_masks"] = [None if chunk[0] is None else chunk for chunk in by_adapter(masks, image_counts(args))]
   return out
