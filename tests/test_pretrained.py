@@ -7,6 +7,7 @@ the same outputs, and a folder written here loads in PyTorch with every weight a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -530,3 +531,20 @@ def test_index_naming_a_missing_shard(torch_folders, tmp_path):
   os.remove(tmp_path / "diffusion_pytorch_model-00002-of-00008.safetensors")
   with pytest.raises(FileNotFoundError, match="lists shards that are not in the folder.*00002-of-00008"):
     pretrained.load_vae(str(tmp_path))
+
+
+def test_abstract_params_traces_a_configuration_once_and_hands_out_its_own_tree():
+  """A second load of the same network configuration does not trace its init again (0.1-1 s of Python per
+  network); each caller gets its own containers, and another configuration its own shapes."""
+  cfg = unet.UNet2DConditionConfig(sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16),
+                                   layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2)
+  a = pretrained.abstract_params(unet.UNet2DConditionModel(cfg))
+  hits = pretrained._cached_abstract_params.cache_info().hits
+  b = pretrained.abstract_params(unet.UNet2DConditionModel(cfg))
+  assert pretrained._cached_abstract_params.cache_info().hits == hits + 1
+  assert jax.tree.structure(a) == jax.tree.structure(b) and a == b
+  b.pop("conv_in")
+  assert "conv_in" in pretrained.abstract_params(unet.UNet2DConditionModel(cfg))
+  wider = pretrained.abstract_params(unet.UNet2DConditionModel(dataclasses.replace(cfg, block_out_channels=(16, 16))))
+  assert wider["conv_out"]["kernel"].shape[2] == 16 and a["conv_out"]["kernel"].shape[2] == 8
