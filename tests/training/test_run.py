@@ -488,7 +488,10 @@ def test_cli_unknown_config_key(tmp_path):
   assert r.returncode != 0 and "stepz" in r.stderr and "Traceback" not in r.stderr
 
 
-def _train_cli(workdir, data_dir, *overrides):
+def _train_cli(workdir, data_dir, *overrides, stderr=subprocess.PIPE):
+  """`python -m train` on the smoke config in a subprocess. A caller that does not read the pipe while the run goes
+  on passes a file as `stderr`: a run that logs more than the pipe holds (64 KiB, e.g. under JAX_LOG_COMPILES=1)
+  blocked on its next write and never reached the checkpoint the caller waited for."""
   env = dict(os.environ, XLA_FLAGS=tests.xla_flags(8), JAX_PLATFORMS="cpu",
              JAX_DEFAULT_MATMUL_PRECISION="highest")  # and the session's compilation cache (conftest.py)
   cmd = [
@@ -496,7 +499,7 @@ def _train_cli(workdir, data_dir, *overrides):
       os.path.join(ROOT, "train", "configs", "smoke.py"), "--workdir", workdir, f"--config.data.data_dir={data_dir}",
       *(f"--config.{k}={v}" for k, v in ONE_DEVICE.items()), *overrides
   ]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 def _unet_checkpoints(workdir):
@@ -531,17 +534,21 @@ def test_kill_9_mid_unet_stage_then_rerun_gives_the_same_model(trained, data_dir
 
   workdir = str(tmp_path / "killed")
   _workdir_after_clip_and_vae(trained[0], workdir)
-  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False", "--config.checkpoint_every=16")
+  log = open(tmp_path / "killed.log", "w+")
+  proc = _train_cli(workdir, data_dir, "--config.eval.judge=False", "--config.checkpoint_every=16", stderr=log)
   try:
     deadline = time.time() + 600
     while not _unet_checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
       time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    log.seek(0)
+    assert proc.poll() is None, f"the run ended before it could be killed: {log.read()[-2000:]}"
+    assert _unet_checkpoints(workdir), "no U-Net checkpoint within 600 s"
     killed_at = _unet_checkpoints(workdir)[-1]
     proc.kill()
   finally:
     proc.kill()
     proc.wait()
+    log.close()
   assert 0 < killed_at < 24 and not os.path.exists(os.path.join(workdir, "unet", "result.json"))
   proc = _train_cli(workdir, data_dir, "--config.eval.judge=False", "--config.checkpoint_every=16")
   _, err = proc.communicate(timeout=900)
