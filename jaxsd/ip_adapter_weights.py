@@ -9,6 +9,7 @@ LoRA adapter. The pipeline side (image encoder, inputs, load / unload) is `jaxsd
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -296,13 +297,26 @@ def convert(image_proj: Mapping, ip_adapter: Mapping, unet, unet_params, where: 
 def _abstract_ip_params(unet, unet_params, embed_dim: int, projection: ProjectionConfig) -> dict:
   """The parameters (shapes) the U-Net adds when it is given image embeddings of `embed_dim` through a projection
   of this config (Plus, Full Face: hidden states)."""
+  base = set(traverse_util.flatten_dict(_plain(unet_params)))
+  shapes = _flat_shapes_with_adapter
+  try:
+    hash((unet, projection))
+  except TypeError:  # a field that is not hashable: trace it afresh
+    shapes = _flat_shapes_with_adapter.__wrapped__
+  flat = shapes(unet, int(embed_dim), projection)
+  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in base})
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_shapes_with_adapter(unet, embed_dim: int, projection: ProjectionConfig) -> dict:
+  """The flattened parameter shapes of the U-Net with an adapter's projection: tracing its init takes ~0.1-1 s of
+  Python, remembered per (U-Net config, width, projection) as `pretrained.abstract_params` (read-only here: the
+  caller builds its own tree from it)."""
   inputs = pretrained.example_inputs(unet)
   embeds = jnp.zeros((1, 1, 1, embed_dim) if takes_hidden_states(projection) else (1, embed_dim), jnp.float32)
   full = jax.eval_shape(
       lambda: unet.init(jax.random.key(0), *inputs, image_embeds=embeds, image_projection=projection)["params"])
-  base = set(traverse_util.flatten_dict(_plain(unet_params)))
-  flat = traverse_util.flatten_dict(_plain(full))
-  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in base})
+  return traverse_util.flatten_dict(_plain(full))
 
 
 def merge(unet_params, ip_params):

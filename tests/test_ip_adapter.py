@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import jaxsd
-from jaxsd import weights
+from jaxsd import ip_adapter_weights, weights
 from tests import reference
 
 HW = 16
@@ -131,7 +131,10 @@ def test_scale_zero_is_the_plain_model_unload_restores_it_and_nothing_recompiles
   run = lambda **kw: pipe(PROMPTS, NEGATIVE, steps=3, sampler="euler", latents=latents, output="latent", **kw)
   plain = run()
   structure = jax.tree.structure(pipe.params)
+  shapes = ip_adapter_weights._flat_shapes_with_adapter.cache_info().hits
   pipe.load_ip_adapter(os.path.join(adapter, WEIGHT), scale=0.0)
+  # The fixture loaded this adapter into a U-Net of the same config: its shapes are not traced again.
+  assert ip_adapter_weights._flat_shapes_with_adapter.cache_info().hits == shapes + 1
   zero = run(ip_adapter_image=images[0])
   program = pipe._jitted(True, "latent", "text", True)
   traces = program._cache_size()
