@@ -100,15 +100,13 @@ def abstract_params(module: nn.Module) -> dict:
   try:
     hash(module)
   except TypeError:  # a field that is not hashable: trace it afresh
-    return _trace_abstract_params(module)
+    return _cached_abstract_params.__wrapped__(module)
   return jax.tree.map(lambda x: x, _cached_abstract_params(module))
 
 
-def _trace_abstract_params(module: nn.Module) -> dict:
+@functools.lru_cache(maxsize=64)
+def _cached_abstract_params(module: nn.Module) -> dict:
   return jax.eval_shape(lambda: init_params(module, jax.random.key(0)))
-
-
-_cached_abstract_params = functools.lru_cache(maxsize=64)(_trace_abstract_params)
 
 
 def _legacy_vae_names(key: str) -> str:
