@@ -64,6 +64,24 @@ def test_cpu_blocked_path_matches_and_has_gradients(monkeypatch, shape):
     assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 0.05 * float(jnp.max(jnp.abs(b)))
 
 
+def test_cpu_block_size_follows_the_last_level_cache(tmp_path):
+  # sysfs as Linux writes it: index0-1 L1 data / instruction, index2 L2, index3 the shared L3.
+  for i, (kind, size) in enumerate([("Data", "48K"), ("Instruction", "64K"), ("Unified", "2048K"),
+                                    ("Unified", "491520K")]):
+    (tmp_path / f"index{i}").mkdir()
+    (tmp_path / f"index{i}" / "type").write_text(kind + "\n")
+    (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+  assert attention._last_level_cache_bytes(str(tmp_path)) == 480 * 2**20
+  (tmp_path / "index3" / "size").write_text("16M\n")
+  assert attention._last_level_cache_bytes(str(tmp_path)) == 16 * 2**20
+  assert attention._last_level_cache_bytes(str(tmp_path / "absent")) is None  # no sysfs (macOS, Windows)
+  # 16 MiB steps where the cache holds two of them, else the 4 MiB step; unknown -> the 4 MiB step.
+  assert attention._block_logits(480 * 2**20) == attention._block_logits(32 * 2**20) == 2**22
+  assert attention._block_logits(16 * 2**20) == attention._block_logits(None) == 2**20
+  # SD 1.5's 4096-token self-attention at batch 2: 1024 queries per step with the large step, 256 with the small.
+  assert attention._cpu_blocks(2, 8, 4096, 4096) == (1, {2**22: 1024, 2**20: 256}[attention._CPU_BLOCK_LOGITS])
+
+
 @pytest.mark.parametrize("shape", [(2, 16, 16, 4, 8), (2, 33, 77, 2, 40)])  # self; cross on 77 tokens
 def test_hand_written_backward_matches_autodiff(shape):
   # The unmasked path's custom VJP (D = rowsum(dO * O)) against autodiff through jax.nn's attention.
