@@ -57,7 +57,8 @@ def _device_facts() -> dict:
       "backend": jax.default_backend(),
       "device_kind": d.device_kind,
       "jax": jax.__version__,
-      "peak_bf16_flops": flops.peak_flops_per_device(d.device_kind)
+      "peak_bf16_flops": flops.peak_flops_per_device(d.device_kind),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),  # as `import jaxsd` left them (jaxsd/xla_cpu_flags.py)
   }
 
 

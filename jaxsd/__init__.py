@@ -5,6 +5,10 @@
     images = pipe(["a photo of a cat"], steps=25, sampler="dpmpp_2m")
 """
 
+from jaxsd import xla_cpu_flags
+
+xla_cpu_flags.apply()  # before JAX starts a backend: XLA reads XLA_FLAGS once (jaxsd/xla_cpu_flags.py)
+
 from jaxsd.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,
                                CLIPVisionModelWithProjection)
 from jaxsd.models.controlnet import ControlNetModel
