@@ -150,16 +150,27 @@ def _unmasked_attention_bwd(res, g):
   rowsum(P * dP) over the (T, S) logits; on XLA's CPU backend those big reductions were the
   slowest part of the attention backward."""
   q, k, v, probs, out = res
-  dq, dk, dv = _probs_backward(q, k, v, probs, out, g)
+  d = _out_grad_rowsum(out, g)
+  if jax.default_backend() == "cpu":
+    # XLA:CPU fused this (T, H) reduction into YNNPACK's fusion of the (T, S) matmul dO V^T that consumes it,
+    # and that fusion then ran 1.3x longer than the whole attention backward does without it (256 tokens x 32,
+    # b2 x 8 heads: 6.3 -> 4.7 ms for forward and backward, docs/benchmarks.md).
+    d = jax.lax.optimization_barrier(d)
+  dq, dk, dv = _probs_backward(q, k, v, probs, d, g)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _probs_backward(q, k, v, probs, out, g):
-  """fp32 (dq, dk, dv) of softmax(q k^T) v from its probabilities, output and output gradient."""
+def _out_grad_rowsum(out, g):
+  """FlashAttention's D = rowsum(dO * O), fp32, (..., T)."""
+  return jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+
+def _probs_backward(q, k, v, probs, d, g):
+  """fp32 (dq, dk, dv) of softmax(q k^T) v from its probabilities, the output gradient `g` and
+  D = `_out_grad_rowsum(out, g)`."""
   dv = jnp.einsum("...ts,...th->...sh", probs.astype(g.dtype), g, preferred_element_type=jnp.float32)
   dp = jnp.einsum("...th,...sh->...ts", g, v, preferred_element_type=jnp.float32)
-  d = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = probs * (dp - d)
+  ds = probs * (dp - d[..., None])
   dq = jnp.einsum("...ts,...sh->...th", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum("...ts,...th->...sh", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
   return dq, dk, dv
@@ -209,11 +220,11 @@ def _over_blocks(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array) -> Any:
   return jax.tree.map(lambda x: x.reshape(b, n, t, *x.shape[3:]), res)
 
 
-def _block_backward(q, k, v, out, lse, g):
+def _block_backward(q, k, v, d, lse, g):
   """One block's fp32 (dq, dk, dv), its probabilities recomputed from the logsumexp (FlashAttention's
-  backward, Dao et al., 2022, arXiv:2205.14135, alg. 4)."""
+  backward, Dao et al., 2022, arXiv:2205.14135, alg. 4); `d` is the block's `_out_grad_rowsum`."""
   logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32)
-  return _probs_backward(q, k, v, jnp.exp(logits - lse[..., None]), out, g)
+  return _probs_backward(q, k, v, jnp.exp(logits - lse[..., None]), d, g)
 
 
 @jax.custom_vjp
@@ -240,24 +251,28 @@ def _cpu_blocked_bwd(res, g_out):
   b, n, t, h = q.shape
   s, hv = k.shape[2], v.shape[3]
   g, c = _cpu_blocks(b, n, t, s)
+  # D for all rows before the loop: inside it XLA:CPU fused the reduction into YNNPACK's dO V^T matmul
+  # fusion, which then took 3.4x the matmul's time (forward + backward 70 -> 65 ms at 1024 tokens x 16,
+  # b2 x 8 heads; docs/benchmarks.md).
+  d = _out_grad_rowsum(out, g_out)
   if c == t:
     blocks = lambda x: x.reshape(b * n // g, g, *x.shape[2:])
-    dq, dk, dv = jax.lax.map(lambda a: _block_backward(*a), tuple(blocks(x) for x in (q, k, v, out, lse, g_out)))
+    dq, dk, dv = jax.lax.map(lambda a: _block_backward(*a), tuple(blocks(x) for x in (q, k, v, d, lse, g_out)))
   else:
     chunks = lambda x: x.reshape(b * n, t // c, c, *x.shape[3:])
 
     def per_slice(a):
-      qs, ks, vs, os, ls, gs = a
+      qs, ks, vs, ds, ls, gs = a
 
       def step(acc, xs):  # one block of queries: its dq, and its share of dk and dv
         dq_c, dk_c, dv_c = _block_backward(xs[0], ks, vs, xs[1], xs[2], xs[3])
         return (acc[0] + dk_c, acc[1] + dv_c), dq_c
 
       zeros = (jnp.zeros((s, h), jnp.float32), jnp.zeros((s, hv), jnp.float32))
-      (dk_s, dv_s), dq_s = jax.lax.scan(step, zeros, (qs, os, ls, gs))
+      (dk_s, dv_s), dq_s = jax.lax.scan(step, zeros, (qs, ds, ls, gs))
       return dq_s, dk_s, dv_s
 
-    sliced = (chunks(q), k.reshape(b * n, s, h), v.reshape(b * n, s, hv), chunks(out), chunks(lse), chunks(g_out))
+    sliced = (chunks(q), k.reshape(b * n, s, h), v.reshape(b * n, s, hv), chunks(d), chunks(lse), chunks(g_out))
     dq, dk, dv = jax.lax.map(per_slice, sliced)
   return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype))
 

@@ -95,6 +95,28 @@ def make_schedule(cfg) -> Schedule:
   return optax.warmup_constant_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm`: updates scaled by min(1, max_norm / global norm), written for XLA.
+
+  Its state is optax's (`EmptyState`), so checkpoints of either load with the other. Two differences, both
+  for speed: the clipping is one scalar multiply per leaf (optax selects per element between `t` and
+  `t / norm * max_norm`, a clipped copy of every gradient that XLA:CPU wrote out for AdamW's two moment
+  updates to read); and `update(..., global_norm=n)` takes the updates' global norm when the caller has it
+  (`make_train_step` computes it for its finiteness check, and inside the step's conditional XLA would
+  compute it again). AdamW with this clipping on the small benchmark U-Net's 72.5M parameters: 111 ms per
+  update, 97 ms given the norm, 170 ms with optax's (docs/benchmarks.md). Results agree with optax's to
+  fp32 rounding (1 ulp).
+  """
+
+  def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if global_norm is None else global_norm
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the optimizer from a config section (see `default_config` for the keys).
 
@@ -118,7 +140,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Schedule]:
 
   chain = []
   if c.grad_clip_norm and c.grad_clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(float(c.grad_clip_norm)))
+    chain.append(clip_by_global_norm(float(c.grad_clip_norm)))
   chain.append(
       optax.adamw(learning_rate=inner_schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
                   weight_decay=float(c.weight_decay), mu_dtype=_MU_DTYPES[c.mu_dtype]))

@@ -84,10 +84,19 @@ def _if_finite(finite: jax.Array, update: Callable[[TrainState], Any], state: Tr
   return _select(finite, update(state), (state.params, state.opt_state, state.ema_params))
 
 
+def _multi_steps_state(opt_state: optax.OptState) -> optax.MultiStepsState | None:
+  """The gradient accumulation's state, where `optax.MultiSteps` is the optimizer or a part of it (e.g.
+  `optimizer.with_group_lr` around it); else None."""
+  is_multi = lambda x: isinstance(x, optax.MultiStepsState)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(x)]
+  return found[0] if found else None
+
+
 def _num_updates(state: TrainState) -> jax.Array:
   """Optimizer updates applied before this step (the EMA warmup counter)."""
-  if isinstance(state.opt_state, optax.MultiStepsState):
-    return state.opt_state.gradient_step
+  multi = _multi_steps_state(state.opt_state)
+  if multi is not None:
+    return multi.gradient_step
   return state.step - state.nonfinite_count
 
 
@@ -105,6 +114,11 @@ def make_train_step(
   loss or the global gradient norm is non-finite, params, opt_state and EMA stay as they were
   (decided inside the step, no host round trip) and the non-finite counters grow. Metrics: `loss`,
   `grad_norm`, `lr` (when `lr_schedule` is given), `nonfinite` (0/1), plus the loss_fn's aux.
+
+  A `tx` that takes extra arguments (`optax.GradientTransformationExtraArgs`, e.g. any `optax.chain`) gets
+  `global_norm=` the gradients' global norm, which `optimizer.clip_by_global_norm` uses rather than
+  computing it again; not when the gradients are accumulated (`optax.MultiSteps` in `tx`), where the
+  clipping sees the accumulated mean instead.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -115,7 +129,10 @@ def make_train_step(
     finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
 
     def update(state: TrainState) -> tuple[Params, optax.OptState, Params | None]:
-      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+      extra = {}
+      if isinstance(tx, optax.GradientTransformationExtraArgs) and _multi_steps_state(state.opt_state) is None:
+        extra["global_norm"] = grad_norm  # the norm of exactly the gradients `tx` gets (none accumulated)
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
       new_params = optax.apply_updates(state.params, updates)
       new_ema = state.ema_params
       if state.ema_params is not None:
@@ -124,9 +141,10 @@ def make_train_step(
                            "pass the same ema_decay as TrainState.create.")
         d = ema_decay_rate(_num_updates(state), ema_decay, ema_warmup)
         new_ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, new_params)
-        if isinstance(new_opt_state, optax.MultiStepsState):
+        multi = _multi_steps_state(new_opt_state)
+        if multi is not None:
           # Only the micro-step that completes the accumulation window moves the params.
-          updated = jnp.logical_and(new_opt_state.mini_step == 0, new_opt_state.gradient_step > 0)
+          updated = jnp.logical_and(multi.mini_step == 0, multi.gradient_step > 0)
           new_ema = _select(updated, new_ema, state.ema_params)
       return new_params, new_opt_state, new_ema
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from jaxsd.training import make_optimizer, make_schedule
-from jaxsd.training.optimizer import with_group_lr
+from jaxsd.training.optimizer import clip_by_global_norm, with_group_lr
 from jaxsd.training.train_state import TrainState, make_train_step
 
 from tests.training import toy_train as toy
@@ -118,6 +118,74 @@ def test_global_norm_clipping():
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert not np.allclose(p["w"], p_nc["w"], rtol=1e-4)  # Clipping changed the result.
+
+
+def test_clipping_is_optaxs_and_takes_a_given_norm():
+  """optimizer.clip_by_global_norm against optax.clip_by_global_norm: the same state (checkpoints interchange)
+  and the same updates to fp32 rounding above and below the threshold; with `global_norm=` it scales by that
+  norm instead of computing one."""
+  ours, ref = clip_by_global_norm(0.5), optax.clip_by_global_norm(0.5)
+  rng = np.random.default_rng(0)
+  g = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  s = ours.init(g)
+  assert jax.tree.structure(s) == jax.tree.structure(ref.init(g))
+  for scale in (10.0, 0.01):
+    gs = jax.tree.map(lambda x: x * scale, g)
+    got, want = ours.update(gs, s)[0], ref.update(gs, s)[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)
+  norm = float(optax.tree.norm(g))
+  given = ours.update(g, s, None, global_norm=jnp.float32(2 * norm))[0]
+  np.testing.assert_allclose(given["w"], g["w"] * 0.5 / (2 * norm), rtol=1e-6)
+  below = ours.update(g, s, None, global_norm=jnp.float32(0.25))[0]
+  np.testing.assert_array_equal(below["w"], g["w"])
+
+
+def _norm_recorder():
+  """A transformation whose state records the `global_norm` it was given (-1: none); updates are zero."""
+
+  def update(updates, state, params=None, *, global_norm=None, **extra):
+    del params, extra, state
+    seen = jnp.float32(-1.0) if global_norm is None else jnp.asarray(global_norm, jnp.float32)
+    return jax.tree.map(jnp.zeros_like, updates), seen
+
+  return optax.GradientTransformationExtraArgs(lambda p: jnp.float32(0.0), update)
+
+
+def test_train_step_gives_the_gradient_norm_to_the_optimizer_unless_accumulating():
+  params = toy.init_params(jax.random.key(0))
+  batch, rng = toy.make_batch(0, 8), jax.random.key(1)
+  grads = jax.grad(lambda p: toy.loss_fn(p, batch, jax.random.fold_in(rng, 0))[0])(params)
+  multi = optax.MultiSteps(_norm_recorder(), every_k_schedule=1)  # forwards extra arguments to the inner one
+  for tx, want in ((optax.chain(_norm_recorder()), float(optax.tree.norm(grads))),
+                   (optax.GradientTransformationExtraArgs(multi.init, multi.update), -1.0)):
+    state = TrainState.create(params, tx)
+    state, m = jax.jit(make_train_step(toy.loss_fn, tx))(state, batch, rng)
+    seen = jax.tree.leaves(state.opt_state)
+    seen = seen[0] if len(seen) == 1 else state.opt_state.inner_opt_state
+    np.testing.assert_allclose(float(seen), want, rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-6)
+
+
+def test_ema_waits_for_the_accumulation_window_inside_a_group_lr():
+  """optax.MultiSteps found inside with_group_lr's chain: the EMA moves only when the window's update does."""
+  cfg = dict(lr=1e-2, warmup_steps=0, grad_accum_steps=2)
+  params = {"unet": toy.init_params(jax.random.key(0)), "text_encoder": {"e": jnp.ones((5,))}}
+  tx = with_group_lr(make_optimizer(cfg)[0], "text_encoder", 0.5)
+
+  def loss(p, batch, rng, frozen=None):
+    l, aux = toy.loss_fn(p["unet"], batch, rng)
+    return l + jnp.sum(p["text_encoder"]["e"]**2), aux
+
+  step = jax.jit(make_train_step(loss, tx, ema_decay=0.5))
+  state = TrainState.create(params, tx, ema_decay=0.5)
+  state, _ = step(state, toy.make_batch(0, 8), jax.random.key(1))  # first micro-step: nothing moves
+  np.testing.assert_array_equal(state.ema_params["text_encoder"]["e"], params["text_encoder"]["e"])
+  state, _ = step(state, toy.make_batch(1, 8), jax.random.key(1))  # the window's update
+  assert not np.allclose(state.params["text_encoder"]["e"], 1.0)
+  # The first update's decay, min(0.5, (1 + 0) / (10 + 0)) = 0.1: ema = 0.1 * 1 + 0.9 * params.
+  np.testing.assert_allclose(state.ema_params["text_encoder"]["e"], 0.1 + 0.9 * state.params["text_encoder"]["e"],
+                             rtol=1e-6)
 
 
 def test_a_group_trains_at_its_own_learning_rate():
