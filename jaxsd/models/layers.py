@@ -409,8 +409,39 @@ class Attention(nn.Module):
     return out / self.rescale_output_factor
 
 
+@jax.custom_vjp
+def geglu(x: jax.Array) -> jax.Array:
+  """hidden * gelu(gate) (exact erf GELU) of x = [hidden, gate], the halves of the last axis.
+
+  Its gradient is written out: the forward keeps only `x` (the projection's output, in memory anyway), and the
+  backward is one elementwise pass that writes [dhidden, dgate] as one array. Autodiff's kept GELU's erf and
+  exp terms, each its own pass over a (T, 4 x dim) array (XLA:CPU fuses no multiple outputs): the feed-forward's
+  forward + backward at 2048 x 128 took 13.1 ms against autodiff's 19.4 (docs/benchmarks.md). Gradients agree
+  with autodiff's to 2.5e-7 relative; the forward is the same expression.
+  """
+  hidden, gate = jnp.split(x, 2, axis=-1)
+  return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+def _geglu_fwd(x):
+  return geglu(x), x
+
+
+def _geglu_bwd(x, g):
+  hidden, gate = (a.astype(jnp.float32) for a in jnp.split(x, 2, axis=-1))
+  g = g.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(gate * (1.0 / math.sqrt(2.0))))
+  pdf = jnp.exp(-0.5 * gate * gate) * (1.0 / math.sqrt(2.0 * math.pi))
+  dhidden = g * gate * cdf  # = g * gelu(gate)
+  dgate = g * hidden * (cdf + gate * pdf)  # GELU'(gate) = cdf + gate * pdf
+  return (jnp.concatenate([dhidden, dgate], axis=-1).astype(x.dtype),)
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+
 class GEGLU(nn.Module):
-  """proj to 2*dim_out, split into (hidden, gate), hidden * gelu(gate) (exact erf GELU)."""
+  """proj to 2*dim_out, split into (hidden, gate), hidden * gelu(gate) (exact erf GELU; `geglu`)."""
 
   dim_out: int
   dtype: Dtype = jnp.float32
@@ -419,8 +450,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-    hidden, gate = jnp.split(x, 2, axis=-1)
-    return hidden * jax.nn.gelu(gate, approximate=False)
+    return geglu(x)
 
 
 class FeedForward(nn.Module):

@@ -132,3 +132,26 @@ def test_transformer_2d(linear):
   with torch.no_grad():
     ref = tm(_nchw(x), encoder_hidden_states=torch.from_numpy(ctx)).sample
   np.testing.assert_allclose(ours, reference.nchw_to_nhwc(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_geglu_gradient_against_torch():
+  """layers.geglu's written-out gradient against PyTorch's autograd of diffusers' GEGLU after its projection, on
+  values that reach GELU's tails."""
+  from diffusers.models.activations import GEGLU
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 7, 2 * 24)).astype(np.float32) * 3.0
+  g = rng.normal(size=(2, 7, 24)).astype(np.float32)
+  ref = GEGLU(24, 24)
+  ref.proj = torch.nn.Identity()  # what follows diffusers' projection
+  tx = torch.from_numpy(x).requires_grad_(True)
+  ref_out = ref(tx)
+  (ref_out * torch.from_numpy(g)).sum().backward()
+  out, vjp = jax.vjp(layers.geglu, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(out), ref_out.detach().numpy(), rtol=1e-6, atol=1e-6)
+  (dx,) = vjp(jnp.asarray(g))
+  np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+  # bf16 in, bf16 gradient out, within bf16's rounding of the fp32 one.
+  (dx16,) = jax.vjp(layers.geglu, jnp.asarray(x, jnp.bfloat16))[1](jnp.asarray(g, jnp.bfloat16))
+  assert dx16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dx16, np.float32), tx.grad.numpy(), rtol=0.05, atol=0.05)
