@@ -153,8 +153,8 @@ def _unmasked_attention_bwd(res, g):
   d = _out_grad_rowsum(out, g)
   if jax.default_backend() == "cpu":
     # XLA:CPU fused this (T, H) reduction into YNNPACK's fusion of the (T, S) matmul dO V^T that consumes it,
-    # and that fusion then ran 1.3x longer than the whole attention backward does without it (256 tokens x 32,
-    # b2 x 8 heads: 6.3 -> 4.7 ms for forward and backward, docs/benchmarks.md).
+    # and the attention's forward + backward then took 1.3x as long as with D on its own (256 tokens x 32,
+    # b2 x 8 heads: 6.3 against 4.7 ms, docs/benchmarks.md).
     d = jax.lax.optimization_barrier(d)
   dq, dk, dv = _probs_backward(q, k, v, probs, d, g)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

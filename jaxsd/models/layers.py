@@ -454,10 +454,11 @@ def geglu(x: jax.Array) -> jax.Array:
   """hidden * gelu(gate) (exact erf GELU) of x = [hidden, gate], the halves of the last axis.
 
   Its gradient is written out: the forward keeps only `x` (the projection's output, in memory anyway), and the
-  backward is one elementwise pass that writes [dhidden, dgate] as one array. Autodiff's kept GELU's erf and
-  exp terms, each its own pass over a (T, 4 x dim) array (XLA:CPU fuses no multiple outputs): the feed-forward's
-  forward + backward at 2048 x 128 took 13.1 ms against autodiff's 19.4 (docs/benchmarks.md). Gradients agree
-  with autodiff's to 2.5e-7 relative; the forward is the same expression.
+  backward computes [dhidden, dgate] as one array from `x` and the output gradient (XLA:CPU still runs it as a
+  few loops: the erf term both halves use is written once). Autodiff's forward kept GELU's erf and exp terms,
+  each its own pass over a (T, 4 x dim) array (XLA:CPU fuses no multiple outputs): the feed-forward's forward +
+  backward at 2048 x 128 took 13.1 ms against autodiff's 19.4 (docs/benchmarks.md). Gradients agree with
+  autodiff's to 2.5e-7 relative; the forward is the same expression.
   """
   hidden, gate = jnp.split(x, 2, axis=-1)
   return hidden * jax.nn.gelu(gate, approximate=False)
