@@ -150,19 +150,19 @@ def _unmasked_attention_bwd(res, g):
   rowsum(P * dP) over the (T, S) logits; on XLA's CPU backend those big reductions were the
   slowest part of the attention backward."""
   q, k, v, probs, out = res
-  d = _out_grad_rowsum(out, g)
-  if jax.default_backend() == "cpu":
-    # XLA:CPU fused this (T, H) reduction into YNNPACK's fusion of the (T, S) matmul dO V^T that consumes it,
-    # and the attention's forward + backward then took 1.3x as long as with D on its own (256 tokens x 32,
-    # b2 x 8 heads: 6.3 against 4.7 ms, docs/benchmarks.md).
-    d = jax.lax.optimization_barrier(d)
-  dq, dk, dv = _probs_backward(q, k, v, probs, d, g)
+  dq, dk, dv = _probs_backward(q, k, v, probs, _out_grad_rowsum(out, g), g)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _out_grad_rowsum(out, g):
-  """FlashAttention's D = rowsum(dO * O), fp32, (..., T)."""
-  return jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  """FlashAttention's D = rowsum(dO * O), fp32, (..., T); on the CPU its own kernel.
+
+  XLA:CPU fused this (T, H) reduction into YNNPACK's fusion of the (T, S) matmul dO V^T that consumes it, and
+  that fusion then took 3.4x the matmul's time: forward + backward 6.3 against 4.7 ms at 256 tokens x 32, and
+  70 against 65 ms at 1024 tokens x 16 (the blocked loop), b2 x 8 heads (docs/benchmarks.md). The barrier keeps
+  it out; the blocked backward also computes it once for all rows, before its loop."""
+  d = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  return jax.lax.optimization_barrier(d) if jax.default_backend() == "cpu" else d
 
 
 def _probs_backward(q, k, v, probs, d, g):
@@ -251,10 +251,7 @@ def _cpu_blocked_bwd(res, g_out):
   b, n, t, h = q.shape
   s, hv = k.shape[2], v.shape[3]
   g, c = _cpu_blocks(b, n, t, s)
-  # D for all rows before the loop: inside it XLA:CPU fused the reduction into YNNPACK's dO V^T matmul
-  # fusion, which then took 3.4x the matmul's time (forward + backward 70 -> 65 ms at 1024 tokens x 16,
-  # b2 x 8 heads; docs/benchmarks.md).
-  d = _out_grad_rowsum(out, g_out)
+  d = _out_grad_rowsum(out, g_out)  # for all rows, before the loop
   if c == t:
     blocks = lambda x: x.reshape(b * n // g, g, *x.shape[2:])
     dq, dk, dv = jax.lax.map(lambda a: _block_backward(*a), tuple(blocks(x) for x in (q, k, v, d, lse, g_out)))
