@@ -67,9 +67,14 @@ class GroupNorm(nn.Module):
     return group_norm(x, scale, bias, self.num_groups, self.epsilon, jnp.dtype(self.dtype))
 
 
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  """x as fp32 (B, positions, groups, channels per group)."""
+  return x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+
+
 def _group_stats(x: jax.Array, num_groups: int, epsilon: float):
-  """x as fp32 (B, positions, groups, channels per group), its groups' mean and 1 / std (two-pass variance)."""
-  xg = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+  """`_grouped(x)`, its groups' mean and 1 / std (two-pass variance)."""
+  xg = _grouped(x, num_groups)
   mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
   var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
   return xg, mean, jax.lax.rsqrt(var + epsilon)
@@ -93,9 +98,8 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float, dtype):
 
 def _group_norm_bwd(num_groups, epsilon, dtype, res, gy):
   x, mean, rstd, scale = res
-  b, c = x.shape[0], x.shape[-1]
-  xg = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)
-  gyg = gy.astype(jnp.float32).reshape(xg.shape)
+  c = x.shape[-1]
+  xg, gyg = _grouped(x, num_groups), _grouped(gy, num_groups)
   xhat = (xg - mean) * rstd
   s1 = jnp.sum(gyg, axis=1)  # (B, groups, channels per group): sums over the positions
   s2 = jnp.sum(gyg * xhat, axis=1)

@@ -171,14 +171,19 @@ def test_group_norm_gradients_against_torch():
     tgn.bias.copy_(torch.from_numpy(bias))
   tx = _nchw(x).requires_grad_(True)
   (tgn(tx) * _nchw(g)).sum().backward()
-  f = lambda x, s, b: layers.group_norm(x, s, b, 4, 1e-6, jnp.dtype(jnp.float32))  # noqa: E731
+
+  def f(x, s, b):
+    return layers.group_norm(x, s, b, 4, 1e-6, jnp.dtype(jnp.float32))
+
   out, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
   dx, dscale, dbias = vjp(jnp.asarray(g))
   np.testing.assert_allclose(np.asarray(dx), reference.nchw_to_nhwc(tx.grad), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dscale), tgn.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dbias), tgn.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
-  f16 = lambda x: layers.group_norm(x, jnp.asarray(scale), jnp.asarray(bias), 4, 1e-6, jnp.dtype(jnp.bfloat16)
-                                   )  # noqa: E731
+
+  def f16(x):
+    return layers.group_norm(x, jnp.asarray(scale), jnp.asarray(bias), 4, 1e-6, jnp.dtype(jnp.bfloat16))
+
   (dx16,) = jax.vjp(f16, jnp.asarray(x, jnp.bfloat16))[1](jnp.asarray(g, jnp.bfloat16))
   assert dx16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(dx16, np.float32), np.asarray(dx), rtol=0.1, atol=0.1)
