@@ -12,7 +12,7 @@ block has none), which diffusers drops silently (leaving that part at the defaul
 other key.
 
 `expand` turns such a dict into {"down_blocks_2/attentions_1": value, ...}, one entry per attention of the U-Net
-(flax module paths). An IP-Adapter's value covers its attention's transformer blocks (`layers.BasicTransformerBlock`
+(flax module paths). An IP-Adapter's value covers its attention's transformer blocks (`transformer.BasicTransformerBlock`
 reads its own; the values are an input of the compiled program). A LoRA's per-layer weight is `lora_layer_weight`'s,
 diffusers' `get_module_weight` rule.
 """

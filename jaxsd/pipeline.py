@@ -23,7 +23,7 @@ from jaxsd import (freeu, hub, ip_adapter, model_folder, pag, pipeline_adapters,
 from jaxsd import tokenizer as tok
 from jaxsd.config import finite32
 from jaxsd.diffusion import samplers, schedules
-from jaxsd.models.layers import guidance_scale_embedding
+from jaxsd.models.embeddings import guidance_scale_embedding
 
 OUTPUTS = ("np", "pil", "latent")
 # How the initial latents are made and what the U-Net sees: text-to-image starts from noise; img2img
@@ -150,7 +150,7 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
   def guidance_embedded(self) -> bool:
     """Whether the U-Net takes the guidance scale as an input (LCM-distilled U-Nets, `time_cond_proj_dim`): then,
     as in diffusers' pipelines, there is no classifier-free guidance (one U-Net call per step, negative prompts
-    unused) and the scale reaches the U-Net as `layers.guidance_scale_embedding(guidance_scale - 1)`."""
+    unused) and the scale reaches the U-Net as `embeddings.guidance_scale_embedding(guidance_scale - 1)`."""
     return self.unet.config.time_cond_proj_dim is not None
 
   @property

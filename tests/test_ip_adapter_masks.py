@@ -17,7 +17,7 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
 
 import jaxsd
-from jaxsd.models import layers, mask_downsample
+from jaxsd.models import mask_downsample, transformer
 from tests import reference
 from tests.test_ip_adapter import (NEGATIVE, PROMPTS, WEIGHT, _euler, _images, _one_line, _two_adapter_folder,
                                    make_adapter_folder)
@@ -139,10 +139,10 @@ def test_sdxl_mask_matches_diffusers(tmp_path):
 def test_all_ones_is_no_mask_and_a_mask_acts():
   """One cross-attention (a 4x6 query grid, one image of 4 tokens at scale 0.7): a mask of ones is no mask (within
   float noise); a half mask changes the output. (In the pipelines: `test_two_adapters_with_a_mask_each_...`.)"""
-  attn = layers.Attention(heads=2, dim_head=8)
+  attn = transformer.Attention(heads=2, dim_head=8)
   rng = np.random.default_rng(0)
   x, text, tokens = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 24, 16), (2, 7, 16), (2, 4, 16)))
-  prompt = lambda masks=None: layers.ImagePrompt(text, tokens, jnp.float32(0.7), masks)  # noqa: E731
+  prompt = lambda masks=None: transformer.ImagePrompt(text, tokens, jnp.float32(0.7), masks)  # noqa: E731
   params = attn.init(jax.random.key(0), x, text, prompt())
   plain = attn.apply(params, x, text, prompt())
   ones = attn.apply(params, x, text, prompt(jnp.ones((1, 4, 6))))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import dot_product_attention
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import LayerNorm
+from jaxsd.models.normalization import LayerNorm
 
 Dtype = Any
 

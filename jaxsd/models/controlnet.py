@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxsd.config import ConfigBase
 from jaxsd.models.attention import Implementation
-from jaxsd.models.layers import conv
+from jaxsd.models.resnet import conv
 from jaxsd.models.unet import UNet2DConditionConfig, embed_time, encode
 
 Dtype = Any

@@ -9,7 +9,7 @@ diffusers' `MultiIPAdapterImageProjection` names, so the U-Net's
 parameters read like its state dict: `encoder_hid_proj.image_projection_layers.0.image_embeds.weight` <->
 `encoder_hid_proj/image_projection_layers_0/image_embeds/kernel`. The U-Net (`UNet2DConditionModel(...,
 image_embeds=...)`) builds it when it is given image embeddings; the attention layers then also attend to its tokens
-(`layers.ImagePrompt`).
+(`transformer.ImagePrompt`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsd.models.layers import Attention, LayerNorm
+from jaxsd.models.normalization import LayerNorm
+from jaxsd.models.transformer import Attention
 
 Dtype = Any
 

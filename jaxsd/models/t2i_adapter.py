@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import conv
+from jaxsd.models.resnet import conv
 
 Dtype = Any
 

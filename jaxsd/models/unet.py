@@ -21,11 +21,15 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
-from jaxsd.models.freeu import apply_freeu, stage_factors
+from jaxsd.models.activations import ACTIVATIONS, get_activation
+from jaxsd.models.embeddings import TextTimeEmbedding, Timesteps, TimestepEmbedding
+from jaxsd.models.freeu import stage_factors
 from jaxsd.models.image_projection import IPAdapterImageProjections, ProjectionConfig
-from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ImagePrompt, PerturbedSelfAttention,
-                                 ResnetBlock2D, TextTimeEmbedding, Timesteps, TimestepEmbedding, Transformer2DModel,
-                                 UNetMidBlock2D, Upsample2D, conv, get_activation)
+from jaxsd.models.normalization import GroupNorm
+from jaxsd.models.resnet import conv
+from jaxsd.models.transformer import ImagePrompt, PerturbedSelfAttention
+from jaxsd.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2D,
+                                      UNetMidBlock2DCrossAttn, UpBlock2D)
 
 Dtype = Any
 
@@ -37,11 +41,6 @@ ADDITION_EMBEDS = ("text", "text_time")
 
 def _per_block(value, n: int) -> tuple:
   return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def _per_layer(value, i: int) -> int:
-  """Transformer depth of attention i of a block: one int for the block, or one per layer (SDXL variants)."""
-  return value[i] if isinstance(value, (tuple, list)) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,172 +227,6 @@ class UNet2DConditionConfig(ConfigBase):
         raise ValueError(f"UNet2DConditionConfig: block_out_channels[{i}]={c} is not divisible by {h} heads.")
 
 
-class CrossAttnDownBlock2D(nn.Module):
-  out_channels: int
-  num_layers: int
-  heads: int
-  transformer_layers: int | tuple[int, ...] = 1  # one depth for the block, or one per layer
-  add_downsample: bool = True
-  downsample_padding: int = 1
-  groups: int = 32
-  eps: float = 1e-5
-  act_fn: str = "silu"
-  resnet_time_scale_shift: str = "default"
-  use_linear_projection: bool = False
-  only_cross_attention: bool = False
-  upcast_attention: bool = False
-  attention_implementation: Implementation = "auto"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, temb, context, additional_residuals=None):
-    """`additional_residuals`: a T2I-Adapter's features, added after the last ResNet / attention pair."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    states = ()
-    for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
-      x = Transformer2DModel(self.heads, self.out_channels // self.heads,
-                             num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
-                             use_linear_projection=self.use_linear_projection,
-                             only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
-                             attention_implementation=self.attention_implementation, name=f"attentions_{i}",
-                             **kw)(x, context)
-      if i == self.num_layers - 1 and additional_residuals is not None:
-        x = x + additional_residuals.astype(x.dtype)
-      states += (x,)
-    if self.add_downsample:
-      x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
-      states += (x,)
-    return x, states
-
-
-class DownBlock2D(nn.Module):
-  out_channels: int
-  num_layers: int
-  add_downsample: bool = True
-  downsample_padding: int = 1
-  groups: int = 32
-  eps: float = 1e-5
-  act_fn: str = "silu"
-  resnet_time_scale_shift: str = "default"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, temb, context=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    states = ()
-    for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
-      states += (x,)
-    if self.add_downsample:
-      x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
-      states += (x,)
-    return x, states
-
-
-class UNetMidBlock2DCrossAttn(nn.Module):
-  heads: int
-  transformer_layers: int | tuple[int, ...] = 1
-  groups: int = 32
-  eps: float = 1e-5
-  act_fn: str = "silu"
-  resnet_time_scale_shift: str = "default"
-  output_scale_factor: float = 1.0
-  use_linear_projection: bool = False
-  upcast_attention: bool = False
-  attention_implementation: Implementation = "auto"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, temb, context):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    c = x.shape[-1]
-    resnet = dict(groups=self.groups, eps=self.eps, act_fn=self.act_fn, output_scale_factor=self.output_scale_factor,
-                  time_embedding_norm=self.resnet_time_scale_shift, **kw)
-    x = ResnetBlock2D(c, name="resnets_0", **resnet)(x, temb)
-    attention = Transformer2DModel(self.heads, c // self.heads, num_layers=_per_layer(self.transformer_layers, 0),
-                                   norm_num_groups=self.groups, use_linear_projection=self.use_linear_projection,
-                                   upcast_attention=self.upcast_attention,
-                                   attention_implementation=self.attention_implementation, name="attentions_0", **kw)
-    x = attention(x, context)
-    return ResnetBlock2D(c, name="resnets_1", **resnet)(x, temb)
-
-
-class CrossAttnUpBlock2D(nn.Module):
-  out_channels: int
-  num_layers: int
-  heads: int
-  transformer_layers: int | tuple[int, ...] = 1
-  add_upsample: bool = True
-  upsample_size: tuple[int, int] | None = None  # static: set when the input is not a multiple of 2**n
-  groups: int = 32
-  eps: float = 1e-5
-  act_fn: str = "silu"
-  resnet_time_scale_shift: str = "default"
-  use_linear_projection: bool = False
-  only_cross_attention: bool = False
-  upcast_attention: bool = False
-  attention_implementation: Implementation = "auto"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, skips, temb, context, freeu=None):
-    """`freeu`: this block's FreeU factors (s, b) (`jaxsd.models.freeu`), or None."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    for i in range(self.num_layers):
-      x = _with_skip(x, skips[-1 - i], freeu)
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
-      x = Transformer2DModel(self.heads, self.out_channels // self.heads,
-                             num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
-                             use_linear_projection=self.use_linear_projection,
-                             only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
-                             attention_implementation=self.attention_implementation, name=f"attentions_{i}",
-                             **kw)(x, context)
-    if self.add_upsample:
-      x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
-    return x
-
-
-class UpBlock2D(nn.Module):
-  out_channels: int
-  num_layers: int
-  add_upsample: bool = True
-  upsample_size: tuple[int, int] | None = None
-  groups: int = 32
-  eps: float = 1e-5
-  act_fn: str = "silu"
-  resnet_time_scale_shift: str = "default"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, skips, temb, context=None, freeu=None):
-    """`freeu`: this block's FreeU factors (s, b) (`jaxsd.models.freeu`), or None."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    for i in range(self.num_layers):
-      x = _with_skip(x, skips[-1 - i], freeu)
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
-    if self.add_upsample:
-      x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
-    return x
-
-
-def _with_skip(x: jax.Array, skip: jax.Array, freeu: jax.Array | None) -> jax.Array:
-  """An up block's ResNet input: x and the skip features, concatenated on channels (after FreeU's scaling and
-  filtering, when the block has factors)."""
-  if freeu is not None:
-    x, skip = apply_freeu(x, skip, freeu)
-  return jnp.concatenate([x, skip], axis=-1)
-
-
 class UNet2DConditionModel(nn.Module):
   """`__call__(sample, timesteps, encoder_hidden_states) -> noise prediction`, all NHWC / (B, L, D).
 
@@ -428,7 +261,7 @@ class UNet2DConditionModel(nn.Module):
                down_intrablock_additional_residuals: tuple[jax.Array, ...] | None = None,
                ip_adapter_masks: jax.Array | tuple | None = None) -> jax.Array:
     """`timestep_cond` (B, time_cond_proj_dim): the guidance-scale embedding of an LCM-distilled U-Net
-    (`layers.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
+    (`embeddings.guidance_scale_embedding(guidance_scale - 1, time_cond_proj_dim)`), added to the timestep
     features through `time_embedding.cond_proj`; U-Nets without time_cond_proj_dim refuse it.
     `down_block_additional_residuals` (one per skip connection, conv_in's first) and
     `mid_block_additional_residual` are a ControlNet's outputs, added to the skips and to the mid block's
@@ -440,13 +273,13 @@ class UNet2DConditionModel(nn.Module):
     parameters) names the other projections: IP-Adapter Plus (a Resampler) and Full Face take the image encoder's
     penultimate hidden states, (B, L, D) or (B, n, L, D), FaceID face embeddings (B, [n,] 512); several adapters: tuples of `image_embeds`,
     `image_projection` and `ip_adapter_scale`, one entry each. `ip_adapter_masks`: None, or region masks (n, H, W),
-    one per image of the adapter (diffusers' `ip_adapter_masks`; `layers.ImagePrompt.masks`), a tuple of one such or
+    one per image of the adapter (diffusers' `ip_adapter_masks`; `transformer.ImagePrompt.masks`), a tuple of one such or
     None per adapter with several. `freeu` (4,): FreeU's factors (s1, s2, b1, b2),
     applied in
     the first two up blocks as diffusers' `enable_freeu` (`jaxsd.models.freeu`; every value acts, where diffusers'
     blocks skip FreeU when a factor is 0); None: the plain U-Net. `pag_layers` (static): the self-attentions that
     Perturbed-Attention Guidance perturbs, as parameter paths ("mid_block/attentions_0/transformer_blocks_0/attn1");
-    in them the last `pag_rows` rows of the batch get the identity attention (`layers.PerturbedSelfAttention`).
+    in them the last `pag_rows` rows of the batch get the identity attention (`transformer.PerturbedSelfAttention`).
     `down_intrablock_additional_residuals`: a T2I-Adapter's feature maps (`jaxsd.models.t2i_adapter`), taken in
     order where diffusers adds them: inside each CrossAttnDownBlock2D after its last ResNet / attention pair, after
     each DownBlock2D (its last skip too), and the next one to the mid block's output when its shape is that

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 
 from jaxsd.models.attention import Implementation
 from jaxsd.config import ConfigBase
-from jaxsd.models.layers import (ACTIVATIONS, Downsample2D, GroupNorm, ResnetBlock2D, UNetMidBlock2D, Upsample2D, conv)
+from jaxsd.models.activations import ACTIVATIONS
+from jaxsd.models.normalization import GroupNorm
+from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
+from jaxsd.models.unet_blocks import UNetMidBlock2D
 
 Dtype = Any
 

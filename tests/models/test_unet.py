@@ -254,7 +254,7 @@ def test_lcm_guidance_embedding_matches_diffusers():
   condition changes the output, and is refused by a U-Net without time_cond_proj_dim."""
   from diffusers import StableDiffusionPipeline  # noqa: PLC0415
 
-  from jaxsd.models.layers import guidance_scale_embedding  # noqa: PLC0415
+  from jaxsd.models.embeddings import guidance_scale_embedding  # noqa: PLC0415
   torch.manual_seed(0)
   conf = dict(CONFIGS["sd1"], time_cond_proj_dim=24)
   torch_model = diffusers.UNet2DConditionModel(sample_size=16, **conf).eval()
