@@ -12,7 +12,8 @@ Layout of a workdir:
                                 ControlNet as a diffusers folder (config.json + safetensors); init not copied
   samples/                      sample grids; report.md and summary.json at the end
 Rerunning the same command resumes where it stopped (see jaxsd.training.checkpoint for the order).
-The config's checks and derived settings are `jaxsd.training.run_config`; the judged report, `jaxsd.training.report`.
+The config's checks and derived settings are `jaxsd.training.run_config`; the stages' batches, `jaxsd.training.inputs`;
+the judged report, `jaxsd.training.report`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxsd import lora as lora_lib
 from jaxsd import lora_export
@@ -36,123 +36,24 @@ from jaxsd import pretrained
 from jaxsd import token_embeddings
 from jaxsd.flops import benchmark, model_flops, peak_flops_per_device
 from jaxsd import tokenizer as tok
-from jaxsd.data import builtin, image_folder, input_pipeline
+from jaxsd.data import builtin, input_pipeline
 from jaxsd.diffusion import SchedulerConfig
 from jaxsd.image_grid import contact_sheet, save_png
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_folders import load_vae
 from jaxsd.pipeline_xl import StableDiffusionXL
-from jaxsd.training import controlnet_training, dreambooth, evaluate, export, latent_cache, lora_training, report, stages
+from jaxsd.training import controlnet_training, evaluate, export, lora_training, report, stages
+from jaxsd.training.inputs import ensure_dataset, global_rows, make_input, unet_batches
 from jaxsd.training.loop import PeriodicCallback, train_loop
 from jaxsd.training.optimizer import make_optimizer, with_group_lr
 from jaxsd.training import sharding
 from jaxsd.training import workdir as workdir_lib
-from jaxsd.training.run_config import (STAGES, ConfigError, check_config, check_mask, data_dir, is_dreambooth, is_lora,
-                                       is_sdxl, mask_key, mesh_devices, optimizer_settings, read_json, resolve_init,
-                                       section, stage_names, text_length)
+from jaxsd.training.processes import primary, primary_first, sync
+from jaxsd.training.run_config import (ConfigError, check_config, data_dir, is_dreambooth, is_lora, is_sdxl, mask_key,
+                                       mesh_devices, optimizer_settings, read_json, resolve_init, section, stage_names)
 from jaxsd.config import write_json_object
 
 log = logging.getLogger(__name__)
-
-# --- several processes -------------------------------------------------------------------------
-
-
-def primary() -> bool:
-  """Whether this process writes the workdir's shared files (exported model, results, samples, report): only
-  process 0 does; every process trains (checkpoints are written by orbax, once) and evaluates alike."""
-  return jax.process_index() == 0
-
-
-def sync(name: str) -> None:
-  """Every process waits here for the others (e.g. until process 0 has written what they read next)."""
-  sharding.sync_processes(name)
-
-
-@contextlib.contextmanager
-def primary_first(name: str):
-  """Process 0 runs the block first (it writes a shared cache: a dataset, the judge), then the others, which
-  find it written."""
-  if not primary():
-    sync(name)
-  yield
-  if primary():
-    sync(name)
-
-
-def ensure_dataset(cfg) -> None:
-  """Prepares a built-in dataset (`shapes`) when asked for; any other dataset must be prepared already."""
-  found = builtin.lookup(cfg.data.name)
-  if found is not None:
-    t0 = time.time()
-    with primary_first("jaxsd: dataset prepared"):
-      found.prepare(data_dir(cfg), cfg.data.name)
-    log.info("%s ready in %.1f s", cfg.data.name, time.time() - t0)
-    check_mask(cfg)
-    return
-  prepared = input_pipeline.list_prepared(data_dir(cfg))
-  base = cfg.data.name.split(":")[0]
-  if not any(p.split(":")[0] == base or p.split("/")[0] == base for p in prepared):
-    raise ConfigError(
-        f"dataset {cfg.data.name!r} is not prepared in {data_dir(cfg)} (prepared there: "
-        f"{', '.join(prepared) or 'none'}). Prepare it first — for a folder of your own images with captions: "
-        "python -c \"import jaxsd.data as d; print(d.prepare_image_folder('FOLDER', 'DATA_DIR'))\" — "
-        "and set --config.data.name and --config.data.data_dir; or use the built-in shapes/32x32.")
-  settings = image_folder.prepared_settings(base, data_dir(cfg))
-  if settings and settings.get("max_size") and settings["max_size"] < cfg.data.image_size:
-    log.warning(
-        "dataset %r was prepared with max_size=%d, smaller than config.data.image_size=%d: its images are "
-        "upscaled for training. Prepare it again with a larger max_size (or none) from %s, or train smaller.",
-        cfg.data.name, settings["max_size"], cfg.data.image_size, settings.get("folder", "its folder"))
-  check_mask(cfg)
-
-
-# --- data --------------------------------------------------------------------------------------
-
-
-def make_input(cfg, stage: str, tokenizer, *, train: bool = True, labels=(), batch_size=None, captions=False,
-               tokenizer_2=None, mask: str | None = None):
-  """A stage's batches: in training this host's rows of each global batch; in eval the whole split on every
-  host (each computes the same metrics, as one process would). With `tokenizer_2` (SDXL) also the second
-  tokenizer's ids and each image's original size and crop (SDXL's size conditioning); with `mask` that feature
-  as "loss_mask"."""
-  max_length = text_length(cfg)
-  d = cfg.data
-  try:
-    return input_pipeline.make_dataset(cfg.data.name, global_batch_size=batch_size or cfg[stage].batch_size,
-                                       image_size=d.image_size, data_dir=data_dir(cfg),
-                                       split=d.train_split if train else d.test_split, train=train,
-                                       seed=cfg.seed + STAGES.index(stage), tokenizer=tokenizer, image_key=d.image_key,
-                                       caption_key=d.caption_key, mask_key=mask, label_keys=tuple(labels),
-                                       return_captions=captions, random_flip=d.random_flip and train,
-                                       flip_swaps_left_right=flip_swaps_left_right(cfg), random_crop=d.random_crop and
-                                       train, tokenizer_2=tokenizer_2, size_conditioning=tokenizer_2 is not None,
-                                       num_threads=d.num_threads, drop_remainder=True, max_length=max_length,
-                                       **({} if train else dict(process_index=0, process_count=1)))
-  except (KeyError, ValueError) as e:  # the dataset's own message names what is wrong
-    raise ConfigError(f"config.data: {e.args[0]}") from None
-
-
-def flip_swaps_left_right(cfg) -> bool:
-  """Whether a flipped example's caption has "left" and "right" swapped: config.data.flip_swaps_left_right, by
-  default only for the built-in datasets, whose captions are made from the picture (shapes' "on the left");
-  a caption of one's own is kept as written, as diffusers' --random_flip keeps it."""
-  swap = cfg.data.get("flip_swaps_left_right")
-  return builtin.lookup(cfg.data.name) is not None if swap is None else bool(swap)
-
-
-def _global(local: np.ndarray) -> np.ndarray:
-  """This host's rows of a global batch -> the whole global batch (in process order), on every process."""
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
-
-
-def _numeric(batches):
-  for b in batches:
-    yield {k: v for k, v in b.items() if k != "caption"}
-
 
 # --- stages ------------------------------------------------------------------------------------
 
@@ -253,7 +154,7 @@ def run_vae(cfg, workdir, mesh, tokenizer) -> dict:
   t0 = time.time()
   res = _loop(cfg, workdir, stage, mesh, it)
   model, params = stage.modules["vae"], sharding.to_host(res.state.params)
-  sample = _global(next(it)["image"])
+  sample = global_rows(next(it)["image"])
   it.close()
   factor = stages.measure_scaling_factor(model, params, sample, jax.random.key(cfg.seed))
   model = model.clone(config=model.config.replace(scaling_factor=factor))
@@ -310,7 +211,7 @@ def run_unet(cfg, workdir, mesh, tokenizer) -> dict:
                                       tokenizer_2=xl["tokenizer_2"], model_index=read_json(mdir, "model_index.json"))
   else:
     sampling_pipe = StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler)
-  it = _unet_input(cfg, workdir, tokenizer, sampling_pipe, tokenizer_2=xl.get("tokenizer_2"))
+  it = unet_batches(cfg, workdir, tokenizer, sampling_pipe, tokenizer_2=xl.get("tokenizer_2"))
 
   if cfg.benchmark_steps:
     return _benchmark(cfg, stage, mesh, it)
@@ -411,7 +312,7 @@ def run_lora(cfg, workdir, mesh, tokenizer) -> dict:
                              tokenizer_2=xl["tokenizer_2"], model_index=read_json(cfg.init, "model_index.json"))
   else:
     pipe = StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tokenizer, scheduler)
-  it = _unet_input(cfg, workdir, tokenizer, pipe, tokenizer_2=xl.get("tokenizer_2"))
+  it = unet_batches(cfg, workdir, tokenizer, pipe, tokenizer_2=xl.get("tokenizer_2"))
   if cfg.benchmark_steps:
     return dict(_benchmark(cfg, stage, mesh, it), stage="lora", **lora_training.describe(spec))
   t0 = time.time()
@@ -472,86 +373,8 @@ def run_controlnet(cfg, workdir, mesh, tokenizer) -> dict:
            conditioning=cfg.controlnet.conditioning))
 
 
-def _unet_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
-  """The U-Net (or LoRA) stage's batches: DreamBooth's, from the latent cache with `unet.cache_latents`, else
-  images (with SDXL's second tokenizer and size conditioning when `tokenizer_2` is given). `pipe` holds the
-  networks (the init model: DreamBooth's class images are drawn with it)."""
-  if is_dreambooth(cfg):
-    return iter(_dreambooth_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
-  if cfg.unet.get("cache_latents"):
-    return iter(_cached_input(cfg, workdir, tokenizer, pipe, tokenizer_2=tokenizer_2))
-  return iter(make_input(cfg, "unet", tokenizer, tokenizer_2=tokenizer_2, mask=mask_key(cfg)))
-
-
 def _prior_loss_weight(cfg) -> float:
   return float(cfg.dreambooth.prior_loss_weight) if is_dreambooth(cfg) else 1.0
-
-
-def _dreambooth_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
-  """DreamBooth's batches (jaxsd.training.dreambooth): instance examples, and with prior preservation as many
-  class examples, the missing class images drawn first by `pipe` into DIR/class_images (once: a rerun finds
-  them). SDXL (`tokenizer_2`): with the second tokenizer's ids and each image's size conditioning."""
-  c, size = cfg.dreambooth, cfg.data.image_size
-  classes = []
-  if c.with_prior_preservation:
-    existing = dreambooth.list_images(os.path.expanduser(c.class_data_dir)) if c.class_data_dir else []
-    settings = dict(prompt=c.class_prompt, init=os.path.abspath(cfg.init), image_size=size, sampler=cfg.unet.sampler,
-                    steps=cfg.unet.sample_steps, guidance_scale=cfg.unet.guidance_scale, seed=cfg.seed, dtype=cfg.dtype)
-    generate = dreambooth.pipeline_generator(pipe, c.class_prompt, size, sampler=cfg.unet.sampler,
-                                             steps=cfg.unet.sample_steps, guidance_scale=cfg.unet.guidance_scale,
-                                             seed=cfg.seed)
-    with primary_first("jaxsd: class images drawn"):
-      try:
-        classes = dreambooth.class_images(os.path.join(workdir, dreambooth.CLASS_DIR), existing=existing,
-                                          num_images=int(c.num_class_images), settings=settings, generate=generate,
-                                          batch_size=int(c.sample_batch_size))
-      except ValueError as e:
-        raise ConfigError(f"config.dreambooth: {e}") from None
-  return dreambooth.make_dataset(dreambooth.list_images(os.path.expanduser(c.instance_data_dir)), c.instance_prompt,
-                                 class_images=classes, class_prompt=c.class_prompt, tokenizer=tokenizer,
-                                 image_size=size, global_batch_size=cfg.unet.batch_size,
-                                 seed=cfg.seed + STAGES.index("unet"), center_crop=c.center_crop,
-                                 random_flip=cfg.data.random_flip, max_length=text_length(cfg),
-                                 process_index=jax.process_index(), process_count=jax.process_count(),
-                                 num_threads=cfg.data.num_threads, tokenizer_2=tokenizer_2)
-
-
-def _cached_input(cfg, workdir, tokenizer, pipe: StableDiffusion, tokenizer_2=None):
-  """The U-Net stage's batches from the latent cache (latent_cache.py) of `pipe`'s frozen VAE and text encoder(s),
-  built first when missing; SDXL's (`tokenizer_2` given) with both encoders' outputs and the time ids."""
-  d, batch = cfg.data, cfg.unet.batch_size // jax.process_count()
-  xl = tokenizer_2 is not None
-  text_params = pipe.text_encoder_params
-  if xl:
-    text_params = {"text_encoder": text_params, "text_encoder_2": pipe.text_encoder_2_params}
-  mask = mask_key(cfg)
-  in_order = input_pipeline.make_dataset(d.name, global_batch_size=batch * jax.process_count(), image_size=d.image_size,
-                                         data_dir=data_dir(cfg), split=d.train_split, train=False, tokenizer=tokenizer,
-                                         image_key=d.image_key, caption_key=d.caption_key, mask_key=mask,
-                                         num_threads=d.num_threads, drop_remainder=False, max_length=text_length(cfg),
-                                         tokenizer_2=tokenizer_2, size_conditioning=xl)
-  if in_order.num_examples < batch:
-    raise ConfigError(f"config.unet.batch_size={cfg.unet.batch_size}: dataset {d.name!r} split {d.train_split!r} "
-                      f"has {in_order.num_examples} examples per process, fewer than a batch of {batch}; lower the "
-                      "batch size.")
-  # The prepared data's files are in the spec: a dataset prepared again (other images or captions) rebuilds it.
-  spec = dict(dataset=d.name, split=d.train_split, image_key=d.image_key, caption_key=d.caption_key,
-              image_size=d.image_size, tokens=text_length(cfg), process=jax.process_index(),
-              processes=jax.process_count(), weights=latent_cache.fingerprint(pipe.vae_params, text_params),
-              data=input_pipeline.prepared_fingerprint(in_order.info))
-  if xl:
-    spec["sdxl"] = True  # context, text_embeds and time_ids as the SDXL stage takes them
-  if mask:
-    spec["mask_key"] = mask  # and the mask on the latents' grid
-  directory = os.path.join(workdir, "unet", "latent_cache", f"process_{jax.process_index()}")
-  encode = jax.jit(
-      stages.cache_encoder(pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if xl else None,
-                           target_size=(d.image_size, d.image_size)))
-  it = iter(in_order)
-  cache = latent_cache.build(directory, spec, it, lambda b: encode(pipe.vae_params, text_params, b), batch_size=batch,
-                             shard_size=batch * max(1, 4096 // batch))
-  it.close()
-  return latent_cache.make_dataset(cache, batch_size=batch, seed=cfg.seed + STAGES.index("unet"))
 
 
 class _NullWriter:

@@ -18,7 +18,7 @@ import torch
 import jaxsd
 from jaxsd.data import input_pipeline
 from jaxsd.data.image_folder import prepare_image_folder
-from jaxsd.training import run
+from jaxsd.training import inputs, run
 import tests
 from tests import reference
 from tests.training import ONE_DEVICE
@@ -406,11 +406,11 @@ def test_flips_swap_left_and_right_in_built_in_captions_only():
   """A caption of one's own stays as written when its image is flipped (as diffusers' --random_flip); the shapes
   captions, made from the picture, have "left" / "right" swapped; config.data.flip_swaps_left_right decides."""
   cfg = smoke.get_config()
-  assert run.flip_swaps_left_right(cfg)
+  assert inputs.flip_swaps_left_right(cfg)
   cfg.data.name = "my_photos"
-  assert not run.flip_swaps_left_right(cfg)
+  assert not inputs.flip_swaps_left_right(cfg)
   cfg.data.flip_swaps_left_right = True
-  assert run.flip_swaps_left_right(cfg)
+  assert inputs.flip_swaps_left_right(cfg)
 
 
 def test_init_folder_that_is_not_a_model(data_dir, tmp_path):
@@ -473,7 +473,7 @@ def test_a_dataset_prepared_smaller_than_the_training_size_is_named(tmp_path, ca
   """Images prepared with max_size=16 and trained at 32 px are upscaled: said before training, with the fix."""
   name = _grey_folder_dataset(tmp_path, max_size=16, test_fraction=0.25)
   cfg = _cfg(str(tmp_path / "tfds"), **{"data.name": name, "vae.foreground_loss_weight": 0.0})
-  run.ensure_dataset(cfg)
+  inputs.ensure_dataset(cfg)
   assert "prepared with max_size=16, smaller than config.data.image_size=32" in caplog.text
 
 
