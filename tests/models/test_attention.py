@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,42 @@ def test_hand_written_backward_matches_autodiff(shape):
   for a, b in zip(grad(f)(*bf), ours):
     assert a.dtype == jnp.bfloat16
     assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 0.05 * float(jnp.max(jnp.abs(b)))
+
+
+def _divided_shapes(fn, *args) -> set[tuple[int, ...]]:
+  """The shapes of the arrays `fn` divides: (..., T, H) where the softmax's division is applied to the output,
+  (..., T, S) where it makes the probabilities."""
+  text = str(jax.make_jaxpr(fn)(*args))
+  return {tuple(int(d) for d in m.split(",")) for m in re.findall(r"\w+:f32\[([\d,]+)\] = div ", text)}
+
+
+@pytest.mark.parametrize("s, text_length", [(64, False), (77, True), (128, True), (129, False)])
+def test_text_length_keys_divide_the_output_and_match_jax_nn(s, text_length):
+  q, k, v = _qkv(2, 9, s, 2, 8, seed=3)
+  f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla")
+  divided = _divided_shapes(f, q, k, v)
+  assert ((2, 2, 9, 8) in divided) == text_length and ((2, 2, 9, s) in divided) == (not text_length), divided
+  out = jax.jit(f)(q, k, v)
+  np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, implementation="xla"), atol=2e-6)
+  bf16 = jax.jit(f)(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), out, atol=0.05)
+
+
+def test_text_length_keys_are_blocked_on_the_cpu_from_four_times_as_many_logits(monkeypatch):
+  monkeypatch.setattr(attention, "_CPU_BLOCK_LOGITS", 2**12)
+  monkeypatch.setattr(attention, "_CPU_BLOCKED_FROM", 2**13)
+  f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla")
+  g = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  for t, s, blocked in [(32, 77, False), (128, 77, True), (32, 200, True)]:  # 9856, 39424 and 25600 logits
+    q, k, v = _qkv(2, t, s, 2, 8, seed=4)
+    assert ("while" in jax.jit(f).lower(q, k, v).as_text()) == blocked, (t, s)
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), g(q, k, v), atol=2e-6)
+    for a, b in zip(
+        jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v),
+        jax.grad(loss(g), argnums=(0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 # The Pallas TPU flash-attention path, run on the CPU in Pallas' TPU interpret mode (which also
