@@ -21,6 +21,23 @@ def _per_layer(value, i: int) -> int:
   return value[i] if isinstance(value, (tuple, list)) else value
 
 
+def _resnet(block: nn.Module, i: int) -> ResnetBlock2D:
+  """A down or up block's ResNet `resnets_{i}`, from the block's settings (created inside its `__call__`)."""
+  return ResnetBlock2D(block.out_channels, groups=block.groups, eps=block.eps, act_fn=block.act_fn, name=f"resnets_{i}",
+                       time_embedding_norm=block.resnet_time_scale_shift, dtype=block.dtype,
+                       param_dtype=block.param_dtype)
+
+
+def _transformer(block: nn.Module, i: int) -> Transformer2DModel:
+  """A cross-attention down or up block's transformer `attentions_{i}`, from the block's settings."""
+  return Transformer2DModel(block.heads, block.out_channels // block.heads,
+                            num_layers=_per_layer(block.transformer_layers, i), norm_num_groups=block.groups,
+                            use_linear_projection=block.use_linear_projection,
+                            only_cross_attention=block.only_cross_attention, upcast_attention=block.upcast_attention,
+                            attention_implementation=block.attention_implementation, name=f"attentions_{i}",
+                            dtype=block.dtype, param_dtype=block.param_dtype)
+
+
 class UNetMidBlock2D(nn.Module):
   """resnets_0, then (attentions_i, resnets_{i+1}) pairs; the VAE's mid block (one-head attention).
 
@@ -80,14 +97,8 @@ class CrossAttnDownBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     states = ()
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
-      x = Transformer2DModel(self.heads, self.out_channels // self.heads,
-                             num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
-                             use_linear_projection=self.use_linear_projection,
-                             only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
-                             attention_implementation=self.attention_implementation, name=f"attentions_{i}",
-                             **kw)(x, context)
+      x = _resnet(self, i)(x, temb)
+      x = _transformer(self, i)(x, context)
       if i == self.num_layers - 1 and additional_residuals is not None:
         x = x + additional_residuals.astype(x.dtype)
       states += (x,)
@@ -114,8 +125,7 @@ class DownBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     states = ()
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
+      x = _resnet(self, i)(x, temb)
       states += (x,)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -176,14 +186,8 @@ class CrossAttnUpBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
       x = _with_skip(x, skips[-1 - i], freeu)
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
-      x = Transformer2DModel(self.heads, self.out_channels // self.heads,
-                             num_layers=_per_layer(self.transformer_layers, i), norm_num_groups=self.groups,
-                             use_linear_projection=self.use_linear_projection,
-                             only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
-                             attention_implementation=self.attention_implementation, name=f"attentions_{i}",
-                             **kw)(x, context)
+      x = _resnet(self, i)(x, temb)
+      x = _transformer(self, i)(x, context)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
     return x
@@ -207,8 +211,7 @@ class UpBlock2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
       x = _with_skip(x, skips[-1 - i], freeu)
-      x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn, name=f"resnets_{i}",
-                        time_embedding_norm=self.resnet_time_scale_shift, **kw)(x, temb)
+      x = _resnet(self, i)(x, temb)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, self.upsample_size)
     return x
