@@ -135,7 +135,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
              control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False, eta: float = 0.0,
              ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None, pag_scale: float | None = None,
              pag_adaptive_scale: float = 0.0, adapter_images=None, adapter_conditioning_scale=None,
-             adapter_conditioning_factor: float | None = None) -> GenerateResult:
+             adapter_conditioning_factor: float | None = None,
+             image_guidance_scale: float | None = None) -> GenerateResult:
   """Generates `num_images` images per prompt, pmapped over the local devices.
 
   Returns the images (uint8 NHWC, this host's, in job order) with timings; with `out_dir`, also writes
@@ -166,7 +167,9 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   and `pag_adaptive_scale` are the pipeline calls' (`jaxsd.pag`). A T2I-Adapter pipeline
   (`jaxsd.pipeline_t2i_adapter`, text-to-image only) takes `adapter_images` (one image per adapter, used for every
   job; height and width default to the first one's size), `adapter_conditioning_scale` (one, or one per adapter;
-  default 1) and, for SDXL, `adapter_conditioning_factor` (default 1), as its call. Bad
+  default 1) and, for SDXL, `adapter_conditioning_factor` (default 1), as its call. On an InstructPix2Pix model
+  (`pipe.pix2pix_unet`) `init_image` is the image every job edits as its prompt instructs (`pipe.instruct_pix2pix`;
+  no strength, no mask), at `image_guidance_scale` (default the call's, diffusers' 1.5). Bad
   arguments, checked before anything compiles, raise a ValueError that says what to change.
   """
   if num_images < 1 or batch_per_device < 1:
@@ -177,24 +180,37 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if out_dir:
     check_out_dir(out_dir)
   task = "text" if init_image is None else "img2img" if mask_image is None else "inpaint"
+  if task == "img2img" and pipe.pix2pix_unet:  # the image an InstructPix2Pix model edits
+    task = "pix2pix"
   if mask_image is not None and init_image is None:
     raise ValueError("a mask without an init image: give the image to inpaint too.")
   if strength is not None and task == "text":
     raise ValueError("strength applies to img2img and inpainting: give an init image.")
+  if strength is not None and task == "pix2pix":
+    raise ValueError("strength does not apply to an InstructPix2Pix model (it edits the init image over the whole "
+                     "schedule, as diffusers' StableDiffusionInstructPix2PixPipeline): drop it.")
+  if image_guidance_scale is not None and not pipe.pix2pix_unet:
+    raise ValueError("image_guidance_scale applies to an InstructPix2Pix model (an 8-channel U-Net, e.g. "
+                     "timbrooks/instruct-pix2pix); this one is not: drop it.")
   if padding_mask_crop is not None and task != "inpaint":
     raise ValueError("padding_mask_crop applies to inpainting: give an init image and a mask.")
   controlled = isinstance(pipe, StableDiffusionControlNet)
   if control_images is not None and not controlled:
     raise ValueError("control images without ControlNets: steer the pipeline with pipe.with_controlnet(...).")
   pipe.check_task(task)
-  call = {"text": pipe.__call__, "img2img": pipe.img2img, "inpaint": pipe.inpaint}[task]  # what each job is
+  call = {"text": pipe.__call__, "img2img": pipe.img2img, "inpaint": pipe.inpaint}.get(task)  # what each job is
+  if task == "pix2pix":
+    call = pipe.instruct_pix2pix
+    if image_guidance_scale is None:
+      image_guidance_scale = inspect.signature(call).parameters["image_guidance_scale"].default
+    if not np.isfinite(image_guidance_scale):
+      raise ValueError(f"image_guidance_scale={image_guidance_scale}: use a finite number (diffusers' default 1.5).")
   if guidance_scale is None and pipe.guidance_embedded:  # the pipeline diffusers builds for such a folder
     guidance_scale = LCM_GUIDANCE
   elif guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)
     guidance_scale = inspect.signature(call).parameters["guidance_scale"].default
   if strength is None:  # the call's own, diffusers' (img2img 0.8, SDXL's 0.3; inpainting 1, SDXL's 0.9999)
-    strength = inspect.signature(call).parameters["strength"].default if task != "text" else 1.0
-  strength = 1.0 if task == "text" else strength
+    strength = inspect.signature(call).parameters["strength"].default if task not in ("text", "pix2pix") else 1.0
   image = mask = crops = None
   crop = padding_mask_crop is not None
   if task != "text":
@@ -273,7 +289,7 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   batches = [list(range(i, min(i + global_batch, len(jobs)))) for i in range(0, len(jobs), global_batch)]
   mine = batches[jax.process_index()::jax.process_count()]
 
-  guided = pipe.guided(guidance_scale)
+  guided = pipe.guided(guidance_scale, image_guidance_scale)
   if ip_adapter_image is not None and ip_adapter_image_embeds is not None:  # images for some adapters, embeds others
     ip_adapter_image_embeds = _mixed_ip_adapter_embeds(pipe, ip_adapter_image, ip_adapter_image_embeds, guided)
     ip_adapter_image = None
@@ -307,6 +323,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
       cond["ip_adapter"].update({k: jax.tree.map(per_device, ip[k]) for k in ("scale", "masks") if k in ip})
     for name, v in freeu.items():  # FreeU's factors (pipe.enable_freeu), once per device
       cond[name] = jnp.broadcast_to(v, (n_dev,) + v.shape)
+    if task == "pix2pix" and guided:  # InstructPix2Pix's image guidance, once per device
+      cond["image_guidance_scale"] = jnp.full((n_dev,), image_guidance_scale, jnp.float32)
     if pag_inputs:  # PAG's scales, once per device
       cond["pag_scales"] = {k: jnp.broadcast_to(v, (n_dev,)) for k, v in pag_inputs["pag_scales"].items()}
     if cond_fn is not None:
@@ -410,7 +428,9 @@ def _conditioning_fn(pipe: StableDiffusion, task: str, strength: float, image: n
     b = keys.shape[0]
     images = jnp.broadcast_to(image, (b,) + image.shape[1:])
     cond = {}
-    if need_image:
+    if task == "pix2pix":  # the posterior's mode, unscaled (no key)
+      cond["image_latents"] = pipe.encode_image_modes(vae_params, images)
+    elif need_image:
       cond["image_latents"] = pipe.encode_images(vae_params, images, keys)
     if task == "inpaint":
       masks = jnp.broadcast_to(jnp.asarray(mask), (b,) + mask.shape[1:])

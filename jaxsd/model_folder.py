@@ -370,7 +370,8 @@ def index_classes(path: str) -> tuple[str | None, str | None]:
 
 # The pipeline classes whose folders hold exactly MODEL_INDEX's components (a ControlNet pipeline's has one more).
 SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
+                "StableDiffusionInstructPix2PixPipeline", "LatentConsistencyModelPipeline",
+                "LatentConsistencyModelImg2ImgPipeline")
 
 
 def write_model_index(path: str, pipeline_class: str | None = None, scheduler_class: str | None = None) -> None:

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ OUTPUTS = ("np", "pil", "latent")
 # from the image's latents noised to the first timestep; inpainting from either (noise at strength 1,
 # as diffusers) with the mask and masked image concatenated (9-channel U-Nets) or the known region
 # re-noised after every step (4-channel U-Nets, diffusers' latent blend).
-TASKS = ("text", "img2img", "inpaint")
+TASKS = ("text", "img2img", "inpaint", "pix2pix")
 # model_index.json classes for which diffusers' AutoPipelineForImage2Image builds LatentConsistencyModelImg2ImgPipeline.
 LCM_PIPELINES = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 # The sampler that follows each diffusers scheduler class: the default sampler of a folder.
@@ -60,6 +60,9 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
   # The diffusers folder `from_pretrained` read, where `load_ip_adapter` finds its image_encoder/ and
   # feature_extractor/ (diffusers' pipeline loads those with the rest).
   source_folder: str | None = None
+  # Whether `instruct_pix2pix` follows a diffusers pipeline here (StableDiffusionInstructPix2PixPipeline): SD 1.x /
+  # 2.x only; SDXL's, ControlNets' and T2I-Adapters' subclasses say False.
+  INSTRUCT_PIX2PIX: ClassVar[bool] = True
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
@@ -170,13 +173,17 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     return samplers.make_schedule(self.scheduler_config, sampler, steps, strength=strength,
                                   lcm_strength_in_schedule=in_schedule, **kwargs)
 
-  def guided(self, guidance_scale: float) -> bool:
-    """Whether sampling at `guidance_scale` runs classifier-free guidance (two U-Net halves per call)."""
+  def guided(self, guidance_scale: float, image_guidance_scale: float | None = None) -> bool:
+    """Whether sampling at `guidance_scale` runs classifier-free guidance (two U-Net halves per call; InstructPix2Pix,
+    given its `image_guidance_scale`: three, when that is at least 1, as diffusers)."""
+    if image_guidance_scale is not None and image_guidance_scale < 1.0:
+      return False
     return guidance_scale > 1.0 and not self.guidance_embedded
 
   def denoiser(self, unet_params, cond, guidance_scale: jax.Array, guided: bool,
                guidance_rescale: jax.Array | None = None, x_extra: jax.Array | None = None,
-               unet_inputs: dict | None = None, pag_scales: dict | None = None, pag_layers: tuple[str, ...] = ()):
+               unet_inputs: dict | None = None, pag_scales: dict | None = None, pag_layers: tuple[str, ...] = (),
+               image_guidance_scale: jax.Array | None = None):
     """The model function the samplers call, (x, t[, call index i]) -> U-Net output under classifier-free
     guidance, fp32.
 
@@ -187,7 +194,10 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     (an IP-Adapter's image embeddings and scale, `ip_adapter_weights.unet_inputs`), with the guided batch's rows.
     `pag_layers` (static): Perturbed-Attention Guidance's layers (`jaxsd.pag`): the U-Net then runs one more copy of
     the conditional rows, perturbed in those layers (`cond` and `unet_inputs` have its rows, last), and
-    `pag_scales` weighs the difference.
+    `pag_scales` weighs the difference. `image_guidance_scale` (guided InstructPix2Pix, `x_extra` the image's
+    latents): three copies as diffusers' StableDiffusionInstructPix2PixPipeline, (text, image), (no text, image) and
+    (no text, no image: zeros), `cond` in that row order, combined as uncond + guidance_scale * (text - image) +
+    image_guidance_scale * (image - uncond).
     """
 
     kw = dict(unet_inputs or {})
@@ -195,6 +205,11 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       kw["timestep_cond"] = guidance_scale_embedding(guidance_scale - 1, self.unet.config.time_cond_proj_dim)
 
     def model_fn(x, t, i=None):
+      if image_guidance_scale is not None:
+        extra = jnp.concatenate([x_extra, x_extra, jnp.zeros_like(x_extra)])
+        out = self.apply_unet(unet_params, jnp.concatenate([x] * 3), t, cond, i, extra, **kw).astype(jnp.float32)
+        text, image, uncond = jnp.split(out, 3)
+        return uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
       if not guided and not pag_layers:
         return self.apply_unet(unet_params, x, t, cond, i, x_extra, **kw).astype(jnp.float32)
       copies = (2 if guided else 1) + (1 if pag_layers else 0)  # [uncond,] cond[, perturbed cond]
@@ -254,6 +269,12 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     """A 9-channel U-Net (latents + mask + masked-image latents), such as runwayml's SD 1.5 inpainting."""
     return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
+  @property
+  def pix2pix_unet(self) -> bool:
+    """An 8-channel U-Net (latents + the image's latents), such as timbrooks/instruct-pix2pix: it edits an image as
+    an instruction says (`instruct_pix2pix`)."""
+    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels
+
   def check_parts(self, where: str) -> None:
     """Raises a ValueError naming `where` when the networks cannot work together (parts of different models)."""
     u, width, lc = self.unet.config, self.text_encoder.config.hidden_size, self.vae.config.latent_channels
@@ -273,6 +294,18 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       if c not in (lc, 2 * lc + 1):
         raise ValueError(f"this U-Net takes {c} input channels; inpainting needs {lc} (latent blend) or "
                          f"{2 * lc + 1} (an inpainting U-Net: latents + mask + masked-image latents).")
+    elif task == "pix2pix":
+      if not self.INSTRUCT_PIX2PIX:
+        raise ValueError(f"InstructPix2Pix is implemented for SD 1.x / 2.x pipelines (diffusers' "
+                         f"StableDiffusionInstructPix2PixPipeline), not on a {type(self).__name__}.")
+      if not self.pix2pix_unet:
+        raise ValueError(f"this U-Net takes {c} input channels; InstructPix2Pix needs {2 * lc} (latents + the image's "
+                         "latents, e.g. timbrooks/instruct-pix2pix): edit with img2img (StableDiffusion.img2img) "
+                         "instead.")
+    elif self.pix2pix_unet:
+      raise ValueError(f"this is an InstructPix2Pix U-Net ({c} input channels: latents + the image's latents); it only "
+                       "edits an image as the prompt instructs: give the image (StableDiffusion.instruct_pix2pix; "
+                       "--init-image on the command line).")
     elif self.inpainting_unet:
       raise ValueError(f"this is an inpainting U-Net ({c} input channels: latents + mask + masked-image latents); "
                        "it only inpaints: give an image and a mask (StableDiffusion.inpaint; --init-image and --mask "
@@ -349,13 +382,18 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     """
     if output not in ("np", "latent"):
       raise ValueError(f"output={output!r}: the program returns 'np' (uint8) or 'latent'.")
-    from_noise = task == "text" if from_noise is None else from_noise
+    from_noise = task in ("text", "pix2pix") if from_noise is None else from_noise
     concat = task == "inpaint" and self.inpainting_unet
 
     def fn(params, schedule, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
            masked_image_latents=None, guidance_rescale=None, add_noise=None, control=None, ip_adapter=None, freeu=None,
-           pag_scales=None, **text):
+           pag_scales=None, image_guidance_scale=None, **text):
       text_cond = self.encode_prompts(params, ids, uncond_ids, guided, **text)
+      if task == "pix2pix" and guided:  # (no text, text) -> (text, no text, no text), diffusers' rows
+        if image_guidance_scale is None:
+          raise ValueError("a guided pix2pix program takes image_guidance_scale.")
+        text_cond = jax.tree.map(lambda a: jnp.concatenate([a[a.shape[0] // 2:]] + [a[:a.shape[0] // 2]] * 2),
+                                 text_cond)
       if pag_layers:  # the conditional rows once more, for the perturbed copy (`jaxsd.pag`)
         if pag_scales is None:
           raise ValueError("a program with pag_layers takes pag_scales (PAGMixin.pag_cond).")
@@ -370,6 +408,8 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       x_extra = None
       if concat:
         x_extra = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
+      elif task == "pix2pix":  # the image's latents (the VAE posterior's mode, unscaled), as diffusers
+        x_extra = image_latents.astype(jnp.float32)
 
       def blend(i, x):  # diffusers' latent blend: the known region, noised to the next call's level
         known = samplers.noise_latents(schedule, image_latents, noise, i + 1)
@@ -382,7 +422,7 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       if pag_layers and unet_inputs and "image_embeds" in unet_inputs:  # an IP-Adapter's rows too
         unet_inputs = dict(unet_inputs, image_embeds=pag.with_perturbed_rows(unet_inputs["image_embeds"], guided))
       model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra, unet_inputs,
-                               pag_scales, pag_layers)
+                               pag_scales, pag_layers, image_guidance_scale if guided else None)
       latents = samplers.sample(model_fn, x, schedule, keys, after_step=after_step, indexed=True)
       if output == "latent":
         return latents
@@ -407,8 +447,8 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     and the third result of `text_inputs` as `text` (with `pag_layers`, PAG's `pag_scales` too).
     """
     schedule = self.sampling_schedule(sampler, steps, strength, task, eta=eta)
-    prog = self.program(guided, output, task, from_noise=task == "text" or (task == "inpaint" and strength == 1.0),
-                        pag_layers=pag_layers)
+    prog = self.program(guided, output, task, from_noise=task in ("text", "pix2pix") or
+                        (task == "inpaint" and strength == 1.0), pag_layers=pag_layers)
 
     def fn(params, ids, uncond_ids, noise, guidance_scale, keys, image_latents=None, mask=None,
            masked_image_latents=None, **text):
@@ -523,14 +563,18 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
 
   def _run(self, task, from_noise, prompts, negative_prompts, steps, sampler, strength, guidance_scale, seed, noise,
            output, *, text_options: dict | None = None, guidance_rescale: float = 0.0, denoising_start=None,
-           denoising_end=None, program_options: dict | None = None, eta: float = 0.0, **cond):
+           denoising_end=None, program_options: dict | None = None, eta: float = 0.0,
+           image_guidance_scale: float | None = None, **cond):
     """One generation. `negative_prompts` None means none were given (see `text_inputs`); `text_options` go
     to `text_inputs`; `denoising_start` / `denoising_end` and `eta` go to `samplers.make_schedule`,
     and with `denoising_start` img2img starts from the given latents without adding noise; `program_options`
-    go to `_jitted` (a subclass's static program settings); `cond` to the program."""
+    go to `_jitted` (a subclass's static program settings); `image_guidance_scale`: InstructPix2Pix's (task
+    "pix2pix"); `cond` to the program."""
     schedule = self.sampling_schedule(sampler, steps, strength, task, denoising_start=denoising_start,
                                       denoising_end=denoising_end, eta=eta)
-    guided = self.guided(guidance_scale)
+    guided = self.guided(guidance_scale, image_guidance_scale)
+    if task == "pix2pix" and guided:
+      cond["image_guidance_scale"] = jnp.float32(image_guidance_scale)
     f = self.vae.config.downsampling_factor
     size = (noise.shape[1] * f, noise.shape[2] * f)  # (masks are read at the picture's size)
     cond = self.ip_adapter_cond(cond, len(prompts), guided, size)  # (unchanged without an IP-Adapter)

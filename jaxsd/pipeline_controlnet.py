@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,7 @@ class StableDiffusionControlNet(StableDiffusion):
 
   controlnets: tuple = ()
   controlnet_params: tuple = ()
+  INSTRUCT_PIX2PIX: ClassVar[bool] = False  # (StableDiffusion.instruct_pix2pix: SD's pipeline only)
 
   @classmethod
   def from_pipeline(cls, pipe: StableDiffusion, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):

@@ -67,9 +67,11 @@ class FoldersMixin:
     The file holds weights only. `config` says what they are: "v1" (SD 1.5's network configs and PNDM scheduler),
     "v2" (SD 2.1 at 768 px: v-prediction DDIM, OpenCLIP text encoder, padding with "!"), both with the CLIP
     vocabulary shipped with jaxsd; "v1-inpainting" / "v2-inpainting" (their 9-channel inpainting U-Nets; SD 2's at
-    512 px, epsilon); "auto" (`single_file.guess_config`: v2 when the text encoder is OpenCLIP's, else v1,
-    -inpainting for a 9-channel U-Net, as diffusers infers the type); or a diffusers Stable Diffusion folder whose
-    configs, tokenizer and scheduler describe the checkpoint (its own weights are not read). `vae` (a VAE folder,
+    512 px, epsilon); "instruct-pix2pix" (timbrooks/instruct-pix2pix: SD 1.5 with an 8-channel U-Net, Euler
+    ancestral); "auto" (`single_file.guess_config`: v2 when the text encoder is OpenCLIP's, else v1, -inpainting
+    for a 9-channel U-Net, instruct-pix2pix for an 8-channel SD 1.x one, as diffusers infers the type); or a
+    diffusers Stable Diffusion folder whose configs, tokenizer and scheduler describe the checkpoint (its own weights
+    are not read). `vae` (a VAE folder,
     Hub id or file, as `swap_vae` reads them) replaces the file's VAE, as diffusers' `from_single_file(..., vae=)`;
     a file that ships without one needs it.
     """
@@ -98,7 +100,8 @@ class FoldersMixin:
     te, te_params = pretrained.from_state_dict("text_encoder", configs["text_encoder"], parts["text_encoder"],
                                                f"{where} (text encoder)", dtype, param_dtype)
     pipe = cls(unet, unet_params, vae, vae_params, te, te_params, tokenizer, _scheduler_config(configs["scheduler"]),
-               scheduler_class_name=configs["scheduler"].get("_class_name"))
+               scheduler_class_name=configs["scheduler"].get("_class_name"),
+               pipeline_class_name=single_file.PIPELINE_CLASS.get(config))
     pipe.check_parts(where)
     return pipe
 

@@ -103,6 +103,64 @@ class ImageTasksMixin:
     return self._run("img2img", False, prompts, None if given is None else negative_prompts, steps, sampler, strength,
                      guidance_scale, seed, noise, output, image_latents=image_latents, **run_options)
 
+  def instruct_pix2pix(self, prompts, images, negative_prompts=None, steps: int = 100, guidance_scale: float = 7.5,
+                       image_guidance_scale: float = 1.5, sampler: str | None = None, seed: int = 0, output: str = "np",
+                       latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
+                       eta: float = 0.0):
+    """Edits each image as its prompt instructs ("make it snowy"), as diffusers' StableDiffusionInstructPix2PixPipeline
+    (Brooks et al. 2023), with an 8-channel U-Net (`pix2pix_unet`, e.g. timbrooks/instruct-pix2pix).
+
+    The U-Net sees the latents and the image's latents (the VAE posterior's mode, unscaled, as diffusers); sampling
+    starts from noise and the whole schedule runs. Guided when guidance_scale > 1 and image_guidance_scale >= 1 (as
+    diffusers): three U-Net copies per call, the output uncond + guidance_scale * (text - image) +
+    image_guidance_scale * (image - uncond), where "image" drops the prompt and "uncond" the image's latents as well
+    (zeros). The output is the images' size (multiples of 8).
+
+    Args:
+      prompts: an instruction, or one per image.
+      images: uint8 NHWC array, PIL image(s), or floats in [0, 1]; may be None if `image_latents` are given.
+      image_guidance_scale: how closely to keep to the image (diffusers' default 1.5; below 1: no guidance).
+      latents: the initial noise (B, h, w, c), unscaled N(0, 1); default: drawn from `seed`.
+      image_latents: the images' latents (B, h, w, c), unscaled (diffusers takes a 4-channel `image` as them);
+        default: the VAE posterior's mode of `images`.
+      long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
+    """
+    self.check_task("pix2pix")
+    if self.ip_adapters or self.pag_applied_layers is not None:
+      raise ValueError("instruct_pix2pix does not take a loaded IP-Adapter or Perturbed-Attention Guidance (no "
+                       "diffusers InstructPix2Pix pipeline here does): unload_ip_adapter() / disable_pag() first.")
+    if not np.isfinite(image_guidance_scale):
+      raise ValueError(f"image_guidance_scale={image_guidance_scale}: use a finite number (diffusers' default 1.5).")
+    sampler = sampler or self.default_sampler
+    given = negative_prompts
+    prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
+                                                                          image_latents, steps, sampler, 1.0, output,
+                                                                          guidance_scale, "pix2pix", eta)
+    b = len(prompts)
+    if image_latents is None:
+      image_latents = self._mode_encoder()(self.vae_params, jnp.asarray(images))
+    image_latents = jnp.asarray(image_latents, jnp.float32)
+    if image_latents.shape != self.latent_shape(b, height, width):
+      raise ValueError(f"image_latents have shape {image_latents.shape}; expected {self.latent_shape(b, height, width)}"
+                       f" for {b} images of {height}x{width}.")
+    noise = self._given_noise(latents, "latents", b, height, width, seed)
+    return self._run("pix2pix", True, prompts, None if given is None else negative_prompts, steps, sampler, 1.0,
+                     guidance_scale, seed, noise, output,
+                     text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
+                     image_guidance_scale=image_guidance_scale, image_latents=image_latents)
+
+  def encode_image_modes(self, vae_params, images: jax.Array) -> jax.Array:
+    """Images in [0, 1] NHWC -> the VAE posterior's mode, unscaled: InstructPix2Pix's image latents (diffusers'
+    `retrieve_latents(..., sample_mode="argmax")`)."""
+    post = self.vae_encode(vae_params, (images * 2 - 1).astype(self.vae.dtype))
+    return post.mean.astype(jnp.float32)
+
+  def _mode_encoder(self):
+    key = ("encode_mode",) + self.vae_key()
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(self.encode_image_modes)
+    return self._compiled[key]
+
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,
               masked_image_latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,7 @@ class StableDiffusionAdapter(StableDiffusion):
 
   adapters: tuple = ()
   adapter_params: tuple = ()
+  INSTRUCT_PIX2PIX: ClassVar[bool] = False  # (StableDiffusion.instruct_pix2pix: SD's pipeline only)
 
   @classmethod
   def from_pipeline(cls, pipe: StableDiffusion, adapters, dtype=None, param_dtype=None, allow_pickle: bool = False):

@@ -106,9 +106,23 @@ V2_INPAINTING = copy.deepcopy(V2)
 V2_INPAINTING["unet"].update(in_channels=9, sample_size=64, upcast_attention=False)
 V2_INPAINTING["vae"].update(sample_size=512)
 V2_INPAINTING["scheduler"].update(prediction_type="epsilon")
-PRESETS = {"v1": V1, "v2": V2, "v1-inpainting": V1_INPAINTING, "v2-inpainting": V2_INPAINTING}
+# timbrooks/instruct-pix2pix (diffusers' "instruct-pix2pix" single-file type, whose configs diffusers takes from that
+# repository): SD 1.5's networks with an 8-channel U-Net (latents + the image's latents) and the Euler ancestral
+# scheduler, SD 1.5's schedule (written from the published model_index / configs; not downloaded here to check).
+INSTRUCT_PIX2PIX = copy.deepcopy(V1)
+INSTRUCT_PIX2PIX["unet"].update(in_channels=8)
+INSTRUCT_PIX2PIX["scheduler"].update(_class_name="EulerAncestralDiscreteScheduler")
+PRESETS = {
+    "v1": V1,
+    "v2": V2,
+    "v1-inpainting": V1_INPAINTING,
+    "v2-inpainting": V2_INPAINTING,
+    "instruct-pix2pix": INSTRUCT_PIX2PIX
+}
+# diffusers' pipeline class of a preset's folder where it is not StableDiffusionPipeline.
+PIPELINE_CLASS = {"instruct-pix2pix": "StableDiffusionInstructPix2PixPipeline"}
 # SD 2.x's tokenizer pads with "!" (id 0), SD 1.x's with the end token
-PAD_TOKEN = {"v1": None, "v2": "!", "v1-inpainting": None, "v2-inpainting": "!"}
+PAD_TOKEN = {"v1": None, "v2": "!", "v1-inpainting": None, "v2-inpainting": "!", "instruct-pix2pix": None}
 CONV_IN = PREFIXES["unet"] + "input_blocks.0.0.weight"  # (out, in_channels, 3, 3)
 
 XL_PREFIXES = {
@@ -492,11 +506,12 @@ def is_sdxl_file(path: str | os.PathLike, allow_pickle: bool = False) -> bool:
 def guess_config(sd: Mapping[str, Any]) -> str:
   """The preset a checkpoint's keys point to, as diffusers' `infer_diffusers_model_type`: "v2" when its text encoder
   is OpenCLIP's (SD 2.x), "v1" when it is CLIP's in the transformers layout (SD 1.x), each with "-inpainting" when
-  the U-Net takes 9 input channels; for SDXL files "xl" when a second text encoder is under
-  `conditioner.embedders.1` ("xl-inpainting" with 9 channels), "xl-refiner" when OpenCLIP's is the only one; a
-  ValueError for files that are none of these (Playground v2.5's, whose configs diffusers takes from its repository)."""
+  the U-Net takes 9 input channels, "instruct-pix2pix" for an SD 1.x one taking 8; for SDXL files "xl" when a
+  second text encoder is under `conditioner.embedders.1` ("xl-inpainting" with 9 channels), "xl-refiner" when
+  OpenCLIP's is the only one; a ValueError for files that are none of these (Playground v2.5's, whose configs diffusers takes from its repository)."""
   keys = list(sd.keys())
-  inpainting = CONV_IN in sd and np.shape(sd[CONV_IN])[1:2] == (9,)
+  channels = np.shape(sd[CONV_IN])[1] if CONV_IN in sd and len(np.shape(sd[CONV_IN])) == 4 else 4
+  inpainting = channels == 9
   if is_sdxl(sd):
     if "edm_mean" in sd:
       raise ValueError("this is a Playground v2.5 single file (SDXL's networks, an EDM schedule): no preset reads "
@@ -514,6 +529,11 @@ def guess_config(sd: Mapping[str, Any]) -> str:
   else:
     raise ValueError("not a Stable Diffusion 1.x / 2.x single file: no text encoder under "
                      f"{PREFIXES['text_encoder']!r}.")
+  if channels == 8:
+    if version != "v1":
+      raise ValueError("an SD 2.x single file with an 8-channel (InstructPix2Pix) U-Net: no preset reads it; pass "
+                       "config=<a diffusers folder that describes it>.")
+    return "instruct-pix2pix"
   return version + "-inpainting" if inpainting else version
 
 

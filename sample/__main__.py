@@ -1,4 +1,5 @@
-"""python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
+"""python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop]),
+instruction edits with an InstructPix2Pix model (--init-image [--image-guidance-scale])
 and all three under ControlNets (--controlnet --control-image, or a ControlNet pipeline's --model folder) and with an
 image prompt (--ip-adapter --ip-adapter-image, or its embeddings: --ip-adapter-embeds FILE.npy, FaceID's face
 embeddings; in a region: --ip-adapter-mask), and text-to-image under T2I-Adapters (--t2i-adapter --adapter-image),
@@ -33,11 +34,11 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument(
       "--single-file-config", default="auto",
       help="with a single-file --model: v1 (SD 1.5), v2 (SD 2.1 768 px, v-prediction), v1-inpainting, "
-      "v2-inpainting (SD 2 inpainting, 512 px), xl (SDXL 1.0 base), xl-refiner, xl-inpainting (SDXL inpainting 0.1) "
-      "or a diffusers SD / SDXL folder whose configs describe the checkpoint; auto: from its keys, as diffusers: "
+      "v2-inpainting (SD 2 inpainting, 512 px), instruct-pix2pix, xl (SDXL 1.0 base), xl-refiner, xl-inpainting "
+      "(SDXL inpainting 0.1) or a diffusers SD / SDXL folder whose configs describe the checkpoint; auto: from its keys, as diffusers: "
       "SDXL base when its text encoders are under conditioner.embedders.0 and .1, the refiner when OpenCLIP's alone "
       "is under .0, else v2 when its text encoder is OpenCLIP's, else v1; -inpainting when its U-Net takes 9 "
-      "channels")
+      "channels, instruct-pix2pix when an SD 1.x one takes 8")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
   p.add_argument("--negative-prompt", default=None,
@@ -80,6 +81,10 @@ def parse(argv=None) -> argparse.Namespace:
       help="how much of the schedule runs from the noised image, in (0, 1]; default the pipeline's, as diffusers': "
       "img2img 0.8 (SDXL 0.3; on an LCM folder with lcm, strength picks the LCM "
       "timesteps and all --steps run), inpainting 1 (SDXL 0.9999)")
+  p.add_argument(
+      "--image-guidance-scale", type=float, default=None, metavar="S",
+      help="an InstructPix2Pix model (timbrooks/instruct-pix2pix) edits --init-image as the prompt instructs: how "
+      "closely to keep to the image (default 1.5, as diffusers; below 1 no guidance)")
   p.add_argument(
       "--padding-mask-crop", type=int, default=None, metavar="N",
       help="inpainting: repaint only a box N pixels around the mask, at --height x --width (default: the "
@@ -306,6 +311,8 @@ def check_flags(args) -> None:
       raise ValueError("--strength applies to img2img and inpainting: give --init-image.")
     if not 0.0 < args.strength <= 1.0:
       raise ValueError(f"--strength {args.strength} must be in (0, 1].")
+  if args.image_guidance_scale is not None and (not args.init_image or args.mask):
+    raise ValueError("--image-guidance-scale applies to an InstructPix2Pix model editing --init-image (no --mask).")
   if args.padding_mask_crop is not None:
     if not args.mask:
       raise ValueError("--padding-mask-crop applies to inpainting: give --init-image and --mask.")
@@ -507,8 +514,8 @@ def main(argv=None) -> int:
                                out_dir=args.out, progress=not args.no_progress, init_image=init_image, mask_image=mask,
                                strength=args.strength, long_prompts=args.long_prompts,
                                prompt_weighting=args.prompt_weighting, padding_mask_crop=args.padding_mask_crop,
-                               eta=args.eta, **ip, pag_scale=args.pag_scale,
-                               pag_adaptive_scale=args.pag_adaptive_scale or 0.0, **control)
+                               eta=args.eta, image_guidance_scale=args.image_guidance_scale, **ip,
+                               pag_scale=args.pag_scale, pag_adaptive_scale=args.pag_adaptive_scale or 0.0, **control)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -58,12 +58,17 @@ def tiny_components(sd2: bool = False, seed: int = 0, in_channels: int = 4, time
 def make_tiny_sd_folder(path: str, sd2: bool = False, seed: int = 0, in_channels: int = 4,
                         safe_serialization: bool = True, time_cond_proj_dim: int | None = None) -> str:
   """Writes a tiny random diffusers StableDiffusionPipeline folder to `path` (an inpainting one for
-  in_channels=9; pickled `.bin` weights with safe_serialization=False; a guidance-embedding U-Net with
-  time_cond_proj_dim); returns it."""
+  in_channels=9, an InstructPix2Pix one with Euler ancestral for 8; pickled `.bin` weights with
+  safe_serialization=False; a guidance-embedding U-Net with time_cond_proj_dim); returns it."""
   import diffusers
 
   unet, vae, text_encoder, tokenizer, scheduler = tiny_components(sd2, seed, in_channels, time_cond_proj_dim)
-  cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+  cls = {
+      9: diffusers.StableDiffusionInpaintPipeline,
+      8: diffusers.StableDiffusionInstructPix2PixPipeline
+  }.get(in_channels, diffusers.StableDiffusionPipeline)
+  if in_channels == 8:  # timbrooks/instruct-pix2pix's scheduler
+    scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(scheduler.config)
   pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(path, safe_serialization=safe_serialization)

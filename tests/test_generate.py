@@ -249,6 +249,7 @@ def test_every_calls_defaults_are_diffusers():
       (jaxsd.StableDiffusion.__call__, "StableDiffusionPipeline"),
       (jaxsd.StableDiffusion.img2img, "StableDiffusionImg2ImgPipeline"),
       (jaxsd.StableDiffusion.inpaint, "StableDiffusionInpaintPipeline"),
+      (jaxsd.StableDiffusion.instruct_pix2pix, "StableDiffusionInstructPix2PixPipeline"),
       (pipeline_xl.StableDiffusionXL.__call__, "StableDiffusionXLPipeline"),
       (pipeline_xl.StableDiffusionXL.img2img, "StableDiffusionXLImg2ImgPipeline"),
       (pipeline_xl.StableDiffusionXL.inpaint, "StableDiffusionXLInpaintPipeline"),

@@ -157,7 +157,7 @@ def test_the_sample_command_takes_a_single_file(folder_and_file, tmp_path, capsy
   assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
-def test_auto_config_knows_inpainting_files():
+def test_auto_config_knows_inpainting_and_instruct_pix2pix_files():
   """As diffusers' infer_diffusers_model_type: a 9-channel conv_in makes an SD 1 / SD 2 file an inpainting one, whose
   preset U-Net takes 9 channels (SD 2's at 512 px with epsilon prediction); 4 channels stay v1 / v2."""
   for te_key, version in (("cond_stage_model.transformer.text_model.final_layer_norm.weight", "v1"),
@@ -170,6 +170,19 @@ def test_auto_config_knows_inpainting_files():
   assert v2i["scheduler"]["prediction_type"] == "epsilon" and v2i["unet"]["sample_size"] == 64
   assert single_file.PAD_TOKEN["v2-inpainting"] == "!" and single_file.PAD_TOKEN["v1-inpainting"] is None
   assert single_file.preset("v2")["scheduler"]["prediction_type"] == "v_prediction"  # the presets are copies
+  # An 8-channel SD 1.x U-Net is InstructPix2Pix (diffusers' "instruct-pix2pix", timbrooks/instruct-pix2pix's configs);
+  # an 8-channel SD 2.x one has no preset.
+  for te_key, want in (("cond_stage_model.transformer.text_model.final_layer_norm.weight", "instruct-pix2pix"),
+                       ("cond_stage_model.model.ln_final.weight", None)):
+    sd = {te_key: np.ones(4, np.float32), single_file.CONV_IN: np.zeros((320, 8, 3, 3), np.float32)}
+    if want is None:
+      with pytest.raises(ValueError, match="8-channel .InstructPix2Pix. U-Net: no preset"):
+        single_file.guess_config(sd)
+    else:
+      assert single_file.guess_config(sd) == want
+  p2p = single_file.preset("instruct-pix2pix")
+  assert p2p["unet"]["in_channels"] == 8 and p2p["scheduler"]["_class_name"] == "EulerAncestralDiscreteScheduler"
+  assert single_file.PIPELINE_CLASS["instruct-pix2pix"] == "StableDiffusionInstructPix2PixPipeline"
 
 
 def test_swap_vae_from_a_folder_and_single_files(tmp_path, capsys):
