@@ -508,7 +508,8 @@ def guess_config(sd: Mapping[str, Any]) -> str:
   is OpenCLIP's (SD 2.x), "v1" when it is CLIP's in the transformers layout (SD 1.x), each with "-inpainting" when
   the U-Net takes 9 input channels, "instruct-pix2pix" for an SD 1.x one taking 8; for SDXL files "xl" when a
   second text encoder is under `conditioner.embedders.1` ("xl-inpainting" with 9 channels), "xl-refiner" when
-  OpenCLIP's is the only one; a ValueError for files that are none of these (Playground v2.5's, whose configs diffusers takes from its repository)."""
+  OpenCLIP's is the only one; a ValueError for files that are none of these (Playground v2.5's, whose configs
+  diffusers takes from its repository)."""
   keys = list(sd.keys())
   channels = np.shape(sd[CONV_IN])[1] if CONV_IN in sd and len(np.shape(sd[CONV_IN])) == 4 else 4
   inpainting = channels == 9
