@@ -1,9 +1,9 @@
-"""python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop]),
-instruction edits with an InstructPix2Pix model (--init-image [--image-guidance-scale])
+"""python -m sample: text-to-image, img2img (--init-image), inpainting (--init-image --mask [--padding-mask-crop])
 and all three under ControlNets (--controlnet --control-image, or a ControlNet pipeline's --model folder) and with an
 image prompt (--ip-adapter --ip-adapter-image, or its embeddings: --ip-adapter-embeds FILE.npy, FaceID's face
-embeddings; in a region: --ip-adapter-mask), and text-to-image under T2I-Adapters (--t2i-adapter --adapter-image),
-across every local accelerator. Flags only; the work is in jaxsd.generate.
+embeddings; in a region: --ip-adapter-mask), text-to-image under T2I-Adapters (--t2i-adapter --adapter-image), and
+instruction edits with an InstructPix2Pix model (--init-image [--image-guidance-scale]), across every local
+accelerator. Flags only; the work is in jaxsd.generate.
 
 Images of another colour mode (RGBA, L, P) are converted to RGB, masks to greyscale (white = repaint), as
 diffusers does; 16-bit, 32-bit and float grey files (depth maps) are scaled to 8 bits first, CMYK, LAB and YCbCr
