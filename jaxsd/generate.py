@@ -279,8 +279,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   # SDXL's img2img and inpainting condition on other time ids (the refiner: the negative aesthetic score).
   options = {k: True for k, v in (("long_prompts", long_prompts), ("prompt_weighting", prompt_weighting)) if v}
   negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
-  all_ids, all_uncond, all_text = pipe.text_inputs(prompts, negatives, height, width, image_to_image=task != "text",
-                                                   **options)
+  all_ids, all_uncond, all_text = pipe.text_inputs(prompts, negatives, height, width, image_to_image=task
+                                                   in ("img2img", "inpaint"), **options)
 
   devices = devices or jax.local_devices()
   n_dev = len(devices)

@@ -302,7 +302,8 @@ def check_model_folder(path: str, components: tuple[str, ...] = COMPONENTS,
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # The SDXL pipeline classes whose folders hold only the SDXL components (a ControlNet pipeline's has one more).
-SDXL_FOLDER_PIPELINES = SDXL_PIPELINES + ("StableDiffusionXLInpaintPipeline",)
+SDXL_FOLDER_PIPELINES = SDXL_PIPELINES + ("StableDiffusionXLInpaintPipeline",
+                                          "StableDiffusionXLInstructPix2PixPipeline")
 
 
 def sdxl_pipeline_class(own: str | None, first_text_encoder: bool) -> str:

@@ -60,8 +60,8 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
   # The diffusers folder `from_pretrained` read, where `load_ip_adapter` finds its image_encoder/ and
   # feature_extractor/ (diffusers' pipeline loads those with the rest).
   source_folder: str | None = None
-  # Whether `instruct_pix2pix` follows a diffusers pipeline here (StableDiffusionInstructPix2PixPipeline): SD 1.x /
-  # 2.x only; SDXL's, ControlNets' and T2I-Adapters' subclasses say False.
+  # Whether `instruct_pix2pix` follows a diffusers pipeline here (StableDiffusion(XL)InstructPix2PixPipeline): SD
+  # and SDXL; the ControlNets' and T2I-Adapters' subclasses say False.
   INSTRUCT_PIX2PIX: ClassVar[bool] = True
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
@@ -205,23 +205,24 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       kw["timestep_cond"] = guidance_scale_embedding(guidance_scale - 1, self.unet.config.time_cond_proj_dim)
 
     def model_fn(x, t, i=None):
-      if image_guidance_scale is not None:
+      if image_guidance_scale is not None:  # InstructPix2Pix: (text, image), (image), (neither)
         extra = jnp.concatenate([x_extra, x_extra, jnp.zeros_like(x_extra)])
         out = self.apply_unet(unet_params, jnp.concatenate([x] * 3), t, cond, i, extra, **kw).astype(jnp.float32)
         text, image, uncond = jnp.split(out, 3)
-        return uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
-      if not guided and not pag_layers:
+        guided_out = uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
+      elif not guided and not pag_layers:
         return self.apply_unet(unet_params, x, t, cond, i, x_extra, **kw).astype(jnp.float32)
-      copies = (2 if guided else 1) + (1 if pag_layers else 0)  # [uncond,] cond[, perturbed cond]
-      extra = None if x_extra is None else jnp.concatenate([x_extra] * copies)
-      perturbed = dict(pag_layers=pag_layers, pag_rows=x.shape[0]) if pag_layers else {}
-      out = self.apply_unet(unet_params, jnp.concatenate([x] * copies), t, cond, i, extra, **kw,
-                            **perturbed).astype(jnp.float32)
-      parts = jnp.split(out, copies)
-      uncond, text = parts[:2] if guided else (None, parts[0])
-      guided_out = uncond + guidance_scale * (text - uncond) if guided else text
-      if pag_layers:  # as diffusers' `_apply_perturbed_attention_guidance`
-        guided_out = guided_out + pag.scale_at(pag_scales, t) * (text - parts[-1])
+      else:
+        copies = (2 if guided else 1) + (1 if pag_layers else 0)  # [uncond,] cond[, perturbed cond]
+        extra = None if x_extra is None else jnp.concatenate([x_extra] * copies)
+        perturbed = dict(pag_layers=pag_layers, pag_rows=x.shape[0]) if pag_layers else {}
+        out = self.apply_unet(unet_params, jnp.concatenate([x] * copies), t, cond, i, extra, **kw,
+                              **perturbed).astype(jnp.float32)
+        parts = jnp.split(out, copies)
+        uncond, text = parts[:2] if guided else (None, parts[0])
+        guided_out = uncond + guidance_scale * (text - uncond) if guided else text
+        if pag_layers:  # as diffusers' `_apply_perturbed_attention_guidance`
+          guided_out = guided_out + pag.scale_at(pag_scales, t) * (text - parts[-1])
       if guidance_rescale is None:
         return guided_out
       axes = tuple(range(1, out.ndim))
@@ -275,6 +276,11 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     an instruction says (`instruct_pix2pix`)."""
     return self.unet.config.in_channels == 2 * self.vae.config.latent_channels
 
+  def pix2pix_image_latents(self, modes: jax.Array) -> jax.Array:
+    """What an InstructPix2Pix U-Net sees of the image: the VAE posterior's mode, unscaled, as diffusers' pipelines
+    (SDXL's scale it for a CosXL Edit folder)."""
+    return modes
+
   def check_parts(self, where: str) -> None:
     """Raises a ValueError naming `where` when the networks cannot work together (parts of different models)."""
     u, width, lc = self.unet.config, self.text_encoder.config.hidden_size, self.vae.config.latent_channels
@@ -296,8 +302,8 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
                          f"{2 * lc + 1} (an inpainting U-Net: latents + mask + masked-image latents).")
     elif task == "pix2pix":
       if not self.INSTRUCT_PIX2PIX:
-        raise ValueError(f"InstructPix2Pix is implemented for SD 1.x / 2.x pipelines (diffusers' "
-                         f"StableDiffusionInstructPix2PixPipeline), not on a {type(self).__name__}.")
+        raise ValueError(f"InstructPix2Pix is implemented for SD and SDXL pipelines (diffusers' "
+                         f"StableDiffusion(XL)InstructPix2PixPipeline), not on a {type(self).__name__}.")
       if not self.pix2pix_unet:
         raise ValueError(f"this U-Net takes {c} input channels; InstructPix2Pix needs {2 * lc} (latents + the image's "
                          "latents, e.g. timbrooks/instruct-pix2pix): edit with img2img (StableDiffusion.img2img) "
@@ -409,7 +415,7 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       if concat:
         x_extra = jnp.concatenate([mask, masked_image_latents], axis=-1).astype(jnp.float32)
       elif task == "pix2pix":  # the image's latents (the VAE posterior's mode, unscaled), as diffusers
-        x_extra = image_latents.astype(jnp.float32)
+        x_extra = self.pix2pix_image_latents(image_latents.astype(jnp.float32))
 
       def blend(i, x):  # diffusers' latent blend: the known region, noised to the next call's level
         known = samplers.noise_latents(schedule, image_latents, noise, i + 1)

@@ -87,7 +87,7 @@ class StableDiffusionControlNet(StableDiffusion):
 
   controlnets: tuple = ()
   controlnet_params: tuple = ()
-  INSTRUCT_PIX2PIX: ClassVar[bool] = False  # (StableDiffusion.instruct_pix2pix: SD's pipeline only)
+  INSTRUCT_PIX2PIX: ClassVar[bool] = False  # (instruct_pix2pix: the plain SD and SDXL pipelines only)
 
   @classmethod
   def from_pipeline(cls, pipe: StableDiffusion, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):

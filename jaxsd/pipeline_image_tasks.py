@@ -125,6 +125,12 @@ class ImageTasksMixin:
         default: the VAE posterior's mode of `images`.
       long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
     """
+    return self._instruct_pix2pix(prompts, images, negative_prompts, steps, guidance_scale, image_guidance_scale,
+                                  sampler, seed, output, latents, image_latents,
+                                  text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta)
+
+  def _instruct_pix2pix(self, prompts, images, negative_prompts, steps, guidance_scale, image_guidance_scale, sampler,
+                        seed, output, latents, image_latents, **run_options):
     self.check_task("pix2pix")
     if self.ip_adapters or self.pag_applied_layers is not None:
       raise ValueError("instruct_pix2pix does not take a loaded IP-Adapter or Perturbed-Attention Guidance (no "
@@ -135,7 +141,8 @@ class ImageTasksMixin:
     given = negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
                                                                           image_latents, steps, sampler, 1.0, output,
-                                                                          guidance_scale, "pix2pix", eta)
+                                                                          guidance_scale, "pix2pix",
+                                                                          run_options.get("eta", 0.0))
     b = len(prompts)
     if image_latents is None:
       image_latents = self._mode_encoder()(self.vae_params, jnp.asarray(images))
@@ -145,9 +152,8 @@ class ImageTasksMixin:
                        f" for {b} images of {height}x{width}.")
     noise = self._given_noise(latents, "latents", b, height, width, seed)
     return self._run("pix2pix", True, prompts, None if given is None else negative_prompts, steps, sampler, 1.0,
-                     guidance_scale, seed, noise, output,
-                     text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
-                     image_guidance_scale=image_guidance_scale, image_latents=image_latents)
+                     guidance_scale, seed, noise, output, image_guidance_scale=image_guidance_scale,
+                     image_latents=image_latents, **run_options)
 
   def encode_image_modes(self, vae_params, images: jax.Array) -> jax.Array:
     """Images in [0, 1] NHWC -> the VAE posterior's mode, unscaled: InstructPix2Pix's image latents (diffusers'

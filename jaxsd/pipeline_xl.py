@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,6 @@ class StableDiffusionXL(pipeline.StableDiffusion):
   text_encoder_2_params: Any = None
   tokenizer_2: Any = None
   model_index: dict = dataclasses.field(default_factory=dict)
-  INSTRUCT_PIX2PIX: ClassVar[bool] = False  # (StableDiffusion.instruct_pix2pix: SD's pipeline only)
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,
@@ -223,6 +222,11 @@ class StableDiffusionXL(pipeline.StableDiffusion):
     if stats is None:
       return z * self.vae.config.scaling_factor
     return (z - stats[0]) * self.vae.config.scaling_factor / stats[1]
+
+  def pix2pix_image_latents(self, modes: jax.Array) -> jax.Array:
+    """The image's latents an InstructPix2Pix U-Net sees: the posterior's mode, times scaling_factor for a CosXL Edit
+    folder (model_index.json's `is_cosxl_edit`), as diffusers' StableDiffusionXLInstructPix2PixPipeline."""
+    return modes * self.vae.config.scaling_factor if self.model_index.get("is_cosxl_edit") else modes
 
   def unscale_latents(self, latents: jax.Array) -> jax.Array:
     stats = self._latent_stats()
@@ -445,6 +449,23 @@ class StableDiffusionXL(pipeline.StableDiffusion):
                                 denoising_end=denoising_end, eta=eta,
                                 **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks),
                                 **pag.call_options(pag_scale, pag_adaptive_scale))
+
+  def instruct_pix2pix(self, prompts, images, negative_prompts=None, steps: int = 100, guidance_scale: float = 5.0,
+                       image_guidance_scale: float = 1.5, sampler: str | None = None, seed: int = 0, output: str = "np",
+                       latents=None, image_latents=None, *, prompts_2=None, negative_prompts_2=None, original_size=None,
+                       crops_coords_top_left=(0, 0), target_size=None, guidance_rescale: float = 0.0,
+                       denoising_end: float | None = None, long_prompts: bool = False, prompt_weighting: bool = False,
+                       eta: float = 0.0):
+    """Edits each image as its prompt instructs, as diffusers' StableDiffusionXLInstructPix2PixPipeline
+    (diffusers/sdxl-instructpix2pix-768; a CosXL Edit folder's image latents scaled, `pix2pix_image_latents`):
+    `StableDiffusion.instruct_pix2pix` with SDXL's arguments of `__call__` (its size conditioning, the same for the
+    three U-Net copies; `guidance_rescale` on the guided output against the text copy's). The output is the images'
+    size: diffusers resizes the image to height x width (default the model's size) first; resize it so here."""
+    options = text_options(prompts_2, negative_prompts_2, original_size, crops_coords_top_left, target_size, None,
+                           (0, 0), None, **prompt_syntax.options(long_prompts, prompt_weighting))
+    return self._instruct_pix2pix(prompts, images, negative_prompts, steps, guidance_scale, image_guidance_scale,
+                                  sampler, seed, output, latents, image_latents, text_options=options,
+                                  guidance_rescale=guidance_rescale, denoising_end=denoising_end, eta=eta)
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This SDXL base model steered by SDXL ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionXLControlNet`,

@@ -253,6 +253,7 @@ def test_every_calls_defaults_are_diffusers():
       (pipeline_xl.StableDiffusionXL.__call__, "StableDiffusionXLPipeline"),
       (pipeline_xl.StableDiffusionXL.img2img, "StableDiffusionXLImg2ImgPipeline"),
       (pipeline_xl.StableDiffusionXL.inpaint, "StableDiffusionXLInpaintPipeline"),
+      (pipeline_xl.StableDiffusionXL.instruct_pix2pix, "StableDiffusionXLInstructPix2PixPipeline"),
       (pc.StableDiffusionControlNet.__call__, "StableDiffusionControlNetPipeline"),
       (pc.StableDiffusionControlNet.img2img, "StableDiffusionControlNetImg2ImgPipeline"),
       (pc.StableDiffusionControlNet.inpaint, "StableDiffusionControlNetInpaintPipeline"),

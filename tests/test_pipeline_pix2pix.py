@@ -3,6 +3,7 @@ StableDiffusionInstructPix2PixPipeline on a tiny random folder saved to disk, in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import jaxsd
-from jaxsd import generate
+from jaxsd import generate, pipeline_xl
 from sample import __main__ as sample_main
 from tests import reference
 
@@ -168,3 +169,61 @@ def test_sample_command_edits_the_init_image(folder, pipes, tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def xl_pipes(tmp_path_factory):
+  c = reference.tiny_sdxl_components(in_channels=8)
+  tpipe = diffusers.StableDiffusionXLInstructPix2PixPipeline(vae=c["vae"], text_encoder=c["text_encoder"],
+                                                             text_encoder_2=c["text_encoder_2"],
+                                                             tokenizer=c["tokenizer"], tokenizer_2=c["tokenizer_2"],
+                                                             unet=c["unet"], scheduler=c["scheduler"],
+                                                             force_zeros_for_empty_prompt=True, add_watermarker=False)
+  tpipe.set_progress_bar_config(disable=True)
+  folder = str(tmp_path_factory.mktemp("xl_pix2pix"))
+  tpipe.save_pretrained(folder)
+  return folder, tpipe, pipeline_xl.StableDiffusionXL.from_pretrained(folder)
+
+
+def _theirs_xl(tpipe, sampler, images, latents, steps, guidance, image_guidance, **kw):
+  tpipe.scheduler = SAMPLERS[sampler].from_config(tpipe.scheduler.config)
+  with torch.no_grad():
+    out = tpipe(PROMPTS, image=[Image.fromarray(im) for im in images], num_inference_steps=steps,
+                guidance_scale=guidance, image_guidance_scale=image_guidance, height=HW, width=HW,
+                latents=reference.nhwc_to_nchw(latents), output_type="latent", **kw)
+  return reference.nchw_to_nhwc(out.images)
+
+
+@pytest.mark.parametrize("options", [{}, {
+    "negative_prompt": NEGATIVE,
+    "guidance_rescale": 0.7
+}, {
+    "cosxl": True
+}], ids=["zero-negatives", "negatives-rescaled", "cosxl-edit"])
+def test_sdxl_latents_match_diffusers(xl_pipes, options):
+  """SDXL (StableDiffusionXLInstructPix2PixPipeline): the size conditioning on all three copies, zero unconditional
+  embeddings without negative prompts (force_zeros_for_empty_prompt), guidance_rescale against the text copy, and a
+  CosXL Edit folder's scaled image latents (model_index.json's is_cosxl_edit): latents within 1e-4 of diffusers';
+  `generate` (the command line's path) writes what the call makes."""
+  folder, tpipe, pipe = xl_pipes
+  options = dict(options)
+  cosxl = options.pop("cosxl", False)
+  tpipe.is_cosxl_edit = cosxl
+  if cosxl:  # (a pipeline object of its own: programs are traced per object)
+    pipe = dataclasses.replace(pipe, model_index=dict(pipe.model_index, is_cosxl_edit=True))
+  images, latents = _images(6), np.asarray(pipe.noise(2, len(PROMPTS), HW, HW))
+  ours = pipe.instruct_pix2pix(PROMPTS, images, negative_prompts=options.get("negative_prompt"), steps=3,
+                               guidance_scale=5.0, image_guidance_scale=1.5, sampler="euler", latents=latents,
+                               output="latent", guidance_rescale=options.get("guidance_rescale", 0.0))
+  ref = _theirs_xl(tpipe, "euler", images, latents, 3, 5.0, 1.5, **options)
+  diff = np.abs(ours - ref).max()
+  assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"{options}: max |diff| {diff}"
+  if not options and not cosxl:  # `generate` (python -m sample's path, pmapped) edits as the call does
+    got = generate.generate(pipe, PROMPTS[:1], steps=3, sampler="euler", init_image=images[:1], seed=3,
+                            progress=False).images[0]
+    want = pipe.instruct_pix2pix(PROMPTS[:1], images[:1], steps=3, sampler="euler", seed=3)[0]
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+  if cosxl:
+    plain = xl_pipes[2].instruct_pix2pix(PROMPTS, images, steps=3, guidance_scale=5.0, sampler="euler", latents=latents,
+                                         output="latent")
+    assert np.abs(plain - ours).max() > 100 * diff  # the scaling is seen
