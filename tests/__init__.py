@@ -19,6 +19,15 @@
 # 1,309 s were XLA compiles (5,744 of them; 94 persistent-cache hits), 586 s Python tracing, 145 s lowering.
 # Most of the tracing was `pretrained.abstract_params` tracing a network's init on every load: it is now
 # remembered per configuration (trace time of the files measured after the change: 279 -> 148 s).
+# Tried on 2026-12-07 evening (same VM), not taken: OMP_NUM_THREADS=1 (test_pipeline, test_pipeline_sdxl,
+# test_ip_adapter, models/test_unet with -n 2: 274 s against 271 s); for compile time, a tiny U-Net's train step
+# (6.7-7.5 s to compile either way, ~1.5 s of it tracing and lowering) with --xla_cpu_parallel_codegen_split_count=1,
+# --xla_cpu_copy_insertion_use_region_analysis=false, --xla_cpu_enable_concurrency_optimized_scheduler=false,
+# --xla_cpu_emitter_verification_level=0 or --xla_cpu_use_xnnpack=false: no change. What the smoke config's run
+# (tests/training/test_run.py's `trained`, 103 s under cProfile) spends: 46 s in 154 XLA compiles (the U-Net stage's
+# train step 13.8 s, its scratch init 10.1 s: a tiny U-Net's init, 494 parameters each drawn by its own threefry,
+# compiles in 13.9 s, HLO passes and LLVM half each, longer than its train step), 21 s tracing, 7 s lowering,
+# ~10 s running steps. The suite's time is distinct programs compiled once each, not repeats.
 XLA_OPTIMIZATION_FLAG = "--xla_backend_optimization_level=0"
 
 
