@@ -71,9 +71,8 @@ class FoldersMixin:
     ancestral); "auto" (`single_file.guess_config`: v2 when the text encoder is OpenCLIP's, else v1, -inpainting
     for a 9-channel U-Net, instruct-pix2pix for an 8-channel SD 1.x one, as diffusers infers the type); or a
     diffusers Stable Diffusion folder whose configs, tokenizer and scheduler describe the checkpoint (its own weights
-    are not read). `vae` (a VAE folder,
-    Hub id or file, as `swap_vae` reads them) replaces the file's VAE, as diffusers' `from_single_file(..., vae=)`;
-    a file that ships without one needs it.
+    are not read). `vae` (a VAE folder, Hub id or file, as `swap_vae` reads them) replaces the file's VAE, as
+    diffusers' `from_single_file(..., vae=)`; a file that ships without one needs it.
     """
     config = os.fspath(config)
     state_dict = single_file.read(path, allow_pickle)
