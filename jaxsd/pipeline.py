@@ -26,11 +26,7 @@ from jaxsd.diffusion import samplers, schedules
 from jaxsd.models.embeddings import guidance_scale_embedding
 
 OUTPUTS = ("np", "pil", "latent")
-# How the initial latents are made and what the U-Net sees: text-to-image starts from noise; img2img
-# from the image's latents noised to the first timestep; inpainting from either (noise at strength 1,
-# as diffusers) with the mask and masked image concatenated (9-channel U-Nets) or the known region
-# re-noised after every step (4-channel U-Nets, diffusers' latent blend).
-TASKS = ("text", "img2img", "inpaint", "pix2pix")
+TASKS = pipeline_image_tasks.TASKS
 # model_index.json classes for which diffusers' AutoPipelineForImage2Image builds LatentConsistencyModelImg2ImgPipeline.
 LCM_PIPELINES = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 # The sampler that follows each diffusers scheduler class: the default sampler of a folder.
@@ -265,22 +261,6 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     f = self.vae.config.downsampling_factor
     return (batch, height // f, width // f, self.vae.config.latent_channels)
 
-  @property
-  def inpainting_unet(self) -> bool:
-    """A 9-channel U-Net (latents + mask + masked-image latents), such as runwayml's SD 1.5 inpainting."""
-    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
-
-  @property
-  def pix2pix_unet(self) -> bool:
-    """An 8-channel U-Net (latents + the image's latents), such as timbrooks/instruct-pix2pix: it edits an image as
-    an instruction says (`instruct_pix2pix`)."""
-    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels
-
-  def pix2pix_image_latents(self, modes: jax.Array) -> jax.Array:
-    """What an InstructPix2Pix U-Net sees of the image: the VAE posterior's mode, unscaled, as diffusers' pipelines
-    (SDXL's scale it for a CosXL Edit folder)."""
-    return modes
-
   def check_parts(self, where: str) -> None:
     """Raises a ValueError naming `where` when the networks cannot work together (parts of different models)."""
     u, width, lc = self.unet.config, self.text_encoder.config.hidden_size, self.vae.config.latent_channels
@@ -290,35 +270,6 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     if u.out_channels != lc:
       raise ValueError(f"{where}: the U-Net predicts {u.out_channels} channels but the VAE's latents have {lc}: the "
                        "parts are of different models.")
-
-  def check_task(self, task: str) -> None:
-    """Raises a ValueError if this model's U-Net cannot do `task` (one of TASKS), saying what to call instead."""
-    c, lc = self.unet.config.in_channels, self.vae.config.latent_channels
-    if task not in TASKS:
-      raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}.")
-    if task == "inpaint":
-      if c not in (lc, 2 * lc + 1):
-        raise ValueError(f"this U-Net takes {c} input channels; inpainting needs {lc} (latent blend) or "
-                         f"{2 * lc + 1} (an inpainting U-Net: latents + mask + masked-image latents).")
-    elif task == "pix2pix":
-      if not self.INSTRUCT_PIX2PIX:
-        raise ValueError(f"InstructPix2Pix is implemented for SD and SDXL pipelines (diffusers' "
-                         f"StableDiffusion(XL)InstructPix2PixPipeline), not on a {type(self).__name__}.")
-      if not self.pix2pix_unet:
-        raise ValueError(f"this U-Net takes {c} input channels; InstructPix2Pix needs {2 * lc} (latents + the image's "
-                         "latents, e.g. timbrooks/instruct-pix2pix): edit with img2img (StableDiffusion.img2img) "
-                         "instead.")
-    elif self.pix2pix_unet:
-      raise ValueError(f"this is an InstructPix2Pix U-Net ({c} input channels: latents + the image's latents); it only "
-                       "edits an image as the prompt instructs: give the image (StableDiffusion.instruct_pix2pix; "
-                       "--init-image on the command line).")
-    elif self.inpainting_unet:
-      raise ValueError(f"this is an inpainting U-Net ({c} input channels: latents + mask + masked-image latents); "
-                       "it only inpaints: give an image and a mask (StableDiffusion.inpaint; --init-image and --mask "
-                       "on the command line).")
-    elif c != lc:
-      raise ValueError(f"this U-Net takes {c} input channels but the VAE's latents have {lc}: it is not a "
-                       f"{'text' if task == 'text' else 'image'}-to-image model.")
 
   @property
   def default_sampler(self) -> str:

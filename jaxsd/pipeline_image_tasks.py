@@ -1,6 +1,7 @@
-"""img2img and inpainting on a `jaxsd.pipeline.StableDiffusion` (SDXL's and the ControlNet pipelines' too): checking
-the images, masks and latents each takes, encoding them, and inpainting a crop around the mask; the run itself is the
-pipeline's (`StableDiffusion._run`, the compiled program's task "img2img" or "inpaint").
+"""img2img, inpainting and InstructPix2Pix on a `jaxsd.pipeline.StableDiffusion` (SDXL's and, but for InstructPix2Pix,
+the ControlNet pipelines' too): which of them a model's U-Net can do, checking the images, masks and latents each
+takes, encoding them, and inpainting a crop around the mask; the run itself is the pipeline's (`StableDiffusion._run`,
+the compiled program's task "img2img", "inpaint" or "pix2pix").
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import conditioning, ip_adapter, mask_crop, pag, prompt_syntax
+
+# How the initial latents are made and what the U-Net sees: text-to-image starts from noise; img2img
+# from the image's latents noised to the first timestep; inpainting from either (noise at strength 1,
+# as diffusers) with the mask and masked image concatenated (9-channel U-Nets) or the known region
+# re-noised after every step (4-channel U-Nets, diffusers' latent blend); InstructPix2Pix ("pix2pix") from
+# noise, with the image's latents concatenated (8-channel U-Nets).
+TASKS = ("text", "img2img", "inpaint", "pix2pix")
 
 
 def finish(out: jax.Array, output: str):
@@ -23,8 +31,55 @@ def finish(out: jax.Array, output: str):
 
 
 class ImageTasksMixin:
-  """`img2img` and `inpaint` (as diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline) for
-  `jaxsd.pipeline.StableDiffusion`, whose `_run`, `check_inputs` and `sampling_schedule` they use."""
+  """`img2img`, `inpaint` and `instruct_pix2pix` (as diffusers' StableDiffusionImg2ImgPipeline,
+  StableDiffusionInpaintPipeline and StableDiffusionInstructPix2PixPipeline) for `jaxsd.pipeline.StableDiffusion`,
+  whose `_run`, `check_inputs` and `sampling_schedule` they use, and which task a model's U-Net can do
+  (`check_task`)."""
+
+  @property
+  def inpainting_unet(self) -> bool:
+    """A 9-channel U-Net (latents + mask + masked-image latents), such as runwayml's SD 1.5 inpainting."""
+    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+  @property
+  def pix2pix_unet(self) -> bool:
+    """An 8-channel U-Net (latents + the image's latents), such as timbrooks/instruct-pix2pix: it edits an image as
+    an instruction says (`instruct_pix2pix`)."""
+    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels
+
+  def pix2pix_image_latents(self, modes: jax.Array) -> jax.Array:
+    """What an InstructPix2Pix U-Net sees of the image: the VAE posterior's mode, unscaled, as diffusers' pipelines
+    (SDXL's scale it for a CosXL Edit folder)."""
+    return modes
+
+  def check_task(self, task: str) -> None:
+    """Raises a ValueError if this model's U-Net cannot do `task` (one of TASKS), saying what to call instead."""
+    c, lc = self.unet.config.in_channels, self.vae.config.latent_channels
+    if task not in TASKS:
+      raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}.")
+    if task == "inpaint":
+      if c not in (lc, 2 * lc + 1):
+        raise ValueError(f"this U-Net takes {c} input channels; inpainting needs {lc} (latent blend) or "
+                         f"{2 * lc + 1} (an inpainting U-Net: latents + mask + masked-image latents).")
+    elif task == "pix2pix":
+      if not self.INSTRUCT_PIX2PIX:
+        raise ValueError(f"InstructPix2Pix is implemented for SD and SDXL pipelines (diffusers' "
+                         f"StableDiffusion(XL)InstructPix2PixPipeline), not on a {type(self).__name__}.")
+      if not self.pix2pix_unet:
+        raise ValueError(f"this U-Net takes {c} input channels; InstructPix2Pix needs {2 * lc} (latents + the image's "
+                         "latents, e.g. timbrooks/instruct-pix2pix): edit with img2img (StableDiffusion.img2img) "
+                         "instead.")
+    elif self.pix2pix_unet:
+      raise ValueError(f"this is an InstructPix2Pix U-Net ({c} input channels: latents + the image's latents); it only "
+                       "edits an image as the prompt instructs: give the image (StableDiffusion.instruct_pix2pix; "
+                       "--init-image on the command line).")
+    elif self.inpainting_unet:
+      raise ValueError(f"this is an inpainting U-Net ({c} input channels: latents + mask + masked-image latents); "
+                       "it only inpaints: give an image and a mask (StableDiffusion.inpaint; --init-image and --mask "
+                       "on the command line).")
+    elif c != lc:
+      raise ValueError(f"this U-Net takes {c} input channels but the VAE's latents have {lc}: it is not a "
+                       f"{'text' if task == 'text' else 'image'}-to-image model.")
 
   def _image_inputs(self, prompts, negative_prompts, images, image_latents, steps, sampler, strength, output,
                     guidance_scale, task, eta: float = 0.0):
