@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import conditioning, mask_crop, pag, pipeline_controlnet
+from jaxsd import conditioning, mask_crop, pag, pipeline_controlnet, pipeline_image_tasks
 from jaxsd.image_grid import contact_sheet
 from jaxsd.pipeline import StableDiffusion
 from jaxsd.pipeline_controlnet import StableDiffusionControlNet
@@ -198,13 +198,16 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if control_images is not None and not controlled:
     raise ValueError("control images without ControlNets: steer the pipeline with pipe.with_controlnet(...).")
   pipe.check_task(task)
-  call = {"text": pipe.__call__, "img2img": pipe.img2img, "inpaint": pipe.inpaint}.get(task)  # what each job is
+  call = {  # what each job is
+      "text": pipe.__call__,
+      "img2img": pipe.img2img,
+      "inpaint": pipe.inpaint,
+      "pix2pix": pipe.instruct_pix2pix
+  }[task]
   if task == "pix2pix":
-    call = pipe.instruct_pix2pix
-    if image_guidance_scale is None:
+    if image_guidance_scale is None:  # the call's own, diffusers' 1.5
       image_guidance_scale = inspect.signature(call).parameters["image_guidance_scale"].default
-    if not np.isfinite(image_guidance_scale):
-      raise ValueError(f"image_guidance_scale={image_guidance_scale}: use a finite number (diffusers' default 1.5).")
+    pipeline_image_tasks.check_image_guidance_scale(image_guidance_scale)
   if guidance_scale is None and pipe.guidance_embedded:  # the pipeline diffusers builds for such a folder
     guidance_scale = LCM_GUIDANCE
   elif guidance_scale is None:  # the call's own, as diffusers' (7.5; SDXL's 5)

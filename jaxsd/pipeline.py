@@ -442,10 +442,11 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
     """Programs saved ahead of time, by `exported_key`: `jaxsd.aot.load_programs` fills it."""
     return {}
 
-  def _encoder(self):
-    key = ("encode",) + self.vae_key()
+  def _encoder(self, mode: bool = False):
+    """`encode_images` jitted (per VAE tiling / slicing setting); `mode`: `encode_image_modes` (InstructPix2Pix's)."""
+    key = ("encode_mode" if mode else "encode",) + self.vae_key()
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(self.encode_images)
+      self._compiled[key] = jax.jit(self.encode_image_modes if mode else self.encode_images)
     return self._compiled[key]
 
   # --- user entry points -----------------------------------------------------------------------

@@ -20,6 +20,12 @@ from jaxsd import conditioning, ip_adapter, mask_crop, pag, prompt_syntax
 TASKS = ("text", "img2img", "inpaint", "pix2pix")
 
 
+def check_image_guidance_scale(value: float) -> None:
+  """InstructPix2Pix's image guidance: any finite number (below 1: no guidance, as diffusers)."""
+  if not np.isfinite(value):
+    raise ValueError(f"image_guidance_scale={value}: use a finite number (diffusers' default 1.5).")
+
+
 def finish(out: jax.Array, output: str):
   """A program's images as the call returns them: uint8 NHWC numpy ("np"), or a list of PIL images ("pil")."""
   out = np.asarray(jax.device_get(out))
@@ -103,8 +109,12 @@ class ImageTasksMixin:
     self.sampling_schedule(sampler, steps, strength, task, eta=eta)  # raises for a bad strength or eta
     return prompts, negative_prompts, images, height, width
 
-  def _image_latents(self, images, image_latents, seed, name="image_latents"):
+  def _image_latents(self, images, image_latents, seed, name="image_latents", mode: bool = False):
+    """The given latents checked against the images, or the images encoded: a posterior sample from
+    `posterior_keys(seed, B)`, scaled; with `mode`, the posterior's mode, unscaled (InstructPix2Pix's)."""
     b, h, w = images.shape[:3] if images is not None else np.shape(image_latents)[:3]
+    if image_latents is None and mode:
+      return self._encoder(mode=True)(self.vae_params, jnp.asarray(images))
     if image_latents is None:
       return self._encoder()(self.vae_params, jnp.asarray(images), self.posterior_keys(seed, b))
     image_latents = jnp.asarray(image_latents, jnp.float32)
@@ -190,8 +200,7 @@ class ImageTasksMixin:
     if self.ip_adapters or self.pag_applied_layers is not None:
       raise ValueError("instruct_pix2pix does not take a loaded IP-Adapter or Perturbed-Attention Guidance (no "
                        "diffusers InstructPix2Pix pipeline here does): unload_ip_adapter() / disable_pag() first.")
-    if not np.isfinite(image_guidance_scale):
-      raise ValueError(f"image_guidance_scale={image_guidance_scale}: use a finite number (diffusers' default 1.5).")
+    check_image_guidance_scale(image_guidance_scale)
     sampler = sampler or self.default_sampler
     given = negative_prompts
     prompts, negative_prompts, images, height, width = self._image_inputs(prompts, negative_prompts, images,
@@ -199,13 +208,10 @@ class ImageTasksMixin:
                                                                           guidance_scale, "pix2pix",
                                                                           run_options.get("eta", 0.0))
     b = len(prompts)
-    if image_latents is None:
-      image_latents = self._mode_encoder()(self.vae_params, jnp.asarray(images))
-    image_latents = jnp.asarray(image_latents, jnp.float32)
-    if image_latents.shape != self.latent_shape(b, height, width):
-      raise ValueError(f"image_latents have shape {image_latents.shape}; expected {self.latent_shape(b, height, width)}"
-                       f" for {b} images of {height}x{width}.")
+    image_latents = self._image_latents(images, image_latents, seed, mode=True)
     noise = self._given_noise(latents, "latents", b, height, width, seed)
+    if image_latents.shape != noise.shape:  # (given without images: their channels, as img2img)
+      raise ValueError(f"image_latents have shape {image_latents.shape}; expected {noise.shape}.")
     return self._run("pix2pix", True, prompts, None if given is None else negative_prompts, steps, sampler, 1.0,
                      guidance_scale, seed, noise, output, image_guidance_scale=image_guidance_scale,
                      image_latents=image_latents, **run_options)
@@ -215,12 +221,6 @@ class ImageTasksMixin:
     `retrieve_latents(..., sample_mode="argmax")`)."""
     post = self.vae_encode(vae_params, (images * 2 - 1).astype(self.vae.dtype))
     return post.mean.astype(jnp.float32)
-
-  def _mode_encoder(self):
-    key = ("encode_mode",) + self.vae_key()
-    if key not in self._compiled:
-      self._compiled[key] = jax.jit(self.encode_image_modes)
-    return self._compiled[key]
 
   def inpaint(self, prompts, images, mask_images, strength: float = 1.0, negative_prompts=None, steps: int = 50,
               guidance_scale: float = 7.5, sampler: str | None = None, seed: int = 0, output: str = "np", latents=None,

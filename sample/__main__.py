@@ -36,9 +36,9 @@ def parse(argv=None) -> argparse.Namespace:
       help="with a single-file --model: v1 (SD 1.5), v2 (SD 2.1 768 px, v-prediction), v1-inpainting, "
       "v2-inpainting (SD 2 inpainting, 512 px), instruct-pix2pix, xl (SDXL 1.0 base), xl-refiner, xl-inpainting "
       "(SDXL inpainting 0.1) or a diffusers SD / SDXL folder whose configs describe the checkpoint; auto: from its "
-      "keys, as diffusers: SDXL base when its text encoders are under conditioner.embedders.0 and .1, the refiner when OpenCLIP's alone "
-      "is under .0, else v2 when its text encoder is OpenCLIP's, else v1; -inpainting when its U-Net takes 9 "
-      "channels, instruct-pix2pix when an SD 1.x one takes 8")
+      "keys, as diffusers: SDXL base when its text encoders are under conditioner.embedders.0 and .1, the refiner "
+      "when OpenCLIP's alone is under .0, else v2 when its text encoder is OpenCLIP's, else v1; -inpainting when "
+      "its U-Net takes 9 channels, instruct-pix2pix when an SD 1.x one takes 8")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
   p.add_argument("--negative-prompt", default=None,
