@@ -56,8 +56,10 @@ def _theirs(tpipe, sampler, images, latents, steps, guidance, image_guidance, ne
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_latents_match_diffusers(pipes, sampler):
-  """Guided (three U-Net copies per call: text + image, image, neither), the final latents as diffusers' within the
-  pipelines' tolerance (1e-4 of their scale); the image and the prompt both move them (not a plain text-to-image)."""
+  """Guided (three U-Net copies per call: text + image, image, neither), the final latents as diffusers' within 3e-4 of
+  their scale; the image and the prompt both move them (not a plain text-to-image). The two guidance terms multiply
+  the U-Nets' float32 differences (7.5 + 1.5 here): under 1e-4 on an AVX-512 Intel host, 1.4e-4 for ddim on an AMD
+  EPYC host (torch's CPU capability AVX2: its kernels round otherwise)."""
   tpipe, pipe = pipes
   images, latents = _images(), np.asarray(pipe.noise(0, len(PROMPTS), HW, HW))
   kw = dict(negative_prompts=NEGATIVE, steps=4, guidance_scale=7.5, image_guidance_scale=1.5, sampler=sampler,
@@ -65,7 +67,7 @@ def test_latents_match_diffusers(pipes, sampler):
   ours = pipe.instruct_pix2pix(PROMPTS, images, **kw)
   ref = _theirs(tpipe, sampler, images, latents, 4, 7.5, 1.5)
   diff = np.abs(ours - ref).max()
-  assert diff < 1e-4 * max(1.0, np.abs(ref).max()), f"{sampler}: max |diff| {diff}"
+  assert diff < 3e-4 * max(1.0, np.abs(ref).max()), f"{sampler}: max |diff| {diff}"
   other_image = pipe.instruct_pix2pix(PROMPTS, _images(1), **kw)
   other_prompt = pipe.instruct_pix2pix(["make it blue", "add a hat"], images, **kw)
   assert np.abs(other_image - ours).max() > 100 * diff and np.abs(other_prompt - ours).max() > 100 * diff
