@@ -198,6 +198,8 @@ def generate(pipe: StableDiffusion, prompts: Sequence[str], *, num_images: int =
   if control_images is not None and not controlled:
     raise ValueError("control images without ControlNets: steer the pipeline with pipe.with_controlnet(...).")
   pipe.check_task(task)
+  if task == "pix2pix":
+    pipe.check_pix2pix_extras()
   call = {  # what each job is
       "text": pipe.__call__,
       "img2img": pipe.img2img,

@@ -59,6 +59,9 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
   # Whether `instruct_pix2pix` follows a diffusers pipeline here (StableDiffusion(XL)InstructPix2PixPipeline): SD
   # and SDXL; the ControlNets' and T2I-Adapters' subclasses say False.
   INSTRUCT_PIX2PIX: ClassVar[bool] = True
+  # Whether `instruct_pix2pix` takes a loaded IP-Adapter: diffusers' SD InstructPix2Pix pipeline does (IPAdapterMixin),
+  # its SDXL one does not.
+  PIX2PIX_IP_ADAPTER: ClassVar[bool] = True
 
   def with_controlnet(self, controlnets, dtype=None, param_dtype=None, allow_pickle: bool = False):
     """This model steered by ControlNets (`jaxsd.pipeline_controlnet.StableDiffusionControlNet`).
@@ -349,8 +352,7 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       if task == "pix2pix" and guided:  # (no text, text) -> (text, no text, no text), diffusers' rows
         if image_guidance_scale is None:
           raise ValueError("a guided pix2pix program takes image_guidance_scale.")
-        text_cond = jax.tree.map(lambda a: jnp.concatenate([a[a.shape[0] // 2:]] + [a[:a.shape[0] // 2]] * 2),
-                                 text_cond)
+        text_cond = jax.tree.map(pipeline_image_tasks.pix2pix_rows, text_cond)
       if pag_layers:  # the conditional rows once more, for the perturbed copy (`jaxsd.pag`)
         if pag_scales is None:
           raise ValueError("a program with pag_layers takes pag_scales (PAGMixin.pag_cond).")
@@ -376,6 +378,9 @@ class StableDiffusion(pipeline_image_tasks.ImageTasksMixin, pipeline_folders.Fol
       unet_inputs = None if ip_adapter is None else self.ip_adapter_unet_inputs(ip_adapter, guided, params["unet"])
       if freeu is not None:  # (no FreeU: today's program, exactly)
         unet_inputs = dict(unet_inputs or {}, freeu=freeu)
+      if task == "pix2pix" and guided and unet_inputs and "image_embeds" in unet_inputs:  # an IP-Adapter's rows too
+        unet_inputs = dict(unet_inputs, image_embeds=jax.tree.map(pipeline_image_tasks.pix2pix_rows,
+                                                                  unet_inputs["image_embeds"]))
       if pag_layers and unet_inputs and "image_embeds" in unet_inputs:  # an IP-Adapter's rows too
         unet_inputs = dict(unet_inputs, image_embeds=pag.with_perturbed_rows(unet_inputs["image_embeds"], guided))
       model_fn = self.denoiser(params["unet"], cond, guidance_scale, guided, guidance_rescale, x_extra, unet_inputs,

@@ -26,6 +26,13 @@ def check_image_guidance_scale(value: float) -> None:
     raise ValueError(f"image_guidance_scale={value}: use a finite number (diffusers' default 1.5).")
 
 
+def pix2pix_rows(a: jax.Array) -> jax.Array:
+  """A guided input's rows (unconditional half, conditional half) as a guided InstructPix2Pix program's three copies
+  want them, diffusers' order: (conditional, unconditional, unconditional)."""
+  half = a.shape[0] // 2
+  return jnp.concatenate([a[half:], a[:half], a[:half]])
+
+
 def finish(out: jax.Array, output: str):
   """A program's images as the call returns them: uint8 NHWC numpy ("np"), or a list of PIL images ("pil")."""
   out = np.asarray(jax.device_get(out))
@@ -171,7 +178,7 @@ class ImageTasksMixin:
   def instruct_pix2pix(self, prompts, images, negative_prompts=None, steps: int = 100, guidance_scale: float = 7.5,
                        image_guidance_scale: float = 1.5, sampler: str | None = None, seed: int = 0, output: str = "np",
                        latents=None, image_latents=None, long_prompts: bool = False, prompt_weighting: bool = False,
-                       eta: float = 0.0):
+                       eta: float = 0.0, ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None):
     """Edits each image as its prompt instructs ("make it snowy"), as diffusers' StableDiffusionInstructPix2PixPipeline
     (Brooks et al. 2023), with an 8-channel U-Net (`pix2pix_unet`, e.g. timbrooks/instruct-pix2pix).
 
@@ -189,17 +196,19 @@ class ImageTasksMixin:
       image_latents: the images' latents (B, h, w, c), unscaled (diffusers takes a 4-channel `image` as them);
         default: the VAE posterior's mode of `images`.
       long_prompts, prompt_weighting, eta: as text-to-image's (`__call__`).
+      ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks: a loaded IP-Adapter's, as text-to-image's: the
+        image's embeddings in the text copy, the unconditional ones (zeros; Plus: a zero image's) in the other two, as
+        diffusers' pipeline (`ip_adapter_image_embeds` in jaxsd's layout, the unconditional row first).
     """
-    return self._instruct_pix2pix(prompts, images, negative_prompts, steps, guidance_scale, image_guidance_scale,
-                                  sampler, seed, output, latents, image_latents,
-                                  text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta)
+    return self._instruct_pix2pix(
+        prompts, images, negative_prompts, steps, guidance_scale, image_guidance_scale, sampler, seed, output, latents,
+        image_latents, text_options=prompt_syntax.options(long_prompts, prompt_weighting), eta=eta,
+        **ip_adapter.call_options(ip_adapter_image, ip_adapter_image_embeds, ip_adapter_masks))
 
   def _instruct_pix2pix(self, prompts, images, negative_prompts, steps, guidance_scale, image_guidance_scale, sampler,
                         seed, output, latents, image_latents, **run_options):
     self.check_task("pix2pix")
-    if self.ip_adapters or self.pag_applied_layers is not None:
-      raise ValueError("instruct_pix2pix does not take a loaded IP-Adapter or Perturbed-Attention Guidance (no "
-                       "diffusers InstructPix2Pix pipeline here does): unload_ip_adapter() / disable_pag() first.")
+    self.check_pix2pix_extras()
     check_image_guidance_scale(image_guidance_scale)
     sampler = sampler or self.default_sampler
     given = negative_prompts
@@ -215,6 +224,16 @@ class ImageTasksMixin:
     return self._run("pix2pix", True, prompts, None if given is None else negative_prompts, steps, sampler, 1.0,
                      guidance_scale, seed, noise, output, image_guidance_scale=image_guidance_scale,
                      image_latents=image_latents, **run_options)
+
+  def check_pix2pix_extras(self) -> None:
+    """What `instruct_pix2pix` (and `generate` with an InstructPix2Pix model) refuses of this pipeline's settings, as
+    no diffusers InstructPix2Pix pipeline takes it: Perturbed-Attention Guidance; an IP-Adapter on SDXL's."""
+    if self.pag_applied_layers is not None:
+      raise ValueError("instruct_pix2pix does not take Perturbed-Attention Guidance (no diffusers InstructPix2Pix "
+                       "pipeline does): disable_pag() first.")
+    if self.ip_adapters and not self.PIX2PIX_IP_ADAPTER:
+      raise ValueError(f"{type(self).__name__}.instruct_pix2pix does not take a loaded IP-Adapter (diffusers' "
+                       "pipeline of this kind does not): unload_ip_adapter() first.")
 
   def encode_image_modes(self, vae_params, images: jax.Array) -> jax.Array:
     """Images in [0, 1] NHWC -> the VAE posterior's mode, unscaled: InstructPix2Pix's image latents (diffusers'

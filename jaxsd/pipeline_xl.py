@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ class StableDiffusionXL(pipeline.StableDiffusion):
   text_encoder_2_params: Any = None
   tokenizer_2: Any = None
   model_index: dict = dataclasses.field(default_factory=dict)
+  PIX2PIX_IP_ADAPTER: ClassVar[bool] = False  # (diffusers' StableDiffusionXLInstructPix2PixPipeline takes none)
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32, param_dtype=None, *, variant: str | None = None,

@@ -45,12 +45,12 @@ def _images(seed=0):
   return np.random.default_rng(seed).integers(0, 256, (len(PROMPTS), HW, HW, 3), dtype=np.uint8)
 
 
-def _theirs(tpipe, sampler, images, latents, steps, guidance, image_guidance, negative=NEGATIVE):
+def _theirs(tpipe, sampler, images, latents, steps, guidance, image_guidance, negative=NEGATIVE, **kw):
   tpipe.scheduler = SAMPLERS[sampler].from_config(tpipe.scheduler.config)
   with torch.no_grad():
     out = tpipe(PROMPTS, image=[Image.fromarray(im) for im in images], negative_prompt=negative,
                 num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
-                latents=reference.nhwc_to_nchw(latents), output_type="latent")
+                latents=reference.nhwc_to_nchw(latents), output_type="latent", **kw)
   return reference.nchw_to_nhwc(out.images)
 
 
@@ -128,6 +128,52 @@ def test_the_folder_and_what_an_instruct_pix2pix_unet_refuses(folder, pipes, tmp
   plain = reference.make_tiny_sd_folder(str(tmp_path / "plain"))
   with pytest.raises(ValueError, match="takes 4 input channels; InstructPix2Pix needs 8"):
     jaxsd.StableDiffusion.from_pretrained(plain).instruct_pix2pix(PROMPTS, _images(), steps=2)
+
+
+def test_ip_adapter_as_diffusers(folder, tmp_path):
+  """A loaded IP-Adapter (diffusers' SD InstructPix2Pix pipeline takes one; scale 0.7): the image's embeddings in the
+  text copy, the unconditional ones (zeros) in the other two, as diffusers' three-chunk rows. Final latents within
+  3e-4 of diffusers', guided and unguided (one copy), for one image every prompt sees and with the embeddings given;
+  the adapter's image moves them. PAG is refused (test_sdxl_refuses_an_ip_adapter: SDXL's)."""
+  from tests import test_ip_adapter
+
+  tpipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, safety_checker=None)
+  tpipe.set_progress_bar_config(disable=True)
+  adapter = test_ip_adapter.make_adapter_folder(str(tmp_path / "adapter"), tpipe.unet)
+  tpipe.load_ip_adapter(adapter, subfolder="", weight_name=test_ip_adapter.WEIGHT, image_encoder_folder="image_encoder")
+  pipe = jaxsd.StableDiffusion.from_pretrained(folder)
+  pipe.load_ip_adapter(adapter, weight_name=test_ip_adapter.WEIGHT)
+  tpipe.set_ip_adapter_scale(0.7)
+  pipe.set_ip_adapter_scale(0.7)
+  ip_image, other = test_ip_adapter._images(2, seed=3)
+  images, latents = _images(4), np.asarray(pipe.noise(4, len(PROMPTS), HW, HW))
+  diffs = {}
+  for guidance, image_guidance in ((7.5, 1.5), (1.0, 1.5)):
+    kw = dict(negative_prompts=NEGATIVE, steps=3, guidance_scale=guidance, image_guidance_scale=image_guidance,
+              sampler="euler", latents=latents, output="latent")
+    ref = _theirs(tpipe, "euler", images, latents, 3, guidance, image_guidance, ip_adapter_image=ip_image)
+    ours = pipe.instruct_pix2pix(PROMPTS, images, ip_adapter_image=ip_image, **kw)
+    scale = max(1.0, np.abs(ref).max())
+    diffs[guidance, image_guidance] = np.abs(ours - ref).max() / scale
+    assert diffs[guidance, image_guidance] < 3e-4, (guidance, image_guidance, diffs)
+    moved = pipe.instruct_pix2pix(PROMPTS, images, ip_adapter_image=other, **kw)
+    assert np.abs(moved - ours).max() > 1e-2 * scale  # (an adapter left out of any copy fails the parity above)
+    if guidance > 1:
+      with torch.no_grad():  # diffusers' SD layout (unconditional row first), as every jaxsd call takes them
+        embeds = torch.cat(tpipe.encode_image(ip_image, "cpu", 1)[::-1])[:, None]
+      given = pipe.instruct_pix2pix(PROMPTS, images, ip_adapter_image_embeds=[embeds.numpy()], **kw)
+      assert np.abs(given - ref).max() / scale < 3e-4
+  print("pix2pix IP-Adapter max scaled |diff|:", {k: f"{v:.1e}" for k, v in diffs.items()})
+  # `python -m sample`'s path (pmapped, per-job keys): the call's images with the same seed, within a level.
+  got = generate.generate(pipe, PROMPTS[:1], steps=3, sampler="euler", init_image=images[:1], seed=3,
+                          ip_adapter_image=ip_image, progress=False).images[0]
+  want = pipe.instruct_pix2pix(PROMPTS[:1], images[:1], steps=3, sampler="euler", seed=3, ip_adapter_image=ip_image)[0]
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+  pipe.enable_pag(["mid"])
+  for run in (lambda: pipe.instruct_pix2pix(PROMPTS, images, ip_adapter_image=ip_image, steps=2), lambda: generate.
+              generate(pipe, PROMPTS[:1], steps=2, init_image=images[:1], ip_adapter_image=ip_image, progress=False)):
+    with pytest.raises(ValueError, match="Perturbed-Attention Guidance .* disable_pag"):
+      run()
 
 
 def test_sample_command_edits_the_init_image(folder, pipes, tmp_path, capsys):
@@ -229,3 +275,17 @@ def test_sdxl_latents_match_diffusers(xl_pipes, options):
     plain = xl_pipes[2].instruct_pix2pix(PROMPTS, images, steps=3, guidance_scale=5.0, sampler="euler", latents=latents,
                                          output="latent")
     assert np.abs(plain - ours).max() > 100 * diff  # the scaling is seen
+
+
+def test_sdxl_refuses_an_ip_adapter(xl_pipes, tmp_path):
+  """diffusers' StableDiffusionXLInstructPix2PixPipeline takes no IP-Adapter: a loaded one is refused, saying so."""
+  from tests import test_ip_adapter
+
+  folder, tpipe, _ = xl_pipes
+  pipe = pipeline_xl.StableDiffusionXL.from_pretrained(folder)
+  adapter = test_ip_adapter.make_adapter_folder(str(tmp_path / "adapter"), tpipe.unet)
+  pipe.load_ip_adapter(adapter, weight_name=test_ip_adapter.WEIGHT)
+  for run in (lambda: pipe.instruct_pix2pix(PROMPTS, _images(), steps=2),
+              lambda: generate.generate(pipe, PROMPTS[:1], steps=2, init_image=_images()[:1], progress=False)):
+    with pytest.raises(ValueError, match="StableDiffusionXL.instruct_pix2pix does not take a loaded IP-Adapter"):
+      run()
