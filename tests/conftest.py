@@ -24,6 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the parity files ran 35-45% slower side by side than with passive waiting (tests/__init__.py). Read by
 # libgomp when torch is first imported, which is after this file.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Only programs that took 2 s or more to compile go to the cache (the library's default is 0.5 s), here and in the
+# subprocesses: on 2026-12-07 night (AMD EPYC VM) one worker died in XLA's executable.serialize() while writing an
+# entry (a segfault; the test passed in the other whole run and alone twice), and pytest-xdist then hung instead of
+# ending. The hits that matter (train steps, sampling programs in `python -m train` / `sample` subprocesses) are of
+# programs that take seconds to compile; the many sub-second ones were written for little.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 if "JAXSD_CACHE_DIR" not in os.environ:
   os.environ["JAXSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsd-tests-xla-")
   atexit.register(shutil.rmtree, os.environ["JAXSD_CACHE_DIR"], ignore_errors=True)
