@@ -1,8 +1,8 @@
 """Test setup: 8 simulated CPU devices (sharding tests), XLA's CPU code generated at -O0 (tests/__init__.py:
 the suite's time is mostly compilation), fp32 matmuls at full precision, and one
-persistent XLA compilation cache for the session, shared with the subprocesses the tests start: the
-same tiny models are compiled by many tests and by `python -m train` / `python -m sample` subprocesses,
-and a cache hit is the same executable (results are unchanged, bit for bit)."""
+persistent XLA compilation cache shared by the `python -m train` / `python -m sample` subprocesses the tests start
+(a hit is the same executable: results are unchanged, bit for bit). The test processes themselves do not use it
+(see below)."""
 
 import atexit
 import os
@@ -24,11 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the parity files ran 35-45% slower side by side than with passive waiting (tests/__init__.py). Read by
 # libgomp when torch is first imported, which is after this file.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Only programs that took 2 s or more to compile go to the cache (the library's default is 0.5 s), here and in the
-# subprocesses: on 2026-12-07 night (AMD EPYC VM) one worker died in XLA's executable.serialize() while writing an
-# entry (a segfault; the test passed in the other whole run and alone twice), and pytest-xdist then hung instead of
-# ending. The hits that matter (train steps, sampling programs in `python -m train` / `sample` subprocesses) are of
-# programs that take seconds to compile; the many sub-second ones were written for little.
+# The subprocesses' cache keeps programs that took 2 s or more to compile (the library's default is 0.5 s): the hits
+# that matter (train steps, sampling programs, seconds each) stay, the many sub-second programs are not written.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 if "JAXSD_CACHE_DIR" not in os.environ:
   os.environ["JAXSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsd-tests-xla-")
@@ -38,9 +35,13 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from jaxsd.compilation_cache import enable_compilation_cache  # noqa: E402
-
-enable_compilation_cache(os.environ["JAXSD_CACHE_DIR"])
+# No persistent cache in the test processes (pytest-xdist workers, which compile thousands of programs each): on a
+# 2-core AMD EPYC VM (jaxlib 0.10.2) 3 of 4 whole runs and a CI run lost a worker to a native crash. One core dump
+# (2026-12-08) showed the mechanism of one kind: XLA's PjRtCpuExecutable::SerializeExecutable, writing a cache entry,
+# returned an error; the C++ exception that jaxlib throws for it (XlaRuntimeError) crashed in libgcc's unwinder
+# (_Unwind_Find_FDE reading an unmapped page) - the unwinder walks the frame tables registered for JIT-compiled code.
+# Without the cache the test processes serialize nothing (the first whole run so, same VM: 1,714 passed, no crash,
+# 37:37 against 35:16 with the cache, on a noisy VM); the subprocesses, short-lived, keep theirs.
 
 import importlib.util  # noqa: E402
 
