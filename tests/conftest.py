@@ -35,17 +35,29 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
 # No persistent cache in the test processes (pytest-xdist workers, which compile thousands of programs each): on a
 # 2-core AMD EPYC VM (jaxlib 0.10.2) 3 of 4 whole runs and a CI run lost a worker to a native crash. One core dump
 # (2026-12-08) showed the mechanism of one kind: XLA's PjRtCpuExecutable::SerializeExecutable, writing a cache entry,
 # returned an error; the C++ exception that jaxlib throws for it (XlaRuntimeError) crashed in libgcc's unwinder
 # (_Unwind_Find_FDE reading an unmapped page) - the unwinder walks the frame tables registered for JIT-compiled code.
-# Without the cache the test processes serialize nothing (the first whole run so, same VM: 1,714 passed, no crash,
-# 37:37 against 35:16 with the cache, on a noisy VM); the subprocesses, short-lived, keep theirs.
+# The session no longer turns the cache on (whole runs so, same VM: 1,714 passed, no crash, 37:37 and 36:33, against
+# 35:16 with it; a noisy VM), and the in-process calls of the commands' main() cannot either (this fixture; in those
+# two runs they still could, for a worker's tests after one). The subprocesses, short-lived, keep theirs.
 
-import importlib.util  # noqa: E402
 
-import pytest  # noqa: E402
+@pytest.fixture(scope="session", autouse=True)
+def no_compilation_cache_in_process():
+  """`python -m sample` / `train`'s main() called in a test process turns the persistent cache on (for this
+  process's remaining tests): made a no-op here, for the whole session (subprocesses are unaffected)."""
+  from jaxsd import compilation_cache
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(compilation_cache, "enable_compilation_cache", lambda *a, **kw: None)
+    yield
+
 
 # The parity tests compare against PyTorch references: torch, diffusers and transformers are hard test
 # dependencies (`pip install -e '.[test]'`). Without one the run fails at once instead of skipping

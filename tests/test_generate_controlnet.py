@@ -33,11 +33,9 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture
-def main(monkeypatch):
-  from jaxsd import compilation_cache
+def main():
   from sample.__main__ import main
 
-  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
   return main
 
 

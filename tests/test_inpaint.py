@@ -171,10 +171,7 @@ def test_files_are_turned_upright_by_their_exif_orientation_as_diffusers_does(tm
 
 def test_cli_inpaints_and_reports_bad_inputs(inpainting, tmp_path, capsys, monkeypatch):
   """In-process `python -m sample`: inpainting writes images; bad inputs exit 2 with one line, before compiling."""
-  from jaxsd import compilation_cache
   from sample.__main__ import main
-
-  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
 
   path, tpipe, pipe = inpainting
   image = tmp_path / "image.png"

@@ -121,10 +121,8 @@ def test_bad_padding_is_refused_before_compiling(inpainting):
 def test_cli_padding_mask_crop_writes_the_library_images(inpainting, tmp_path, capsys, monkeypatch):
   """In-process `python -m sample --padding-mask-crop`: the image written is `pipe.inpaint(...,
   padding_mask_crop=)`'s (same seed), at the init image's size; bad values exit 2, one line, nothing written."""
-  from jaxsd import compilation_cache
   from sample.__main__ import main
 
-  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
   path, pipe = inpainting
   rng = np.random.default_rng(2)
   image = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))

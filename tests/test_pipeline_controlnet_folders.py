@@ -138,11 +138,9 @@ def test_sdxl_controlnet_pipeline_folder_loads_and_saves(tmp_path):
 
 
 @pytest.fixture
-def main(monkeypatch):
-  from jaxsd import compilation_cache
+def main():
   from sample.__main__ import main
 
-  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
   return main
 
 

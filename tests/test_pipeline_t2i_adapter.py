@@ -168,10 +168,9 @@ def test_sample_command_writes_the_pipeline_calls_images(sd, tmp_path, monkeypat
   """`python -m sample --t2i-adapter A --adapter-image IMG --adapter-scale S` (in process; generate on one device,
   for time: tests/test_generate.py covers the pmap) writes the pipeline call's images, within one uint8 level: there
   one image (another size, resized) serves both prompts. An SD model refuses --adapter-factor."""
-  from jaxsd import compilation_cache, generate
+  from jaxsd import generate
   from sample.__main__ import main
 
-  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
   real = generate.generate
   monkeypatch.setattr(generate, "generate", lambda *a, **kw: real(*a, devices=jax.local_devices()[:1], **kw))
   image = tmp_path / "edges.png"

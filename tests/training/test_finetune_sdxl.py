@@ -228,10 +228,9 @@ def test_the_workdir_samples_on_the_command_line(trained, tmp_path, monkeypatch)
   """`python -m sample --model WORKDIR` on an SDXL fine-tune's workdir (in-process): loaded as SDXL, its exported
   folder with the newest U-Net, it writes the images."""
   import jaxsd
-  from jaxsd import compilation_cache, pipeline_xl
+  from jaxsd import pipeline_xl
   from sample.__main__ import main
 
-  monkeypatch.setattr(compilation_cache, "enable_compilation_cache", lambda *a: None)  # this process's config
   workdir, _ = trained
   pipe = pipeline_xl.load(workdir)
   assert isinstance(pipe, jaxsd.StableDiffusionXL)
